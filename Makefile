@@ -1,0 +1,48 @@
+# Everything a fresh machine needs: `make test` and `make demo` set themselves up.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+APT_PACKAGES := dataset-fashion-mnist wordnet-base
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+export HF_HUB_OFFLINE := 1
+export TRANSFORMERS_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+.PHONY: setup apt test lint format demo bench clean
+
+setup: $(STAMP)
+
+# Debian packages with the offline real data (Fashion-MNIST, WordNet); skipped when present.
+apt:
+	@missing=""; for p in $(APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "apt-get install$$missing"; \
+	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
+	fi
+
+$(STAMP): pyproject.toml | apt
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+lint: setup
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/ruff check .
+
+format: setup
+	$(VENV)/bin/ruff format .
+	$(VENV)/bin/ruff check --fix .
+
+test: setup apt lint
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
+
+demo: setup apt
+	$(PY) -m experiments.demo
+
+bench: setup
+	$(PY) -m experiments.benchmarks.align
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,63 @@
+"""Input pipelines returning numpy arrays: image and text datasets, and minibatches.
+
+Every source is offline and deterministic: a missing, unreadable or corrupt source raises
+:class:`DataSourceError` saying how to get it, never a silent fallback.
+"""
+
+from rotjax.data._batches import batches, epochs, num_batches
+from rotjax.data._common import DataSourceError, Splits
+from rotjax.data._images import (
+    DIGIT_LABELS,
+    DIGITS_TEST_SIZE,
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_LABELS,
+    MNIST_SAMPLE_TEST_SIZE,
+    TFDS_IMAGE_DATASETS,
+    ImageDataset,
+    digits,
+    fashion_mnist,
+    mnist_sample,
+    tfds_images,
+)
+from rotjax.data._text import (
+    SPLIT_PERCENT,
+    WORDNET_LABELS,
+    TextDataset,
+    default_cache_dir,
+    minilm_dir,
+    tokenize,
+    wordnet_examples,
+    wordnet_glosses,
+)
+from rotjax.data._wordnet import LEXNAMES, WORDNET_DIR, Synset, read_synsets
+
+__all__ = [
+    "DIGITS_TEST_SIZE",
+    "DIGIT_LABELS",
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_LABELS",
+    "LEXNAMES",
+    "MNIST_SAMPLE_TEST_SIZE",
+    "SPLIT_PERCENT",
+    "TFDS_IMAGE_DATASETS",
+    "WORDNET_DIR",
+    "WORDNET_LABELS",
+    "DataSourceError",
+    "ImageDataset",
+    "Splits",
+    "Synset",
+    "TextDataset",
+    "batches",
+    "default_cache_dir",
+    "digits",
+    "epochs",
+    "fashion_mnist",
+    "minilm_dir",
+    "mnist_sample",
+    "num_batches",
+    "read_synsets",
+    "tfds_images",
+    "tokenize",
+    "wordnet_examples",
+    "wordnet_glosses",
+]

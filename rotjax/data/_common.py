@@ -1,0 +1,68 @@
+"""Shared pieces of the data pipelines: the error type, split containers and split helpers."""
+
+from __future__ import annotations
+
+from typing import Generic, NamedTuple, TypeVar
+
+import numpy as np
+
+T = TypeVar("T")
+
+
+class DataSourceError(OSError):
+    """A data source is missing, unreadable or corrupt.
+
+    Raised instead of any silent fallback. The message names the file, directory or package
+    and says how to obtain or repair it (which apt or pip package to install, which
+    ``tfds build`` command to run, ...).
+    """
+
+
+class Splits(NamedTuple, Generic[T]):
+    """The splits of one dataset.
+
+    Attributes:
+        train: Training split.
+        validation: Validation split, or ``None`` when none was requested.
+        test: Test split.
+    """
+
+    train: T
+    validation: T | None
+    test: T
+
+
+def split_off(
+    labels: np.ndarray, size: int, *, seed: int, what: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """Stratified, seeded split of ``arange(len(labels))`` into a kept and a split-off part.
+
+    Args:
+        labels: Integer class labels, one per example.
+        size: Number of examples to split off (0 splits off nothing).
+        seed: Seed of the split (``random_state`` of scikit-learn's ``train_test_split``).
+        what: Name of the split-off part, for error messages.
+
+    Returns:
+        ``(kept, split_off)``: sorted index arrays, disjoint and covering all examples.
+
+    Raises:
+        ValueError: If ``size`` is negative or leaves fewer examples than classes.
+    """
+    n = len(labels)
+    if isinstance(size, bool) or not isinstance(size, int | np.integer):
+        raise TypeError(f"{what}_size must be an int number of examples, got {size!r}")
+    if size < 0 or size >= n:
+        raise ValueError(f"{what}_size must be in [0, {n}) for {n} examples, got {size}")
+    if size == 0:
+        return np.arange(n), np.arange(0)
+    from sklearn.model_selection import train_test_split
+
+    counts = np.unique(labels, return_counts=True)[1]
+    # Stratify when every class can appear on both sides; else fall back to a plain shuffle.
+    stratified = counts.min() >= 2 and min(size, n - size) >= len(counts)
+    stratify = labels if stratified else None
+    kept, off = train_test_split(
+        np.arange(n), test_size=int(size), random_state=seed, stratify=stratify
+    )
+    return np.sort(kept), np.sort(off)

@@ -1,0 +1,179 @@
+"""Building blocks shared by the BERT and ViT encoders.
+
+Attention keeps an explicit head axis, as in the Flax examples: the query/key/value kernels are
+`(hidden, heads, head_dim)` with biases `(heads, head_dim)`, and the output kernel is
+`(heads, head_dim, hidden)`. This is the layout on which the per-head symmetries of
+`rotjax.symmetry` act without any reshaping.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
+    # Hugging Face names (transformers.activations.ACT2FN) -> JAX functions.
+    "gelu": functools.partial(nn.gelu, approximate=False),
+    "gelu_new": functools.partial(nn.gelu, approximate=True),
+    "gelu_pytorch_tanh": functools.partial(nn.gelu, approximate=True),
+    "relu": nn.relu,
+    "silu": nn.silu,
+    "swish": nn.silu,
+    "tanh": jnp.tanh,
+}
+
+
+class Encoded(NamedTuple):
+    """Output of a bare encoder (``task=None``)."""
+
+    last_hidden_state: jax.Array  # (batch, tokens, hidden)
+    pooler_output: jax.Array | None  # (batch, hidden) when the config has a pooler
+
+
+def config_from_hf_dict(cls, d: dict[str, Any], **overrides: Any):
+    """Build a config dataclass from a Hugging Face `config.json` dict (unknown keys ignored)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {k: v for k, v in d.items() if k in names}
+    if "num_labels" not in d and "id2label" in d:
+        kwargs["num_labels"] = len(d["id2label"])
+    return cls(**{**kwargs, **overrides})
+
+
+def activation(name: str) -> Callable[[jax.Array], jax.Array]:
+    try:
+        return ACTIVATIONS[name]
+    except KeyError:
+        known = sorted(ACTIVATIONS)
+        raise ValueError(f"hidden_act={name!r} is not supported; known: {known}") from None
+
+
+def head_dim(hidden_size: int, num_attention_heads: int) -> int:
+    """The one place where the per-head width is derived, as Hugging Face does."""
+    if num_attention_heads < 1 or hidden_size % num_attention_heads:
+        raise ValueError(
+            f"hidden_size={hidden_size} is not a multiple of "
+            f"num_attention_heads={num_attention_heads}"
+        )
+    return hidden_size // num_attention_heads
+
+
+class SelfAttention(nn.Module):
+    """Multi-head scaled dot-product self-attention with an explicit head axis.
+
+    For head h, with ``q_h = x Wq[:, h] + bq[h]`` (likewise k, v):
+    ``softmax(q_h k_hᵀ / sqrt(d)) v_h``; heads are summed through ``Wo[h]`` ``(d, hidden)``
+    plus ``bo``.
+    """
+
+    num_heads: int
+    head_dim: int
+    dropout_rate: float = 0.0
+    qkv_bias: bool = True  # the output projection always has a bias
+    kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        features = (self.num_heads, self.head_dim)
+        proj = functools.partial(
+            nn.DenseGeneral, features=features, axis=-1, kernel_init=self.kernel_init
+        )
+        q = proj(use_bias=self.qkv_bias, name="query")(x)
+        k = proj(use_bias=self.qkv_bias, name="key")(x)
+        v = proj(use_bias=self.qkv_bias, name="value")(x)
+        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
+        if mask is not None:
+            # mask: (batch, keys), 1 = attend. Masked keys get the most negative finite value,
+            # as in transformers, so a fully masked row stays finite.
+            scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(scores.dtype).min)
+        probs = jax.nn.softmax(scores, axis=-1)
+        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=self.deterministic)
+        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        return nn.DenseGeneral(
+            x.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init, name="out"
+        )(ctx)
+
+
+class FeedForward(nn.Module):
+    """``act(x W_in + b_in) W_out + b_out``; the hidden units are what FFN permutations permute."""
+
+    intermediate_size: int
+    hidden_act: str = "gelu"
+    dropout_rate: float = 0.0
+    kernel_init: Callable[..., Any] = nn.initializers.normal(0.02)
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        h = nn.Dense(self.intermediate_size, kernel_init=self.kernel_init, name="intermediate")(x)
+        h = activation(self.hidden_act)(h)
+        h = nn.Dense(x.shape[-1], kernel_init=self.kernel_init, name="output")(h)
+        return nn.Dropout(self.dropout_rate)(h, deterministic=self.deterministic)
+
+
+def stack(block: type[nn.Module], num_layers: int, scan: bool, **kwargs: Any) -> Callable:
+    """Return ``f(x, mask) -> x`` applying ``num_layers`` blocks.
+
+    With ``scan=True`` the blocks are one `nn.scan` named ``layers`` whose params carry a
+    leading layer axis; otherwise they are ``layer_0 ... layer_{L-1}``.
+    """
+    if scan:
+
+        class _Scanned(block):  # (carry, mask) -> (carry, None), the nn.scan calling convention
+            def __call__(self, x, mask):
+                return super().__call__(x, mask), None
+
+        _Scanned.__name__ = block.__name__
+        scanned = nn.scan(
+            _Scanned,
+            variable_axes={"params": 0},
+            split_rngs={"params": True, "dropout": True},
+            in_axes=nn.broadcast,
+            length=num_layers,
+        )(name="layers", **kwargs)
+        return lambda x, mask: scanned(x, mask)[0]
+
+    layers = [block(name=f"layer_{i}", **kwargs) for i in range(num_layers)]
+
+    def run(x, mask):
+        for layer in layers:
+            x = layer(x, mask)
+        return x
+
+    return run
+
+
+class Encoder(nn.Module):
+    """``num_layers`` blocks ``block(config=config)`` in sequence (one `nn.scan` if
+    ``config.scan_layers``)."""
+
+    block: type[nn.Module]
+    config: Any
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
+        c = self.config
+        run = stack(
+            self.block,
+            c.num_hidden_layers,
+            c.scan_layers,
+            config=c,
+            deterministic=self.deterministic,
+        )
+        return run(x, mask)
+
+
+def layer_prefixes(
+    root: str, num_layers: int, scan: bool
+) -> list[tuple[str, tuple[int, ...], int | None]]:
+    """(param prefix, batch shape, layer index) of each block, as `stack` names them."""
+    if scan:
+        return [(f"{root}/layers", (num_layers,), None)]
+    return [(f"{root}/layer_{i}", (), i) for i in range(num_layers)]

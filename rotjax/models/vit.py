@@ -1,0 +1,203 @@
+"""Vision Transformer (pre-LN) image classifier in Flax Linen, with its symmetry spec.
+
+Follows Hugging Face's `ViTForImageClassification` so checkpoints convert one to one; inputs are
+NHWC float32 ``pixel_values``. Params (``layer_i`` becomes ``layers`` with ``scan_layers``)::
+
+    embeddings/cls_token (1, 1, D)   embeddings/position_embeddings (1, 1 + patches, D)
+    embeddings/patch_embeddings/{kernel (p, p, C, D), bias (D,)}
+    encoder/layer_i/layernorm_before, attention/{query,key,value,out}, layernorm_after,
+    encoder/layer_i/ffn/{intermediate,output}
+    layernorm/{scale,bias} (D,)      classifier/{kernel (D, labels), bias}
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rotjax import symmetry as sym
+from rotjax.models import _layers
+from rotjax.symmetry import Action
+
+Encoded = _layers.Encoded
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """Hyper-parameters, named as in Hugging Face's `ViTConfig`."""
+
+    hidden_size: int = 768
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    intermediate_size: int = 3072
+    hidden_act: str = "gelu"
+    hidden_dropout_prob: float = 0.0
+    attention_probs_dropout_prob: float = 0.0
+    initializer_range: float = 0.02
+    layer_norm_eps: float = 1e-12
+    image_size: int = 224
+    patch_size: int = 16
+    num_channels: int = 3
+    qkv_bias: bool = True
+    num_labels: int = 2
+    # rotjax-specific:
+    task: str | None = "image_classification"  # None = bare encoder (as ViTModel)
+    add_pooling_layer: bool = False  # only for task=None: ViTModel's tanh pooler
+    scan_layers: bool = False
+
+    def __post_init__(self):
+        if self.task not in (None, "image_classification"):
+            raise ValueError(f"task must be None or 'image_classification', got {self.task!r}")
+        if self.image_size % self.patch_size:
+            raise ValueError(
+                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+            )
+        _layers.head_dim(self.hidden_size, self.num_attention_heads)
+        _layers.activation(self.hidden_act)
+
+    @property
+    def head_dim(self) -> int:
+        return _layers.head_dim(self.hidden_size, self.num_attention_heads)
+
+    @property
+    def num_patches(self) -> int:
+        return (self.image_size // self.patch_size) ** 2
+
+    @property
+    def has_pooler(self) -> bool:
+        return self.task is None and self.add_pooling_layer
+
+    from_hf_dict = classmethod(_layers.config_from_hf_dict)
+    to_hf_dict = dataclasses.asdict
+
+
+class Block(nn.Module):
+    """Pre-LN block: ``x = x + Attn(LN(x)); x = x + FFN(LN(x))``."""
+
+    config: Config
+    deterministic: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: None) -> jax.Array:
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps)
+        h = _layers.SelfAttention(
+            c.num_attention_heads,
+            c.head_dim,
+            dropout_rate=c.attention_probs_dropout_prob,
+            qkv_bias=c.qkv_bias,
+            kernel_init=init,
+            deterministic=self.deterministic,
+            name="attention",
+        )(norm(name="layernorm_before")(x), mask)
+        x = x + nn.Dropout(c.hidden_dropout_prob)(h, deterministic=self.deterministic)
+        h = _layers.FeedForward(
+            c.intermediate_size,
+            c.hidden_act,
+            dropout_rate=c.hidden_dropout_prob,
+            kernel_init=init,
+            deterministic=self.deterministic,
+            name="ffn",
+        )(norm(name="layernorm_after")(x))
+        return x + h
+
+
+class Model(nn.Module):
+    """``__call__(pixel_values NHWC, *, deterministic=True)`` -> logits ``(batch, num_labels)``
+    (or `Encoded` for ``task=None``). Dropout only with ``deterministic=False``."""
+
+    config: Config
+
+    @nn.compact
+    def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True) -> Any:
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        x = Embeddings(c, name="embeddings")(pixel_values)
+        x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
+        x = _layers.Encoder(Block, c, deterministic, name="encoder")(x, None)
+        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layernorm")(x)
+        if c.task is None:
+            pooled = None
+            if c.has_pooler:
+                pooled = nn.tanh(nn.Dense(c.hidden_size, kernel_init=init, name="pooler")(x[:, 0]))
+            return Encoded(x, pooled)
+        return nn.Dense(c.num_labels, kernel_init=init, name="classifier")(x[:, 0])
+
+
+class Embeddings(nn.Module):
+    config: Config
+
+    @nn.compact
+    def __call__(self, pixel_values):
+        c = self.config
+        init = nn.initializers.normal(c.initializer_range)
+        p = c.patch_size
+        x = nn.Conv(
+            c.hidden_size,
+            (p, p),
+            strides=(p, p),
+            padding="VALID",
+            kernel_init=init,
+            name="patch_embeddings",
+        )(pixel_values)
+        x = x.reshape(x.shape[0], -1, c.hidden_size)  # row-major patches, as torch's flatten(2)
+        cls = self.param("cls_token", init, (1, 1, c.hidden_size))
+        pos = self.param("position_embeddings", init, (1, c.num_patches + 1, c.hidden_size))
+        x = jnp.concatenate([jnp.broadcast_to(cls, (x.shape[0], 1, c.hidden_size)), x], axis=1)
+        return x + pos
+
+
+def symmetry_spec(config: Config) -> sym.Spec:
+    """The symmetry spec of `Model(config)`'s params (groups as in `rotjax.models.bert`)."""
+    c = config
+    D, p = c.hidden_size, c.patch_size
+    res = "residual"
+    frags = [
+        sym.permutation(res, D),
+        sym.param("embeddings/cls_token", (1, 1, D), Action(res, (2,))),
+        sym.param("embeddings/position_embeddings", (1, c.num_patches + 1, D), Action(res, (2,))),
+        sym.param(
+            "embeddings/patch_embeddings/kernel", (p, p, c.num_channels, D), Action(res, (3,))
+        ),
+        sym.param("embeddings/patch_embeddings/bias", (D,), Action(res, (0,))),
+        sym.layer_norm("layernorm", D, res),
+    ]
+    for prefix, batch, layer in _layers.layer_prefixes(
+        "encoder", c.num_hidden_layers, c.scan_layers
+    ):
+        frags += [
+            sym.layer_norm(f"{prefix}/layernorm_before", D, res, batch=batch),
+            sym.attention(
+                f"{prefix}/attention",
+                hidden_size=D,
+                num_heads=c.num_attention_heads,
+                head_dim=c.head_dim,
+                stream=res,
+                batch=batch,
+                layer=layer,
+                qkv_bias=c.qkv_bias,
+            ),
+            sym.layer_norm(f"{prefix}/layernorm_after", D, res, batch=batch),
+            sym.mlp(
+                f"{prefix}/ffn",
+                hidden_size=D,
+                intermediate_size=c.intermediate_size,
+                stream=res,
+                batch=batch,
+                layer=layer,
+            ),
+        ]
+    if c.task is not None:
+        frags.append(sym.dense("classifier", D, c.num_labels, in_group=res))
+    elif c.has_pooler:
+        frags += [
+            sym.permutation("pooler", D, role="hidden"),
+            sym.dense("pooler", D, D, in_group=res, out_group="pooler"),
+        ]
+    return sym.Spec.combine(*frags)

@@ -1,0 +1,57 @@
+"""Parameter symmetries of transformers: specs, and pure transforms acting on params pytrees.
+
+See `_spec` for the data model (groups, actions, fragment builders) and `apply` for exactly
+how each group element acts on each axis.
+"""
+
+from rotjax.symmetry._spec import (
+    KINDS,
+    ROLES,
+    Action,
+    Group,
+    ParamSpec,
+    Spec,
+    attention,
+    dense,
+    embedding,
+    flatten,
+    layer_norm,
+    mlp,
+    param,
+    permutation,
+    validate,
+)
+from rotjax.symmetry._transform import (
+    Transform,
+    apply,
+    check_transform,
+    compose,
+    identity,
+    invert,
+    sample,
+)
+
+__all__ = [
+    "KINDS",
+    "ROLES",
+    "Action",
+    "Group",
+    "ParamSpec",
+    "Spec",
+    "Transform",
+    "apply",
+    "attention",
+    "check_transform",
+    "compose",
+    "dense",
+    "embedding",
+    "flatten",
+    "identity",
+    "invert",
+    "layer_norm",
+    "mlp",
+    "param",
+    "permutation",
+    "sample",
+    "validate",
+]

@@ -1,0 +1,180 @@
+"""Transforms: elements of a spec's symmetry group, as plain dicts ``group name -> array``.
+
+A transform may name any subset of the spec's groups; a missing group is the identity. `apply`
+is pure and jittable (the spec is static); `identity`, `sample`, `invert` and `compose` return
+complete transforms (every group of the spec).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from rotjax.symmetry._spec import Action, Group, Spec, flatten, validate
+
+Transform = dict[str, jax.Array]
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+_ORDER = {"perm": 0, "orth": 1, "scale": 2}
+
+
+def identity(spec: Spec) -> Transform:
+    """The identity element: arange permutations, identity matrices, unit scales."""
+    return {name: _identity(g) for name, g in spec.group_items}
+
+
+def _identity(g: Group) -> jax.Array:
+    if g.kind == "perm":
+        return jnp.broadcast_to(jnp.arange(g.size, dtype=jnp.int32), g.shape)
+    if g.kind == "orth":
+        return jnp.broadcast_to(jnp.eye(g.dim, dtype=jnp.float32), g.shape)
+    return jnp.ones(g.shape, jnp.float32)
+
+
+def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transform:
+    """A random group element.
+
+    Permutations are uniform; rotations are Haar-distributed on O(d) (reflections included);
+    scales are log-normal, ``a = exp(log_scale_std * N(0, 1))``.
+    """
+    keys = jax.random.split(key, max(len(spec.group_items), 1))
+    out = {}
+    for k, (name, g) in zip(keys, spec.group_items, strict=False):
+        if g.kind == "perm":
+            u = jax.random.uniform(k, g.shape)
+            out[name] = jnp.argsort(u, axis=-1).astype(jnp.int32)
+        elif g.kind == "orth":
+            out[name] = jax.random.orthogonal(k, g.dim, shape=(*g.batch, g.size))
+        else:
+            out[name] = jnp.exp(log_scale_std * jax.random.normal(k, g.shape))
+    return out
+
+
+def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
+    """Act on ``params`` with ``transform``; returns a new pytree of the same structure.
+
+    With π a permutation, R[h] the orthogonal matrix and a[h] the scale of head h, every
+    parameter ``W`` is changed, axis by axis, by the groups acting on it:
+
+    - ``perm`` on axis k: ``W'[..., i, ...] = W[..., π[i], ...]`` (a gather along k);
+    - ``orth`` on (head axis, dim axis): ``W'[.., h, .., j, ..] = Σ_i W[.., h, .., i, ..] R[h]_ij``,
+      i.e. ``W_Q[:, h] R[h]`` for query/key/value kernels and ``R[h]ᵀ W_O[h]`` for the
+      output kernel (whose d axis comes first);
+    - ``scale`` on the head axis: ``W'[.., h, ..] = a[h]^power W[.., h, ..]``.
+
+    Permutations act first, then rotations, then scales, so for a head permutation π of the
+    same axis: ``W_Q'[:, h] = a[h] W_Q[:, π[h]] R[h]``. Batched (stacked-layer) groups act
+    layer by layer on the leading axes, through `jax.vmap`. Floating-point work runs at
+    ``Precision.HIGHEST`` in the promoted dtype; every leaf keeps its dtype.
+
+    Raises:
+      ValueError: the params do not fit the spec (`validate`), or the transform names an
+        unknown group or has a wrongly shaped element.
+    """
+    validate(spec, params)
+    check_transform(spec, transform)
+    paths, leaves, treedef = flatten(params)
+    out = []
+    for path, leaf in zip(paths, leaves, strict=True):
+        acts = [a for a in spec.params[path].actions if a.group in transform]
+        for a in sorted(acts, key=lambda a: _ORDER[spec.groups[a.group].kind]):
+            leaf = _act(spec.groups[a.group], a, leaf, transform[a.group])
+        out.append(leaf)
+    return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:
+    x = jnp.asarray(x)
+    k = len(g.batch)
+    if g.kind == "perm":
+        take = lambda x, p: jnp.take(x, p, axis=a.axes[0] - k)
+        for _ in range(k):
+            take = jax.vmap(take)
+        return take(x, el)
+    dtype = jnp.result_type(x.dtype, el.dtype)
+    if g.kind == "orth":
+        letters = "abcdefghijklmnopqrstuvwxy"[: x.ndim]
+        head, dim = (letters[ax] for ax in a.axes)
+        out = letters.replace(dim, "z")
+        r = f"{letters[:k]}{head}{dim}z"
+        y = jnp.einsum(
+            f"{letters},{r}->{out}", x.astype(dtype), el.astype(dtype), precision=_HIGHEST
+        )
+        return y.astype(x.dtype)
+    shape = [1] * x.ndim
+    shape[:k] = g.batch
+    shape[a.axes[0]] = g.size
+    s = el.astype(dtype).reshape(shape) ** a.power
+    return (x.astype(dtype) * s).astype(x.dtype)
+
+
+def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
+    """Raise ValueError for an unknown group name or a wrongly shaped element."""
+    unknown = sorted(set(transform) - set(spec.groups))
+    if unknown:
+        raise ValueError(f"transform names groups that are not in the spec: {unknown}")
+    for name, el in transform.items():
+        g = spec.groups[name]
+        if tuple(jnp.shape(el)) != g.shape:
+            raise ValueError(
+                f"transform[{name!r}] has shape {tuple(jnp.shape(el))}, expected {g.shape} "
+                f"({g.kind} group)"
+            )
+
+
+def _full(spec: Spec, t: Mapping[str, jax.Array]) -> Transform:
+    check_transform(spec, t)
+    return {name: t[name] if name in t else _identity(g) for name, g in spec.group_items}
+
+
+def _gather_heads(x: jax.Array, perm: jax.Array, trailing: int) -> jax.Array:
+    """``x[..., perm[h], <trailing axes>]`` batched over the leading axes."""
+    idx = perm.reshape(perm.shape + (1,) * trailing)
+    return jnp.take_along_axis(x, idx, axis=perm.ndim - 1)
+
+
+def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax.Array]):
+    """The transform equal to applying ``first``, then ``second``.
+
+    ``apply(spec, apply(spec, p, first), second) == apply(spec, p, compose(spec, first,
+    second))``. With π the head permutation acting on the same axis:
+    ``π = π1[π2]``, ``R[h] = R1[π2[h]] R2[h]``, ``a[h] = a1[π2[h]] a2[h]``.
+    """
+    t1, t2 = _full(spec, first), _full(spec, second)
+    out = {}
+    for name, g in spec.group_items:
+        if g.kind == "perm":
+            out[name] = jnp.take_along_axis(t1[name], t2[name], axis=-1)
+            continue
+        p2 = t2[g.over] if g.over else _identity(Group("perm", g.size, batch=g.batch))
+        if g.kind == "orth":
+            out[name] = jnp.matmul(_gather_heads(t1[name], p2, 2), t2[name], precision=_HIGHEST)
+        else:
+            out[name] = _gather_heads(t1[name], p2, 0) * t2[name]
+    return out
+
+
+def invert(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
+    """The inverse element: ``apply(spec, apply(spec, p, t), invert(spec, t)) == p``.
+
+    ``π⁻¹ = argsort(π)``, ``R⁻¹[h] = R[π⁻¹[h]]ᵀ``, ``a⁻¹[h] = 1 / a[π⁻¹[h]]``.
+    """
+    t = _full(spec, transform)
+    inv_perm = {
+        n: jnp.argsort(t[n], axis=-1).astype(jnp.int32)
+        for n, g in spec.group_items
+        if g.kind == "perm"
+    }
+    out = dict(inv_perm)
+    for name, g in spec.group_items:
+        if g.kind == "perm":
+            continue
+        p = inv_perm[g.over] if g.over else _identity(Group("perm", g.size, batch=g.batch))
+        if g.kind == "orth":
+            out[name] = jnp.swapaxes(_gather_heads(t[name], p, 2), -1, -2)
+        else:
+            out[name] = 1.0 / _gather_heads(t[name], p, 0)
+    return out

@@ -1,0 +1,57 @@
+"""Strict numerics for every test: float32 matmuls at full precision, no silent rank promotion.
+
+Random inputs are drawn afresh on every run; a failing test reports its seed, and
+`ROTJAX_SEED=<seed> pytest ...` replays it.
+"""
+
+import os
+import secrets
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+import jax
+import numpy as np
+import pytest
+
+jax.config.update("jax_default_matmul_precision", "highest")
+jax.config.update("jax_numpy_rank_promotion", "raise")
+# XLA's CPU compiler takes ~70 ms a program on this machine; share compiled programs between
+# test processes (pytest-xdist workers) and runs. The cache is keyed by the program itself.
+jax.config.update(
+    "jax_compilation_cache_dir",
+    os.environ.get("ROTJAX_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
+)
+jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+
+
+@pytest.fixture
+def seed(request):
+    value = int(os.environ.get("ROTJAX_SEED", secrets.randbits(31)))
+    request.node.rotjax_seed = value
+    return value
+
+
+@pytest.fixture
+def key(seed):
+    return jax.random.key(seed)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item, call):
+    report = yield
+    if report.failed and hasattr(item, "rotjax_seed"):
+        report.sections.append(("rotjax seed", f"ROTJAX_SEED={item.rotjax_seed}"))
+    return report
+
+
+def rel_err(a, b):
+    """max|a - b| / max|b| over arrays or matching pytrees of arrays: the tolerance measure
+    used throughout the tests."""
+
+    def flat(t):
+        return np.concatenate([np.asarray(x, np.float64).ravel() for x in jax.tree.leaves(t)])
+
+    a, b = flat(a), flat(b)
+    return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))

