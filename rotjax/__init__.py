@@ -1,6 +1,6 @@
 """rotjax: align and merge transformers in JAX/Flax through their parameter symmetries."""
 
-from rotjax import symmetry
+from rotjax import match, symmetry
 
-__all__ = ["symmetry"]
+__all__ = ["match", "symmetry"]
 __version__ = "0.1.0"

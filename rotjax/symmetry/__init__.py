@@ -24,6 +24,7 @@ from rotjax.symmetry._spec import (
 from rotjax.symmetry._transform import (
     Transform,
     apply,
+    apply_to_leaf,
     check_transform,
     compose,
     identity,
@@ -40,6 +41,7 @@ __all__ = [
     "Spec",
     "Transform",
     "apply",
+    "apply_to_leaf",
     "attention",
     "check_transform",
     "compose",

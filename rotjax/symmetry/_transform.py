@@ -77,13 +77,23 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     validate(spec, params)
     check_transform(spec, transform)
     paths, leaves, treedef = flatten(params)
-    out = []
-    for path, leaf in zip(paths, leaves, strict=True):
-        acts = [a for a in spec.params[path].actions if a.group in transform]
-        for a in sorted(acts, key=lambda a: _ORDER[spec.groups[a.group].kind]):
-            leaf = _act(spec.groups[a.group], a, leaf, transform[a.group])
-        out.append(leaf)
+    out = [apply_to_leaf(spec, p, x, transform) for p, x in zip(paths, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def apply_to_leaf(
+    spec: Spec,
+    path: str,
+    leaf: jax.Array,
+    transform: Mapping[str, jax.Array],
+    *,
+    skip: frozenset[str] = frozenset(),
+) -> jax.Array:
+    """`apply` for the one parameter at ``path``, leaving out the groups in ``skip``."""
+    acts = [a for a in spec.params[path].actions if a.group in transform and a.group not in skip]
+    for a in sorted(acts, key=lambda a: _ORDER[spec.groups[a.group].kind]):
+        leaf = _act(spec.groups[a.group], a, leaf, transform[a.group])
+    return leaf
 
 
 def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:

@@ -1,0 +1,483 @@
+"""Align model B to an anchor A: the element g of B's symmetry group minimising ‖A - g·B‖².
+
+The objective is the squared Frobenius distance summed over every parameter,
+``J(g) = Σ_p ‖A_p - (g·B)_p‖²``; since g is a symmetry, ``g·B`` computes exactly what B does.
+It is minimised block by block, each block in closed form given the others:
+
+- ``attention`` (per layer, all layers at once): the head permutation π and the rotations
+  ``R_qk, R_vo`` jointly, given the scales. Pairing A's head h with B's head j scores
+  ``Σ_o ‖M_o[h, j]‖_* - ½ Σ_p a_p[h]² ‖B_p[j]‖²`` with ``M_o[h, j] = Σ_p a_p[h] B_p[j]ᵀ A_p[h]``
+  the cross-covariance of the weights and biases the rotation o acts on (``a_p = a^{±1}`` the
+  head's current scale on p); π solves the assignment on that score (beyond the paper, which
+  keeps π = id), then ``R_o[h] = U Vᵀ`` of ``M_o[h, π[h]]`` (paper, Thm. 4.1), one batched SVD.
+- ``scale``: per head, ``a`` minimising ``Σ‖A_+ - a B_+‖² + Σ‖A_- - B_-/a‖²``, the least root
+  of a quartic (paper, Eq. 11-12), see `best_scale`.
+- ``hidden`` (FFN units, pooler units) and ``residual`` (the stream): linear assignment on
+  ``C[i, j] = Σ_p ⟨A_p[.., i, ..], B_p[.., j, ..]⟩`` with every other group applied to B (Git
+  Re-Basin's weight matching).
+
+Without the residual group the blocks are independent up to the rotation-scale coupling and
+one pass in the order attention, scale, hidden is the paper's method. With it, the groups
+interact and the blocks are swept by coordinate descent (after the first sweep in a random
+order per sweep when a key is given) until the objective stops improving. Every block step is
+an exact minimisation, or for the head permutation the best of several candidates that
+include the current one, so the objective never increases.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from collections.abc import Iterable, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rotjax import symmetry as sym
+from rotjax.match._solvers import assign, best_scale, procrustes
+
+# What `solve=` accepts, and the group roles each name covers.
+GROUPS = {
+    "rotation": ("qk_rotation", "vo_rotation"),
+    "scale": ("qk_scale", "vo_scale"),
+    "hidden": ("hidden",),
+    "heads": ("heads",),
+    "residual": ("residual",),
+}
+PAPER = ("rotation", "scale", "hidden")
+ALL = tuple(GROUPS)
+
+
+class Diagnostics(NamedTuple):
+    """What `align` did. Distances are squared Frobenius norms ``‖A_p - (g·B)_p‖²``."""
+
+    objective_before: float  # Σ_p over all params, at the identity
+    objective_after: float  # Σ_p at the returned transform
+    groups: dict[str, tuple[float, float]]  # group -> (before, after) summed over its params
+    params: dict[str, tuple[float, float]]  # param path -> (before, after)
+    history: list[tuple[str, float]]  # (stage, objective after it), in order
+    sweeps: int
+    seconds: dict[str, float]  # wall time per stage kind (+ "apply", "total")
+
+
+class Alignment(NamedTuple):
+    params: Any  # g·B, same structure and dtypes as the input
+    transform: sym.Transform  # g (complete: every group of the spec)
+    diagnostics: Diagnostics
+
+
+def align(
+    spec: sym.Spec,
+    anchor_params: Any,
+    params: Any,
+    *,
+    solve: Iterable[str] = PAPER,
+    layers: Iterable[int] | None = None,
+    solver: str = "scipy",
+    residual_init: str = "independent",
+    max_sweeps: int | None = None,
+    tol: float = 1e-6,
+    key: jax.Array | None = None,
+) -> Alignment:
+    """Align ``params`` (model B) to ``anchor_params`` (model A) over the groups in ``solve``.
+
+    Args:
+      spec: the models' symmetry spec (e.g. ``bert.symmetry_spec(config)``).
+      anchor_params: A's params; not changed.
+      params: B's params; not changed.
+      solve: group kinds to solve, from ``"rotation"``, ``"scale"``, ``"hidden"`` (FFN and
+        pooler units), ``"heads"`` and ``"residual"``; the others stay at the identity. The
+        default is the paper's method.
+      layers: solve per-layer groups of these layers only (the paper's layer-subset study);
+        None for all.
+      solver: linear assignment on the host (``"scipy"``) or in a jitted graph (``"optax"``).
+      residual_init: start the residual permutation from the terms that depend on no other
+        group (``"independent"``: embeddings, LayerNorms, output biases, classifier) or from
+        the identity (``"identity"``), which is a fixed point of the stream update when the
+        per-layer groups were fitted with the stream at the identity.
+      max_sweeps: coordinate-descent sweeps; default 1 without the residual group (the paper's
+        single pass), else 50.
+      tol: stop when a sweep improves the objective by less than ``tol`` relatively.
+      key: shuffles the block order of every sweep after the first (which runs in the fixed
+        order attention, scale, hidden, residual); None keeps the fixed order.
+
+    Returns:
+      `Alignment` ``(params, transform, diagnostics)``: ``params == apply(spec, params,
+      transform)`` in the input's dtypes.
+
+    Raises:
+      ValueError: params that do not fit the spec (path and shapes named), non-finite values,
+        dtypes that differ between the models, or bad options. Nothing is returned then.
+    """
+    t_start = time.perf_counter()
+    solve = tuple(solve)
+    unknown = sorted(set(solve) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"solve: unknown group kinds {unknown}; choose from {list(GROUPS)}")
+    if residual_init not in ("independent", "identity"):
+        raise ValueError(
+            f"residual_init must be 'independent' or 'identity', not {residual_init!r}"
+        )
+    a_flat, b_flat = _checked_inputs(spec, anchor_params, params)
+    roles = {r for s in solve for r in GROUPS[s]}
+    layer_set = None if layers is None else {int(i) for i in layers}
+    names = spec.select(roles=roles, layers=layer_set)
+    masks = _layer_masks(spec, names, layer_set)
+    by_role = lambda *rs: tuple(n for n in names if spec.groups[n].role in rs)
+
+    stages: dict[str, Any] = {}
+    heads, rots = by_role("heads"), by_role("qk_rotation", "vo_rotation")
+    if heads or rots:
+        stages["attention"] = functools.partial(_attention_stage, heads=heads, rots=rots)
+    if scales := by_role("qk_scale", "vo_scale"):
+        stages["scale"] = functools.partial(_scale_stage, names=scales)
+    if hidden := by_role("hidden"):
+        stages["hidden"] = functools.partial(_perm_stage, names=hidden)
+    residual = by_role("residual")
+    if residual:
+        stages["residual"] = functools.partial(_perm_stage, names=residual)
+    if max_sweeps is None:
+        max_sweeps = 50 if residual else 1
+
+    t = sym.identity(spec)
+    seconds = dict.fromkeys([*stages, "objective", "apply"], 0.0)
+    dist0 = _distances(spec, a_flat, b_flat, t)
+    objective = before = float(sum(dist0.values()))
+    history: list[tuple[str, float]] = [("identity", before)]
+    ctx = dict(spec=spec, a=a_flat, b=b_flat, solver=solver, masks=masks)
+
+    if residual and residual_init == "independent":
+        tic = time.perf_counter()
+        t = _perm_stage(t, names=residual, exclusive=True, **ctx)
+        seconds["residual"] += time.perf_counter() - tic
+        objective = _total(spec, a_flat, b_flat, t)
+        history.append(("residual_init", objective))
+
+    order = list(stages)
+    sweeps = 0
+    for sweep in range(max_sweeps):
+        if key is not None and sweep > 0:
+            perm = jax.random.permutation(jax.random.fold_in(key, sweep), len(order))
+            order = [list(stages)[int(i)] for i in perm]
+        start_sweep = objective
+        for name in order:
+            tic = time.perf_counter()
+            t = stages[name](t, **ctx)
+            jax.block_until_ready(t)
+            seconds[name] += time.perf_counter() - tic
+            tic = time.perf_counter()
+            objective = _total(spec, a_flat, b_flat, t)
+            seconds["objective"] += time.perf_counter() - tic
+            history.append((name, objective))
+        sweeps += 1
+        if start_sweep - objective <= tol * max(start_sweep, 1e-30):
+            break
+
+    tic = time.perf_counter()
+    aligned = jax.block_until_ready(_apply_jit(spec, params, t))
+    seconds["apply"] = time.perf_counter() - tic
+    dist1 = _distances(spec, a_flat, b_flat, t)
+    seconds["total"] = time.perf_counter() - t_start
+    groups = {
+        g: tuple(float(sum(d[p] for p, _ in spec.users[g])) for d in (dist0, dist1))
+        for g in spec.groups
+    }
+    diag = Diagnostics(
+        objective_before=before,
+        objective_after=float(sum(dist1.values())),
+        groups=groups,
+        params={p: (dist0[p], dist1[p]) for p in dist0},
+        history=history,
+        sweeps=sweeps,
+        seconds=seconds,
+    )
+    return Alignment(aligned, t, diag)
+
+
+def align_many(
+    spec: sym.Spec, params_list: Sequence[Any], *, anchor: int | None = None, **options: Any
+) -> tuple[int, list[Alignment]]:
+    """Align every model of ``params_list`` to one anchor among them.
+
+    The anchor is ``anchor`` if given, else the model closest to the parameter average
+    (``argmin_i Σ_p ‖θ_i,p - θ̄_p‖²``), as in the paper's code. Returns ``(anchor index,
+    alignments)`` with one `Alignment` per model (the anchor's is the identity); ``options``
+    go to `align`.
+    """
+    if len(params_list) < 1:
+        raise ValueError("align_many needs at least one model")
+    if anchor is None:
+        flats = [_checked_inputs(spec, params_list[0], p)[1] for p in params_list]
+        mean = {p: sum(f[p] for f in flats) / len(flats) for p in flats[0]}
+        dists = [float(sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean)) for f in flats]
+        anchor = int(np.argmin(dists))
+    if not 0 <= anchor < len(params_list):
+        raise ValueError(f"anchor={anchor} is out of range for {len(params_list)} models")
+    solve = options.pop("solve", PAPER)
+    return anchor, [
+        align(spec, params_list[anchor], p, solve=() if i == anchor else solve, **options)
+        for i, p in enumerate(params_list)
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# Input checks.
+
+
+def _checked_inputs(spec, anchor_params, params):
+    out = []
+    for what, tree in (("anchor_params", anchor_params), ("params", params)):
+        try:
+            sym.validate(spec, tree)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        paths, leaves, _ = sym.flatten(tree)
+        out.append(dict(zip(paths, leaves, strict=True)))
+    a, b = out
+    problems = [
+        f"  {p}: anchor {jnp.asarray(a[p]).dtype} vs params {jnp.asarray(b[p]).dtype}"
+        for p in a
+        if jnp.asarray(a[p]).dtype != jnp.asarray(b[p]).dtype
+    ]
+    if problems:
+        raise ValueError("dtypes differ between the models:\n" + "\n".join(problems))
+    bad = [
+        f"  {what}: {p}"
+        for what, flat in (("anchor_params", a), ("params", b))
+        for p, x in flat.items()
+        if not bool(jnp.isfinite(jnp.asarray(x, jnp.float32)).all())
+    ]
+    if bad:
+        raise ValueError("non-finite values (NaN or Inf) in:\n" + "\n".join(bad))
+    # Solve in float32 whatever the storage dtype (bfloat16 sums would lose the alignment).
+    f32 = lambda flat: {p: jnp.asarray(x, jnp.float32) for p, x in flat.items()}
+    return f32(a), f32(b)
+
+
+def _layer_masks(spec, names, layers):
+    """For stacked groups and a layer subset: bool[L] of the layers to solve."""
+    if layers is None:
+        return {}
+    masks = {}
+    for n in names:
+        g = spec.groups[n]
+        if g.layer is None and g.batch:
+            masks[n] = jnp.asarray([i in layers for i in range(g.batch[0])])
+    return masks
+
+
+def _masked(t_old, new, masks):
+    out = dict(t_old)
+    for n, v in new.items():
+        m = masks.get(n)
+        if m is not None:
+            v = jnp.where(m.reshape(m.shape + (1,) * (v.ndim - 1)), v, t_old[n])
+        out[n] = v
+    return out
+
+
+# ---------------------------------------------------------------------------------------------
+# Objective.
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _distances_jit(spec, a, b, t):
+    return {p: jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in a}
+
+
+def _distances(spec, a, b, t) -> dict[str, float]:
+    return {p: float(v) for p, v in _distances_jit(spec, a, b, t).items()}
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _total_jit(spec, a, b, t):
+    return sum(jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in a)
+
+
+def _total(spec, a, b, t) -> float:
+    return float(_total_jit(spec, a, b, t))
+
+
+_apply_jit = jax.jit(sym.apply, static_argnums=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Block stages: each takes and returns a complete transform.
+
+
+def _moved(x, axes, k):
+    """Move ``axes`` to positions k, k+1, ... and flatten the rest (after them) into one axis."""
+    x = jnp.moveaxis(x, axes, tuple(range(k, k + len(axes))))
+    return x.reshape((*x.shape[: k + len(axes)], -1))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _perm_costs(spec, names, exclusive, a, b, t):
+    """``C[..., i, j] = Σ_p ⟨A_p[i], (g·B)_p[j]⟩`` per permutation group, the group itself left
+    out of g; ``exclusive`` keeps only params on which no other group acts."""
+    out = {}
+    for n in names:
+        g = spec.groups[n]
+        k = len(g.batch)
+        cost = jnp.zeros((*g.batch, g.size, g.size), jnp.float32)
+        for path, act in spec.users[n]:
+            if exclusive and len(spec.params[path].actions) > 1:
+                continue
+            bp = sym.apply_to_leaf(spec, path, b[path], t, skip=frozenset([n]))
+            am, bm = _moved(a[path], act.axes, k), _moved(bp, act.axes, k)
+            cost = cost + jnp.einsum("...ir,...jr->...ij", am, bm)
+        out[n] = cost
+    return out
+
+
+def _perm_stage(t, *, spec, a, b, solver, masks, names, exclusive=False):
+    costs = _perm_costs(spec, names, exclusive, a, b, t)
+    return _masked(t, {n: assign(c, solver=solver) for n, c in costs.items()}, masks)
+
+
+def _head_terms(spec, hname, a, b, t):
+    """For the params of head group ``hname``: (rotation group or None, scale weight a[h]^±1,
+    A and B with head axis (and dim axis) moved to the front, rest flattened)."""
+    g = spec.groups[hname]
+    k = len(g.batch)
+    skip = frozenset(n for n, o in spec.group_items if n == hname or o.over == hname)
+    for path, act in spec.users[hname]:
+        acts = spec.params[path].actions
+        rot = next(
+            (x for x in acts if x.group in skip and spec.groups[x.group].kind == "orth"), None
+        )
+        scl = next(
+            (x for x in acts if x.group in skip and spec.groups[x.group].kind == "scale"), None
+        )
+        w = jnp.ones(g.shape, jnp.float32) if scl is None else t[scl.group] ** scl.power
+        axes = rot.axes if rot is not None else act.axes
+        bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
+        am, bm = _moved(a[path], axes, k), _moved(bp, axes, k)
+        if rot is None:  # head axis only: treat as d = 1
+            am, bm = am[..., None, :], bm[..., None, :]
+        yield (None if rot is None else rot.group), w, am, bm
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _head_scores(spec, heads, rots, a, b, t):
+    """Score of pairing A's head h with B's head j, rotations optimal (in ``rots``) or fixed."""
+    out = {}
+    for hname in heads:
+        ms: dict[Any, jax.Array] = {}
+        score = 0.0
+        for rot, w, am, bm in _head_terms(spec, hname, a, b, t):
+            m = jnp.einsum("...jir,...hkr->...hjik", bm, am) * w[..., :, None, None, None]
+            ms[rot] = ms.get(rot, 0.0) + m
+            nb = jnp.sum(bm * bm, axis=(-1, -2))
+            score = score - 0.5 * (w * w)[..., :, None] * nb[..., None, :]
+        for rot, m in ms.items():
+            if rot in rots:
+                score = score + procrustes(m)[1]
+            elif rot is None:
+                score = score + jnp.trace(m, axis1=-1, axis2=-2)
+            else:  # fixed rotation R[h]: ⟨R[h], M[h, j]⟩
+                score = score + jnp.einsum("...hik,...hjik->...hj", t[rot], m)
+        out[hname] = score
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _rotations(spec, rots, a, b, t):
+    """Procrustes for every rotation group in ``rots`` given the head permutations in ``t``, in
+    one batched SVD over all groups, layers and heads."""
+    ms = {}
+    for r in rots:
+        g = spec.groups[r]
+        for path, act in spec.users[r]:
+            # B with everything but this rotation and its head's scale applied (so B's head
+            # π[h] already sits at h); the scale enters as the weight a[h]^±1.
+            scl = [x for x in spec.params[path].actions if spec.groups[x.group].kind == "scale"]
+            w = t[scl[0].group] ** scl[0].power if scl else jnp.ones(g.shape[:-2], jnp.float32)
+            skip = frozenset([r, *(x.group for x in scl)])
+            bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
+            am, bm = _moved(a[path], act.axes, len(g.batch)), _moved(bp, act.axes, len(g.batch))
+            m = jnp.einsum("...hir,...hkr->...hik", bm, am) * w[..., None, None]
+            ms[r] = ms.get(r, 0.0) + m
+    shapes = [ms[r].shape for r in rots]
+    stacked = jnp.concatenate(
+        [ms[r].reshape(-1, *s[-2:]) for r, s in zip(rots, shapes, strict=True)]
+    )
+    rs = procrustes(stacked)[0]
+    sizes = np.cumsum([math.prod(s[:-2]) for s in shapes])[:-1]
+    return {r: x.reshape(s) for r, x, s in zip(rots, jnp.split(rs, sizes), shapes, strict=True)}
+
+
+def _attention_stage(t, *, spec, a, b, solver, masks, heads, rots):
+    """Heads and rotations. Candidate head permutations come from the exact score above (given
+    the current scales) and from the invariant score of `_head_invariants`; each is completed
+    by the Procrustes rotations, and the best of them and of the current π is kept, so the
+    objective never increases."""
+    if not heads:
+        return _masked(t, _rotations(spec, rots, a, b, t), masks) if rots else t
+    candidates = [t]
+    for scores in (_head_scores(spec, heads, rots, a, b, t), _head_invariants(spec, heads, a, b)):
+        candidates.append(
+            _masked(t, {h: assign(s, solver=solver) for h, s in scores.items()}, masks)
+        )
+    if rots:
+        candidates = [_masked(c, _rotations(spec, rots, a, b, c), masks) for c in candidates]
+    return min(candidates, key=lambda c: _total(spec, a, b, c))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _head_invariants(spec, heads, a, b):
+    """``⟨S^A_h, S^B_j⟩`` for the bilinear forms ``S_h = W_Q[h] W_K[h]ᵀ`` and ``W_V[h] W_O[h]``
+    (biases as an extra input row), which no rotation or rescaling of the head changes: for a
+    planted head permutation the identity pairing maximises it (Cauchy-Schwarz), whatever the
+    rotations and scales. Computed as ``⟨A_Qᵀ B_Q, A_Kᵀ B_K⟩`` from d x d cross-covariances."""
+    out = {}
+    for hname in heads:
+        g = spec.groups[hname]
+        k = len(g.batch)
+        score = jnp.zeros((*g.shape, g.size), jnp.float32)
+        for r in (n for n, o in spec.group_items if o.over == hname and o.kind == "orth"):
+            sides: dict[int, Any] = {}
+            for path, act in spec.users[r]:
+                # Q and V kernels carry the stream first; K and O the other way round: sort the
+                # two sides of the bilinear form by the power of the scale acting on them.
+                power = next(
+                    (
+                        x.power
+                        for x in spec.params[path].actions
+                        if spec.groups[x.group].kind == "scale"
+                    ),
+                    1,
+                )
+                am, bm = _moved(a[path], act.axes, k), _moved(b[path], act.axes, k)
+                m = jnp.einsum("...hir,...jkr->...hjik", am, bm)
+                sides[power] = sides.get(power, 0.0) + m
+            if len(sides) == 2:
+                score = score + jnp.einsum("...hjik,...hjik->...hj", sides[1], sides[-1])
+        out[hname] = score
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _scales(spec, names, a, b, t):
+    out = {}
+    for n in names:
+        g = spec.groups[n]
+        k = len(g.batch)
+        coef = {1: [0.0, 0.0], -1: [0.0, 0.0]}  # power -> [Σ‖B‖², Σ⟨A, B⟩] per head
+        for path, act in spec.users[n]:
+            bp = sym.apply_to_leaf(spec, path, b[path], t, skip=frozenset([n]))
+            am, bm = _moved(a[path], act.axes, k), _moved(bp, act.axes, k)
+            coef[act.power][0] = coef[act.power][0] + jnp.sum(bm * bm, -1)
+            coef[act.power][1] = coef[act.power][1] + jnp.sum(am * bm, -1)
+        (c1, b1), (c2, b2) = coef[1], coef[-1]
+        zeros = jnp.zeros(g.shape, jnp.float32)
+        out[n] = best_scale(c1 + zeros, b1 + zeros, b2 + zeros, c2 + zeros)
+    return out
+
+
+def _scale_stage(t, *, spec, a, b, solver, masks, names):
+    del solver
+    return _masked(t, _scales(spec, names, a, b, t), masks)

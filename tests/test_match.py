@@ -1,0 +1,265 @@
+"""Matching: planted recovery, oracles (scipy), monotone coordinate descent, bad inputs.
+
+Tolerances: planted recovery is exact up to float32 rounding of one rotation and one rescale
+per head (relative error ~1e-7; we allow 1e-5, as for function preservation). Oracle objective
+values are compared at 1e-4 relative: float32 SVD / assignment sums against float64 scipy.
+"""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import scipy.linalg
+import scipy.optimize
+from conftest import rel_err
+from helpers import CONFIGS, compiled, inputs, logits, scanned
+
+from rotjax import match
+from rotjax import symmetry as sym
+from rotjax.models import bert
+
+TOL = 1e-5
+SOLVES = {
+    "rotation": ("rotation",),
+    "rotation+scale": ("rotation", "scale"),
+    "hidden": ("hidden",),
+    "heads": ("heads", "rotation", "scale"),
+    "residual": ("residual",),
+    "all": match.ALL,
+}
+TINY = {
+    **CONFIGS,
+    # head_dim 1, 1 layer
+    "bert-h3d1-l1": bert.Config(
+        vocab_size=20,
+        hidden_size=3,
+        num_hidden_layers=1,
+        num_attention_heads=3,
+        intermediate_size=5,
+        max_position_embeddings=8,
+        num_labels=2,
+    ),
+}
+
+
+def planted(name, scan, solve, key, noise=0.0):
+    config = scanned(TINY[name], scan)
+    c = compiled(config)
+    k1, k2, k3 = jax.random.split(key, 3)
+    a = c.init(k1, 0.3)
+    roles = {r for s in solve for r in match.GROUPS[s]}
+    full = sym.sample(c.spec, k2)
+    g = {n: full[n] for n in c.spec.select(roles=roles)}
+    b = c.apply(a, g)
+    if noise:
+        leaves, treedef = jax.tree.flatten(b)
+        ks = jax.random.split(k3, len(leaves))
+        noisy = [
+            x + noise * jax.random.normal(k, x.shape) for k, x in zip(ks, leaves, strict=False)
+        ]
+        b = jax.tree.unflatten(treedef, noisy)
+    return config, c, a, b, g
+
+
+@pytest.mark.parametrize("solve", list(SOLVES))
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+def test_planted_recovery(name, scan, solve, key):
+    config, c, a, b, g = planted(name, scan, SOLVES[solve], key)
+    res = match.align(c.spec, a, b, solve=SOLVES[solve], key=jax.random.fold_in(key, 9))
+    assert rel_err(res.params, a) <= TOL
+    ginv = sym.invert(c.spec, g)
+    for n in g:
+        if c.spec.groups[n].kind == "perm":
+            np.testing.assert_array_equal(res.transform[n], ginv[n], err_msg=n)
+    x = inputs(config, jax.random.fold_in(key, 3))
+    assert rel_err(logits(c.model, res.params, x), logits(c.model, b, x)) <= TOL
+    d = res.diagnostics
+    assert d.objective_after <= 1e-8 * d.objective_before
+    assert rel_err(res.params, c.apply(b, res.transform)) <= 1e-6
+
+
+@pytest.mark.parametrize("name", ["bert-h3d1-l1", "bert-h5d2-l1-token", "roberta-h1d6-l2"])
+def test_planted_recovery_odd_shapes(name, key):
+    _, c, a, b, _ = planted(name, True, match.ALL, key)
+    res = match.align(c.spec, a, b, solve=match.ALL)
+    assert rel_err(res.params, a) <= TOL
+
+
+@pytest.mark.parametrize("solve", ["rotation+scale", "all"])
+def test_noisy_copy_gets_closer_and_descent_is_monotone(solve, key):
+    config, c, a, b, _ = planted("bert-h3d4-l2", False, SOLVES[solve], key, noise=0.05)
+    res = match.align(c.spec, a, b, solve=SOLVES[solve], key=key)
+    d = res.diagnostics
+    assert d.objective_after < 0.5 * d.objective_before
+    objectives = [v for _, v in d.history]
+    assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(objectives)), d.history
+    for group, (before, after) in d.groups.items():
+        if group in res.transform and c.spec.groups[group].role != "residual":
+            assert after <= before * (1 + 1e-6) + 1e-6, group
+    x = inputs(config, key)
+    assert rel_err(logits(c.model, res.params, x), logits(c.model, b, x)) <= TOL
+
+
+@pytest.mark.parametrize("residual_init", ["independent", "identity"])
+def test_independent_models_monotone_descent(residual_init, key):
+    c = compiled(CONFIGS["vit-h3d4-l2"])
+    a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
+    res = match.align(c.spec, a, b, solve=match.ALL, residual_init=residual_init, key=key)
+    objectives = [v for _, v in res.diagnostics.history]
+    assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(objectives))
+    assert res.diagnostics.objective_after < res.diagnostics.objective_before
+    x = inputs(c.model.config, key)
+    assert rel_err(logits(c.model, res.params, x), logits(c.model, b, x)) <= TOL
+
+
+def test_residual_init_escapes_the_identity_fixed_point(key):
+    """With the per-layer groups fitted first, the identity is a fixed point of the stream
+    update; the 'independent' start finds the planted stream permutation, the identity start
+    keeps it only if the descent alone can escape."""
+    _, c, a, b, g = planted("vit-h3d4-l2", False, match.ALL, key)
+    res = match.align(c.spec, a, b, solve=match.ALL, residual_init="independent")
+    np.testing.assert_array_equal(res.transform["residual"], jnp.argsort(g["residual"]))
+    assert res.diagnostics.history[1][0] == "residual_init"
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_layer_subset(scan, key):
+    _, c, a, b, _ = planted("bert-h3d4-l2", scan, match.PAPER, key)
+    res = match.align(c.spec, a, b, layers=[1])
+    ident = sym.identity(c.spec)
+    for n in c.spec.select(roles=["qk_rotation", "hidden"]):
+        if not n.startswith("encoder/"):  # the pooler is no layer's: always solved
+            continue
+        t, i = np.asarray(res.transform[n]), np.asarray(ident[n])
+        if scan:
+            np.testing.assert_array_equal(t[0], i[0])
+            assert not np.allclose(t[1], i[1])
+        elif c.spec.groups[n].layer == 0:
+            np.testing.assert_array_equal(t, i)
+        else:
+            assert not np.allclose(t, i)
+    layer1 = "encoder/layers" if scan else "encoder/layer_1"
+    path = f"{layer1}/attention/query/kernel"
+    got = np.asarray(res.params["encoder"][layer1.split("/")[1]]["attention"]["query"]["kernel"])
+    want = np.asarray(a["encoder"][layer1.split("/")[1]]["attention"]["query"]["kernel"])
+    assert rel_err(got[1] if scan else got, want[1] if scan else want) <= TOL, path
+
+
+def test_optax_solver_and_no_recompilation(key):
+    _, c, a, b, g = planted("bert-h3d4-l2", True, ("hidden", "heads", "rotation"), key)
+    res = match.align(c.spec, a, b, solve=("hidden", "heads", "rotation"), solver="optax")
+    assert rel_err(res.params, a) <= TOL
+    from rotjax.match import _align
+
+    sizes = [f._cache_size() for f in (_align._rotations, _align._head_scores, _align._total_jit)]
+    b2 = jax.tree.map(lambda x: x * 1.01, b)
+    match.align(c.spec, a, b2, solve=("hidden", "heads", "rotation"), solver="optax")
+    again = [f._cache_size() for f in (_align._rotations, _align._head_scores, _align._total_jit)]
+    assert again == sizes
+
+
+def test_align_many_picks_the_central_model(key):
+    c = compiled(CONFIGS["vit-h3d4-l2"])
+    base = c.init(key, 0.3)
+    models = []
+    for i, eps in enumerate([0.3, 0.01, 0.2]):
+        k = jax.random.fold_in(key, i)
+        noisy = jax.tree.map(lambda x, k=k, eps=eps: x + eps * jax.random.normal(k, x.shape), base)
+        models.append(c.apply(noisy, sym.sample(c.spec, jax.random.fold_in(k, 1))))
+    anchor, results = match.align_many(c.spec, models, solve=match.ALL, key=key)
+    assert anchor == 1
+    assert results[1].diagnostics.objective_before == 0.0
+    for i in (0, 2):
+        d = results[i].diagnostics
+        assert d.objective_after < 0.5 * d.objective_before
+        assert rel_err(results[i].params, models[1]) < rel_err(models[i], models[1])
+    assert match.align_many(c.spec, models, anchor=2)[0] == 2
+
+
+def test_bad_inputs_raise_before_any_work(key):
+    c = compiled(CONFIGS["bert-h3d4-l2"])
+    a = c.init(key, 0.3)
+    other = compiled(dataclasses.replace(CONFIGS["bert-h3d4-l2"], num_attention_heads=4))
+    with pytest.raises(ValueError, match=r"(?s)^params: params do not match.*attention/key/bias"):
+        match.align(c.spec, a, other.init(key, 0.3))
+    nan = jax.tree.map(lambda x: x, a)
+    nan["classifier"]["bias"] = nan["classifier"]["bias"].at[0].set(jnp.nan)
+    with pytest.raises(ValueError, match=r"(?s)non-finite.*params: classifier/bias"):
+        match.align(c.spec, a, nan)
+    half = jax.tree.map(lambda x: x, a)
+    half["pooler"]["kernel"] = half["pooler"]["kernel"].astype(jnp.bfloat16)
+    with pytest.raises(ValueError, match="pooler/kernel: anchor float32 vs params bfloat16"):
+        match.align(c.spec, a, half)
+    with pytest.raises(ValueError, match="unknown group kinds"):
+        match.align(c.spec, a, a, solve=("rotations",))
+
+
+def test_bfloat16_is_solved_in_float32_and_returned_in_bfloat16(key):
+    _, c, a, b, _ = planted("bert-h3d4-l2", False, match.PAPER, key)
+    a16, b16 = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), t) for t in (a, b))
+    res = match.align(c.spec, a16, b16)
+    assert {x.dtype for x in jax.tree.leaves(res.params)} == {jnp.dtype(jnp.bfloat16)}
+    # bfloat16 keeps 8 bits of mantissa: the planted copy comes back to ~1e-2.
+    assert rel_err(res.params, a16) < 3e-2
+    assert res.diagnostics.objective_after < 1e-3 * res.diagnostics.objective_before
+
+
+# ---------------------------------------------------------------------------------------------
+# Solvers against oracles.
+
+
+@pytest.mark.parametrize("d", [1, 2, 7, 64])
+def test_procrustes_matches_scipy(d, seed):
+    rng = np.random.default_rng(seed)
+    a, b = rng.normal(size=(3, 50, d)), rng.normal(size=(3, 50, d))
+    m = np.einsum("nri,nrk->nik", b, a)
+    r, nuc = jax.jit(match.procrustes)(jnp.asarray(m, jnp.float32))
+    for i in range(3):
+        oracle, _ = scipy.linalg.orthogonal_procrustes(b[i], a[i])
+        want = np.linalg.norm(a[i] - b[i] @ oracle)
+        got = np.linalg.norm(a[i] - b[i] @ np.asarray(r[i], np.float64))
+        assert abs(got - want) <= 1e-4 * want
+        np.testing.assert_allclose(nuc[i], np.trace(oracle.T @ m[i]), rtol=1e-4)
+        np.testing.assert_allclose(np.asarray(r[i]) @ np.asarray(r[i]).T, np.eye(d), atol=1e-5)
+    rv, _ = jax.vmap(match.procrustes)(jnp.asarray(m[None], jnp.float32))
+    np.testing.assert_allclose(rv[0], r, atol=1e-6)
+
+
+@pytest.mark.parametrize("n", [1, 2, 5, 40])
+@pytest.mark.parametrize("solver", match.SOLVERS)
+def test_assignment_matches_scipy(n, solver, seed):
+    rng = np.random.default_rng(seed)
+    score = rng.normal(size=(3, n, n)).astype(np.float32)
+    perm = np.asarray(match.assign(score, solver=solver))
+    assert perm.shape == (3, n) and perm.dtype == np.int32
+    for i in range(3):
+        np.testing.assert_array_equal(np.sort(perm[i]), np.arange(n))
+        rows, cols = scipy.optimize.linear_sum_assignment(score[i], maximize=True)
+        want = score[i][rows, cols].sum()
+        assert abs(score[i][np.arange(n), perm[i]].sum() - want) <= 1e-4 * max(abs(want), 1)
+
+
+def test_best_scale_matches_dense_search_and_quartic_roots(seed):
+    rng = np.random.default_rng(seed)
+    c1, c2 = rng.uniform(0.01, 5, size=(2, 200))
+    b1, b2 = rng.normal(size=(2, 200)) * 3
+    got = np.asarray(jax.jit(match.best_scale)(c1, b1, b2, c2), np.float64)
+    f = lambda a: match.scale_objective(a, c1, b1, b2, c2)
+    grid = np.exp(np.linspace(np.log(1e-4), np.log(1e4), 400_001))[:, None]
+    dense = np.min(np.asarray(match.scale_objective(grid, c1, b1, b2, c2)), axis=0)
+    assert (np.asarray(f(got)) <= dense + 1e-4 * np.abs(dense) + 1e-6).all()
+    for i in range(20):  # the least-objective positive real root of the quartic
+        roots = np.roots([c1[i], -b1[i], 0.0, b2[i], -c2[i]])
+        real = roots[(np.abs(roots.imag) < 1e-9) & (roots.real > 0)].real
+        fi = lambda a, i=i: match.scale_objective(a, c1[i], b1[i], b2[i], c2[i])
+        best = real[np.argmin([fi(r) for r in real])]
+        np.testing.assert_allclose(got[i], best, rtol=1e-4)
+    # vmap over a leading axis gives the same answer; nothing to fit keeps a = 1.
+    stacked = (jnp.asarray(x, jnp.float32).reshape(2, 100) for x in (c1, b1, b2, c2))
+    v = jax.vmap(match.best_scale)(*stacked)
+    np.testing.assert_allclose(np.asarray(v).reshape(-1), got, rtol=1e-5)
+    assert float(match.best_scale(0.0, 0.0, 0.0, 0.0)) == 1.0
