@@ -129,31 +129,42 @@ def align(
     by_role = lambda *rs: tuple(n for n in names if spec.groups[n].role in rs)
 
     stages: dict[str, Any] = {}
+    stage_groups: dict[str, tuple[str, ...]] = {}
     heads, rots = by_role("heads"), by_role("qk_rotation", "vo_rotation")
     if heads or rots:
         stages["attention"] = functools.partial(_attention_stage, heads=heads, rots=rots)
+        stage_groups["attention"] = heads + rots
     if scales := by_role("qk_scale", "vo_scale"):
         stages["scale"] = functools.partial(_scale_stage, names=scales)
+        stage_groups["scale"] = scales
     if hidden := by_role("hidden"):
         stages["hidden"] = functools.partial(_perm_stage, names=hidden)
+        stage_groups["hidden"] = hidden
     residual = by_role("residual")
     if residual:
         stages["residual"] = functools.partial(_perm_stage, names=residual)
+        stage_groups["residual"] = residual
     if max_sweeps is None:
         max_sweeps = 50 if residual else 1
 
+    # Only the params some solved group acts on can move; the rest is a constant of J, left out.
+    paths = tuple(sorted({p for n in names for p, _ in spec.users[n]}))
     t = sym.identity(spec)
+    # Groups that may differ from the identity so far: the others are not applied at all, so
+    # the paper's single pass never gathers by identity permutations.
+    active: set[str] = set()
     seconds = dict.fromkeys([*stages, "objective", "apply"], 0.0)
-    dist0 = _distances(spec, a_flat, b_flat, t)
+    dist0 = _distances(spec, paths, a_flat, b_flat, {})
     objective = before = float(sum(dist0.values()))
     history: list[tuple[str, float]] = [("identity", before)]
-    ctx = dict(spec=spec, a=a_flat, b=b_flat, solver=solver, masks=masks)
+    ctx = dict(spec=spec, a=a_flat, b=b_flat, solver=solver, masks=masks, paths=paths)
 
     if residual and residual_init == "independent":
         tic = time.perf_counter()
-        t = _perm_stage(t, names=residual, exclusive=True, **ctx)
+        t = _perm_stage(t, names=residual, exclusive=True, active=frozenset(), **ctx)
+        active |= set(residual)
         seconds["residual"] += time.perf_counter() - tic
-        objective = _total(spec, a_flat, b_flat, t)
+        objective = _total(spec, paths, a_flat, b_flat, _sub(t, active))
         history.append(("residual_init", objective))
 
     order = list(stages)
@@ -165,11 +176,12 @@ def align(
         start_sweep = objective
         for name in order:
             tic = time.perf_counter()
-            t = stages[name](t, **ctx)
+            t = stages[name](t, active=frozenset(active), **ctx)
             jax.block_until_ready(t)
+            active |= set(stage_groups[name])
             seconds[name] += time.perf_counter() - tic
             tic = time.perf_counter()
-            objective = _total(spec, a_flat, b_flat, t)
+            objective = _total(spec, paths, a_flat, b_flat, _sub(t, active))
             seconds["objective"] += time.perf_counter() - tic
             history.append((name, objective))
         sweeps += 1
@@ -177,13 +189,12 @@ def align(
             break
 
     tic = time.perf_counter()
-    aligned = jax.block_until_ready(_apply_jit(spec, params, t))
+    aligned = jax.block_until_ready(_apply_paths(spec, paths, params, _sub(t, active)))
     seconds["apply"] = time.perf_counter() - tic
-    dist1 = _distances(spec, a_flat, b_flat, t)
+    dist1 = _distances(spec, paths, a_flat, b_flat, _sub(t, active))
     seconds["total"] = time.perf_counter() - t_start
     groups = {
-        g: tuple(float(sum(d[p] for p, _ in spec.users[g])) for d in (dist0, dist1))
-        for g in spec.groups
+        g: tuple(float(sum(d[p] for p, _ in spec.users[g])) for d in (dist0, dist1)) for g in names
     }
     diag = Diagnostics(
         objective_before=before,
@@ -234,27 +245,34 @@ def _checked_inputs(spec, anchor_params, params):
             sym.validate(spec, tree)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from None
-        paths, leaves, _ = sym.flatten(tree)
+        paths, leaves, _ = sym.flatten(jax.device_put(tree))  # one transfer for the whole tree
         out.append(dict(zip(paths, leaves, strict=True)))
     a, b = out
     problems = [
-        f"  {p}: anchor {jnp.asarray(a[p]).dtype} vs params {jnp.asarray(b[p]).dtype}"
-        for p in a
-        if jnp.asarray(a[p]).dtype != jnp.asarray(b[p]).dtype
+        f"  {p}: anchor {a[p].dtype} vs params {b[p].dtype}" for p in a if a[p].dtype != b[p].dtype
     ]
     if problems:
         raise ValueError("dtypes differ between the models:\n" + "\n".join(problems))
+    finite_a, finite_b = _all_finite(a), _all_finite(b)
     bad = [
         f"  {what}: {p}"
-        for what, flat in (("anchor_params", a), ("params", b))
-        for p, x in flat.items()
-        if not bool(jnp.isfinite(jnp.asarray(x, jnp.float32)).all())
+        for what, flat, finite in (("anchor_params", a, finite_a), ("params", b, finite_b))
+        for p in flat
+        if not bool(finite[p])
     ]
     if bad:
         raise ValueError("non-finite values (NaN or Inf) in:\n" + "\n".join(bad))
     # Solve in float32 whatever the storage dtype (bfloat16 sums would lose the alignment).
-    f32 = lambda flat: {p: jnp.asarray(x, jnp.float32) for p, x in flat.items()}
-    return f32(a), f32(b)
+    return _float32(a), _float32(b)
+
+
+@jax.jit
+def _all_finite(flat):
+    return {p: jnp.isfinite(x).all() for p, x in flat.items()}
+
+
+def _float32(flat):
+    return {p: x if x.dtype == jnp.float32 else x.astype(jnp.float32) for p, x in flat.items()}
 
 
 def _layer_masks(spec, names, layers):
@@ -283,25 +301,45 @@ def _masked(t_old, new, masks):
 # Objective.
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _distances_jit(spec, a, b, t):
-    return {p: jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in a}
+def _sub(t, names):
+    """The part of transform ``t`` to apply: the groups in ``names`` (the rest is identity)."""
+    return {n: t[n] for n in sorted(names)}
 
 
-def _distances(spec, a, b, t) -> dict[str, float]:
-    return {p: float(v) for p, v in _distances_jit(spec, a, b, t).items()}
+def _el(spec, t, name):
+    """``t[name]``, or the identity element when ``t`` leaves the group out."""
+    return t[name] if name in t else sym.identity_element(spec.groups[name])
 
 
-@functools.partial(jax.jit, static_argnums=0)
-def _total_jit(spec, a, b, t):
-    return sum(jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in a)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _distances_jit(spec, paths, a, b, t):
+    return {p: jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in paths}
 
 
-def _total(spec, a, b, t) -> float:
-    return float(_total_jit(spec, a, b, t))
+def _distances(spec, paths, a, b, t) -> dict[str, float]:
+    return {p: float(v) for p, v in _distances_jit(spec, paths, a, b, t).items()}
 
 
-_apply_jit = jax.jit(sym.apply, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _total_jit(spec, paths, a, b, t):
+    return sum(jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in paths)
+
+
+def _total(spec, paths, a, b, t) -> float:
+    return float(_total_jit(spec, paths, a, b, t))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _apply_leaves(spec, paths, leaves, t):
+    return {p: sym.apply_to_leaf(spec, p, leaves[p], t) for p in paths}
+
+
+def _apply_paths(spec, paths, params, t):
+    """`sym.apply` restricted to ``paths``: every other leaf is passed through as it is."""
+    all_paths, leaves, treedef = sym.flatten(params)
+    flat = dict(zip(all_paths, leaves, strict=True))
+    new = _apply_leaves(spec, paths, {p: flat[p] for p in paths}, t)
+    return jax.tree_util.tree_unflatten(treedef, [new.get(p, flat[p]) for p in all_paths])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -333,8 +371,9 @@ def _perm_costs(spec, names, exclusive, a, b, t):
     return out
 
 
-def _perm_stage(t, *, spec, a, b, solver, masks, names, exclusive=False):
-    costs = _perm_costs(spec, names, exclusive, a, b, t)
+def _perm_stage(t, *, spec, a, b, solver, masks, paths, active, names, exclusive=False):
+    del paths
+    costs = _perm_costs(spec, names, exclusive, a, b, _sub(t, active))
     return _masked(t, {n: assign(c, solver=solver) for n, c in costs.items()}, masks)
 
 
@@ -352,7 +391,7 @@ def _head_terms(spec, hname, a, b, t):
         scl = next(
             (x for x in acts if x.group in skip and spec.groups[x.group].kind == "scale"), None
         )
-        w = jnp.ones(g.shape, jnp.float32) if scl is None else t[scl.group] ** scl.power
+        w = jnp.ones(g.shape, jnp.float32) if scl is None else _el(spec, t, scl.group) ** scl.power
         axes = rot.axes if rot is not None else act.axes
         bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
         am, bm = _moved(a[path], axes, k), _moved(bp, axes, k)
@@ -379,7 +418,7 @@ def _head_scores(spec, heads, rots, a, b, t):
             elif rot is None:
                 score = score + jnp.trace(m, axis1=-1, axis2=-2)
             else:  # fixed rotation R[h]: ⟨R[h], M[h, j]⟩
-                score = score + jnp.einsum("...hik,...hjik->...hj", t[rot], m)
+                score = score + jnp.einsum("...hik,...hjik->...hj", _el(spec, t, rot), m)
         out[hname] = score
     return out
 
@@ -395,7 +434,7 @@ def _rotations(spec, rots, a, b, t):
             # B with everything but this rotation and its head's scale applied (so B's head
             # π[h] already sits at h); the scale enters as the weight a[h]^±1.
             scl = [x for x in spec.params[path].actions if spec.groups[x.group].kind == "scale"]
-            w = t[scl[0].group] ** scl[0].power if scl else jnp.ones(g.shape[:-2], jnp.float32)
+            w = _el(spec, t, scl[0].group) ** scl[0].power if scl else jnp.ones(g.shape[:-2])
             skip = frozenset([r, *(x.group for x in scl)])
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
             am, bm = _moved(a[path], act.axes, len(g.batch)), _moved(bp, act.axes, len(g.batch))
@@ -410,21 +449,22 @@ def _rotations(spec, rots, a, b, t):
     return {r: x.reshape(s) for r, x, s in zip(rots, jnp.split(rs, sizes), shapes, strict=True)}
 
 
-def _attention_stage(t, *, spec, a, b, solver, masks, heads, rots):
+def _attention_stage(t, *, spec, a, b, solver, masks, paths, active, heads, rots):
     """Heads and rotations. Candidate head permutations come from the exact score above (given
     the current scales) and from the invariant score of `_head_invariants`; each is completed
     by the Procrustes rotations, and the best of them and of the current π is kept, so the
     objective never increases."""
+    sub = lambda t: _sub(t, active | set(heads))  # the head permutations as they stand
     if not heads:
-        return _masked(t, _rotations(spec, rots, a, b, t), masks) if rots else t
+        return _masked(t, _rotations(spec, rots, a, b, sub(t)), masks) if rots else t
     candidates = [t]
-    for scores in (_head_scores(spec, heads, rots, a, b, t), _head_invariants(spec, heads, a, b)):
-        candidates.append(
-            _masked(t, {h: assign(s, solver=solver) for h, s in scores.items()}, masks)
-        )
+    scores = _head_scores(spec, heads, rots, a, b, _sub(t, active))
+    for s in (scores, _head_invariants(spec, heads, a, b)):
+        candidates.append(_masked(t, {h: assign(x, solver=solver) for h, x in s.items()}, masks))
     if rots:
-        candidates = [_masked(c, _rotations(spec, rots, a, b, c), masks) for c in candidates]
-    return min(candidates, key=lambda c: _total(spec, a, b, c))
+        candidates = [_masked(c, _rotations(spec, rots, a, b, sub(c)), masks) for c in candidates]
+    solved = active | set(heads + rots)
+    return min(candidates, key=lambda c: _total(spec, paths, a, b, _sub(c, solved)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
@@ -478,6 +518,6 @@ def _scales(spec, names, a, b, t):
     return out
 
 
-def _scale_stage(t, *, spec, a, b, solver, masks, names):
-    del solver
-    return _masked(t, _scales(spec, names, a, b, t), masks)
+def _scale_stage(t, *, spec, a, b, solver, masks, paths, active, names):
+    del solver, paths
+    return _masked(t, _scales(spec, names, a, b, _sub(t, active)), masks)

@@ -28,6 +28,7 @@ from rotjax.symmetry._transform import (
     check_transform,
     compose,
     identity,
+    identity_element,
     invert,
     sample,
 )
@@ -49,6 +50,7 @@ __all__ = [
     "embedding",
     "flatten",
     "identity",
+    "identity_element",
     "invert",
     "layer_norm",
     "mlp",

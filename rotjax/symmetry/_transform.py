@@ -23,10 +23,11 @@ _ORDER = {"perm": 0, "orth": 1, "scale": 2}
 
 def identity(spec: Spec) -> Transform:
     """The identity element: arange permutations, identity matrices, unit scales."""
-    return {name: _identity(g) for name, g in spec.group_items}
+    return {name: identity_element(g) for name, g in spec.group_items}
 
 
-def _identity(g: Group) -> jax.Array:
+def identity_element(g: Group) -> jax.Array:
+    """The identity element of one group."""
     if g.kind == "perm":
         return jnp.broadcast_to(jnp.arange(g.size, dtype=jnp.int32), g.shape)
     if g.kind == "orth":
@@ -137,7 +138,7 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
 
 def _full(spec: Spec, t: Mapping[str, jax.Array]) -> Transform:
     check_transform(spec, t)
-    return {name: t[name] if name in t else _identity(g) for name, g in spec.group_items}
+    return {name: t[name] if name in t else identity_element(g) for name, g in spec.group_items}
 
 
 def _gather_heads(x: jax.Array, perm: jax.Array, trailing: int) -> jax.Array:
@@ -159,7 +160,7 @@ def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax
         if g.kind == "perm":
             out[name] = jnp.take_along_axis(t1[name], t2[name], axis=-1)
             continue
-        p2 = t2[g.over] if g.over else _identity(Group("perm", g.size, batch=g.batch))
+        p2 = t2[g.over] if g.over else identity_element(Group("perm", g.size, batch=g.batch))
         if g.kind == "orth":
             out[name] = jnp.matmul(_gather_heads(t1[name], p2, 2), t2[name], precision=_HIGHEST)
         else:
@@ -182,7 +183,7 @@ def invert(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
     for name, g in spec.group_items:
         if g.kind == "perm":
             continue
-        p = inv_perm[g.over] if g.over else _identity(Group("perm", g.size, batch=g.batch))
+        p = inv_perm[g.over] if g.over else identity_element(Group("perm", g.size, batch=g.batch))
         if g.kind == "orth":
             out[name] = jnp.swapaxes(_gather_heads(t[name], p, 2), -1, -2)
         else:

@@ -1,0 +1,140 @@
+"""Time `rotjax.match.align` on BERT-base- and MiniLM-shaped pairs against this machine's floor.
+
+Regimes: ``related`` (B = a random symmetry of A plus noise: fine-tuned relatives) and
+``independent`` (A and B drawn independently: the worst case for the assignment solver).
+For each: the attention rotation + rescale alone, and the paper's whole alignment (rotation,
+rescale, FFN permutation), timed after a first call that compiles; the stage times come from
+the diagnostics. The floor is the same cost-matrix matmuls in numpy (per-head d x d
+cross-covariances and per-layer FFN F x F cost matrices) plus the assignment solves alone.
+
+    python -m experiments.benchmarks.align [--quick] [--out experiments/benchmarks/results]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import platform
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import scipy.optimize
+
+from rotjax import match
+from rotjax import symmetry as sym
+from rotjax.models import bert
+
+SHAPES = {
+    "bert-base": bert.Config(num_labels=2),
+    "minilm": bert.Config(
+        hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
+    ),
+}
+
+
+def random_params(config, key, scale=0.05):
+    model = bert.Model(config)
+    ids = jnp.ones((1, 4), jnp.int32)
+    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
+    leaves, treedef = jax.tree.flatten(shapes)
+    keys = jax.random.split(key, len(leaves))
+    return jax.tree.unflatten(
+        treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
+    )
+
+
+def timed(fn, repeats=2):
+    fn()  # compile
+    best = float("inf")
+    out = None
+    for _ in range(repeats):
+        tic = time.perf_counter()
+        out = fn()
+        best = min(best, time.perf_counter() - tic)
+    return best, out
+
+
+def floor(config, a, b):
+    """numpy: the cross-covariance matmuls and FFN cost matrices, then the assignments alone."""
+    la, lb = a["encoder"], b["encoder"]
+    layers = [f"layer_{i}" for i in range(config.num_hidden_layers)]
+    np_a = jax.tree.map(np.asarray, la)
+    np_b = jax.tree.map(np.asarray, lb)
+    tic = time.perf_counter()
+    for name in layers:
+        at, bt = np_a[name]["attention"], np_b[name]["attention"]
+        for p in ("query", "key", "value"):
+            np.einsum("dhi,dhk->hik", bt[p]["kernel"], at[p]["kernel"], optimize=True)
+        np.einsum("hid,hkd->hik", bt["out"]["kernel"], at["out"]["kernel"], optimize=True)
+    attention = time.perf_counter() - tic
+    tic = time.perf_counter()
+    costs = []
+    for name in layers:
+        fa, fb = np_a[name]["ffn"], np_b[name]["ffn"]
+        c = fa["intermediate"]["kernel"].T @ fb["intermediate"]["kernel"]
+        c += fa["output"]["kernel"] @ fb["output"]["kernel"].T
+        costs.append(c)
+    ffn = time.perf_counter() - tic
+    tic = time.perf_counter()
+    for c in costs:
+        scipy.optimize.linear_sum_assignment(c, maximize=True)
+    lsa = time.perf_counter() - tic
+    return {"attention_matmuls": attention, "ffn_matmuls": ffn, "assignment": lsa}
+
+
+def run(shape, regime, key):
+    config = SHAPES[shape]
+    spec = bert.symmetry_spec(config)
+    k1, k2, k3, k4 = jax.random.split(key, 4)
+    a = random_params(config, k1)
+    if regime == "related":
+        roles = {r for s in match.PAPER for r in match.GROUPS[s]}
+        g = sym.sample(spec, k2)
+        b = sym.apply(spec, a, {n: g[n] for n in spec.select(roles=roles)})
+        b = jax.tree.map(lambda x, k=k3: x + 0.01 * jax.random.normal(k, x.shape), b)
+    else:
+        b = random_params(config, k4)
+    row = {"shape": shape, "regime": regime}
+    for label, solve in (("rotation+scale", ("rotation", "scale")), ("paper", match.PAPER)):
+        seconds, res = timed(lambda solve=solve: match.align(spec, a, b, solve=solve))
+        d = res.diagnostics
+        row[label] = {
+            "seconds": seconds,
+            "stages": d.seconds,
+            "objective_before": d.objective_before,
+            "objective_after": d.objective_after,
+        }
+    fl = floor(config, a, b)
+    row["floor"] = {**fl, "total": sum(fl.values())}
+    row["paper_over_floor"] = row["paper"]["seconds"] / row["floor"]["total"]
+    return row
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="MiniLM shape only")
+    parser.add_argument("--out", default="experiments/benchmarks/results")
+    args = parser.parse_args()
+    rows = []
+    for shape in ["minilm"] if args.quick else list(SHAPES):
+        for regime in ("related", "independent"):
+            row = run(shape, regime, jax.random.key(0))
+            rows.append(row)
+            stages = {k: round(v, 3) for k, v in row["paper"]["stages"].items()}
+            print(
+                f"{shape:10s} {regime:12s} rotation+scale {row['rotation+scale']['seconds']:.3f}s"
+                f"  paper {row['paper']['seconds']:.2f}s  floor {row['floor']['total']:.2f}s"
+                f"  ratio {row['paper_over_floor']:.2f}  stages {json.dumps(stages)}"
+            )
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = {"jax": jax.__version__, "cpus": jax.device_count(), "machine": platform.machine()}
+    (out / "align.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
+    print(f"wrote {out / 'align.json'}")
+
+
+if __name__ == "__main__":
+    main()

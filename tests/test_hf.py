@@ -1,0 +1,549 @@
+"""Hugging Face interop: parity with transformers' PyTorch models, round trips, errors.
+
+Tolerances: 1e-5 relative max error for tiny random models: both sides run float32 (JAX
+matmuls at "highest" precision, torch eager attention) and differ only by the order of float32
+sums, ~1e-7 per op, over two layers. 1e-4 for all-MiniLM-L6-v2: six 384-wide layers with real
+weights (outliers in LayerNorm inputs amplify rounding).
+"""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import safetensors.numpy
+from conftest import rel_err
+from helpers import logits
+
+import rotjax.hf
+from rotjax import symmetry as sym
+from rotjax.data import minilm_dir
+from rotjax.models import bert, vit
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+TOL = 1e-5
+MINILM_TOL = 1e-4
+
+# name -> (transformers class, config kwargs, constructor kwargs). Head widths other than 64,
+# odd head counts and a single head; every supported architecture.
+CASES = {
+    "bert-seq-h3d4": (
+        "BertForSequenceClassification",
+        dict(
+            vocab_size=50,
+            hidden_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=20,
+            max_position_embeddings=16,
+            num_labels=3,
+        ),
+        {},
+    ),
+    "bert-token-h5d2": (
+        "BertForTokenClassification",
+        dict(
+            vocab_size=40,
+            hidden_size=10,
+            num_hidden_layers=1,
+            num_attention_heads=5,
+            intermediate_size=14,
+            max_position_embeddings=12,
+            num_labels=4,
+            hidden_act="gelu_new",
+        ),
+        {},
+    ),
+    "bert-base-pooler": (
+        "BertModel",
+        dict(
+            vocab_size=30,
+            hidden_size=8,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=16,
+            max_position_embeddings=12,
+        ),
+        {},
+    ),
+    "bert-base-nopooler": (
+        "BertModel",
+        dict(
+            vocab_size=30,
+            hidden_size=9,
+            num_hidden_layers=1,
+            num_attention_heads=3,
+            intermediate_size=11,
+            max_position_embeddings=10,
+        ),
+        dict(add_pooling_layer=False),
+    ),
+    "roberta-seq-h3d4": (
+        "RobertaForSequenceClassification",
+        dict(
+            vocab_size=50,
+            hidden_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=20,
+            max_position_embeddings=16,
+            type_vocab_size=1,
+            pad_token_id=1,
+            layer_norm_eps=1e-5,
+            num_labels=2,
+        ),
+        {},
+    ),
+    "roberta-token-h1d6": (
+        "RobertaForTokenClassification",
+        dict(
+            vocab_size=40,
+            hidden_size=6,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            intermediate_size=9,
+            max_position_embeddings=16,
+            type_vocab_size=1,
+            pad_token_id=1,
+            num_labels=3,
+        ),
+        {},
+    ),
+    "vit-cls-h3d4": (
+        "ViTForImageClassification",
+        dict(
+            hidden_size=12,
+            num_hidden_layers=2,
+            num_attention_heads=3,
+            intermediate_size=24,
+            image_size=8,
+            patch_size=4,
+            num_channels=3,
+            num_labels=5,
+        ),
+        {},
+    ),
+    "vit-base-h1d8-nobias": (
+        "ViTModel",
+        dict(
+            hidden_size=8,
+            num_hidden_layers=1,
+            num_attention_heads=1,
+            intermediate_size=12,
+            image_size=6,
+            patch_size=3,
+            num_channels=1,
+            qkv_bias=False,
+        ),
+        {},
+    ),
+}
+
+SCANNED = ("bert-seq-h3d4", "vit-cls-h3d4")  # also run with scanned layers
+
+TASKS = {
+    "Model": None,
+    "ForSequenceClassification": "sequence_classification",
+    "ForTokenClassification": "token_classification",
+    "ForImageClassification": "image_classification",
+}
+
+AUTO = {
+    None: "AutoModel",
+    "sequence_classification": "AutoModelForSequenceClassification",
+    "token_classification": "AutoModelForTokenClassification",
+    "image_classification": "AutoModelForImageClassification",
+}
+
+
+def torch_model(name, seed):
+    """A transformers model of case ``name`` with every parameter random (LayerNorm weights
+    ``1 + noise``, biases nonzero), so no wrongly mapped tensor can hide behind init values."""
+    cls_name, kwargs, ctor = CASES[name]
+    cls = getattr(transformers, cls_name)
+    config = cls.config_class(**kwargs, attn_implementation="eager")
+    model = cls(config, **ctor).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(0.3 * torch.randn(p.shape, generator=g))
+        for m in model.modules():
+            if isinstance(m, torch.nn.LayerNorm):
+                m.weight.add_(1.0)
+    return model
+
+
+def make_inputs(config, rng, batch=3):
+    """rotjax inputs: padded token ids (a masked tail in two rows) with random token types, or
+    NHWC images."""
+    if isinstance(config, vit.Config):
+        s, c = config.image_size, config.num_channels
+        return (rng.standard_normal((batch, s, s, c), dtype=np.float32),)
+    seq = min(7, config.max_position_embeddings - config.pad_token_id - 2)
+    ids = rng.integers(config.pad_token_id + 1, config.vocab_size, (batch, seq), dtype=np.int32)
+    mask = np.ones((batch, seq), np.int32)
+    mask[-1, seq - 3 :] = 0
+    mask[0, seq - 1 :] = 0
+    ids = np.where(mask > 0, ids, config.pad_token_id).astype(np.int32)
+    types = rng.integers(0, config.type_vocab_size, (batch, seq), dtype=np.int32)
+    return ids, mask, types
+
+
+def torch_forward(model, x):
+    """The torch model's output as one flat array, as `helpers.logits` gives rotjax's."""
+    if len(x) == 1:
+        kwargs = dict(
+            pixel_values=torch.from_numpy(np.ascontiguousarray(x[0].transpose(0, 3, 1, 2)))
+        )
+    else:
+        kwargs = dict(
+            input_ids=torch.from_numpy(x[0]).long(),
+            attention_mask=torch.from_numpy(x[1]).long(),
+            token_type_ids=torch.from_numpy(x[2]).long(),
+        )
+    with torch.no_grad():
+        out = model(**kwargs)
+    if getattr(out, "logits", None) is not None:
+        return out.logits.numpy()
+    parts = [out.last_hidden_state.numpy().reshape(-1)]
+    if out.pooler_output is not None:
+        parts.append(out.pooler_output.numpy().reshape(-1))
+    return np.concatenate(parts)
+
+
+def rotjax_forward(config, params, x):
+    model = (bert if isinstance(config, bert.Config) else vit).Model(config)
+    return np.asarray(logits(model, params, x))  # jitted once per config (helpers.compiled)
+
+
+def random_params(config, seed):
+    """Random params of ``Model(config)``'s structure, as jax arrays; no XLA compile (the shapes
+    come from `jax.eval_shape`, the values from numpy)."""
+    module = bert if isinstance(config, bert.Config) else vit
+    x = make_inputs(config, np.random.default_rng(0), batch=1)
+    shapes = jax.eval_shape(lambda: module.Model(config).init(jax.random.key(0), *x))["params"]
+    rng = np.random.default_rng(seed)
+    return jax.device_put(
+        jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), shapes)
+    )
+
+
+def assert_trees_equal(a, b):
+    pa, la, _ = sym.flatten(a)
+    pb, lb, _ = sym.flatten(b)
+    assert pa == pb
+    for path, x, y in zip(pa, la, lb, strict=True):
+        assert np.asarray(x).dtype == np.asarray(y).dtype == np.float32, path
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y), err_msg=path)
+
+
+@pytest.mark.parametrize("name", list(CASES))
+def test_parity_with_transformers(name, seed, tmp_path):
+    """Loaded from the in-memory model (unscanned) and from its save_pretrained directory
+    (scanned): the same params, and rotjax logits equal torch logits on padded inputs."""
+    model = torch_model(name, seed)
+    cls_name, kwargs, ctor = CASES[name]
+    config, params = rotjax.hf.load(model)
+    assert config.task == next(t for end, t in TASKS.items() if cls_name.endswith(end))
+    base = cls_name.endswith("Model")
+    has_pooler = ctor.get("add_pooling_layer", True) if base else cls_name.startswith("BertForSeq")
+    assert config.has_pooler == has_pooler
+    for k, v in kwargs.items():
+        assert getattr(config, k) == v, k
+    x = make_inputs(config, np.random.default_rng(seed))
+    expected = torch_forward(model, x)
+    assert rel_err(rotjax_forward(config, params, x), expected) <= TOL
+
+    model.save_pretrained(tmp_path)
+    config_s, params_s = rotjax.hf.load(tmp_path, scan_layers=True)
+    assert config_s == dataclasses.replace(config, scan_layers=True)
+    assert_trees_equal(rotjax.hf.unstack_layers(params_s), params)
+    if name in SCANNED:  # the others would only add XLA compiles for identical params
+        assert rel_err(rotjax_forward(config_s, params_s, x), expected) <= TOL
+
+
+@pytest.mark.parametrize(
+    "name", ["bert-seq-h3d4", "bert-base-nopooler", "roberta-seq-h3d4", "vit-cls-h3d4"]
+)
+def test_round_trip(name, seed, tmp_path):
+    """import -> export -> import is bitwise; the export loads into transformers with no
+    missing or unexpected keys and gives the same logits."""
+    model = torch_model(name, seed)
+    _, _, ctor = CASES[name]
+    config, params = rotjax.hf.load(model, scan_layers=name in SCANNED)
+    out = rotjax.hf.save(
+        tmp_path / "export",
+        config,
+        params,
+        id2label={i: f"class-{i}" for i in range(config.num_labels)},
+    )
+    config2, params2 = rotjax.hf.load(out, scan_layers=name in SCANNED)
+    assert config2 == config
+    assert_trees_equal(params2, params)
+
+    auto = getattr(transformers, AUTO[config.task])
+    reloaded, info = auto.from_pretrained(
+        out, output_loading_info=True, attn_implementation="eager", **ctor
+    )
+    assert type(reloaded).__name__ == CASES[name][0]
+    assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    if config.task is not None:
+        assert reloaded.config.id2label[1] == "class-1"
+    # A model from from_pretrained (transformers >= 5 may rename its tensors in memory).
+    assert_trees_equal(rotjax.hf.load(reloaded, scan_layers=name in SCANNED)[1], params)
+    x = make_inputs(config, np.random.default_rng(seed))
+    assert rel_err(torch_forward(reloaded.eval(), x), rotjax_forward(config, params, x)) <= TOL
+
+
+def test_save_random_rotjax_params(seed, tmp_path):
+    """rotjax -> transformers for params rotjax made (not imported), scanned."""
+    config = bert.Config(**CASES["bert-seq-h3d4"][1], scan_layers=True)
+    params = random_params(config, seed)
+    before = jax.tree.map(np.array, params)
+    out = rotjax.hf.save(tmp_path, config, params)
+    assert_trees_equal(params, before)  # inputs untouched
+    model, info = transformers.AutoModelForSequenceClassification.from_pretrained(
+        out, output_loading_info=True, attn_implementation="eager"
+    )
+    assert not any(info.values()), info
+    x = make_inputs(config, np.random.default_rng(0))
+    assert rel_err(torch_forward(model.eval(), x), rotjax_forward(config, params, x)) <= TOL
+
+
+def test_minilm_matches_transformers(tmp_path):
+    """Real all-MiniLM-L6-v2 weights (no prefix, with a position_ids buffer): hidden states and
+    pooler output equal transformers' on real sentences of different lengths, padded."""
+    directory = minilm_dir()
+    config, params = rotjax.hf.load(directory)
+    assert (config.task, config.add_pooling_layer, config.head_dim) == (None, True, 32)
+    sentences = [
+        "A man is playing a guitar.",
+        "The quick brown fox jumps over the lazy dog near the riverbank at dawn.",
+        "Hello!",
+        "Permutation and rotation symmetries let us align transformers before merging them.",
+    ]
+    tokenizer = transformers.AutoTokenizer.from_pretrained(directory)
+    batch = tokenizer(sentences, padding=True, return_tensors="np")
+    x = tuple(batch[k].astype(np.int32) for k in ("input_ids", "attention_mask", "token_type_ids"))
+    assert (x[1] == 0).any()  # padded
+    model = transformers.AutoModel.from_pretrained(directory, attn_implementation="eager").eval()
+    assert rel_err(rotjax_forward(config, params, x), torch_forward(model, x)) <= MINILM_TOL
+
+    # Export with the tokenizer, and back: bitwise; tokenizer files copied.
+    out = rotjax.hf.save(tmp_path / "minilm", config, params, tokenizer_from=directory)
+    for f in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
+        assert (out / f).read_bytes() == (directory / f).read_bytes()
+    config2, params2 = rotjax.hf.load(out)
+    assert config2 == config
+    assert_trees_equal(params2, params)
+
+
+def test_stack_unstack_layers(seed):
+    config = bert.Config(
+        vocab_size=20,
+        hidden_size=4,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=6,
+        max_position_embeddings=8,
+    )
+    # numpy leaves: numpy out, nothing compiled.
+    params = jax.tree.map(np.asarray, random_params(config, seed))
+    stacked = rotjax.hf.stack_layers(params)
+    sym.validate(bert.symmetry_spec(dataclasses.replace(config, scan_layers=True)), stacked)
+    kernel = stacked["encoder"]["layers"]["ffn"]["output"]["kernel"]
+    assert isinstance(kernel, np.ndarray)
+    np.testing.assert_array_equal(
+        kernel[2], params["encoder"]["layer_2"]["ffn"]["output"]["kernel"]
+    )
+    assert_trees_equal(rotjax.hf.unstack_layers(stacked), params)
+    # Under jit (one program for the whole tree).
+    jitted = jax.jit(rotjax.hf.stack_layers)(params)
+    assert isinstance(jitted["encoder"]["layers"]["ffn"]["output"]["kernel"], jax.Array)
+    assert_trees_equal(jitted, stacked)
+
+    broken = {
+        "encoder": {
+            "layer_0": params["encoder"]["layer_0"],
+            "layer_2": params["encoder"]["layer_2"],
+        }
+    }
+    with pytest.raises(ValueError, match=r"not 0\.\.L-1"):
+        rotjax.hf.stack_layers(broken)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+
+
+@pytest.fixture
+def checkpoint(tmp_path, seed):
+    """A saved BertForSequenceClassification directory and its tensors."""
+    model = torch_model("bert-seq-h3d4", seed)
+    model.save_pretrained(tmp_path / "ckpt")
+    path = tmp_path / "ckpt"
+    return path, safetensors.numpy.load_file(path / "model.safetensors")
+
+
+def rewrite(path, tensors):
+    safetensors.numpy.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+def test_error_unknown_architecture(checkpoint, seed):
+    path, _ = checkpoint
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertForMaskedLM"]}))
+    with pytest.raises(ValueError, match=r"unsupported architectures.*BertForMaskedLM"):
+        rotjax.hf.load(path)
+    (path / "config.json").write_text(
+        json.dumps({**cfg, "position_embedding_type": "relative_key", "is_decoder": True})
+    )
+    with pytest.raises(ValueError, match="position_embedding_type='relative_key', is_decoder"):
+        rotjax.hf.load(path)
+    del cfg["architectures"]
+    (path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
+    with pytest.raises(ValueError, match="model_type 'gpt2'"):
+        rotjax.hf.load(path)
+    masked_lm = transformers.BertForMaskedLM(transformers.BertConfig(**CASES["bert-seq-h3d4"][1]))
+    with pytest.raises(ValueError, match="BertForMaskedLM"):
+        rotjax.hf.load(masked_lm)
+    with pytest.raises(TypeError, match="PreTrainedModel"):
+        rotjax.hf.load(42)
+
+
+def test_error_tensors(checkpoint):
+    path, tensors = checkpoint
+    name = "bert.encoder.layer.1.attention.self.key.weight"
+    rewrite(path, {k: v for k, v in tensors.items() if k != name})
+    with pytest.raises(
+        ValueError,
+        match=r"missing: +bert\.encoder\.layer\.1\.attention\.self\.key\.weight  \(12, 12\)",
+    ):
+        rotjax.hf.load(path)
+
+    extra = "bert.encoder.layer.0.attention.self.rotary.weight"
+    rewrite(path, {**tensors, extra: np.zeros((2, 3), np.float32)})
+    with pytest.raises(
+        ValueError,
+        match=r"unexpected: bert\.encoder\.layer\.0\.attention\.self\.rotary\.weight  \(2, 3\)",
+    ):
+        rotjax.hf.load(path)
+
+    bad = "classifier.weight"
+    rewrite(path, {**tensors, bad: np.zeros((12, 3), np.float32)})
+    with pytest.raises(
+        ValueError, match=r"wrong shape: classifier\.weight  \(12, 3\), expected \(3, 12\)"
+    ):
+        rotjax.hf.load(path)
+
+    # A base-model prefix and a bare name for the same tensor.
+    rewrite(
+        path, {**tensors, "embeddings.LayerNorm.bias": tensors["bert.embeddings.LayerNorm.bias"]}
+    )
+    with pytest.raises(ValueError, match="same parameter"):
+        rotjax.hf.load(path)
+
+
+def test_error_files(checkpoint, tmp_path):
+    path, tensors = checkpoint
+    with pytest.raises(FileNotFoundError, match="nowhere"):
+        rotjax.hf.load(tmp_path / "nowhere")
+
+    (path / "model.safetensors").write_bytes(b"\x00garbage" * 10)
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a readable safetensors file"):
+        rotjax.hf.load(path)
+    (path / "model.safetensors").unlink()
+    with pytest.raises(FileNotFoundError, match=r"no weights in .*model\.safetensors"):
+        rotjax.hf.load(path)
+
+    (path / "config.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"config\.json is not valid JSON"):
+        rotjax.hf.load(path)
+    (path / "config.json").unlink()
+    with pytest.raises(FileNotFoundError, match=r"config\.json not found"):
+        rotjax.hf.load(path)
+
+
+def test_pytorch_bin_and_legacy_names(checkpoint, seed, tmp_path):
+    """Alternative spellings of one checkpoint load the same params: pytorch_model.bin with
+    old-style names (LayerNorm gamma/beta) and a position_ids buffer; bfloat16 safetensors
+    (upcast); a base model saved with the ``bert.`` prefix."""
+    path, tensors = checkpoint
+    config, params = rotjax.hf.load(path)
+
+    legacy = {
+        k.replace("LayerNorm.weight", "LayerNorm.gamma").replace(
+            "LayerNorm.bias", "LayerNorm.beta"
+        ): torch.from_numpy(v)
+        for k, v in tensors.items()
+    }
+    legacy["bert.embeddings.position_ids"] = torch.arange(config.max_position_embeddings)[None]
+    (path / "model.safetensors").unlink()
+    torch.save(legacy, path / "pytorch_model.bin")
+    config2, params2 = rotjax.hf.load(path)
+    assert config2 == config
+    assert_trees_equal(params2, params)
+
+    (path / "pytorch_model.bin").unlink()
+    rewrite(path, {k: v.astype(jnp.bfloat16) for k, v in tensors.items()})
+    to_bf16 = lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32)
+    assert_trees_equal(rotjax.hf.load(path)[1], jax.tree.map(to_bf16, params))
+
+    (path / "model.safetensors").unlink()
+    (path / "pytorch_model.bin").write_bytes(b"not a zip")
+    with pytest.raises(ValueError, match=r"pytorch_model\.bin is not a readable"):
+        rotjax.hf.load(path)
+
+    base = torch_model("bert-base-pooler", seed)
+    base.save_pretrained(tmp_path / "base")
+    base_tensors = safetensors.numpy.load_file(tmp_path / "base" / "model.safetensors")
+    rewrite(tmp_path / "base", {f"bert.{k}": v for k, v in base_tensors.items()})
+    assert_trees_equal(rotjax.hf.load(tmp_path / "base")[1], rotjax.hf.load(base)[1])
+
+
+def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
+    config = vit.Config(
+        hidden_size=4,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=6,
+        image_size=4,
+        patch_size=2,
+        num_channels=1,
+        num_labels=2,
+    )
+    params = random_params(config, seed)
+    target = tmp_path / "out"
+
+    wrong = dataclasses.replace(config, intermediate_size=7)
+    with pytest.raises(
+        ValueError, match=r"encoder/layer_0/ffn/intermediate/kernel .*\(4, 6\) vs spec \(4, 7\)"
+    ):
+        rotjax.hf.save(target, wrong, params)
+    with pytest.raises(FileNotFoundError, match="tokenizer_from"):
+        rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "missing")
+    with pytest.raises(ValueError, match="id2label"):
+        rotjax.hf.save(target, config, params, id2label={0: "a"})
+
+    def fail(*args, **kwargs):
+        raise OSError("disk full")
+
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "preprocessor_config.json").write_text("{}")
+    monkeypatch.setattr("shutil.copy2", fail)
+    with pytest.raises(OSError, match="disk full"):
+        rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "tok")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no half-written directory
+    monkeypatch.undo()
+
+    rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "tok")
+    assert (target / "preprocessor_config.json").is_file()
+    with pytest.raises(FileExistsError, match="overwrite=True"):
+        rotjax.hf.save(target, config, params)
+    rotjax.hf.save(target, config, params, overwrite=True)
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tok"]
