@@ -156,6 +156,7 @@ def align(
     seconds = dict.fromkeys([*stages, "objective", "apply"], 0.0)
     dist0 = _distances(spec, paths, a_flat, b_flat, {})
     objective = before = float(sum(dist0.values()))
+    dist1 = dist0  # distances at the current transform
     history: list[tuple[str, float]] = [("identity", before)]
     ctx = dict(spec=spec, a=a_flat, b=b_flat, solver=solver, masks=masks, paths=paths)
 
@@ -164,7 +165,8 @@ def align(
         t = _perm_stage(t, names=residual, exclusive=True, active=frozenset(), **ctx)
         active |= set(residual)
         seconds["residual"] += time.perf_counter() - tic
-        objective = _total(spec, paths, a_flat, b_flat, _sub(t, active))
+        dist1 = _distances(spec, paths, a_flat, b_flat, _sub(t, active))
+        objective = float(sum(dist1.values()))
         history.append(("residual_init", objective))
 
     order = list(stages)
@@ -181,7 +183,8 @@ def align(
             active |= set(stage_groups[name])
             seconds[name] += time.perf_counter() - tic
             tic = time.perf_counter()
-            objective = _total(spec, paths, a_flat, b_flat, _sub(t, active))
+            dist1 = _distances(spec, paths, a_flat, b_flat, _sub(t, active))
+            objective = float(sum(dist1.values()))
             seconds["objective"] += time.perf_counter() - tic
             history.append((name, objective))
         sweeps += 1
@@ -191,7 +194,6 @@ def align(
     tic = time.perf_counter()
     aligned = jax.block_until_ready(_apply_paths(spec, paths, params, _sub(t, active)))
     seconds["apply"] = time.perf_counter() - tic
-    dist1 = _distances(spec, paths, a_flat, b_flat, _sub(t, active))
     seconds["total"] = time.perf_counter() - t_start
     groups = {
         g: tuple(float(sum(d[p] for p, _ in spec.users[g])) for d in (dist0, dist1)) for g in names
@@ -313,20 +315,17 @@ def _el(spec, t, name):
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
 def _distances_jit(spec, paths, a, b, t):
-    return {p: jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in paths}
+    d = [jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in paths]
+    return jnp.stack(d) if d else jnp.zeros((0,))
 
 
 def _distances(spec, paths, a, b, t) -> dict[str, float]:
-    return {p: float(v) for p, v in _distances_jit(spec, paths, a, b, t).items()}
-
-
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _total_jit(spec, paths, a, b, t):
-    return sum(jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in paths)
+    """``‖A_p - (t·B)_p‖²`` for every path, in one program and one transfer."""
+    return dict(zip(paths, np.asarray(_distances_jit(spec, paths, a, b, t)).tolist(), strict=True))
 
 
 def _total(spec, paths, a, b, t) -> float:
-    return float(_total_jit(spec, paths, a, b, t))
+    return float(np.sum(_distances_jit(spec, paths, a, b, t)))
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
