@@ -1,0 +1,302 @@
+"""Training throughput, rotjax (JAX/Flax) vs transformers (PyTorch), side by side.
+
+Both sides train the same architecture at the same batch size: AdamW (weight decay 0.01,
+masked off biases and LayerNorms in rotjax, applied to all params in PyTorch's default
+`torch.optim.AdamW` usage here: the cost is the same), global-norm clipping at 1.0, dropout
+on (train mode), float32. A step is forward + backward + clipping + update. Throughput is
+examples per second over ``--steps`` steps after two warm-up steps (compilation, allocator
+warm-up); the two frameworks alternate for ``--rounds`` rounds and the median round counts,
+so that load from other processes hits both alike.
+
+XLA's CPU backend flushes denormal floats to zero; PyTorch does not by default, and AdamW's
+second moments of rarely seen embedding rows turn denormal, which makes PyTorch's optimizer step
+several times slower. The benchmark therefore runs PyTorch with ``torch.set_flush_denormal(True)``
+(the same arithmetic as XLA); ``--torch-denormals`` measures PyTorch's default instead.
+
+``--breakdown`` also times forward only and forward + backward, which says where a gap comes
+from. ``--profile DIR`` writes a JAX profiler trace of a few rotjax steps (TensorBoard /
+Perfetto).
+
+Usage::
+
+    python -m experiments.benchmarks.train_throughput            # bert and vit, JSON + table
+    python -m experiments.benchmarks.train_throughput --models bert --breakdown
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rotjax import train
+from rotjax.models import bert, vit
+
+RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+
+# all-MiniLM-L6-v2's architecture (its config.json), with a 16-class sequence head.
+MINILM = bert.Config(
+    vocab_size=30522,
+    hidden_size=384,
+    num_hidden_layers=6,
+    num_attention_heads=12,
+    intermediate_size=1536,
+    num_labels=16,
+)
+
+
+def vit_config() -> vit.Config:
+    """The Fashion-MNIST ViT of `experiments.train` (imported lazily to keep this standalone)."""
+    from experiments.train import VIT_FASHION_MNIST
+
+    return VIT_FASHION_MNIST
+
+
+def make_batch(name: str, config, batch_size: int, seq_len: int, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, config.num_labels, batch_size).astype(np.int32)
+    if name == "bert":
+        ids = rng.integers(1000, config.vocab_size, (batch_size, seq_len)).astype(np.int32)
+        return {"input_ids": ids, "attention_mask": np.ones_like(ids), "labels": labels}
+    shape = (batch_size, config.image_size, config.image_size, config.num_channels)
+    return {"images": rng.integers(0, 256, shape).astype(np.uint8), "labels": labels}
+
+
+# ----------------------------------------------------------------------------- rotjax
+
+
+class JaxRunner:
+    def __init__(self, name: str, config, batch: dict[str, np.ndarray]):
+        module = bert if name == "bert" else vit
+        self.model = module.Model(config)
+        mesh = train.data_mesh()
+        self.batch = train.shard_batch(batch, mesh)
+        inputs = train.default_inputs(self.model)(self.batch)
+        params = jax.jit(self.model.init)(jax.random.key(0), *inputs)["params"]
+        tx = train.optimizer(learning_rate=1e-4, weight_decay=0.01, max_grad_norm=1.0)
+        self.state = train.replicate(
+            train.create_train_state(params, tx, key=jax.random.key(1)), mesh
+        )
+        steps = train.classification_steps(self.model, tx)
+        rep = train.replicated(mesh)
+        self.step = jax.jit(
+            steps.train_step,
+            in_shardings=(rep, train.batch_sharding(mesh)),
+            out_shardings=(rep, rep),
+            donate_argnums=0,
+        )
+
+        def forward(params, batch):
+            args = train.default_inputs(self.model)(batch)
+            key = jax.random.key(2)
+            out = self.model.apply(
+                {"params": params}, *args, deterministic=False, rngs={"dropout": key}
+            )
+            return train.cross_entropy(out, batch["labels"])[0]
+
+        self.forward = jax.jit(forward)
+        self.grad = jax.jit(jax.grad(forward))
+        t = time.perf_counter()
+        self.step = self.step.lower(self.state, self.batch).compile()
+        self.compile_seconds = time.perf_counter() - t
+
+    def run(self, what: str, n: int) -> float:
+        """Seconds per call, over ``n`` calls after 2 warm-up calls."""
+        if what == "step":
+
+            def call():
+                self.state, metrics = self.step(self.state, self.batch)
+                return metrics["loss"]
+
+        elif what == "forward":
+
+            def call():
+                return self.forward(self.state.params, self.batch)
+
+        else:
+
+            def call():
+                return self.grad(self.state.params, self.batch)
+
+        for _ in range(2):
+            jax.block_until_ready(call())
+        t = time.perf_counter()
+        for _ in range(n):
+            out = call()
+        jax.block_until_ready(out)
+        jax.block_until_ready(self.state)
+        return (time.perf_counter() - t) / n
+
+
+# ----------------------------------------------------------------------------- PyTorch
+
+
+def torch_model(name: str, config):
+    import transformers
+
+    rotjax_only = ("task", "scan_layers", "add_pooling_layer", "model_type")
+    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in rotjax_only}
+    if name == "bert":
+        hf = transformers.BertConfig(**fields)
+        return transformers.BertForSequenceClassification(hf)
+    hf = transformers.ViTConfig(**fields)
+    return transformers.ViTForImageClassification(hf)
+
+
+class TorchRunner:
+    def __init__(self, name: str, config, batch: dict[str, np.ndarray]):
+        import torch
+
+        self.torch = torch
+        torch.manual_seed(0)
+        self.model = torch_model(name, config).train()
+        if name == "bert":
+            self.inputs = {
+                "input_ids": torch.from_numpy(batch["input_ids"]).long(),
+                "attention_mask": torch.from_numpy(batch["attention_mask"]).long(),
+            }
+        else:
+            pixels = (batch["images"].astype(np.float32) / 255.0 - 0.5) / 0.5
+            # transformers' ViT takes NCHW.
+            self.inputs = {"pixel_values": torch.from_numpy(pixels.transpose(0, 3, 1, 2).copy())}
+        self.labels = torch.from_numpy(batch["labels"]).long()
+        self.opt = torch.optim.AdamW(self.model.parameters(), lr=1e-4, weight_decay=0.01)
+
+    def loss(self):
+        logits = self.model(**self.inputs).logits
+        return self.torch.nn.functional.cross_entropy(logits, self.labels)
+
+    def run(self, what: str, n: int) -> float:
+        torch = self.torch
+
+        def call():
+            if what == "forward":
+                with torch.no_grad():
+                    return self.loss()
+            self.opt.zero_grad(set_to_none=True)
+            loss = self.loss()
+            loss.backward()
+            if what == "step":
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), 1.0)
+                self.opt.step()
+            return loss
+
+        for _ in range(2):
+            call()
+        t = time.perf_counter()
+        for _ in range(n):
+            call()
+        return (time.perf_counter() - t) / n
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def benchmark(name, config, *, batch_size, seq_len, steps, rounds, breakdown, profile):
+    batch = make_batch(name, config, batch_size, seq_len)
+    jx, pt = JaxRunner(name, config, batch), TorchRunner(name, config, batch)
+    whats = ("step", "forward", "forward_backward") if breakdown else ("step",)
+    out = {
+        "model": name,
+        "config": dataclasses.asdict(config),
+        "batch_size": batch_size,
+        "seq_len": seq_len if name == "bert" else None,
+        "jax_compile_seconds": jx.compile_seconds,
+    }
+    for what in whats:
+        times = {"rotjax": [], "torch": []}
+        for _ in range(rounds):
+            times["rotjax"].append(jx.run(what, steps))
+            times["torch"].append(pt.run(what, steps))
+        rates = {k: [batch_size / t for t in v] for k, v in times.items()}
+        med = {k: statistics.median(v) for k, v in rates.items()}
+        out[what] = {
+            "examples_per_second": med,
+            "rounds": rates,
+            "ratio": med["rotjax"] / med["torch"],
+        }
+    if profile:
+        jax.profiler.start_trace(profile)
+        jx.run("step", 3)
+        jax.profiler.stop_trace()
+    return out
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--models", default="bert,vit", help="comma-separated: bert, vit")
+    p.add_argument("--bert-batch", type=int, default=32)
+    p.add_argument("--vit-batch", type=int, default=128)
+    p.add_argument("--seq-len", type=int, default=64)
+    p.add_argument("--steps", type=int, default=None, help="timed steps per round")
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--torch-denormals", action="store_true", help="keep PyTorch's denormals")
+    p.add_argument("--breakdown", action="store_true", help="also time forward, fwd+bwd")
+    p.add_argument("--profile", default=None, help="write a JAX trace of rotjax steps here")
+    p.add_argument("--out", default=str(RESULTS))
+    args = p.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    torch.set_flush_denormal(not args.torch_denormals)
+    results = []
+    for name in args.models.split(","):
+        config = MINILM if name == "bert" else vit_config()
+        batch = args.bert_batch if name == "bert" else args.vit_batch
+        r = benchmark(
+            name,
+            config,
+            batch_size=batch,
+            seq_len=args.seq_len,
+            steps=args.steps or (3 if name == "bert" else 10),
+            rounds=args.rounds,
+            breakdown=args.breakdown,
+            profile=args.profile and os.path.join(args.profile, name),
+        )
+        results.append(r)
+    report = {
+        "machine": {
+            "platform": platform.platform(),
+            "cpu_count": os.cpu_count(),
+            "jax": jax.__version__,
+            "jax_devices": [str(d) for d in jax.devices()],
+            "torch": torch.__version__,
+            "torch_threads": torch.get_num_threads(),
+            "torch_flush_denormal": not args.torch_denormals,
+            "load_average_at_end": os.getloadavg(),
+        },
+        "results": results,
+    }
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+
+    header = (
+        f"{'model':6} {'what':17} {'batch':>5} {'rotjax ex/s':>12} {'torch ex/s':>11} {'ratio':>6}"
+    )
+    print(header)
+    print("-" * len(header))
+    for r in results:
+        for what in ("step", "forward", "forward_backward"):
+            if what in r:
+                e = r[what]["examples_per_second"]
+                print(
+                    f"{r['model']:6} {what:17} {r['batch_size']:5d} {e['rotjax']:12.1f} "
+                    f"{e['torch']:11.1f} {r[what]['ratio']:6.2f}"
+                )
+    print(f"\nwrote {out}")
+
+
+if __name__ == "__main__":
+    jnp.zeros(())  # initialize the backend before torch starts its thread pool
+    main()

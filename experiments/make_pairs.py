@@ -1,0 +1,117 @@
+"""Train the model pairs that rotjax aligns and merges, in one command.
+
+* ViTs from scratch on Fashion-MNIST, seeds ``0 .. N-1`` (pairs: same data, different seeds).
+* all-MiniLM-L6-v2 fine-tunes: one per WordNet dataset (glosses, examples; shared 16-class
+  label space) with seed 0, plus seeds ``1 .. N-1`` on the glosses (pairs: same pretrained
+  start, different datasets; and same dataset, different head seeds and batch orders).
+
+Every run is an `experiments.train.train_and_evaluate` run in ``OUT/<run>/`` (checkpoints,
+``metrics.jsonl``, the final model as a Hugging Face checkpoint in ``hf/``); runs whose
+``summary.json`` exists are skipped, and interrupted runs resume from their checkpoints.
+``OUT/summary.json`` and ``OUT/summary.md`` tabulate runs and pairs.
+
+Usage::
+
+    python -m experiments.make_pairs --quick            # ~10 minutes on a 2-core CPU
+    python -m experiments.make_pairs --out runs/pairs   # full mode (hours on a CPU)
+
+Full mode: ViT 10 epochs of batch 128 (4680 steps); measured once (seed 0, 2 shared CPU
+cores, 61 min): test accuracy 86.96%, macro-F1 0.868 -- short of the 88% target, which needs a
+longer schedule or a larger ViT (not yet run); MiniLM 3 epochs of
+batch 32 at 48 tokens, test accuracy well above the majority baselines (7.6% glosses, 12.6%
+examples), a few hours per run on 2 CPU cores (minutes on a GPU). ``--quick`` trains on subsets
+for a short schedule: numbers meant to check the pipeline, not the models.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import shutil
+import time
+from pathlib import Path
+
+from experiments import train as T
+
+
+def plan(num_seeds: int, *, quick: bool) -> tuple[list[T.Config], list[tuple[str, str, str]]]:
+    """The runs and the pairs ``(kind, run a, run b)`` of a make_pairs invocation."""
+    runs = [T.vit_fashion_mnist(name=f"vit-fashion_mnist-s{s}", seed=s) for s in range(num_seeds)]
+    runs.append(T.minilm_wordnet("wordnet_glosses", name="minilm-glosses-s0", seed=0))
+    runs.append(T.minilm_wordnet("wordnet_examples", name="minilm-examples-s0", seed=0))
+    runs += [
+        T.minilm_wordnet("wordnet_glosses", name=f"minilm-glosses-s{s}", seed=s)
+        for s in range(1, num_seeds)
+    ]
+    if quick:
+        runs = [T.quick(c) for c in runs]
+    pairs = [
+        ("seeds", "vit-fashion_mnist-s0", f"vit-fashion_mnist-s{s}") for s in range(1, num_seeds)
+    ]
+    pairs.append(("datasets", "minilm-glosses-s0", "minilm-examples-s0"))
+    pairs += [("seeds", "minilm-glosses-s0", f"minilm-glosses-s{s}") for s in range(1, num_seeds)]
+    return runs, pairs
+
+
+def markdown(summaries: list[dict], pairs: list[tuple[str, str, str]], total: float) -> str:
+    lines = [
+        "| run | dataset | seed | steps | train ex. | test ex. | test acc | macro-F1 | "
+        "majority | wall s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for s in summaries:
+        t = s["test"]
+        lines.append(
+            f"| {s['name']} | {s['dataset']} | {s['seed']} | {s['num_steps']} | "
+            f"{s['train_examples']} | {t['count']} | {t['accuracy']:.4f} | {t['macro_f1']:.4f} | "
+            f"{s['majority_baseline']:.4f} | {s['wall_seconds']:.0f} |"
+        )
+    lines += ["", "| pair | a | b |", "|---|---|---|"]
+    lines += [f"| {kind} | {a} | {b} |" for kind, a, b in pairs]
+    lines += ["", f"Total wall time: {total:.0f} s."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description="Train ViT and MiniLM pairs for alignment.")
+    p.add_argument("--out", default="runs/pairs")
+    p.add_argument("--quick", action="store_true", help="subsets and short schedules (~10 min)")
+    p.add_argument("--num-seeds", type=int, default=2, help="ViT seeds and MiniLM glosses seeds")
+    p.add_argument("--force", action="store_true", help="retrain runs that have a summary")
+    p.add_argument("--no-progress", action="store_true")
+    args = p.parse_args(argv)
+    T.enable_compilation_cache()
+    out = Path(args.out)
+    if args.quick and args.out == p.get_default("out"):
+        out = Path("runs/pairs-quick")
+    out.mkdir(parents=True, exist_ok=True)
+    runs, pairs = plan(args.num_seeds, quick=args.quick)
+    begin = time.perf_counter()
+    summaries = []
+    for config in runs:
+        summary_file = out / config.name / "summary.json"
+        if summary_file.exists() and not args.force:
+            summaries.append(json.loads(summary_file.read_text()))
+            print(f"{config.name}: done before, skipped")
+            continue
+        if args.force and (out / config.name).exists():
+            shutil.rmtree(out / config.name)
+        print(f"{config.name}: training ({dataclasses.asdict(config)['num_epochs']} epochs)")
+        s = T.train_and_evaluate(config, out / config.name, progress=not args.no_progress)
+        print(
+            f"{config.name}: test accuracy {s['test']['accuracy']:.4f}, macro-F1 "
+            f"{s['test']['macro_f1']:.4f} (majority {s['majority_baseline']:.4f}), "
+            f"{s['wall_seconds']:.0f} s"
+        )
+        summaries.append(s)
+    total = time.perf_counter() - begin
+    report = {"quick": args.quick, "runs": summaries, "pairs": pairs, "wall_seconds": total}
+    (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
+    table = markdown(summaries, pairs, total)
+    (out / "summary.md").write_text(table)
+    print(table)
+
+
+if __name__ == "__main__":
+    main()

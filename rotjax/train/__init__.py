@@ -1,0 +1,103 @@
+"""Training: AdamW with masked weight decay, pure jitted steps, data parallelism over a device
+mesh, exact-resume orbax checkpoints and a loop logging JSON lines.
+
+A run, end to end::
+
+    tx = rotjax.train.optimizer(learning_rate=schedule, weight_decay=0.05)
+    state = rotjax.train.create_train_state(params, tx, key=jax.random.key(0))
+    steps = rotjax.train.classification_steps(model, tx, learning_rate=schedule)
+    result = rotjax.train.fit(state, steps, train.arrays(), batch_size=128, num_steps=5000,
+                              eval_data=test.arrays(), workdir="/tmp/run", checkpoint_every=500)
+"""
+
+from rotjax.train._checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
+from rotjax.train._data import (
+    batch_indices,
+    epoch_order,
+    eval_batches,
+    steps_per_epoch,
+    train_batches,
+)
+from rotjax.train._loop import (
+    CHECKPOINT_DIR,
+    METRICS_FILE,
+    FitResult,
+    MetricsWriter,
+    evaluate,
+    fit,
+)
+from rotjax.train._mesh import (
+    DATA_AXIS,
+    DISTRIBUTED_ENV,
+    batch_sharding,
+    check_batch_size,
+    data_mesh,
+    initialize_distributed,
+    process_rows,
+    replicate,
+    replicated,
+    shard_batch,
+)
+from rotjax.train._metrics import IGNORE_LABEL, batch_metrics, cross_entropy, macro_f1, summarize
+from rotjax.train._optim import (
+    DECAYS,
+    NO_DECAY_PATTERNS,
+    learning_rate_schedule,
+    optimizer,
+    weight_decay_mask,
+)
+from rotjax.train._steps import (
+    Steps,
+    TrainState,
+    classification_steps,
+    create_train_state,
+    default_inputs,
+    image_pixels,
+    text_inputs,
+    vision_inputs,
+)
+
+__all__ = [
+    "CHECKPOINT_DIR",
+    "DATA_AXIS",
+    "DECAYS",
+    "DISTRIBUTED_ENV",
+    "IGNORE_LABEL",
+    "METRICS_FILE",
+    "NO_DECAY_PATTERNS",
+    "FitResult",
+    "MetricsWriter",
+    "Steps",
+    "TrainState",
+    "batch_indices",
+    "batch_metrics",
+    "batch_sharding",
+    "check_batch_size",
+    "checkpoint_manager",
+    "classification_steps",
+    "create_train_state",
+    "cross_entropy",
+    "data_mesh",
+    "default_inputs",
+    "epoch_order",
+    "eval_batches",
+    "evaluate",
+    "fit",
+    "image_pixels",
+    "initialize_distributed",
+    "learning_rate_schedule",
+    "macro_f1",
+    "optimizer",
+    "process_rows",
+    "replicate",
+    "replicated",
+    "restore_checkpoint",
+    "save_checkpoint",
+    "shard_batch",
+    "steps_per_epoch",
+    "summarize",
+    "text_inputs",
+    "train_batches",
+    "vision_inputs",
+    "weight_decay_mask",
+]

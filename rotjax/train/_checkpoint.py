@@ -1,0 +1,89 @@
+"""Orbax checkpoints of the whole `TrainState` (params, optimizer state, step, rng)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+def checkpoint_manager(
+    directory: str | os.PathLike[str],
+    *,
+    save_every: int | None = None,
+    keep: int | None = 2,
+) -> ocp.CheckpointManager:
+    """An ``ocp.CheckpointManager`` saving every ``save_every`` steps, keeping the last ``keep``.
+
+    Args:
+        directory: Checkpoint directory (created if missing); use an absolute path.
+        save_every: Period in steps of `save_checkpoint` without ``force``; ``None`` saves only
+            when forced (e.g. at the end of a run).
+        keep: Number of checkpoints kept (the latest ones); ``None`` keeps all.
+
+    Returns:
+        The manager; ``close()`` it when done (it writes asynchronously).
+    """
+    if save_every is not None and save_every < 1:
+        raise ValueError(f"save_every must be None or >= 1, got {save_every}")
+    if keep is not None and keep < 1:
+        raise ValueError(f"keep must be None or >= 1, got {keep}")
+    options = ocp.CheckpointManagerOptions(
+        # Steps are never multiples of a huge interval: only forced saves then.
+        save_interval_steps=save_every or 2**62,
+        max_to_keep=keep,
+        create=True,
+    )
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+
+
+def save_checkpoint(
+    manager: ocp.CheckpointManager, state: Any, *, step: int | None = None, force: bool = False
+) -> bool:
+    """Saves ``state`` if its step is due (or ``force``) and not saved yet.
+
+    Args:
+        manager: The checkpoint manager.
+        state: A state with a ``step`` field.
+        step: ``state.step`` if the caller knows it (saves a device-to-host sync per call).
+        force: Save even off the period.
+
+    Returns:
+        Whether a save started.
+    """
+    step = int(jax.device_get(state.step)) if step is None else step
+    if not (force or manager.should_save(step)) or step in manager.all_steps():
+        return False
+    return manager.save(step, args=ocp.args.StandardSave(state), force=force)
+
+
+def restore_checkpoint(
+    manager: ocp.CheckpointManager,
+    like: Any,
+    *,
+    step: int | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+) -> Any | None:
+    """The state saved at ``step`` (default: the latest), or ``None`` when there is none.
+
+    Args:
+        manager: The checkpoint manager.
+        like: A state of the same structure, shapes and dtypes (its values are not used).
+        step: Step to restore; ``None`` for the latest.
+        sharding: Sharding of every restored array; default: each leaf of ``like``'s own.
+
+    Returns:
+        A new state, or ``None`` if the directory holds no checkpoint.
+    """
+    step = manager.latest_step() if step is None else step
+    if step is None:
+        return None
+
+    def abstract(x):
+        s = sharding if sharding is not None else getattr(x, "sharding", None)
+        return jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+
+    target = jax.tree.map(abstract, like)
+    return manager.restore(step, args=ocp.args.StandardRestore(target))

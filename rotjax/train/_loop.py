@@ -1,0 +1,294 @@
+"""The training loop: sharded jitted steps, periodic eval, orbax checkpoints, JSON-lines logs."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
+import numpy as np
+from jax.sharding import Mesh
+
+from rotjax.train import _checkpoint, _data, _mesh, _metrics
+from rotjax.train._steps import Steps, TrainState
+
+Record = dict[str, Any]
+METRICS_FILE = "metrics.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+class FitResult(NamedTuple):
+    """What `fit` returns.
+
+    Attributes:
+        state: The final train state (replicated over the mesh).
+        eval_metrics: Final eval metrics (``loss``, ``accuracy``, ``macro_f1``, ``count``), or
+            ``None`` without eval data.
+        history: The records logged by this call, in order (train and eval).
+        resumed_from: The checkpoint step this call started from, or ``None`` if it started
+            from the given state.
+    """
+
+    state: TrainState
+    eval_metrics: dict[str, float] | None
+    history: list[Record]
+    resumed_from: int | None
+
+
+class MetricsWriter:
+    """Appends records as JSON lines to ``path``.
+
+    On a resumed run, `MetricsWriter(path, resume_step=s)` first drops the records of steps
+    after ``s``, which a crashed run logged past its last checkpoint and which the resumed run
+    will log again.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, resume_step: int | None = None):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        records = []
+        if self.path.exists():
+            lines = self.path.read_text().splitlines()
+            records = [json.loads(line) for line in lines if line.strip()]
+        if resume_step is not None:
+            records = [r for r in records if r.get("step", 0) <= resume_step]
+        elif records:
+            records = []  # a fresh run replaces an old log
+        self._seen = {(r.get("split"), r.get("step")) for r in records}
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
+        tmp.replace(self.path)
+
+    def has(self, split: str, step: int) -> bool:
+        """Whether a record of ``split`` at ``step`` is already in the file."""
+        return (split, step) in self._seen
+
+    def write(self, record: Record) -> None:
+        self._seen.add((record.get("split"), record.get("step")))
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+
+def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
+    rep = _mesh.replicated(mesh)
+    return jax.jit(eval_step, in_shardings=(rep, _mesh.batch_sharding(mesh)), out_shardings=rep)
+
+
+def _run_eval(
+    jitted: Callable, params: Any, data: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh
+) -> dict[str, float]:
+    rows = _mesh.process_rows(batch_size)
+    stats = [
+        jitted(params, _mesh.shard_batch(batch, mesh))
+        for batch in _data.eval_batches(data, batch_size=batch_size, rows=rows)
+    ]
+    return _metrics.summarize(stats)
+
+
+def evaluate(
+    eval_step: Callable | Steps,
+    params: Any,
+    data: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
+) -> dict[str, float]:
+    """Loss, accuracy and macro-F1 over a whole eval set.
+
+    Args:
+        eval_step: ``(params, batch) -> batch_metrics`` (or `Steps`, whose ``eval_step`` is
+            used); jitted here with the mesh's shardings.
+        params: Model params.
+        data: Named arrays, ``labels`` included (all rows, on every process).
+        batch_size: Global eval batch size, a multiple of the number of devices; the last
+            batch is padded and the padding ignored.
+        mesh: Data mesh; default `rotjax.train.data_mesh()`.
+
+    Returns:
+        ``{"loss", "accuracy", "macro_f1", "count"}``; macro-F1 comes from the confusion counts
+        of the whole set (`rotjax.train.macro_f1`).
+    """
+    if isinstance(eval_step, Steps):
+        eval_step = eval_step.eval_step
+    mesh = _mesh.data_mesh() if mesh is None else mesh
+    _mesh.check_batch_size(batch_size, mesh)
+    params = _mesh.replicate(params, mesh)
+    return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh)
+
+
+def _mean(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    host = jax.device_get(list(metrics))
+    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+
+
+def fit(
+    state: TrainState,
+    steps: Steps,
+    train_data: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+    num_steps: int,
+    seed: int = 0,
+    eval_data: Mapping[str, np.ndarray] | None = None,
+    eval_batch_size: int | None = None,
+    eval_every: int | None = None,
+    workdir: str | os.PathLike[str] | None = None,
+    checkpoint_every: int | None = None,
+    keep_checkpoints: int | None = 2,
+    log_every: int = 100,
+    mesh: Mesh | None = None,
+    progress: bool = False,
+    callback: Callable[[Record], None] | None = None,
+) -> FitResult:
+    """Trains until ``state.step == num_steps``, data-parallel over all devices.
+
+    Step ``t`` trains on the batch `rotjax.train.batch_indices` ``(seed, t)`` with dropout
+    key ``fold_in(state.key, t)``: both depend only on ``t``. With a ``workdir``, the latest
+    checkpoint in ``workdir/checkpoints`` (if any) replaces ``state``, so calling `fit` again
+    after an interruption continues the same run exactly (bitwise on the same hardware).
+
+    Args:
+        state: Initial state (e.g. `create_train_state`); not modified.
+        steps: The pure steps (e.g. `classification_steps`).
+        train_data: Named training arrays (all rows, on every process), ``labels`` included.
+        batch_size: Global batch size, a multiple of the number of devices.
+        num_steps: Step count to stop at (the total of the run, not of this call).
+        seed: Seed of the batch order.
+        eval_data: Named eval arrays; evaluated every ``eval_every`` steps and at the end.
+        eval_batch_size: Global eval batch size (default ``batch_size``).
+        eval_every: Eval period in steps; ``None`` evaluates only at the end.
+        workdir: Directory of ``checkpoints/`` and ``metrics.jsonl``; ``None`` for neither.
+        checkpoint_every: Checkpoint period in steps (a checkpoint is also written at the end);
+            ``None`` saves only at the end. Needs ``workdir``.
+        keep_checkpoints: Number of latest checkpoints kept; ``None`` keeps all.
+        log_every: Period in steps of the train records (means over the period).
+        mesh: Data mesh; default `rotjax.train.data_mesh()` (all devices).
+        progress: Whether to show a tqdm progress bar (on stderr, process 0 only).
+        callback: Called with every record (dicts with ``step``, ``split`` and metrics).
+
+    Returns:
+        A `FitResult`.
+
+    Raises:
+        ValueError: On batch sizes that do not split over the devices, too little data, no
+            ``labels``, or ``checkpoint_every`` without ``workdir``.
+    """
+    mesh = _mesh.data_mesh() if mesh is None else mesh
+    _mesh.check_batch_size(batch_size, mesh)
+    eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
+    if eval_data is not None:
+        _mesh.check_batch_size(eval_batch_size, mesh)
+    if "labels" not in train_data:
+        raise ValueError(f"train_data needs 'labels', got {sorted(train_data)}")
+    _data.steps_per_epoch(len(train_data["labels"]), batch_size)
+    if checkpoint_every is not None and workdir is None:
+        raise ValueError("checkpoint_every needs a workdir to write checkpoints to")
+    if log_every < 1 or num_steps < 0:
+        raise ValueError(f"need log_every >= 1 and num_steps >= 0, got {log_every}, {num_steps}")
+
+    rep = _mesh.replicated(mesh)
+    train_fn = jax.jit(
+        steps.train_step,
+        in_shardings=(rep, _mesh.batch_sharding(mesh)),
+        out_shardings=(rep, rep),
+        donate_argnums=0,
+    )
+    eval_fn = _jit_eval(steps.eval_step, mesh)
+    state = _mesh.replicate(state, mesh)  # a copy: donation never touches the caller's state
+
+    lead = jax.process_index() == 0
+    manager, writer, resumed_from = None, None, None
+    if workdir is not None:
+        workdir = Path(workdir)
+        manager = _checkpoint.checkpoint_manager(
+            workdir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints
+        )
+        restored = _checkpoint.restore_checkpoint(manager, state, sharding=rep)
+        if restored is not None:
+            state = restored
+            resumed_from = int(jax.device_get(state.step))
+        if lead:
+            writer = MetricsWriter(workdir / METRICS_FILE, resume_step=resumed_from)
+
+    history: list[Record] = []
+
+    def emit(record: Record) -> None:
+        history.append(record)
+        if writer is not None and not writer.has(record["split"], record["step"]):
+            writer.write(record)
+        if callback is not None:
+            callback(record)
+
+    start = int(jax.device_get(state.step))
+    bar = None
+    if progress and lead:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=num_steps, initial=min(start, num_steps), unit="step", dynamic_ncols=True)
+
+    eval_metrics = None
+    begin = time.perf_counter()
+    try:
+        batches = _data.train_batches(
+            train_data,
+            batch_size=batch_size,
+            seed=seed,
+            start_step=start,
+            rows=_mesh.process_rows(batch_size),
+        )
+        pending: list[dict[str, jax.Array]] = []
+        tick, ticked = time.perf_counter(), start
+        for step in range(start, num_steps):
+            # Dispatch is asynchronous: the host prepares batch t + 1 while step t runs.
+            state, metrics = train_fn(state, _mesh.shard_batch(next(batches), mesh))
+            pending.append(metrics)
+            done = step + 1
+            if done % log_every == 0 or done == num_steps:
+                means = _mean(pending)
+                now = time.perf_counter()
+                rate = (done - ticked) / max(now - tick, 1e-9)
+                record = {
+                    "step": done,
+                    "split": "train",
+                    **means,
+                    "steps_per_second": rate,
+                    "examples_per_second": rate * batch_size,
+                    "elapsed": now - begin,
+                }
+                emit(record)
+                if bar is not None:
+                    bar.set_postfix(loss=f"{means['loss']:.4f}", acc=f"{means['accuracy']:.3f}")
+                pending, tick, ticked = [], now, done
+            due = eval_every and done % eval_every == 0 and done != num_steps
+            if eval_data is not None and due:
+                m = _run_eval(eval_fn, state.params, eval_data, eval_batch_size, mesh)
+                emit({"step": done, "split": "eval", **m, "elapsed": time.perf_counter() - begin})
+                tick = time.perf_counter()
+            if manager is not None:
+                _checkpoint.save_checkpoint(manager, state, step=done)
+            if bar is not None:
+                bar.update(1)
+        if manager is not None:
+            _checkpoint.save_checkpoint(manager, state, force=True)
+        if eval_data is not None:
+            eval_metrics = _run_eval(eval_fn, state.params, eval_data, eval_batch_size, mesh)
+            step = max(start, num_steps)
+            emit(
+                {
+                    "step": step,
+                    "split": "eval",
+                    **eval_metrics,
+                    "elapsed": time.perf_counter() - begin,
+                }
+            )
+    finally:
+        if bar is not None:
+            bar.close()
+        if manager is not None:
+            manager.wait_until_finished()
+            manager.close()
+    return FitResult(state, eval_metrics, history, resumed_from)

@@ -1,0 +1,117 @@
+"""Data parallelism with `jax.sharding`: one code path for 1 CPU, 8 GPUs or a TPU pod slice.
+
+The mesh has one axis, ``"data"``, over every device of every process (`jax.devices()`). A
+global batch is split along its leading axis over that axis; params and optimizer state are
+replicated. ``jax.jit`` then compiles the *global* program, inserting the gradient all-reduce
+itself, so a step means the same thing on any number of devices.
+
+Multi-host (several processes, e.g. a TPU pod slice or several GPU nodes): every process runs
+the same script; call `initialize_distributed` first (the experiment scripts do when
+``ROTJAX_DISTRIBUTED=1`` or ``--distributed``). Each process then loads only its own rows of
+each global batch (`process_rows`) and `shard_batch` assembles the global array from the
+per-process pieces. On one process this is the same code with ``process_count() == 1``.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+DATA_AXIS = "data"
+DISTRIBUTED_ENV = "ROTJAX_DISTRIBUTED"
+
+
+def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """A 1-D mesh with axis ``"data"`` over ``devices`` (default: all devices, all processes)."""
+    devices = jax.devices() if devices is None else list(devices)
+    if not devices:
+        raise ValueError("data_mesh needs at least one device")
+    return Mesh(np.asarray(devices), (DATA_AXIS,))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    """The sharding of params and optimizer state: a full copy on every device."""
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """The sharding of batches: the leading (example) axis split over ``"data"``."""
+    return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+
+
+def check_batch_size(batch_size: int, mesh: Mesh) -> None:
+    """Raises ``ValueError`` unless ``batch_size`` splits evenly over devices and processes."""
+    n = mesh.devices.size
+    if batch_size < 1 or batch_size % n or batch_size % jax.process_count():
+        raise ValueError(
+            f"global batch size {batch_size} must be a positive multiple of the {n} devices "
+            f"of the mesh (and of the {jax.process_count()} processes)"
+        )
+
+
+def process_rows(batch_size: int) -> slice:
+    """This process's rows of a global batch of ``batch_size`` examples."""
+    per_process = batch_size // jax.process_count()
+    start = jax.process_index() * per_process
+    return slice(start, start + per_process)
+
+
+def shard_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Global arrays, split over the mesh, from this process's rows of a batch.
+
+    Args:
+        local: This process's rows (all rows on a single process) of every batch array.
+        mesh: The data mesh.
+
+    Returns:
+        A dict of global ``jax.Array`` with `batch_sharding`.
+    """
+    sharding = batch_sharding(mesh)
+    return {
+        k: jax.make_array_from_process_local_data(sharding, np.asarray(v)) for k, v in local.items()
+    }
+
+
+def replicate(tree: Any, mesh: Mesh) -> Any:
+    """A replicated copy of ``tree`` on the mesh (always a copy: the input is never aliased,
+    so donating the result cannot invalidate the caller's arrays)."""
+    return jax.device_put(tree, replicated(mesh), may_alias=False)
+
+
+def initialize_distributed(
+    *,
+    enabled: bool | None = None,
+    coordinator_address: str | None = None,
+    num_processes: int | None = None,
+    process_id: int | None = None,
+) -> bool:
+    """Calls ``jax.distributed.initialize`` for a multi-process run, when enabled.
+
+    Must run before any other JAX call. On TPU pods, SLURM and Open MPI clusters JAX finds the
+    coordinator, the process count and the process id by itself; elsewhere pass them (or set
+    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
+
+    Args:
+        enabled: Whether to initialize; ``None`` reads ``ROTJAX_DISTRIBUTED`` (``1`` / ``true``).
+        coordinator_address: ``host:port`` of process 0.
+        num_processes: Number of processes.
+        process_id: This process's id.
+
+    Returns:
+        Whether ``jax.distributed.initialize`` was called.
+    """
+    if enabled is None:
+        enabled = os.environ.get(DISTRIBUTED_ENV, "").lower() in ("1", "true", "yes")
+    if not enabled:
+        return False
+    jax.distributed.initialize(
+        coordinator_address=coordinator_address,
+        num_processes=num_processes,
+        process_id=process_id,
+    )
+    return True

@@ -1,0 +1,113 @@
+"""Classification loss and metrics; eval metrics are sums, reduced once over a whole eval set."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+IGNORE_LABEL = -100
+"""Label of positions that count in neither loss nor metrics (padding tokens, padded examples),
+as in Hugging Face / PyTorch ``CrossEntropyLoss(ignore_index=-100)``."""
+
+
+def _flat(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(logits (N, C), labels (N,), valid (N,) float)`` from sequence- or token-level shapes."""
+    if logits.shape[:-1] != labels.shape:
+        raise ValueError(f"logits {logits.shape} must be labels {labels.shape} plus a class axis")
+    logits = logits.reshape(-1, logits.shape[-1])
+    labels = labels.reshape(-1)
+    valid = labels != IGNORE_LABEL
+    return logits, jnp.where(valid, labels, 0), valid.astype(logits.dtype)
+
+
+def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Mean softmax cross entropy over the labels that are not `IGNORE_LABEL`.
+
+    Args:
+        logits: ``(..., C)``: ``(B, C)`` for sequence, ``(B, T, C)`` for token classification.
+        labels: Integer labels of shape ``logits.shape[:-1]``.
+
+    Returns:
+        ``(loss, count)``: ``sum_i valid_i * CE_i / max(count, 1)`` and the number of valid
+        labels.
+    """
+    logits, labels, valid = _flat(logits, labels)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+    count = valid.sum()
+    return (ce * valid).sum() / jnp.maximum(count, 1.0), count
+
+
+def batch_metrics(logits: jax.Array, labels: jax.Array) -> dict[str, jax.Array]:
+    """Summable statistics of one batch: loss and correct sums, count, confusion counts.
+
+    Args:
+        logits: ``(..., C)`` logits.
+        labels: Labels of shape ``logits.shape[:-1]``; `IGNORE_LABEL` entries are skipped.
+
+    Returns:
+        ``{"loss_sum", "correct", "count", "confusion"}``; ``confusion[i, j]`` counts labels
+        ``i`` predicted as ``j`` (float32 counts, exact below 2**24 per batch).
+    """
+    num_classes = logits.shape[-1]
+    flat_logits, flat_labels, valid = _flat(logits, labels)
+    ce = optax.softmax_cross_entropy_with_integer_labels(flat_logits, flat_labels)
+    pred = jnp.argmax(flat_logits, axis=-1)
+    true_1h = jax.nn.one_hot(flat_labels, num_classes, dtype=jnp.float32) * valid[:, None]
+    pred_1h = jax.nn.one_hot(pred, num_classes, dtype=jnp.float32)
+    return {
+        "loss_sum": (ce * valid).sum(),
+        "correct": ((pred == flat_labels) * valid).sum(),
+        "count": valid.sum(),
+        # A matmul rather than a scatter: cheap and sharding-friendly on every backend.
+        "confusion": jnp.einsum("nc,nd->cd", true_1h, pred_1h, precision="highest"),
+    }
+
+
+def macro_f1(confusion: np.ndarray) -> float:
+    """Macro-averaged F1 from a confusion matrix (rows: true class, columns: prediction).
+
+    Per class ``F1_c = 2 TP_c / (2 TP_c + FP_c + FN_c)``, averaged over the classes that occur
+    as a label or a prediction, which is scikit-learn's ``f1_score(average="macro")`` with its
+    default labels (a class that occurs but is never predicted right scores 0).
+
+    Args:
+        confusion: ``(C, C)`` counts.
+
+    Returns:
+        The macro-F1, or ``nan`` when the matrix is all zeros.
+    """
+    confusion = np.asarray(confusion, np.float64)
+    tp = np.diag(confusion)
+    support = confusion.sum(axis=1)
+    predicted = confusion.sum(axis=0)
+    present = (support + predicted) > 0
+    if not present.any():
+        return float("nan")
+    denom = support + predicted  # = 2 TP + FP + FN
+    f1 = np.divide(2 * tp, denom, out=np.zeros_like(tp), where=denom > 0)
+    return float(f1[present].mean())
+
+
+def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[str, float]:
+    """Reduces the :func:`batch_metrics` of an eval set to ``loss``, ``accuracy``,
+    ``macro_f1`` and ``count``.
+
+    Sums run in float64 on the host, so the result does not depend on how the set was
+    batched (beyond float32 rounding inside each batch's loss sum).
+    """
+    host = jax.device_get(list(batches))
+    if not host:
+        raise ValueError("no eval batches to summarize")
+    total = {k: np.sum([np.asarray(b[k], np.float64) for b in host], axis=0) for k in host[0]}
+    count = float(total["count"])
+    safe = max(count, 1.0)
+    return {
+        "loss": float(total["loss_sum"]) / safe,
+        "accuracy": float(total["correct"]) / safe,
+        "macro_f1": macro_f1(total["confusion"]),
+        "count": round(count),
+    }

@@ -1,0 +1,254 @@
+"""Training: one-step smoke runs, exact resume, data parallelism, weight-decay mask, macro-F1.
+
+XLA's CPU compiler dominates the time here (a train step with dropout and AdamW takes seconds
+to compile), so every test that trains the tiny BERT uses the same config, optimizer, batch
+size and step functions: one compiled program, shared through the persistent compilation cache.
+"""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from helpers import VIT_CONFIGS, init
+from sklearn.metrics import accuracy_score, f1_score
+
+from rotjax import train
+from rotjax.models import bert, vit
+
+# One layer keeps the compile time down; hidden dropout exercises the dropout rng.
+BERT = bert.Config(
+    vocab_size=50,
+    hidden_size=8,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=16,
+    max_position_embeddings=16,
+    num_labels=3,
+    hidden_dropout_prob=0.1,
+    attention_probs_dropout_prob=0.0,
+)
+VIT = VIT_CONFIGS["vit-h1d8-l1-nobias"]
+BATCH, SEQ, NUM_STEPS = 8, 7, 6
+
+
+def text_data(config, seed, n, *, token_labels=False):
+    """Random token arrays with padded tails; token labels are -100 on padding."""
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(1, config.vocab_size, (n, SEQ)).astype(np.int32)
+    lengths = rng.integers(2, SEQ + 1, n)
+    mask = (np.arange(SEQ)[None, :] < lengths[:, None]).astype(np.int32)
+    if token_labels:
+        labels = rng.integers(0, config.num_labels, (n, SEQ)).astype(np.int32)
+        labels = np.where(mask > 0, labels, train.IGNORE_LABEL).astype(np.int32)
+    else:
+        labels = rng.integers(0, config.num_labels, n).astype(np.int32)
+    return {"input_ids": ids * mask, "attention_mask": mask, "labels": labels}
+
+
+def setup(config, seed, *, total_steps=NUM_STEPS):
+    """A fresh state and steps: AdamW, warmup + cosine decay, clipping."""
+    schedule = train.learning_rate_schedule(
+        peak_value=1e-2, total_steps=total_steps, warmup_steps=2
+    )
+    tx = train.optimizer(learning_rate=schedule, weight_decay=0.1, max_grad_norm=1.0)
+    key_init, key_run = jax.random.split(jax.random.key(seed))
+    model, params = init(config, key_init, scale=0.1)  # one compiled program, unlike model.init
+    state = train.create_train_state(params, tx, key=key_run)
+    return state, train.classification_steps(model, tx, learning_rate=schedule)
+
+
+def run_bert(seed, num_steps, **kwargs):
+    """``num_steps`` steps of the shared tiny BERT run (also run in subprocesses)."""
+    state, steps = setup(BERT, seed)
+    data = text_data(BERT, seed, 20)  # 2 steps per epoch: the run crosses epochs
+    return train.fit(state, steps, data, batch_size=BATCH, num_steps=num_steps, seed=seed, **kwargs)
+
+
+def assert_finite_record(record):
+    assert np.isfinite(record["loss"]) and 0 <= record["accuracy"] <= 1, record
+
+
+@pytest.mark.parametrize("config", [BERT, VIT], ids=["bert", "vit"])
+def test_one_step_smoke(config, seed, tmp_path):
+    if isinstance(config, vit.Config):
+        rng = np.random.default_rng(seed)
+        shape = (10, config.image_size, config.image_size, config.num_channels)
+        data = {
+            "images": rng.integers(0, 256, shape).astype(np.uint8),
+            "labels": rng.integers(0, config.num_labels, 10).astype(np.int32),
+        }
+    else:
+        data = text_data(config, seed, 10)
+    state, steps = setup(config, seed)
+    before = jax.tree.map(np.array, state)
+    # Two steps: the warmup starts at learning rate 0, so the first step leaves params alone.
+    result = train.fit(
+        state, steps, data, batch_size=BATCH, num_steps=2, eval_data=data, workdir=tmp_path
+    )
+    assert int(result.state.step) == 2
+    assert jax.tree.all(jax.tree.map(np.array_equal, before, state))  # input left alone
+    changed = jax.tree.map(
+        lambda a, b: not np.array_equal(a, b), before.params, result.state.params
+    )
+    assert any(jax.tree.leaves(changed))
+    # 10 eval examples in batches of 8: the padded tail counts nowhere.
+    assert result.eval_metrics["count"] == 10
+    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("eval", 2)]
+    for r in records:
+        assert_finite_record(r)
+    assert train.restore_checkpoint(train.checkpoint_manager(tmp_path / "checkpoints"), state)
+
+
+def test_resume_is_bitwise_exact(seed, tmp_path):
+    straight = run_bert(seed, NUM_STEPS).state
+    first = run_bert(seed, NUM_STEPS // 2, workdir=tmp_path, checkpoint_every=2, log_every=1)
+    assert first.resumed_from is None
+    # A new process would rebuild everything from scratch: so does `run_bert`.
+    second = run_bert(seed, NUM_STEPS, workdir=tmp_path, checkpoint_every=2, log_every=1)
+    assert second.resumed_from == NUM_STEPS // 2
+    same = jax.tree.map(np.array_equal, jax.device_get(straight), jax.device_get(second.state))
+    assert jax.tree.all(same), same
+    steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
+    assert steps == list(range(1, NUM_STEPS + 1))
+
+
+def test_batch_order_depends_only_on_seed_and_step(seed):
+    n, b = 23, 5
+    stream = train.train_batches({"labels": np.arange(n)}, batch_size=b, seed=seed)
+    for step in range(3 * train.steps_per_epoch(n, b)):
+        expected = train.batch_indices(n, b, seed=seed, step=step)
+        np.testing.assert_array_equal(next(stream)["labels"], expected)
+    late = train.train_batches({"labels": np.arange(n)}, batch_size=b, seed=seed, start_step=7)
+    np.testing.assert_array_equal(
+        next(late)["labels"], train.batch_indices(n, b, seed=seed, step=7)
+    )
+
+
+_SUBPROCESS = """
+import sys
+import numpy as np
+sys.path.insert(0, {tests!r})
+import jax
+import test_train
+assert jax.device_count() == 4, jax.devices()
+state = test_train.run_bert({seed}, {num_steps}).state
+assert len(state.params["classifier"]["kernel"].sharding.device_set) == 4
+np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(state.params)])
+"""
+
+
+def test_four_devices_match_one(seed, tmp_path):
+    """Tolerance 1e-5: the sharded program sums gradients in another order (float32 rounding,
+    ~1e-7 relative per op), amplified a little by Adam's normalization over 6 steps.
+
+    Attention key biases are left out: the loss does not depend on them (they shift every
+    score of a query by the same amount), so their gradient is rounding noise, which Adam
+    normalizes into steps of ±lr whose signs depend on the summation order.
+    """
+    out = tmp_path / "params.npz"
+    script = _SUBPROCESS.format(
+        tests=str(Path(__file__).parent), seed=seed, num_steps=NUM_STEPS, out=str(out)
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
+    proc = subprocess.run(
+        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, _ = jax.tree_util.tree_flatten_with_path(run_bert(seed, NUM_STEPS).state.params)
+    with np.load(out) as f:
+        four = [f[f"arr_{i}"] for i in range(len(f.files))]
+    key_bias = "['attention']['key']['bias']"
+    kept = [i for i, (path, _) in enumerate(one) if key_bias not in jax.tree_util.keystr(path)]
+    assert len(kept) == len(one) - 1
+    assert rel_err([four[i] for i in kept], [one[i][1] for i in kept]) < 1e-5
+
+
+def test_batch_sizes_must_split_over_devices():
+    mesh = train.data_mesh(jax.devices()[:1])
+    train.check_batch_size(3, mesh)
+    with pytest.raises(ValueError, match="multiple"):
+        train.check_batch_size(0, mesh)
+
+
+@pytest.mark.parametrize("config", [BERT, VIT_CONFIGS["vit-h3d4-l2"]], ids=["bert", "vit"])
+def test_weight_decay_mask_excludes_biases_and_norms(config):
+    shapes = jax.eval_shape(lambda k: init(config, k)[1], jax.random.key(0))
+    leaves = jax.tree_util.tree_flatten_with_path(train.weight_decay_mask(shapes))[0]
+    flat = {"/".join(k.key for k in path): m for path, m in leaves}
+    for path, m in flat.items():
+        *modules, name = path.split("/")
+        in_norm = any("norm" in module.lower() for module in modules)
+        assert m == (name != "bias" and not in_norm), path
+    assert any(flat.values()) and not all(flat.values())
+
+
+def test_optimizer_decays_only_masked_params():
+    """With zero gradients AdamW's update is ``-lr * wd * θ`` on decayed params, else 0."""
+    params = {
+        "dense": {"kernel": jnp.ones((2, 3)), "bias": jnp.ones(3)},
+        "embeddings": {"LayerNorm": {"scale": jnp.ones(3), "bias": jnp.ones(3)}},
+    }
+    tx = train.optimizer(learning_rate=0.5, weight_decay=0.1)
+
+    @jax.jit
+    def update(params):
+        grads = jax.tree.map(jnp.zeros_like, params)
+        return tx.update(grads, tx.init(params), params)[0]
+
+    got = update(params)
+    np.testing.assert_allclose(got["dense"]["kernel"], -0.05 * np.ones((2, 3)), rtol=1e-6)
+    for leaf in (got["dense"]["bias"], *jax.tree.leaves(got["embeddings"])):
+        np.testing.assert_array_equal(leaf, 0.0)
+
+
+def test_token_level_metrics_skip_ignored_labels(seed):
+    rng = np.random.default_rng(seed)
+    logits = rng.normal(size=(3, 5, 4)).astype(np.float32)
+    labels = rng.integers(0, 4, (3, 5)).astype(np.int32)
+    labels[1, 2:] = train.IGNORE_LABEL
+    keep = labels != train.IGNORE_LABEL
+    loss, count = jax.jit(train.cross_entropy)(logits, labels)
+    log_probs = jax.nn.log_softmax(logits[keep])
+    expected = -np.mean(np.take_along_axis(np.asarray(log_probs), labels[keep][:, None], 1))
+    assert count == keep.sum()
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+    got = train.summarize([jax.jit(train.batch_metrics)(logits, labels)])
+    preds = logits.argmax(-1)[keep]
+    np.testing.assert_allclose(got["accuracy"], accuracy_score(labels[keep], preds))
+    np.testing.assert_allclose(got["macro_f1"], f1_score(labels[keep], preds, average="macro"))
+
+
+@pytest.mark.parametrize("n", [1, 13, 40])
+def test_macro_f1_matches_sklearn(n, seed):
+    rng = np.random.default_rng(seed)
+    classes = 5
+    # Skewed draws so that some classes are often absent from labels or predictions.
+    p = np.array([0.5, 0.3, 0.15, 0.05, 0.0])
+    labels = rng.choice(classes, n, p=p).astype(np.int32)
+    preds = rng.choice(classes, n, p=p[::-1]).astype(np.int32)
+    logits = np.eye(classes, dtype=np.float32)[preds] + 0.01 * rng.random((n, classes), np.float32)
+    metrics = jax.jit(train.batch_metrics)
+    stats = [
+        metrics(b["logits"], b["labels"])
+        for b in train.eval_batches({"logits": logits, "labels": labels}, batch_size=8)
+    ]
+    got = train.summarize(stats)
+    assert got["count"] == n
+    np.testing.assert_allclose(got["macro_f1"], f1_score(labels, preds, average="macro"))
+    np.testing.assert_allclose(got["accuracy"], accuracy_score(labels, preds))
+
+
+def test_schedule_warmup_then_cosine():
+    lr = train.learning_rate_schedule(peak_value=1.0, total_steps=10, warmup_steps=2)
+    got = [float(lr(t)) for t in (0, 1, 2, 6, 10, 20)]
+    np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.5, 0.0, 0.0], atol=1e-6)
+    with pytest.raises(ValueError, match="decay"):
+        train.learning_rate_schedule(peak_value=1.0, total_steps=10, decay="step")
