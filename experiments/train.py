@@ -126,7 +126,9 @@ class Config:
 
 def vit_fashion_mnist(**overrides: Any) -> Config:
     """ViT from scratch on Fashion-MNIST: 10 epochs of batch 128 (4680 steps), AdamW 1e-3,
-    cosine, flips and shifts. Expected test accuracy ~90% (target >= 88%)."""
+    warmup + cosine, no augmentation (with ``augment=True`` the model underfits in 10 epochs:
+    86.96% test accuracy, train accuracy no higher). See `experiments.make_pairs` for the
+    measured accuracy."""
     c = Config(
         name="vit-fashion_mnist",
         model="vit",

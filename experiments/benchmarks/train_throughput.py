@@ -17,6 +17,28 @@ several times slower. The benchmark therefore runs PyTorch with ``torch.set_flus
 from. ``--profile DIR`` writes a JAX profiler trace of a few rotjax steps (TensorBoard /
 Perfetto).
 
+Measured on the 2-core CPU machine (quiet, 5 rounds; results/train_throughput.json):
+
+=======  ===================  ===========  ==========  =====
+model    what                 rotjax ex/s  torch ex/s  ratio
+=======  ===================  ===========  ==========  =====
+bert     step (B=32, T=64)    17.1         22.3        0.77
+bert     forward              67.9         63.2        1.07
+bert     forward + backward   18.2         24.7        0.74
+vit      step (B=128)         428.9        680.2       0.63
+vit      forward              1810         2046        0.88
+vit      forward + backward   373          580         0.64
+=======  ===================  ===========  ==========  =====
+
+What limits rotjax here: the forward pass is at parity, the gap is all in the backward pass
+(the optimizer update is ~0.14 s of a ~1.9 s BERT step). Per-layer micro-benchmarks at the ViT
+shapes (128 x 50 tokens, width 64) put XLA:CPU's feed-forward forward + backward at ~1.8x and
+attention at ~1.45x PyTorch's time: XLA:CPU's Eigen GEMMs on these skinny, transposed
+backward matmuls lose to PyTorch's oneDNN/MKL kernels. XLA's experimental
+``--xla_cpu_experimental_ynn_fusion_type=dot`` / ``--xla_cpu_experimental_onednn_custom_call``
+narrowed the feed-forward gap in some runs, but timings on the shared machine were too noisy to
+adopt them. Dropout's threefry bits cost ~18% of a BERT backward pass.
+
 Usage::
 
     python -m experiments.benchmarks.train_throughput            # bert and vit, JSON + table
