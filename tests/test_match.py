@@ -19,12 +19,14 @@ from helpers import CONFIGS, compiled, inputs, logits, scanned
 
 from rotjax import match
 from rotjax import symmetry as sym
+from rotjax.match import _solvers
 from rotjax.models import bert
 
 TOL = 1e-5
 SOLVES = {
     "rotation": ("rotation",),
     "rotation+scale": ("rotation", "scale"),
+    "scale": ("scale",),
     "hidden": ("hidden",),
     "heads": ("heads", "rotation", "scale"),
     "residual": ("residual",),
@@ -237,6 +239,31 @@ def test_procrustes_matches_scipy(d, seed):
         np.testing.assert_allclose(np.asarray(r[i]) @ np.asarray(r[i]).T, np.eye(d), atol=1e-5)
     rv, _ = jax.vmap(match.procrustes)(jnp.asarray(m[None], jnp.float32))
     np.testing.assert_allclose(rv[0], r, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [1, 3, 64])
+def test_polar_newton_schulz_and_svd_fallback_match_scipy(d, seed):
+    rng = np.random.default_rng(seed)
+    u, v = (np.linalg.qr(rng.normal(size=(6, d, d)))[0] for _ in range(2))
+    s = np.sort(rng.uniform(0.1, 1.0, size=(6, d)))[:, ::-1] * rng.uniform(0.1, 10, (6, 1))
+    s[3, -1] = s[3, 0] * 1e-5  # κ = 1e5, beyond Newton-Schulz's reach: the SVD path (d > 1)
+    s[4, :] = 0.0  # M = 0: every orthogonal R is optimal
+    s[5, d // 2 :] = 0.0  # rank-deficient (for d > 1)
+    m = np.einsum("nij,nj,nkj->nik", u, s, v)
+    want = np.stack([scipy.linalg.polar(x)[0] for x in m])
+    x, ok = jax.jit(_solvers._newton_schulz, static_argnums=1)(jnp.asarray(m, jnp.float32), 12)
+    assert np.asarray(ok)[:3].all()  # well conditioned (κ <= 100): matmuls alone suffice
+    np.testing.assert_allclose(np.asarray(x)[:3], want[:3], atol=1e-5)
+    assert not np.asarray(ok)[4] and (d == 1 or not np.asarray(ok)[3])
+    r = np.asarray(jax.jit(match.polar)(jnp.asarray(m, jnp.float32)), np.float64)
+    np.testing.assert_allclose(
+        r @ np.swapaxes(r, -1, -2), np.broadcast_to(np.eye(d), r.shape), atol=1e-5
+    )
+    np.testing.assert_allclose(r[:4], want[:4], atol=1e-5)
+    # Every R is optimal where M is singular: the objective tr(Rᵀ M) equals the nuclear norm.
+    np.testing.assert_allclose(np.einsum("nik,nik->n", r, m), s.sum(-1), rtol=1e-5, atol=1e-6)
+    rv = jax.vmap(match.polar)(jnp.asarray(m, jnp.float32))  # batched cond/while under vmap
+    np.testing.assert_allclose(rv, r, atol=1e-5)
 
 
 @pytest.mark.parametrize("n", [1, 2, 5, 40])

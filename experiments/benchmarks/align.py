@@ -6,6 +6,8 @@ For each: the attention rotation + rescale alone, and the paper's whole alignmen
 rescale, FFN permutation), timed after a first call that compiles; the stage times come from
 the diagnostics. The floor is the same cost-matrix matmuls in numpy (per-head d x d
 cross-covariances and per-layer FFN F x F cost matrices) plus the assignment solves alone.
+``rotation_solve`` times the polar factors of those cross-covariances alone: rotjax's
+Newton-Schulz `match.polar` against the batched SVD.
 
     python -m experiments.benchmarks.align [--quick] [--out experiments/benchmarks/results]
 """
@@ -64,12 +66,24 @@ def floor(config, a, b):
     np_a = jax.tree.map(np.asarray, la)
     np_b = jax.tree.map(np.asarray, lb)
     tic = time.perf_counter()
+    ms = []
     for name in layers:
         at, bt = np_a[name]["attention"], np_b[name]["attention"]
-        for p in ("query", "key", "value"):
-            np.einsum("dhi,dhk->hik", bt[p]["kernel"], at[p]["kernel"], optimize=True)
-        np.einsum("hid,hkd->hik", bt["out"]["kernel"], at["out"]["kernel"], optimize=True)
+        cov = {
+            p: np.einsum("dhi,dhk->hik", bt[p]["kernel"], at[p]["kernel"], optimize=True)
+            for p in ("query", "key", "value")
+        }
+        out = np.einsum("hid,hkd->hik", bt["out"]["kernel"], at["out"]["kernel"], optimize=True)
+        ms += [cov["query"] + cov["key"], cov["value"] + out]
     attention = time.perf_counter() - tic
+    # The rotation solve alone on these (bias-free) cross-covariances: rotjax's polar factor
+    # (Newton-Schulz, SVD fallback) against the plain batched SVD.
+    m = jnp.asarray(np.concatenate(ms))
+    svd_polar = jax.jit(lambda m: (lambda u, _, vt: u @ vt)(*jnp.linalg.svd(m)))
+    solve = {
+        "polar": timed(lambda: jax.block_until_ready(jax.jit(match.polar)(m)), 3)[0],
+        "svd": timed(lambda: jax.block_until_ready(svd_polar(m)), 3)[0],
+    }
     tic = time.perf_counter()
     costs = []
     for name in layers:
@@ -82,7 +96,7 @@ def floor(config, a, b):
     for c in costs:
         scipy.optimize.linear_sum_assignment(c, maximize=True)
     lsa = time.perf_counter() - tic
-    return {"attention_matmuls": attention, "ffn_matmuls": ffn, "assignment": lsa}
+    return {"attention_matmuls": attention, "ffn_matmuls": ffn, "assignment": lsa}, solve
 
 
 def run(shape, regime, key):
@@ -107,7 +121,7 @@ def run(shape, regime, key):
             "objective_before": d.objective_before,
             "objective_after": d.objective_after,
         }
-    fl = floor(config, a, b)
+    fl, row["rotation_solve"] = floor(config, a, b)
     row["floor"] = {**fl, "total": sum(fl.values())}
     row["paper_over_floor"] = row["paper"]["seconds"] / row["floor"]["total"]
     return row
@@ -123,10 +137,13 @@ def main():
         for regime in ("related", "independent"):
             row = run(shape, regime, jax.random.key(0))
             rows.append(row)
+            rs = {k: round(v, 3) for k, v in row["rotation+scale"]["stages"].items()}
             stages = {k: round(v, 3) for k, v in row["paper"]["stages"].items()}
+            solve = {k: round(v, 3) for k, v in row["rotation_solve"].items()}
             print(
                 f"{shape:10s} {regime:12s} rotation+scale {row['rotation+scale']['seconds']:.3f}s"
-                f"  paper {row['paper']['seconds']:.2f}s  floor {row['floor']['total']:.2f}s"
+                f" {json.dumps(rs)}  polar vs svd {json.dumps(solve)}\n{'':24s}"
+                f"paper {row['paper']['seconds']:.2f}s  floor {row['floor']['total']:.2f}s"
                 f"  ratio {row['paper_over_floor']:.2f}  stages {json.dumps(stages)}"
             )
     out = pathlib.Path(args.out)

@@ -9,7 +9,8 @@ It is minimised block by block, each block in closed form given the others:
   ``Σ_o ‖M_o[h, j]‖_* - ½ Σ_p a_p[h]² ‖B_p[j]‖²`` with ``M_o[h, j] = Σ_p a_p[h] B_p[j]ᵀ A_p[h]``
   the cross-covariance of the weights and biases the rotation o acts on (``a_p = a^{±1}`` the
   head's current scale on p); π solves the assignment on that score (beyond the paper, which
-  keeps π = id), then ``R_o[h] = U Vᵀ`` of ``M_o[h, π[h]]`` (paper, Thm. 4.1), one batched SVD.
+  keeps π = id), then ``R_o[h] = U Vᵀ`` of ``M_o[h, π[h]]`` (paper, Thm. 4.1), one batched
+  `polar` for all of them; the scales follow from the same cross-covariances.
 - ``scale``: per head, ``a`` minimising ``Σ‖A_+ - a B_+‖² + Σ‖A_- - B_-/a‖²``, the least root
   of a quartic (paper, Eq. 11-12), see `best_scale`.
 - ``hidden`` (FFN units, pooler units) and ``residual`` (the stream): linear assignment on
@@ -37,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax import symmetry as sym
-from rotjax.match._solvers import assign, best_scale, procrustes
+from rotjax.match._solvers import assign_all, best_scale, procrustes
 
 # What `solve=` accepts, and the group roles each name covers.
 GROUPS = {
@@ -131,10 +132,16 @@ def align(
     stages: dict[str, Any] = {}
     stage_groups: dict[str, tuple[str, ...]] = {}
     heads, rots = by_role("heads"), by_role("qk_rotation", "vo_rotation")
+    scales = by_role("qk_scale", "vo_scale")
+    # Scales of rotated params are solved right after the rotations, from the same
+    # cross-covariances (one pass over the weights for both); others get their own stage.
+    merged = scales if rots and _merges_scales(spec, rots, scales) else ()
     if heads or rots:
-        stages["attention"] = functools.partial(_attention_stage, heads=heads, rots=rots)
-        stage_groups["attention"] = heads + rots
-    if scales := by_role("qk_scale", "vo_scale"):
+        stages["attention"] = functools.partial(
+            _attention_stage, heads=heads, rots=rots, scales=merged
+        )
+        stage_groups["attention"] = heads + rots + merged
+    if scales and not merged:
         stages["scale"] = functools.partial(_scale_stage, names=scales)
         stage_groups["scale"] = scales
     if hidden := by_role("hidden"):
@@ -154,7 +161,7 @@ def align(
     # the paper's single pass never gathers by identity permutations.
     active: set[str] = set()
     seconds = dict.fromkeys([*stages, "objective", "apply"], 0.0)
-    dist0 = _distances(spec, paths, a_flat, b_flat, {})
+    dist0, _ = _distances(spec, paths, a_flat, b_flat, {})
     objective = before = float(sum(dist0.values()))
     dist1 = dist0  # distances at the current transform
     history: list[tuple[str, float]] = [("identity", before)]
@@ -165,12 +172,13 @@ def align(
         t = _perm_stage(t, names=residual, exclusive=True, active=frozenset(), **ctx)
         active |= set(residual)
         seconds["residual"] += time.perf_counter() - tic
-        dist1 = _distances(spec, paths, a_flat, b_flat, _sub(t, active))
+        dist1, _ = _distances(spec, paths, a_flat, b_flat, _sub(t, active))
         objective = float(sum(dist1.values()))
         history.append(("residual_init", objective))
 
     order = list(stages)
     sweeps = 0
+    new = {}  # (g·B)_p of the touched paths, kept from the last pass of the last sweep
     for sweep in range(max_sweeps):
         if key is not None and sweep > 0:
             perm = jax.random.permutation(jax.random.fold_in(key, sweep), len(order))
@@ -183,7 +191,8 @@ def align(
             active |= set(stage_groups[name])
             seconds[name] += time.perf_counter() - tic
             tic = time.perf_counter()
-            dist1 = _distances(spec, paths, a_flat, b_flat, _sub(t, active))
+            last = name == order[-1]
+            dist1, new = _distances(spec, paths, a_flat, b_flat, _sub(t, active), keep=last)
             objective = float(sum(dist1.values()))
             seconds["objective"] += time.perf_counter() - tic
             history.append((name, objective))
@@ -192,7 +201,7 @@ def align(
             break
 
     tic = time.perf_counter()
-    aligned = jax.block_until_ready(_apply_paths(spec, paths, params, _sub(t, active)))
+    aligned = jax.block_until_ready(_replaced(params, new or {}))
     seconds["apply"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - t_start
     groups = {
@@ -313,32 +322,31 @@ def _el(spec, t, name):
     return t[name] if name in t else sym.identity_element(spec.groups[name])
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _distances_jit(spec, paths, a, b, t):
-    d = [jnp.sum((a[p] - sym.apply_to_leaf(spec, p, b[p], t)) ** 2) for p in paths]
-    return jnp.stack(d) if d else jnp.zeros((0,))
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _distances_jit(spec, paths, keep, a, b, t):
+    new = {p: sym.apply_to_leaf(spec, p, b[p], t) for p in paths}
+    d = [jnp.sum((a[p] - new[p]) ** 2) for p in paths]
+    return (jnp.stack(d) if d else jnp.zeros((0,))), (new if keep else None)
 
 
-def _distances(spec, paths, a, b, t) -> dict[str, float]:
-    """``‖A_p - (t·B)_p‖²`` for every path, in one program and one transfer."""
-    return dict(zip(paths, np.asarray(_distances_jit(spec, paths, a, b, t)).tolist(), strict=True))
+def _distances(spec, paths, a, b, t, keep=False):
+    """``‖A_p - (t·B)_p‖²`` for every path, in one program and one transfer; with ``keep``,
+    also the transformed leaves ``(t·B)_p`` (float32)."""
+    d, new = _distances_jit(spec, paths, keep, a, b, t)
+    return dict(zip(paths, np.asarray(d).tolist(), strict=True)), new
 
 
 def _total(spec, paths, a, b, t) -> float:
-    return float(np.sum(_distances_jit(spec, paths, a, b, t)))
+    return float(np.sum(_distances_jit(spec, paths, False, a, b, t)[0]))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _apply_leaves(spec, paths, leaves, t):
-    return {p: sym.apply_to_leaf(spec, p, leaves[p], t) for p in paths}
-
-
-def _apply_paths(spec, paths, params, t):
-    """`sym.apply` restricted to ``paths``: every other leaf is passed through as it is."""
+def _replaced(params, new):
+    """``params`` with the leaves at the paths of ``new`` replaced, cast to their dtypes."""
     all_paths, leaves, treedef = sym.flatten(params)
-    flat = dict(zip(all_paths, leaves, strict=True))
-    new = _apply_leaves(spec, paths, {p: flat[p] for p in paths}, t)
-    return jax.tree_util.tree_unflatten(treedef, [new.get(p, flat[p]) for p in all_paths])
+    out = [
+        new[p].astype(x.dtype) if p in new else x for p, x in zip(all_paths, leaves, strict=True)
+    ]
+    return jax.tree_util.tree_unflatten(treedef, out)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -373,7 +381,7 @@ def _perm_costs(spec, names, exclusive, a, b, t):
 def _perm_stage(t, *, spec, a, b, solver, masks, paths, active, names, exclusive=False):
     del paths
     costs = _perm_costs(spec, names, exclusive, a, b, _sub(t, active))
-    return _masked(t, {n: assign(c, solver=solver) for n, c in costs.items()}, masks)
+    return _masked(t, assign_all(costs, solver=solver), masks)
 
 
 def _head_terms(spec, hname, a, b, t):
@@ -422,47 +430,77 @@ def _head_scores(spec, heads, rots, a, b, t):
     return out
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _rotations(spec, rots, a, b, t):
-    """Procrustes for every rotation group in ``rots`` given the head permutations in ``t``, in
-    one batched SVD over all groups, layers and heads."""
-    ms = {}
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _rotations(spec, rots, scales, a, b, t):
+    """Procrustes for every rotation group in ``rots`` given the head permutations and scales
+    in ``t``, in one batched polar decomposition over all groups, layers and heads; then the
+    best scales of the groups in ``scales`` given those rotations, from the same
+    cross-covariances: ``⟨A_p, B_p R⟩ = tr(Rᵀ M_p)`` and ``‖B_p R‖ = ‖B_p‖``, so no second
+    pass over the weights. Every param of a group in ``scales`` must carry a rotation in
+    ``rots`` (see `_merges_scales`)."""
+    ms, terms = {}, []
     for r in rots:
         g = spec.groups[r]
         for path, act in spec.users[r]:
             # B with everything but this rotation and its head's scale applied (so B's head
             # π[h] already sits at h); the scale enters as the weight a[h]^±1.
-            scl = [x for x in spec.params[path].actions if spec.groups[x.group].kind == "scale"]
-            w = _el(spec, t, scl[0].group) ** scl[0].power if scl else jnp.ones(g.shape[:-2])
-            skip = frozenset([r, *(x.group for x in scl)])
+            scl = next(
+                (x for x in spec.params[path].actions if spec.groups[x.group].kind == "scale"),
+                None,
+            )
+            w = jnp.ones(g.shape[:-2]) if scl is None else _el(spec, t, scl.group) ** scl.power
+            skip = frozenset([r] if scl is None else [r, scl.group])
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
             am, bm = _moved(a[path], act.axes, len(g.batch)), _moved(bp, act.axes, len(g.batch))
-            m = jnp.einsum("...hir,...hkr->...hik", bm, am) * w[..., None, None]
-            ms[r] = ms.get(r, 0.0) + m
+            m = jnp.einsum("...hir,...hkr->...hik", bm, am)
+            ms[r] = ms.get(r, 0.0) + m * w[..., None, None]
+            if scl is not None and scl.group in scales:
+                terms.append((r, scl, m, jnp.sum(bm * bm, axis=(-2, -1))))
     shapes = [ms[r].shape for r in rots]
     stacked = jnp.concatenate(
         [ms[r].reshape(-1, *s[-2:]) for r, s in zip(rots, shapes, strict=True)]
     )
     rs = procrustes(stacked)[0]
     sizes = np.cumsum([math.prod(s[:-2]) for s in shapes])[:-1]
-    return {r: x.reshape(s) for r, x, s in zip(rots, jnp.split(rs, sizes), shapes, strict=True)}
+    out = {r: x.reshape(s) for r, x, s in zip(rots, jnp.split(rs, sizes), shapes, strict=True)}
+    coef = {(n, p): [0.0, 0.0] for n in scales for p in (1, -1)}  # [Σ‖B‖², Σ⟨A, B R⟩]
+    for r, scl, m, nb in terms:
+        c = coef[scl.group, scl.power]
+        c[0] = c[0] + nb
+        c[1] = c[1] + jnp.einsum("...ik,...ik->...", out[r], m)
+    for n in scales:
+        (c1, b1), (c2, b2) = coef[n, 1], coef[n, -1]
+        zeros = jnp.zeros(spec.groups[n].shape, jnp.float32)
+        out[n] = best_scale(c1 + zeros, b1 + zeros, b2 + zeros, c2 + zeros)
+    return out
 
 
-def _attention_stage(t, *, spec, a, b, solver, masks, paths, active, heads, rots):
-    """Heads and rotations. Candidate head permutations come from the exact score above (given
-    the current scales) and from the invariant score of `_head_invariants`; each is completed
-    by the Procrustes rotations, and the best of them and of the current π is kept, so the
-    objective never increases."""
+def _merges_scales(spec, rots, scales):
+    """Whether every param of every group in ``scales`` also carries a rotation of ``rots``,
+    so that `_rotations` can solve the scales from its cross-covariances."""
+    return all(
+        any(x.group in rots for x in spec.params[path].actions)
+        for n in scales
+        for path, _ in spec.users[n]
+    )
+
+
+def _attention_stage(t, *, spec, a, b, solver, masks, paths, active, heads, rots, scales=()):
+    """Heads, rotations and (when `_merges_scales`) scales. Candidate head permutations come
+    from the exact score above (given the current scales) and from the invariant score of
+    `_head_invariants`; each is completed by the Procrustes rotations and then the scales,
+    and the best of them and of the current π is kept, so the objective never increases."""
     sub = lambda t: _sub(t, active | set(heads))  # the head permutations as they stand
+    complete = lambda c: _masked(c, _rotations(spec, rots, scales, a, b, sub(c)), masks)
     if not heads:
-        return _masked(t, _rotations(spec, rots, a, b, sub(t)), masks) if rots else t
+        return complete(t) if rots else t
     candidates = [t]
     scores = _head_scores(spec, heads, rots, a, b, _sub(t, active))
     for s in (scores, _head_invariants(spec, heads, a, b)):
-        candidates.append(_masked(t, {h: assign(x, solver=solver) for h, x in s.items()}, masks))
+        candidates.append(_masked(t, assign_all(s, solver=solver), masks))
     if rots:
-        candidates = [_masked(c, _rotations(spec, rots, a, b, sub(c)), masks) for c in candidates]
-    solved = active | set(heads + rots)
+        candidates = [complete(c) for c in candidates]
+    solved = active | set(heads + rots + scales)
     return min(candidates, key=lambda c: _total(spec, paths, a, b, _sub(c, solved)))
 
 
