@@ -17,27 +17,30 @@ several times slower. The benchmark therefore runs PyTorch with ``torch.set_flus
 from. ``--profile DIR`` writes a JAX profiler trace of a few rotjax steps (TensorBoard /
 Perfetto).
 
-Measured on the 2-core CPU machine (quiet, 5 rounds; results/train_throughput.json):
+Measured on the 2-core CPU machine (idle, 5 rounds; results/train_throughput.json):
 
 =======  ===================  ===========  ==========  =====
 model    what                 rotjax ex/s  torch ex/s  ratio
 =======  ===================  ===========  ==========  =====
-bert     step (B=32, T=64)    17.1         22.3        0.77
-bert     forward              67.9         63.2        1.07
-bert     forward + backward   18.2         24.7        0.74
-vit      step (B=128)         428.9        680.2       0.63
-vit      forward              1810         2046        0.88
-vit      forward + backward   373          580         0.64
+bert     step (B=32, T=64)    17.1         18.9        0.91
+bert     forward              57.2         47.3        1.21
+bert     forward + backward   16.4         22.0        0.74
+vit      step (B=128)         370.5        566.6       0.65
+vit      forward              1371         1532        0.90
+vit      forward + backward   379          614         0.62
 =======  ===================  ===========  ==========  =====
 
-What limits rotjax here: the forward pass is at parity, the gap is all in the backward pass
-(the optimizer update is ~0.14 s of a ~1.9 s BERT step). Per-layer micro-benchmarks at the ViT
-shapes (128 x 50 tokens, width 64) put XLA:CPU's feed-forward forward + backward at ~1.8x and
-attention at ~1.45x PyTorch's time: XLA:CPU's Eigen GEMMs on these skinny, transposed
-backward matmuls lose to PyTorch's oneDNN/MKL kernels. XLA's experimental
-``--xla_cpu_experimental_ynn_fusion_type=dot`` / ``--xla_cpu_experimental_onednn_custom_call``
-narrowed the feed-forward gap in some runs, but timings on the shared machine were too noisy to
-adopt them. Dropout's threefry bits cost ~18% of a BERT backward pass.
+What limits rotjax here: matrix products. ``--profile`` attributes 66% (BERT) and 54% (ViT)
+of XLA's op time to its matmul fusions (``ynn_fusion``), and the rest mostly to broadcasts and
+layout copies around them (transposes for the backward products, LayerNorm scales broadcast to
+full activations). A single float32 matmul at these models' shapes runs at 0.82-1.05x
+PyTorch's speed in XLA (the ``gemm`` rows of the JSON), so XLA:CPU cannot reach parity on the
+backward pass, which is matmul-bound and adds transposed products; the forward pass is at or
+above parity for BERT. XLA's flags for other CPU matmul back ends
+(``--xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type=dot``,
+``--xla_cpu_experimental_onednn_custom_call``) and faster dropout bits (``rbg`` keys) each
+moved the step rate by less than the run-to-run noise (< 10%). PyTorch's own numbers vary by
+~15% between runs (22.3 ex/s for the BERT step in an earlier run).
 
 Usage::
 
@@ -49,6 +52,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import platform
@@ -247,10 +251,59 @@ def benchmark(name, config, *, batch_size, seq_len, steps, rounds, breakdown, pr
             "ratio": med["rotjax"] / med["torch"],
         }
     if profile:
-        jax.profiler.start_trace(profile)
-        jx.run("step", 3)
-        jax.profiler.stop_trace()
+        out["profile"] = op_profile(jx, profile)
     return out
+
+
+def op_profile(jx, directory: str, steps: int = 3, top: int = 8) -> dict[str, float]:
+    """Trace ``steps`` rotjax train steps into ``directory`` and return the share of XLA op
+    time per op kind (the HLO name without its number: ``ynn_fusion`` are the matmul
+    fusions, ``transpose_copy_fusion`` layout copies, ...), the ``top`` largest."""
+    import collections
+    import re
+
+    jax.profiler.start_trace(directory)
+    jx.run("step", steps)
+    jax.profiler.stop_trace()
+    trace = max(Path(directory).rglob("*.xplane.pb"), key=lambda f: f.stat().st_mtime)
+    ops: collections.Counter = collections.Counter()
+    for plane in jax.profiler.ProfileData.from_file(str(trace)).planes:
+        for line in plane.lines:
+            if "XLAEigen" not in line.name and "PjRtCpuClient" not in line.name:
+                continue  # XLA's worker threads only
+            for ev in line.events:
+                if "ThunkExecutor" not in ev.name and "Await" not in ev.name:
+                    ops[re.sub(r"\.\d+$", "", ev.name)] += ev.duration_ns
+    total = sum(ops.values())
+    return {k: v / total for k, v in ops.most_common(top)}
+
+
+def gemm(shapes, repeats: int = 20) -> list[dict]:
+    """GFLOP/s of one float32 matmul ``(m, k) @ (k, n)`` in XLA and in PyTorch."""
+    import torch
+
+    rows = []
+    for m, k, n in shapes:
+        rng = np.random.default_rng(0)
+        a, b = (
+            rng.normal(size=(m, k)).astype(np.float32),
+            rng.normal(size=(k, n)).astype(np.float32),
+        )
+        ja, jb, mm = jnp.asarray(a), jnp.asarray(b), jax.jit(jnp.matmul)
+        ta, tb = torch.from_numpy(a), torch.from_numpy(b)
+        rate = {}
+        for what, call, sync in (
+            ("rotjax", functools.partial(mm, ja, jb), jax.block_until_ready),
+            ("torch", functools.partial(torch.matmul, ta, tb), lambda x: x),
+        ):
+            sync(call())
+            t = time.perf_counter()
+            for _ in range(repeats):
+                r = call()
+            sync(r)
+            rate[what] = 2 * m * k * n * repeats / (time.perf_counter() - t) / 1e9
+        rows.append({"shape": [m, k, n], "gflops": rate, "ratio": rate["rotjax"] / rate["torch"]})
+    return rows
 
 
 def main(argv=None):
@@ -263,7 +316,9 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=5)
     p.add_argument("--torch-denormals", action="store_true", help="keep PyTorch's denormals")
     p.add_argument("--breakdown", action="store_true", help="also time forward, fwd+bwd")
-    p.add_argument("--profile", default=None, help="write a JAX trace of rotjax steps here")
+    p.add_argument(
+        "--profile", default=None, help="trace rotjax steps here; report XLA op time by kind"
+    )
     p.add_argument("--out", default=str(RESULTS))
     args = p.parse_args(argv)
 
@@ -286,7 +341,11 @@ def main(argv=None):
             profile=args.profile and os.path.join(args.profile, name),
         )
         results.append(r)
+    # The models' matmul shapes (forward): BERT FFN in/out at B*T = 2048 rows; the ViT FFN at
+    # 128 * 50 = 6400 rows and its weight gradient (a skinny, transposed product).
+    shapes = [(2048, 384, 1536), (2048, 1536, 384), (6400, 64, 128), (64, 6400, 128)]
     report = {
+        "gemm": gemm(shapes),
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
@@ -316,6 +375,16 @@ def main(argv=None):
                     f"{r['model']:6} {what:17} {r['batch_size']:5d} {e['rotjax']:12.1f} "
                     f"{e['torch']:11.1f} {r[what]['ratio']:6.2f}"
                 )
+    for r in results:
+        if "profile" in r:
+            shares = ", ".join(f"{k} {100 * v:.0f}%" for k, v in r["profile"].items())
+            print(f"{r['model']}: XLA op time by kind: {shares}")
+    for g in report["gemm"]:
+        e = g["gflops"]
+        print(
+            f"matmul {tuple(g['shape'])}: rotjax {e['rotjax']:.0f} GFLOP/s, torch "
+            f"{e['torch']:.0f} GFLOP/s, ratio {g['ratio']:.2f}"
+        )
     print(f"\nwrote {out}")
 
 

@@ -384,6 +384,28 @@ def _perm_stage(t, *, spec, a, b, solver, masks, paths, active, names, exclusive
     return _masked(t, assign_all(costs, solver=solver), masks)
 
 
+def _action_of(spec, path, kind, among=None):
+    """The action of a ``kind`` group (``"orth"``, ``"scale"``, ...) on ``path``, if any;
+    with ``among``, only groups in it count."""
+    return next(
+        (
+            x
+            for x in spec.params[path].actions
+            if spec.groups[x.group].kind == kind and (among is None or x.group in among)
+        ),
+        None,
+    )
+
+
+def _scale_weight(spec, path, t, shape, among=None):
+    """``(scale action or None, a[h]^±1)``: the factor the head's current scale puts on
+    ``path`` (ones of ``shape`` when no scale acts on it)."""
+    scl = _action_of(spec, path, "scale", among)
+    if scl is None:
+        return None, jnp.ones(shape, jnp.float32)
+    return scl, _el(spec, t, scl.group) ** scl.power
+
+
 def _head_terms(spec, hname, a, b, t):
     """For the params of head group ``hname``: (rotation group or None, scale weight a[h]^±1,
     A and B with head axis (and dim axis) moved to the front, rest flattened)."""
@@ -391,14 +413,8 @@ def _head_terms(spec, hname, a, b, t):
     k = len(g.batch)
     skip = frozenset(n for n, o in spec.group_items if n == hname or o.over == hname)
     for path, act in spec.users[hname]:
-        acts = spec.params[path].actions
-        rot = next(
-            (x for x in acts if x.group in skip and spec.groups[x.group].kind == "orth"), None
-        )
-        scl = next(
-            (x for x in acts if x.group in skip and spec.groups[x.group].kind == "scale"), None
-        )
-        w = jnp.ones(g.shape, jnp.float32) if scl is None else _el(spec, t, scl.group) ** scl.power
+        rot = _action_of(spec, path, "orth", skip)
+        _, w = _scale_weight(spec, path, t, g.shape, skip)
         axes = rot.axes if rot is not None else act.axes
         bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
         am, bm = _moved(a[path], axes, k), _moved(bp, axes, k)
@@ -444,11 +460,7 @@ def _rotations(spec, rots, scales, a, b, t):
         for path, act in spec.users[r]:
             # B with everything but this rotation and its head's scale applied (so B's head
             # π[h] already sits at h); the scale enters as the weight a[h]^±1.
-            scl = next(
-                (x for x in spec.params[path].actions if spec.groups[x.group].kind == "scale"),
-                None,
-            )
-            w = jnp.ones(g.shape[:-2]) if scl is None else _el(spec, t, scl.group) ** scl.power
+            scl, w = _scale_weight(spec, path, t, g.shape[:-2])
             skip = frozenset([r] if scl is None else [r, scl.group])
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
             am, bm = _moved(a[path], act.axes, len(g.batch)), _moved(bp, act.axes, len(g.batch))
@@ -520,14 +532,8 @@ def _head_invariants(spec, heads, a, b):
             for path, act in spec.users[r]:
                 # Q and V kernels carry the stream first; K and O the other way round: sort the
                 # two sides of the bilinear form by the power of the scale acting on them.
-                power = next(
-                    (
-                        x.power
-                        for x in spec.params[path].actions
-                        if spec.groups[x.group].kind == "scale"
-                    ),
-                    1,
-                )
+                scl = _action_of(spec, path, "scale")
+                power = 1 if scl is None else scl.power
                 am, bm = _moved(a[path], act.axes, k), _moved(b[path], act.axes, k)
                 m = jnp.einsum("...hir,...jkr->...hjik", am, bm)
                 sides[power] = sides.get(power, 0.0) + m
