@@ -141,14 +141,15 @@ def vit_fashion_mnist(**overrides: Any) -> Config:
 
 def minilm_wordnet(dataset: str = "wordnet_glosses", **overrides: Any) -> Config:
     """all-MiniLM-L6-v2 fine-tuned on a WordNet dataset (16 lexicographer classes shared by
-    both): 3 epochs of batch 32, AdamW 1e-4 with 10% warmup, linear decay, 48 tokens."""
+    both): batch 32, AdamW 1e-4 with 10% warmup, linear decay, 48 tokens; 2 epochs of the
+    glosses (21177 examples), 3 of the examples (14887), so ~1.35k steps either way."""
     c = Config(
         name=f"minilm-{dataset}",
         model="minilm",
         dataset=dataset,
         max_length=48,
         batch_size=32,
-        num_epochs=3.0,
+        num_epochs=2.0 if dataset == "wordnet_glosses" else 3.0,
         learning_rate=1e-4,
         warmup_fraction=0.1,
         decay="linear",

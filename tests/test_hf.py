@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from conftest import rel_err
-from helpers import logits
+from helpers import CONFIGS, logits, scanned
 
 import rotjax.hf
 from rotjax import symmetry as sym
@@ -28,129 +28,24 @@ transformers = pytest.importorskip("transformers")
 TOL = 1e-5
 MINILM_TOL = 1e-4
 
-# name -> (transformers class, config kwargs, constructor kwargs). Head widths other than 64,
-# odd head counts and a single head; every supported architecture.
+# name -> rotjax config (the tiny configs of `helpers`, as base models and other heads too).
+# Head widths other than 64, odd head counts and a single head; every supported architecture.
 CASES = {
-    "bert-seq-h3d4": (
-        "BertForSequenceClassification",
-        dict(
-            vocab_size=50,
-            hidden_size=12,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            intermediate_size=20,
-            max_position_embeddings=16,
-            num_labels=3,
-        ),
-        {},
+    "bert-seq-h3d4": CONFIGS["bert-h3d4-l2"],
+    "bert-token-h5d2": CONFIGS["bert-h5d2-l1-token"],
+    "bert-base-pooler": CONFIGS["bert-encoder-pooler"],
+    "bert-base-nopooler": dataclasses.replace(
+        CONFIGS["bert-encoder-pooler"], add_pooling_layer=False
     ),
-    "bert-token-h5d2": (
-        "BertForTokenClassification",
-        dict(
-            vocab_size=40,
-            hidden_size=10,
-            num_hidden_layers=1,
-            num_attention_heads=5,
-            intermediate_size=14,
-            max_position_embeddings=12,
-            num_labels=4,
-            hidden_act="gelu_new",
-        ),
-        {},
+    "roberta-seq-h1d6": CONFIGS["roberta-h1d6-l2"],
+    "roberta-token-h1d6": dataclasses.replace(
+        CONFIGS["roberta-h1d6-l2"], task="token_classification"
     ),
-    "bert-base-pooler": (
-        "BertModel",
-        dict(
-            vocab_size=30,
-            hidden_size=8,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            intermediate_size=16,
-            max_position_embeddings=12,
-        ),
-        {},
-    ),
-    "bert-base-nopooler": (
-        "BertModel",
-        dict(
-            vocab_size=30,
-            hidden_size=9,
-            num_hidden_layers=1,
-            num_attention_heads=3,
-            intermediate_size=11,
-            max_position_embeddings=10,
-        ),
-        dict(add_pooling_layer=False),
-    ),
-    "roberta-seq-h3d4": (
-        "RobertaForSequenceClassification",
-        dict(
-            vocab_size=50,
-            hidden_size=12,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            intermediate_size=20,
-            max_position_embeddings=16,
-            type_vocab_size=1,
-            pad_token_id=1,
-            layer_norm_eps=1e-5,
-            num_labels=2,
-        ),
-        {},
-    ),
-    "roberta-token-h1d6": (
-        "RobertaForTokenClassification",
-        dict(
-            vocab_size=40,
-            hidden_size=6,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            intermediate_size=9,
-            max_position_embeddings=16,
-            type_vocab_size=1,
-            pad_token_id=1,
-            num_labels=3,
-        ),
-        {},
-    ),
-    "vit-cls-h3d4": (
-        "ViTForImageClassification",
-        dict(
-            hidden_size=12,
-            num_hidden_layers=2,
-            num_attention_heads=3,
-            intermediate_size=24,
-            image_size=8,
-            patch_size=4,
-            num_channels=3,
-            num_labels=5,
-        ),
-        {},
-    ),
-    "vit-base-h1d8-nobias": (
-        "ViTModel",
-        dict(
-            hidden_size=8,
-            num_hidden_layers=1,
-            num_attention_heads=1,
-            intermediate_size=12,
-            image_size=6,
-            patch_size=3,
-            num_channels=1,
-            qkv_bias=False,
-        ),
-        {},
-    ),
+    "vit-cls-h3d4": CONFIGS["vit-h3d4-l2"],
+    "vit-base-h1d8-nobias": dataclasses.replace(CONFIGS["vit-h1d8-l1-nobias"], task=None),
 }
 
 SCANNED = ("bert-seq-h3d4", "vit-cls-h3d4")  # also run with scanned layers
-
-TASKS = {
-    "Model": None,
-    "ForSequenceClassification": "sequence_classification",
-    "ForTokenClassification": "token_classification",
-    "ForImageClassification": "image_classification",
-}
 
 AUTO = {
     None: "AutoModel",
@@ -160,13 +55,17 @@ AUTO = {
 }
 
 
+def ctor_kwargs(name):
+    """What `from_pretrained` / the model class needs beyond the config."""
+    return {} if CASES[name].has_pooler or CASES[name].task else {"add_pooling_layer": False}
+
+
 def torch_model(name, seed):
     """A transformers model of case ``name`` with every parameter random (LayerNorm weights
     ``1 + noise``, biases nonzero), so no wrongly mapped tensor can hide behind init values."""
-    cls_name, kwargs, ctor = CASES[name]
-    cls = getattr(transformers, cls_name)
-    config = cls.config_class(**kwargs, attn_implementation="eager")
-    model = cls(config, **ctor).eval()
+    config = rotjax.hf.transformers_config(CASES[name])
+    config._attn_implementation = "eager"
+    model = getattr(transformers, config.architectures[0])(config, **ctor_kwargs(name)).eval()
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -246,14 +145,8 @@ def test_parity_with_transformers(name, seed, tmp_path):
     """Loaded from the in-memory model (unscanned) and from its save_pretrained directory
     (scanned): the same params, and rotjax logits equal torch logits on padded inputs."""
     model = torch_model(name, seed)
-    cls_name, kwargs, ctor = CASES[name]
     config, params = rotjax.hf.load(model)
-    assert config.task == next(t for end, t in TASKS.items() if cls_name.endswith(end))
-    base = cls_name.endswith("Model")
-    has_pooler = ctor.get("add_pooling_layer", True) if base else cls_name.startswith("BertForSeq")
-    assert config.has_pooler == has_pooler
-    for k, v in kwargs.items():
-        assert getattr(config, k) == v, k
+    assert config == CASES[name]
     x = make_inputs(config, np.random.default_rng(seed))
     expected = torch_forward(model, x)
     assert rel_err(rotjax_forward(config, params, x), expected) <= TOL
@@ -267,13 +160,12 @@ def test_parity_with_transformers(name, seed, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["bert-seq-h3d4", "bert-base-nopooler", "roberta-seq-h3d4", "vit-cls-h3d4"]
+    "name", ["bert-seq-h3d4", "bert-base-nopooler", "roberta-seq-h1d6", "vit-cls-h3d4"]
 )
 def test_round_trip(name, seed, tmp_path):
     """import -> export -> import is bitwise; the export loads into transformers with no
     missing or unexpected keys and gives the same logits."""
     model = torch_model(name, seed)
-    _, _, ctor = CASES[name]
     config, params = rotjax.hf.load(model, scan_layers=name in SCANNED)
     out = rotjax.hf.save(
         tmp_path / "export",
@@ -287,9 +179,9 @@ def test_round_trip(name, seed, tmp_path):
 
     auto = getattr(transformers, AUTO[config.task])
     reloaded, info = auto.from_pretrained(
-        out, output_loading_info=True, attn_implementation="eager", **ctor
+        out, output_loading_info=True, attn_implementation="eager", **ctor_kwargs(name)
     )
-    assert type(reloaded).__name__ == CASES[name][0]
+    assert type(reloaded).__name__ == model.config.architectures[0]
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
     if config.task is not None:
         assert reloaded.config.id2label[1] == "class-1"
@@ -301,7 +193,7 @@ def test_round_trip(name, seed, tmp_path):
 
 def test_save_random_rotjax_params(seed, tmp_path):
     """rotjax -> transformers for params rotjax made (not imported), scanned."""
-    config = bert.Config(**CASES["bert-seq-h3d4"][1], scan_layers=True)
+    config = scanned(CASES["bert-seq-h3d4"])
     params = random_params(config, seed)
     before = jax.tree.map(np.array, params)
     out = rotjax.hf.save(tmp_path, config, params)
@@ -408,7 +300,7 @@ def test_error_unknown_architecture(checkpoint, seed):
     (path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         rotjax.hf.load(path)
-    masked_lm = transformers.BertForMaskedLM(transformers.BertConfig(**CASES["bert-seq-h3d4"][1]))
+    masked_lm = transformers.BertForMaskedLM(rotjax.hf.transformers_config(CASES["bert-seq-h3d4"]))
     with pytest.raises(ValueError, match="BertForMaskedLM"):
         rotjax.hf.load(masked_lm)
     with pytest.raises(TypeError, match="PreTrainedModel"):

@@ -166,16 +166,13 @@ class JaxRunner:
 # ----------------------------------------------------------------------------- PyTorch
 
 
-def torch_model(name: str, config):
+def torch_model(config):
     import transformers
 
-    rotjax_only = ("task", "scan_layers", "add_pooling_layer", "model_type")
-    fields = {k: v for k, v in dataclasses.asdict(config).items() if k not in rotjax_only}
-    if name == "bert":
-        hf = transformers.BertConfig(**fields)
-        return transformers.BertForSequenceClassification(hf)
-    hf = transformers.ViTConfig(**fields)
-    return transformers.ViTForImageClassification(hf)
+    from rotjax import hf
+
+    c = hf.transformers_config(config)
+    return getattr(transformers, c.architectures[0])(c)
 
 
 class TorchRunner:
@@ -184,7 +181,7 @@ class TorchRunner:
 
         self.torch = torch
         torch.manual_seed(0)
-        self.model = torch_model(name, config).train()
+        self.model = torch_model(config).train()
         if name == "bert":
             self.inputs = {
                 "input_ids": torch.from_numpy(batch["input_ids"]).long(),

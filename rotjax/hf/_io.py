@@ -162,6 +162,20 @@ def save(
     return path
 
 
+def transformers_config(config: Config, *, id2label: Mapping[int, str] | None = None) -> Any:
+    """``config`` as a ``transformers`` config: the ``config.json`` that `save` writes.
+
+    Its ``architectures[0]`` names the ``transformers`` class of the same model, so
+    ``getattr(transformers, c.architectures[0])(c)`` builds the PyTorch twin of
+    ``Model(config)`` (with ``add_pooling_layer=False`` for a base model without pooler).
+    """
+    import transformers
+
+    arch = _mapping.architecture_for(_model_type(config), config.task)
+    fields = _hf_config(arch, config, id2label)
+    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
 # ---------------------------------------------------------------------------------------------
 # Reading
 

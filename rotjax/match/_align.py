@@ -28,6 +28,7 @@ include the current one, so the objective never increases.
 from __future__ import annotations
 
 import functools
+import inspect
 import math
 import time
 from collections.abc import Iterable, Sequence
@@ -114,6 +115,25 @@ def align(
         dtypes that differ between the models, or bad options. Nothing is returned then.
     """
     t_start = time.perf_counter()
+    solve = _checked_options(solve, residual_init)
+    a_flat, b_flat = _checked_inputs(spec, anchor_params, params)
+    return _align(
+        spec,
+        a_flat,
+        b_flat,
+        params,
+        solve=solve,
+        layers=layers,
+        solver=solver,
+        residual_init=residual_init,
+        max_sweeps=max_sweeps,
+        tol=tol,
+        key=key,
+        t_start=t_start,
+    )
+
+
+def _checked_options(solve, residual_init):
     solve = tuple(solve)
     unknown = sorted(set(solve) - set(GROUPS))
     if unknown:
@@ -122,7 +142,26 @@ def align(
         raise ValueError(
             f"residual_init must be 'independent' or 'identity', not {residual_init!r}"
         )
-    a_flat, b_flat = _checked_inputs(spec, anchor_params, params)
+    return solve
+
+
+def _align(
+    spec,
+    a_flat,
+    b_flat,
+    params,
+    *,
+    solve,
+    layers,
+    solver,
+    residual_init,
+    max_sweeps,
+    tol,
+    key,
+    t_start,
+):
+    """`align` on checked float32 leaves ``a_flat``, ``b_flat`` (path -> array) of the anchor
+    and of ``params``."""
     roles = {r for s in solve for r in GROUPS[s]}
     layer_set = None if layers is None else {int(i) for i in layers}
     names = spec.select(roles=roles, layers=layer_set)
@@ -231,17 +270,35 @@ def align_many(
     """
     if len(params_list) < 1:
         raise ValueError("align_many needs at least one model")
+    if anchor is not None and not 0 <= anchor < len(params_list):
+        raise ValueError(f"anchor={anchor} is out of range for {len(params_list)} models")
+    t_start = time.perf_counter()
+    defaults = {
+        k: v.default
+        for k, v in inspect.signature(align).parameters.items()
+        if v.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    if unknown := sorted(set(options) - set(defaults)):
+        raise TypeError(f"align_many: unknown options {unknown}; `align` takes {list(defaults)}")
+    options = {**defaults, **options}
+    solve = _checked_options(options.pop("solve"), options["residual_init"])
+    # Every model checked once, against the first (dtypes must agree across all of them).
+    flats = [_checked_inputs(spec, params_list[0], p)[1] for p in params_list]
     if anchor is None:
-        flats = [_checked_inputs(spec, params_list[0], p)[1] for p in params_list]
         mean = {p: sum(f[p] for f in flats) / len(flats) for p in flats[0]}
         dists = [float(sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean)) for f in flats]
         anchor = int(np.argmin(dists))
-    if not 0 <= anchor < len(params_list):
-        raise ValueError(f"anchor={anchor} is out of range for {len(params_list)} models")
-    solve = options.pop("solve", PAPER)
     return anchor, [
-        align(spec, params_list[anchor], p, solve=() if i == anchor else solve, **options)
-        for i, p in enumerate(params_list)
+        _align(
+            spec,
+            flats[anchor],
+            f,
+            p,
+            solve=() if i == anchor else solve,
+            t_start=t_start if i == 0 else time.perf_counter(),
+            **options,
+        )
+        for i, (f, p) in enumerate(zip(flats, params_list, strict=True))
     ]
 
 
