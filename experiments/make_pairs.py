@@ -20,10 +20,12 @@ Full mode, measured on the 2-core CPU (seed 0, machine shared with other jobs):
 * ViT, 10 epochs of batch 128 (4680 steps), no augmentation: test accuracy 88.12%, macro-F1
   0.881, 33 min (2.9 steps/s). The same run with flips and shifts underfits: 86.96%, 61 min on a
   busier machine. Eval accuracy by step: 82.7% (1000), 85.5% (2000), 87.5% (3000), 88.1% (4000).
-* MiniLM, 3 epochs of batch 32 at 48 tokens: not run here. At the ~17 ex/s measured for a
-  MiniLM train step, a glosses run (63.5k examples) takes about 1 h, an examples run about
-  45 min, on this CPU. Expected: test accuracy far above the majority baselines (7.6% glosses,
-  12.6% examples): ``--quick`` already reaches 60% / 26% after 64 steps.
+* MiniLM (batch 32, 48 tokens, AdamW 1e-4, seed 0), measured on the idle machine:
+  glosses, 2 epochs (1322 steps): test accuracy 80.05%, macro-F1 0.765 (majority baseline
+  7.6%), 33 min; examples, 3 epochs (1395 steps): test accuracy 46.34%, macro-F1 0.409
+  (majority 12.6%), 36 min. Eval accuracy by step: glosses 73.9% (500), 77.9% (1000);
+  examples 40.5% (500), 41.8% (1000). Example sentences name their class far less directly
+  than definitions do, hence the lower ceiling.
 
 ``--quick`` (measured: 8 min 23 s for the 5 runs) trains on subsets with a short schedule:
 numbers that check the pipeline, not the models.
