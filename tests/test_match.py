@@ -208,6 +208,10 @@ def test_bad_inputs_raise_before_any_work(key):
         match.align(c.spec, a, half)
     with pytest.raises(ValueError, match="unknown group kinds"):
         match.align(c.spec, a, a, solve=("rotations",))
+    with pytest.raises(TypeError, match=r"unknown options \['solv'\]"):
+        match.align_many(c.spec, [a, a], solv=("rotation",))
+    with pytest.raises(ValueError, match="non-finite"):
+        match.align_many(c.spec, [a, nan])
 
 
 def test_bfloat16_is_solved_in_float32_and_returned_in_bfloat16(key):

@@ -45,11 +45,10 @@ def polar(m: jax.Array, *, max_steps: int = 12) -> jax.Array:
     (0, 1]), which keeps U and V and maps every singular value to 1: matmuls only, so it is
     fast on every backend and batches perfectly. Quintic steps while some ``|XᵀX - I|`` entry
     exceeds 1/2 (at most ``max_steps / 2``), then cubic steps until ``‖XᵀX - I‖_F < 1e-3``
-    (``max_steps`` steps in all),
-    then two more cubic steps (quadratic convergence takes that to float32 rounding). Matrices
-    that are not orthogonal to ``‖XᵀX - I‖_F < 1e-4`` by then (rank-deficient M, condition
-    number beyond ~1e4) take the SVD instead, computed only when some matrix of the batch
-    needs it. Either way the result is ``U Vᵀ`` to float32 rounding.
+    (``max_steps`` steps in all), then two more cubic steps (quadratic convergence takes that
+    to float32 rounding). Matrices that are not orthogonal to ``‖XᵀX - I‖_F < 1e-4`` by then
+    (rank-deficient M, condition number beyond ~1e4) take the SVD instead, computed only when
+    some matrix of the batch needs it. Either way the result is ``U Vᵀ`` to float32 rounding.
     """
     m = jnp.asarray(m)
     x, ok = _newton_schulz(m, max_steps)
@@ -170,13 +169,13 @@ def assign_all(scores: dict, *, solver: str = "scipy") -> dict:
     if solver != "scipy":
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     stacks = {k: np.asarray(v, np.float64) for k, v in scores.items()}
-    tasks = [(k, m) for k, s in stacks.items() for m in s.reshape(-1, *s.shape[-2:])]
-    solve = lambda task: scipy.optimize.linear_sum_assignment(task[1], maximize=True)[1]
+    tasks = [m for s in stacks.values() for m in s.reshape(-1, *s.shape[-2:])]
+    solve = lambda m: scipy.optimize.linear_sum_assignment(m, maximize=True)[1]
     if len(tasks) > 1:
         with concurrent.futures.ThreadPoolExecutor(min(len(tasks), os.cpu_count() or 1)) as pool:
             cols = list(pool.map(solve, tasks))
     else:
-        cols = [solve(task) for task in tasks]
+        cols = [solve(m) for m in tasks]
     out, i = {}, 0
     for k, s in stacks.items():
         n = math.prod(s.shape[:-2])
