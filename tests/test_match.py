@@ -202,6 +202,14 @@ def test_bad_inputs_raise_before_any_work(key):
     nan["classifier"]["bias"] = nan["classifier"]["bias"].at[0].set(jnp.nan)
     with pytest.raises(ValueError, match=r"(?s)non-finite.*params: classifier/bias"):
         match.align(c.spec, a, nan)
+    inf = jax.tree.map(lambda x: x, a)
+    inf["pooler"]["bias"] = inf["pooler"]["bias"].at[1].set(-jnp.inf)
+    with pytest.raises(ValueError, match=r"(?s)non-finite.*anchor_params: pooler/bias"):
+        match.align(c.spec, inf, a)
+    # Finite values whose sum overflows (the screen's false alarm) are not an error.
+    big = jax.tree.map(lambda x: x, a)
+    big["classifier"]["bias"] = jnp.full_like(big["classifier"]["bias"], 3e38)
+    assert match.align(c.spec, big, big).diagnostics.objective_after < 1e-6
     half = jax.tree.map(lambda x: x, a)
     half["pooler"]["kernel"] = half["pooler"]["kernel"].astype(jnp.bfloat16)
     with pytest.raises(ValueError, match="pooler/kernel: anchor float32 vs params bfloat16"):

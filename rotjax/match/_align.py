@@ -321,12 +321,10 @@ def _checked_inputs(spec, anchor_params, params):
     ]
     if problems:
         raise ValueError("dtypes differ between the models:\n" + "\n".join(problems))
-    finite_a, finite_b = _all_finite(a), _all_finite(b)
     bad = [
         f"  {what}: {p}"
-        for what, flat, finite in (("anchor_params", a, finite_a), ("params", b, finite_b))
-        for p in flat
-        if not bool(finite[p])
+        for what, flat in (("anchor_params", a), ("params", b))
+        for p in _non_finite(flat)
     ]
     if bad:
         raise ValueError("non-finite values (NaN or Inf) in:\n" + "\n".join(bad))
@@ -334,9 +332,18 @@ def _checked_inputs(spec, anchor_params, params):
     return _float32(a), _float32(b)
 
 
+def _non_finite(flat):
+    """The paths of the leaves of ``flat`` with a NaN or an Inf. Screened by their sums (NaN
+    or Inf propagate; 6x faster than ``all(isfinite)`` on CPU, a reduction of bools), and any
+    leaf the screen flags checked exactly (a sum of finite values may overflow)."""
+    sums = np.asarray(_finite_sums(flat)) if flat else []
+    flagged = [p for p, ok in zip(sorted(flat), sums, strict=True) if not ok]
+    return [p for p in flagged if not bool(jnp.isfinite(flat[p]).all())]
+
+
 @jax.jit
-def _all_finite(flat):
-    return {p: jnp.isfinite(x).all() for p, x in flat.items()}
+def _finite_sums(flat):
+    return jnp.stack([jnp.isfinite(jnp.sum(flat[p])) for p in sorted(flat)])
 
 
 def _float32(flat):
@@ -510,21 +517,40 @@ def _rotations(spec, rots, scales, a, b, t):
     best scales of the groups in ``scales`` given those rotations, from the same
     cross-covariances: ``⟨A_p, B_p R⟩ = tr(Rᵀ M_p)`` and ``‖B_p R‖ = ‖B_p‖``, so no second
     pass over the weights. Every param of a group in ``scales`` must carry a rotation in
-    ``rots`` (see `_merges_scales`)."""
-    ms, terms = {}, []
+    ``rots`` (see `_merges_scales`). The cross-covariances are computed one layer at a time
+    (`_one_at_a_time`; all the groups of a layer together, so that its matmuls can run in
+    parallel)."""
+    keys, by_layer = {}, {}  # r -> its scale keys; layer -> [(r, its cross-covariances)]
     for r in rots:
         g = spec.groups[r]
+        terms = []
         for path, act in spec.users[r]:
             # B with everything but this rotation and its head's scale applied (so B's head
             # π[h] already sits at h); the scale enters as the weight a[h]^±1.
             scl, w = _scale_weight(spec, path, t, g.shape[:-2])
             skip = frozenset([r] if scl is None else [r, scl.group])
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
-            am, bm = _moved(a[path], act.axes, len(g.batch)), _moved(bp, act.axes, len(g.batch))
-            m = jnp.einsum("...hir,...hkr->...hik", bm, am)
-            ms[r] = ms.get(r, 0.0) + m * w[..., None, None]
-            if scl is not None and scl.group in scales:
-                terms.append((r, scl, m, jnp.sum(bm * bm, axis=(-2, -1))))
+            key = (scl.group, scl.power) if scl is not None and scl.group in scales else None
+            terms.append((key, act.axes, w, a[path], bp))
+        keys[r] = tuple(dict.fromkeys(k for k, *_ in terms if k is not None))
+        k = len(g.batch)
+        for i in range(g.batch[0]) if g.batch else [None]:  # a stacked group: layer by layer
+            fn = functools.partial(_covariances, terms, keys[r], k, i)
+            by_layer.setdefault(g.layer if i is None else i, []).append((r, fn))
+    parts = {r: [] for r in rots}  # a stacked group's layers in order
+    layer_fns = [lambda us=us: [f() for _, f in us] for us in by_layer.values()]
+    for us, outs in zip(by_layer.values(), _one_at_a_time(layer_fns), strict=True):
+        for (r, _), out in zip(us, outs, strict=True):
+            parts[r].append(out)
+    ms = {}
+    norms = {(n, p): 0.0 for n in scales for p in (1, -1)}  # Σ‖B_p‖² per scale and power
+    covs = {key: [] for key in norms}  # (r, Σ B_pᵀ A_p): Σ⟨A_p, B_p R⟩ = Σ tr(Rᵀ B_pᵀ A_p)
+    for r in rots:
+        stack = lambda *x: jnp.stack(x)
+        ms[r], pieces = jax.tree.map(stack, *parts[r]) if spec.groups[r].batch else parts[r][0]
+        for key, (mk, nb) in zip(keys[r], pieces, strict=True):
+            norms[key] = norms[key] + nb
+            covs[key].append((r, mk))
     shapes = [ms[r].shape for r in rots]
     stacked = jnp.concatenate(
         [ms[r].reshape(-1, *s[-2:]) for r, s in zip(rots, shapes, strict=True)]
@@ -532,16 +558,68 @@ def _rotations(spec, rots, scales, a, b, t):
     rs = procrustes(stacked)[0]
     sizes = np.cumsum([math.prod(s[:-2]) for s in shapes])[:-1]
     out = {r: x.reshape(s) for r, x, s in zip(rots, jnp.split(rs, sizes), shapes, strict=True)}
-    coef = {(n, p): [0.0, 0.0] for n in scales for p in (1, -1)}  # [Σ‖B‖², Σ⟨A, B R⟩]
-    for r, scl, m, nb in terms:
-        c = coef[scl.group, scl.power]
-        c[0] = c[0] + nb
-        c[1] = c[1] + jnp.einsum("...ik,...ik->...", out[r], m)
-    for n in scales:
-        (c1, b1), (c2, b2) = coef[n, 1], coef[n, -1]
-        zeros = jnp.zeros(spec.groups[n].shape, jnp.float32)
-        out[n] = best_scale(c1 + zeros, b1 + zeros, b2 + zeros, c2 + zeros)
+    if scales:  # one solve for all heads of all scale groups
+        dot = lambda key: sum(jnp.einsum("...ik,...ik->...", out[r], mk) for r, mk in covs[key])
+        shapes = [spec.groups[n].shape for n in scales]
+        flat = lambda f: jnp.concatenate(
+            [jnp.broadcast_to(f(n), s).reshape(-1) for n, s in zip(scales, shapes, strict=True)]
+        )
+        a_opt = best_scale(
+            flat(lambda n: norms[n, 1]),
+            flat(lambda n: dot((n, 1))),
+            flat(lambda n: dot((n, -1))),
+            flat(lambda n: norms[n, -1]),
+        )
+        sizes = np.cumsum([math.prod(s) for s in shapes])[:-1]
+        for n, x, s in zip(scales, jnp.split(a_opt, sizes), shapes, strict=True):
+            out[n] = x.reshape(s)
     return out
+
+
+def _covariances(terms, keys, k, layer):
+    """For one rotation group (of one ``layer`` of it if stacked): ``M = Σ_p a_p[h] B_pᵀ A_p``
+    per head, and for each scale ``keys[j]`` the unweighted ``Σ_p B_pᵀ A_p`` and ``Σ_p ‖B_p‖²``
+    over the params it scales."""
+    m_all, pieces = 0.0, {key: (0.0, 0.0) for key in keys}
+    if layer is not None:
+        k = k - 1
+    for key, axes, w, ap, bp in terms:
+        if layer is not None:
+            ap, bp, w, axes = ap[layer], bp[layer], w[layer], tuple(x - 1 for x in axes)
+        am, bm = _moved(ap, axes, k), _moved(bp, axes, k)
+        m = jnp.einsum("...hir,...hkr->...hik", bm, am)
+        m_all = m_all + m * w[..., None, None]
+        if key is not None:
+            mk, nb = pieces[key]
+            pieces[key] = (mk + m, nb + jnp.sum(bm * bm, axis=(-2, -1)))
+    return m_all, [pieces[key] for key in keys]
+
+
+def _one_at_a_time(fns):
+    """``[f() for f in fns]``, evaluated one after the other in a loop (per group of ``fns``
+    with the same output shapes) rather than as independent ops. Their temporaries (the
+    head-major copies of the kernels that the per-head matmuls need) then share one buffer:
+    on CPU, XLA otherwise allocates them all at once, fresh pages every call, and the page
+    faults cost more than the copies (BERT-base: 170 MB of them, 0.11 s -> 14 MB, 0.06 s)."""
+    groups: dict[Any, list[int]] = {}
+    for i, f in enumerate(fns):
+        shape = jax.eval_shape(f)
+        groups.setdefault((jax.tree.structure(shape), tuple(jax.tree.leaves(shape))), []).append(i)
+    out: list[Any] = [None] * len(fns)
+    for idx in groups.values():
+        res = _looped([fns[i] for i in idx])
+        for j, i in enumerate(idx):
+            out[i] = jax.tree.map(lambda x, j=j: x[j], res)
+    return out
+
+
+def _looped(fns):
+    """The outputs of ``fns`` (all of one shape) stacked, computed in a loop over them."""
+    if len(fns) == 1:
+        return jax.tree.map(lambda x: x[None], fns[0]())
+    init = jax.tree.map(lambda s: jnp.zeros((len(fns), *s.shape), s.dtype), jax.eval_shape(fns[0]))
+    body = lambda j, acc: jax.tree.map(lambda x, y: x.at[j].set(y), acc, jax.lax.switch(j, fns))
+    return jax.lax.fori_loop(0, len(fns), body, init)
 
 
 def _merges_scales(spec, rots, scales):

@@ -7,6 +7,7 @@ complete transforms (every group of the spec).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,8 +22,10 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _ORDER = {"perm": 0, "orth": 1, "scale": 2}
 
 
+@functools.partial(jax.jit, static_argnums=0)
 def identity(spec: Spec) -> Transform:
-    """The identity element: arange permutations, identity matrices, unit scales."""
+    """The identity element: arange permutations, identity matrices, unit scales (built in
+    one compiled program: op by op, the many small arrays of a big spec take ~40 ms)."""
     return {name: identity_element(g) for name, g in spec.group_items}
 
 
