@@ -4,11 +4,11 @@ Regimes: ``related`` (B = a random symmetry of A plus noise: fine-tuned relative
 ``independent`` (A and B drawn independently: the worst case for the assignment solver).
 For each: the attention rotation + rescale alone, and the paper's whole alignment (rotation,
 rescale, FFN permutation), timed after a first call that compiles: the best of several calls
-(their median is kept too), with the stage times from the diagnostics of that call. The floor
-is the same cost-matrix matmuls in numpy (per-head d x d cross-covariances and per-layer FFN
-F x F cost matrices) plus the assignment solves alone. ``rotation_solve`` times the polar
-factors of those cross-covariances alone: rotjax's Newton-Schulz `match.polar` against the
-batched SVD.
+(their median is kept too), with the stage times from the diagnostics of that call (and each
+stage's best and median over the calls). The floor is the same cost-matrix matmuls in numpy
+(per-head d x d cross-covariances and per-layer FFN F x F cost matrices) plus the assignment
+solves alone. ``rotation_solve`` times the polar factors of those cross-covariances alone:
+rotjax's Newton-Schulz `match.polar` against the batched SVD.
 
     python -m experiments.benchmarks.align [--quick] [--out experiments/benchmarks/results]
 """
@@ -50,17 +50,17 @@ def random_params(config, key, scale=0.05):
 
 
 def timed(fn, repeats=5):
-    """``(best seconds, median seconds, output of the best call)`` after a compiling call:
-    the shared 2-core machine is noisy, so the best of several calls is the measurement and the
-    median says how much the noise adds."""
+    """``(best seconds, median seconds, outputs)`` of ``repeats`` calls after a compiling
+    call, outputs fastest first: the shared 2-core machine is noisy, so the best of several
+    calls is the measurement and the median says how much the noise adds."""
     fn()  # compile
     runs = []
     for _ in range(repeats):
         tic = time.perf_counter()
         out = fn()
         runs.append((time.perf_counter() - tic, out))
-    best = min(runs, key=lambda r: r[0])
-    return best[0], float(np.median([r[0] for r in runs])), best[1]
+    runs.sort(key=lambda r: r[0])
+    return runs[0][0], float(np.median([r[0] for r in runs])), [out for _, out in runs]
 
 
 def floor(config, a, b):
@@ -118,14 +118,19 @@ def run(shape, regime, key):
     row = {"shape": shape, "regime": regime}
     for label, solve in (("rotation+scale", ("rotation", "scale")), ("paper", match.PAPER)):
         repeats = 7 if label == "rotation+scale" else 3
-        seconds, median, res = timed(
+        seconds, median, results = timed(
             lambda solve=solve: match.align(spec, a, b, solve=solve), repeats
         )
-        d = res.diagnostics
+        d = results[0].diagnostics
         row[label] = {
             "seconds": seconds,
             "median_seconds": median,
             "stages": d.seconds,  # of the fastest call
+            # each stage's best and median over the calls
+            "stage_best": {k: min(r.diagnostics.seconds[k] for r in results) for k in d.seconds},
+            "stage_median": {
+                k: float(np.median([r.diagnostics.seconds[k] for r in results])) for k in d.seconds
+            },
             "objective_before": d.objective_before,
             "objective_after": d.objective_after,
         }
@@ -148,9 +153,11 @@ def main():
             rs = {k: round(v, 3) for k, v in row["rotation+scale"]["stages"].items()}
             stages = {k: round(v, 3) for k, v in row["paper"]["stages"].items()}
             solve = {k: round(v, 3) for k, v in row["rotation_solve"].items()}
+            att = [row["rotation+scale"][f"stage_{x}"]["attention"] for x in ("best", "median")]
             print(
                 f"{shape:10s} {regime:12s} rotation+scale {row['rotation+scale']['seconds']:.3f}s"
                 f" (median {row['rotation+scale']['median_seconds']:.3f}s) {json.dumps(rs)}"
+                f"  attention stage best {att[0]:.3f}s median {att[1]:.3f}s"
                 f"  polar vs svd {json.dumps(solve)}\n{'':24s}"
                 f"paper {row['paper']['seconds']:.2f}s  floor {row['floor']['total']:.2f}s"
                 f"  ratio {row['paper_over_floor']:.2f}  stages {json.dumps(stages)}"
