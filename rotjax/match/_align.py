@@ -519,8 +519,9 @@ def _rotations(spec, rots, scales, a, b, t):
     pass over the weights. Every param of a group in ``scales`` must carry a rotation in
     ``rots`` (see `_merges_scales`). The cross-covariances are computed one layer at a time
     (`_one_at_a_time`; all the groups of a layer together, so that its matmuls can run in
-    parallel)."""
-    keys, by_layer = {}, {}  # r -> its scale keys; layer -> [(r, its cross-covariances)]
+    parallel). On accelerators the loop runs the layers in sequence, each still batched over
+    heads."""
+    keys, by_layer = {}, {}  # r -> its scale keys; layer -> [((r, i), its cross-covariances)]
     for r in rots:
         g = spec.groups[r]
         terms = []
@@ -533,23 +534,25 @@ def _rotations(spec, rots, scales, a, b, t):
             key = (scl.group, scl.power) if scl is not None and scl.group in scales else None
             terms.append((key, act.axes, w, a[path], bp))
         keys[r] = tuple(dict.fromkeys(k for k, *_ in terms if k is not None))
-        k = len(g.batch)
         for i in range(g.batch[0]) if g.batch else [None]:  # a stacked group: layer by layer
-            fn = functools.partial(_covariances, terms, keys[r], k, i)
-            by_layer.setdefault(g.layer if i is None else i, []).append((r, fn))
-    parts = {r: [] for r in rots}  # a stacked group's layers in order
+            fn = functools.partial(_covariances, terms, keys[r], len(g.batch), i)
+            by_layer.setdefault(g.layer if i is None else i, []).append(((r, i), fn))
+    results = {}  # (r, i) -> (M, scale pieces) of group r (at layer i if stacked)
     layer_fns = [lambda us=us: [f() for _, f in us] for us in by_layer.values()]
     for us, outs in zip(by_layer.values(), _one_at_a_time(layer_fns), strict=True):
-        for (r, _), out in zip(us, outs, strict=True):
-            parts[r].append(out)
+        results.update(zip([ri for ri, _ in us], outs, strict=True))
     ms = {}
-    norms = {(n, p): 0.0 for n in scales for p in (1, -1)}  # Σ‖B_p‖² per scale and power
-    covs = {key: [] for key in norms}  # (r, Σ B_pᵀ A_p): Σ⟨A_p, B_p R⟩ = Σ tr(Rᵀ B_pᵀ A_p)
+    sq_norms = {(n, p): 0.0 for n in scales for p in (1, -1)}  # Σ‖B_p‖² per scale and power
+    covs = {key: [] for key in sq_norms}  # (r, Σ B_pᵀ A_p): Σ⟨A_p, B_p R⟩ = Σ tr(Rᵀ B_pᵀ A_p)
+    stack = lambda *x: jnp.stack(x)
     for r in rots:
-        stack = lambda *x: jnp.stack(x)
-        ms[r], pieces = jax.tree.map(stack, *parts[r]) if spec.groups[r].batch else parts[r][0]
-        for key, (mk, nb) in zip(keys[r], pieces, strict=True):
-            norms[key] = norms[key] + nb
+        batch = spec.groups[r].batch
+        if batch:
+            ms[r], scaled = jax.tree.map(stack, *[results[r, i] for i in range(batch[0])])
+        else:
+            ms[r], scaled = results[r, None]
+        for key, (mk, nb) in zip(keys[r], scaled, strict=True):
+            sq_norms[key] = sq_norms[key] + nb
             covs[key].append((r, mk))
     shapes = [ms[r].shape for r in rots]
     stacked = jnp.concatenate(
@@ -560,18 +563,21 @@ def _rotations(spec, rots, scales, a, b, t):
     out = {r: x.reshape(s) for r, x, s in zip(rots, jnp.split(rs, sizes), shapes, strict=True)}
     if scales:  # one solve for all heads of all scale groups
         dot = lambda key: sum(jnp.einsum("...ik,...ik->...", out[r], mk) for r, mk in covs[key])
-        shapes = [spec.groups[n].shape for n in scales]
-        flat = lambda f: jnp.concatenate(
-            [jnp.broadcast_to(f(n), s).reshape(-1) for n, s in zip(scales, shapes, strict=True)]
+        scale_shapes = [spec.groups[n].shape for n in scales]
+        concat = lambda f: jnp.concatenate(
+            [
+                jnp.broadcast_to(f(n), s).reshape(-1)
+                for n, s in zip(scales, scale_shapes, strict=True)
+            ]
         )
-        a_opt = best_scale(
-            flat(lambda n: norms[n, 1]),
-            flat(lambda n: dot((n, 1))),
-            flat(lambda n: dot((n, -1))),
-            flat(lambda n: norms[n, -1]),
+        best = best_scale(
+            concat(lambda n: sq_norms[n, 1]),
+            concat(lambda n: dot((n, 1))),
+            concat(lambda n: dot((n, -1))),
+            concat(lambda n: sq_norms[n, -1]),
         )
-        sizes = np.cumsum([math.prod(s) for s in shapes])[:-1]
-        for n, x, s in zip(scales, jnp.split(a_opt, sizes), shapes, strict=True):
+        ends = np.cumsum([math.prod(s) for s in scale_shapes])[:-1]
+        for n, x, s in zip(scales, jnp.split(best, ends), scale_shapes, strict=True):
             out[n] = x.reshape(s)
     return out
 

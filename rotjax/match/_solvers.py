@@ -48,18 +48,34 @@ def polar(m: jax.Array, *, max_steps: int = 12) -> jax.Array:
     exceeds 1/2 (at most ``max_steps / 2``), then cubic steps until ``‖X Xᵀ - I‖_F < 1e-3``
     (``max_steps`` steps in all), then one more cubic step (quadratic convergence takes that
     to float32 rounding). Matrices that do not get there (rank-deficient M, condition number
-    beyond ~1e3) take the SVD instead, computed only when some matrix of the batch needs it.
+    beyond a few thousand) take the SVD instead, computed only when some matrix of the batch
+    needs it, and then for a batch of at most twice as many matrices as need it (or n/8).
     Either way the result is ``U Vᵀ`` to float32 rounding.
     """
     m = jnp.asarray(m)
+    if m.size == 0:  # no matrices (or 0 x 0 ones)
+        return m
     x, ok = _newton_schulz(m, max_steps)
+    d = m.shape[-1]
+    flat_m, flat_x, flat_ok = m.reshape(-1, d, d), x.reshape(-1, d, d), ok.reshape(-1)
+    n = flat_m.shape[0]
+    # The SVD for the matrices Newton-Schulz left (all of them first in `failed`), in a batch
+    # of the least static size among n/8, n/4, n/2, n (rounded up) that holds them all.
+    sizes = sorted({-(-n // 2**j) for j in range(4)})
+    failed = jnp.argsort(flat_ok, stable=True)
 
-    def svd_polar(_):
-        u, _, vt = jnp.linalg.svd(m, full_matrices=False)
-        return jnp.matmul(u, vt, precision=_HIGHEST)
+    def svd_fix(size):
+        def fix(x):
+            idx = failed[:size]
+            u, _, vt = jnp.linalg.svd(flat_m[idx], full_matrices=False)
+            return x.at[idx].set(jnp.matmul(u, vt, precision=_HIGHEST))
 
-    exact = jax.lax.cond(jnp.all(ok), lambda _: x, svd_polar, None)
-    return jnp.where(ok[..., None, None], x, exact)
+        return fix
+
+    count = jnp.sum(~flat_ok)
+    which = jnp.where(count == 0, 0, 1 + jnp.searchsorted(jnp.asarray(sizes), count))
+    out = jax.lax.switch(which, [lambda x: x] + [svd_fix(s) for s in sizes], flat_x)
+    return out.reshape(m.shape)
 
 
 def _newton_schulz(m, max_steps, pieces=2):
@@ -68,7 +84,7 @@ def _newton_schulz(m, max_steps, pieces=2):
     The batch is iterated in ``pieces`` independent parts: XLA:CPU runs each matmul on one
     thread and independent ones side by side, so that halves keep two cores busy (1.6x on
     BERT-base's 288 heads); elsewhere they are just two matmuls per step instead of one."""
-    if m.ndim > 2 and m.shape[0] >= 2 * pieces:
+    if math.prod(m.shape[:-2]) >= 2 * pieces:
         parts = jnp.array_split(m.reshape(-1, *m.shape[-2:]), pieces)
     else:
         parts = [m]
