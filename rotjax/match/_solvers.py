@@ -49,7 +49,7 @@ def polar(m: jax.Array, *, max_steps: int = 12) -> jax.Array:
     (``max_steps`` steps in all), then one more cubic step (quadratic convergence takes that
     to float32 rounding). Matrices that do not get there (rank-deficient M, condition number
     beyond a few thousand) take the SVD instead, computed only when some matrix of the batch
-    needs it, and then for a batch of at most twice as many matrices as need it (or n/8).
+    needs it, and then for a quarter of the batch when at most a quarter needs it.
     Either way the result is ``U Vᵀ`` to float32 rounding.
     """
     m = jnp.asarray(m)
@@ -59,9 +59,9 @@ def polar(m: jax.Array, *, max_steps: int = 12) -> jax.Array:
     d = m.shape[-1]
     flat_m, flat_x, flat_ok = m.reshape(-1, d, d), x.reshape(-1, d, d), ok.reshape(-1)
     n = flat_m.shape[0]
-    # The SVD for the matrices Newton-Schulz left (all of them first in `failed`), in a batch
-    # of the least static size among n/8, n/4, n/2, n (rounded up) that holds them all.
-    sizes = sorted({-(-n // 2**j) for j in range(4)})
+    # The SVD for the matrices Newton-Schulz left (all of them first in `failed`): a batch of
+    # n/4 (rounded up) when that holds them all, else all n.
+    sizes = sorted({-(-n // 4), n})
     failed = jnp.argsort(flat_ok, stable=True)
 
     def svd_fix(size):
