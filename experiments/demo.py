@@ -51,12 +51,13 @@ def rotjax_cli(*argv):
     subprocess.run(cmd, check=True)
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--noise", type=float, default=0.01, help="noise std / weight std")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--workdir", help="keep the checkpoints here (default: a temp dir)")
-    args = parser.parse_args()
+    parser.add_argument("--solve", default="rotation,scale,ffn,heads,residual")
+    args = parser.parse_args(argv)
     minilm = data.minilm_dir()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -93,7 +94,7 @@ def main():
         "--out",
         str(aligned_dir),
         "--solve",
-        "rotation,scale,hidden,heads,residual",
+        args.solve,
     )
     wall = time.perf_counter() - tic
     report = json.loads((aligned_dir / "alignment.json").read_text())
@@ -112,9 +113,9 @@ def main():
     )
     cos = (e_aligned * e_orig).sum(-1)
     print(f"  cosine(aligned, original)  min {cos.min():.4f}")
-    d = report["distance"]
+    d = report["distance"]["all"]
     print(
-        f"\nweights: squared distance {d['before']:.1f} -> {d['after']:.3f}; "
+        f"\nweights: squared distance (all parameters) {d['before']:.1f} -> {d['after']:.3f}; "
         f"align {report['seconds']['total']:.1f}s in {report['sweeps']} sweep(s), "
         f"command {wall:.1f}s wall; report: {aligned_dir / 'alignment.json'}"
     )

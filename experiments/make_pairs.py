@@ -41,9 +41,12 @@ import time
 from pathlib import Path
 
 from experiments import train as T
+from rotjax import train
 
 
-def plan(num_seeds: int, *, quick: bool) -> tuple[list[T.Config], list[tuple[str, str, str]]]:
+def plan(
+    num_seeds: int, *, quick: bool, smoke: bool = False
+) -> tuple[list[T.Config], list[tuple[str, str, str]]]:
     """The runs and the pairs ``(kind, run a, run b)`` of a make_pairs invocation."""
     runs = [T.vit_fashion_mnist(name=f"vit-fashion_mnist-s{s}", seed=s) for s in range(num_seeds)]
     runs.append(T.minilm_wordnet("wordnet_glosses", name="minilm-glosses-s0", seed=0))
@@ -54,6 +57,8 @@ def plan(num_seeds: int, *, quick: bool) -> tuple[list[T.Config], list[tuple[str
     ]
     if quick:
         runs = [T.quick(c) for c in runs]
+    if smoke:
+        runs = [T.smoke(c) for c in runs]
     pairs = [
         ("seeds", "vit-fashion_mnist-s0", f"vit-fashion_mnist-s{s}") for s in range(1, num_seeds)
     ]
@@ -85,16 +90,21 @@ def main(argv=None):
     p = argparse.ArgumentParser(description="Train ViT and MiniLM pairs for alignment.")
     p.add_argument("--out", default="runs/pairs")
     p.add_argument("--quick", action="store_true", help="subsets and short schedules (~10 min)")
+    p.add_argument("--smoke", action="store_true", help="two steps per run (a pipeline check)")
+    p.add_argument("--runs", default="", help="only the runs whose name contains this")
     p.add_argument("--num-seeds", type=int, default=2, help="ViT seeds and MiniLM glosses seeds")
     p.add_argument("--force", action="store_true", help="retrain runs that have a summary")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
-    T.enable_compilation_cache()
+    train.enable_compilation_cache()
     out = Path(args.out)
     if args.quick and args.out == p.get_default("out"):
         out = Path("runs/pairs-quick")
     out.mkdir(parents=True, exist_ok=True)
-    runs, pairs = plan(args.num_seeds, quick=args.quick)
+    runs, pairs = plan(args.num_seeds, quick=args.quick, smoke=args.smoke)
+    runs = [r for r in runs if args.runs in r.name]
+    names = {r.name for r in runs}
+    pairs = [p for p in pairs if p[1] in names and p[2] in names]
     begin = time.perf_counter()
     summaries = []
     for config in runs:
@@ -114,7 +124,13 @@ def main(argv=None):
         )
         summaries.append(s)
     total = time.perf_counter() - begin
-    report = {"quick": args.quick, "runs": summaries, "pairs": pairs, "wall_seconds": total}
+    report = {
+        "quick": args.quick,
+        "smoke": args.smoke,
+        "runs": summaries,
+        "pairs": pairs,
+        "wall_seconds": total,
+    }
     (out / "summary.json").write_text(json.dumps(report, indent=2) + "\n")
     table = markdown(summaries, pairs, total)
     (out / "summary.md").write_text(table)

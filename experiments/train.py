@@ -34,13 +34,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import jax.numpy as jnp
-import numpy as np
 
 import rotjax.data
+import rotjax.hf
 from rotjax import train
-from rotjax.models import bert, vit
-from rotjax.symmetry import flatten
+from rotjax.models import family, vit
 
 VIT_FASHION_MNIST = vit.Config(
     hidden_size=64,
@@ -195,6 +193,14 @@ def quick(config: Config) -> Config:
     )
 
 
+def smoke(config: Config) -> Config:
+    """Seconds: two steps on a few examples, to check that a run goes through end to end."""
+    small = dict(train_limit=64, eval_limit=16, batch_size=16, num_epochs=0.5, eval_batch_size=16)
+    if config.model == "minilm":
+        small = dict(small, max_length=16, train_limit=32, batch_size=8, eval_batch_size=8)
+    return dataclasses.replace(config, eval_every=None, checkpoint_every=None, **small)
+
+
 # ----------------------------------------------------------------------------- input pipeline
 
 
@@ -222,90 +228,21 @@ def load_data(config: Config) -> dict[str, Any]:
     }
 
 
-def augment_images(batch: dict[str, jax.Array], key: jax.Array) -> dict[str, jax.Array]:
-    """Random horizontal flip and a random shift of up to 2 pixels (zero padded), per image."""
-    images = batch["images"]
-    n, h, w, _ = images.shape
-    k_flip, k_shift = jax.random.split(key)
-    flip = jax.random.bernoulli(k_flip, 0.5, (n, 1, 1, 1))
-    images = jnp.where(flip, images[:, :, ::-1], images)
-    padded = jnp.pad(images, ((0, 0), (2, 2), (2, 2), (0, 0)))
-    shifts = jax.random.randint(k_shift, (n, 2), 0, 5)
-
-    def crop(image, shift):
-        return jax.lax.dynamic_slice(image, (shift[0], shift[1], 0), (h, w, image.shape[-1]))
-
-    return {**batch, "images": jax.vmap(crop)(padded, shifts)}
-
-
 # ----------------------------------------------------------------------------- models
 
 
-def model_config(config: Config, num_labels: int):
-    """The rotjax model config of a run (for MiniLM, the pretrained one plus a head)."""
+def model_and_params(config: Config, num_labels: int, key: jax.Array):
+    """``(model config, initial params)`` of a run: a fresh ViT, or all-MiniLM-L6-v2's
+    pretrained encoder under a new sequence-classification head drawn from ``key``."""
     if config.model == "vit":
-        return dataclasses.replace(config.vit_config, num_labels=num_labels)
-    import rotjax.hf
-
-    pretrained_config, _ = rotjax.hf.load(rotjax.data.minilm_dir())
-    return dataclasses.replace(
-        pretrained_config,
-        task="sequence_classification",
-        num_labels=num_labels,
-        add_pooling_layer=False,
+        mconfig = dataclasses.replace(config.vit_config, num_labels=num_labels)
+        return mconfig, family(mconfig).init(mconfig, key)
+    return rotjax.hf.load_for_task(
+        rotjax.data.minilm_dir(), task="sequence_classification", num_labels=num_labels, key=key
     )
 
 
-def init_params(config: Config, mconfig, key: jax.Array) -> Any:
-    """Initial params: a fresh ViT, or MiniLM's pretrained encoder and pooler plus a new
-    classifier drawn from ``key`` (normal(initializer_range) kernel, zero bias, as
-    transformers initializes it)."""
-    model = (vit if config.model == "vit" else bert).Model(mconfig)
-    if config.model == "vit":
-        x = jnp.zeros((1, mconfig.image_size, mconfig.image_size, mconfig.num_channels))
-        return jax.jit(model.init)(key, x)["params"]
-    import rotjax.hf
-
-    _, pretrained = rotjax.hf.load(rotjax.data.minilm_dir())
-    ids = jnp.zeros((1, 8), jnp.int32)
-    shapes = jax.eval_shape(model.init, key, ids, ids)["params"]
-    return with_pretrained(shapes, pretrained, key, std=mconfig.initializer_range)
-
-
-def with_pretrained(shapes: Any, pretrained: Any, key: jax.Array, *, std: float) -> Any:
-    """Params of structure ``shapes``: pretrained leaves where present, new ones elsewhere.
-
-    Raises:
-        ValueError: If a pretrained leaf has another shape, or is not in ``shapes``, or a new
-            leaf is neither a kernel nor a bias.
-    """
-    paths, leaves, treedef = flatten(shapes)
-    source = dict(zip(*flatten(pretrained)[:2], strict=True))
-    unexpected = sorted(set(source) - set(paths))
-    if unexpected:
-        raise ValueError(f"pretrained params not in the model: {unexpected}")
-    out = []
-    for i, (path, s) in enumerate(zip(paths, leaves, strict=True)):
-        if path in source:
-            value = jnp.asarray(source[path])
-            if value.shape != s.shape:
-                raise ValueError(f"{path}: pretrained shape {value.shape}, model {s.shape}")
-            out.append(value.astype(s.dtype))
-        elif path.endswith("/kernel"):
-            out.append(std * jax.random.normal(jax.random.fold_in(key, i), s.shape, s.dtype))
-        elif path.endswith("/bias"):
-            out.append(jnp.zeros(s.shape, s.dtype))
-        else:
-            raise ValueError(f"{path} is neither pretrained nor a kernel or bias to initialize")
-    return jax.tree.unflatten(treedef, out)
-
-
 # ----------------------------------------------------------------------------- the run
-
-
-def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
-    """Test accuracy of always predicting the most frequent training class."""
-    return float(np.mean(test_labels == np.bincount(train_labels).argmax()))
 
 
 def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, progress=False):
@@ -320,11 +257,14 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, progr
     begin = time.perf_counter()
     data = load_data(config)
     num_labels = len(data["label_names"])
-    mconfig = model_config(config, num_labels)
-    model = (vit if config.model == "vit" else bert).Model(mconfig)
+    key_init, key_run = jax.random.split(jax.random.key(config.seed))
+    mconfig, params = model_and_params(config, num_labels, key_init)
+    model = family(mconfig).Model(mconfig)
 
     n_train = len(data["train"]["labels"])
-    num_steps = math.ceil(config.num_epochs * train.steps_per_epoch(n_train, config.batch_size))
+    num_steps = math.ceil(
+        config.num_epochs * rotjax.data.steps_per_epoch(n_train, config.batch_size)
+    )
     schedule = train.learning_rate_schedule(
         peak_value=config.learning_rate,
         total_steps=num_steps,
@@ -336,13 +276,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, progr
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
     )
-    key_init, key_run = jax.random.split(jax.random.key(config.seed))
-    state = train.create_train_state(init_params(config, mconfig, key_init), tx, key=key_run)
+    state = train.create_train_state(params, tx, key=key_run)
     steps = train.classification_steps(
         model,
         tx,
         learning_rate=schedule,
-        augment=augment_images if config.augment else None,
+        augment=train.augment_images if config.augment else None,
     )
     eval_data = data["validation"] if data["validation"] is not None else data["test"]
     result = train.fit(
@@ -379,15 +318,15 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, progr
         "resumed_from": result.resumed_from,
         "validation": result.eval_metrics if data["validation"] is not None else None,
         "test": test,
-        "majority_baseline": majority_baseline(data["train"]["labels"], data["test"]["labels"]),
+        "majority_baseline": train.majority_baseline(
+            data["train"]["labels"], data["test"]["labels"]
+        ),
         "final_train_loss": train_time[-1]["loss"] if train_time else None,
         "wall_seconds": time.perf_counter() - begin,
         "workdir": str(workdir),
         "hf": None,
     }
     if config.export_hf and jax.process_index() == 0:
-        import rotjax.hf
-
         tokenizer = rotjax.data.minilm_dir() if config.model == "minilm" else None
         summary["hf"] = str(
             rotjax.hf.save(
@@ -419,29 +358,25 @@ def _override(config: Config, assignment: str) -> Config:
     return dataclasses.replace(config, **{name: parsed})
 
 
-def enable_compilation_cache(directory: str | None = None) -> None:
-    """Share compiled XLA programs between runs (seeds and datasets of the same shapes)."""
-    directory = directory or os.environ.get("ROTJAX_JAX_CACHE") or ".jax_cache"
-    jax.config.update("jax_compilation_cache_dir", str(Path(directory).absolute()))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train one rotjax model.")
     p.add_argument("--config", required=True, choices=sorted(CONFIGS))
     p.add_argument("--workdir", required=True)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quick", action="store_true", help="a 1-2 minute version of the run")
+    p.add_argument("--smoke", action="store_true", help="two steps on a few examples")
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     args = p.parse_args(argv)
     train.initialize_distributed(enabled=args.distributed or None)
-    enable_compilation_cache()
+    train.enable_compilation_cache()
     config = CONFIGS[args.config](seed=args.seed)
     config = dataclasses.replace(config, name=f"{config.name}-s{args.seed}")
     if args.quick:
         config = quick(config)
+    if args.smoke:
+        config = smoke(config)
     for assignment in args.set:
         config = _override(config, assignment)
     summary = train_and_evaluate(config, args.workdir, progress=not args.no_progress)

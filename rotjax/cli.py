@@ -4,7 +4,7 @@ This module is the application layer: the only place in the package that prints 
 for results, stderr for progress and errors).
 
     rotjax inspect DIR
-    rotjax align ANCHOR_DIR MODEL_DIR --out DIR [--solve rotation,scale,hidden] [--layers 0,1]
+    rotjax align ANCHOR_DIR MODEL_DIR --out DIR [--solve rotation,scale,ffn] [--layers 0,1]
 """
 
 from __future__ import annotations
@@ -23,34 +23,35 @@ import tqdm
 
 from rotjax import hf, match
 from rotjax import symmetry as sym
-from rotjax.models import bert, vit
+from rotjax.models import family
+from rotjax.tree import flatten
 
 EPILOG = """\
 groups (--solve):
   rotation  per-head orthogonal R on query/key and on value/output (the paper's Thm. 4.1)
   scale     per-head rescaling Q*a, K/a and V*a, O/a (closed form, paper Eq. 11-12)
-  hidden    permutation of the FFN hidden units of every layer (and of pooler units)
+  ffn       permutation of the FFN hidden units of every layer (and of pooler units)
   heads     permutation of whole heads within a layer (beyond the paper)
   residual  one permutation of the residual stream (beyond the paper; coordinate descent)
-The default, rotation,scale,hidden, is the paper's method. The aligned model computes exactly
+The default, rotation,scale,ffn, is the paper's method. The aligned model computes exactly
 what MODEL_DIR computes; only its weights move closer to ANCHOR_DIR's.
 
 examples:
   rotjax inspect ./my-bert
   rotjax align ./bert-a ./bert-b --out ./bert-b-aligned
-  rotjax align ./bert-a ./bert-b --out ./b2 --solve rotation,scale,hidden,heads,residual
+  rotjax align ./bert-a ./bert-b --out ./b2 --solve rotation,scale,ffn,heads,residual
 """
 
 
 def _spec(config):
-    return (bert if isinstance(config, bert.Config) else vit).symmetry_spec(config)
+    return family(config).symmetry_spec(config)
 
 
 def inspect(args) -> int:
     config, params = hf.load(args.dir)
     spec = _spec(config)
-    kind = f"{getattr(config, 'model_type', 'vit')} ({config.task or 'encoder'})"
-    paths, leaves, _ = sym.flatten(params)
+    kind = f"{config.model_type} ({config.task or 'encoder'})"
+    paths, leaves, _ = flatten(params)
     print(f"{args.dir}: {kind}")
     print(
         f"  layers {config.num_hidden_layers}, hidden {config.hidden_size}, heads "
@@ -148,7 +149,12 @@ def _report(args, out, solve, layers, res, load_seconds, save_seconds):
         "model": str(args.model),
         "solve": list(solve),
         "layers": layers,
-        "distance": {"before": d.objective_before, "after": d.objective_after},
+        # Squared distances to the anchor, summed over every parameter ("all") and over the
+        # parameters some solved group acts on ("touched"; the others cannot move).
+        "distance": {
+            "all": {"before": d.distance_before, "after": d.distance_after},
+            "touched": {"before": d.touched_before, "after": d.touched_after},
+        },
         "per_layer": {k: {"before": v[0], "after": v[1]} for k, v in sorted(per_layer.items())},
         "per_group": {g: {"before": b, "after": a} for g, (b, a) in sorted(d.groups.items())},
         "history": d.history,
@@ -157,12 +163,18 @@ def _report(args, out, solve, layers, res, load_seconds, save_seconds):
     }
     (out / "alignment.json").write_text(json.dumps(report, indent=2))
     print(
-        f"squared distance to anchor: {d.objective_before:.6g} -> {d.objective_after:.6g} "
-        f"({100 * (1 - d.objective_after / max(d.objective_before, 1e-30)):.1f}% less)"
+        f"squared distance to anchor, all parameters: {d.distance_before:.6g} -> "
+        f"{d.distance_after:.6g} ({_less(d.distance_before, d.distance_after)}); those the "
+        f"solved groups act on: {d.touched_before:.6g} -> {d.touched_after:.6g} "
+        f"({_less(d.touched_before, d.touched_after)})"
     )
     print(f"aligned in {d.seconds['total']:.2f}s ({d.sweeps} sweep(s)); wrote {out}")
     for layer, v in sorted(per_layer.items(), key=lambda kv: (len(kv[0]), kv[0])):
         print(f"  {layer:10s} {v[0]:12.6g} -> {v[1]:12.6g}")
+
+
+def _less(before: float, after: float) -> str:
+    return f"{100 * (1 - after / max(before, 1e-30)):.1f}% less"
 
 
 def parser() -> argparse.ArgumentParser:

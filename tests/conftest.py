@@ -1,7 +1,8 @@
 """Strict numerics for every test: float32 matmuls at full precision, no silent rank promotion.
 
-Random inputs are drawn afresh on every run; a failing test reports its seed, and
-`ROTJAX_SEED=<seed> pytest ...` replays it.
+The CPU is split into 8 devices (before any backend starts), so sharded code paths run for
+real; unsharded work stays on device 0. Random inputs are drawn afresh on every run; a failing
+test reports its seed, and `ROTJAX_SEED=<seed> pytest ...` replays it.
 """
 
 import os
@@ -11,19 +12,25 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 import jax
-import numpy as np
-import pytest
+
+NUM_DEVICES = 8
+jax.config.update("jax_num_cpu_devices", NUM_DEVICES)
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+from rotjax.train import enable_compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
 # XLA's CPU compiler takes ~70 ms a program on this machine; share compiled programs between
 # test processes (pytest-xdist workers) and runs. The cache is keyed by the program itself.
-jax.config.update(
-    "jax_compilation_cache_dir",
-    os.environ.get("ROTJAX_JAX_CACHE", os.path.join(os.path.dirname(__file__), "..", ".jax_cache")),
+enable_compilation_cache(
+    os.environ.get("ROTJAX_JAX_CACHE")
+    or os.path.join(os.path.dirname(__file__), "..", ".jax_cache"),
+    min_compile_seconds=0.0,
+    min_entry_bytes=0,
 )
-jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 
 @pytest.fixture

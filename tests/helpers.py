@@ -7,7 +7,8 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import symmetry as sym
-from rotjax.models import bert, vit
+from rotjax.models import bert, family, vit
+from rotjax.tree import flatten
 
 # (name, config) pairs: head_dim other than 64 everywhere, odd head counts, 1 head, 1 layer.
 BERT_CONFIGS = {
@@ -87,13 +88,9 @@ def scanned(config, scan=True):
     return dataclasses.replace(config, scan_layers=scan)
 
 
-def module_of(config):
-    return bert if isinstance(config, bert.Config) else vit
-
-
 def inputs(config, key, batch=3):
-    """Model inputs; BERT batches include padding (a masked tail) in one row."""
-    if isinstance(config, vit.Config):
+    """Random model inputs; BERT batches include padding (a masked tail) in one row."""
+    if family(config).name == "vit":
         shape = (batch, config.image_size, config.image_size, config.num_channels)
         return (jax.random.normal(key, shape),)
     seq = min(7, config.max_position_embeddings - 2)
@@ -115,8 +112,8 @@ class Compiled:
     compiler takes ~70 ms a program here, so eager tiny ops would dominate the test time)."""
 
     def __init__(self, config):
-        self.model = module_of(config).Model(config)
-        self.spec = module_of(config).symmetry_spec(config)
+        self.model = family(config).Model(config)
+        self.spec = family(config).symmetry_spec(config)
         self.init = jax.jit(functools.partial(_random_params, config), static_argnums=1)
         self.apply = jax.jit(functools.partial(sym.apply, self.spec))
         self.forward = jax.jit(lambda p, x: self.model.apply({"params": p}, *x))
@@ -130,9 +127,7 @@ def compiled(config):
 def _random_params(config, key, scale):
     """Params of the model's shapes drawn from one normal vector: one small program to compile
     (`model.init` would compile a PRNG kernel per parameter). LayerNorm scales are ``1 + noise``."""
-    model = module_of(config).Model(config)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), *inputs(config, jax.random.key(0)))
-    paths, leaves, treedef = sym.flatten(shapes["params"])
+    paths, leaves, treedef = flatten(family(config).param_shapes(config))
     sizes = [x.size for x in leaves]
     flat = scale * jax.random.normal(key, (sum(sizes),))
     out, start = [], 0

@@ -33,10 +33,14 @@ def test_align_recovers_a_planted_transform(checkpoints, capsys):
     _, aligned = hf.load(out)
     assert rel_err(aligned, a) <= 1e-5
     report = json.loads((out / "alignment.json").read_text())
-    assert report["distance"]["after"] <= 1e-8 * report["distance"]["before"]
+    d = report["distance"]
+    assert d["all"]["after"] <= 1e-8 * d["all"]["before"]
+    assert d["touched"]["before"] == pytest.approx(d["all"]["before"], rel=1e-6)
     assert set(report["per_layer"]) == {"layer_0", "layer_1", "global"}
     assert "encoder/layer_0/attention/qk_rotation" in report["per_group"]
-    assert "squared distance to anchor" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "squared distance to anchor, all parameters:" in printed
+    assert "those the solved groups act on:" in printed
 
 
 def test_inspect(checkpoints, capsys):
@@ -70,7 +74,11 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys, tmp_path
     (corrupt / "model.safetensors").write_bytes(
         (tmp / "a" / "model.safetensors").read_bytes()[:100]
     )
-    _fails(["align", a, str(corrupt), "--out", str(out), "--quiet"], capsys, "")
+    _fails(
+        ["align", a, str(corrupt), "--out", str(out), "--quiet"],
+        capsys,
+        "model.safetensors is not a readable safetensors file",
+    )
     assert not out.exists()
 
     out.mkdir()
@@ -78,7 +86,7 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys, tmp_path
     _fails(["align", a, b, "--out", str(out), "--quiet"], capsys, "not empty")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
 
-    _fails(["align", a, b, "--out", str(tmp / "o2"), "--solve", "spin"], capsys, "unknown")
+    _fails(["align", a, b, "--out", str(tmp / "o2"), "--solve", "spin"], capsys, "unknown blocks")
     assert not (tmp / "o2").exists()
 
 

@@ -2,7 +2,6 @@
 
 import gzip
 import io
-import itertools
 import re
 import struct
 import sys
@@ -301,7 +300,7 @@ def test_wordnet_cache_round_trip(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the tokenizer must not be loaded on a cache hit")
 
-    monkeypatch.setattr(_text, "_load_tokenizer", fail)
+    monkeypatch.setattr(_text, "load_tokenizer", fail)
     monkeypatch.setenv("ROTJAX_CACHE", str(tmp_path))
     second = data.wordnet_examples(limit=40, max_length=24)  # cache_dir from $ROTJAX_CACHE
     for a, b in zip(first, second, strict=True):
@@ -470,7 +469,10 @@ def test_batches_shuffle_is_deterministic(seed):
     for x, y in zip(a, b, strict=True):
         np.testing.assert_array_equal(x["y"], y["y"])
     order = np.concatenate([x["y"] for x in a]) // 10
-    np.testing.assert_array_equal(order, np.random.default_rng(seed).permutation(23))
+    np.testing.assert_array_equal(order, data.epoch_order(23, seed=seed, epoch=0))
+    later = np.concatenate([x["y"] for x in data.batches(arrays, 5, seed=seed, epoch=3)]) // 10
+    np.testing.assert_array_equal(later, data.epoch_order(23, seed=seed, epoch=3))
+    assert not np.array_equal(later, order)
     assert not np.array_equal(order, np.concatenate([x["y"] for x in c]) // 10)
     for batch in a:  # rows stay aligned across arrays
         np.testing.assert_array_equal(batch["x"][:, 0], batch["y"] // 5)
@@ -478,19 +480,24 @@ def test_batches_shuffle_is_deterministic(seed):
         np.testing.assert_array_equal(arrays[k], copy[k])
 
 
-def test_epochs(seed):
+def test_padded_batches_count_every_example_once():
+    arrays = {**_arrays(10), "labels": np.arange(10)}
+    out = list(data.batches(arrays, 4, pad=True))
+    assert [len(b["labels"]) for b in out] == [4, 4, 4]
+    np.testing.assert_array_equal(out[-1]["labels"], [8, 9, data.IGNORE_LABEL, data.IGNORE_LABEL])
+    np.testing.assert_array_equal(out[-1]["x"][2:], 0)
+    rows = list(data.batches(arrays, 4, pad=True, rows=slice(2, 4)))  # a process's share
+    np.testing.assert_array_equal(rows[0]["labels"], [2, 3])
+
+
+def test_train_batches_cross_epochs(seed):
     arrays = _arrays(10)
-    stream = data.epochs(arrays, 4, seed=seed)
-    first = list(itertools.islice(stream, 2))
+    stream = data.train_batches(arrays, batch_size=4, seed=seed)
+    first = [next(stream) for _ in range(2)]  # one epoch: 2 full batches, 2 examples dropped
     for x, y in zip(first, data.batches(arrays, 4, seed=seed, drop_remainder=True), strict=True):
         np.testing.assert_array_equal(x["y"], y["y"])
-    assert len(list(itertools.islice(stream, 1000))) == 1000  # endless
-    finite = list(data.epochs(arrays, 3, seed=seed, num_epochs=3, drop_remainder=False))
-    assert len(finite) == 12
-    rows = [np.sort(np.concatenate([b["y"] for b in finite[i : i + 4]])) for i in (0, 4, 8)]
-    for r in rows:
-        np.testing.assert_array_equal(r, arrays["y"])
-    assert list(data.epochs(arrays, 4, num_epochs=0)) == []
+    second = next(stream)
+    np.testing.assert_array_equal(second["y"] // 10, data.epoch_order(10, seed=seed, epoch=1)[:4])
 
 
 def test_batches_errors():
@@ -501,4 +508,4 @@ def test_batches_errors():
     with pytest.raises(ValueError, match="empty"):
         data.batches({}, 2)
     with pytest.raises(ValueError, match="no batch"):
-        data.epochs(_arrays(3), 4)
+        next(data.train_batches(_arrays(3), batch_size=4, seed=0))

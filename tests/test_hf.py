@@ -18,9 +18,11 @@ from conftest import rel_err
 from helpers import CONFIGS, logits, scanned
 
 import rotjax.hf
+import rotjax.models
 from rotjax import symmetry as sym
 from rotjax.data import minilm_dir
-from rotjax.models import bert, vit
+from rotjax.models import family, vit
+from rotjax.tree import flatten, to_dict
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -79,7 +81,7 @@ def torch_model(name, seed):
 def make_inputs(config, rng, batch=3):
     """rotjax inputs: padded token ids (a masked tail in two rows) with random token types, or
     NHWC images."""
-    if isinstance(config, vit.Config):
+    if family(config).name == "vit":
         s, c = config.image_size, config.num_channels
         return (rng.standard_normal((batch, s, s, c), dtype=np.float32),)
     seq = min(7, config.max_position_embeddings - config.pad_token_id - 2)
@@ -115,16 +117,14 @@ def torch_forward(model, x):
 
 
 def rotjax_forward(config, params, x):
-    model = (bert if isinstance(config, bert.Config) else vit).Model(config)
+    model = family(config).Model(config)
     return np.asarray(logits(model, params, x))  # jitted once per config (helpers.compiled)
 
 
 def random_params(config, seed):
     """Random params of ``Model(config)``'s structure, as jax arrays; no XLA compile (the shapes
     come from `jax.eval_shape`, the values from numpy)."""
-    module = bert if isinstance(config, bert.Config) else vit
-    x = make_inputs(config, np.random.default_rng(0), batch=1)
-    shapes = jax.eval_shape(lambda: module.Model(config).init(jax.random.key(0), *x))["params"]
+    shapes = family(config).param_shapes(config)
     rng = np.random.default_rng(seed)
     return jax.device_put(
         jax.tree.map(lambda s: rng.normal(0.0, 0.3, s.shape).astype(np.float32), shapes)
@@ -132,8 +132,8 @@ def random_params(config, seed):
 
 
 def assert_trees_equal(a, b):
-    pa, la, _ = sym.flatten(a)
-    pb, lb, _ = sym.flatten(b)
+    pa, la, _ = flatten(a)
+    pb, lb, _ = flatten(b)
     assert pa == pb
     for path, x, y in zip(pa, la, lb, strict=True):
         assert np.asarray(x).dtype == np.asarray(y).dtype == np.float32, path
@@ -154,7 +154,7 @@ def test_parity_with_transformers(name, seed, tmp_path):
     model.save_pretrained(tmp_path)
     config_s, params_s = rotjax.hf.load(tmp_path, scan_layers=True)
     assert config_s == dataclasses.replace(config, scan_layers=True)
-    assert_trees_equal(rotjax.hf.unstack_layers(params_s), params)
+    assert_trees_equal(rotjax.models.unstack_layers(params_s), params)
     if name in SCANNED:  # the others would only add XLA compiles for identical params
         assert rel_err(rotjax_forward(config_s, params_s, x), expected) <= TOL
 
@@ -232,40 +232,6 @@ def test_minilm_matches_transformers(tmp_path):
     config2, params2 = rotjax.hf.load(out)
     assert config2 == config
     assert_trees_equal(params2, params)
-
-
-def test_stack_unstack_layers(seed):
-    config = bert.Config(
-        vocab_size=20,
-        hidden_size=4,
-        num_hidden_layers=3,
-        num_attention_heads=2,
-        intermediate_size=6,
-        max_position_embeddings=8,
-    )
-    # numpy leaves: numpy out, nothing compiled.
-    params = jax.tree.map(np.asarray, random_params(config, seed))
-    stacked = rotjax.hf.stack_layers(params)
-    sym.validate(bert.symmetry_spec(dataclasses.replace(config, scan_layers=True)), stacked)
-    kernel = stacked["encoder"]["layers"]["ffn"]["output"]["kernel"]
-    assert isinstance(kernel, np.ndarray)
-    np.testing.assert_array_equal(
-        kernel[2], params["encoder"]["layer_2"]["ffn"]["output"]["kernel"]
-    )
-    assert_trees_equal(rotjax.hf.unstack_layers(stacked), params)
-    # Under jit (one program for the whole tree).
-    jitted = jax.jit(rotjax.hf.stack_layers)(params)
-    assert isinstance(jitted["encoder"]["layers"]["ffn"]["output"]["kernel"], jax.Array)
-    assert_trees_equal(jitted, stacked)
-
-    broken = {
-        "encoder": {
-            "layer_0": params["encoder"]["layer_0"],
-            "layer_2": params["encoder"]["layer_2"],
-        }
-    }
-    with pytest.raises(ValueError, match=r"not 0\.\.L-1"):
-        rotjax.hf.stack_layers(broken)
 
 
 # ------------------------------------------------------------------------------------------
@@ -439,3 +405,19 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     rotjax.hf.save(target, config, params, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tok"]
+
+
+def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
+    encoder = CASES["bert-base-pooler"]
+    params = random_params(encoder, seed)
+    rotjax.hf.save(tmp_path / "enc", encoder, params)
+    config, tuned = rotjax.hf.load_for_task(
+        tmp_path / "enc", task="token_classification", num_labels=5, key=jax.random.key(seed)
+    )
+    assert config.task == "token_classification" and config.num_labels == 5
+    assert config.hidden_size == encoder.hidden_size and not config.has_pooler
+    old, new = to_dict(params), to_dict(tuned)
+    assert sorted(set(new) - set(old)) == ["classifier/bias", "classifier/kernel"]
+    for path in set(new) & set(old):
+        np.testing.assert_array_equal(new[path], old[path], err_msg=path)
+    sym.validate(family(config).symmetry_spec(config), tuned)

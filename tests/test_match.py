@@ -5,6 +5,7 @@ per head (relative error ~1e-7; we allow 1e-5, as for function preservation). Or
 values are compared at 1e-4 relative: float32 SVD / assignment sums against float64 scipy.
 """
 
+import contextlib
 import dataclasses
 import itertools
 
@@ -27,7 +28,7 @@ SOLVES = {
     "rotation": ("rotation",),
     "rotation+scale": ("rotation", "scale"),
     "scale": ("scale",),
-    "hidden": ("hidden",),
+    "ffn": ("ffn",),
     "heads": ("heads", "rotation", "scale"),
     "residual": ("residual",),
     "all": match.ALL,
@@ -52,7 +53,7 @@ def planted(name, scan, solve, key, noise=0.0):
     c = compiled(config)
     k1, k2, k3 = jax.random.split(key, 3)
     a = c.init(k1, 0.3)
-    roles = {r for s in solve for r in match.GROUPS[s]}
+    roles = {r for s in solve for r in match.BLOCKS[s]}
     full = sym.sample(c.spec, k2)
     g = {n: full[n] for n in c.spec.select(roles=roles)}
     b = c.apply(a, g)
@@ -80,8 +81,11 @@ def test_planted_recovery(name, scan, solve, key):
     x = inputs(config, jax.random.fold_in(key, 3))
     assert rel_err(logits(c.model, res.params, x), logits(c.model, b, x)) <= TOL
     d = res.diagnostics
-    assert d.objective_after <= 1e-8 * d.objective_before
+    assert d.touched_after <= 1e-8 * d.touched_before
     assert rel_err(res.params, c.apply(b, res.transform)) <= 1e-6
+    # Distances over all params: the untouched ones are equal in A and B (planted, no noise).
+    assert d.distance_before == pytest.approx(d.touched_before, rel=1e-6)
+    assert d.distance_after == pytest.approx(sum(after for _, after in d.params.values()))
 
 
 @pytest.mark.parametrize("name", ["bert-h3d1-l1", "bert-h5d2-l1-token", "roberta-h1d6-l2"])
@@ -106,11 +110,11 @@ def test_planted_recovery_with_stacked_and_per_layer_groups_mixed(key):
         )
     g = sym.sample(spec, jax.random.fold_in(key, 99))
     solve = ("rotation", "scale")
-    solved = spec.select(roles={r for s in solve for r in match.GROUPS[s]})
+    solved = spec.select(roles={r for s in solve for r in match.BLOCKS[s]})
     b = sym.apply(spec, a, {n: g[n] for n in solved})
     res = match.align(spec, a, b, solve=solve)
     assert rel_err(res.params, a) <= TOL
-    assert res.diagnostics.objective_after <= 1e-8 * res.diagnostics.objective_before
+    assert res.diagnostics.touched_after <= 1e-8 * res.diagnostics.touched_before
 
 
 @pytest.mark.parametrize("solve", ["rotation+scale", "all"])
@@ -118,12 +122,21 @@ def test_noisy_copy_gets_closer_and_descent_is_monotone(solve, key):
     config, c, a, b, _ = planted("bert-h3d4-l2", False, SOLVES[solve], key, noise=0.05)
     res = match.align(c.spec, a, b, solve=SOLVES[solve], key=key)
     d = res.diagnostics
-    assert d.objective_after < 0.5 * d.objective_before
+    assert d.touched_after < 0.5 * d.touched_before
     objectives = [v for _, v in d.history]
     assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(objectives)), d.history
-    for group, (before, after) in d.groups.items():
-        if group in res.transform and c.spec.groups[group].role != "residual":
-            assert after <= before * (1 + 1e-6) + 1e-6, group
+    # The noise lands on every param: the distance over all of them stays above the touched
+    # part's, by exactly the untouched params' (constant) distance.
+    untouched = sum(before for p, (before, after) in d.params.items() if before == after)
+    assert d.distance_after == pytest.approx(d.touched_after + untouched, rel=1e-5)
+    # Every solved block moved its groups' params closer, except the stream permutation (which
+    # trades its own params' distance for the other groups').
+    solved_roles = {r for s in SOLVES[solve] for r in match.BLOCKS[s]}
+    checked = [g for g in d.groups if c.spec.groups[g].role in solved_roles - {"residual"}]
+    assert checked
+    for group in checked:
+        before, after = d.groups[group]
+        assert after <= before * (1 + 1e-6) + 1e-6, group
     x = inputs(config, key)
     assert rel_err(logits(c.model, res.params, x), logits(c.model, b, x)) <= TOL
 
@@ -135,7 +148,7 @@ def test_independent_models_monotone_descent(residual_init, key):
     res = match.align(c.spec, a, b, solve=match.ALL, residual_init=residual_init, key=key)
     objectives = [v for _, v in res.diagnostics.history]
     assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(objectives))
-    assert res.diagnostics.objective_after < res.diagnostics.objective_before
+    assert res.diagnostics.distance_after < res.diagnostics.distance_before
     x = inputs(c.model.config, key)
     assert rel_err(logits(c.model, res.params, x), logits(c.model, b, x)) <= TOL
 
@@ -155,7 +168,7 @@ def test_layer_subset(scan, key):
     _, c, a, b, _ = planted("bert-h3d4-l2", scan, match.PAPER, key)
     res = match.align(c.spec, a, b, layers=[1])
     ident = sym.identity(c.spec)
-    for n in c.spec.select(roles=["qk_rotation", "hidden"]):
+    for n in c.spec.select(roles=["qk_rotation", "ffn"]):
         if not n.startswith("encoder/"):  # the pooler is no layer's: always solved
             continue
         t, i = np.asarray(res.transform[n]), np.asarray(ident[n])
@@ -173,21 +186,35 @@ def test_layer_subset(scan, key):
     assert rel_err(got[1] if scan else got, want[1] if scan else want) <= TOL, path
 
 
-def test_optax_solver_and_no_recompilation(key):
-    _, c, a, b, g = planted("bert-h3d4-l2", True, ("hidden", "heads", "rotation"), key)
-    res = match.align(c.spec, a, b, solve=("hidden", "heads", "rotation"), solver="optax")
-    assert rel_err(res.params, a) <= TOL
-    from rotjax.match import _align
+@contextlib.contextmanager
+def compiles():
+    """The names of the functions XLA compiles inside the block (JAX's public monitoring
+    events; a hit in the on-disk cache still counts: it is a miss of the in-memory one)."""
+    names = []
 
-    sizes = [
-        f._cache_size() for f in (_align._rotations, _align._head_scores, _align._distances_jit)
-    ]
+    def listen(event, duration, **kw):
+        if event == "/jax/core/compile/backend_compile_duration":
+            names.append(kw.get("fun_name"))
+
+    jax.monitoring.register_event_duration_secs_listener(listen)
+    try:
+        yield names
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listen)
+
+
+def test_optax_solver_and_no_recompilation(key):
+    _, c, a, b, g = planted("bert-h3d4-l2", True, ("ffn", "heads", "rotation"), key)
+    res = match.align(c.spec, a, b, solve=("ffn", "heads", "rotation"), solver="optax")
+    assert rel_err(res.params, a) <= TOL
     b2 = jax.tree.map(lambda x: x * 1.01, b)
-    match.align(c.spec, a, b2, solve=("hidden", "heads", "rotation"), solver="optax")
-    again = [
-        f._cache_size() for f in (_align._rotations, _align._head_scores, _align._distances_jit)
-    ]
-    assert again == sizes
+    with compiles() as first:  # the listener sees compilations
+        jax.jit(lambda x: x * 3.0 + 1.0)(jnp.ones(5))
+    assert first
+    with compiles() as names:
+        res2 = match.align(c.spec, a, b2, solve=("ffn", "heads", "rotation"), solver="optax")
+        jax.block_until_ready(res2.params)
+    assert names == [], names
 
 
 def test_align_many_picks_the_central_model(key):
@@ -204,7 +231,7 @@ def test_align_many_picks_the_central_model(key):
     ]
     anchor, results = match.align_many(c.spec, noisy)
     assert anchor == 1  # the least noisy model is the closest to the average
-    assert results[1].diagnostics.objective_before == 0.0
+    assert results[1].diagnostics.distance_before == 0.0
 
     # Scrambled copies of one model all come back onto the chosen anchor.
     copies = [c.apply(base, sym.sample(c.spec, jax.random.fold_in(key, 10 + i))) for i in range(3)]
@@ -231,16 +258,16 @@ def test_bad_inputs_raise_before_any_work(key):
     # Finite values whose sum overflows (the screen's false alarm) are not an error.
     big = jax.tree.map(lambda x: x, a)
     big["classifier"]["bias"] = jnp.full_like(big["classifier"]["bias"], 3e38)
-    assert match.align(c.spec, big, big).diagnostics.objective_after < 1e-6
+    assert match.align(c.spec, big, big).diagnostics.distance_after < 1e-6
     half = jax.tree.map(lambda x: x, a)
     half["pooler"]["kernel"] = half["pooler"]["kernel"].astype(jnp.bfloat16)
-    with pytest.raises(ValueError, match="pooler/kernel: anchor float32 vs params bfloat16"):
+    with pytest.raises(ValueError, match="pooler/kernel: anchor_params float32 vs params bfloat16"):
         match.align(c.spec, a, half)
-    with pytest.raises(ValueError, match="unknown group kinds"):
+    with pytest.raises(ValueError, match="unknown blocks"):
         match.align(c.spec, a, a, solve=("rotations",))
     with pytest.raises(TypeError, match=r"unknown options \['solv'\]"):
         match.align_many(c.spec, [a, a], solv=("rotation",))
-    with pytest.raises(ValueError, match="non-finite"):
+    with pytest.raises(ValueError, match=r"(?s)non-finite.*params_list\[1\]: classifier/bias"):
         match.align_many(c.spec, [a, nan])
 
 
@@ -251,7 +278,7 @@ def test_bfloat16_is_solved_in_float32_and_returned_in_bfloat16(key):
     assert {x.dtype for x in jax.tree.leaves(res.params)} == {jnp.dtype(jnp.bfloat16)}
     # bfloat16 keeps 8 bits of mantissa: the planted copy comes back to ~1e-2.
     assert rel_err(res.params, a16) < 3e-2
-    assert res.diagnostics.objective_after < 1e-3 * res.diagnostics.objective_before
+    assert res.diagnostics.distance_after < 1e-3 * res.diagnostics.distance_before
 
 
 # ---------------------------------------------------------------------------------------------
@@ -361,3 +388,33 @@ def test_best_scale_matches_dense_search_and_quartic_roots(seed):
     v = jax.vmap(match.best_scale)(*stacked)
     np.testing.assert_allclose(np.asarray(v).reshape(-1), got, rtol=1e-5)
     assert float(match.best_scale(0.0, 0.0, 0.0, 0.0)) == 1.0
+
+
+def test_options_fail_before_any_work(key):
+    c = compiled(CONFIGS["bert-h3d4-l2"])  # 2 layers
+    a = c.init(key, 0.3)
+    bad = {
+        "solver": (dict(solve=("rotation",), solver="hungarian"), "solver must be one of"),
+        "layer 5": (dict(layers=[5]), r"layers=\[5\]: \[5\] out of range \(the model has layers"),
+        "negative": (dict(layers=[-1, 0]), r"\[-1\] out of range"),
+        "not ints": (dict(layers=["a"]), "layers must be integers"),
+        "sweeps": (dict(max_sweeps=-3), "max_sweeps must be None or an int >= 1"),
+        "tol": (dict(tol=float("nan")), "tol must be finite"),
+        "init": (dict(init={"nope": jnp.zeros(3)}), r"not in the spec: \['nope'\]"),
+    }
+    for options, message in bad.values():
+        with pytest.raises(ValueError, match=message):
+            match.align(c.spec, a, a, **options)
+        with pytest.raises(ValueError, match=message):
+            match.align_many(c.spec, [a, a], **options)
+    # Work never started: the params were never even checked (here they do not fit).
+    with pytest.raises(ValueError, match="solver"):
+        match.align(c.spec, {"not": "params"}, a, solver="lapjv")
+
+
+def test_solve_accepts_one_name_and_strips_spaces(key):
+    _, c, a, b, _ = planted("bert-h3d4-l2", False, ("rotation",), key)
+    one = match.align(c.spec, a, b, solve="rotation")
+    spaced = match.align(c.spec, a, b, solve=[" rotation "])
+    assert rel_err(one.params, a) <= TOL and rel_err(spaced.params, a) <= TOL
+    assert match.Options(solve=" ffn").solve == ("ffn",)

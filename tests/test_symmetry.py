@@ -13,9 +13,12 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers import CONFIGS, compiled, init, inputs, logits, module_of, scanned
+from helpers import CONFIGS, compiled, init, inputs, logits, scanned
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from rotjax import symmetry as sym
+from rotjax.models import family
 
 TOL = 1e-5
 CASES = [(name, scan) for name in CONFIGS for scan in (False, True)]
@@ -26,7 +29,7 @@ def setup(name, scan, key):
     config = scanned(CONFIGS[name], scan)
     k1, k2 = jax.random.split(key)
     model, params = init(config, k1)
-    return config, module_of(config).symmetry_spec(config), model, params, inputs(config, k2)
+    return config, family(config).symmetry_spec(config), model, params, inputs(config, k2)
 
 
 @pytest.mark.parametrize(("name", "scan"), CASES, ids=IDS)
@@ -110,7 +113,8 @@ def test_group_laws(scan, key):
 
 
 def test_sampled_elements_are_group_elements(key):
-    spec = module_of(CONFIGS["bert-h3d4-l2"]).symmetry_spec(scanned(CONFIGS["bert-h3d4-l2"]))
+    config = scanned(CONFIGS["bert-h3d4-l2"])
+    spec = family(config).symmetry_spec(config)
     t = sym.sample(spec, key)
     for name, g in spec.groups.items():
         el = np.asarray(t[name])
@@ -251,3 +255,48 @@ def test_nnx_state_round_trip(key):
     assert rel_err(after, jnp.take(before, t["stream"], axis=-1)) <= TOL
     back = sym.apply(spec, moved, sym.invert(spec, t))
     assert rel_err(back, pure) <= TOL
+
+
+def test_fragment_builders_check_what_they_hold():
+    """A fragment is checked when built (its own groups and axes), not only when combined."""
+    with pytest.raises(ValueError, match=r"param 'w' \(shape \(3, 4\)\): axes \(2,\) of group"):
+        sym.param("w", (3, 4), sym.Action("p", (2,)))
+    with pytest.raises(ValueError, match="power 2 is not allowed"):
+        sym.param("w", (3, 4), sym.Action("p", (0,), power=2))
+    # A spec built whole from builders is also checked as a whole by `Spec.combine`.
+    with pytest.raises(ValueError, match="unknown group 'stream'"):
+        sym.Spec.combine(sym.dense("d", 3, 4, in_group="stream"))
+
+
+@settings(max_examples=6, deadline=None)
+@given(
+    heads=st.integers(1, 3),
+    head_dim=st.integers(1, 4),
+    layers=st.sampled_from([(), (2,)]),
+    seed=st.integers(0, 2**31 - 1),
+)
+def test_group_laws_on_random_attention_shapes(heads, head_dim, layers, seed):
+    """apply(g) then apply(g⁻¹) is the identity and compose(g, h) acts as g then h, for any
+    head count, head width and stacking (property test over shapes)."""
+    d = heads * head_dim + 1
+    spec = sym.Spec.combine(
+        sym.permutation("stream", d),
+        sym.attention(
+            "att", hidden_size=d, num_heads=heads, head_dim=head_dim, stream="stream", batch=layers
+        ),
+    )
+    key = jax.random.key(seed)
+    params = {}
+    for i, (path, p) in enumerate(spec.param_items):
+        prefix, name, leaf = path.split("/")
+        params.setdefault(prefix, {}).setdefault(name, {})[leaf] = jax.random.normal(
+            jax.random.fold_in(key, i), p.shape
+        )
+    g, h = (
+        sym.sample(spec, jax.random.fold_in(key, 100)),
+        sym.sample(spec, jax.random.fold_in(key, 101)),
+    )
+    moved = sym.apply(spec, params, g)
+    assert rel_err(sym.apply(spec, moved, sym.invert(spec, g)), params) <= TOL
+    twice = sym.apply(spec, moved, h)
+    assert rel_err(sym.apply(spec, params, sym.compose(spec, g, h)), twice) <= TOL

@@ -6,10 +6,6 @@ size and step functions: one compiled program, shared through the persistent com
 """
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -19,8 +15,8 @@ from conftest import rel_err
 from helpers import VIT_CONFIGS, init
 from sklearn.metrics import accuracy_score, f1_score
 
-from rotjax import train
-from rotjax.models import bert, vit
+from rotjax import data, train
+from rotjax.models import bert
 
 # One layer keeps the compile time down; hidden dropout exercises the dropout rng.
 BERT = bert.Config(
@@ -64,11 +60,14 @@ def setup(config, seed, *, total_steps=NUM_STEPS):
     return state, train.classification_steps(model, tx, learning_rate=schedule)
 
 
-def run_bert(seed, num_steps, **kwargs):
-    """``num_steps`` steps of the shared tiny BERT run (also run in subprocesses)."""
+def run_bert(seed, num_steps, *, mesh=None, **kwargs):
+    """``num_steps`` steps of the shared tiny BERT run, on one device unless ``mesh``."""
     state, steps = setup(BERT, seed)
-    data = text_data(BERT, seed, 20)  # 2 steps per epoch: the run crosses epochs
-    return train.fit(state, steps, data, batch_size=BATCH, num_steps=num_steps, seed=seed, **kwargs)
+    arrays = text_data(BERT, seed, 20)  # 2 steps per epoch: the run crosses epochs
+    mesh = train.data_mesh(jax.devices()[:1]) if mesh is None else mesh
+    return train.fit(
+        state, steps, arrays, batch_size=BATCH, num_steps=num_steps, seed=seed, mesh=mesh, **kwargs
+    )
 
 
 def assert_finite_record(record):
@@ -77,20 +76,21 @@ def assert_finite_record(record):
 
 @pytest.mark.parametrize("config", [BERT, VIT], ids=["bert", "vit"])
 def test_one_step_smoke(config, seed, tmp_path):
-    if isinstance(config, vit.Config):
+    if config is VIT:
         rng = np.random.default_rng(seed)
         shape = (10, config.image_size, config.image_size, config.num_channels)
-        data = {
+        arrays = {
             "images": rng.integers(0, 256, shape).astype(np.uint8),
             "labels": rng.integers(0, config.num_labels, 10).astype(np.int32),
         }
     else:
-        data = text_data(config, seed, 10)
+        arrays = text_data(config, seed, 10)
     state, steps = setup(config, seed)
     before = jax.tree.map(np.array, state)
     # Two steps: the warmup starts at learning rate 0, so the first step leaves params alone.
+    # The default mesh: all 8 devices of the split CPU.
     result = train.fit(
-        state, steps, data, batch_size=BATCH, num_steps=2, eval_data=data, workdir=tmp_path
+        state, steps, arrays, batch_size=BATCH, num_steps=2, eval_data=arrays, workdir=tmp_path
     )
     assert int(result.state.step) == 2
     assert jax.tree.all(jax.tree.map(np.array_equal, before, state))  # input left alone
@@ -104,16 +104,40 @@ def test_one_step_smoke(config, seed, tmp_path):
     assert [(r["split"], r["step"]) for r in records] == [("train", 2), ("eval", 2)]
     for r in records:
         assert_finite_record(r)
-    assert train.restore_checkpoint(train.checkpoint_manager(tmp_path / "checkpoints"), state)
+    # The final checkpoint holds exactly the final state: params, optimizer state, step, rng.
+    manager = train.checkpoint_manager(tmp_path / "checkpoints")
+    restored = train.restore_checkpoint(manager, state)
+    manager.close()
+    assert int(restored.step) == 2
+    same = jax.tree.map(np.array_equal, jax.device_get(restored), jax.device_get(result.state))
+    assert jax.tree.all(same), same
 
 
 def test_resume_is_bitwise_exact(seed, tmp_path):
     straight = run_bert(seed, NUM_STEPS).state
     first = run_bert(seed, NUM_STEPS // 2, workdir=tmp_path, checkpoint_every=2, log_every=1)
     assert first.resumed_from is None
+    # What the resumed run starts from is what the first run ended with: params, optimizer
+    # state (Adam's moments, the schedule's count), step and rng.
+    manager = train.checkpoint_manager(tmp_path / "checkpoints")
+    restored = train.restore_checkpoint(manager, first.state)
+    manager.close()
+    same = jax.tree.map(np.array_equal, jax.device_get(restored), jax.device_get(first.state))
+    assert jax.tree.all(same) and int(restored.step) == NUM_STEPS // 2
     # A new process would rebuild everything from scratch: so does `run_bert`.
-    second = run_bert(seed, NUM_STEPS, workdir=tmp_path, checkpoint_every=2, log_every=1)
+    batches_seen = []
+    second = run_bert(
+        seed,
+        NUM_STEPS,
+        workdir=tmp_path,
+        checkpoint_every=2,
+        log_every=1,
+        callback=lambda r: batches_seen.append(r["step"]) if r["split"] == "train" else None,
+    )
     assert second.resumed_from == NUM_STEPS // 2
+    # The data position: the resumed run trained steps 4..6 only (on the batches of those
+    # steps: the final state equals the straight run's, bitwise, checked below).
+    assert batches_seen == list(range(NUM_STEPS // 2 + 1, NUM_STEPS + 1))
     same = jax.tree.map(np.array_equal, jax.device_get(straight), jax.device_get(second.state))
     assert jax.tree.all(same), same
     steps = [json.loads(line)["step"] for line in (tmp_path / "metrics.jsonl").open()]
@@ -122,30 +146,15 @@ def test_resume_is_bitwise_exact(seed, tmp_path):
 
 def test_batch_order_depends_only_on_seed_and_step(seed):
     n, b = 23, 5
-    stream = train.train_batches({"labels": np.arange(n)}, batch_size=b, seed=seed)
-    for step in range(3 * train.steps_per_epoch(n, b)):
-        expected = train.batch_indices(n, b, seed=seed, step=step)
+    stream = data.train_batches({"labels": np.arange(n)}, batch_size=b, seed=seed)
+    for step in range(3 * data.steps_per_epoch(n, b)):
+        expected = data.batch_indices(n, b, seed=seed, step=step)
         np.testing.assert_array_equal(next(stream)["labels"], expected)
-    late = train.train_batches({"labels": np.arange(n)}, batch_size=b, seed=seed, start_step=7)
-    np.testing.assert_array_equal(
-        next(late)["labels"], train.batch_indices(n, b, seed=seed, step=7)
-    )
+    late = data.train_batches({"labels": np.arange(n)}, batch_size=b, seed=seed, start_step=7)
+    np.testing.assert_array_equal(next(late)["labels"], data.batch_indices(n, b, seed=seed, step=7))
 
 
-_SUBPROCESS = """
-import sys
-import numpy as np
-sys.path.insert(0, {tests!r})
-import jax
-import test_train
-assert jax.device_count() == 4, jax.devices()
-state = test_train.run_bert({seed}, {num_steps}).state
-assert len(state.params["classifier"]["kernel"].sharding.device_set) == 4
-np.savez({out!r}, *[np.asarray(x) for x in jax.tree.leaves(state.params)])
-"""
-
-
-def test_four_devices_match_one(seed, tmp_path):
+def test_four_devices_match_one(seed):
     """Tolerance 1e-5: the sharded program sums gradients in another order (float32 rounding,
     ~1e-7 relative per op), amplified a little by Adam's normalization over 6 steps.
 
@@ -153,29 +162,27 @@ def test_four_devices_match_one(seed, tmp_path):
     score of a query by the same amount), so their gradient is rounding noise, which Adam
     normalizes into steps of ±lr whose signs depend on the summation order.
     """
-    out = tmp_path / "params.npz"
-    script = _SUBPROCESS.format(
-        tests=str(Path(__file__).parent), seed=seed, num_steps=NUM_STEPS, out=str(out)
-    )
-    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}
-    proc = subprocess.run(
-        [sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    one, _ = jax.tree_util.tree_flatten_with_path(run_bert(seed, NUM_STEPS).state.params)
-    with np.load(out) as f:
-        four = [f[f"arr_{i}"] for i in range(len(f.files))]
+    four = run_bert(seed, NUM_STEPS, mesh=train.data_mesh(jax.devices()[:4])).state.params
+    assert len(four["classifier"]["kernel"].sharding.device_set) == 4
+    one = run_bert(seed, NUM_STEPS, mesh=train.data_mesh(jax.devices()[:1])).state.params
+    leaves = jax.tree_util.tree_flatten_with_path(one)[0]
     key_bias = "['attention']['key']['bias']"
-    kept = [i for i, (path, _) in enumerate(one) if key_bias not in jax.tree_util.keystr(path)]
-    assert len(kept) == len(one) - 1
-    assert rel_err([four[i] for i in kept], [one[i][1] for i in kept]) < 1e-5
+    kept = [i for i, (path, _) in enumerate(leaves) if key_bias not in jax.tree_util.keystr(path)]
+    assert len(kept) == len(leaves) - 1
+    four_leaves = jax.tree.leaves(four)
+    assert rel_err([four_leaves[i] for i in kept], [leaves[i][1] for i in kept]) < 1e-5
 
 
 def test_batch_sizes_must_split_over_devices():
-    mesh = train.data_mesh(jax.devices()[:1])
-    train.check_batch_size(3, mesh)
-    with pytest.raises(ValueError, match="multiple"):
-        train.check_batch_size(0, mesh)
+    assert jax.device_count() == 8  # conftest splits the CPU
+    mesh = train.data_mesh(jax.devices()[:4])
+    train.check_batch_size(8, mesh)
+    for bad in (0, 6, 3):
+        with pytest.raises(ValueError, match="multiple of the 4 devices"):
+            train.check_batch_size(bad, mesh)
+    state, steps = setup(BERT, 0)
+    with pytest.raises(ValueError, match="multiple of the 4 devices"):
+        train.fit(state, steps, text_data(BERT, 0, 20), batch_size=6, num_steps=1, mesh=mesh)
 
 
 @pytest.mark.parametrize("config", [BERT, VIT_CONFIGS["vit-h3d4-l2"]], ids=["bert", "vit"])
@@ -238,7 +245,7 @@ def test_macro_f1_matches_sklearn(n, seed):
     metrics = jax.jit(train.batch_metrics)
     stats = [
         metrics(b["logits"], b["labels"])
-        for b in train.eval_batches({"logits": logits, "labels": labels}, batch_size=8)
+        for b in data.batches({"logits": logits, "labels": labels}, 8, pad=True)
     ]
     got = train.summarize(stats)
     assert got["count"] == n

@@ -28,9 +28,17 @@ import scipy.optimize
 
 from rotjax import match
 from rotjax import symmetry as sym
-from rotjax.models import bert
+from rotjax.models import bert, family
 
 SHAPES = {
+    "tiny": bert.Config(  # for --smoke only
+        vocab_size=40,
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=32,
+        max_position_embeddings=16,
+    ),
     "bert-base": bert.Config(num_labels=2),
     "minilm": bert.Config(
         hidden_size=384, num_hidden_layers=6, num_attention_heads=12, intermediate_size=1536
@@ -39,10 +47,7 @@ SHAPES = {
 
 
 def random_params(config, key, scale=0.05):
-    model = bert.Model(config)
-    ids = jnp.ones((1, 4), jnp.int32)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), ids)["params"]
-    leaves, treedef = jax.tree.flatten(shapes)
+    leaves, treedef = jax.tree.flatten(family(config).param_shapes(config))
     keys = jax.random.split(key, len(leaves))
     return jax.tree.unflatten(
         treedef, [scale * jax.random.normal(k, x.shape) for k, x in zip(keys, leaves, strict=True)]
@@ -103,13 +108,13 @@ def floor(config, a, b):
     return {"attention_matmuls": attention, "ffn_matmuls": ffn, "assignment": lsa}, solve
 
 
-def run(shape, regime, key):
+def run(shape, regime, key, repeats=(7, 3)):
     config = SHAPES[shape]
-    spec = bert.symmetry_spec(config)
+    spec = family(config).symmetry_spec(config)
     k1, k2, k3, k4 = jax.random.split(key, 4)
     a = random_params(config, k1)
     if regime == "related":
-        roles = {r for s in match.PAPER for r in match.GROUPS[s]}
+        roles = {r for s in match.PAPER for r in match.BLOCKS[s]}
         g = sym.sample(spec, k2)
         b = sym.apply(spec, a, {n: g[n] for n in spec.select(roles=roles)})
         b = jax.tree.map(lambda x, k=k3: x + 0.01 * jax.random.normal(k, x.shape), b)
@@ -117,9 +122,9 @@ def run(shape, regime, key):
         b = random_params(config, k4)
     row = {"shape": shape, "regime": regime}
     for label, solve in (("rotation+scale", ("rotation", "scale")), ("paper", match.PAPER)):
-        repeats = 7 if label == "rotation+scale" else 3
         seconds, median, diags = timed(  # the aligned params are dropped at once
-            lambda solve=solve: match.align(spec, a, b, solve=solve).diagnostics, repeats
+            lambda solve=solve: match.align(spec, a, b, solve=solve).diagnostics,
+            repeats[label != "rotation+scale"],
         )
         d = diags[0]
         row[label] = {
@@ -129,8 +134,8 @@ def run(shape, regime, key):
             # each stage's best and median over the calls
             "stage_best": {k: min(x.seconds[k] for x in diags) for k in d.seconds},
             "stage_median": {k: float(np.median([x.seconds[k] for x in diags])) for k in d.seconds},
-            "objective_before": d.objective_before,
-            "objective_after": d.objective_after,
+            "distance_before": d.distance_before,
+            "distance_after": d.distance_after,
         }
     fl, row["rotation_solve"] = floor(config, a, b)
     row["floor"] = {**fl, "total": sum(fl.values())}
@@ -138,15 +143,17 @@ def run(shape, regime, key):
     return row
 
 
-def main():
+def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MiniLM shape only")
+    parser.add_argument("--smoke", action="store_true", help="a tiny shape, one call each")
     parser.add_argument("--out", default="experiments/benchmarks/results")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     rows = []
-    for shape in ["minilm"] if args.quick else list(SHAPES):
+    shapes = ["tiny"] if args.smoke else ["minilm"] if args.quick else ["bert-base", "minilm"]
+    for shape in shapes:
         for regime in ("related", "independent"):
-            row = run(shape, regime, jax.random.key(0))
+            row = run(shape, regime, jax.random.key(0), (1, 1) if args.smoke else (7, 3))
             rows.append(row)
             rs = {k: round(v, 3) for k, v in row["rotation+scale"]["stages"].items()}
             stages = {k: round(v, 3) for k, v in row["paper"]["stages"].items()}

@@ -65,7 +65,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax import train
-from rotjax.models import bert, vit
+from rotjax.models import bert, family, vit
 
 RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 
@@ -73,9 +73,10 @@ RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
 def minilm_config() -> bert.Config:
     """The model a MiniLM fine-tune of `experiments.train` trains: all-MiniLM-L6-v2's
     architecture (from its config.json) with a 16-class sequence head."""
-    from experiments import train as T
+    from rotjax import data, hf
 
-    return T.model_config(T.minilm_wordnet(), num_labels=16)
+    config, _ = hf.load(data.minilm_dir())
+    return dataclasses.replace(config, task="sequence_classification", num_labels=16)
 
 
 def vit_config() -> vit.Config:
@@ -83,6 +84,27 @@ def vit_config() -> vit.Config:
     from experiments.train import VIT_FASHION_MNIST
 
     return VIT_FASHION_MNIST
+
+
+def tiny_config(name: str):
+    """A two-layer model for ``--smoke`` (a pipeline check, no measurement)."""
+    if name == "bert":
+        return bert.Config(
+            vocab_size=1100,
+            hidden_size=16,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            intermediate_size=32,
+            max_position_embeddings=16,
+            num_labels=3,
+        )
+    return dataclasses.replace(
+        vit_config(),
+        hidden_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        intermediate_size=32,
+    )
 
 
 def make_batch(name: str, config, batch_size: int, seq_len: int, seed: int = 0):
@@ -100,8 +122,7 @@ def make_batch(name: str, config, batch_size: int, seq_len: int, seed: int = 0):
 
 class JaxRunner:
     def __init__(self, name: str, config, batch: dict[str, np.ndarray]):
-        module = bert if name == "bert" else vit
-        self.model = module.Model(config)
+        self.model = family(config).Model(config)
         mesh = train.data_mesh()
         self.batch = train.shard_batch(batch, mesh)
         inputs = train.default_inputs(self.model)(self.batch)
@@ -315,7 +336,11 @@ def main(argv=None):
         "--profile", default=None, help="trace rotjax steps here; report XLA op time by kind"
     )
     p.add_argument("--out", default=str(RESULTS))
+    p.add_argument("--smoke", action="store_true", help="tiny models, one step, one round")
     args = p.parse_args(argv)
+    if args.smoke:
+        args.bert_batch = args.vit_batch = 8
+        args.seq_len, args.steps, args.rounds = 8, 1, 1
 
     import torch
 
@@ -323,7 +348,10 @@ def main(argv=None):
     torch.set_flush_denormal(not args.torch_denormals)
     results = []
     for name in args.models.split(","):
-        config = minilm_config() if name == "bert" else vit_config()
+        if args.smoke:
+            config = tiny_config(name)
+        else:
+            config = minilm_config() if name == "bert" else vit_config()
         batch = args.bert_batch if name == "bert" else args.vit_batch
         r = benchmark(
             name,
@@ -339,6 +367,8 @@ def main(argv=None):
     # The models' matmul shapes (forward): BERT FFN in/out at B*T = 2048 rows; the ViT FFN at
     # 128 * 50 = 6400 rows and its weight gradient (a skinny, transposed product).
     shapes = [(2048, 384, 1536), (2048, 1536, 384), (6400, 64, 128), (64, 6400, 128)]
+    if args.smoke:
+        shapes = [(16, 8, 4)]
     report = {
         "gemm": gemm(shapes),
         "machine": {

@@ -4,7 +4,15 @@ Every source is offline and deterministic: a missing, unreadable or corrupt sour
 :class:`DataSourceError` saying how to get it, never a silent fallback.
 """
 
-from rotjax.data._batches import batches, epochs, num_batches
+from rotjax.data._batches import (
+    IGNORE_LABEL,
+    batch_indices,
+    batches,
+    epoch_order,
+    num_batches,
+    steps_per_epoch,
+    train_batches,
+)
 from rotjax.data._common import DataSourceError, Splits
 from rotjax.data._images import (
     DIGIT_LABELS,
@@ -12,23 +20,20 @@ from rotjax.data._images import (
     FASHION_MNIST_DIR,
     FASHION_MNIST_LABELS,
     MNIST_SAMPLE_TEST_SIZE,
-    TFDS_IMAGE_DATASETS,
     ImageDataset,
     digits,
     fashion_mnist,
     mnist_sample,
-    tfds_images,
 )
 from rotjax.data._text import (
     SPLIT_PERCENT,
     WORDNET_LABELS,
     TextDataset,
-    default_cache_dir,
-    minilm_dir,
-    tokenize,
     wordnet_examples,
     wordnet_glosses,
 )
+from rotjax.data._tfds import TFDS_IMAGE_DATASETS, tfds_images
+from rotjax.data._tokenize import default_cache_dir, minilm_dir, tokenize
 from rotjax.data._wordnet import LEXNAMES, WORDNET_DIR, Synset, read_synsets
 
 __all__ = [
@@ -36,6 +41,7 @@ __all__ = [
     "DIGIT_LABELS",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_LABELS",
+    "IGNORE_LABEL",
     "LEXNAMES",
     "MNIST_SAMPLE_TEST_SIZE",
     "SPLIT_PERCENT",
@@ -47,17 +53,20 @@ __all__ = [
     "Splits",
     "Synset",
     "TextDataset",
+    "batch_indices",
     "batches",
     "default_cache_dir",
     "digits",
-    "epochs",
+    "epoch_order",
     "fashion_mnist",
     "minilm_dir",
     "mnist_sample",
     "num_batches",
     "read_synsets",
+    "steps_per_epoch",
     "tfds_images",
     "tokenize",
+    "train_batches",
     "wordnet_examples",
     "wordnet_glosses",
 ]

@@ -1,93 +1,117 @@
-"""Minibatches of numpy arrays, deterministic given a seed."""
+"""Minibatches of numpy arrays; the order is a pure function of (seed, epoch), so any batch of
+any run can be reproduced on its own (what exact resume needs).
+
+- `batches`: one pass, in order or shuffled by `epoch_order`, optionally padded to full batches
+  (eval: every example counts once and the padding is labelled `IGNORE_LABEL`).
+- `train_batches`: the endless training stream from any step: step ``t`` is batch ``t mod S``
+  of pass ``t // S`` (`batch_indices`).
+"""
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+IGNORE_LABEL = -100
+"""Label of positions that count in neither loss nor metrics (padding tokens, padded examples,
+word pieces after the first), as in PyTorch's ``CrossEntropyLoss(ignore_index=-100)``."""
+
+Arrays = Mapping[str, np.ndarray] | Sequence[np.ndarray]
+
 
 def num_batches(num_examples: int, batch_size: int, *, drop_remainder: bool = False) -> int:
-    """Number of batches :func:`batches` yields for ``num_examples`` examples."""
+    """Number of batches `batches` yields for ``num_examples`` examples."""
     _check_batch_size(batch_size)
     if drop_remainder:
         return num_examples // batch_size
     return -(-num_examples // batch_size)
 
 
+def steps_per_epoch(num_examples: int, batch_size: int) -> int:
+    """Full training batches per pass (the remainder of each shuffled pass is dropped)."""
+    _check_batch_size(batch_size)
+    if num_examples < batch_size:
+        raise ValueError(f"{num_examples} examples make no batch of {batch_size}")
+    return num_examples // batch_size
+
+
+def epoch_order(num_examples: int, *, seed: int, epoch: int = 0) -> np.ndarray:
+    """The example order of pass ``epoch``: ``default_rng([seed, epoch]).permutation(n)``."""
+    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+
+
+def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
+    """Indices of the examples of training step ``step`` (0-based): batch ``step mod S`` of
+    pass ``step // S`` (``S`` = `steps_per_epoch`), each pass shuffled by `epoch_order`."""
+    per_epoch = steps_per_epoch(num_examples, batch_size)
+    epoch, index = divmod(step, per_epoch)
+    order = epoch_order(num_examples, seed=seed, epoch=epoch)
+    return order[index * batch_size : (index + 1) * batch_size]
+
+
 def batches(
-    arrays: Mapping[str, np.ndarray] | Sequence[np.ndarray],
+    arrays: Arrays,
     batch_size: int,
     *,
     seed: int | None = None,
+    epoch: int = 0,
     drop_remainder: bool = False,
+    pad: bool = False,
+    rows: slice = slice(None),
 ) -> Iterator[dict[str, np.ndarray] | tuple[np.ndarray, ...]]:
     """One pass over arrays that share their leading dimension, in minibatches.
 
     Args:
-        arrays: A mapping of names to arrays (yields dicts) or a sequence of arrays (yields
-            tuples), all with the same number of examples along axis 0.
-        batch_size: Examples per batch.
-        seed: ``None`` keeps the order; an int shuffles with
-            ``np.random.default_rng(seed).permutation``, the same order for the same seed.
-        drop_remainder: Whether to drop a last batch smaller than ``batch_size``.
+      arrays: A mapping of names to arrays (yields dicts) or a sequence of arrays (yields
+        tuples), all with the same number of examples along axis 0.
+      batch_size: Examples per batch.
+      seed: ``None`` keeps the order; an int shuffles by ``epoch_order(n, seed, epoch)``.
+      epoch: The pass whose order to use (with ``seed``).
+      drop_remainder: Drop a last batch smaller than ``batch_size``.
+      pad: Pad the last batch to ``batch_size`` with zeros (labels, under the name
+        ``"labels"``, with `IGNORE_LABEL`), so every batch has one shape and every example
+        counts once.
+      rows: The rows of each batch to keep (a process's share, `rotjax.train.process_rows`).
 
     Yields:
-        Batches with the structure of ``arrays``. Without shuffling they are views of the
-        inputs; with shuffling they are copies.
+      Batches with the structure of ``arrays``: views of the inputs in order, copies when
+      shuffled or padded.
 
     Raises:
-        ValueError: If there are no arrays, they disagree in length, or ``batch_size < 1``.
+      ValueError: If there are no arrays, they disagree in length, or ``batch_size < 1``.
     """
     _check_batch_size(batch_size)
     names, values, n = _flatten(arrays)
-    rng = None if seed is None else np.random.default_rng(seed)
-    return _epoch(names, values, n, batch_size, rng, drop_remainder)
+    order = None if seed is None else epoch_order(n, seed=seed, epoch=epoch)
+    return _pass(names, values, n, batch_size, order, drop_remainder, pad, rows)
 
 
-def epochs(
-    arrays: Mapping[str, np.ndarray] | Sequence[np.ndarray],
-    batch_size: int,
+def train_batches(
+    arrays: Mapping[str, np.ndarray],
     *,
-    seed: int | None = None,
-    num_epochs: int | None = None,
-    drop_remainder: bool = True,
-) -> Iterator[dict[str, np.ndarray] | tuple[np.ndarray, ...]]:
-    """Batches over several passes, reshuffled every pass; ``None`` epochs repeats forever.
-
-    The first pass equals ``batches(arrays, batch_size, seed=seed, ...)``; later passes draw
-    further permutations from the same ``np.random.default_rng(seed)``. Take a number of
-    training steps with ``itertools.islice(epochs(...), num_steps)``.
-
-    Args:
-        arrays: As for :func:`batches`.
-        batch_size: Examples per batch.
-        seed: ``None`` keeps the order in every pass; an int shuffles every pass.
-        num_epochs: Number of passes; ``None`` for an endless stream.
-        drop_remainder: Whether to drop a last batch smaller than ``batch_size`` in each pass
-            (the default, so that every batch has the same shape).
+    batch_size: int,
+    seed: int,
+    start_step: int = 0,
+    rows: slice = slice(None),
+) -> Iterator[dict[str, np.ndarray]]:
+    """The endless stream of training batches from step ``start_step`` on (full batches, each
+    pass shuffled by `epoch_order`; the batch of step ``t`` is `batch_indices` ``(seed, t)``).
 
     Yields:
-        Batches with the structure of ``arrays``.
-
-    Raises:
-        ValueError: If there are no arrays, they disagree in length, ``batch_size < 1``, a
-            pass would yield no batch, or ``num_epochs < 0``.
+      Dicts of numpy arrays (copies), one per step (``rows`` of each global batch).
     """
-    _check_batch_size(batch_size)
     names, values, n = _flatten(arrays)
-    if num_epochs is not None and num_epochs < 0:
-        raise ValueError(f"num_epochs must be None or >= 0, got {num_epochs}")
-    if num_batches(n, batch_size, drop_remainder=drop_remainder) == 0:
-        raise ValueError(
-            f"{n} examples make no batch of {batch_size} with drop_remainder={drop_remainder}"
-        )
-    rng = None if seed is None else np.random.default_rng(seed)
-    passes = itertools.count() if num_epochs is None else range(num_epochs)
-    return itertools.chain.from_iterable(
-        _epoch(names, values, n, batch_size, rng, drop_remainder) for _ in passes
-    )
+    per_epoch = steps_per_epoch(n, batch_size)
+    step = start_step
+    epoch, order = None, None
+    while True:
+        e, index = divmod(step, per_epoch)
+        if e != epoch:
+            epoch, order = e, epoch_order(n, seed=seed, epoch=e)
+        idx = order[index * batch_size : (index + 1) * batch_size][rows]
+        yield dict(zip(names, (v[idx] for v in values), strict=True))
+        step += 1
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -97,9 +121,7 @@ def _check_batch_size(batch_size: int) -> None:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
 
 
-def _flatten(
-    arrays: Mapping[str, np.ndarray] | Sequence[np.ndarray],
-) -> tuple[tuple[str, ...] | None, tuple[np.ndarray, ...], int]:
+def _flatten(arrays: Arrays) -> tuple[tuple[str, ...] | None, tuple[np.ndarray, ...], int]:
     """Splits ``arrays`` into names (``None`` for a sequence), arrays and their length."""
     if isinstance(arrays, Mapping):
         names: tuple[str, ...] | None = tuple(arrays)
@@ -120,20 +142,18 @@ def _flatten(
     return names, values, lengths.pop()
 
 
-def _epoch(
-    names: tuple[str, ...] | None,
-    values: tuple[np.ndarray, ...],
-    n: int,
-    batch_size: int,
-    rng: np.random.Generator | None,
-    drop_remainder: bool,
-) -> Iterator[dict[str, np.ndarray] | tuple[np.ndarray, ...]]:
-    """One pass: draws the permutation when started, then yields the batches."""
-    order = None if rng is None else rng.permutation(n)
+def _pass(names, values, n, batch_size, order, drop_remainder, pad, rows):
     stop = n - n % batch_size if drop_remainder else n
+    fills = [IGNORE_LABEL if name == "labels" else 0 for name in names or [None] * len(values)]
     for start in range(0, stop, batch_size):
-        index = (
-            slice(start, start + batch_size) if order is None else order[start : start + batch_size]
-        )
-        batch = tuple(v[index] for v in values)
-        yield batch if names is None else dict(zip(names, batch, strict=True))
+        end = min(start + batch_size, n)
+        index = slice(start, end) if order is None else order[start:end]
+        batch = [v[index] for v in values]
+        if pad and end - start < batch_size:
+            short = batch_size - (end - start)
+            batch = [
+                np.concatenate([x, np.full((short, *x.shape[1:]), f, x.dtype)])
+                for x, f in zip(batch, fills, strict=True)
+            ]
+        batch = [x[rows] for x in batch]
+        yield tuple(batch) if names is None else dict(zip(names, batch, strict=True))

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import tempfile
+from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
@@ -66,3 +69,22 @@ def split_off(
         np.arange(n), test_size=int(size), random_state=seed, stratify=stratify
     )
     return np.sort(kept), np.sort(off)
+
+
+def file_stamp(path: Path) -> tuple[str, int, int]:
+    """Identifies a file's version by its path, size and modification time."""
+    stat = path.stat()
+    return os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Writes ``arrays`` to ``path`` as ``.npz`` atomically (a temporary file, then a rename)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

@@ -49,9 +49,6 @@ MNIST_SAMPLE_TEST_SIZE = 1000
 DIGITS_TEST_SIZE = 360
 """Test examples of :func:`digits` (stratified; the other 1437 are for training)."""
 
-TFDS_IMAGE_DATASETS = ("mnist", "fashion_mnist", "cifar10")
-"""Names :func:`tfds_images` accepts."""
-
 # Seed of the fixed train/test splits of the datasets that ship without one.
 _TEST_SPLIT_SEED = 0
 
@@ -150,7 +147,7 @@ def fashion_mnist(
                 f"{_FASHION_MNIST_HINT}"
             )
         splits[split] = (images[..., None], labels.astype(np.int32))
-    return _make_splits(
+    return make_splits(
         "fashion_mnist",
         splits["train"],
         splits["test"],
@@ -245,93 +242,6 @@ def digits(
     )
 
 
-def tfds_images(
-    name: str,
-    *,
-    data_dir: str | os.PathLike[str] | None = None,
-    validation_size: int = 0,
-    seed: int = 0,
-    dtype: DTypeLike = np.uint8,
-) -> Splits[ImageDataset]:
-    """An image dataset prepared by TensorFlow Datasets, read with ``tfds.data_source``.
-
-    Reading needs no TensorFlow, but the dataset must already be prepared in the
-    ``array_record`` format under ``data_dir``; nothing is downloaded.
-
-    Args:
-        name: One of ``TFDS_IMAGE_DATASETS``: ``"mnist"``, ``"fashion_mnist"``, ``"cifar10"``.
-        data_dir: TFDS data directory; ``None`` uses TFDS's default (``$TFDS_DATA_DIR`` or
-            ``~/tensorflow_datasets``).
-        validation_size: Training examples to move into a stratified validation split.
-        seed: Seed of the validation carve-out.
-        dtype: ``np.uint8`` (``[0, 255]``) or ``np.float32`` (``[0, 1]``).
-
-    Returns:
-        ``Splits(train, validation, test)`` from TFDS's ``train`` and ``test`` splits.
-
-    Raises:
-        ValueError: If ``name`` is not supported.
-        DataSourceError: If tensorflow-datasets is missing or the dataset is not prepared.
-    """
-    if name not in TFDS_IMAGE_DATASETS:
-        raise ValueError(f"tfds_images supports {TFDS_IMAGE_DATASETS}, got {name!r}")
-    where = "TFDS's default data_dir" if data_dir is None else f"data_dir {data_dir}"
-    hint = (
-        f"Prepare it once in the array_record format on a machine with network access and "
-        f"tensorflow: `tfds build {name} --file_format=array_record --data_dir DIR`, then copy "
-        f"DIR here and pass data_dir=DIR (or set TFDS_DATA_DIR)."
-    )
-    try:
-        import tensorflow_datasets as tfds
-    except ImportError as e:
-        raise DataSourceError(
-            f"tfds_images needs tensorflow-datasets ({e}). Install it with "
-            "`pip install tensorflow-datasets`."
-        ) from e
-    try:
-        # Explicit split names: under `tfds.testing.mock_data` the split list is unknown.
-        sources = tfds.data_source(
-            name,
-            split={"train": "train", "test": "test"},
-            data_dir=None if data_dir is None else os.fspath(data_dir),
-            download=False,
-        )
-    except Exception as e:  # tfds raises assorted types (NotImplementedError, ValueError...)
-        raise DataSourceError(
-            f"TFDS dataset {name!r} is not prepared in the array_record format in {where} "
-            f"(tfds says: {e})\n{hint}"
-        ) from e
-    label_names = tuple(sources["train"].dataset_info.features["label"].names)
-    splits = {}
-    for split, source in sources.items():
-        try:
-            # Item by item: the batched `__getitems__` is broken under tfds 4.9's mock_data.
-            items = [source[i] for i in range(len(source))]
-        except Exception as e:
-            raise DataSourceError(
-                f"TFDS dataset {name}/{split} in {where} is unreadable: {e}\n{hint}"
-            ) from e
-        if not items:
-            raise DataSourceError(f"TFDS dataset {name}/{split} in {where} is empty.\n{hint}")
-        images = np.stack([np.asarray(item["image"], np.uint8) for item in items])
-        labels = np.asarray([item["label"] for item in items], np.int32)
-        if labels.min() < 0 or labels.max() >= len(label_names):
-            raise DataSourceError(
-                f"TFDS dataset {name}/{split} in {where} has labels outside "
-                f"[0, {len(label_names)}).\n{hint}"
-            )
-        splits[split] = (images, labels)
-    return _make_splits(
-        name,
-        splits["train"],
-        splits["test"],
-        label_names,
-        validation_size=validation_size,
-        seed=seed,
-        dtype=dtype,
-    )
-
-
 def _read_idx(path: Path, *, ndim: int, hint: str) -> np.ndarray:
     """Reads a gzip-compressed IDX file of unsigned bytes with ``ndim`` dimensions."""
     if not path.is_file():
@@ -387,7 +297,7 @@ def _fixed_split(
     """Splits one pool into the fixed train/test splits, then builds the splits."""
     labels = np.asarray(labels).astype(np.int32)
     train, test = split_off(labels, test_size, seed=_TEST_SPLIT_SEED, what="test")
-    return _make_splits(
+    return make_splits(
         name,
         (images[train], labels[train]),
         (images[test], labels[test]),
@@ -398,7 +308,7 @@ def _fixed_split(
     )
 
 
-def _make_splits(
+def make_splits(
     name: str,
     train: tuple[np.ndarray, np.ndarray],
     test: tuple[np.ndarray, np.ndarray],

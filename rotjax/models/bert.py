@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
+from typing import Any
 
 import flax.linen as nn
 import jax
@@ -30,6 +32,7 @@ import jax.numpy as jnp
 
 from rotjax import symmetry as sym
 from rotjax.models import _layers
+from rotjax.models._family import Family
 
 TASKS = (None, "sequence_classification", "token_classification")
 
@@ -78,7 +81,6 @@ class Config:
         return self.task == "sequence_classification" and self.model_type == "bert"
 
     from_hf_dict = classmethod(_layers.config_from_hf_dict)
-    to_hf_dict = dataclasses.asdict
 
 
 Encoded = _layers.Encoded
@@ -137,6 +139,7 @@ class Model(nn.Module):
         deterministic: bool = True,
     ):
         c = self.config
+        _check_inputs(c, input_ids, attention_mask, token_type_ids)
         init = nn.initializers.normal(c.initializer_range)
         if c.model_type == "roberta":
             # RoBERTa numbers real tokens from pad_token_id + 1 and gives pads pad_token_id.
@@ -166,6 +169,22 @@ class Model(nn.Module):
             pooled = drop(pooled, deterministic=deterministic)
             return nn.Dense(c.num_labels, kernel_init=init, name="classifier")(pooled)
         return RobertaHead(c, deterministic=deterministic, name="classifier")(x[:, 0])
+
+
+def _check_inputs(c: Config, input_ids, attention_mask, token_type_ids) -> None:
+    """Shapes against the config, at trace time, with a clear message (not a broadcast error
+    deep inside)."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
+    room = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
+    if input_ids.shape[1] > room:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} tokens; this model takes at most {room} "
+            f"(max_position_embeddings={c.max_position_embeddings})"
+        )
+    for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
+        if x is not None and x.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {x.shape}, input_ids {input_ids.shape}")
 
 
 class Embeddings(nn.Module):
@@ -245,7 +264,7 @@ def symmetry_spec(config: Config) -> sym.Spec:
         ]
     if c.has_pooler:
         frags += [
-            sym.permutation("pooler", D, role="hidden"),
+            sym.permutation("pooler", D, role="ffn"),
             sym.dense("pooler", D, D, in_group="residual", out_group="pooler"),
         ]
     if c.task == "token_classification":
@@ -254,8 +273,38 @@ def symmetry_spec(config: Config) -> sym.Spec:
         frags.append(sym.dense("classifier", D, c.num_labels, in_group="pooler"))
     elif c.task == "sequence_classification":
         frags += [
-            sym.permutation("classifier/dense", D, role="hidden"),
+            sym.permutation("classifier/dense", D, role="ffn"),
             sym.dense("classifier/dense", D, D, in_group="residual", out_group="classifier/dense"),
             sym.dense("classifier/out_proj", D, c.num_labels, in_group="classifier/dense"),
         ]
     return sym.Spec.combine(*frags)
+
+
+def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
+    """``(input_ids, attention_mask)`` of ``batch_size`` rows of up to 8 real tokens."""
+    c = config
+    # RoBERTa numbers positions from pad_token_id + 1: keep them inside the table.
+    room = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
+    tokens = max(1, min(8, room))
+    ids = jnp.full((batch_size, tokens), (c.pad_token_id + 1) % c.vocab_size, jnp.int32)
+    return ids, jnp.ones((batch_size, tokens), jnp.int32)
+
+
+def batch_inputs(batch: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``(input_ids, attention_mask, token_type_ids or None)`` from a batch of named arrays."""
+    return batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+
+
+FAMILY = Family(
+    name="bert",
+    Config=Config,
+    Model=Model,
+    symmetry_spec=symmetry_spec,
+    example_inputs=example_inputs,
+    batch_inputs=batch_inputs,
+    input_names=("input_ids", "attention_mask", "token_type_ids"),
+    model_types=("bert", "roberta"),
+    pre_norm=False,
+)
+"""BERT and RoBERTa: post-LN blocks, so the residual stream admits permutations only (the
+LayerNorm sits on the stream itself and commutes with permutations, not with rotations)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Mapping
 from typing import Any
 
 import flax.linen as nn
@@ -22,6 +23,7 @@ import jax.numpy as jnp
 
 from rotjax import symmetry as sym
 from rotjax.models import _layers
+from rotjax.models._family import Family
 from rotjax.symmetry import Action
 
 Encoded = _layers.Encoded
@@ -72,8 +74,12 @@ class Config:
     def has_pooler(self) -> bool:
         return self.task is None and self.add_pooling_layer
 
+    @property
+    def model_type(self) -> str:
+        """The Hugging Face ``model_type``."""
+        return "vit"
+
     from_hf_dict = classmethod(_layers.config_from_hf_dict)
-    to_hf_dict = dataclasses.asdict
 
 
 class Block(nn.Module):
@@ -117,6 +123,13 @@ class Model(nn.Module):
     @nn.compact
     def __call__(self, pixel_values: jax.Array, *, deterministic: bool = True) -> Any:
         c = self.config
+        want = (c.image_size, c.image_size, c.num_channels)
+        if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+            raise ValueError(
+                f"pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}) for this "
+                f"ViT (image_size={c.image_size}, num_channels={c.num_channels}), got shape "
+                f"{tuple(pixel_values.shape)}"
+            )
         init = nn.initializers.normal(c.initializer_range)
         x = Embeddings(c, name="embeddings")(pixel_values)
         x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -197,7 +210,45 @@ def symmetry_spec(config: Config) -> sym.Spec:
         frags.append(sym.dense("classifier", D, c.num_labels, in_group=res))
     elif c.has_pooler:
         frags += [
-            sym.permutation("pooler", D, role="hidden"),
+            sym.permutation("pooler", D, role="ffn"),
             sym.dense("pooler", D, D, in_group=res, out_group="pooler"),
         ]
     return sym.Spec.combine(*frags)
+
+
+def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Array:
+    """``uint8`` images in ``[0, 255]`` (or floats in ``[0, 1]``) -> ``(x - mean) / std`` float32
+    with ``x`` in ``[0, 1]``: the normalisation of Hugging Face's ViT image processor."""
+    x = jnp.asarray(images)
+    scaled = x.astype(jnp.float32)
+    if x.dtype == jnp.uint8:
+        scaled = scaled / 255.0
+    return (scaled - mean) / std
+
+
+def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array]:
+    """``(pixel_values,)``: ``batch_size`` zero images of the config's size."""
+    c = config
+    return (jnp.zeros((batch_size, c.image_size, c.image_size, c.num_channels), jnp.float32),)
+
+
+def batch_inputs(batch: Mapping[str, Any]) -> tuple[Any]:
+    """``(pixel_values,)`` from a batch holding ``pixel_values`` (NHWC, normalised) or raw
+    ``images`` (NHWC ``uint8`` or ``[0, 1]`` floats, normalised by `image_pixels`)."""
+    if "pixel_values" in batch:
+        return (batch["pixel_values"],)
+    return (image_pixels(batch["images"]),)
+
+
+FAMILY = Family(
+    name="vit",
+    Config=Config,
+    Model=Model,
+    symmetry_spec=symmetry_spec,
+    example_inputs=example_inputs,
+    batch_inputs=batch_inputs,
+    input_names=("pixel_values",),
+    model_types=("vit",),
+    pre_norm=True,
+)
+"""ViT: pre-LN blocks and a final LayerNorm, so every read of the stream goes through a norm."""

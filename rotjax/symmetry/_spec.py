@@ -24,10 +24,10 @@ import functools
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-import jax
+from rotjax.tree import flatten
 
 KINDS = ("perm", "orth", "scale")
-ROLES = ("residual", "hidden", "heads", "qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
+ROLES = ("residual", "ffn", "heads", "qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +41,9 @@ class Group:
       batch: leading batch shape of the element: ``(L,)`` for stacked layers.
       over: for ``orth``/``scale``, the name of the permutation group that permutes the same
         head axis (so that `compose` and `invert` know how the two interact), or None.
-      role: what the group is in a transformer (one of `ROLES`), used to select groups.
+      role: what the group is in a transformer (one of `ROLES`), used to select groups:
+        ``residual`` the stream, ``ffn`` the hidden units of a two-layer block (FFN, pooler,
+        RoBERTa's head), ``heads`` whole attention heads, ``{qk,vo}_{rotation,scale}`` per head.
       layer: the layer index of an unstacked per-layer group; None for stacked or global ones.
     """
 
@@ -50,7 +52,7 @@ class Group:
     dim: int | None = None
     batch: tuple[int, ...] = ()
     over: str | None = None
-    role: str = "hidden"
+    role: str = "ffn"
     layer: int | None = None
 
     def __post_init__(self):
@@ -165,7 +167,10 @@ def _join(*specs: Spec) -> Spec:
 
 
 def _fragment(groups: Mapping[str, Group] = {}, params: Mapping[str, ParamSpec] = {}) -> Spec:
-    # Fragments may reference groups defined in other fragments; checked on the combined spec.
+    """A spec fragment: it may name groups defined in other fragments, so only what it holds
+    itself is checked here (every axis against its param and its own groups); `Spec.combine`
+    checks the whole."""
+    _check(groups, params, complete=False)
     s = object.__new__(Spec)
     object.__setattr__(s, "group_items", tuple(sorted(groups.items())))
     object.__setattr__(s, "param_items", tuple(sorted(params.items())))
@@ -173,23 +178,37 @@ def _fragment(groups: Mapping[str, Group] = {}, params: Mapping[str, ParamSpec] 
 
 
 def _check_spec(spec: Spec) -> None:
-    groups = dict(spec.group_items)
-    for name, g in spec.group_items:
-        if g.over is not None:
-            o = groups.get(g.over)
-            if o is None or o.kind != "perm" or o.size != g.size or o.batch != g.batch:
-                raise ValueError(
-                    f"group {name!r}: over={g.over!r} must name a permutation group of size "
-                    f"{g.size} and batch {g.batch}"
-                )
-    for path, p in spec.param_items:
+    _check(dict(spec.group_items), dict(spec.param_items), complete=True)
+
+
+def _check(groups: Mapping[str, Group], params: Mapping[str, ParamSpec], *, complete: bool):
+    """Raise ValueError for the first inconsistency; with ``complete``, every group an action
+    or an ``over`` names must be in ``groups``."""
+    for name, g in groups.items():
+        if g.over is None:
+            continue
+        o = groups.get(g.over)
+        if o is None and not complete:
+            continue
+        if o is None or o.kind != "perm" or o.size != g.size or o.batch != g.batch:
+            raise ValueError(
+                f"group {name!r}: over={g.over!r} must name a permutation group of size "
+                f"{g.size} and batch {g.batch}"
+            )
+    for path, p in params.items():
         for a in p.actions:
-            g = groups.get(a.group)
             where = f"param {path!r} (shape {p.shape})"
+            if not all(0 <= ax < len(p.shape) for ax in a.axes):
+                raise ValueError(f"{where}: axes {a.axes} of group {a.group!r} out of range")
+            if a.power not in (1, -1):
+                raise ValueError(f"{where}: power {a.power} is not allowed (only +1 or -1)")
+            g = groups.get(a.group)
             if g is None:
-                raise ValueError(f"{where}: unknown group {a.group!r}")
+                if complete:
+                    raise ValueError(f"{where}: unknown group {a.group!r}")
+                continue
             n_axes = 2 if g.kind == "orth" else 1
-            if len(a.axes) != n_axes or not all(len(g.batch) <= ax < len(p.shape) for ax in a.axes):
+            if len(a.axes) != n_axes or not all(len(g.batch) <= ax for ax in a.axes):
                 raise ValueError(f"{where}: bad axes {a.axes} for {g.kind} group {a.group!r}")
             if p.shape[: len(g.batch)] != g.batch:
                 raise ValueError(
@@ -197,7 +216,7 @@ def _check_spec(spec: Spec) -> None:
                 )
             if p.shape[a.axes[0]] != g.size or (g.kind == "orth" and p.shape[a.axes[1]] != g.dim):
                 raise ValueError(f"{where}: axes {a.axes} do not fit group {a.group!r} {g.shape}")
-            if a.power not in (1, -1) or (g.kind != "scale" and a.power != 1):
+            if g.kind != "scale" and a.power != 1:
                 raise ValueError(f"{where}: power {a.power} is not allowed for {g.kind} groups")
 
 
@@ -265,11 +284,12 @@ def mlp(
     layer: int | None = None,
     names: tuple[str, str] = ("intermediate", "output"),
 ) -> Spec:
-    """``dense -> elementwise -> dense`` with a permutation group ``{prefix}/hidden`` of the
-    intermediate units; ``stream`` permutes the input of the first and output of the second."""
-    hidden = _path(prefix, "hidden")
+    """``dense -> elementwise -> dense`` with a permutation group ``{prefix}/units`` (role
+    ``ffn``) of the intermediate units; ``stream`` permutes the input of the first and output
+    of the second."""
+    hidden = _path(prefix, "units")
     return _join(
-        permutation(hidden, intermediate_size, batch=batch, role="hidden", layer=layer),
+        permutation(hidden, intermediate_size, batch=batch, role="ffn", layer=layer),
         dense(
             _path(prefix, names[0]),
             hidden_size,
@@ -358,24 +378,6 @@ def attention(
             )
         )
     return _join(*frags)
-
-
-# ---------------------------------------------------------------------------------------------
-# Params pytrees <-> "/" paths.
-
-
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
-def flatten(params: Any) -> tuple[list[str], list[Any], Any]:
-    """``(paths, leaves, treedef)`` of any params pytree (dicts, FrozenDict, NNX pure dicts)."""
-    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = ["/".join(_key_name(k) for k in kp) for kp, _ in leaves_with_paths]
-    return paths, [leaf for _, leaf in leaves_with_paths], treedef
 
 
 def validate(spec: Spec, params: Any) -> None:

@@ -15,7 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.symmetry._spec import Action, Group, Spec, flatten, validate
+from rotjax.symmetry._spec import Action, Group, Spec, validate
+from rotjax.tree import flatten
 
 Transform = dict[str, jax.Array]
 

@@ -10,14 +10,8 @@ A run, end to end::
                               eval_data=test.arrays(), workdir="/tmp/run", checkpoint_every=500)
 """
 
+from rotjax.train._augment import augment_images
 from rotjax.train._checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
-from rotjax.train._data import (
-    batch_indices,
-    epoch_order,
-    eval_batches,
-    steps_per_epoch,
-    train_batches,
-)
 from rotjax.train._loop import (
     CHECKPOINT_DIR,
     METRICS_FILE,
@@ -28,17 +22,22 @@ from rotjax.train._loop import (
 )
 from rotjax.train._mesh import (
     DATA_AXIS,
-    DISTRIBUTED_ENV,
     batch_sharding,
     check_batch_size,
     data_mesh,
-    initialize_distributed,
     process_rows,
     replicate,
     replicated,
     shard_batch,
 )
-from rotjax.train._metrics import IGNORE_LABEL, batch_metrics, cross_entropy, macro_f1, summarize
+from rotjax.train._metrics import (
+    IGNORE_LABEL,
+    batch_metrics,
+    cross_entropy,
+    macro_f1,
+    majority_baseline,
+    summarize,
+)
 from rotjax.train._optim import (
     DECAYS,
     NO_DECAY_PATTERNS,
@@ -46,19 +45,23 @@ from rotjax.train._optim import (
     optimizer,
     weight_decay_mask,
 )
+from rotjax.train._runtime import (
+    COMPILATION_CACHE_ENV,
+    DISTRIBUTED_ENV,
+    enable_compilation_cache,
+    initialize_distributed,
+)
 from rotjax.train._steps import (
     Steps,
     TrainState,
     classification_steps,
     create_train_state,
     default_inputs,
-    image_pixels,
-    text_inputs,
-    vision_inputs,
 )
 
 __all__ = [
     "CHECKPOINT_DIR",
+    "COMPILATION_CACHE_ENV",
     "DATA_AXIS",
     "DECAYS",
     "DISTRIBUTED_ENV",
@@ -69,7 +72,7 @@ __all__ = [
     "MetricsWriter",
     "Steps",
     "TrainState",
-    "batch_indices",
+    "augment_images",
     "batch_metrics",
     "batch_sharding",
     "check_batch_size",
@@ -79,14 +82,13 @@ __all__ = [
     "cross_entropy",
     "data_mesh",
     "default_inputs",
-    "epoch_order",
-    "eval_batches",
+    "enable_compilation_cache",
     "evaluate",
     "fit",
-    "image_pixels",
     "initialize_distributed",
     "learning_rate_schedule",
     "macro_f1",
+    "majority_baseline",
     "optimizer",
     "process_rows",
     "replicate",
@@ -94,10 +96,6 @@ __all__ = [
     "restore_checkpoint",
     "save_checkpoint",
     "shard_batch",
-    "steps_per_epoch",
     "summarize",
-    "text_inputs",
-    "train_batches",
-    "vision_inputs",
     "weight_decay_mask",
 ]

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh
 
-from rotjax.train import _checkpoint, _data, _mesh, _metrics
+from rotjax import data as _data
+from rotjax.train import _checkpoint, _mesh, _metrics
 from rotjax.train._steps import Steps, TrainState
 
 Record = dict[str, Any]
@@ -81,10 +82,12 @@ def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
 def _run_eval(
     jitted: Callable, params: Any, data: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh
 ) -> dict[str, float]:
+    if "labels" not in data:
+        raise ValueError(f"eval arrays need 'labels', got {sorted(data)}")
     rows = _mesh.process_rows(batch_size)
     stats = [
         jitted(params, _mesh.shard_batch(batch, mesh))
-        for batch in _data.eval_batches(data, batch_size=batch_size, rows=rows)
+        for batch in _data.batches(data, batch_size, pad=True, rows=rows)
     ]
     return _metrics.summarize(stats)
 
@@ -146,7 +149,7 @@ def fit(
 ) -> FitResult:
     """Trains until ``state.step == num_steps``, data-parallel over all devices.
 
-    Step ``t`` trains on the batch `rotjax.train.batch_indices` ``(seed, t)`` with dropout
+    Step ``t`` trains on the batch `rotjax.data.batch_indices` ``(seed, t)`` with dropout
     key ``fold_in(state.key, t)``: both depend only on ``t``. With a ``workdir``, the latest
     checkpoint in ``workdir/checkpoints`` (if any) replaces ``state``, so calling `fit` again
     after an interruption continues the same run exactly (bitwise on the same hardware).

@@ -14,16 +14,15 @@ per-process pieces. On one process this is the same code with ``process_count() 
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 DATA_AXIS = "data"
-DISTRIBUTED_ENV = "ROTJAX_DISTRIBUTED"
 
 
 def data_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
@@ -78,40 +77,10 @@ def shard_batch(local: Mapping[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Ar
 
 
 def replicate(tree: Any, mesh: Mesh) -> Any:
-    """A replicated copy of ``tree`` on the mesh (always a copy: the input is never aliased,
-    so donating the result cannot invalidate the caller's arrays)."""
-    return jax.device_put(tree, replicated(mesh), may_alias=False)
+    """A replicated copy of ``tree`` on the mesh, always in new buffers, so that donating the
+    result (as `rotjax.train.fit` does) can never invalidate the caller's arrays.
 
-
-def initialize_distributed(
-    *,
-    enabled: bool | None = None,
-    coordinator_address: str | None = None,
-    num_processes: int | None = None,
-    process_id: int | None = None,
-) -> bool:
-    """Calls ``jax.distributed.initialize`` for a multi-process run, when enabled.
-
-    Must run before any other JAX call. On TPU pods, SLURM and Open MPI clusters JAX finds the
-    coordinator, the process count and the process id by itself; elsewhere pass them (or set
-    ``JAX_COORDINATOR_ADDRESS``, ``JAX_NUM_PROCESSES``, ``JAX_PROCESS_ID``).
-
-    Args:
-        enabled: Whether to initialize; ``None`` reads ``ROTJAX_DISTRIBUTED`` (``1`` / ``true``).
-        coordinator_address: ``host:port`` of process 0.
-        num_processes: Number of processes.
-        process_id: This process's id.
-
-    Returns:
-        Whether ``jax.distributed.initialize`` was called.
+    (``jax.device_put(..., may_alias=False)`` is not enough: on a multi-device mesh it reuses a
+    device-0 input buffer as the replica on device 0; a jitted copy writes every replica.)
     """
-    if enabled is None:
-        enabled = os.environ.get(DISTRIBUTED_ENV, "").lower() in ("1", "true", "yes")
-    if not enabled:
-        return False
-    jax.distributed.initialize(
-        coordinator_address=coordinator_address,
-        num_processes=num_processes,
-        process_id=process_id,
-    )
-    return True
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=replicated(mesh))(tree)

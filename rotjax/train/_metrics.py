@@ -9,9 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-IGNORE_LABEL = -100
-"""Label of positions that count in neither loss nor metrics (padding tokens, padded examples),
-as in Hugging Face / PyTorch ``CrossEntropyLoss(ignore_index=-100)``."""
+from rotjax.data import IGNORE_LABEL
 
 
 def _flat(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -111,3 +109,14 @@ def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[s
         "macro_f1": macro_f1(total["confusion"]),
         "count": round(count),
     }
+
+
+def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
+    """Test accuracy of always predicting the most frequent training class (labels equal to
+    `IGNORE_LABEL` are left out on both sides)."""
+    train_labels, test_labels = np.asarray(train_labels).ravel(), np.asarray(test_labels).ravel()
+    train_labels = train_labels[train_labels != IGNORE_LABEL]
+    test_labels = test_labels[test_labels != IGNORE_LABEL]
+    if not len(train_labels) or not len(test_labels):
+        raise ValueError("majority_baseline needs labels on both sides")
+    return float(np.mean(test_labels == np.bincount(train_labels).argmax()))

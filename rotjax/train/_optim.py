@@ -9,7 +9,7 @@ from typing import Any
 import jax
 import optax
 
-from rotjax.symmetry import flatten
+from rotjax.tree import flatten
 
 NO_DECAY_PATTERNS = (r"(^|/)bias$", r"(^|/)[^/]*norm[^/]*/[^/]+$")
 """Regexes (``re.search``, case-insensitive) over ``"/"`` param paths that get no weight decay:

@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rotjax.models import bert, vit
+from rotjax.models import family
 from rotjax.train import _metrics
 
 Batch = Mapping[str, jax.Array]
@@ -83,38 +83,10 @@ class Steps(NamedTuple):
     eval_step: Callable[[Any, Batch], dict[str, jax.Array]]
 
 
-def image_pixels(images: jax.Array, *, mean: float = 0.5, std: float = 0.5) -> jax.Array:
-    """``uint8`` images in ``[0, 255]`` (or floats in ``[0, 1]``) -> ``(x - mean) / std``
-    float32, ``x`` in ``[0, 1]`` (the ViT image processor's normalization)."""
-    x = images.astype(jnp.float32)
-    if images.dtype == jnp.uint8:
-        x = x / 255.0
-    return (x - mean) / std
-
-
-def text_inputs(batch: Batch) -> tuple[Any, ...]:
-    """BERT inputs from a batch with ``input_ids``, ``attention_mask`` and optionally
-    ``token_type_ids``."""
-    return batch["input_ids"], batch["attention_mask"], batch.get("token_type_ids")
-
-
-def vision_inputs(batch: Batch) -> tuple[Any, ...]:
-    """ViT inputs from a batch with ``images`` (NHWC, normalized by `image_pixels`)."""
-    return (image_pixels(batch["images"]),)
-
-
 def default_inputs(model: nn.Module) -> InputsFn:
-    """The batch -> model inputs adapter of a rotjax model: `text_inputs` for BERT,
-    `vision_inputs` for ViT."""
-    config = getattr(model, "config", None)
-    if isinstance(config, bert.Config):
-        return text_inputs
-    if isinstance(config, vit.Config):
-        return vision_inputs
-    raise TypeError(
-        f"no default inputs for {type(model).__name__} with config {type(config).__name__}; "
-        "pass inputs=batch -> model args"
-    )
+    """The batch -> positional model inputs adapter of a rotjax model: its family's
+    ``batch_inputs`` (`rotjax.models.family`)."""
+    return family(model.config).batch_inputs
 
 
 def classification_steps(

@@ -1,0 +1,132 @@
+"""Checkpoint files: reading configs and weights (safetensors, sharded or not, and PyTorch
+``.bin``), writing JSON, and swapping a finished directory into place."""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+CONFIG_FILE = "config.json"
+SAFETENSORS_FILE = "model.safetensors"
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+TORCH_FILE = "pytorch_model.bin"
+TOKENIZER_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "vocab.txt",
+    "special_tokens_map.json",
+    "merges.txt",
+    "vocab.json",
+    "preprocessor_config.json",
+)
+
+
+def read_config(directory: Path) -> dict[str, Any]:
+    if not directory.is_dir():
+        raise FileNotFoundError(f"checkpoint directory {directory} does not exist or is a file")
+    config_file = directory / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{config_file} not found")
+    return read_json(config_file)
+
+
+def read_weights(directory: Path) -> dict[str, np.ndarray]:
+    if (directory / SAFETENSORS_FILE).is_file():
+        return read_safetensors(directory / SAFETENSORS_FILE)
+    if (directory / SAFETENSORS_INDEX).is_file():
+        index = read_json(directory / SAFETENSORS_INDEX)
+        shards = sorted(set(index.get("weight_map", {}).values()))
+        if not shards:
+            raise ValueError(f"{directory / SAFETENSORS_INDEX} has no weight_map")
+        tensors: dict[str, np.ndarray] = {}
+        for shard in shards:
+            tensors.update(read_safetensors(directory / shard))
+        return tensors
+    if (directory / TORCH_FILE).is_file():
+        return read_torch_file(directory / TORCH_FILE)
+    raise FileNotFoundError(
+        f"no weights in {directory}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or "
+        f"{TORCH_FILE}"
+    )
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    try:
+        with open(file, encoding="utf-8") as f:
+            out = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from e
+    if not isinstance(out, dict):
+        raise ValueError(f"{file} must hold a JSON object, got {type(out).__name__}")
+    return out
+
+
+def read_safetensors(file: Path) -> dict[str, np.ndarray]:
+    from safetensors import SafetensorError, safe_open
+
+    if not file.is_file():
+        raise FileNotFoundError(f"{file} not found")
+    try:
+        with safe_open(str(file), framework="np") as f:
+            return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise ValueError(f"{file} is not a readable safetensors file: {e}") from e
+
+
+def read_torch_file(file: Path) -> dict[str, np.ndarray]:
+    try:
+        import torch
+    except ImportError as e:
+        raise ImportError(
+            f"reading {file} needs PyTorch (pip install torch), or convert it to {SAFETENSORS_FILE}"
+        ) from e
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises many types for a bad file
+        raise ValueError(f"{file} is not a readable PyTorch state dict: {e}") from e
+    if not isinstance(state, Mapping):
+        raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
+    return {k: torch_to_numpy(v) for k, v in state.items()}
+
+
+def torch_to_numpy(t: Any) -> np.ndarray:
+    # A copy: numpy views of torch tensors share memory, and params must not alias the source.
+    t = t.detach().cpu()
+    if t.is_floating_point():
+        t = t.float()
+    return np.array(t.numpy(), copy=True)
+
+
+def write_json(file: Path, obj: Any) -> None:
+    with open(file, "w", encoding="utf-8") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
+        f.write("\n")
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Rename ``new`` to ``path``; an existing ``path`` is swapped out, then removed."""
+    if not path.exists():
+        os.rename(new, path)
+        return
+    if path.is_dir() and not any(path.iterdir()):
+        path.rmdir()
+        os.rename(new, path)
+        return
+    old = path.parent / f".{path.name}.old-{secrets.token_hex(6)}"
+    os.rename(path, old)
+    try:
+        os.rename(new, path)
+    except BaseException:
+        os.rename(old, path)
+        raise
+    if old.is_dir():
+        shutil.rmtree(old)
+    else:
+        old.unlink()

@@ -1,0 +1,262 @@
+"""Loading Hugging Face checkpoints (directories or in-memory ``transformers`` models) into
+rotjax configs and Flax params."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rotjax import symmetry as sym
+from rotjax.hf import _mapping
+from rotjax.hf._files import CONFIG_FILE, read_config, read_weights, torch_to_numpy
+from rotjax.models import family, family_of_model_type, stack_layers, with_pretrained
+from rotjax.tree import flatten
+
+Config = Any  # a registered model config (`rotjax.models.family`)
+
+
+def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> tuple[Config, Any]:
+    """Convert a Hugging Face BERT, RoBERTa or ViT model into a rotjax config and params.
+
+    Supported architectures: ``BertModel``, ``BertForSequenceClassification``,
+    ``BertForTokenClassification``, the same three for RoBERTa, ``ViTModel`` and
+    ``ViTForImageClassification``. The architecture comes from ``config.json``'s
+    ``architectures`` (or the class of an in-memory model; a config without ``architectures``
+    is a base model of its ``model_type``); whether a base model keeps its pooler comes from
+    whether the checkpoint has pooler weights. Every tensor is accounted for: the known
+    non-parameter buffers (``embeddings.position_ids``, ``embeddings.token_type_ids``) are
+    ignored, anything else unexpected is an error.
+
+    Args:
+      source: A local directory with ``config.json`` and ``model.safetensors`` (possibly
+        sharded, with ``model.safetensors.index.json``) or ``pytorch_model.bin`` (needs torch),
+        or an in-memory ``transformers`` PyTorch model (``PreTrainedModel``).
+      scan_layers: Return the params stacked for ``config.scan_layers=True`` (every per-layer
+        leaf gains a leading layer axis ``L``).
+
+    Returns:
+      ``(config, params)``: a `rotjax.models.bert.Config` or `rotjax.models.vit.Config` with
+      the checkpoint's hyper-parameters, ``task``, ``model_type`` and ``add_pooling_layer``,
+      and float32 params with exactly the structure of ``Model(config).init(...)["params"]``,
+      e.g. for BERT ``encoder/layer_i/attention/query/kernel`` ``(D, H, d)`` from
+      ``encoder.layer.i.attention.self.query.weight`` ``(H*d, D)``.
+
+    Raises:
+      FileNotFoundError: The directory, its ``config.json`` or its weights file is missing.
+      ValueError: An unsupported architecture or config option, an unreadable file, or
+        tensors missing, unexpected or of the wrong shape (all listed, with shapes).
+      ImportError: ``pytorch_model.bin`` without torch installed.
+    """
+    if isinstance(source, str | os.PathLike):
+        directory = Path(source)
+        hf_config = read_config(directory)
+        arch = _architecture(hf_config, where=str(directory / CONFIG_FILE))
+        tensors = read_weights(directory)
+    else:
+        hf_config, tensors, arch = _read_torch_model(source)
+    tensors = _canonical_names(tensors, arch)
+    has_pooler = any(name.startswith("pooler.") for name in tensors)
+    config = _rotjax_config(arch, hf_config, has_pooler=has_pooler)
+    params = _to_rotjax(arch, config, tensors)
+    if scan_layers:
+        params = stack_layers(params)
+        config = dataclasses.replace(config, scan_layers=True)
+    params = jax.device_put(params)  # one transfer; jnp.asarray would stage a program per leaf
+    sym.validate(family(config).symmetry_spec(config), params)
+    return config, params
+
+
+def load_for_task(
+    source: str | os.PathLike[str] | Any,
+    *,
+    task: str,
+    num_labels: int,
+    key: jax.Array,
+    scan_layers: bool = False,
+) -> tuple[Config, Any]:
+    """A pretrained checkpoint's model under a new task head, ready to fine-tune.
+
+    The config is the checkpoint's with ``task`` and ``num_labels`` (and no pooler unless the
+    task has one); every param whose path the new model shares comes from the checkpoint, the
+    new head is drawn from ``key`` (`rotjax.models.with_pretrained`: ``normal(initializer_range)``
+    kernels, zero biases, as transformers initialises a head).
+
+    Args:
+      source: as for `load`.
+      task: the new ``Config.task`` (e.g. ``"sequence_classification"``).
+      num_labels: its number of classes.
+      key: draws the new head.
+      scan_layers: as for `load`.
+
+    Raises:
+      As `load`; ValueError for a task the family does not have.
+    """
+    pretrained_config, pretrained = load(source, scan_layers=scan_layers)
+    config = dataclasses.replace(
+        pretrained_config, task=task, num_labels=num_labels, add_pooling_layer=False
+    )
+    f = family(config)
+    keep = {path: x for path, x in zip(*flatten(pretrained)[:2], strict=True)}
+    shapes = f.param_shapes(config)
+    wanted = set(flatten(shapes)[0])
+    params = with_pretrained(
+        shapes,
+        {p: x for p, x in keep.items() if p in wanted},
+        key,
+        std=getattr(config, "initializer_range", 0.02),
+    )
+    return config, params
+
+
+def _read_torch_model(model: Any) -> tuple[dict[str, Any], dict[str, np.ndarray], Any]:
+    if not (hasattr(model, "state_dict") and hasattr(getattr(model, "config", None), "to_dict")):
+        raise TypeError(
+            "source must be a checkpoint directory or a transformers PreTrainedModel, got "
+            f"{type(model).__name__}"
+        )
+    name = type(model).__name__
+    if name not in _mapping.ARCHITECTURES:
+        raise ValueError(
+            f"unsupported architecture {name!r}; supported: {sorted(_mapping.ARCHITECTURES)}"
+        )
+    state = model.state_dict()
+    try:
+        # transformers >= 5 may name tensors in memory differently from its checkpoints (ViT's
+        # `layers.i.attention.q_proj`); map back to the checkpoint names, as save_pretrained does.
+        from transformers.core_model_loading import revert_weight_conversion
+    except ImportError:  # transformers 4: memory and checkpoint names agree
+        pass
+    else:
+        state = revert_weight_conversion(model, state)
+    tensors = {k: torch_to_numpy(v) for k, v in state.items()}
+    return model.config.to_dict(), tensors, _mapping.ARCHITECTURES[name]
+
+
+def _architecture(hf_config: Mapping[str, Any], *, where: str) -> _mapping.Architecture:
+    names = hf_config.get("architectures") or []
+    model_type = hf_config.get("model_type")
+    supported = sorted(_mapping.ARCHITECTURES)
+    if not names:
+        if any(a.model_type == model_type for a in _mapping.ARCHITECTURES.values()):
+            return _mapping.architecture_for(model_type, None)
+        raise ValueError(
+            f"{where}: no 'architectures' and unsupported model_type {model_type!r}; "
+            f"supported architectures: {supported}"
+        )
+    if len(names) != 1 or names[0] not in _mapping.ARCHITECTURES:
+        raise ValueError(f"{where}: unsupported architectures {names}; supported: {supported}")
+    arch = _mapping.ARCHITECTURES[names[0]]
+    if model_type is not None and model_type != arch.model_type:
+        raise ValueError(
+            f"{where}: model_type {model_type!r} does not match architecture {arch.name} "
+            f"(model_type {arch.model_type!r})"
+        )
+    return arch
+
+
+def _canonical_names(
+    tensors: Mapping[str, np.ndarray], arch: _mapping.Architecture
+) -> dict[str, np.ndarray]:
+    """Strip the base-model prefix, rename legacy LayerNorm gamma/beta, drop known buffers."""
+    prefix = f"{arch.model_type}."
+    out: dict[str, np.ndarray] = {}
+    original: dict[str, str] = {}
+    for name, x in tensors.items():
+        short = name.removeprefix(prefix)
+        for old, new in _mapping.LEGACY_SUFFIXES:
+            if short.endswith(f"LayerNorm{old}"):
+                short = short.removesuffix(old) + new
+        if short in _mapping.IGNORED:
+            continue
+        if short in out:
+            raise ValueError(f"tensors {original[short]!r} and {name!r} are the same parameter")
+        out[short], original[short] = x, name
+    return out
+
+
+def _check_hf_config(arch: _mapping.Architecture, hf_config: Mapping[str, Any]) -> None:
+    """Reject config options that rotjax's models do not implement (silently wrong otherwise)."""
+    problems = []
+    if hf_config.get("position_embedding_type", "absolute") not in (None, "absolute"):
+        problems.append(f"position_embedding_type={hf_config['position_embedding_type']!r}")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if hf_config.get(flag):
+            problems.append(f"{flag}=True")
+    if arch.model_type == "vit":
+        if hf_config.get("pooler_act", "tanh") != "tanh":
+            problems.append(f"pooler_act={hf_config['pooler_act']!r}")
+        size = hf_config.get("pooler_output_size")
+        if size is not None and size != hf_config.get("hidden_size"):
+            problems.append(f"pooler_output_size={size} != hidden_size")
+    if problems:
+        raise ValueError(f"{arch.name} config not supported by rotjax: {', '.join(problems)}")
+
+
+def _rotjax_config(
+    arch: _mapping.Architecture, hf_config: Mapping[str, Any], *, has_pooler: bool
+) -> Config:
+    _check_hf_config(arch, hf_config)
+    cls = family_of_model_type(arch.model_type).Config
+    overrides: dict[str, Any] = {"task": arch.task, "scan_layers": False}
+    overrides["add_pooling_layer"] = arch.task is None and has_pooler
+    if "model_type" in {f.name for f in dataclasses.fields(cls)}:
+        overrides["model_type"] = arch.model_type
+    return cls.from_hf_dict(dict(hf_config), **overrides)
+
+
+def _to_rotjax(
+    arch: _mapping.Architecture, config: Config, tensors: Mapping[str, np.ndarray]
+) -> Any:
+    """Unscanned numpy params of ``Model(config)`` from canonical Hugging Face tensors."""
+    paths, shapes, treedef = flatten(family(config).param_shapes(config))
+    prefix = f"{arch.model_type}."
+    wanted = []
+    for path, leaf in zip(paths, shapes, strict=True):
+        name, conv = _mapping.hf_name(arch, path, prefixed=False)
+        wanted.append((name, conv, tuple(leaf.shape)))
+
+    def shown(name: str) -> str:  # names as in the checkpoint, prefix included
+        first = name.split(".", 1)[0]
+        keep = arch.task is None or first in _mapping.HEAD_MODULES
+        return name if keep else prefix + name
+
+    known = {name for name, _, _ in wanted}
+    problems = [
+        f"  missing:    {shown(name)}  {conv.hf_shape(shape)}"
+        for name, conv, shape in wanted
+        if name not in tensors
+    ]
+    problems += [
+        f"  unexpected: {shown(name)}  {tuple(x.shape)}"
+        for name, x in sorted(tensors.items())
+        if name not in known
+    ]
+    problems += [
+        f"  wrong shape: {shown(name)}  {tuple(tensors[name].shape)}, expected "
+        f"{conv.hf_shape(shape)}"
+        for name, conv, shape in wanted
+        if name in tensors and tuple(tensors[name].shape) != conv.hf_shape(shape)
+    ]
+    problems += [
+        f"  not floating point: {shown(name)}  {tensors[name].dtype}"
+        for name, _, _ in wanted
+        if name in tensors and not jnp.issubdtype(tensors[name].dtype, jnp.floating)  # bf16 too
+    ]
+    if problems:
+        raise ValueError(
+            f"checkpoint tensors do not match {arch.name} "
+            f"(hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
+            f"heads={config.num_attention_heads}):\n" + "\n".join(problems)
+        )
+    leaves = [
+        np.ascontiguousarray(conv.to_flax(np.asarray(tensors[name], np.float32), shape))
+        for name, conv, shape in wanted
+    ]
+    return jax.tree.unflatten(treedef, leaves)

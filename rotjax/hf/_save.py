@@ -1,0 +1,150 @@
+"""Saving rotjax models as Hugging Face checkpoint directories."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rotjax import symmetry as sym
+from rotjax.hf import _mapping
+from rotjax.hf._files import CONFIG_FILE, SAFETENSORS_FILE, TOKENIZER_FILES, replace_dir, write_json
+from rotjax.models import family, unstack_layers
+from rotjax.tree import flatten
+
+Config = Any  # a registered model config (`rotjax.models.family`)
+# Config fields that are rotjax's own, not Hugging Face's.
+_ROTJAX_FIELDS = frozenset({"task", "add_pooling_layer", "scan_layers"})
+
+
+def save(
+    path: str | os.PathLike[str],
+    config: Config,
+    params: Any,
+    *,
+    tokenizer_from: str | os.PathLike[str] | None = None,
+    id2label: Mapping[int, str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write a rotjax model as a Hugging Face checkpoint directory.
+
+    Writes ``config.json`` (``architectures``, ``model_type``, ``id2label``/``label2id`` and
+    every Hugging Face field of ``config``) and ``model.safetensors`` (float32, names as
+    ``save_pretrained`` writes them), so ``transformers``'
+    ``AutoModelFor...from_pretrained(path)`` loads it with no missing or unexpected keys. (A base
+    model saved without its pooler needs ``from_pretrained(path, add_pooling_layer=False)``,
+    since ``config.json`` cannot say so.) The directory appears whole or not at all: it is
+    written beside ``path`` under a temporary name, then renamed.
+
+    Args:
+      path: The directory to create. It may exist only if empty, unless ``overwrite``.
+      config: The model's config; scanned params (``config.scan_layers``) are unstacked.
+      params: The model's params, as ``Model(config).init(...)["params"]``. Not modified.
+      tokenizer_from: A directory whose tokenizer and preprocessor files (``tokenizer.json``,
+        ``vocab.txt``, ``preprocessor_config.json``, ...) are copied alongside.
+      id2label: Label names for ``config.num_labels`` classes (default ``LABEL_i``).
+      overwrite: Replace an existing non-empty directory at ``path`` (the old one is removed
+        only once the new one is complete).
+
+    Returns:
+      ``path`` as a `pathlib.Path`.
+
+    Raises:
+      ValueError: ``params`` do not match ``config`` (paths and shapes listed), or
+        ``id2label`` has the wrong number of labels.
+      FileExistsError: ``path`` exists and is not an empty directory, and not ``overwrite``.
+      FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
+    """
+    path = Path(path)
+    sym.validate(family(config).symmetry_spec(config), params)
+    params = jax.tree.map(np.asarray, params)  # numpy: no XLA programs for unstacking
+    if config.scan_layers:
+        params = unstack_layers(params)
+        config = dataclasses.replace(config, scan_layers=False)
+    arch = _mapping.architecture_for(config.model_type, config.task)
+    prefixed = arch.task is not None
+    tensors = {}
+    for p, leaf in zip(*flatten(params)[:2], strict=True):
+        name, conv = _mapping.hf_name(arch, p, prefixed=prefixed)
+        tensors[name] = np.ascontiguousarray(conv.to_hf(np.asarray(leaf, np.float32)))
+    hf_config = _hf_config(arch, config, id2label)
+    tokenizer_files = _tokenizer_files(tokenizer_from)
+
+    if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"{path} exists and is not an empty directory; pass overwrite=True")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
+    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask
+    try:
+        write_json(tmp / CONFIG_FILE, hf_config)
+        from safetensors.numpy import save_file
+
+        save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        for f in tokenizer_files:
+            shutil.copy2(f, tmp / f.name)
+        replace_dir(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return path
+
+
+def transformers_config(config: Config, *, id2label: Mapping[int, str] | None = None) -> Any:
+    """``config`` as a ``transformers`` config: the ``config.json`` that `save` writes.
+
+    Its ``architectures[0]`` names the ``transformers`` class of the same model, so
+    ``getattr(transformers, c.architectures[0])(c)`` builds the PyTorch twin of
+    ``Model(config)`` (with ``add_pooling_layer=False`` for a base model without pooler).
+    """
+    import transformers
+
+    arch = _mapping.architecture_for(config.model_type, config.task)
+    fields = _hf_config(arch, config, id2label)
+    return transformers.AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def _hf_config(
+    arch: _mapping.Architecture, config: Config, id2label: Mapping[int, str] | None
+) -> dict[str, Any]:
+    out = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(config)
+        if f.name not in _ROTJAX_FIELDS
+    }
+    if id2label is None:
+        id2label = {i: f"LABEL_{i}" for i in range(config.num_labels)}
+    if sorted(int(i) for i in id2label) != list(range(config.num_labels)):
+        raise ValueError(
+            f"id2label must name labels 0..{config.num_labels - 1} (num_labels), got "
+            f"{sorted(id2label)}"
+        )
+    labels = {str(int(i)): str(v) for i, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
+    out.update(
+        architectures=[arch.name],
+        model_type=arch.model_type,
+        id2label=labels,
+        label2id={v: int(i) for i, v in labels.items()},
+        dtype="float32",
+    )
+    if arch.model_type == "vit":
+        out.update(pooler_output_size=config.hidden_size, pooler_act="tanh")
+    return out
+
+
+def _tokenizer_files(directory: str | os.PathLike[str] | None) -> list[Path]:
+    if directory is None:
+        return []
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise FileNotFoundError(f"tokenizer_from directory {directory} does not exist")
+    files = [directory / n for n in TOKENIZER_FILES if (directory / n).is_file()]
+    if not files:
+        raise FileNotFoundError(f"{directory} holds none of {list(TOKENIZER_FILES)}")
+    return files

@@ -1,0 +1,88 @@
+"""Input checks of `align`: params against the spec, dtypes, finiteness, layer indices.
+
+Everything here runs before any solve, so bad input fails fast with the offending path named.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rotjax import symmetry as sym
+from rotjax.tree import flatten
+
+
+def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
+    """The float32 leaves by path of every ``(name, params)``, after checking that each fits the
+    spec, that all share the first one's dtypes, and that all are finite.
+
+    Raises:
+      ValueError: naming the model (``name``) and the offending paths.
+    """
+    flats, names = [], []
+    for what, tree in named:
+        try:
+            sym.validate(spec, tree)
+        except ValueError as e:
+            raise ValueError(f"{what}: {e}") from None
+        paths, leaves, _ = flatten(jax.device_put(tree))  # one transfer for the whole tree
+        flats.append(dict(zip(paths, leaves, strict=True)))
+        names.append(what)
+    first = flats[0]
+    problems = [
+        f"  {p}: {names[0]} {first[p].dtype} vs {what} {flat[p].dtype}"
+        for what, flat in zip(names[1:], flats[1:], strict=True)
+        for p in first
+        if first[p].dtype != flat[p].dtype
+    ]
+    if problems:
+        raise ValueError("dtypes differ between the models:\n" + "\n".join(problems))
+    bad = [
+        f"  {what}: {p}" for what, flat in zip(names, flats, strict=True) for p in non_finite(flat)
+    ]
+    if bad:
+        raise ValueError("non-finite values (NaN or Inf) in:\n" + "\n".join(bad))
+    # Solve in float32 whatever the storage dtype (bfloat16 sums would lose the alignment).
+    return [_float32(flat) for flat in flats]
+
+
+def non_finite(flat: dict[str, jax.Array]) -> list[str]:
+    """The paths of the leaves of ``flat`` with a NaN or an Inf. Screened by their sums (NaN
+    or Inf propagate; 6x faster than ``all(isfinite)`` on CPU, a reduction of bools), and any
+    leaf the screen flags checked exactly (a sum of finite values may overflow)."""
+    sums = np.asarray(_finite_sums(flat)) if flat else []
+    flagged = [p for p, ok in zip(sorted(flat), sums, strict=True) if not ok]
+    return [p for p in flagged if not bool(jnp.isfinite(flat[p]).all())]
+
+
+@jax.jit
+def _finite_sums(flat):
+    return jnp.stack([jnp.isfinite(jnp.sum(flat[p])) for p in sorted(flat)])
+
+
+def _float32(flat):
+    return {p: x if x.dtype == jnp.float32 else x.astype(jnp.float32) for p, x in flat.items()}
+
+
+def num_layers(spec: sym.Spec) -> int:
+    """The number of layers the spec's per-layer groups cover (0 if none): the largest
+    ``layer + 1`` of an unstacked group, or the leading batch size of a stacked one."""
+    sizes = [g.layer + 1 for g in spec.groups.values() if g.layer is not None]
+    sizes += [g.batch[0] for g in spec.groups.values() if g.layer is None and g.batch]
+    return max(sizes, default=0)
+
+
+def checked_layers(spec: sym.Spec, layers: tuple[int, ...] | None) -> frozenset[int] | None:
+    """``layers`` as a set, after checking each index against the spec's layer count."""
+    if layers is None:
+        return None
+    n = num_layers(spec)
+    bad = [i for i in layers if not 0 <= i < n]
+    if bad:
+        have = f"layers 0..{n - 1}" if n else "no per-layer groups"
+        raise ValueError(f"layers={list(layers)}: {bad} out of range (the model has {have})")
+    return frozenset(layers)

@@ -1,0 +1,39 @@
+"""The permutation block: FFN units and the residual stream by linear assignment (Git Re-Basin's
+weight matching), every other group applied to B."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+
+from rotjax import symmetry as sym
+from rotjax.match._objective import Context, masked, moved, sub
+from rotjax.match._solvers import assign_all
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _perm_costs(spec, names, exclusive, a, b, t):
+    """``C[..., i, j] = Σ_p ⟨A_p[i], (g·B)_p[j]⟩`` per permutation group, the group itself left
+    out of g; ``exclusive`` keeps only params on which no other group acts."""
+    out = {}
+    for n in names:
+        g = spec.groups[n]
+        k = len(g.batch)
+        cost = jnp.zeros((*g.batch, g.size, g.size), jnp.float32)
+        for path, act in spec.users[n]:
+            if exclusive and len(spec.params[path].actions) > 1:
+                continue
+            bp = sym.apply_to_leaf(spec, path, b[path], t, skip=frozenset([n]))
+            am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
+            cost = cost + jnp.einsum("...ir,...jr->...ij", am, bm)
+        out[n] = cost
+    return out
+
+
+def perm_stage(ctx: Context, t: dict, active: frozenset, *, names, exclusive=False) -> dict:
+    """Solve the permutation groups ``names`` given the others (those in ``active`` applied);
+    ``exclusive`` uses only the params no other group acts on (the residual start)."""
+    costs = _perm_costs(ctx.spec, tuple(names), exclusive, ctx.a, ctx.b, sub(t, active))
+    return masked(t, assign_all(costs, solver=ctx.solver), ctx.masks)

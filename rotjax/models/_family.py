@@ -1,0 +1,62 @@
+"""The model registry: one `Family` record per architecture, looked up by config type.
+
+Everything outside `rotjax.models` that needs to know "which model is this config for?" (the
+command line, `rotjax.hf`, training, merging, experiments) asks `family(config)`; nothing else
+inspects config types. A new family is one file in `rotjax/models/` defining its ``FAMILY``,
+listed in `FAMILIES`, plus its Hugging Face mapping in `rotjax.hf`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+
+from rotjax.symmetry import Spec
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """What the rest of rotjax knows about one model family.
+
+    Attributes:
+      name: ``"bert"`` (BERT and RoBERTa) or ``"vit"``.
+      Config: the config dataclass (Hugging Face field names).
+      Model: the Flax module class; ``Model(config)`` builds the model.
+      symmetry_spec: ``config -> Spec`` of ``Model(config)``'s params.
+      example_inputs: ``(config, batch_size=1) -> tuple`` of positional ``Model.apply``
+        arguments (small, deterministic arrays: for ``init``, shapes and smoke runs).
+      batch_inputs: ``batch -> tuple`` of positional ``Model.apply`` arguments from a dict of
+        named arrays (``input_ids``/``attention_mask``/``token_type_ids``; ``pixel_values``
+        NHWC or raw ``images``).
+      input_names: Hugging Face names of the positional inputs, in order.
+      model_types: the Hugging Face ``model_type`` values the family covers.
+      pre_norm: whether every read of the residual stream goes through a norm (pre-LN blocks
+        and a final norm), which is what residual-stream rotations need.
+    """
+
+    name: str
+    Config: type
+    Model: type[nn.Module]
+    symmetry_spec: Callable[[Any], Spec]
+    example_inputs: Callable[..., tuple[jax.Array, ...]]
+    batch_inputs: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+    input_names: tuple[str, ...]
+    model_types: tuple[str, ...]
+    pre_norm: bool
+
+    def param_shapes(self, config: Any) -> Any:
+        """The params structure of ``Model(config)`` as ``jax.ShapeDtypeStruct`` leaves (traced
+        with `jax.eval_shape`: nothing computed or compiled)."""
+        model = self.Model(config)
+        x = self.example_inputs(config)
+        return jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *x)["params"]
+
+    def init(self, config: Any, key: jax.Array) -> Any:
+        """Freshly initialised params of ``Model(config)`` (one compiled program)."""
+        model = self.Model(config)
+        x = self.example_inputs(config)
+        return jax.jit(lambda key, *x: model.init(key, *x)["params"])(key, *x)

@@ -1,0 +1,52 @@
+"""Params pytrees <-> ``"/"`` paths: the addressing that specs, statistics and checkpoints share.
+
+A leaf's path joins its keys with ``"/"``: ``"encoder/layer_0/attention/query/kernel"``. Works on
+any pytree of dicts (Linen ``params``, ``FrozenDict``, Flax NNX pure dicts, stacked layers).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+
+
+def _key_name(k: Any) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(k, attr):
+            return str(getattr(k, attr))
+    return str(k)
+
+
+def flatten(params: Any) -> tuple[list[str], list[Any], Any]:
+    """``(paths, leaves, treedef)`` of any params pytree, leaves in ``jax.tree`` order."""
+    leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
+    paths = ["/".join(_key_name(k) for k in kp) for kp, _ in leaves_with_paths]
+    return paths, [leaf for _, leaf in leaves_with_paths], treedef
+
+
+def to_dict(params: Any) -> dict[str, Any]:
+    """``{path: leaf}`` of a params pytree (the leaves themselves, not copies)."""
+    paths, leaves, _ = flatten(params)
+    return dict(zip(paths, leaves, strict=True))
+
+
+def from_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
+    """The nested dict whose `to_dict` is ``flat`` (the inverse of `to_dict` for nested dicts).
+
+    Raises:
+      ValueError: a path that is also the prefix of another (a leaf cannot hold children).
+    """
+    out: dict[str, Any] = {}
+    for path, leaf in flat.items():
+        *parents, name = path.split("/")
+        node = out
+        for i, p in enumerate(parents):
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ValueError(f"{'/'.join(parents[: i + 1])} is both a leaf and a subtree")
+        if name in node:
+            raise ValueError(f"{path} is both a leaf and a subtree")
+        node[name] = leaf
+    return out

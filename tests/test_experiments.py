@@ -1,0 +1,74 @@
+"""Every entry point of `experiments/` runs end to end on its smallest setting (seconds each).
+
+These check the drivers, not the numbers: the measured runs live in the README and in the
+JSON files the drivers write.
+"""
+
+import json
+
+import pytest
+
+from rotjax import hf, train
+
+
+@pytest.fixture(autouse=True)
+def _keep_test_jax_config(monkeypatch):
+    # The drivers enable the persistent compilation cache with their own settings; the tests'
+    # (conftest) stay in force.
+    monkeypatch.setattr(train, "enable_compilation_cache", lambda *a, **k: None)
+
+
+@pytest.mark.parametrize("config", ["vit_fashion_mnist", "minilm_wordnet_glosses"])
+def test_train(config, tmp_path, capsys):
+    from experiments import train as T
+
+    T.main(["--config", config, "--workdir", str(tmp_path), "--smoke", "--no-progress"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["num_steps"] == 2 and 0 <= summary["test"]["accuracy"] <= 1
+    config_, params = hf.load(tmp_path / "hf")
+    assert config_.num_labels == (10 if config.startswith("vit") else 16)
+    assert '"test"' in capsys.readouterr().out
+
+
+def test_make_pairs(tmp_path):
+    from experiments import make_pairs
+
+    argv = ["--smoke", "--runs", "vit", "--num-seeds", "2", "--out", str(tmp_path)]
+    make_pairs.main([*argv, "--no-progress"])
+    report = json.loads((tmp_path / "summary.json").read_text())
+    assert [r["name"] for r in report["runs"]] == ["vit-fashion_mnist-s0", "vit-fashion_mnist-s1"]
+    assert report["pairs"] == [["seeds", "vit-fashion_mnist-s0", "vit-fashion_mnist-s1"]]
+    assert "| vit-fashion_mnist-s1 |" in (tmp_path / "summary.md").read_text()
+
+
+def test_demo(tmp_path, capsys):
+    from experiments import demo
+
+    demo.main(["--workdir", str(tmp_path), "--solve", "rotation,scale"])
+    out = capsys.readouterr().out
+    assert "aligned copy vs copy" in out
+    report = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
+    assert report["distance"]["all"]["after"] < report["distance"]["all"]["before"]
+
+
+def test_align_benchmark(tmp_path):
+    from experiments.benchmarks import align
+
+    align.main(["--smoke", "--out", str(tmp_path)])
+    rows = json.loads((tmp_path / "align.json").read_text())["rows"]
+    assert [(r["shape"], r["regime"]) for r in rows] == [
+        ("tiny", "related"),
+        ("tiny", "independent"),
+    ]
+    assert all(r["paper"]["seconds"] > 0 and r["floor"]["total"] > 0 for r in rows)
+
+
+def test_train_throughput_benchmark(tmp_path):
+    pytest.importorskip("torch")
+    from experiments.benchmarks import train_throughput
+
+    out = tmp_path / "throughput.json"
+    train_throughput.main(["--smoke", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert [r["model"] for r in report["results"]] == ["bert", "vit"]
+    assert all(r["step"]["ratio"] > 0 for r in report["results"])

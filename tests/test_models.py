@@ -1,0 +1,131 @@
+"""The model registry, input checks, the two params layouts and pretrained initialisation."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import CONFIGS, compiled
+
+import rotjax.hf
+import rotjax.models
+from rotjax import symmetry as sym
+from rotjax.models import bert, family, vit
+from rotjax.tree import flatten, from_dict, to_dict
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+def test_family_record_describes_its_model(name, key):
+    config = CONFIGS[name]
+    f = family(config)
+    assert f.Config is type(config) and config.model_type in f.model_types
+    assert family(dataclasses.replace(config, scan_layers=True)) is f
+    params = f.init(config, key)
+    sym.validate(f.symmetry_spec(config), params)  # example inputs, init and spec agree
+    shapes = jax.tree.map(lambda x: (x.shape, x.dtype), f.param_shapes(config))
+    assert shapes == jax.tree.map(lambda x: (x.shape, x.dtype), params)
+    x = f.example_inputs(config, batch_size=2)
+    assert len(x) <= len(f.input_names)
+    out = f.Model(config).apply({"params": params}, *x)
+    assert all(np.isfinite(leaf).all() for leaf in jax.tree.leaves(out))
+    # batch_inputs maps named arrays (Hugging Face names) onto the same positional arguments.
+    named = f.batch_inputs(dict(zip(f.input_names, x, strict=False)))
+    again = f.Model(config).apply({"params": params}, *named)
+    jax.tree.map(np.testing.assert_array_equal, again, out)
+    assert rotjax.models.family_of_model_type(config.model_type) is f
+    assert f.pre_norm == (f.name == "vit")
+
+
+def test_unknown_configs_are_refused():
+    with pytest.raises(TypeError, match=r"not a rotjax model config: dict \(known: bert.Config"):
+        family({"hidden_size": 8})
+    with pytest.raises(ValueError, match="unsupported model_type 'gpt2'"):
+        rotjax.models.family_of_model_type("gpt2")
+
+
+def test_vit_raw_images_are_normalised_like_the_image_processor():
+    images = np.array([[[[0], [255]], [[51], [102]]]], np.uint8)
+    (pixels,) = vit.FAMILY.batch_inputs({"images": images})
+    np.testing.assert_allclose(pixels[..., 0], [[[-1.0, 1.0], [-0.6, -0.2]]], atol=1e-6)
+    np.testing.assert_allclose(vit.image_pixels(images / 255.0), pixels, atol=1e-6)
+
+
+def test_models_check_their_inputs(key):
+    v = CONFIGS["vit-h3d4-l2"]  # 8x8x3 images
+    c = compiled(v)
+    params = c.init(key, 0.3)
+    with pytest.raises(ValueError, match=r"NHWC \(batch, 8, 8, 3\).*got shape \(2, 6, 6, 3\)"):
+        c.model.apply({"params": params}, jnp.zeros((2, 6, 6, 3)))
+    b = CONFIGS["bert-h3d4-l2"]  # 16 positions
+    c = compiled(b)
+    params = c.init(key, 0.3)
+    ids = jnp.ones((2, 17), jnp.int32)
+    with pytest.raises(ValueError, match="17 tokens; this model takes at most 16"):
+        c.model.apply({"params": params}, ids)
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), input_ids \(2, 4\)"):
+        c.model.apply({"params": params}, ids[:, :4], jnp.ones((2, 3), jnp.int32))
+
+
+def test_stack_unstack_layers(seed):
+    config = bert.Config(
+        vocab_size=20,
+        hidden_size=4,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        intermediate_size=6,
+        max_position_embeddings=8,
+    )
+    rng = np.random.default_rng(seed)
+    # numpy leaves: numpy out, nothing compiled.
+    params = jax.tree.map(
+        lambda s: rng.normal(size=s.shape).astype(np.float32), family(config).param_shapes(config)
+    )
+    stacked = rotjax.models.stack_layers(params)
+    sym.validate(bert.symmetry_spec(dataclasses.replace(config, scan_layers=True)), stacked)
+    kernel = stacked["encoder"]["layers"]["ffn"]["output"]["kernel"]
+    assert isinstance(kernel, np.ndarray)
+    layer_2 = params["encoder"]["layer_2"]
+    np.testing.assert_array_equal(kernel[2], layer_2["ffn"]["output"]["kernel"])
+    back = rotjax.models.unstack_layers(stacked)
+    jax.tree.map(np.testing.assert_array_equal, back, params)
+    # Under jit (one program for the whole tree).
+    jitted = jax.jit(rotjax.models.stack_layers)(params)
+    assert isinstance(jitted["encoder"]["layers"]["ffn"]["output"]["kernel"], jax.Array)
+    jax.tree.map(np.testing.assert_array_equal, jitted, stacked)
+    # The README's names under rotjax.hf are the same functions.
+    assert rotjax.hf.stack_layers is rotjax.models.stack_layers
+    assert rotjax.hf.unstack_layers is rotjax.models.unstack_layers
+
+    broken = {"encoder": {"layer_0": params["encoder"]["layer_0"], "layer_2": layer_2}}
+    with pytest.raises(ValueError, match=r"not 0\.\.L-1"):
+        rotjax.models.stack_layers(broken)
+
+
+def test_with_pretrained_keeps_the_encoder_and_draws_a_head(key):
+    small = CONFIGS["bert-h3d4-l2"]
+    encoder = dataclasses.replace(small, task=None)
+    pretrained = compiled(encoder).init(key, 0.3)
+    shapes = family(small).param_shapes(small)
+    params = rotjax.models.with_pretrained(shapes, pretrained, jax.random.fold_in(key, 1), std=0.5)
+    flat, old = to_dict(params), to_dict(pretrained)
+    for path, x in old.items():
+        np.testing.assert_array_equal(flat[path], x, err_msg=path)
+    new = sorted(set(flat) - set(old))
+    assert new == ["classifier/bias", "classifier/kernel", "pooler/bias", "pooler/kernel"]
+    assert np.all(np.asarray(flat["classifier/bias"]) == 0)
+    assert 0.2 < float(jnp.std(flat["pooler/kernel"])) < 1.0
+    with pytest.raises(ValueError, match="pretrained params not in the model"):
+        rotjax.models.with_pretrained(shapes, {**old, "extra/kernel": jnp.zeros(2)}, key)
+    wrong = {**old, "encoder/layer_0/ffn/output/bias": jnp.zeros(5)}
+    with pytest.raises(ValueError, match=r"layer_0/ffn/output/bias: pretrained shape \(5,\)"):
+        rotjax.models.with_pretrained(shapes, from_dict(wrong), key)
+
+
+def test_tree_paths_round_trip(key):
+    params = compiled(CONFIGS["vit-h3d4-l2"]).init(key, 0.3)
+    flat = to_dict(params)
+    assert "encoder/layer_1/attention/query/kernel" in flat
+    assert flatten(from_dict(flat))[0] == flatten(params)[0]
+    with pytest.raises(ValueError, match="a/b is both a leaf and a subtree"):
+        from_dict({"a/b": 1, "a/b/c": 2})
