@@ -1,17 +1,41 @@
-"""The `rotjax` command line on tiny checkpoints written by the test."""
+"""The `rotjax` command line on tiny checkpoints written by the test: align, merge (every
+method), inspect, and every bad input exiting 2 with one message, writing nothing."""
 
 import dataclasses
 import json
+import os
+import signal
+import stat
 
 import jax
+import numpy as np
 import pytest
 from conftest import rel_err
-from helpers import CONFIGS, compiled
+from helpers import CONFIGS, compiled, inputs
 
 from rotjax import cli, hf, match
 from rotjax import symmetry as sym
+from rotjax.tree import to_dict
 
 CONFIG = CONFIGS["bert-h3d4-l2"]
+VIT = CONFIGS["vit-h3d4-l2"]
+
+
+def _metadata(directory, *, labels=("neg", "pos", "mixed")):
+    """Give a checkpoint what real ones carry: label names, problem_type, tokenizer and
+    sentence-transformers files."""
+    config = json.loads((directory / "config.json").read_text())
+    config["id2label"] = {str(i): name for i, name in enumerate(labels)}
+    config["label2id"] = {name: i for i, name in enumerate(labels)}
+    config["problem_type"] = "single_label_classification"
+    config["my_field"] = [1, 2]
+    (directory / "config.json").write_text(json.dumps(config))
+    (directory / "modules.json").write_text('[{"idx": 0, "path": "", "type": "x"}]')
+    (directory / "1_Pooling").mkdir()
+    (directory / "1_Pooling" / "config.json").write_text('{"pooling_mode_mean_tokens": true}')
+    (directory / "vocab.txt").write_text("[PAD]\n")
+    (directory / "onnx").mkdir()
+    (directory / "onnx" / "model.onnx").write_bytes(b"stale weights")
 
 
 @pytest.fixture
@@ -22,14 +46,26 @@ def checkpoints(tmp_path, key):
     b = c.apply(a, g)
     hf.save(tmp_path / "a", CONFIG, a)
     hf.save(tmp_path / "b", CONFIG, b)
+    _metadata(tmp_path / "b")
+    ids, mask = inputs(CONFIG, key, batch=8)
+    np.savez(tmp_path / "data.npz", input_ids=np.asarray(ids), attention_mask=np.asarray(mask))
     return tmp_path, a
 
 
-def test_align_recovers_a_planted_transform(checkpoints, capsys):
+def _fails(argv, capsys, *messages, code=2):
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("rotjax"), err
+    for m in messages:
+        assert m in err, err
+    return err
+
+
+def test_align_recovers_a_planted_transform_and_keeps_metadata(checkpoints, capsys):
     tmp, a = checkpoints
     out = tmp / "out"
     argv = ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]
-    assert cli.main([*argv, "--solve", ",".join(match.ALL)]) == 0
+    assert cli.main([*argv, "--solve", " rotation, scale ,ffn,heads,residual"]) == 0
     _, aligned = hf.load(out)
     assert rel_err(aligned, a) <= 1e-5
     report = json.loads((out / "alignment.json").read_text())
@@ -40,33 +76,123 @@ def test_align_recovers_a_planted_transform(checkpoints, capsys):
     assert "encoder/layer_0/attention/qk_rotation" in report["per_group"]
     printed = capsys.readouterr().out
     assert "squared distance to anchor, all parameters:" in printed
-    assert "those the solved groups act on:" in printed
+    # Metadata of the source: config fields, label names, every non-weight file.
+    config = json.loads((out / "config.json").read_text())
+    assert config["id2label"] == {"0": "neg", "1": "pos", "2": "mixed"}
+    assert config["problem_type"] == "single_label_classification" and config["my_field"] == [1, 2]
+    for f in ("modules.json", "1_Pooling/config.json", "vocab.txt"):
+        assert (out / f).read_bytes() == (tmp / "b" / f).read_bytes(), f
+    assert not (out / "onnx").exists()  # weights of the unaligned model: not copied
 
 
-def test_inspect(checkpoints, capsys):
+def test_written_files_follow_the_umask(checkpoints):
+    tmp, _ = checkpoints
+    old = os.umask(0o027)
+    try:
+        assert (
+            cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o"), "--quiet"])
+            == 0
+        )
+    finally:
+        os.umask(old)
+    for f in ("model.safetensors", "config.json", "alignment.json", "vocab.txt"):
+        assert stat.S_IMODE((tmp / "o" / f).stat().st_mode) == 0o640, f
+
+
+@pytest.mark.parametrize(
+    "method",
+    ["average", "fisher", "regmean", "task-arithmetic", "ties", "dare", "ot-acts", "ot-wts"],
+)
+def test_merge_every_method(method, checkpoints, capsys):
+    tmp, a = checkpoints
+    out = tmp / f"m-{method}"
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--method", method]
+    argv += ["--align", "all", "--data", str(tmp / "data.npz"), "--quiet"]
+    if method in ("task-arithmetic", "ties", "dare"):
+        argv += ["--base", str(tmp / "a"), "--scale", "0.5"]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    config, merged = hf.load(out)
+    report = json.loads((out / "merge.json").read_text())
+    assert report["method"] == method and set(report["seconds"]) >= {"align", "statistics", "merge"}
+    # B is A moved by a symmetry: aligned, it is A, and every merge of A with A is A (the
+    # task-vector merges with base A: zero task vectors).
+    assert rel_err(merged, a) <= 1e-5, method
+    assert config == CONFIG
+
+
+def test_merge_aligns_from_activations(checkpoints, capsys):
+    tmp, a = checkpoints
+    out = tmp / "acts"
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--align", "activations"]
+    assert cli.main([*argv, "--data", str(tmp / "data.npz"), "--quiet"]) == 0
+    assert rel_err(hf.load(out)[1], a) <= 1e-5
+    assert "merged 2 models (average, aligned: activations)" in capsys.readouterr().out
+
+
+def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
+    tmp, a = checkpoints
+    out = tmp / "bad"
+    A, B = str(tmp / "a"), str(tmp / "b")
+    base = ["merge", A, B, "--out", str(out), "--quiet"]
+    _fails([*base, "--method", "regmean"], capsys, "--method regmean needs --data")
+    _fails([*base, "--method", "ties"], capsys, "needs --base")
+    _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
+    _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")
+    np.savez(tmp / "wrong.npz", pixel_values=np.zeros((2, 3, 8, 8), np.float32))
+    _fails(
+        [*base, "--method", "fisher", "--data", str(tmp / "wrong.npz")],
+        capsys,
+        "missing ['input_ids']",
+    )
+    np.savez(tmp / "big.npz", input_ids=np.full((2, 4), 10_000, np.int32))
+    _fails([*base, "--method", "fisher", "--data", str(tmp / "big.npz")], capsys, "outside [0, 50)")
+    _fails([*base, "--data", A], capsys, "--data", "not a readable .npz")
+    # A model with NaN: refused, naming the model and the path.
+    c = compiled(CONFIG)
+    nan = to_dict(a)
+    nan["classifier/bias"] = nan["classifier/bias"].at[0].set(np.nan)
+    from rotjax.tree import from_dict
+
+    hf.save(tmp / "nan", CONFIG, from_dict(nan))
+    err = _fails(["merge", A, str(tmp / "nan"), "--out", str(out), "--quiet"], capsys, "non-finite")
+    assert "model 1 (merged)" in err and "classifier/bias" in err
+    # Different families: refused up front (was an AttributeError traceback).
+    hf.save(tmp / "vit", VIT, compiled(VIT).init(jax.random.key(0), 0.3))
+    _fails(
+        ["merge", A, str(tmp / "vit"), "--out", str(out), "--quiet"], capsys, "different families"
+    )
+    _fails(
+        ["align", A, str(tmp / "vit"), "--out", str(out), "--quiet"], capsys, "different families"
+    )
+    assert not out.exists()
+    del c
+
+
+def test_inspect_and_version(checkpoints, capsys):
     tmp, _ = checkpoints
     assert cli.main(["inspect", str(tmp / "a")]) == 0
     text = capsys.readouterr().out
     assert "qk_rotation  orth  x2" in text and "heads 3 x 4" in text
+    assert "ffn          perm  x3   size 12, 20" in text  # every distinct size: FFN and pooler
+    with pytest.raises(SystemExit) as e:
+        cli.main(["--version"])
+    assert e.value.code == 0 and capsys.readouterr().out.startswith("rotjax 0.")
 
 
-def _fails(argv, capsys, message):
-    assert cli.main(argv) == 2
-    err = capsys.readouterr().err.strip().splitlines()
-    assert err[-1].startswith("rotjax ") and message in err[-1], err
-
-
-def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys, tmp_path):
+def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys):
     tmp, _ = checkpoints
     out = tmp / "out"
     a, b = str(tmp / "a"), str(tmp / "b")
+    align = lambda *extra: ["align", a, b, "--out", str(out), "--quiet", *extra]
     _fails(["align", str(tmp / "missing"), b, "--out", str(out), "--quiet"], capsys, "missing")
-    assert not out.exists()
-
     other = dataclasses.replace(CONFIG, num_attention_heads=4)
     hf.save(tmp / "other", other, compiled(other).init(jax.random.key(0), 0.3))
-    _fails(["align", a, str(tmp / "other"), "--out", str(out), "--quiet"], capsys, "differ")
-    assert not out.exists()
+    _fails(
+        ["align", a, str(tmp / "other"), "--out", str(out)],
+        capsys,
+        "architectures differ",
+        "num_attention_heads: 3 vs 4",
+    )
 
     corrupt = tmp / "corrupt"
     corrupt.mkdir()
@@ -75,23 +201,105 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys, tmp_path
         (tmp / "a" / "model.safetensors").read_bytes()[:100]
     )
     _fails(
-        ["align", a, str(corrupt), "--out", str(out), "--quiet"],
+        ["align", a, str(corrupt), "--out", str(out)],
         capsys,
-        "model.safetensors is not a readable safetensors file",
+        "model (",
+        "not a readable safetensors file",
     )
+    # Multi-line reasons are printed whole: every offending tensor of a mismatched checkpoint.
+    bad = tmp / "badshape"
+    bad.mkdir()
+    (bad / "config.json").write_text((tmp / "a" / "config.json").read_text())
+    import safetensors.numpy
+
+    t = safetensors.numpy.load_file(str(tmp / "a" / "model.safetensors"))
+    t["bert.pooler.dense.bias"] = np.zeros(5, np.float32)
+    del t["classifier.bias"]
+    safetensors.numpy.save_file(t, str(bad / "model.safetensors"))
+    _fails(
+        ["align", a, str(bad), "--out", str(out)],
+        capsys,
+        "missing:    classifier.bias",
+        "wrong shape: bert.pooler.dense.bias",
+    )
+
+    _fails(align("--layers", "5"), capsys, "layers=[5]", "out of range (the model has layers 0..1)")
+    _fails(align("--layers", "-1"), capsys, "-1 is not a layer index")
+    _fails(align("--layers", "a"), capsys, "'a' is not a layer index")
+    _fails(align("--max-sweeps", "-3"), capsys, "-3 is not >= 1")
+    _fails(align("--solve", "spin"), capsys, "unknown blocks ['spin']")
     assert not out.exists()
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
-    _fails(["align", a, b, "--out", str(out), "--quiet"], capsys, "not empty")
+    _fails(align(), capsys, "not an empty directory")
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    # An unwritable --out is found before loading anything (the missing model is not reached).
+    file = tmp / "file.txt"
+    file.write_text("")
+    err = _fails(["align", a, str(tmp / "missing"), "--out", str(file / "sub")], capsys, "--out")
+    assert "not writable" in err and "missing" not in err.split("--out")[0]
 
-    _fails(["align", a, b, "--out", str(tmp / "o2"), "--solve", "spin"], capsys, "unknown blocks")
-    assert not (tmp / "o2").exists()
+
+def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsys):
+    tmp, _ = checkpoints
+    config = json.loads((tmp / "b" / "config.json").read_text())
+    config.update(hidden_dropout_prob=0.3, initializer_range=0.05)
+    (tmp / "b" / "config.json").write_text(json.dumps(config))
+    out = tmp / "o"
+    assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]) == 0
+    notes = json.loads((out / "alignment.json").read_text())["notes"]
+    assert any("hidden_dropout_prob (0.1 vs 0.3)" in n for n in notes)
+    assert "note: model differs from anchor in initializer_range" in capsys.readouterr().out
 
 
-def test_help_explains_the_groups(capsys):
+def test_wrongly_typed_config_is_one_clear_error(checkpoints, capsys):
+    tmp, _ = checkpoints
+    for value in ('"12"', "null"):
+        text = (
+            (tmp / "a" / "config.json")
+            .read_text()
+            .replace('"hidden_size": 12', f'"hidden_size": {value}')
+        )
+        (tmp / "b" / "config.json").write_text(text)
+        _fails(
+            ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o")],
+            capsys,
+            "config field hidden_size must be an int",
+        )
+
+
+def test_sigterm_while_saving_cleans_up(checkpoints, capsys, monkeypatch):
+    """A real SIGTERM arrives while the weights are written: the temporary directory goes,
+    the command exits 143 with one line."""
+    tmp, _ = checkpoints
+    import safetensors.numpy
+
+    real = safetensors.numpy.save_file
+
+    def save_file(*args, **kwargs):
+        real(*args, **kwargs)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
+    before = set(tmp.iterdir())
+    err = _fails(
+        ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o"), "--quiet"],
+        capsys,
+        "interrupted (SIGTERM)",
+        code=143,
+    )
+    assert len(err.splitlines()) == 1
+    assert set(tmp.iterdir()) == before  # no output, no hidden temporary directory
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are restored
+
+
+def test_help_explains_the_groups_and_methods(capsys):
     with pytest.raises(SystemExit) as e:
         cli.main(["align", "--help"])
     assert e.value.code == 0
     assert "rotation  per-head orthogonal" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        cli.main(["merge", "--help"])
+    assert "regmean          per dense kernel" in capsys.readouterr().out
+    assert match.PAPER == ("rotation", "scale", "ffn")

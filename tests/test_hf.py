@@ -254,8 +254,10 @@ def rewrite(path, tensors):
 def test_error_unknown_architecture(checkpoint, seed):
     path, _ = checkpoint
     cfg = json.loads((path / "config.json").read_text())
-    (path / "config.json").write_text(json.dumps({**cfg, "architectures": ["BertForMaskedLM"]}))
-    with pytest.raises(ValueError, match=r"unsupported architectures.*BertForMaskedLM"):
+    (path / "config.json").write_text(
+        json.dumps({**cfg, "architectures": ["BertForQuestionAnswering"]})
+    )
+    with pytest.raises(ValueError, match=r"unsupported architectures.*BertForQuestionAnswering"):
         rotjax.hf.load(path)
     (path / "config.json").write_text(
         json.dumps({**cfg, "position_embedding_type": "relative_key", "is_decoder": True})
@@ -266,9 +268,11 @@ def test_error_unknown_architecture(checkpoint, seed):
     (path / "config.json").write_text(json.dumps({**cfg, "model_type": "gpt2"}))
     with pytest.raises(ValueError, match="model_type 'gpt2'"):
         rotjax.hf.load(path)
-    masked_lm = transformers.BertForMaskedLM(rotjax.hf.transformers_config(CASES["bert-seq-h3d4"]))
-    with pytest.raises(ValueError, match="BertForMaskedLM"):
-        rotjax.hf.load(masked_lm)
+    qa = transformers.BertForQuestionAnswering(
+        rotjax.hf.transformers_config(CASES["bert-seq-h3d4"])
+    )
+    with pytest.raises(ValueError, match="BertForQuestionAnswering"):
+        rotjax.hf.load(qa)
     with pytest.raises(TypeError, match="PreTrainedModel"):
         rotjax.hf.load(42)
 
@@ -392,7 +396,7 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
 
     (tmp_path / "tok").mkdir()
     (tmp_path / "tok" / "preprocessor_config.json").write_text("{}")
-    monkeypatch.setattr("shutil.copy2", fail)
+    monkeypatch.setattr("shutil.copyfile", fail)
     with pytest.raises(OSError, match="disk full"):
         rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "tok")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no half-written directory
@@ -421,3 +425,37 @@ def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
     for path in set(new) & set(old):
         np.testing.assert_array_equal(new[path], old[path], err_msg=path)
     sym.validate(family(config).symmetry_spec(config), tuned)
+
+
+def test_masked_lm_checkpoints_load_their_encoder(seed, tmp_path):
+    """bert-base-uncased names BertForMaskedLM: its encoder is what people fine-tune and merge."""
+    encoder = CASES["bert-base-nopooler"]
+    config = rotjax.hf.transformers_config(encoder)
+    config.architectures = ["BertForMaskedLM"]
+    torch.manual_seed(seed)
+    mlm = transformers.BertForMaskedLM(config).eval()
+    mlm.save_pretrained(tmp_path / "mlm")
+    with pytest.warns(rotjax.hf.DroppedHeadWarning, match=r"BertForMaskedLM: .*cls\.predictions"):
+        loaded, params = rotjax.hf.load(tmp_path / "mlm")
+    assert loaded.task is None and not loaded.has_pooler
+    x = make_inputs(loaded, np.random.default_rng(seed))
+    with torch.no_grad():
+        hidden = mlm.bert(
+            input_ids=torch.from_numpy(x[0]).long(),
+            attention_mask=torch.from_numpy(x[1]).long(),
+            token_type_ids=torch.from_numpy(x[2]).long(),
+        ).last_hidden_state.numpy()
+    assert rel_err(rotjax_forward(loaded, params, x), hidden.reshape(-1)) <= TOL
+
+
+def test_saved_minilm_is_still_a_sentence_transformer(tmp_path):
+    """Keeping the source's files (modules.json, pooling, normalise) keeps it usable as a
+    SentenceTransformer: unit-norm embeddings, the same as the original's."""
+    st = pytest.importorskip("sentence_transformers")
+    config, params = rotjax.hf.load(minilm_dir())
+    out = rotjax.hf.save(tmp_path / "minilm", config, params, source=minilm_dir())
+    sentences = ["A man is playing a guitar.", "Rotations leave attention unchanged."]
+    original = st.SentenceTransformer(str(minilm_dir()), device="cpu").encode(sentences)
+    saved = st.SentenceTransformer(str(out), device="cpu").encode(sentences)
+    np.testing.assert_allclose(np.linalg.norm(saved, axis=-1), 1.0, rtol=1e-5)
+    np.testing.assert_allclose(saved, original, atol=1e-5)

@@ -418,3 +418,16 @@ def test_solve_accepts_one_name_and_strips_spaces(key):
     spaced = match.align(c.spec, a, b, solve=[" rotation "])
     assert rel_err(one.params, a) <= TOL and rel_err(spaced.params, a) <= TOL
     assert match.Options(solve=" ffn").solve == ("ffn",)
+
+
+@pytest.mark.parametrize("size", [1e25, 3e37])
+def test_huge_finite_weights_are_solved_without_overflow(size, key):
+    """Squares of 1e25 overflow float32: both models are solved scaled down by a power of two
+    (exact), and the distances reported in the original units."""
+    _, c, a, b, _ = planted("bert-h3d4-l2", False, match.ALL, key)
+    big = lambda t: jax.tree.map(lambda x: x * size, t)
+    res = match.align(c.spec, big(a), big(b), solve=match.ALL)
+    assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(res.params))
+    assert rel_err(res.params, big(a)) <= TOL
+    d = res.diagnostics
+    assert np.isfinite(d.distance_before) and d.distance_after <= 1e-8 * d.distance_before

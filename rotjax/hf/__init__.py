@@ -10,12 +10,13 @@ rotjax config and Flax params; `save` writes a directory that ``transformers``'
 """
 
 from rotjax.hf._files import TOKENIZER_FILES
-from rotjax.hf._load import load, load_for_task
+from rotjax.hf._load import DroppedHeadWarning, load, load_for_task
 from rotjax.hf._save import save, transformers_config
 from rotjax.models import stack_layers, unstack_layers  # aliases (README); home: rotjax.models
 
 __all__ = [
     "TOKENIZER_FILES",
+    "DroppedHeadWarning",
     "load",
     "load_for_task",
     "save",

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -22,17 +23,23 @@ from rotjax.tree import flatten
 Config = Any  # a registered model config (`rotjax.models.family`)
 
 
+class DroppedHeadWarning(UserWarning):
+    """`load` read a pretraining checkpoint's encoder and left its head out."""
+
+
 def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> tuple[Config, Any]:
     """Convert a Hugging Face BERT, RoBERTa or ViT model into a rotjax config and params.
 
     Supported architectures: ``BertModel``, ``BertForSequenceClassification``,
     ``BertForTokenClassification``, the same three for RoBERTa, ``ViTModel`` and
-    ``ViTForImageClassification``. The architecture comes from ``config.json``'s
-    ``architectures`` (or the class of an in-memory model; a config without ``architectures``
-    is a base model of its ``model_type``); whether a base model keeps its pooler comes from
-    whether the checkpoint has pooler weights. Every tensor is accounted for: the known
-    non-parameter buffers (``embeddings.position_ids``, ``embeddings.token_type_ids``) are
-    ignored, anything else unexpected is an error.
+    ``ViTForImageClassification``; of pretraining checkpoints (``BertForMaskedLM``,
+    ``BertForPreTraining``, ``RobertaForMaskedLM``, ``ViTForMaskedImageModeling``) the encoder,
+    with a `DroppedHeadWarning` saying which head tensors were left out. The architecture comes
+    from ``config.json``'s ``architectures`` (or the class of an in-memory model; a config
+    without ``architectures`` is a base model of its ``model_type``); whether a base model
+    keeps its pooler comes from whether the checkpoint has pooler weights. Every tensor is
+    accounted for: the known non-parameter buffers (``embeddings.position_ids``,
+    ``embeddings.token_type_ids``) are ignored, anything else unexpected is an error.
 
     Args:
       source: A local directory with ``config.json`` and ``model.safetensors`` (possibly
@@ -62,6 +69,15 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
     else:
         hf_config, tensors, arch = _read_torch_model(source)
     tensors = _canonical_names(tensors, arch)
+    if arch.dropped_head:
+        head = sorted(n for n in tensors if n.startswith(arch.dropped_head))
+        tensors = {n: x for n, x in tensors.items() if not n.startswith(arch.dropped_head)}
+        warnings.warn(
+            f"{arch.name}: loaded the encoder; the pretraining head ({len(head)} tensors: "
+            f"{', '.join(head[:3])}{', ...' if len(head) > 3 else ''}) was dropped",
+            DroppedHeadWarning,
+            stacklevel=2,
+        )
     has_pooler = any(name.startswith("pooler.") for name in tensors)
     config = _rotjax_config(arch, hf_config, has_pooler=has_pooler)
     params = _to_rotjax(arch, config, tensors)

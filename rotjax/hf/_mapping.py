@@ -145,11 +145,14 @@ class Architecture(NamedTuple):
       name: The transformers class name, as in ``config.json``'s ``architectures``.
       model_type: ``"bert"``, ``"roberta"`` or ``"vit"``; also the base-model prefix.
       task: The rotjax ``Config.task`` of the head (None for a base model).
+      dropped_head: For pretraining architectures (masked LM ...): the name prefixes of the
+        head's tensors, which `load` drops (it loads the encoder; `save` never writes these).
     """
 
     name: str
     model_type: str
     task: str | None
+    dropped_head: tuple[str, ...] = ()
 
     @property
     def table(self) -> tuple[Row, ...]:
@@ -167,6 +170,11 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("RobertaForTokenClassification", "roberta", "token_classification"),
         Architecture("ViTModel", "vit", None),
         Architecture("ViTForImageClassification", "vit", "image_classification"),
+        # Pretraining checkpoints (e.g. bert-base-uncased names BertForMaskedLM): the encoder.
+        Architecture("BertForMaskedLM", "bert", None, ("cls.",)),
+        Architecture("BertForPreTraining", "bert", None, ("cls.",)),
+        Architecture("RobertaForMaskedLM", "roberta", None, ("lm_head.",)),
+        Architecture("ViTForMaskedImageModeling", "vit", None, ("decoder.",)),
     )
 }
 
@@ -174,7 +182,7 @@ ARCHITECTURES: dict[str, Architecture] = {
 def architecture_for(model_type: str, task: str | None) -> Architecture:
     """The architecture with this model type and task."""
     for a in ARCHITECTURES.values():
-        if (a.model_type, a.task) == (model_type, task):
+        if (a.model_type, a.task) == (model_type, task) and not a.dropped_head:
             return a
     raise ValueError(f"no Hugging Face architecture for model_type={model_type!r}, task={task!r}")
 

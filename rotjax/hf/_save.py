@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import os
 import secrets
 import shutil
@@ -15,7 +16,14 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.hf import _mapping
-from rotjax.hf._files import CONFIG_FILE, SAFETENSORS_FILE, TOKENIZER_FILES, replace_dir, write_json
+from rotjax.hf._files import (
+    CONFIG_FILE,
+    SAFETENSORS_FILE,
+    TOKENIZER_FILES,
+    read_config,
+    replace_dir,
+    write_json,
+)
 from rotjax.models import family, unstack_layers
 from rotjax.tree import flatten
 
@@ -29,6 +37,7 @@ def save(
     config: Config,
     params: Any,
     *,
+    source: str | os.PathLike[str] | None = None,
     tokenizer_from: str | os.PathLike[str] | None = None,
     id2label: Mapping[int, str] | None = None,
     overwrite: bool = False,
@@ -41,15 +50,23 @@ def save(
     ``AutoModelFor...from_pretrained(path)`` loads it with no missing or unexpected keys. (A base
     model saved without its pooler needs ``from_pretrained(path, add_pooling_layer=False)``,
     since ``config.json`` cannot say so.) The directory appears whole or not at all: it is
-    written beside ``path`` under a temporary name, then renamed.
+    written beside ``path`` under a temporary name, then renamed. Every file follows the
+    umask (the safetensors writer's own 0600 is not kept).
 
     Args:
       path: The directory to create. It may exist only if empty, unless ``overwrite``.
       config: The model's config; scanned params (``config.scan_layers``) are unstacked.
       params: The model's params, as ``Model(config).init(...)["params"]``. Not modified.
+      source: The checkpoint directory the model came from (for a merge: the anchor's). Its
+        ``config.json`` fields are all kept (label names, ``problem_type``, ...) except those
+        this model's config sets, and every other file and folder is copied (tokenizer,
+        sentence-transformers' ``modules.json`` and its pooling / normalise modules, model
+        card...), except weights (``*.safetensors``, ``*.bin``, ``*.h5``, ``*.msgpack``,
+        ``*.onnx``, ... which would describe other weights).
       tokenizer_from: A directory whose tokenizer and preprocessor files (``tokenizer.json``,
         ``vocab.txt``, ``preprocessor_config.json``, ...) are copied alongside.
-      id2label: Label names for ``config.num_labels`` classes (default ``LABEL_i``).
+      id2label: Label names for ``config.num_labels`` classes (default: the source's, when it
+        names as many, else ``LABEL_i``).
       overwrite: Replace an existing non-empty directory at ``path`` (the old one is removed
         only once the new one is complete).
 
@@ -74,7 +91,11 @@ def save(
     for p, leaf in zip(*flatten(params)[:2], strict=True):
         name, conv = _mapping.hf_name(arch, p, prefixed=prefixed)
         tensors[name] = np.ascontiguousarray(conv.to_hf(np.asarray(leaf, np.float32)))
-    hf_config = _hf_config(arch, config, id2label)
+    source_config = read_config(Path(source)) if source is not None else {}
+    if id2label is None and len(source_config.get("id2label") or {}) == config.num_labels:
+        id2label = {int(i): v for i, v in source_config["id2label"].items()}
+    hf_config = {**source_config, **_hf_config(arch, config, id2label)}
+    kept = _source_files(source) if source is not None else []
     tokenizer_files = _tokenizer_files(tokenizer_from)
 
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
@@ -83,12 +104,18 @@ def save(
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
     tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask
     try:
+        for rel in kept:
+            target = tmp / rel
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(source) / rel, target)  # contents only: modes follow the umask
         write_json(tmp / CONFIG_FILE, hf_config)
         from safetensors.numpy import save_file
 
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
+        # The writer creates its file 0600; give it the mode every file we create gets.
+        os.chmod(tmp / SAFETENSORS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
         for f in tokenizer_files:
-            shutil.copy2(f, tmp / f.name)
+            shutil.copyfile(f, tmp / f.name)
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -135,6 +162,38 @@ def _hf_config(
     )
     if arch.model_type == "vit":
         out.update(pooler_output_size=config.hidden_size, pooler_act="tanh")
+    return out
+
+
+WEIGHT_PATTERNS = (
+    "*.safetensors",
+    "*.safetensors.index.json",
+    "*.bin",
+    "*.bin.index.json",
+    "*.h5",
+    "*.msgpack",
+    "*.onnx",
+    "*.ot",
+    "*.pt",
+    "*.pth",
+    "*.ckpt",
+    "*.gguf",
+)
+"""Files of a source checkpoint that `save` never copies: weights (of other params)."""
+
+
+def _source_files(source: str | os.PathLike[str]) -> list[Path]:
+    """The paths (relative to ``source``) of every file to copy: all but weights, the config
+    (rewritten) and hidden files."""
+    root = Path(source)
+    out = []
+    for f in sorted(root.rglob("*")):
+        rel = f.relative_to(root)
+        if not f.is_file() or rel == Path(CONFIG_FILE) or any(p.startswith(".") for p in rel.parts):
+            continue
+        if any(fnmatch.fnmatch(f.name, pattern) for pattern in WEIGHT_PATTERNS):
+            continue
+        out.append(rel)
     return out
 
 

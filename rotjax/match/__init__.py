@@ -17,6 +17,7 @@ from rotjax.match._align import (
     align,
     align_many,
 )
+from rotjax.match._permutations import permutation_scores
 from rotjax.match._solvers import SOLVERS, assign, best_scale, polar, procrustes, scale_objective
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "align_many",
     "assign",
     "best_scale",
+    "permutation_scores",
     "polar",
     "procrustes",
     "scale_objective",

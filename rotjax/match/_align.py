@@ -34,7 +34,7 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.match._attention import attention_stage, merges_scales, scale_stage
-from rotjax.match._checks import checked_layers, checked_params
+from rotjax.match._checks import checked_layers, checked_params, max_abs
 from rotjax.match._objective import Context, distances, layer_masks, replaced, sub
 from rotjax.match._permutations import perm_stage
 from rotjax.match._solvers import SOLVERS
@@ -213,6 +213,17 @@ def align_many(
     ]
 
 
+def _rescaled(a_flat, b_flat, limit=2.0**40):
+    """Both models divided by a power of two above their largest magnitude when it exceeds
+    ``limit`` (else unchanged), and that power."""
+    big = max(max_abs(a_flat), max_abs(b_flat))
+    if big <= limit:
+        return a_flat, b_flat, 1.0
+    scale = 2.0 ** min(np.ceil(np.log2(big)), 127.0)  # float32 holds powers of two to 2^127
+    div = lambda flat: {p: x / scale for p, x in flat.items()}
+    return div(a_flat), div(b_flat), float(scale)
+
+
 def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
     """The options' layer set, after checking the layers and the init against the spec."""
     if options.init is not None:
@@ -243,6 +254,11 @@ def _stages(spec, names):
 def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     """`align` on checked float32 leaves ``a_flat``, ``b_flat`` (path -> array) of the anchor
     and of ``params``."""
+    # Finite but huge weights would overflow float32 in the squared distances and the
+    # cross-covariances. Every block's optimum is the same for c·A and c·B, so both models are
+    # solved divided by a power of two (exact in floating point), and the distances scaled back.
+    a_flat, b_flat, scale = _rescaled(a_flat, b_flat)
+    sq = scale * scale
     roles = {r for s in options.solve for r in BLOCKS[s]}
     names = spec.select(roles=roles, layers=layer_set)
     stages = _stages(spec, names)
@@ -256,6 +272,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     paths = tuple(sorted({p for n in moving for p, _ in spec.users[n]}))
     ctx = Context(spec, a_flat, b_flat, options.solver, layer_masks(spec, names, layer_set), paths)
     all_before, _ = distances(spec, tuple(sorted(a_flat)), a_flat, b_flat, {})
+    all_before = {p: v * sq for p, v in all_before.items()}
     const = sum(v for p, v in all_before.items() if p not in set(paths))
     t = {**sym.identity(spec), **init}
     # Groups that may differ from the identity so far: the others are not applied at all, so
@@ -269,6 +286,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         nonlocal dist1
         tic = time.perf_counter()
         dist1, new = distances(spec, paths, a_flat, b_flat, sub(t, active), keep=keep)
+        dist1 = {p: v * sq for p, v in dist1.items()}
         seconds["objective"] += time.perf_counter() - tic
         history.append((stage, const + sum(dist1.values())))
         return new
@@ -304,6 +322,8 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         _, new = distances(spec, paths, a_flat, b_flat, sub(t, active), keep=True)
 
     tic = time.perf_counter()
+    if scale != 1.0 and new:
+        new = {p: x * scale for p, x in new.items()}
     aligned = jax.block_until_ready(replaced(params, new or {}))
     seconds["apply"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - t_start

@@ -64,6 +64,17 @@ def _finite_sums(flat):
     return jnp.stack([jnp.isfinite(jnp.sum(flat[p])) for p in sorted(flat)])
 
 
+def max_abs(flat: dict[str, jax.Array]) -> float:
+    """The largest magnitude of any leaf (0 for none), in one program."""
+    leaves = [x for x in flat.values() if x.size]
+    return float(_max_abs(leaves)) if leaves else 0.0
+
+
+@jax.jit
+def _max_abs(leaves):
+    return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
+
+
 def _float32(flat):
     return {p: x if x.dtype == jnp.float32 else x.astype(jnp.float32) for p, x in flat.items()}
 

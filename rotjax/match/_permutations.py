@@ -4,6 +4,8 @@ weight matching), every other group applied to B."""
 from __future__ import annotations
 
 import functools
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -11,6 +13,7 @@ import jax.numpy as jnp
 from rotjax import symmetry as sym
 from rotjax.match._objective import Context, masked, moved, sub
 from rotjax.match._solvers import assign_all
+from rotjax.tree import to_dict
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
@@ -37,3 +40,18 @@ def perm_stage(ctx: Context, t: dict, active: frozenset, *, names, exclusive=Fal
     ``exclusive`` uses only the params no other group acts on (the residual start)."""
     costs = _perm_costs(ctx.spec, tuple(names), exclusive, ctx.a, ctx.b, sub(t, active))
     return masked(t, assign_all(costs, solver=ctx.solver), ctx.masks)
+
+
+def permutation_scores(
+    spec: sym.Spec,
+    anchor_params: Any,
+    params: Any,
+    names: Sequence[str],
+    transform: Mapping[str, jax.Array] | None = None,
+) -> dict[str, jax.Array]:
+    """Git Re-Basin's weight-matching scores ``C[..., i, j] = Σ_p ⟨A_p[.., i, ..],
+    (g·B)_p[.., j, ..]⟩`` of each permutation group in ``names``, summed over every param the
+    group acts on, with ``g`` the ``transform`` without the group itself (float32)."""
+    f32 = lambda t: {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(t).items()}
+    t = {n: x for n, x in (transform or {}).items() if n in spec.groups}
+    return _perm_costs(spec, tuple(names), False, f32(anchor_params), f32(params), t)

@@ -32,10 +32,15 @@ class Family:
       batch_inputs: ``batch -> tuple`` of positional ``Model.apply`` arguments from a dict of
         named arrays (``input_ids``/``attention_mask``/``token_type_ids``; ``pixel_values``
         NHWC or raw ``images``).
+      token_mask: ``positional inputs -> (batch, tokens) mask or None``: which tokens are real
+        (the attention mask), for statistics that must skip padding.
       input_names: Hugging Face names of the positional inputs, in order.
       model_types: the Hugging Face ``model_type`` values the family covers.
       pre_norm: whether every read of the residual stream goes through a norm (pre-LN blocks
         and a final norm), which is what residual-stream rotations need.
+      training_fields: config fields that shape neither the params nor the function at
+        inference (dropout rates, the init scale, the params layout): two models that differ
+        only in these can be aligned and merged.
     """
 
     name: str
@@ -44,9 +49,11 @@ class Family:
     symmetry_spec: Callable[[Any], Spec]
     example_inputs: Callable[..., tuple[jax.Array, ...]]
     batch_inputs: Callable[[Mapping[str, Any]], tuple[Any, ...]]
+    token_mask: Callable[[tuple[Any, ...]], Any]
     input_names: tuple[str, ...]
     model_types: tuple[str, ...]
     pre_norm: bool
+    training_fields: tuple[str, ...] = ()
 
     def param_shapes(self, config: Any) -> Any:
         """The params structure of ``Model(config)`` as ``jax.ShapeDtypeStruct`` leaves (traced

@@ -45,6 +45,38 @@ def config_from_hf_dict(cls, d: dict[str, Any], **overrides: Any):
     return cls(**{**kwargs, **overrides})
 
 
+_TYPES = {
+    "int": (lambda v: isinstance(v, int) and not isinstance(v, bool), "an int"),
+    "float": (lambda v: isinstance(v, int | float) and not isinstance(v, bool), "a number"),
+    "str": (lambda v: isinstance(v, str), "a string"),
+    "bool": (lambda v: isinstance(v, bool), "true or false"),
+}
+
+
+def check_fields(config: Any) -> None:
+    """Check every field of a config dataclass against its annotation (``int``, ``float``,
+    ``str``, ``bool``, optionally ``| None``) and every ``*_size`` / ``num_*`` int for >= 1.
+
+    Raises:
+      ValueError: naming the field, the expected type and the value found (a config.json with
+        ``"hidden_size": "32"`` or ``null`` fails here, not in a traceback deep inside).
+    """
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        kinds = [k.strip() for k in str(f.type).split("|")]
+        if value is None and "None" in kinds:
+            continue
+        checks = [_TYPES[k] for k in kinds if k in _TYPES]
+        if checks and not any(ok(value) for ok, _ in checks):
+            want = " or ".join(what for _, what in checks) + (" or null" if "None" in kinds else "")
+            raise ValueError(
+                f"config field {f.name} must be {want}, got {value!r} ({type(value).__name__})"
+            )
+        sized = f.name.endswith("_size") or f.name.startswith("num_")
+        if sized and kinds == ["int"] and value < 1:
+            raise ValueError(f"config field {f.name} must be >= 1, got {value}")
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return ACTIVATIONS[name]
@@ -132,7 +164,8 @@ def stack(block: type[nn.Module], num_layers: int, scan: bool, **kwargs: Any) ->
         _Scanned.__name__ = block.__name__
         scanned = nn.scan(
             _Scanned,
-            variable_axes={"params": 0},
+            # "stats": what rotjax.merge sows from inside the layers, stacked per layer.
+            variable_axes={"params": 0, "stats": 0},
             split_rngs={"params": True, "dropout": True},
             in_axes=nn.broadcast,
             length=num_layers,

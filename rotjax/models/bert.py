@@ -63,6 +63,7 @@ class Config:
     scan_layers: bool = False  # stack the layers with nn.scan (leading layer axis)
 
     def __post_init__(self):
+        _layers.check_fields(self)
         if self.model_type not in ("bert", "roberta"):
             raise ValueError(f"model_type must be 'bert' or 'roberta', got {self.model_type!r}")
         if self.task not in TASKS:
@@ -295,6 +296,11 @@ def batch_inputs(batch: Mapping[str, Any]) -> tuple[Any, ...]:
     return batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
 
 
+def token_mask(inputs: tuple[Any, ...]) -> Any:
+    """The attention mask of positional inputs ``(input_ids, attention_mask, ...)``, if any."""
+    return inputs[1] if len(inputs) > 1 else None
+
+
 FAMILY = Family(
     name="bert",
     Config=Config,
@@ -302,9 +308,17 @@ FAMILY = Family(
     symmetry_spec=symmetry_spec,
     example_inputs=example_inputs,
     batch_inputs=batch_inputs,
+    token_mask=token_mask,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
     model_types=("bert", "roberta"),
     pre_norm=False,
+    training_fields=(
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "classifier_dropout",
+        "initializer_range",
+        "scan_layers",
+    ),
 )
 """BERT and RoBERTa: post-LN blocks, so the residual stream admits permutations only (the
 LayerNorm sits on the stream itself and commutes with permutations, not with rotations)."""

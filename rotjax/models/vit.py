@@ -53,6 +53,7 @@ class Config:
     scan_layers: bool = False
 
     def __post_init__(self):
+        _layers.check_fields(self)
         if self.task not in (None, "image_classification"):
             raise ValueError(f"task must be None or 'image_classification', got {self.task!r}")
         if self.image_size % self.patch_size:
@@ -247,8 +248,15 @@ FAMILY = Family(
     symmetry_spec=symmetry_spec,
     example_inputs=example_inputs,
     batch_inputs=batch_inputs,
+    token_mask=lambda inputs: None,  # every patch token is real
     input_names=("pixel_values",),
     model_types=("vit",),
     pre_norm=True,
+    training_fields=(
+        "hidden_dropout_prob",
+        "attention_probs_dropout_prob",
+        "initializer_range",
+        "scan_layers",
+    ),
 )
 """ViT: pre-LN blocks and a final LayerNorm, so every read of the stream goes through a norm."""

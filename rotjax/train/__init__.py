@@ -18,6 +18,7 @@ from rotjax.train._loop import (
     FitResult,
     MetricsWriter,
     evaluate,
+    evaluator,
     fit,
 )
 from rotjax.train._mesh import (
@@ -57,6 +58,7 @@ from rotjax.train._steps import (
     classification_steps,
     create_train_state,
     default_inputs,
+    eval_step,
 )
 
 __all__ = [
@@ -83,7 +85,9 @@ __all__ = [
     "data_mesh",
     "default_inputs",
     "enable_compilation_cache",
+    "eval_step",
     "evaluate",
+    "evaluator",
     "fit",
     "initialize_distributed",
     "learning_rate_schedule",

@@ -14,7 +14,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rotjax import data as _data
-from rotjax.train import _checkpoint, _mesh, _metrics
+from rotjax.train import _checkpoint, _mesh, _metrics, _steps
 from rotjax.train._steps import Steps, TrainState
 
 Record = dict[str, Any]
@@ -121,6 +121,30 @@ def evaluate(
     _mesh.check_batch_size(batch_size, mesh)
     params = _mesh.replicate(params, mesh)
     return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh)
+
+
+def evaluator(
+    model: Any,
+    data: Mapping[str, np.ndarray],
+    *,
+    batch_size: int,
+    mesh: Mesh | None = None,
+    inputs: Callable | None = None,
+) -> Callable[[Any], dict[str, float]]:
+    """``params -> {"loss", "accuracy", "macro_f1", "count"}`` of ``model`` over ``data``,
+    compiled once for every params of the model's structure (a linear path, many merges).
+
+    Args:
+        model: a classification model (``rotjax.models.family(config).Model(config)``).
+        data: named arrays with ``labels`` (see `evaluate`).
+        batch_size: global eval batch size, a multiple of the mesh's devices.
+        mesh: data mesh; default `rotjax.train.data_mesh()`.
+        inputs: ``batch -> positional model inputs``; default the family's.
+    """
+    mesh = _mesh.data_mesh() if mesh is None else mesh
+    _mesh.check_batch_size(batch_size, mesh)
+    jitted = _jit_eval(_steps.eval_step(model, inputs=inputs), mesh)
+    return lambda params: _run_eval(jitted, _mesh.replicate(params, mesh), data, batch_size, mesh)
 
 
 def _mean(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:

@@ -146,8 +146,16 @@ def classification_steps(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    def eval_step(params: Any, batch: Batch):
-        logits = logits_of(params, batch, deterministic=True)
+    return Steps(train_step=train_step, eval_step=eval_step(model, inputs=inputs))
+
+
+def eval_step(model: nn.Module, *, inputs: InputsFn | None = None) -> Callable:
+    """The pure ``(params, batch) -> summable metrics`` of a classification model in inference
+    mode (`rotjax.train.batch_metrics`; reduce with `rotjax.train.summarize`)."""
+    inputs = default_inputs(model) if inputs is None else inputs
+
+    def step(params: Any, batch: Batch):
+        logits = model.apply({"params": params}, *inputs(batch), deterministic=True)
         return _metrics.batch_metrics(logits, batch["labels"])
 
-    return Steps(train_step=train_step, eval_step=eval_step)
+    return step

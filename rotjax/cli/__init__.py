@@ -1,0 +1,116 @@
+"""The ``rotjax`` command: inspect, align and merge Hugging Face checkpoints.
+
+This package is the application layer: the only place in rotjax that prints (results to
+stdout; progress, notes and errors to stderr). Exit status: 0 done, 2 bad input (one message
+naming the input and the problem; nothing written), 130 / 143 interrupted by SIGINT / SIGTERM
+(temporary files removed).
+
+    rotjax inspect DIR
+    rotjax align ANCHOR_DIR MODEL_DIR --out DIR [--solve rotation,scale,ffn] [--layers 0,1]
+    rotjax merge A B [C ...] --out DIR --method regmean --align all --data inputs.npz
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from rotjax import __version__, match
+from rotjax.cli import _align, _inspect, _merge
+from rotjax.cli._common import CLIError, Interrupted, reason, signals_interrupt
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{value} is not >= 1")
+    return value
+
+
+def _layer_list(text: str) -> tuple[int, ...]:
+    out = []
+    for part in text.split(","):
+        part = part.strip()
+        if not part:
+            continue
+        try:
+            out.append(int(part))
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{part!r} is not a layer index") from None
+        if out[-1] < 0:
+            raise argparse.ArgumentTypeError(f"{out[-1]} is not a layer index (>= 0)")
+    if not out:
+        raise argparse.ArgumentTypeError("no layer index given")
+    return tuple(out)
+
+
+def _blocks(text: str) -> tuple[str, ...]:
+    names = tuple(s.strip() for s in text.split(",") if s.strip())
+    unknown = [n for n in names if n not in match.BLOCKS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown blocks {unknown or [text]}; choose from {','.join(match.BLOCKS)}"
+        )
+    return names
+
+
+class _UsageError(CLIError):
+    def __init__(self, prog: str, message: str):
+        super().__init__(message)
+        self.prog = prog
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):  # one line and exit status 2, as every other bad input
+        raise _UsageError(self.prog, message)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = _Parser(
+        prog="rotjax",
+        description="Align and merge transformer checkpoints through their parameter symmetries.",
+    )
+    p.add_argument("--version", action="version", version=f"rotjax {__version__}")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    i = sub.add_parser("inspect", help="architecture, symmetry groups and parameter counts")
+    i.add_argument("dir", help="Hugging Face checkpoint directory (config.json + weights)")
+    i.set_defaults(run=_inspect.run)
+    fmt = argparse.RawDescriptionHelpFormatter
+    a = sub.add_parser(
+        "align",
+        help="align MODEL_DIR to ANCHOR_DIR and write it as a Hugging Face checkpoint",
+        epilog=_align.EPILOG,
+        formatter_class=fmt,
+    )
+    _align.add_arguments(a, blocks=_blocks, positive_int=_positive_int, layer_list=_layer_list)
+    a.set_defaults(run=_align.run)
+    m = sub.add_parser(
+        "merge",
+        help="align models to the first one and merge them into one checkpoint",
+        epilog=_merge.EPILOG,
+        formatter_class=fmt,
+    )
+    _merge.add_arguments(m, positive_int=_positive_int)
+    m.set_defaults(run=_merge.run)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    command = "rotjax"
+    try:
+        with signals_interrupt():
+            args = parser().parse_args(argv)
+            command = f"rotjax {args.command}"
+            return args.run(args)
+    except _UsageError as e:
+        print(f"{e.prog}: error: {reason(e)} (see {e.prog} --help)", file=sys.stderr)
+        return 2
+    except Interrupted as e:
+        print(f"{command}: interrupted ({e}); nothing written", file=sys.stderr)
+        return 128 + e.signum
+    except (CLIError, ValueError, OSError, ImportError, TypeError) as e:
+        print(f"{command}: error: {reason(e)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,5 @@
+import sys
+
+from rotjax.cli import main
+
+sys.exit(main())

@@ -1,0 +1,146 @@
+"""What every `rotjax` command shares: errors as one clear message, signals, the output
+directory, loading and comparing checkpoints, reports."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import secrets
+import signal
+import sys
+import warnings
+from pathlib import Path
+from typing import Any
+
+import jax
+import numpy as np
+
+from rotjax import hf
+from rotjax.match._checks import non_finite
+from rotjax.models import family
+from rotjax.tree import to_dict
+
+MAX_REASON_LINES = 25
+
+
+class CLIError(ValueError):
+    """A problem with the command's input, reported as one message and exit status 2."""
+
+
+class Interrupted(BaseException):
+    """SIGINT or SIGTERM: unwinds like KeyboardInterrupt (temporary files are removed on the
+    way out), then the command exits 128 + the signal number."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def signals_interrupt():
+    """Within the block, SIGINT and SIGTERM raise `Interrupted` (the default SIGTERM kills the
+    process with its temporary files still on disk); the previous handlers come back after."""
+
+    def handler(signum, frame):
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in previous.items():
+            signal.signal(s, h)
+
+
+def reason(e: BaseException) -> str:
+    """The whole message of an error, its lines indented, cut after `MAX_REASON_LINES`."""
+    lines = str(e).strip().splitlines() or [type(e).__name__]
+    if len(lines) > MAX_REASON_LINES:
+        lines = [*lines[:MAX_REASON_LINES], f"... ({len(lines) - MAX_REASON_LINES} more lines)"]
+    return "\n  ".join(lines)
+
+
+def checked_out_dir(out: str | os.PathLike[str]) -> Path:
+    """``--out``, checked before any work: it must not exist (or be an empty directory), and
+    its parent must be writable (a probe file is created there and removed)."""
+    out = Path(out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise CLIError(f"--out {out} exists and is not an empty directory")
+    parent = out.parent if not out.exists() else out
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+        probe = parent / f".rotjax-probe-{secrets.token_hex(4)}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise CLIError(f"--out {out} is not writable: {e.strerror or e}") from None
+    return out
+
+
+def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], list[str]]:
+    """Load ``(label, directory)`` checkpoints; ``(configs, params, notes)``. Every error names
+    the input it concerns; models of different families or architectures are refused before
+    any work (fields that only matter to training are reported as notes)."""
+    configs, params, notes = [], [], []
+    for label, directory in named:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", hf.DroppedHeadWarning)
+            try:
+                config, p = hf.load(directory)
+            except (ValueError, OSError, TypeError) as e:
+                raise CLIError(f"{label} ({directory}): {reason(e)}") from None
+        notes += [f"{label}: {w.message}" for w in caught]
+        bad = non_finite(to_dict(p))
+        if bad:
+            raise CLIError(
+                f"{label} ({directory}): non-finite values (NaN or Inf) in:\n" + "\n".join(bad)
+            )
+        configs.append(config)
+        params.append(p)
+    first = configs[0]
+    for (label, directory), config in zip(named[1:], configs[1:], strict=True):
+        a, b = family(first), family(config)
+        if a is not b:
+            raise CLIError(
+                f"{label} ({directory}) is a {b.name} model ({config.model_type}), "
+                f"{named[0][0]} a {a.name} model ({first.model_type}): different families"
+            )
+        diff = {
+            f.name: (getattr(first, f.name), getattr(config, f.name))
+            for f in dataclasses.fields(first)
+            if getattr(first, f.name) != getattr(config, f.name)
+        }
+        shaping = {k: v for k, v in diff.items() if k not in a.training_fields}
+        if shaping:
+            shown = ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in sorted(shaping.items()))
+            raise CLIError(f"architectures differ ({named[0][0]} vs {label}): {shown}")
+        notes += [
+            f"{label} differs from {named[0][0]} in {k} ({x!r} vs {y!r}), which only training uses"
+            for k, (x, y) in sorted(diff.items())
+        ]
+    return configs, params, notes
+
+
+def check_finite(params: Any, what: str) -> None:
+    """Refuse to write a result with NaN or Inf (naming the paths)."""
+    bad = non_finite(to_dict(jax.device_put(params)))
+    if bad:
+        shown = "\n".join(bad)
+        raise CLIError(f"{what} has non-finite values (NaN or Inf), nothing written:\n{shown}")
+
+
+def write_report(path: Path, report: dict[str, Any]) -> None:
+    def default(x):
+        if isinstance(x, np.generic | np.ndarray | jax.Array):
+            return np.asarray(x).tolist()
+        return str(x)
+
+    path.write_text(json.dumps(report, indent=2, default=default) + "\n")
+
+
+def progress(total: int, desc: str, quiet: bool):
+    import tqdm
+
+    return tqdm.tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False)

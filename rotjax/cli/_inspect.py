@@ -1,0 +1,49 @@
+"""``rotjax inspect DIR``: architecture, symmetry groups and parameter counts."""
+
+from __future__ import annotations
+
+import math
+
+from rotjax import symmetry as sym
+from rotjax.cli._common import load_models
+from rotjax.models import family
+from rotjax.tree import flatten
+
+
+def _size(g: sym.Group) -> str:
+    if g.kind == "perm":
+        return f"{g.size}"
+    return f"{g.size} heads" + (f" x O({g.dim})" if g.kind == "orth" else "")
+
+
+def run(args) -> int:
+    (config,), (params,), notes = load_models([("checkpoint", args.dir)])
+    spec = family(config).symmetry_spec(config)
+    paths, leaves, _ = flatten(params)
+    print(f"{args.dir}: {config.model_type} ({config.task or 'encoder'})")
+    for note in notes:
+        print(f"  note: {note}")
+    print(
+        f"  layers {config.num_hidden_layers}, hidden {config.hidden_size}, heads "
+        f"{config.num_attention_heads} x {config.head_dim}, ffn {config.intermediate_size}"
+    )
+    print(f"  parameters {sum(x.size for x in leaves):,} in {len(paths)} tensors")
+    print("  symmetry groups:")
+    for role in sym.ROLES:
+        groups = [g for g in spec.groups.values() if g.role == role]
+        if groups:
+            sizes = sorted({_size(g) for g in groups}, key=lambda s: (len(s), s))
+            count = sum(math.prod(g.batch) for g in groups)
+            print(f"    {role:12s} {groups[0].kind:5s} x{count:<3d} size {', '.join(sizes)}")
+    dof = sum(
+        math.lgamma(g.size + 1) / math.log(10) * math.prod(g.batch)
+        for g in spec.groups.values()
+        if g.kind == "perm"
+    )
+    cont = sum(
+        math.prod(g.batch) * g.size * (g.dim * (g.dim - 1) // 2 if g.kind == "orth" else 1)
+        for g in spec.groups.values()
+        if g.kind != "perm"
+    )
+    print(f"  continuous dimensions {cont:,}; discrete elements 10^{dof:,.0f}")
+    return 0

@@ -1,0 +1,265 @@
+"""``rotjax merge A B [C ...] --out DIR --method M``: align the models to the first one, merge
+them, write the result as a checkpoint (the anchor's metadata kept) and ``merge.json``."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from rotjax import data, hf, match, merge
+from rotjax.cli._common import (
+    CLIError,
+    check_finite,
+    checked_out_dir,
+    load_models,
+    progress,
+    reason,
+    write_report,
+)
+from rotjax.models import family
+
+METHODS = ("average", "fisher", "regmean", "task-arithmetic", "ties", "dare", "ot-acts", "ot-wts")
+ALIGNS = ("none", "paper", "all", "activations")
+NEEDS_DATA = ("fisher", "regmean", "ot-acts")
+NEEDS_BASE = ("task-arithmetic", "ties", "dare")
+
+EPILOG = """\
+methods (--method):
+  average          θ = Σ λ_i θ_i / Σ λ_i
+  fisher           Fisher-weighted average (Matena & Raffel), needs --data
+  regmean          per dense kernel (Σ G̃_i)⁻¹ Σ G̃_i W_i (Jin et al.), needs --data; --alpha
+  task-arithmetic  θ_base + λ Σ (θ_i - θ_base), needs --base; --scale
+  ties             trim, elect sign, disjoint mean (Yadav et al.), needs --base; --density
+  dare             drop and rescale task vectors (Yu et al.), needs --base; --drop
+  ot-acts, ot-wts  optimal-transport fusion from activations (needs --data) or weights
+alignment (--align), to the first model, before merging:
+  none, paper (rotation + scale + FFN units), all (every group of the spec),
+  activations (a start from activation correlations on --data, then all)
+--data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
+float32, or input_ids and attention_mask (token_type_ids optional); labels optional. Give it
+once (shared) or once per model, in the order of the models.
+
+examples:
+  rotjax merge ./vit-a ./vit-b --out ./merged --method regmean --align all --data val.npz
+  rotjax merge ./ft-a ./ft-b --out ./ties --method ties --base ./pretrained --align none
+"""
+
+
+def add_arguments(m, *, positive_int) -> None:
+    m.add_argument("models", nargs="+", help="checkpoints to merge; the first is the anchor")
+    m.add_argument("--out", required=True, help="new directory for the merged model + report")
+    m.add_argument("--method", choices=METHODS, default="average")
+    m.add_argument("--align", choices=ALIGNS, default="paper", help="alignment before merging")
+    m.add_argument("--data", action="append", default=[], help=".npz of inputs (see below)")
+    m.add_argument("--base", help="the base model of the task-vector methods")
+    m.add_argument("--weights", help="comma-separated model weights λ (default all 1)")
+    m.add_argument("--alpha", type=float, default=0.9, help="RegMean's off-diagonal scale")
+    m.add_argument("--fisher", choices=merge.FISHERS, default="exact", help="Fisher variant")
+    m.add_argument("--scale", type=float, default=1.0, help="λ of the task-vector methods")
+    m.add_argument("--density", type=float, default=0.2, help="TIES: fraction kept")
+    m.add_argument("--drop", type=float, default=0.9, help="DARE: drop probability")
+    m.add_argument("--transport", choices=("exact", "sinkhorn"), default="exact", help="OT")
+    m.add_argument("--batch-size", type=positive_int, default=32, help="statistics batches")
+    m.add_argument("--max-examples", type=positive_int, default=1000, help="per --data file")
+    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--quiet", action="store_true", help="no progress bars")
+
+
+def _options(args) -> dict:
+    """Everything checkable without loading a model, checked."""
+    n = len(args.models)
+    if n < 2:
+        raise CLIError(f"merge needs at least 2 models, got {n}")
+    needs_data = args.method in NEEDS_DATA or args.align == "activations"
+    if needs_data and not args.data:
+        why = f"--method {args.method}" if args.method in NEEDS_DATA else "--align activations"
+        raise CLIError(f"{why} needs --data FILE.npz (model inputs)")
+    if len(args.data) not in (0, 1, n):
+        raise CLIError(f"--data given {len(args.data)} times: give it once or once per model ({n})")
+    if args.method in NEEDS_BASE and not args.base:
+        raise CLIError(
+            f"--method {args.method} needs --base (the model the others were tuned from)"
+        )
+    if args.method == "fisher" and args.fisher == "empirical" and not args.data:
+        raise CLIError("--fisher empirical needs --data with labels")
+    weights = None
+    if args.weights:
+        try:
+            weights = [float(w) for w in args.weights.split(",")]
+        except ValueError:
+            raise CLIError(f"--weights must be comma-separated numbers: {args.weights!r}") from None
+        merge.average([{"w": np.zeros(1)}] * len(weights), weights)  # checks the values
+        if len(weights) != n:
+            raise CLIError(f"--weights has {len(weights)} values for {n} models")
+    if not 0 <= args.alpha <= 1:
+        raise CLIError(f"--alpha must be in [0, 1], got {args.alpha}")
+    if not 0 < args.density <= 1 or not 0 <= args.drop < 1:
+        raise CLIError("--density must be in (0, 1] and --drop in [0, 1)")
+    for f in [*args.data, *([args.base] if args.base else [])]:
+        if not Path(f).exists():
+            raise CLIError(f"{f} does not exist")
+    return {"weights": weights}
+
+
+def read_data(path: str, config, max_examples: int) -> dict[str, np.ndarray]:
+    """Model inputs from a ``.npz`` under Hugging Face's names, checked against the model."""
+    fam = family(config)
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError) as e:
+        raise CLIError(f"--data {path}: not a readable .npz ({e})") from None
+    required = ("pixel_values",) if fam.name == "vit" else ("input_ids",)
+    missing = [k for k in required if k not in arrays]
+    if missing:
+        raise CLIError(f"--data {path}: missing {missing}; it holds {sorted(arrays)}")
+    n = len(arrays[required[0]])
+    out = {}
+    for k, x in arrays.items():
+        if k not in (*fam.input_names, "labels"):
+            continue
+        if len(x) != n:
+            raise CLIError(f"--data {path}: {k} has {len(x)} rows, {required[0]} {n}")
+        if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
+            raise CLIError(f"--data {path}: {k} has NaN or Inf")
+        out[k] = x[:max_examples]
+    if fam.name == "vit":
+        want = (config.num_channels, config.image_size, config.image_size)
+        if out["pixel_values"].ndim != 4 or out["pixel_values"].shape[1:] != want:
+            raise CLIError(
+                f"--data {path}: pixel_values must be (N, {', '.join(map(str, want))}) "
+                f"(N, C, H, W), got {out['pixel_values'].shape}"
+            )
+        out["pixel_values"] = out["pixel_values"].transpose(0, 2, 3, 1).astype(np.float32)
+    else:
+        ids = out["input_ids"]
+        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+            raise CLIError(
+                f"--data {path}: input_ids must be integers (N, T), got {ids.dtype} {ids.shape}"
+            )
+        if ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise CLIError(f"--data {path}: input_ids outside [0, {config.vocab_size})")
+        for k in ("attention_mask", "token_type_ids"):
+            if k in out and out[k].shape != ids.shape:
+                raise CLIError(
+                    f"--data {path}: {k} has shape {out[k].shape}, input_ids {ids.shape}"
+                )
+        out = {k: v.astype(np.int32) if k != "labels" else v for k, v in out.items()}
+        out.setdefault("attention_mask", np.ones_like(out["input_ids"]))
+    return out
+
+
+def run(args) -> int:
+    opts = _options(args)
+    out = checked_out_dir(args.out)
+    key = jax.random.key(args.seed)
+    timings: dict[str, float] = {}
+    labels = [f"model {i} ({'anchor' if i == 0 else 'merged'})" for i in range(len(args.models))]
+    named = list(zip(labels, args.models, strict=True))
+    if args.base:
+        named.append(("base", args.base))
+    tic = time.perf_counter()
+    configs, params, notes = load_models(named)
+    base = params.pop() if args.base else None
+    config = configs[0]
+    model, spec = family(config).Model(config), family(config).symmetry_spec(config)
+    datas = [read_data(p, config, args.max_examples) for p in args.data]
+    if len(datas) == 1:
+        datas = datas * len(params)
+    timings["load"] = time.perf_counter() - tic
+    batches = lambda i: data.batches(datas[i], args.batch_size)
+
+    tic = time.perf_counter()
+    aligned, alignment = [params[0]], {}
+    with progress(len(params) - 1, f"aligning ({args.align})", args.quiet) as bar:
+        for i, p in enumerate(params[1:], start=1):
+            aligned.append(p)
+            if args.align != "none":
+                init = None
+                if args.align == "activations":
+                    cross = merge.cross_statistics(model, params[0], p, batches(i))
+                    init = merge.activation_init(spec, cross)
+                solve = match.PAPER if args.align == "paper" else match.ALL
+                try:
+                    res = match.align(spec, params[0], p, solve=solve, init=init, key=key)
+                except ValueError as e:
+                    raise CLIError(reason(e)) from None
+                aligned[-1] = res.params
+                d = res.diagnostics
+                alignment[args.models[i]] = {
+                    "distance": {"before": d.distance_before, "after": d.distance_after},
+                    "sweeps": d.sweeps,
+                    "seconds": d.seconds["total"],
+                }
+            bar.update()
+    timings["align"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    stats = None
+    kinds = {"fisher": ("fisher",), "regmean": ("gram",)}.get(args.method)
+    if kinds:
+        stats = [
+            merge.statistics(
+                model, p, batches(i), kinds, fisher=args.fisher, key=key, progress=not args.quiet
+            )
+            for i, p in enumerate(aligned)
+        ]
+    timings["statistics"] = time.perf_counter() - tic
+
+    tic = time.perf_counter()
+    merged = _merge(args, opts, spec, model, aligned, stats, base, key, batches)
+    check_finite(merged, "the merged model")
+    timings["merge"] = time.perf_counter() - tic
+    tic = time.perf_counter()
+    hf.save(out, config, merged, source=args.models[0])
+    timings["save"] = time.perf_counter() - tic
+    report = {
+        "models": args.models,
+        "method": args.method,
+        "align": args.align,
+        "options": {
+            k: getattr(args, k)
+            for k in ("weights", "alpha", "fisher", "scale", "density", "drop", "transport", "seed")
+        },
+        "data": args.data,
+        "base": args.base,
+        "alignment": alignment,
+        "seconds": timings,
+        "notes": notes,
+    }
+    write_report(out / "merge.json", report)
+    for note in notes:
+        print(f"note: {note}")
+    print(
+        f"merged {len(params)} models ({args.method}, aligned: {args.align}) in "
+        f"{sum(timings.values()):.1f}s; wrote {out}"
+    )
+    return 0
+
+
+def _merge(args, opts, spec, model, aligned, stats, base, key, batches):
+    w = opts["weights"]
+    m = args.method
+    if m == "average":
+        return merge.average(aligned, w)
+    if m == "fisher":
+        return merge.fisher(aligned, stats, weights=w)
+    if m == "regmean":
+        return merge.regmean(aligned, stats, alpha=args.alpha, weights=w)
+    if m == "task-arithmetic":
+        return merge.task_arithmetic(base, aligned, scale=args.scale)
+    if m == "ties":
+        return merge.ties(base, aligned, density=args.density, scale=args.scale)
+    if m == "dare":
+        return merge.dare(base, aligned, key=key, drop=args.drop, scale=args.scale)
+    moved = [aligned[0]]
+    for i, p in enumerate(aligned[1:], start=1):
+        cross = merge.cross_statistics(model, aligned[0], p, batches(i)) if m == "ot-acts" else None
+        fused = merge.ot_fusion(
+            spec, aligned[0], p, mode=m[3:], cross=cross, transport=args.transport
+        )
+        moved.append(fused.moved)
+    return merge.average(moved, w)

@@ -1,0 +1,52 @@
+"""Merging: fuse N aligned models of one architecture into one.
+
+Matching (`rotjax.match`) is a plug-in before any method here: align B to A, then merge.
+
+- statistics from data, computed once: `statistics` (input Grams, diagonal Fishers),
+  `cross_statistics` (two models' activations), `transform_statistics`, `save_statistics`,
+  `load_statistics`;
+- merges: `average`, `fisher`, `regmean`; relative to a base model `task_arithmetic`, `ties`,
+  `dare`; `ot_fusion` (exact or Sinkhorn transport from activations or weights);
+- alignment from activations: `activation_init` (a start for `rotjax.match.align`);
+- the linear path: `curve`, `barrier`, `interpolate`.
+"""
+
+from rotjax.merge._acts import activation_init, correlations, cross_statistics, group_scores
+from rotjax.merge._curve import Curve, barrier, curve, interpolate
+from rotjax.merge._methods import average, fisher, regmean
+from rotjax.merge._ot import Fusion, ot_fusion, transport_params
+from rotjax.merge._stats import (
+    FISHERS,
+    KINDS,
+    load_statistics,
+    save_statistics,
+    statistics,
+    transform_statistics,
+)
+from rotjax.merge._task import dare, task_arithmetic, ties
+
+__all__ = [
+    "FISHERS",
+    "KINDS",
+    "Curve",
+    "Fusion",
+    "activation_init",
+    "average",
+    "barrier",
+    "correlations",
+    "cross_statistics",
+    "curve",
+    "dare",
+    "fisher",
+    "group_scores",
+    "interpolate",
+    "load_statistics",
+    "ot_fusion",
+    "regmean",
+    "save_statistics",
+    "statistics",
+    "task_arithmetic",
+    "ties",
+    "transform_statistics",
+    "transport_params",
+]

@@ -1,0 +1,167 @@
+"""Two models' activations on the same inputs: correlations of every dense layer's input
+features, and the permutations they suggest (a start for `rotjax.match.align`, and the
+activation costs of OT fusion).
+
+Whatever symmetry element moves model B, B's activations move with it: the stream, the FFN
+units and the heads of B are A's up to a permutation (and per-head rotations) when the two
+compute similar functions. Correlating the features that every dense layer reads therefore
+finds B's stream permutation (from every layer's stream reads at once), each layer's FFN unit
+permutation (from the FFN output layer's inputs) and head permutation (from the attention
+output layer's inputs, rotation-invariantly) without looking at a single weight.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rotjax import symmetry as sym
+from rotjax.match import assign
+from rotjax.merge._capture import capture
+from rotjax.merge._stats import _split
+from rotjax.models import family
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+ROLES = ("residual", "ffn", "heads")
+
+
+def cross_statistics(
+    model: nn.Module,
+    params_a: Any,
+    params_b: Any,
+    batches: Iterable[Any],
+    *,
+    include_padding: bool = False,
+    progress: bool = False,
+) -> dict[str, dict[str, jax.Array]]:
+    """Moments of both models' dense-layer inputs on the same batches (real tokens only).
+
+    Returns ``{kernel path: {"count", "sum_a", "sum_b", "sq_a", "sq_b", "cross"}}``: the number
+    of rows, per-feature sums and sums of squares, and ``Σ x_A x_Bᵀ`` (``(*layers, in, in)``).
+    Batches are as for `rotjax.merge.statistics`. Two forward passes per batch, one program.
+    """
+    fam = family(model.config)
+    step = _cross_step(model, include_padding)
+    total = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="activations", unit="batch", leave=False)
+    for batch in batches:
+        inputs, _ = _split(fam, batch)
+        part = step(params_a, params_b, inputs)
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    if total is None:
+        raise ValueError("cross_statistics: no batches")
+    return total
+
+
+@functools.cache
+def _cross_step(model, include_padding):
+    fam = family(model.config)
+    rows = lambda r, w: {"rows": r, "w": w}
+
+    def step(params_a, params_b, inputs):
+        mask = None if include_padding else fam.token_mask(inputs)
+        _, xa = capture(model, params_a, inputs, rows, mask=mask)
+        _, xb = capture(model, params_b, inputs, rows, mask=mask)
+        out = {}
+        for path in xa:
+            a, b, w = xa[path]["rows"], xb[path]["rows"], xa[path]["w"]
+            aw = a * w[..., None]
+            out[path] = {
+                "count": jnp.sum(w, axis=-1),
+                "sum_a": jnp.sum(aw, axis=-2),
+                "sum_b": jnp.sum(b * w[..., None], axis=-2),
+                "sq_a": jnp.sum(aw * a, axis=-2),
+                "sq_b": jnp.sum(b * b * w[..., None], axis=-2),
+                "cross": jnp.matmul(jnp.swapaxes(aw, -1, -2), b, precision=_HIGHEST),
+            }
+        return out
+
+    return jax.jit(step)
+
+
+def correlations(cross: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
+    """Pearson correlation ``corr[.., i, j]`` of A's input feature i with B's feature j, per
+    kernel path (a feature that never varies correlates 0 with everything)."""
+    out = {}
+    for path, s in cross.items():
+        n = jnp.maximum(s["count"], 1.0)[..., None]
+        ma, mb = s["sum_a"] / n, s["sum_b"] / n
+        va = jnp.maximum(s["sq_a"] / n - ma * ma, 0.0)
+        vb = jnp.maximum(s["sq_b"] / n - mb * mb, 0.0)
+        cov = s["cross"] / n[..., None] - ma[..., :, None] * mb[..., None, :]
+        scale = jnp.sqrt(va)[..., :, None] * jnp.sqrt(vb)[..., None, :]
+        out[path] = jnp.where(scale > 1e-12, cov / jnp.maximum(scale, 1e-12), 0.0)
+    return out
+
+
+def group_scores(
+    spec: sym.Spec, corr: Mapping[str, jax.Array], names, *, heads: str = "nuclear"
+) -> dict[str, jax.Array]:
+    """Mean correlation of A's unit i with B's unit j, ``S[*batch, i, j]``, for every
+    permutation group in ``names`` from the dense layers whose inputs it permutes: the stream
+    from every stream read (all layers), a layer's FFN units from its output layer's inputs, a
+    layer's heads from its attention output's inputs. A head is d features: ``heads="nuclear"``
+    scores a pair of heads by the nuclear norm of their d x d correlation block / d (the best
+    rotation's mean correlation: what `rotjax.match.align` solves next), ``"trace"`` by the
+    in-order features' mean correlation (no rotation, as OT fusion pairs them)."""
+    out = {}
+    for name in names:
+        g = spec.groups[name]
+        total, count = 0.0, 0
+        for path, act in spec.users[name]:
+            if path not in corr:
+                continue
+            c = corr[path]
+            b = c.ndim - 2
+            kernel = spec.params[path].shape
+            n_in = next(
+                k
+                for k in range(1, len(kernel) - b + 1)
+                if math.prod(kernel[b : b + k]) == c.shape[-1]
+            )
+            axis = act.axes[0] - b
+            if not 0 <= axis < n_in:  # the group acts on an output axis of this kernel
+                continue
+            in_shape = kernel[b : b + n_in]
+            c = c.reshape(*c.shape[:b], *in_shape, *in_shape)
+            c = jnp.moveaxis(c, (b + axis, b + n_in + axis), (b, b + 1))
+            rest = math.prod(in_shape) // g.size
+            c = c.reshape(*c.shape[: b + 2], rest, rest)
+            if rest == 1:
+                s = c[..., 0, 0]
+            elif heads == "nuclear":
+                s = jnp.linalg.svd(c, compute_uv=False).sum(-1) / rest
+            else:
+                s = jnp.trace(c, axis1=-2, axis2=-1) / rest
+            # A global group (the stream) read by stacked layers: every layer counts.
+            extra = s.ndim - 2 - len(g.batch)
+            total = total + (jnp.sum(s, axis=tuple(range(extra))) if extra else s)
+            count += math.prod(s.shape[:extra]) if extra else 1
+        if count:
+            out[name] = total / count
+    return out
+
+
+def activation_init(
+    spec: sym.Spec,
+    cross: Mapping[str, Mapping[str, jax.Array]],
+    *,
+    roles=ROLES,
+    solver: str = "scipy",
+) -> sym.Transform:
+    """The permutations of B's stream, FFN units and heads that best match A's activations
+    (assignment on `group_scores`), as a transform to start `rotjax.match.align` from:
+    ``align(spec, a, b, solve=match.ALL, init=activation_init(spec, cross_statistics(...)))``.
+    Groups no dense input reveals are left out (the identity)."""
+    names = spec.select(roles=roles)
+    scores = group_scores(spec, correlations(cross), names, heads="nuclear")
+    return {n: assign(s, solver=solver) for n, s in scores.items()}

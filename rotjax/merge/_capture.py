@@ -1,0 +1,77 @@
+"""What the dense layers of a real Flax forward pass see, captured by method interception.
+
+`capture` runs ``model.apply`` with an interceptor (`flax.linen.intercept_methods`) on every
+``nn.Dense`` / ``nn.DenseGeneral`` call: the layer's input, flattened to rows of its contracted
+features, goes through a function whose result is sown into the ``"stats"`` collection, keyed
+by the layer's kernel path. The models' layer scan carries ``"stats"`` on its variable axis, so
+the layers of a scanned model give stacked, per-layer results. Nothing here copies the model.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from rotjax.tree import to_dict
+
+STATS = "stats"
+_FIELD = "rotjax_capture"
+
+
+def dense_input_axes(module: nn.Module) -> int | None:
+    """How many trailing input axes a dense layer contracts (None: not a dense layer)."""
+    if isinstance(module, nn.Dense):
+        return 1
+    if isinstance(module, nn.DenseGeneral):
+        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
+        return len(axis)
+    return None
+
+
+def _add(prev, new):
+    return new if prev is None else jax.tree.map(jnp.add, prev, new)
+
+
+def capture(
+    model: nn.Module,
+    params: Any,
+    inputs: tuple[Any, ...],
+    fn: Callable[[jax.Array, jax.Array], Any],
+    *,
+    mask: jax.Array | None = None,
+) -> tuple[Any, dict[str, Any]]:
+    """``(output, {kernel path: fn(rows, weights)})`` of one forward pass (inference mode).
+
+    For a dense layer with kernel ``(*in, *out)`` called on ``x`` of shape ``(*lead, *in)``,
+    ``rows`` is ``x`` reshaped to ``(prod(lead), prod(in))`` and ``weights`` is ``(prod(lead),)``:
+    the token ``mask`` (``(batch, tokens)``, 1 = real) where ``lead`` is ``(batch, tokens)``,
+    else ones (one row per example, as for the pooler). A layer called twice sums its results.
+    Paths of scanned layers (``encoder/layers/...``) hold results stacked along the layers.
+    """
+
+    def interceptor(next_fun, args, kwargs, context):
+        n_in = dense_input_axes(context.module)
+        if n_in is None or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        x = args[0]
+        lead = x.shape[: x.ndim - n_in]
+        rows = x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - n_in :]))
+        if mask is not None and lead == mask.shape:
+            weights = mask.reshape(-1).astype(rows.dtype)
+        else:
+            weights = jnp.ones(rows.shape[:1], rows.dtype)
+        context.module.sow(STATS, _FIELD, fn(rows, weights), init_fn=lambda: None, reduce_fn=_add)
+        return next_fun(*args, **kwargs)
+
+    with nn.intercept_methods(interceptor):
+        out, state = model.apply({"params": params}, *inputs, mutable=[STATS])
+    captured: dict[str, dict[str, Any]] = {}
+    for path, leaf in to_dict(state.get(STATS, {})).items():
+        module, _, field = path.partition(f"/{_FIELD}")
+        captured.setdefault(f"{module}/kernel", {})[field.lstrip("/")] = leaf
+    return out, {p: v[""] if set(v) == {""} else v for p, v in captured.items()}

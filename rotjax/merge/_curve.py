@@ -1,0 +1,64 @@
+"""The linear path between two models and its loss barrier (Frankle et al., 2020; Entezari et
+al., 2022): ``θ(λ) = (1 - λ) θ_A + λ θ_B``, evaluated at given λ."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rotjax.merge._methods import checked_models
+
+HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1")
+
+
+class Curve(NamedTuple):
+    lambdas: np.ndarray  # (k,), 0 = A, 1 = B
+    metrics: dict[str, np.ndarray]  # metric name -> (k,) values along the path
+    barrier: dict[str, float]  # metric name -> its barrier (see `barrier`)
+
+
+def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
+    """``(1 - λ) θ_A + λ θ_B`` leaf by leaf, in A's dtypes."""
+    _, (la, lb), treedef = checked_models([params_a, params_b])
+    mix = lambda a, b: (1.0 - lam) * jnp.asarray(a, jnp.float32) + lam * jnp.asarray(b, jnp.float32)
+    return jax.tree.unflatten(
+        treedef, [mix(a, b).astype(jnp.asarray(a).dtype) for a, b in zip(la, lb, strict=True)]
+    )
+
+
+def barrier(lambdas: Sequence[float], values: Sequence[float], *, higher_is_better=False) -> float:
+    """The largest gap between the path and the straight line joining its ends:
+    ``max_λ L(λ) - ((1 - λ) L(0) + λ L(1))`` for a loss, ``max_λ ((1 - λ) A(0) + λ A(1)) - A(λ)``
+    for a score (``higher_is_better``). ``lambdas`` must start at 0 and end at 1."""
+    lam, v = np.asarray(lambdas, np.float64), np.asarray(values, np.float64)
+    if lam.ndim != 1 or lam.shape != v.shape or lam[0] != 0.0 or lam[-1] != 1.0:
+        raise ValueError("barrier needs matching 1-D lambdas and values, from λ = 0 to λ = 1")
+    line = (1.0 - lam) * v[0] + lam * v[-1]
+    return float(np.max(line - v) if higher_is_better else np.max(v - line))
+
+
+def curve(
+    evaluate: Callable[[Any], Mapping[str, float]],
+    params_a: Any,
+    params_b: Any,
+    lambdas: Sequence[float] = tuple(np.linspace(0.0, 1.0, 11)),
+    *,
+    higher_is_better: Sequence[str] = HIGHER_IS_BETTER,
+) -> Curve:
+    """``evaluate`` (params -> metrics, e.g. `rotjax.train.evaluator`) along the linear path,
+    and each metric's barrier (a score's when its name is in ``higher_is_better``).
+
+    Any two models of one architecture work: A and B, or two merged models."""
+    lam = np.asarray(lambdas, np.float64)
+    rows = [dict(evaluate(interpolate(params_a, params_b, float(x)))) for x in lam]
+    metrics = {k: np.asarray([r[k] for r in rows], np.float64) for k in rows[0]}
+    bars = {}
+    if lam[0] == 0.0 and lam[-1] == 1.0:
+        bars = {
+            k: barrier(lam, v, higher_is_better=k in higher_is_better) for k, v in metrics.items()
+        }
+    return Curve(lam, metrics, bars)

@@ -1,0 +1,289 @@
+"""Statistics from data, computed once and reused: input Grams of every dense kernel (RegMean)
+and the diagonal Fisher of every parameter (Fisher merging).
+
+A statistics pytree is a plain dict keyed by the spec's ``"/"`` paths::
+
+    {"gram": {kernel path: Xᵀ X / n  (*layers, in, in)},   "tokens": {kernel path: n (*layers)},
+     "fisher": {param path: F  (param shape)},             "examples": number of examples}
+
+Grams are per-row means (a row: one real token, or one example for layers that see one vector
+per example, such as the pooler), Fishers per-example means; the counts give the sums back
+(``mean * count``), so statistics of several passes or datasets combine exactly.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rotjax import symmetry as sym
+from rotjax.data import IGNORE_LABEL
+from rotjax.merge._capture import capture
+from rotjax.models import family
+from rotjax.tree import from_dict, to_dict
+
+KINDS = ("gram", "fisher")
+FISHERS = ("exact", "sampled", "empirical")
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def statistics(
+    model: nn.Module,
+    params: Any,
+    batches: Iterable[Any],
+    kinds: Sequence[str] = KINDS,
+    *,
+    include_padding: bool = False,
+    fisher: str = "exact",
+    samples: int = 1,
+    key: jax.Array | None = None,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Input Grams and diagonal Fishers of ``model`` at ``params`` over ``batches``, one pass.
+
+    Args:
+      model: a rotjax model (``rotjax.models.family(config).Model(config)``).
+      params: its params (any sharding: the per-batch program is jitted, sums reduce across
+        devices, results come back with the statistics' natural replicated sharding).
+      batches: an iterable of batches, each a tuple of positional ``model.apply`` arguments
+        (``(pixel_values,)``, ``(input_ids, attention_mask)``) or a dict of named arrays
+        (Hugging Face names, e.g. ``input_ids``, ``attention_mask``, ``pixel_values``, raw
+        ``images``), with ``labels`` for the empirical Fisher.
+      kinds: ``"gram"`` and/or ``"fisher"``.
+      include_padding: count padded tokens in the Grams too (what the original RegMean code
+        does); by default only real tokens (attention mask) count.
+      fisher: ``"exact"``: ``F = E_x Σ_y p(y|x) (∇ log p(y|x))²``, the expectation over the
+        model's predictive distribution, one backward pass per class (per token and class for
+        token classification: the exact Fisher of a factorised output is the sum over tokens);
+        ``"sampled"``: the same expectation estimated without bias from ``samples`` draws
+        ``y ~ p(y|x)`` (all tokens at once: one backward pass per draw; needs ``key``);
+        ``"empirical"``: ``(∇ log p(y_true|x))²`` with the batch's ``labels``.
+      samples: draws per example for ``fisher="sampled"``.
+      key: for ``fisher="sampled"``.
+      progress: show a progress bar (tqdm, on stderr).
+
+    Per-example gradients are taken by ``vmap`` over the batch (memory: batch size x params).
+
+    Returns:
+      The statistics dict described in the module docstring (``"gram"``/``"tokens"`` and/or
+      ``"fisher"``/``"examples"``).
+
+    Raises:
+      ValueError: unknown kinds or Fisher variant, no batches, missing labels or key, or a
+        Fisher of a model without a classification head.
+    """
+    kinds = tuple(kinds)
+    if unknown := sorted(set(kinds) - set(KINDS)):
+        raise ValueError(f"unknown statistics kinds {unknown}; choose from {list(KINDS)}")
+    if fisher not in FISHERS:
+        raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+    if "fisher" in kinds and fisher == "sampled" and key is None:
+        raise ValueError("fisher='sampled' needs a key")
+    if "fisher" in kinds and getattr(model.config, "task", "x") is None:
+        raise ValueError("the Fisher needs a classification head (config.task is None)")
+    fam = family(model.config)
+    step = _batch_step(model, tuple(kinds), include_padding, fisher, samples)
+    total: dict[str, Any] | None = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        batches = tqdm(batches, desc="statistics", unit="batch", leave=False)
+    for i, batch in enumerate(batches):
+        inputs, labels = _split(fam, batch)
+        if "fisher" in kinds and fisher == "empirical" and labels is None:
+            raise ValueError("fisher='empirical' needs batches with 'labels'")
+        k = jax.random.fold_in(key, i) if key is not None else jax.random.key(0)
+        part = step(params, inputs, labels, k)
+        total = part if total is None else jax.tree.map(jnp.add, total, part)
+    if total is None:
+        raise ValueError("statistics: no batches")
+    out: dict[str, Any] = {}
+    if "gram" in kinds:
+        n = total["tokens"]
+        out["gram"] = {p: g / _bcast(n[p], g) for p, g in total["gram"].items()}
+        out["tokens"] = n
+    if "fisher" in kinds:
+        out["fisher"] = {p: f / total["examples"] for p, f in to_dict(total["fisher"]).items()}
+        out["examples"] = total["examples"]
+    return out
+
+
+def _bcast(n, g):
+    n = jnp.maximum(n, 1.0)
+    return n.reshape(n.shape + (1,) * (g.ndim - n.ndim))
+
+
+def _split(fam, batch):
+    """``(positional inputs, labels or None)`` of a batch (tuple or dict of named arrays)."""
+    if isinstance(batch, Mapping):
+        return tuple(x for x in fam.batch_inputs(batch) if x is not None), batch.get("labels")
+    return tuple(batch), None
+
+
+@functools.cache
+def _batch_step(model, kinds, include_padding, fisher, samples):
+    """The jitted ``(params, inputs, labels, key) -> sums`` of one batch."""
+    fam = family(model.config)
+
+    def step(params, inputs, labels, key):
+        mask = None if include_padding else fam.token_mask(inputs)
+        out = {}
+        if "gram" in kinds:
+
+            def gram(rows, w):
+                g = jnp.matmul((rows * w[:, None]).T, rows, precision=_HIGHEST)
+                return {"gram": g, "tokens": jnp.sum(w)}
+
+            _, cap = capture(model, params, inputs, gram, mask=mask)
+            out["gram"] = {p: v["gram"] for p, v in cap.items()}
+            out["tokens"] = {p: v["tokens"] for p, v in cap.items()}
+        if "fisher" in kinds:
+            real = fam.token_mask(inputs)
+            per_example = jax.vmap(
+                functools.partial(_example_fisher, model, params, fisher, samples),
+            )(inputs, real, labels, jax.random.split(key, inputs[0].shape[0]))
+            out["fisher"] = jax.tree.map(lambda f: jnp.sum(f, axis=0), per_example)
+            out["examples"] = jnp.asarray(inputs[0].shape[0], jnp.float32)
+        return out
+
+    return jax.jit(step)
+
+
+def _example_fisher(model, params, fisher, samples, inputs, real, labels, key):
+    """The diagonal Fisher of one example (``inputs`` without their batch axis)."""
+
+    def log_probs(p):
+        logits = model.apply({"params": p}, *(x[None] for x in inputs))[0]
+        return jax.nn.log_softmax(logits.astype(jnp.float32))  # (C,) or (T, C)
+
+    logp, vjp = jax.vjp(log_probs, params)
+    probs = jax.lax.stop_gradient(jnp.exp(logp))
+    valid = jnp.ones(logp.shape[:-1], jnp.float32)
+    if logp.ndim == 2 and real is not None:  # token classification: real tokens only
+        valid = real.astype(jnp.float32)
+    zero = jax.tree.map(jnp.zeros_like, params)
+    square = lambda cot: jax.tree.map(lambda g: g * g, vjp(cot)[0])
+    add = lambda acc, f, w=1.0: jax.tree.map(lambda a, b: a + w * b, acc, f)
+
+    if fisher == "empirical":
+        y = labels if logp.ndim == 2 else labels.reshape(())
+        ok = valid * (y != IGNORE_LABEL)
+        cot = jax.nn.one_hot(jnp.where(y == IGNORE_LABEL, 0, y), logp.shape[-1]) * ok[..., None]
+        return square(cot)
+    if fisher == "sampled":
+
+        def draw(acc, k):
+            y = jax.random.categorical(k, logp)
+            cot = jax.nn.one_hot(y, logp.shape[-1]) * valid[..., None]
+            return add(acc, square(cot), 1.0 / samples), None
+
+        return jax.lax.scan(draw, zero, jax.random.split(key, samples))[0]
+
+    # exact: Σ_(t, c) p_tc (∇ log p_tc)², one backward pass per (token, class).
+    flat_p, flat_valid = probs.reshape(-1), jnp.broadcast_to(valid[..., None], probs.shape)
+
+    def one(acc, i):
+        cot = jax.nn.one_hot(i, flat_p.size).reshape(logp.shape)
+        return add(acc, square(cot), flat_p[i] * flat_valid.reshape(-1)[i]), None
+
+    return jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0]
+
+
+# ---------------------------------------------------------------------------------------------
+# Acting on statistics with a symmetry element; saving and loading.
+
+
+def gram_spec(spec: sym.Spec, grams: Mapping[str, Any]) -> tuple[sym.Spec, dict[str, tuple]]:
+    """The spec under which the Grams (unflattened) transform, and each one's unflattened
+    shape: ``G`` of kernel ``p`` with input axes ``in`` is ``(*batch, *in, *in)``, and each group
+    acting on an input axis of ``p`` acts on both copies (a scale with the opposite power: the
+    activations scale inversely to the kernel's input axis)."""
+    params, shapes = {}, {}
+    for path, g in grams.items():
+        kernel = spec.params[path]
+        b = g.ndim - 2
+        n_in = next(
+            k
+            for k in range(1, len(kernel.shape) - b)
+            if math.prod(kernel.shape[b : b + k]) == g.shape[-1]
+        )
+        in_shape = kernel.shape[b : b + n_in]
+        actions = []
+        for a in kernel.actions:
+            if all(b <= ax < b + n_in for ax in a.axes):
+                power = -a.power if spec.groups[a.group].kind == "scale" else a.power
+                actions.append(sym.Action(a.group, a.axes, power))
+                shifted = tuple(ax + n_in for ax in a.axes)
+                actions.append(sym.Action(a.group, shifted, power))
+        shapes[path] = (*kernel.shape[:b], *in_shape, *in_shape)
+        params[path] = sym.ParamSpec(shapes[path], tuple(actions))
+    return sym.Spec(spec.group_items, tuple(sorted(params.items()))), shapes
+
+
+def transform_statistics(
+    spec: sym.Spec, stats: Mapping[str, Any], transform: Mapping[str, jax.Array]
+) -> dict[str, Any]:
+    """The statistics of ``apply(spec, params, transform)`` from those of ``params``.
+
+    Grams are exact: activations move with the stream, head and unit permutations, the head
+    rotations and scales, so ``G' = Pᵀ G P``, ``Rᵀ G R``, ``a² G`` on the acted axes. Diagonal
+    Fishers are exact under permutations and scales (``F' = F a^(-2 power)``); under a rotation
+    the diagonal of the rotated Fisher needs the off-diagonal terms, which a diagonal Fisher does
+    not have: the result is the diagonal of the rotated *diagonal* Fisher, ``Σ_i F_i R_ij²`` (an
+    approximation; recompute the Fisher on the aligned model to be exact).
+    """
+    out = dict(stats)
+    if "gram" in stats:
+        gspec, shapes = gram_spec(spec, stats["gram"])
+        grams = {p: g.reshape(shapes[p]) for p, g in stats["gram"].items()}
+        moved = sym.apply(gspec, from_dict(grams), transform)
+        out["gram"] = {p: x.reshape(stats["gram"][p].shape) for p, x in to_dict(moved).items()}
+    if "fisher" in stats:
+        squared = {}
+        for name, el in transform.items():
+            kind = spec.groups[name].kind
+            squared[name] = el * el if kind == "orth" else el**-2.0 if kind == "scale" else el
+        fspec = sym.Spec(
+            spec.group_items, tuple((p, spec.params[p]) for p in sorted(stats["fisher"]))
+        )
+        out["fisher"] = to_dict(sym.apply(fspec, from_dict(stats["fisher"]), squared))
+    return out
+
+
+def save_statistics(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> Path:
+    """Write statistics as one safetensors file (``kind/param path`` names; counts included)."""
+    from safetensors.numpy import save_file
+
+    flat = {}
+    for kind, value in stats.items():
+        if isinstance(value, Mapping):
+            flat.update({f"{kind}/{p}": np.asarray(x) for p, x in value.items()})
+        else:
+            flat[kind] = np.asarray(value)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path))
+    return path
+
+
+def load_statistics(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """Read statistics written by `save_statistics` (as jax arrays)."""
+    from safetensors.numpy import load_file
+
+    out: dict[str, Any] = {}
+    for name, x in load_file(str(path)).items():
+        kind, _, p = name.partition("/")
+        if p:
+            out.setdefault(kind, {})[p] = jnp.asarray(x)
+        else:
+            out[kind] = jnp.asarray(x)
+    return out

@@ -1,0 +1,364 @@
+"""Merging: statistics against oracles (numpy lstsq, per-example gradient loops), symmetry
+equivariance of the statistics, every method on planted and hand-computed cases, sharding.
+
+Tolerances: float32 at matmul precision "highest"; a merge of identical or re-aligned models is
+exact up to rounding of a few sums and one small inverse (1e-5 relative); oracles in float64 are
+compared at 1e-4 (RegMean's inverse of a Gram with condition number up to ~1e2).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from helpers import CONFIGS, compiled, inputs, scanned
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from rotjax import match, merge
+from rotjax import symmetry as sym
+from rotjax.data import IGNORE_LABEL
+from rotjax.tree import to_dict
+
+TOL = 1e-5
+
+
+def batches_of(config, key, n=3, batch=4):
+    return [inputs(config, jax.random.fold_in(key, i), batch=batch) for i in range(n)]
+
+
+# ---------------------------------------------------------------------------------------------
+# RegMean, Fisher and the plain average on hand-made layers.
+
+
+def _layer_models(seed, n_models=3, d_in=5, d_out=3, rows=40):
+    rng = np.random.default_rng(seed)
+    xs = [rng.normal(size=(rows, d_in)) * rng.uniform(0.3, 3, d_in) for _ in range(n_models)]
+    ws = [rng.normal(size=(d_in, d_out)) for _ in range(n_models)]
+    params = [{"w": {"kernel": jnp.asarray(w, jnp.float32), "bias": jnp.ones(d_out)}} for w in ws]
+    stats = [{"gram": {"w/kernel": jnp.asarray(x.T @ x / rows, jnp.float32)}} for x in xs]
+    return xs, ws, params, stats
+
+
+def test_regmean_is_the_least_squares_merge_at_alpha_1(seed):
+    xs, ws, params, stats = _layer_models(seed)
+    got = merge.regmean(params, stats, alpha=1.0)
+    # Oracle: argmin_W Σ_i ‖X_i W - X_i W_i‖² (equal row counts, so per-row means change nothing).
+    oracle = np.linalg.lstsq(
+        np.concatenate(xs), np.concatenate([x @ w for x, w in zip(xs, ws, strict=True)])
+    )[0]
+    np.testing.assert_allclose(got["w"]["kernel"], oracle, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(got["w"]["bias"], 1.0)  # not a dense kernel: averaged
+    # α = 0: each input feature j is a Gram-diagonal-weighted average of the models' rows.
+    diag = np.stack([np.diag(np.asarray(s["gram"]["w/kernel"], np.float64)) for s in stats])
+    want = np.einsum("ij,ijk->jk", diag, np.stack(ws)) / diag.sum(0)[:, None]
+    got0 = merge.regmean(params, stats, alpha=0.0)
+    np.testing.assert_allclose(got0["w"]["kernel"], want, rtol=1e-5)
+
+
+def test_fisher_merge_formula_floor_and_equal_fishers(seed):
+    _, ws, params, _ = _layer_models(seed, n_models=2)
+    rng = np.random.default_rng(seed)
+    fs = [{"w/kernel": jnp.asarray(rng.uniform(0, 2, w.shape), jnp.float32)} for w in ws]
+    stats = [{"fisher": f} for f in fs]
+    got = merge.fisher(params, stats, weights=[1.0, 3.0], eps=0.5)
+    fl = [
+        np.maximum(np.asarray(f["w/kernel"]), 0.5) * c for f, c in zip(fs, [1.0, 3.0], strict=True)
+    ]
+    want = (fl[0] * ws[0] + fl[1] * ws[1]) / (fl[0] + fl[1])
+    np.testing.assert_allclose(got["w"]["kernel"], want, rtol=1e-5)
+    np.testing.assert_allclose(got["w"]["bias"], 1.0)  # no Fisher: the average
+    equal = [{"fisher": fs[0]}, {"fisher": fs[0]}]
+    avg = merge.average(params)
+    assert rel_err(merge.fisher(params, equal), avg) <= TOL
+    with pytest.raises(ValueError, match=r"stats_list\[0\] holds no 'fisher'"):
+        merge.fisher(params, [{}, {}])
+
+
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+def test_merging_identical_models_returns_them(name, key):
+    config = scanned(CONFIGS[name])
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    base = c.init(jax.random.fold_in(key, 1), 0.3)
+    stats = merge.statistics(c.model, a, batches_of(config, key, n=2))
+    pair = [a, a]
+    assert rel_err(merge.average(pair), a) <= TOL
+    assert rel_err(merge.fisher(pair, [stats, stats]), a) <= TOL
+    assert rel_err(merge.regmean(pair, [stats, stats]), a) <= TOL
+    # Task-vector merges are the identity with these settings (λ = 1/N; no trimming or drop).
+    assert rel_err(merge.task_arithmetic(base, pair, scale=0.5), a) <= TOL
+    assert rel_err(merge.ties(base, pair, density=1.0), a) <= TOL
+    dare = merge.dare(base, pair, key=key, drop=0.0, combine="ties", density=1.0)
+    assert rel_err(dare, a) <= TOL
+    spec = c.spec
+    for mode in ("wts", "acts"):
+        cross = merge.cross_statistics(c.model, a, a, batches_of(config, key, n=1))
+        assert rel_err(merge.ot_fusion(spec, a, a, mode=mode, cross=cross).params, a) <= TOL
+
+
+def test_ties_and_dare_by_hand(key):
+    base = {"w": jnp.zeros(6)}
+    a = {"w": jnp.array([3.0, -2.0, 0.5, 1.0, 0.0, -4.0])}
+    b = {"w": jnp.array([-1.0, -3.0, 0.2, 2.0, 5.0, 1.0])}
+    # Global trim to the top half of each task vector by magnitude:
+    #   a keeps [3, -2, ., ., ., -4], b keeps [., -3, ., 2, 5, .].
+    # Elected signs (sum of trimmed values): [+, -, 0, +, +, -]; disjoint means:
+    #   [3, (-2 - 3)/2, 0, 2, 5, -4].
+    got = merge.ties(base, [a, b], density=0.5, scale=1.0)
+    np.testing.assert_allclose(got["w"], [3.0, -2.5, 0.0, 2.0, 5.0, -4.0])
+    np.testing.assert_allclose(merge.ties(base, [a, b], density=0.5, scale=2.0)["w"], 2 * got["w"])
+    two = {"w": jnp.zeros(6), "v": jnp.zeros(2)}
+    aa, bb = {**a, "v": jnp.array([0.1, 0.2])}, {**b, "v": jnp.array([-0.3, 0.0])}
+    # Per tensor: v keeps its own top half ([., 0.2] and [-0.3, .]) although both entries are
+    # smaller than every entry of w that survives the global trim.
+    per = merge.ties(two, [aa, bb], density=0.5, trim="tensor")
+    np.testing.assert_allclose(per["v"], [-0.3, 0.2], rtol=1e-6)
+    glob = merge.ties(two, [aa, bb], density=0.5, trim="global")
+    np.testing.assert_allclose(glob["v"], [0.0, 0.0])
+    np.testing.assert_allclose(
+        merge.task_arithmetic(base, [a, b], scale=0.5)["w"], (a["w"] + b["w"]) / 2
+    )
+    # DARE: survivors are rescaled by 1/(1 - p); the masks come from the key.
+    d = merge.dare(base, [a], key=key, drop=0.5, scale=1.0)["w"]
+    kept = np.asarray(d) != 0
+    np.testing.assert_allclose(np.asarray(d)[kept], 2 * np.asarray(a["w"])[kept])
+    assert rel_err(merge.dare(base, [a], key=key, drop=0.5)["w"], d) == 0
+    many = merge.dare({"w": jnp.zeros(20000)}, [{"w": jnp.ones(20000)}], key=key, drop=0.9)
+    assert abs(float(jnp.mean(many["w"])) - 1.0) < 0.1  # each entry keeps its expectation
+
+
+# ---------------------------------------------------------------------------------------------
+# Statistics against oracles.
+
+
+def test_padded_tokens_change_no_gram(key):
+    config = CONFIGS["bert-h5d2-l1-token"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    ids, mask = inputs(config, key, batch=3)
+    other = jnp.where(mask > 0, ids, (ids + 3) % config.vocab_size)  # other tokens under padding
+    s1 = merge.statistics(c.model, params, [(ids, mask)], kinds=("gram",))
+    s2 = merge.statistics(c.model, params, [(other, mask)], kinds=("gram",))
+    for p in s1["gram"]:
+        np.testing.assert_allclose(s1["gram"][p], s2["gram"][p], rtol=1e-6, atol=1e-7, err_msg=p)
+        assert float(s1["tokens"][p]) in (float(mask.sum()), 3.0)  # tokens, or one per example
+    padded = merge.statistics(c.model, params, [(ids, mask)], kinds=("gram",), include_padding=True)
+    q = "encoder/layer_0/attention/query/kernel"
+    assert float(padded["tokens"][q]) == ids.size
+    assert rel_err(padded["gram"][q], s1["gram"][q]) > 1e-3
+
+
+def _oracle_fisher(model, params, x, labels, mask, variant):
+    """Mean over examples of Σ_(t,c) p_tc (∇ log p_tc)² (exact: per token and class) or
+    (∇ Σ_t log p_t(y_t))² (empirical: the example's log-likelihood gradient, squared), one
+    gradient at a time in Python loops."""
+    total = jax.tree.map(jnp.zeros_like, params)
+    n = x[0].shape[0]
+    for i in range(n):
+        xi = tuple(a[i : i + 1] for a in x)
+        logp = lambda p, xi=xi: jax.nn.log_softmax(model.apply({"params": p}, *xi)[0])
+        lp = logp(params)
+        positions = [()] if lp.ndim == 1 else [(t,) for t in range(lp.shape[0]) if mask[i, t]]
+        if variant == "empirical":
+            y = np.asarray(labels[i]).reshape(lp.shape[:-1])
+            picked = [(*pos, int(y[pos])) for pos in positions if y[pos] != IGNORE_LABEL]
+            g = jax.grad(lambda p, f=logp, k=tuple(picked): sum(f(p)[j] for j in k))(params)
+            total = jax.tree.map(lambda t, g: t + g * g, total, g)
+            continue
+        for pos in positions:
+            pairs = [(cls, float(jnp.exp(lp[(*pos, cls)]))) for cls in range(lp.shape[-1])]
+            for cls, w in pairs:
+                g = jax.grad(lambda p, pos=pos, cls=cls, f=logp: f(p)[(*pos, cls)])(params)
+                total = jax.tree.map(lambda t, g, w=w: t + w * g * g, total, g)
+    return jax.tree.map(lambda t: t / n, total)
+
+
+@pytest.mark.parametrize("variant", ["exact", "empirical"])
+@pytest.mark.parametrize("name", ["vit-h1d8-l1-nobias", "bert-h5d2-l1-token"])
+def test_fisher_matches_per_example_gradient_loops(name, variant, key):
+    config = CONFIGS[name]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    x = inputs(config, key, batch=3)
+    out_shape = jax.eval_shape(lambda: c.forward(params, x)).shape
+    labels = jax.random.randint(jax.random.fold_in(key, 1), out_shape[:-1], 0, out_shape[-1])
+    mask = x[1] if len(x) > 1 else None
+    if mask is not None:
+        labels = jnp.where(mask > 0, labels, IGNORE_LABEL)
+    batch = (
+        dict(zip(("input_ids", "attention_mask"), x, strict=True))
+        if mask is not None
+        else {"pixel_values": x[0]}
+    )
+    got = merge.statistics(
+        c.model, params, [{**batch, "labels": labels}], ("fisher",), fisher=variant
+    )
+    assert float(got["examples"]) == 3
+    want = _oracle_fisher(
+        c.model,
+        params,
+        x,
+        np.asarray(labels),
+        np.asarray(mask) if mask is not None else None,
+        variant,
+    )
+    assert rel_err(got["fisher"], to_dict(want)) <= 1e-5
+
+
+def test_sampled_fisher_is_the_exact_one_in_expectation(key):
+    config = CONFIGS["vit-h1d8-l1-nobias"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    batch = batches_of(config, key, n=1)
+    exact = merge.statistics(c.model, params, batch, ("fisher",))["fisher"]
+    sampled = merge.statistics(
+        c.model, params, batch, ("fisher",), fisher="sampled", samples=400, key=key
+    )["fisher"]
+    total = lambda f: float(sum(jnp.sum(v) for v in f.values()))
+    assert abs(total(sampled) - total(exact)) <= 0.15 * total(exact)
+    with pytest.raises(ValueError, match="needs a key"):
+        merge.statistics(c.model, params, batch, ("fisher",), fisher="sampled")
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+def test_statistics_move_with_the_symmetry(name, scan, key):
+    """Statistics are functions of the function: those of g·B are those of B moved by g (Grams
+    under every group; Fishers under permutations and scales, where they are exact)."""
+    config = scanned(CONFIGS[name], scan)
+    c = compiled(config)
+    b = c.init(key, 0.3)
+    g = sym.sample(c.spec, jax.random.fold_in(key, 1))
+    moved = c.apply(b, g)
+    data = batches_of(config, key, n=2)
+    s, sm = merge.statistics(c.model, b, data), merge.statistics(c.model, moved, data)
+    t = merge.transform_statistics(c.spec, s, g)
+    assert rel_err(t["gram"], sm["gram"]) <= TOL
+    no_rot = {n: v for n, v in g.items() if c.spec.groups[n].kind != "orth"}
+    s_perm = merge.statistics(c.model, c.apply(b, {**sym.identity(c.spec), **no_rot}), data)
+    t_perm = merge.transform_statistics(c.spec, s, no_rot)
+    assert rel_err(t_perm["fisher"], s_perm["fisher"]) <= 1e-4
+    assert rel_err(s["gram"], sm["gram"]) > 1e-2  # the check above is not vacuous
+
+
+def test_statistics_save_and_load(tmp_path, key):
+    config = CONFIGS["vit-h1d8-l1-nobias"]
+    c = compiled(config)
+    s = merge.statistics(c.model, c.init(key, 0.3), batches_of(config, key, n=1))
+    back = merge.load_statistics(merge.save_statistics(tmp_path / "stats.safetensors", s))
+    assert rel_err(back, s) == 0 and set(back) == set(s)
+
+
+# ---------------------------------------------------------------------------------------------
+# Alignment before merging, OT, activation starts.
+
+
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+def test_average_after_alignment_returns_the_model(name, key):
+    c = compiled(CONFIGS[name])
+    a = c.init(key, 0.3)
+    b = c.apply(a, sym.sample(c.spec, jax.random.fold_in(key, 1)))
+    aligned = match.align(c.spec, a, b, solve=match.ALL).params
+    assert rel_err(merge.average([a, aligned]), a) <= TOL
+    assert rel_err(merge.average([a, b]), a) > 0.1
+
+
+@pytest.mark.parametrize("transport", ["exact", "sinkhorn"])
+@pytest.mark.parametrize("mode", ["wts", "acts"])
+def test_ot_fusion_recovers_a_planted_permutation(mode, transport, key):
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    perms = {
+        n: v
+        for n, v in sym.sample(c.spec, jax.random.fold_in(key, 1)).items()
+        if c.spec.groups[n].kind == "perm"
+    }
+    b = c.apply(a, perms)
+    cross = merge.cross_statistics(c.model, a, b, batches_of(config, key, n=4, batch=8))
+    fused = merge.ot_fusion(c.spec, a, b, mode=mode, cross=cross, transport=transport, epsilon=0.01)
+    inverse = sym.invert(c.spec, perms)
+    if transport == "exact":
+        for n, p in fused.maps.items():
+            np.testing.assert_array_equal(p, inverse[n], err_msg=n)
+        assert rel_err(fused.params, a) <= TOL
+    else:  # a sharp soft map puts nearly all of each row's mass on the planted match
+        for n, t in fused.maps.items():
+            np.testing.assert_array_equal(jnp.argmax(t, -1), inverse[n], err_msg=n)
+        assert rel_err(fused.params, a) <= 0.05
+
+
+def test_activation_init_finds_a_planted_stream_permutation(key):
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    g = sym.sample(c.spec, jax.random.fold_in(key, 1))
+    planted = {n: v for n, v in g.items() if c.spec.groups[n].role in ("residual", "ffn")}
+    b = c.apply(a, planted)
+    b = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.fold_in(key, 2), x.shape), b)
+    cross = merge.cross_statistics(c.model, a, b, batches_of(config, key, n=4, batch=8))
+    init = merge.activation_init(c.spec, cross)
+    inverse = sym.invert(c.spec, planted)
+    np.testing.assert_array_equal(init["residual"], inverse["residual"])
+    res = match.align(c.spec, a, b, solve=match.ALL, init=init)
+    assert res.diagnostics.history[1][0] == "init"
+    x = inputs(config, jax.random.fold_in(key, 3))
+    assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
+
+
+# ---------------------------------------------------------------------------------------------
+# Sharding, the linear path.
+
+
+def test_sharded_statistics_and_merges_match_one_device(key):
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
+    data = batches_of(config, key, n=2, batch=8)
+    mesh = Mesh(np.asarray(jax.devices()), ("data",))
+    rows = NamedSharding(mesh, P("data"))
+    sharded_data = [tuple(jax.device_put(x, rows) for x in batch) for batch in data]
+    one = merge.statistics(c.model, a, data)
+    many = merge.statistics(c.model, a, sharded_data)
+    assert rel_err(many["gram"], one["gram"]) <= 1e-6
+    # Attention key biases left out: their true gradient is zero (they shift all scores of a
+    # query alike), so their Fisher is rounding noise whose value depends on summation order.
+    real = lambda f: {p: x for p, x in f.items() if not p.endswith("attention/key/bias")}
+    assert rel_err(real(many["fisher"]), real(one["fisher"])) <= 1e-6
+    # Params sharded along a model axis (the FFN width, 4 devices): merges keep the sharding.
+    model_mesh = Mesh(np.asarray(jax.devices()[:4]), ("model",))
+    kernel = NamedSharding(model_mesh, P(None, "model"))
+
+    def shard(params):
+        flat = to_dict(params)
+        path = "encoder/layer_0/ffn/intermediate/kernel"
+        return flat, path, {**flat, path: jax.device_put(flat[path], kernel)}
+
+    from rotjax.tree import from_dict
+
+    fa, path, sa = shard(a)
+    fb, _, sb = shard(b)
+    for method in (
+        lambda ps: merge.average(ps),
+        lambda ps: merge.regmean(ps, [one, one]),
+        lambda ps: merge.fisher(ps, [one, one]),
+    ):
+        want = to_dict(method([from_dict(fa), from_dict(fb)]))
+        got = to_dict(method([from_dict(sa), from_dict(sb)]))
+        assert rel_err(got, want) <= 1e-6
+        assert got[path].sharding.is_equivalent_to(kernel, 2)
+
+
+def test_curve_and_barrier(key):
+    a = {"w": jnp.zeros(3)}
+    b = {"w": jnp.ones(3)}
+    evaluate = lambda p: {
+        "loss": float(jnp.sum(p["w"] * (1 - p["w"]))),
+        "accuracy": 1.0 - float(jnp.mean(p["w"] * (1 - p["w"]))),
+    }
+    cv = merge.curve(evaluate, a, b, [0.0, 0.5, 1.0])
+    np.testing.assert_allclose(cv.metrics["loss"], [0.0, 0.75, 0.0])
+    assert cv.barrier == pytest.approx({"loss": 0.75, "accuracy": 0.25})
+    with pytest.raises(ValueError, match="from λ = 0 to λ = 1"):
+        merge.barrier([0.2, 1.0], [1.0, 2.0])
