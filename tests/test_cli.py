@@ -303,3 +303,21 @@ def test_help_explains_the_groups_and_methods(capsys):
         cli.main(["merge", "--help"])
     assert "regmean          per dense kernel" in capsys.readouterr().out
     assert match.PAPER == ("rotation", "scale", "ffn")
+
+
+def test_merge_vits_in_canonical_form(tmp_path, key, capsys):
+    """ViTs are pre-norm: `--align all` merges them in canonical form, with the stream's
+    rotation solved, and writes a standard ViT that computes A's function."""
+    c = compiled(VIT)
+    a = c.init(key, 0.3)
+    b = c.apply(a, sym.sample(c.spec, jax.random.fold_in(key, 1)))
+    hf.save(tmp_path / "a", VIT, a)
+    hf.save(tmp_path / "b", VIT, b)
+    out = tmp_path / "m"
+    argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--align", "all"]) == 0
+    assert "canonical form" in capsys.readouterr().out
+    _, merged = hf.load(out)
+    x = inputs(VIT, key)
+    assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-5
+    assert rel_err(merged, a) > 1e-3  # the canonical form's weights, not A's

@@ -72,3 +72,12 @@ def test_train_throughput_benchmark(tmp_path):
     report = json.loads(out.read_text())
     assert [r["model"] for r in report["results"]] == ["bert", "vit"]
     assert all(r["step"]["ratio"] > 0 for r in report["results"])
+
+
+def test_merge_benchmark(tmp_path):
+    from experiments.benchmarks import merge
+
+    merge.main(["--smoke", "--out", str(tmp_path)])
+    (row,) = json.loads((tmp_path / "merge.json").read_text())["rows"]
+    assert row["model"] == "vit" and set(row["seconds"]) >= {"gram", "fisher_exact", "align_all"}
+    assert all(v > 0 for v in row["seconds"].values())

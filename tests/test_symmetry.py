@@ -47,6 +47,9 @@ def test_random_elements_preserve_function(name, scan, key):
 
     for role in sym.ROLES:
         names = spec.select(roles=[role])
+        if role == "stream_rotation":  # only in canonical specs: tests/test_stream.py
+            assert not names
+            continue
         assert names, f"no {role} group in {name}"
         ident = sym.identity(spec)
         t = {**ident, **{g: full[g] for g in names}}

@@ -16,9 +16,9 @@ from rotjax.cli._common import (
     load_models,
     progress,
     reason,
+    symmetry_for,
     write_report,
 )
-from rotjax.models import family
 
 EPILOG = """\
 groups (--solve):
@@ -27,6 +27,9 @@ groups (--solve):
   ffn       permutation of the FFN hidden units of every layer (and of pooler units)
   heads     permutation of whole heads within a layer (beyond the paper)
   residual  one permutation of the residual stream (beyond the paper; coordinate descent)
+  stream    an orthogonal rotation of the residual stream (pre-norm models such as ViT, put
+            in canonical form first: norms folded into the layers that read them, the stream
+            centred; the written model is that form, a standard checkpoint)
 The default, rotation,scale,ffn, is the paper's method. The aligned model computes exactly
 what MODEL_DIR computes; only its weights move closer to ANCHOR_DIR's.
 
@@ -69,11 +72,13 @@ def run(args) -> int:
         tic = time.perf_counter()
         bar.set_postfix_str("loading")
         (config, _), (a, b), notes = load_models([("anchor", args.anchor), ("model", args.model)])
+        spec, (a, b), more = symmetry_for(config, [a, b], "stream" in options.solve)
+        notes += more
         bar.update(2)
         load_seconds = time.perf_counter() - tic
         bar.set_postfix_str(f"aligning {','.join(options.solve)}")
         try:
-            res = match.align(family(config).symmetry_spec(config), a, b, **vars(options))
+            res = match.align(spec, a, b, **vars(options))
         except ValueError as e:
             raise CLIError(reason(e)) from None
         check_finite(res.params, "the aligned model")

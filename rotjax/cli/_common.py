@@ -144,3 +144,21 @@ def progress(total: int, desc: str, quiet: bool):
     import tqdm
 
     return tqdm.tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False)
+
+
+def symmetry_for(config: Any, params: list[Any], stream: bool) -> tuple[Any, list[Any], list[str]]:
+    """``(spec, params, notes)`` to align with: with ``stream`` and a pre-norm family, every
+    model in canonical form (`rotjax.symmetry.canonicalize`, the same function) and the spec
+    with the stream rotation; otherwise the plain spec and the params unchanged."""
+    fam = family(config)
+    if stream and fam.stream_spec is not None:
+        from rotjax import symmetry as sym
+
+        try:
+            stream_spec = fam.stream_spec(config)
+            canon = [sym.canonicalize(stream_spec, p) for p in params]
+        except ValueError as e:
+            return fam.symmetry_spec(config), params, [f"no stream rotation: {e}"]
+        note = "models in canonical form (norms folded, stream centred) to rotate the stream"
+        return fam.symmetry_spec(config, stream_rotation=True), canon, [note]
+    return fam.symmetry_spec(config), params, []

@@ -17,6 +17,7 @@ from rotjax.cli._common import (
     load_models,
     progress,
     reason,
+    symmetry_for,
     write_report,
 )
 from rotjax.models import family
@@ -36,7 +37,8 @@ methods (--method):
   dare             drop and rescale task vectors (Yu et al.), needs --base; --drop
   ot-acts, ot-wts  optimal-transport fusion from activations (needs --data) or weights
 alignment (--align), to the first model, before merging:
-  none, paper (rotation + scale + FFN units), all (every group of the spec),
+  none, paper (rotation + scale + FFN units), all (every group of the spec: for pre-norm
+  models such as ViT, in canonical form, the residual stream's rotation too),
   activations (a start from activation correlations on --data, then all)
 --data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
 float32, or input_ids and attention_mask (token_type_ids optional); labels optional. Give it
@@ -163,9 +165,12 @@ def run(args) -> int:
         named.append(("base", args.base))
     tic = time.perf_counter()
     configs, params, notes = load_models(named)
-    base = params.pop() if args.base else None
     config = configs[0]
-    model, spec = family(config).Model(config), family(config).symmetry_spec(config)
+    model = family(config).Model(config)
+    # The base (last) goes into the same form as the models, so task vectors stay meaningful.
+    spec, params, more = symmetry_for(config, params, args.align in ("all", "activations"))
+    base = params.pop() if args.base else None
+    notes += more
     datas = [read_data(p, config, args.max_examples) for p in args.data]
     if len(datas) == 1:
         datas = datas * len(params)

@@ -35,9 +35,10 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax.match._attention import attention_stage, merges_scales, scale_stage
 from rotjax.match._checks import checked_layers, checked_params, max_abs
-from rotjax.match._objective import Context, distances, layer_masks, replaced, sub
+from rotjax.match._objective import Context, distances, layer_masks, replaced, sub, total
 from rotjax.match._permutations import perm_stage
 from rotjax.match._solvers import SOLVERS
+from rotjax.match._stream import stream_stage
 
 # The `solve=` vocabulary: block name -> the group roles it covers.
 BLOCKS = {
@@ -46,6 +47,7 @@ BLOCKS = {
     "ffn": ("ffn",),
     "heads": ("heads",),
     "residual": ("residual",),
+    "stream": ("stream_rotation",),
 }
 PAPER = ("rotation", "scale", "ffn")
 ALL = tuple(BLOCKS)
@@ -245,9 +247,15 @@ def _stages(spec, names):
         stages["attention"] = (fn, heads + rots + merged)
     if scales and not merged:
         stages["scale"] = (functools.partial(scale_stage, names=scales), scales)
-    for role in ("ffn", "residual"):
-        if perms := by_role(role):
-            stages[role] = (functools.partial(perm_stage, names=perms), perms)
+    if perms := by_role("ffn"):
+        stages["ffn"] = (functools.partial(perm_stage, names=perms), perms)
+    streams = by_role("stream_rotation")
+    # The stream rotation holds every permutation of the stream: with it, the stream
+    # permutation is only its starting point (see rotjax.match._stream).
+    if (perms := by_role("residual")) and not streams:
+        stages["residual"] = (functools.partial(perm_stage, names=perms), perms)
+    if streams:
+        stages["stream"] = (functools.partial(stream_stage, names=streams), streams)
     return stages
 
 
@@ -263,7 +271,8 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     names = spec.select(roles=roles, layers=layer_set)
     stages = _stages(spec, names)
     residual = tuple(n for n in names if spec.groups[n].role == "residual")
-    max_sweeps = options.max_sweeps or (50 if residual else 1)
+    streams = tuple(n for n in names if spec.groups[n].role == "stream_rotation")
+    max_sweeps = options.max_sweeps or (50 if residual or streams else 1)
     init = dict(options.init or {})
 
     # Only the params some solved (or initialised) group acts on can move; the rest is a
@@ -297,8 +306,18 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         tic = time.perf_counter()
         t = perm_stage(ctx, t, frozenset(), names=residual, exclusive=True)
         active |= set(residual)
-        seconds["residual"] += time.perf_counter() - tic
+        seconds["residual"] = seconds.get("residual", 0.0) + time.perf_counter() - tic
         measure("residual_init")
+    if streams and options.residual_init == "independent" and not set(streams) & set(init):
+        # The rotation from the same terms, on top of the permutation, kept when it lowers J.
+        tic = time.perf_counter()
+        rotated = stream_stage(ctx, t, frozenset(active), names=streams, exclusive=True)
+        keep = total(ctx, sub(rotated, active | set(streams))) < total(ctx, sub(t, active))
+        seconds["stream"] = seconds.get("stream", 0.0) + time.perf_counter() - tic
+        if keep:
+            t = rotated
+            active |= set(streams)
+            measure("stream_init")
 
     order = list(stages)
     sweeps = 0

@@ -26,7 +26,10 @@ def _perm_costs(spec, names, exclusive, a, b, t):
         k = len(g.batch)
         cost = jnp.zeros((*g.batch, g.size, g.size), jnp.float32)
         for path, act in spec.users[n]:
-            if exclusive and len(spec.params[path].actions) > 1:
+            # Exclusive terms: no other group acts (a rotation of the same axis, applied after
+            # the permutation, is still at the identity when they are used).
+            others = [x for x in spec.params[path].actions if spec.groups[x.group].kind != "rot"]
+            if exclusive and len(others) > 1:
                 continue
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=frozenset([n]))
             am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)

@@ -22,13 +22,13 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import symmetry as sym
-from rotjax.match import assign
+from rotjax.match import assign, polar
 from rotjax.merge._capture import capture
 from rotjax.merge._stats import _split
 from rotjax.models import family
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-ROLES = ("residual", "ffn", "heads")
+ROLES = ("residual", "stream_rotation", "ffn", "heads")
 
 
 def cross_statistics(
@@ -158,10 +158,39 @@ def activation_init(
     roles=ROLES,
     solver: str = "scipy",
 ) -> sym.Transform:
-    """The permutations of B's stream, FFN units and heads that best match A's activations
-    (assignment on `group_scores`), as a transform to start `rotjax.match.align` from:
+    """The element of B's group that best matches A's activations, as a transform to start
+    `rotjax.match.align` from:
     ``align(spec, a, b, solve=match.ALL, init=activation_init(spec, cross_statistics(...)))``.
+
+    Permutations of the stream, the FFN units and the heads: assignment on `group_scores`.
+    A stream rotation (pre-norm models in canonical form, whose stream reads are the
+    normalised, mean-free stream itself): ``Q = polar(Σ X_Bᵀ X_A)`` over every stream read of
+    every layer (Procrustes on activations, ``Q 1 = 1`` kept), on top of the permutation.
     Groups no dense input reveals are left out (the identity)."""
-    names = spec.select(roles=roles)
+    names = spec.select(roles=[r for r in roles if r != "stream_rotation"])
     scores = group_scores(spec, correlations(cross), names, heads="nuclear")
-    return {n: assign(s, solver=solver) for n, s in scores.items()}
+    out = {n: assign(s, solver=solver) for n, s in scores.items()}
+    for name in spec.select(roles=["stream_rotation"]) if "stream_rotation" in roles else ():
+        out[name] = _stream_rotation(spec, name, cross, out.get(spec.groups[name].over))
+    return out
+
+
+def _stream_rotation(spec, name, cross, perm):
+    """Procrustes of the stream reads, B's after the stream permutation ``perm``."""
+    g = spec.groups[name]
+    m = jnp.zeros((g.size, g.size), jnp.float32)
+    for path, act in spec.users[name]:
+        if path not in cross:
+            continue
+        kernel = spec.params[path].shape
+        c = cross[path]["cross"]  # Σ x_A x_Bᵀ, (*layers, in, in)
+        if act.axes[0] != c.ndim - 2 or kernel[act.axes[0]] != c.shape[-1]:
+            continue  # the stream is an output axis of this kernel
+        m = m + jnp.sum(c.reshape(-1, g.size, g.size), axis=0)
+    if perm is not None:  # B's features in the order the permutation gives them
+        m = m[:, perm]
+    m = m.T  # Σ x_B x_Aᵀ: rows B's features, columns A's
+    u = sym.ones_complement(g.size) if g.keeps_ones else jnp.eye(g.size)
+    r = polar(jnp.einsum("ia,ij,jb->ab", u, m, u, precision=_HIGHEST))
+    q = jnp.einsum("ia,ab,jb->ij", u, r, u, precision=_HIGHEST)
+    return q + jnp.full((g.size, g.size), 1.0 / g.size) if g.keeps_ones else q

@@ -38,6 +38,9 @@ class Family:
       model_types: the Hugging Face ``model_type`` values the family covers.
       pre_norm: whether every read of the residual stream goes through a norm (pre-LN blocks
         and a final norm), which is what residual-stream rotations need.
+      stream_spec: ``config -> rotjax.symmetry.StreamSpec`` of pre-norm families (None for
+        post-norm ones): what `rotjax.symmetry.canonicalize` needs, after which
+        ``symmetry_spec(config, stream_rotation=True)`` holds a rotation of the stream.
       training_fields: config fields that shape neither the params nor the function at
         inference (dropout rates, the init scale, the params layout): two models that differ
         only in these can be aligned and merged.
@@ -53,6 +56,7 @@ class Family:
     input_names: tuple[str, ...]
     model_types: tuple[str, ...]
     pre_norm: bool
+    stream_spec: Callable[[Any], Any] | None = None
     training_fields: tuple[str, ...] = ()
 
     def param_shapes(self, config: Any) -> Any:

@@ -224,7 +224,7 @@ class RobertaHead(nn.Module):
         return nn.Dense(c.num_labels, kernel_init=init, name="out_proj")(x)
 
 
-def symmetry_spec(config: Config) -> sym.Spec:
+def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
     """The symmetry spec of `Model(config)`'s params.
 
     Groups: ``residual`` (the stream, shared by every embedding, LayerNorm and projection in
@@ -232,6 +232,11 @@ def symmetry_spec(config: Config) -> sym.Spec:
     hidden permutation, and ``pooler`` / ``classifier/dense`` (the tanh hidden units of the
     sequence heads). See `rotjax.symmetry` for how each group acts.
     """
+    if stream_rotation:
+        raise ValueError(
+            "BERT/RoBERTa are post-norm: the LayerNorm sits on the residual stream itself and "
+            "commutes with permutations only, so the stream admits no rotation"
+        )
     c = config
     D, L = c.hidden_size, c.num_hidden_layers
     frags = [

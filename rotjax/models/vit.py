@@ -167,8 +167,15 @@ class Embeddings(nn.Module):
         return x + pos
 
 
-def symmetry_spec(config: Config) -> sym.Spec:
-    """The symmetry spec of `Model(config)`'s params (groups as in `rotjax.models.bert`)."""
+def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
+    """The symmetry spec of `Model(config)`'s params (groups as in `rotjax.models.bert`).
+
+    With ``stream_rotation``, also the group ``stream`` (kind ``rot``, role
+    ``stream_rotation``): an orthogonal Q with ``Q 1 = 1`` on the residual stream, acting
+    wherever the stream permutation acts. It is a symmetry of params in canonical form only
+    (`rotjax.symmetry.canonicalize` with `stream_spec`): there every norm is γ = 1, β = 0 and
+    the stream is mean-free, so ``LN(x Q) = LN(x) Q``.
+    """
     c = config
     D, p = c.hidden_size, c.patch_size
     res = "residual"
@@ -214,7 +221,62 @@ def symmetry_spec(config: Config) -> sym.Spec:
             sym.permutation("pooler", D, role="ffn"),
             sym.dense("pooler", D, D, in_group=res, out_group="pooler"),
         ]
-    return sym.Spec.combine(*frags)
+    spec = sym.Spec.combine(*frags)
+    if not stream_rotation:
+        return spec
+    stream_spec(config)  # raises for configs without a canonical form
+    group = sym.Group("rot", D, over=res, role="stream_rotation", keeps_ones=True)
+    params = {
+        path: dataclasses.replace(
+            p, actions=(*p.actions, *(Action(STREAM, a.axes) for a in p.actions if a.group == res))
+        )
+        for path, p in spec.param_items
+    }
+    return sym.Spec(
+        tuple(sorted((*spec.group_items, (STREAM, group)))), tuple(sorted(params.items()))
+    )
+
+
+STREAM = "stream"
+"""The name of the stream rotation group in ``symmetry_spec(config, stream_rotation=True)``."""
+
+
+def stream_spec(config: Config) -> sym.StreamSpec:
+    """The residual stream of `Model(config)` as data: its LayerNorms and their readers (each
+    block's two norms: Q/K/V, the FFN's first layer; the final norm: the classifier), and its
+    writers (patch embedding, CLS token, positions, each block's attention output and FFN
+    output), for `rotjax.symmetry.canonicalize`.
+
+    Raises:
+      ValueError: a bare encoder (``task=None``), whose output is the final norm's output
+        itself: its γ and β cannot be folded into a reader.
+    """
+    c = config
+    if c.task is None:
+        raise ValueError(
+            "a bare ViT encoder (task=None) outputs its final LayerNorm: no canonical form"
+        )
+    norms = [sym.Norm("layernorm", ("classifier",))]
+    writers = [
+        ("embeddings/patch_embeddings/kernel", 3),
+        ("embeddings/patch_embeddings/bias", 0),
+        ("embeddings/cls_token", 2),
+        ("embeddings/position_embeddings", 2),
+    ]
+    for prefix, batch, _ in _layers.layer_prefixes("encoder", c.num_hidden_layers, c.scan_layers):
+        b = len(batch)
+        qkv = tuple(f"{prefix}/attention/{n}" for n in ("query", "key", "value"))
+        norms += [
+            sym.Norm(f"{prefix}/layernorm_before", qkv, b),
+            sym.Norm(f"{prefix}/layernorm_after", (f"{prefix}/ffn/intermediate",), b),
+        ]
+        writers += [
+            (f"{prefix}/attention/out/kernel", b + 2),
+            (f"{prefix}/attention/out/bias", b),
+            (f"{prefix}/ffn/output/kernel", b + 1),
+            (f"{prefix}/ffn/output/bias", b),
+        ]
+    return sym.StreamSpec(c.hidden_size, tuple(norms), tuple(writers), centred=True)
 
 
 def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Array:
@@ -252,6 +314,7 @@ FAMILY = Family(
     input_names=("pixel_values",),
     model_types=("vit",),
     pre_norm=True,
+    stream_spec=stream_spec,
     training_fields=(
         "hidden_dropout_prob",
         "attention_probs_dropout_prob",

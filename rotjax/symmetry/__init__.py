@@ -4,13 +4,8 @@ See `_spec` for the data model (groups, actions, fragment builders) and `apply` 
 how each group element acts on each axis.
 """
 
-from rotjax.symmetry._spec import (
-    KINDS,
-    ROLES,
-    Action,
-    Group,
-    ParamSpec,
-    Spec,
+from rotjax.symmetry._canonical import Norm, StreamSpec, canonicalize, is_canonical
+from rotjax.symmetry._fragments import (
     attention,
     dense,
     embedding,
@@ -18,6 +13,14 @@ from rotjax.symmetry._spec import (
     mlp,
     param,
     permutation,
+)
+from rotjax.symmetry._spec import (
+    KINDS,
+    ROLES,
+    Action,
+    Group,
+    ParamSpec,
+    Spec,
     validate,
 )
 from rotjax.symmetry._transform import (
@@ -29,6 +32,7 @@ from rotjax.symmetry._transform import (
     identity,
     identity_element,
     invert,
+    ones_complement,
     sample,
 )
 
@@ -37,12 +41,15 @@ __all__ = [
     "ROLES",
     "Action",
     "Group",
+    "Norm",
     "ParamSpec",
     "Spec",
+    "StreamSpec",
     "Transform",
     "apply",
     "apply_to_leaf",
     "attention",
+    "canonicalize",
     "check_transform",
     "compose",
     "dense",
@@ -50,8 +57,10 @@ __all__ = [
     "identity",
     "identity_element",
     "invert",
+    "is_canonical",
     "layer_norm",
     "mlp",
+    "ones_complement",
     "param",
     "permutation",
     "sample",

@@ -12,6 +12,8 @@ layers, one element per layer; ``()`` otherwise):
 
 - ``"perm"`` of size n: ``int32[*batch, n]``, a permutation π.
 - ``"orth"`` over H heads of width d: ``float[*batch, H, d, d]``, one orthogonal R[h] per head.
+- ``"rot"`` of one axis of size n: ``float[*batch, n, n]``, one orthogonal Q (the residual
+  stream of a pre-norm model); with ``keeps_ones``, Q fixes the all-ones vector (``Q 1 = 1``).
 - ``"scale"`` over H heads: ``float[*batch, H]``, one positive scalar a[h] per head.
 
 How an element acts is documented in `rotjax.symmetry.apply`.
@@ -21,13 +23,22 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from rotjax.tree import flatten
 
-KINDS = ("perm", "orth", "scale")
-ROLES = ("residual", "ffn", "heads", "qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
+KINDS = ("perm", "orth", "rot", "scale")
+ROLES = (
+    "residual",
+    "stream_rotation",
+    "ffn",
+    "heads",
+    "qk_rotation",
+    "vo_rotation",
+    "qk_scale",
+    "vo_scale",
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -35,16 +46,19 @@ class Group:
     """One symmetry group.
 
     Attributes:
-      kind: ``"perm"``, ``"orth"`` or ``"scale"``.
-      size: n for a permutation; the number of heads H for ``orth`` and ``scale``.
+      kind: ``"perm"``, ``"orth"``, ``"rot"`` or ``"scale"``.
+      size: n for a permutation or a ``rot``; the number of heads H for ``orth`` and ``scale``.
       dim: the head width d (``orth`` only).
       batch: leading batch shape of the element: ``(L,)`` for stacked layers.
-      over: for ``orth``/``scale``, the name of the permutation group that permutes the same
-        head axis (so that `compose` and `invert` know how the two interact), or None.
+      over: for ``orth``/``rot``/``scale``, the name of the permutation group that permutes the
+        same axis (so that `compose` and `invert` know how the two interact), or None.
       role: what the group is in a transformer (one of `ROLES`), used to select groups:
-        ``residual`` the stream, ``ffn`` the hidden units of a two-layer block (FFN, pooler,
+        ``residual`` the stream's permutation, ``stream_rotation`` its rotation (pre-norm models
+        in canonical form), ``ffn`` the hidden units of a two-layer block (FFN, pooler,
         RoBERTa's head), ``heads`` whole attention heads, ``{qk,vo}_{rotation,scale}`` per head.
       layer: the layer index of an unstacked per-layer group; None for stacked or global ones.
+      keeps_ones: for ``rot``: only the rotations with ``Q 1 = 1`` (LayerNorm models: the
+        stream stays mean-free).
     """
 
     kind: str
@@ -54,6 +68,7 @@ class Group:
     over: str | None = None
     role: str = "ffn"
     layer: int | None = None
+    keeps_ones: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -68,6 +83,8 @@ class Group:
         """Shape of one element of this group."""
         if self.kind == "orth":
             return (*self.batch, self.size, self.dim, self.dim)
+        if self.kind == "rot":
+            return (*self.batch, self.size, self.size)
         return (*self.batch, self.size)
 
 
@@ -218,166 +235,6 @@ def _check(groups: Mapping[str, Group], params: Mapping[str, ParamSpec], *, comp
                 raise ValueError(f"{where}: axes {a.axes} do not fit group {a.group!r} {g.shape}")
             if g.kind != "scale" and a.power != 1:
                 raise ValueError(f"{where}: power {a.power} is not allowed for {g.kind} groups")
-
-
-# ---------------------------------------------------------------------------------------------
-# Fragment builders. Each returns a small `Spec`; `Spec.combine` joins them.
-
-
-def _path(*parts: str) -> str:
-    return "/".join(p for p in parts if p)
-
-
-def permutation(
-    name: str, size: int, *, batch: tuple[int, ...] = (), role: str = "residual", layer=None
-) -> Spec:
-    """A permutation group of ``size`` elements (the residual stream, FFN hidden units...)."""
-    return _fragment({name: Group("perm", size, batch=tuple(batch), role=role, layer=layer)})
-
-
-def param(path: str, shape: Sequence[int], *actions: Action) -> Spec:
-    """One parameter of the given shape with the given actions (none: it is left alone)."""
-    return _fragment(params={path: ParamSpec(tuple(shape), tuple(actions))})
-
-
-def embedding(path: str, num: int, dim: int, group: str | None, *, batch=()) -> Spec:
-    """``path/embedding`` of shape ``(*batch, num, dim)``; ``group`` permutes the features."""
-    acts = () if group is None else (Action(group, (len(batch) + 1,)),)
-    return param(f"{path}/embedding", (*batch, num, dim), *acts)
-
-
-def layer_norm(path: str, dim: int, group: str | None, *, batch=()) -> Spec:
-    """``path/{scale,bias}``: LayerNorm commutes with permutations of its features (only)."""
-    acts = () if group is None else (Action(group, (len(batch),)),)
-    return _join(
-        param(f"{path}/scale", (*batch, dim), *acts), param(f"{path}/bias", (*batch, dim), *acts)
-    )
-
-
-def dense(
-    path: str,
-    in_dim: int,
-    out_dim: int,
-    *,
-    in_group: str | None = None,
-    out_group: str | None = None,
-    batch: tuple[int, ...] = (),
-    use_bias: bool = True,
-) -> Spec:
-    """``path/kernel`` ``(*batch, in, out)`` and ``path/bias`` ``(*batch, out)``."""
-    b = len(batch)
-    k_acts = [Action(g, (ax,)) for g, ax in ((in_group, b), (out_group, b + 1)) if g]
-    frags = [param(f"{path}/kernel", (*batch, in_dim, out_dim), *k_acts)]
-    if use_bias:
-        acts = () if out_group is None else (Action(out_group, (b,)),)
-        frags.append(param(f"{path}/bias", (*batch, out_dim), *acts))
-    return _join(*frags)
-
-
-def mlp(
-    prefix: str,
-    *,
-    hidden_size: int,
-    intermediate_size: int,
-    stream: str | None,
-    batch: tuple[int, ...] = (),
-    layer: int | None = None,
-    names: tuple[str, str] = ("intermediate", "output"),
-) -> Spec:
-    """``dense -> elementwise -> dense`` with a permutation group ``{prefix}/units`` (role
-    ``ffn``) of the intermediate units; ``stream`` permutes the input of the first and output
-    of the second."""
-    hidden = _path(prefix, "units")
-    return _join(
-        permutation(hidden, intermediate_size, batch=batch, role="ffn", layer=layer),
-        dense(
-            _path(prefix, names[0]),
-            hidden_size,
-            intermediate_size,
-            in_group=stream,
-            out_group=hidden,
-            batch=batch,
-        ),
-        dense(
-            _path(prefix, names[1]),
-            intermediate_size,
-            hidden_size,
-            in_group=hidden,
-            out_group=stream,
-            batch=batch,
-        ),
-    )
-
-
-def attention(
-    prefix: str,
-    *,
-    hidden_size: int,
-    num_heads: int,
-    head_dim: int,
-    stream: str | None,
-    batch: tuple[int, ...] = (),
-    layer: int | None = None,
-    qkv_bias: bool = True,
-    out_bias: bool = True,
-    names: tuple[str, str, str, str] = ("query", "key", "value", "out"),
-) -> Spec:
-    """Multi-head self-attention with kernels ``(D, H, d)`` and output ``(H, d, D)``.
-
-    Groups, all named ``{prefix}/<role>``:
-
-    - ``heads``: permutation of whole heads (Q, K, V, O together);
-    - ``qk_rotation``: per head R[h] ∈ O(d): ``W_Q[:, h] ← W_Q[:, h] R[h]``, the same for K and
-      the biases, so ``q kᵀ`` is unchanged (paper, Sec. 4);
-    - ``vo_rotation``: per head ``W_V[:, h] ← W_V[:, h] R[h]``, ``W_O[h] ← R[h]ᵀ W_O[h]``;
-    - ``qk_scale``: ``Q·a[h]``, ``K/a[h]``; ``vo_scale``: ``V·a[h]``, ``O/a[h]`` (a > 0).
-    """
-    b = len(batch)
-    H, d, D = num_heads, head_dim, hidden_size
-    g = {r: _path(prefix, r) for r in ROLES[2:]}
-    frags = [
-        permutation(g["heads"], H, batch=batch, role="heads", layer=layer),
-        _fragment(
-            {
-                g[r]: Group(kind, H, d if kind == "orth" else None, batch, g["heads"], r, layer)
-                for r, kind in [
-                    ("qk_rotation", "orth"),
-                    ("vo_rotation", "orth"),
-                    ("qk_scale", "scale"),
-                    ("vo_scale", "scale"),
-                ]
-            }
-        ),
-    ]
-    for name, rot, scl, power in [
-        (names[0], "qk_rotation", "qk_scale", 1),
-        (names[1], "qk_rotation", "qk_scale", -1),
-        (names[2], "vo_rotation", "vo_scale", 1),
-    ]:
-        head = [Action(g["heads"], (b + 1,)), Action(g[rot], (b + 1, b + 2))]
-        head.append(Action(g[scl], (b + 1,), power))
-        stream_act = [Action(stream, (b,))] if stream else []
-        frags.append(param(_path(prefix, name, "kernel"), (*batch, D, H, d), *stream_act, *head))
-        if qkv_bias:
-            bias_acts = [Action(a.group, tuple(x - 1 for x in a.axes), a.power) for a in head]
-            frags.append(param(_path(prefix, name, "bias"), (*batch, H, d), *bias_acts))
-    out_acts = [
-        Action(g["heads"], (b,)),
-        Action(g["vo_rotation"], (b, b + 1)),
-        Action(g["vo_scale"], (b,), -1),
-    ]
-    if stream:
-        out_acts.append(Action(stream, (b + 2,)))
-    frags.append(param(_path(prefix, names[3], "kernel"), (*batch, H, d, D), *out_acts))
-    if out_bias:
-        frags.append(
-            param(
-                _path(prefix, names[3], "bias"),
-                (*batch, D),
-                *([Action(stream, (b,))] * bool(stream)),
-            )
-        )
-    return _join(*frags)
 
 
 def validate(spec: Spec, params: Any) -> None:

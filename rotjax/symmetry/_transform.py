@@ -21,7 +21,7 @@ from rotjax.tree import flatten
 Transform = dict[str, jax.Array]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_ORDER = {"perm": 0, "orth": 1, "scale": 2}
+_ORDER = {"perm": 0, "orth": 1, "rot": 1, "scale": 2}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -35,16 +35,29 @@ def identity_element(g: Group) -> jax.Array:
     """The identity element of one group."""
     if g.kind == "perm":
         return jnp.broadcast_to(jnp.arange(g.size, dtype=jnp.int32), g.shape)
-    if g.kind == "orth":
-        return jnp.broadcast_to(jnp.eye(g.dim, dtype=jnp.float32), g.shape)
+    if g.kind in ("orth", "rot"):
+        return jnp.broadcast_to(jnp.eye(g.shape[-1], dtype=jnp.float32), g.shape)
     return jnp.ones(g.shape, jnp.float32)
+
+
+def ones_complement(n: int) -> jax.Array:
+    """``U (n, n-1)``: an orthonormal basis of the complement of the all-ones vector (the
+    normalised Helmert contrasts), so that ``Q = U R Uᵀ + 11ᵀ/n`` is orthogonal with
+    ``Q 1 = 1`` for every orthogonal ``R``, and every such Q is of that form."""
+    k = np.arange(1, n)
+    u = np.zeros((n, n - 1))
+    for j in k:  # column j: j entries 1/sqrt(j(j+1)), then -j/sqrt(j(j+1)), then zeros
+        u[:j, j - 1] = 1.0 / np.sqrt(j * (j + 1))
+        u[j, j - 1] = -j / np.sqrt(j * (j + 1))
+    return jnp.asarray(u, jnp.float32)
 
 
 def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transform:
     """A random group element.
 
-    Permutations are uniform; rotations are Haar-distributed on O(d) (reflections included);
-    scales are log-normal, ``a = exp(log_scale_std * N(0, 1))``.
+    Permutations are uniform; rotations are Haar-distributed on O(d) (reflections included),
+    those that keep the all-ones vector on the O(n-1) of its complement; scales are
+    log-normal, ``a = exp(log_scale_std * N(0, 1))``.
     """
     keys = jax.random.split(key, max(len(spec.group_items), 1))
     out = {}
@@ -54,6 +67,15 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
             out[name] = jnp.argsort(u, axis=-1).astype(jnp.int32)
         elif g.kind == "orth":
             out[name] = jax.random.orthogonal(k, g.dim, shape=(*g.batch, g.size))
+        elif g.kind == "rot" and g.keeps_ones:
+            u = ones_complement(g.size)
+            r = jax.random.orthogonal(k, g.size - 1, shape=g.batch)
+            ones = jnp.full((g.size, g.size), 1.0 / g.size)
+            out[name] = (
+                jnp.matmul(jnp.matmul(u, r, precision=_HIGHEST), u.T, precision=_HIGHEST) + ones
+            )
+        elif g.kind == "rot":
+            out[name] = jax.random.orthogonal(k, g.size, shape=g.batch)
         else:
             out[name] = jnp.exp(log_scale_std * jax.random.normal(k, g.shape))
     return out
@@ -69,6 +91,9 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     - ``orth`` on (head axis, dim axis): ``W'[.., h, .., j, ..] = Σ_i W[.., h, .., i, ..] R[h]_ij``,
       i.e. ``W_Q[:, h] R[h]`` for query/key/value kernels and ``R[h]ᵀ W_O[h]`` for the
       output kernel (whose d axis comes first);
+    - ``rot`` on one axis: ``W'[.., j, ..] = Σ_i W[.., i, ..] Q_ij``: the stream ``x`` becomes
+      ``x Q``; its writers ``W_out Q``, its readers ``Qᵀ W_in`` (both: contract with Q's first
+      index);
     - ``scale`` on the head axis: ``W'[.., h, ..] = a[h]^power W[.., h, ..]``.
 
     Permutations act first, then rotations, then scales, so for a head permutation π of the
@@ -111,6 +136,14 @@ def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:
             take = jax.vmap(take)
         return take(x, el)
     dtype = jnp.result_type(x.dtype, el.dtype)
+    if g.kind == "rot":  # x[..i..] -> Σ_i x[..i..] Q[i, j] at i's place, batched over k axes
+        ax = a.axes[0]
+        batch = tuple(range(k))
+        dims = (((ax,), (k,)), (batch, batch))
+        y = jax.lax.dot_general(x.astype(dtype), el.astype(dtype), dims, precision=_HIGHEST)
+        # y's axes: batch, x's other axes in order, j.
+        order = [*batch, *(i for i in range(x.ndim) if i not in (*batch, ax)), ax]
+        return jnp.transpose(y, np.argsort(order)).astype(x.dtype)
     if g.kind == "orth":  # x[..h..d..] -> Σ_d x[..h..d..] R[h, d, z] at d's place
         head, dim = a.axes
         batch = tuple(range(k))
@@ -152,12 +185,19 @@ def _gather_heads(x: jax.Array, perm: jax.Array, trailing: int) -> jax.Array:
     return jnp.take_along_axis(x, idx, axis=perm.ndim - 1)
 
 
+def _gather_both(q: jax.Array, perm: jax.Array) -> jax.Array:
+    """``q[..., perm[a], perm[b]]``: rows and columns gathered, batched over leading axes."""
+    rows = _gather_heads(q, perm, 1)
+    return jnp.take_along_axis(rows, perm[..., None, :], axis=-1)
+
+
 def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax.Array]):
     """The transform equal to applying ``first``, then ``second``.
 
     ``apply(spec, apply(spec, p, first), second) == apply(spec, p, compose(spec, first,
-    second))``. With π the head permutation acting on the same axis:
-    ``π = π1[π2]``, ``R[h] = R1[π2[h]] R2[h]``, ``a[h] = a1[π2[h]] a2[h]``.
+    second))``. With π the permutation acting on the same axis:
+    ``π = π1[π2]``, ``R[h] = R1[π2[h]] R2[h]``, ``a[h] = a1[π2[h]] a2[h]``, and for a ``rot``
+    ``Q = Q1[π2][:, π2] Q2`` (``P1 Q1 P2 Q2 = P1 P2 (P2ᵀ Q1 P2) Q2``).
     """
     t1, t2 = _full(spec, first), _full(spec, second)
     out = {}
@@ -168,6 +208,8 @@ def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax
         p2 = t2[g.over] if g.over else identity_element(Group("perm", g.size, batch=g.batch))
         if g.kind == "orth":
             out[name] = jnp.matmul(_gather_heads(t1[name], p2, 2), t2[name], precision=_HIGHEST)
+        elif g.kind == "rot":  # (P1 Q1)(P2 Q2) = P1 P2 (P2ᵀ Q1 P2) Q2
+            out[name] = jnp.matmul(_gather_both(t1[name], p2), t2[name], precision=_HIGHEST)
         else:
             out[name] = _gather_heads(t1[name], p2, 0) * t2[name]
     return out
@@ -176,7 +218,8 @@ def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax
 def invert(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
     """The inverse element: ``apply(spec, apply(spec, p, t), invert(spec, t)) == p``.
 
-    ``π⁻¹ = argsort(π)``, ``R⁻¹[h] = R[π⁻¹[h]]ᵀ``, ``a⁻¹[h] = 1 / a[π⁻¹[h]]``.
+    ``π⁻¹ = argsort(π)``, ``R⁻¹[h] = R[π⁻¹[h]]ᵀ``, ``a⁻¹[h] = 1 / a[π⁻¹[h]]``, and for a
+    ``rot`` ``Q⁻¹ = Qᵀ[π⁻¹][:, π⁻¹]``.
     """
     t = _full(spec, transform)
     inv_perm = {
@@ -191,6 +234,8 @@ def invert(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
         p = inv_perm[g.over] if g.over else identity_element(Group("perm", g.size, batch=g.batch))
         if g.kind == "orth":
             out[name] = jnp.swapaxes(_gather_heads(t[name], p, 2), -1, -2)
+        elif g.kind == "rot":  # (P Q)⁻¹ = Qᵀ Pᵀ = Pᵀ (P Qᵀ Pᵀ)
+            out[name] = _gather_both(jnp.swapaxes(t[name], -1, -2), p)
         else:
             out[name] = 1.0 / _gather_heads(t[name], p, 0)
     return out

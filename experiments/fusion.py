@@ -1,0 +1,176 @@
+"""Align and merge model pairs, and measure the results: the drivers that `reproduce`, the demo
+and the merge benchmark share. Everything here is a short composition of public rotjax calls.
+
+    pair = load_pair(dir_a, dir_b)
+    variants = align_variants(pair, ["none", "paper", "all", "activations"], unlabeled)
+    rows = merge_rows(pair, variants, ["average", "regmean"], stats_data, evaluate)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
+import jax
+import numpy as np
+
+from rotjax import data, hf, match, merge
+from rotjax.models import family
+
+# Alignment variants: name -> match.align options (None: no alignment). "activations" adds
+# an init from activation correlations on unlabeled inputs; "paper" is the paper's method.
+ALIGNMENTS: dict[str, dict[str, Any] | None] = {
+    "none": None,
+    "ffn only": {"solve": ("ffn",)},  # Git Re-Basin's weight matching of the FFN units
+    "paper": {"solve": match.PAPER},
+    "paper - attention": {"solve": ("ffn",)},
+    "paper - ffn": {"solve": ("rotation", "scale")},
+    "paper - rescale": {"solve": ("rotation", "ffn")},
+    "all": {"solve": match.ALL},
+    "activations": {"solve": match.ALL, "activations": True},
+}
+METHODS = ("average", "fisher", "regmean", "ot-acts", "ot-wts")
+
+
+@dataclasses.dataclass
+class Pair:
+    """Two models of one architecture (A is the anchor) and what every step needs."""
+
+    config: Any
+    a: Any
+    b: Any
+    names: tuple[str, str] = ("a", "b")
+
+    @property
+    def spec(self):
+        return family(self.config).symmetry_spec(self.config)
+
+    @property
+    def model(self):
+        return family(self.config).Model(self.config)
+
+
+def load_pair(dir_a, dir_b) -> Pair:
+    (config, a), (config_b, b) = hf.load(dir_a), hf.load(dir_b)
+    if config != config_b:
+        raise ValueError(f"{dir_a} and {dir_b} have different architectures")
+    return Pair(config, a, b, (str(dir_a), str(dir_b)))
+
+
+def batches(arrays: Mapping[str, np.ndarray], batch_size: int = 50) -> list[dict]:
+    """Model-input batches (no labels) of named arrays, as `rotjax.merge.statistics` takes."""
+    inputs = {k: v for k, v in arrays.items() if k != "labels"}
+    return list(data.batches(inputs, batch_size))
+
+
+def align_variants(
+    pair: Pair,
+    names: Sequence[str],
+    unlabeled: Mapping[str, np.ndarray] | None = None,
+    *,
+    key: jax.Array | None = None,
+    options: Mapping[str, Mapping[str, Any]] | None = None,
+) -> dict[str, dict[str, Any]]:
+    """``{variant: {"params": aligned B, "seconds": ..., "distance": (before, after)}}``.
+
+    ``options`` adds variants of one's own (name -> `match.align` options, plus
+    ``"activations": True`` for an activation start)."""
+    table = {**ALIGNMENTS, **(options or {})}
+    out = {}
+    for name in names:
+        opts = table[name]
+        if opts is None:
+            out[name] = {"params": pair.b, "seconds": 0.0, "distance": None}
+            continue
+        opts = dict(opts)
+        tic = time.perf_counter()
+        if opts.pop("activations", False):
+            cross = merge.cross_statistics(pair.model, pair.a, pair.b, batches(unlabeled))
+            opts["init"] = merge.activation_init(pair.spec, cross)
+        res = match.align(pair.spec, pair.a, pair.b, key=key, **opts)
+        d = res.diagnostics
+        out[name] = {
+            "params": jax.block_until_ready(res.params),
+            "seconds": time.perf_counter() - tic,
+            "distance": (d.distance_before, d.distance_after),
+        }
+    return out
+
+
+def merged(
+    pair: Pair,
+    b_aligned: Any,
+    method: str,
+    *,
+    stats_data: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
+    alpha: float = 0.9,
+    fisher_kind: str = "exact",
+    key: jax.Array | None = None,
+) -> tuple[Any, dict[str, float]]:
+    """``(merged params, {"statistics": s, "merge": s})`` of A with an aligned B.
+
+    ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts."""
+    shared = stats_data if isinstance(stats_data, Mapping) else None
+    per_model = [shared, shared] if shared is not None else list(stats_data or [None, None])
+    params = [pair.a, b_aligned]
+    seconds = {"statistics": 0.0, "merge": 0.0}
+    tic = time.perf_counter()
+    if method == "average":
+        out = merge.average(params)
+    elif method in ("fisher", "regmean"):
+        kinds = ("fisher",) if method == "fisher" else ("gram",)
+        stats = [
+            merge.statistics(
+                pair.model,
+                p,
+                batches(d, 25 if method == "fisher" else 50),
+                kinds,
+                fisher=fisher_kind,
+                key=key,
+            )
+            for p, d in zip(params, per_model, strict=True)
+        ]
+        seconds["statistics"] = time.perf_counter() - tic
+        tic = time.perf_counter()
+        out = (
+            merge.fisher(params, stats)
+            if method == "fisher"
+            else merge.regmean(params, stats, alpha=alpha)
+        )
+    elif method in ("ot-acts", "ot-wts"):
+        cross = None
+        if method == "ot-acts":
+            cross = merge.cross_statistics(pair.model, pair.a, b_aligned, batches(per_model[0]))
+            seconds["statistics"] = time.perf_counter() - tic
+            tic = time.perf_counter()
+        out = merge.ot_fusion(pair.spec, pair.a, b_aligned, mode=method[3:], cross=cross).params
+    else:
+        raise ValueError(f"unknown method {method!r}; choose from {METHODS}")
+    seconds["merge"] = time.perf_counter() - tic
+    return jax.block_until_ready(out), seconds
+
+
+def merge_rows(
+    pair: Pair,
+    variants: Mapping[str, Mapping[str, Any]],
+    methods: Iterable[str],
+    evaluate: Callable[[Any], Mapping[str, float]],
+    **merge_options: Any,
+) -> list[dict[str, Any]]:
+    """One row per (alignment variant, method): the merged model's metrics and timings."""
+    rows = []
+    for name, v in variants.items():
+        for method in methods:
+            params, seconds = merged(pair, v["params"], method, **merge_options)
+            rows.append(
+                {
+                    "alignment": name,
+                    "method": method,
+                    **{k: float(x) for k, x in evaluate(params).items()},
+                    "seconds": {"align": v["seconds"], **seconds},
+                    "distance": v["distance"],
+                }
+            )
+    return rows

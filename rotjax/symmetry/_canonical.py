@@ -1,0 +1,119 @@
+"""The canonical form of a pre-norm transformer, where its residual stream can rotate.
+
+In a pre-norm model every read of the stream goes through a norm. Two function-preserving
+steps bring it to a form in which a continuous group acts on the stream:
+
+1. **fold** each norm's scale γ and shift β into the dense maps that read its output:
+   ``LN(x) W + b = n(x) (diag(γ) W) + (β W + b)`` with ``n(x) = (x - μ) / σ``, so
+   ``W ← diag(γ) W``, ``b ← b + β W``, then γ = 1, β = 0;
+2. **centre** (LayerNorm only) every writer of the stream over the stream axis: ``n(x - c 1) =
+   n(x)`` for any per-token c, because every reader subtracts the mean; afterwards the stream
+   is mean-free.
+
+Then for any orthogonal Q with ``Q 1 = 1``, ``LN(x Q) = LN(x) Q`` on the mean-free stream, so
+writers ``W_out ← W_out Q`` and readers ``W_in ← Qᵀ W_in`` preserve the function: the group
+O(D-1) acting on the complement of the all-ones vector, which holds all D! permutations. (An
+RMSNorm model needs no centring and admits all of O(D).) Post-norm models (BERT, RoBERTa)
+have no such form: their norm sits on the stream itself.
+
+A family describes its stream as data (`StreamSpec`): which norm feeds which readers, and
+which params write to the stream on which axis.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax.numpy as jnp
+
+from rotjax.tree import from_dict, to_dict
+
+
+@dataclasses.dataclass(frozen=True)
+class Norm:
+    """One norm and the dense layers that read its output.
+
+    Attributes:
+      path: the norm's params prefix (``path/scale``, ``path/bias``).
+      readers: prefixes of the dense layers reading it (``prefix/kernel`` with the stream as
+        its first axis after the batch axes, and ``prefix/bias`` if the layer has one).
+      batch: leading (stacked-layer) axes shared by the norm and its readers.
+    """
+
+    path: str
+    readers: tuple[str, ...]
+    batch: int = 0
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamSpec:
+    """The residual stream of a pre-norm model: its norms and its writers.
+
+    Attributes:
+      dim: the stream width D.
+      norms: every norm reading the stream.
+      writers: ``(param path, stream axis)`` of every param written into the stream.
+      centred: LayerNorm (True: writers are centred) or RMSNorm (False).
+    """
+
+    dim: int
+    norms: tuple[Norm, ...]
+    writers: tuple[tuple[str, int], ...]
+    centred: bool = True
+
+
+def canonicalize(stream: StreamSpec, params: Any) -> Any:
+    """The canonical form of ``params`` (see the module docstring): a new pytree computing the
+    same function, every norm at γ = 1, β = 0 and (for LayerNorm) every writer mean-free.
+
+    Raises:
+      ValueError: a norm with β ≠ 0 whose reader has no bias to take ``β W`` (naming it).
+    """
+    flat = {p: jnp.asarray(x) for p, x in to_dict(params).items()}
+    out = dict(flat)
+    for norm in stream.norms:
+        gamma = flat[f"{norm.path}/scale"].astype(jnp.float32)
+        beta = flat[f"{norm.path}/bias"].astype(jnp.float32)
+        b = norm.batch
+        for reader in norm.readers:
+            kernel = flat[f"{reader}/kernel"]
+            w = kernel.astype(jnp.float32)
+            # β W: contract β with the kernel's input (stream) axis, after the batch axes.
+            lead = beta.shape[:b] + (1,) * (w.ndim - b - 1) + beta.shape[b:]
+            shift = jnp.sum(jnp.moveaxis(w, b, -1) * beta.reshape(lead), axis=-1)
+            bias = f"{reader}/bias"
+            if bias in flat:
+                out[bias] = (flat[bias].astype(jnp.float32) + shift).astype(flat[bias].dtype)
+            elif bool(jnp.any(beta != 0)):
+                raise ValueError(
+                    f"{norm.path}/bias is not 0 but {reader} has no bias to fold it into "
+                    "(a ViT with qkv_bias=False): this model has no canonical form"
+                )
+            g = gamma.reshape(gamma.shape + (1,) * (w.ndim - b - 1))
+            out[f"{reader}/kernel"] = (g * w).astype(kernel.dtype)
+        out[f"{norm.path}/scale"] = jnp.ones_like(flat[f"{norm.path}/scale"])
+        out[f"{norm.path}/bias"] = jnp.zeros_like(flat[f"{norm.path}/bias"])
+    if stream.centred:
+        for path, axis in stream.writers:
+            x = out[path].astype(jnp.float32)
+            out[path] = (x - jnp.mean(x, axis=axis, keepdims=True)).astype(out[path].dtype)
+    return from_dict(out)
+
+
+def is_canonical(stream: StreamSpec, params: Any, *, atol: float = 1e-5) -> bool:
+    """Whether every norm is at γ = 1, β = 0 and (LayerNorm) every writer is mean-free, to
+    ``atol`` relative to the writer's largest magnitude."""
+    flat = to_dict(params)
+    for norm in stream.norms:
+        if not bool(jnp.all(flat[f"{norm.path}/scale"] == 1)) or bool(
+            jnp.any(flat[f"{norm.path}/bias"] != 0)
+        ):
+            return False
+    if stream.centred:
+        for path, axis in stream.writers:
+            x = jnp.asarray(flat[path], jnp.float32)
+            scale = jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
+            if float(jnp.max(jnp.abs(jnp.mean(x, axis=axis)))) > atol * float(scale):
+                return False
+    return True

@@ -1,0 +1,146 @@
+"""Residual-stream rotations of pre-norm models (ViT): the canonical form, the rotation group,
+its planted recovery by `align` and from activations.
+
+Tolerance 1e-5 relative, as for every symmetry (float32 at matmul precision "highest").
+"""
+
+import dataclasses
+import itertools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from helpers import CONFIGS, compiled, inputs, scanned
+
+from rotjax import match, merge
+from rotjax import symmetry as sym
+from rotjax.models import bert, vit
+
+TOL = 1e-5
+
+
+def canonical_vit(name, scan, key):
+    config = scanned(CONFIGS[name], scan)
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    if not config.qkv_bias:
+        return config, c, params, None
+    return config, c, params, sym.canonicalize(vit.stream_spec(config), params)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("name", ["vit-h3d4-l2", "vit-h1d8-l1-nobias"])
+def test_canonical_form_preserves_the_function(name, scan, key):
+    config, c, params, canon = canonical_vit(name, scan, key)
+    if name.endswith("nobias"):  # β of layernorm_before cannot fold into bias-free Q/K/V...
+        with pytest.raises(ValueError, match="has no bias to fold it into"):
+            sym.canonicalize(vit.stream_spec(config), params)
+        return
+    x = inputs(config, jax.random.fold_in(key, 1))
+    assert rel_err(c.forward(canon, x), c.forward(params, x)) <= TOL
+    stream = vit.stream_spec(config)
+    assert sym.is_canonical(stream, canon) and not sym.is_canonical(stream, params)
+    assert rel_err(sym.canonicalize(stream, canon), canon) <= 1e-6  # idempotent
+
+
+def test_canonical_bias_free_model_with_zero_shift(key):
+    config = CONFIGS["vit-h1d8-l1-nobias"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    params["encoder"]["layer_0"]["layernorm_before"]["bias"] = jnp.zeros(config.hidden_size)
+    canon = sym.canonicalize(vit.stream_spec(config), params)
+    x = inputs(config, key)
+    assert rel_err(c.forward(canon, x), c.forward(params, x)) <= TOL
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_stream_rotations_preserve_the_canonical_function(scan, key):
+    config, c, params, canon = canonical_vit("vit-h3d4-l2", scan, key)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    x = inputs(config, jax.random.fold_in(key, 1))
+    before = c.forward(params, x)
+    g = sym.sample(spec, jax.random.fold_in(key, 2))
+    q = np.asarray(g[vit.STREAM], np.float64)
+    np.testing.assert_allclose(q @ np.ones(len(q)), 1.0, atol=1e-5)
+    np.testing.assert_allclose(q @ q.T, np.eye(len(q)), atol=1e-5)
+    alone = sym.apply(spec, canon, {vit.STREAM: g[vit.STREAM]})
+    assert rel_err(c.forward(alone, x), before) <= TOL
+    assert rel_err(alone, canon) > 0.1  # not vacuous
+    everything = sym.apply(spec, canon, g)
+    assert rel_err(c.forward(everything, x), before) <= TOL
+    # Negative controls: a rotation that moves the all-ones vector, or a rotation of a model
+    # not in canonical form, changes the logits.
+    free = jax.random.orthogonal(jax.random.fold_in(key, 3), config.hidden_size)
+    assert rel_err(c.forward(sym.apply(spec, canon, {vit.STREAM: free}), x), before) > 1e-2
+    assert (
+        rel_err(c.forward(sym.apply(spec, params, {vit.STREAM: g[vit.STREAM]}), x), before) > 1e-2
+    )
+
+
+def test_stream_rotation_group_laws(key):
+    config, c, params, canon = canonical_vit("vit-h3d4-l2", False, key)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    g, h = (sym.sample(spec, jax.random.fold_in(key, i)) for i in (1, 2))
+    moved = sym.apply(spec, canon, g)
+    assert rel_err(sym.apply(spec, moved, sym.invert(spec, g)), canon) <= TOL
+    assert (
+        rel_err(sym.apply(spec, canon, sym.compose(spec, g, h)), sym.apply(spec, moved, h)) <= TOL
+    )
+    ident = sym.compose(spec, g, sym.invert(spec, g))
+    np.testing.assert_allclose(ident[vit.STREAM], np.eye(config.hidden_size), atol=1e-5)
+
+
+def test_post_norm_and_bare_encoders_have_no_stream_rotation():
+    with pytest.raises(ValueError, match="post-norm"):
+        bert.symmetry_spec(CONFIGS["bert-h3d4-l2"], stream_rotation=True)
+    encoder = dataclasses.replace(CONFIGS["vit-h3d4-l2"], task=None)
+    with pytest.raises(ValueError, match="outputs its final LayerNorm"):
+        vit.symmetry_spec(encoder, stream_rotation=True)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_align_recovers_a_planted_element_with_a_stream_rotation(scan, key):
+    config, c, _, canon = canonical_vit("vit-h3d4-l2", scan, key)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    b = sym.apply(spec, canon, sym.sample(spec, jax.random.fold_in(key, 1)))
+    res = match.align(spec, canon, b, solve=match.ALL, key=key)
+    assert rel_err(res.params, canon) <= TOL
+    x = inputs(config, key)
+    assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
+    # With noise: the objective never increases after the start (sweeps of exact block steps).
+    noisy = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(key, v.shape), b)
+    res = match.align(spec, canon, noisy, solve=match.ALL, key=key)
+    values = [v for stage, v in res.diagnostics.history if stage not in ("identity",)]
+    assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(values)), res.diagnostics.history
+    assert "stream" in {stage for stage, _ in res.diagnostics.history}
+
+
+def test_activation_init_recovers_a_planted_stream_rotation(key):
+    config, c, _, canon = canonical_vit("vit-h3d4-l2", False, key)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    g = {vit.STREAM: sym.sample(spec, jax.random.fold_in(key, 1))[vit.STREAM]}
+    b = sym.apply(spec, canon, g)
+    data = [inputs(config, jax.random.fold_in(key, i), batch=8) for i in range(4)]
+    init = merge.activation_init(spec, merge.cross_statistics(c.model, canon, b, data))
+    # B's stream is A's rotated: the Procrustes of the stream reads (after whatever stream
+    # permutation the correlations suggested) undoes it, and every other group stays put.
+    assert rel_err(sym.apply(spec, b, init), canon) <= 1e-4
+
+
+def test_canonical_checkpoint_is_a_standard_vit(key, tmp_path):
+    """γ = 1, β = 0 and centred writers are just weights: transformers' PyTorch ViT loads the
+    canonical checkpoint and computes the original model's logits."""
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    from rotjax import hf
+
+    config, c, params, canon = canonical_vit("vit-h3d4-l2", False, key)
+    hf.save(tmp_path / "canon", config, canon)
+    model = transformers.ViTForImageClassification.from_pretrained(tmp_path / "canon").eval()
+    (x,) = inputs(config, jax.random.fold_in(key, 1))
+    with torch.no_grad():
+        pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
+        logits = model(pixel_values=pixels).logits.numpy()
+    assert rel_err(logits, c.forward(params, (x,))) <= TOL
