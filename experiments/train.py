@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import ast
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -34,11 +35,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 import rotjax.data
 import rotjax.hf
 from rotjax import train
-from rotjax.models import family, vit
+from rotjax.models import check_fields, family, vit
 
 VIT_FASHION_MNIST = vit.Config(
     hidden_size=64,
@@ -56,7 +58,18 @@ VIT_FASHION_MNIST = vit.Config(
 )
 """A small ViT for 28x28x1 images: 7x7 patches of 4x4 pixels, width 64, 6 pre-LN layers."""
 
-DATASETS = ("fashion_mnist", "digits", "mnist_sample", "wordnet_glosses", "wordnet_examples")
+DATASETS = (
+    "fashion_mnist",
+    "digits",
+    "mnist_sample",
+    "wordnet_glosses",
+    "wordnet_examples",
+    "wordnet_multitask",  # glosses and examples together (one label space)
+    "supersense_nouns",  # token classification (rotjax.data.wordnet_supersense)
+    "supersense_verbs",
+    "supersense_both",
+)
+TOKEN_DATASETS = ("supersense_nouns", "supersense_verbs", "supersense_both")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,11 +126,12 @@ class Config:
     export_hf: bool = True
 
     def __post_init__(self):
+        check_fields(self)  # `--set batch_size=abc` fails here, in one line
         if self.model not in ("vit", "minilm"):
             raise ValueError(f"model must be 'vit' or 'minilm', got {self.model!r}")
         if self.dataset not in DATASETS:
             raise ValueError(f"dataset must be one of {DATASETS}, got {self.dataset!r}")
-        text = self.dataset.startswith("wordnet")
+        text = self.dataset.startswith(("wordnet", "supersense"))
         if text != (self.model == "minilm"):
             raise ValueError(f"model {self.model!r} cannot train on dataset {self.dataset!r}")
 
@@ -137,17 +151,29 @@ def vit_fashion_mnist(**overrides: Any) -> Config:
     return dataclasses.replace(c, **overrides)
 
 
+EPOCHS = {
+    "wordnet_glosses": 2.0,
+    "wordnet_examples": 3.0,
+    "wordnet_multitask": 1.0,
+    "supersense_nouns": 2.0,
+    "supersense_verbs": 2.0,
+    "supersense_both": 1.0,
+}
+
+
 def minilm_wordnet(dataset: str = "wordnet_glosses", **overrides: Any) -> Config:
     """all-MiniLM-L6-v2 fine-tuned on a WordNet dataset (16 lexicographer classes shared by
-    both): batch 32, AdamW 1e-4 with 10% warmup, linear decay, 48 tokens; 2 epochs of the
-    glosses (21177 examples), 3 of the examples (14887), so ~1.35k steps either way."""
+    all): batch 32, AdamW 1e-4 with 10% warmup, linear decay, 48 tokens; 2 epochs of the
+    glosses (21177 examples), 3 of the examples (14887), so ~1.35k steps either way; 1 of both
+    together (multitask, ~1.1k steps); supersense tagging (token classification): 2 epochs of
+    a domain's sentences (~7k), 1 of both domains together."""
     c = Config(
         name=f"minilm-{dataset}",
         model="minilm",
         dataset=dataset,
         max_length=48,
         batch_size=32,
-        num_epochs=2.0 if dataset == "wordnet_glosses" else 3.0,
+        num_epochs=EPOCHS[dataset],
         learning_rate=1e-4,
         warmup_fraction=0.1,
         decay="linear",
@@ -160,8 +186,7 @@ def minilm_wordnet(dataset: str = "wordnet_glosses", **overrides: Any) -> Config
 
 CONFIGS = {
     "vit_fashion_mnist": vit_fashion_mnist,
-    "minilm_wordnet_glosses": lambda **kw: minilm_wordnet("wordnet_glosses", **kw),
-    "minilm_wordnet_examples": lambda **kw: minilm_wordnet("wordnet_examples", **kw),
+    **{f"minilm_{d}": functools.partial(minilm_wordnet, d) for d in EPOCHS},
 }
 
 
@@ -208,57 +233,100 @@ def load_data(config: Config) -> dict[str, Any]:
     """``{"train", "validation", "test"}`` array dicts (``validation`` may be ``None``) and
     ``label_names``."""
     if config.model == "vit":
-        loader = getattr(rotjax.data, config.dataset)
-        splits = loader()
+        sources = [getattr(rotjax.data, config.dataset)()]
+    elif config.dataset == "wordnet_multitask":
+        sources = [
+            rotjax.data.wordnet_glosses(max_length=config.max_length),
+            rotjax.data.wordnet_examples(max_length=config.max_length),
+        ]
+    elif config.dataset in TOKEN_DATASETS:
+        domain = config.dataset.split("_")[1]
+        sources = [rotjax.data.wordnet_supersense(domain, max_length=config.max_length)]
     else:
-        loader = getattr(rotjax.data, config.dataset)
-        splits = loader(max_length=config.max_length)
+        sources = [getattr(rotjax.data, config.dataset)(max_length=config.max_length)]
 
     def arrays(split, limit):
-        if split is None:
+        parts = [getattr(s, split) for s in sources]
+        if parts[0] is None:
             return None
-        a = split.arrays()
-        return a if limit is None else {k: v[:limit] for k, v in a.items()}
+        share = None if limit is None else -(-limit // len(parts))  # each source alike
+        cut = [{k: v[:share] for k, v in p.arrays().items()} for p in parts]
+        return {k: np.concatenate([c[k] for c in cut]) for k in cut[0]}
 
     return {
-        "train": arrays(splits.train, config.train_limit),
-        "validation": arrays(splits.validation, config.eval_limit),
-        "test": arrays(splits.test, config.eval_limit),
-        "label_names": splits.train.label_names,
+        "train": arrays("train", config.train_limit),
+        "validation": arrays("validation", config.eval_limit),
+        "test": arrays("test", config.eval_limit),
+        "label_names": sources[0].train.label_names,
     }
 
 
 # ----------------------------------------------------------------------------- models
 
 
-def model_and_params(config: Config, num_labels: int, key: jax.Array):
-    """``(model config, initial params)`` of a run: a fresh ViT, or all-MiniLM-L6-v2's
-    pretrained encoder under a new sequence-classification head drawn from ``key``."""
+def model_and_params(config: Config, num_labels: int, key: jax.Array, image_shape=None):
+    """``(model config, initial params)`` of a run: a fresh ViT (its image size and channels
+    those of the dataset's ``image_shape`` (H, W, C)), or all-MiniLM-L6-v2's pretrained encoder
+    under a new sequence- or token-classification head drawn from ``key``."""
     if config.model == "vit":
         mconfig = dataclasses.replace(config.vit_config, num_labels=num_labels)
+        if image_shape is not None:
+            h, w, channels = image_shape
+            if h != w:
+                raise ValueError(f"{config.dataset}: images of {h}x{w}; the ViT takes squares")
+            mconfig = dataclasses.replace(mconfig, image_size=h, num_channels=channels)
         return mconfig, family(mconfig).init(mconfig, key)
+    token = config.dataset in TOKEN_DATASETS
+    task = "token_classification" if token else "sequence_classification"
     return rotjax.hf.load_for_task(
-        rotjax.data.minilm_dir(), task="sequence_classification", num_labels=num_labels, key=key
+        rotjax.data.minilm_dir(), task=task, num_labels=num_labels, key=key
     )
 
 
 # ----------------------------------------------------------------------------- the run
 
 
-def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, progress=False):
+def train_and_evaluate(
+    config: Config,
+    workdir: str | os.PathLike[str],
+    *,
+    progress=False,
+    allow_config_change: bool = False,
+):
     """Trains and evaluates one run; resumes from ``workdir``'s latest checkpoint if any.
+
+    A workdir holding a run of another config is not resumed (its checkpoints would be
+    continued under the new settings, or, finished, kept while the summary claimed the new
+    ones) unless ``allow_config_change``.
 
     Returns:
         The summary dict also written to ``workdir/summary.json``.
+
+    Raises:
+        ValueError: the workdir's run has another config (the differing fields named).
     """
     workdir = Path(workdir).absolute()
+    new = json.loads(json.dumps(dataclasses.asdict(config)))
+    old_file = workdir / "config.json"
+    started = (workdir / train.CHECKPOINT_DIR).is_dir() or (workdir / "summary.json").is_file()
+    if old_file.is_file() and started and not allow_config_change:
+        old = json.loads(old_file.read_text())
+        diff = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
+        if diff:
+            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+            raise ValueError(
+                f"{workdir} holds a run of another config ({shown}); use another workdir, or "
+                "--allow-config-change to continue it under the new settings"
+            )
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "config.json").write_text(json.dumps(dataclasses.asdict(config), indent=2))
+    old_file.write_text(json.dumps(new, indent=2))
     begin = time.perf_counter()
     data = load_data(config)
     num_labels = len(data["label_names"])
     key_init, key_run = jax.random.split(jax.random.key(config.seed))
-    mconfig, params = model_and_params(config, num_labels, key_init)
+    images = data["train"].get("images")
+    shape = None if images is None else images.shape[1:]
+    mconfig, params = model_and_params(config, num_labels, key_init, shape)
     model = family(mconfig).Model(mconfig)
 
     n_train = len(data["train"]["labels"])
@@ -305,6 +373,12 @@ def train_and_evaluate(config: Config, workdir: str | os.PathLike[str], *, progr
     if data["validation"] is not None:
         test = train.evaluate(
             steps, result.state.params, data["test"], batch_size=config.eval_batch_size
+        )
+    if config.dataset in TOKEN_DATASETS:  # the CoNLL measure: entity-level F1 (seqeval)
+        predict = train.predictor(model, batch_size=config.eval_batch_size)
+        test = dict(test)
+        test["entity_f1"] = train.entity_f1(
+            predict(params, data["test"]), data["test"]["labels"], data["label_names"]
         )
     train_time = [r for r in result.history if r["split"] == "train"]
     summary = {
@@ -368,18 +442,29 @@ def main(argv=None):
     p.add_argument("--set", action="append", default=[], metavar="FIELD=VALUE")
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
+    p.add_argument(
+        "--allow-config-change", action="store_true", help="resume a run of another config"
+    )
     args = p.parse_args(argv)
     train.initialize_distributed(enabled=args.distributed or None)
     train.enable_compilation_cache()
-    config = CONFIGS[args.config](seed=args.seed)
-    config = dataclasses.replace(config, name=f"{config.name}-s{args.seed}")
-    if args.quick:
-        config = quick(config)
-    if args.smoke:
-        config = smoke(config)
-    for assignment in args.set:
-        config = _override(config, assignment)
-    summary = train_and_evaluate(config, args.workdir, progress=not args.no_progress)
+    try:  # every bad --set is one line, before any workdir exists
+        config = CONFIGS[args.config](seed=args.seed)
+        config = dataclasses.replace(config, name=f"{config.name}-s{args.seed}")
+        if args.quick:
+            config = quick(config)
+        if args.smoke:
+            config = smoke(config)
+        for assignment in args.set:
+            config = _override(config, assignment)
+        summary = train_and_evaluate(
+            config,
+            args.workdir,
+            progress=not args.no_progress,
+            allow_config_change=args.allow_config_change,
+        )
+    except (ValueError, TypeError) as e:
+        raise SystemExit(f"experiments.train: error: {e}") from None
     print(json.dumps({k: summary[k] for k in ("name", "test", "majority_baseline")}, indent=2))
 
 

@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import pathlib
 import re
 import struct
 import sys
@@ -509,3 +510,62 @@ def test_batches_errors():
         data.batches({}, 2)
     with pytest.raises(ValueError, match="no batch"):
         next(data.train_batches(_arrays(3), batch_size=4, seed=0))
+
+
+# ---------------------------------------------------------------------------------------------
+# Supersense tagging
+
+
+def _tagged(text, lemmas, pos, lexname):
+    """The tag names of the first pieces of a real MiniLM encoding of ``text``."""
+    from rotjax.data import _supersense as ss
+    from rotjax.data._tokenize import load_tokenizer, tokenizer_file
+
+    tags = data.supersense_tags()
+    irregular = ss._exceptions(pathlib.Path(data.WORDNET_DIR) / f"{pos}.exc")
+    encoding = load_tokenizer(tokenizer_file(None), 24).encode(text)
+    spans = ss.lemma_spans(text, ss._variants(lemmas, pos, irregular))
+    labels = ss.tag_pieces(encoding, spans, tags.index(f"B-{lexname}"))
+    pieces = [t for t, m in zip(encoding.tokens, encoding.attention_mask, strict=True) if m]
+    return [(p, tags[x] if x >= 0 else "-") for p, x in zip(pieces, labels, strict=False)]
+
+
+def test_supersense_tags_on_hand_checked_sentences():
+    # An irregular past (ran, from WordNet's verb.exc); special tokens ignored.
+    assert _tagged("He ran to the store.", ["run"], "verb", "verb.motion") == [
+        ("[CLS]", "-"), ("he", "O"), ("ran", "B-verb.motion"), ("to", "O"), ("the", "O"),
+        ("store", "O"), (".", "O"), ("[SEP]", "-"),
+    ]  # fmt: skip
+    # A word of several pieces: only its first piece is labelled.
+    got = _tagged("She unscrewed the lid", ["unscrew"], "verb", "verb.contact")
+    assert got[:6] == [
+        ("[CLS]", "-"), ("she", "O"), ("un", "B-verb.contact"), ("##sc", "-"), ("##rew", "-"),
+        ("##ed", "-"),
+    ]  # fmt: skip
+    # A verb phrase inflected on its first word: B then I.
+    got = _tagged("He took off his hat", ["take off"], "verb", "verb.change")
+    assert got[2:4] == [("took", "B-verb.change"), ("off", "I-verb.change")]
+    # A noun's irregular plural, case-insensitive; no match, no tag.
+    assert ("geese", "B-noun.group") in _tagged("Geese flew over", ["goose"], "noun", "noun.group")
+    assert all(t in ("O", "-") for _, t in _tagged("A cat sat", ["dog"], "noun", "noun.group"))
+
+
+def test_supersense_dataset_is_deterministic_and_split_by_synset(tmp_path):
+    nouns = data.wordnet_supersense("nouns", cache_dir=tmp_path)
+    again = data.wordnet_supersense("nouns", cache=False)
+    np.testing.assert_array_equal(nouns.train.labels, again.train.labels)
+    tags = nouns.train.label_names
+    assert tags == data.supersense_tags() and len(tags) == 33
+    for split in (nouns.train, nouns.test):
+        assert split.labels.shape == split.input_ids.shape
+        used = {tags[x][2:] for x in np.unique(split.labels) if x > 0}
+        assert used and all(c.startswith("noun.") for c in used)
+        # Every sentence has a tagged word; labels only where the attention mask is 1.
+        assert ((split.labels > 0).any(axis=1)).all()
+        assert (split.labels[split.attention_mask == 0] == data.IGNORE_LABEL).all()
+    verbs = data.wordnet_supersense("verbs", cache_dir=tmp_path)
+    glosses = data.wordnet_glosses(cache_dir=tmp_path)
+    split_of = {s: name for name in ("train", "test") for s in getattr(glosses, name).synsets}
+    for name in ("train", "test"):  # a synset sits in the same split in every WordNet dataset
+        for s in getattr(verbs, name).synsets[:200]:
+            assert split_of.get(s, name) == name

@@ -41,14 +41,17 @@ def test_make_pairs(tmp_path):
     assert "| vit-fashion_mnist-s1 |" in (tmp_path / "summary.md").read_text()
 
 
-def test_demo(tmp_path, capsys):
+def test_demo(tmp_path, capsys, monkeypatch):
     from experiments import demo
 
-    demo.main(["--workdir", str(tmp_path), "--solve", "rotation,scale"])
+    monkeypatch.setenv("ROTJAX_CACHE", str(tmp_path / "cache"))
+    demo.main(["--workdir", str(tmp_path), "--solve", "rotation,scale", "--smoke"])
     out = capsys.readouterr().out
-    assert "aligned copy vs copy" in out
+    assert "aligned copy vs copy" in out and "merged test accuracy" in out
     report = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
     assert report["distance"]["all"]["after"] < report["distance"]["all"]["before"]
+    assert (tmp_path / "interpolation.png").read_bytes()[:4] == b"\x89PNG"
+    assert (tmp_path / "cache" / "demo-smoke" / "demo-vit-s1" / "summary.json").is_file()
 
 
 def test_align_benchmark(tmp_path):
@@ -81,3 +84,20 @@ def test_merge_benchmark(tmp_path):
     (row,) = json.loads((tmp_path / "merge.json").read_text())["rows"]
     assert row["model"] == "vit" and set(row["seconds"]) >= {"gram", "fisher_exact", "align_all"}
     assert all(v > 0 for v in row["seconds"].values())
+
+
+def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys):
+    from experiments import train as T
+
+    base = ["--config", "vit_fashion_mnist", "--workdir", str(tmp_path), "--smoke", "--no-progress"]
+    T.main([*base, "--set", "dataset=digits"])  # 8x8 images: the ViT takes the data's size
+    config, _ = hf.load(tmp_path / "hf")
+    assert (config.image_size, config.num_channels) == (8, 1)
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(SystemExit, match=r"another config \(.*seed: 0 -> 1"):
+        T.main([*base, "--set", "dataset=digits", "--seed", "1"])
+    assert (tmp_path / "summary.json").read_text() == before  # nothing rewritten
+    T.main([*base, "--set", "dataset=digits", "--seed", "1", "--allow-config-change"])
+    with pytest.raises(SystemExit, match="config field batch_size must be an int, got 'abc'"):
+        T.main([*base[:2], "--workdir", str(tmp_path / "new"), "--set", "batch_size=abc"])
+    assert not (tmp_path / "new").exists()

@@ -25,6 +25,7 @@ from rotjax.data._images import (
     fashion_mnist,
     mnist_sample,
 )
+from rotjax.data._supersense import SUPERSENSE_DOMAINS, supersense_tags, wordnet_supersense
 from rotjax.data._text import (
     SPLIT_PERCENT,
     WORDNET_LABELS,
@@ -45,6 +46,7 @@ __all__ = [
     "LEXNAMES",
     "MNIST_SAMPLE_TEST_SIZE",
     "SPLIT_PERCENT",
+    "SUPERSENSE_DOMAINS",
     "TFDS_IMAGE_DATASETS",
     "WORDNET_DIR",
     "WORDNET_LABELS",
@@ -64,9 +66,11 @@ __all__ = [
     "num_batches",
     "read_synsets",
     "steps_per_epoch",
+    "supersense_tags",
     "tfds_images",
     "tokenize",
     "train_batches",
     "wordnet_examples",
     "wordnet_glosses",
+    "wordnet_supersense",
 ]

@@ -43,7 +43,7 @@ import json
 import os
 import zipfile
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,8 +93,8 @@ SPLIT_PERCENT = {"train": 80, "validation": 10, "test": 10}
 """Share of synsets in each split of the WordNet datasets, in percent."""
 
 _CACHE_VERSION = 1
-_SPLITS = ("train", "validation", "test")
-_FIELDS = ("input_ids", "attention_mask", "labels", "synsets", "texts")
+SPLITS = ("train", "validation", "test")
+FIELDS = ("input_ids", "attention_mask", "labels", "synsets", "texts")
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -121,7 +121,7 @@ class TextDataset:
 
     def __post_init__(self) -> None:
         n = self.labels.shape[0]
-        for field in _FIELDS:
+        for field in FIELDS:
             if getattr(self, field).shape[0] != n:
                 raise ValueError(f"{self.name}: {field} does not have {n} rows like labels")
 
@@ -251,7 +251,7 @@ def _wordnet_dataset(
 ) -> Splits[TextDataset]:
     """Builds (or loads from the cache) one WordNet dataset."""
     classes = tuple(classes)
-    _check_options(classes, max_length=max_length, max_per_class=max_per_class, limit=limit)
+    check_options(classes, max_length=max_length, max_per_class=max_per_class, limit=limit)
     poses = sorted({c.split(".")[0] for c in classes})
     sources = [pos_file(wordnet_dir, pos) for pos in poses]
     missing = [p for p in sources if not p.is_file()]
@@ -270,16 +270,14 @@ def _wordnet_dataset(
             "sources": [file_stamp(p) for p in sources],
             "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
         }
-        digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
-        directory = default_cache_dir() if cache_dir is None else Path(cache_dir)
-        path = directory / f"{name}-L{max_length}-{digest}.npz"
-        arrays = _read_cache(path, classes)
+        path = cache_path(name, max_length, key, cache_dir)
+        arrays = read_cache(path, classes)
         if arrays is not None:
-            return _wrap(name, arrays, classes)
+            return wrap(name, arrays, classes)
     tokenizer = load_tokenizer(tok_file, max_length)
     items = _select_items(name, classes, poses, wordnet_dir, max_per_class=max_per_class)
     arrays = {}
-    for split in _SPLITS:
+    for split in SPLITS:
         rows = items[split][:limit]
         texts = [text for text, _, _ in rows]
         for field, array in encode(tokenizer, texts, max_length).items():
@@ -290,10 +288,17 @@ def _wordnet_dataset(
     arrays["label_names"] = np.array(classes, dtype=np.str_)
     if path is not None:
         write_npz(path, arrays)
-    return _wrap(name, arrays, classes)
+    return wrap(name, arrays, classes)
 
 
-def _check_options(
+def cache_path(name: str, max_length: int, key: dict, cache_dir) -> Path:
+    """``<cache dir>/<name>-L<max_length>-<hash of key>.npz``."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
+    directory = default_cache_dir() if cache_dir is None else Path(cache_dir)
+    return directory / f"{name}-L{max_length}-{digest}.npz"
+
+
+def check_options(
     classes: tuple[str, ...], *, max_length: int, max_per_class: int | None, limit: int | None
 ) -> None:
     """Validates the options of a WordNet dataset."""
@@ -310,14 +315,14 @@ def _check_options(
             raise ValueError(f"{option} must be None or a positive int, got {value!r}")
 
 
-def _hash(salt: str, key: str) -> int:
+def stable_hash(salt: str, key: str) -> int:
     """A stable 64-bit hash of a synset key."""
     return int.from_bytes(hashlib.blake2b(f"{salt}:{key}".encode(), digest_size=8).digest())
 
 
-def _split_of(key: str) -> str:
+def split_of(key: str) -> str:
     """The split of a synset, fixed by a hash of its key."""
-    bucket = _hash("split", key) % 100
+    bucket = stable_hash("split", key) % 100
     if bucket < SPLIT_PERCENT["train"]:
         return "train"
     if bucket < SPLIT_PERCENT["train"] + SPLIT_PERCENT["validation"]:
@@ -332,6 +337,31 @@ def _texts_of(name: str, synset: Synset) -> tuple[str, ...]:
     return synset.examples
 
 
+def select_synsets(
+    classes: tuple[str, ...],
+    poses: Sequence[str],
+    wordnet_dir: str | os.PathLike[str],
+    *,
+    max_per_class: int | None,
+    texts_of: Callable[[Synset], tuple[str, ...]],
+) -> list[tuple[Synset, tuple[str, ...]]]:
+    """``(synset, its texts)`` of the synsets of ``classes`` that have texts, at most
+    ``max_per_class`` a class (chosen by a hash of the key), in the fixed hash order."""
+    label_of = {c: i for i, c in enumerate(classes)}
+    by_class: dict[str, list[tuple[int, Synset, tuple[str, ...]]]] = {c: [] for c in classes}
+    for pos in poses:
+        for synset in read_synsets(wordnet_dir, pos):
+            texts = texts_of(synset)
+            if synset.lexname in label_of and texts:
+                by_class[synset.lexname].append((stable_hash("order", synset.key), synset, texts))
+    kept = []
+    for members in by_class.values():
+        members.sort(key=lambda member: member[0])
+        kept.extend(members[:max_per_class])
+    kept.sort(key=lambda member: member[0])
+    return [(synset, texts) for _, synset, texts in kept]
+
+
 def _select_items(
     name: str,
     classes: tuple[str, ...],
@@ -342,31 +372,27 @@ def _select_items(
 ) -> dict[str, list[tuple[str, int, str]]]:
     """The ``(text, label, synset key)`` items of each split, in their fixed order."""
     label_of = {c: i for i, c in enumerate(classes)}
-    by_class: dict[str, list[tuple[int, Synset, tuple[str, ...]]]] = {c: [] for c in classes}
-    for pos in poses:
-        for synset in read_synsets(wordnet_dir, pos):
-            texts = _texts_of(name, synset)
-            if synset.lexname in label_of and texts:
-                by_class[synset.lexname].append((_hash("order", synset.key), synset, texts))
-    kept = []
-    for members in by_class.values():
-        members.sort(key=lambda member: member[0])
-        kept.extend(members[:max_per_class])
-    kept.sort(key=lambda member: member[0])
-    counts = Counter(text for _, _, texts in kept for text in texts)
-    items: dict[str, list[tuple[str, int, str]]] = {split: [] for split in _SPLITS}
-    for _, synset, texts in kept:
+    kept = select_synsets(
+        classes,
+        poses,
+        wordnet_dir,
+        max_per_class=max_per_class,
+        texts_of=lambda synset: _texts_of(name, synset),
+    )
+    counts = Counter(text for _, texts in kept for text in texts)
+    items: dict[str, list[tuple[str, int, str]]] = {split: [] for split in SPLITS}
+    for synset, texts in kept:
         label = label_of[synset.lexname]
-        rows = items[_split_of(synset.key)]
+        rows = items[split_of(synset.key)]
         rows.extend((text, label, synset.key) for text in texts if counts[text] == 1)
     return items
 
 
-def _read_cache(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray] | None:
+def read_cache(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray] | None:
     """The cached arrays, or ``None`` when absent or unreadable (then rebuilt and rewritten)."""
     if not path.is_file():
         return None
-    keys = [f"{split}.{field}" for split in _SPLITS for field in _FIELDS]
+    keys = [f"{split}.{field}" for split in SPLITS for field in FIELDS]
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in [*keys, "label_names"]}
@@ -377,16 +403,14 @@ def _read_cache(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray] |
     return arrays
 
 
-def _wrap(
-    name: str, arrays: dict[str, np.ndarray], classes: tuple[str, ...]
-) -> Splits[TextDataset]:
+def wrap(name: str, arrays: dict[str, np.ndarray], classes: tuple[str, ...]) -> Splits[TextDataset]:
     """Wraps the flat ``"<split>.<field>"`` arrays into datasets."""
     datasets = {
         split: TextDataset(
-            **{field: arrays[f"{split}.{field}"] for field in _FIELDS},
+            **{field: arrays[f"{split}.{field}"] for field in FIELDS},
             label_names=classes,
             name=f"{name}/{split}",
         )
-        for split in _SPLITS
+        for split in SPLITS
     }
     return Splits(**datasets)

@@ -14,6 +14,7 @@ from typing import Any
 
 from rotjax.models import bert, vit
 from rotjax.models._family import Family
+from rotjax.models._layers import check_fields
 from rotjax.models._layout import stack_layers, unstack_layers
 from rotjax.models._pretrained import with_pretrained
 
@@ -51,6 +52,7 @@ __all__ = [
     "FAMILIES",
     "Family",
     "bert",
+    "check_fields",
     "family",
     "family_of_model_type",
     "stack_layers",

@@ -20,6 +20,7 @@ from rotjax.train._loop import (
     evaluate,
     evaluator,
     fit,
+    predictor,
 )
 from rotjax.train._mesh import (
     DATA_AXIS,
@@ -35,12 +36,14 @@ from rotjax.train._metrics import (
     IGNORE_LABEL,
     batch_metrics,
     cross_entropy,
+    entity_f1,
     macro_f1,
     majority_baseline,
     summarize,
 )
 from rotjax.train._optim import (
     DECAYS,
+    FROZEN_PATTERNS,
     NO_DECAY_PATTERNS,
     learning_rate_schedule,
     optimizer,
@@ -67,6 +70,7 @@ __all__ = [
     "DATA_AXIS",
     "DECAYS",
     "DISTRIBUTED_ENV",
+    "FROZEN_PATTERNS",
     "IGNORE_LABEL",
     "METRICS_FILE",
     "NO_DECAY_PATTERNS",
@@ -85,6 +89,7 @@ __all__ = [
     "data_mesh",
     "default_inputs",
     "enable_compilation_cache",
+    "entity_f1",
     "eval_step",
     "evaluate",
     "evaluator",
@@ -94,6 +99,7 @@ __all__ = [
     "macro_f1",
     "majority_baseline",
     "optimizer",
+    "predictor",
     "process_rows",
     "replicate",
     "replicated",

@@ -30,9 +30,15 @@ def checkpoint_manager(
         raise ValueError(f"save_every must be None or >= 1, got {save_every}")
     if keep is not None and keep < 1:
         raise ValueError(f"keep must be None or >= 1, got {keep}")
+    policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
-        # Steps are never multiples of a huge interval: only forced saves then.
-        save_interval_steps=save_every or 2**62,
+        # Explicit: orbax's default policy also saves the first step it is asked about when no
+        # checkpoint exists yet, which contradicts "None saves only when forced".
+        save_decision_policy=(
+            policies.FixedIntervalPolicy(save_every)
+            if save_every is not None
+            else policies.SpecificStepsPolicy(steps=())
+        ),
         max_to_keep=keep,
         create=True,
     )

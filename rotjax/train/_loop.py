@@ -45,7 +45,7 @@ class MetricsWriter:
 
     On a resumed run, `MetricsWriter(path, resume_step=s)` first drops the records of steps
     after ``s``, which a crashed run logged past its last checkpoint and which the resumed run
-    will log again.
+    will log again, and a last line cut short by a crash or a full disk.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, resume_step: int | None = None):
@@ -53,8 +53,13 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records = []
         if self.path.exists():
-            lines = self.path.read_text().splitlines()
-            records = [json.loads(line) for line in lines if line.strip()]
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            for i, line in enumerate(lines):
+                try:
+                    records.append(json.loads(line))
+                except json.JSONDecodeError:
+                    if i < len(lines) - 1:  # only the last line can be cut by a crash
+                        raise ValueError(f"{self.path}:{i + 1} is not a JSON record") from None
         if resume_step is not None:
             records = [r for r in records if r.get("step", 0) <= resume_step]
         elif records:
@@ -145,6 +150,23 @@ def evaluator(
     _mesh.check_batch_size(batch_size, mesh)
     jitted = _jit_eval(_steps.eval_step(model, inputs=inputs), mesh)
     return lambda params: _run_eval(jitted, _mesh.replicate(params, mesh), data, batch_size, mesh)
+
+
+def predictor(
+    model: Any, *, batch_size: int, inputs: Callable | None = None
+) -> Callable[[Any, Mapping[str, np.ndarray]], np.ndarray]:
+    """``(params, data) -> argmax predictions`` (``(N,)`` or ``(N, T)``) of a classification
+    model over named arrays, one compiled program for every params of the model."""
+    inputs = _steps.default_inputs(model) if inputs is None else inputs
+    apply = jax.jit(lambda p, b: jax.numpy.argmax(model.apply({"params": p}, *inputs(b)), -1))
+
+    def predict(params, data):
+        n = len(next(iter(data.values())))
+        fields = {k: v for k, v in data.items() if k != "labels"}
+        out = [np.asarray(apply(params, b)) for b in _data.batches(fields, batch_size, pad=True)]
+        return np.concatenate(out)[:n]
+
+    return predict
 
 
 def _mean(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:

@@ -120,3 +120,24 @@ def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> floa
     if not len(train_labels) or not len(test_labels):
         raise ValueError("majority_baseline needs labels on both sides")
     return float(np.mean(test_labels == np.bincount(train_labels).argmax()))
+
+
+def entity_f1(
+    predictions: np.ndarray, labels: np.ndarray, tag_names: tuple[str, ...] | list[str]
+) -> float:
+    """Entity-level micro F1 of BIO tagging (``seqeval``, the CoNLL measure): a predicted
+    entity counts only when its type and its whole span are right.
+
+    Args:
+        predictions: ``(N, T)`` predicted tag ids.
+        labels: ``(N, T)`` true tag ids; positions labelled `IGNORE_LABEL` (later word pieces,
+            special tokens, padding) are left out of both sequences.
+        tag_names: tag id -> name (``"O"``, ``"B-x"``, ``"I-x"``).
+    """
+    from seqeval.metrics import f1_score
+
+    predictions, labels = np.asarray(predictions), np.asarray(labels)
+    keep = labels != IGNORE_LABEL
+    true = [[tag_names[t] for t in row[k]] for row, k in zip(labels, keep, strict=True)]
+    pred = [[tag_names[t] for t in row[k]] for row, k in zip(predictions, keep, strict=True)]
+    return float(f1_score(true, pred))

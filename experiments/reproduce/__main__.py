@@ -1,0 +1,3 @@
+from experiments.reproduce import main
+
+main()

@@ -1,0 +1,91 @@
+"""The language experiments (the paper's Table 1 in miniature): all-MiniLM-L6-v2 fine-tuned on
+two domains of one label space and merged, without and with matching. Sequence
+classification: WordNet glosses vs example sentences (accuracy); token classification:
+supersense tagging of nouns' vs verbs' example sentences (entity-level F1, seqeval). The
+specialists and a multi-task model trained on both domains are the references."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from experiments import fusion
+from experiments import train as T
+from experiments.reproduce._models import LANGUAGE, Settings, run_config, trained
+from rotjax import train
+
+ALIGNMENTS = ("none", "paper", "all")
+METHODS = ("average", "fisher", "regmean")
+
+
+def run(settings: Settings, out, log) -> dict[str, Any]:
+    results: dict[str, Any] = {}
+    for task, names in LANGUAGE.items():
+        results[task] = []
+        for seed in settings.language_seeds:
+            summaries = [trained(settings, out, n, seed) for n in names]
+            log(f"language ({task}), seed {seed}: " + " + ".join(s["name"] for s in summaries))
+            results[task].append(_seed(settings, task, names, seed, summaries, log))
+    return results
+
+
+def _data(settings, name, seed):
+    """``(test arrays, the first stats_examples training inputs)`` of a domain."""
+    d = T.load_data(run_config(settings, name, seed))
+    test = {k: v[: settings.eval_texts] for k, v in d["test"].items()}
+    stats = {k: v[: settings.stats_examples] for k, v in d["train"].items() if k != "labels"}
+    return test, stats, d["label_names"]
+
+
+def _seed(settings, task, names, seed, summaries, log):
+    pair = fusion.load_pair(summaries[0]["hf"], summaries[1]["hf"])
+    multitask = fusion.load_pair(summaries[2]["hf"], summaries[2]["hf"]).a
+    (test_a, stats_a, tags), (test_b, stats_b, _) = (_data(settings, n, seed) for n in names[:2])
+    scorers = [_scorer(task, pair.model, t, tags) for t in (test_a, test_b)]
+
+    def score(params):
+        per_domain = [s(params) for s in scorers]
+        return {"domains": per_domain, "mean": float(np.mean(per_domain))}
+
+    out: dict[str, Any] = {
+        "seed": seed,
+        "models": [s["name"] for s in summaries],
+        "references": {"a": score(pair.a), "b": score(pair.b), "multitask": score(multitask)},
+    }
+    key = jax.random.key(seed)
+    variants = fusion.align_variants(pair, ALIGNMENTS, key=key)
+    out["distance"] = {n: v["distance"] for n, v in variants.items() if v["distance"]}
+    cache: dict = {}
+    fisher_kind = "exact" if task == "sequence" else "sampled"  # exact: one pass per token x tag
+    out["merges"] = {}
+    for name, v in variants.items():
+        for method in METHODS:
+            params, seconds = fusion.merged(
+                v["pair"],
+                method,
+                stats_data=[stats_a, stats_b],
+                fisher_kind=fisher_kind,
+                key=key,
+                cache=cache,
+            )
+            out["merges"][f"{name} | {method}"] = {
+                **score(params),
+                "seconds": {"align": v["seconds"], **seconds},
+            }
+        log(
+            f"  {name}: "
+            + ", ".join(f"{m} {out['merges'][f'{name} | {m}']['mean']:.3f}" for m in METHODS)
+        )
+    return out
+
+
+def _scorer(task, model, test, tags):
+    """``params -> metric`` on one test set: accuracy, or entity-level F1 for tagging."""
+    batch = max(8, min(128, (len(test["labels"]) // 8) * 8))
+    if task == "sequence":
+        evaluate = train.evaluator(model, test, batch_size=batch)
+        return lambda params: evaluate(params)["accuracy"]
+    predict = train.predictor(model, batch_size=batch)
+    return lambda params: train.entity_f1(predict(params, test), test["labels"], tags)

@@ -1,0 +1,99 @@
+"""The settings of a reproduction run and the models it trains (cached in ``OUT/models``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+from typing import Any
+
+from experiments import train as T
+
+LANGUAGE = {  # task -> (domain A, domain B, multi-task reference)
+    "sequence": ("wordnet_glosses", "wordnet_examples", "wordnet_multitask"),
+    "token": ("supersense_nouns", "supersense_verbs", "supersense_both"),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """What a mode measures. ``full``: the README's numbers; ``quick``: the same pipeline on
+    short runs and subsets (<= 15 minutes on 2 CPU cores); ``smoke``: seconds, for the tests."""
+
+    mode: str = "full"
+    parts: tuple[str, ...] = ("vision", "language")
+    vision_seeds: tuple[int, ...] = (0, 1, 2)
+    language_seeds: tuple[int, ...] = (0, 1, 2)
+    test_images: int | None = None  # None: the whole test split
+    eval_texts: int | None = None
+    stats_examples: int = 1000  # unlabeled inputs per model (activations, Grams, Fishers)
+    curve_points: int = 11
+    curve_images: int = 2000
+    layer_study: bool = True
+    max_sweeps: int | None = None  # None: align's default (coordinate descent to convergence)
+
+    @classmethod
+    def of(cls, mode: str, parts: tuple[str, ...] | None = None) -> Settings:
+        if mode == "full":
+            s = cls()
+        elif mode == "quick":
+            s = cls(
+                mode="quick",
+                vision_seeds=(0, 1, 2),
+                language_seeds=(0,),
+                test_images=2000,
+                eval_texts=400,
+                stats_examples=200,
+                curve_points=5,
+                curve_images=1000,
+            )
+        elif mode == "smoke":
+            s = cls(
+                mode="smoke",
+                parts=("vision",),
+                vision_seeds=(0, 1),
+                language_seeds=(0,),
+                test_images=128,
+                eval_texts=32,
+                stats_examples=32,
+                curve_points=3,
+                curve_images=64,
+                max_sweeps=2,
+            )
+        else:
+            raise ValueError(f"mode must be full, quick or smoke, got {mode!r}")
+        return dataclasses.replace(s, parts=parts) if parts else s
+
+
+def run_config(settings: Settings, name: str, seed: int) -> T.Config:
+    """The training config of a model: ``name`` is ``vit_fashion_mnist`` or a MiniLM dataset."""
+    if name == "vit_fashion_mnist":
+        config = T.vit_fashion_mnist(seed=seed, name=f"vit-fashion_mnist-s{seed}")
+    else:
+        config = T.minilm_wordnet(name, seed=seed, name=f"minilm-{name}-s{seed}")
+    if settings.mode == "quick":
+        config = T.quick(config)
+        if config.model == "minilm":  # 32 steps: the language part of quick mode in minutes
+            config = dataclasses.replace(config, train_limit=1024, eval_limit=256)
+    elif settings.mode == "smoke":  # a 2-layer, 16-wide ViT: seconds to align and merge
+        config = T.smoke(config)
+        tiny = dict(
+            num_hidden_layers=2, hidden_size=16, num_attention_heads=2, intermediate_size=32
+        )
+        config = dataclasses.replace(
+            config, vit_config=dataclasses.replace(config.vit_config, **tiny)
+        )
+    return config
+
+
+def trained(settings: Settings, out: Path, name: str, seed: int, progress=False) -> dict[str, Any]:
+    """The summary of a trained model (``summary["hf"]`` its checkpoint), training it first
+    unless ``OUT/models/<run>`` holds a finished run of the same config."""
+    config = run_config(settings, name, seed)
+    workdir = out / "models" / config.name
+    summary_file = workdir / "summary.json"
+    if summary_file.is_file():
+        old = json.loads((workdir / "config.json").read_text())
+        if old == json.loads(json.dumps(dataclasses.asdict(config))):
+            return json.loads(summary_file.read_text())
+    return T.train_and_evaluate(config, workdir, progress=progress)

@@ -1,0 +1,134 @@
+"""The vision experiments: ViTs trained from different seeds on Fashion-MNIST, every pair
+merged by every method after every alignment (Table 2), the matching ablation (Fig. 3), the
+distances to the anchor (Fig. 4), the linear paths (Fig. 5), matching layer by layer (Fig. 6)
+and the runtimes (Table 3)."""
+
+from __future__ import annotations
+
+import itertools
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from experiments import fusion
+from experiments.reproduce._models import Settings, trained
+from rotjax import data, match, merge, train
+
+TABLE2 = ("none", "paper", "all", "all + stream", "activations")
+METHODS = ("average", "fisher", "regmean", "ot-acts", "ot-wts")
+ABLATION = ("none", "paper", "paper - attention", "paper - ffn", "paper - rescale")
+DISTANCES = ("ffn only", "paper", "all", "all + stream", "activations")
+
+
+def run(settings: Settings, out, log) -> dict[str, Any]:
+    models = [trained(settings, out, "vit_fashion_mnist", s) for s in settings.vision_seeds]
+    fm = data.fashion_mnist()
+    test = {k: v[: settings.test_images] for k, v in fm.test.arrays().items()}
+    order = np.random.default_rng(0).permutation(len(fm.train.labels))
+    unlabeled = {"images": fm.train.images[order[: settings.stats_examples]]}
+    curve_data = {k: v[: settings.curve_images] for k, v in test.items()}
+    pairs = []
+    for a, b in itertools.combinations(range(len(models)), 2):
+        log(f"vision: pair {models[a]['name']} + {models[b]['name']}")
+        pairs.append(_pair(settings, models[a], models[b], test, unlabeled, curve_data, log))
+    return {"models": models, "pairs": pairs}
+
+
+def _pair(settings, summary_a, summary_b, test, unlabeled, curve_data, log):
+    pair = fusion.load_pair(summary_a["hf"], summary_b["hf"])
+    evaluate = train.evaluator(pair.model, test, batch_size=_batch(test))
+    key = jax.random.key(0)
+    out: dict[str, Any] = {"a": summary_a["name"], "b": summary_b["name"]}
+    out["endpoints"] = {"a": evaluate(pair.a), "b": evaluate(pair.b)}
+    names = list(dict.fromkeys([*TABLE2, *ABLATION, *DISTANCES]))
+    variants = fusion.align_variants(
+        pair, names, unlabeled, key=key, max_sweeps=settings.max_sweeps
+    )
+    out["align_seconds"] = {n: v["seconds"] for n, v in variants.items()}
+    out["distance"] = {n: v["distance"] for n, v in variants.items() if v["distance"]}
+    cache: dict = {}
+    rows = {}
+    for name in names:
+        methods = METHODS if name in TABLE2 else ("average", "fisher", "regmean")
+        if name not in TABLE2 and name not in ABLATION:
+            continue
+        for method in methods:
+            params, seconds = fusion.merged(
+                variants[name]["pair"], method, stats_data=unlabeled, key=key, cache=cache
+            )
+            rows[f"{name} | {method}"] = {**evaluate(params), "seconds": seconds}
+        log(
+            f"  {name}: "
+            + ", ".join(f"{m} {rows[f'{name} | {m}']['accuracy']:.3f}" for m in methods)
+        )
+    out["merges"] = rows
+    best = max(
+        ("all", "all + stream", "activations"), key=lambda n: rows[f"{n} | average"]["accuracy"]
+    )
+    out["best_alignment"] = best
+    labels = {"none": "none", "paper": "paper", "rotjax's best": best}
+    out["curves"] = _curves(settings, pair, variants, labels, curve_data)
+    if settings.layer_study:
+        out["layers"] = _layers(pair, evaluate, key)
+    out["runtime"] = _runtime(pair, unlabeled, summary_a, summary_b)
+    return out
+
+
+def _batch(arrays) -> int:
+    n = len(next(iter(arrays.values())))
+    return max(8, min(1000, (n // 8) * 8))
+
+
+def _curves(settings, pair, variants, labels, curve_data):
+    """Loss and accuracy along the linear path A -> aligned B, for each labelled variant."""
+    evaluate = train.evaluator(pair.model, curve_data, batch_size=_batch(curve_data))
+    metrics = lambda x: {k: v for k, v in evaluate(x).items() if k in ("loss", "accuracy")}
+    lambdas = np.linspace(0.0, 1.0, settings.curve_points)
+    out = {}
+    for label, name in labels.items():
+        p = variants[name]["pair"]
+        c = merge.curve(metrics, p.a, p.b, lambdas)
+        out[label] = {
+            "alignment": name,
+            "lambdas": c.lambdas.tolist(),
+            "metrics": {k: v.tolist() for k, v in c.metrics.items()},
+            "barrier": c.barrier,
+        }
+    return out
+
+
+def _layers(pair, evaluate, key):
+    """The paper's matching on one layer, on the first k layers (head) and the last k (tail);
+    simple average and RegMean need no statistics per variant beyond the Grams."""
+    n = pair.config.num_hidden_layers
+    subsets = {f"layer {i}": [i] for i in range(n)}
+    subsets |= {f"head {k}": list(range(k)) for k in range(1, n + 1)}
+    subsets |= {f"tail {k}": list(range(n - k, n)) for k in range(1, n + 1)}
+    out = {}
+    for name, layers in subsets.items():
+        aligned = match.align(pair.spec, pair.a, pair.b, layers=layers, key=key).params
+        out[name] = evaluate(merge.average([pair.a, aligned]))["accuracy"]
+    return out
+
+
+def _runtime(pair, unlabeled, summary_a, summary_b):
+    """Seconds: matching (paper, all) against Fisher and RegMean statistics of both models
+    (after a first call that compiles) and their fine-tuning."""
+    seconds = {}
+    for kind, size in (("gram", 50), ("fisher", 25)):
+        batches = fusion.batches(unlabeled, size)
+        merge.statistics(pair.model, pair.a, batches[:1], (kind,))  # compile
+        tic = time.perf_counter()
+        for p in (pair.a, pair.b):
+            jax.block_until_ready(merge.statistics(pair.model, p, batches, (kind,)))
+        seconds[f"{kind} statistics"] = time.perf_counter() - tic
+    for name in ("paper", "all"):
+        solve = fusion.ALIGNMENTS[name]["solve"]
+        match.align(pair.spec, pair.a, pair.b, solve=solve)  # compile
+        tic = time.perf_counter()
+        jax.block_until_ready(match.align(pair.spec, pair.a, pair.b, solve=solve).params)
+        seconds[f"matching ({name})"] = time.perf_counter() - tic
+    seconds["fine-tuning"] = summary_a["wall_seconds"] + summary_b["wall_seconds"]
+    return seconds

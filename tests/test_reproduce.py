@@ -1,0 +1,41 @@
+"""`python -m experiments.reproduce` on its smallest setting: the report, its figures, its JSON."""
+
+import json
+
+import pytest
+
+from rotjax import train
+
+
+@pytest.fixture(autouse=True)
+def _keep_test_jax_config(monkeypatch):
+    monkeypatch.setattr(train, "enable_compilation_cache", lambda *a, **k: None)
+
+
+def test_reproduce(tmp_path):
+    """The smallest reproduction: it writes the report, its figures and its JSON, and the
+    report's numbers are the JSON's."""
+    from experiments import reproduce
+    from experiments.reproduce import _report, _vision
+
+    reproduce.main(["--smoke", "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    vision = json.loads((tmp_path / "results" / "vision.json").read_text())
+    claims = json.loads((tmp_path / "results" / "claims.json").read_text())
+    for name in ("fig3_ablation", "fig4_distance", "fig5_paths", "fig6_layers"):
+        png = tmp_path / "figures" / f"{name}.png"
+        assert png.read_bytes()[:4] == b"\x89PNG" and f"figures/{name}.png" in report
+    pairs = vision["pairs"]
+    for method in _vision.METHODS:  # every Table 2 cell, recomputed from the JSON
+        cells = [
+            _report.pm([p["merges"][f"{a} | {method}"]["accuracy"] for p in pairs])
+            for a in _vision.TABLE2
+        ]
+        assert f"| {method} | " + " | ".join(cells) + " |" in report
+    for key, claim in claims.items():
+        verdict = "Holds here." if claim["holds"] else "Does not hold here."
+        assert f"**({key}) {_report.CLAIMS[key]}** {verdict}" in report
+    # A rerun with nothing changed reuses the results.
+    mtime = (tmp_path / "results" / "vision.json").stat().st_mtime
+    reproduce.main(["--smoke", "--out", str(tmp_path)])
+    assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
