@@ -25,7 +25,6 @@ are left out. Splits follow the synset, as for the other WordNet datasets (`spli
 from __future__ import annotations
 
 import functools
-import hashlib
 import os
 import re
 from collections import Counter
@@ -35,12 +34,12 @@ from pathlib import Path
 import numpy as np
 
 from rotjax.data._batches import IGNORE_LABEL
-from rotjax.data._common import DataSourceError, Splits, file_stamp, write_npz
+from rotjax.data._common import DataSourceError, Splits, write_npz
 from rotjax.data._text import (
     SPLITS,
     WORDNET_LABELS,
     TextDataset,
-    cache_path,
+    cached_path,
     check_options,
     read_cache,
     select_synsets,
@@ -51,7 +50,7 @@ from rotjax.data._tokenize import load_tokenizer, tokenizer_file
 from rotjax.data._wordnet import WORDNET_DIR, WORDNET_HINT, pos_file
 
 SUPERSENSE_DOMAINS = ("nouns", "verbs", "both")
-_CACHE_VERSION = 1
+_RULES = 1  # version of the tagging rules (a change rebuilds the cache)
 
 
 def supersense_tags(classes: Sequence[str] = WORDNET_LABELS) -> tuple[str, ...]:
@@ -98,21 +97,10 @@ def wordnet_supersense(
     tags = supersense_tags(classes)
     tok_file = tokenizer_file(tokenizer_dir)
     name = f"wordnet_supersense_{domain}"
-    path = None
-    if cache:
-        key = {
-            "version": _CACHE_VERSION,
-            "name": name,
-            "max_per_class": max_per_class,
-            "limit": limit,
-            "classes": classes,
-            "sources": [file_stamp(p) for p in sources],
-            "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
-        }
-        path = cache_path(name, max_length, key, cache_dir)
-        arrays = read_cache(path, tags)
-        if arrays is not None:
-            return wrap(name, arrays, tags)
+    options = dict(max_per_class=max_per_class, limit=limit, classes=classes, rules=_RULES)
+    path = cached_path(name, max_length, options, sources, tok_file, cache_dir) if cache else None
+    if path is not None and (arrays := read_cache(path, tags)) is not None:
+        return wrap(name, arrays, tags)
     tokenizer = load_tokenizer(tok_file, max_length)
     chosen = tuple(c for c in classes if c.split(".")[0] in poses)
     kept = select_synsets(

@@ -258,22 +258,10 @@ def _wordnet_dataset(
     if missing:
         raise DataSourceError(f"WordNet file {missing[0]} not found. {WORDNET_HINT}")
     tok_file = tokenizer_file(tokenizer_dir)
-    path = None
-    if cache:
-        key = {
-            "version": _CACHE_VERSION,
-            "name": name,
-            "max_length": max_length,
-            "max_per_class": max_per_class,
-            "limit": limit,
-            "classes": classes,
-            "sources": [file_stamp(p) for p in sources],
-            "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
-        }
-        path = cache_path(name, max_length, key, cache_dir)
-        arrays = read_cache(path, classes)
-        if arrays is not None:
-            return wrap(name, arrays, classes)
+    options = dict(max_per_class=max_per_class, limit=limit, classes=classes)
+    path = cached_path(name, max_length, options, sources, tok_file, cache_dir) if cache else None
+    if path is not None and (arrays := read_cache(path, classes)) is not None:
+        return wrap(name, arrays, classes)
     tokenizer = load_tokenizer(tok_file, max_length)
     items = _select_items(name, classes, poses, wordnet_dir, max_per_class=max_per_class)
     arrays = {}
@@ -291,8 +279,17 @@ def _wordnet_dataset(
     return wrap(name, arrays, classes)
 
 
-def cache_path(name: str, max_length: int, key: dict, cache_dir) -> Path:
-    """``<cache dir>/<name>-L<max_length>-<hash of key>.npz``."""
+def cached_path(name, max_length, options, sources, tok_file, cache_dir) -> Path:
+    """``<cache dir>/<name>-L<max_length>-<hash>.npz``: the hash of everything the arrays
+    depend on (the options, the source files' sizes and times, the tokenizer)."""
+    key = {
+        "version": _CACHE_VERSION,
+        "name": name,
+        "max_length": max_length,
+        **options,
+        "sources": [file_stamp(p) for p in sources],
+        "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
+    }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = default_cache_dir() if cache_dir is None else Path(cache_dir)
     return directory / f"{name}-L{max_length}-{digest}.npz"
