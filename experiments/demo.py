@@ -102,9 +102,14 @@ def train_vits(cache: Path, smoke: bool) -> list[dict]:
                 dataclasses.replace(config, vit_config=dataclasses.replace(DEMO_VIT, **tiny))
             )
         workdir = cache / ("demo-smoke" if smoke else "demo") / config.name
-        if (workdir / "summary.json").is_file():
+        same = (workdir / "config.json").is_file() and json.loads(
+            (workdir / "config.json").read_text()
+        ) == json.loads(json.dumps(dataclasses.asdict(config)))
+        if same and (workdir / "summary.json").is_file():
             summaries.append(json.loads((workdir / "summary.json").read_text()))
             continue
+        if workdir.exists():  # a model of another demo config: trained again
+            shutil.rmtree(workdir)
         print(f"training {config.name} (once; cached in {workdir})", flush=True)
         summaries.append(T.train_and_evaluate(config, workdir, progress=True))
     return summaries

@@ -135,13 +135,11 @@ def merged(
     alpha: float = 0.9,
     fisher_kind: str = "exact",
     key: jax.Array | None = None,
-    cache: dict | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """``(merged params, {"statistics": s, "merge": s})`` of A with (aligned) B.
 
-    ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts;
-    ``cache``: a dict that keeps statistics of params objects seen before (A's, across
-    alignment variants)."""
+    ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts
+    (computed afresh for every call, so the reported statistics time is real)."""
     shared = stats_data if isinstance(stats_data, Mapping) else None
     per_model = [shared, shared] if shared is not None else list(stats_data or [None, None])
     b_aligned = pair.b

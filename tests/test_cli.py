@@ -109,13 +109,15 @@ def test_merge_every_method(method, checkpoints, capsys):
     argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--method", method]
     argv += ["--align", "all", "--data", str(tmp / "data.npz"), "--quiet"]
     if method in ("task-arithmetic", "ties", "dare"):
+        # Fine-tunes of one base share its basis: here A and A itself, base A.
+        argv[2] = str(tmp / "a")
         argv += ["--base", str(tmp / "a"), "--scale", "0.5"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     config, merged = hf.load(out)
     report = json.loads((out / "merge.json").read_text())
     assert report["method"] == method and set(report["seconds"]) >= {"align", "statistics", "merge"}
     # B is A moved by a symmetry: aligned, it is A, and every merge of A with A is A (the
-    # task-vector merges with base A: zero task vectors).
+    # task-vector merges: A with itself, base A: zero task vectors).
     assert rel_err(merged, a) <= 1e-5, method
     assert config == CONFIG
 
@@ -250,7 +252,7 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
     assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]) == 0
     notes = json.loads((out / "alignment.json").read_text())["notes"]
     assert any("hidden_dropout_prob (0.1 vs 0.3)" in n for n in notes)
-    assert "note: model differs from anchor in initializer_range" in capsys.readouterr().out
+    assert "note: model differs from anchor in initializer_range" in capsys.readouterr().err
 
 
 def test_wrongly_typed_config_is_one_clear_error(checkpoints, capsys):
@@ -316,8 +318,33 @@ def test_merge_vits_in_canonical_form(tmp_path, key, capsys):
     out = tmp_path / "m"
     argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
     assert cli.main([*argv, "--align", "all"]) == 0
-    assert "canonical form" in capsys.readouterr().out
+    assert "canonical form" in capsys.readouterr().err
     _, merged = hf.load(out)
     x = inputs(VIT, key)
     assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-5
     assert rel_err(merged, a) > 1e-3  # the canonical form's weights, not A's
+
+
+def test_task_vectors_move_with_the_alignment(tmp_path, key):
+    """Fine-tunes of one base share its basis; aligning B moves B's task vector, not B alone:
+    the merge is ``θ_base + s (τ_A + g·(θ_B - θ_base))`` for the alignment g of B."""
+    c = compiled(CONFIG)
+    base = c.init(key, 0.3)
+    a, b = (
+        jax.tree.map(lambda x, k=k: x + 0.1 * jax.random.normal(k, x.shape), base)
+        for k in jax.random.split(jax.random.fold_in(key, 1))
+    )
+    for name, p in (("base", base), ("a", a), ("b", b)):
+        hf.save(tmp_path / name, CONFIG, p)
+    out = tmp_path / "m"
+    argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
+    argv += ["--method", "task-arithmetic", "--base", str(tmp_path / "base"), "--scale", "0.5"]
+    assert cli.main([*argv, "--align", "paper"]) == 0
+    g = match.align(c.spec, a, b, key=jax.random.key(0)).transform
+    moved = jax.tree.map(lambda x, y: x - y, c.apply(b, g), c.apply(base, g))
+    want = jax.tree.map(lambda t, x, m: t + 0.5 * ((x - t) + m), base, a, moved)
+    assert rel_err(hf.load(out)[1], want) <= 1e-5
+    assert (
+        rel_err(want, jax.tree.map(lambda t, x, y: t + 0.5 * ((x - t) + (y - t)), base, a, b))
+        > 1e-3
+    )

@@ -362,3 +362,16 @@ def test_curve_and_barrier(key):
     assert cv.barrier == pytest.approx({"loss": 0.75, "accuracy": 0.25})
     with pytest.raises(ValueError, match="from λ = 0 to λ = 1"):
         merge.barrier([0.2, 1.0], [1.0, 2.0])
+
+
+def test_dict_batches_keep_every_input_in_its_place(key):
+    """A batch without an attention mask: its token types must not slide into the mask."""
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    ids, _ = inputs(config, key, batch=4)
+    types = jnp.zeros_like(ids).at[:, 3:].set(1)
+    named = merge.statistics(c.model, params, [{"input_ids": ids, "token_type_ids": types}])
+    positional = merge.statistics(c.model, params, [(ids, None, types)])
+    assert rel_err(named, positional) == 0
+    assert float(named["tokens"]["encoder/layer_0/attention/query/kernel"]) == ids.size

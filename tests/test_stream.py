@@ -144,3 +144,37 @@ def test_canonical_checkpoint_is_a_standard_vit(key, tmp_path):
         pixels = torch.from_numpy(np.ascontiguousarray(np.asarray(x).transpose(0, 3, 1, 2)))
         logits = model(pixel_values=pixels).logits.numpy()
     assert rel_err(logits, c.forward(params, (x,))) <= TOL
+
+
+def test_statistics_under_a_stream_rotation(key):
+    """Grams move exactly with the stream rotation; a diagonal Fisher becomes the diagonal of
+    the rotated diagonal, Σ_i F_i Q_ij², on every stream axis."""
+    config, c, _, canon = canonical_vit("vit-h3d4-l2", False, key)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    q = {vit.STREAM: sym.sample(spec, jax.random.fold_in(key, 1))[vit.STREAM]}
+    data = [inputs(config, jax.random.fold_in(key, i), batch=4) for i in range(2)]
+    stats = merge.statistics(c.model, canon, data)
+    moved = merge.transform_statistics(spec, stats, q)
+    direct = merge.statistics(c.model, sym.apply(spec, canon, q), data, ("gram",))
+    assert rel_err(moved["gram"], direct["gram"]) <= 1e-4
+    f, f2 = np.asarray(stats["fisher"]["classifier/kernel"]), moved["fisher"]["classifier/kernel"]
+    want = np.einsum("ic,ij->jc", f, np.asarray(q[vit.STREAM]) ** 2)
+    np.testing.assert_allclose(f2, want, rtol=1e-4, atol=1e-9)
+
+
+def test_a_started_stream_rotation_keeps_the_descent_monotone(key):
+    """With a stream rotation in the start but not solved, the stream permutation is not
+    re-solved (its assignment would see B rotated after it), and J never increases."""
+    config, c, _, canon = canonical_vit("vit-h3d4-l2", False, key)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    b = sym.apply(spec, canon, sym.sample(spec, jax.random.fold_in(key, 1)))
+    q = {vit.STREAM: sym.sample(spec, jax.random.fold_in(key, 2))[vit.STREAM]}
+    res = match.align(spec, canon, b, solve=("rotation", "scale", "ffn", "residual"), init=q)
+    values = [v for stage, v in res.diagnostics.history if stage != "identity"]
+    assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(values)), res.diagnostics.history
+    bad = {vit.STREAM: q[vit.STREAM] * 1.1}
+    with pytest.raises(ValueError, match=r"transform\['stream'\] is not orthogonal"):
+        match.align(spec, canon, b, init=bad)
+    free = {vit.STREAM: jax.random.orthogonal(key, config.hidden_size)}
+    with pytest.raises(ValueError, match="orthogonal with Q 1 = 1"):
+        match.align(spec, canon, b, init=free)

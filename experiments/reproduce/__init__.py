@@ -23,33 +23,42 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.reproduce import _language, _models, _report, _vision
+from experiments.reproduce import _language, _report, _vision
 from experiments.reproduce._models import Settings
 from rotjax import train
 
 PARTS = {"vision": _vision.run, "language": _language.run}
 
 
-def _key(settings: Settings, part: str) -> str:
-    """What a part's results depend on: the settings and the code of the analysis."""
-    code = "".join(Path(m.__file__).read_text() for m in (_vision, _language, _models))
-    text = json.dumps([dataclasses.asdict(settings), part]) + code
+def _key(settings: Settings, part: str, out: Path) -> str:
+    """What a part's results depend on: the settings, the code (rotjax and the experiments'
+    drivers) and the summaries of the models already trained in ``out``."""
+    root = Path(__file__).resolve().parents[2]
+    files = sorted(root.glob("rotjax/**/*.py")) + sorted(root.glob("experiments/**/*.py"))
+    models = sorted((out / "models").glob("*/summary.json"))
+    text = json.dumps([dataclasses.asdict(settings), part])
+    text += "".join(f.read_text() for f in [*files, *models])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def run_part(settings: Settings, part: str, out: Path, log) -> dict:
     path = out / "results" / f"{part}.json"
-    key = _key(settings, part)
     if path.is_file():
-        old = json.loads(path.read_text())
-        if old.get("key") == key:
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError:
+            old = {}  # cut short by a crash: recomputed
+        if old.get("key") == _key(settings, part, out):
             log(f"{part}: results unchanged, reused ({path})")
             return old
     tic = time.perf_counter()
     results = PARTS[part](settings, out, log)
-    results = {"key": key, "seconds": time.perf_counter() - tic, **results}
+    # The key after training: the models' summaries are part of it.
+    results = {"key": _key(settings, part, out), "seconds": time.perf_counter() - tic, **results}
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
+    tmp.replace(path)
     return results
 
 

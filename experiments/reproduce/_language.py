@@ -57,7 +57,6 @@ def _seed(settings, task, names, seed, summaries, log):
     key = jax.random.key(seed)
     variants = fusion.align_variants(pair, ALIGNMENTS, key=key)
     out["distance"] = {n: v["distance"] for n, v in variants.items() if v["distance"]}
-    cache: dict = {}
     fisher_kind = "exact" if task == "sequence" else "sampled"  # exact: one pass per token x tag
     out["merges"] = {}
     for name, v in variants.items():
@@ -68,7 +67,6 @@ def _seed(settings, task, names, seed, summaries, log):
                 stats_data=[stats_a, stats_b],
                 fisher_kind=fisher_kind,
                 key=key,
-                cache=cache,
             )
             out["merges"][f"{name} | {method}"] = {
                 **score(params),

@@ -95,5 +95,7 @@ def trained(settings: Settings, out: Path, name: str, seed: int, progress=False)
     if summary_file.is_file():
         old = json.loads((workdir / "config.json").read_text())
         if old == json.loads(json.dumps(dataclasses.asdict(config))):
-            return json.loads(summary_file.read_text())
+            summary = json.loads(summary_file.read_text())
+            summary.setdefault("train_seconds", T.train_seconds(workdir / "metrics.jsonl"))
+            return summary
     return T.train_and_evaluate(config, workdir, progress=progress)

@@ -16,8 +16,9 @@ from rotjax.cli._common import (
     load_models,
     progress,
     reason,
+    report_json,
+    show_notes,
     symmetry_for,
-    write_report,
 )
 
 EPILOG = """\
@@ -84,14 +85,31 @@ def run(args) -> int:
         check_finite(res.params, "the aligned model")
         bar.update()
         bar.set_postfix_str("writing")
-        tic = time.perf_counter()
-        hf.save(out, config, res.params, source=args.model)
+        report, per_layer = _report(args, options, res, notes, load_seconds)
+        # The report is written with the checkpoint, in one atomic step: never one alone.
+        hf.save(
+            out,
+            config,
+            res.params,
+            source=args.model,
+            extra_files={"alignment.json": report_json(report)},
+        )
         bar.update()
-    _report(args, out, options, res, notes, load_seconds, time.perf_counter() - tic)
+    show_notes(notes)
+    d = res.diagnostics
+    print(
+        f"squared distance to anchor, all parameters: {d.distance_before:.6g} -> "
+        f"{d.distance_after:.6g} ({_less(d.distance_before, d.distance_after)}); those the "
+        f"solved groups act on: {d.touched_before:.6g} -> {d.touched_after:.6g} "
+        f"({_less(d.touched_before, d.touched_after)})"
+    )
+    print(f"aligned in {d.seconds['total']:.2f}s ({d.sweeps} sweep(s)); wrote {out}")
+    for layer, v in sorted(per_layer.items(), key=lambda kv: (len(kv[0]), kv[0])):
+        print(f"  {layer:10s} {v[0]:12.6g} -> {v[1]:12.6g}")
     return 0
 
 
-def _report(args, out, options, res, notes, load_seconds, save_seconds):
+def _report(args, options, res, notes, load_seconds):
     d = res.diagnostics
     per_layer: dict[str, list[float]] = collections.defaultdict(lambda: [0.0, 0.0])
     for path, (before, after) in d.params.items():
@@ -112,21 +130,10 @@ def _report(args, out, options, res, notes, load_seconds, save_seconds):
         "per_group": {g: {"before": b, "after": a} for g, (b, a) in sorted(d.groups.items())},
         "history": d.history,
         "sweeps": d.sweeps,
-        "seconds": {**d.seconds, "load": load_seconds, "save": save_seconds},
+        "seconds": {**d.seconds, "load": load_seconds},
         "notes": notes,
     }
-    write_report(out / "alignment.json", report)
-    for note in notes:
-        print(f"note: {note}")
-    print(
-        f"squared distance to anchor, all parameters: {d.distance_before:.6g} -> "
-        f"{d.distance_after:.6g} ({_less(d.distance_before, d.distance_after)}); those the "
-        f"solved groups act on: {d.touched_before:.6g} -> {d.touched_after:.6g} "
-        f"({_less(d.touched_before, d.touched_after)})"
-    )
-    print(f"aligned in {d.seconds['total']:.2f}s ({d.sweeps} sweep(s)); wrote {out}")
-    for layer, v in sorted(per_layer.items(), key=lambda kv: (len(kv[0]), kv[0])):
-        print(f"  {layer:10s} {v[0]:12.6g} -> {v[1]:12.6g}")
+    return report, per_layer
 
 
 def _less(before: float, after: float) -> str:

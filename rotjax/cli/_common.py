@@ -68,9 +68,14 @@ def checked_out_dir(out: str | os.PathLike[str]) -> Path:
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"--out {out} exists and is not an empty directory")
-    parent = out.parent if not out.exists() else out
+    # The checkpoint is written beside --out and renamed into place: probe the nearest
+    # existing ancestor of its parent, creating nothing that would stay behind.
+    parent = out.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
     try:
-        parent.mkdir(parents=True, exist_ok=True)
+        if not parent.is_dir():
+            raise NotADirectoryError(f"{parent} is not a directory")
         probe = parent / f".rotjax-probe-{secrets.token_hex(4)}"
         probe.write_bytes(b"")
         probe.unlink()
@@ -91,7 +96,9 @@ def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], lis
                 config, p = hf.load(directory)
             except (ValueError, OSError, TypeError) as e:
                 raise CLIError(f"{label} ({directory}): {reason(e)}") from None
-        notes += [f"{label}: {w.message}" for w in caught]
+        notes += [
+            f"{label}: {w.message}" for w in caught if issubclass(w.category, hf.DroppedHeadWarning)
+        ]
         bad = non_finite(to_dict(p))
         if bad:
             raise CLIError(
@@ -131,13 +138,20 @@ def check_finite(params: Any, what: str) -> None:
         raise CLIError(f"{what} has non-finite values (NaN or Inf), nothing written:\n{shown}")
 
 
-def write_report(path: Path, report: dict[str, Any]) -> None:
+def report_json(report: dict[str, Any]) -> str:
+    """The JSON text of a report (arrays as lists)."""
+
     def default(x):
         if isinstance(x, np.generic | np.ndarray | jax.Array):
             return np.asarray(x).tolist()
         return str(x)
 
-    path.write_text(json.dumps(report, indent=2, default=default) + "\n")
+    return json.dumps(report, indent=2, default=default) + "\n"
+
+
+def show_notes(notes: list[str]) -> None:
+    for note in notes:
+        print(f"note: {note}", file=sys.stderr)
 
 
 def progress(total: int, desc: str, quiet: bool):

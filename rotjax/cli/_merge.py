@@ -10,6 +10,7 @@ import jax
 import numpy as np
 
 from rotjax import data, hf, match, merge
+from rotjax import symmetry as sym
 from rotjax.cli._common import (
     CLIError,
     check_finite,
@@ -17,8 +18,9 @@ from rotjax.cli._common import (
     load_models,
     progress,
     reason,
+    report_json,
+    show_notes,
     symmetry_for,
-    write_report,
 )
 from rotjax.models import family
 
@@ -46,7 +48,9 @@ once (shared) or once per model, in the order of the models.
 
 examples:
   rotjax merge ./vit-a ./vit-b --out ./merged --method regmean --align all --data val.npz
-  rotjax merge ./ft-a ./ft-b --out ./ties --method ties --base ./pretrained --align none
+  rotjax merge ./ft-a ./ft-b --out ./ties --method ties --base ./pretrained-with-head
+(--base has the models' architecture, head included: e.g. the pretrained encoder under the
+same head as the fine-tunes were given before training, `rotjax.hf.load_for_task`)
 """
 
 
@@ -89,13 +93,18 @@ def _options(args) -> dict:
         raise CLIError("--fisher empirical needs --data with labels")
     weights = None
     if args.weights:
+        if args.method in NEEDS_BASE:
+            raise CLIError(f"--weights does not apply to --method {args.method} (use --scale)")
         try:
             weights = [float(w) for w in args.weights.split(",")]
         except ValueError:
             raise CLIError(f"--weights must be comma-separated numbers: {args.weights!r}") from None
-        merge.average([{"w": np.zeros(1)}] * len(weights), weights)  # checks the values
         if len(weights) != n:
             raise CLIError(f"--weights has {len(weights)} values for {n} models")
+        try:
+            merge.model_weights(weights, n)
+        except ValueError as e:
+            raise CLIError(f"--weights: {e}") from None
     if not 0 <= args.alpha <= 1:
         raise CLIError(f"--alpha must be in [0, 1], got {args.alpha}")
     if not 0 < args.density <= 1 or not 0 <= args.drop < 1:
@@ -106,7 +115,9 @@ def _options(args) -> dict:
     return {"weights": weights}
 
 
-def read_data(path: str, config, max_examples: int) -> dict[str, np.ndarray]:
+def read_data(
+    path: str, config, max_examples: int, need_labels: bool = False
+) -> dict[str, np.ndarray]:
     """Model inputs from a ``.npz`` under Hugging Face's names, checked against the model."""
     fam = family(config)
     try:
@@ -115,10 +126,13 @@ def read_data(path: str, config, max_examples: int) -> dict[str, np.ndarray]:
     except (OSError, ValueError) as e:
         raise CLIError(f"--data {path}: not a readable .npz ({e})") from None
     required = ("pixel_values",) if fam.name == "vit" else ("input_ids",)
+    required += ("labels",) if need_labels else ()
     missing = [k for k in required if k not in arrays]
     if missing:
         raise CLIError(f"--data {path}: missing {missing}; it holds {sorted(arrays)}")
     n = len(arrays[required[0]])
+    if n == 0:
+        raise CLIError(f"--data {path}: {required[0]} has no rows")
     out = {}
     for k, x in arrays.items():
         if k not in (*fam.input_names, "labels"):
@@ -144,6 +158,13 @@ def read_data(path: str, config, max_examples: int) -> dict[str, np.ndarray]:
             )
         if ids.min() < 0 or ids.max() >= config.vocab_size:
             raise CLIError(f"--data {path}: input_ids outside [0, {config.vocab_size})")
+        types = out.get("token_type_ids")
+        if (
+            types is not None
+            and types.size
+            and not 0 <= types.min() <= types.max() < config.type_vocab_size
+        ):
+            raise CLIError(f"--data {path}: token_type_ids outside [0, {config.type_vocab_size})")
         for k in ("attention_mask", "token_type_ids"):
             if k in out and out[k].shape != ids.shape:
                 raise CLIError(
@@ -171,7 +192,10 @@ def run(args) -> int:
     spec, params, more = symmetry_for(config, params, args.align in ("all", "activations"))
     base = params.pop() if args.base else None
     notes += more
-    datas = [read_data(p, config, args.max_examples) for p in args.data]
+    if args.method == "fisher" and config.task is None:
+        raise CLIError("--method fisher needs models with a classification head (task)")
+    need_labels = args.method == "fisher" and args.fisher == "empirical"
+    datas = [read_data(p, config, args.max_examples, need_labels) for p in args.data]
     if len(datas) == 1:
         datas = datas * len(params)
     timings["load"] = time.perf_counter() - tic
@@ -193,6 +217,11 @@ def run(args) -> int:
                 except ValueError as e:
                     raise CLIError(reason(e)) from None
                 aligned[-1] = res.params
+                if base is not None:  # the task vector g·θ_i - g·θ_base, in the anchor's basis
+                    moved_base = sym.apply(spec, base, res.transform)
+                    aligned[-1] = jax.tree.map(
+                        lambda x, mb, b: x - mb + b, res.params, moved_base, base
+                    )
                 d = res.diagnostics
                 alignment[args.models[i]] = {
                     "distance": {"before": d.distance_before, "after": d.distance_after},
@@ -218,9 +247,6 @@ def run(args) -> int:
     merged = _merge(args, opts, spec, model, aligned, stats, base, key, batches)
     check_finite(merged, "the merged model")
     timings["merge"] = time.perf_counter() - tic
-    tic = time.perf_counter()
-    hf.save(out, config, merged, source=args.models[0])
-    timings["save"] = time.perf_counter() - tic
     report = {
         "models": args.models,
         "method": args.method,
@@ -235,9 +261,11 @@ def run(args) -> int:
         "seconds": timings,
         "notes": notes,
     }
-    write_report(out / "merge.json", report)
-    for note in notes:
-        print(f"note: {note}")
+    # The report is written with the checkpoint, in one atomic step: never one alone.
+    hf.save(
+        out, config, merged, source=args.models[0], extra_files={"merge.json": report_json(report)}
+    )
+    show_notes(notes)
     print(
         f"merged {len(params)} models ({args.method}, aligned: {args.align}) in "
         f"{sum(timings.values()):.1f}s; wrote {out}"

@@ -174,7 +174,9 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("BertForMaskedLM", "bert", None, ("cls.",)),
         Architecture("BertForPreTraining", "bert", None, ("cls.",)),
         Architecture("RobertaForMaskedLM", "roberta", None, ("lm_head.",)),
-        Architecture("ViTForMaskedImageModeling", "vit", None, ("decoder.",)),
+        Architecture(
+            "ViTForMaskedImageModeling", "vit", None, ("decoder.", "embeddings.mask_token")
+        ),
     )
 }
 

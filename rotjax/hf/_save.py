@@ -41,6 +41,7 @@ def save(
     tokenizer_from: str | os.PathLike[str] | None = None,
     id2label: Mapping[int, str] | None = None,
     overwrite: bool = False,
+    extra_files: Mapping[str, str | bytes] | None = None,
 ) -> Path:
     """Write a rotjax model as a Hugging Face checkpoint directory.
 
@@ -69,6 +70,8 @@ def save(
         names as many, else ``LABEL_i``).
       overwrite: Replace an existing non-empty directory at ``path`` (the old one is removed
         only once the new one is complete).
+      extra_files: more files to write into the directory (name -> text or bytes), as part of
+        the same atomic write (a report that must not appear without its checkpoint).
 
     Returns:
       ``path`` as a `pathlib.Path`.
@@ -94,6 +97,7 @@ def save(
     source_config = read_config(Path(source)) if source is not None else {}
     if id2label is None and len(source_config.get("id2label") or {}) == config.num_labels:
         id2label = {int(i): v for i, v in source_config["id2label"].items()}
+    source_config.pop("torch_dtype", None)  # the old name of `dtype`, which is rewritten
     hf_config = {**source_config, **_hf_config(arch, config, id2label)}
     kept = _source_files(source) if source is not None else []
     tokenizer_files = _tokenizer_files(tokenizer_from)
@@ -116,6 +120,12 @@ def save(
         os.chmod(tmp / SAFETENSORS_FILE, (tmp / CONFIG_FILE).stat().st_mode & 0o777)
         for f in tokenizer_files:
             shutil.copyfile(f, tmp / f.name)
+        for name, content in (extra_files or {}).items():
+            target = tmp / name
+            if isinstance(content, bytes):
+                target.write_bytes(content)
+            else:
+                target.write_text(content, encoding="utf-8")
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -165,6 +175,13 @@ def _hf_config(
     return out
 
 
+NOT_COPIED = (
+    "alignment.json",  # rotjax's reports describe the operation that wrote the source
+    "merge.json",
+    "adapter_*",  # an adapter of other weights: transformers would try to load it
+)
+"""Files of a source checkpoint that `save` does not copy besides the weights."""
+
 WEIGHT_PATTERNS = (
     "*.safetensors",
     "*.safetensors.index.json",
@@ -173,6 +190,7 @@ WEIGHT_PATTERNS = (
     "*.h5",
     "*.msgpack",
     "*.onnx",
+    "*.onnx_data",
     "*.ot",
     "*.pt",
     "*.pth",
@@ -191,7 +209,7 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
         rel = f.relative_to(root)
         if not f.is_file() or rel == Path(CONFIG_FILE) or any(p.startswith(".") for p in rel.parts):
             continue
-        if any(fnmatch.fnmatch(f.name, pattern) for pattern in WEIGHT_PATTERNS):
+        if any(fnmatch.fnmatch(f.name, p) for p in (*WEIGHT_PATTERNS, *NOT_COPIED)):
             continue
         out.append(rel)
     return out

@@ -215,7 +215,7 @@ def align_many(
     ]
 
 
-def _rescaled(a_flat, b_flat, limit=2.0**40):
+def _rescaled(a_flat, b_flat, limit=2.0**20):
     """Both models divided by a power of two above their largest magnitude when it exceeds
     ``limit`` (else unchanged), and that power."""
     big = max(max_abs(a_flat), max_abs(b_flat))
@@ -229,11 +229,11 @@ def _rescaled(a_flat, b_flat, limit=2.0**40):
 def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
     """The options' layer set, after checking the layers and the init against the spec."""
     if options.init is not None:
-        sym.check_transform(spec, options.init)
+        sym.check_elements(spec, options.init)
     return checked_layers(spec, options.layers)
 
 
-def _stages(spec, names):
+def _stages(spec, names, rotated=False):
     """``{stage: (function(ctx, t, active) -> t, the groups it solves)}`` in sweep order."""
     by_role = lambda *rs: tuple(n for n in names if spec.groups[n].role in rs)
     heads, rots = by_role("heads"), by_role("qk_rotation", "vo_rotation")
@@ -252,7 +252,7 @@ def _stages(spec, names):
     streams = by_role("stream_rotation")
     # The stream rotation holds every permutation of the stream: with it, the stream
     # permutation is only its starting point (see rotjax.match._stream).
-    if (perms := by_role("residual")) and not streams:
+    if (perms := by_role("residual")) and not streams and not rotated:
         stages["residual"] = (functools.partial(perm_stage, names=perms), perms)
     if streams:
         stages["stream"] = (functools.partial(stream_stage, names=streams), streams)
@@ -269,11 +269,14 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     sq = scale * scale
     roles = {r for s in options.solve for r in BLOCKS[s]}
     names = spec.select(roles=roles, layers=layer_set)
-    stages = _stages(spec, names)
+    init = dict(options.init or {})
+    # A stream rotation in the start (not solved) still acts after the stream permutation:
+    # the permutation's assignment would see B in the wrong order, so it is not solved then.
+    rotated = any(spec.groups[n].role == "stream_rotation" for n in init)
+    stages = _stages(spec, names, rotated)
     residual = tuple(n for n in names if spec.groups[n].role == "residual")
     streams = tuple(n for n in names if spec.groups[n].role == "stream_rotation")
     max_sweeps = options.max_sweeps or (50 if residual or streams else 1)
-    init = dict(options.init or {})
 
     # Only the params some solved (or initialised) group acts on can move; the rest is a
     # constant of J, measured once.
@@ -302,12 +305,20 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
 
     if init:
         measure("init")
-    if residual and options.residual_init == "independent" and not set(residual) & set(init):
+    independent = options.residual_init == "independent"
+    if residual and independent and not set(residual) & set(init) and not rotated:
+        # The permutation from the terms no other group acts on, kept when it lowers J (with
+        # an init, the other groups may already be better placed than these terms say).
         tic = time.perf_counter()
-        t = perm_stage(ctx, t, frozenset(), names=residual, exclusive=True)
-        active |= set(residual)
+        start = perm_stage(ctx, t, frozenset(active), names=residual, exclusive=True)
+        better = not init or total(ctx, sub(start, active | set(residual))) < total(
+            ctx, sub(t, active)
+        )
         seconds["residual"] = seconds.get("residual", 0.0) + time.perf_counter() - tic
-        measure("residual_init")
+        if better:
+            t = start
+            active |= set(residual)
+            measure("residual_init")
     if streams and options.residual_init == "independent" and not set(streams) & set(init):
         # The rotation from the same terms, on top of the permutation, kept when it lowers J.
         tic = time.perf_counter()

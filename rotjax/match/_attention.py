@@ -186,7 +186,7 @@ def attention_stage(ctx: Context, t: dict, active: frozenset, *, heads, rots, sc
         return complete(t) if rots else t
     candidates = [t]
     scores = _head_scores(spec, heads, rots, a, b, sub(t, active))
-    for s in (scores, _head_invariants(spec, heads, a, b)):
+    for s in (scores, _head_invariants(spec, heads, a, b, sub(t, active))):
         candidates.append(masked(t, assign_all(s, solver=ctx.solver), ctx.masks))
     if rots:
         candidates = [complete(c) for c in candidates]
@@ -195,7 +195,7 @@ def attention_stage(ctx: Context, t: dict, active: frozenset, *, heads, rots, sc
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _head_invariants(spec, heads, a, b):
+def _head_invariants(spec, heads, a, b, t):
     """``⟨S^A_h, S^B_j⟩`` for the bilinear forms ``S_h = W_Q[h] W_K[h]ᵀ`` and ``W_V[h] W_O[h]``
     (biases as an extra input row), which no rotation or rescaling of the head changes: for a
     planted head permutation the identity pairing maximises it (Cauchy-Schwarz), whatever the
@@ -212,7 +212,10 @@ def _head_invariants(spec, heads, a, b):
                 # two sides of the bilinear form by the power of the scale acting on them.
                 scl = action_of(spec, path, "scale")
                 power = 1 if scl is None else scl.power
-                am, bm = moved(a[path], act.axes, k), moved(b[path], act.axes, k)
+                # B with the groups of other axes applied (the stream, mainly), not its heads'.
+                skip = frozenset(n for n, o in spec.group_items if n == hname or o.over == hname)
+                bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
+                am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
                 m = jnp.einsum("...hir,...jkr->...hjik", am, bm)
                 sides[power] = sides.get(power, 0.0) + m
             if len(sides) == 2:

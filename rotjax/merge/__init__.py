@@ -13,7 +13,7 @@ Matching (`rotjax.match`) is a plug-in before any method here: align B to A, the
 
 from rotjax.merge._acts import activation_init, correlations, cross_statistics, group_scores
 from rotjax.merge._curve import Curve, barrier, curve, interpolate
-from rotjax.merge._methods import average, fisher, regmean
+from rotjax.merge._methods import average, fisher, model_weights, regmean
 from rotjax.merge._ot import Fusion, ot_fusion, transport_params
 from rotjax.merge._stats import (
     FISHERS,
@@ -41,6 +41,7 @@ __all__ = [
     "group_scores",
     "interpolate",
     "load_statistics",
+    "model_weights",
     "ot_fusion",
     "regmean",
     "save_statistics",

@@ -126,8 +126,10 @@ def regmean(
     ridge: float = 1e-8,
 ) -> Any:
     """RegMean (Jin et al., 2023): per dense kernel, the minimiser of
-    ``Σ_i λ_i ‖X_i W - X_i W_i‖²``, ``W* = (Σ_i λ_i G̃_i)⁻¹ Σ_i λ_i G̃_i W_i``, with ``G_i`` the
-    Gram of kernel i's inputs (per-token mean, from `rotjax.merge.statistics`) and
+    ``Σ_i (λ_i / n_i) ‖X_i W - X_i W_i‖²``, ``W* = (Σ_i λ_i G̃_i)⁻¹ Σ_i λ_i G̃_i W_i``, with
+    ``G_i = X_iᵀ X_i / n_i`` the per-row mean Gram of kernel i's inputs (from
+    `rotjax.merge.statistics`: each model's data counts alike whatever its size, as in the
+    paper's code; scale ``weights`` by the ``tokens`` counts for the plain sum) and
     ``G̃ = α G + (1 - α) diag(G)``: α = 1 is the exact least-squares merge, α = 0 a
     per-input-feature weighted average. The paper's code scales the off-diagonal terms the same
     way (its configs use 0.1 or 0.9; 0.9 here); its Grams include padded tokens
@@ -185,7 +187,8 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     ]
     total = sum(float(wi) * g for wi, g in zip(w, reduced, strict=True))
     diag = jnp.diagonal(total, axis1=-2, axis2=-1)
-    total = total + ridge * jnp.mean(diag, axis=-1)[..., None, None] * eye
+    floor = jnp.maximum(jnp.mean(diag, axis=-1), jnp.finfo(jnp.float32).tiny)  # all-zero Gram
+    total = total + ridge * floor[..., None, None] * eye
     inv = jnp.linalg.inv(total)
     xs = [jnp.asarray(x, jnp.float32) for x in kernels]
     mean = sum(float(wi) * x for wi, x in zip(w, xs, strict=True)) / float(w.sum())

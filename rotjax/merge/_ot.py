@@ -4,8 +4,11 @@ average. The paper's Table 2 baseline.
 
 Here the permutable axes are the spec's permutation groups: the residual stream, each layer's
 FFN units and whole heads (per-head features keep their order: OT fusion does not rotate).
-The stream is solved first, then every layer's heads and FFN units with B's stream already
-moved ("layer by layer": each layer's groups touch disjoint params once the stream is fixed).
+The stream is solved first, then every layer's heads and FFN units ("layer by layer": each
+layer's groups touch disjoint params once the stream is fixed); with weights, B's stream is
+already moved when the layers' costs are computed; with activations, the layers' costs are the
+same either way for an exact (permutation) map of the stream, and come from B's unmixed
+activations for a Sinkhorn map (a simplification).
 Costs between units, as in the paper, are Euclidean distances between unit-normalised vectors:
 
 - ``"acts"``: standardised activation vectors on the same inputs, ``‖â_i - b̂_j‖ ∝
@@ -121,12 +124,18 @@ def _sinkhorn(cost: jax.Array, epsilon: float) -> jax.Array:
 
     def one(c):
         geom = geometry.Geometry(cost_matrix=c / jnp.maximum(jnp.max(c), 1e-30), epsilon=epsilon)
-        plan = sinkhorn.Sinkhorn()(linear_problem.LinearProblem(geom)).matrix
-        return plan / jnp.sum(plan, axis=-1, keepdims=True)
+        out = sinkhorn.Sinkhorn()(linear_problem.LinearProblem(geom))
+        return out.matrix / jnp.sum(out.matrix, axis=-1, keepdims=True), out.converged
 
     flat = cost.reshape(-1, *cost.shape[-2:])
     with jax.numpy_rank_promotion("allow"):  # ott-jax relies on numpy's rank promotion
-        return jax.jit(jax.vmap(one))(flat).reshape(cost.shape)
+        maps, converged = jax.jit(jax.vmap(one))(flat)
+    if not bool(jnp.all(converged)) or not bool(jnp.all(jnp.isfinite(maps))):
+        raise ValueError(
+            f"Sinkhorn did not converge for epsilon={epsilon} (cost scaled to [0, 1]); "
+            "try a larger epsilon"
+        )
+    return maps.reshape(cost.shape)
 
 
 def transport_params(spec: sym.Spec, params: Any, maps: Mapping[str, jax.Array]) -> Any:

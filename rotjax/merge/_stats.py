@@ -88,6 +88,8 @@ def statistics(
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     if "fisher" in kinds and fisher == "sampled" and key is None:
         raise ValueError("fisher='sampled' needs a key")
+    if samples < 1:
+        raise ValueError(f"samples must be >= 1, got {samples}")
     if "fisher" in kinds and getattr(model.config, "task", "x") is None:
         raise ValueError("the Fisher needs a classification head (config.task is None)")
     fam = family(model.config)
@@ -124,8 +126,8 @@ def _bcast(n, g):
 
 def _split(fam, batch):
     """``(positional inputs, labels or None)`` of a batch (tuple or dict of named arrays)."""
-    if isinstance(batch, Mapping):
-        return tuple(x for x in fam.batch_inputs(batch) if x is not None), batch.get("labels")
+    if isinstance(batch, Mapping):  # absent inputs stay None in their place
+        return tuple(fam.batch_inputs(batch)), batch.get("labels")
     return tuple(batch), None
 
 
@@ -162,7 +164,7 @@ def _example_fisher(model, params, fisher, samples, inputs, real, labels, key):
     """The diagonal Fisher of one example (``inputs`` without their batch axis)."""
 
     def log_probs(p):
-        logits = model.apply({"params": p}, *(x[None] for x in inputs))[0]
+        logits = model.apply({"params": p}, *(None if x is None else x[None] for x in inputs))[0]
         return jax.nn.log_softmax(logits.astype(jnp.float32))  # (C,) or (T, C)
 
     logp, vjp = jax.vjp(log_probs, params)
@@ -251,7 +253,9 @@ def transform_statistics(
         squared = {}
         for name, el in transform.items():
             kind = spec.groups[name].kind
-            squared[name] = el * el if kind == "orth" else el**-2.0 if kind == "scale" else el
+            squared[name] = (
+                el * el if kind in ("orth", "rot") else el**-2.0 if kind == "scale" else el
+            )
         fspec = sym.Spec(
             spec.group_items, tuple((p, spec.params[p]) for p in sorted(stats["fisher"]))
         )

@@ -110,6 +110,8 @@ def dare(
     drop rate is 0.9. Model i, leaf k draws its mask from ``fold_in(fold_in(key, i), k)``."""
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
+    if not 0.0 < density <= 1.0 or trim not in TRIMS:
+        raise ValueError(f"need 0 < density <= 1 and trim in {TRIMS}, got {density}, {trim!r}")
     if combine not in ("task_arithmetic", "ties"):
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
     base_leaves, taus, treedef = _task_vectors(base, params_list)

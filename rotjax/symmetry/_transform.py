@@ -174,6 +174,30 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
             )
 
 
+def check_elements(spec: Spec, transform: Mapping[str, jax.Array], *, atol: float = 1e-4) -> None:
+    """Raise ValueError unless every element is one of its group (and `check_transform`):
+    permutations of ``0..n-1``, orthogonal matrices (``‖R Rᵀ - I‖ <= atol``, and ``Q 1 = 1``
+    where the group keeps the ones), finite positive scales."""
+    check_transform(spec, transform)
+    for name, el in transform.items():
+        g, x = spec.groups[name], np.asarray(el, np.float64)
+        if g.kind == "perm":
+            ok = (np.sort(x, axis=-1) == np.arange(g.size)).all()
+            what = "a permutation of 0..n-1"
+        elif g.kind in ("orth", "rot"):
+            eye = np.eye(x.shape[-1])
+            ok = np.abs(x @ np.swapaxes(x, -1, -2) - eye).max(initial=0.0) <= atol
+            what = "orthogonal"
+            if ok and g.keeps_ones:
+                ok = np.abs(x @ np.ones(g.size) - 1.0).max(initial=0.0) <= atol
+                what = "orthogonal with Q 1 = 1"
+        else:
+            ok = np.isfinite(x).all() and (x > 0).all()
+            what = "finite and positive"
+        if not ok:
+            raise ValueError(f"transform[{name!r}] is not {what} ({g.kind} group)")
+
+
 def _full(spec: Spec, t: Mapping[str, jax.Array]) -> Transform:
     check_transform(spec, t)
     return {name: t[name] if name in t else identity_element(g) for name, g in spec.group_items}
