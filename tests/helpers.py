@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import symmetry as sym
-from rotjax.models import bert, family, vit
+from rotjax.models import bert, family, llama, vit
 from rotjax.tree import flatten
 
 # (name, config) pairs: head_dim other than 64 everywhere, odd head counts, 1 head, 1 layer.
@@ -81,7 +81,36 @@ VIT_CONFIGS = {
     ),
 }
 
-CONFIGS = {**BERT_CONFIGS, **VIT_CONFIGS}
+# Grouped-query attention with 2 query heads per key-value head and head_dim 6 (not
+# hidden/heads), Qwen2's biases with 4 per head, padding; causal LM and classification heads.
+LLAMA_CONFIGS = {
+    "llama-k2g2d6-l2-seq": llama.Config(
+        vocab_size=50,
+        hidden_size=12,
+        intermediate_size=20,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=6,
+        max_position_embeddings=16,
+        task="sequence_classification",
+        num_labels=3,
+        pad_token_id=0,
+    ),
+    "qwen2-k1g4d4-l1": llama.Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        max_position_embeddings=16,
+        rope_theta=500.0,
+        model_type="qwen2",
+    ),
+}
+
+CONFIGS = {**BERT_CONFIGS, **VIT_CONFIGS, **LLAMA_CONFIGS}
 
 
 def scanned(config, scan=True):
@@ -89,15 +118,15 @@ def scanned(config, scan=True):
 
 
 def inputs(config, key, batch=3):
-    """Random model inputs; BERT batches include padding (a masked tail) in one row."""
+    """Random model inputs; token batches include padding (a masked tail) in one row."""
     if family(config).name == "vit":
         shape = (batch, config.image_size, config.image_size, config.num_channels)
         return (jax.random.normal(key, shape),)
     seq = min(7, config.max_position_embeddings - 2)
-    low = config.pad_token_id + 1
-    ids = jax.random.randint(key, (batch, seq), low, config.vocab_size)
+    pad = config.pad_token_id or 0
+    ids = jax.random.randint(key, (batch, seq), pad + 1, config.vocab_size)
     mask = jnp.ones((batch, seq), jnp.int32).at[-1, seq - 2 :].set(0)
-    ids = jnp.where(mask > 0, ids, config.pad_token_id)
+    ids = jnp.where(mask > 0, ids, pad)
     return ids, mask
 
 

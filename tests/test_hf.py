@@ -21,7 +21,7 @@ import rotjax.hf
 import rotjax.models
 from rotjax import symmetry as sym
 from rotjax.data import minilm_dir
-from rotjax.models import family, vit
+from rotjax.models import family, llama, vit
 from rotjax.tree import flatten, to_dict
 
 torch = pytest.importorskip("torch")
@@ -45,25 +45,54 @@ CASES = {
     ),
     "vit-cls-h3d4": CONFIGS["vit-h3d4-l2"],
     "vit-base-h1d8-nobias": dataclasses.replace(CONFIGS["vit-h1d8-l1-nobias"], task=None),
+    # Llama-style decoders: GQA with 2 and 4 query heads per key-value head and without
+    # grouping, head_dim other than hidden/heads, Qwen2 biases, tied embeddings, Mistral.
+    "llama-seq-k2g2d6": CONFIGS["llama-k2g2d6-l2-seq"],
+    "qwen2-lm-k1g4": CONFIGS["qwen2-k1g4d4-l1"],
+    "llama-lm-h3-tied-bias": llama.Config(
+        vocab_size=40,
+        hidden_size=12,
+        intermediate_size=16,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        tie_word_embeddings=True,
+        attention_bias=True,
+        mlp_bias=True,
+    ),
+    "mistral-base-k2g2": llama.Config(
+        vocab_size=40,
+        hidden_size=16,
+        intermediate_size=12,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        sliding_window=64,
+        model_type="mistral",
+        task=None,
+    ),
 }
 
-SCANNED = ("bert-seq-h3d4", "vit-cls-h3d4")  # also run with scanned layers
+SCANNED = ("bert-seq-h3d4", "vit-cls-h3d4", "llama-seq-k2g2d6")  # also run with scanned layers
 
 AUTO = {
     None: "AutoModel",
     "sequence_classification": "AutoModelForSequenceClassification",
     "token_classification": "AutoModelForTokenClassification",
     "image_classification": "AutoModelForImageClassification",
+    "causal_lm": "AutoModelForCausalLM",
 }
 
 
 def ctor_kwargs(name):
     """What `from_pretrained` / the model class needs beyond the config."""
-    return {} if CASES[name].has_pooler or CASES[name].task else {"add_pooling_layer": False}
+    config = CASES[name]
+    if config.task or getattr(config, "has_pooler", True):
+        return {}
+    return {"add_pooling_layer": False}
 
 
 def torch_model(name, seed):
-    """A transformers model of case ``name`` with every parameter random (LayerNorm weights
+    """A transformers model of case ``name`` with every parameter random (norm weights
     ``1 + noise``, biases nonzero), so no wrongly mapped tensor can hide behind init values."""
     config = rotjax.hf.transformers_config(CASES[name])
     config._attn_implementation = "eager"
@@ -73,7 +102,7 @@ def torch_model(name, seed):
         for p in model.parameters():
             p.copy_(0.3 * torch.randn(p.shape, generator=g))
         for m in model.modules():
-            if isinstance(m, torch.nn.LayerNorm):
+            if isinstance(m, torch.nn.LayerNorm) or type(m).__name__.endswith("RMSNorm"):
                 m.weight.add_(1.0)
     return model
 
@@ -84,12 +113,15 @@ def make_inputs(config, rng, batch=3):
     if family(config).name == "vit":
         s, c = config.image_size, config.num_channels
         return (rng.standard_normal((batch, s, s, c), dtype=np.float32),)
-    seq = min(7, config.max_position_embeddings - config.pad_token_id - 2)
-    ids = rng.integers(config.pad_token_id + 1, config.vocab_size, (batch, seq), dtype=np.int32)
+    pad = config.pad_token_id or 0
+    seq = min(7, config.max_position_embeddings - pad - 2)
+    ids = rng.integers(pad + 1, config.vocab_size, (batch, seq), dtype=np.int32)
     mask = np.ones((batch, seq), np.int32)
     mask[-1, seq - 3 :] = 0
     mask[0, seq - 1 :] = 0
-    ids = np.where(mask > 0, ids, config.pad_token_id).astype(np.int32)
+    ids = np.where(mask > 0, ids, pad).astype(np.int32)
+    if family(config).name == "llama":
+        return ids, mask
     types = rng.integers(0, config.type_vocab_size, (batch, seq), dtype=np.int32)
     return ids, mask, types
 
@@ -101,17 +133,14 @@ def torch_forward(model, x):
             pixel_values=torch.from_numpy(np.ascontiguousarray(x[0].transpose(0, 3, 1, 2)))
         )
     else:
-        kwargs = dict(
-            input_ids=torch.from_numpy(x[0]).long(),
-            attention_mask=torch.from_numpy(x[1]).long(),
-            token_type_ids=torch.from_numpy(x[2]).long(),
-        )
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        kwargs = {n: torch.from_numpy(v).long() for n, v in zip(names, x, strict=False)}
     with torch.no_grad():
         out = model(**kwargs)
     if getattr(out, "logits", None) is not None:
         return out.logits.numpy()
     parts = [out.last_hidden_state.numpy().reshape(-1)]
-    if out.pooler_output is not None:
+    if getattr(out, "pooler_output", None) is not None:
         parts.append(out.pooler_output.numpy().reshape(-1))
     return np.concatenate(parts)
 
@@ -160,7 +189,16 @@ def test_parity_with_transformers(name, seed, tmp_path):
 
 
 @pytest.mark.parametrize(
-    "name", ["bert-seq-h3d4", "bert-base-nopooler", "roberta-seq-h1d6", "vit-cls-h3d4"]
+    "name",
+    [
+        "bert-seq-h3d4",
+        "bert-base-nopooler",
+        "roberta-seq-h1d6",
+        "vit-cls-h3d4",
+        "llama-seq-k2g2d6",
+        "llama-lm-h3-tied-bias",
+        "qwen2-lm-k1g4",
+    ],
 )
 def test_round_trip(name, seed, tmp_path):
     """import -> export -> import is bitwise; the export loads into transformers with no

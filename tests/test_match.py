@@ -16,7 +16,7 @@ import pytest
 import scipy.linalg
 import scipy.optimize
 from conftest import rel_err
-from helpers import CONFIGS, compiled, inputs, logits, scanned
+from helpers import CONFIGS, LLAMA_CONFIGS, compiled, inputs, logits, scanned
 
 from rotjax import match
 from rotjax import symmetry as sym
@@ -86,6 +86,22 @@ def test_planted_recovery(name, scan, solve, key):
     # Distances over all params: the untouched ones are equal in A and B (planted, no noise).
     assert d.distance_before == pytest.approx(d.touched_before, rel=1e-6)
     assert d.distance_after == pytest.approx(sum(after for _, after in d.params.values()))
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("name", list(LLAMA_CONFIGS))
+def test_planted_recovery_rope_decoders(name, scan, key):
+    """Grouped-query attention, RoPE pair rotations, SwiGLU: every block recovers its planted
+    element (key-value head permutations exactly)."""
+    config, c, a, b, g = planted(name, scan, match.ALL, key)
+    res = match.align(c.spec, a, b, solve=match.ALL, key=jax.random.fold_in(key, 9))
+    assert rel_err(res.params, a) <= TOL
+    sym.check_elements(c.spec, res.transform)
+    ginv = sym.invert(c.spec, g)
+    for n in c.spec.select(roles=["heads", "ffn"]):
+        np.testing.assert_array_equal(res.transform[n], ginv[n], err_msg=n)
+    x = inputs(config, jax.random.fold_in(key, 3))
+    assert rel_err(logits(c.model, res.params, x), logits(c.model, b, x)) <= TOL
 
 
 @pytest.mark.parametrize("name", ["bert-h3d1-l1", "bert-h5d2-l1-token", "roberta-h1d6-l2"])
@@ -300,6 +316,29 @@ def test_procrustes_matches_scipy(d, seed):
         np.testing.assert_allclose(np.asarray(r[i]) @ np.asarray(r[i]).T, np.eye(d), atol=1e-5)
     rv, _ = jax.vmap(match.procrustes)(jnp.asarray(m[None], jnp.float32))
     np.testing.assert_allclose(rv[0], r, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [2, 6, 64])
+def test_pair_procrustes_matches_a_dense_angle_search(d, seed):
+    """Over the pair rotations (one angle per pair (i, i + d/2)), the solver's maximum of
+    tr(Rᵀ M) equals a dense search over each pair's angle (tr is a sum over pairs), and its R is
+    such a rotation. Tolerance: the 2^16-point grid misses the optimum by ≤ (π/2^16)²/2 of it."""
+    rng = np.random.default_rng(seed)
+    m = rng.normal(size=(4, d, d))
+    m[0, [0, d // 2], :] = 0.0  # a pair with no signal: the identity
+    r, best = jax.jit(match.pair_procrustes)(jnp.asarray(m, jnp.float32))
+    h = d // 2
+    theta = np.linspace(0, 2 * np.pi, 2**16, endpoint=False)
+    u = np.diagonal(m[:, :h, :h], axis1=1, axis2=2) + np.diagonal(m[:, h:, h:], axis1=1, axis2=2)
+    v = np.diagonal(m[:, :h, h:], axis1=1, axis2=2) - np.diagonal(m[:, h:, :h], axis1=1, axis2=2)
+    oracle = (u[..., None] * np.cos(theta) + v[..., None] * np.sin(theta)).max(-1).sum(-1)
+    np.testing.assert_allclose(best, oracle, rtol=1e-5)
+    np.testing.assert_allclose(
+        np.einsum("nik,nik->n", np.asarray(r, np.float64), m), best, rtol=1e-5
+    )
+    spec = sym.Spec.combine(sym.group("g", sym.Group("orth", 4, d, pairs=True)))
+    sym.check_elements(spec, {"g": r[None].reshape(4, d, d)})
+    np.testing.assert_array_equal(np.asarray(r[0])[[0, h]][:, [0, h]], np.eye(2))
 
 
 @pytest.mark.parametrize("d", [1, 3, 64])

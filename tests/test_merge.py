@@ -75,7 +75,7 @@ def test_fisher_merge_formula_floor_and_equal_fishers(seed):
         merge.fisher(params, [{}, {}])
 
 
-@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2", "llama-k2g2d6-l2-seq"])
 def test_merging_identical_models_returns_them(name, key):
     config = scanned(CONFIGS[name])
     c = compiled(config)
@@ -221,8 +221,16 @@ def test_sampled_fisher_is_the_exact_one_in_expectation(key):
         merge.statistics(c.model, params, batch, ("fisher",), fisher="sampled")
 
 
-@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+@pytest.mark.parametrize(
+    ("name", "scan"),
+    [
+        ("bert-h3d4-l2", False),
+        ("bert-h3d4-l2", True),
+        ("vit-h3d4-l2", False),
+        ("vit-h3d4-l2", True),
+        ("llama-k2g2d6-l2-seq", True),
+    ],
+)
 def test_statistics_move_with_the_symmetry(name, scan, key):
     """Statistics are functions of the function: those of g·B are those of B moved by g (Grams
     under every group; Fishers under permutations and scales, where they are exact)."""
@@ -254,7 +262,7 @@ def test_statistics_save_and_load(tmp_path, key):
 # Alignment before merging, OT, activation starts.
 
 
-@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2", "qwen2-k1g4d4-l1"])
 def test_average_after_alignment_returns_the_model(name, key):
     c = compiled(CONFIGS[name])
     a = c.init(key, 0.3)

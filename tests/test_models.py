@@ -34,7 +34,7 @@ def test_family_record_describes_its_model(name, key):
     again = f.Model(config).apply({"params": params}, *named)
     jax.tree.map(np.testing.assert_array_equal, again, out)
     assert rotjax.models.family_of_model_type(config.model_type) is f
-    assert f.pre_norm == (f.name == "vit")
+    assert f.pre_norm == (f.name in ("vit", "llama"))
 
 
 def test_unknown_configs_are_refused():

@@ -1,5 +1,5 @@
-"""Residual-stream rotations of pre-norm models (ViT): the canonical form, the rotation group,
-its planted recovery by `align` and from activations.
+"""Residual-stream rotations of pre-norm models (ViT, LLaMA): the canonical form, the rotation
+group, its planted recovery by `align` and from activations.
 
 Tolerance 1e-5 relative, as for every symmetry (float32 at matmul precision "highest").
 """
@@ -16,7 +16,7 @@ from helpers import CONFIGS, compiled, inputs, scanned
 
 from rotjax import match, merge
 from rotjax import symmetry as sym
-from rotjax.models import bert, vit
+from rotjax.models import bert, llama, vit
 
 TOL = 1e-5
 
@@ -90,6 +90,35 @@ def test_stream_rotation_group_laws(key):
     )
     ident = sym.compose(spec, g, sym.invert(spec, g))
     np.testing.assert_allclose(ident[vit.STREAM], np.eye(config.hidden_size), atol=1e-5)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+def test_rmsnorm_decoders_rotate_by_all_of_o_d(scan, key):
+    """LLaMA-style (RMSNorm, no centring): the canonical form folds the norm scales into their
+    readers; then every orthogonal Q of the stream (no Q 1 = 1 needed) keeps the function, and
+    `align` recovers a planted element that includes one."""
+    config = scanned(CONFIGS["llama-k2g2d6-l2-seq"], scan)
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    stream = llama.stream_spec(config)
+    canon = sym.canonicalize(stream, params)
+    x = inputs(config, jax.random.fold_in(key, 1))
+    before = c.forward(params, x)
+    assert rel_err(c.forward(canon, x), before) <= TOL
+    assert sym.is_canonical(stream, canon) and not sym.is_canonical(stream, params)
+    spec = llama.symmetry_spec(config, stream_rotation=True)
+    assert not spec.groups[llama.STREAM].keeps_ones
+    g = sym.sample(spec, jax.random.fold_in(key, 2))
+    assert rel_err(c.forward(sym.apply(spec, canon, g), x), before) <= TOL
+    # Negative control: the same rotation of the model before folding its norm scales.
+    rot = {llama.STREAM: g[llama.STREAM]}
+    assert rel_err(c.forward(sym.apply(spec, params, rot), x), before) > 1e-2
+    b = sym.apply(spec, canon, g)
+    res = match.align(spec, canon, b, solve=match.ALL, key=key)
+    assert rel_err(res.params, canon) <= TOL
+    tied = dataclasses.replace(config, task="causal_lm", tie_word_embeddings=True)
+    with pytest.raises(ValueError, match="tied embeddings"):
+        llama.symmetry_spec(tied, stream_rotation=True)
 
 
 def test_post_norm_and_bare_encoders_have_no_stream_rotation():

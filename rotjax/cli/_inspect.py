@@ -13,7 +13,21 @@ from rotjax.tree import flatten
 def _size(g: sym.Group) -> str:
     if g.kind == "perm":
         return f"{g.size}"
-    return f"{g.size} heads" + (f" x O({g.dim})" if g.kind == "orth" else "")
+    if g.kind == "rot":
+        return f"O({g.size - g.keeps_ones})"
+    if g.kind == "orth":
+        return f"{g.size} heads x " + (f"SO(2)^{g.dim // 2}" if g.pairs else f"O({g.dim})")
+    return f"{g.size} heads"
+
+
+def _dimension(g: sym.Group) -> int:
+    """The dimension of a continuous group (manifold dimension of one element)."""
+    if g.kind == "orth":
+        return g.size * (g.dim // 2 if g.pairs else g.dim * (g.dim - 1) // 2)
+    if g.kind == "rot":
+        n = g.size - g.keeps_ones
+        return n * (n - 1) // 2
+    return g.size
 
 
 def run(args) -> int:
@@ -40,10 +54,6 @@ def run(args) -> int:
         for g in spec.groups.values()
         if g.kind == "perm"
     )
-    cont = sum(
-        math.prod(g.batch) * g.size * (g.dim * (g.dim - 1) // 2 if g.kind == "orth" else 1)
-        for g in spec.groups.values()
-        if g.kind != "perm"
-    )
+    cont = sum(math.prod(g.batch) * _dimension(g) for g in spec.groups.values() if g.kind != "perm")
     print(f"  continuous dimensions {cont:,}; discrete elements 10^{dof:,.0f}")
     return 0

@@ -80,6 +80,7 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
         )
     has_pooler = any(name.startswith("pooler.") for name in tensors)
     config = _rotjax_config(arch, hf_config, has_pooler=has_pooler)
+    tensors = _untie(config, tensors)
     params = _to_rotjax(arch, config, tensors)
     if scan_layers:
         params = stack_layers(params)
@@ -181,7 +182,7 @@ def _canonical_names(
     tensors: Mapping[str, np.ndarray], arch: _mapping.Architecture
 ) -> dict[str, np.ndarray]:
     """Strip the base-model prefix, rename legacy LayerNorm gamma/beta, drop known buffers."""
-    prefix = f"{arch.model_type}."
+    prefix = f"{arch.prefix}."
     out: dict[str, np.ndarray] = {}
     original: dict[str, str] = {}
     for name, x in tensors.items():
@@ -195,6 +196,20 @@ def _canonical_names(
             raise ValueError(f"tensors {original[short]!r} and {name!r} are the same parameter")
         out[short], original[short] = x, name
     return out
+
+
+def _untie(config: Config, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Drop an in-memory model's ``lm_head.weight`` when it is tied to the token embedding
+    (files saved by transformers leave it out; a model object's state dict has both)."""
+    if not getattr(config, "tie_word_embeddings", False) or "lm_head.weight" not in tensors:
+        return tensors
+    head, embed = tensors["lm_head.weight"], tensors.get("embed_tokens.weight")
+    if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+        raise ValueError(
+            "tie_word_embeddings=True but lm_head.weight differs from embed_tokens.weight "
+            f"(shapes {head.shape}, {None if embed is None else embed.shape})"
+        )
+    return {n: x for n, x in tensors.items() if n != "lm_head.weight"}
 
 
 def _check_hf_config(arch: _mapping.Architecture, hf_config: Mapping[str, Any]) -> None:
@@ -211,6 +226,9 @@ def _check_hf_config(arch: _mapping.Architecture, hf_config: Mapping[str, Any]) 
         size = hf_config.get("pooler_output_size")
         if size is not None and size != hf_config.get("hidden_size"):
             problems.append(f"pooler_output_size={size} != hidden_size")
+    rope = hf_config.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default" or hf_config.get("rope_scaling"):
+        problems.append(f"rope scaling {rope.get('rope_type') or hf_config.get('rope_scaling')!r}")
     if problems:
         raise ValueError(f"{arch.name} config not supported by rotjax: {', '.join(problems)}")
 
@@ -220,9 +238,11 @@ def _rotjax_config(
 ) -> Config:
     _check_hf_config(arch, hf_config)
     cls = family_of_model_type(arch.model_type).Config
+    fields = {f.name for f in dataclasses.fields(cls)}
     overrides: dict[str, Any] = {"task": arch.task, "scan_layers": False}
-    overrides["add_pooling_layer"] = arch.task is None and has_pooler
-    if "model_type" in {f.name for f in dataclasses.fields(cls)}:
+    if "add_pooling_layer" in fields:
+        overrides["add_pooling_layer"] = arch.task is None and has_pooler
+    if "model_type" in fields:
         overrides["model_type"] = arch.model_type
     return cls.from_hf_dict(dict(hf_config), **overrides)
 
@@ -232,7 +252,7 @@ def _to_rotjax(
 ) -> Any:
     """Unscanned numpy params of ``Model(config)`` from canonical Hugging Face tensors."""
     paths, shapes, treedef = flatten(family(config).param_shapes(config))
-    prefix = f"{arch.model_type}."
+    prefix = f"{arch.prefix}."
     wanted = []
     for path, leaf in zip(paths, shapes, strict=True):
         name, conv = _mapping.hf_name(arch, path, prefixed=False)

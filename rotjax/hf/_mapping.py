@@ -126,13 +126,38 @@ VIT_TABLE: tuple[Row, ...] = (
     *_dense("classifier", "classifier"),
 )
 
+_DEC, _HF_DEC = "decoder/layer_{i}", "layers.{i}"
+
+LLAMA_TABLE: tuple[Row, ...] = (  # Llama, Mistral, Qwen2 (base-model prefix "model.")
+    ("embed_tokens/embedding", "embed_tokens.weight", SAME),
+    (f"{_DEC}/input_layernorm/scale", f"{_HF_DEC}.input_layernorm.weight", SAME),
+    (f"{_DEC}/post_attention_layernorm/scale", f"{_HF_DEC}.post_attention_layernorm.weight", SAME),
+    *(
+        row
+        for ours, theirs in (("query", "q_proj"), ("key", "k_proj"), ("value", "v_proj"))
+        for row in (
+            (f"{_DEC}/attention/{ours}/kernel", f"{_HF_DEC}.self_attn.{theirs}.weight", QKV_KERNEL),
+            (f"{_DEC}/attention/{ours}/bias", f"{_HF_DEC}.self_attn.{theirs}.bias", HEAD_BIAS),
+        )
+    ),
+    (f"{_DEC}/attention/out/kernel", f"{_HF_DEC}.self_attn.o_proj.weight", OUT_KERNEL),
+    (f"{_DEC}/attention/out/bias", f"{_HF_DEC}.self_attn.o_proj.bias", SAME),
+    *_dense(f"{_DEC}/mlp/gate", f"{_HF_DEC}.mlp.gate_proj"),
+    *_dense(f"{_DEC}/mlp/up", f"{_HF_DEC}.mlp.up_proj"),
+    *_dense(f"{_DEC}/mlp/down", f"{_HF_DEC}.mlp.down_proj"),
+    ("norm/scale", "norm.weight", SAME),
+    *_dense("lm_head", "lm_head"),
+    *_dense("score", "score"),
+)
+DECODER_TYPES = ("llama", "mistral", "qwen2")
+
 # Top-level rotjax modules that sit outside the base model, so their Hugging Face names carry
 # no base-model prefix.
-HEAD_MODULES = frozenset({"classifier"})
+HEAD_MODULES = frozenset({"classifier", "lm_head", "score"})
 
 # Tensors in checkpoints that are not parameters (registered buffers), ignored on load.
 # Names after the base-model prefix is stripped.
-IGNORED = frozenset({"embeddings.position_ids", "embeddings.token_type_ids"})
+IGNORED = frozenset({"embeddings.position_ids", "embeddings.token_type_ids", "rotary_emb.inv_freq"})
 
 # Legacy suffixes of old TF-converted BERT checkpoints, renamed on load as transformers does.
 LEGACY_SUFFIXES = ((".gamma", ".weight"), (".beta", ".bias"))
@@ -143,7 +168,7 @@ class Architecture(NamedTuple):
 
     Attributes:
       name: The transformers class name, as in ``config.json``'s ``architectures``.
-      model_type: ``"bert"``, ``"roberta"`` or ``"vit"``; also the base-model prefix.
+      model_type: ``"bert"``, ``"roberta"``, ``"vit"``, ``"llama"``, ``"mistral"``, ``"qwen2"``.
       task: The rotjax ``Config.task`` of the head (None for a base model).
       dropped_head: For pretraining architectures (masked LM ...): the name prefixes of the
         head's tensors, which `load` drops (it loads the encoder; `save` never writes these).
@@ -156,7 +181,14 @@ class Architecture(NamedTuple):
 
     @property
     def table(self) -> tuple[Row, ...]:
+        if self.model_type in DECODER_TYPES:
+            return LLAMA_TABLE
         return VIT_TABLE if self.model_type == "vit" else BERT_TABLE
+
+    @property
+    def prefix(self) -> str:
+        """The base-model prefix of tensor names in checkpoints of models with a head."""
+        return "model" if self.model_type in DECODER_TYPES else self.model_type
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -176,6 +208,15 @@ ARCHITECTURES: dict[str, Architecture] = {
         Architecture("RobertaForMaskedLM", "roberta", None, ("lm_head.",)),
         Architecture(
             "ViTForMaskedImageModeling", "vit", None, ("decoder.", "embeddings.mask_token")
+        ),
+        *(
+            Architecture(f"{name}{suffix}", model_type, task)
+            for name, model_type in (("Llama", "llama"), ("Mistral", "mistral"), ("Qwen2", "qwen2"))
+            for suffix, task in (
+                ("Model", None),
+                ("ForCausalLM", "causal_lm"),
+                ("ForSequenceClassification", "sequence_classification"),
+            )
         ),
     )
 }
@@ -214,6 +255,6 @@ def hf_name(arch: Architecture, path: str, *, prefixed: bool) -> tuple[str, Conv
         if m is not None:
             name = hf.format(**m.groupdict())
             if prefixed and path.split("/", 1)[0] not in HEAD_MODULES:
-                name = f"{arch.model_type}.{name}"
+                name = f"{arch.prefix}.{name}"
             return name, conv
     raise ValueError(f"rotjax param {path!r} has no Hugging Face name for {arch.name}")

@@ -18,7 +18,15 @@ from rotjax.match._align import (
     align_many,
 )
 from rotjax.match._permutations import permutation_scores
-from rotjax.match._solvers import SOLVERS, assign, best_scale, polar, procrustes, scale_objective
+from rotjax.match._solvers import (
+    SOLVERS,
+    assign,
+    best_scale,
+    pair_procrustes,
+    polar,
+    procrustes,
+    scale_objective,
+)
 
 __all__ = [
     "ALL",
@@ -33,6 +41,7 @@ __all__ = [
     "align_many",
     "assign",
     "best_scale",
+    "pair_procrustes",
     "permutation_scores",
     "polar",
     "procrustes",

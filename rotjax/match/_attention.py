@@ -30,7 +30,7 @@ from rotjax.match._objective import (
     sub,
     total,
 )
-from rotjax.match._solvers import assign_all, best_scale, procrustes
+from rotjax.match._solvers import assign_all, best_scale, pair_procrustes, procrustes
 
 
 def _head_terms(spec, hname, a, b, t):
@@ -64,7 +64,8 @@ def _head_scores(spec, heads, rots, a, b, t):
             score = score - 0.5 * (w * w)[..., :, None] * nb[..., None, :]
         for rot, m in ms.items():
             if rot in rots:
-                score = score + procrustes(m)[1]
+                solve = pair_procrustes if spec.groups[rot].pairs else procrustes
+                score = score + solve(m)[1]
             elif rot is None:
                 score = score + jnp.trace(m, axis1=-1, axis2=-2)
             else:  # fixed rotation R[h]: ⟨R[h], M[h, j]⟩
@@ -117,13 +118,15 @@ def _rotations(spec, rots, scales, a, b, t):
         for key, (mk, nb) in zip(keys[r], scaled, strict=True):
             sq_norms[key] = sq_norms[key] + nb
             covs[key].append((r, mk))
-    shapes = [ms[r].shape for r in rots]
-    stacked = jnp.concatenate(
-        [ms[r].reshape(-1, *s[-2:]) for r, s in zip(rots, shapes, strict=True)]
-    )
-    rs = procrustes(stacked)[0]
-    sizes = np.cumsum([math.prod(s[:-2]) for s in shapes])[:-1]
-    out = {r: x.reshape(s) for r, x, s in zip(rots, jnp.split(rs, sizes), shapes, strict=True)}
+    out = {r: pair_procrustes(ms[r])[0] for r in rots if spec.groups[r].pairs}
+    full = [r for r in rots if r not in out]  # one batched polar for all of these
+    shapes = [ms[r].shape for r in full]
+    if full:
+        stacked = jnp.concatenate(
+            [ms[r].reshape(-1, *s[-2:]) for r, s in zip(full, shapes, strict=True)]
+        )
+        rs = jnp.split(procrustes(stacked)[0], np.cumsum([math.prod(s[:-2]) for s in shapes])[:-1])
+        out.update((r, x.reshape(s)) for r, x, s in zip(full, rs, shapes, strict=True))
     if scales:  # one solve for all heads of all scale groups
         dot = lambda key: sum(jnp.einsum("...ik,...ik->...", out[r], mk) for r, mk in covs[key])
         scale_shapes = [spec.groups[n].shape for n in scales]

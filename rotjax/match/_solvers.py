@@ -15,6 +15,8 @@ import numpy as np
 import optax
 import scipy.optimize
 
+from rotjax import symmetry as sym
+
 SOLVERS = ("scipy", "optax")
 
 
@@ -29,6 +31,26 @@ def procrustes(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     """
     r = polar(m)
     return r, jnp.einsum("...ik,...ik->...", r, m, precision=_HIGHEST)
+
+
+def pair_procrustes(m: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """`procrustes` over the pair rotations only (``orth`` groups with ``pairs``: one SO(2)
+    angle per pair of features (i, i + d/2), the rotations that commute with RoPE).
+
+    With R's pair block ``[[c, s], [-s, c]]`` on rows and columns (i, i + d/2):
+    ``tr(Rᵀ M) = Σ_i c_i u_i + s_i v_i`` for ``u_i = M[i, i] + M[i', i']`` and
+    ``v_i = M[i, i'] - M[i', i]`` (i' = i + d/2), maximised by ``(c_i, s_i) = (u_i, v_i) /
+    ‖(u_i, v_i)‖`` (a 2-D polar factor per pair), with maximum ``Σ_i ‖(u_i, v_i)‖``. A pair
+    with ``u = v = 0`` takes the identity.
+    """
+    h = m.shape[-1] // 2
+    diag = lambda x: jnp.diagonal(x, axis1=-2, axis2=-1)
+    u = diag(m[..., :h, :h]) + diag(m[..., h:, h:])
+    v = diag(m[..., :h, h:]) - diag(m[..., h:, :h])
+    norm = jnp.hypot(u, v)
+    safe = jnp.where(norm > 0, norm, 1.0)
+    cos, sin = jnp.where(norm > 0, u / safe, 1.0), jnp.where(norm > 0, v / safe, 0.0)
+    return sym.pair_rotations(cos, sin), jnp.sum(norm, axis=-1)
 
 
 _HIGHEST = jax.lax.Precision.HIGHEST

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from rotjax.models import bert, vit
+from rotjax.models import bert, llama, vit
 from rotjax.models._family import Family
 from rotjax.models._layers import check_fields
 from rotjax.models._layout import stack_layers, unstack_layers
 from rotjax.models._pretrained import with_pretrained
 
-FAMILIES: tuple[Family, ...] = (bert.FAMILY, vit.FAMILY)
+FAMILIES: tuple[Family, ...] = (bert.FAMILY, vit.FAMILY, llama.FAMILY)
 """Every registered model family."""
 
 
@@ -55,6 +55,7 @@ __all__ = [
     "check_fields",
     "family",
     "family_of_model_type",
+    "llama",
     "stack_layers",
     "unstack_layers",
     "vit",

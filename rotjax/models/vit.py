@@ -224,17 +224,8 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
     spec = sym.Spec.combine(*frags)
     if not stream_rotation:
         return spec
-    stream_spec(config)  # raises for configs without a canonical form
-    group = sym.Group("rot", D, over=res, role="stream_rotation", keeps_ones=True)
-    params = {
-        path: dataclasses.replace(
-            p, actions=(*p.actions, *(Action(STREAM, a.axes) for a in p.actions if a.group == res))
-        )
-        for path, p in spec.param_items
-    }
-    return sym.Spec(
-        tuple(sorted((*spec.group_items, (STREAM, group)))), tuple(sorted(params.items()))
-    )
+    # stream_spec raises for configs without a canonical form.
+    return sym.with_stream_rotation(spec, stream_spec(config), res, STREAM)
 
 
 STREAM = "stream"

@@ -4,11 +4,18 @@ See `_spec` for the data model (groups, actions, fragment builders) and `apply` 
 how each group element acts on each axis.
 """
 
-from rotjax.symmetry._canonical import Norm, StreamSpec, canonicalize, is_canonical
+from rotjax.symmetry._canonical import (
+    Norm,
+    StreamSpec,
+    canonicalize,
+    is_canonical,
+    with_stream_rotation,
+)
 from rotjax.symmetry._fragments import (
     attention,
     dense,
     embedding,
+    group,
     layer_norm,
     mlp,
     param,
@@ -34,6 +41,7 @@ from rotjax.symmetry._transform import (
     identity_element,
     invert,
     ones_complement,
+    pair_rotations,
     sample,
 )
 
@@ -56,6 +64,7 @@ __all__ = [
     "compose",
     "dense",
     "embedding",
+    "group",
     "identity",
     "identity_element",
     "invert",
@@ -63,8 +72,10 @@ __all__ = [
     "layer_norm",
     "mlp",
     "ones_complement",
+    "pair_rotations",
     "param",
     "permutation",
     "sample",
     "validate",
+    "with_stream_rotation",
 ]

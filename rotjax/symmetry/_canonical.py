@@ -27,6 +27,7 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from rotjax.symmetry._spec import Action, Group, Spec
 from rotjax.tree import from_dict, to_dict
 
 
@@ -35,7 +36,7 @@ class Norm:
     """One norm and the dense layers that read its output.
 
     Attributes:
-      path: the norm's params prefix (``path/scale``, ``path/bias``).
+      path: the norm's params prefix (``path/scale``, and ``path/bias`` but for RMSNorm).
       readers: prefixes of the dense layers reading it (``prefix/kernel`` with the stream as
         its first axis after the batch axes, and ``prefix/bias`` if the layer has one).
       batch: leading (stacked-layer) axes shared by the norm and its readers.
@@ -63,9 +64,31 @@ class StreamSpec:
     centred: bool = True
 
 
+def with_stream_rotation(spec: Spec, stream: StreamSpec, residual: str, name: str) -> Spec:
+    """``spec`` plus the stream rotation group ``name`` (kind ``rot``, role
+    ``stream_rotation``), acting wherever the stream permutation ``residual`` acts except on
+    the norms' own params (γ = 1, β = 0 in the canonical form, where this group is a symmetry).
+    It keeps the all-ones vector for LayerNorm streams (``stream.centred``)."""
+    norms = {f"{n.path}/{leaf}" for n in stream.norms for leaf in ("scale", "bias")}
+    group = Group(
+        "rot", stream.dim, over=residual, role="stream_rotation", keeps_ones=stream.centred
+    )
+    params = {
+        path: p
+        if path in norms
+        else dataclasses.replace(
+            p,
+            actions=(*p.actions, *(Action(name, a.axes) for a in p.actions if a.group == residual)),
+        )
+        for path, p in spec.param_items
+    }
+    return Spec(tuple(sorted((*spec.group_items, (name, group)))), tuple(sorted(params.items())))
+
+
 def canonicalize(stream: StreamSpec, params: Any) -> Any:
     """The canonical form of ``params`` (see the module docstring): a new pytree computing the
-    same function, every norm at γ = 1, β = 0 and (for LayerNorm) every writer mean-free.
+    same function, every norm at γ = 1, β = 0 (if it has a β) and (for LayerNorm) every
+    writer mean-free.
 
     Raises:
       ValueError: a norm with β ≠ 0 whose reader has no bias to take ``β W`` (naming it).
@@ -74,7 +97,8 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
     out = dict(flat)
     for norm in stream.norms:
         gamma = flat[f"{norm.path}/scale"].astype(jnp.float32)
-        beta = flat[f"{norm.path}/bias"].astype(jnp.float32)
+        has_bias = f"{norm.path}/bias" in flat  # RMSNorm has none
+        beta = flat[f"{norm.path}/bias"].astype(jnp.float32) if has_bias else jnp.zeros_like(gamma)
         b = norm.batch
         for reader in norm.readers:
             kernel = flat[f"{reader}/kernel"]
@@ -93,7 +117,8 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
             g = gamma.reshape(gamma.shape + (1,) * (w.ndim - b - 1))
             out[f"{reader}/kernel"] = (g * w).astype(kernel.dtype)
         out[f"{norm.path}/scale"] = jnp.ones_like(flat[f"{norm.path}/scale"])
-        out[f"{norm.path}/bias"] = jnp.zeros_like(flat[f"{norm.path}/bias"])
+        if has_bias:
+            out[f"{norm.path}/bias"] = jnp.zeros_like(flat[f"{norm.path}/bias"])
     if stream.centred:
         for path, axis in stream.writers:
             x = out[path].astype(jnp.float32)
@@ -106,8 +131,9 @@ def is_canonical(stream: StreamSpec, params: Any, *, atol: float = 1e-5) -> bool
     ``atol`` relative to the writer's largest magnitude."""
     flat = to_dict(params)
     for norm in stream.norms:
-        if not bool(jnp.all(flat[f"{norm.path}/scale"] == 1)) or bool(
-            jnp.any(flat[f"{norm.path}/bias"] != 0)
+        bias = flat.get(f"{norm.path}/bias")
+        if not bool(jnp.all(flat[f"{norm.path}/scale"] == 1)) or (
+            bias is not None and bool(jnp.any(bias != 0))
         ):
             return False
     if stream.centred:

@@ -21,6 +21,11 @@ def permutation(
     return _fragment({name: Group("perm", size, batch=tuple(batch), role=role, layer=layer)})
 
 
+def group(name: str, g: Group) -> Spec:
+    """One group of any kind (its actions come from `param` fragments)."""
+    return _fragment({name: g})
+
+
 def param(path: str, shape: Sequence[int], *actions: Action) -> Spec:
     """One parameter of the given shape with the given actions (none: it is left alone)."""
     return _fragment(params={path: ParamSpec(tuple(shape), tuple(actions))})

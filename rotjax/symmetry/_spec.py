@@ -11,7 +11,10 @@ Group kinds and elements (``*batch`` is the group's batch shape: ``(L,)`` for a 
 layers, one element per layer; ``()`` otherwise):
 
 - ``"perm"`` of size n: ``int32[*batch, n]``, a permutation π.
-- ``"orth"`` over H heads of width d: ``float[*batch, H, d, d]``, one orthogonal R[h] per head.
+- ``"orth"`` over H heads of width d: ``float[*batch, H, d, d]``, one orthogonal R[h] per head;
+  with ``pairs``, only the rotations that commute with RoPE: one SO(2) angle per pair of
+  features (i, i + d/2), ``R[i, i] = R[i+d/2, i+d/2] = cos θ_i``, ``R[i, i+d/2] = sin θ_i``,
+  ``R[i+d/2, i] = -sin θ_i`` and zeros elsewhere.
 - ``"rot"`` of one axis of size n: ``float[*batch, n, n]``, one orthogonal Q (the residual
   stream of a pre-norm model); with ``keeps_ones``, Q fixes the all-ones vector (``Q 1 = 1``).
 - ``"scale"`` over H heads: ``float[*batch, H]``, one positive scalar a[h] per head.
@@ -59,6 +62,10 @@ class Group:
       layer: the layer index of an unstacked per-layer group; None for stacked or global ones.
       keeps_ones: for ``rot``: only the rotations with ``Q 1 = 1`` (LayerNorm models: the
         stream stays mean-free).
+      pairs: for ``orth``: only the block rotations of the pairs (i, i + d/2) that rotary
+        position embeddings (transformers' ``rotate_half`` layout) rotate together. Any two
+        2-D rotations commute, so ``RoPE_p(q R) · RoPE_s(k R) = RoPE_p(q) · RoPE_s(k)`` at
+        every pair of positions; a general O(d) element does not commute with RoPE.
     """
 
     kind: str
@@ -69,6 +76,7 @@ class Group:
     role: str = "ffn"
     layer: int | None = None
     keeps_ones: bool = False
+    pairs: bool = False
 
     def __post_init__(self):
         if self.kind not in KINDS:
@@ -77,6 +85,8 @@ class Group:
             raise ValueError(f"group role must be one of {ROLES}, got {self.role!r}")
         if (self.kind == "orth") != (self.dim is not None):
             raise ValueError("`dim` is required for 'orth' groups and only for them")
+        if self.pairs and (self.kind != "orth" or self.dim % 2):
+            raise ValueError(f"`pairs` needs an 'orth' group of even dim, got {self}")
 
     @property
     def shape(self) -> tuple[int, ...]:

@@ -52,12 +52,22 @@ def ones_complement(n: int) -> jax.Array:
     return jnp.asarray(u, jnp.float32)
 
 
+def pair_rotations(cos: jax.Array, sin: jax.Array) -> jax.Array:
+    """``R (..., d, d)`` rotating each pair of features (i, i + d/2) by the angle whose
+    cosine and sine are ``cos[..., i]``, ``sin[..., i]`` (arrays of shape ``(..., d/2)``):
+    the elements of an ``orth`` group with ``pairs``."""
+    eye = jnp.eye(jnp.shape(cos)[-1], dtype=jnp.result_type(cos, sin))
+    c, s = (jnp.einsum("...i,ij->...ij", x, eye) for x in (cos, sin))
+    top, bottom = jnp.concatenate([c, s], axis=-1), jnp.concatenate([-s, c], axis=-1)
+    return jnp.concatenate([top, bottom], axis=-2)
+
+
 def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transform:
     """A random group element.
 
     Permutations are uniform; rotations are Haar-distributed on O(d) (reflections included),
-    those that keep the all-ones vector on the O(n-1) of its complement; scales are
-    log-normal, ``a = exp(log_scale_std * N(0, 1))``.
+    those that keep the all-ones vector on the O(n-1) of its complement, pair rotations have
+    uniform angles; scales are log-normal, ``a = exp(log_scale_std * N(0, 1))``.
     """
     keys = jax.random.split(key, max(len(spec.group_items), 1))
     out = {}
@@ -65,6 +75,9 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
         if g.kind == "perm":
             u = jax.random.uniform(k, g.shape)
             out[name] = jnp.argsort(u, axis=-1).astype(jnp.int32)
+        elif g.kind == "orth" and g.pairs:
+            theta = jax.random.uniform(k, (*g.batch, g.size, g.dim // 2), maxval=2 * jnp.pi)
+            out[name] = pair_rotations(jnp.cos(theta), jnp.sin(theta))
         elif g.kind == "orth":
             out[name] = jax.random.orthogonal(k, g.dim, shape=(*g.batch, g.size))
         elif g.kind == "rot" and g.keeps_ones:
@@ -191,6 +204,12 @@ def check_elements(spec: Spec, transform: Mapping[str, jax.Array], *, atol: floa
             if ok and g.keeps_ones:
                 ok = np.abs(x @ np.ones(g.size) - 1.0).max(initial=0.0) <= atol
                 what = "orthogonal with Q 1 = 1"
+            if ok and g.pairs:
+                h = g.dim // 2
+                diag = lambda m: np.diagonal(m, axis1=-2, axis2=-1)
+                c, s = diag(x[..., :h, :h]), diag(x[..., :h, h:])
+                ok = np.abs(x - pair_rotations(c, s)).max(initial=0.0) <= atol
+                what = "a rotation of each pair (i, i + d/2)"
         else:
             ok = np.isfinite(x).all() and (x > 0).all()
             what = "finite and positive"
