@@ -497,3 +497,55 @@ def test_saved_minilm_is_still_a_sentence_transformer(tmp_path):
     saved = st.SentenceTransformer(str(out), device="cpu").encode(sentences)
     np.testing.assert_allclose(np.linalg.norm(saved, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(saved, original, atol=1e-5)
+
+
+def test_load_for_task_gives_a_decoder_a_head(seed, tmp_path):
+    base = CASES["mistral-base-k2g2"]
+    rotjax.hf.save(tmp_path / "base", base, random_params(base, seed))
+    config, params = rotjax.hf.load_for_task(
+        tmp_path / "base", task="sequence_classification", num_labels=3, key=jax.random.key(seed)
+    )
+    assert (config.task, config.num_labels, config.sliding_window) == (
+        "sequence_classification",
+        3,
+        64,
+    )
+    assert to_dict(params)["score/kernel"].shape == (base.hidden_size, 3)
+
+
+def test_llama_checkpoint_options_rotjax_lacks_are_refused_and_buffers_dropped(seed, tmp_path):
+    config = CASES["llama-lm-h3-tied-bias"]
+    params = random_params(config, seed)
+    rotjax.hf.save(tmp_path / "m", config, params)
+    hf_config = json.loads((tmp_path / "m" / "config.json").read_text())
+    tensors = safetensors.numpy.load_file(tmp_path / "m" / "model.safetensors")
+    # Old checkpoints keep a RoPE buffer in every layer: not a parameter, dropped on load.
+    tensors["model.layers.0.self_attn.rotary_emb.inv_freq"] = np.ones(2, np.float32)
+    safetensors.numpy.save_file(tensors, tmp_path / "m" / "model.safetensors")
+    _, again = rotjax.hf.load(tmp_path / "m")
+    jax.tree.map(np.testing.assert_array_equal, again, params)
+    for scaling in ({"rope_type": "linear", "factor": 2.0}, {"type": "dynamic", "factor": 2.0}):
+        bad = dict(hf_config, rope_scaling=scaling)
+        (tmp_path / "m" / "config.json").write_text(json.dumps(bad))
+        kind = scaling.get("rope_type", scaling.get("type"))
+        with pytest.raises(ValueError, match=f"not supported by rotjax: rope scaling '{kind}'"):
+            rotjax.hf.load(tmp_path / "m")
+    (tmp_path / "m" / "config.json").write_text(json.dumps(dict(hf_config, rope_scaling=None)))
+    rotjax.hf.load(tmp_path / "m")  # an explicit "no scaling" is fine
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"model_type": "mistral", "mlp_bias": True}, "mistral has no mlp_bias"),
+        ({"model_type": "mistral", "attention_bias": True}, "mistral has no attention_bias"),
+        ({"model_type": "qwen2", "mlp_bias": True}, "qwen2 has no mlp_bias"),
+        ({"hidden_size": 14, "head_dim": 4}, "hidden_size=14 is not a multiple of"),
+        ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not implemented"),
+    ],
+)
+def test_llama_configs_transformers_cannot_build_are_refused(changes, message):
+    base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    with pytest.raises(ValueError, match=message):
+        llama.Config(**{**base, **changes})
+    assert llama.Config.from_hf_dict({**base, "model_type": "mistral"}).sliding_window == 4096

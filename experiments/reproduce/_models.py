@@ -23,7 +23,7 @@ class Settings:
     mode: str = "full"
     parts: tuple[str, ...] = ("vision", "language")
     vision_seeds: tuple[int, ...] = (0, 1, 2)
-    language_seeds: tuple[int, ...] = (0, 1, 2)
+    language_seeds: tuple[int, ...] = (0, 1)
     test_images: int | None = None  # None: the whole test split
     eval_texts: int | None = None
     stats_examples: int = 1000  # unlabeled inputs per model (activations, Grams, Fishers)
@@ -97,5 +97,7 @@ def trained(settings: Settings, out: Path, name: str, seed: int, progress=False)
         if old == json.loads(json.dumps(dataclasses.asdict(config))):
             summary = json.loads(summary_file.read_text())
             summary.setdefault("train_seconds", T.train_seconds(workdir / "metrics.jsonl"))
+            if summary.get("hf"):  # paths of this run directory, wherever it was trained
+                summary.update(workdir=str(workdir), hf=str(workdir / "hf"))
             return summary
     return T.train_and_evaluate(config, workdir, progress=progress)

@@ -116,9 +116,10 @@ def load_for_task(
       As `load`; ValueError for a task the family does not have.
     """
     pretrained_config, pretrained = load(source, scan_layers=scan_layers)
-    config = dataclasses.replace(
-        pretrained_config, task=task, num_labels=num_labels, add_pooling_layer=False
-    )
+    changes = {"task": task, "num_labels": num_labels}
+    if hasattr(pretrained_config, "add_pooling_layer"):  # a new head reads no pooler
+        changes["add_pooling_layer"] = False
+    config = dataclasses.replace(pretrained_config, **changes)
     f = family(config)
     keep = {path: x for path, x in zip(*flatten(pretrained)[:2], strict=True)}
     shapes = f.param_shapes(config)
@@ -190,7 +191,7 @@ def _canonical_names(
         for old, new in _mapping.LEGACY_SUFFIXES:
             if short.endswith(f"LayerNorm{old}"):
                 short = short.removesuffix(old) + new
-        if short in _mapping.IGNORED:
+        if short in _mapping.IGNORED or short.endswith(".rotary_emb.inv_freq"):
             continue
         if short in out:
             raise ValueError(f"tensors {original[short]!r} and {name!r} are the same parameter")
@@ -226,9 +227,10 @@ def _check_hf_config(arch: _mapping.Architecture, hf_config: Mapping[str, Any]) 
         size = hf_config.get("pooler_output_size")
         if size is not None and size != hf_config.get("hidden_size"):
             problems.append(f"pooler_output_size={size} != hidden_size")
-    rope = hf_config.get("rope_parameters") or {}
-    if rope.get("rope_type", "default") != "default" or hf_config.get("rope_scaling"):
-        problems.append(f"rope scaling {rope.get('rope_type') or hf_config.get('rope_scaling')!r}")
+    for rope in (hf_config.get("rope_parameters") or {}, hf_config.get("rope_scaling") or {}):
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in (None, "default"):
+            problems.append(f"rope scaling {kind!r}")
     if problems:
         raise ValueError(f"{arch.name} config not supported by rotjax: {', '.join(problems)}")
 

@@ -157,6 +157,7 @@ HEAD_MODULES = frozenset({"classifier", "lm_head", "score"})
 
 # Tensors in checkpoints that are not parameters (registered buffers), ignored on load.
 # Names after the base-model prefix is stripped.
+# Buffers, not parameters (old LLaMA checkpoints also keep a per-layer "...rotary_emb.inv_freq").
 IGNORED = frozenset({"embeddings.position_ids", "embeddings.token_type_ids", "rotary_emb.inv_freq"})
 
 # Legacy suffixes of old TF-converted BERT checkpoints, renamed on load as transformers does.

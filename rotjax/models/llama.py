@@ -86,6 +86,19 @@ class Config:
             )
         if self.head_size % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_size}")
+        absent = {"mistral": ("attention_bias", "mlp_bias"), "qwen2": ("mlp_bias",)}
+        for name in absent.get(self.model_type, ()):
+            if getattr(self, name):  # transformers' class has no such parameters
+                raise ValueError(f"{self.model_type} has no {name}; got {name}=True")
+        if self.model_type == "llama" and self.hidden_size % self.num_attention_heads:
+            raise ValueError(  # as LlamaConfig's validation
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
+        if self.attention_dropout:
+            raise ValueError(
+                f"attention_dropout={self.attention_dropout} is not implemented (use 0.0)"
+            )
         _layers.activation(self.hidden_act)
 
     @property
@@ -119,6 +132,8 @@ class Config:
             d["rope_theta"] = rope["rope_theta"]
         if d.get("model_type") == "qwen2" and not d.get("use_sliding_window"):
             d["sliding_window"] = None
+        if d.get("model_type") == "mistral":
+            d.setdefault("sliding_window", 4096)  # MistralConfig's default
         return _layers.config_from_hf_dict(cls, d, **overrides)
 
 
@@ -202,9 +217,11 @@ class Block(nn.Module):
 class Model(nn.Module):
     """``__call__(input_ids, attention_mask=None)``: next-token logits ``(batch, tokens,
     vocab)`` (``causal_lm``), logits ``(batch, labels)`` at each row's last real token
-    (``sequence_classification``, as transformers: the rightmost token that is not
-    ``pad_token_id``, or the attention mask's last 1 when there is no pad token), or the final
-    hidden states (``task=None``). Positions count from 0 (right padding)."""
+    (``sequence_classification``: the rightmost token that is not ``pad_token_id``, as
+    transformers; without a pad token, the attention mask's last 1, where transformers takes the
+    last position), or the final hidden states (``task=None``). Positions count from 0 (right
+    padding). Inputs longer than ``sliding_window`` are refused (sliding attention is not
+    implemented; shorter ones are exact, whichever layers would slide)."""
 
     config: Config
 
