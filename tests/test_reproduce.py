@@ -32,6 +32,10 @@ def test_reproduce(tmp_path):
             for a in _vision.TABLE2
         ]
         assert f"| {method} | " + " | ".join(cells) + " |" in report
+    for line in [*_report.runtime_table(vision), *_report.barrier_table(vision)]:
+        assert line in report  # Table 3 and Fig. 5's barriers, rendered from the JSON
+    curves = [p["curves"]["none"]["barrier"]["loss"] for p in pairs]
+    assert f"| none | none | {_report.pm(curves, scale=1.0, digits=3)} |" in report
     for key, claim in claims.items():
         verdict = "Holds here." if claim["holds"] else "Does not hold here."
         assert f"**({key}) {_report.CLAIMS[key]}** {verdict}" in report

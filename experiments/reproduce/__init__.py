@@ -35,9 +35,11 @@ MODELS = {"vision": "vit-*", "language": "minilm-*"}  # a part's models in DIR/m
 
 def _key(settings: Settings, part: str, out: Path) -> str:
     """What a part's results depend on: the settings (but which parts run), the code (rotjax
-    and the experiments' drivers) and the summaries of the part's models trained in ``out``."""
+    and the experiments, but the report's rendering) and the summaries of the part's models
+    trained in ``out``."""
     root = Path(__file__).resolve().parents[2]
     files = sorted(root.glob("rotjax/**/*.py")) + sorted(root.glob("experiments/**/*.py"))
+    files = [f for f in files if f.name != "_report.py"]  # reads results, never makes them
     models = sorted((out / "models").glob(f"{MODELS[part]}/summary.json"))
     text = json.dumps([dataclasses.asdict(dataclasses.replace(settings, parts=())), part])
     text += "".join(f.read_text() for f in [*files, *models])
@@ -65,61 +67,6 @@ def run_part(settings: Settings, part: str, out: Path, log) -> dict:
     return results
 
 
-def write_report(settings: Settings, out: Path, results: dict, seconds: float) -> Path:
-    figures = _report.figures(results["vision"], out / "figures") if "vision" in results else {}
-    lines = [
-        "# rotjax: the paper's claims, re-measured in miniature",
-        "",
-        f"Mode `{settings.mode}` (`python -m experiments.reproduce"
-        f"{'' if settings.mode == 'full' else ' --' + settings.mode}`), {seconds / 60:.1f} "
-        "minutes on this machine (models already trained are reused and not counted again). "
-        "Every number below is in `results/*.json`.",
-        "",
-    ]
-    if "language" in results:
-        for task in ("sequence", "token"):
-            seeds = len(results["language"][task])
-            lines += [
-                f"## Table 1 analogue: MiniLM, {task} classification ({seeds} seed(s), mean ± std)",
-                "",
-            ]
-            lines += [*_report.language_table(results["language"], task), ""]
-    if "vision" in results:
-        n = len(results["vision"]["pairs"])
-        lines += [
-            f"## Table 2 analogue: ViTs on Fashion-MNIST ({n} pair(s)), merged test accuracy (%)",
-            "",
-        ]
-        lines += [*_report.vision_table(results["vision"]), ""]
-        for name, file in figures.items():
-            lines += [f"![{name}](figures/{file})", ""]
-        lines += ["## Table 3 analogue: runtime (seconds, mean over pairs)", ""]
-        rt = results["vision"]["pairs"][0]["runtime"]
-        lines += ["| " + " | ".join(rt) + " |", "|---" * len(rt) + "|"]
-        lines += [
-            "| "
-            + " | ".join(
-                f"{_report.mean_std([p['runtime'][k] for p in results['vision']['pairs']])[0]:.2f}"
-                for k in rt
-            )
-            + " |",
-            "",
-        ]
-        verdicts = _report.claims(results["vision"], results.get("language"))
-        lines += ["## The claims", ""]
-        for k, text in _report.CLAIMS.items():
-            if k not in verdicts:
-                continue
-            v = verdicts[k]
-            verdict = "Holds here." if v["holds"] else "Does not hold here."
-            lines += [f"**({k}) {text}** {verdict} {_report.claim_text(k, v)}.", ""]
-        results["claims"] = verdicts
-        (out / "results" / "claims.json").write_text(json.dumps(verdicts, indent=1, default=float))
-    path = out / "report.md"
-    path.write_text("\n".join(lines) + "\n")
-    return path
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     mode = p.add_mutually_exclusive_group()
@@ -137,5 +84,5 @@ def main(argv=None):
     tic = time.perf_counter()
     log = lambda text: print(text, file=sys.stderr, flush=True)
     results = {part: run_part(settings, part, out, log) for part in settings.parts}
-    report = write_report(settings, out, results, time.perf_counter() - tic)
+    report = _report.write(settings, out, results)
     print(f"wrote {report} ({time.perf_counter() - tic:.0f} s)")

@@ -39,13 +39,13 @@ class Settings:
         elif mode == "quick":
             s = cls(
                 mode="quick",
-                vision_seeds=(0, 1, 2),
+                vision_seeds=(0, 1),  # one pair
                 language_seeds=(0,),
-                test_images=2000,
-                eval_texts=400,
-                stats_examples=200,
+                test_images=1000,
+                eval_texts=256,
+                stats_examples=128,
                 curve_points=5,
-                curve_images=1000,
+                curve_images=500,
             )
         elif mode == "smoke":
             s = cls(

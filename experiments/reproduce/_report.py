@@ -3,6 +3,7 @@ is one of the JSON's): the tables, the five claims with their numbers and verdic
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -232,3 +233,93 @@ def claim_text(key: str, v: dict[str, Any]) -> str:
     return "accuracy from rescaling (points, paper's matching with vs without it): " + ", ".join(
         parts
     )
+
+
+def runtime_table(vision) -> list[str]:
+    """Table 3: seconds per pair (statistics of both models, matching, both fine-tunings)."""
+    pairs = vision["pairs"]
+    keys = list(pairs[0]["runtime"])
+    lines = ["| pair | " + " | ".join(keys) + " |", "|---" + "|---:" * len(keys) + "|"]
+    for p in pairs:
+        name = f"{p['a'].removeprefix('vit-')} + {p['b'].rsplit('-', 1)[-1]}"
+        lines.append(f"| {name} | " + " | ".join(f"{p['runtime'][k]:.2f}" for k in keys) + " |")
+    means = [f"{mean_std([p['runtime'][k] for p in pairs])[0]:.2f}" for k in keys]
+    lines.append("| mean | " + " | ".join(means) + " |")
+    return lines
+
+
+def barrier_table(vision) -> list[str]:
+    """Fig. 5's numbers: the barrier (largest rise of loss / drop of accuracy above the line
+    between the endpoints) along the linear path, per alignment."""
+    pairs = vision["pairs"]
+    labels = list(pairs[0]["curves"])
+    lines = ["| path A → aligned B | alignment(s) | loss barrier | accuracy barrier (points) |"]
+    lines.append("|---|---|---:|---:|")
+    for label in labels:
+        curves = [p["curves"][label] for p in pairs]
+        used = ", ".join(sorted({c["alignment"] for c in curves}))
+        loss = pm([c["barrier"]["loss"] for c in curves], scale=1.0, digits=3)
+        acc = pm([c["barrier"]["accuracy"] for c in curves])
+        lines.append(f"| {label} | {used} | {loss} | {acc} |")
+    return lines
+
+
+def language_distances(language, task) -> str:
+    """How far matching moves B towards A for the fine-tunes (squared distance before -> after,
+    mean over seeds)."""
+    rows = language[task]
+    parts = []
+    for name in rows[0]["distance"]:
+        before, after = (float(np.mean([x["distance"][name][i] for x in rows])) for i in (0, 1))
+        parts.append(f"{name} {before:.2f} → {after:.2f} ({100 * (1 - after / before):.1f}% less)")
+    return "Squared distance of B to A, before → after matching: " + ", ".join(parts) + "."
+
+
+def write(settings, out: Path, results: dict) -> Path:
+    """``OUT/report.md`` (and ``OUT/figures``, ``OUT/results/claims.json``) from ``results``."""
+    figures_ = figures(results["vision"], out / "figures") if "vision" in results else {}
+    flag = "" if settings.mode == "full" else f" --{settings.mode}"
+    took = ", ".join(f"{part} {r['seconds'] / 60:.1f} min" for part, r in results.items())
+    lines = [
+        "# rotjax: the paper's claims, re-measured in miniature",
+        "",
+        f"Mode `{settings.mode}` (`python -m experiments.reproduce{flag}`) on this machine's "
+        f"2 CPU cores; computing the results took {took} (training included where the models "
+        "were not cached yet). Every number below is in `results/*.json`.",
+        "",
+    ]
+    if "language" in results:
+        for task in ("sequence", "token"):
+            seeds = len(results["language"][task])
+            lines += [
+                f"## Table 1 analogue: MiniLM, {task} classification ({seeds} seed(s), mean ± std)",
+                "",
+                *language_table(results["language"], task),
+                "",
+                language_distances(results["language"], task),
+                "",
+            ]
+    if "vision" in results:
+        vision = results["vision"]
+        n = len(vision["pairs"])
+        lines += [
+            f"## Table 2 analogue: ViTs on Fashion-MNIST ({n} pair(s)), merged test accuracy (%)",
+            "",
+            *vision_table(vision),
+            "",
+        ]
+        for name, file in figures_.items():
+            lines += [f"![{name}](figures/{file})", ""]
+            if name == "fig5":
+                lines += [*barrier_table(vision), ""]
+        lines += ["## Table 3 analogue: runtime (seconds)", "", *runtime_table(vision), ""]
+        verdicts = claims(vision, results.get("language"))
+        lines += ["## The claims", ""]
+        for k, text in CLAIMS.items():
+            if k in verdicts:
+                verdict = "Holds here." if verdicts[k]["holds"] else "Does not hold here."
+                lines += [f"**({k}) {text}** {verdict} {claim_text(k, verdicts[k])}.", ""]
+        (out / "results" / "claims.json").write_text(json.dumps(verdicts, indent=1, default=float))
+    path = out / "report.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path
