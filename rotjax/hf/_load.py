@@ -28,12 +28,15 @@ class DroppedHeadWarning(UserWarning):
 
 
 def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> tuple[Config, Any]:
-    """Convert a Hugging Face BERT, RoBERTa or ViT model into a rotjax config and params.
+    """Convert a Hugging Face BERT, RoBERTa, ViT, Llama/Mistral/Qwen2 or DeBERTa-v2/v3 model into
+    a rotjax config and params.
 
     Supported architectures: ``BertModel``, ``BertForSequenceClassification``,
-    ``BertForTokenClassification``, the same three for RoBERTa, ``ViTModel`` and
-    ``ViTForImageClassification``; of pretraining checkpoints (``BertForMaskedLM``,
-    ``BertForPreTraining``, ``RobertaForMaskedLM``, ``ViTForMaskedImageModeling``) the encoder,
+    ``BertForTokenClassification``, the same three for RoBERTa and for DeBERTa-v2
+    (``DebertaV2Model`` ...), ``ViTModel`` and ``ViTForImageClassification``, ``LlamaModel``,
+    ``LlamaForCausalLM``, ``LlamaForSequenceClassification`` and the same for Mistral and Qwen2;
+    of pretraining checkpoints (``BertForMaskedLM``, ``BertForPreTraining``,
+    ``RobertaForMaskedLM``, ``ViTForMaskedImageModeling``, ``DebertaV2ForMaskedLM``) the encoder,
     with a `DroppedHeadWarning` saying which head tensors were left out. The architecture comes
     from ``config.json``'s ``architectures`` (or the class of an in-memory model; a config
     without ``architectures`` is a base model of its ``model_type``); whether a base model
@@ -262,7 +265,7 @@ def _to_rotjax(
 
     def shown(name: str) -> str:  # names as in the checkpoint, prefix included
         first = name.split(".", 1)[0]
-        keep = arch.task is None or first in _mapping.HEAD_MODULES
+        keep = arch.task is None or first in arch.head_modules
         return name if keep else prefix + name
 
     known = {name for name, _, _ in wanted}
