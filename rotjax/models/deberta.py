@@ -247,13 +247,22 @@ class Attention(nn.Module):
             rel = nn.Dropout(c.hidden_dropout_prob)(rel, deterministic=self.deterministic)
             span = c.span
             delta = relative_positions(c, x.shape[1])
+
+            def position(name):  # (2S, H, d): the relative embeddings through a projection
+                if not c.share_att_key:
+                    return proj[name](rel)
+                # The query/key layers' own affine map, not a second call of them: what
+                # rotjax.merge captures from a layer (Grams, activations) stays its tokens'.
+                p = proj[{"pos_key": "key", "pos_query": "query"}[name]].variables["params"]
+                return jnp.einsum("rD,Dhd->rhd", rel, p["kernel"]) + p["bias"][None]
+
             if "c2p" in c.pos_att_type:
-                pk = proj["key" if c.share_att_key else "pos_key"](rel)  # (2S, H, d)
+                pk = position("pos_key")
                 c2p = jnp.einsum("bqhd,rhd->bhqr", q, pk)
                 idx = np.clip(delta + span, 0, 2 * span - 1)
                 scores = scores + jnp.take_along_axis(c2p, idx[None, None], axis=-1) / scale
             if "p2c" in c.pos_att_type:
-                pq = proj["query" if c.share_att_key else "pos_query"](rel)
+                pq = position("pos_query")
                 p2c = jnp.einsum("bkhd,rhd->bhkr", k, pq)
                 idx = np.clip(-delta + span, 0, 2 * span - 1)
                 p2c = jnp.take_along_axis(p2c, idx[None, None], axis=-1)  # (b, h, key, query)
