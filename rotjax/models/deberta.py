@@ -110,7 +110,7 @@ class Config:
         if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
             raise ValueError(f"config field pos_att_type must be a list of strings, got {types!r}")
         types = [t.strip().lower() for t in types]
-        unknown = [t for t in types or () if t not in POS_ATT_TYPES]
+        unknown = [t for t in types if t not in POS_ATT_TYPES]
         if unknown:
             raise ValueError(
                 f"pos_att_type={self.pos_att_type!r} is not supported: {unknown} "
@@ -417,7 +417,10 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
     key-side one (c2c ``q·k``, c2p ``q·pk``, p2c ``pq·k``, with ``pq``/``pk`` the relative
     embeddings through the query/key side), so a per-head ``qk_rotation`` R (``q R``, ``k R``,
     ``pq R``, ``pk R``) and ``qk_scale`` a (``q·a``, ``pq·a``, ``k/a``, ``pk/a``) keep every
-    term.
+    term. Not declared (symmetries too): with ``share_att_key=False`` only the position
+    projections read the relative embeddings, so their features could move apart from the
+    stream (a permutation of their own; without their LayerNorm, any invertible map folded
+    into ``pos_key`` / ``pos_query``).
     """
     if stream_rotation:
         raise ValueError(
