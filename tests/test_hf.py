@@ -525,6 +525,14 @@ def test_deberta_masked_lm_checkpoints_load_their_encoder(legacy, seed, tmp_path
     with pytest.warns(rotjax.hf.DroppedHeadWarning, match=f"DebertaV2ForMaskedLM: .*{head}"):
         loaded, params = rotjax.hf.load(tmp_path / "mlm")
     assert loaded == encoder
+    # microsoft/deberta-v3-base's config.json names no architecture: the head still tells.
+    hf_config = json.loads((tmp_path / "mlm" / "config.json").read_text())
+    del hf_config["architectures"]
+    (tmp_path / "mlm" / "config.json").write_text(json.dumps(hf_config))
+    with pytest.warns(rotjax.hf.DroppedHeadWarning, match="DebertaV2ForMaskedLM"):
+        again = rotjax.hf.load(tmp_path / "mlm")
+    assert again[0] == encoder
+    assert_trees_equal(again[1], params)
     x = make_inputs(loaded, np.random.default_rng(seed))
     with torch.no_grad():
         hidden = mlm.deberta(

@@ -69,7 +69,7 @@ def planted(name, scan, solve, key, noise=0.0):
 
 @pytest.mark.parametrize("solve", list(SOLVES))
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
-@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2", "deberta-v3-h3d5-l2-seq"])
 def test_planted_recovery(name, scan, solve, key):
     config, c, a, b, g = planted(name, scan, SOLVES[solve], key)
     res = match.align(c.spec, a, b, solve=SOLVES[solve], key=jax.random.fold_in(key, 9))

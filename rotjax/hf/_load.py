@@ -72,6 +72,8 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
     else:
         hf_config, tensors, arch = _read_torch_model(source)
     tensors = _canonical_names(tensors, arch)
+    if isinstance(source, str | os.PathLike) and not hf_config.get("architectures"):
+        arch = _pretraining_head(arch, tensors)
     if arch.dropped_head:
         head = sorted(n for n in tensors if n.startswith(arch.dropped_head))
         tensors = {n: x for n, x in tensors.items() if not n.startswith(arch.dropped_head)}
@@ -179,6 +181,19 @@ def _architecture(hf_config: Mapping[str, Any], *, where: str) -> _mapping.Archi
             f"{where}: model_type {model_type!r} does not match architecture {arch.name} "
             f"(model_type {arch.model_type!r})"
         )
+    return arch
+
+
+def _pretraining_head(
+    arch: _mapping.Architecture, tensors: Mapping[str, np.ndarray]
+) -> _mapping.Architecture:
+    """A ``config.json`` without ``architectures`` (microsoft/deberta-v3-base's) names no head:
+    if the checkpoint holds the pretraining head of an architecture of its model type, it is
+    that architecture (whose head `load` drops), not the base model."""
+    for a in _mapping.ARCHITECTURES.values():
+        same_type = a.model_type == arch.model_type and a.dropped_head
+        if same_type and any(name.startswith(a.dropped_head) for name in tensors):
+            return a
     return arch
 
 
