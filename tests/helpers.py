@@ -7,7 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import symmetry as sym
-from rotjax.models import bert, family, llama, vit
+from rotjax.models import bert, deberta, family, llama, vit
 from rotjax.tree import flatten
 
 # (name, config) pairs: head_dim other than 64 everywhere, odd head counts, 1 head, 1 layer.
@@ -110,7 +110,46 @@ LLAMA_CONFIGS = {
     ),
 }
 
-CONFIGS = {**BERT_CONFIGS, **VIT_CONFIGS, **LLAMA_CONFIGS}
+# DeBERTa with c2p and p2c on both: v3-style (shared Q/K projections of the LayerNorm'd
+# relative embeddings, log buckets reached by 7 tokens, no absolute positions, sequence head)
+# and v2-style (separate pos_key/pos_query projections, absolute positions and token types,
+# distances clipped at max_relative_positions, token head); odd head counts, head_dim 5 and 2.
+DEBERTA_CONFIGS = {
+    "deberta-v3-h3d5-l2-seq": deberta.Config(
+        vocab_size=40,
+        hidden_size=15,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=20,
+        max_position_embeddings=16,
+        relative_attention=True,
+        position_buckets=4,
+        max_relative_positions=16,
+        pos_att_type=("p2c", "c2p"),
+        share_att_key=True,
+        norm_rel_ebd="layer_norm",
+        position_biased_input=False,
+        pooler_hidden_act="tanh",
+        num_labels=3,
+    ),
+    "deberta-v2-h5d2-l1-token": deberta.Config(
+        vocab_size=30,
+        hidden_size=10,
+        num_hidden_layers=1,
+        num_attention_heads=5,
+        intermediate_size=14,
+        max_position_embeddings=12,
+        type_vocab_size=2,
+        relative_attention=True,
+        max_relative_positions=3,
+        pos_att_type=("c2p", "p2c"),
+        share_att_key=False,
+        num_labels=4,
+        task="token_classification",
+    ),
+}
+
+CONFIGS = {**BERT_CONFIGS, **VIT_CONFIGS, **LLAMA_CONFIGS, **DEBERTA_CONFIGS}
 
 
 def scanned(config, scan=True):

@@ -156,6 +156,34 @@ def test_llama_checkpoints_align_merge_and_inspect(tmp_path, key, capsys):
     assert "vo_rotation  orth  x2   size 2 heads x O(6)" in text, text
 
 
+@pytest.mark.parametrize(("method", "align"), [("regmean", "all"), ("average", "activations")])
+def test_deberta_checkpoints_align_merge_and_inspect(method, align, tmp_path, key, capsys):
+    """Disentangled attention through the CLI: B is A moved by a symmetry (position
+    projections and relative embeddings included); merged after alignment it computes A's
+    function. (Activations: the shared query/key layers project the relative embeddings
+    without a second call, so what merge captures from them is their tokens' only.)"""
+    config = CONFIGS["deberta-v3-h3d5-l2-seq"]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    b = c.apply(a, sym.sample(c.spec, jax.random.fold_in(key, 1)))
+    hf.save(tmp_path / "a", config, a)
+    hf.save(tmp_path / "b", config, b)
+    ids, mask = inputs(config, key, batch=8)
+    np.savez(tmp_path / "data.npz", input_ids=np.asarray(ids), attention_mask=np.asarray(mask))
+    out = tmp_path / "merged"
+    argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
+    argv += ["--method", method, "--align", align, "--data", str(tmp_path / "data.npz")]
+    assert cli.main(argv) == 0, capsys.readouterr().err
+    loaded, merged = hf.load(out)
+    assert loaded == config
+    x = inputs(config, jax.random.fold_in(key, 2))
+    assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-5
+    assert cli.main(["inspect", str(out)]) == 0
+    text = capsys.readouterr().out
+    assert "deberta-v2 (sequence_classification)" in text, text
+    assert "qk_rotation  orth  x2   size 3 heads x O(5)" in text, text
+
+
 def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     tmp, a = checkpoints
     out = tmp / "bad"

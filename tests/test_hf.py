@@ -21,7 +21,7 @@ import rotjax.hf
 import rotjax.models
 from rotjax import symmetry as sym
 from rotjax.data import minilm_dir
-from rotjax.models import family, llama, vit
+from rotjax.models import deberta, family, llama, vit
 from rotjax.tree import flatten, to_dict
 
 torch = pytest.importorskip("torch")
@@ -70,9 +70,31 @@ CASES = {
         model_type="mistral",
         task=None,
     ),
+    # DeBERTa-v2/v3: shared and separate position projections, both heads, a base model with
+    # c2p only (and relative distances clipped at 2), none with absolute positions.
+    "deberta-seq-v3-h3d5": CONFIGS["deberta-v3-h3d5-l2-seq"],
+    "deberta-token-v2-h5d2": CONFIGS["deberta-v2-h5d2-l1-token"],
+    "deberta-base-c2p-h3d4": deberta.Config(
+        vocab_size=40,
+        hidden_size=12,
+        num_hidden_layers=2,
+        num_attention_heads=3,
+        intermediate_size=16,
+        max_position_embeddings=16,
+        relative_attention=True,
+        max_relative_positions=2,
+        pos_att_type=("c2p",),
+        position_biased_input=False,
+        task=None,
+    ),
 }
 
-SCANNED = ("bert-seq-h3d4", "vit-cls-h3d4", "llama-seq-k2g2d6")  # also run with scanned layers
+SCANNED = (
+    "bert-seq-h3d4",
+    "vit-cls-h3d4",
+    "llama-seq-k2g2d6",
+    "deberta-seq-v3-h3d5",
+)  # also run with scanned layers
 
 AUTO = {
     None: "AutoModel",
@@ -120,7 +142,7 @@ def make_inputs(config, rng, batch=3):
     mask[-1, seq - 3 :] = 0
     mask[0, seq - 1 :] = 0
     ids = np.where(mask > 0, ids, pad).astype(np.int32)
-    if family(config).name == "llama":
+    if family(config).name == "llama" or not config.type_vocab_size:
         return ids, mask
     types = rng.integers(0, config.type_vocab_size, (batch, seq), dtype=np.int32)
     return ids, mask, types
@@ -198,6 +220,9 @@ def test_parity_with_transformers(name, seed, tmp_path):
         "llama-seq-k2g2d6",
         "llama-lm-h3-tied-bias",
         "qwen2-lm-k1g4",
+        "deberta-seq-v3-h3d5",
+        "deberta-token-v2-h5d2",
+        "deberta-base-c2p-h3d4",
     ],
 )
 def test_round_trip(name, seed, tmp_path):
@@ -484,6 +509,51 @@ def test_masked_lm_checkpoints_load_their_encoder(seed, tmp_path):
             token_type_ids=torch.from_numpy(x[2]).long(),
         ).last_hidden_state.numpy()
     assert rel_err(rotjax_forward(loaded, params, x), hidden.reshape(-1)) <= TOL
+
+
+@pytest.mark.parametrize("legacy", [True, False])
+def test_deberta_masked_lm_checkpoints_load_their_encoder(legacy, seed, tmp_path):
+    """DeBERTa-v2/v3 pretraining checkpoints (DebertaV2ForMaskedLM, legacy ``cls.`` or new
+    ``lm_predictions.`` head): the encoder, the head dropped with a warning."""
+    encoder = dataclasses.replace(CASES["deberta-seq-v3-h3d5"], task=None)
+    config = rotjax.hf.transformers_config(encoder)
+    config.architectures, config.legacy = ["DebertaV2ForMaskedLM"], legacy
+    torch.manual_seed(seed)
+    mlm = transformers.DebertaV2ForMaskedLM(config).eval()
+    mlm.save_pretrained(tmp_path / "mlm")
+    head = r"cls\.predictions" if legacy else r"lm_predictions\.lm_head"
+    with pytest.warns(rotjax.hf.DroppedHeadWarning, match=f"DebertaV2ForMaskedLM: .*{head}"):
+        loaded, params = rotjax.hf.load(tmp_path / "mlm")
+    assert loaded == encoder
+    # microsoft/deberta-v3-base's config.json names no architecture: the head still tells.
+    hf_config = json.loads((tmp_path / "mlm" / "config.json").read_text())
+    del hf_config["architectures"]
+    (tmp_path / "mlm" / "config.json").write_text(json.dumps(hf_config))
+    with pytest.warns(rotjax.hf.DroppedHeadWarning, match="DebertaV2ForMaskedLM"):
+        again = rotjax.hf.load(tmp_path / "mlm")
+    assert again[0] == encoder
+    assert_trees_equal(again[1], params)
+    x = make_inputs(loaded, np.random.default_rng(seed))
+    with torch.no_grad():
+        hidden = mlm.deberta(
+            input_ids=torch.from_numpy(x[0]).long(), attention_mask=torch.from_numpy(x[1]).long()
+        ).last_hidden_state.numpy()
+    assert rel_err(rotjax_forward(loaded, params, x), hidden.reshape(-1)) <= TOL
+
+
+def test_deberta_checkpoint_options_rotjax_lacks_are_refused(seed, tmp_path):
+    """A config.json with an option rotjax does not implement fails on load, naming it."""
+    config = CASES["deberta-token-v2-h5d2"]
+    rotjax.hf.save(tmp_path / "m", config, random_params(config, seed))
+    hf_config = json.loads((tmp_path / "m" / "config.json").read_text())
+    for changes, message in [
+        ({"conv_kernel_size": 3, "conv_act": "gelu"}, "conv_kernel_size=3 is not supported"),
+        ({"embedding_size": 8}, "embedding_size=8 is not supported"),
+        ({"pos_att_type": "p2c|p2p"}, "pos_att_type='p2c|p2p' is not supported"),
+    ]:
+        (tmp_path / "m" / "config.json").write_text(json.dumps({**hf_config, **changes}))
+        with pytest.raises(ValueError, match=message):
+            rotjax.hf.load(tmp_path / "m")
 
 
 def test_saved_minilm_is_still_a_sentence_transformer(tmp_path):

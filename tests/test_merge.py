@@ -75,7 +75,9 @@ def test_fisher_merge_formula_floor_and_equal_fishers(seed):
         merge.fisher(params, [{}, {}])
 
 
-@pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2", "llama-k2g2d6-l2-seq"])
+@pytest.mark.parametrize(
+    "name", ["bert-h3d4-l2", "vit-h3d4-l2", "llama-k2g2d6-l2-seq", "deberta-v3-h3d5-l2-seq"]
+)
 def test_merging_identical_models_returns_them(name, key):
     config = scanned(CONFIGS[name])
     c = compiled(config)
@@ -229,6 +231,8 @@ def test_sampled_fisher_is_the_exact_one_in_expectation(key):
         ("vit-h3d4-l2", False),
         ("vit-h3d4-l2", True),
         ("llama-k2g2d6-l2-seq", True),
+        ("deberta-v2-h5d2-l1-token", False),
+        ("deberta-v3-h3d5-l2-seq", True),
     ],
 )
 def test_statistics_move_with_the_symmetry(name, scan, key):

@@ -11,7 +11,7 @@ from helpers import CONFIGS, compiled
 import rotjax.hf
 import rotjax.models
 from rotjax import symmetry as sym
-from rotjax.models import bert, family, vit
+from rotjax.models import bert, deberta, family, vit
 from rotjax.tree import flatten, from_dict, to_dict
 
 
@@ -35,6 +35,66 @@ def test_family_record_describes_its_model(name, key):
     jax.tree.map(np.testing.assert_array_equal, again, out)
     assert rotjax.models.family_of_model_type(config.model_type) is f
     assert f.pre_norm == (f.name in ("vit", "llama"))
+
+
+@pytest.mark.parametrize(
+    "changes, message",
+    [
+        ({"conv_kernel_size": 3}, "conv_kernel_size=3 is not supported"),
+        ({"embedding_size": 8}, "embedding_size=8 is not supported"),
+        ({"pooler_hidden_size": 8}, "pooler_hidden_size=8 is not supported"),
+        ({"attention_head_size": 3}, "attention_head_size=3 is not supported"),
+        ({"pos_att_type": ["p2p", "c2p"]}, r"pos_att_type=\['p2p', 'c2p'\] is not supported"),
+        ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd='batch_norm' is not supported"),
+        ({"norm_rel_ebd": "layer_norm"}, "with relative_attention=False is not supported"),
+        ({"position_buckets": 1}, "position_buckets=1 is not supported"),
+        ({"pooler_hidden_act": "mish"}, "pooler_hidden_act='mish' is not supported"),
+        ({"hidden_size": 14}, "hidden_size=14 is not a multiple"),
+        ({"type_vocab_size": -1}, "type_vocab_size must be >= 0"),
+    ],
+)
+def test_deberta_options_rotjax_lacks_are_refused(changes, message):
+    base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    with pytest.raises(ValueError, match=message):
+        deberta.Config(**{**base, **changes})
+
+
+def test_deberta_config_reads_transformers_forms():
+    """pos_att_type as transformers takes it (a list, "p2c|c2p", null) becomes one tuple in
+    c2p, p2c order; sizes left out resolve to hidden_size's."""
+    base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    for given, want in [
+        (["p2c", "c2p"], ("c2p", "p2c")),
+        ("p2c|c2p", ("c2p", "p2c")),
+        ("C2P", ("c2p",)),
+        (None, ()),
+    ]:
+        config = deberta.Config.from_hf_dict({**base, "pos_att_type": given})
+        assert config.pos_att_type == want
+        assert config.scale_factor == 1 + len(want)
+    c = deberta.Config(**base)
+    assert (c.embedding_size, c.pooler_hidden_size, c.attention_head_size) == (12, 12, 4)
+    assert deberta.Config(**base, relative_attention=True, position_buckets=8).span == 8
+    assert deberta.Config(**base, relative_attention=True, max_position_embeddings=20).span == 20
+
+
+def test_deberta_log_buckets_match_transformers():
+    torch = pytest.importorskip("torch")
+    mdl = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
+    for buckets, max_rel, tokens in [(4, 16, 9), (256, 512, 300), (8, 12, 40)]:
+        config = deberta.Config(
+            vocab_size=4,
+            hidden_size=4,
+            num_attention_heads=1,
+            intermediate_size=4,
+            relative_attention=True,
+            position_buckets=buckets,
+            max_relative_positions=max_rel,
+        )
+        x = torch.zeros(1, tokens, 1)
+        theirs = mdl.build_relative_position(x, x, bucket_size=buckets, max_position=max_rel)
+        ours = deberta.relative_positions(config, tokens)
+        np.testing.assert_array_equal(ours, theirs[0].numpy())
 
 
 def test_unknown_configs_are_refused():

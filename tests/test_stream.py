@@ -16,7 +16,7 @@ from helpers import CONFIGS, compiled, inputs, scanned
 
 from rotjax import match, merge
 from rotjax import symmetry as sym
-from rotjax.models import bert, llama, vit
+from rotjax.models import bert, deberta, llama, vit
 
 TOL = 1e-5
 
@@ -124,6 +124,8 @@ def test_rmsnorm_decoders_rotate_by_all_of_o_d(scan, key):
 def test_post_norm_and_bare_encoders_have_no_stream_rotation():
     with pytest.raises(ValueError, match="post-norm"):
         bert.symmetry_spec(CONFIGS["bert-h3d4-l2"], stream_rotation=True)
+    with pytest.raises(ValueError, match="post-norm"):
+        deberta.symmetry_spec(CONFIGS["deberta-v3-h3d5-l2-seq"], stream_rotation=True)
     encoder = dataclasses.replace(CONFIGS["vit-h3d4-l2"], task=None)
     with pytest.raises(ValueError, match="outputs its final LayerNorm"):
         vit.symmetry_spec(encoder, stream_rotation=True)

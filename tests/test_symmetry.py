@@ -13,7 +13,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers import CONFIGS, LLAMA_CONFIGS, compiled, init, inputs, logits, scanned
+from helpers import (
+    CONFIGS,
+    DEBERTA_CONFIGS,
+    LLAMA_CONFIGS,
+    compiled,
+    init,
+    inputs,
+    logits,
+    scanned,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -99,9 +108,48 @@ def test_rope_needs_pair_rotations(name, key):
     assert rel_err(logits(model, sym.apply(full, params, t), x), before) > 1e-2
 
 
+@pytest.mark.parametrize("name", list(DEBERTA_CONFIGS))
+def test_deberta_position_terms_are_read_in_the_stream_and_qk_bases(name, key):
+    """Negative controls for DeBERTa's disentangled attention (the declared groups keep the
+    function: `test_random_elements_preserve_function`, qk_scale included, since c2p pairs
+    ``q·a`` with ``pk/a`` and p2c ``k/a`` with ``pq·a``). Leaving the relative embeddings and
+    their LayerNorm out of a stream permutation changes the logits (the query/key kernels read
+    them in the stream's basis); so does leaving the separate position projections
+    (``share_att_key=False``) out of a Q/K rotation or a Q/K scale."""
+    config, spec, model, params, x = setup(name, False, key)
+    t = sym.sample(spec, jax.random.fold_in(key, 1))
+    before = logits(model, params, x)
+
+    stream = {"residual": t["residual"]}
+    moved = sym.apply(spec, params, stream)
+    for kept in ("rel_embeddings", "LayerNorm"):
+        if kept in params["encoder"]:
+            moved["encoder"][kept] = params["encoder"][kept]
+    assert rel_err(logits(model, moved, x, stream), before) > 1e-2
+
+    if config.share_att_key:
+        assert "pos_key" not in params["encoder"]["layer_0"]["attention"]
+        return
+    for role in ("qk_rotation", "qk_scale"):
+        g = {n: t[n] for n in spec.select(roles=[role])}
+        moved = sym.apply(spec, params, g)
+        for layer in moved["encoder"]:
+            if layer.startswith("layer_"):
+                for proj in ("pos_key", "pos_query"):
+                    moved["encoder"][layer]["attention"][proj] = params["encoder"][layer][
+                        "attention"
+                    ][proj]
+        assert rel_err(logits(model, moved, x), before) > 1e-2, role
+
+
 @pytest.mark.parametrize(
     ("name", "scan"),
-    [("bert-h3d4-l2", False), ("bert-h3d4-l2", True), ("llama-k2g2d6-l2-seq", True)],
+    [
+        ("bert-h3d4-l2", False),
+        ("bert-h3d4-l2", True),
+        ("llama-k2g2d6-l2-seq", True),
+        ("deberta-v2-h5d2-l1-token", True),
+    ],
 )
 def test_group_laws(name, scan, key):
     config, spec, _, params, _ = setup(name, scan, key)

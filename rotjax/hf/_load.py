@@ -28,12 +28,15 @@ class DroppedHeadWarning(UserWarning):
 
 
 def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> tuple[Config, Any]:
-    """Convert a Hugging Face BERT, RoBERTa or ViT model into a rotjax config and params.
+    """Convert a Hugging Face BERT, RoBERTa, ViT, Llama/Mistral/Qwen2 or DeBERTa-v2/v3 model into
+    a rotjax config and params.
 
     Supported architectures: ``BertModel``, ``BertForSequenceClassification``,
-    ``BertForTokenClassification``, the same three for RoBERTa, ``ViTModel`` and
-    ``ViTForImageClassification``; of pretraining checkpoints (``BertForMaskedLM``,
-    ``BertForPreTraining``, ``RobertaForMaskedLM``, ``ViTForMaskedImageModeling``) the encoder,
+    ``BertForTokenClassification``, the same three for RoBERTa and for DeBERTa-v2
+    (``DebertaV2Model`` ...), ``ViTModel`` and ``ViTForImageClassification``, ``LlamaModel``,
+    ``LlamaForCausalLM``, ``LlamaForSequenceClassification`` and the same for Mistral and Qwen2;
+    of pretraining checkpoints (``BertForMaskedLM``, ``BertForPreTraining``,
+    ``RobertaForMaskedLM``, ``ViTForMaskedImageModeling``, ``DebertaV2ForMaskedLM``) the encoder,
     with a `DroppedHeadWarning` saying which head tensors were left out. The architecture comes
     from ``config.json``'s ``architectures`` (or the class of an in-memory model; a config
     without ``architectures`` is a base model of its ``model_type``); whether a base model
@@ -69,6 +72,8 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
     else:
         hf_config, tensors, arch = _read_torch_model(source)
     tensors = _canonical_names(tensors, arch)
+    if isinstance(source, str | os.PathLike) and not hf_config.get("architectures"):
+        arch = _pretraining_head(arch, tensors)
     if arch.dropped_head:
         head = sorted(n for n in tensors if n.startswith(arch.dropped_head))
         tensors = {n: x for n, x in tensors.items() if not n.startswith(arch.dropped_head)}
@@ -179,6 +184,19 @@ def _architecture(hf_config: Mapping[str, Any], *, where: str) -> _mapping.Archi
     return arch
 
 
+def _pretraining_head(
+    arch: _mapping.Architecture, tensors: Mapping[str, np.ndarray]
+) -> _mapping.Architecture:
+    """A ``config.json`` without ``architectures`` (microsoft/deberta-v3-base's) names no head:
+    if the checkpoint holds the pretraining head of an architecture of its model type, it is
+    that architecture (whose head `load` drops), not the base model."""
+    for a in _mapping.ARCHITECTURES.values():
+        same_type = a.model_type == arch.model_type and a.dropped_head
+        if same_type and any(name.startswith(a.dropped_head) for name in tensors):
+            return a
+    return arch
+
+
 def _canonical_names(
     tensors: Mapping[str, np.ndarray], arch: _mapping.Architecture
 ) -> dict[str, np.ndarray]:
@@ -262,7 +280,7 @@ def _to_rotjax(
 
     def shown(name: str) -> str:  # names as in the checkpoint, prefix included
         first = name.split(".", 1)[0]
-        keep = arch.task is None or first in _mapping.HEAD_MODULES
+        keep = arch.task is None or first in arch.head_modules
         return name if keep else prefix + name
 
     known = {name for name, _, _ in wanted}

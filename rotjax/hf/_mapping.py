@@ -4,8 +4,8 @@ Each row is ``(rotjax path pattern, Hugging Face name pattern, conversion)``; ``
 a layer index in both patterns. Rows are looked up from the rotjax side only (the model's own
 param paths pick their rows), so the same table serves loading (Hugging Face -> rotjax) and
 saving (rotjax -> Hugging Face). Hugging Face names here are those of checkpoints on disk (what
-``save_pretrained`` writes), without the base-model prefix (``bert.``, ``roberta.``, ``vit.``),
-which encoder tensors carry in checkpoints of models with a task head.
+``save_pretrained`` writes), without the base-model prefix (``bert.``, ``roberta.``, ``vit.``,
+``model.``, ``deberta.``), which encoder tensors carry in checkpoints of models with a task head.
 
 A `Conversion` maps a PyTorch tensor to the Flax layout and back (``D`` hidden size, ``H``
 heads, ``d`` head width, ``F`` FFN width, ``C`` channels, ``p`` patch size):
@@ -151,8 +151,35 @@ LLAMA_TABLE: tuple[Row, ...] = (  # Llama, Mistral, Qwen2 (base-model prefix "mo
 )
 DECODER_TYPES = ("llama", "mistral", "qwen2")
 
+_DEB = "encoder.layer.{i}.attention"
+
+DEBERTA_TABLE: tuple[Row, ...] = (  # DeBERTa-v2/v3 (base-model prefix "deberta.")
+    ("embeddings/word_embeddings/embedding", "embeddings.word_embeddings.weight", SAME),
+    ("embeddings/position_embeddings/embedding", "embeddings.position_embeddings.weight", SAME),
+    ("embeddings/token_type_embeddings/embedding", "embeddings.token_type_embeddings.weight", SAME),
+    *_norm("embeddings/LayerNorm", "embeddings.LayerNorm"),
+    ("encoder/rel_embeddings/embedding", "encoder.rel_embeddings.weight", SAME),
+    *_norm("encoder/LayerNorm", "encoder.LayerNorm"),
+    *(
+        row
+        for ours in ("query", "key", "value", "pos_key", "pos_query")
+        for row in (
+            (f"{_LAYER}/attention/{ours}/kernel", f"{_DEB}.self.{ours}_proj.weight", QKV_KERNEL),
+            (f"{_LAYER}/attention/{ours}/bias", f"{_DEB}.self.{ours}_proj.bias", HEAD_BIAS),
+        )
+    ),
+    (f"{_LAYER}/attention/out/kernel", f"{_DEB}.output.dense.weight", OUT_KERNEL),
+    (f"{_LAYER}/attention/out/bias", f"{_DEB}.output.dense.bias", SAME),
+    *_norm(f"{_LAYER}/attention_norm", f"{_DEB}.output.LayerNorm"),
+    *_dense(f"{_LAYER}/ffn/intermediate", f"{_HF_LAYER}.intermediate.dense"),
+    *_dense(f"{_LAYER}/ffn/output", f"{_HF_LAYER}.output.dense"),
+    *_norm(f"{_LAYER}/output_norm", f"{_HF_LAYER}.output.LayerNorm"),
+    *_dense("pooler", "pooler.dense"),  # ContextPooler: beside the base model, not in it
+    *_dense("classifier", "classifier"),
+)
+
 # Top-level rotjax modules that sit outside the base model, so their Hugging Face names carry
-# no base-model prefix.
+# no base-model prefix (DeBERTa's pooler too: `Architecture.head_modules`).
 HEAD_MODULES = frozenset({"classifier", "lm_head", "score"})
 
 # Tensors in checkpoints that are not parameters (registered buffers), ignored on load.
@@ -169,7 +196,8 @@ class Architecture(NamedTuple):
 
     Attributes:
       name: The transformers class name, as in ``config.json``'s ``architectures``.
-      model_type: ``"bert"``, ``"roberta"``, ``"vit"``, ``"llama"``, ``"mistral"``, ``"qwen2"``.
+      model_type: ``"bert"``, ``"roberta"``, ``"vit"``, ``"llama"``, ``"mistral"``, ``"qwen2"``,
+        ``"deberta-v2"``.
       task: The rotjax ``Config.task`` of the head (None for a base model).
       dropped_head: For pretraining architectures (masked LM ...): the name prefixes of the
         head's tensors, which `load` drops (it loads the encoder; `save` never writes these).
@@ -184,12 +212,21 @@ class Architecture(NamedTuple):
     def table(self) -> tuple[Row, ...]:
         if self.model_type in DECODER_TYPES:
             return LLAMA_TABLE
+        if self.model_type == "deberta-v2":
+            return DEBERTA_TABLE
         return VIT_TABLE if self.model_type == "vit" else BERT_TABLE
 
     @property
     def prefix(self) -> str:
         """The base-model prefix of tensor names in checkpoints of models with a head."""
-        return "model" if self.model_type in DECODER_TYPES else self.model_type
+        if self.model_type in DECODER_TYPES:
+            return "model"
+        return "deberta" if self.model_type == "deberta-v2" else self.model_type
+
+    @property
+    def head_modules(self) -> frozenset[str]:
+        """Top-level rotjax modules outside the base model (names without the prefix)."""
+        return HEAD_MODULES | {"pooler"} if self.model_type == "deberta-v2" else HEAD_MODULES
 
 
 ARCHITECTURES: dict[str, Architecture] = {
@@ -218,6 +255,17 @@ ARCHITECTURES: dict[str, Architecture] = {
                 ("ForCausalLM", "causal_lm"),
                 ("ForSequenceClassification", "sequence_classification"),
             )
+        ),
+        Architecture("DebertaV2Model", "deberta-v2", None),
+        Architecture("DebertaV2ForSequenceClassification", "deberta-v2", "sequence_classification"),
+        Architecture("DebertaV2ForTokenClassification", "deberta-v2", "token_classification"),
+        # Pretraining checkpoints: the legacy and the new MLM head; v3's replaced-token
+        # detection checkpoints also keep a mask_predictions head.
+        Architecture(
+            "DebertaV2ForMaskedLM",
+            "deberta-v2",
+            None,
+            ("cls.", "lm_predictions.", "mask_predictions."),
         ),
     )
 }
@@ -255,7 +303,7 @@ def hf_name(arch: Architecture, path: str, *, prefixed: bool) -> tuple[str, Conv
         m = regex.fullmatch(path)
         if m is not None:
             name = hf.format(**m.groupdict())
-            if prefixed and path.split("/", 1)[0] not in HEAD_MODULES:
+            if prefixed and path.split("/", 1)[0] not in arch.head_modules:
                 name = f"{arch.prefix}.{name}"
             return name, conv
     raise ValueError(f"rotjax param {path!r} has no Hugging Face name for {arch.name}")

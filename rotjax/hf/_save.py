@@ -151,7 +151,8 @@ def _hf_config(
     arch: _mapping.Architecture, config: Config, id2label: Mapping[int, str] | None
 ) -> dict[str, Any]:
     out = {
-        f.name: getattr(config, f.name)
+        # (tuples, which keep configs hashable, are lists in config.json: DeBERTa's pos_att_type)
+        f.name: list(v) if isinstance(v := getattr(config, f.name), tuple) else v
         for f in dataclasses.fields(config)
         if f.name not in _ROTJAX_FIELDS
     }

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 from typing import Any
 
-from rotjax.models import bert, llama, vit
+from rotjax.models import bert, deberta, llama, vit
 from rotjax.models._family import Family
 from rotjax.models._layers import check_fields
 from rotjax.models._layout import stack_layers, unstack_layers
 from rotjax.models._pretrained import with_pretrained
 
-FAMILIES: tuple[Family, ...] = (bert.FAMILY, vit.FAMILY, llama.FAMILY)
+FAMILIES: tuple[Family, ...] = (bert.FAMILY, vit.FAMILY, llama.FAMILY, deberta.FAMILY)
 """Every registered model family."""
 
 
@@ -53,6 +53,7 @@ __all__ = [
     "Family",
     "bert",
     "check_fields",
+    "deberta",
     "family",
     "family_of_model_type",
     "llama",

@@ -23,7 +23,7 @@ class Family:
     """What the rest of rotjax knows about one model family.
 
     Attributes:
-      name: ``"bert"`` (BERT and RoBERTa) or ``"vit"``.
+      name: ``"bert"`` (BERT and RoBERTa), ``"vit"``, ``"llama"`` or ``"deberta"``.
       Config: the config dataclass (Hugging Face field names).
       Model: the Flax module class; ``Model(config)`` builds the model.
       symmetry_spec: ``config -> Spec`` of ``Model(config)``'s params.

@@ -53,9 +53,11 @@ _TYPES = {
 }
 
 
-def check_fields(config: Any) -> None:
+def check_fields(config: Any, *, may_be_zero: tuple[str, ...] = ()) -> None:
     """Check every field of a config dataclass against its annotation (``int``, ``float``,
-    ``str``, ``bool``, optionally ``| None``) and every ``*_size`` / ``num_*`` int for >= 1.
+    ``str``, ``bool``, optionally ``| None``) and every ``*_size`` / ``num_*`` int for >= 1
+    (>= 0 for the fields in ``may_be_zero``, where 0 means "absent": DeBERTa's
+    ``type_vocab_size``).
 
     Raises:
       ValueError: naming the field, the expected type and the value found (a config.json with
@@ -73,8 +75,9 @@ def check_fields(config: Any) -> None:
                 f"config field {f.name} must be {want}, got {value!r} ({type(value).__name__})"
             )
         sized = f.name.endswith("_size") or f.name.startswith("num_")
-        if sized and kinds == ["int"] and value < 1:
-            raise ValueError(f"config field {f.name} must be >= 1, got {value}")
+        least = 0 if f.name in may_be_zero else 1
+        if sized and kinds == ["int"] and value < least:
+            raise ValueError(f"config field {f.name} must be >= {least}, got {value}")
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
