@@ -529,6 +529,12 @@ def test_deberta_masked_lm_checkpoints_load_their_encoder(legacy, seed, tmp_path
     hf_config = json.loads((tmp_path / "mlm" / "config.json").read_text())
     del hf_config["architectures"]
     (tmp_path / "mlm" / "config.json").write_text(json.dumps(hf_config))
+    # ... and its weights hold a position table that position_biased_input=False never reads.
+    weights = tmp_path / "mlm" / "model.safetensors"
+    tensors = safetensors.numpy.load_file(weights)
+    table = np.ones((encoder.max_position_embeddings, encoder.hidden_size), np.float32)
+    tensors["deberta.embeddings.position_embeddings.weight"] = table
+    safetensors.numpy.save_file(tensors, weights)
     with pytest.warns(rotjax.hf.DroppedHeadWarning, match="DebertaV2ForMaskedLM"):
         again = rotjax.hf.load(tmp_path / "mlm")
     assert again[0] == encoder

@@ -48,6 +48,10 @@ def test_family_record_describes_its_model(name, key):
         ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd='batch_norm' is not supported"),
         ({"norm_rel_ebd": "layer_norm"}, "with relative_attention=False is not supported"),
         ({"position_buckets": 1}, "position_buckets=1 is not supported"),
+        (
+            {"relative_attention": True, "position_buckets": 8, "max_relative_positions": 5},
+            "position_buckets=8 with max_relative_positions=5 gives log buckets of zero width",
+        ),
         ({"pooler_hidden_act": "mish"}, "pooler_hidden_act='mish' is not supported"),
         ({"hidden_size": 14}, "hidden_size=14 is not a multiple"),
         ({"type_vocab_size": -1}, "type_vocab_size must be >= 0"),
@@ -81,7 +85,9 @@ def test_deberta_config_reads_transformers_forms():
 def test_deberta_log_buckets_match_transformers():
     torch = pytest.importorskip("torch")
     mdl = pytest.importorskip("transformers.models.deberta_v2.modeling_deberta_v2")
-    for buckets, max_rel, tokens in [(4, 16, 9), (256, 512, 300), (8, 12, 40)]:
+    # Odd bucket counts, a max_relative below the buckets' middle, mid = 1 (buckets 2 and 3).
+    cases = [(4, 16, 9), (256, 512, 300), (8, 12, 40), (7, 20, 30), (16, 5, 30), (2, 9, 12)]
+    for buckets, max_rel, tokens in [*cases, (3, 6, 12)]:
         config = deberta.Config(
             vocab_size=4,
             hidden_size=4,

@@ -228,6 +228,8 @@ def test_token_level_metrics_skip_ignored_labels(seed):
     preds = logits.argmax(-1)[keep]
     np.testing.assert_allclose(got["accuracy"], accuracy_score(labels[keep], preds))
     np.testing.assert_allclose(got["macro_f1"], f1_score(labels[keep], preds, average="macro"))
+    with pytest.raises(ValueError, match=r"needs >= 2 classes, got logits of shape \(3, 5, 1\)"):
+        train.cross_entropy(logits[..., :1], labels)  # a zero loss whatever the model did
 
 
 @pytest.mark.parametrize("n", [1, 13, 40])

@@ -83,6 +83,10 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
             DroppedHeadWarning,
             stacklevel=2,
         )
+    if arch.model_type == "deberta-v2" and not hf_config.get("position_biased_input", True):
+        # Microsoft's checkpoints keep a position table that the model never reads (transformers
+        # ignores it on load too).
+        tensors.pop("embeddings.position_embeddings.weight", None)
     has_pooler = any(name.startswith("pooler.") for name in tensors)
     config = _rotjax_config(arch, hf_config, has_pooler=has_pooler)
     tensors = _untie(config, tensors)

@@ -153,6 +153,11 @@ class Config:
             )
         if self.position_buckets == 1:
             raise ValueError("position_buckets=1 is not supported (no log buckets of width 0)")
+        if self.position_buckets > 1 and self.max_relative - 1 == self.position_buckets // 2:
+            raise ValueError(  # log((max_relative - 1) / mid) = 0: transformers divides by it
+                f"position_buckets={self.position_buckets} with max_relative_positions="
+                f"{self.max_relative} gives log buckets of zero width"
+            )
         _layers.activation(self.hidden_act)
         if self.pooler_hidden_act not in _layers.ACTIVATIONS:
             raise ValueError(
@@ -213,9 +218,9 @@ def relative_positions(config: Config, tokens: int) -> np.ndarray:
     mid = config.position_buckets // 2
     sign = np.sign(rel)
     abs_pos = np.where((rel < mid) & (rel > -mid), mid - 1, np.abs(rel)).astype(np.float32)
-    denom = np.log(np.float32((config.max_relative - 1) / mid))
-    with np.errstate(divide="ignore", invalid="ignore"):  # only where abs_pos <= mid
-        log_pos = np.ceil(np.log(abs_pos / np.float32(mid)) / denom * np.float32(mid - 1)) + mid
+    denom = np.log(np.float32((config.max_relative - 1) / mid))  # != 0: Config checks it
+    far = np.where(abs_pos > mid, abs_pos, np.float32(mid + 1))  # the log only where it is used
+    log_pos = np.ceil(np.log(far / np.float32(mid)) / denom * np.float32(mid - 1)) + mid
     return np.where(abs_pos <= mid, rel, log_pos * sign).astype(np.int64)
 
 

@@ -33,6 +33,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.
         ``(loss, count)``: ``sum_i valid_i * CE_i / max(count, 1)`` and the number of valid
         labels.
     """
+    if logits.shape[-1] < 2:  # one class: the loss is 0 whatever the model does
+        raise ValueError(
+            f"cross_entropy needs >= 2 classes, got logits of shape {logits.shape} "
+            "(num_labels=1 is regression in transformers; rotjax trains classifiers only)"
+        )
     logits, labels, valid = _flat(logits, labels)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
     count = valid.sum()
