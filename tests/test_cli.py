@@ -154,6 +154,7 @@ def test_llama_checkpoints_align_merge_and_inspect(tmp_path, key, capsys):
     text = capsys.readouterr().out
     assert "qk_rotation  orth  x2   size 2 heads x SO(2)^3" in text, text
     assert "vo_rotation  orth  x2   size 2 heads x O(6)" in text, text
+    assert "query_heads  hperm x2   size 2 heads x S_2" in text, text
 
 
 @pytest.mark.parametrize(("method", "align"), [("regmean", "all"), ("average", "activations")])

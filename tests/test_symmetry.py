@@ -59,6 +59,10 @@ def test_random_elements_preserve_function(name, scan, key):
         if role == "stream_rotation":  # only in canonical specs: tests/test_stream.py
             assert not names
             continue
+        if role == "query_heads":  # only grouped-query attention with G > 1 query heads
+            assert bool(names) == (getattr(config, "groups", 1) > 1), name
+            if not names:
+                continue
         assert names, f"no {role} group in {name}"
         ident = sym.identity(spec)
         t = {**ident, **{g: full[g] for g in names}}
@@ -108,6 +112,24 @@ def test_rope_needs_pair_rotations(name, key):
     assert rel_err(logits(model, sym.apply(full, params, t), x), before) > 1e-2
 
 
+@pytest.mark.parametrize("name", list(LLAMA_CONFIGS))
+def test_query_heads_move_with_their_output_slices(name, key):
+    """Negative control for grouped-query attention: the query heads of a group permuted in the
+    query kernel but not in the output kernel change the logits (together they do not); with
+    one query head per key-value head there is no such group."""
+    config, spec, model, params, x = setup(name, False, key)
+    names = spec.select(roles=["query_heads"])
+    t = {n: jnp.roll(sym.identity_element(spec.groups[n]), 1, axis=-1) for n in names}
+    moved = sym.apply(spec, params, t)
+    before = logits(model, params, x)
+    assert rel_err(logits(model, moved, x), before) <= TOL
+    attention = lambda p: p["decoder"]["layer_0"]["attention"]
+    attention(moved)["out"] = attention(params)["out"]
+    assert rel_err(logits(model, moved, x), before) > 1e-2
+    mha = dataclasses.replace(config, num_key_value_heads=config.num_attention_heads)
+    assert family(mha).symmetry_spec(mha).select(roles=["query_heads"]) == ()
+
+
 @pytest.mark.parametrize("name", list(DEBERTA_CONFIGS))
 def test_deberta_position_terms_are_read_in_the_stream_and_qk_bases(name, key):
     """Negative controls for DeBERTa's disentangled attention (the declared groups keep the
@@ -148,6 +170,7 @@ def test_deberta_position_terms_are_read_in_the_stream_and_qk_bases(name, key):
         ("bert-h3d4-l2", False),
         ("bert-h3d4-l2", True),
         ("llama-k2g2d6-l2-seq", True),
+        ("qwen2-k1g4d4-l1", False),
         ("deberta-v2-h5d2-l1-token", True),
     ],
 )

@@ -27,6 +27,8 @@ groups (--solve):
   scale     per-head rescaling Q*a, K/a and V*a, O/a (closed form, paper Eq. 11-12)
   ffn       permutation of the FFN hidden units of every layer (and of pooler units)
   heads     permutation of whole heads within a layer (beyond the paper)
+  query_heads  grouped-query attention: permutation of the query heads inside each key-value
+            head's group (beyond the paper)
   residual  one permutation of the residual stream (beyond the paper; coordinate descent)
   stream    an orthogonal rotation of the residual stream (pre-norm models such as ViT, put
             in canonical form first: norms folded into the layers that read them, the stream

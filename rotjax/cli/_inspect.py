@@ -13,6 +13,8 @@ from rotjax.tree import flatten
 def _size(g: sym.Group) -> str:
     if g.kind == "perm":
         return f"{g.size}"
+    if g.kind == "hperm":
+        return f"{g.size} heads x S_{g.dim}"
     if g.kind == "rot":
         return f"O({g.size - g.keeps_ones})"
     if g.kind == "orth":
@@ -49,11 +51,12 @@ def run(args) -> int:
             sizes = sorted({_size(g) for g in groups}, key=lambda s: (len(s), s))
             count = sum(math.prod(g.batch) for g in groups)
             print(f"    {role:12s} {groups[0].kind:5s} x{count:<3d} size {', '.join(sizes)}")
+    discrete = [g for g in spec.groups.values() if g.kind in ("perm", "hperm")]
     dof = sum(
-        math.lgamma(g.size + 1) / math.log(10) * math.prod(g.batch)
-        for g in spec.groups.values()
-        if g.kind == "perm"
+        math.lgamma(g.shape[-1] + 1) / math.log(10) * math.prod(g.shape[:-1]) for g in discrete
     )
-    cont = sum(math.prod(g.batch) * _dimension(g) for g in spec.groups.values() if g.kind != "perm")
+    cont = sum(
+        math.prod(g.batch) * _dimension(g) for g in spec.groups.values() if g not in discrete
+    )
     print(f"  continuous dimensions {cont:,}; discrete elements 10^{dof:,.0f}")
     return 0

@@ -8,16 +8,21 @@ It is minimised block by block, each block in closed form given the others:
   ``R_qk, R_vo`` jointly, given the scales, then the scales (`rotjax.match._attention`);
 - ``scale`` alone when no rotation is solved: per head, ``a`` minimising
   ``Σ‖A_+ - a B_+‖² + Σ‖A_- - B_-/a‖²``, the least root of a quartic (paper, Eq. 11-12);
-- ``ffn`` (FFN units, pooler units) and ``residual`` (the stream): linear assignment on
-  ``C[i, j] = Σ_p ⟨A_p[.., i, ..], B_p[.., j, ..]⟩`` with every other group applied to B (Git
-  Re-Basin's weight matching; `rotjax.match._permutations`).
+- ``query_heads`` (grouped-query attention: the query heads inside each key-value head's
+  group), ``ffn`` (FFN units, pooler units) and ``residual`` (the stream): linear assignment
+  on ``C[i, j] = Σ_p ⟨A_p[.., i, ..], B_p[.., j, ..]⟩`` with every other group applied to B
+  (Git Re-Basin's weight matching; `rotjax.match._permutations`), for the query heads one
+  G x G assignment per layer and key-value head, on the query kernels and biases (the Q/K
+  rotation and scale applied) and the output kernel's slices (the V/O rotation applied).
 
 Without the residual group the blocks are independent up to the rotation-scale coupling and
-one pass in the order attention, scale, ffn is the paper's method. With it, the groups
-interact and the blocks are swept by coordinate descent (after the first sweep in a random
-order per sweep when a key is given) until the objective stops improving. Every block step is
-an exact minimisation, or for the head permutation the best of several candidates that
-include the current one, so the objective never increases.
+one pass in the order attention, scale, ffn is the paper's method. With it, or with the query
+heads solved together with the attention block (the rotations are fitted to the query heads
+in their current order, and the other way round), the groups interact and the blocks are
+swept by coordinate descent (after the first sweep in a random order per sweep when a key is
+given) until the objective stops improving. Every block step is an exact minimisation, or
+for the head permutation the best of several candidates that include the current one, so the
+objective never increases.
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ BLOCKS = {
     "scale": ("qk_scale", "vo_scale"),
     "ffn": ("ffn",),
     "heads": ("heads",),
+    "query_heads": ("query_heads",),
     "residual": ("residual",),
     "stream": ("stream_rotation",),
 }
@@ -146,8 +152,10 @@ def align(
       anchor_params: A's params; not changed.
       params: B's params; not changed.
       solve: blocks to solve, from ``"rotation"``, ``"scale"``, ``"ffn"`` (FFN units and the
-        pooler's / head's units), ``"heads"`` and ``"residual"`` (or one such name); the
-        others stay at the identity (or at ``init``). The default is the paper's method.
+        pooler's / head's units), ``"heads"``, ``"query_heads"`` (grouped-query attention:
+        the query heads inside each key-value group), ``"residual"`` and ``"stream"`` (or one
+        such name); the others stay at the identity (or at ``init``). The default is the
+        paper's method.
       layers: solve per-layer groups of these layers only (the paper's layer-subset study);
         None for all. Each must be a layer of the model.
       solver: linear assignment on the host (``"scipy"``) or in a jitted graph (``"optax"``).
@@ -157,10 +165,11 @@ def align(
         per-layer groups were fitted with the stream at the identity. Ignored when ``init``
         holds the residual group.
       max_sweeps: coordinate-descent sweeps; default 1 without the residual group (the paper's
-        single pass), else 50.
+        single pass), else 50; 50 too when the query heads are solved with heads or rotations.
       tol: stop when a sweep improves the objective by less than ``tol`` relatively.
       key: shuffles the block order of every sweep after the first (which runs in the fixed
-        order attention, scale, ffn, residual); None keeps the fixed order.
+        order attention, scale, query_heads, ffn, residual, stream); None keeps the fixed
+        order.
       init: a (partial) transform to start from, e.g. `rotjax.merge.activation_init`'s; the
         descent refines it (the groups it holds are applied from the start, solved or not).
 
@@ -247,6 +256,10 @@ def _stages(spec, names, rotated=False):
         stages["attention"] = (fn, heads + rots + merged)
     if scales and not merged:
         stages["scale"] = (functools.partial(scale_stage, names=scales), scales)
+    # After the attention block: the query heads are matched with the key-value heads, their
+    # rotations and scales in place (all shared by the group, so they commute with σ).
+    if perms := by_role("query_heads"):
+        stages["query_heads"] = (functools.partial(perm_stage, names=perms), perms)
     if perms := by_role("ffn"):
         stages["ffn"] = (functools.partial(perm_stage, names=perms), perms)
     streams = by_role("stream_rotation")
@@ -276,7 +289,9 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     stages = _stages(spec, names, rotated)
     residual = tuple(n for n in names if spec.groups[n].role == "residual")
     streams = tuple(n for n in names if spec.groups[n].role == "stream_rotation")
-    max_sweeps = options.max_sweeps or (50 if residual or streams else 1)
+    # The query heads and the attention block are fitted to each other: coordinate descent too.
+    coupled = "query_heads" in stages and "attention" in stages
+    max_sweeps = options.max_sweeps or (50 if residual or streams or coupled else 1)
 
     # Only the params some solved (or initialised) group acts on can move; the rest is a
     # constant of J, measured once.

@@ -33,12 +33,35 @@ from rotjax.match._objective import (
 from rotjax.match._solvers import assign_all, best_scale, pair_procrustes, procrustes
 
 
+def _head_skip(spec, hname):
+    """The groups left out of B when scoring pairings of heads: the head permutation and the
+    per-head elements over it, but not the query-head orders (``hperm``), which the scores
+    see attached to B's heads (`_carry_query_orders`)."""
+    return frozenset(
+        n for n, o in spec.group_items if n == hname or (o.over == hname and o.kind != "hperm")
+    )
+
+
+def _carry_query_orders(spec, heads, t, new):
+    """``new`` with the query-head orders of ``t`` (``hperm`` groups over ``heads``) moved
+    along with B's heads: the head that was at position h (B's head π[h]) keeps its order
+    under the new permutation π', ``σ'[h] = σ[π⁻¹[π'[h]]]``."""
+    out = dict(new)
+    for r, g in spec.group_items:
+        if g.kind == "hperm" and g.over in heads and r in t:
+            src = jnp.take_along_axis(
+                jnp.argsort(el(spec, t, g.over), axis=-1), el(spec, new, g.over), axis=-1
+            )
+            out[r] = jnp.take_along_axis(t[r], src[..., None], axis=-2)
+    return out
+
+
 def _head_terms(spec, hname, a, b, t):
     """For the params of head group ``hname``: (rotation group or None, scale weight a[h]^±1,
     A and B with head axis (and dim axis) moved to the front, rest flattened)."""
     g = spec.groups[hname]
     k = len(g.batch)
-    skip = frozenset(n for n, o in spec.group_items if n == hname or o.over == hname)
+    skip = _head_skip(spec, hname)
     for path, act in spec.users[hname]:
         rot = action_of(spec, path, "orth", skip)
         _, w = scale_weight(spec, path, t, g.shape, skip)
@@ -188,9 +211,13 @@ def attention_stage(ctx: Context, t: dict, active: frozenset, *, heads, rots, sc
     if not heads:
         return complete(t) if rots else t
     candidates = [t]
-    scores = _head_scores(spec, heads, rots, a, b, sub(t, active))
-    for s in (scores, _head_invariants(spec, heads, a, b, sub(t, active))):
-        candidates.append(masked(t, assign_all(s, solver=ctx.solver), ctx.masks))
+    # B's query heads in their current orders, attached to B's heads (not to positions).
+    ident = {h: sym.identity_element(spec.groups[h]) for h in heads}
+    view = _carry_query_orders(spec, heads, sub(t, active), {**sub(t, active), **ident})
+    scores = _head_scores(spec, heads, rots, a, b, view)
+    for s in (scores, _head_invariants(spec, heads, a, b, view)):
+        c = masked(t, assign_all(s, solver=ctx.solver), ctx.masks)
+        candidates.append(_carry_query_orders(spec, heads, t, c))
     if rots:
         candidates = [complete(c) for c in candidates]
     solved = active | set(heads + rots + scales)
@@ -216,7 +243,7 @@ def _head_invariants(spec, heads, a, b, t):
                 scl = action_of(spec, path, "scale")
                 power = 1 if scl is None else scl.power
                 # B with the groups of other axes applied (the stream, mainly), not its heads'.
-                skip = frozenset(n for n, o in spec.group_items if n == hname or o.over == hname)
+                skip = _head_skip(spec, hname)
                 bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
                 am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
                 m = jnp.einsum("...hir,...jkr->...hjik", am, bm)

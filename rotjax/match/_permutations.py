@@ -1,5 +1,6 @@
-"""The permutation block: FFN units and the residual stream by linear assignment (Git Re-Basin's
-weight matching), every other group applied to B."""
+"""The permutation block: FFN units, the residual stream and the query heads inside each
+grouped-query attention group by linear assignment (Git Re-Basin's weight matching), every
+other group applied to B."""
 
 from __future__ import annotations
 
@@ -19,12 +20,15 @@ from rotjax.tree import to_dict
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _perm_costs(spec, names, exclusive, a, b, t):
     """``C[..., i, j] = Σ_p ⟨A_p[i], (g·B)_p[j]⟩`` per permutation group, the group itself left
-    out of g; ``exclusive`` keeps only params on which no other group acts."""
+    out of g; for a per-head permutation (``hperm``) one such matrix per head h,
+    ``C[..., h, i, j] = Σ_p ⟨A_p[h, i], (g·B)_p[h, j]⟩``. ``exclusive`` keeps only params on
+    which no other group acts."""
     out = {}
     for n in names:
         g = spec.groups[n]
         k = len(g.batch)
-        cost = jnp.zeros((*g.batch, g.size, g.size), jnp.float32)
+        cost = jnp.zeros((*g.shape, g.shape[-1]), jnp.float32)
+        form = "...hir,...hjr->...hij" if g.kind == "hperm" else "...ir,...jr->...ij"
         for path, act in spec.users[n]:
             # Exclusive terms: no other group acts (a rotation of the same axis, applied after
             # the permutation, is still at the identity when they are used).
@@ -33,7 +37,7 @@ def _perm_costs(spec, names, exclusive, a, b, t):
                 continue
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=frozenset([n]))
             am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
-            cost = cost + jnp.einsum("...ir,...jr->...ij", am, bm)
+            cost = cost + jnp.einsum(form, am, bm)
         out[n] = cost
     return out
 
@@ -54,7 +58,8 @@ def permutation_scores(
 ) -> dict[str, jax.Array]:
     """Git Re-Basin's weight-matching scores ``C[..., i, j] = Σ_p ⟨A_p[.., i, ..],
     (g·B)_p[.., j, ..]⟩`` of each permutation group in ``names``, summed over every param the
-    group acts on, with ``g`` the ``transform`` without the group itself (float32)."""
+    group acts on, with ``g`` the ``transform`` without the group itself (float32); for a
+    per-head permutation (``hperm``), one matrix per head: ``C[..., h, i, j]``."""
     f32 = lambda t: {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(t).items()}
     t = {n: x for n, x in (transform or {}).items() if n in spec.groups}
     return _perm_costs(spec, tuple(names), False, f32(anchor_params), f32(params), t)

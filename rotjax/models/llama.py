@@ -273,10 +273,12 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
     head: ``V[:, k] R[k]``, and ``R[k]ᵀ O[k, g]`` for every query head g of its group),
     ``qk_scale`` (``Q[:, k, g]·a[k]``, ``K[:, k]/a[k]``), ``vo_scale``, and ``units``
     (SwiGLU's hidden units: gate and up together, down's input; no scale, SiLU is not
-    homogeneous). Not here: permutations of the query heads inside a group, and per-frequency
-    Q/K scales (both symmetries too). With ``stream_rotation``: the group ``stream``, all of
-    O(D) on the residual stream, a symmetry of the canonical form (RMSNorm scales folded into
-    the readers; no centring).
+    homogeneous), and with G > 1 ``query_heads`` (per key-value head k, a permutation σ[k] of
+    its G query heads, which share its K and V: ``Q[:, k, g] ← Q[:, k, σ[k, g]]`` and
+    ``O[k, g] ← O[k, σ[k, g]]``, biases too; it commutes with the rotations and scales, which
+    are shared by the group). Not here: per-frequency Q/K scales (a symmetry too). With
+    ``stream_rotation``: the group ``stream``, all of O(D) on the residual stream, a symmetry
+    of the canonical form (RMSNorm scales folded into the readers; no centring).
     """
     c = config
     D, F, V = c.hidden_size, c.intermediate_size, c.vocab_size
@@ -292,9 +294,15 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
     ):
         b = len(batch)
         at = f"{prefix}/attention"
-        names = ("heads", "qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
-        heads, qr, vo, qs, vs = (f"{at}/{r}" for r in names)
+        names = ("heads", "query_heads", "qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
+        heads, qh, qr, vo, qs, vs = (f"{at}/{r}" for r in names)
         pairs = sym.Group("orth", K, d, batch, heads, "qk_rotation", layer, pairs=True)
+        # The query heads of a group: with G = 1 there is nothing to permute.
+        within = lambda head_axis, qh=qh: [Action(qh, (head_axis, head_axis + 1))] * (G > 1)
+        if G > 1:
+            frags.append(
+                sym.group(qh, sym.Group("hperm", K, G, batch, heads, "query_heads", layer))
+            )
         frags += [
             sym.permutation(heads, K, batch=batch, role="heads", layer=layer),
             sym.group(qr, pairs),
@@ -308,6 +316,7 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
                 (*batch, D, K, G, d),
                 Action(res, (b,)),
                 Action(heads, (b + 1,)),
+                *within(b + 1),
                 Action(qr, (b + 1, b + 3)),
                 Action(qs, (b + 1,), 1),
             ),
@@ -331,6 +340,7 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
                 f"{at}/out/kernel",
                 (*batch, K, G, d, D),
                 Action(heads, (b,)),
+                *within(b),
                 Action(vo, (b, b + 2)),
                 Action(vs, (b,), -1),
                 Action(res, (b + 3,)),
@@ -342,6 +352,7 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
                     f"{at}/query/bias",
                     (*batch, K, G, d),
                     Action(heads, (b,)),
+                    *within(b),
                     Action(qr, (b, b + 2)),
                     Action(qs, (b,), 1),
                 ),

@@ -11,6 +11,8 @@ Group kinds and elements (``*batch`` is the group's batch shape: ``(L,)`` for a 
 layers, one element per layer; ``()`` otherwise):
 
 - ``"perm"`` of size n: ``int32[*batch, n]``, a permutation π.
+- ``"hperm"`` over H heads of n items each: ``int32[*batch, H, n]``, one permutation σ[h] of
+  the items of each head (the query heads of a grouped-query attention group).
 - ``"orth"`` over H heads of width d: ``float[*batch, H, d, d]``, one orthogonal R[h] per head;
   with ``pairs``, only the rotations that commute with RoPE: one SO(2) angle per pair of
   features (i, i + d/2), ``R[i, i] = R[i+d/2, i+d/2] = cos θ_i``, ``R[i, i+d/2] = sin θ_i``,
@@ -31,12 +33,13 @@ from typing import Any
 
 from rotjax.tree import flatten
 
-KINDS = ("perm", "orth", "rot", "scale")
+KINDS = ("perm", "hperm", "orth", "rot", "scale")
 ROLES = (
     "residual",
     "stream_rotation",
     "ffn",
     "heads",
+    "query_heads",
     "qk_rotation",
     "vo_rotation",
     "qk_scale",
@@ -49,16 +52,20 @@ class Group:
     """One symmetry group.
 
     Attributes:
-      kind: ``"perm"``, ``"orth"``, ``"rot"`` or ``"scale"``.
-      size: n for a permutation or a ``rot``; the number of heads H for ``orth`` and ``scale``.
-      dim: the head width d (``orth`` only).
+      kind: ``"perm"``, ``"hperm"``, ``"orth"``, ``"rot"`` or ``"scale"``.
+      size: n for a permutation or a ``rot``; the number of heads H for ``hperm``, ``orth``
+        and ``scale``.
+      dim: the head width d (``orth``), the items per head n (``hperm``); None otherwise.
       batch: leading batch shape of the element: ``(L,)`` for stacked layers.
-      over: for ``orth``/``rot``/``scale``, the name of the permutation group that permutes the
-        same axis (so that `compose` and `invert` know how the two interact), or None.
+      over: for ``hperm``/``orth``/``rot``/``scale``, the name of the permutation group that
+        permutes the same (head) axis (so that `compose` and `invert` know how the two
+        interact), or None.
       role: what the group is in a transformer (one of `ROLES`), used to select groups:
         ``residual`` the stream's permutation, ``stream_rotation`` its rotation (pre-norm models
         in canonical form), ``ffn`` the hidden units of a two-layer block (FFN, pooler,
-        RoBERTa's head), ``heads`` whole attention heads, ``{qk,vo}_{rotation,scale}`` per head.
+        RoBERTa's head), ``heads`` whole attention heads, ``query_heads`` the query heads inside
+        each key-value head's group (grouped-query attention), ``{qk,vo}_{rotation,scale}`` per
+        head.
       layer: the layer index of an unstacked per-layer group; None for stacked or global ones.
       keeps_ones: for ``rot``: only the rotations with ``Q 1 = 1`` (LayerNorm models: the
         stream stays mean-free).
@@ -83,8 +90,8 @@ class Group:
             raise ValueError(f"group kind must be one of {KINDS}, got {self.kind!r}")
         if self.role not in ROLES:
             raise ValueError(f"group role must be one of {ROLES}, got {self.role!r}")
-        if (self.kind == "orth") != (self.dim is not None):
-            raise ValueError("`dim` is required for 'orth' groups and only for them")
+        if (self.kind in ("orth", "hperm")) != (self.dim is not None):
+            raise ValueError("`dim` is required for 'orth' and 'hperm' groups and only for them")
         if self.pairs and (self.kind != "orth" or self.dim % 2):
             raise ValueError(f"`pairs` needs an 'orth' group of even dim, got {self}")
 
@@ -95,6 +102,8 @@ class Group:
             return (*self.batch, self.size, self.dim, self.dim)
         if self.kind == "rot":
             return (*self.batch, self.size, self.size)
+        if self.kind == "hperm":
+            return (*self.batch, self.size, self.dim)
         return (*self.batch, self.size)
 
 
@@ -105,7 +114,8 @@ class Action:
     Attributes:
       group: the group's name.
       axes: ``(axis,)`` for ``perm`` and ``scale`` (the permuted / head axis), ``(head_axis,
-        dim_axis)`` for ``orth``. Axes index the full parameter array, batch axes included.
+        dim_axis)`` for ``orth``, ``(head_axis, item_axis)`` for ``hperm``. Axes index the full
+        parameter array, batch axes included.
       power: ``+1`` or ``-1``: a ``scale`` element multiplies by ``a**power`` (Q·a pairs with
         K/a). Must be +1 for the other kinds (an orthogonal R acts alike on both sides of a
         product: ``W R`` and ``Rᵀ W`` both contract the axis with R's first index).
@@ -234,14 +244,14 @@ def _check(groups: Mapping[str, Group], params: Mapping[str, ParamSpec], *, comp
                 if complete:
                     raise ValueError(f"{where}: unknown group {a.group!r}")
                 continue
-            n_axes = 2 if g.kind == "orth" else 1
+            n_axes = 2 if g.kind in ("orth", "hperm") else 1
             if len(a.axes) != n_axes or not all(len(g.batch) <= ax for ax in a.axes):
                 raise ValueError(f"{where}: bad axes {a.axes} for {g.kind} group {a.group!r}")
             if p.shape[: len(g.batch)] != g.batch:
                 raise ValueError(
                     f"{where}: leading axes must be the batch {g.batch} of group {a.group!r}"
                 )
-            if p.shape[a.axes[0]] != g.size or (g.kind == "orth" and p.shape[a.axes[1]] != g.dim):
+            if p.shape[a.axes[0]] != g.size or (g.dim is not None and p.shape[a.axes[1]] != g.dim):
                 raise ValueError(f"{where}: axes {a.axes} do not fit group {a.group!r} {g.shape}")
             if g.kind != "scale" and a.power != 1:
                 raise ValueError(f"{where}: power {a.power} is not allowed for {g.kind} groups")

@@ -21,7 +21,7 @@ from rotjax.tree import flatten
 Transform = dict[str, jax.Array]
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-_ORDER = {"perm": 0, "orth": 1, "rot": 1, "scale": 2}
+_ORDER = {"perm": 0, "hperm": 1, "orth": 1, "rot": 1, "scale": 2}
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -33,8 +33,8 @@ def identity(spec: Spec) -> Transform:
 
 def identity_element(g: Group) -> jax.Array:
     """The identity element of one group."""
-    if g.kind == "perm":
-        return jnp.broadcast_to(jnp.arange(g.size, dtype=jnp.int32), g.shape)
+    if g.kind in ("perm", "hperm"):
+        return jnp.broadcast_to(jnp.arange(g.shape[-1], dtype=jnp.int32), g.shape)
     if g.kind in ("orth", "rot"):
         return jnp.broadcast_to(jnp.eye(g.shape[-1], dtype=jnp.float32), g.shape)
     return jnp.ones(g.shape, jnp.float32)
@@ -72,7 +72,7 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
     keys = jax.random.split(key, max(len(spec.group_items), 1))
     out = {}
     for k, (name, g) in zip(keys, spec.group_items, strict=False):
-        if g.kind == "perm":
+        if g.kind in ("perm", "hperm"):
             u = jax.random.uniform(k, g.shape)
             out[name] = jnp.argsort(u, axis=-1).astype(jnp.int32)
         elif g.kind == "orth" and g.pairs:
@@ -101,6 +101,9 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     parameter ``W`` is changed, axis by axis, by the groups acting on it:
 
     - ``perm`` on axis k: ``W'[..., i, ...] = W[..., π[i], ...]`` (a gather along k);
+    - ``hperm`` on (head axis, item axis): ``W'[.., h, .., i, ..] = W[.., h, .., σ[h, i], ..]``,
+      e.g. ``W_Q'[:, k, g] = W_Q[:, k, σ[k, g]]`` and ``W_O'[k, g] = W_O[k, σ[k, g]]`` for the
+      query heads g of key-value head k;
     - ``orth`` on (head axis, dim axis): ``W'[.., h, .., j, ..] = Σ_i W[.., h, .., i, ..] R[h]_ij``,
       i.e. ``W_Q[:, h] R[h]`` for query/key/value kernels and ``R[h]ᵀ W_O[h]`` for the
       output kernel (whose d axis comes first);
@@ -109,8 +112,9 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
       index);
     - ``scale`` on the head axis: ``W'[.., h, ..] = a[h]^power W[.., h, ..]``.
 
-    Permutations act first, then rotations, then scales, so for a head permutation π of the
-    same axis: ``W_Q'[:, h] = a[h] W_Q[:, π[h]] R[h]``. Batched (stacked-layer) groups act
+    Permutations act first, then per-head permutations and rotations, then scales, so for a
+    head permutation π of the same axis: ``W_Q'[:, h] = a[h] W_Q[:, π[h]] R[h]`` and
+    ``W_Q'[:, k, g] = W_Q[:, π[k], σ[k, g]]``. Batched (stacked-layer) groups act
     layer by layer on the leading axes, through `jax.vmap`. Floating-point work runs at
     ``Precision.HIGHEST`` in the promoted dtype; every leaf keeps its dtype.
 
@@ -145,6 +149,14 @@ def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:
     k = len(g.batch)
     if g.kind == "perm":
         take = lambda x, p: jnp.take(x, p, axis=a.axes[0] - k)
+        for _ in range(k):
+            take = jax.vmap(take)
+        return take(x, el)
+    if g.kind == "hperm":  # head h's items gathered by σ[h], batched over k axes
+        head, item = a.axes[0] - k, a.axes[1] - k
+        item = item - (item > head)  # once the head axis is mapped over
+        take = lambda xh, s: jnp.take(xh, s, axis=item)
+        take = jax.vmap(take, in_axes=(head, 0), out_axes=head)
         for _ in range(k):
             take = jax.vmap(take)
         return take(x, el)
@@ -194,9 +206,9 @@ def check_elements(spec: Spec, transform: Mapping[str, jax.Array], *, atol: floa
     check_transform(spec, transform)
     for name, el in transform.items():
         g, x = spec.groups[name], np.asarray(el, np.float64)
-        if g.kind == "perm":
-            ok = (np.sort(x, axis=-1) == np.arange(g.size)).all()
-            what = "a permutation of 0..n-1"
+        if g.kind in ("perm", "hperm"):
+            ok = (np.sort(x, axis=-1) == np.arange(x.shape[-1])).all()
+            what = "a permutation of 0..n-1" + " per head" * (g.kind == "hperm")
         elif g.kind in ("orth", "rot"):
             eye = np.eye(x.shape[-1])
             ok = np.abs(x @ np.swapaxes(x, -1, -2) - eye).max(initial=0.0) <= atol
@@ -239,7 +251,8 @@ def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax
 
     ``apply(spec, apply(spec, p, first), second) == apply(spec, p, compose(spec, first,
     second))``. With π the permutation acting on the same axis:
-    ``π = π1[π2]``, ``R[h] = R1[π2[h]] R2[h]``, ``a[h] = a1[π2[h]] a2[h]``, and for a ``rot``
+    ``π = π1[π2]``, ``σ[h] = σ1[π2[h]][σ2[h]]``, ``R[h] = R1[π2[h]] R2[h]``,
+    ``a[h] = a1[π2[h]] a2[h]``, and for a ``rot``
     ``Q = Q1[π2][:, π2] Q2`` (``P1 Q1 P2 Q2 = P1 P2 (P2ᵀ Q1 P2) Q2``).
     """
     t1, t2 = _full(spec, first), _full(spec, second)
@@ -249,7 +262,9 @@ def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax
             out[name] = jnp.take_along_axis(t1[name], t2[name], axis=-1)
             continue
         p2 = t2[g.over] if g.over else identity_element(Group("perm", g.size, batch=g.batch))
-        if g.kind == "orth":
+        if g.kind == "hperm":
+            out[name] = jnp.take_along_axis(_gather_heads(t1[name], p2, 1), t2[name], axis=-1)
+        elif g.kind == "orth":
             out[name] = jnp.matmul(_gather_heads(t1[name], p2, 2), t2[name], precision=_HIGHEST)
         elif g.kind == "rot":  # (P1 Q1)(P2 Q2) = P1 P2 (P2ᵀ Q1 P2) Q2
             out[name] = jnp.matmul(_gather_both(t1[name], p2), t2[name], precision=_HIGHEST)
@@ -261,8 +276,8 @@ def compose(spec: Spec, first: Mapping[str, jax.Array], second: Mapping[str, jax
 def invert(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
     """The inverse element: ``apply(spec, apply(spec, p, t), invert(spec, t)) == p``.
 
-    ``π⁻¹ = argsort(π)``, ``R⁻¹[h] = R[π⁻¹[h]]ᵀ``, ``a⁻¹[h] = 1 / a[π⁻¹[h]]``, and for a
-    ``rot`` ``Q⁻¹ = Qᵀ[π⁻¹][:, π⁻¹]``.
+    ``π⁻¹ = argsort(π)``, ``σ⁻¹[h] = argsort(σ[π⁻¹[h]])``, ``R⁻¹[h] = R[π⁻¹[h]]ᵀ``,
+    ``a⁻¹[h] = 1 / a[π⁻¹[h]]``, and for a ``rot`` ``Q⁻¹ = Qᵀ[π⁻¹][:, π⁻¹]``.
     """
     t = _full(spec, transform)
     inv_perm = {
@@ -275,7 +290,9 @@ def invert(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
         if g.kind == "perm":
             continue
         p = inv_perm[g.over] if g.over else identity_element(Group("perm", g.size, batch=g.batch))
-        if g.kind == "orth":
+        if g.kind == "hperm":
+            out[name] = jnp.argsort(_gather_heads(t[name], p, 1), axis=-1).astype(jnp.int32)
+        elif g.kind == "orth":
             out[name] = jnp.swapaxes(_gather_heads(t[name], p, 2), -1, -2)
         elif g.kind == "rot":  # (P Q)⁻¹ = Qᵀ Pᵀ = Pᵀ (P Qᵀ Pᵀ)
             out[name] = _gather_both(jnp.swapaxes(t[name], -1, -2), p)
