@@ -23,13 +23,19 @@ from rotjax.train import enable_compilation_cache  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 jax.config.update("jax_numpy_rank_promotion", "raise")
-# XLA's CPU compiler takes ~70 ms a program on this machine; share compiled programs between
-# test processes (pytest-xdist workers) and runs. The cache is keyed by the program itself.
+# XLA's CPU compiler takes ~70 ms a program on this machine; keep compiled programs between
+# runs (keyed by the program itself). One directory per pytest-xdist worker: a process reading
+# an entry that another is still writing can crash, and JAX's locking would scan the directory
+# on every write.
 enable_compilation_cache(
-    os.environ.get("ROTJAX_JAX_CACHE")
-    or os.path.join(os.path.dirname(__file__), "..", ".jax_cache"),
+    os.path.join(
+        os.environ.get("ROTJAX_JAX_CACHE")
+        or os.path.join(os.path.dirname(__file__), "..", ".jax_cache"),
+        "tests-" + os.environ.get("PYTEST_XDIST_WORKER", "main"),
+    ),
     min_compile_seconds=0.0,
     min_entry_bytes=0,
+    max_bytes=None,
 )
 
 

@@ -101,3 +101,36 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys):
     with pytest.raises(SystemExit, match="config field batch_size must be an int, got 'abc'"):
         T.main([*base[:2], "--workdir", str(tmp_path / "new"), "--set", "batch_size=abc"])
     assert not (tmp_path / "new").exists()
+
+
+def test_paths(tmp_path, capsys):
+    """Two tiny random Fashion-MNIST ViTs: every path ends at A and at aligned B (same function
+    as B), and the JSON holds what the plot shows."""
+    import jax
+    import numpy as np
+
+    from experiments import paths
+    from rotjax.models import family, vit
+
+    config = vit.Config(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=8, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, num_labels=10, task="image_classification",
+    )  # fmt: skip
+    for i, name in enumerate("ab"):
+        shapes = family(config).param_shapes(config)
+        leaves, tree = jax.tree.flatten(shapes)
+        keys = jax.random.split(jax.random.key(i), len(leaves))
+        params = [0.3 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)]
+        hf.save(tmp_path / name, config, jax.tree.unflatten(tree, params))
+    out = tmp_path / "out"
+    argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--images", "64", "--points", "3"]
+    paths.main([*argv, "--out", str(out)])
+    result = json.loads((out / "paths.json").read_text())
+    assert list(result) == ["none", "paper", "all", "all + stream"]
+    ends = {n: (r["metrics"]["loss"][0], r["metrics"]["loss"][-1]) for n, r in result.items()}
+    for name, (start, end) in ends.items():  # alignment moves B within its symmetry orbit
+        np.testing.assert_allclose([start, end], ends["none"], rtol=1e-4, err_msg=name)
+    assert (out / "paths.png").read_bytes()[:4] == b"\x89PNG"
+    assert "all + stream   loss barrier" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        paths.main([*argv, "--align", "none,bogus"])

@@ -7,10 +7,10 @@ figure as PNG and every number as JSON (``DIR/results/*.json``); trained models 
 ``DIR/models`` (training runs with Hugging Face checkpoints), and a part's results are reused
 when its settings and models have not changed, so a rerun only recomputes what changed.
 
-Modes: ``full`` (default; ViTs of ~88% from 3 seeds, MiniLM fine-tunes from 2 seeds: hours of
-training on 2 CPU cores, ~1 hour of analysis once trained), ``--quick`` (the same pipeline on
-short runs and subsets, <= 15 minutes), ``--smoke`` (seconds: two ViTs of two steps, vision
-only; for the tests).
+Modes: ``full`` (default; ViTs of ~88% from 3 seeds, MiniLM fine-tunes from 2 seeds; on 2 CPU
+cores ~4 hours of training, then 1-2 hours of analysis: the README's Results give the times),
+``--quick`` (the same pipeline on short runs and subsets, <= 15 minutes from nothing),
+``--smoke`` (seconds: two ViTs of two steps, vision only; for the tests).
 """
 
 from __future__ import annotations

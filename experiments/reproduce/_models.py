@@ -25,8 +25,12 @@ class Settings:
     vision_seeds: tuple[int, ...] = (0, 1, 2)
     language_seeds: tuple[int, ...] = (0, 1)
     test_images: int | None = None  # None: the whole test split
-    eval_texts: int | None = None
+    eval_texts: int | None = 1000  # per domain's test split (None: all)
     stats_examples: int = 1000  # unlabeled inputs per model (activations, Grams, Fishers)
+    # MiniLM's per-example Fisher gradients include its 30522 x 384 embedding table: with 1000
+    # texts, one seed's statistics took over 15 minutes on 2 busy cores; the language part uses
+    # fewer.
+    language_stats_examples: int = 256
     curve_points: int = 11
     curve_images: int = 2000
     layer_study: bool = True
@@ -44,6 +48,7 @@ class Settings:
                 test_images=1000,
                 eval_texts=256,
                 stats_examples=128,
+                language_stats_examples=64,
                 curve_points=5,
                 curve_images=500,
             )

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 
 import jax
@@ -16,6 +17,7 @@ def enable_compilation_cache(
     *,
     min_compile_seconds: float = 0.5,
     min_entry_bytes: int | None = None,
+    max_bytes: int | None = 4 << 30,
 ) -> Path:
     """Keep compiled XLA programs on disk, shared between runs and processes.
 
@@ -28,6 +30,12 @@ def enable_compilation_cache(
       directory: the cache directory; default ``$ROTJAX_JAX_CACHE``, else ``.jax_cache``.
       min_compile_seconds: cache only programs that took at least this long to compile.
       min_entry_bytes: cache only entries of at least this size (None: JAX's default).
+      max_bytes: the cache's size limit (least recently used entries go first). A limit also
+        makes JAX lock the directory around every read and write: without one, a process can
+        read an entry another is still writing and crash deserializing it (seen with two
+        processes sharing a directory). Each write then scans the directory, so a process that
+        caches thousands of small programs alone (a test worker) may pass None: no limit, no
+        lock.
 
     Returns:
       The absolute cache directory.
@@ -35,6 +43,15 @@ def enable_compilation_cache(
     directory = Path(directory or os.environ.get(COMPILATION_CACHE_ENV) or ".jax_cache").absolute()
     jax.config.update("jax_compilation_cache_dir", str(directory))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", min_compile_seconds)
+    jax.config.update("jax_compilation_cache_max_size", -1 if max_bytes is None else max_bytes)
+    # Entries written without a limit have no access-time file, on which JAX's eviction fails
+    # (every later write is dropped with a warning): give them one.
+    if max_bytes is not None and directory.is_dir():
+        now = time.time_ns().to_bytes(8, "little")
+        for entry in directory.glob("*-cache"):
+            atime = entry.with_name(entry.name.removesuffix("-cache") + "-atime")
+            if not atime.exists():
+                atime.write_bytes(now)
     if min_entry_bytes is not None:
         jax.config.update("jax_persistent_cache_min_entry_size_bytes", min_entry_bytes)
     return directory
