@@ -36,7 +36,7 @@ format: setup
 	$(VENV)/bin/ruff check --fix .
 
 test: setup apt lint
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --max-worker-restart=0 tests
 
 demo: setup apt
 	$(PY) -m experiments.demo

@@ -68,3 +68,12 @@ def rel_err(a, b):
 
     a, b = flat(a), flat(b)
     return float(np.max(np.abs(a - b)) / max(np.max(np.abs(b)), 1e-30))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+    """Drop the compiled programs of a test file once it is done (they come back from the
+    persistent cache when needed): a worker that kept every program of the suite crashed
+    inside XLA:CPU's compiler late in the run, likely out of memory mappings (65530 here)."""
+    yield
+    jax.clear_caches()
