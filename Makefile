@@ -9,7 +9,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
 
-.PHONY: setup apt test lint format demo bench clean
+.PHONY: setup apt maps test lint format demo bench clean
 
 setup: $(STAMP)
 
@@ -35,7 +35,13 @@ format: setup
 	$(VENV)/bin/ruff format .
 	$(VENV)/bin/ruff check --fix .
 
-test: setup apt lint
+# XLA:CPU maps memory for every compiled program: a test worker holds ~50k mappings by the end
+# of the suite and crashed inside the compiler at Linux's default limit of 65530.
+maps:
+	@[ "$$(cat /proc/sys/vm/max_map_count 2>/dev/null || echo 262144)" -ge 262144 ] || \
+	  $(SUDO) sysctl -q -w vm.max_map_count=262144 || echo "warning: vm.max_map_count is low"
+
+test: setup apt lint maps
 	$(VENV)/bin/pytest -q -n 2 --dist loadfile --max-worker-restart=0 tests
 
 demo: setup apt
