@@ -131,39 +131,39 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert "merged 2 models (average, aligned: activations)" in capsys.readouterr().out
 
 
-def test_llama_checkpoints_align_merge_and_inspect(tmp_path, key, capsys):
-    """A grouped-query RoPE decoder through the CLI: B is A moved by a symmetry; merged after
-    alignment (canonical form, stream rotation included) it computes A's function."""
-    config = CONFIGS["llama-k2g2d6-l2-seq"]
-    c = compiled(config)
-    a = c.init(key, 0.3)
-    b = c.apply(a, sym.sample(c.spec, jax.random.fold_in(key, 1)))
-    hf.save(tmp_path / "a", config, a)
-    hf.save(tmp_path / "b", config, b)
-    ids, mask = inputs(config, key, batch=8)
-    np.savez(tmp_path / "data.npz", input_ids=np.asarray(ids), attention_mask=np.asarray(mask))
-    out = tmp_path / "merged"
-    argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
-    argv += ["--method", "regmean", "--align", "all", "--data", str(tmp_path / "data.npz")]
-    assert cli.main(argv) == 0, capsys.readouterr().err
-    loaded, merged = hf.load(out)
-    assert loaded == config
-    x = inputs(config, jax.random.fold_in(key, 2))
-    assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-5
-    assert cli.main(["inspect", str(out)]) == 0
-    text = capsys.readouterr().out
-    assert "qk_rotation  orth  x2   size 2 heads x SO(2)^3" in text, text
-    assert "vo_rotation  orth  x2   size 2 heads x O(6)" in text, text
-    assert "query_heads  hperm x2   size 2 heads x S_2" in text, text
+# Per family: the config, and lines that `rotjax inspect` must print for it.
+TOKEN_FAMILIES = {
+    "llama": (
+        "llama-k2g2d6-l2-seq",
+        [
+            "qk_rotation  orth  x2   size 2 heads x SO(2)^3",
+            "vo_rotation  orth  x2   size 2 heads x O(6)",
+            "query_heads  hperm x2   size 2 heads x S_2",
+        ],
+    ),
+    "deberta": (
+        "deberta-v3-h3d5-l2-seq",
+        ["deberta-v2 (sequence_classification)", "qk_rotation  orth  x2   size 3 heads x O(5)"],
+    ),
+}
 
 
-@pytest.mark.parametrize(("method", "align"), [("regmean", "all"), ("average", "activations")])
-def test_deberta_checkpoints_align_merge_and_inspect(method, align, tmp_path, key, capsys):
-    """Disentangled attention through the CLI: B is A moved by a symmetry (position
-    projections and relative embeddings included); merged after alignment it computes A's
-    function. (Activations: the shared query/key layers project the relative embeddings
-    without a second call, so what merge captures from them is their tokens' only.)"""
-    config = CONFIGS["deberta-v3-h3d5-l2-seq"]
+@pytest.mark.parametrize(
+    ("family", "method", "align"),
+    [
+        ("llama", "regmean", "all"),
+        ("deberta", "regmean", "all"),
+        ("deberta", "average", "activations"),
+    ],
+)
+def test_token_checkpoints_align_merge_and_inspect(family, method, align, tmp_path, key, capsys):
+    """Grouped-query RoPE decoders (canonical form, stream rotation included) and disentangled
+    attention (position projections and relative embeddings included) through the CLI: B is A
+    moved by a symmetry; merged after alignment it computes A's function. (DeBERTa from
+    activations: the shared query/key layers project the relative embeddings without a second
+    call, so what merge captures from them is their tokens' only.)"""
+    name, lines = TOKEN_FAMILIES[family]
+    config = CONFIGS[name]
     c = compiled(config)
     a = c.init(key, 0.3)
     b = c.apply(a, sym.sample(c.spec, jax.random.fold_in(key, 1)))
@@ -181,8 +181,8 @@ def test_deberta_checkpoints_align_merge_and_inspect(method, align, tmp_path, ke
     assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-5
     assert cli.main(["inspect", str(out)]) == 0
     text = capsys.readouterr().out
-    assert "deberta-v2 (sequence_classification)" in text, text
-    assert "qk_rotation  orth  x2   size 3 heads x O(5)" in text, text
+    for line in lines:
+        assert line in text, text
 
 
 def test_merge_bad_inputs(checkpoints, capsys, tmp_path):

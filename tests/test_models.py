@@ -133,6 +133,23 @@ def test_models_check_their_inputs(key):
         c.model.apply({"params": params}, ids[:, :4], jnp.ones((2, 3), jnp.int32))
 
 
+@pytest.mark.parametrize("name", ["deberta-v3-h3d5-l2-seq", "llama-k2g2d6-l2-seq"])
+def test_token_models_check_their_inputs(name, key):
+    config = CONFIGS[name]
+    params = compiled(config).init(key, 0.3)
+    if name.startswith("llama"):  # Mistral's sliding window: longer inputs are refused
+        config = dataclasses.replace(config, sliding_window=4)
+    c = compiled(config)
+    ids = jnp.ones((2, 5), jnp.int32)
+    with pytest.raises(ValueError, match=r"input_ids must be \(batch, tokens\), got shape \(5,\)"):
+        c.model.apply({"params": params}, ids[0])
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), input_ids \(2, 4\)"):
+        c.model.apply({"params": params}, ids[:, :4], jnp.ones((2, 3), jnp.int32))
+    if name.startswith("llama"):
+        with pytest.raises(ValueError, match="5 tokens; this model takes at most 4"):
+            c.model.apply({"params": params}, ids)
+
+
 def test_stack_unstack_layers(seed):
     config = bert.Config(
         vocab_size=20,

@@ -250,10 +250,14 @@ def _stages(spec, names, rotated=False):
     # Scales of rotated params are solved right after the rotations, from the same
     # cross-covariances (one pass over the weights for both); others get their own stage.
     merged = scales if rots and merges_scales(spec, rots, scales) else ()
+    queries = by_role("query_heads")
     stages = {}
     if heads or rots:
+        # The query heads are matched inside the attention block too (`attention_stage`).
         fn = functools.partial(attention_stage, heads=heads, rots=rots, scales=merged)
-        stages["attention"] = (fn, heads + rots + merged)
+        if heads:
+            fn = functools.partial(fn, queries=queries)
+        stages["attention"] = (fn, heads + rots + merged + (queries if heads else ()))
     if scales and not merged:
         stages["scale"] = (functools.partial(scale_stage, names=scales), scales)
     # After the attention block: the query heads are matched with the key-value heads, their

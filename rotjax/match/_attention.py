@@ -30,6 +30,7 @@ from rotjax.match._objective import (
     sub,
     total,
 )
+from rotjax.match._permutations import perm_stage
 from rotjax.match._solvers import assign_all, best_scale, pair_procrustes, procrustes
 
 
@@ -200,36 +201,71 @@ def merges_scales(spec, rots, scales):
     )
 
 
-def attention_stage(ctx: Context, t: dict, active: frozenset, *, heads, rots, scales=()) -> dict:
+def attention_stage(
+    ctx: Context, t: dict, active: frozenset, *, heads, rots, scales=(), queries=()
+) -> dict:
     """Heads, rotations and (when `_merges_scales`) scales. Candidate head permutations come
-    from the exact score above (given the current scales) and from the invariant score of
-    `_head_invariants`; each is completed by the Procrustes rotations and then the scales,
-    and the best of them and of the current π is kept, so the objective never increases."""
+    from the exact score above (given the current scales and query-head orders) and from the
+    invariant scores of `_head_invariants` (one blind to the query-head orders when the model
+    has them); each is completed by the Procrustes rotations and then the scales (with the
+    query-head orders ``queries`` solved in between, then the rotations again: a pairing of
+    heads is judged with its query heads matched), and the best of them and of the current
+    state is kept, so the objective never increases."""
     spec, a, b = ctx.spec, ctx.a, ctx.b
-    with_heads = lambda t: sub(t, active | set(heads))  # the head permutations as they stand
-    complete = lambda c: masked(c, _rotations(spec, rots, scales, a, b, with_heads(c)), ctx.masks)
+    upto = lambda c, extra: sub(c, active | set(heads) | set(extra))
+    rotate = lambda c, extra=(): masked(
+        c, _rotations(spec, rots, scales, a, b, upto(c, extra)), ctx.masks
+    )
+    orders = frozenset(active | set(heads + rots + scales))
+
+    def complete(c):
+        """``c`` completed: the rotations; with query heads, from two starts (B's current
+        query-head orders, and the rotation-invariant ones of `_query_invariants`, which
+        rotations fitted to wrong orders cannot mislead), the orders by exact assignment
+        given the rotations and the rotations again."""
+        if not queries:
+            return [rotate(c) if rots else c]
+        view = sub(c, active | set(heads) | set(queries))
+        blind = masked(
+            c,
+            assign_all(_query_invariants(spec, queries, a, b, view), solver=ctx.solver),
+            ctx.masks,
+        )
+        out = []
+        for start in (c, blind):
+            start = rotate(start, queries) if rots else start
+            start = perm_stage(ctx, start, orders, names=queries)
+            out.append(rotate(start, queries) if rots else start)
+        return out
+
     if not heads:
-        return complete(t) if rots else t
+        return complete(t)[0] if rots else t
     candidates = [t]
     # B's query heads in their current orders, attached to B's heads (not to positions).
     ident = {h: sym.identity_element(spec.groups[h]) for h in heads}
     view = _carry_query_orders(spec, heads, sub(t, active), {**sub(t, active), **ident})
-    scores = _head_scores(spec, heads, rots, a, b, view)
-    for s in (scores, _head_invariants(spec, heads, a, b, view)):
+    scores = [_head_scores(spec, heads, rots, a, b, view)]
+    scores.append(_head_invariants(spec, heads, a, b, view, False))
+    if any(g.kind == "hperm" and g.over in heads for _, g in spec.group_items):
+        scores.append(_head_invariants(spec, heads, a, b, view, True))
+    for s in scores:
         c = masked(t, assign_all(s, solver=ctx.solver), ctx.masks)
         candidates.append(_carry_query_orders(spec, heads, t, c))
-    if rots:
-        candidates = [complete(c) for c in candidates]
-    solved = active | set(heads + rots + scales)
+    if rots or queries:
+        candidates = [x for c in candidates for x in complete(c)]
+    solved = active | set(heads + rots + scales + queries)
     return min(candidates, key=lambda c: total(ctx, sub(c, solved)))
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))
-def _head_invariants(spec, heads, a, b, t):
+@functools.partial(jax.jit, static_argnums=(0, 1, 5))
+def _head_invariants(spec, heads, a, b, t, blind=False):
     """``⟨S^A_h, S^B_j⟩`` for the bilinear forms ``S_h = W_Q[h] W_K[h]ᵀ`` and ``W_V[h] W_O[h]``
     (biases as an extra input row), which no rotation or rescaling of the head changes: for a
     planted head permutation the identity pairing maximises it (Cauchy-Schwarz), whatever the
-    rotations and scales. Computed as ``⟨A_Qᵀ B_Q, A_Kᵀ B_K⟩`` from d x d cross-covariances."""
+    rotations and scales. Computed as ``⟨A_Qᵀ B_Q, A_Kᵀ B_K⟩`` from d x d cross-covariances.
+    With grouped-query heads, ``blind`` sums the forms over the query heads of each group,
+    ``Σ_g S_h,g``, which no order of the query heads changes either (the exact score and the
+    unblinded one see B's query heads in their current orders, which may be wrong)."""
     out = {}
     for hname in heads:
         g = spec.groups[hname]
@@ -245,12 +281,55 @@ def _head_invariants(spec, heads, a, b, t):
                 # B with the groups of other axes applied (the stream, mainly), not its heads'.
                 skip = _head_skip(spec, hname)
                 bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
-                am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
+                ap, axes = a[path], act.axes
+                query = action_of(spec, path, "hperm")
+                if blind and query is not None:  # Σ over the query heads of the group
+                    q = query.axes[1]
+                    ap, bp = ap.sum(q), bp.sum(q)
+                    axes = tuple(x - (x > q) for x in axes)
+                am, bm = moved(ap, axes, k), moved(bp, axes, k)
                 m = jnp.einsum("...hir,...jkr->...hjik", am, bm)
                 sides[power] = sides.get(power, 0.0) + m
             if len(sides) == 2:
                 score = score + jnp.einsum("...hjik,...hjik->...hj", sides[1], sides[-1])
         out[hname] = score
+    return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _query_invariants(spec, queries, a, b, t):
+    """For each query-head group (``hperm`` over the key-value heads): the score
+    ``C[h, i, j] = ⟨S^A_h,i, S^B_h,j⟩`` of pairing A's query head i of key-value head h with
+    B's query head j of the same head, for the forms ``S_h,i = W_Q[h, i] W_K[h]ᵀ`` and
+    ``W_V[h] W_O[h, i]`` of `_head_invariants`, B's heads permuted (``t``'s head permutation):
+    blind to the head's rotations and scales, so rotations fitted to wrong orders cannot
+    hold the orders in place."""
+    out = {}
+    for n in queries:
+        g = spec.groups[n]
+        k = len(g.batch)
+        skip = frozenset(
+            x for x, o in spec.group_items if x == n or (o.over == g.over and o.kind != "perm")
+        )
+        score = jnp.zeros((*g.shape, g.shape[-1]), jnp.float32)
+        for r in (x for x, o in spec.group_items if o.over == g.over and o.kind == "orth"):
+            sides: dict[int, Any] = {}
+            for path, act in spec.users[r]:
+                scl = action_of(spec, path, "scale")
+                power = 1 if scl is None else scl.power
+                bp = sym.apply_to_leaf(spec, path, b[path], t, skip=skip)
+                query = action_of(spec, path, "hperm", (n,))
+                if query is None:  # one per key-value head: (..., h, 1, 1, d, d)
+                    am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
+                    m = jnp.einsum("...hir,...hkr->...hik", am, bm)[..., :, None, None, :, :]
+                else:  # (..., h, i, j, d, d)
+                    axes = (act.axes[0], query.axes[1], act.axes[1])
+                    am, bm = moved(a[path], axes, k), moved(bp, axes, k)
+                    m = jnp.einsum("...hxir,...hykr->...hxyik", am, bm)
+                sides[power] = sides.get(power, 0.0) + m
+            if len(sides) == 2:
+                score = score + jnp.sum(sides[1] * sides[-1], axis=(-2, -1))
+        out[n] = score
     return out
 
 

@@ -80,6 +80,22 @@ def check_fields(config: Any, *, may_be_zero: tuple[str, ...] = ()) -> None:
             raise ValueError(f"config field {f.name} must be >= {least}, got {value}")
 
 
+def check_tokens(input_ids, room: int | None, what: str, **same_shape) -> None:
+    """Token inputs against the config, at trace time, with a clear message (not a broadcast
+    error deep inside): ``input_ids`` is (batch, tokens) with at most ``room`` tokens (``what``
+    says which config field sets it; None: no limit), and each array of ``same_shape`` that is
+    given has its shape."""
+    if input_ids.ndim != 2:
+        raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
+    if room is not None and input_ids.shape[1] > room:
+        raise ValueError(
+            f"input_ids has {input_ids.shape[1]} tokens; this model takes at most {room} ({what})"
+        )
+    for name, x in same_shape.items():
+        if x is not None and x.shape != input_ids.shape:
+            raise ValueError(f"{name} has shape {x.shape}, input_ids {input_ids.shape}")
+
+
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:
     try:
         return ACTIVATIONS[name]

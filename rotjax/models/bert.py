@@ -140,7 +140,14 @@ class Model(nn.Module):
         deterministic: bool = True,
     ):
         c = self.config
-        _check_inputs(c, input_ids, attention_mask, token_type_ids)
+        room = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
+        _layers.check_tokens(
+            input_ids,
+            room,
+            f"max_position_embeddings={c.max_position_embeddings}",
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+        )
         init = nn.initializers.normal(c.initializer_range)
         if c.model_type == "roberta":
             # RoBERTa numbers real tokens from pad_token_id + 1 and gives pads pad_token_id.
@@ -170,22 +177,6 @@ class Model(nn.Module):
             pooled = drop(pooled, deterministic=deterministic)
             return nn.Dense(c.num_labels, kernel_init=init, name="classifier")(pooled)
         return RobertaHead(c, deterministic=deterministic, name="classifier")(x[:, 0])
-
-
-def _check_inputs(c: Config, input_ids, attention_mask, token_type_ids) -> None:
-    """Shapes against the config, at trace time, with a clear message (not a broadcast error
-    deep inside)."""
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
-    room = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
-    if input_ids.shape[1] > room:
-        raise ValueError(
-            f"input_ids has {input_ids.shape[1]} tokens; this model takes at most {room} "
-            f"(max_position_embeddings={c.max_position_embeddings})"
-        )
-    for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-        if x is not None and x.shape != input_ids.shape:
-            raise ValueError(f"{name} has shape {x.shape}, input_ids {input_ids.shape}")
 
 
 class Embeddings(nn.Module):

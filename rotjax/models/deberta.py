@@ -355,7 +355,13 @@ class Model(nn.Module):
         deterministic: bool = True,
     ):
         c = self.config
-        _check_inputs(c, input_ids, attention_mask, token_type_ids)
+        _layers.check_tokens(
+            input_ids,
+            c.max_position_embeddings if c.position_biased_input else None,
+            "max_position_embeddings",
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+        )
         init = nn.initializers.normal(c.initializer_range)
         if token_type_ids is None:
             token_type_ids = jnp.zeros_like(input_ids)
@@ -375,19 +381,6 @@ class Model(nn.Module):
         rate = c.hidden_dropout_prob if c.cls_dropout is None else c.cls_dropout
         pooled = nn.Dropout(rate)(pooled, deterministic=deterministic)
         return nn.Dense(c.num_labels, kernel_init=init, name="classifier")(pooled)
-
-
-def _check_inputs(c: Config, input_ids, attention_mask, token_type_ids) -> None:
-    if input_ids.ndim != 2:
-        raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
-    if c.position_biased_input and input_ids.shape[1] > c.max_position_embeddings:
-        raise ValueError(
-            f"input_ids has {input_ids.shape[1]} tokens; this model takes at most "
-            f"{c.max_position_embeddings} (max_position_embeddings)"
-        )
-    for name, x in (("attention_mask", attention_mask), ("token_type_ids", token_type_ids)):
-        if x is not None and x.shape != input_ids.shape:
-            raise ValueError(f"{name} has shape {x.shape}, input_ids {input_ids.shape}")
 
 
 class Embeddings(nn.Module):

@@ -228,17 +228,13 @@ class Model(nn.Module):
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, *, deterministic: bool = True):
         c = self.config
-        if input_ids.ndim != 2:
-            raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
+        _layers.check_tokens(
+            input_ids,
+            c.sliding_window,
+            f"sliding_window={c.sliding_window}: longer inputs are not implemented",
+            attention_mask=attention_mask,
+        )
         t = input_ids.shape[1]
-        if c.sliding_window is not None and t > c.sliding_window:
-            raise ValueError(
-                f"{t} tokens exceed sliding_window={c.sliding_window} (not implemented)"
-            )
-        if attention_mask is not None and attention_mask.shape != input_ids.shape:
-            raise ValueError(
-                f"attention_mask has shape {attention_mask.shape}, input_ids {input_ids.shape}"
-            )
         init = nn.initializers.normal(c.initializer_range)
         embed = nn.Embed(c.vocab_size, c.hidden_size, embedding_init=init, name="embed_tokens")
         x = embed(input_ids)
