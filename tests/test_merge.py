@@ -6,6 +6,8 @@ exact up to rounding of a few sums and one small inverse (1e-5 relative); oracle
 compared at 1e-4 (RegMean's inverse of a Gram with condition number up to ~1e2).
 """
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -176,17 +178,35 @@ def _oracle_fisher(model, params, x, labels, mask, variant):
     return jax.tree.map(lambda t: t / n, total)
 
 
-@pytest.mark.parametrize("variant", ["exact", "empirical"])
-@pytest.mark.parametrize("name", ["vit-h1d8-l1-nobias", "bert-h5d2-l1-token"])
+# Lookup tables (words, positions, token types, DeBERTa's relative positions read whole)
+# get their Fisher from the looked-up rows' gradients: repeated ids in an example (token types,
+# padding) test the sum over the positions reading a row; a tied LLaMA head reads its table by
+# `attend` too, so the table's full gradient is used.
+@pytest.mark.parametrize(
+    ("name", "variant"),
+    [
+        *[
+            (n, v)
+            for n in ("vit-h1d8-l1-nobias", "bert-h5d2-l1-token", "deberta-v3-h3d5-l2-seq")
+            for v in ("exact", "empirical")
+        ],
+        ("llama-k2g2d6-l2-seq", "exact"),
+        ("llama-k2g2d6-l2-tied-lm", "empirical"),
+    ],
+)
 def test_fisher_matches_per_example_gradient_loops(name, variant, key):
-    config = CONFIGS[name]
+    if name == "llama-k2g2d6-l2-tied-lm":
+        base = CONFIGS["llama-k2g2d6-l2-seq"]
+        config = dataclasses.replace(base, task="causal_lm", tie_word_embeddings=True)
+    else:
+        config = CONFIGS[name]
     c = compiled(config)
     params = c.init(key, 0.3)
     x = inputs(config, key, batch=3)
     out_shape = jax.eval_shape(lambda: c.forward(params, x)).shape
     labels = jax.random.randint(jax.random.fold_in(key, 1), out_shape[:-1], 0, out_shape[-1])
     mask = x[1] if len(x) > 1 else None
-    if mask is not None:
+    if mask is not None and labels.ndim == 2:  # per token: padding ignored
         labels = jnp.where(mask > 0, labels, IGNORE_LABEL)
     batch = (
         dict(zip(("input_ids", "attention_mask"), x, strict=True))

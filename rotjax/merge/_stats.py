@@ -150,37 +150,111 @@ def _batch_step(model, kinds, include_padding, fisher, samples):
             out["tokens"] = {p: v["tokens"] for p, v in cap.items()}
         if "fisher" in kinds:
             real = fam.token_mask(inputs)
-            per_example = jax.vmap(
-                functools.partial(_example_fisher, model, params, fisher, samples),
+            flat = to_dict(params)
+            tables = _lookup_tables(model, params, tuple(_one(x) for x in inputs))
+            rest = {p: x for p, x in flat.items() if p not in tables}
+            fixed = {p: flat[p] for p in tables}
+            dense, rows, ids = jax.vmap(
+                functools.partial(_example_fisher, model, rest, fixed, tables, fisher, samples),
             )(inputs, real, labels, jax.random.split(key, inputs[0].shape[0]))
-            out["fisher"] = jax.tree.map(lambda f: jnp.sum(f, axis=0), per_example)
+            fishers = {p: jnp.sum(f, axis=0) for p, f in dense.items()}
+            for p, r in rows.items():  # every example's rows into the table, one scatter
+                table = jnp.zeros_like(fixed[p], jnp.float32)
+                fishers[p] = table.at[ids[p].reshape(-1)].add(r.reshape(-1, r.shape[-1]))
+            out["fisher"] = from_dict(fishers)
             out["examples"] = jnp.asarray(inputs[0].shape[0], jnp.float32)
         return out
 
     return jax.jit(step)
 
 
-def _example_fisher(model, params, fisher, samples, inputs, real, labels, key):
-    """The diagonal Fisher of one example (``inputs`` without their batch axis)."""
+def _one(x):
+    """One example of a batched input (None stays None), with its batch axis of 1."""
+    return None if x is None else x[:1]
 
-    def log_probs(p):
-        logits = model.apply({"params": p}, *(None if x is None else x[None] for x in inputs))[0]
-        return jax.nn.log_softmax(logits.astype(jnp.float32))  # (C,) or (T, C)
 
-    logp, vjp = jax.vjp(log_probs, params)
+def _embed_path(module: nn.Module) -> str:
+    return "/".join(module.scope.path) + "/embedding"
+
+
+def _lookup_tables(model, params, inputs) -> dict[str, int]:
+    """The ``nn.Embed`` tables that the forward pass (of one example: ``inputs`` with a batch
+    axis of 1) only reads by lookup, once (never by ``attend``, as a tied output layer does):
+    ``{param path: rows it reads}``. Their
+    Fisher comes from the gradients of the looked-up rows (`_example_fisher`), never from a
+    gradient the size of the table."""
+    calls: dict[str, list] = {}
+
+    def record(next_fun, args, kwargs, context):
+        if isinstance(context.module, nn.Embed):
+            calls.setdefault(_embed_path(context.module), []).append(
+                (context.method_name, args[0].shape if args else None)
+            )
+        return next_fun(*args, **kwargs)
+
+    def run():
+        with nn.intercept_methods(record):
+            model.apply({"params": params}, *inputs)
+
+    jax.eval_shape(run)
+    return {
+        p: math.prod(c[0][1]) for p, c in calls.items() if len(c) == 1 and c[0][0] == "__call__"
+    }
+
+
+def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, labels, key):
+    """The diagonal Fisher of one example (``inputs`` without their batch axis):
+    ``(dense, rows, ids)`` with ``dense`` the Fisher of every param but the lookup tables
+    ``fixed``, and for each table the Fisher of the rows the example reads, ``rows[p]``
+    ``(n, D)`` for the table rows ``ids[p]`` ``(n,)``.
+
+    A table's gradient is ``Σ_t e_(id_t) g_tᵀ``, ``g_t`` the gradient of the looked-up row t:
+    row r's squared gradient is ``(Σ_(t: id_t = r) g_t)²``, which ``w_t (Σ_(t': id_t' = id_t)
+    g_t')²`` with ``w_t = 1 / #{t': id_t' = id_t}`` spreads over the positions reading r. So
+    the gradients are taken with respect to the looked-up rows (a zero shift added to them),
+    never materialising a table-sized gradient per example and class."""
+    shifts = {}  # param path -> looked-up ids, filled at trace time
+
+    def log_probs(dense, deltas):
+        def shift(next_fun, args, kwargs, context):
+            out = next_fun(*args, **kwargs)
+            if isinstance(context.module, nn.Embed) and context.method_name == "__call__":
+                path = _embed_path(context.module)
+                if path in deltas:
+                    shifts[path] = args[0].reshape(-1)
+                    out = out + deltas[path].reshape(out.shape).astype(out.dtype)
+            return out
+
+        p = from_dict({**dense, **fixed})
+        with nn.intercept_methods(shift):
+            logits = model.apply({"params": p}, *(None if x is None else x[None] for x in inputs))
+        return jax.nn.log_softmax(logits[0].astype(jnp.float32))  # (C,) or (T, C)
+
+    zeros = {p: jnp.zeros((n, fixed[p].shape[-1]), jnp.float32) for p, n in tables.items()}
+    logp, vjp = jax.vjp(log_probs, rest, zeros)
+    ids = dict(shifts)
+    same = {p: (i[:, None] == i[None, :]).astype(jnp.float32) for p, i in ids.items()}
     probs = jax.lax.stop_gradient(jnp.exp(logp))
     valid = jnp.ones(logp.shape[:-1], jnp.float32)
     if logp.ndim == 2 and real is not None:  # token classification: real tokens only
         valid = real.astype(jnp.float32)
-    zero = jax.tree.map(jnp.zeros_like, params)
-    square = lambda cot: jax.tree.map(lambda g: g * g, vjp(cot)[0])
+
+    def square(cot):
+        g_dense, g_rows = vjp(cot)
+        rows = {}
+        for p, g in g_rows.items():  # (Σ over the positions reading the same row)², spread
+            h = jnp.matmul(same[p], g, precision=_HIGHEST)
+            rows[p] = h * h / jnp.sum(same[p], axis=1, keepdims=True)
+        return {p: g * g for p, g in g_dense.items()}, rows
+
+    zero = jax.tree.map(jnp.zeros_like, (rest, zeros))
     add = lambda acc, f, w=1.0: jax.tree.map(lambda a, b: a + w * b, acc, f)
 
     if fisher == "empirical":
         y = labels if logp.ndim == 2 else labels.reshape(())
         ok = valid * (y != IGNORE_LABEL)
         cot = jax.nn.one_hot(jnp.where(y == IGNORE_LABEL, 0, y), logp.shape[-1]) * ok[..., None]
-        return square(cot)
+        return (*square(cot), ids)
     if fisher == "sampled":
 
         def draw(acc, k):
@@ -188,7 +262,7 @@ def _example_fisher(model, params, fisher, samples, inputs, real, labels, key):
             cot = jax.nn.one_hot(y, logp.shape[-1]) * valid[..., None]
             return add(acc, square(cot), 1.0 / samples), None
 
-        return jax.lax.scan(draw, zero, jax.random.split(key, samples))[0]
+        return (*jax.lax.scan(draw, zero, jax.random.split(key, samples))[0], ids)
 
     # exact: Σ_(t, c) p_tc (∇ log p_tc)², one backward pass per (token, class).
     flat_p, flat_valid = probs.reshape(-1), jnp.broadcast_to(valid[..., None], probs.shape)
@@ -197,7 +271,7 @@ def _example_fisher(model, params, fisher, samples, inputs, real, labels, key):
         cot = jax.nn.one_hot(i, flat_p.size).reshape(logp.shape)
         return add(acc, square(cot), flat_p[i] * flat_valid.reshape(-1)[i]), None
 
-    return jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0]
+    return (*jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0], ids)
 
 
 # ---------------------------------------------------------------------------------------------
