@@ -225,7 +225,7 @@ def attention_stage(
         given the rotations and the rotations again."""
         if not queries:
             return [rotate(c) if rots else c]
-        view = sub(c, active | set(heads) | set(queries))
+        view = upto(c, queries)
         blind = masked(
             c,
             assign_all(_query_invariants(spec, queries, a, b, view), solver=ctx.solver),

@@ -180,9 +180,8 @@ def _embed_path(module: nn.Module) -> str:
 def _lookup_tables(model, params, inputs) -> dict[str, int]:
     """The ``nn.Embed`` tables that the forward pass (of one example: ``inputs`` with a batch
     axis of 1) only reads by lookup, once (never by ``attend``, as a tied output layer does):
-    ``{param path: rows it reads}``. Their
-    Fisher comes from the gradients of the looked-up rows (`_example_fisher`), never from a
-    gradient the size of the table."""
+    ``{param path: rows it reads}``. Their Fisher comes from the gradients of the looked-up
+    rows (`_example_fisher`), never from a gradient the size of the table."""
     calls: dict[str, list] = {}
 
     def record(next_fun, args, kwargs, context):
