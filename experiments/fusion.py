@@ -22,7 +22,7 @@ from rotjax.models import family
 
 # Alignment variants: name -> match.align options (None: no alignment). "paper" is the
 # paper's method; "canonical": both models in canonical form with the stream rotation in the
-# spec (pre-norm models); "activations": a start from activation correlations.
+# spec (pre-norm models); "activations": `rotjax.merge.align_by_activations`.
 ALIGNMENTS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "ffn only": {"solve": ("ffn",)},  # Git Re-Basin's weight matching of the FFN units
@@ -113,10 +113,13 @@ def align_variants(
         if opts.pop("canonical", False):
             canonical = canonical or pair.canonical()
             base = canonical
-        if opts.pop("activations", False):
-            cross = merge.cross_statistics(base.model, base.a, base.b, batches(unlabeled))
-            opts["init"] = merge.activation_init(base.spec, cross)
-        res = match.align(base.spec, base.a, base.b, key=key, **opts)
+        if opts.pop("activations", False):  # sweeps chosen by the data, up to max_sweeps
+            opts.setdefault("max_sweeps", 4)
+            res, _ = merge.align_by_activations(
+                base.model, base.spec, base.a, base.b, batches(unlabeled), key=key, **opts
+            )
+        else:
+            res = match.align(base.spec, base.a, base.b, key=key, **opts)
         d = res.diagnostics
         aligned = dataclasses.replace(base, b=jax.block_until_ready(res.params))
         out[name] = {

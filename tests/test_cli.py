@@ -129,6 +129,8 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert cli.main([*argv, "--data", str(tmp / "data.npz"), "--quiet"]) == 0
     assert rel_err(hf.load(out)[1], a) <= 1e-5
     assert "merged 2 models (average, aligned: activations)" in capsys.readouterr().out
+    chosen = json.loads((out / "merge.json").read_text())["alignment"][str(tmp / "b")]
+    assert chosen["prediction_loss"] and chosen["sweeps"] < len(chosen["prediction_loss"])
 
 
 # Per family: the config, and lines that `rotjax inspect` must print for it.

@@ -16,6 +16,7 @@ from conftest import rel_err
 from helpers import CONFIGS, compiled, inputs, scanned
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
+from scipy.special import log_softmax, softmax
 
 from rotjax import match, merge
 from rotjax import symmetry as sym
@@ -339,6 +340,68 @@ def test_activation_init_finds_a_planted_stream_permutation(key):
     assert res.diagnostics.history[1][0] == "init"
     x = inputs(config, jax.random.fold_in(key, 3))
     assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
+
+
+ROTATIONS = ("qk_rotation", "vo_rotation")
+
+
+@pytest.mark.parametrize("name,scan", [("vit-h3d4-l2", False), ("bert-h3d4-l2", True)])
+def test_activation_init_recovers_planted_permutations_and_head_rotations(name, scan, key):
+    config = scanned(CONFIGS[name]) if scan else CONFIGS[name]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    g = sym.sample(c.spec, jax.random.fold_in(key, 1))
+    roles = ("residual", "ffn", "heads", *ROTATIONS)
+    planted = {n: v for n, v in g.items() if c.spec.groups[n].role in roles}
+    b = c.apply(a, planted)
+    cross = merge.cross_statistics(c.model, a, b, batches_of(config, key, n=4, batch=8))
+    init = merge.activation_init(c.spec, cross, params=(a, b))
+    inverse = sym.invert(c.spec, planted)
+    assert set(init) == set(planted)
+    for n in init:  # rotations: polar factors of float32 moments (error ~ 1e-7 x condition)
+        np.testing.assert_allclose(init[n], inverse[n], atol=1e-4, err_msg=n)
+    # Without the params the head rotations stay open (their moments need the Q/K weights).
+    without = merge.activation_init(c.spec, cross)
+    assert not any(c.spec.groups[n].role in ROTATIONS for n in without)
+
+
+def test_prediction_loss_is_the_cross_entropy_to_the_mean_prediction(key):
+    config = CONFIGS["bert-h5d2-l1-token"]  # token-level: padded tokens must not count
+    c = compiled(config)
+    ps = [c.init(jax.random.fold_in(key, i), 0.3) for i in range(3)]
+    data = batches_of(config, key, n=2, batch=4)
+    num = den = 0.0
+    for x in data:  # oracle in float64, token by token
+        mean = np.mean([softmax(np.float64(c.forward(p, x)), -1) for p in ps[:2]], axis=0)
+        log_q = log_softmax(np.float64(c.forward(ps[2], x)), -1)
+        per, real = -(mean * log_q).sum(-1), np.asarray(x[1], np.float64)
+        num, den = num + (per * real).sum(), den + real.sum()
+    loss = merge.prediction_loss(c.model, ps[:2], data)
+    assert loss(ps[2]) == pytest.approx(num / den, rel=TOL)
+    bare = CONFIGS["bert-encoder-pooler"]
+    with pytest.raises(ValueError, match="classification head"):
+        merge.prediction_loss(compiled(bare).model, ps[:2], data)
+
+
+def test_align_by_activations_keeps_the_candidate_with_the_least_prediction_loss(key):
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)  # unrelated models
+    data = batches_of(config, key, n=2, batch=8)
+    res, info = merge.align_by_activations(c.model, c.spec, a, b, data, max_sweeps=3)
+    losses = info["losses"]
+    assert 1 <= len(losses) <= 4 and info["sweeps"] == int(np.argmin(losses))
+    loss = merge.prediction_loss(c.model, [a, b], data)
+    assert loss(merge.average([a, res.params])) == pytest.approx(min(losses), rel=TOL)
+    x = inputs(config, jax.random.fold_in(key, 2))  # g·B: B moved by a symmetry element
+    assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
+    assert rel_err(res.params, c.apply(b, res.transform)) <= TOL
+    # The 0-sweep candidate is the activation start itself.
+    start = merge.activation_init(
+        c.spec, merge.cross_statistics(c.model, a, b, data), params=(a, b)
+    )
+    first = merge.prediction_loss(c.model, [a, b], data)(merge.average([a, c.apply(b, start)]))
+    assert first == pytest.approx(losses[0], rel=TOL)
 
 
 # ---------------------------------------------------------------------------------------------

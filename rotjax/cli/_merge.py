@@ -41,7 +41,8 @@ methods (--method):
 alignment (--align), to the first model, before merging:
   none, paper (rotation + scale + FFN units), all (every group of the spec: for pre-norm
   models such as ViT, in canonical form, the residual stream's rotation too),
-  activations (a start from activation correlations on --data, then all)
+  activations (permutations and rotations from activations on --data, then 0-4 sweeps of
+  all: those whose average agrees best with both models' predictions on --data)
 --data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
 float32, or input_ids and attention_mask (token_type_ids optional); labels optional. Give it
 once (shared) or once per model, in the order of the models.
@@ -207,13 +208,14 @@ def run(args) -> int:
         for i, p in enumerate(params[1:], start=1):
             aligned.append(p)
             if args.align != "none":
-                init = None
-                if args.align == "activations":
-                    cross = merge.cross_statistics(model, params[0], p, batches(i))
-                    init = merge.activation_init(spec, cross)
                 solve = match.PAPER if args.align == "paper" else match.ALL
                 try:
-                    res = match.align(spec, params[0], p, solve=solve, init=init, key=key)
+                    if args.align == "activations":
+                        res, chosen = merge.align_by_activations(
+                            model, spec, params[0], p, batches(i), key=key
+                        )
+                    else:
+                        res, chosen = match.align(spec, params[0], p, solve=solve, key=key), {}
                 except ValueError as e:
                     raise CLIError(reason(e)) from None
                 aligned[-1] = res.params
@@ -225,7 +227,8 @@ def run(args) -> int:
                 d = res.diagnostics
                 alignment[args.models[i]] = {
                     "distance": {"before": d.distance_before, "after": d.distance_after},
-                    "sweeps": d.sweeps,
+                    "sweeps": chosen.get("sweeps", d.sweeps),
+                    **({"prediction_loss": chosen["losses"]} if chosen else {}),
                     "seconds": d.seconds["total"],
                 }
             bar.update()

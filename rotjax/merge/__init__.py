@@ -7,7 +7,9 @@ Matching (`rotjax.match`) is a plug-in before any method here: align B to A, the
   `load_statistics`;
 - merges: `average`, `fisher`, `regmean`; relative to a base model `task_arithmetic`, `ties`,
   `dare`; `ot_fusion` (exact or Sinkhorn transport from activations or weights);
-- alignment from activations: `activation_init` (a start for `rotjax.match.align`);
+- alignment from activations: `activation_init` (a start for `rotjax.match.align`),
+  `align_by_activations` (that start, then weight-matching sweeps chosen by
+  `prediction_loss` on unlabeled data);
 - the linear path: `curve`, `barrier`, `interpolate`.
 """
 
@@ -15,6 +17,7 @@ from rotjax.merge._acts import activation_init, correlations, cross_statistics, 
 from rotjax.merge._curve import Curve, barrier, curve, interpolate
 from rotjax.merge._methods import average, fisher, model_weights, regmean
 from rotjax.merge._ot import Fusion, ot_fusion, transport_params
+from rotjax.merge._select import align_by_activations, prediction_loss
 from rotjax.merge._stats import (
     FISHERS,
     KINDS,
@@ -31,6 +34,7 @@ __all__ = [
     "Curve",
     "Fusion",
     "activation_init",
+    "align_by_activations",
     "average",
     "barrier",
     "correlations",
@@ -43,6 +47,7 @@ __all__ = [
     "load_statistics",
     "model_weights",
     "ot_fusion",
+    "prediction_loss",
     "regmean",
     "save_statistics",
     "statistics",

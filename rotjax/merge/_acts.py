@@ -26,9 +26,10 @@ from rotjax.match import assign, polar
 from rotjax.merge._capture import capture
 from rotjax.merge._stats import _split
 from rotjax.models import family
+from rotjax.tree import flatten
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-ROLES = ("residual", "stream_rotation", "ffn", "heads")
+ROLES = ("residual", "stream_rotation", "ffn", "heads", "qk_rotation", "vo_rotation")
 
 
 def cross_statistics(
@@ -155,24 +156,84 @@ def activation_init(
     spec: sym.Spec,
     cross: Mapping[str, Mapping[str, jax.Array]],
     *,
+    params: tuple[Any, Any] | None = None,
     roles=ROLES,
     solver: str = "scipy",
 ) -> sym.Transform:
     """The element of B's group that best matches A's activations, as a transform to start
     `rotjax.match.align` from:
-    ``align(spec, a, b, solve=match.ALL, init=activation_init(spec, cross_statistics(...)))``.
+    ``align(spec, a, b, solve=match.ALL, init=activation_init(spec, cross, params=(a, b)))``.
 
-    Permutations of the stream, the FFN units and the heads: assignment on `group_scores`.
-    A stream rotation (pre-norm models in canonical form, whose stream reads are the
-    normalised, mean-free stream itself): ``Q = polar(Σ X_Bᵀ X_A)`` over every stream read of
-    every layer (Procrustes on activations, ``Q 1 = 1`` kept), on top of the permutation.
-    Groups no dense input reveals are left out (the identity)."""
-    names = spec.select(roles=[r for r in roles if r != "stream_rotation"])
+    - Permutations of the stream, the FFN units and the heads: assignment on `group_scores`.
+    - A stream rotation (pre-norm models in canonical form, whose stream reads are the
+      normalised, mean-free stream itself): ``Q = polar(Σ X_Bᵀ X_A)`` over every stream read of
+      every layer (Procrustes on activations, ``Q 1 = 1`` kept), on top of the permutation.
+    - With ``params=(A, B)``, each head's rotations (groups ``qk_rotation``, ``vo_rotation``;
+      not RoPE's pair rotations): Procrustes of B's head vectors, after the head permutation π,
+      onto A's, ``R[h] = polar(Σ y_B[π h]ᵀ y_A[h])``, with y the queries and keys (one R for
+      both) or the head outputs that the output projection reads. A query is ``y = x W + b``
+      of its layer's input x, so its moments follow from the inputs' without another pass:
+      ``Σ y_Bᵀ y_A = W_Bᵀ (Σ x_Bᵀ x_A) W_A + W_Bᵀ s_B b_Aᵀ + b_B s_Aᵀ W_A + n b_B b_Aᵀ``
+      (``s`` the input sums, n the rows).
+
+    Groups no dense input reveals (scales, and rotations without ``params``) are left out
+    (the identity)."""
+    names = spec.select(roles=[r for r in roles if r in ("residual", "ffn", "heads")])
     scores = group_scores(spec, correlations(cross), names, heads="nuclear")
     out = {n: assign(s, solver=solver) for n, s in scores.items()}
     for name in spec.select(roles=["stream_rotation"]) if "stream_rotation" in roles else ():
         out[name] = _stream_rotation(spec, name, cross, out.get(spec.groups[name].over))
+    if params is not None:
+        flat = [dict(zip(*flatten(p)[:2], strict=True)) for p in params]
+        for name in spec.select(roles=[r for r in roles if r.endswith("_rotation")]):
+            g = spec.groups[name]
+            if g.kind != "orth" or g.pairs:
+                continue
+            m = _head_moments(spec, name, cross, out.get(g.over), *flat)
+            if m is not None:
+                out[name] = polar(m)
     return out
+
+
+def _head_moments(spec, name, cross, perm, flat_a, flat_b):
+    """``Σ y_B[π h]ᵀ y_A[h]`` per head (``(*batch, H, d, d)``) over the users of the rotation
+    group ``name`` whose inputs were captured, or None if there are none."""
+    g = spec.groups[name]
+    k, H = len(g.batch), g.size
+    heads = lambda x, axis: (  # B's heads in the order the permutation gives them
+        x if perm is None else jnp.take_along_axis(x, _along(perm, x.ndim, k, axis), axis=axis)
+    )
+    total = None
+    for path, act in spec.users[name]:
+        if path not in cross:
+            continue
+        s, shape = cross[path], spec.params[path].shape
+        if act.axes == (k, k + 1) and len(shape) == k + 3:  # (H, d, out): its inputs are heads
+            c = s["cross"].reshape(*g.batch, H, g.dim, H, g.dim)
+            c = jnp.diagonal(heads(c, k + 2), axis1=k, axis2=k + 2)  # (*batch, d_A, d_B, H)
+            m = jnp.moveaxis(c, -1, k).swapaxes(-1, -2)
+        elif act.axes == (k + 1, k + 2) and len(shape) == k + 3:  # (in, H, d): y = x W + b
+            wa, wb = flat_a[path], heads(flat_b[path], k + 1)
+            hi = dict(precision=_HIGHEST)
+            m = jnp.einsum("...ihx,...ji,...jhy->...hxy", wb, s["cross"], wa, **hi)
+            bias = path.rsplit("/", 1)[0] + "/bias"
+            if bias in flat_a:
+                ba, bb = flat_a[bias], heads(flat_b[bias], k)
+                m += jnp.einsum("...ihx,...i,...hy->...hxy", wb, s["sum_b"], ba, **hi)
+                m += jnp.einsum("...hx,...i,...ihy->...hxy", bb, s["sum_a"], wa, **hi)
+                m += s["count"][..., None, None, None] * (bb[..., :, None] * ba[..., None, :])
+        else:
+            continue
+        total = m if total is None else total + m
+    return total
+
+
+def _along(perm, ndim, k, axis):
+    """``perm`` (``(*batch, H)``) shaped to gather axis ``axis`` of an ``ndim`` array."""
+    shape = [1] * ndim
+    shape[:k] = perm.shape[:k]
+    shape[axis] = perm.shape[-1]
+    return perm.reshape(shape)
 
 
 def _stream_rotation(spec, name, cross, perm):
