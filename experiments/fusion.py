@@ -113,8 +113,7 @@ def align_variants(
         if opts.pop("canonical", False):
             canonical = canonical or pair.canonical()
             base = canonical
-        if opts.pop("activations", False):  # sweeps chosen by the data, up to max_sweeps
-            opts.setdefault("max_sweeps", 4)
+        if opts.pop("activations", False):  # sweeps chosen by the data
             res, _ = merge.align_by_activations(
                 base.model, base.spec, base.a, base.b, batches(unlabeled), key=key, **opts
             )

@@ -205,14 +205,14 @@ def _head_moments(spec, name, cross, perm, flat_a, flat_b):
     )
     total = None
     for path, act in spec.users[name]:
-        if path not in cross:
+        if path not in cross or len(spec.params[path].shape) != k + 3:
             continue
-        s, shape = cross[path], spec.params[path].shape
-        if act.axes == (k, k + 1) and len(shape) == k + 3:  # (H, d, out): its inputs are heads
+        s = cross[path]
+        if act.axes == (k, k + 1):  # (H, d, out): its inputs are heads
             c = s["cross"].reshape(*g.batch, H, g.dim, H, g.dim)
             c = jnp.diagonal(heads(c, k + 2), axis1=k, axis2=k + 2)  # (*batch, d_A, d_B, H)
             m = jnp.moveaxis(c, -1, k).swapaxes(-1, -2)
-        elif act.axes == (k + 1, k + 2) and len(shape) == k + 3:  # (in, H, d): y = x W + b
+        elif act.axes == (k + 1, k + 2):  # (in, H, d): y = x W + b
             wa, wb = flat_a[path], heads(flat_b[path], k + 1)
             hi = dict(precision=_HIGHEST)
             m = jnp.einsum("...ihx,...ji,...jhy->...hxy", wb, s["cross"], wa, **hi)
