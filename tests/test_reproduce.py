@@ -1,6 +1,7 @@
 """`python -m experiments.reproduce` on its smallest setting: the report, its figures, its JSON."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -43,3 +44,18 @@ def test_reproduce(tmp_path):
     mtime = (tmp_path / "results" / "vision.json").stat().st_mtime
     reproduce.main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
+    assert vision["mode"] == "smoke" and "commit" in vision
+    # A part not run is reported from its last results of the same mode, with their commit.
+    committed = Path(reproduce.__file__).parent / "report" / "results" / "language.json"
+    language = json.loads(committed.read_text()) | {"mode": "smoke", "commit": "abc1234"}
+    (tmp_path / "results" / "language.json").write_text(json.dumps(language))
+    reproduce.main(["--smoke", "--out", str(tmp_path)])
+    report = (tmp_path / "report.md").read_text()
+    assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
+    assert "language" in report and "(code of commit abc1234)" in report
+    for line in _report.language_table(language, "sequence"):
+        assert line in report
+    language["mode"] = "full"  # another mode's results are never mixed in
+    (tmp_path / "results" / "language.json").write_text(json.dumps(language))
+    reproduce.main(["--smoke", "--out", str(tmp_path)])
+    assert "abc1234" not in (tmp_path / "report.md").read_text()

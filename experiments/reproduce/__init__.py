@@ -5,7 +5,9 @@
 Writes ``DIR/report.md`` (tables, figures, each claim with its number and a verdict), every
 figure as PNG and every number as JSON (``DIR/results/*.json``); trained models are cached in
 ``DIR/models`` (training runs with Hugging Face checkpoints), and a part's results are reused
-when its settings and models have not changed, so a rerun only recomputes what changed.
+when its settings and models have not changed, so a rerun only recomputes what changed. With
+``--parts``, a part not run is reported from its last results in ``DIR/results`` (of the same
+mode); the report names the commit of the code that computed each part.
 
 Modes: ``full`` (default; ViTs of ~88% from 3 seeds, MiniLM fine-tunes from 2 seeds; on 2 CPU
 cores ~4 hours of training, then 1-2 hours of analysis: the README's Results give the times),
@@ -19,6 +21,7 @@ import argparse
 import dataclasses
 import hashlib
 import json
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -46,20 +49,37 @@ def _key(settings: Settings, part: str, out: Path) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
+def _commit() -> str | None:
+    """The code's git commit (``+dirty`` with uncommitted changes), None outside a checkout."""
+    root = Path(__file__).resolve().parents[2]
+    git = lambda *a: subprocess.run(["git", *a], cwd=root, capture_output=True, text=True)
+    head = git("rev-parse", "--short", "HEAD")
+    if head.returncode:
+        return None
+    dirty = git("status", "--porcelain", "--", "rotjax", "experiments").stdout.strip()
+    return head.stdout.strip() + ("+dirty" if dirty else "")
+
+
+def _last(out: Path, part: str) -> dict | None:
+    """A part's last results in ``OUT/results``, None if absent or cut short by a crash."""
+    try:
+        return json.loads((out / "results" / f"{part}.json").read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
+
+
 def run_part(settings: Settings, part: str, out: Path, log) -> dict:
     path = out / "results" / f"{part}.json"
-    if path.is_file():
-        try:
-            old = json.loads(path.read_text())
-        except json.JSONDecodeError:
-            old = {}  # cut short by a crash: recomputed
-        if old.get("key") == _key(settings, part, out):
-            log(f"{part}: results unchanged, reused ({path})")
-            return old
-    tic = time.perf_counter()
+    old = _last(out, part)
+    if old is not None and old.get("key") == _key(settings, part, out):
+        log(f"{part}: results unchanged, reused ({path})")
+        return old
+    tic, commit = time.perf_counter(), _commit()
     results = PARTS[part](settings, out, log)
     # The key after training: the models' summaries are part of it.
-    results = {"key": _key(settings, part, out), "seconds": time.perf_counter() - tic, **results}
+    seconds = time.perf_counter() - tic
+    keys = {"key": _key(settings, part, out), "mode": settings.mode, "commit": commit}
+    results = {**keys, "seconds": seconds, **results}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
@@ -84,5 +104,11 @@ def main(argv=None):
     tic = time.perf_counter()
     log = lambda text: print(text, file=sys.stderr, flush=True)
     results = {part: run_part(settings, part, out, log) for part in settings.parts}
+    for part in PARTS.keys() - results.keys():  # not run now: its last results, if any
+        last = _last(out, part)
+        if last is not None and last.get("mode") == settings.mode:
+            log(f"{part}: not run; the report shows its last results (commit {last.get('commit')})")
+            results[part] = last
+    results = {part: results[part] for part in PARTS if part in results}
     report = _report.write(settings, out, results)
     print(f"wrote {report} ({time.perf_counter() - tic:.0f} s)")

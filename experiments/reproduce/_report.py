@@ -279,7 +279,11 @@ def write(settings, out: Path, results: dict) -> Path:
     """``OUT/report.md`` (and ``OUT/figures``, ``OUT/results/claims.json``) from ``results``."""
     figures_ = figures(results["vision"], out / "figures") if "vision" in results else {}
     flag = "" if settings.mode == "full" else f" --{settings.mode}"
-    took = ", ".join(f"{part} {r['seconds'] / 60:.1f} min" for part, r in results.items())
+    took = ", ".join(
+        f"{part} {r['seconds'] / 60:.1f} min"
+        + (f" (code of commit {r['commit']})" if r.get("commit") else "")
+        for part, r in results.items()
+    )
     lines = [
         "# rotjax: the paper's claims, re-measured in miniature",
         "",
