@@ -34,7 +34,7 @@ ALIGNMENTS: dict[str, dict[str, Any] | None] = {
     "all + stream": {"solve": match.ALL, "canonical": True},
     "activations": {"solve": match.ALL, "activations": True, "canonical": True},
 }
-METHODS = ("average", "fisher", "regmean", "ot-acts", "ot-wts")
+METHODS = ("average", "circuits", "fisher", "regmean", "ot-acts", "ot-wts")
 
 
 @dataclasses.dataclass
@@ -150,6 +150,8 @@ def merged(
     tic = time.perf_counter()
     if method == "average":
         out = merge.average(params)
+    elif method == "circuits":  # the average, each attention head from its mean circuits
+        out = merge.circuits(pair.spec, merge.average(params), params)
     elif method in ("fisher", "regmean"):
         kinds = ("fisher",) if method == "fisher" else ("gram",)
         stats = [

@@ -133,6 +133,22 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert chosen["prediction_loss"] and chosen["sweeps"] < len(chosen["prediction_loss"])
 
 
+@pytest.mark.parametrize("method", ["average", "ot-wts"])
+def test_merge_with_circuits(method, checkpoints, key, capsys):
+    """--circuits after a method: B is A moved by a symmetry, so the merge of A with aligned B
+    computes A's function (the heads refactored: other params)."""
+    tmp, a = checkpoints
+    out = tmp / f"circuits-{method}"
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--method", method]
+    assert cli.main([*argv, "--align", "all", "--circuits", "--quiet"]) == 0
+    c = compiled(CONFIG)
+    merged = hf.load(out)[1]
+    x = inputs(CONFIG, key)
+    assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-5
+    assert rel_err(merged, a) > 1e-3  # refactored heads
+    assert json.loads((out / "merge.json").read_text())["options"]["circuits"] is True
+
+
 # Per family: the config, and lines that `rotjax inspect` must print for it.
 TOKEN_FAMILIES = {
     "llama": (
@@ -194,6 +210,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     base = ["merge", A, B, "--out", str(out), "--quiet"]
     _fails([*base, "--method", "regmean"], capsys, "--method regmean needs --data")
     _fails([*base, "--method", "ties"], capsys, "needs --base")
+    _fails([*base, "--method", "dare", "--base", A, "--circuits"], capsys, "--circuits does not")
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")
     np.savez(tmp / "wrong.npz", pixel_values=np.zeros((2, 3, 8, 8), np.float32))

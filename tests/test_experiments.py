@@ -134,3 +134,42 @@ def test_paths(tmp_path, capsys):
     assert "all + stream   loss barrier" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         paths.main([*argv, "--align", "none,bogus"])
+
+
+def test_pairs(tmp_path, capsys):
+    """Every pair of three tiny ViTs, C being A moved by a random symmetry element: aligned,
+    A and C merge into A by every method (the same accuracy), and the table is the JSON's."""
+    import jax
+
+    from experiments import pairs
+    from rotjax import symmetry as sym
+    from rotjax.models import family, vit
+
+    config = vit.Config(
+        image_size=28, patch_size=7, num_channels=1, hidden_size=8, num_hidden_layers=1,
+        num_attention_heads=2, intermediate_size=16, num_labels=10, task="image_classification",
+    )  # fmt: skip
+    fam = family(config)
+    a, b = (fam.init(config, jax.random.key(i)) for i in range(2))
+    spec = fam.symmetry_spec(config)
+    c = sym.apply(spec, a, sym.sample(spec, jax.random.key(7)))
+    dirs = [str(tmp_path / n) for n in "abc"]
+    for d, p in zip(dirs, (a, b, c), strict=True):
+        hf.save(d, config, p)
+    out = tmp_path / "out"
+    argv = [*dirs, "--images", "64", "--align", "none,all + stream", "--methods"]
+    pairs.main([*argv, "average,circuits", "--out", str(out)])
+    result = json.loads((out / "pairs.json").read_text())
+    assert [(p["a"], p["b"]) for p in result["pairs"]] == [
+        (dirs[0], dirs[1]), (dirs[0], dirs[2]), (dirs[1], dirs[2])
+    ]  # fmt: skip
+    a_c = result["pairs"][1]["all + stream"]
+    assert a_c == {
+        "average": result["endpoints"][dirs[0]],
+        "circuits": result["endpoints"][dirs[0]],
+    }
+    printed = capsys.readouterr().out
+    for line in pairs.table(result, ["none", "all + stream"], ["average", "circuits"]):
+        assert line in printed
+    with pytest.raises(SystemExit):
+        pairs.main([*argv, "bogus"])

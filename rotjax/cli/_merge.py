@@ -38,6 +38,8 @@ methods (--method):
   ties             trim, elect sign, disjoint mean (Yadav et al.), needs --base; --density
   dare             drop and rescale task vectors (Yu et al.), needs --base; --drop
   ot-acts, ot-wts  optimal-transport fusion from activations (needs --data) or weights
+  --circuits       after average, fisher, regmean or ot-*: each attention head from the mean
+                   of its circuits W_Q W_Kᵀ and W_V W_O, refactored by truncated SVD
 alignment (--align), to the first model, before merging:
   none, paper (rotation + scale + FFN units), all (every group of the spec: for pre-norm
   models such as ViT, in canonical form, the residual stream's rotation too),
@@ -69,6 +71,11 @@ def add_arguments(m, *, positive_int) -> None:
     m.add_argument("--density", type=float, default=0.2, help="TIES: fraction kept")
     m.add_argument("--drop", type=float, default=0.9, help="DARE: drop probability")
     m.add_argument("--transport", choices=("exact", "sinkhorn"), default="exact", help="OT")
+    m.add_argument(
+        "--circuits",
+        action="store_true",
+        help="then merge each attention head by its circuits (not with task-vector methods)",
+    )
     m.add_argument("--batch-size", type=positive_int, default=32, help="statistics batches")
     m.add_argument("--max-examples", type=positive_int, default=1000, help="per --data file")
     m.add_argument("--seed", type=int, default=0)
@@ -90,6 +97,8 @@ def _options(args) -> dict:
         raise CLIError(
             f"--method {args.method} needs --base (the model the others were tuned from)"
         )
+    if args.circuits and args.method in NEEDS_BASE:
+        raise CLIError(f"--circuits does not apply to --method {args.method}")
     if args.method == "fisher" and args.fisher == "empirical" and not args.data:
         raise CLIError("--fisher empirical needs --data with labels")
     weights = None
@@ -247,7 +256,9 @@ def run(args) -> int:
     timings["statistics"] = time.perf_counter() - tic
 
     tic = time.perf_counter()
-    merged = _merge(args, opts, spec, model, aligned, stats, base, key, batches)
+    merged, members = _merge(args, opts, spec, model, aligned, stats, base, key, batches)
+    if args.circuits:
+        merged = merge.circuits(spec, merged, members, weights=opts["weights"])
     check_finite(merged, "the merged model")
     timings["merge"] = time.perf_counter() - tic
     report = {
@@ -256,7 +267,17 @@ def run(args) -> int:
         "align": args.align,
         "options": {
             k: getattr(args, k)
-            for k in ("weights", "alpha", "fisher", "scale", "density", "drop", "transport", "seed")
+            for k in (
+                "weights",
+                "alpha",
+                "fisher",
+                "scale",
+                "density",
+                "drop",
+                "transport",
+                "circuits",
+                "seed",
+            )
         },
         "data": args.data,
         "base": args.base,
@@ -277,20 +298,21 @@ def run(args) -> int:
 
 
 def _merge(args, opts, spec, model, aligned, stats, base, key, batches):
+    """``(merged params, the models it merged)``: OT fusion merges the models it moved."""
     w = opts["weights"]
     m = args.method
     if m == "average":
-        return merge.average(aligned, w)
+        return merge.average(aligned, w), aligned
     if m == "fisher":
-        return merge.fisher(aligned, stats, weights=w)
+        return merge.fisher(aligned, stats, weights=w), aligned
     if m == "regmean":
-        return merge.regmean(aligned, stats, alpha=args.alpha, weights=w)
+        return merge.regmean(aligned, stats, alpha=args.alpha, weights=w), aligned
     if m == "task-arithmetic":
-        return merge.task_arithmetic(base, aligned, scale=args.scale)
+        return merge.task_arithmetic(base, aligned, scale=args.scale), aligned
     if m == "ties":
-        return merge.ties(base, aligned, density=args.density, scale=args.scale)
+        return merge.ties(base, aligned, density=args.density, scale=args.scale), aligned
     if m == "dare":
-        return merge.dare(base, aligned, key=key, drop=args.drop, scale=args.scale)
+        return merge.dare(base, aligned, key=key, drop=args.drop, scale=args.scale), aligned
     moved = [aligned[0]]
     for i, p in enumerate(aligned[1:], start=1):
         cross = merge.cross_statistics(model, aligned[0], p, batches(i)) if m == "ot-acts" else None
@@ -298,4 +320,4 @@ def _merge(args, opts, spec, model, aligned, stats, base, key, batches):
             spec, aligned[0], p, mode=m[3:], cross=cross, transport=args.transport
         )
         moved.append(fused.moved)
-    return merge.average(moved, w)
+    return merge.average(moved, w), moved

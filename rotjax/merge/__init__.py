@@ -5,8 +5,10 @@ Matching (`rotjax.match`) is a plug-in before any method here: align B to A, the
 - statistics from data, computed once: `statistics` (input Grams, diagonal Fishers),
   `cross_statistics` (two models' activations), `transform_statistics`, `save_statistics`,
   `load_statistics`;
-- merges: `average`, `fisher`, `regmean`; relative to a base model `task_arithmetic`, `ties`,
-  `dare`; `ot_fusion` (exact or Sinkhorn transport from activations or weights);
+- merges: `average`, `fisher`, `regmean`, and after any of them `circuits` (attention heads
+  merged by their query-key and output-value circuits); relative to a base model
+  `task_arithmetic`, `ties`, `dare`; `ot_fusion` (exact or Sinkhorn transport from
+  activations or weights);
 - alignment from activations: `activation_init` (a start for `rotjax.match.align`),
   `align_by_activations` (that start, then weight-matching sweeps chosen by
   `prediction_loss` on unlabeled data);
@@ -14,6 +16,7 @@ Matching (`rotjax.match`) is a plug-in before any method here: align B to A, the
 """
 
 from rotjax.merge._acts import activation_init, correlations, cross_statistics, group_scores
+from rotjax.merge._circuits import circuits
 from rotjax.merge._curve import Curve, barrier, curve, interpolate
 from rotjax.merge._methods import average, fisher, model_weights, regmean
 from rotjax.merge._ot import Fusion, ot_fusion, transport_params
@@ -37,6 +40,7 @@ __all__ = [
     "align_by_activations",
     "average",
     "barrier",
+    "circuits",
     "correlations",
     "cross_statistics",
     "curve",

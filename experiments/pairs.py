@@ -1,0 +1,93 @@
+"""Merged test accuracy of every pair of Fashion-MNIST ViTs, per alignment and method, with the
+mean and spread over the pairs: Table 2 of `experiments.reproduce` without its ablations and
+curves, for any set of checkpoints and any methods (``circuits`` included).
+
+    python -m experiments.pairs DIR [DIR ...] [--align "all + stream,activations"]
+        [--methods average,circuits] [--images 10000] [--out DIR]
+
+Writes ``OUT/pairs.json`` (every cell of every pair) and prints the table. Activation starts
+and statistics read 1000 training images of a fixed shuffle (the reproduction's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from experiments import fusion
+from rotjax import data, train
+
+
+def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print) -> dict:
+    """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy}}]}``."""
+    fm = data.fashion_mnist()
+    test = {k: v[:images] for k, v in fm.test.arrays().items()}
+    order = np.random.default_rng(0).permutation(len(fm.train.labels))
+    stats = {"images": fm.train.images[order[:unlabeled]]}
+    out = {"endpoints": {}, "pairs": []}
+    for dir_a, dir_b in itertools.combinations(dirs, 2):
+        pair = fusion.load_pair(dir_a, dir_b)
+        evaluate = train.evaluator(pair.model, test, batch_size=min(1000, images))
+        acc = functools.partial(_accuracy, evaluate)
+        for d, p in ((dir_a, pair.a), (dir_b, pair.b)):
+            out["endpoints"].setdefault(str(d), acc(p))
+        row = {"a": str(dir_a), "b": str(dir_b)}
+        variants = fusion.align_variants(pair, alignments, stats, key=jax.random.key(0))
+        for name, v in variants.items():
+            row[name] = {m: acc(fusion.merged(v["pair"], m, stats_data=stats)[0]) for m in methods}
+            log(f"{Path(dir_a).parent.name} + {Path(dir_b).parent.name}, {name}: {row[name]}")
+        out["pairs"].append(row)
+    return out
+
+
+def _accuracy(evaluate, params) -> float:
+    return float(evaluate(params)["accuracy"])
+
+
+def table(results, alignments, methods) -> list[str]:
+    """Markdown rows: mean ± std (%) over the pairs, one row per method."""
+    lines = ["| method | " + " | ".join(alignments) + " |", "|---" * (len(alignments) + 1) + "|"]
+    for m in methods:
+        cells = []
+        for a in alignments:
+            x = 100 * np.array([p[a][m] for p in results["pairs"]])
+            cells.append(f"{x.mean():.1f} ± {x.std():.1f}")
+        lines.append(f"| {m} | " + " | ".join(cells) + " |")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", help="Hugging Face ViT checkpoints (at least 2)")
+    p.add_argument("--align", default="all + stream,activations")
+    p.add_argument("--methods", default="average,circuits")
+    p.add_argument("--images", type=int, default=10_000, help="test images")
+    p.add_argument("--out", default="runs/pairs")
+    args = p.parse_args(argv)
+    alignments = [a.strip() for a in args.align.split(",")]
+    methods = [m.strip() for m in args.methods.split(",")]
+    if unknown := sorted(set(alignments) - set(fusion.ALIGNMENTS)):
+        p.error(f"unknown alignments {unknown}; known: {sorted(fusion.ALIGNMENTS)}")
+    if unknown := sorted(set(methods) - set(fusion.METHODS)):
+        p.error(f"unknown methods {unknown}; known: {list(fusion.METHODS)}")
+    if len(args.dirs) < 2:
+        p.error("give at least 2 checkpoints")
+    train.enable_compilation_cache()
+    results = pairs(args.dirs, alignments, methods, images=args.images)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "pairs.json").write_text(json.dumps(results, indent=1) + "\n")
+    ends = 100 * np.array(list(results["endpoints"].values()))
+    print(f"endpoints: {ends.mean():.1f} ± {ends.std():.1f}% ({len(ends)} models)")
+    print("\n".join(table(results, alignments, methods)))
+    print(f"wrote {out / 'pairs.json'}")
+
+
+if __name__ == "__main__":
+    main()

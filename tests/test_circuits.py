@@ -1,0 +1,120 @@
+"""`rotjax.merge.circuits`: attention heads merged by their query-key and output-value circuits.
+
+Tolerances: float32 forward passes at matmul precision "highest" and a float32 QR + SVD of each
+head's circuits: ~1e-6 relative; 1e-5 asserted (as everywhere in the suite).
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from conftest import rel_err
+from helpers import CONFIGS, compiled, inputs, scanned
+
+from rotjax import merge
+from rotjax import symmetry as sym
+from rotjax.tree import to_dict
+
+TOL = 1e-5
+HEAD_ROLES = ("qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
+
+
+def _head_element(spec, key):
+    """A random element of the per-head groups `circuits` is blind to (rotations and scales of
+    heads; not the query-key ones of rotary models, whose circuits it leaves to the base)."""
+    rope = {g.over for g in spec.groups.values() if g.pairs}
+    t = sym.sample(spec, key)
+    return {
+        n: x
+        for n, x in t.items()
+        if spec.groups[n].role in HEAD_ROLES
+        and not (spec.groups[n].role.startswith("qk") and spec.groups[n].over in rope)
+    }
+
+
+@pytest.mark.parametrize(
+    "name,scan",
+    [
+        ("bert-h3d4-l2", True),
+        ("vit-h1d8-l1-nobias", False),
+        ("llama-k2g2d6-l2-seq", True),
+        ("qwen2-k1g4d4-l1", False),
+        ("deberta-v3-h3d5-l2-seq", False),
+        ("deberta-v2-h5d2-l1-token", True),
+    ],
+)
+def test_circuits_of_a_model_with_itself_compute_it(name, scan, key):
+    """Every head refactored from its own circuits: other factors, the same function. The base
+    is the model moved by random head rotations and scales, so nothing is equal by accident."""
+    config = scanned(CONFIGS[name], scan)
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    moved = c.apply(a, _head_element(c.spec, jax.random.fold_in(key, 1)))
+    x = inputs(config, jax.random.fold_in(key, 2))
+    out = merge.circuits(c.spec, moved, [a, a])
+    assert rel_err(c.forward(out, x), c.forward(a, x)) <= TOL
+    changed = [p for p, v in to_dict(out).items() if not np.array_equal(v, to_dict(moved)[p])]
+    assert any("kernel" in p for p in changed)  # the heads were refactored
+    assert jax.tree.map(jnp.dtype, out) == jax.tree.map(jnp.dtype, a)
+
+
+@pytest.mark.parametrize(
+    "name", ["vit-h3d4-l2", "roberta-h1d6-l2", "llama-k2g2d6-l2-seq", "deberta-v2-h5d2-l1-token"]
+)
+def test_circuits_ignore_per_head_rotations_and_scales(name, key):
+    """Merging A with B and with B moved by any head rotations and scales gives one function:
+    the circuits are invariants of those groups. The plain average is not (the control)."""
+    config = CONFIGS[name]
+    c = compiled(config)
+    a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
+    moved = c.apply(b, _head_element(c.spec, jax.random.fold_in(key, 2)))
+    x = inputs(config, jax.random.fold_in(key, 3))
+    ref = c.forward(merge.circuits(c.spec, merge.average([a, b]), [a, b]), x)
+    got = c.forward(merge.circuits(c.spec, merge.average([a, moved]), [a, moved]), x)
+    assert rel_err(got, ref) <= TOL
+    plain = c.forward(merge.average([a, moved]), x)
+    assert rel_err(plain, c.forward(merge.average([a, b]), x)) > 1e-3
+
+
+def test_circuits_are_the_truncated_svd_of_the_mean_circuit(seed):
+    """Oracle (numpy, float64): each head's merged ``W̃_Q W̃_Kᵀ`` and ``W̃_V W_O`` (biases as
+    the last row, ``W̃ = [W; b]``) are the best rank-d approximations of the weighted mean
+    circuits; everything else is the base merge's."""
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    key = jax.random.key(seed)
+    models = [c.init(jax.random.fold_in(key, i), 0.3) for i in range(3)]
+    weights = [1.0, 3.0, 0.5]
+    base = merge.average(models, weights)
+    out = to_dict(merge.circuits(c.spec, base, models, weights=weights))
+    flat = [{p: np.asarray(v, np.float64) for p, v in to_dict(m).items()} for m in models]
+    w = np.asarray(weights) / sum(weights)
+    at = "encoder/layer_1/attention/"
+    aug = lambda f, n, h: np.concatenate([f[f"{at}{n}/kernel"][:, h], f[f"{at}{n}/bias"][h, None]])
+    circuits = {
+        "qk": lambda f, h: aug(f, "query", h) @ aug(f, "key", h).T,
+        "vo": lambda f, h: aug(f, "value", h) @ f[f"{at}out/kernel"][h],
+    }
+    got = {p: np.asarray(v, np.float64) for p, v in out.items()}
+    d = config.hidden_size // config.num_attention_heads
+    for h in range(config.num_attention_heads):
+        for circuit in circuits.values():
+            u, s, vt = np.linalg.svd(sum(wi * circuit(f, h) for wi, f in zip(w, flat, strict=True)))
+            want = (u[:, :d] * s[:d]) @ vt[:d]
+            assert rel_err(circuit(got, h), want) <= TOL
+    for p, v in to_dict(base).items():  # the rest: the base merge
+        if "/attention/" not in p or p.endswith("out/bias"):
+            np.testing.assert_array_equal(out[p], v)
+
+
+def test_circuits_bad_input(key):
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
+    with pytest.raises(ValueError, match="weights must be 2"):
+        merge.circuits(c.spec, a, [a, b], weights=[1.0])
+    short = {k: v for k, v in b.items() if k != "classifier"}
+    with pytest.raises(ValueError, match="classifier"):
+        merge.circuits(c.spec, a, [a, short])
+    with pytest.raises(ValueError, match="at least 2"):
+        merge.circuits(c.spec, a, [a])
