@@ -44,7 +44,8 @@ alignment (--align), to the first model, before merging:
   none, paper (rotation + scale + FFN units), all (every group of the spec: for pre-norm
   models such as ViT, in canonical form, the residual stream's rotation too),
   activations (permutations and rotations from activations on --data, then 0-4 sweeps of
-  all: those whose average agrees best with both models' predictions on --data)
+  all, or all from its data-free start: the one whose average agrees best with both models'
+  predictions on --data)
 --data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
 float32, or input_ids and attention_mask (token_type_ids optional); labels optional. Give it
 once (shared) or once per model, in the order of the models.
@@ -237,7 +238,15 @@ def run(args) -> int:
                 alignment[args.models[i]] = {
                     "distance": {"before": d.distance_before, "after": d.distance_after},
                     "sweeps": chosen.get("sweeps", d.sweeps),
-                    **({"prediction_loss": chosen["losses"]} if chosen else {}),
+                    **(
+                        {
+                            "start": chosen["start"],
+                            "prediction_loss": chosen["losses"],
+                            "prediction_loss_weights_start": chosen["weights_loss"],
+                        }
+                        if chosen
+                        else {}
+                    ),
                     "seconds": d.seconds["total"],
                 }
             bar.update()

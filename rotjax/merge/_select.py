@@ -83,6 +83,7 @@ def align_by_activations(
     *,
     solve: str | Iterable[str] = match.ALL,
     max_sweeps: int = 4,
+    weights_start: bool = True,
     key: jax.Array | None = None,
     solver: str = "scipy",
 ) -> tuple[match.Alignment, dict[str, Any]]:
@@ -94,14 +95,18 @@ def align_by_activations(
        the activations.
     2. Candidates: the start, and `rotjax.match.align` from it over ``solve`` for 1, ...,
        ``max_sweeps`` sweeps (weight matching refines what the activations left open: the
-       scales, and groups that no activation reveals).
+       scales, and groups that no activation reveals); with ``weights_start``, also `align`
+       to convergence from its own data-free start (on some seed pairs the better optimum).
     3. The one kept: the candidate g whose average ``(A + g·B)/2`` has the least
        `prediction_loss` against A's and B's mean prediction on the same batches. Models
        without a classification head have no such loss: `align` runs to convergence from the
-       start instead.
+       activation start instead.
 
-    Returns ``(alignment, {"losses": [loss of each candidate], "sweeps": the chosen one's})``;
-    the alignment's transform is complete and its diagnostics are those of its `align` call.
+    Returns ``(alignment, info)``: ``info["losses"]`` the loss of each candidate from the
+    activation start (0, 1, ... sweeps), ``info["weights_loss"]`` that of the data-free
+    candidate (None without it), ``info["start"]`` the chosen one's start (``"activations"``
+    or ``"weights"``) and ``info["sweeps"]`` its sweeps. The alignment's transform is
+    complete and its diagnostics are those of its `align` call.
     """
     if not (isinstance(max_sweeps, int) and max_sweeps >= 0):
         raise ValueError(f"max_sweeps must be an int >= 0, got {max_sweeps!r}")
@@ -112,7 +117,7 @@ def align_by_activations(
         res = match.align(
             spec, anchor_params, params, solve=solve, key=key, solver=solver, init=start
         )
-        return res, {"losses": [], "sweeps": res.diagnostics.sweeps}
+        return res, _info([], None, "activations", res.diagnostics.sweeps)
     loss = prediction_loss(model, [anchor_params, params], batches)
     best, losses = None, []
     for sweeps in range(max_sweeps + 1):
@@ -131,4 +136,15 @@ def align_by_activations(
             best = (sweeps, res)
         if sweeps and res.diagnostics.sweeps < sweeps:  # converged: more give the same
             break
-    return best[1], {"losses": losses, "sweeps": best[0]}
+    info = _info(losses, None, "activations", best[0])
+    if weights_start:
+        res = match.align(spec, anchor_params, params, solve=solve, key=key, solver=solver)
+        info["weights_loss"] = loss(average([anchor_params, res.params]))
+        if info["weights_loss"] < losses[best[0]]:
+            best = (res.diagnostics.sweeps, res)
+            info |= {"start": "weights", "sweeps": res.diagnostics.sweeps}
+    return best[1], info
+
+
+def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:
+    return {"losses": losses, "weights_loss": weights_loss, "start": start, "sweeps": sweeps}
