@@ -17,26 +17,30 @@ several times slower. The benchmark therefore runs PyTorch with ``torch.set_flus
 from. ``--profile DIR`` writes a JAX profiler trace of a few rotjax steps (TensorBoard /
 Perfetto).
 
-Measured on the 2-core CPU machine (idle, 5 rounds; results/train_throughput.json):
+Measured on the 2-core CPU machine (idle, 5 rounds; results/train_throughput.json), on
+2026-12-01; an earlier run on the same machine, at an earlier commit, gave 0.91 / 1.21 / 0.74
+for BERT and 0.65 / 0.90 / 0.62 for the ViT, with PyTorch at 18.9 / 47.3 / 22.0 and 566.6 /
+1532 / 614 ex/s: PyTorch's rates moved by up to 2.3x between the two days, rotjax's by up to
+1.4x.
 
 =======  ===================  ===========  ==========  =====
 model    what                 rotjax ex/s  torch ex/s  ratio
 =======  ===================  ===========  ==========  =====
-bert     step (B=32, T=64)    17.1         18.9        0.91
-bert     forward              57.2         47.3        1.21
-bert     forward + backward   16.4         22.0        0.74
-vit      step (B=128)         370.5        566.6       0.65
-vit      forward              1371         1532        0.90
-vit      forward + backward   379          614         0.62
+bert     step (B=32, T=64)    21.2         28.1        0.76
+bert     forward              68.4         68.3        1.00
+bert     forward + backward   18.4         27.4        0.67
+vit      step (B=128)         414.3        848.6       0.49
+vit      forward              1957         3535        0.55
+vit      forward + backward   441          866         0.51
 =======  ===================  ===========  ==========  =====
 
 What limits rotjax here: matrix products. ``--profile`` attributes 66% (BERT) and 54% (ViT)
 of XLA's op time to its matmul fusions (``ynn_fusion``), and the rest mostly to broadcasts and
 layout copies around them (transposes for the backward products, LayerNorm scales broadcast to
-full activations). A single float32 matmul at these models' shapes runs at 0.82-1.05x
-PyTorch's speed in XLA (the ``gemm`` rows of the JSON), so XLA:CPU cannot reach parity on the
-backward pass, which is matmul-bound and adds transposed products; the forward pass is at or
-above parity for BERT. XLA's flags for other CPU matmul back ends
+full activations). A single float32 matmul at these models' shapes runs at 0.68-0.99x
+PyTorch's speed in XLA (the ``gemm`` rows of the JSON; 0.82-1.05x in the earlier run), so
+XLA:CPU cannot reach parity on the backward pass, which is matmul-bound and adds transposed
+products; the forward pass is at parity for BERT. XLA's flags for other CPU matmul back ends
 (``--xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type=dot``,
 ``--xla_cpu_experimental_onednn_custom_call``) and faster dropout bits (``rbg`` keys) each
 moved the step rate by less than the run-to-run noise (< 10%). PyTorch's own numbers vary by

@@ -10,8 +10,8 @@ Matching (`rotjax.match`) is a plug-in before any method here: align B to A, the
   `task_arithmetic`, `ties`, `dare`; `ot_fusion` (exact or Sinkhorn transport from
   activations or weights);
 - alignment from activations: `activation_init` (a start for `rotjax.match.align`),
-  `align_by_activations` (that start, then weight-matching sweeps chosen by
-  `prediction_loss` on unlabeled data);
+  `align_by_activations` (that start and weight-matching sweeps, or weight matching from
+  its data-free start, chosen by `prediction_loss` on unlabeled data);
 - the linear path: `curve`, `barrier`, `interpolate`.
 """
 

@@ -3,8 +3,9 @@
 Weight distance is the wrong yardstick for how well two models merge: on ViT seed pairs the
 coordinate descent keeps lowering ``‖A - g·B‖²`` while the accuracy of the average ``(A +
 g·B)/2`` rises, then falls. `align_by_activations` therefore starts from the activations
-(`activation_init`), refines by weight matching for 0, 1, ..., ``max_sweeps`` sweeps, and keeps
-the candidate whose average agrees best with both models on the same unlabeled inputs.
+(`activation_init`), refines by weight matching for 0, 1, ..., ``max_sweeps`` sweeps, adds
+weight matching from its own data-free start, and keeps the candidate whose average agrees
+best with both models on the same unlabeled inputs.
 """
 
 from __future__ import annotations
