@@ -159,26 +159,31 @@ def test_padded_tokens_change_no_gram(key):
 def _oracle_fisher(model, params, x, labels, mask, variant):
     """Mean over examples of Σ_(t,c) p_tc (∇ log p_tc)² (exact: per token and class) or
     (∇ Σ_t log p_t(y_t))² (empirical: the example's log-likelihood gradient, squared), one
-    gradient at a time in Python loops."""
-    total = jax.tree.map(jnp.zeros_like, params)
+    gradient at a time in Python loops (each the gradient of ``Σ onehot ⊙ log p`` for one
+    example, compiled once)."""
+    logp = jax.jit(lambda p, xi: jax.nn.log_softmax(model.apply({"params": p}, *xi)[0]))
+    grad = jax.jit(jax.grad(lambda p, xi, onehot: jnp.sum(logp(p, xi) * onehot)))
+    add = jax.jit(lambda total, g, w: jax.tree.map(lambda t, g: t + w * g * g, total, g))
+    total = jax.tree.map(np.zeros_like, params)
     n = x[0].shape[0]
     for i in range(n):
         xi = tuple(a[i : i + 1] for a in x)
-        logp = lambda p, xi=xi: jax.nn.log_softmax(model.apply({"params": p}, *xi)[0])
-        lp = logp(params)
+        lp = np.asarray(logp(params, xi))
         positions = [()] if lp.ndim == 1 else [(t,) for t in range(lp.shape[0]) if mask[i, t]]
         if variant == "empirical":
             y = np.asarray(labels[i]).reshape(lp.shape[:-1])
-            picked = [(*pos, int(y[pos])) for pos in positions if y[pos] != IGNORE_LABEL]
-            g = jax.grad(lambda p, f=logp, k=tuple(picked): sum(f(p)[j] for j in k))(params)
-            total = jax.tree.map(lambda t, g: t + g * g, total, g)
+            onehot = np.zeros(lp.shape, np.float32)
+            for pos in positions:
+                if y[pos] != IGNORE_LABEL:
+                    onehot[(*pos, int(y[pos]))] = 1.0
+            total = add(total, grad(params, xi, onehot), 1.0)
             continue
         for pos in positions:
-            pairs = [(cls, float(jnp.exp(lp[(*pos, cls)]))) for cls in range(lp.shape[-1])]
-            for cls, w in pairs:
-                g = jax.grad(lambda p, pos=pos, cls=cls, f=logp: f(p)[(*pos, cls)])(params)
-                total = jax.tree.map(lambda t, g, w=w: t + w * g * g, total, g)
-    return jax.tree.map(lambda t: t / n, total)
+            for cls in range(lp.shape[-1]):
+                onehot = np.zeros(lp.shape, np.float32)
+                onehot[(*pos, cls)] = 1.0
+                total = add(total, grad(params, xi, onehot), float(np.exp(lp[(*pos, cls)])))
+    return jax.tree.map(lambda t: np.asarray(t) / n, total)
 
 
 # Lookup tables (words, positions, token types, DeBERTa's relative positions read whole)

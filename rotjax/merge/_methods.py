@@ -61,13 +61,19 @@ def average(params_list: Sequence[Any], weights: Sequence[float] | None = None) 
     """``θ = Σ_i λ_i θ_i / Σ_i λ_i`` (simple averaging; λ = 1 by default)."""
     _, leaves, treedef = checked_models(params_list)
     w = model_weights(weights, len(params_list))
-    out = [_weighted_mean(w, [x[k] for x in leaves]) for k in range(len(leaves[0]))]
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, _average_leaves(jnp.asarray(w, jnp.float32), leaves))
+
+
+# The merges run as one compiled program per architecture (leaf by leaf, every leaf's small
+# op would compile and dispatch on its own); inputs may be sharded, outputs keep their layout.
+@jax.jit
+def _average_leaves(w, leaves):
+    return [_weighted_mean(w, xs) for xs in zip(*leaves, strict=True)]
 
 
 def _weighted_mean(w, xs):
-    total = sum(float(wi) * jnp.asarray(x, jnp.float32) for wi, x in zip(w, xs, strict=True))
-    return _cast(total / float(w.sum()), xs[0])
+    total = sum(w[i] * jnp.asarray(x, jnp.float32) for i, x in enumerate(xs))
+    return _cast(total / jnp.sum(w), xs[0])
 
 
 def _fishers(stats: Mapping[str, Any], i: int) -> Mapping[str, Any]:
@@ -104,16 +110,23 @@ def fisher(
     if normalize:
         norms = [float(jnp.sqrt(sum(jnp.sum(jnp.square(f[p])) for p in f))) for f in fs]
         w = w / np.maximum(norms, 1e-30)
-    out = []
-    for k, path in enumerate(paths):
-        if any(path not in f for f in fs):  # no Fisher for this param: a plain average
-            out.append(_weighted_mean(w, [x[k] for x in leaves]))
-            continue
-        xs = [jnp.asarray(x[k], jnp.float32) for x in leaves]
-        fl = [float(wi) * jnp.maximum(f[path], eps) for wi, f in zip(w, fs, strict=True)]
-        num = sum(f * x for f, x in zip(fl, xs, strict=True))
-        out.append(_cast(num / sum(fl), leaves[0][k]))
+    # No Fisher for a param (None): a plain average.
+    per_path = [[f[p] for f in fs] if all(p in f for f in fs) else None for p in paths]
+    out = _fisher_leaves(jnp.asarray(w, jnp.float32), jnp.float32(eps), leaves, per_path)
     return jax.tree.unflatten(treedef, out)
+
+
+@jax.jit
+def _fisher_leaves(w, eps, leaves, fishers):
+    out = []
+    for xs, f in zip(zip(*leaves, strict=True), fishers, strict=True):
+        if f is None:
+            out.append(_weighted_mean(w, xs))
+            continue
+        fl = [w[i] * jnp.maximum(fi, eps) for i, fi in enumerate(f)]
+        num = sum(fi * jnp.asarray(x, jnp.float32) for fi, x in zip(fl, xs, strict=True))
+        out.append(_cast(num / sum(fl), xs[0]))
+    return out
 
 
 def regmean(
@@ -163,13 +176,18 @@ def regmean(
         else average(params_list, weights)
     )
     out = flatten(merged)[1]
-    for k, path in enumerate(paths):
-        if all(path in s["gram"] for s in stats_list):
-            grams = [s["gram"][path] for s in stats_list]
-            out[k] = _cast(
-                _regmean_kernel([x[k] for x in leaves], grams, w, alpha, ridge), leaves[0][k]
-            )
+    ks = [k for k, p in enumerate(paths) if all(p in s["gram"] for s in stats_list)]
+    kernels = [[x[k] for x in leaves] for k in ks]
+    grams = [[s["gram"][paths[k]] for s in stats_list] for k in ks]
+    w32, scalars = jnp.asarray(w, jnp.float32), (jnp.float32(alpha), jnp.float32(ridge))
+    for k, new in zip(ks, _regmean_kernels(kernels, grams, w32, *scalars), strict=True):
+        out[k] = new
     return jax.tree.unflatten(treedef, out)
+
+
+@jax.jit
+def _regmean_kernels(kernels, grams, w, alpha, ridge):
+    return [_regmean_kernel(x, g, w, alpha, ridge) for x, g in zip(kernels, grams, strict=True)]
 
 
 def _regmean_kernel(kernels, grams, w, alpha, ridge):
@@ -185,24 +203,24 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
         alpha * jnp.asarray(g, jnp.float32) + (1 - alpha) * jnp.asarray(g, jnp.float32) * eye
         for g in grams
     ]
-    total = sum(float(wi) * g for wi, g in zip(w, reduced, strict=True))
+    total = sum(w[i] * g for i, g in enumerate(reduced))
     diag = jnp.diagonal(total, axis1=-2, axis2=-1)
     floor = jnp.maximum(jnp.mean(diag, axis=-1), jnp.finfo(jnp.float32).tiny)  # all-zero Gram
     total = total + ridge * floor[..., None, None] * eye
     inv = jnp.linalg.inv(total)
     xs = [jnp.asarray(x, jnp.float32) for x in kernels]
-    mean = sum(float(wi) * x for wi, x in zip(w, xs, strict=True)) / float(w.sum())
+    mean = sum(w[i] * x for i, x in enumerate(xs)) / jnp.sum(w)
     # W* = W̄ + (Σ λ G̃)⁻¹ Σ λ G̃ (W_i - W̄), which equals (Σ λ G̃)⁻¹ Σ λ G̃ W_i and solves only
     # for the correction to the average: identical models come back exactly, and the inverse's
     # float32 error scales with the models' differences, not with their weights.
     rhs = sum(
-        float(wi) * _contract_in(g, x - mean, b, n_in)
-        for wi, g, x in zip(w, reduced, xs, strict=True)
+        w[i] * _contract_in(g, x - mean, b, n_in)
+        for i, (g, x) in enumerate(zip(reduced, xs, strict=True))
     )
     # One step of iterative refinement (matmuls only, so a sharded kernel stays sharded).
     delta = _contract_in(inv, rhs, b, n_in)
     delta = delta + _contract_in(inv, rhs - _contract_in(total, delta, b, n_in), b, n_in)
-    return mean + delta
+    return _cast(mean + delta, kernels[0])
 
 
 def _contract_in(g, x, b, n_in):

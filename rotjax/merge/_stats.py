@@ -105,15 +105,25 @@ def statistics(
             raise ValueError("fisher='empirical' needs batches with 'labels'")
         k = jax.random.fold_in(key, i) if key is not None else jax.random.key(0)
         part = step(params, inputs, labels, k)
-        total = part if total is None else jax.tree.map(jnp.add, total, part)
+        total = part if total is None else _add(total, part)
     if total is None:
         raise ValueError("statistics: no batches")
+    return _means(total)
+
+
+# Whole-tree programs: leaf by leaf, each small op would compile and dispatch on its own.
+_add = jax.jit(functools.partial(jax.tree.map, jnp.add))
+
+
+@jax.jit
+def _means(total):
+    """The sums of every batch divided by their counts (tokens, examples)."""
     out: dict[str, Any] = {}
-    if "gram" in kinds:
+    if "gram" in total:
         n = total["tokens"]
         out["gram"] = {p: g / _bcast(n[p], g) for p, g in total["gram"].items()}
         out["tokens"] = n
-    if "fisher" in kinds:
+    if "fisher" in total:
         out["fisher"] = {p: f / total["examples"] for p, f in to_dict(total["fisher"]).items()}
         out["examples"] = total["examples"]
     return out

@@ -3,40 +3,49 @@ arithmetic, TIES and DARE. Every random choice takes a ``jax.random`` key."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rotjax.merge._methods import checked_models
 
 TRIMS = ("global", "tensor")
 
 
-def _task_vectors(base, params_list):
+def _merged(base, params_list, how, scale, **options):
+    """``θ_base + λ how(task vectors, **options)`` as one compiled program (see
+    `rotjax.merge._methods`): string options are static, the others traced."""
     _, leaves, treedef = checked_models([base, *params_list])
-    f32 = lambda x: jnp.asarray(x, jnp.float32)
-    taus = [
-        [f32(x) - f32(b) for x, b in zip(model, leaves[0], strict=True)] for model in leaves[1:]
-    ]
-    return leaves[0], taus, treedef
-
-
-def _rebuild(base_leaves, tau, scale, treedef):
-    out = [
-        (jnp.asarray(b, jnp.float32) + scale * t).astype(jnp.asarray(b).dtype)
-        for b, t in zip(base_leaves, tau, strict=True)
-    ]
+    static = tuple(sorted((k, v) for k, v in options.items() if isinstance(v, str)))
+    traced = {k: jnp.asarray(v) for k, v in options.items() if not isinstance(v, str)}
+    out = _merged_leaves(how, static, leaves, jnp.float32(scale), traced)
     return jax.tree.unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))
+def _merged_leaves(how, static, leaves, scale, traced):
+    f32 = lambda x: jnp.asarray(x, jnp.float32)
+    base = leaves[0]
+    taus = [[f32(x) - f32(b) for x, b in zip(model, base, strict=True)] for model in leaves[1:]]
+    merged = how(taus, **dict(static), **traced)
+    return [
+        (f32(b) + scale * t).astype(jnp.asarray(b).dtype) for b, t in zip(base, merged, strict=True)
+    ]
+
+
+def _sum(taus):
+    return [sum(t) for t in zip(*taus, strict=True)]
 
 
 def task_arithmetic(base: Any, params_list: Sequence[Any], *, scale: float = 1.0) -> Any:
     """``θ = θ_base + λ Σ_i τ_i`` (Ilharco et al., 2023, "Editing Models with Task
     Arithmetic"); ``λ = 1/N`` is the plain average of the models, the paper picks λ on
     validation data."""
-    base_leaves, taus, treedef = _task_vectors(base, params_list)
-    return _rebuild(base_leaves, [sum(t) for t in zip(*taus, strict=True)], scale, treedef)
+    return _merged(base, params_list, _sum, scale)
 
 
 def _trim(tau: list[jax.Array], density: float, trim: str) -> list[jax.Array]:
@@ -86,9 +95,11 @@ def ties(
         raise ValueError(f"density must be in (0, 1], got {density}")
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {TRIMS}, got {trim!r}")
-    base_leaves, taus, treedef = _task_vectors(base, params_list)
-    merged = _ties_merge([_trim(t, density, trim) for t in taus])
-    return _rebuild(base_leaves, merged, scale, treedef)
+    return _merged(base, params_list, _ties, scale, density=density, trim=trim)
+
+
+def _ties(taus, density, trim):
+    return _ties_merge([_trim(t, density, trim) for t in taus])
 
 
 def dare(
@@ -107,25 +118,32 @@ def dare(
     vector with probability ``drop`` and rescale the survivors by ``1 / (1 - drop)`` (so each
     entry keeps its expectation), then combine the sparse task vectors by task arithmetic
     (``scale`` λ) or by TIES (``density``, ``trim``, then ``scale``). The paper's headline
-    drop rate is 0.9. Model i, leaf k draws its mask from ``fold_in(fold_in(key, i), k)``."""
+    drop rate is 0.9. Model i draws one mask for its whole task vector (its leaves in ``jax.tree``
+    order, flattened and concatenated) from ``fold_in(key, i)``."""
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     if not 0.0 < density <= 1.0 or trim not in TRIMS:
         raise ValueError(f"need 0 < density <= 1 and trim in {TRIMS}, got {density}, {trim!r}")
     if combine not in ("task_arithmetic", "ties"):
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
-    base_leaves, taus, treedef = _task_vectors(base, params_list)
     factor = 1.0 / (1.0 - drop) if rescale else 1.0
+    ties_options = {"density": density, "trim": trim} if combine == "ties" else {}
+    dropped = {"key": key, "drop": drop, "factor": factor, "combine": combine}
+    return _merged(base, params_list, _dare, scale, **dropped, **ties_options)
+
+
+def _dare(taus, key, drop, factor, combine, **options):
     dropped = []
     for i, tau in enumerate(taus):
-        k_model = jax.random.fold_in(key, i)
-        keep = [
-            jax.random.bernoulli(jax.random.fold_in(k_model, k), 1.0 - drop, t.shape)
-            for k, t in enumerate(tau)
-        ]
-        dropped.append([jnp.where(m, t * factor, 0.0) for m, t in zip(keep, tau, strict=True)])
-    if combine == "ties":
-        merged = _ties_merge([_trim(t, density, trim) for t in dropped])
-    else:
-        merged = [sum(t) for t in zip(*dropped, strict=True)]
-    return _rebuild(base_leaves, merged, scale, treedef)
+        # One draw per model for its whole flattened task vector: one random-bits program
+        # instead of one per leaf shape (each takes XLA as long to compile as the rest).
+        sizes = [t.size for t in tau]
+        keep = jax.random.bernoulli(jax.random.fold_in(key, i), 1.0 - drop, (sum(sizes),))
+        masks = jnp.split(keep, np.cumsum(sizes)[:-1])
+        dropped.append(
+            [
+                jnp.where(m.reshape(t.shape), t * factor, 0.0)
+                for m, t in zip(masks, tau, strict=True)
+            ]
+        )
+    return _ties(dropped, **options) if combine == "ties" else _sum(dropped)
