@@ -256,7 +256,13 @@ def test_independent_models_monotone_descent(residual_init, key):
     c = compiled(CONFIGS["vit-h3d4-l2"])
     a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
     res = match.align(c.spec, a, b, solve=match.ALL, residual_init=residual_init, key=key)
-    objectives = [v for _, v in res.diagnostics.history]
+    # The 'independent' start (the stream permutation from the terms no other group touches)
+    # is a start, not a descent step: it may raise J over the identity (by 0.24% on
+    # ROTJAX_SEED=393997706). From the start on, J never increases.
+    history = res.diagnostics.history
+    if history[1][0] == "residual_init":
+        history = history[1:]
+    objectives = [v for _, v in history]
     assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(objectives))
     assert res.diagnostics.distance_after < res.diagnostics.distance_before
     x = inputs(c.model.config, key)

@@ -398,8 +398,17 @@ def test_align_by_activations_keeps_the_candidate_with_the_least_prediction_loss
     assert 1 <= len(losses) <= 4
     loss = merge.prediction_loss(c.model, [a, b], data)
     # The data-free candidate: `align` from its own start.
-    free = match.align(c.spec, a, b, solve=match.ALL).params
+    free_alignment = match.align(c.spec, a, b, solve=match.ALL)
+    free = free_alignment.params
     assert loss(merge.average([a, free])) == pytest.approx(info["weights_loss"], rel=TOL)
+    # Given that alignment, it is not redone: the same choice.
+    given = merge.align_by_activations(
+        c.model, c.spec, a, b, data, max_sweeps=3, weights_start=free_alignment
+    )[1]
+    assert given["weights_loss"] == pytest.approx(info["weights_loss"], rel=TOL)
+    assert (given["start"], given["sweeps"]) == (info["start"], info["sweeps"])
+    with pytest.raises(TypeError, match="weights_start must be a bool or an Alignment"):
+        merge.align_by_activations(c.model, c.spec, a, b, data, weights_start=free)
     best = min(*losses, info["weights_loss"])
     assert loss(merge.average([a, res.params])) == pytest.approx(best, rel=TOL)
     if info["start"] == "activations":

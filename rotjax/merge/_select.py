@@ -84,7 +84,7 @@ def align_by_activations(
     *,
     solve: str | Iterable[str] = match.ALL,
     max_sweeps: int = 4,
-    weights_start: bool = True,
+    weights_start: bool | match.Alignment = True,
     key: jax.Array | None = None,
     solver: str = "scipy",
 ) -> tuple[match.Alignment, dict[str, Any]]:
@@ -98,6 +98,8 @@ def align_by_activations(
        ``max_sweeps`` sweeps (weight matching refines what the activations left open: the
        scales, and groups that no activation reveals); with ``weights_start``, also `align`
        to convergence from its own data-free start (on some seed pairs the better optimum).
+       ``weights_start`` may be that alignment itself, already computed
+       (``match.align(spec, anchor_params, params, solve=solve)``): it is then not redone.
     3. The one kept: the candidate g whose average ``(A + g·B)/2`` has the least
        `prediction_loss` against A's and B's mean prediction on the same batches. Models
        without a classification head have no such loss: `align` runs to convergence from the
@@ -111,6 +113,8 @@ def align_by_activations(
     """
     if not (isinstance(max_sweeps, int) and max_sweeps >= 0):
         raise ValueError(f"max_sweeps must be an int >= 0, got {max_sweeps!r}")
+    if not isinstance(weights_start, bool | match.Alignment):
+        raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")
     batches = list(batches)
     cross = cross_statistics(model, anchor_params, params, batches)
     start = activation_init(spec, cross, params=(anchor_params, params), solver=solver)
@@ -138,8 +142,12 @@ def align_by_activations(
         if sweeps and res.diagnostics.sweeps < sweeps:  # converged: more give the same
             break
     info = _info(losses, None, "activations", best[0])
-    if weights_start:
-        res = match.align(spec, anchor_params, params, solve=solve, key=key, solver=solver)
+    if weights_start is not False:
+        res = (
+            weights_start
+            if isinstance(weights_start, match.Alignment)
+            else match.align(spec, anchor_params, params, solve=solve, key=key, solver=solver)
+        )
         info["weights_loss"] = loss(average([anchor_params, res.params]))
         if info["weights_loss"] < losses[best[0]]:
             best = (res.diagnostics.sweeps, res)
