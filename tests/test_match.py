@@ -559,11 +559,15 @@ def test_solve_accepts_one_name_and_strips_spaces(key):
     assert match.Options(solve=" ffn").solve == ("ffn",)
 
 
-@pytest.mark.parametrize("size", [1e25, 3e37])
+@pytest.mark.parametrize("size", [1e25, 3e37, "2^126.5"])
 def test_huge_finite_weights_are_solved_without_overflow(size, key):
     """Squares of 1e25 overflow float32: both models are solved scaled down by a power of two
-    (exact), and the distances reported in the original units."""
+    (exact), and the distances reported in the original units. "2^126.5": the largest weight
+    is 2^126.5 (dividing by 2^127 would multiply by a subnormal, flushed to zero)."""
     _, c, a, b, _ = planted("bert-h3d4-l2", False, match.ALL, key)
+    if size == "2^126.5":
+        top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves((a, b)))
+        size = 2.0**126.5 / top
     big = lambda t: jax.tree.map(lambda x: x * size, t)
     res = match.align(c.spec, big(a), big(b), solve=match.ALL)
     assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(res.params))

@@ -230,7 +230,9 @@ def _rescaled(a_flat, b_flat, limit=2.0**20):
     big = max(max_abs(a_flat), max_abs(b_flat))
     if big <= limit:
         return a_flat, b_flat, 1.0
-    scale = 2.0 ** min(np.ceil(np.log2(big)), 127.0)  # float32 holds powers of two to 2^127
+    # At most 2^126: XLA divides by multiplying with the reciprocal, and 2^-127 is subnormal in
+    # float32, which XLA:CPU flushes to zero (every param became 0 for weights near 1e38).
+    scale = 2.0 ** min(np.ceil(np.log2(big)), 126.0)
     div = lambda flat: {p: x / scale for p, x in flat.items()}
     return div(a_flat), div(b_flat), float(scale)
 
