@@ -463,15 +463,33 @@ def test_sharded_statistics_and_merges_match_one_device(key):
 
     fa, path, sa = shard(a)
     fb, _, sb = shard(b)
-    for method in (
-        lambda ps: merge.average(ps),
-        lambda ps: merge.regmean(ps, [one, one]),
-        lambda ps: merge.fisher(ps, [one, one]),
+    stats = [one, merge.statistics(c.model, b, data, ("gram",))]
+    for name, method in (
+        ("average", lambda ps: merge.average(ps)),
+        ("regmean", lambda ps: merge.regmean(ps, stats)),
+        ("fisher", lambda ps: merge.fisher(ps, [one, one])),
     ):
         want = to_dict(method([from_dict(fa), from_dict(fb)]))
         got = to_dict(method([from_dict(sa), from_dict(sb)]))
-        assert rel_err(got, want) <= 1e-6
         assert got[path].sharding.is_equivalent_to(kernel, 2)
+        if name != "regmean":
+            assert rel_err(got, want) <= 1e-6
+            continue
+        # RegMean solves a linear system per kernel; on a sharded kernel XLA rounds the
+        # right-hand side's products in another order, and the solve amplifies that by the
+        # condition number κ of Σ G̃ (30-3000 here: LayerNorm outputs nearly span a
+        # hyperplane), so the two can differ by more than 1e-6 (ROTJAX_SEED=1715106828:
+        # 1.5e-6, κ = 3e3). What must hold: every other kernel agrees, and the sharded solve
+        # is as accurate as the one-device solve against a float64 oracle: within twice its
+        # error (they round alike, in another order) or float32's forward-error bound κ·u.
+        others = [p for p in want if p != path]
+        assert rel_err([got[p] for p in others], [want[p] for p in others]) <= 1e-6
+        g = [0.9 * np.asarray(s["gram"][path], np.float64) for s in stats]
+        g = [x + np.diag(np.diag(x)) / 9 for x in g]  # G̃ = 0.9 G + 0.1 diag(G)
+        oracle = np.linalg.solve(g[0] + g[1], g[0] @ fa[path] + g[1] @ fb[path])
+        one_device, bound = rel_err(want[path], oracle), np.linalg.cond(g[0] + g[1]) * 2.0**-24
+        assert one_device <= bound
+        assert rel_err(got[path], oracle) <= max(2 * one_device, bound)
 
 
 def test_curve_and_barrier(key):
