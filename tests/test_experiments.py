@@ -84,6 +84,16 @@ def test_merge_benchmark(tmp_path):
     (row,) = json.loads((tmp_path / "merge.json").read_text())["rows"]
     assert row["model"] == "vit" and set(row["seconds"]) >= {"gram", "fisher_exact", "align_all"}
     assert all(v > 0 for v in row["seconds"].values())
+    assert set(row["merge_seconds"]) == {
+        "average",
+        "fisher",
+        "regmean",
+        "task_arithmetic",
+        "ties",
+        "dare",
+        "ot_wts",
+    }
+    assert all(0 < v["warm"] for v in row["merge_seconds"].values())
 
 
 def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys):

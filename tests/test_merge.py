@@ -135,6 +135,27 @@ def test_ties_and_dare_by_hand(key):
     assert abs(float(jnp.mean(many["w"])) - 1.0) < 0.1  # each entry keeps its expectation
 
 
+def test_trim_keeps_what_a_quantile_cut_keeps(seed):
+    """TIES' trim finds its cut by bisection on the magnitudes' bit patterns, without sorting:
+    it keeps exactly the entries that `np.quantile`'s cut keeps, ties and zeros included."""
+    from rotjax.merge._task import _trim
+
+    rng = np.random.default_rng(seed)
+    for n in (1, 2, 7, 100, 1001):
+        sizes = [s for s in rng.multinomial(n, [0.3, 0.7]) if s]
+        # Rounded values: many ties; a third of the entries zero.
+        tau = [np.round(rng.standard_normal(s), 1) * (rng.random(s) > 1 / 3) for s in sizes]
+        tau = [t.astype(np.float32) for t in tau]
+        density = float(rng.uniform(0.05, 1.0))
+        flat = np.abs(np.concatenate(tau))
+        cut = np.quantile(flat, 1.0 - density)
+        for trim, cuts in (("global", [cut] * len(tau)), ("tensor", None)):
+            cuts = cuts or [np.quantile(np.abs(t), 1.0 - density) for t in tau]
+            got = _trim([jnp.asarray(t) for t in tau], density, trim)
+            for t, c, g in zip(tau, cuts, got, strict=True):
+                np.testing.assert_array_equal(np.asarray(g), np.where(np.abs(t) >= c, t, 0.0))
+
+
 # ---------------------------------------------------------------------------------------------
 # Statistics against oracles.
 

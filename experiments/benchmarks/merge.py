@@ -6,7 +6,9 @@ tokens) and the Fashion-MNIST ViT (1000 training images), on a pair (A, and A mo
 symmetry element plus 1% noise): the wall time of `merge.statistics` for the Grams (RegMean),
 the exact Fisher and the sampled Fisher (one draw), `merge.cross_statistics` (activations), and
 `match.align` with the paper's groups and with all groups; each after a first call that
-compiles, best of ``--repeats``. Results in ``results/merge.json``.
+compiles, best of ``--repeats``. Then each merging method on (A, aligned B): its first call
+(compilation included, from the persistent cache when it holds the program) and its best warm
+call. Results in ``results/merge.json``.
 
     python -m experiments.benchmarks.merge [--smoke] [--examples 1000] [--out DIR]
 """
@@ -28,14 +30,19 @@ from rotjax import symmetry as sym
 from rotjax.models import family
 
 
-def timed(fn, repeats):
-    jax.block_until_ready(fn())  # compile
+def timed(fn, repeats, first=False):
+    """Best of ``repeats`` calls after a first one that compiles; with ``first``, also the
+    first call's seconds (compilation included; from the persistent compilation cache when
+    it holds the programs)."""
+    tic = time.perf_counter()
+    jax.block_until_ready(fn())
+    cold = time.perf_counter() - tic
     best = float("inf")
     for _ in range(repeats):
         tic = time.perf_counter()
         jax.block_until_ready(fn())
         best = min(best, time.perf_counter() - tic)
-    return best
+    return {"first": cold, "warm": best} if first else best
 
 
 def setups(smoke: bool, examples: int):
@@ -88,6 +95,24 @@ def run(name, config, a, arrays, batch_size, repeats):
             lambda: match.align(spec, a, b, solve=match.ALL, key=key).params, repeats
         ),
     }
+    # The merges themselves, on (A, aligned B) and their statistics; the task-vector methods
+    # relative to a third point (A with other noise) standing in for the base model.
+    pa = match.align(spec, a, b, solve=match.ALL, key=key).params
+    stats = [
+        merge.statistics(model, p, batches, ("gram", "fisher"), fisher="sampled", key=key)
+        for p in (a, pa)
+    ]
+    base = jax.tree.map(lambda x: x + 0.01 * np.std(x), a)
+    merges = {
+        "average": lambda: merge.average([a, pa]),
+        "fisher": lambda: merge.fisher([a, pa], stats),
+        "regmean": lambda: merge.regmean([a, pa], stats),
+        "task_arithmetic": lambda: merge.task_arithmetic(base, [a, pa], scale=0.5),
+        "ties": lambda: merge.ties(base, [a, pa]),
+        "dare": lambda: merge.dare(base, [a, pa], key=key),
+        "ot_wts": lambda: merge.ot_fusion(spec, a, pa, mode="wts").params,
+    }
+    row["merge_seconds"] = {k: timed(f, repeats, first=True) for k, f in merges.items()}
     s = row["seconds"]
     row["align_paper_over"] = {k: s["align_paper"] / s[k] for k in ("gram", "fisher_exact")}
     return row
@@ -114,9 +139,21 @@ def main(argv=None):
             f"paper/Fisher {row['align_paper_over']['fisher_exact']:.3f}",
             flush=True,
         )
+        print(
+            "        merges (first call / warm): "
+            + ", ".join(
+                f"{k} {v['first']:.2f} / {v['warm']:.2f}s" for k, v in row["merge_seconds"].items()
+            ),
+            flush=True,
+        )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"jax": jax.__version__, "cpus": jax.device_count(), "machine": platform.machine()}
+    meta = {
+        "jax": jax.__version__,
+        "cpus": jax.device_count(),
+        "machine": platform.machine(),
+        "compilation_cache": jax.config.jax_compilation_cache_dir,
+    }
     (out / "merge.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2) + "\n")
     print(f"wrote {out / 'merge.json'}")
 
