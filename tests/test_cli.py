@@ -241,6 +241,16 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails(
         ["align", A, str(tmp / "vit"), "--out", str(out), "--quiet"], capsys, "different families"
     )
+    # Raw pixels: integers are refused; floats far outside a normalised range merge, noted.
+    vit = ["merge", str(tmp / "vit"), str(tmp / "vit"), "--quiet", "--method", "average"]
+    size = (2, VIT.num_channels, VIT.image_size, VIT.image_size)
+    raw = np.random.default_rng(0).integers(0, 256, size)
+    np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.uint8))
+    _fails([*vit, "--out", str(out), "--data", str(tmp / "raw.npz")], capsys, "raw pixels?")
+    np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.float32))
+    assert cli.main([*vit, "--out", str(tmp / "noted"), "--data", str(tmp / "raw.npz")]) == 0
+    assert "pixel_values reach 255" in capsys.readouterr().err
+    assert "pixel_values reach 255" in (tmp / "noted" / "merge.json").read_text()
     assert not out.exists()
     del c
 

@@ -47,8 +47,9 @@ alignment (--align), to the first model, before merging:
   all, or all from its data-free start: the one whose average agrees best with both models'
   predictions on --data)
 --data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
-float32, or input_ids and attention_mask (token_type_ids optional); labels optional. Give it
-once (shared) or once per model, in the order of the models.
+float32 as the image processor gives them (normalised, not raw pixels), or input_ids and
+attention_mask (token_type_ids optional); labels optional. Give it once (shared) or once per
+model, in the order of the models.
 
 examples:
   rotjax merge ./vit-a ./vit-b --out ./merged --method regmean --align all --data val.npz
@@ -127,9 +128,10 @@ def _options(args) -> dict:
 
 
 def read_data(
-    path: str, config, max_examples: int, need_labels: bool = False
+    path: str, config, max_examples: int, need_labels: bool = False, notes: list | None = None
 ) -> dict[str, np.ndarray]:
-    """Model inputs from a ``.npz`` under Hugging Face's names, checked against the model."""
+    """Model inputs from a ``.npz`` under Hugging Face's names, checked against the model;
+    doubts that are not errors (pixel values that look unnormalised) go to ``notes``."""
     fam = family(config)
     try:
         with np.load(path, allow_pickle=False) as f:
@@ -160,7 +162,19 @@ def read_data(
                 f"--data {path}: pixel_values must be (N, {', '.join(map(str, want))}) "
                 f"(N, C, H, W), got {out['pixel_values'].shape}"
             )
-        out["pixel_values"] = out["pixel_values"].transpose(0, 2, 3, 1).astype(np.float32)
+        pixels = out["pixel_values"]
+        if not np.issubdtype(pixels.dtype, np.floating):
+            raise CLIError(
+                f"--data {path}: pixel_values are {pixels.dtype}, raw pixels? The model takes the "
+                "image processor's float output (rotjax's ViTs: (x / 255 - 0.5) / 0.5, "
+                "rotjax.models.vit.image_pixels)"
+            )
+        if notes is not None and np.abs(pixels).max() > 20:
+            notes.append(
+                f"--data {path}: pixel_values reach {np.abs(pixels).max():.0f}; normalised "
+                "inputs stay within a few units (raw [0, 255] pixels merge badly)"
+            )
+        out["pixel_values"] = pixels.transpose(0, 2, 3, 1).astype(np.float32)
     else:
         ids = out["input_ids"]
         if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
@@ -206,7 +220,7 @@ def run(args) -> int:
     if args.method == "fisher" and config.task is None:
         raise CLIError("--method fisher needs models with a classification head (task)")
     need_labels = args.method == "fisher" and args.fisher == "empirical"
-    datas = [read_data(p, config, args.max_examples, need_labels) for p in args.data]
+    datas = [read_data(p, config, args.max_examples, need_labels, notes) for p in args.data]
     if len(datas) == 1:
         datas = datas * len(params)
     timings["load"] = time.perf_counter() - tic
