@@ -75,6 +75,8 @@ def test_train_throughput_benchmark(tmp_path):
     report = json.loads(out.read_text())
     assert [r["model"] for r in report["results"]] == ["bert", "vit"]
     assert all(r["step"]["ratio"] > 0 for r in report["results"])
+    (core,) = report["attention"]
+    assert set(core["ms"]["forward_backward"]) == {"rotjax", "torch", "torch_sdpa"}
 
 
 def test_merge_benchmark(tmp_path):

@@ -26,25 +26,26 @@ for BERT and 0.65 / 0.90 / 0.62 for the ViT, with PyTorch at 18.9 / 47.3 / 22.0 
 =======  ===================  ===========  ==========  =====
 model    what                 rotjax ex/s  torch ex/s  ratio
 =======  ===================  ===========  ==========  =====
-bert     step (B=32, T=64)    21.2         28.1        0.76
-bert     forward              68.4         68.3        1.00
-bert     forward + backward   18.4         27.4        0.67
-vit      step (B=128)         414.3        848.6       0.49
-vit      forward              1957         3535        0.55
-vit      forward + backward   441          866         0.51
+bert     step (B=32, T=64)    22.7         28.1        0.81
+bert     forward              75.6         71.0        1.07
+bert     forward + backward   25.6         37.8        0.68
+vit      step (B=128)         468.5        911.7       0.51
+vit      forward              1728         2961        0.58
+vit      forward + backward   447          897         0.50
 =======  ===================  ===========  ==========  =====
 
-What limits rotjax here: matrix products. ``--profile`` attributes 66% (BERT) and 54% (ViT)
-of XLA's op time to its matmul fusions (``ynn_fusion``), and the rest mostly to broadcasts and
-layout copies around them (transposes for the backward products, LayerNorm scales broadcast to
-full activations). A single float32 matmul at these models' shapes runs at 0.68-0.99x
-PyTorch's speed in XLA (the ``gemm`` rows of the JSON; 0.82-1.05x in the earlier run), so
-XLA:CPU cannot reach parity on the backward pass, which is matmul-bound and adds transposed
-products; the forward pass is at parity for BERT. XLA's flags for other CPU matmul back ends
+What limits rotjax here, timed alone in the same run (the ``gemm`` and ``attention`` rows of
+the JSON): the attention core (`rotjax.models._layers.attend`) runs 2.5-4x slower than
+PyTorch's forward and 2-3x forward + backward (ViT shapes: 7.5 vs 2.9 ms, 17.3 vs 5.9 ms),
+most of the ViT's gap; a single float32 matmul at these models' shapes runs at 0.74-1.05x
+PyTorch's speed. ``--profile`` attributes 66% (BERT) and 54% (ViT) of XLA's op time to its
+matmul fusions (``ynn_fusion``), the rest mostly to broadcasts and layout copies around them.
+XLA's flags for other CPU matmul back ends
 (``--xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type=dot``,
 ``--xla_cpu_experimental_onednn_custom_call``) and faster dropout bits (``rbg`` keys) each
-moved the step rate by less than the run-to-run noise (< 10%). PyTorch's own numbers vary by
-~15% between runs (22.3 ex/s for the BERT step in an earlier run).
+moved the step rate by less than the run-to-run noise (< 10%); so did putting heads before
+tokens for the attention products (forward 1.22x, forward + backward 0.91x on the ViT).
+PyTorch's own numbers vary by ~15% between runs.
 
 Usage::
 
@@ -326,6 +327,57 @@ def gemm(shapes, repeats: int = 20) -> list[dict]:
     return rows
 
 
+def attention(shapes, repeats: int = 20) -> list[dict]:
+    """Milliseconds of the attention core alone (``softmax(q kᵀ / sqrt(d)) v`` on
+    ``(batch, tokens, heads, d)``, no projections), forward and forward + backward: rotjax's
+    `attend` jitted against PyTorch's eager math (``matmul``, ``softmax``, ``matmul`` on
+    ``(batch, heads, tokens, d)``) and its ``scaled_dot_product_attention`` (what
+    transformers' models call by default)."""
+    return [{"shape": list(shape), "ms": _attention_ms(*shape, repeats)} for shape in shapes]
+
+
+def _attention_ms(b, t, h, d, repeats):
+    import torch
+
+    from rotjax.models._layers import attend
+
+    rng = np.random.default_rng(0)
+    qkv = [rng.normal(size=(b, t, h, d)).astype(np.float32) for _ in range(3)]
+    jx = [jnp.asarray(x) for x in qkv]
+    fwd = jax.jit(attend)
+    grad = jax.jit(jax.grad(lambda q, k, v: jnp.sum(attend(q, k, v) ** 2), argnums=(0, 1, 2)))
+    tq, tk, tv = (torch.from_numpy(x).transpose(1, 2).contiguous().requires_grad_() for x in qkv)
+
+    def eager():
+        return (tq @ tk.transpose(-1, -2) / d**0.5).softmax(-1) @ tv
+
+    def sdpa():
+        return torch.nn.functional.scaled_dot_product_attention(tq, tk, tv)
+
+    def no_grad(f):
+        with torch.no_grad():
+            return f()
+
+    def backward(f):
+        (f() ** 2).sum().backward()
+
+    calls = {
+        "rotjax": (lambda: fwd(*jx), lambda: grad(*jx), jax.block_until_ready),
+        "torch": (lambda: no_grad(eager), lambda: backward(eager), lambda x: x),
+        "torch_sdpa": (lambda: no_grad(sdpa), lambda: backward(sdpa), lambda x: x),
+    }
+    ms: dict[str, dict[str, float]] = {"forward": {}, "forward_backward": {}}
+    for who, (f, g, sync) in calls.items():
+        for what, call in (("forward", f), ("forward_backward", g)):
+            sync(call())
+            tic = time.perf_counter()
+            for _ in range(repeats):
+                r = call()
+            sync(r)
+            ms[what][who] = (time.perf_counter() - tic) / repeats * 1e3
+    return ms
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="bert,vit", help="comma-separated: bert, vit")
@@ -371,10 +423,13 @@ def main(argv=None):
     # The models' matmul shapes (forward): BERT FFN in/out at B*T = 2048 rows; the ViT FFN at
     # 128 * 50 = 6400 rows and its weight gradient (a skinny, transposed product).
     shapes = [(2048, 384, 1536), (2048, 1536, 384), (6400, 64, 128), (64, 6400, 128)]
+    # The attention cores: BERT (B=32, T=64, 12 heads of 32) and the ViT (128, 50, 4 of 16).
+    heads = [(32, 64, 12, 32), (128, 50, 4, 16)]
     if args.smoke:
-        shapes = [(16, 8, 4)]
+        shapes, heads = [(16, 8, 4)], [(2, 5, 2, 4)]
     report = {
         "gemm": gemm(shapes),
+        "attention": attention(heads),
         "machine": {
             "platform": platform.platform(),
             "cpu_count": os.cpu_count(),
@@ -414,6 +469,11 @@ def main(argv=None):
             f"matmul {tuple(g['shape'])}: rotjax {e['rotjax']:.0f} GFLOP/s, torch "
             f"{e['torch']:.0f} GFLOP/s, ratio {g['ratio']:.2f}"
         )
+    for a in report["attention"]:
+        line = ", ".join(
+            f"{what} " + " / ".join(f"{v:.2f}" for v in a["ms"][what].values()) for what in a["ms"]
+        )
+        print(f"attention {tuple(a['shape'])} ms (rotjax / torch / torch sdpa): {line}")
     print(f"\nwrote {out}")
 
 

@@ -138,17 +138,29 @@ class SelfAttention(nn.Module):
         q = proj(use_bias=self.qkv_bias, name="query")(x)
         k = proj(use_bias=self.qkv_bias, name="key")(x)
         v = proj(use_bias=self.qkv_bias, name="value")(x)
-        scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(self.head_dim).astype(q.dtype)
-        if mask is not None:
-            # mask: (batch, keys), 1 = attend. Masked keys get the most negative finite value,
-            # as in transformers, so a fully masked row stays finite.
-            scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(scores.dtype).min)
-        probs = jax.nn.softmax(scores, axis=-1)
-        probs = nn.Dropout(self.dropout_rate)(probs, deterministic=self.deterministic)
-        ctx = jnp.einsum("bhqk,bkhd->bqhd", probs, v)
+        dropout = nn.Dropout(self.dropout_rate, deterministic=self.deterministic)
+        ctx = attend(q, k, v, mask, dropout)
         return nn.DenseGeneral(
             x.shape[-1], axis=(-2, -1), kernel_init=self.kernel_init, name="out"
         )(ctx)
+
+
+def attend(
+    q: jax.Array,
+    k: jax.Array,
+    v: jax.Array,
+    mask: jax.Array | None = None,
+    dropout: Callable[[jax.Array], jax.Array] = lambda probs: probs,
+) -> jax.Array:
+    """``softmax(q kᵀ / sqrt(d)) v`` per head, on ``(batch, tokens, heads, d)`` arrays;
+    ``mask`` ``(batch, keys)``, 1 = attend; ``dropout`` acts on the probabilities."""
+    scores = jnp.einsum("bqhd,bkhd->bhqk", q, k) / jnp.sqrt(q.shape[-1]).astype(q.dtype)
+    if mask is not None:
+        # Masked keys get the most negative finite value, as in transformers, so a fully
+        # masked row stays finite.
+        scores = jnp.where(mask[:, None, None, :] > 0, scores, jnp.finfo(scores.dtype).min)
+    probs = dropout(jax.nn.softmax(scores, axis=-1))
+    return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
 
 
 class FeedForward(nn.Module):
