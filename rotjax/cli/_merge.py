@@ -169,9 +169,10 @@ def read_data(
                 "image processor's float output (rotjax's ViTs: (x / 255 - 0.5) / 0.5, "
                 "rotjax.models.vit.image_pixels)"
             )
-        if notes is not None and np.abs(pixels).max() > 20:
+        reach = np.abs(pixels).max()
+        if notes is not None and reach > 20:
             notes.append(
-                f"--data {path}: pixel_values reach {np.abs(pixels).max():.0f}; normalised "
+                f"--data {path}: pixel_values reach {reach:.0f}; normalised "
                 "inputs stay within a few units (raw [0, 255] pixels merge badly)"
             )
         out["pixel_values"] = pixels.transpose(0, 2, 3, 1).astype(np.float32)
