@@ -34,7 +34,7 @@ ALIGNMENTS: dict[str, dict[str, Any] | None] = {
     "all + stream": {"solve": match.ALL, "canonical": True},
     "activations": {"solve": match.ALL, "activations": True, "canonical": True},
 }
-METHODS = ("average", "circuits", "fisher", "regmean", "ot-acts", "ot-wts")
+METHODS = ("average", "circuits", "refit", "fisher", "regmean", "ot-acts", "ot-wts")
 
 
 @dataclasses.dataclass
@@ -153,7 +153,8 @@ def merged(
     """``(merged params, {"statistics": s, "merge": s})`` of A with (aligned) B.
 
     ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts
-    (computed afresh for every call, so the reported statistics time is real)."""
+    (computed afresh for every call, so the reported statistics time is real), and the shared
+    unlabeled inputs of refit (its passes counted as merge time)."""
     shared = stats_data if isinstance(stats_data, Mapping) else None
     per_model = [shared, shared] if shared is not None else list(stats_data or [None, None])
     b_aligned = pair.b
@@ -164,6 +165,10 @@ def merged(
         out = merge.average(params)
     elif method == "circuits":  # the average, each attention head from its mean circuits
         out = merge.circuits(pair.spec, merge.average(params), params)
+    elif method == "refit":  # the average, each dense layer refitted on the merge's own inputs
+        if shared is None:
+            raise ValueError("refit reads one set of unlabeled inputs: give stats_data once")
+        out = merge.refit(pair.model, merge.average(params), params, batches(shared))
     elif method in ("fisher", "regmean"):
         kinds = ("fisher",) if method == "fisher" else ("gram",)
         stats = [

@@ -151,6 +151,23 @@ def test_merge_with_circuits(method, checkpoints, key, capsys):
     assert json.loads((out / "merge.json").read_text())["options"]["circuits"] is True
 
 
+def test_merge_with_refit(checkpoints, key, capsys):
+    """--refit after a merge, on per-model --data (their union): B is A moved by a symmetry, so
+    after alignment every layer's target is A's and the refit keeps A's function (to 1e-3: the
+    float32 least squares on this tiny random post-norm BERT's ill-conditioned Grams, as in
+    test_merge's refit tests; ~1e-4 measured)."""
+    tmp, a = checkpoints
+    out = tmp / "refit"
+    data = ["--data", str(tmp / "data.npz")] * 2
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), *data, "--refit"]
+    assert cli.main([*argv, "--align", "all", "--quiet"]) == 0
+    c = compiled(CONFIG)
+    x = inputs(CONFIG, key)
+    assert rel_err(c.forward(hf.load(out)[1], x), c.forward(a, x)) <= 1e-3
+    report = json.loads((out / "merge.json").read_text())
+    assert report["options"]["refit"] is True and report["options"]["ridge"] == 1e-4
+
+
 # Per family: the config, and lines that `rotjax inspect` must print for it.
 TOKEN_FAMILIES = {
     "llama": (
@@ -213,6 +230,10 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails([*base, "--method", "regmean"], capsys, "--method regmean needs --data")
     _fails([*base, "--method", "ties"], capsys, "needs --base")
     _fails([*base, "--method", "dare", "--base", A, "--circuits"], capsys, "--circuits does not")
+    _fails([*base, "--refit"], capsys, "--refit needs --data")
+    ties = [*base, "--method", "ties", "--base", A, "--refit", "--data", str(tmp / "data.npz")]
+    _fails(ties, capsys, "--refit does not")
+    _fails([*base, "--ridge", "-1"], capsys, "--ridge must be a finite number >= 0")
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")
     np.savez(tmp / "wrong.npz", pixel_values=np.zeros((2, 3, 8, 8), np.float32))

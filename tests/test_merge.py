@@ -21,6 +21,8 @@ from scipy.special import log_softmax, softmax
 from rotjax import match, merge
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
+from rotjax.merge._capture import capture
+from rotjax.models import stack_layers
 from rotjax.tree import to_dict
 
 TOL = 1e-5
@@ -450,6 +452,150 @@ def test_align_by_activations_keeps_the_candidate_with_the_least_prediction_loss
     )
     first = merge.prediction_loss(c.model, [a, b], data)(merge.average([a, c.apply(b, start)]))
     assert first == pytest.approx(losses[0], rel=TOL)
+
+
+# ---------------------------------------------------------------------------------------------
+# Refit: the dense layers in forward order, on the merged model's own inputs.
+
+
+def _dense_kernels(c, params, x):
+    return set(capture(c.model, params, x, lambda rows, w: jnp.zeros(()))[1])
+
+
+def _scrambled(c, params, x, key):
+    """``params`` with every dense layer's kernel and bias replaced by noise; norms, embeddings
+    and the patch convolution kept."""
+    dense = {k.rsplit("/", 1)[0] for k in _dense_kernels(c, params, x)}
+    flat = to_dict(params)
+    out = {
+        p: 0.3 * jax.random.normal(jax.random.fold_in(key, i), v.shape)
+        if p.rsplit("/", 1)[0] in dense
+        else v
+        for i, (p, v) in enumerate(sorted(flat.items()))
+    }
+    return jax.tree.unflatten(jax.tree.structure(params), [out[p] for p in sorted(flat)])
+
+
+@pytest.mark.parametrize(
+    "name, scan",
+    [
+        ("bert-h3d4-l2", False),
+        ("bert-h3d4-l2", True),
+        ("vit-h3d4-l2", True),
+        ("llama-k2g2d6-l2-seq", False),
+        ("deberta-v2-h5d2-l1-token", False),
+    ],
+)
+def test_refit_recovers_a_model_from_scrambled_dense_layers(name, scan, key):
+    # Refitting to [A, A] from A with every dense layer scrambled: each stage's inputs are A's
+    # (the layers before it already refitted), so least squares returns A's layer up to
+    # directions its inputs never take, and the function comes back. In float64: the normal
+    # equations square the condition number of these random tiny models' layer inputs (up to
+    # ~1e6 in some post-norm BERT Grams), so float32 Grams leave 1e-4 to 1e-2 (the float32
+    # path is checked against the oracle below); float64 gives ~1e-8.
+    config = scanned(CONFIGS[name], scan)
+    c = compiled(config)
+    with jax.enable_x64(True):
+        wide = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), t)
+        a = wide(c.init(key, 0.3))
+        data = batches_of(config, key, n=3, batch=6)
+        start = wide(_scrambled(c, a, data[0], jax.random.fold_in(key, 1)))
+        x = inputs(config, jax.random.fold_in(key, 2))  # fresh inputs
+        real = lambda y: y if y.ndim == 2 else y * (x[1][..., None] > 0)  # real tokens' logits
+        forward = lambda p: real(c.model.apply({"params": p}, *x))
+        assert rel_err(forward(start), forward(a)) > 0.1
+        before = jax.tree.map(np.array, start)
+        out = merge.refit(c.model, start, [a, a], data, ridge=0.0)
+        assert rel_err(forward(out), forward(a)) <= 1e-6
+        assert rel_err(start, before) == 0.0  # nothing mutated
+        # From A itself nothing moves (DeBERTa-v3 too, whose relative embeddings reach the
+        # shared query/key weights without a call of those layers: directions no call takes
+        # keep A's).
+        if name == "bert-h3d4-l2" and not scan:
+            v3 = compiled(CONFIGS["deberta-v3-h3d5-l2-seq"])
+            a3 = wide(v3.init(key, 0.3))
+            same = merge.refit(v3.model, a3, [a3, a3], batches_of(v3.model.config, key, n=2))
+            x3 = inputs(v3.model.config, jax.random.fold_in(key, 3))
+            apply3 = lambda p: v3.model.apply({"params": p}, *x3)
+            assert rel_err(apply3(same), apply3(a3)) <= 1e-6
+
+
+def _oracle_refit(c, merged, ps, lam, data, ridge):
+    """The refit of a ViT with 2 layers in float64: each stage's rows captured from the
+    current model, the weighted mean target of the models' outputs, and `np.linalg.lstsq` on
+    the ridge-augmented system ``[X̂; √(ρ tr(Ĝ)/n) I] W = [Ȳ; √(ρ tr(Ĝ)/n) W₀]`` (W₀ the
+    layer before its refit)."""
+    rows = lambda p: [
+        {k: np.float64(v) for k, v in capture(c.model, p, x, lambda r, w: r)[1].items()}
+        for x in data
+    ]
+    cur = {k: np.float64(v) for k, v in to_dict(merged).items()}
+    models = [to_dict(p) for p in ps]
+    theirs = [rows(p) for p in ps]
+    stages = []
+    for i in range(2):
+        stages.append([f"encoder/layer_{i}/attention/{n}" for n in ("query", "key", "value")])
+        stages += [
+            [f"encoder/layer_{i}/{n}"] for n in ("attention/out", "ffn/intermediate", "ffn/output")
+        ]
+    stages.append(["classifier"])
+    treedef = jax.tree.structure(merged)
+    for stage in stages:
+        now = rows(jax.tree.unflatten(treedef, [cur[k] for k in sorted(cur)]))
+        for layer in stage:
+            k = layer + "/kernel"
+            ones = lambda r: np.concatenate([r, np.ones((len(r), 1))], 1)
+            x_hat = ones(np.concatenate([b[k] for b in now]))
+            n = x_hat.shape[1]
+            y = sum(
+                w
+                * ones(np.concatenate([b[k] for b in t]))
+                @ np.concatenate(
+                    [
+                        np.float64(m[k]).reshape(n - 1, -1),
+                        np.float64(m[layer + "/bias"]).reshape(1, -1),
+                    ]
+                )
+                for w, t, m in zip(lam / lam.sum(), theirs, models, strict=True)
+            )
+            reg = np.sqrt(ridge * np.trace(x_hat.T @ x_hat) / n)
+            w0 = np.concatenate([cur[k].reshape(n - 1, -1), cur[layer + "/bias"].reshape(1, -1)])
+            w = np.linalg.lstsq(np.vstack([x_hat, reg * np.eye(n)]), np.vstack([y, reg * w0]))[0]
+            cur[k] = w[:-1].reshape(cur[k].shape)
+            cur[layer + "/bias"] = w[-1].reshape(cur[layer + "/bias"].shape)
+    return jax.tree.unflatten(treedef, [cur[k] for k in sorted(cur)])
+
+
+def test_refit_matches_a_float64_lstsq_oracle(key):
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    ps = [c.init(jax.random.fold_in(key, i), 0.3) for i in range(2)]
+    lam = np.array([1.0, 3.0])
+    data = batches_of(config, key, n=2, batch=4)
+    start = merge.average(ps)
+    out = merge.refit(c.model, start, ps, data, weights=lam, ridge=1e-2)
+    oracle = _oracle_refit(c, start, ps, lam, data, 1e-2)
+    assert rel_err(out, oracle) <= 1e-4
+    assert rel_err(out, start) > 1e-2  # it did refit
+
+
+def test_refit_scanned_and_unscanned_agree_and_bad_inputs(key):
+    config = CONFIGS["vit-h3d4-l2"]
+    c, cs = compiled(config), compiled(scanned(config))
+    ps = [c.init(jax.random.fold_in(key, i), 0.3) for i in range(2)]
+    data = batches_of(config, key, n=2, batch=4)
+    # A ridge that keeps these random layers' Grams well conditioned (at 1e-4 some reach
+    # ~1e6, and the two layouts' float32 rounding differs by ~1e-3 after the solves).
+    out = merge.refit(c.model, merge.average(ps), ps, data, ridge=1e-2)
+    stacked = [stack_layers(p) for p in ps]
+    out_s = merge.refit(cs.model, merge.average(stacked), stacked, data, ridge=1e-2)
+    assert rel_err(out_s, stack_layers(out)) <= 1e-4
+    with pytest.raises(ValueError, match="no batches"):
+        merge.refit(c.model, ps[0], ps, [])
+    with pytest.raises(ValueError, match="ridge"):
+        merge.refit(c.model, ps[0], ps, data, ridge=-1.0)
+    with pytest.raises(ValueError, match="other params"):
+        merge.refit(c.model, ps[0], [ps[1], stacked[0]], data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,6 +40,9 @@ methods (--method):
   ot-acts, ot-wts  optimal-transport fusion from activations (needs --data) or weights
   --circuits       after average, fisher, regmean or ot-*: each attention head from the mean
                    of its circuits W_Q W_Kᵀ and W_V W_O, refactored by truncated SVD
+  --refit          last, after average, fisher, regmean or ot-*: every dense layer in forward
+                   order refitted by least squares from the merged model's own inputs (on
+                   --data) to the mean of the models' outputs; --ridge
 alignment (--align), to the first model, before merging:
   none, paper (rotation + scale + FFN units), all (every group of the spec: for pre-norm
   models such as ViT, in canonical form, the residual stream's rotation too),
@@ -78,6 +81,12 @@ def add_arguments(m, *, positive_int) -> None:
         action="store_true",
         help="then merge each attention head by its circuits (not with task-vector methods)",
     )
+    m.add_argument(
+        "--refit",
+        action="store_true",
+        help="then refit every dense layer on the merged model's inputs (needs --data)",
+    )
+    m.add_argument("--ridge", type=float, default=1e-4, help="--refit's pull to the merge")
     m.add_argument("--batch-size", type=positive_int, default=32, help="statistics batches")
     m.add_argument("--max-examples", type=positive_int, default=1000, help="per --data file")
     m.add_argument("--seed", type=int, default=0)
@@ -89,9 +98,13 @@ def _options(args) -> dict:
     n = len(args.models)
     if n < 2:
         raise CLIError(f"merge needs at least 2 models, got {n}")
-    needs_data = args.method in NEEDS_DATA or args.align == "activations"
+    needs_data = args.method in NEEDS_DATA or args.align == "activations" or args.refit
     if needs_data and not args.data:
-        why = f"--method {args.method}" if args.method in NEEDS_DATA else "--align activations"
+        why = (
+            f"--method {args.method}"
+            if args.method in NEEDS_DATA
+            else ("--refit" if args.refit else "--align activations")
+        )
         raise CLIError(f"{why} needs --data FILE.npz (model inputs)")
     if len(args.data) not in (0, 1, n):
         raise CLIError(f"--data given {len(args.data)} times: give it once or once per model ({n})")
@@ -99,8 +112,11 @@ def _options(args) -> dict:
         raise CLIError(
             f"--method {args.method} needs --base (the model the others were tuned from)"
         )
-    if args.circuits and args.method in NEEDS_BASE:
-        raise CLIError(f"--circuits does not apply to --method {args.method}")
+    for flag in ("circuits", "refit"):
+        if getattr(args, flag) and args.method in NEEDS_BASE:
+            raise CLIError(f"--{flag} does not apply to --method {args.method}")
+    if not (np.isfinite(args.ridge) and args.ridge >= 0):
+        raise CLIError(f"--ridge must be a finite number >= 0, got {args.ridge}")
     if args.method == "fisher" and args.fisher == "empirical" and not args.data:
         raise CLIError("--fisher empirical needs --data with labels")
     weights = None
@@ -283,6 +299,17 @@ def run(args) -> int:
     merged, members = _merge(args, opts, spec, model, aligned, stats, base, key, batches)
     if args.circuits:
         merged = merge.circuits(spec, merged, members, weights=opts["weights"])
+    if args.refit:  # on every --data file's inputs: any inputs serve, each model's outputs on them
+        shared = datas[0] if len(args.data) == 1 else _union(datas)
+        merged = merge.refit(
+            model,
+            merged,
+            members,
+            data.batches({k: v for k, v in shared.items() if k != "labels"}, args.batch_size),
+            weights=opts["weights"],
+            ridge=args.ridge,
+            progress=not args.quiet,
+        )
     check_finite(merged, "the merged model")
     timings["merge"] = time.perf_counter() - tic
     report = {
@@ -300,6 +327,8 @@ def run(args) -> int:
                 "drop",
                 "transport",
                 "circuits",
+                "refit",
+                "ridge",
                 "seed",
             )
         },
@@ -319,6 +348,12 @@ def run(args) -> int:
         f"{sum(timings.values()):.1f}s; wrote {out}"
     )
     return 0
+
+
+def _union(datas):
+    """The inputs of every --data file, one after another (the keys they all have)."""
+    keys = set.intersection(*(set(d) for d in datas))
+    return {k: np.concatenate([d[k] for d in datas]) for k in sorted(keys)}
 
 
 def _merge(args, opts, spec, model, aligned, stats, base, key, batches):

@@ -6,7 +6,8 @@ Matching (`rotjax.match`) is a plug-in before any method here: align B to A, the
   `cross_statistics` (two models' activations), `transform_statistics`, `save_statistics`,
   `load_statistics`;
 - merges: `average`, `fisher`, `regmean`, and after any of them `circuits` (attention heads
-  merged by their query-key and output-value circuits); relative to a base model
+  merged by their query-key and output-value circuits) or `refit` (every dense layer refitted
+  in forward order on the merged model's own inputs); relative to a base model
   `task_arithmetic`, `ties`, `dare`; `ot_fusion` (exact or Sinkhorn transport from
   activations or weights);
 - alignment from activations: `activation_init` (a start for `rotjax.match.align`),
@@ -20,6 +21,7 @@ from rotjax.merge._circuits import circuits
 from rotjax.merge._curve import Curve, barrier, curve, interpolate
 from rotjax.merge._methods import average, fisher, model_weights, regmean
 from rotjax.merge._ot import Fusion, ot_fusion, transport_params
+from rotjax.merge._refit import refit
 from rotjax.merge._select import align_by_activations, prediction_loss
 from rotjax.merge._stats import (
     FISHERS,
@@ -52,6 +54,7 @@ __all__ = [
     "model_weights",
     "ot_fusion",
     "prediction_loss",
+    "refit",
     "regmean",
     "save_statistics",
     "statistics",

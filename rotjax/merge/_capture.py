@@ -44,13 +44,16 @@ def capture(
     fn: Callable[[jax.Array, jax.Array], Any],
     *,
     mask: jax.Array | None = None,
+    combine: Callable[[Any, Any], Any] = _add,
 ) -> tuple[Any, dict[str, Any]]:
     """``(output, {kernel path: fn(rows, weights)})`` of one forward pass (inference mode).
 
     For a dense layer with kernel ``(*in, *out)`` called on ``x`` of shape ``(*lead, *in)``,
     ``rows`` is ``x`` reshaped to ``(prod(lead), prod(in))`` and ``weights`` is ``(prod(lead),)``:
     the token ``mask`` (``(batch, tokens)``, 1 = real) where ``lead`` is ``(batch, tokens)``,
-    else ones (one row per example, as for the pooler). A layer called twice sums its results.
+    else ones (one row per example, as for the pooler). Results are folded by
+    ``combine(None, first)``, then ``combine(so far, next)`` for a layer called again (default:
+    summed).
     Paths of scanned layers (``encoder/layers/...``) hold results stacked along the layers.
     """
 
@@ -65,7 +68,9 @@ def capture(
             weights = mask.reshape(-1).astype(rows.dtype)
         else:
             weights = jnp.ones(rows.shape[:1], rows.dtype)
-        context.module.sow(STATS, _FIELD, fn(rows, weights), init_fn=lambda: None, reduce_fn=_add)
+        context.module.sow(
+            STATS, _FIELD, fn(rows, weights), init_fn=lambda: None, reduce_fn=combine
+        )
         return next_fun(*args, **kwargs)
 
     with nn.intercept_methods(interceptor):

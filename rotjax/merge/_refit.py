@@ -1,0 +1,245 @@
+"""Refitting a merged model's dense layers, in forward order, on its own inputs.
+
+RegMean (Jin et al., 2023) merges each dense layer from the inputs that *each model* feeds it,
+as if the merged model would see them too. It does not: every merged layer changes what the
+next one reads, and for models trained from different seeds that drift compounds. RegMean++
+(Nguyen et al., 2025) therefore takes each layer's inputs from the merged model, its earlier
+layers already merged. `refit` goes one step further and fits the models' *outputs*: for each
+dense layer p, in the order the forward pass calls them, with ``x̃ = [x, 1]`` and ``W̃ = [W; b]``
+(the bias a row when the layer has one),
+
+    W̃*_p = argmin_W Σ_i λ_i ‖X̂_p W - X̃_{i,p} W̃_{i,p}‖² + ρ (tr Ĝ_p / n) ‖W - W̃_p‖²
+         = W̃_p + (Ĝ_p + ρ (tr Ĝ_p / n) I)⁻¹ (Σ_i λ_i X̂_pᵀ X̃_{i,p} W̃_{i,p} - Ĝ_p W̃_p),
+
+where ``X̂_p`` are the merged model's inputs to p (every layer before p refitted), ``X̃_{i,p}``
+model i's own inputs to p on the same examples, ``Ĝ_p = X̂_pᵀ X̂_p`` (n its size) and λ the
+models' weights (summing to 1), ``W̃_p`` the layer as ``merged`` has it: the closed-form
+least-squares layer that best reproduces the mean of what the models' layers output, from what
+the merged model actually feeds it. Layers that read the same
+input (a head's query, key and value; SwiGLU's gate and up) are refitted together. The ridge ρ
+(relative to the mean input energy) pulls towards the start, and directions the inputs never
+take (a LayerNorm's outputs ``x̃`` are linearly dependent, so ``Ĝ`` is singular; inputs that
+reach a layer's weights other than through its calls, as DeBERTa's relative embeddings reach the
+shared query/key maps) keep the start's weights.
+
+Everything that is not a dense layer (norms, embeddings, the patch convolution) stays as
+``merged`` has it, so `refit` is a plug-in after any merge: ``refit(model, average(ps), ps,
+batches)``. The models should be aligned first (the targets of one layer are then comparable
+across models). Cost: one forward pass of the merged model and of each model per stage
+(a stage: the layers that read one input), over the batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from rotjax.merge._capture import capture, dense_input_axes
+from rotjax.merge._methods import checked_models, model_weights
+from rotjax.merge._stats import _split
+from rotjax.models import family
+
+_HIGHEST = jax.lax.Precision.HIGHEST
+
+
+def refit(
+    model: nn.Module,
+    merged: Any,
+    params_list: Sequence[Any],
+    batches: Iterable[Any],
+    *,
+    weights: Sequence[float] | None = None,
+    ridge: float = 1e-4,
+    include_padding: bool = False,
+    progress: bool = False,
+) -> Any:
+    """``merged`` with every dense layer (kernel and bias) refitted by least squares, in
+    forward order, from the merged model's own inputs to the λ-weighted mean of the models'
+    outputs (the formula in this module's docstring).
+
+    Args:
+      model: The Flax module of every params tree here.
+      merged: A merge of ``params_list`` (e.g. `average`): the start, and the source of every
+        param that is not a dense layer's.
+      params_list: The N ≥ 1 models (aligned to one another), as for `average`.
+      batches: Unlabeled model inputs, as for `rotjax.merge.statistics` (tuples of
+        ``model.apply``'s positional arguments or dicts of named arrays), read once per stage.
+      weights: λ, one per model (default all 1).
+      ridge: ρ >= 0, relative to the mean diagonal of each layer's input Gram: how strongly
+        each layer is held to ``merged``'s.
+      include_padding: Count padded tokens as rows (default: real tokens only).
+      progress: A progress bar over the stages.
+
+    Returns:
+      A params tree like ``merged`` (which is not changed), leaves in their input dtypes.
+
+    Raises:
+      ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
+    """
+    paths, leaves, treedef = checked_models([merged, *params_list], at_least=2)
+    lam = model_weights(weights, len(params_list))
+    if not (np.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    fam = family(model.config)
+    inputs = [_split(fam, b)[0] for b in batches]
+    if not inputs:
+        raise ValueError("refit: no batches")
+    masks = [None if include_padding else fam.token_mask(x) for x in inputs]
+    flat = dict(zip(paths, leaves[0], strict=True))
+    models = [dict(zip(paths, x, strict=True)) for x in leaves[1:]]
+    stages = _stages(model, params_list[0], inputs[0], masks[0])
+    if progress:
+        from tqdm.auto import tqdm
+
+        stages = tqdm(stages, desc="refit", unit="stage", leave=False)
+    lam = jnp.asarray(lam / lam.sum(), jnp.float32)
+    ridge = jnp.float32(ridge)
+    for group, index in stages:
+        biases = tuple(_bias(k) in flat for k in group)
+        step = _moment_step(model, group, biases)
+        current = jax.tree.unflatten(treedef, [flat[p] for p in paths])
+        total = None
+        for x, mask in zip(inputs, masks, strict=True):
+            part = step(current, list(params_list), x, mask)
+            total = part if total is None else jax.tree.map(jnp.add, total, part)
+        for kernel, has_bias in zip(group, biases, strict=True):
+            g, cross = total[kernel]
+            g, cross = g[index], [c[index] for c in cross]
+            if not float(jnp.trace(g)) > 0:  # no rows reached this layer: keep it
+                continue
+            n_in = g.shape[0] - has_bias
+            targets = [_augmented(m, kernel, index, n_in, has_bias) for m in models]
+            start = _augmented(flat, kernel, index, n_in, has_bias)
+            w = _solve(g, cross, targets, lam, ridge, start)
+            flat[kernel] = _put(flat[kernel], index, w[:n_in])
+            if has_bias:
+                flat[_bias(kernel)] = _put(flat[_bias(kernel)], index, w[n_in])
+    return jax.tree.unflatten(treedef, [flat[p] for p in paths])
+
+
+def _bias(kernel: str) -> str:
+    return kernel.rsplit("/", 1)[0] + "/bias"
+
+
+def _stages(model, params, inputs, mask) -> list[tuple[tuple[str, ...], tuple[int, ...]]]:
+    """``[(kernel paths, layer index)]`` in forward order: each group the dense layers that
+    read one input (consecutive calls on the same array), each scanned group once per layer
+    (index into the stacked axis; ``()`` for layers that are not scanned)."""
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    last = [None]
+
+    def interceptor(next_fun, args, kwargs, context):
+        if dense_input_axes(context.module) is not None and context.method_name == "__call__":
+            path = "/".join(context.module.path) + "/kernel"
+            if path not in seen:  # a scan's body is traced more than once; a layer may be
+                seen.add(path)  # called twice: its first call places it
+                if groups and args[0] is last[0]:
+                    groups[-1].append(path)
+                else:
+                    groups.append([path])
+            last[0] = args[0]
+        return next_fun(*args, **kwargs)
+
+    apply = lambda p, x: model.apply({"params": p}, *x)
+    with nn.intercept_methods(interceptor):
+        jax.eval_shape(apply, params, inputs)
+    lead = jax.eval_shape(
+        lambda p, x, m: capture(model, p, x, lambda r, w: jnp.zeros(()), mask=m)[1],
+        params,
+        inputs,
+        mask,
+    )
+    out: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
+    run: list[tuple[str, ...]] = []  # consecutive groups of one scan: layer by layer
+
+    def flush():
+        shape = lead[run[0][0]].shape if run else ()
+        out.extend((g, i) for i in np.ndindex(*shape) for g in run)
+        run.clear()
+
+    for group in map(tuple, groups):
+        shape = lead[group[0]].shape
+        if run and lead[run[0][0]].shape != shape:
+            flush()
+        run.append(group)
+        if not shape:
+            flush()
+    flush()
+    return out
+
+
+def _concat(so_far, new):
+    return new if so_far is None else so_far + new
+
+
+@functools.cache
+def _moment_step(model, group, biases):
+    """Jitted ``(merged, params_list, inputs, mask) -> {kernel: (Ĝ, [X̂ᵀ X̃_i])}`` of one
+    batch, inputs augmented by a column of ones for layers with a bias, stacked for scanned
+    layers."""
+    collect = lambda rows, w: ((rows, w),)  # every call of a layer kept, in call order
+
+    def step(merged, params_list, inputs, mask):
+        run = lambda p: capture(model, p, inputs, collect, mask=mask, combine=_concat)[1]
+        xm, xs = run(merged), [run(p) for p in params_list]
+        out = {}
+        for path, bias in zip(group, biases, strict=True):
+            aug = _with_ones if bias else (lambda r: r)
+            g, cross = 0.0, [0.0] * len(xs)
+            for k, (rows, w) in enumerate(_calls(xm[path])):
+                rows = aug(rows)
+                weighted = jnp.swapaxes(rows * w[..., None], -1, -2)
+                g = g + jnp.matmul(weighted, rows, precision=_HIGHEST)
+                for i, x in enumerate(xs):
+                    other = aug(_calls(x[path])[k][0])
+                    cross[i] = cross[i] + jnp.matmul(weighted, other, precision=_HIGHEST)
+            out[path] = (g, cross)
+        return out
+
+    return jax.jit(step)
+
+
+def _calls(captured):
+    """``[(rows, weights)]`` per call of a layer, from `capture`'s flat ``{"call/0": rows,
+    "call/1": weights}`` of the tuple that ``collect`` sowed."""
+    return [(captured[f"{i}/0"], captured[f"{i}/1"]) for i in range(len(captured) // 2)]
+
+
+def _with_ones(rows):
+    return jnp.concatenate([rows, jnp.ones((*rows.shape[:-1], 1), rows.dtype)], axis=-1)
+
+
+def _augmented(flat, kernel, index, n_in, has_bias):
+    """``W̃ = [W; b]`` of one layer (index into a scanned stack), ``(n_in (+1), n_out)``."""
+    w = jnp.asarray(flat[kernel][index], jnp.float32).reshape(n_in, -1)
+    if not has_bias:
+        return w
+    b = jnp.asarray(flat[_bias(kernel)][index], jnp.float32).reshape(1, -1)
+    return jnp.concatenate([w, b], axis=0)
+
+
+@jax.jit
+def _solve(g, cross, targets, lam, ridge, start):
+    """``W̃ + (Ĝ + ρ tr(Ĝ)/n I)⁺ (Σ_i λ_i C_i W̃_i - Ĝ W̃)`` by Ĝ's eigendecomposition (a
+    pseudo-inverse: at ρ = 0 directions with no input energy keep the start ``W̃``)."""
+    hi = dict(precision=_HIGHEST)
+    pairs = enumerate(zip(cross, targets, strict=True))
+    rhs = sum(lam[i] * jnp.matmul(c, t, **hi) for i, (c, t) in pairs) - jnp.matmul(g, start, **hi)
+    n = g.shape[0]
+    e, v = jnp.linalg.eigh((g + g.T) / 2)
+    e = e + ridge * jnp.trace(g) / n
+    inv = jnp.where(e > n * jnp.finfo(e.dtype).eps * jnp.max(e), 1.0 / e, 0.0)
+    return start + jnp.matmul(v * inv[None, :], jnp.matmul(v.T, rhs, **hi), **hi)
+
+
+def _put(x, index, value):
+    """``x`` with ``x[index]`` replaced by ``value`` (reshaped to it, in ``x``'s dtype)."""
+    value = jnp.asarray(value).reshape(x.shape[len(index) :]).astype(x.dtype)
+    return jnp.asarray(x).at[index].set(value) if index else value
