@@ -153,8 +153,8 @@ def merged(
     """``(merged params, {"statistics": s, "merge": s})`` of A with (aligned) B.
 
     ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts
-    (computed afresh for every call, so the reported statistics time is real), and the shared
-    unlabeled inputs of refit (its passes counted as merge time)."""
+    (computed afresh for every call, so the reported statistics time is real), and the
+    unlabeled inputs of refit (all of them; its passes counted as merge time)."""
     shared = stats_data if isinstance(stats_data, Mapping) else None
     per_model = [shared, shared] if shared is not None else list(stats_data or [None, None])
     b_aligned = pair.b
@@ -166,9 +166,10 @@ def merged(
     elif method == "circuits":  # the average, each attention head from its mean circuits
         out = merge.circuits(pair.spec, merge.average(params), params)
     elif method == "refit":  # the average, each dense layer refitted on the merge's own inputs
-        if shared is None:
-            raise ValueError("refit reads one set of unlabeled inputs: give stats_data once")
-        out = merge.refit(pair.model, merge.average(params), params, batches(shared))
+        inputs = shared or {  # per-model data: all of it (each model's outputs on every input)
+            k: np.concatenate([d[k] for d in per_model]) for k in per_model[0] if k != "labels"
+        }
+        out = merge.refit(pair.model, merge.average(params), params, batches(inputs))
     elif method in ("fisher", "regmean"):
         kinds = ("fisher",) if method == "fisher" else ("gram",)
         stats = [

@@ -1,6 +1,6 @@
 """Merged test accuracy of every pair of Fashion-MNIST ViTs, per alignment and method, with the
 mean and spread over the pairs: Table 2 of `experiments.reproduce` without its ablations and
-curves, for any set of checkpoints and any methods (``circuits`` included).
+curves, for any set of checkpoints and any methods (``circuits`` and ``refit`` included).
 
     python -m experiments.pairs DIR [DIR ...] [--align "all + stream,activations"]
         [--methods average,circuits] [--images 10000] [--out DIR]
