@@ -94,6 +94,7 @@ def test_merge_benchmark(tmp_path):
         "ties",
         "dare",
         "ot_wts",
+        "refit",
     }
     assert all(v["warm"] > 0 for v in row["merge_seconds"].values())
 

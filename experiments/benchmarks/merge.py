@@ -111,6 +111,7 @@ def run(name, config, a, arrays, batch_size, repeats):
         "ties": lambda: merge.ties(base, [a, pa]),
         "dare": lambda: merge.dare(base, [a, pa], key=key),
         "ot_wts": lambda: merge.ot_fusion(spec, a, pa, mode="wts").params,
+        "refit": lambda: merge.refit(model, merge.average([a, pa]), [a, pa], batches),
     }
     row["merge_seconds"] = {k: timed(f, repeats, first=True) for k, f in merges.items()}
     s = row["seconds"]

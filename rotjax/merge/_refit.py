@@ -77,7 +77,8 @@ def refit(
       progress: A progress bar over the stages.
 
     Returns:
-      A params tree like ``merged`` (which is not changed), leaves in their input dtypes.
+      A params tree like ``merged`` (which is not changed), leaves in their input dtypes and
+      shardings.
 
     Raises:
       ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
@@ -240,6 +241,8 @@ def _solve(g, cross, targets, lam, ridge, start):
 
 
 def _put(x, index, value):
-    """``x`` with ``x[index]`` replaced by ``value`` (reshaped to it, in ``x``'s dtype)."""
+    """``x`` with ``x[index]`` replaced by ``value`` (reshaped to it), in ``x``'s dtype and,
+    for a jax array, its sharding."""
     value = jnp.asarray(value).reshape(x.shape[len(index) :]).astype(x.dtype)
-    return jnp.asarray(x).at[index].set(value) if index else value
+    out = jnp.asarray(x).at[index].set(value) if index else value
+    return jax.device_put(out, x.sharding) if isinstance(x, jax.Array) else out
