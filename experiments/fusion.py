@@ -166,9 +166,8 @@ def merged(
     elif method == "circuits":  # the average, each attention head from its mean circuits
         out = merge.circuits(pair.spec, merge.average(params), params)
     elif method == "refit":  # the average, each dense layer refitted on the merge's own inputs
-        inputs = shared or {  # per-model data: all of it (each model's outputs on every input)
-            k: np.concatenate([d[k] for d in per_model]) for k in per_model[0] if k != "labels"
-        }
+        # per-model data: all of it (each model's outputs on every input)
+        inputs = shared or data.concat(per_model)
         out = merge.refit(pair.model, merge.average(params), params, batches(inputs))
     elif method in ("fisher", "regmean"):
         kinds = ("fisher",) if method == "fisher" else ("gram",)

@@ -512,6 +512,21 @@ def test_batches_errors():
         next(data.train_batches(_arrays(3), batch_size=4, seed=0))
 
 
+def test_concat_keeps_the_shared_names_in_order():
+    a = {"x": np.arange(6).reshape(3, 2), "labels": np.arange(3), "only_a": np.zeros(3)}
+    b = {"x": np.arange(6, 10).reshape(2, 2), "labels": np.arange(3, 5)}
+    out = data.concat([a, b])
+    assert sorted(out) == ["labels", "x"]
+    np.testing.assert_array_equal(out["x"], np.arange(10).reshape(5, 2))
+    np.testing.assert_array_equal(out["labels"], np.arange(5))
+    with pytest.raises(ValueError, match=r"'x' has shapes \[\(3, 2\), \(2, 3\)\]"):
+        data.concat([a, {"x": np.zeros((2, 3))}])
+    with pytest.raises(ValueError, match="no name"):
+        data.concat([a, {"y": np.zeros(2)}])
+    with pytest.raises(ValueError, match="no datasets"):
+        data.concat([])
+
+
 # ---------------------------------------------------------------------------------------------
 # Supersense tagging
 

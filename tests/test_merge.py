@@ -458,6 +458,33 @@ def test_align_by_activations_keeps_the_candidate_with_the_least_prediction_loss
 # Refit: the dense layers in forward order, on the merged model's own inputs.
 
 
+def test_capture_keeps_every_call_of_a_layer_called_twice(key):
+    """A layer called twice in one pass: summed by default, each call kept in call order by a
+    ``combine`` that concatenates (what refit reads)."""
+    import flax.linen as nn
+
+    class Twice(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            dense = nn.Dense(3, name="shared")
+            return dense(jnp.tanh(dense(x)))
+
+    x = jax.random.normal(key, (4, 3))
+    params = Twice().init(key, x)["params"]
+    first = x
+    second = jnp.tanh(x @ params["shared"]["kernel"] + params["shared"]["bias"][None])
+    gram = lambda rows, w: rows.T @ (rows * w[:, None])
+    _, summed = capture(Twice(), params, (x,), gram)
+    want = first.T @ first + second.T @ second
+    assert rel_err(summed["shared/kernel"], want) < TOL
+    concat = lambda so_far, new: new if so_far is None else so_far + new
+    _, calls = capture(Twice(), params, (x,), lambda r, w: ((r, w),), combine=concat)
+    got = calls["shared/kernel"]
+    assert sorted(got) == ["0/0", "0/1", "1/0", "1/1"]
+    assert rel_err(got["0/0"], first) < TOL and rel_err(got["1/0"], second) < TOL
+    np.testing.assert_array_equal(got["1/1"], np.ones(4))
+
+
 def _dense_kernels(c, params, x):
     return set(capture(c.model, params, x, lambda rows, w: jnp.zeros(()))[1])
 

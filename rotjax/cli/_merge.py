@@ -300,7 +300,7 @@ def run(args) -> int:
     if args.circuits:
         merged = merge.circuits(spec, merged, members, weights=opts["weights"])
     if args.refit:  # on every --data file's inputs: any inputs serve, each model's outputs on them
-        shared = datas[0] if len(args.data) == 1 else _union(datas)
+        shared = datas[0] if len(args.data) == 1 else data.concat(datas)
         merged = merge.refit(
             model,
             merged,
@@ -348,12 +348,6 @@ def run(args) -> int:
         f"{sum(timings.values()):.1f}s; wrote {out}"
     )
     return 0
-
-
-def _union(datas):
-    """The inputs of every --data file, one after another (the keys they all have)."""
-    keys = set.intersection(*(set(d) for d in datas))
-    return {k: np.concatenate([d[k] for d in datas]) for k in sorted(keys)}
 
 
 def _merge(args, opts, spec, model, aligned, stats, base, key, batches):

@@ -87,6 +87,26 @@ def batches(
     return _pass(names, values, n, batch_size, order, drop_remainder, pad, rows)
 
 
+def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """The examples of several datasets (dicts of arrays), one after another, under the names
+    they all have (sorted); names that some lack are dropped.
+
+    Raises:
+      ValueError: No datasets, no name they all have, or arrays of one name that differ past
+        the example axis (e.g. token sequences of different lengths; the shapes in the message).
+    """
+    if not datasets:
+        raise ValueError("concat: no datasets")
+    names = sorted(set.intersection(*(set(d) for d in datasets)))
+    if not names:
+        raise ValueError(f"concat: no name every dataset has: {[sorted(d) for d in datasets]}")
+    for name in names:
+        shapes = [np.shape(d[name]) for d in datasets]
+        if len({s[1:] for s in shapes}) > 1 or any(not s for s in shapes):
+            raise ValueError(f"concat: {name!r} has shapes {shapes}; they must agree past axis 0")
+    return {name: np.concatenate([np.asarray(d[name]) for d in datasets]) for name in names}
+
+
 def train_batches(
     arrays: Mapping[str, np.ndarray],
     *,

@@ -148,15 +148,11 @@ def _stages(model, params, inputs, mask) -> list[tuple[tuple[str, ...], tuple[in
             last[0] = args[0]
         return next_fun(*args, **kwargs)
 
-    apply = lambda p, x: model.apply({"params": p}, *x)
+    # one abstract pass: the call order (interceptor) and each layer's stacking (capture's
+    # scalars come back with the scan's layer axes)
+    sizes = lambda p, x, m: capture(model, p, x, lambda r, w: jnp.zeros(()), mask=m)[1]
     with nn.intercept_methods(interceptor):
-        jax.eval_shape(apply, params, inputs)
-    lead = jax.eval_shape(
-        lambda p, x, m: capture(model, p, x, lambda r, w: jnp.zeros(()), mask=m)[1],
-        params,
-        inputs,
-        mask,
-    )
+        lead = jax.eval_shape(sizes, params, inputs, mask)
     out: list[tuple[tuple[str, ...], tuple[int, ...]]] = []
     run: list[tuple[str, ...]] = []  # consecutive groups of one scan: layer by layer
 
