@@ -505,8 +505,7 @@ def _scrambled(c, params, x, key):
 
 @pytest.mark.parametrize(
     "name, scan",
-    [
-        ("bert-h3d4-l2", False),
+    [  # unscanned BERT left out (105 s of compiling): layouts agree by the test after this one
         ("bert-h3d4-l2", True),
         ("vit-h3d4-l2", True),
         ("llama-k2g2d6-l2-seq", False),

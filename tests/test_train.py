@@ -170,6 +170,20 @@ def test_four_devices_match_one(seed):
     np.testing.assert_array_equal(to_dict(one)[key_bias], to_dict(start)[key_bias])
 
 
+def test_evaluator_takes_params_on_any_devices(key):
+    """The same metrics for params left to JAX, committed to a device outside the mesh, or
+    sharded on another mesh (each is copied onto the evaluator's mesh)."""
+    model, params = init(BERT, key, scale=0.3)
+    arrays = text_data(BERT, 0, 16)
+    evaluate = train.evaluator(model, arrays, batch_size=8, mesh=train.data_mesh(jax.devices()[:4]))
+    want = evaluate(params)
+    elsewhere = jax.device_put(params, jax.devices()[5])
+    other_mesh = jax.device_put(params, train.replicated(train.data_mesh(jax.devices()[6:])))
+    for moved in (elsewhere, other_mesh):
+        assert evaluate(moved) == want
+    assert elsewhere["classifier"]["bias"].devices() == {jax.devices()[5]}  # not moved
+
+
 def test_batch_sizes_must_split_over_devices():
     assert jax.device_count() == 8  # conftest splits the CPU
     mesh = train.data_mesh(jax.devices()[:4])

@@ -102,18 +102,20 @@ def refit(
     lam = jnp.asarray(lam / lam.sum(), jnp.float32)
     ridge = jnp.float32(ridge)
     for group, index in stages:
-        biases = tuple(_bias(k) in flat for k in group)
-        step = _moment_step(model, group, biases)
+        step = _moment_step(model, group[0])
         current = jax.tree.unflatten(treedef, [flat[p] for p in paths])
+        at = tuple(jnp.int32(i) for i in index)
         total = None
         for x, mask in zip(inputs, masks, strict=True):
-            part = step(current, list(params_list), x, mask)
+            part = step(current, list(params_list), x, mask, at)
             total = part if total is None else jax.tree.map(jnp.add, total, part)
-        for kernel, has_bias in zip(group, biases, strict=True):
-            g, cross = total[kernel]
-            g, cross = g[index], [c[index] for c in cross]
-            if not float(jnp.trace(g)) > 0:  # no rows reached this layer: keep it
-                continue
+        g_aug, cross_aug = total
+        if not float(jnp.trace(g_aug)) > 0:  # no rows reached this stage: keep it
+            continue
+        for kernel in group:
+            has_bias = _bias(kernel) in flat
+            keep = slice(None) if has_bias else slice(0, -1)  # the ones column for a bias
+            g, cross = g_aug[keep, keep], [c[keep, keep] for c in cross_aug]
             n_in = g.shape[0] - has_bias
             targets = [_augmented(m, kernel, index, n_in, has_bias) for m in models]
             start = _augmented(flat, kernel, index, n_in, has_bias)
@@ -177,28 +179,27 @@ def _concat(so_far, new):
 
 
 @functools.cache
-def _moment_step(model, group, biases):
-    """Jitted ``(merged, params_list, inputs, mask) -> {kernel: (Ĝ, [X̂ᵀ X̃_i])}`` of one
-    batch, inputs augmented by a column of ones for layers with a bias, stacked for scanned
-    layers."""
+def _moment_step(model, kernel):
+    """Jitted ``(merged, params_list, inputs, mask, index) -> (Ĝ, [X̂ᵀ X̃_i])`` of one batch:
+    the moments of the input that ``kernel``'s layer (and the rest of its stage) reads,
+    augmented by a column of ones (the bias row), at layer ``index`` of a scanned stack (a
+    traced index: one program serves every layer)."""
     collect = lambda rows, w: ((rows, w),)  # every call of a layer kept, in call order
 
-    def step(merged, params_list, inputs, mask):
-        run = lambda p: capture(model, p, inputs, collect, mask=mask, combine=_concat)[1]
+    def step(merged, params_list, inputs, mask, index):
+        run = lambda p: _calls(
+            capture(model, p, inputs, collect, mask=mask, combine=_concat)[1][kernel]
+        )
         xm, xs = run(merged), [run(p) for p in params_list]
-        out = {}
-        for path, bias in zip(group, biases, strict=True):
-            aug = _with_ones if bias else (lambda r: r)
-            g, cross = 0.0, [0.0] * len(xs)
-            for k, (rows, w) in enumerate(_calls(xm[path])):
-                rows = aug(rows)
-                weighted = jnp.swapaxes(rows * w[..., None], -1, -2)
-                g = g + jnp.matmul(weighted, rows, precision=_HIGHEST)
-                for i, x in enumerate(xs):
-                    other = aug(_calls(x[path])[k][0])
-                    cross[i] = cross[i] + jnp.matmul(weighted, other, precision=_HIGHEST)
-            out[path] = (g, cross)
-        return out
+        g, cross = 0.0, [0.0] * len(xs)
+        for k, (rows, w) in enumerate(xm):
+            rows = _with_ones(rows[index])
+            weighted = (rows * w[index][:, None]).T
+            g = g + jnp.matmul(weighted, rows, precision=_HIGHEST)
+            for i, x in enumerate(xs):
+                other = _with_ones(x[k][0][index])
+                cross[i] = cross[i] + jnp.matmul(weighted, other, precision=_HIGHEST)
+        return g, cross
 
     return jax.jit(step)
 
@@ -238,7 +239,9 @@ def _solve(g, cross, targets, lam, ridge, start):
 
 def _put(x, index, value):
     """``x`` with ``x[index]`` replaced by ``value`` (reshaped to it), in ``x``'s dtype and,
-    for a jax array, its sharding."""
+    for a jax array committed to devices, its sharding (an uncommitted one stays free to move,
+    as every other merge's results are)."""
     value = jnp.asarray(value).reshape(x.shape[len(index) :]).astype(x.dtype)
     out = jnp.asarray(x).at[index].set(value) if index else value
-    return jax.device_put(out, x.sharding) if isinstance(x, jax.Array) else out
+    committed = isinstance(x, jax.Array) and x.committed
+    return jax.device_put(out, x.sharding) if committed else out

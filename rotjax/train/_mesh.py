@@ -81,6 +81,8 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     result (as `rotjax.train.fit` does) can never invalidate the caller's arrays.
 
     (``jax.device_put(..., may_alias=False)`` is not enough: on a multi-device mesh it reuses a
-    device-0 input buffer as the replica on device 0; a jitted copy writes every replica.)
+    device-0 input buffer as the replica on device 0; a jitted copy writes every replica. The
+    ``device_put`` first moves arrays committed to other devices, which jit would refuse.)
     """
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=replicated(mesh))(tree)
+    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=replicated(mesh))
+    return copy(jax.device_put(tree, replicated(mesh)))
