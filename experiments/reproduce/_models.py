@@ -46,9 +46,11 @@ class Settings:
                 vision_seeds=(0, 1),  # one pair
                 language_seeds=(0,),
                 test_images=1000,
-                eval_texts=256,
+                eval_texts=128,
                 stats_examples=128,
-                language_stats_examples=64,
+                # fusion.merged computes MiniLM's Fishers afresh for every merge (12 here): with
+                # 64 texts each and 256 test texts, quick mode took 16.0 min from nothing
+                language_stats_examples=32,
                 curve_points=5,
                 curve_images=500,
             )
