@@ -16,7 +16,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from rotjax import data, hf, match, merge
+from rotjax import data, hf, match, merge, train
 from rotjax import symmetry as sym
 from rotjax.models import family
 
@@ -74,6 +74,19 @@ def load_pair(dir_a, dir_b) -> Pair:
     if config != config_b:
         raise ValueError(f"{dir_a} and {dir_b} have different architectures")
     return Pair(config, a, b, (str(dir_a), str(dir_b)))
+
+
+# Evaluation batches of at most 250: XLA:CPU evaluated the project's Fashion-MNIST ViT at 0.81 s
+# per 1000 test images in one batch, 0.38-0.40 s in batches of 250 or fewer (2 cores, 2026-12-01).
+EVAL_BATCH = 250
+
+
+def evaluator(model, arrays: Mapping[str, np.ndarray], *, batch_size: int = EVAL_BATCH):
+    """`rotjax.train.evaluator` of ``model`` over ``arrays`` (with ``labels``) on every device,
+    in batches of at most ``batch_size`` (rounded down to a multiple of the devices)."""
+    d = jax.device_count()
+    size = max(d, min(batch_size, len(arrays["labels"])) // d * d)
+    return train.evaluator(model, arrays, batch_size=size)
 
 
 def batches(arrays: Mapping[str, np.ndarray], batch_size: int = 50) -> list[dict]:

@@ -33,7 +33,7 @@ def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print
     out = {"endpoints": {}, "pairs": []}
     for dir_a, dir_b in itertools.combinations(dirs, 2):
         pair = fusion.load_pair(dir_a, dir_b)
-        evaluate = train.evaluator(pair.model, test, batch_size=min(250, images))
+        evaluate = fusion.evaluator(pair.model, test)
         acc = functools.partial(_accuracy, evaluate)
         for d, p in ((dir_a, pair.a), (dir_b, pair.b)):
             out["endpoints"].setdefault(str(d), acc(p))

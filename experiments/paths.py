@@ -28,7 +28,7 @@ def paths(dir_a, dir_b, alignments, *, images=2000, points=11, unlabeled=1000) -
     test = {k: v[:images] for k, v in fm.test.arrays().items()}
     order = np.random.default_rng(0).permutation(len(fm.train.labels))
     stats = {"images": fm.train.images[order[:unlabeled]]}
-    evaluate = train.evaluator(pair.model, test, batch_size=min(250, images))
+    evaluate = fusion.evaluator(pair.model, test)
     metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     variants = fusion.align_variants(pair, alignments, stats, key=jax.random.key(0))
     out = {}

@@ -155,17 +155,23 @@ def test_merge_with_refit(checkpoints, key, capsys):
     """--refit after a merge, on per-model --data (their union): B is A moved by a symmetry, so
     after alignment every layer's target is A's and the refit keeps A's function (to 1e-3: the
     float32 least squares on this tiny random post-norm BERT's ill-conditioned Grams, as in
-    test_merge's refit tests; ~1e-4 measured)."""
+    test_merge's refit tests; ~1e-4 measured). A second file of the same texts padded to a
+    longer length serves as well (before, the two lengths could not be read together)."""
     tmp, a = checkpoints
-    out = tmp / "refit"
-    data = ["--data", str(tmp / "data.npz")] * 2
-    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), *data, "--refit"]
-    assert cli.main([*argv, "--align", "all", "--quiet"]) == 0
     c = compiled(CONFIG)
     x = inputs(CONFIG, key)
-    assert rel_err(c.forward(hf.load(out)[1], x), c.forward(a, x)) <= 1e-3
-    report = json.loads((out / "merge.json").read_text())
-    assert report["options"]["refit"] is True and report["options"]["ridge"] == 1e-4
+    files = np.load(tmp / "data.npz")
+    np.savez(tmp / "padded.npz", **{k: np.pad(v, ((0, 0), (0, 8))) for k, v in files.items()})
+    merged = []
+    for second in ("data.npz", "padded.npz"):
+        out = tmp / f"refit-{second}"
+        data = ["--data", str(tmp / "data.npz"), "--data", str(tmp / second)]
+        argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), *data, "--refit"]
+        assert cli.main([*argv, "--align", "all", "--quiet"]) == 0
+        merged.append(hf.load(out)[1])
+        assert rel_err(c.forward(merged[-1], x), c.forward(a, x)) <= 1e-3
+        report = json.loads((out / "merge.json").read_text())
+        assert report["options"]["refit"] is True and report["options"]["ridge"] == 1e-4
 
 
 # Per family: the config, and lines that `rotjax inspect` must print for it.

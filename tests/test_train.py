@@ -184,6 +184,22 @@ def test_evaluator_takes_params_on_any_devices(key):
     assert elsewhere["classifier"]["bias"].devices() == {jax.devices()[5]}  # not moved
 
 
+def test_replicate_returns_new_buffers_on_the_mesh(key):
+    """Donating `replicate`'s result (as `fit` does) never deletes or changes the caller's
+    params, whether left to JAX, already replicated on the mesh, or numpy."""
+    mesh = train.data_mesh(jax.devices()[:4])
+    _, params = init(BERT, key)
+    want = jax.tree.map(np.array, params)
+    donate = jax.jit(lambda t: jax.tree.map(lambda x: x + 1, t), donate_argnums=0)
+    for tree in (params, jax.device_put(params, train.replicated(mesh)), want):
+        out = train.replicate(tree, mesh)
+        for x in jax.tree.leaves(out):
+            assert x.sharding.is_equivalent_to(train.replicated(mesh), x.ndim)
+        donate(out)
+        assert not any(x.is_deleted() for x in jax.tree.leaves(tree) if isinstance(x, jax.Array))
+        jax.tree.map(np.testing.assert_array_equal, tree, want)
+
+
 def test_batch_sizes_must_split_over_devices():
     assert jax.device_count() == 8  # conftest splits the CPU
     mesh = train.data_mesh(jax.devices()[:4])

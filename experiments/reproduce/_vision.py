@@ -14,7 +14,7 @@ import numpy as np
 
 from experiments import fusion
 from experiments.reproduce._models import Settings, trained
-from rotjax import data, match, merge, train
+from rotjax import data, match, merge
 
 TABLE2 = ("none", "paper", "all", "all + stream", "activations")
 METHODS = ("average", "fisher", "regmean", "ot-acts", "ot-wts")
@@ -43,7 +43,7 @@ def run(settings: Settings, out, log) -> dict[str, Any]:
 
 def _pair(settings, summary_a, summary_b, test, unlabeled, select, curve_data, log):
     pair = fusion.load_pair(summary_a["hf"], summary_b["hf"])
-    evaluate = train.evaluator(pair.model, test, batch_size=_batch(test))
+    evaluate = fusion.evaluator(pair.model, test)
     key = jax.random.key(0)
     out: dict[str, Any] = {"a": summary_a["name"], "b": summary_b["name"]}
     out["endpoints"] = {"a": evaluate(pair.a), "b": evaluate(pair.b)}
@@ -68,7 +68,7 @@ def _pair(settings, summary_a, summary_b, test, unlabeled, select, curve_data, l
             + ", ".join(f"{m} {rows[f'{name} | {m}']['accuracy']:.3f}" for m in methods)
         )
     out["merges"] = rows
-    on_select = train.evaluator(pair.model, select, batch_size=_batch(select))
+    on_select = fusion.evaluator(pair.model, select)
     candidates = {
         n: on_select(merge.average([variants[n]["pair"].a, variants[n]["pair"].b]))["accuracy"]
         for n in ("all", "all + stream", "activations")
@@ -83,14 +83,9 @@ def _pair(settings, summary_a, summary_b, test, unlabeled, select, curve_data, l
     return out
 
 
-def _batch(arrays) -> int:
-    n = len(next(iter(arrays.values())))
-    return max(8, min(250, (n // 8) * 8))  # XLA:CPU: 1000 at once is 2x slower
-
-
 def _curves(settings, pair, variants, labels, curve_data):
     """Loss and accuracy along the linear path A -> aligned B, for each labelled variant."""
-    evaluate = train.evaluator(pair.model, curve_data, batch_size=_batch(curve_data))
+    evaluate = fusion.evaluator(pair.model, curve_data)
     metrics = lambda x: {k: v for k, v in evaluate(x).items() if k in ("loss", "accuracy")}
     lambdas = np.linspace(0.0, 1.0, settings.curve_points)
     out = {}

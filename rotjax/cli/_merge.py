@@ -52,7 +52,8 @@ alignment (--align), to the first model, before merging:
 --data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
 float32 as the image processor gives them (normalised, not raw pixels), or input_ids and
 attention_mask (token_type_ids optional); labels optional. Give it once (shared) or once per
-model, in the order of the models.
+model, in the order of the models (--refit then reads all of them, texts of different lengths
+padded to the longest).
 
 examples:
   rotjax merge ./vit-a ./vit-b --out ./merged --method regmean --align all --data val.npz
@@ -217,6 +218,22 @@ def read_data(
     return out
 
 
+TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def _together(datas: list[dict]) -> dict[str, np.ndarray]:
+    """The model inputs (no labels) of every ``--data`` file in one set of arrays. Token inputs
+    of different lengths are padded at the end to the longest (``attention_mask`` 0: refit
+    counts real tokens only, and padding after a text changes none of its real tokens'
+    activations). Pixel values all have the model's shape (`read_data` checked them)."""
+    datas = [{k: v for k, v in d.items() if k != "labels"} for d in datas]
+    if "input_ids" in datas[0]:
+        t = max(d["input_ids"].shape[1] for d in datas)
+        pad = lambda k, v: np.pad(v, ((0, 0), (0, t - v.shape[1]))) if k in TOKEN_INPUTS else v
+        datas = [{k: pad(k, v) for k, v in d.items()} for d in datas]
+    return data.concat(datas)
+
+
 def run(args) -> int:
     opts = _options(args)
     out = checked_out_dir(args.out)
@@ -238,6 +255,9 @@ def run(args) -> int:
         raise CLIError("--method fisher needs models with a classification head (task)")
     need_labels = args.method == "fisher" and args.fisher == "empirical"
     datas = [read_data(p, config, args.max_examples, need_labels, notes) for p in args.data]
+    # --refit reads every file's inputs together (any inputs serve: each model's outputs on
+    # them), built before aligning so that files which cannot go together fail first
+    shared = _together(datas) if args.refit else None
     if len(datas) == 1:
         datas = datas * len(params)
     timings["load"] = time.perf_counter() - tic
@@ -299,13 +319,12 @@ def run(args) -> int:
     merged, members = _merge(args, opts, spec, model, aligned, stats, base, key, batches)
     if args.circuits:
         merged = merge.circuits(spec, merged, members, weights=opts["weights"])
-    if args.refit:  # on every --data file's inputs: any inputs serve, each model's outputs on them
-        shared = datas[0] if len(args.data) == 1 else data.concat(datas)
+    if args.refit:
         merged = merge.refit(
             model,
             merged,
             members,
-            data.batches({k: v for k, v in shared.items() if k != "labels"}, args.batch_size),
+            data.batches(shared, args.batch_size),
             weights=opts["weights"],
             ridge=args.ridge,
             progress=not args.quiet,

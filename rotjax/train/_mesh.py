@@ -81,8 +81,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     result (as `rotjax.train.fit` does) can never invalidate the caller's arrays.
 
     (``jax.device_put(..., may_alias=False)`` is not enough: on a multi-device mesh it reuses a
-    device-0 input buffer as the replica on device 0; a jitted copy writes every replica. The
-    ``device_put`` first moves arrays committed to other devices, which jit would refuse.)
+    device-0 input buffer as the replica on device 0; a jitted copy writes every replica. Only
+    arrays committed to devices outside the mesh, which jit would refuse, are moved first.)
     """
+    devices = set(mesh.devices.flat)
+    elsewhere = lambda x: (
+        isinstance(x, jax.Array) and x.committed and x.sharding.device_set != devices
+    )
+    moved = jax.tree.map(lambda x: jax.device_put(x, replicated(mesh)) if elsewhere(x) else x, tree)
     copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=replicated(mesh))
-    return copy(jax.device_put(tree, replicated(mesh)))
+    return copy(moved)
