@@ -28,7 +28,7 @@ import numpy as np
 
 from experiments import fusion, plots
 from experiments import train as T
-from rotjax import cli, data, hf, merge, train
+from rotjax import cli, data, hf, match, merge, train
 from rotjax import symmetry as sym
 from rotjax.models import family
 
@@ -180,6 +180,12 @@ def main(argv=None):
     parser.add_argument("--solve", default="rotation,scale,ffn,heads,residual")
     parser.add_argument("--smoke", action="store_true", help="seconds: tiny training")
     args = parser.parse_args(argv)
+    if args.workdir and Path(args.workdir).exists() and not Path(args.workdir).is_dir():
+        parser.error(f"--workdir {args.workdir} is a file, not a directory")
+    blocks = {b.strip() for b in args.solve.split(",") if b.strip()}
+    if not blocks or blocks - set(match.BLOCKS):
+        choices = ",".join(match.BLOCKS)
+        parser.error(f"--solve {args.solve!r}: unknown blocks; choose from {choices}")
     # Every program cached, however quick to compile: a cached demo is ~500 small programs.
     train.enable_compilation_cache(min_compile_seconds=0.0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))

@@ -222,3 +222,17 @@ def logits(model, params, x, transform=None):
     if out.pooler_output is not None:
         parts.append(back(out.pooler_output, "pooler").reshape(-1))
     return jnp.concatenate(parts)
+
+
+def refuses_before_any_work(main, argv, message, tmp_path, capsys):
+    """``main(argv)`` (an experiment's) exits with argparse's code 2 and ``message`` on stderr,
+    writing nothing into ``tmp_path``; ``"FILE"`` in ``argv`` names a file there."""
+    (tmp_path / "FILE").write_text("")
+    argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
+    try:
+        main(argv)
+    except SystemExit as e:
+        assert e.code == 2 and message in capsys.readouterr().err
+    else:
+        raise AssertionError(f"{argv} was accepted")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]  # nothing written

@@ -7,6 +7,7 @@ JSON files the drivers write.
 import json
 
 import pytest
+from helpers import refuses_before_any_work
 
 from rotjax import hf, train
 
@@ -52,6 +53,19 @@ def test_demo(tmp_path, capsys, monkeypatch):
     assert report["distance"]["all"]["after"] < report["distance"]["all"]["before"]
     assert (tmp_path / "interpolation.png").read_bytes()[:4] == b"\x89PNG"
     assert (tmp_path / "cache" / "demo-smoke" / "demo-vit-s1" / "summary.json").is_file()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--solve", "rotation,spin"], "--solve 'rotation,spin': unknown blocks"),
+        (["--workdir", "FILE"], "is a file, not a directory"),
+    ],
+)
+def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+    from experiments import demo
+
+    refuses_before_any_work(lambda a: demo.main(["--smoke", *a]), argv, message, tmp_path, capsys)
 
 
 def test_align_benchmark(tmp_path):

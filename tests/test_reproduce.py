@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+from helpers import refuses_before_any_work
 
 from rotjax import train
 
@@ -59,3 +60,19 @@ def test_reproduce(tmp_path):
     (tmp_path / "results" / "language.json").write_text(json.dumps(language))
     reproduce.main(["--smoke", "--out", str(tmp_path)])
     assert "abc1234" not in (tmp_path / "report.md").read_text()
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--parts", "vision,sound"], "--parts 'vision,sound': choose from vision, language"),
+        (["--parts", ","], "choose from vision, language"),
+        (["--out", "FILE"], "is a file, not a directory"),
+    ],
+)
+def test_reproduce_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+    from experiments import reproduce
+
+    refuses_before_any_work(
+        lambda a: reproduce.main(["--smoke", *a]), argv, message, tmp_path, capsys
+    )

@@ -96,9 +96,15 @@ def main(argv=None):
     p.add_argument("--parts", help="comma-separated: vision, language (default: the mode's)")
     args = p.parse_args(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
-    parts = tuple(args.parts.split(",")) if args.parts else None
+    parts = None
+    if args.parts is not None:
+        parts = tuple(dict.fromkeys(s.strip() for s in args.parts.split(",") if s.strip()))
+        if not parts or set(parts) - PARTS.keys():
+            p.error(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
     settings = Settings.of(name, parts)
     out = Path(args.out or ("runs/reproduce" if name == "full" else f"runs/reproduce-{name}"))
+    if out.exists() and not out.is_dir():
+        p.error(f"--out {out} is a file, not a directory")
     out.mkdir(parents=True, exist_ok=True)
     train.enable_compilation_cache()
     tic = time.perf_counter()
