@@ -9,6 +9,7 @@ and the merge benchmark share. Everything here is a short composition of public 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
@@ -81,11 +82,20 @@ def load_pair(dir_a, dir_b) -> Pair:
 EVAL_BATCH = 250
 
 
-def evaluator(model, arrays: Mapping[str, np.ndarray], *, batch_size: int = EVAL_BATCH):
-    """`rotjax.train.evaluator` of ``model`` over ``arrays`` (with ``labels``) on every device,
-    in batches of at most ``batch_size`` (rounded down to a multiple of the devices)."""
+def eval_batch(n: int, cap: int = EVAL_BATCH) -> int:
+    """A batch size for ``n`` examples split over every device: ``ceil(n / cap)`` batches of
+    nearly equal sizes, each a multiple of the devices (``cap`` at most, rounded up to one)."""
     d = jax.device_count()
-    size = max(d, min(batch_size, len(arrays["labels"])) // d * d)
+    per_batch = math.ceil(n / max(1, math.ceil(n / cap)))
+    return max(d, math.ceil(per_batch / d) * d)
+
+
+def evaluator(model, arrays: Mapping[str, np.ndarray], *, cap: int = EVAL_BATCH):
+    """`rotjax.train.evaluator` of ``model`` over ``arrays`` (with ``labels``), in batches of
+    `eval_batch` size."""
+    if "labels" not in arrays:
+        raise ValueError(f"evaluator: no labels among {sorted(arrays)}")
+    size = eval_batch(len(arrays["labels"]), cap)
     return train.evaluator(model, arrays, batch_size=size)
 
 

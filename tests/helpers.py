@@ -224,15 +224,19 @@ def logits(model, params, x, transform=None):
     return jnp.concatenate(parts)
 
 
-def refuses_before_any_work(main, argv, message, tmp_path, capsys):
+def refuses_before_any_work(main, argv, message, tmp_path, capsys, monkeypatch):
     """``main(argv)`` (an experiment's) exits with argparse's code 2 and ``message`` on stderr,
-    writing nothing into ``tmp_path``; ``"FILE"`` in ``argv`` names a file there."""
+    writing nothing (its default output directories are relative: it runs in ``tmp_path``);
+    ``"FILE"`` in ``argv`` names a file there."""
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "FILE").write_text("")
     argv = [str(tmp_path / "FILE") if a == "FILE" else a for a in argv]
     try:
         main(argv)
     except SystemExit as e:
-        assert e.code == 2 and message in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert e.code == 2, err
+        assert message in err, err
     else:
         raise AssertionError(f"{argv} was accepted")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["FILE"]  # nothing written

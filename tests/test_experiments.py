@@ -62,10 +62,12 @@ def test_demo(tmp_path, capsys, monkeypatch):
         (["--workdir", "FILE"], "is a file, not a directory"),
     ],
 )
-def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
     from experiments import demo
 
-    refuses_before_any_work(lambda a: demo.main(["--smoke", *a]), argv, message, tmp_path, capsys)
+    refuses_before_any_work(
+        lambda a: demo.main(["--smoke", *a]), argv, message, tmp_path, capsys, monkeypatch
+    )
 
 
 def test_align_benchmark(tmp_path):

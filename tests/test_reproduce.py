@@ -70,9 +70,11 @@ def test_reproduce(tmp_path):
         (["--out", "FILE"], "is a file, not a directory"),
     ],
 )
-def test_reproduce_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys):
+def test_reproduce_refuses_bad_arguments_before_any_work(
+    argv, message, tmp_path, capsys, monkeypatch
+):
     from experiments import reproduce
 
     refuses_before_any_work(
-        lambda a: reproduce.main(["--smoke", *a]), argv, message, tmp_path, capsys
+        lambda a: reproduce.main(["--smoke", *a]), argv, message, tmp_path, capsys, monkeypatch
     )

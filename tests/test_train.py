@@ -172,14 +172,16 @@ def test_four_devices_match_one(seed):
 
 def test_evaluator_takes_params_on_any_devices(key):
     """The same metrics for params left to JAX, committed to a device outside the mesh, or
-    sharded on another mesh (each is copied onto the evaluator's mesh)."""
+    replicated on another mesh, or on the same devices in another order (jit refuses those
+    as they are: each is copied onto the evaluator's mesh)."""
     model, params = init(BERT, key, scale=0.3)
     arrays = text_data(BERT, 0, 16)
     evaluate = train.evaluator(model, arrays, batch_size=8, mesh=train.data_mesh(jax.devices()[:4]))
     want = evaluate(params)
     elsewhere = jax.device_put(params, jax.devices()[5])
     other_mesh = jax.device_put(params, train.replicated(train.data_mesh(jax.devices()[6:])))
-    for moved in (elsewhere, other_mesh):
+    reversed_mesh = train.replicated(train.data_mesh(jax.devices()[:4][::-1]))
+    for moved in (elsewhere, other_mesh, jax.device_put(params, reversed_mesh)):
         assert evaluate(moved) == want
     assert elsewhere["classifier"]["bias"].devices() == {jax.devices()[5]}  # not moved
 

@@ -84,7 +84,7 @@ def _seed(settings, task, names, seed, summaries, log):
 
 def _scorer(task, model, test, tags):
     """``params -> metric`` on one test set: accuracy, or entity-level F1 for tagging."""
-    batch = max(8, min(128, (len(test["labels"]) // 8) * 8))
+    batch = fusion.eval_batch(len(test["labels"]), cap=128)
     if task == "sequence":
         evaluate = train.evaluator(model, test, batch_size=batch)
         return lambda params: evaluate(params)["accuracy"]

@@ -225,9 +225,13 @@ def _together(datas: list[dict]) -> dict[str, np.ndarray]:
     """The model inputs (no labels) of every ``--data`` file in one set of arrays. Token inputs
     of different lengths are padded at the end to the longest (``attention_mask`` 0: refit
     counts real tokens only, and padding after a text changes none of its real tokens'
-    activations). Pixel values all have the model's shape (`read_data` checked them)."""
+    activations); ``token_type_ids`` that only some files have are 0 (the model's default) in
+    the others. Pixel values all have the model's shape (`read_data` checked them)."""
     datas = [{k: v for k, v in d.items() if k != "labels"} for d in datas]
     if "input_ids" in datas[0]:
+        if any("token_type_ids" in d for d in datas):
+            for d in datas:
+                d.setdefault("token_type_ids", np.zeros_like(d["input_ids"]))
         t = max(d["input_ids"].shape[1] for d in datas)
         pad = lambda k, v: np.pad(v, ((0, 0), (0, t - v.shape[1]))) if k in TOKEN_INPUTS else v
         datas = [{k: pad(k, v) for k, v in d.items()} for d in datas]

@@ -81,13 +81,13 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
     result (as `rotjax.train.fit` does) can never invalidate the caller's arrays.
 
     (``jax.device_put(..., may_alias=False)`` is not enough: on a multi-device mesh it reuses a
-    device-0 input buffer as the replica on device 0; a jitted copy writes every replica. Only
-    arrays committed to devices outside the mesh, which jit would refuse, are moved first.)
+    device-0 input buffer as the replica on device 0; a jitted copy writes every replica.
+    Arrays committed to another placement, which jit refuses if its devices are not the mesh's
+    in the mesh's order, are moved there first; numpy and uncommitted arrays go straight in.)
     """
-    devices = set(mesh.devices.flat)
+    target = replicated(mesh)
     elsewhere = lambda x: (
-        isinstance(x, jax.Array) and x.committed and x.sharding.device_set != devices
+        isinstance(x, jax.Array) and x.committed and not x.sharding.is_equivalent_to(target, x.ndim)
     )
-    moved = jax.tree.map(lambda x: jax.device_put(x, replicated(mesh)) if elsewhere(x) else x, tree)
-    copy = jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=replicated(mesh))
-    return copy(moved)
+    moved = jax.tree.map(lambda x: jax.device_put(x, target) if elsewhere(x) else x, tree)
+    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=target)(moved)
