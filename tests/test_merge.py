@@ -685,12 +685,15 @@ def test_sharded_statistics_and_merges_match_one_device(key):
         one_device, bound = rel_err(want[path], oracle), np.linalg.cond(g[0] + g[1]) * 2.0**-24
         assert one_device <= bound
         assert rel_err(got[path], oracle) <= max(2 * one_device, bound)
-    # Refit keeps the sharding too; with a ridge that keeps these Grams well conditioned the
-    # two agree to 1e-4 (at 1e-4 rounding in another order is amplified as in RegMean above).
-    refit = lambda ps: to_dict(merge.refit(c.model, merge.average(ps), ps, data, ridge=1e-2))
+    # Refit keeps the sharding too. Its least squares amplify rounding in another order, as
+    # RegMean's above, along input directions the data barely take: params up to 1.2e-4 apart
+    # (ROTJAX_SEED=1429355037, ridge 1e-2), the refitted models' logits on the data up to
+    # 1.0e-5 (4 seeds); 1e-4 on the logits leaves room for that and catches any real mismatch.
+    refit = lambda ps: merge.refit(c.model, merge.average(ps), ps, data, ridge=1e-2)
     got, want = refit([from_dict(sa), from_dict(sb)]), refit([from_dict(fa), from_dict(fb)])
-    assert got[path].sharding.is_equivalent_to(kernel, 2)
-    assert rel_err(got, want) <= 1e-4
+    assert to_dict(got)[path].sharding.is_equivalent_to(kernel, 2)
+    errs = [rel_err(c.forward(got, x), c.forward(want, x)) for x in data]
+    assert max(errs) <= 1e-4, errs
 
 
 def test_curve_and_barrier(key):
