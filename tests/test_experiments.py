@@ -58,7 +58,7 @@ def test_demo(tmp_path, capsys, monkeypatch):
 @pytest.mark.parametrize(
     "argv, message",
     [
-        (["--solve", "rotation,spin"], "--solve 'rotation,spin': unknown blocks"),
+        (["--solve", "rotation,spin"], "--solve: unknown blocks ['spin']"),
         (["--workdir", "FILE"], "is a file, not a directory"),
     ],
 )

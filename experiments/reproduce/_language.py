@@ -84,9 +84,8 @@ def _seed(settings, task, names, seed, summaries, log):
 
 def _scorer(task, model, test, tags):
     """``params -> metric`` on one test set: accuracy, or entity-level F1 for tagging."""
-    batch = fusion.eval_batch(len(test["labels"]), cap=128)
     if task == "sequence":
-        evaluate = train.evaluator(model, test, batch_size=batch)
+        evaluate = fusion.evaluator(model, test, cap=128)
         return lambda params: evaluate(params)["accuracy"]
-    predict = train.predictor(model, batch_size=batch)
+    predict = train.predictor(model, batch_size=fusion.eval_batch(len(test["labels"]), cap=128))
     return lambda params: train.entity_f1(predict(params, test), test["labels"], tags)

@@ -47,7 +47,9 @@ def _layer_list(text: str) -> tuple[int, ...]:
     return tuple(out)
 
 
-def _blocks(text: str) -> tuple[str, ...]:
+def blocks(text: str) -> tuple[str, ...]:
+    """``"rotation,scale"`` -> ``("rotation", "scale")``: an argparse ``type`` for lists of
+    `rotjax.match.BLOCKS` (``ArgumentTypeError`` naming the unknown ones)."""
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [n for n in names if n not in match.BLOCKS]
     if unknown or not names:
@@ -85,7 +87,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=_align.EPILOG,
         formatter_class=fmt,
     )
-    _align.add_arguments(a, blocks=_blocks, positive_int=_positive_int, layer_list=_layer_list)
+    _align.add_arguments(a, blocks=blocks, positive_int=_positive_int, layer_list=_layer_list)
     a.set_defaults(run=_align.run)
     m = sub.add_parser(
         "merge",

@@ -90,4 +90,10 @@ def replicate(tree: Any, mesh: Mesh) -> Any:
         isinstance(x, jax.Array) and x.committed and not x.sharding.is_equivalent_to(target, x.ndim)
     )
     moved = jax.tree.map(lambda x: jax.device_put(x, target) if elsewhere(x) else x, tree)
-    return jax.jit(lambda t: jax.tree.map(jnp.copy, t), out_shardings=target)(moved)
+    return jax.jit(_copy, out_shardings=target)(moved)
+
+
+def _copy(tree: Any) -> Any:
+    # At module level: jit's caches key on the function, so a fresh lambda per call would trace
+    # and compile again on every call.
+    return jax.tree.map(jnp.copy, tree)
