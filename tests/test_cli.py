@@ -112,10 +112,13 @@ def test_merge_every_method(method, checkpoints, capsys):
         # Fine-tunes of one base share its basis: here A and A itself, base A.
         argv[2] = str(tmp / "a")
         argv += ["--base", str(tmp / "a"), "--scale", "0.5"]
+    else:
+        argv += ["--weights", "1,3"]
     assert cli.main(argv) == 0, capsys.readouterr().err
     config, merged = hf.load(out)
     report = json.loads((out / "merge.json").read_text())
     assert report["method"] == method and set(report["seconds"]) >= {"align", "statistics", "merge"}
+    assert report["options"]["weights"] == (None if "--base" in argv else [1.0, 3.0])
     # B is A moved by a symmetry: aligned, it is A, and every merge of A with A is A (the
     # task-vector merges: A with itself, base A: zero task vectors).
     assert rel_err(merged, a) <= 1e-5, method
@@ -129,7 +132,7 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert cli.main([*argv, "--data", str(tmp / "data.npz"), "--quiet"]) == 0
     assert rel_err(hf.load(out)[1], a) <= 1e-5
     assert "merged 2 models (average, aligned: activations)" in capsys.readouterr().out
-    chosen = json.loads((out / "merge.json").read_text())["alignment"][str(tmp / "b")]
+    (chosen,) = json.loads((out / "merge.json").read_text())["alignment"]
     assert chosen["prediction_loss"] and chosen["start"] in ("activations", "weights")
     losses = [*chosen["prediction_loss"], chosen["prediction_loss_weights_start"]]
     assert all(np.isfinite(losses)), chosen
@@ -240,6 +243,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails(ties, capsys, "--refit does not")
     _fails([*base, "--ridge", "-1"], capsys, "--ridge must be a finite number >= 0")
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
+    _fails([*base, "--weights", ""], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")
     np.savez(tmp / "wrong.npz", pixel_values=np.zeros((2, 3, 8, 8), np.float32))
     _fails(
@@ -250,6 +254,40 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     np.savez(tmp / "big.npz", input_ids=np.full((2, 4), 10_000, np.int32))
     _fails([*base, "--method", "fisher", "--data", str(tmp / "big.npz")], capsys, "outside [0, 50)")
     _fails([*base, "--data", A], capsys, "--data", "not a readable .npz")
+    # Broken or wrong files and bad values: one line naming the file and the problem.
+    ids = np.ones((2, 4), np.int32)
+    (tmp / "empty.npz").write_bytes(b"")
+    (tmp / "cut.npz").write_bytes((tmp / "data.npz").read_bytes()[:100])
+    np.save(tmp / "one.npy", ids)
+    np.savez(tmp / "scalar.npz", input_ids=np.int32(3))
+    np.savez(tmp / "no_tokens.npz", input_ids=ids[:, :0])
+    np.savez(tmp / "mask2.npz", input_ids=ids, attention_mask=2 * ids)
+    np.savez(tmp / "mask0.npz", input_ids=ids, attention_mask=ids * [[1], [0]])
+    np.savez(tmp / "float_types.npz", input_ids=ids, token_type_ids=ids * 0.5)
+    np.savez(tmp / "label9.npz", input_ids=ids, labels=np.array([0, 9]))
+    np.savez(tmp / "label_float.npz", input_ids=ids, labels=np.array([0.0, 0.5]))
+    fisher = [*base, "--method", "fisher", "--fisher", "empirical", "--data"]
+    for name, message in [
+        ("empty.npz", "not a readable .npz"),
+        ("cut.npz", "not a readable .npz"),
+        ("one.npy", "not a readable .npz"),
+        ("scalar.npz", "['input_ids'] are scalars"),
+        ("no_tokens.npz", "input_ids must be integers (N, T), T >= 1"),
+        ("mask2.npz", "attention_mask must hold 0 and 1 only"),
+        ("mask0.npz", "rows [1] have no real token"),
+        ("float_types.npz", "token_type_ids must be integers"),
+        ("label9.npz", "labels outside [0, 3)"),
+        ("label_float.npz", "labels must be integers of shape (2,)"),
+    ]:
+        method = fisher if name.startswith("label") else [*base, "--method", "regmean", "--data"]
+        err = _fails([*method, str(tmp / name)], capsys, f"--data {tmp / name}: {message}")
+        assert "\n" not in err, err
+    _fails([*base, "--base", A], capsys, "--base does not apply to --method average")
+    _fails([*base, "--method", "ties", "--base", A, "--scale", "nan"], capsys, "--scale must be")
+    _fails(
+        ["merge", A, B, "--out", str(tmp / "a" / "inner"), "--quiet"], capsys, "inside the input"
+    )
+    assert not (tmp / "a" / "inner").exists()
     # A model with NaN: refused, naming the model and the path.
     c = compiled(CONFIG)
     nan = to_dict(a)
@@ -258,7 +296,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
 
     hf.save(tmp / "nan", CONFIG, from_dict(nan))
     err = _fails(["merge", A, str(tmp / "nan"), "--out", str(out), "--quiet"], capsys, "non-finite")
-    assert "model 1 (merged)" in err and "classifier/bias" in err
+    assert "model 1 (merged)" in err and "classifier/bias" in err and "\n" not in err
     # Different families: refused up front (was an AttributeError traceback).
     hf.save(tmp / "vit", VIT, compiled(VIT).init(jax.random.key(0), 0.3))
     _fails(

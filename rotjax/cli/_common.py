@@ -101,9 +101,7 @@ def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], lis
         ]
         bad = non_finite(to_dict(p))
         if bad:
-            raise CLIError(
-                f"{label} ({directory}): non-finite values (NaN or Inf) in:\n" + "\n".join(bad)
-            )
+            raise CLIError(f"{label} ({directory}): non-finite values (NaN or Inf) in {_few(bad)}")
         configs.append(config)
         params.append(p)
     first = configs[0]
@@ -134,8 +132,13 @@ def check_finite(params: Any, what: str) -> None:
     """Refuse to write a result with NaN or Inf (naming the paths)."""
     bad = non_finite(to_dict(jax.device_put(params)))
     if bad:
-        shown = "\n".join(bad)
-        raise CLIError(f"{what} has non-finite values (NaN or Inf), nothing written:\n{shown}")
+        raise CLIError(f"{what} has non-finite values (NaN or Inf) in {_few(bad)}; nothing written")
+
+
+def _few(paths: list[str], shown: int = 5) -> str:
+    """``"3 params: a, b, c"`` (the first ``shown`` named), for one-line errors."""
+    more = f", ... ({len(paths) - shown} more)" if len(paths) > shown else ""
+    return f"{len(paths)} param(s): {', '.join(paths[:shown])}{more}"
 
 
 def report_json(report: dict[str, Any]) -> str:

@@ -4,6 +4,8 @@ them, write the result as a checkpoint (the anchor's metadata kept) and ``merge.
 from __future__ import annotations
 
 import time
+import zipfile
+import zlib
 from pathlib import Path
 
 import jax
@@ -22,6 +24,7 @@ from rotjax.cli._common import (
     show_notes,
     symmetry_for,
 )
+from rotjax.data import IGNORE_LABEL
 from rotjax.models import family
 
 METHODS = ("average", "fisher", "regmean", "task-arithmetic", "ties", "dare", "ot-acts", "ot-wts")
@@ -116,12 +119,16 @@ def _options(args) -> dict:
     for flag in ("circuits", "refit"):
         if getattr(args, flag) and args.method in NEEDS_BASE:
             raise CLIError(f"--{flag} does not apply to --method {args.method}")
+    if args.base and args.method not in NEEDS_BASE:
+        raise CLIError(f"--base does not apply to --method {args.method} (only to task vectors)")
     if not (np.isfinite(args.ridge) and args.ridge >= 0):
         raise CLIError(f"--ridge must be a finite number >= 0, got {args.ridge}")
+    if not (np.isfinite(args.scale) and abs(args.scale) <= 1e6):
+        raise CLIError(f"--scale must be a finite number (|scale| <= 1e6), got {args.scale}")
     if args.method == "fisher" and args.fisher == "empirical" and not args.data:
         raise CLIError("--fisher empirical needs --data with labels")
     weights = None
-    if args.weights:
+    if args.weights is not None:
         if args.method in NEEDS_BASE:
             raise CLIError(f"--weights does not apply to --method {args.method} (use --scale)")
         try:
@@ -141,6 +148,10 @@ def _options(args) -> dict:
     for f in [*args.data, *([args.base] if args.base else [])]:
         if not Path(f).exists():
             raise CLIError(f"{f} does not exist")
+    out = Path(args.out).absolute().resolve()
+    for f in [*args.models, *([args.base] if args.base else [])]:
+        if out.is_relative_to(Path(f).absolute().resolve()):
+            raise CLIError(f"--out {args.out} is inside the input {f}")
     return {"weights": weights}
 
 
@@ -151,10 +162,18 @@ def read_data(
     doubts that are not errors (pixel values that look unnormalised) go to ``notes``."""
     fam = family(config)
     try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: np.asarray(f[k]) for k in f.files}
-    except (OSError, ValueError) as e:
-        raise CLIError(f"--data {path}: not a readable .npz ({e})") from None
+        with open(path, "rb") as file:
+            f = np.load(file, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array, no names
+                raise ValueError(f"one {type(f).__name__}, not named arrays")
+            with f:
+                arrays = {k: np.asarray(f[k]) for k in f.files}
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
+        why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        raise CLIError(f"--data {path}: not a readable .npz ({why})") from None
+    scalar = [k for k, x in arrays.items() if x.ndim == 0]
+    if scalar:
+        raise CLIError(f"--data {path}: {scalar} are scalars, not arrays with a row per example")
     required = ("pixel_values",) if fam.name == "vit" else ("input_ids",)
     required += ("labels",) if need_labels else ()
     missing = [k for k in required if k not in arrays]
@@ -165,8 +184,8 @@ def read_data(
         raise CLIError(f"--data {path}: {required[0]} has no rows")
     out = {}
     for k, x in arrays.items():
-        if k not in (*fam.input_names, "labels"):
-            continue
+        if k not in (*fam.input_names, *(("labels",) if need_labels else ())):
+            continue  # labels only serve the empirical Fisher
         if len(x) != n:
             raise CLIError(f"--data {path}: {k} has {len(x)} rows, {required[0]} {n}")
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
@@ -195,10 +214,14 @@ def read_data(
         out["pixel_values"] = pixels.transpose(0, 2, 3, 1).astype(np.float32)
     else:
         ids = out["input_ids"]
-        if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        if ids.ndim != 2 or not ids.shape[1] or not np.issubdtype(ids.dtype, np.integer):
             raise CLIError(
-                f"--data {path}: input_ids must be integers (N, T), got {ids.dtype} {ids.shape}"
+                f"--data {path}: input_ids must be integers (N, T), T >= 1, got {ids.dtype} "
+                f"{ids.shape}"
             )
+        for k in ("attention_mask", "token_type_ids"):
+            if k in out and not (np.issubdtype(out[k].dtype, np.integer) or out[k].dtype == bool):
+                raise CLIError(f"--data {path}: {k} must be integers, got {out[k].dtype}")
         if ids.min() < 0 or ids.max() >= config.vocab_size:
             raise CLIError(f"--data {path}: input_ids outside [0, {config.vocab_size})")
         types = out.get("token_type_ids")
@@ -213,9 +236,35 @@ def read_data(
                 raise CLIError(
                     f"--data {path}: {k} has shape {out[k].shape}, input_ids {ids.shape}"
                 )
+        mask = out.get("attention_mask")
+        if mask is not None and not np.isin(mask, (0, 1)).all():
+            raise CLIError(f"--data {path}: attention_mask must hold 0 and 1 only")
+        if mask is not None and not mask.any(axis=1).all():
+            empty = np.flatnonzero(~mask.any(axis=1))
+            raise CLIError(f"--data {path}: rows {empty[:10].tolist()} have no real token (mask 0)")
         out = {k: v.astype(np.int32) if k != "labels" else v for k, v in out.items()}
         out.setdefault("attention_mask", np.ones_like(out["input_ids"]))
+    if "labels" in out:
+        _check_labels(path, out["labels"], config, out.get("input_ids"))
     return out
+
+
+def _check_labels(path, labels, config, ids) -> None:
+    """Integer class ids in ``[0, num_labels)`` (or `IGNORE_LABEL`), one per example, or one
+    per token (``input_ids``' shape) for token classification (token ids in ``[0,
+    vocab_size)`` for a causal language model)."""
+    task = getattr(config, "task", None)
+    token = task in ("token_classification", "causal_lm")
+    want = ids.shape if token else labels.shape[:1]
+    if labels.shape != want or not np.issubdtype(labels.dtype, np.integer):
+        raise CLIError(
+            f"--data {path}: labels must be integers of shape {want}, got {labels.dtype} "
+            f"{labels.shape}"
+        )
+    n = config.vocab_size if task == "causal_lm" else config.num_labels
+    bad = (labels != IGNORE_LABEL) & ((labels < 0) | (labels >= n))
+    if bad.any():
+        raise CLIError(f"--data {path}: labels outside [0, {n}) (or {IGNORE_LABEL}: ignored)")
 
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -268,7 +317,7 @@ def run(args) -> int:
     batches = lambda i: data.batches(datas[i], args.batch_size)
 
     tic = time.perf_counter()
-    aligned, alignment = [params[0]], {}
+    aligned, alignment = [params[0]], []
     with progress(len(params) - 1, f"aligning ({args.align})", args.quiet) as bar:
         for i, p in enumerate(params[1:], start=1):
             aligned.append(p)
@@ -290,7 +339,8 @@ def run(args) -> int:
                         lambda x, mb, b: x - mb + b, res.params, moved_base, base
                     )
                 d = res.diagnostics
-                alignment[args.models[i]] = {
+                alignment.append({
+                    "model": args.models[i],
                     "distance": {"before": d.distance_before, "after": d.distance_after},
                     "sweeps": chosen.get("sweeps", d.sweeps),
                     **(
@@ -303,7 +353,7 @@ def run(args) -> int:
                         else {}
                     ),
                     "seconds": d.seconds["total"],
-                }
+                })  # fmt: skip
             bar.update()
     timings["align"] = time.perf_counter() - tic
 
@@ -340,7 +390,7 @@ def run(args) -> int:
         "method": args.method,
         "align": args.align,
         "options": {
-            k: getattr(args, k)
+            k: opts[k] if k in opts else getattr(args, k)
             for k in (
                 "weights",
                 "alpha",

@@ -64,6 +64,7 @@ def capture(
         x = args[0]
         lead = x.shape[: x.ndim - n_in]
         rows = x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - n_in :]))
+        rows = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))  # bf16 models: f32 sums
         if mask is not None and lead == mask.shape:
             weights = mask.reshape(-1).astype(rows.dtype)
         else:

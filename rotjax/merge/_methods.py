@@ -18,24 +18,28 @@ from rotjax.tree import flatten
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def checked_models(params_list: Sequence[Any], *, at_least: int = 2):
+def checked_models(
+    params_list: Sequence[Any], *, at_least: int = 2, names: Sequence[str] | None = None
+):
     """``(paths, [leaves of each model], treedef)`` after checking that every model has the
-    first one's paths and shapes.
+    first one's paths and shapes (``names``: how messages call the models, default
+    ``"model i"``).
 
     Raises:
       ValueError: fewer than ``at_least`` models, or paths/shapes that differ (listed).
     """
     if len(params_list) < at_least:
         raise ValueError(f"merging needs at least {at_least} models, got {len(params_list)}")
+    name = (lambda i: f"model {i}") if names is None else names.__getitem__
     paths, first, treedef = flatten(params_list[0])
     leaves = [first]
     for i, params in enumerate(params_list[1:], start=1):
         p, x, _ = flatten(params)
         if p != paths:
             only = sorted(set(p) ^ set(paths))
-            raise ValueError(f"model {i} has other params than model 0: {only[:10]}")
+            raise ValueError(f"{name(i)} has other params than {name(0)}: {only[:10]}")
         bad = [
-            f"  {path}: model 0 {np.shape(a)} vs model {i} {np.shape(b)}"
+            f"  {path}: {name(0)} {np.shape(a)} vs {name(i)} {np.shape(b)}"
             for path, a, b in zip(paths, first, x, strict=True)
             if np.shape(a) != np.shape(b)
         ]
@@ -46,11 +50,13 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2):
 
 
 def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
-    """The models' weights λ (default all 1), checked: n of them, finite, >= 0, not all 0."""
+    """The models' weights λ (default all 1), checked (n of them, finite, >= 0, not all 0) and
+    normalised to sum 1 in float64 (so 1e39 or 1e-46 each survive float32)."""
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
         raise ValueError(f"weights must be {n} finite numbers >= 0, not all 0; got {weights}")
-    return w
+    w = w / w.max()  # no overflow in the sum
+    return w / w.sum()
 
 
 def _cast(x, like):
@@ -82,6 +88,30 @@ def _fishers(stats: Mapping[str, Any], i: int) -> Mapping[str, Any]:
     return stats["fisher"]
 
 
+def _check_fishers(paths, leaves, fs) -> None:
+    """Every Fisher has its param's shape (no silent broadcasting)."""
+    bad = [
+        f"  {p}: param {np.shape(x)} vs stats_list[{i}] fisher {np.shape(f[p])}"
+        for i, f in enumerate(fs)
+        for p, x in zip(paths, leaves, strict=True)
+        if p in f and np.shape(f[p]) != np.shape(x)
+    ]
+    if bad:
+        raise ValueError("Fishers that do not fit their params:\n" + "\n".join(bad))
+
+
+def _gram_inputs(path, kernel_shape, gram_shape) -> tuple[int, int]:
+    """``(batch axes, input axes)`` of a kernel that a Gram of ``gram_shape`` (``(*batch, n,
+    n)``, the kernel's leading stacked axes, then its first input axes flattened to n) fits;
+    ValueError naming the path and both shapes otherwise."""
+    b = len(gram_shape) - 2
+    if b >= 0 and gram_shape[-1] == gram_shape[-2] and kernel_shape[:b] == gram_shape[:b]:
+        for k in range(1, len(kernel_shape) - b):
+            if int(np.prod(kernel_shape[b : b + k])) == gram_shape[-1]:
+                return b, k
+    raise ValueError(f"{path}: a Gram of shape {gram_shape} does not fit the kernel {kernel_shape}")
+
+
 def fisher(
     params_list: Sequence[Any],
     stats_list: Sequence[Mapping[str, Any]],
@@ -97,19 +127,29 @@ def fisher(
       params_list: the models (N >= 2).
       stats_list: their statistics with ``"fisher"`` (`rotjax.merge.statistics`), in order.
       weights: λ (default 1 each).
-      eps: the floor on the Fisher (the paper's code uses 1e-6; it applies it to the target
+      eps: the floor on the Fisher (> 0) (the paper's code uses 1e-6; it applies it to the target
         model only, here to all), which keeps parameters no data touches a plain average.
       normalize: divide each model's λ by the global L2 norm of its Fisher (the paper's
         ``normalize_fishers``), so that models trained to different loss scales count alike.
+
+    Raises:
+      ValueError: models that differ, missing Fishers, a Fisher of another shape than its
+        param (path and shapes named), eps <= 0, bad weights, a zero Fisher to normalise.
     """
     paths, leaves, treedef = checked_models(params_list)
     fs = [_fishers(s, i) for i, s in enumerate(stats_list)]
     if len(fs) != len(params_list):
         raise ValueError(f"{len(params_list)} models but {len(fs)} statistics")
+    if not (np.isfinite(eps) and eps > 0):
+        raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    _check_fishers(paths, leaves[0], fs)
     w = model_weights(weights, len(params_list))
     if normalize:
-        norms = [float(jnp.sqrt(sum(jnp.sum(jnp.square(f[p])) for p in f))) for f in fs]
-        w = w / np.maximum(norms, 1e-30)
+        norms = np.array([float(jnp.sqrt(sum(jnp.sum(jnp.square(f[p])) for p in f))) for f in fs])
+        if not np.all(np.isfinite(norms) & (norms > 0)):
+            bad = [i for i, n in enumerate(norms) if not (np.isfinite(n) and n > 0)]
+            raise ValueError(f"normalize: the Fishers of stats_list{bad} are zero or not finite")
+        w = model_weights(w / norms, len(params_list))
     # No Fisher for a param (None): a plain average.
     per_path = [[f[p] for f in fs] if all(p in f for f in fs) else None for p in paths]
     out = _fisher_leaves(jnp.asarray(w, jnp.float32), jnp.float32(eps), leaves, per_path)
@@ -157,12 +197,19 @@ def regmean(
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted).
       ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before
         inverting, so inputs no data ever excites (a zero row and column) stay solvable;
-        1e-8 relative changes nothing else measurably.
+        1e-8 relative changes nothing else measurably (a kernel whose Grams are all zero, one
+        no data reaches, comes back as the average).
+
+    Raises:
+      ValueError: models that differ, missing statistics, a Gram that does not fit its kernel
+        (path and shapes named), alpha outside [0, 1], ridge < 0, bad weights.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if rest not in ("average", "fisher"):
         raise ValueError(f"rest must be 'average' or 'fisher', got {rest!r}")
+    if not (np.isfinite(ridge) and ridge >= 0):
+        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     paths, leaves, treedef = checked_models(params_list)
     if len(stats_list) != len(params_list):
         raise ValueError(f"{len(params_list)} models but {len(stats_list)} statistics")
@@ -179,6 +226,9 @@ def regmean(
     ks = [k for k, p in enumerate(paths) if all(p in s["gram"] for s in stats_list)]
     kernels = [[x[k] for x in leaves] for k in ks]
     grams = [[s["gram"][paths[k]] for s in stats_list] for k in ks]
+    for k, gs in zip(ks, grams, strict=True):
+        for g in gs:
+            _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(g))
     w32, scalars = jnp.asarray(w, jnp.float32), (jnp.float32(alpha), jnp.float32(ridge))
     for k, new in zip(ks, _regmean_kernels(kernels, grams, w32, *scalars), strict=True):
         out[k] = new
@@ -192,12 +242,8 @@ def _regmean_kernels(kernels, grams, w, alpha, ridge):
 
 def _regmean_kernel(kernels, grams, w, alpha, ridge):
     """``(Σ λ G̃)⁻¹ Σ λ G̃ W`` for one (possibly stacked) kernel, contracting its input axes."""
-    g0 = jnp.asarray(grams[0])
-    b, n = g0.ndim - 2, g0.shape[-1]
-    kernel_shape = np.shape(kernels[0])
-    n_in = next(
-        k for k in range(1, len(kernel_shape) - b + 1) if np.prod(kernel_shape[b : b + k]) == n
-    )
+    n = np.shape(grams[0])[-1]
+    b, n_in = _gram_inputs("", np.shape(kernels[0]), np.shape(grams[0]))
     eye = jnp.eye(n, dtype=jnp.float32).reshape((1,) * b + (n, n))
     reduced = [
         alpha * jnp.asarray(g, jnp.float32) + (1 - alpha) * jnp.asarray(g, jnp.float32) * eye
@@ -205,7 +251,8 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     ]
     total = sum(w[i] * g for i, g in enumerate(reduced))
     diag = jnp.diagonal(total, axis1=-2, axis2=-1)
-    floor = jnp.maximum(jnp.mean(diag, axis=-1), jnp.finfo(jnp.float32).tiny)  # all-zero Gram
+    floor = jnp.mean(diag, axis=-1)
+    floor = jnp.where(floor > 0, floor, 1.0)  # all-zero Grams: (ridge I)⁻¹ 0, the average
     total = total + ridge * floor[..., None, None] * eye
     inv = jnp.linalg.inv(total)
     xs = [jnp.asarray(x, jnp.float32) for x in kernels]

@@ -72,7 +72,9 @@ def refit(
         ``model.apply``'s positional arguments or dicts of named arrays), read once per stage.
       weights: λ, one per model (default all 1).
       ridge: ρ >= 0, relative to the mean diagonal of each layer's input Gram: how strongly
-        each layer is held to ``merged``'s.
+        each layer is held to ``merged``'s. It also keeps float32 stable: on a tiny random
+        post-norm BERT, a float32 refit's logits were 7e-5 from a float64 one's at 1e-4, but
+        3% at 1e-6 and 0 (rounding in directions of little input energy, inverted).
       include_padding: Count padded tokens as rows (default: real tokens only).
       progress: A progress bar over the stages.
 

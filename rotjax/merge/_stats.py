@@ -249,14 +249,17 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
         valid = real.astype(jnp.float32)
 
     def square(cot):
-        g_dense, g_rows = vjp(cot)
+        wide = lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32))  # bf16: f32 sums
+        g_dense, g_rows = jax.tree.map(wide, vjp(cot))
         rows = {}
         for p, g in g_rows.items():  # (Σ over the positions reading the same row)², spread
             h = jnp.matmul(same[p], g, precision=_HIGHEST)
             rows[p] = h * h / jnp.sum(same[p], axis=1, keepdims=True)
         return {p: g * g for p, g in g_dense.items()}, rows
 
-    zero = jax.tree.map(jnp.zeros_like, (rest, zeros))
+    zero = jax.tree.map(
+        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), (rest, zeros)
+    )
     add = lambda acc, f, w=1.0: jax.tree.map(lambda a, b: a + w * b, acc, f)
 
     if fisher == "empirical":

@@ -19,7 +19,10 @@ TRIMS = ("global", "tensor")
 def _merged(base, params_list, how, scale, **options):
     """``θ_base + λ how(task vectors, **options)`` as one compiled program (see
     `rotjax.merge._methods`): string options are static, the others traced."""
-    _, leaves, treedef = checked_models([base, *params_list])
+    if not params_list:
+        raise ValueError("merging task vectors needs at least 1 model besides the base")
+    names = ["base", *(f"params_list[{i}]" for i in range(len(params_list)))]
+    _, leaves, treedef = checked_models([base, *params_list], names=names)
     static = tuple(sorted((k, v) for k, v in options.items() if isinstance(v, str)))
     traced = {k: jnp.asarray(v) for k, v in options.items() if not isinstance(v, str)}
     out = _merged_leaves(how, static, leaves, jnp.float32(scale), traced)
