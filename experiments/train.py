@@ -344,6 +344,7 @@ def train_and_evaluate(
         learning_rate=schedule,
         weight_decay=config.weight_decay,
         max_grad_norm=config.max_grad_norm,
+        frozen=family(mconfig).inert,
     )
     state = train.create_train_state(params, tx, key=key_run)
     steps = train.classification_steps(

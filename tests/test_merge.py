@@ -112,6 +112,13 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
         merge.ties(params[0], [params[0], {"v": params[0]["w"]}])
     with pytest.raises(ValueError, match="at least 1 model besides the base"):
         merge.task_arithmetic(params[0], [])
+    # A NaN entry stays NaN through TIES' trim and sign election (both dropped it to 0).
+    broken = {"w": {**params[1]["w"], "kernel": params[1]["w"]["kernel"].at[0, 0].set(jnp.nan)}}
+    for trim in ("global", "tensor"):
+        got = np.asarray(
+            merge.ties(params[0], [params[1], broken], density=0.5, trim=trim)["w"]["kernel"]
+        )
+        assert np.isnan(got[0, 0]) and np.isfinite(got.ravel()[1:]).all(), trim
 
 
 @pytest.mark.parametrize(

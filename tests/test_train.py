@@ -6,17 +6,18 @@ size and step functions: one compiled program, shared through the persistent com
 """
 
 import json
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers import VIT_CONFIGS, init
+from helpers import CONFIGS, VIT_CONFIGS, compiled, init, inputs
 from sklearn.metrics import accuracy_score, f1_score
 
 from rotjax import data, train
-from rotjax.models import bert
+from rotjax.models import bert, family
 from rotjax.tree import to_dict
 
 # One layer keeps the compile time down; hidden dropout exercises the dropout rng.
@@ -54,7 +55,9 @@ def setup(config, seed, *, total_steps=NUM_STEPS):
     schedule = train.learning_rate_schedule(
         peak_value=1e-2, total_steps=total_steps, warmup_steps=2
     )
-    tx = train.optimizer(learning_rate=schedule, weight_decay=0.1, max_grad_norm=1.0)
+    tx = train.optimizer(
+        learning_rate=schedule, weight_decay=0.1, max_grad_norm=1.0, frozen=family(config).inert
+    )
     key_init, key_run = jax.random.split(jax.random.key(seed))
     model, params = init(config, key_init, scale=0.1)  # one compiled program, unlike model.init
     state = train.create_train_state(params, tx, key=key_run)
@@ -155,11 +158,35 @@ def test_batch_order_depends_only_on_seed_and_step(seed):
     np.testing.assert_array_equal(next(late)["labels"], data.batch_indices(n, b, seed=seed, step=7))
 
 
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_inert_params_are_those_without_a_gradient(name, key):
+    """A family's ``inert`` params (which training freezes) get no gradient but rounding
+    noise, and the attention key biases of families where they count (DeBERTa's relative
+    positions read the key; RoPE rotates it) are not inert: they got frozen by a default
+    before, and never trained."""
+    config = CONFIGS[name]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    x = inputs(config, key)
+    loss = lambda p: jnp.sum(jnp.sin(jax.tree.leaves(c.model.apply({"params": p}, *x))[0]))
+    grads = to_dict(jax.grad(loss)(params))
+    scale = max(float(jnp.abs(g).max()) for g in grads.values())
+    patterns = [re.compile(p) for p in family(config).inert]
+    inert = [p for p in grads if any(r.search(p) for r in patterns)]
+    for path in inert:
+        assert float(jnp.abs(grads[path]).max()) <= 1e-5 * scale, path
+    keys = {p for p in grads if p.endswith("attention/key/bias")}
+    for path in keys - set(inert):
+        assert float(jnp.abs(grads[path]).max()) > 1e-4 * scale, path
+    if family(config).name in ("bert", "vit"):
+        assert set(inert) == keys  # every one of BERT's and ViT's key biases is inert
+
+
 def test_four_devices_match_one(seed):
     """Tolerance 1e-5 on every param, each on its own scale: the sharded program sums
     gradients in another order (float32 rounding, ~1e-7 relative per op), amplified a little by
     Adam's normalization over 6 steps. The attention key biases, whose gradient is only
-    rounding noise, are frozen (`train.FROZEN_PATTERNS`): they stay where they started."""
+    rounding noise, are frozen (``family(config).inert``): they stay where they started."""
     start = setup(BERT, seed)[0].params
     four = run_bert(seed, NUM_STEPS, mesh=train.data_mesh(jax.devices()[:4])).state.params
     assert len(four["classifier"]["kernel"].sharding.device_set) == 4

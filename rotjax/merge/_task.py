@@ -55,13 +55,13 @@ def _trim(tau: list[jax.Array], density: float, trim: str) -> list[jax.Array]:
     """Keep the ``density`` fraction of entries of largest magnitude, zero the rest: over the
     whole task vector (``"global"``) or within each tensor (``"tensor"``). The cut is
     ``jnp.quantile``'s: entries at or above the order statistic of magnitude at position
-    ``ceil((1 - density)(n - 1))`` survive (``_order_statistic``: no sort)."""
+    ``ceil((1 - density)(n - 1))`` survive (``_order_statistic``: no sort). NaN entries
+    survive too, as NaN (a broken model shows in the merge rather than vanish from it)."""
+    keep = lambda t, cut: jnp.where((jnp.abs(t) >= cut) | jnp.isnan(t), t, 0.0)
     if trim == "global":
         cut = _order_statistic([jnp.abs(t) for t in tau], 1.0 - density)
-        return [jnp.where(jnp.abs(t) >= cut, t, 0.0) for t in tau]
-    return [
-        jnp.where(jnp.abs(t) >= _order_statistic([jnp.abs(t)], 1.0 - density), t, 0.0) for t in tau
-    ]
+        return [keep(t, cut) for t in tau]
+    return [keep(t, _order_statistic([jnp.abs(t)], 1.0 - density)) for t in tau]
 
 
 def _order_statistic(parts: list[jax.Array], q) -> jax.Array:
@@ -96,7 +96,8 @@ def _ties_merge(taus: list[list[jax.Array]]) -> list[jax.Array]:
         sign = jnp.sign(jnp.sum(stack, axis=0, keepdims=True))
         agree = (jnp.sign(stack) == sign) & (stack != 0)
         count = jnp.sum(agree, axis=0)
-        out.append(jnp.sum(jnp.where(agree, stack, 0.0), axis=0) / jnp.maximum(count, 1))
+        mean = jnp.sum(jnp.where(agree, stack, 0.0), axis=0) / jnp.maximum(count, 1)
+        out.append(jnp.where(jnp.isnan(sign[0]), jnp.nan, mean))  # NaN in, NaN out
     return out
 
 

@@ -44,6 +44,12 @@ class Family:
       training_fields: config fields that shape neither the params nor the function at
         inference (dropout rates, the init scale, the params layout): two models that differ
         only in these can be aligned and merged.
+      inert: regexes (``re.search`` over ``"/"`` param paths) of params the function does not
+        depend on at all, whose gradient is zero but for rounding noise: BERT's and ViT's
+        attention key biases (``q·(k + b)`` adds ``q·b`` to every score of a query, which the
+        softmax ignores). Not DeBERTa's (its relative-position terms read the key) nor a RoPE
+        model's (the bias is rotated by position). Training freezes them
+        (`rotjax.train.optimizer`'s ``frozen``).
     """
 
     name: str
@@ -58,6 +64,7 @@ class Family:
     pre_norm: bool
     stream_spec: Callable[[Any], Any] | None = None
     training_fields: tuple[str, ...] = ()
+    inert: tuple[str, ...] = ()
 
     def param_shapes(self, config: Any) -> Any:
         """The params structure of ``Model(config)`` as ``jax.ShapeDtypeStruct`` leaves (traced

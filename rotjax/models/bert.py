@@ -315,6 +315,7 @@ FAMILY = Family(
         "initializer_range",
         "scan_layers",
     ),
+    inert=(r"(^|/)attention/key/bias$",),
 )
 """BERT and RoBERTa: post-LN blocks, so the residual stream admits permutations only (the
 LayerNorm sits on the stream itself and commutes with permutations, not with rotations)."""

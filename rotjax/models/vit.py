@@ -312,5 +312,6 @@ FAMILY = Family(
         "initializer_range",
         "scan_layers",
     ),
+    inert=(r"(^|/)attention/key/bias$",),
 )
 """ViT: pre-LN blocks and a final LayerNorm, so every read of the stream goes through a norm."""

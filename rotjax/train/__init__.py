@@ -43,7 +43,6 @@ from rotjax.train._metrics import (
 )
 from rotjax.train._optim import (
     DECAYS,
-    FROZEN_PATTERNS,
     NO_DECAY_PATTERNS,
     learning_rate_schedule,
     optimizer,
@@ -70,7 +69,6 @@ __all__ = [
     "DATA_AXIS",
     "DECAYS",
     "DISTRIBUTED_ENV",
-    "FROZEN_PATTERNS",
     "IGNORE_LABEL",
     "METRICS_FILE",
     "NO_DECAY_PATTERNS",

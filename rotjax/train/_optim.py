@@ -18,13 +18,6 @@ every bias, and every param of a normalization module (any path component contai
 
 DECAYS = ("cosine", "linear", "constant")
 
-FROZEN_PATTERNS = (r"(^|/)attention/key/bias$",)
-"""Params the optimizer never moves (``re.search`` over ``"/"`` paths): the attention key
-biases. They shift every score of a query by the same amount, which the softmax ignores, so the
-loss does not depend on them and their gradient is zero; a computed one is rounding noise, which
-Adam would normalise into steps of ±lr whose signs depend on the summation order (a sharded run
-would drift from the single-device one by up to 1e-5 for nothing)."""
-
 
 def learning_rate_schedule(
     *,
@@ -108,7 +101,7 @@ def optimizer(
     b2: float = 0.999,
     eps: float = 1e-8,
     exclude_from_decay: Sequence[str] = NO_DECAY_PATTERNS,
-    frozen: Sequence[str] = FROZEN_PATTERNS,
+    frozen: Sequence[str] = (),
 ) -> optax.GradientTransformation:
     """AdamW (decoupled weight decay) after global-norm gradient clipping.
 
@@ -126,7 +119,10 @@ def optimizer(
         eps: Adam's denominator epsilon.
         exclude_from_decay: Param path regexes exempt from weight decay.
         frozen: Param path regexes whose gradient is set to zero first (so they never move and
-            count nowhere, clipping included): `FROZEN_PATTERNS` by default.
+            count nowhere, clipping included), e.g. ``rotjax.models.family(config).inert``:
+            params the loss does not depend on, whose computed gradient is rounding noise that
+            Adam would normalise into steps of ±lr with signs set by the summation order (a
+            sharded run would drift from the single-device one by up to 1e-5 for nothing).
 
     Returns:
         An ``optax.GradientTransformation``.
