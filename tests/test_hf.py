@@ -472,6 +472,13 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     rotjax.hf.save(target, config, params, overwrite=True)
     assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tok"]
+    # Overwriting through a symbolic link replaces the link, not what it points to (rmtree
+    # refused the link after the new directory was in place).
+    (tmp_path / "link").symlink_to(target)
+    rotjax.hf.save(tmp_path / "link", config, params, overwrite=True)
+    assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink()
+    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out", "tok"]
 
 
 def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
@@ -488,6 +495,19 @@ def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
     for path in set(new) & set(old):
         np.testing.assert_array_equal(new[path], old[path], err_msg=path)
     sym.validate(family(config).symmetry_spec(config), tuned)
+    # A fine-tune's head for another number of classes is drawn anew (it raised: "pretrained
+    # shape (5,), model (3,)"); the same number keeps it.
+    rotjax.hf.save(tmp_path / "tuned", config, tuned)
+    for n in (3, 5):
+        again, retuned = rotjax.hf.load_for_task(
+            tmp_path / "tuned", task="token_classification", num_labels=n, key=jax.random.key(1)
+        )
+        got = to_dict(retuned)
+        assert got["classifier/kernel"].shape == (encoder.hidden_size, n) and again.num_labels == n
+        assert (n == 5) == np.array_equal(got["classifier/kernel"], new["classifier/kernel"])
+        np.testing.assert_array_equal(
+            got["encoder/layer_0/attention/key/kernel"], new["encoder/layer_0/attention/key/kernel"]
+        )
 
 
 def test_masked_lm_checkpoints_load_their_encoder(seed, tmp_path):

@@ -63,6 +63,23 @@ def test_deberta_options_rotjax_lacks_are_refused(changes, message):
         deberta.Config(**{**base, **changes})
 
 
+def test_configs_without_pad_token_id_take_transformers_defaults():
+    """A config.json without ``pad_token_id`` means transformers' default for its type: 1 for
+    RoBERTa (which also numbers positions from it), 0 for BERT; RoBERTa read as 0 computed
+    other position ids (4e-1 off transformers' logits)."""
+    import transformers
+
+    base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    for model_type, hf in [
+        ("roberta", transformers.RobertaConfig),
+        ("bert", transformers.BertConfig),
+    ]:
+        config = bert.Config.from_hf_dict({**base, "model_type": model_type})
+        assert config.pad_token_id == hf().pad_token_id, model_type
+    given = bert.Config.from_hf_dict({**base, "model_type": "roberta", "pad_token_id": 3})
+    assert given.pad_token_id == 3
+
+
 def test_deberta_config_reads_transformers_forms():
     """pos_att_type as transformers takes it (a list, "p2c|c2p", null) becomes one tuple in
     c2p, p2c order; sizes left out resolve to hidden_size's."""
@@ -139,6 +156,8 @@ def test_token_models_check_their_inputs(name, key):
     params = compiled(config).init(key, 0.3)
     if name.startswith("llama"):  # Mistral's sliding window: longer inputs are refused
         config = dataclasses.replace(config, sliding_window=4)
+        # its params' shapes, traced on example inputs that fit the window (8 tokens raised)
+        assert jax.tree.structure(family(config).param_shapes(config)) == jax.tree.structure(params)
     c = compiled(config)
     ids = jnp.ones((2, 5), jnp.int32)
     with pytest.raises(ValueError, match=r"input_ids must be \(batch, tokens\), got shape \(5,\)"):

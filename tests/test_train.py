@@ -354,6 +354,16 @@ def test_checkpoints_follow_the_documented_policy(seed, tmp_path):
     manager.close()
 
 
+def test_train_records_say_how_many_steps_they_average(seed, tmp_path):
+    """Every log_every steps, the last at the end; a run resumed from step 3 logs its first
+    window (step 4) over the one step it ran there, and says so."""
+    run_bert(seed, 3, workdir=tmp_path, log_every=2)
+    run_bert(seed, 6, workdir=tmp_path, log_every=2)
+    records = [json.loads(line) for line in (tmp_path / train.METRICS_FILE).open()]
+    got = [(r["step"], r["steps"]) for r in records if r["split"] == "train"]
+    assert got == [(2, 2), (3, 1), (4, 1), (6, 2)]
+
+
 def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):
     first = run_bert(seed, 2, workdir=tmp_path, checkpoint_every=2, log_every=1)
     assert first.resumed_from is None

@@ -42,6 +42,7 @@ from rotjax.data._text import (
     cached_path,
     check_options,
     read_cache,
+    same_text,
     select_synsets,
     split_of,
     wrap,
@@ -106,14 +107,14 @@ def wordnet_supersense(
     kept = select_synsets(
         chosen, poses, wordnet_dir, max_per_class=max_per_class, texts_of=lambda s: s.examples
     )
-    counts = Counter(text for _, texts in kept for text in texts)
+    counts = Counter(same_text(text) for _, texts in kept for text in texts)
     forms = {pos: _exceptions(Path(wordnet_dir) / f"{pos}.exc") for pos in poses}
     rows: dict[str, list] = {split: [] for split in SPLITS}
     for synset, texts in kept:
         pos = synset.lexname.split(".")[0]
         variants = _variants(synset.lemmas, pos, forms[pos])
         for text in texts:
-            if counts[text] != 1:
+            if counts[same_text(text)] != 1:
                 continue
             encoding = tokenizer.encode(text)
             labels = tag_pieces(

@@ -16,7 +16,7 @@ largest noun classes have up to 11587 synsets). Sizes with the defaults and Word
 dataset               total  train  validation  test  majority baseline on test
 ====================  =====  =====  ==========  ====  ==========================
 ``wordnet_glosses``   26358  21177  2555        2626  7.6% (noun.person)
-``wordnet_examples``  18648  14887  1875        1886  12.6% (verb.change)
+``wordnet_examples``  18642  14883  1875        1884  12.6% (verb.change)
 ====================  =====  =====  ==========  ====  ==========================
 
 (majority baseline: always predicting the most frequent class of the training split). Per
@@ -29,7 +29,8 @@ synset falls in the same split in both datasets, and every example sentence of a
 the same split: no test synset of either dataset is seen in training by the other. Within a
 split, items are in a fixed pseudo-random order (another hash of the synset key), so the
 first ``limit`` items are a sample across classes. Texts occurring more than once in a
-dataset (a few shared example sentences) are dropped so that no text is in two splits.
+dataset (a few shared example sentences), up to case and spacing (`same_text`: the uncased
+tokenizer would make them one input), are dropped so that no input is in two splits.
 
 Tokenized arrays are cached on disk as ``.npz`` (written atomically), keyed by the dataset
 options, the sizes and modification times of the WordNet files and a hash of the tokenizer.
@@ -92,7 +93,14 @@ WORDNET_LABELS = (
 SPLIT_PERCENT = {"train": 80, "validation": 10, "test": 10}
 """Share of synsets in each split of the WordNet datasets, in percent."""
 
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2  # 2: duplicates found up to case and spacing
+
+
+def same_text(text: str) -> str:
+    """The form under which two texts count as one (case and runs of spaces ignored)."""
+    return " ".join(text.casefold().split())
+
+
 SPLITS = ("train", "validation", "test")
 FIELDS = ("input_ids", "attention_mask", "labels", "synsets", "texts")
 
@@ -376,12 +384,12 @@ def _select_items(
         max_per_class=max_per_class,
         texts_of=lambda synset: _texts_of(name, synset),
     )
-    counts = Counter(text for _, texts in kept for text in texts)
+    counts = Counter(same_text(text) for _, texts in kept for text in texts)
     items: dict[str, list[tuple[str, int, str]]] = {split: [] for split in SPLITS}
     for synset, texts in kept:
         label = label_of[synset.lexname]
         rows = items[split_of(synset.key)]
-        rows.extend((text, label, synset.key) for text in texts if counts[text] == 1)
+        rows.extend((t, label, synset.key) for t in texts if counts[same_text(t)] == 1)
     return items
 
 

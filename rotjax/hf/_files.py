@@ -111,11 +111,12 @@ def write_json(file: Path, obj: Any) -> None:
 
 
 def replace_dir(new: Path, path: Path) -> None:
-    """Rename ``new`` to ``path``; an existing ``path`` is swapped out, then removed."""
-    if not path.exists():
+    """Rename ``new`` to ``path``; an existing ``path`` is swapped out, then removed (a
+    symbolic link as a link: what it points to is left alone)."""
+    if not path.exists() and not path.is_symlink():
         os.rename(new, path)
         return
-    if path.is_dir() and not any(path.iterdir()):
+    if path.is_dir() and not path.is_symlink() and not any(path.iterdir()):
         path.rmdir()
         os.rename(new, path)
         return
@@ -126,7 +127,7 @@ def replace_dir(new: Path, path: Path) -> None:
     except BaseException:
         os.rename(old, path)
         raise
-    if old.is_dir():
+    if old.is_dir() and not old.is_symlink():
         shutil.rmtree(old)
     else:
         old.unlink()

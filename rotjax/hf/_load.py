@@ -110,8 +110,9 @@ def load_for_task(
     """A pretrained checkpoint's model under a new task head, ready to fine-tune.
 
     The config is the checkpoint's with ``task`` and ``num_labels`` (and no pooler unless the
-    task has one); every param whose path the new model shares comes from the checkpoint, the
-    new head is drawn from ``key`` (`rotjax.models.with_pretrained`: ``normal(initializer_range)``
+    task has one); every param whose path and shape the new model shares comes from the
+    checkpoint, the rest (the new head, or the checkpoint's head for another number of classes)
+    is drawn from ``key`` (`rotjax.models.with_pretrained`: ``normal(initializer_range)``
     kernels, zero biases, as transformers initialises a head).
 
     Args:
@@ -132,10 +133,10 @@ def load_for_task(
     f = family(config)
     keep = {path: x for path, x in zip(*flatten(pretrained)[:2], strict=True)}
     shapes = f.param_shapes(config)
-    wanted = set(flatten(shapes)[0])
+    wanted = dict(zip(*flatten(shapes)[:2], strict=True))
     params = with_pretrained(
         shapes,
-        {p: x for p, x in keep.items() if p in wanted},
+        {p: x for p, x in keep.items() if p in wanted and np.shape(x) == wanted[p].shape},
         key,
         std=getattr(config, "initializer_range", 0.02),
     )

@@ -81,7 +81,14 @@ class Config:
             return self.add_pooling_layer
         return self.task == "sequence_classification" and self.model_type == "bert"
 
-    from_hf_dict = classmethod(_layers.config_from_hf_dict)
+    @classmethod
+    def from_hf_dict(cls, d: Mapping[str, Any], **overrides: Any) -> Config:
+        """Field by field from a `config.json` dict, with transformers' defaults where they differ
+        by model type: a RoBERTa config without ``pad_token_id`` pads (and numbers positions
+        from) 1, as `transformers.RobertaConfig` does, not BERT's 0."""
+        if d.get("model_type") == "roberta" and "pad_token_id" not in d:
+            d = {**d, "pad_token_id": 1}
+        return _layers.config_from_hf_dict(cls, dict(d), **overrides)
 
 
 Encoded = _layers.Encoded

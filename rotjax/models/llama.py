@@ -447,9 +447,11 @@ def stream_spec(config: Config) -> sym.StreamSpec:
 
 
 def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
-    """``(input_ids, attention_mask)`` of ``batch_size`` rows of 8 real tokens."""
-    ids = jnp.ones((batch_size, 8), jnp.int32) % config.vocab_size
-    return ids, jnp.ones((batch_size, 8), jnp.int32)
+    """``(input_ids, attention_mask)`` of ``batch_size`` rows of 8 real tokens (fewer if the
+    model's ``sliding_window`` takes fewer)."""
+    n = min(8, config.sliding_window or 8)
+    ids = jnp.ones((batch_size, n), jnp.int32) % config.vocab_size
+    return ids, jnp.ones((batch_size, n), jnp.int32)
 
 
 def batch_inputs(batch: Mapping[str, Any]) -> tuple[Any, ...]:

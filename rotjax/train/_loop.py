@@ -214,7 +214,8 @@ def fit(
         checkpoint_every: Checkpoint period in steps (a checkpoint is also written at the end);
             ``None`` saves only at the end. Needs ``workdir``.
         keep_checkpoints: Number of latest checkpoints kept; ``None`` keeps all.
-        log_every: Period in steps of the train records (means over the period).
+        log_every: Period in steps of the train records (means over the period; each record's
+            ``steps`` says how many steps its means are over).
         mesh: Data mesh; default `rotjax.train.data_mesh()` (all devices).
         progress: Whether to show a tqdm progress bar (on stderr, process 0 only).
         callback: Called with every record (dicts with ``step``, ``split`` and metrics).
@@ -304,6 +305,9 @@ def fit(
                     "step": done,
                     "split": "train",
                     **means,
+                    # the steps the means are over: log_every, fewer at the end and in the
+                    # first window after resuming from a step between two logs
+                    "steps": len(pending),
                     "steps_per_second": rate,
                     "examples_per_second": rate * batch_size,
                     "elapsed": now - begin,
