@@ -50,9 +50,11 @@ def main(argv=None):
     p.add_argument("dir_b")
     p.add_argument("--align", default="none,paper,all,all + stream")
     p.add_argument("--images", type=int, default=2000, help="test images per point")
-    p.add_argument("--points", type=int, default=11, help="λ values from 0 to 1")
+    p.add_argument("--points", type=int, default=11, help="λ values from 0 to 1 (odd: 0.5 in)")
     p.add_argument("--out", default="runs/paths")
     args = p.parse_args(argv)
+    if args.points < 3 or args.points % 2 == 0:  # the printed midpoint is λ = 0.5
+        p.error(f"--points must be odd and >= 3, got {args.points}")
     alignments = [a.strip() for a in args.align.split(",")]
     unknown = sorted(set(alignments) - set(fusion.ALIGNMENTS))
     if unknown:

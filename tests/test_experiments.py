@@ -163,6 +163,8 @@ def test_paths(tmp_path, capsys):
     assert "all + stream   loss barrier" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         paths.main([*argv, "--align", "none,bogus"])
+    with pytest.raises(SystemExit):  # no λ = 0.5 among 4 points
+        paths.main([*argv, "--points", "4"])
 
 
 def test_pairs(tmp_path, capsys):
