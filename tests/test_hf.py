@@ -595,6 +595,29 @@ def test_saved_minilm_is_still_a_sentence_transformer(tmp_path):
     np.testing.assert_allclose(saved, original, atol=1e-5)
 
 
+def test_qwen2_keeps_which_layers_use_its_sliding_window(tmp_path):
+    """A Qwen2 checkpoint with a sliding window in its last layers only: loaded and saved, the
+    layout stays (save wrote transformers' default max_window_layers, 28: every layer full)."""
+    import transformers
+
+    hf = transformers.Qwen2Config(
+        vocab_size=40, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, use_sliding_window=True, sliding_window=8,
+        max_window_layers=1,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.Qwen2ForCausalLM(hf).save_pretrained(tmp_path / "q")
+    config, params = rotjax.hf.load(tmp_path / "q")
+    assert (config.sliding_window, config.max_window_layers) == (8, 1)
+    rotjax.hf.save(tmp_path / "again", config, params)
+    again = transformers.AutoConfig.from_pretrained(tmp_path / "again")
+    assert again.layer_types == hf.layer_types == ["full_attention", "sliding_attention"]
+    plain = transformers.Qwen2Config(
+        vocab_size=40, hidden_size=8, num_attention_heads=2, num_key_value_heads=1
+    )
+    assert llama.Config.from_hf_dict(plain.to_dict()).max_window_layers is None  # no window
+
+
 def test_load_for_task_gives_a_decoder_a_head(seed, tmp_path):
     base = CASES["mistral-base-k2g2"]
     rotjax.hf.save(tmp_path / "base", base, random_params(base, seed))

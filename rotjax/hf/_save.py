@@ -178,6 +178,8 @@ def _hf_config(
     if arch.model_type == "qwen2":  # its attention biases are fixed by the architecture
         out.pop("attention_bias", None)
         out["use_sliding_window"] = config.sliding_window is not None
+    if out.get("max_window_layers", 0) is None:  # transformers' default (unused without window)
+        del out["max_window_layers"]
     return out
 
 

@@ -56,6 +56,8 @@ class Config:
     mlp_bias: bool = False
     tie_word_embeddings: bool = False
     sliding_window: int | None = None  # Mistral: longer inputs are refused (not implemented)
+    # Qwen2 with a sliding window: the layers from this index on use it (kept for saving)
+    max_window_layers: int | None = None
     pad_token_id: int | None = None
     initializer_range: float = 0.02
     attention_dropout: float = 0.0
@@ -130,6 +132,10 @@ class Config:
         rope = d.get("rope_parameters") or {}
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
+        if d.get("model_type") == "qwen2" and d.get("use_sliding_window"):
+            d.setdefault("max_window_layers", 28)  # Qwen2Config's default
+        else:
+            d.pop("max_window_layers", None)  # no window: which layers would use it is moot
         if d.get("model_type") == "qwen2" and not d.get("use_sliding_window"):
             d["sliding_window"] = None
         if d.get("model_type") == "mistral":
