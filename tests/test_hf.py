@@ -595,6 +595,25 @@ def test_saved_minilm_is_still_a_sentence_transformer(tmp_path):
     np.testing.assert_allclose(saved, original, atol=1e-5)
 
 
+@pytest.mark.parametrize("name", ["roberta-seq-h1d6", "vit-cls-h3d4"])
+def test_an_unused_pooler_is_dropped_with_a_warning(name, seed, tmp_path):
+    """Old RoBERTa/ViT classification checkpoints carry a pooler their head never reads:
+    transformers skips it, rotjax refused the checkpoint ("unexpected")."""
+    config = CASES[name]
+    params = random_params(config, seed)
+    rotjax.hf.save(tmp_path / "m", config, params)
+    tensors = safetensors.numpy.load_file(tmp_path / "m" / "model.safetensors")
+    prefix = config.model_type  # the base model's attribute: roberta., vit.
+    d = config.hidden_size
+    tensors[f"{prefix}.pooler.dense.weight"] = np.ones((d, d), np.float32)
+    tensors[f"{prefix}.pooler.dense.bias"] = np.ones(d, np.float32)
+    safetensors.numpy.save_file(tensors, tmp_path / "m" / "model.safetensors")
+    with pytest.warns(rotjax.hf.DroppedHeadWarning, match=r"reads no pooler; .*pooler\.dense"):
+        loaded, again = rotjax.hf.load(tmp_path / "m")
+    assert loaded == config
+    jax.tree.map(np.testing.assert_array_equal, again, params)
+
+
 def test_qwen2_keeps_which_layers_use_its_sliding_window(tmp_path):
     """A Qwen2 checkpoint with a sliding window in its last layers only: loaded and saved, the
     layout stays (save wrote transformers' default max_window_layers, 28: every layer full)."""

@@ -42,7 +42,9 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
     without ``architectures`` is a base model of its ``model_type``); whether a base model
     keeps its pooler comes from whether the checkpoint has pooler weights. Every tensor is
     accounted for: the known non-parameter buffers (``embeddings.position_ids``,
-    ``embeddings.token_type_ids``) are ignored, anything else unexpected is an error.
+    ``embeddings.token_type_ids``) are ignored, a pooler that the head does not read (old
+    RoBERTa and ViT classifiers) is dropped with a `DroppedHeadWarning`, anything else
+    unexpected is an error.
 
     Args:
       source: A local directory with ``config.json`` and ``model.safetensors`` (possibly
@@ -89,6 +91,17 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
         tensors.pop("embeddings.position_embeddings.weight", None)
     has_pooler = any(name.startswith("pooler.") for name in tensors)
     config = _rotjax_config(arch, hf_config, has_pooler=has_pooler)
+    if has_pooler and not getattr(config, "has_pooler", True):
+        # Old fine-tunes keep a pooler their head never reads (RoBERTa's and ViT's classifiers
+        # read the first token; transformers skips it with a warning).
+        unused = sorted(n for n in tensors if n.startswith("pooler."))
+        tensors = {n: x for n, x in tensors.items() if not n.startswith("pooler.")}
+        warnings.warn(
+            f"{arch.name}: its head reads no pooler; the checkpoint's ({', '.join(unused)}) "
+            "was dropped",
+            DroppedHeadWarning,
+            stacklevel=2,
+        )
     tensors = _untie(config, tensors)
     params = _to_rotjax(arch, config, tensors)
     if scan_layers:
