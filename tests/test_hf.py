@@ -8,6 +8,7 @@ weights (outliers in LayerNorm inputs amplify rounding).
 
 import dataclasses
 import json
+import re
 
 import jax
 import jax.numpy as jnp
@@ -453,6 +454,9 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
         rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "missing")
     with pytest.raises(ValueError, match="id2label"):
         rotjax.hf.save(target, config, params, id2label={0: "a"})
+    for name in ("../escaped.json", "sub/x.json", "config.json", "model.safetensors"):
+        with pytest.raises(ValueError, match=f"extra_files: '{re.escape(name)}' is not a plain"):
+            rotjax.hf.save(target, config, params, extra_files={name: "{}"})
 
     def fail(*args, **kwargs):
         raise OSError("disk full")

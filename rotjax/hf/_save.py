@@ -71,18 +71,22 @@ def save(
       overwrite: Replace an existing non-empty directory at ``path`` (the old one is removed
         only once the new one is complete).
       extra_files: more files to write into the directory (name -> text or bytes), as part of
-        the same atomic write (a report that must not appear without its checkpoint).
+        the same atomic write (a report that must not appear without its checkpoint); plain
+        file names, none of the checkpoint's own (``config.json``, the weights).
 
     Returns:
       ``path`` as a `pathlib.Path`.
 
     Raises:
-      ValueError: ``params`` do not match ``config`` (paths and shapes listed), or
-        ``id2label`` has the wrong number of labels.
+      ValueError: ``params`` do not match ``config`` (paths and shapes listed), ``id2label``
+        has the wrong number of labels, or an ``extra_files`` name is not a plain new file.
       FileExistsError: ``path`` exists and is not an empty directory, and not ``overwrite``.
       FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
     """
     path = Path(path)
+    for name in extra_files or {}:
+        if Path(name).name != name or name in ("", ".", "..", CONFIG_FILE, SAFETENSORS_FILE):
+            raise ValueError(f"extra_files: {name!r} is not a plain file name of its own")
     sym.validate(family(config).symmetry_spec(config), params)
     params = jax.tree.map(np.asarray, params)  # numpy: no XLA programs for unstacking
     if config.scan_layers:
