@@ -348,6 +348,10 @@ def test_align_many_picks_the_central_model(key):
     anchor, results = match.align_many(c.spec, noisy)
     assert anchor == 1  # the least noisy model is the closest to the average
     assert results[1].diagnostics.distance_before == 0.0
+    # A start (init) moves the others, never the anchor (it moved the anchor away from itself).
+    start = sym.sample(c.spec, jax.random.fold_in(key, 5))
+    _, started = match.align_many(c.spec, noisy, anchor=1, init=start, max_sweeps=1)
+    assert rel_err(started[1].params, noisy[1]) == 0.0
 
     # Scrambled copies of one model all come back onto the chosen anchor.
     copies = [c.apply(base, sym.sample(c.spec, jax.random.fold_in(key, 10 + i))) for i in range(3)]
@@ -540,6 +544,7 @@ def test_options_fail_before_any_work(key):
         "sweeps": (dict(max_sweeps=-3), "max_sweeps must be None or an int >= 1"),
         "tol": (dict(tol=float("nan")), "tol must be finite"),
         "init": (dict(init={"nope": jnp.zeros(3)}), r"not in the spec: \['nope'\]"),
+        "key": (dict(key=0), "key must be a jax.random.key"),  # raised after a whole sweep
     }
     for options, message in bad.values():
         with pytest.raises(ValueError, match=message):

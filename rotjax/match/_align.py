@@ -101,6 +101,11 @@ class Options:
             raise ValueError(f"max_sweeps must be None or an int >= 1, got {self.max_sweeps!r}")
         if not (np.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
+        k = self.key
+        typed = isinstance(k, jax.Array) and jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)
+        raw = np.shape(k) == (2,) and np.asarray(k).dtype == np.uint32  # jax.random.PRNGKey
+        if k is not None and not ((typed and k.shape == ()) or raw):
+            raise ValueError(f"key must be a jax.random.key, got {k!r}")
 
     @classmethod
     def of(cls, **options: Any) -> Options:
@@ -216,7 +221,7 @@ def align_many(
             flats[anchor],
             f,
             p,
-            dataclasses.replace(opts, solve=()) if i == anchor else opts,
+            dataclasses.replace(opts, solve=(), init=None) if i == anchor else opts,
             layer_set,
             t_start if i == 0 else time.perf_counter(),
         )
