@@ -50,3 +50,14 @@ def from_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
             raise ValueError(f"{path} is both a leaf and a subtree")
         node[name] = leaf
     return out
+
+
+def placed_like(new: Any, old: Any) -> Any:
+    """``new`` on ``old``'s sharding when ``old`` is a concrete jax array committed to devices
+    (a user's sharded or device-pinned parameter); otherwise ``new`` as it is. Gathers and
+    contractions let XLA choose their outputs' layout (often replicated): the transforms of
+    a pytree put each result back where its input was, so a sharded model stays sharded."""
+    concrete = lambda x: isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    if concrete(old) and concrete(new) and old.committed and new.sharding != old.sharding:
+        return jax.device_put(new, old.sharding)
+    return new

@@ -727,10 +727,21 @@ def test_sharded_statistics_and_merges_match_one_device(key):
     fa, path, sa = shard(a)
     fb, _, sb = shard(b)
     stats = [one, merge.statistics(c.model, b, data, ("gram",))]
+    # Symmetry transforms (gathers and contractions, whose outputs XLA lays out as it likes)
+    # put every leaf back on its input's sharding, so OT fusion keeps it too.
+    t = sym.sample(c.spec, jax.random.fold_in(key, 2))
+    moved = to_dict(sym.apply(c.spec, from_dict(sa), t))
+    assert moved[path].sharding.is_equivalent_to(kernel, 2)
+    assert rel_err(moved, to_dict(sym.apply(c.spec, from_dict(fa), t))) <= 1e-6
+    ffn = [n for n in c.spec.select(roles=["ffn"]) if c.spec.groups[n].kind == "perm"]
+    soft = {n: jnp.full(t[n].shape + t[n].shape[-1:], 1.0 / t[n].shape[-1]) for n in ffn}
+    moved = to_dict(merge.transport_params(c.spec, from_dict(sa), soft))
+    assert moved[path].sharding.is_equivalent_to(kernel, 2)
     for name, method in (
         ("average", lambda ps: merge.average(ps)),
         ("regmean", lambda ps: merge.regmean(ps, stats)),
         ("fisher", lambda ps: merge.fisher(ps, [one, one])),
+        ("ot-wts", lambda ps: merge.ot_fusion(c.spec, *ps, mode="wts").params),
     ):
         want = to_dict(method([from_dict(fa), from_dict(fb)]))
         got = to_dict(method([from_dict(sa), from_dict(sb)]))

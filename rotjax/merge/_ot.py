@@ -35,7 +35,7 @@ from rotjax import symmetry as sym
 from rotjax.match import assign, permutation_scores
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import average
-from rotjax.tree import from_dict, to_dict
+from rotjax.tree import from_dict, placed_like, to_dict
 
 MODES = ("acts", "wts")
 TRANSPORTS = ("exact", "sinkhorn")
@@ -154,7 +154,7 @@ def transport_params(spec: sym.Spec, params: Any, maps: Mapping[str, jax.Array])
         for a in spec.params[path].actions:
             if a.group in soft:
                 x = _mix(soft[a.group], jnp.asarray(x), a.axes[0], len(spec.groups[a.group].batch))
-        out[path] = x
+        out[path] = placed_like(x, flat[path])
     return from_dict(out)
 
 

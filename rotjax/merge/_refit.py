@@ -44,6 +44,7 @@ from rotjax.merge._capture import capture, dense_input_axes
 from rotjax.merge._methods import checked_models, model_weights
 from rotjax.merge._stats import _split
 from rotjax.models import family
+from rotjax.tree import placed_like
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -244,6 +245,4 @@ def _put(x, index, value):
     for a jax array committed to devices, its sharding (an uncommitted one stays free to move,
     as every other merge's results are)."""
     value = jnp.asarray(value).reshape(x.shape[len(index) :]).astype(x.dtype)
-    out = jnp.asarray(x).at[index].set(value) if index else value
-    committed = isinstance(x, jax.Array) and x.committed
-    return jax.device_put(out, x.sharding) if committed else out
+    return placed_like(jnp.asarray(x).at[index].set(value) if index else value, x)

@@ -28,7 +28,7 @@ from typing import Any
 import jax.numpy as jnp
 
 from rotjax.symmetry._spec import Action, Group, Spec
-from rotjax.tree import from_dict, to_dict
+from rotjax.tree import from_dict, placed_like, to_dict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -123,7 +123,7 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
         for path, axis in stream.writers:
             x = out[path].astype(jnp.float32)
             out[path] = (x - jnp.mean(x, axis=axis, keepdims=True)).astype(out[path].dtype)
-    return from_dict(out)
+    return from_dict({p: placed_like(x, flat[p]) for p, x in out.items()})
 
 
 def is_canonical(stream: StreamSpec, params: Any, *, atol: float = 1e-5) -> bool:

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.symmetry._spec import Action, Group, Spec, validate
-from rotjax.tree import flatten
+from rotjax.tree import flatten, placed_like
 
 Transform = dict[str, jax.Array]
 
@@ -116,7 +116,8 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     head permutation π of the same axis: ``W_Q'[:, h] = a[h] W_Q[:, π[h]] R[h]`` and
     ``W_Q'[:, k, g] = W_Q[:, π[k], σ[k, g]]``. Batched (stacked-layer) groups act
     layer by layer on the leading axes, through `jax.vmap`. Floating-point work runs at
-    ``Precision.HIGHEST`` in the promoted dtype; every leaf keeps its dtype.
+    ``Precision.HIGHEST`` in the promoted dtype; every leaf keeps its dtype and, if it is
+    committed to devices (sharded), its sharding.
 
     Raises:
       ValueError: the params do not fit the spec (`validate`), or the transform names an
@@ -126,6 +127,7 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     check_transform(spec, transform)
     paths, leaves, treedef = flatten(params)
     out = [apply_to_leaf(spec, p, x, transform) for p, x in zip(paths, leaves, strict=True)]
+    out = [placed_like(y, x) for y, x in zip(out, leaves, strict=True)]
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
