@@ -458,11 +458,21 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
         with pytest.raises(ValueError, match=f"extra_files: '{re.escape(name)}' is not a plain"):
             rotjax.hf.save(target, config, params, extra_files={name: "{}"})
 
+    (tmp_path / "tok").mkdir()
+    (tmp_path / "tok" / "preprocessor_config.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"\['preprocessor_config.json'\] would replace files"):
+        rotjax.hf.save(
+            target,
+            config,
+            params,
+            tokenizer_from=tmp_path / "tok",
+            extra_files={"preprocessor_config.json": "{}", "notes.txt": ""},
+        )
+    assert not target.exists()
+
     def fail(*args, **kwargs):
         raise OSError("disk full")
 
-    (tmp_path / "tok").mkdir()
-    (tmp_path / "tok" / "preprocessor_config.json").write_text("{}")
     monkeypatch.setattr("shutil.copyfile", fail)
     with pytest.raises(OSError, match="disk full"):
         rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "tok")

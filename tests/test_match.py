@@ -543,6 +543,7 @@ def test_options_fail_before_any_work(key):
         "not ints": (dict(layers=["a"]), "layers must be integers"),
         "sweeps": (dict(max_sweeps=-3), "max_sweeps must be None or an int >= 1"),
         "tol": (dict(tol=float("nan")), "tol must be finite"),
+        "tol str": (dict(tol="x"), "tol must be finite"),
         "init": (dict(init={"nope": jnp.zeros(3)}), r"not in the spec: \['nope'\]"),
         "key": (dict(key=0), "key must be a jax.random.key"),  # raised after a whole sweep
     }

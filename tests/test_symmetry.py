@@ -26,6 +26,7 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from rotjax import match
 from rotjax import symmetry as sym
 from rotjax.models import family
 
@@ -300,6 +301,13 @@ def test_bad_transform_is_rejected(key):
     name = "encoder/layer_0/attention/qk_rotation"
     with pytest.raises(ValueError, match=f"transform\\['{name}'\\] has shape \\(3, 4, 5\\)"):
         sym.apply(spec, params, {name: jnp.zeros((3, 4, 5))})
+    # A float permutation (e.g. an argsort cast to float) names its group; so does align's init.
+    for name in ("encoder/layer_0/ffn/units", "encoder/layer_0/attention/heads"):
+        perm = sym.identity(spec)[name].astype(jnp.float32)
+        with pytest.raises(ValueError, match=f"'{name}'\\] has dtype float32: a permutation"):
+            sym.apply(spec, params, {name: perm})
+        with pytest.raises(ValueError, match=f"'{name}'\\] has dtype float32: a permutation"):
+            match.align(spec, params, params, init={name: perm})
 
 
 def test_bad_spec_is_rejected():

@@ -72,7 +72,8 @@ def save(
         only once the new one is complete).
       extra_files: more files to write into the directory (name -> text or bytes), as part of
         the same atomic write (a report that must not appear without its checkpoint); plain
-        file names, none of the checkpoint's own (``config.json``, the weights).
+        file names, none of the checkpoint's own (``config.json``, the weights) nor of those
+        copied from ``source`` or ``tokenizer_from``.
 
     Returns:
       ``path`` as a `pathlib.Path`.
@@ -105,6 +106,12 @@ def save(
     hf_config = {**source_config, **_hf_config(arch, config, id2label)}
     kept = _source_files(source) if source is not None else []
     tokenizer_files = _tokenizer_files(tokenizer_from)
+    copied = {str(rel) for rel in kept} | {f.name for f in tokenizer_files}
+    if clash := sorted(set(extra_files or {}) & copied):
+        raise ValueError(
+            f"extra_files: {clash} would replace files copied from "
+            f"{' and '.join(str(d) for d in (source, tokenizer_from) if d is not None)}"
+        )
 
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty directory; pass overwrite=True")

@@ -99,7 +99,8 @@ class Options:
             or self.max_sweeps < 1
         ):
             raise ValueError(f"max_sweeps must be None or an int >= 1, got {self.max_sweeps!r}")
-        if not (np.isfinite(self.tol) and self.tol >= 0):
+        real = isinstance(self.tol, int | float | np.integer | np.floating)
+        if isinstance(self.tol, bool) or not (real and np.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
         k = self.key
         typed = isinstance(k, jax.Array) and jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)

@@ -37,6 +37,11 @@ def _add(prev, new):
     return new if prev is None else jax.tree.map(jnp.add, prev, new)
 
 
+def wide(x: jax.Array) -> jax.Array:
+    """``x`` in at least float32: statistics of bfloat16 models are summed in float32."""
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
+
+
 def capture(
     model: nn.Module,
     params: Any,
@@ -64,7 +69,7 @@ def capture(
         x = args[0]
         lead = x.shape[: x.ndim - n_in]
         rows = x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - n_in :]))
-        rows = rows.astype(jnp.promote_types(rows.dtype, jnp.float32))  # bf16 models: f32 sums
+        rows = wide(rows)
         if mask is not None and lead == mask.shape:
             weights = mask.reshape(-1).astype(rows.dtype)
         else:

@@ -27,7 +27,7 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
-from rotjax.merge._capture import capture
+from rotjax.merge._capture import capture, wide
 from rotjax.models import family
 from rotjax.tree import from_dict, to_dict
 
@@ -249,7 +249,6 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
         valid = real.astype(jnp.float32)
 
     def square(cot):
-        wide = lambda g: g.astype(jnp.promote_types(g.dtype, jnp.float32))  # bf16: f32 sums
         g_dense, g_rows = jax.tree.map(wide, vjp(cot))
         rows = {}
         for p, g in g_rows.items():  # (Σ over the positions reading the same row)², spread
@@ -257,9 +256,7 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
             rows[p] = h * h / jnp.sum(same[p], axis=1, keepdims=True)
         return {p: g * g for p, g in g_dense.items()}, rows
 
-    zero = jax.tree.map(
-        lambda x: jnp.zeros(x.shape, jnp.promote_types(x.dtype, jnp.float32)), (rest, zeros)
-    )
+    zero = jax.tree.map(lambda x: wide(jnp.zeros_like(x)), (rest, zeros))
     add = lambda acc, f, w=1.0: jax.tree.map(lambda a, b: a + w * b, acc, f)
 
     if fisher == "empirical":

@@ -188,7 +188,8 @@ def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:
 
 
 def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
-    """Raise ValueError for an unknown group name or a wrongly shaped element."""
+    """Raise ValueError for an unknown group name, a wrongly shaped element or a permutation
+    that is not integer."""
     unknown = sorted(set(transform) - set(spec.groups))
     if unknown:
         raise ValueError(f"transform names groups that are not in the spec: {unknown}")
@@ -197,6 +198,12 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
         if tuple(jnp.shape(el)) != g.shape:
             raise ValueError(
                 f"transform[{name!r}] has shape {tuple(jnp.shape(el))}, expected {g.shape} "
+                f"({g.kind} group)"
+            )
+        dtype = el.dtype if hasattr(el, "dtype") else np.asarray(el).dtype
+        if g.kind in ("perm", "hperm") and not jnp.issubdtype(dtype, jnp.integer):
+            raise ValueError(
+                f"transform[{name!r}] has dtype {dtype}: a permutation is integer indices "
                 f"({g.kind} group)"
             )
 
