@@ -176,6 +176,16 @@ def test_ties_and_dare_by_hand(key):
     assert rel_err(merge.dare(base, [a], key=key, drop=0.5)["w"], d) == 0
     many = merge.dare({"w": jnp.zeros(20000)}, [{"w": jnp.ones(20000)}], key=key, drop=0.9)
     assert abs(float(jnp.mean(many["w"])) - 1.0) < 0.1  # each entry keeps its expectation
+    # DARE-TIES: the trim's density counts dropped entries too, so it trims only below 1 - drop.
+    zero = {"w": jnp.zeros(20000)}
+    tasks = [{"w": jax.random.normal(jax.random.fold_in(key, i), (20000,))} for i in (1, 2)]
+    dare_ties = lambda density: merge.dare(
+        zero, tasks, key=key, drop=0.9, combine="ties", density=density
+    )["w"]
+    every = dare_ties(1.0)
+    assert rel_err(dare_ties(0.2), every) == 0  # the defaults: every survivor kept
+    kept = lambda w: int(jnp.count_nonzero(w))
+    assert kept(dare_ties(0.05)) < kept(every) <= 2 * 0.1 * 20000 * 1.1
 
 
 def test_trim_keeps_what_a_quantile_cut_keeps(seed):

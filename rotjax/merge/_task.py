@@ -149,7 +149,12 @@ def dare(
     entry keeps its expectation), then combine the sparse task vectors by task arithmetic
     (``scale`` λ) or by TIES (``density``, ``trim``, then ``scale``). The paper's headline
     drop rate is 0.9. Model i draws one mask for its whole task vector (its leaves in ``jax.tree``
-    order, flattened and concatenated) from ``fold_in(key, i)``."""
+    order, flattened and concatenated) from ``fold_in(key, i)``.
+
+    With ``combine="ties"`` the trim's ``density`` is a fraction of all entries, the dropped
+    ones included: it only trims when ``density < 1 - drop`` (at the defaults, 0.2 ≥ 0.1, every
+    survivor is kept and TIES contributes its sign election and disjoint mean: the usual
+    "DARE-TIES" of merging tools, whose ``density`` is DARE's ``1 - drop``)."""
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     if not 0.0 < density <= 1.0 or trim not in TRIMS:
