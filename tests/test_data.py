@@ -511,6 +511,13 @@ def test_batches_errors():
         data.batches({}, 2)
     with pytest.raises(ValueError, match="no batch"):
         next(data.train_batches(_arrays(3), batch_size=4, seed=0))
+    with pytest.raises(ValueError, match="seed and epoch must be >= 0, got seed=-1"):
+        next(data.train_batches(_arrays(3), batch_size=2, seed=-1))
+    # A padded last batch of uint8 labels widens them to hold IGNORE_LABEL.
+    labels = [
+        b["labels"] for b in data.batches({"labels": np.arange(3, dtype=np.uint8)}, 2, pad=True)
+    ]
+    np.testing.assert_array_equal(labels[1], [2, data.IGNORE_LABEL])
 
 
 def test_concat_keeps_the_shared_names_in_order():
@@ -580,6 +587,8 @@ def test_supersense_dataset_is_deterministic_and_split_by_synset(tmp_path):
         assert ((split.labels > 0).any(axis=1)).all()
         assert (split.labels[split.attention_mask == 0] == data.IGNORE_LABEL).all()
     verbs = data.wordnet_supersense("verbs", cache_dir=tmp_path)
+    with pytest.raises(ValueError, match="'verbs' has none of the classes"):
+        data.wordnet_supersense("verbs", classes=("noun.act", "noun.person"), cache=False)
     glosses = data.wordnet_glosses(cache_dir=tmp_path)
     split_of = {s: name for name in ("train", "test") for s in getattr(glosses, name).synsets}
     for name in ("train", "test"):  # a synset sits in the same split in every WordNet dataset

@@ -270,6 +270,12 @@ def test_optimizer_decays_only_masked_params():
     np.testing.assert_allclose(got["dense"]["kernel"], -0.05 * np.ones((2, 3)), rtol=1e-6)
     for leaf in (got["dense"]["bias"], *jax.tree.leaves(got["embeddings"])):
         np.testing.assert_array_equal(leaf, 0.0)
+    # A frozen param takes neither its gradient nor weight decay: it never moves.
+    frozen = train.optimizer(learning_rate=0.5, weight_decay=0.1, frozen=[r"dense/kernel$"])
+    grads = jax.tree.map(jnp.ones_like, params)
+    got = frozen.update(grads, frozen.init(params), params)[0]
+    np.testing.assert_array_equal(got["dense"]["kernel"], 0.0)
+    assert float(jnp.abs(got["dense"]["bias"]).min()) > 0  # the others do
 
 
 def test_token_level_metrics_skip_ignored_labels(seed):
@@ -376,3 +382,65 @@ def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):
     (tmp_path / train.METRICS_FILE).write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON record"):
         train.MetricsWriter(tmp_path / train.METRICS_FILE, resume_step=2)
+
+
+def test_rate_counts_training_time_only(seed, monkeypatch):
+    """On a clock where each step takes 1 s and each eval 100 s, every train record says 1
+    step/s, whether or not an eval fell inside its window (it said 2.5 when one did)."""
+    import rotjax.train._loop as loop
+
+    now = [0.0]
+    clock = type("Clock", (), {"perf_counter": staticmethod(lambda: now[0])})
+    monkeypatch.setattr(loop, "time", clock)
+    shard, run_eval = loop._mesh.shard_batch, loop._run_eval
+
+    def step_batch(*args):
+        now[0] += 1.0
+        return shard(*args)
+
+    def slow_eval(*args):
+        now[0] += 100.0
+        return run_eval(*args)
+
+    monkeypatch.setattr(loop._mesh, "shard_batch", step_batch)
+    monkeypatch.setattr(loop, "_run_eval", slow_eval)
+    records = []
+    arrays = text_data(BERT, seed, 20)
+    run_bert(seed, 8, log_every=4, eval_every=2, eval_data=arrays, callback=records.append)
+    rates = [r["steps_per_second"] for r in records if r["split"] == "train"]
+    assert rates == [1.0, 1.0]
+
+
+def test_eval_data_is_checked_before_training(seed):
+    arrays = text_data(BERT, seed, 20)
+    trained = []
+    no_labels = {k: v for k, v in arrays.items() if k != "labels"}
+    empty = {k: v[:0] for k, v in arrays.items()}
+    ragged = {**arrays, "labels": arrays["labels"][:5]}
+    for bad, message in (
+        (no_labels, "eval arrays need 'labels'"),
+        (empty, "share one non-zero length"),
+        (ragged, r"share one non-zero length, got \{.*'labels': 5"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            run_bert(seed, 4, eval_data=bad, callback=trained.append)
+    assert not trained  # refused before the first step
+
+
+def test_unsigned_labels_and_bfloat16_logits_are_counted_exactly(seed):
+    """uint8 labels in an eval set whose last batch is padded (IGNORE_LABEL does not fit in
+    uint8), and bfloat16 logits, whose float sums would round counts above 256."""
+    model, params = init(BERT, jax.random.key(seed), scale=0.3)
+    arrays = text_data(BERT, seed, 10)
+    steps = train.classification_steps(model, train.optimizer(learning_rate=0.1))
+    want = train.evaluate(steps, params, arrays, batch_size=8)
+    got = train.evaluate(
+        steps, params, {**arrays, "labels": arrays["labels"].astype(np.uint8)}, batch_size=8
+    )
+    assert got == want and want["count"] == 10
+    with pytest.raises(ValueError, match="predict: no examples"):
+        train.predictor(model, batch_size=8)(params, {k: v[:0] for k, v in arrays.items()})
+    logits = jnp.zeros((1, 1001, 3), jnp.bfloat16)
+    metrics = train.summarize([train.batch_metrics(logits, jnp.zeros((1, 1001), jnp.int32))])
+    assert metrics["count"] == 1001
+    np.testing.assert_allclose(metrics["loss"], np.log(3), rtol=1e-6)

@@ -38,6 +38,8 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 def epoch_order(num_examples: int, *, seed: int, epoch: int = 0) -> np.ndarray:
     """The example order of pass ``epoch``: ``default_rng([seed, epoch]).permutation(n)``."""
+    if seed < 0 or epoch < 0:
+        raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
     return np.random.default_rng([seed, epoch]).permutation(num_examples)
 
 
@@ -171,9 +173,14 @@ def _pass(names, values, n, batch_size, order, drop_remainder, pad, rows):
         batch = [v[index] for v in values]
         if pad and end - start < batch_size:
             short = batch_size - (end - start)
-            batch = [
-                np.concatenate([x, np.full((short, *x.shape[1:]), f, x.dtype)])
-                for x, f in zip(batch, fills, strict=True)
-            ]
+            batch = [_padded(x, short, f) for x, f in zip(batch, fills, strict=True)]
         batch = [x[rows] for x in batch]
         yield tuple(batch) if names is None else dict(zip(names, batch, strict=True))
+
+
+def _padded(x: np.ndarray, short: int, fill: int) -> np.ndarray:
+    """``x`` with ``short`` rows of ``fill`` appended; unsigned labels widen to a signed type
+    that holds `IGNORE_LABEL`."""
+    dtype = x.dtype if fill == 0 else np.result_type(x.dtype, np.min_scalar_type(fill))
+    pad = np.full((short, *x.shape[1:]), fill, dtype)
+    return np.concatenate([x.astype(dtype, copy=False), pad])

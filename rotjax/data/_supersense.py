@@ -90,6 +90,8 @@ def wordnet_supersense(
     classes = tuple(classes)
     check_options(classes, max_length=max_length, max_per_class=max_per_class, limit=limit)
     poses = sorted({c.split(".")[0] for c in classes if domain == "both" or domain[:-1] == c[:4]})
+    if not poses:
+        raise ValueError(f"domain {domain!r} has none of the classes {list(classes)}")
     sources = [pos_file(wordnet_dir, pos) for pos in poses]
     sources += [Path(wordnet_dir) / f"{pos}.exc" for pos in poses]
     missing = [p for p in sources if not p.is_file()]

@@ -84,11 +84,18 @@ def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
     return jax.jit(eval_step, in_shardings=(rep, _mesh.batch_sharding(mesh)), out_shardings=rep)
 
 
+def _check_eval_data(data: Mapping[str, np.ndarray]) -> None:
+    if "labels" not in data:
+        raise ValueError(f"eval arrays need 'labels', got {sorted(data)}")
+    lengths = {k: len(v) for k, v in data.items()}
+    if len(set(lengths.values())) != 1 or not lengths["labels"]:
+        raise ValueError(f"eval arrays must share one non-zero length, got {lengths}")
+
+
 def _run_eval(
     jitted: Callable, params: Any, data: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh
 ) -> dict[str, float]:
-    if "labels" not in data:
-        raise ValueError(f"eval arrays need 'labels', got {sorted(data)}")
+    _check_eval_data(data)
     rows = _mesh.process_rows(batch_size)
     stats = [
         jitted(params, _mesh.shard_batch(batch, mesh))
@@ -163,6 +170,8 @@ def predictor(
     def predict(params, data):
         n = len(next(iter(data.values())))
         fields = {k: v for k, v in data.items() if k != "labels"}
+        if not n:
+            raise ValueError(f"predict: no examples in {sorted(data)}")
         out = [np.asarray(apply(params, b)) for b in _data.batches(fields, batch_size, pad=True)]
         return np.concatenate(out)[:n]
 
@@ -225,13 +234,15 @@ def fit(
 
     Raises:
         ValueError: On batch sizes that do not split over the devices, too little data, no
-            ``labels``, or ``checkpoint_every`` without ``workdir``.
+            ``labels`` (in ``train_data`` or ``eval_data``), eval arrays of no rows or of
+            different lengths, or ``checkpoint_every`` without ``workdir``.
     """
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
-    if eval_data is not None:
+    if eval_data is not None:  # checked now, not after the training it would come after
         _mesh.check_batch_size(eval_batch_size, mesh)
+        _check_eval_data(eval_data)
     if "labels" not in train_data:
         raise ValueError(f"train_data needs 'labels', got {sorted(train_data)}")
     _data.steps_per_epoch(len(train_data["labels"]), batch_size)
@@ -318,9 +329,10 @@ def fit(
                 pending, tick, ticked = [], now, done
             due = eval_every and done % eval_every == 0 and done != num_steps
             if eval_data is not None and due:
+                paused = time.perf_counter()
                 m = _run_eval(eval_fn, state.params, eval_data, eval_batch_size, mesh)
                 emit({"step": done, "split": "eval", **m, "elapsed": time.perf_counter() - begin})
-                tick = time.perf_counter()
+                tick += time.perf_counter() - paused  # the rate counts training time only
             if manager is not None:
                 _checkpoint.save_checkpoint(manager, state, step=done)
             if bar is not None:

@@ -118,18 +118,20 @@ def optimizer(
         b2: Adam's second-moment decay.
         eps: Adam's denominator epsilon.
         exclude_from_decay: Param path regexes exempt from weight decay.
-        frozen: Param path regexes whose gradient is set to zero first (so they never move and
-            count nowhere, clipping included), e.g. ``rotjax.models.family(config).inert``:
-            params the loss does not depend on, whose computed gradient is rounding noise that
-            Adam would normalise into steps of ±lr with signs set by the summation order (a
-            sharded run would drift from the single-device one by up to 1e-5 for nothing).
+        frozen: Param path regexes whose gradient is set to zero first and which take no weight
+            decay (so they never move and count nowhere, clipping included), e.g.
+            ``rotjax.models.family(config).inert``: params the loss does not depend on, whose
+            computed gradient is rounding noise that Adam would normalise into steps of ±lr
+            with signs set by the summation order (a sharded run would drift from the
+            single-device one by up to 1e-5 for nothing).
 
     Returns:
         An ``optax.GradientTransformation``.
     """
     if max_grad_norm is not None and max_grad_norm <= 0:
         raise ValueError(f"max_grad_norm must be None or > 0, got {max_grad_norm}")
-    patterns = tuple(exclude_from_decay)
+    frozen = tuple(frozen)
+    patterns = tuple(exclude_from_decay) + frozen  # a frozen param takes no decay either
     adamw = optax.adamw(
         learning_rate,
         b1=b1,
@@ -138,7 +140,6 @@ def optimizer(
         weight_decay=weight_decay,
         mask=lambda params: weight_decay_mask(params, exclude=patterns),
     )
-    frozen = tuple(frozen)
     steps = [
         optax.masked(
             optax.set_to_zero(), lambda p: weight_decay_mask(p, exclude=frozen, invert=True)
