@@ -214,12 +214,21 @@ def test_token_checkpoints_align_merge_and_inspect(family, method, align, tmp_pa
     b = c.apply(a, sym.sample(c.spec, jax.random.fold_in(key, 1)))
     hf.save(tmp_path / "a", config, a)
     hf.save(tmp_path / "b", config, b)
-    ids, mask = inputs(config, key, batch=8)
-    np.savez(tmp_path / "data.npz", input_ids=np.asarray(ids), attention_mask=np.asarray(mask))
+    ids, mask = (np.asarray(x) for x in inputs(config, key, batch=8))
+    # Their tokenizers give token_type_ids (zeros) although the models have no token types.
+    types = np.zeros_like(ids)
+    np.savez(tmp_path / "data.npz", input_ids=ids, attention_mask=mask, token_type_ids=types)
+    np.savez(tmp_path / "typed.npz", input_ids=ids, attention_mask=mask, token_type_ids=types + 1)
     out = tmp_path / "merged"
     argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
-    argv += ["--method", method, "--align", align, "--data", str(tmp_path / "data.npz")]
-    assert cli.main(argv) == 0, capsys.readouterr().err
+    argv += ["--method", method, "--align", align, "--data"]
+    if family == "deberta":  # reads token types when it has them (LLaMA never: ignored)
+        _fails(
+            [*argv, str(tmp_path / "typed.npz")],
+            capsys,
+            "token_type_ids given, but the model has none",
+        )
+    assert cli.main([*argv, str(tmp_path / "data.npz")]) == 0, capsys.readouterr().err
     loaded, merged = hf.load(out)
     assert loaded == config
     x = inputs(config, jax.random.fold_in(key, 2))
@@ -336,6 +345,13 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys):
     a, b = str(tmp / "a"), str(tmp / "b")
     align = lambda *extra: ["align", a, b, "--out", str(out), "--quiet", *extra]
     _fails(["align", str(tmp / "missing"), b, "--out", str(out), "--quiet"], capsys, "missing")
+    # Groups this (post-norm, multi-head) BERT does not have: refused, not silently skipped.
+    _fails(
+        align("--solve", "rotation,stream,query_heads"),
+        capsys,
+        "--solve stream,query_heads: this bert model has no such groups; no stream rotation: "
+        "bert is post-norm",
+    )
     other = dataclasses.replace(CONFIG, num_attention_heads=4)
     hf.save(tmp / "other", other, compiled(other).init(jax.random.key(0), 0.3))
     _fails(
@@ -402,6 +418,16 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
     notes = json.loads((out / "alignment.json").read_text())["notes"]
     assert any("hidden_dropout_prob (0.1 vs 0.3)" in n for n in notes)
     assert "note: model differs from anchor in initializer_range" in capsys.readouterr().err
+    # A sentence-transformers Dense module of B's reads B's stream: moving it is said.
+    (tmp / "b" / "modules.json").write_text(json.dumps([{"path": ""}, {"path": "2_Dense"}]))
+    (tmp / "b" / "2_Dense").mkdir()
+    (tmp / "b" / "2_Dense" / "model.safetensors").write_bytes(b"")
+    for solve, said in (("ffn", False), ("ffn,residual", True)):
+        argv = ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / solve), "--quiet"]
+        assert cli.main([*argv, "--solve", solve]) == 0
+        notes = json.loads((tmp / solve / "alignment.json").read_text())["notes"]
+        assert said == any("2_Dense/model.safetensors: sentence-transformers" in n for n in notes)
+        assert (tmp / solve / "2_Dense" / "model.safetensors").is_file()
 
 
 def test_wrongly_typed_config_is_one_clear_error(checkpoints, capsys):

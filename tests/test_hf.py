@@ -9,6 +9,7 @@ weights (outliers in LayerNorm inputs amplify rounding).
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -522,6 +523,16 @@ def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
         np.testing.assert_array_equal(
             got["encoder/layer_0/attention/key/kernel"], new["encoder/layer_0/attention/key/kernel"]
         )
+    # Another task's head of the same shape (BERT's sequence and token heads are both
+    # "classifier") is not kept: it read the pooler, the new one reads every token.
+    other, moved = rotjax.hf.load_for_task(
+        tmp_path / "tuned", task="sequence_classification", num_labels=5, key=jax.random.key(1)
+    )
+    assert other.task == "sequence_classification"
+    got = to_dict(moved)
+    assert got["classifier/kernel"].shape == new["classifier/kernel"].shape
+    assert not np.array_equal(got["classifier/kernel"], new["classifier/kernel"])
+    np.testing.assert_array_equal(got["classifier/bias"], 0.0)
 
 
 def test_masked_lm_checkpoints_load_their_encoder(seed, tmp_path):
@@ -607,6 +618,28 @@ def test_saved_minilm_is_still_a_sentence_transformer(tmp_path):
     saved = st.SentenceTransformer(str(out), device="cpu").encode(sentences)
     np.testing.assert_allclose(np.linalg.norm(saved, axis=-1), 1.0, rtol=1e-5)
     np.testing.assert_allclose(saved, original, atol=1e-5)
+
+
+def test_sentence_transformers_modules_keep_their_weights(seed, tmp_path):
+    """A 2_Dense module's own weights are copied with its folder (it was left out: the saved
+    directory named a module it could not load); weights outside the modules are not."""
+    config = CASES["bert-base-nopooler"]
+    params = random_params(config, seed)
+    src = tmp_path / "src"
+    rotjax.hf.save(src, config, params)
+    modules = [{"idx": 0, "name": "0", "path": "", "type": "Transformer"}]
+    modules += [{"idx": 1, "name": "1", "path": "2_Dense", "type": "Dense"}]
+    (src / "modules.json").write_text(json.dumps(modules))
+    for folder, name in (("2_Dense", "model.safetensors"), ("onnx", "model.onnx")):
+        (src / folder).mkdir()
+        (src / folder / name).write_bytes(b"weights of " + folder.encode())
+    (src / "2_Dense" / "config.json").write_text("{}")
+    assert rotjax.hf.module_weights(src) == [Path("2_Dense/model.safetensors")]
+    out = rotjax.hf.save(tmp_path / "out", config, params, source=src)
+    assert (out / "2_Dense" / "model.safetensors").read_bytes() == b"weights of 2_Dense"
+    assert (out / "2_Dense" / "config.json").is_file() and not (out / "onnx").exists()
+    (src / "modules.json").write_text(json.dumps([{"path": "/etc"}, {"path": "../x"}]))
+    assert rotjax.hf.module_weights(src) == []  # nothing outside the checkpoint
 
 
 @pytest.mark.parametrize("name", ["roberta-seq-h1d6", "vit-cls-h3d4"])

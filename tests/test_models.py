@@ -78,6 +78,11 @@ def test_configs_without_pad_token_id_take_transformers_defaults():
         assert config.pad_token_id == hf().pad_token_id, model_type
     given = bert.Config.from_hf_dict({**base, "model_type": "roberta", "pad_token_id": 3})
     assert given.pad_token_id == 3
+    # transformers allows null; BERT never reads it, RoBERTa numbers positions from it.
+    null = bert.Config.from_hf_dict({**base, "pad_token_id": None})
+    assert null.pad_token_id is None and bert.example_inputs(null)[0].shape == (1, 8)
+    with pytest.raises(ValueError, match="RoBERTa config needs pad_token_id"):
+        bert.Config.from_hf_dict({**base, "model_type": "roberta", "pad_token_id": None})
 
 
 def test_deberta_config_reads_transformers_forms():

@@ -77,6 +77,19 @@ def run(args) -> int:
         (config, _), (a, b), notes = load_models([("anchor", args.anchor), ("model", args.model)])
         spec, (a, b), more = symmetry_for(config, [a, b], "stream" in options.solve)
         notes += more
+        if none := [n for n in options.solve if not spec.select(roles=match.BLOCKS[n])]:
+            why = "".join(f"; {m}" for m in more if m.startswith("no stream rotation"))
+            raise CLIError(
+                f"--solve {','.join(none)}: this {config.model_type} model has no such groups"
+                f"{why} (`rotjax inspect` lists its groups)"
+            )
+        moved = [n for n in ("residual", "stream") if n in options.solve]
+        if moved and (weights := hf.module_weights(args.model)):
+            notes.append(
+                f"{', '.join(map(str, weights))}: sentence-transformers module weights, copied "
+                f"as they are; they read the residual stream, which --solve {','.join(moved)} "
+                "moves to the anchor's basis (take the anchor's module files instead)"
+            )
         bar.update(2)
         load_seconds = time.perf_counter() - tic
         bar.set_postfix_str(f"aligning {','.join(options.solve)}")
@@ -139,4 +152,6 @@ def _report(args, options, res, notes, load_seconds):
 
 
 def _less(before: float, after: float) -> str:
-    return f"{100 * (1 - after / max(before, 1e-30)):.1f}% less"
+    if not before:
+        return "nothing to align" if not after else "from 0"
+    return f"{100 * (1 - after / before):.1f}% less"

@@ -176,6 +176,10 @@ def symmetry_for(config: Any, params: list[Any], stream: bool) -> tuple[Any, lis
             canon = [sym.canonicalize(stream_spec, p) for p in params]
         except ValueError as e:
             return fam.symmetry_spec(config), params, [f"no stream rotation: {e}"]
-        note = "models in canonical form (norms folded, stream centred) to rotate the stream"
+        centred = ", stream centred" if stream_spec.centred else ""
+        note = f"models in canonical form (norms folded{centred}) to rotate the stream"
         return fam.symmetry_spec(config, stream_rotation=True), canon, [note]
+    if stream and fam.stream_spec is None:
+        why = f"no stream rotation: {fam.name} is post-norm (its norms sit on the stream)"
+        return fam.symmetry_spec(config), params, [why]
     return fam.symmetry_spec(config), params, []

@@ -224,13 +224,13 @@ def read_data(
                 raise CLIError(f"--data {path}: {k} must be integers, got {out[k].dtype}")
         if ids.min() < 0 or ids.max() >= config.vocab_size:
             raise CLIError(f"--data {path}: input_ids outside [0, {config.vocab_size})")
-        types = out.get("token_type_ids")
-        if (
-            types is not None
-            and types.size
-            and not 0 <= types.min() <= types.max() < config.type_vocab_size
-        ):
-            raise CLIError(f"--data {path}: token_type_ids outside [0, {config.type_vocab_size})")
+        types, n_types = out.get("token_type_ids"), getattr(config, "type_vocab_size", 0)
+        if types is not None and not n_types:  # DeBERTa-v3, LLaMA: the tokenizer's zeros
+            if types.any():
+                raise CLIError(f"--data {path}: token_type_ids given, but the model has none")
+            del out["token_type_ids"]
+        elif types is not None and types.size and not 0 <= types.min() <= types.max() < n_types:
+            raise CLIError(f"--data {path}: token_type_ids outside [0, {n_types})")
         for k in ("attention_mask", "token_type_ids"):
             if k in out and out[k].shape != ids.shape:
                 raise CLIError(

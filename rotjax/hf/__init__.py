@@ -11,7 +11,7 @@ rotjax config and Flax params; `save` writes a directory that ``transformers``'
 
 from rotjax.hf._files import TOKENIZER_FILES
 from rotjax.hf._load import DroppedHeadWarning, load, load_for_task
-from rotjax.hf._save import save, transformers_config
+from rotjax.hf._save import module_weights, save, transformers_config
 from rotjax.models import stack_layers, unstack_layers  # aliases (README); home: rotjax.models
 
 __all__ = [
@@ -19,6 +19,7 @@ __all__ = [
     "DroppedHeadWarning",
     "load",
     "load_for_task",
+    "module_weights",
     "save",
     "stack_layers",
     "transformers_config",

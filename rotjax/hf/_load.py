@@ -124,9 +124,9 @@ def load_for_task(
 
     The config is the checkpoint's with ``task`` and ``num_labels`` (and no pooler unless the
     task has one); every param whose path and shape the new model shares comes from the
-    checkpoint, the rest (the new head, or the checkpoint's head for another number of classes)
-    is drawn from ``key`` (`rotjax.models.with_pretrained`: ``normal(initializer_range)``
-    kernels, zero biases, as transformers initialises a head).
+    checkpoint, the rest (the new head, or the checkpoint's head for another number of classes
+    or another task) is drawn from ``key`` (`rotjax.models.with_pretrained`:
+    ``normal(initializer_range)`` kernels, zero biases, as transformers initialises a head).
 
     Args:
       source: as for `load`.
@@ -145,6 +145,9 @@ def load_for_task(
     config = dataclasses.replace(pretrained_config, **changes)
     f = family(config)
     keep = {path: x for path, x in zip(*flatten(pretrained)[:2], strict=True)}
+    if task != pretrained_config.task:  # another task's head, even of the same shape, is not it
+        heads = _mapping.architecture_for(config.model_type, task).head_modules
+        keep = {path: x for path, x in keep.items() if path.split("/", 1)[0] not in heads}
     shapes = f.param_shapes(config)
     wanted = dict(zip(*flatten(shapes)[:2], strict=True))
     params = with_pretrained(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import fnmatch
+import json
 import os
 import secrets
 import shutil
@@ -61,9 +62,10 @@ def save(
       source: The checkpoint directory the model came from (for a merge: the anchor's). Its
         ``config.json`` fields are all kept (label names, ``problem_type``, ...) except those
         this model's config sets, and every other file and folder is copied (tokenizer,
-        sentence-transformers' ``modules.json`` and its pooling / normalise modules, model
-        card...), except weights (``*.safetensors``, ``*.bin``, ``*.h5``, ``*.msgpack``,
-        ``*.onnx``, ... which would describe other weights).
+        sentence-transformers' ``modules.json`` and its modules, model card...), except
+        weights (``*.safetensors``, ``*.bin``, ``*.h5``, ``*.msgpack``, ``*.onnx``, ... which
+        would describe other weights) but those of the sentence-transformers modules in
+        their own folders (`module_weights`: a ``2_Dense`` projection after the pooling).
       tokenizer_from: A directory whose tokenizer and preprocessor files (``tokenizer.json``,
         ``vocab.txt``, ``preprocessor_config.json``, ...) are copied alongside.
       id2label: Label names for ``config.num_labels`` classes (default: the source's, when it
@@ -220,18 +222,42 @@ WEIGHT_PATTERNS = (
 
 
 def _source_files(source: str | os.PathLike[str]) -> list[Path]:
-    """The paths (relative to ``source``) of every file to copy: all but weights, the config
-    (rewritten) and hidden files."""
+    """The paths (relative to ``source``) of every file to copy: all but weights (except those
+    of sentence-transformers modules, `module_weights`), the config (rewritten) and hidden
+    files."""
     root = Path(source)
+    modules = set(module_weights(root))
     out = []
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root)
         if not f.is_file() or rel == Path(CONFIG_FILE) or any(p.startswith(".") for p in rel.parts):
             continue
-        if any(fnmatch.fnmatch(f.name, p) for p in (*WEIGHT_PATTERNS, *NOT_COPIED)):
+        skip = any(fnmatch.fnmatch(f.name, p) for p in (*WEIGHT_PATTERNS, *NOT_COPIED))
+        if skip and rel not in modules:
             continue
         out.append(rel)
     return out
+
+
+def module_weights(source: str | os.PathLike[str]) -> list[Path]:
+    """Weight files (relative paths) of the sentence-transformers modules that ``source``'s
+    ``modules.json`` lists in their own folders (a ``2_Dense`` projection after the pooling):
+    weights of other layers than the model's, which `save` copies with the module. They read
+    the model's output, so they fit a saved model only while its residual stream keeps the
+    source's basis."""
+    root = Path(source)
+    try:
+        listed = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+        folders = {Path(m["path"]) for m in listed if isinstance(m, dict) and m.get("path")}
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
+    return sorted(
+        f.relative_to(root)
+        for folder in folders
+        if (root / folder).is_dir() and (root / folder).resolve().is_relative_to(root.resolve())
+        for f in (root / folder).rglob("*")
+        if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS)
+    )
 
 
 def _tokenizer_files(directory: str | os.PathLike[str] | None) -> list[Path]:

@@ -53,7 +53,7 @@ class Config:
     type_vocab_size: int = 2
     layer_norm_eps: float = 1e-12
     initializer_range: float = 0.02
-    pad_token_id: int = 0
+    pad_token_id: int | None = 0  # BERT does not read it (may be null); RoBERTa's positions do
     model_type: str = "bert"  # "bert" or "roberta" (position ids and classification head)
     num_labels: int = 2
     classifier_dropout: float | None = None
@@ -68,6 +68,8 @@ class Config:
             raise ValueError(f"model_type must be 'bert' or 'roberta', got {self.model_type!r}")
         if self.task not in TASKS:
             raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.model_type == "roberta" and self.pad_token_id is None:
+            raise ValueError("a RoBERTa config needs pad_token_id: it numbers the positions")
         _layers.head_dim(self.hidden_size, self.num_attention_heads)
         _layers.activation(self.hidden_act)
 
@@ -290,7 +292,7 @@ def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array, jax.
     # RoBERTa numbers positions from pad_token_id + 1: keep them inside the table.
     room = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
     tokens = max(1, min(8, room))
-    ids = jnp.full((batch_size, tokens), (c.pad_token_id + 1) % c.vocab_size, jnp.int32)
+    ids = jnp.full((batch_size, tokens), ((c.pad_token_id or 0) + 1) % c.vocab_size, jnp.int32)
     return ids, jnp.ones((batch_size, tokens), jnp.int32)
 
 
