@@ -188,6 +188,36 @@ def test_ties_and_dare_by_hand(key):
     assert kept(dare_ties(0.05)) < kept(every) <= 2 * 0.1 * 20000 * 1.1
 
 
+def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
+    """The trim's count is exact where ``(1 - density)(n - 1)`` is an integer (float32 made
+    0.6 * 25 into 16, keeping 10 of 26 entries where the quantile's cut keeps 11; float64 makes
+    0.3 * 10 into 3.0000000000000004). float64 params (with x64) merge in float64: a 1e-10
+    difference survived nowhere (float32 arithmetic, cast back)."""
+    for n, density, kept in ((26, 0.4, 11), (11, 0.7, 8)):
+        t = jnp.arange(1, n + 1, dtype=jnp.float32)
+        got = merge.ties({"w": jnp.zeros(n)}, [{"w": t}], density=density)["w"]
+        assert int(jnp.count_nonzero(got)) == kept, (n, density)
+    with jax.enable_x64(True):
+        one = {"w": jnp.ones(3, jnp.float64)}
+        x, y = ({"w": one["w"] + d} for d in (1e-10, 3e-10))
+        stats = [{"fisher": {"w": jnp.ones(3, jnp.float32)}}] * 2
+        for merged in (
+            merge.average([x, y]),
+            merge.fisher([x, y], stats),
+            merge.task_arithmetic(one, [x, y], scale=0.5),
+            merge.ties(one, [x, y], density=1.0),  # the disjoint mean
+            merge.interpolate(x, y, 0.5),
+        ):
+            assert merged["w"].dtype == jnp.float64
+            np.testing.assert_allclose(merged["w"] - 1.0, 2e-10, rtol=1e-5)
+    # Fisher normalisation of valid Fishers of any scale (squares of 1e-20 underflowed).
+    a, b = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
+    for size in (1e-20, 1e20):
+        f = lambda v, size=size: {"fisher": {"w": jnp.asarray(v, jnp.float32) * size}}
+        got = merge.fisher([a, b], [f([1.0, 2.0]), f([2.0, 1.0])], normalize=True, eps=1e-30)
+        np.testing.assert_allclose(got["w"], [1 / 3, 2 / 3], rtol=1e-5)
+
+
 def test_trim_keeps_what_a_quantile_cut_keeps(seed):
     """TIES' trim finds its cut by bisection on the magnitudes' bit patterns, without sorting:
     it keeps exactly the entries that `np.quantile`'s cut keeps, ties and zeros included."""

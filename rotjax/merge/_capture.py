@@ -38,7 +38,9 @@ def _add(prev, new):
 
 
 def wide(x: jax.Array) -> jax.Array:
-    """``x`` in at least float32: statistics of bfloat16 models are summed in float32."""
+    """``x`` in at least float32: bfloat16 models' statistics and merges are computed in
+    float32, float64 ones (with ``jax_enable_x64``) in float64."""
+    x = jnp.asarray(x)
     return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 

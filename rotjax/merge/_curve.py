@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rotjax.merge._capture import wide
 from rotjax.merge._methods import checked_models
 
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1")
@@ -24,7 +25,7 @@ class Curve(NamedTuple):
 def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
     """``(1 - λ) θ_A + λ θ_B`` leaf by leaf, in A's dtypes."""
     _, (la, lb), treedef = checked_models([params_a, params_b])
-    mix = lambda a, b: (1.0 - lam) * jnp.asarray(a, jnp.float32) + lam * jnp.asarray(b, jnp.float32)
+    mix = lambda a, b: (1.0 - lam) * wide(a) + lam * wide(b)
     return jax.tree.unflatten(
         treedef, [mix(a, b).astype(jnp.asarray(a).dtype) for a, b in zip(la, lb, strict=True)]
     )

@@ -1,7 +1,8 @@
 """Merging N models of one architecture (same paths and shapes): plain, Fisher-weighted and
-RegMean averages. Pure functions: the inputs are never changed, every leaf comes back in its
-input dtype and, for sharded inputs, with its input sharding (the per-kernel RegMean solve
-multiplies by a small replicated inverse, so sharded kernels stay sharded)."""
+RegMean averages. Pure functions: the inputs are never changed, every leaf is computed in at
+least float32 (float64 leaves in float64) and comes back in its input dtype and, for sharded
+inputs, with its input sharding (the per-kernel RegMean solve multiplies by a small replicated
+inverse, so sharded kernels stay sharded)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rotjax.merge._capture import wide
 from rotjax.tree import flatten
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -59,6 +61,17 @@ def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
     return w / w.sum()
 
 
+def _norm(leaves) -> float:
+    """The L2 norm of all the entries of ``leaves`` on the host in float64, scaled by the largest
+    magnitude first (squares of 1e-20 underflow and of 1e20 overflow float32; both are valid
+    Fishers)."""
+    xs = [np.abs(np.asarray(x, np.float64)) for x in leaves]
+    top = max((float(x.max(initial=0.0)) for x in xs), default=0.0)
+    if not (np.isfinite(top) and top > 0):
+        return top
+    return top * float(np.sqrt(sum(np.sum(np.square(x / top)) for x in xs)))
+
+
 def _cast(x, like):
     return x.astype(jnp.asarray(like).dtype)
 
@@ -78,7 +91,7 @@ def _average_leaves(w, leaves):
 
 
 def _weighted_mean(w, xs):
-    total = sum(w[i] * jnp.asarray(x, jnp.float32) for i, x in enumerate(xs))
+    total = sum(w[i] * wide(x) for i, x in enumerate(xs))
     return _cast(total / jnp.sum(w), xs[0])
 
 
@@ -145,7 +158,7 @@ def fisher(
     _check_fishers(paths, leaves[0], fs)
     w = model_weights(weights, len(params_list))
     if normalize:
-        norms = np.array([float(jnp.sqrt(sum(jnp.sum(jnp.square(f[p])) for p in f))) for f in fs])
+        norms = np.array([_norm([f[p] for p in f]) for f in fs])
         if not np.all(np.isfinite(norms) & (norms > 0)):
             bad = [i for i, n in enumerate(norms) if not (np.isfinite(n) and n > 0)]
             raise ValueError(f"normalize: the Fishers of stats_list{bad} are zero or not finite")
@@ -164,7 +177,7 @@ def _fisher_leaves(w, eps, leaves, fishers):
             out.append(_weighted_mean(w, xs))
             continue
         fl = [w[i] * jnp.maximum(fi, eps) for i, fi in enumerate(f)]
-        num = sum(fi * jnp.asarray(x, jnp.float32) for fi, x in zip(fl, xs, strict=True))
+        num = sum(fi * wide(x) for fi, x in zip(fl, xs, strict=True))
         out.append(_cast(num / sum(fl), xs[0]))
     return out
 
@@ -255,7 +268,7 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     floor = jnp.where(floor > 0, floor, 1.0)  # all-zero Grams: (ridge I)⁻¹ 0, the average
     total = total + ridge * floor[..., None, None] * eye
     inv = jnp.linalg.inv(total)
-    xs = [jnp.asarray(x, jnp.float32) for x in kernels]
+    xs = [wide(x) for x in kernels]
     mean = sum(w[i] * x for i, x in enumerate(xs)) / jnp.sum(w)
     # W* = W̄ + (Σ λ G̃)⁻¹ Σ λ G̃ (W_i - W̄), which equals (Σ λ G̃)⁻¹ Σ λ G̃ W_i and solves only
     # for the correction to the average: identical models come back exactly, and the inverse's
