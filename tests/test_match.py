@@ -565,11 +565,13 @@ def test_solve_accepts_one_name_and_strips_spaces(key):
     assert match.Options(solve=" ffn").solve == ("ffn",)
 
 
-@pytest.mark.parametrize("size", [1e25, 3e37, "2^126.5"])
-def test_huge_finite_weights_are_solved_without_overflow(size, key):
-    """Squares of 1e25 overflow float32: both models are solved scaled down by a power of two
-    (exact), and the distances reported in the original units. "2^126.5": the largest weight
-    is 2^126.5 (dividing by 2^127 would multiply by a subnormal, flushed to zero)."""
+@pytest.mark.parametrize("size", [1e25, 3e37, "2^126.5", 1e-21, 1e-30])
+def test_huge_and_tiny_finite_weights_are_solved(size, key):
+    """Squares of 1e25 overflow float32 and squares of 1e-21 fall below its normal range
+    (flushed to zero on CPU: align solved zero matrices): both models are solved scaled by a
+    power of two (exact), and the distances reported in the original units. "2^126.5": the
+    largest weight is 2^126.5 (dividing by 2^127 would multiply by a subnormal, flushed to
+    zero)."""
     _, c, a, b, _ = planted("bert-h3d4-l2", False, match.ALL, key)
     if size == "2^126.5":
         top = max(float(jnp.max(jnp.abs(x))) for x in jax.tree.leaves((a, b)))

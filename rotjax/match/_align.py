@@ -122,7 +122,9 @@ class Diagnostics(NamedTuple):
 
     distance_before: float  # Σ_p over all params, at the identity
     distance_after: float  # Σ_p over all params, at the returned transform
-    touched_before: float  # Σ_p over the params some solved group acts on (the rest is constant)
+    touched_before: (
+        float  # Σ_p over the params some solved or init group acts on (others: constant)
+    )
     touched_after: float
     groups: dict[str, tuple[float, float]]  # group -> (before, after) summed over its params
     params: dict[str, tuple[float, float]]  # param path -> (before, after), every param
@@ -231,14 +233,16 @@ def align_many(
 
 
 def _rescaled(a_flat, b_flat, limit=2.0**20):
-    """Both models divided by a power of two above their largest magnitude when it exceeds
-    ``limit`` (else unchanged), and that power."""
+    """Both models divided by a power of two just above their largest magnitude when it is
+    above ``limit`` or below ``1 / limit`` (else unchanged), and that power: squares of
+    weights near 1e20 overflow float32, those of weights near 1e-20 fall below its normal
+    range, which XLA:CPU flushes to zero (align then solved zero matrices)."""
     big = max(max_abs(a_flat), max_abs(b_flat))
-    if big <= limit:
+    if big == 0 or 1 / limit <= big <= limit:
         return a_flat, b_flat, 1.0
-    # At most 2^126: XLA divides by multiplying with the reciprocal, and 2^-127 is subnormal in
-    # float32, which XLA:CPU flushes to zero (every param became 0 for weights near 1e38).
-    scale = 2.0 ** min(np.ceil(np.log2(big)), 126.0)
+    # Within 2^±126: XLA divides by multiplying with the reciprocal, and 2^-127 is subnormal
+    # in float32, which XLA:CPU flushes to zero (every param became 0 for weights near 1e38).
+    scale = 2.0 ** float(np.clip(np.ceil(np.log2(big)), -126.0, 126.0))
     div = lambda flat: {p: x / scale for p, x in flat.items()}
     return div(a_flat), div(b_flat), float(scale)
 
@@ -287,9 +291,10 @@ def _stages(spec, names, rotated=False):
 def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     """`align` on checked float32 leaves ``a_flat``, ``b_flat`` (path -> array) of the anchor
     and of ``params``."""
-    # Finite but huge weights would overflow float32 in the squared distances and the
-    # cross-covariances. Every block's optimum is the same for c·A and c·B, so both models are
-    # solved divided by a power of two (exact in floating point), and the distances scaled back.
+    # Finite but huge (tiny) weights would overflow (underflow) float32 in the squared distances
+    # and the cross-covariances. Every block's optimum is the same for c·A and c·B, so both
+    # models are solved divided by a power of two (exact in floating point), and the distances
+    # scaled back.
     a_flat, b_flat, scale = _rescaled(a_flat, b_flat)
     sq = scale * scale
     roles = {r for s in options.solve for r in BLOCKS[s]}
@@ -306,7 +311,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     max_sweeps = options.max_sweeps or (50 if residual or streams or coupled else 1)
 
     # Only the params some solved (or initialised) group acts on can move; the rest is a
-    # constant of J, measured once.
+    # constant of J, measured once. (The "touched" distances are over these params.)
     moving = set(names) | set(init)
     paths = tuple(sorted({p for n in moving for p, _ in spec.users[n]}))
     ctx = Context(spec, a_flat, b_flat, options.solver, layer_masks(spec, names, layer_set), paths)
