@@ -563,6 +563,10 @@ def test_solve_accepts_one_name_and_strips_spaces(key):
     spaced = match.align(c.spec, a, b, solve=[" rotation "])
     assert rel_err(one.params, a) <= TOL and rel_err(spaced.params, a) <= TOL
     assert match.Options(solve=" ffn").solve == ("ffn",)
+    assert match.Options(max_sweeps=np.int64(3)).max_sweeps == 3  # numpy ints are ints
+    # One role (layer) as a string (int) is that role, not its letters.
+    assert c.spec.select(roles="ffn") == c.spec.select(roles=["ffn"]) != ()
+    assert c.spec.select(roles="ffn", layers=1) == c.spec.select(roles=["ffn"], layers=[1])
 
 
 @pytest.mark.parametrize("size", [1e25, 3e37, "2^126.5", 1e-21, 1e-30])

@@ -94,11 +94,13 @@ class Options:
                 f"residual_init must be one of {RESIDUAL_INITS}, got {self.residual_init!r}"
             )
         if self.max_sweeps is not None and (
-            not isinstance(self.max_sweeps, int)
+            not isinstance(self.max_sweeps, int | np.integer)
             or isinstance(self.max_sweeps, bool)
             or self.max_sweeps < 1
         ):
             raise ValueError(f"max_sweeps must be None or an int >= 1, got {self.max_sweeps!r}")
+        if self.max_sweeps is not None:
+            object.__setattr__(self, "max_sweeps", int(self.max_sweeps))
         real = isinstance(self.tol, int | float | np.integer | np.floating)
         if isinstance(self.tol, bool) or not (real and np.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")

@@ -166,9 +166,10 @@ class Spec:
         self, *, roles: Iterable[str] | None = None, layers: Iterable[int] | None = None
     ) -> tuple[str, ...]:
         """Names of the groups with one of ``roles`` (and, if given, in one of ``layers``;
-        stacked groups, which hold every layer, and global groups always pass that filter)."""
-        roles = None if roles is None else set(roles)
-        layers = None if layers is None else set(layers)
+        stacked groups, which hold every layer, and global groups always pass that filter).
+        One role may be given as a string, one layer as an int."""
+        roles = None if roles is None else {roles} if isinstance(roles, str) else set(roles)
+        layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
         return tuple(
             name
             for name, g in self.group_items
