@@ -2,6 +2,8 @@
 
 A leaf's path joins its keys with ``"/"``: ``"encoder/layer_0/attention/query/kernel"``. Works on
 any pytree of dicts (Linen ``params``, ``FrozenDict``, Flax NNX pure dicts, stacked layers).
+Two leaf helpers every transform and merge shares: `placed_like` (keep a leaf's sharding) and
+`wide` (compute in at least float32).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 
 
 def _key_name(k: Any) -> str:
@@ -61,3 +64,10 @@ def placed_like(new: Any, old: Any) -> Any:
     if concrete(old) and concrete(new) and old.committed and new.sharding != old.sharding:
         return jax.device_put(new, old.sharding)
     return new
+
+
+def wide(x: Any) -> jax.Array:
+    """``x`` as a jax array in at least float32: bfloat16 models' statistics, merges and
+    metrics are computed in float32, float64 ones (with ``jax_enable_x64``) in float64."""
+    x = jnp.asarray(x)
+    return x.astype(jnp.promote_types(x.dtype, jnp.float32))

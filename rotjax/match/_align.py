@@ -124,9 +124,7 @@ class Diagnostics(NamedTuple):
 
     distance_before: float  # Σ_p over all params, at the identity
     distance_after: float  # Σ_p over all params, at the returned transform
-    touched_before: (
-        float  # Σ_p over the params some solved or init group acts on (others: constant)
-    )
+    touched_before: float  # Σ_p over the params a solved or init group acts on (others fixed)
     touched_after: float
     groups: dict[str, tuple[float, float]]  # group -> (before, after) summed over its params
     params: dict[str, tuple[float, float]]  # param path -> (before, after), every param

@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rotjax.tree import to_dict
+from rotjax.tree import to_dict, wide
 
 STATS = "stats"
 _FIELD = "rotjax_capture"
@@ -35,13 +35,6 @@ def dense_input_axes(module: nn.Module) -> int | None:
 
 def _add(prev, new):
     return new if prev is None else jax.tree.map(jnp.add, prev, new)
-
-
-def wide(x: jax.Array) -> jax.Array:
-    """``x`` in at least float32: bfloat16 models' statistics and merges are computed in
-    float32, float64 ones (with ``jax_enable_x64``) in float64."""
-    x = jnp.asarray(x)
-    return x.astype(jnp.promote_types(x.dtype, jnp.float32))
 
 
 def capture(

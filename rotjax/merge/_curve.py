@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._capture import wide
 from rotjax.merge._methods import checked_models
+from rotjax.tree import wide
 
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1")
 

@@ -14,8 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._capture import wide
-from rotjax.tree import flatten
+from rotjax.tree import flatten, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 

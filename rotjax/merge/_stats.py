@@ -27,9 +27,9 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
-from rotjax.merge._capture import capture, wide
+from rotjax.merge._capture import capture
 from rotjax.models import family
-from rotjax.tree import from_dict, to_dict
+from rotjax.tree import from_dict, to_dict, wide
 
 KINDS = ("gram", "fisher")
 FISHERS = ("exact", "sampled", "empirical")

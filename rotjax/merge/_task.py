@@ -12,8 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._capture import wide
 from rotjax.merge._methods import checked_models
+from rotjax.tree import wide
 
 TRIMS = ("global", "tensor")
 

@@ -10,6 +10,7 @@ import numpy as np
 import optax
 
 from rotjax.data import IGNORE_LABEL
+from rotjax.tree import wide
 
 
 def _flat(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -17,8 +18,7 @@ def _flat(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, j
     least float32 (a bfloat16 model's counts and loss sums would round above 256)."""
     if logits.shape[:-1] != labels.shape:
         raise ValueError(f"logits {logits.shape} must be labels {labels.shape} plus a class axis")
-    logits = logits.reshape(-1, logits.shape[-1])
-    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    logits = wide(logits.reshape(-1, logits.shape[-1]))
     labels = labels.reshape(-1)
     valid = labels != IGNORE_LABEL
     return logits, jnp.where(valid, labels, 0), valid.astype(logits.dtype)
