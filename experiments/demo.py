@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import shutil
 import tempfile
 import time
@@ -102,16 +101,9 @@ def train_vits(cache: Path, smoke: bool) -> list[dict]:
                 dataclasses.replace(config, vit_config=dataclasses.replace(DEMO_VIT, **tiny))
             )
         workdir = cache / ("demo-smoke" if smoke else "demo") / config.name
-        same = (workdir / "config.json").is_file() and json.loads(
-            (workdir / "config.json").read_text()
-        ) == json.loads(json.dumps(dataclasses.asdict(config)))
-        if same and (workdir / "summary.json").is_file():
-            summaries.append(json.loads((workdir / "summary.json").read_text()))
-            continue
-        if workdir.exists():  # a model of another demo config: trained again
-            shutil.rmtree(workdir)
-        print(f"training {config.name} (once; cached in {workdir})", flush=True)
-        summaries.append(T.train_and_evaluate(config, workdir, progress=True))
+        if T.finished(config, workdir) is None:
+            print(f"training {config.name} (once; cached in {workdir})", flush=True)
+        summaries.append(T.cached(config, workdir, progress=True))
     return summaries
 
 
@@ -151,6 +143,10 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
         ]
         line = "".join(f"{100 * c['accuracy']:10.1f}" for c in cells)
         print(f"  {name:14s}{line}{variants[name]['seconds']:10.1f}")
+    print(
+        "  (align s: compilation included, the first alignment paying most of it; activations'\n"
+        "  includes its data-free candidate, the all + stream alignment)"
+    )
     metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     lambdas = np.linspace(0, 1, 3 if smoke else 5)
     curves = {}

@@ -6,8 +6,9 @@
   start, different datasets; and same dataset, different head seeds and batch orders).
 
 Every run is an `experiments.train.train_and_evaluate` run in ``OUT/<run>/`` (checkpoints,
-``metrics.jsonl``, the final model as a Hugging Face checkpoint in ``hf/``); runs whose
-``summary.json`` exists are skipped, and interrupted runs resume from their checkpoints.
+``metrics.jsonl``, the final model as a Hugging Face checkpoint in ``hf/``); finished runs
+of the same config are skipped, runs of another config (an edited preset) trained afresh, and
+interrupted runs resume from their checkpoints.
 ``OUT/summary.json`` and ``OUT/summary.md`` tabulate runs and pairs.
 
 Usage::
@@ -98,8 +99,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     train.enable_compilation_cache()
     out = Path(args.out)
-    if args.quick and args.out == p.get_default("out"):
-        out = Path("runs/pairs-quick")
+    if args.out == p.get_default("out") and (args.quick or args.smoke):  # never full mode's
+        out = Path("runs/pairs-smoke" if args.smoke else "runs/pairs-quick")
     out.mkdir(parents=True, exist_ok=True)
     runs, pairs = plan(args.num_seeds, quick=args.quick, smoke=args.smoke)
     runs = [r for r in runs if args.runs in r.name]
@@ -108,15 +109,16 @@ def main(argv=None):
     begin = time.perf_counter()
     summaries = []
     for config in runs:
-        summary_file = out / config.name / "summary.json"
-        if summary_file.exists() and not args.force:
-            summaries.append(json.loads(summary_file.read_text()))
+        done = T.finished(config, out / config.name)
+        if done is not None and not args.force:
+            summaries.append(done)
             print(f"{config.name}: done before, skipped")
             continue
         if args.force and (out / config.name).exists():
             shutil.rmtree(out / config.name)
         print(f"{config.name}: training ({dataclasses.asdict(config)['num_epochs']} epochs)")
-        s = T.train_and_evaluate(config, out / config.name, progress=not args.no_progress)
+        # a run of another config (an edited preset) is trained afresh
+        s = T.cached(config, out / config.name, progress=not args.no_progress)
         print(
             f"{config.name}: test accuracy {s['test']['accuracy']:.4f}, macro-F1 "
             f"{s['test']['macro_f1']:.4f} (majority {s['majority_baseline']:.4f}), "

@@ -30,6 +30,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import time
 from pathlib import Path
 from typing import Any
@@ -307,7 +308,7 @@ def train_and_evaluate(
         ValueError: the workdir's run has another config (the differing fields named).
     """
     workdir = Path(workdir).absolute()
-    new = json.loads(json.dumps(dataclasses.asdict(config)))
+    new = _json(config)
     old_file = workdir / "config.json"
     started = (workdir / train.CHECKPOINT_DIR).is_dir() or (workdir / "summary.json").is_file()
     if old_file.is_file() and started and not allow_config_change:
@@ -423,15 +424,45 @@ def train_and_evaluate(
 
 
 def train_seconds(metrics_file: Path) -> float:
-    """Seconds of training steps over the whole run, resumed parts included: the steps taken
-    over the median step rate of the train records (robust to the first period of every
-    (re)start, which also compiles; evaluation is not counted)."""
+    """Measured seconds of training steps over the whole run, resumed parts included: the sum of
+    every train record's period (its ``steps`` over its ``steps_per_second``), compilation in
+    the first period of each (re)start included, evaluation not."""
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     train_records = [r for r in records if r.get("split") == "train" and r.get("steps_per_second")]
-    if not train_records:
-        return 0.0
-    rate = float(np.median([r["steps_per_second"] for r in train_records]))
-    return max(r["step"] for r in train_records) / rate
+    return float(sum(r["steps"] / r["steps_per_second"] for r in train_records))
+
+
+def finished(config: Config, workdir: str | os.PathLike[str]) -> dict | None:
+    """The summary of ``config``'s finished run in ``workdir``, or None if it holds none."""
+    workdir = Path(workdir)
+    if not (workdir / "summary.json").is_file() or not (workdir / "config.json").is_file():
+        return None
+    if json.loads((workdir / "config.json").read_text()) != _json(config):
+        return None
+    summary = json.loads((workdir / "summary.json").read_text())
+    metrics = workdir / train.METRICS_FILE
+    if "train_seconds" not in summary and metrics.is_file():  # older summaries
+        summary["train_seconds"] = train_seconds(metrics)
+    if summary.get("hf"):  # paths of this run directory, wherever it was trained
+        summary.update(workdir=str(workdir), hf=str(workdir / "hf"))
+    return summary
+
+
+def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -> dict:
+    """The summary of ``config``'s finished run in ``workdir``, training it first if needed: a
+    workdir holding a run of another config (an edited preset, another mode) is deleted and
+    trained afresh, an unfinished run of the same config resumes from its checkpoints."""
+    summary = finished(config, workdir)
+    if summary is not None:
+        return summary
+    old = Path(workdir) / "config.json"
+    if old.is_file() and json.loads(old.read_text()) != _json(config):
+        shutil.rmtree(workdir)
+    return train_and_evaluate(config, workdir, progress=progress)
+
+
+def _json(config: Config) -> dict:
+    return json.loads(json.dumps(dataclasses.asdict(config)))
 
 
 # ----------------------------------------------------------------------------- flags

@@ -587,6 +587,10 @@ def test_supersense_dataset_is_deterministic_and_split_by_synset(tmp_path):
         assert ((split.labels > 0).any(axis=1)).all()
         assert (split.labels[split.attention_mask == 0] == data.IGNORE_LABEL).all()
     verbs = data.wordnet_supersense("verbs", cache_dir=tmp_path)
+    rows = lambda split: {r.tobytes() for r in split.input_ids}
+    # A sentence of both a noun and a verb synset ("don't pay him any mind") is in neither:
+    # no domain's train split holds another's test sentence.
+    assert not rows(nouns.train) & rows(verbs.test) and not rows(verbs.train) & rows(nouns.test)
     with pytest.raises(ValueError, match="'verbs' has none of the classes"):
         data.wordnet_supersense("verbs", classes=("noun.act", "noun.person"), cache=False)
     glosses = data.wordnet_glosses(cache_dir=tmp_path)

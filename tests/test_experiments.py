@@ -132,6 +132,28 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
+def test_cached_runs_are_reused_or_trained_afresh(tmp_path):
+    import dataclasses
+
+    from experiments import train as T
+
+    tiny = dataclasses.replace(T.VIT_FASHION_MNIST, num_hidden_layers=1, hidden_size=16)
+    config = T.smoke(T.Config(name="v", model="vit", dataset="digits", vit_config=tiny))
+    run = tmp_path / "v"
+    assert T.finished(config, run) is None
+    first = T.cached(config, run)
+    assert T.cached(config, run)["wall_seconds"] == first["wall_seconds"]  # reused
+    metrics = [json.loads(x) for x in (run / train.METRICS_FILE).read_text().splitlines()]
+    periods = [r["steps"] / r["steps_per_second"] for r in metrics if r["split"] == "train"]
+    assert first["train_seconds"] == pytest.approx(sum(periods)) and periods
+    other = dataclasses.replace(config, learning_rate=2 * config.learning_rate)
+    assert T.finished(other, run) is None
+    second = T.cached(other, run)  # an edited preset: trained afresh, not refused or reused
+    assert second["wall_seconds"] != first["wall_seconds"]
+    assert json.loads((run / "config.json").read_text())["learning_rate"] == other.learning_rate
+    assert T.finished(other, run)["wall_seconds"] == second["wall_seconds"]
+
+
 def test_paths(tmp_path, capsys):
     """Two tiny random Fashion-MNIST ViTs: every path ends at A and at aligned B (same function
     as B), and the JSON holds what the plot shows."""

@@ -117,7 +117,11 @@ def run(shape, regime, key, repeats=(7, 3)):
         roles = {r for s in match.PAPER for r in match.BLOCKS[s]}
         g = sym.sample(spec, k2)
         b = sym.apply(spec, a, {n: g[n] for n in spec.select(roles=roles)})
-        b = jax.tree.map(lambda x, k=k3: x + 0.01 * jax.random.normal(k, x.shape), b)
+        leaves, treedef = jax.tree.flatten(b)
+        noise = jax.random.split(k3, len(leaves))  # a draw of its own for every tensor
+        b = treedef.unflatten(
+            [x + 0.01 * jax.random.normal(k, x.shape) for x, k in zip(leaves, noise, strict=True)]
+        )
     else:
         b = random_params(config, k4)
     row = {"shape": shape, "regime": regime}

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import json
 from pathlib import Path
 from typing import Any
 
@@ -95,16 +94,6 @@ def run_config(settings: Settings, name: str, seed: int) -> T.Config:
 
 def trained(settings: Settings, out: Path, name: str, seed: int, progress=False) -> dict[str, Any]:
     """The summary of a trained model (``summary["hf"]`` its checkpoint), training it first
-    unless ``OUT/models/<run>`` holds a finished run of the same config."""
+    unless ``OUT/models/<run>`` holds a finished run of the same config (`T.cached`)."""
     config = run_config(settings, name, seed)
-    workdir = out / "models" / config.name
-    summary_file = workdir / "summary.json"
-    if summary_file.is_file():
-        old = json.loads((workdir / "config.json").read_text())
-        if old == json.loads(json.dumps(dataclasses.asdict(config))):
-            summary = json.loads(summary_file.read_text())
-            summary.setdefault("train_seconds", T.train_seconds(workdir / "metrics.jsonl"))
-            if summary.get("hf"):  # paths of this run directory, wherever it was trained
-                summary.update(workdir=str(workdir), hf=str(workdir / "hf"))
-            return summary
-    return T.train_and_evaluate(config, workdir, progress=progress)
+    return T.cached(config, out / "models" / config.name, progress=progress)

@@ -78,8 +78,10 @@ def _pair(settings, summary_a, summary_b, test, unlabeled, select, curve_data, l
     labels = {"none": "none", "paper": "paper", "rotjax's best": best}
     out["curves"] = _curves(settings, pair, variants, labels, curve_data)
     if settings.layer_study:
-        out["layers"] = _layers(pair, evaluate, key)
-    out["runtime"] = _runtime(pair, unlabeled, summary_a, summary_b)
+        out["layers"] = _layers(pair, evaluate, key, settings.max_sweeps)
+    out["runtime"] = _runtime(
+        pair, unlabeled, summary_a, summary_b, key=key, max_sweeps=settings.max_sweeps
+    )
     return out
 
 
@@ -101,7 +103,7 @@ def _curves(settings, pair, variants, labels, curve_data):
     return out
 
 
-def _layers(pair, evaluate, key):
+def _layers(pair, evaluate, key, max_sweeps):
     """The paper's matching on one layer, on the first k layers (head) and the last k (tail);
     simple average and RegMean need no statistics per variant beyond the Grams."""
     n = pair.config.num_hidden_layers
@@ -110,14 +112,16 @@ def _layers(pair, evaluate, key):
     subsets |= {f"tail {k}": list(range(n - k, n)) for k in range(1, n + 1)}
     out = {}
     for name, layers in subsets.items():
-        aligned = match.align(pair.spec, pair.a, pair.b, layers=layers, key=key).params
+        opts = dict(layers=layers, key=key, max_sweeps=max_sweeps)
+        aligned = match.align(pair.spec, pair.a, pair.b, **opts).params
         out[name] = evaluate(merge.average([pair.a, aligned]))["accuracy"]
     return out
 
 
-def _runtime(pair, unlabeled, summary_a, summary_b):
-    """Seconds: matching (paper, all) against Fisher and RegMean statistics of both models
-    (after a first call that compiles) and their fine-tuning."""
+def _runtime(pair, unlabeled, summary_a, summary_b, *, key, max_sweeps):
+    """Seconds: matching (paper, all; the options of the merged alignments) against Fisher and
+    RegMean statistics of both models (after a first call that compiles) and their
+    fine-tuning (`experiments.train.train_seconds`)."""
     seconds = {}
     for kind, size in (("gram", 50), ("fisher", 25)):
         batches = fusion.batches(unlabeled, size)
@@ -127,10 +131,10 @@ def _runtime(pair, unlabeled, summary_a, summary_b):
             jax.block_until_ready(merge.statistics(pair.model, p, batches, (kind,)))
         seconds[f"{kind} statistics"] = time.perf_counter() - tic
     for name in ("paper", "all"):
-        solve = fusion.ALIGNMENTS[name]["solve"]
-        match.align(pair.spec, pair.a, pair.b, solve=solve)  # compile
+        opts = dict(solve=fusion.ALIGNMENTS[name]["solve"], key=key, max_sweeps=max_sweeps)
+        match.align(pair.spec, pair.a, pair.b, **opts)  # compile
         tic = time.perf_counter()
-        jax.block_until_ready(match.align(pair.spec, pair.a, pair.b, solve=solve).params)
+        jax.block_until_ready(match.align(pair.spec, pair.a, pair.b, **opts).params)
         seconds[f"matching ({name})"] = time.perf_counter() - tic
     seconds["fine-tuning"] = sum(
         s.get("train_seconds", s["wall_seconds"]) for s in (summary_a, summary_b)

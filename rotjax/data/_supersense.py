@@ -92,7 +92,11 @@ def wordnet_supersense(
     poses = sorted({c.split(".")[0] for c in classes if domain == "both" or domain[:-1] == c[:4]})
     if not poses:
         raise ValueError(f"domain {domain!r} has none of the classes {list(classes)}")
-    sources = [pos_file(wordnet_dir, pos) for pos in poses]
+    # Duplicates are counted over every class's sentences (the "both" selection), so a
+    # sentence of a noun and a verb synset is in no domain: each domain is a subset of "both",
+    # and no domain's train split holds another's test sentence.
+    every_pos = sorted({c.split(".")[0] for c in classes})
+    sources = [pos_file(wordnet_dir, pos) for pos in every_pos]
     sources += [Path(wordnet_dir) / f"{pos}.exc" for pos in poses]
     missing = [p for p in sources if not p.is_file()]
     if missing:
@@ -105,11 +109,11 @@ def wordnet_supersense(
     if path is not None and (arrays := read_cache(path, tags)) is not None:
         return wrap(name, arrays, tags)
     tokenizer = load_tokenizer(tok_file, max_length)
-    chosen = tuple(c for c in classes if c.split(".")[0] in poses)
-    kept = select_synsets(
-        chosen, poses, wordnet_dir, max_per_class=max_per_class, texts_of=lambda s: s.examples
+    every = select_synsets(
+        classes, every_pos, wordnet_dir, max_per_class=max_per_class, texts_of=lambda s: s.examples
     )
-    counts = Counter(same_text(text) for _, texts in kept for text in texts)
+    counts = Counter(same_text(text) for _, texts in every for text in texts)
+    kept = [(synset, texts) for synset, texts in every if synset.lexname.split(".")[0] in poses]
     forms = {pos: _exceptions(Path(wordnet_dir) / f"{pos}.exc") for pos in poses}
     rows: dict[str, list] = {split: [] for split in SPLITS}
     for synset, texts in kept:
