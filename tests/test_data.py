@@ -571,6 +571,13 @@ def test_supersense_tags_on_hand_checked_sentences():
     # A noun's irregular plural, case-insensitive; no match, no tag.
     assert ("geese", "B-noun.group") in _tagged("Geese flew over", ["goose"], "noun", "noun.group")
     assert all(t in ("O", "-") for _, t in _tagged("A cat sat", ["dog"], "noun", "noun.group"))
+    # An irregular form of a whole compound (noun.exc: movers_and_shakers mover_and_shaker).
+    got = _tagged("movers and shakers met", ["mover and shaker"], "noun", "noun.person")
+    assert [t for t in got if t[1] != "-"][:3] == [
+        ("move", "B-noun.person"),
+        ("and", "I-noun.person"),
+        ("shake", "I-noun.person"),
+    ]  # first pieces of movers, and, shakers
 
 
 def test_supersense_dataset_is_deterministic_and_split_by_synset(tmp_path):

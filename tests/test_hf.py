@@ -51,6 +51,10 @@ CASES = {
     # grouping, head_dim other than hidden/heads, Qwen2 biases, tied embeddings, Mistral.
     "llama-seq-k2g2d6": CONFIGS["llama-k2g2d6-l2-seq"],
     "qwen2-lm-k1g4": CONFIGS["qwen2-k1g4d4-l1"],
+    # a window of 4 tokens from layer 1 on, past the last layer: 7-token inputs run, unslid
+    "qwen2-lm-window-unused": dataclasses.replace(
+        CONFIGS["qwen2-k1g4d4-l1"], sliding_window=4, max_window_layers=1
+    ),
     "llama-lm-h3-tied-bias": llama.Config(
         vocab_size=40,
         hidden_size=12,
@@ -210,6 +214,27 @@ def test_parity_with_transformers(name, seed, tmp_path):
     assert_trees_equal(rotjax.models.unstack_layers(params_s), params)
     if name in SCANNED:  # the others would only add XLA compiles for identical params
         assert rel_err(rotjax_forward(config_s, params_s, x), expected) <= TOL
+
+
+@pytest.mark.parametrize("name", ["bert-seq-h3d4", "vit-cls-h3d4", "deberta-seq-v3-h3d5"])
+def test_layer_norms_of_a_stream_with_a_large_mean_match_transformers(name, seed):
+    """Every feature offset by 300 (the embeddings' or patch projection's bias): LayerNorm's
+    variance in two passes, as torch's, keeps the logits within 5e-4 (float32 rounds 300 + x by
+    up to 1.8e-5, ~1e-4 of these rows' spread, which the layers amplify: measured up to 1.7e-4
+    over six seeds); flax's default E[x²] - mean² was off by 9e-4 to 0.35 on the same seeds."""
+    model = torch_model(name, seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if type(m).__name__.endswith("Embeddings"):
+                if hasattr(m, "word_embeddings"):
+                    m.word_embeddings.weight.add_(300.0)
+                else:
+                    m.patch_embeddings.projection.bias.add_(300.0)
+                break
+    config, params = rotjax.hf.load(model)
+    x = make_inputs(config, np.random.default_rng(seed))
+    expected = torch_forward(model, x)
+    assert rel_err(rotjax_forward(config, params, x), expected) <= 5e-4
 
 
 @pytest.mark.parametrize(

@@ -1,6 +1,7 @@
 """The model registry, input checks, the two params layouts and pretrained initialisation."""
 
 import dataclasses
+import re
 
 import jax
 import jax.numpy as jnp
@@ -47,7 +48,7 @@ def test_family_record_describes_its_model(name, key):
         ({"pos_att_type": ["p2p", "c2p"]}, r"pos_att_type=\['p2p', 'c2p'\] is not supported"),
         ({"norm_rel_ebd": "batch_norm"}, "norm_rel_ebd='batch_norm' is not supported"),
         ({"norm_rel_ebd": "layer_norm"}, "with relative_attention=False is not supported"),
-        ({"position_buckets": 1}, "position_buckets=1 is not supported"),
+        ({"relative_attention": True, "position_buckets": 1}, "position_buckets=1 is not"),
         (
             {"relative_attention": True, "position_buckets": 8, "max_relative_positions": 5},
             "position_buckets=8 with max_relative_positions=5 gives log buckets of zero width",
@@ -61,6 +62,12 @@ def test_deberta_options_rotjax_lacks_are_refused(changes, message):
     base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
     with pytest.raises(ValueError, match=message):
         deberta.Config(**{**base, **changes})
+
+
+def test_deberta_bucket_fields_without_relative_attention_are_accepted():
+    base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    for buckets in (1, 8):  # transformers reads neither field without relative attention
+        deberta.Config(**base, position_buckets=buckets, max_relative_positions=5)
 
 
 def test_configs_without_pad_token_id_take_transformers_defaults():
@@ -153,6 +160,24 @@ def test_models_check_their_inputs(key):
         c.model.apply({"params": params}, ids)
     with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 3\), input_ids \(2, 4\)"):
         c.model.apply({"params": params}, ids[:, :4], jnp.ones((2, 3), jnp.int32))
+    # Ids outside their tables (a gather would wrap -1 and give NaN past the end), as
+    # transformers refuses them; RoBERTa's single token type takes no pair ids.
+    bad = [
+        (-1, None, "input_ids holds ids -1..1"),
+        (b.vocab_size, None, f"ids 1..{b.vocab_size}; the model"),
+    ]
+    bad.append((1, 2, f"token_type_ids holds ids 0..2; the model's table has {b.type_vocab_size}"))
+    for top, kind, message in bad:
+        wrong = ids[:, :4].at[0, 0].set(top if kind is None else 1)
+        types = None if kind is None else jnp.zeros_like(wrong).at[1, 1].set(kind)
+        with pytest.raises(ValueError, match=re.escape(message)):
+            c.model.apply({"params": params}, wrong, None, types)
+    r = CONFIGS["roberta-h1d6-l2"]
+    c = compiled(r)
+    types = jnp.zeros((1, 4), jnp.int32).at[0, 2:].set(1)
+    message = "token_type_ids holds ids 0..1; the model's table has 1 rows"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        c.model.apply({"params": c.init(key, 0.3)}, jnp.full((1, 4), 3, jnp.int32), None, types)
 
 
 @pytest.mark.parametrize("name", ["deberta-v3-h3d5-l2-seq", "llama-k2g2d6-l2-seq"])

@@ -51,7 +51,7 @@ from rotjax.data._tokenize import load_tokenizer, tokenizer_file
 from rotjax.data._wordnet import WORDNET_DIR, WORDNET_HINT, pos_file
 
 SUPERSENSE_DOMAINS = ("nouns", "verbs", "both")
-_RULES = 1  # version of the tagging rules (a change rebuilds the cache)
+_RULES = 2  # version of the tagging rules (a change rebuilds the cache)
 
 
 def supersense_tags(classes: Sequence[str] = WORDNET_LABELS) -> tuple[str, ...]:
@@ -179,10 +179,12 @@ def inflections(
 
 def _variants(lemmas: Iterable[str], pos: str, irregular) -> tuple[str, ...]:
     """Every surface form of the lemmas: a verb phrase inflects its first word, a noun
-    compound its last."""
+    compound its last; an irregular form listed for the whole lemma (``objets_d'art``,
+    ``movers_and_shakers``) counts too."""
     out = set()
     for lemma in lemmas:
         words = lemma.lower().split()
+        out.update(f.replace("_", " ") for f in (irregular or {}).get("_".join(words), ()))
         i = 0 if pos == "verb" else len(words) - 1
         for form in inflections(words[i], pos, irregular):
             out.add(" ".join([*words[:i], form, *words[i + 1 :]]))

@@ -80,11 +80,21 @@ def check_fields(config: Any, *, may_be_zero: tuple[str, ...] = ()) -> None:
             raise ValueError(f"config field {f.name} must be >= {least}, got {value}")
 
 
-def check_tokens(input_ids, room: int | None, what: str, **same_shape) -> None:
+# Variance in two passes, E[(x - mean)^2], as PyTorch computes it: flax's default E[x^2] -
+# mean^2 loses float32's digits when a feature's mean is large against its spread (a stream
+# offset of 300 moved a tiny BERT's logits by 17% of their size).
+LayerNorm = functools.partial(nn.LayerNorm, use_fast_variance=False)
+
+
+def check_tokens(
+    input_ids, room: int | None, what: str, *, sizes: dict[str, int] | None = None, **same_shape
+) -> None:
     """Token inputs against the config, at trace time, with a clear message (not a broadcast
     error deep inside): ``input_ids`` is (batch, tokens) with at most ``room`` tokens (``what``
     says which config field sets it; None: no limit), and each array of ``same_shape`` that is
-    given has its shape."""
+    given has its shape. ``sizes`` (input name -> table size, 0 for a table the model lacks):
+    concrete inputs (outside `jax.jit`) must index their tables, as transformers demands (a
+    gather would wrap a negative id and give NaN past the end)."""
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch, tokens), got shape {input_ids.shape}")
     if room is not None and input_ids.shape[1] > room:
@@ -94,6 +104,14 @@ def check_tokens(input_ids, room: int | None, what: str, **same_shape) -> None:
     for name, x in same_shape.items():
         if x is not None and x.shape != input_ids.shape:
             raise ValueError(f"{name} has shape {x.shape}, input_ids {input_ids.shape}")
+    arrays = {"input_ids": input_ids, **same_shape}
+    for name, size in (sizes or {}).items():
+        x = arrays.get(name)
+        if x is None or not size or isinstance(x, jax.core.Tracer) or not x.size:
+            continue
+        low, high = int(x.min()), int(x.max())
+        if low < 0 or high >= size:
+            raise ValueError(f"{name} holds ids {low}..{high}; the model's table has {size} rows")
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -106,7 +106,7 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, mask: jax.Array | None) -> jax.Array:
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
-        norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps)
+        norm = functools.partial(_layers.LayerNorm, epsilon=c.layer_norm_eps)
         drop = nn.Dropout(c.hidden_dropout_prob, deterministic=self.deterministic)
         h = _layers.SelfAttention(
             c.num_attention_heads,
@@ -154,6 +154,7 @@ class Model(nn.Module):
             input_ids,
             room,
             f"max_position_embeddings={c.max_position_embeddings}",
+            sizes={"input_ids": c.vocab_size, "token_type_ids": c.type_vocab_size},
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
         )
@@ -204,7 +205,7 @@ class Embeddings(nn.Module):
             + embed(c.max_position_embeddings, name="position_embeddings")(position_ids)
             + embed(c.type_vocab_size, name="token_type_embeddings")(token_type_ids)
         )
-        return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
+        return _layers.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
 
 
 class RobertaHead(nn.Module):

@@ -151,9 +151,14 @@ class Config:
                 f"norm_rel_ebd={self.norm_rel_ebd!r} with relative_attention=False is not "
                 "supported (transformers builds a LayerNorm it never uses)"
             )
-        if self.position_buckets == 1:
+        relative = self.relative_attention  # else transformers reads no bucket field
+        if relative and self.position_buckets == 1:
             raise ValueError("position_buckets=1 is not supported (no log buckets of width 0)")
-        if self.position_buckets > 1 and self.max_relative - 1 == self.position_buckets // 2:
+        if (
+            relative
+            and self.position_buckets > 1
+            and self.max_relative - 1 == self.position_buckets // 2
+        ):
             raise ValueError(  # log((max_relative - 1) / mid) = 0: transformers divides by it
                 f"position_buckets={self.position_buckets} with max_relative_positions="
                 f"{self.max_relative} gives log buckets of zero width"
@@ -292,7 +297,7 @@ class Block(nn.Module):
     def __call__(self, x, inputs):
         c = self.config
         mask, rel = inputs
-        norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps)
+        norm = functools.partial(_layers.LayerNorm, epsilon=c.layer_norm_eps)
         drop = nn.Dropout(c.hidden_dropout_prob, deterministic=self.deterministic)
         h = Attention(c, self.deterministic, name="attention")(x, mask, rel)
         x = norm(name="attention_norm")(x + drop(h))
@@ -326,7 +331,7 @@ class Encoder(nn.Module):
             )
             rel = rel_embed(jnp.arange(2 * c.span))  # the whole table
             if c.rel_norm:
-                rel = nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(rel)
+                rel = _layers.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(rel)
         run = _layers.stack(
             Block, c.num_hidden_layers, c.scan_layers, config=c, deterministic=self.deterministic
         )
@@ -359,6 +364,7 @@ class Model(nn.Module):
             input_ids,
             c.max_position_embeddings if c.position_biased_input else None,
             "max_position_embeddings",
+            sizes={"input_ids": c.vocab_size, "token_type_ids": c.type_vocab_size},
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
         )
@@ -400,7 +406,7 @@ class Embeddings(nn.Module):
             x = x + embed(c.max_position_embeddings, name="position_embeddings")(positions)
         if c.type_vocab_size > 0:
             x = x + embed(c.type_vocab_size, name="token_type_embeddings")(token_type_ids)
-        return nn.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
+        return _layers.LayerNorm(epsilon=c.layer_norm_eps, name="LayerNorm")(x)
 
 
 def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:

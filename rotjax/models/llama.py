@@ -117,6 +117,14 @@ class Config:
         return self.head_dim
 
     @property
+    def window(self) -> int | None:
+        """The sliding window of the layers that use one, or None if none does (a Qwen2
+        window starts at layer ``max_window_layers``, which may be past the last)."""
+        if self.model_type == "qwen2" and (self.max_window_layers or 0) >= self.num_hidden_layers:
+            return None
+        return self.sliding_window
+
+    @property
     def qkv_bias(self) -> bool:
         return self.attention_bias or self.model_type == "qwen2"
 
@@ -226,8 +234,8 @@ class Model(nn.Module):
     (``sequence_classification``: the rightmost token that is not ``pad_token_id``, as
     transformers; without a pad token, the attention mask's last 1, where transformers takes the
     last position), or the final hidden states (``task=None``). Positions count from 0 (right
-    padding). Inputs longer than ``sliding_window`` are refused (sliding attention is not
-    implemented; shorter ones are exact, whichever layers would slide)."""
+    padding). Inputs longer than ``sliding_window`` are refused if a layer slides (sliding
+    attention is not implemented; shorter ones are exact, whichever layers would slide)."""
 
     config: Config
 
@@ -236,8 +244,9 @@ class Model(nn.Module):
         c = self.config
         _layers.check_tokens(
             input_ids,
-            c.sliding_window,
+            c.window,
             f"sliding_window={c.sliding_window}: longer inputs are not implemented",
+            sizes={"input_ids": c.vocab_size},
             attention_mask=attention_mask,
         )
         t = input_ids.shape[1]
@@ -455,7 +464,7 @@ def stream_spec(config: Config) -> sym.StreamSpec:
 def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array, jax.Array]:
     """``(input_ids, attention_mask)`` of ``batch_size`` rows of 8 real tokens (fewer if the
     model's ``sliding_window`` takes fewer)."""
-    n = min(8, config.sliding_window or 8)
+    n = min(8, config.window or 8)
     ids = jnp.ones((batch_size, n), jnp.int32) % config.vocab_size
     return ids, jnp.ones((batch_size, n), jnp.int32)
 

@@ -93,7 +93,7 @@ class Block(nn.Module):
     def __call__(self, x: jax.Array, mask: None) -> jax.Array:
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
-        norm = functools.partial(nn.LayerNorm, epsilon=c.layer_norm_eps)
+        norm = functools.partial(_layers.LayerNorm, epsilon=c.layer_norm_eps)
         h = _layers.SelfAttention(
             c.num_attention_heads,
             c.head_dim,
@@ -135,7 +135,7 @@ class Model(nn.Module):
         x = Embeddings(c, name="embeddings")(pixel_values)
         x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
         x = _layers.Encoder(Block, c, deterministic, name="encoder")(x, None)
-        x = nn.LayerNorm(epsilon=c.layer_norm_eps, name="layernorm")(x)
+        x = _layers.LayerNorm(epsilon=c.layer_norm_eps, name="layernorm")(x)
         if c.task is None:
             pooled = None
             if c.has_pooler:
