@@ -250,7 +250,15 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails([*base, "--refit"], capsys, "--refit needs --data")
     ties = [*base, "--method", "ties", "--base", A, "--refit", "--data", str(tmp / "data.npz")]
     _fails(ties, capsys, "--refit does not")
-    _fails([*base, "--ridge", "-1"], capsys, "--ridge must be a finite number >= 0")
+    refit = [*base, "--refit", "--data", str(tmp / "data.npz")]
+    _fails([*refit, "--ridge", "-1"], capsys, "--ridge must be a finite number >= 0")
+    # A method's options given to another are refused, not silently ignored.
+    _fails([*base, "--ridge", "1"], capsys, "--ridge does not apply without --refit")
+    _fails([*base, "--alpha", "0.5"], capsys, "--alpha does not apply to --method average")
+    dare = [*base, "--method", "dare", "--base", A]
+    _fails([*dare, "--density", "0.5"], capsys, "--density does not apply to --method dare")
+    _fails([*base, "--transport", "sinkhorn"], capsys, "(only to ot-acts, ot-wts)")
+    _fails([*dare, "--drop", "1"], capsys, "--drop must be in [0, 1), got 1.0")
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", ""], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")

@@ -31,6 +31,16 @@ METHODS = ("average", "fisher", "regmean", "task-arithmetic", "ties", "dare", "o
 ALIGNS = ("none", "paper", "all", "activations")
 NEEDS_DATA = ("fisher", "regmean", "ot-acts")
 NEEDS_BASE = ("task-arithmetic", "ties", "dare")
+# option -> (its default, the methods that read it; "--refit" for --ridge)
+OPTIONS = {
+    "alpha": (0.9, ("regmean",)),
+    "fisher": ("exact", ("fisher",)),
+    "scale": (1.0, NEEDS_BASE),
+    "density": (0.2, ("ties",)),
+    "drop": (0.9, ("dare",)),
+    "transport": ("exact", ("ot-acts", "ot-wts")),
+    "ridge": (1e-4, ("--refit",)),
+}
 
 EPILOG = """\
 methods (--method):
@@ -74,12 +84,14 @@ def add_arguments(m, *, positive_int) -> None:
     m.add_argument("--data", action="append", default=[], help=".npz of inputs (see below)")
     m.add_argument("--base", help="the base model of the task-vector methods")
     m.add_argument("--weights", help="comma-separated model weights λ (default all 1)")
-    m.add_argument("--alpha", type=float, default=0.9, help="RegMean's off-diagonal scale")
-    m.add_argument("--fisher", choices=merge.FISHERS, default="exact", help="Fisher variant")
-    m.add_argument("--scale", type=float, default=1.0, help="λ of the task-vector methods")
-    m.add_argument("--density", type=float, default=0.2, help="TIES: fraction kept")
-    m.add_argument("--drop", type=float, default=0.9, help="DARE: drop probability")
-    m.add_argument("--transport", choices=("exact", "sinkhorn"), default="exact", help="OT")
+    # Each method's own options: None when not given (the defaults of `OPTIONS` fill in), so
+    # an option given to a method that does not read it is refused, not silently ignored.
+    m.add_argument("--alpha", type=float, help="RegMean's off-diagonal scale (default 0.9)")
+    m.add_argument("--fisher", choices=merge.FISHERS, help="Fisher variant (default exact)")
+    m.add_argument("--scale", type=float, help="λ of the task-vector methods (default 1)")
+    m.add_argument("--density", type=float, help="TIES: fraction kept (default 0.2)")
+    m.add_argument("--drop", type=float, help="DARE: drop probability (default 0.9)")
+    m.add_argument("--transport", choices=("exact", "sinkhorn"), help="OT (default exact)")
     m.add_argument(
         "--circuits",
         action="store_true",
@@ -90,7 +102,7 @@ def add_arguments(m, *, positive_int) -> None:
         action="store_true",
         help="then refit every dense layer on the merged model's inputs (needs --data)",
     )
-    m.add_argument("--ridge", type=float, default=1e-4, help="--refit's pull to the merge")
+    m.add_argument("--ridge", type=float, help="--refit's pull to the merge (default 1e-4)")
     m.add_argument("--batch-size", type=positive_int, default=32, help="statistics batches")
     m.add_argument("--max-examples", type=positive_int, default=1000, help="per --data file")
     m.add_argument("--seed", type=int, default=0)
@@ -102,6 +114,17 @@ def _options(args) -> dict:
     n = len(args.models)
     if n < 2:
         raise CLIError(f"merge needs at least 2 models, got {n}")
+    for name, (default, readers) in OPTIONS.items():
+        used = args.refit if name == "ridge" else args.method in readers
+        if getattr(args, name) is not None and not used:
+            raise CLIError(
+                "--ridge does not apply without --refit"
+                if name == "ridge"
+                else f"--{name} does not apply to --method {args.method} (only to "
+                f"{', '.join(readers)})"
+            )
+        if used and getattr(args, name) is None:
+            setattr(args, name, default)
     needs_data = args.method in NEEDS_DATA or args.align == "activations" or args.refit
     if needs_data and not args.data:
         why = (
@@ -121,9 +144,9 @@ def _options(args) -> dict:
             raise CLIError(f"--{flag} does not apply to --method {args.method}")
     if args.base and args.method not in NEEDS_BASE:
         raise CLIError(f"--base does not apply to --method {args.method} (only to task vectors)")
-    if not (np.isfinite(args.ridge) and args.ridge >= 0):
+    if args.ridge is not None and not (np.isfinite(args.ridge) and args.ridge >= 0):
         raise CLIError(f"--ridge must be a finite number >= 0, got {args.ridge}")
-    if not (np.isfinite(args.scale) and abs(args.scale) <= 1e6):
+    if args.scale is not None and not (np.isfinite(args.scale) and abs(args.scale) <= 1e6):
         raise CLIError(f"--scale must be a finite number (|scale| <= 1e6), got {args.scale}")
     if args.method == "fisher" and args.fisher == "empirical" and not args.data:
         raise CLIError("--fisher empirical needs --data with labels")
@@ -141,10 +164,12 @@ def _options(args) -> dict:
             merge.model_weights(weights, n)
         except ValueError as e:
             raise CLIError(f"--weights: {e}") from None
-    if not 0 <= args.alpha <= 1:
+    if args.alpha is not None and not 0 <= args.alpha <= 1:
         raise CLIError(f"--alpha must be in [0, 1], got {args.alpha}")
-    if not 0 < args.density <= 1 or not 0 <= args.drop < 1:
-        raise CLIError("--density must be in (0, 1] and --drop in [0, 1)")
+    if args.density is not None and not 0 < args.density <= 1:
+        raise CLIError(f"--density must be in (0, 1], got {args.density}")
+    if args.drop is not None and not 0 <= args.drop < 1:
+        raise CLIError(f"--drop must be in [0, 1), got {args.drop}")
     for f in [*args.data, *([args.base] if args.base else [])]:
         if not Path(f).exists():
             raise CLIError(f"{f} does not exist")
@@ -363,7 +388,13 @@ def run(args) -> int:
     if kinds:
         stats = [
             merge.statistics(
-                model, p, batches(i), kinds, fisher=args.fisher, key=key, progress=not args.quiet
+                model,
+                p,
+                batches(i),
+                kinds,
+                fisher=args.fisher or "exact",
+                key=key,
+                progress=not args.quiet,
             )
             for i, p in enumerate(aligned)
         ]
