@@ -136,6 +136,8 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert chosen["prediction_loss"] and chosen["start"] in ("activations", "weights")
     losses = [*chosen["prediction_loss"], chosen["prediction_loss_weights_start"]]
     assert all(np.isfinite(losses)), chosen
+    # B unaligned (A moved by a symmetry element) is a candidate too, and a worse one.
+    assert chosen["prediction_loss_unaligned"] > min(losses), chosen
 
 
 @pytest.mark.parametrize("method", ["average", "ot-wts"])

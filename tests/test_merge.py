@@ -542,17 +542,23 @@ def test_align_by_activations_keeps_the_candidate_with_the_least_prediction_loss
     assert (given["start"], given["sweeps"]) == (info["start"], info["sweeps"])
     with pytest.raises(TypeError, match="weights_start must be a bool or an Alignment"):
         merge.align_by_activations(c.model, c.spec, a, b, data, weights_start=free)
-    best = min(*losses, info["weights_loss"])
+    unaligned = loss(merge.average([a, b]))
+    assert info["identity_loss"] == pytest.approx(unaligned, rel=TOL)
+    best = min(*losses, info["weights_loss"], unaligned)
     assert loss(merge.average([a, res.params])) == pytest.approx(best, rel=TOL)
     if info["start"] == "activations":
         assert info["sweeps"] == int(np.argmin(losses)) and min(losses) <= info["weights_loss"]
-    else:
-        assert info["start"] == "weights" and info["weights_loss"] < min(losses)
+    elif info["start"] == "weights":
+        assert info["weights_loss"] < min(losses)
+    else:  # B as it is: the identity, when no alignment predicts better
+        assert info["start"] == "identity" and unaligned < min(*losses, info["weights_loss"])
+        assert rel_err(res.params, b) == 0
     _, only = merge.align_by_activations(
         c.model, c.spec, a, b, data, max_sweeps=3, weights_start=False
     )
     assert only["losses"] == pytest.approx(losses, rel=TOL) and only["weights_loss"] is None
-    assert only["start"] == "activations" and only["sweeps"] == int(np.argmin(losses))
+    if only["start"] != "identity":
+        assert only["start"] == "activations" and only["sweeps"] == int(np.argmin(losses))
     x = inputs(config, jax.random.fold_in(key, 2))  # g·B: B moved by a symmetry element
     assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
     assert rel_err(res.params, c.apply(b, res.transform)) <= TOL

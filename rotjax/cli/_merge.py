@@ -373,6 +373,7 @@ def run(args) -> int:
                             "start": chosen["start"],
                             "prediction_loss": chosen["losses"],
                             "prediction_loss_weights_start": chosen["weights_loss"],
+                            "prediction_loss_unaligned": chosen["identity_loss"],
                         }
                         if chosen
                         else {}

@@ -101,14 +101,16 @@ def align_by_activations(
        ``weights_start`` may be that alignment itself, already computed
        (``match.align(spec, anchor_params, params, solve=solve)``): it is then not redone.
     3. The one kept: the candidate g whose average ``(A + g·B)/2`` has the least
-       `prediction_loss` against A's and B's mean prediction on the same batches. Models
-       without a classification head have no such loss: `align` runs to convergence from the
-       activation start instead.
+       `prediction_loss` against A's and B's mean prediction on the same batches; B itself
+       (no alignment) is a candidate too, so the choice never predicts worse than not
+       aligning (fine-tunes of one model share its basis). Models without a classification
+       head have no such loss: `align` runs to convergence from the activation start instead.
 
     Returns ``(alignment, info)``: ``info["losses"]`` the loss of each candidate from the
     activation start (0, 1, ... sweeps), ``info["weights_loss"]`` that of the data-free
-    candidate (None without it), ``info["start"]`` the chosen one's start (``"activations"``
-    or ``"weights"``) and ``info["sweeps"]`` its sweeps. The alignment's transform is
+    candidate (None without it), ``info["identity_loss"]`` that of B unaligned,
+    ``info["start"]`` the chosen one's start (``"activations"``, ``"weights"`` or
+    ``"identity"``) and ``info["sweeps"]`` its sweeps. The alignment's transform is
     complete and its diagnostics are those of its `align` call.
     """
     if not (isinstance(max_sweeps, int) and max_sweeps >= 0):
@@ -152,8 +154,22 @@ def align_by_activations(
         if info["weights_loss"] < losses[best[0]]:
             best = (res.diagnostics.sweeps, res)
             info |= {"start": "weights", "sweeps": res.diagnostics.sweeps}
+    # B as it is: fine-tunes of one model already share its basis, and no candidate whose
+    # average predicts worse than that one's is kept.
+    info["identity_loss"] = loss(average([anchor_params, params]))
+    kept = info["weights_loss"] if info["start"] == "weights" else losses[best[0]]
+    if info["identity_loss"] < kept:
+        res = match.align(spec, anchor_params, params, solve=(), key=key, solver=solver)
+        best = (0, res)
+        info |= {"start": "identity", "sweeps": 0}
     return best[1], info
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:
-    return {"losses": losses, "weights_loss": weights_loss, "start": start, "sweeps": sweeps}
+    return {
+        "losses": losses,
+        "weights_loss": weights_loss,
+        "identity_loss": None,
+        "start": start,
+        "sweeps": sweeps,
+    }

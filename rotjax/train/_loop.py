@@ -268,12 +268,16 @@ def fit(
         manager = _checkpoint.checkpoint_manager(
             workdir / CHECKPOINT_DIR, save_every=checkpoint_every, keep=keep_checkpoints
         )
-        restored = _checkpoint.restore_checkpoint(manager, state, sharding=rep)
-        if restored is not None:
-            state = restored
-            resumed_from = int(jax.device_get(state.step))
-        if lead:
-            writer = MetricsWriter(workdir / METRICS_FILE, resume_step=resumed_from)
+        try:  # a checkpoint that does not fit, or an unwritable log: the manager closed
+            restored = _checkpoint.restore_checkpoint(manager, state, sharding=rep)
+            if restored is not None:
+                state = restored
+                resumed_from = int(jax.device_get(state.step))
+            if lead:
+                writer = MetricsWriter(workdir / METRICS_FILE, resume_step=resumed_from)
+        except BaseException:
+            manager.close()
+            raise
 
     history: list[Record] = []
 
