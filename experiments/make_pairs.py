@@ -89,7 +89,7 @@ def markdown(summaries: list[dict], pairs: list[tuple[str, str, str]], total: fl
 
 def main(argv=None):
     p = argparse.ArgumentParser(description="Train ViT and MiniLM pairs for alignment.")
-    p.add_argument("--out", default="runs/pairs")
+    p.add_argument("--out", help="default runs/pairs (-quick, -smoke in those modes)")
     p.add_argument("--quick", action="store_true", help="subsets and short schedules (~10 min)")
     p.add_argument("--smoke", action="store_true", help="two steps per run (a pipeline check)")
     p.add_argument("--runs", default="", help="only the runs whose name contains this")
@@ -98,9 +98,8 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     train.enable_compilation_cache()
-    out = Path(args.out)
-    if args.out == p.get_default("out") and (args.quick or args.smoke):  # never full mode's
-        out = Path("runs/pairs-smoke" if args.smoke else "runs/pairs-quick")
+    mode = "-smoke" if args.smoke else "-quick" if args.quick else ""
+    out = Path(args.out or f"runs/pairs{mode}")  # by default never full mode's directory
     out.mkdir(parents=True, exist_ok=True)
     runs, pairs = plan(args.num_seeds, quick=args.quick, smoke=args.smoke)
     runs = [r for r in runs if args.runs in r.name]

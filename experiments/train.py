@@ -311,15 +311,17 @@ def train_and_evaluate(
     new = _json(config)
     old_file = workdir / "config.json"
     started = (workdir / train.CHECKPOINT_DIR).is_dir() or (workdir / "summary.json").is_file()
-    if old_file.is_file() and started and not allow_config_change:
+    if old_file.is_file() and started:
         old = json.loads(old_file.read_text())
-        diff = sorted(k for k in {*old, *new} if old.get(k) != new.get(k))
-        if diff:
-            shown = ", ".join(f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in diff)
+        diff = config_diff(old, config)
+        if diff and not allow_config_change:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in diff)
             raise ValueError(
                 f"{workdir} holds a run of another config ({shown}); use another workdir, or "
                 "--allow-config-change to continue it under the new settings"
             )
+        if diff:  # the old run's summary would stand beside the new config
+            (workdir / "summary.json").unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     old_file.write_text(json.dumps(new, indent=2))
     begin = time.perf_counter()
@@ -428,36 +430,84 @@ def train_seconds(metrics_file: Path) -> float:
     every train record's period (its ``steps`` over its ``steps_per_second``), compilation in
     the first period of each (re)start included, evaluation not."""
     records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
-    train_records = [r for r in records if r.get("split") == "train" and r.get("steps_per_second")]
-    return float(sum(r["steps"] / r["steps_per_second"] for r in train_records))
+    total, last = 0.0, 0
+    for r in records:
+        if r.get("split") == "train" and r.get("steps_per_second"):
+            steps = r.get("steps", r["step"] - last)  # older logs: the steps since the last
+            total, last = total + steps / r["steps_per_second"], r["step"]
+    return total
+
+
+def config_diff(old: dict, config: Config) -> list[tuple[str, Any, Any]]:
+    """``(field, old value, new value)`` of every field where a run's ``config.json`` (``old``)
+    differs from ``config``; a field the old run predates counts as its default."""
+    required = {
+        f.name: getattr(config, f.name)
+        for f in dataclasses.fields(Config)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    }
+    out: list[tuple[str, Any, Any]] = []
+
+    def walk(a, b, default, prefix):
+        for k in sorted({*a, *b}):
+            if k not in b:
+                out.append((prefix + k, a[k], None))
+            elif k not in a:
+                if not isinstance(default, dict) or default.get(k) != b[k]:
+                    out.append((prefix + k, None, b[k]))
+            elif isinstance(a[k], dict) and isinstance(b[k], dict):
+                walk(
+                    a[k],
+                    b[k],
+                    default.get(k) if isinstance(default, dict) else None,
+                    f"{prefix}{k}.",
+                )
+            elif a[k] != b[k]:
+                out.append((prefix + k, a[k], b[k]))
+
+    walk(old, _json(config), _json(Config(**required)), "")
+    return out
 
 
 def finished(config: Config, workdir: str | os.PathLike[str]) -> dict | None:
     """The summary of ``config``'s finished run in ``workdir``, or None if it holds none."""
-    workdir = Path(workdir)
+    workdir = Path(workdir).absolute()
     if not (workdir / "summary.json").is_file() or not (workdir / "config.json").is_file():
         return None
-    if json.loads((workdir / "config.json").read_text()) != _json(config):
+    if config_diff(json.loads((workdir / "config.json").read_text()), config):
         return None
     summary = json.loads((workdir / "summary.json").read_text())
     metrics = workdir / train.METRICS_FILE
     if "train_seconds" not in summary and metrics.is_file():  # older summaries
         summary["train_seconds"] = train_seconds(metrics)
-    if summary.get("hf"):  # paths of this run directory, wherever it was trained
-        summary.update(workdir=str(workdir), hf=str(workdir / "hf"))
+    summary["workdir"] = str(workdir)  # this run directory's paths, wherever it was trained
+    if summary.get("hf"):
+        summary["hf"] = str(workdir / "hf")
     return summary
 
 
 def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -> dict:
     """The summary of ``config``'s finished run in ``workdir``, training it first if needed: a
     workdir holding a run of another config (an edited preset, another mode) is deleted and
-    trained afresh, an unfinished run of the same config resumes from its checkpoints."""
+    trained afresh, an unfinished run of the same config resumes from its checkpoints.
+
+    Raises:
+      ValueError: ``workdir`` holds something other than a run of `train_and_evaluate` (its
+        ``config.json`` is not a run's config): it is not deleted.
+    """
     summary = finished(config, workdir)
     if summary is not None:
         return summary
     old = Path(workdir) / "config.json"
-    if old.is_file() and json.loads(old.read_text()) != _json(config):
-        shutil.rmtree(workdir)
+    if old.is_file():
+        try:
+            run = json.loads(old.read_text())
+        except json.JSONDecodeError:
+            run = None
+        if not isinstance(run, dict) or not {"name", "model", "dataset"} <= set(run):
+            raise ValueError(f"{workdir} is not a training run (its config.json); not deleting it")
+        if config_diff(run, config):
+            shutil.rmtree(workdir)
     return train_and_evaluate(config, workdir, progress=progress)
 
 

@@ -152,6 +152,22 @@ def test_cached_runs_are_reused_or_trained_afresh(tmp_path):
     assert second["wall_seconds"] != first["wall_seconds"]
     assert json.loads((run / "config.json").read_text())["learning_rate"] == other.learning_rate
     assert T.finished(other, run)["wall_seconds"] == second["wall_seconds"]
+    # A run predating a field (its default) is the same run; older logs without "steps".
+    saved = json.loads((run / "config.json").read_text())
+    del saved["keep_checkpoints"], saved["vit_config"]["qkv_bias"]
+    (run / "config.json").write_text(json.dumps(saved))
+    assert T.finished(other, run)["wall_seconds"] == second["wall_seconds"]
+    lines = [json.loads(x) for x in (run / train.METRICS_FILE).read_text().splitlines()]
+    for r in lines:
+        r.pop("steps", None)
+    (run / "old.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
+    assert T.train_seconds(run / "old.jsonl") == pytest.approx(second["train_seconds"])
+    # Not a training run: refused, not deleted.
+    (tmp_path / "hf").mkdir()
+    (tmp_path / "hf" / "config.json").write_text('{"model_type": "bert"}')
+    with pytest.raises(ValueError, match="is not a training run"):
+        T.cached(config, tmp_path / "hf")
+    assert (tmp_path / "hf" / "config.json").is_file()
 
 
 def test_paths(tmp_path, capsys):

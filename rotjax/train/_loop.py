@@ -288,16 +288,16 @@ def fit(
         if callback is not None:
             callback(record)
 
-    start = int(jax.device_get(state.step))
-    bar = None
-    if progress and lead:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=num_steps, initial=min(start, num_steps), unit="step", dynamic_ncols=True)
-
-    eval_metrics = None
+    eval_metrics, bar = None, None
     begin = time.perf_counter()
     try:
+        start = int(jax.device_get(state.step))
+        if progress and lead:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(
+                total=num_steps, initial=min(start, num_steps), unit="step", dynamic_ncols=True
+            )
         batches = _data.train_batches(
             train_data,
             batch_size=batch_size,
