@@ -493,12 +493,16 @@ def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -
 
     Raises:
       ValueError: ``workdir`` holds something other than a run of `train_and_evaluate` (its
-        ``config.json`` is not a run's config): it is not deleted.
+        ``config.json`` is not a run's config, or checkpoints without one): nothing deleted.
     """
     summary = finished(config, workdir)
     if summary is not None:
         return summary
     old = Path(workdir) / "config.json"
+    if not old.is_file() and (Path(workdir) / train.CHECKPOINT_DIR).is_dir():
+        raise ValueError(  # resuming them would continue a run of unknown settings
+            f"{workdir} holds checkpoints but no config.json; remove it to train afresh"
+        )
     if old.is_file():
         try:
             run = json.loads(old.read_text())

@@ -168,6 +168,10 @@ def test_cached_runs_are_reused_or_trained_afresh(tmp_path):
     with pytest.raises(ValueError, match="is not a training run"):
         T.cached(config, tmp_path / "hf")
     assert (tmp_path / "hf" / "config.json").is_file()
+    (run / "config.json").unlink()  # checkpoints of unknown settings: not resumed
+    (run / train.CHECKPOINT_DIR).mkdir(exist_ok=True)
+    with pytest.raises(ValueError, match=r"holds checkpoints but no config\.json"):
+        T.cached(config, run)
 
 
 def test_paths(tmp_path, capsys):
