@@ -393,7 +393,7 @@ def run(args) -> int:
                 p,
                 batches(i),
                 kinds,
-                fisher=args.fisher or "exact",
+                fisher=args.fisher or OPTIONS["fisher"][0],  # Grams: unread
                 key=key,
                 progress=not args.quiet,
             )

@@ -126,7 +126,7 @@ def align_by_activations(
         )
         return res, _info([], None, "activations", res.diagnostics.sweeps)
     loss = prediction_loss(model, [anchor_params, params], batches)
-    best, losses = None, []
+    best, losses = None, []  # best: (its loss, its sweeps, its alignment)
     for sweeps in range(max_sweeps + 1):
         res = match.align(
             spec,
@@ -139,11 +139,11 @@ def align_by_activations(
             init=start,
         )
         losses.append(loss(average([anchor_params, res.params])))
-        if best is None or losses[-1] < losses[best[0]]:
-            best = (sweeps, res)
+        if best is None or losses[-1] < best[0]:
+            best = (losses[-1], sweeps, res)
         if sweeps and res.diagnostics.sweeps < sweeps:  # converged: more give the same
             break
-    info = _info(losses, None, "activations", best[0])
+    info = _info(losses, None, "activations", best[1])
     if weights_start is not False:
         res = (
             weights_start
@@ -151,18 +151,17 @@ def align_by_activations(
             else match.align(spec, anchor_params, params, solve=solve, key=key, solver=solver)
         )
         info["weights_loss"] = loss(average([anchor_params, res.params]))
-        if info["weights_loss"] < losses[best[0]]:
-            best = (res.diagnostics.sweeps, res)
+        if info["weights_loss"] < best[0]:
+            best = (info["weights_loss"], res.diagnostics.sweeps, res)
             info |= {"start": "weights", "sweeps": res.diagnostics.sweeps}
     # B as it is: fine-tunes of one model already share its basis, and no candidate whose
     # average predicts worse than that one's is kept.
     info["identity_loss"] = loss(average([anchor_params, params]))
-    kept = info["weights_loss"] if info["start"] == "weights" else losses[best[0]]
-    if info["identity_loss"] < kept:
+    if info["identity_loss"] < best[0]:
         res = match.align(spec, anchor_params, params, solve=(), key=key, solver=solver)
-        best = (0, res)
+        best = (info["identity_loss"], 0, res)
         info |= {"start": "identity", "sweeps": 0}
-    return best[1], info
+    return best[2], info
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:
