@@ -81,3 +81,18 @@ def capture(
         module, _, field = path.partition(f"/{_FIELD}")
         captured.setdefault(f"{module}/kernel", {})[field.lstrip("/")] = leaf
     return out, {p: v[""] if set(v) == {""} else v for p, v in captured.items()}
+
+
+def calls(
+    model: nn.Module, params: Any, inputs: tuple[Any, ...], *, mask: jax.Array | None = None
+) -> dict[str, list[tuple[jax.Array, jax.Array]]]:
+    """``{kernel path: [(rows, weights) of each call, in call order]}`` of one forward pass:
+    `capture` keeping a layer's calls apart (a layer called twice, as DeBERTa's shared
+    query/key maps on the tokens and on the relative embeddings, reads rows of two shapes)."""
+    keep = lambda rows, w: ((rows, w),)
+    concat = lambda so_far, new: new if so_far is None else so_far + new
+    captured = capture(model, params, inputs, keep, mask=mask, combine=concat)[1]
+    return {
+        path: [(c[f"{i}/0"], c[f"{i}/1"]) for i in range(len(c) // 2)]
+        for path, c in captured.items()
+    }

@@ -25,8 +25,10 @@ shared query/key maps) keep the start's weights.
 Everything that is not a dense layer (norms, embeddings, the patch convolution) stays as
 ``merged`` has it, so `refit` is a plug-in after any merge: ``refit(model, average(ps), ps,
 batches)``. The models should be aligned first (the targets of one layer are then comparable
-across models). Cost: one forward pass of the merged model and of each model per stage
-(a stage: the layers that read one input), over the batches.
+across models). Cost: one forward pass of the merged model per stage (a stage: the layers
+that read one input), up to that stage's layer where the model is not scanned, over the
+batches; the models' own inputs ``X̃_{i,p}`` come from one pass of each model, kept while they
+fit in ``memory`` bytes (else one pass of each model per stage, the same result).
 """
 
 from __future__ import annotations
@@ -40,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._capture import capture, dense_input_axes
+from rotjax.merge._capture import calls, capture, dense_input_axes
 from rotjax.merge._methods import checked_models, model_weights
 from rotjax.merge._stats import _split
 from rotjax.models import family
@@ -58,6 +60,7 @@ def refit(
     weights: Sequence[float] | None = None,
     ridge: float = 1e-4,
     include_padding: bool = False,
+    memory: int = 2**31,
     progress: bool = False,
 ) -> Any:
     """``merged`` with every dense layer (kernel and bias) refitted by least squares, in
@@ -77,6 +80,12 @@ def refit(
         post-norm BERT, a float32 refit's logits were 7e-5 from a float64 one's at 1e-4, but
         3% at 1e-6 and 0 (rounding in directions of little input energy, inverted).
       include_padding: Count padded tokens as rows (default: real tokens only).
+      memory: Bytes that the models' inputs to every dense layer, over all batches, may take
+        on the devices: within it they are computed once and kept (the demo's 4-layer
+        Fashion-MNIST ViT on 500 images: 124 MiB per model, and refit took 3.6 s instead of
+        7.3 s, 2 cores); above it they are recomputed for every stage. The same results, up to
+        float32 rounding of differently compiled programs. The default, 2 GiB, holds MiniLM's
+        on 250 texts of 48 tokens (2 models: 1.6 GB).
       progress: A progress bar over the stages.
 
     Returns:
@@ -90,6 +99,8 @@ def refit(
     lam = model_weights(weights, len(params_list))
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    if not (isinstance(memory, int) and memory >= 0):
+        raise ValueError(f"memory must be an int >= 0 (bytes), got {memory!r}")
     fam = family(model.config)
     inputs = [_split(fam, b)[0] for b in batches]
     if not inputs:
@@ -98,6 +109,13 @@ def refit(
     flat = dict(zip(paths, leaves[0], strict=True))
     models = [dict(zip(paths, x, strict=True)) for x in leaves[1:]]
     stages = _stages(model, params_list[0], inputs[0], masks[0])
+    every = tuple(sorted({group[0] for group, _ in stages}))  # a stage's first reads its input
+    kept = None  # kept[i][b]: model i's inputs to every dense layer on batch b
+    if _bytes(_rows(model, every), params_list[0], inputs, masks) * len(models) <= memory:
+        kept = [
+            [_rows(model, every)(p, x, m) for x, m in zip(inputs, masks, strict=True)]
+            for p in params_list
+        ]
     if progress:
         from tqdm.auto import tqdm
 
@@ -105,12 +123,17 @@ def refit(
     lam = jnp.asarray(lam / lam.sum(), jnp.float32)
     ridge = jnp.float32(ridge)
     for group, index in stages:
-        step = _moment_step(model, group[0])
+        rows = _rows(model, group[:1])
         current = jax.tree.unflatten(treedef, [flat[p] for p in paths])
         at = tuple(jnp.int32(i) for i in index)
         total = None
-        for x, mask in zip(inputs, masks, strict=True):
-            part = step(current, list(params_list), x, mask, at)
+        for b, (x, mask) in enumerate(zip(inputs, masks, strict=True)):
+            theirs = (
+                [k[b][group[0]] for k in kept]
+                if kept is not None
+                else [rows(p, x, mask)[group[0]] for p in params_list]
+            )
+            part = _moments(rows(current, x, mask)[group[0]], theirs, at)
             total = part if total is None else jax.tree.map(jnp.add, total, part)
         g_aug, cross_aug = total
         if not float(jnp.trace(g_aug)) > 0:  # no rows reached this stage: keep it
@@ -177,40 +200,46 @@ def _stages(model, params, inputs, mask) -> list[tuple[tuple[str, ...], tuple[in
     return out
 
 
-def _concat(so_far, new):
-    return new if so_far is None else so_far + new
-
-
 @functools.cache
-def _moment_step(model, kernel):
-    """Jitted ``(merged, params_list, inputs, mask, index) -> (Ĝ, [X̂ᵀ X̃_i])`` of one batch:
-    the moments of the input that ``kernel``'s layer (and the rest of its stage) reads,
-    augmented by a column of ones (the bias row), at layer ``index`` of a scanned stack (a
-    traced index: one program serves every layer)."""
-    collect = lambda rows, w: ((rows, w),)  # every call of a layer kept, in call order
+def _rows(model, kernels: tuple[str, ...]):
+    """Jitted ``(params, inputs, mask) -> {kernel: [(rows, weights)] per call}``: what each of
+    ``kernels``' layers reads in one forward pass (computed only up to the last of them where
+    the layers are not scanned: the rest is dead code to XLA)."""
 
-    def step(merged, params_list, inputs, mask, index):
-        run = lambda p: _calls(
-            capture(model, p, inputs, collect, mask=mask, combine=_concat)[1][kernel]
-        )
-        xm, xs = run(merged), [run(p) for p in params_list]
-        g, cross = 0.0, [0.0] * len(xs)
-        for k, (rows, w) in enumerate(xm):
-            rows = _with_ones(rows[index])
-            weighted = (rows * w[index][:, None]).T
-            g = g + jnp.matmul(weighted, rows, precision=_HIGHEST)
-            for i, x in enumerate(xs):
-                other = _with_ones(x[k][0][index])
-                cross[i] = cross[i] + jnp.matmul(weighted, other, precision=_HIGHEST)
-        return g, cross
+    def rows(params, inputs, mask):
+        every = calls(model, params, inputs, mask=mask)
+        return {k: every[k] for k in kernels}
 
-    return jax.jit(step)
+    return jax.jit(rows)
 
 
-def _calls(captured):
-    """``[(rows, weights)]`` per call of a layer, from `capture`'s flat ``{"call/0": rows,
-    "call/1": weights}`` of the tuple that ``collect`` sowed."""
-    return [(captured[f"{i}/0"], captured[f"{i}/1"]) for i in range(len(captured) // 2)]
+def _bytes(fn, params, inputs, masks) -> int:
+    """The bytes of ``fn(params, x, mask)`` summed over the batches (shapes only)."""
+    sizes: dict[Any, int] = {}
+    total = 0
+    for x, mask in zip(inputs, masks, strict=True):
+        shapes = tuple(jnp.shape(a) for a in jax.tree.leaves((x, mask)))
+        if shapes not in sizes:
+            out = jax.eval_shape(fn, params, x, mask)
+            sizes[shapes] = sum(a.size * a.dtype.itemsize for a in jax.tree.leaves(out))
+        total += sizes[shapes]
+    return total
+
+
+@jax.jit
+def _moments(mine, theirs, index):
+    """``(Ĝ, [X̂ᵀ X̃_i])`` of one batch, from the merged model's calls of a layer (``mine``) and
+    each model's (``theirs``), augmented by a column of ones (the bias row), at layer ``index``
+    of a scanned stack (a traced index: one program serves every layer)."""
+    g, cross = 0.0, [0.0] * len(theirs)
+    for k, (rows, w) in enumerate(mine):
+        rows = _with_ones(rows[index])
+        weighted = (rows * w[index][:, None]).T
+        g = g + jnp.matmul(weighted, rows, precision=_HIGHEST)
+        for i, model_calls in enumerate(theirs):
+            other = _with_ones(model_calls[k][0][index])
+            cross[i] = cross[i] + jnp.matmul(weighted, other, precision=_HIGHEST)
+    return g, cross
 
 
 def _with_ones(rows):

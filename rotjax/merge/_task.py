@@ -101,11 +101,16 @@ def _order_statistic(parts: list[jax.Array], q: float) -> jax.Array:
 
 def _ties_merge(taus: list[list[jax.Array]]) -> list[jax.Array]:
     """Elect each entry's sign as the sign of the summed values ("mass"), then average the
-    entries that agree with it (the disjoint mean; entries that are 0 count nowhere)."""
+    entries that agree with it (the disjoint mean; entries that are 0 count nowhere). An entry
+    whose values sum to exactly 0 takes the majority of all entries' elected signs, as the
+    paper's code resolves zero signs (``resolve_zero_signs(..., "majority")``)."""
+    stacks = [jnp.stack(entries) for entries in zip(*taus, strict=True)]
+    signs = [jnp.sign(jnp.sum(stack, axis=0, keepdims=True)) for stack in stacks]
+    balance = sum(jnp.sum(s > 0, dtype=jnp.int32) - jnp.sum(s < 0, dtype=jnp.int32) for s in signs)
+    majority = jnp.sign(balance).astype(stacks[0].dtype)
     out = []
-    for entries in zip(*taus, strict=True):
-        stack = jnp.stack(entries)
-        sign = jnp.sign(jnp.sum(stack, axis=0, keepdims=True))
+    for stack, sign in zip(stacks, signs, strict=True):
+        sign = jnp.where(sign == 0, majority, sign)
         agree = (jnp.sign(stack) == sign) & (stack != 0)
         count = jnp.sum(agree, axis=0)
         mean = jnp.sum(jnp.where(agree, stack, 0.0), axis=0) / jnp.maximum(count, 1)
