@@ -457,6 +457,41 @@ def test_pytorch_bin_and_legacy_names(checkpoint, seed, tmp_path):
     assert_trees_equal(rotjax.hf.load(tmp_path / "base")[1], rotjax.hf.load(base)[1])
 
 
+def test_sharded_checkpoints_load_like_one_file(checkpoint):
+    """Sharded safetensors and sharded pytorch_model.bin (each with its index's weight_map)
+    load the same params as the single file; a shard missing, or a tensor the index maps to a
+    shard that lacks it, is an error naming the file."""
+    path, tensors = checkpoint
+    config, params = rotjax.hf.load(path)
+    (path / "model.safetensors").unlink()
+    names = sorted(tensors)
+    halves = {"-00001-of-00002": names[::2], "-00002-of-00002": names[1::2]}
+    for stem, ext, save in (
+        ("model", "safetensors", lambda t, f: safetensors.numpy.save_file(t, f)),
+        ("pytorch_model", "bin", lambda t, f: torch.save(
+            {k: torch.from_numpy(v) for k, v in t.items()}, f)),
+    ):  # fmt: skip
+        weight_map = {}
+        for suffix, part in halves.items():
+            shard = f"{stem}{suffix}.{ext}"
+            save({k: tensors[k] for k in part}, path / shard)
+            weight_map |= dict.fromkeys(part, shard)
+        index = path / f"{stem}.{ext}.index.json"
+        index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        config2, params2 = rotjax.hf.load(path)
+        assert config2 == config
+        assert_trees_equal(params2, params)
+        lost = f"{stem}-00002-of-00002.{ext}"
+        index.write_text(json.dumps({"weight_map": {**weight_map, "extra.weight": lost}}))
+        with pytest.raises(ValueError, match=r"lack them, e\.g\. 'extra\.weight'"):
+            rotjax.hf.load(path)
+        (path / lost).unlink()
+        with pytest.raises(FileNotFoundError, match=re.escape(lost)):
+            rotjax.hf.load(path)
+        for f in path.glob(f"{stem}*"):
+            f.unlink()
+
+
 def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     config = vit.Config(
         hidden_size=4,

@@ -385,6 +385,11 @@ def test_bad_inputs_raise_before_any_work(key):
         match.align(c.spec, a, half)
     with pytest.raises(ValueError, match="unknown blocks"):
         match.align(c.spec, a, a, solve=("rotations",))
+    # A post-norm BERT has no stream rotation: solving only it would solve nothing. A block
+    # among others that the spec lacks is skipped (ALL names every block).
+    with pytest.raises(ValueError, match=r"solve=\['stream'\]: the spec has no groups"):
+        match.align(c.spec, a, a, solve="stream")
+    assert match.align(c.spec, a, a, solve=("stream", "ffn")).diagnostics.distance_after < 1e-6
     with pytest.raises(TypeError, match=r"unknown options \['solv'\]"):
         match.align_many(c.spec, [a, a], solv=("rotation",))
     with pytest.raises(ValueError, match=r"(?s)non-finite.*params_list\[1\]: classifier/bias"):

@@ -17,6 +17,7 @@ CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
+TORCH_INDEX = "pytorch_model.bin.index.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -41,20 +42,36 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
     if (directory / SAFETENSORS_FILE).is_file():
         return read_safetensors(directory / SAFETENSORS_FILE)
     if (directory / SAFETENSORS_INDEX).is_file():
-        index = read_json(directory / SAFETENSORS_INDEX)
-        shards = sorted(set(index.get("weight_map", {}).values()))
-        if not shards:
-            raise ValueError(f"{directory / SAFETENSORS_INDEX} has no weight_map")
-        tensors: dict[str, np.ndarray] = {}
-        for shard in shards:
-            tensors.update(read_safetensors(directory / shard))
-        return tensors
+        return read_shards(directory / SAFETENSORS_INDEX, read_safetensors)
     if (directory / TORCH_FILE).is_file():
         return read_torch_file(directory / TORCH_FILE)
+    if (directory / TORCH_INDEX).is_file():
+        return read_shards(directory / TORCH_INDEX, read_torch_file)
     raise FileNotFoundError(
-        f"no weights in {directory}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX} or "
-        f"{TORCH_FILE}"
+        f"no weights in {directory}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, "
+        f"{TORCH_FILE} or {TORCH_INDEX}"
     )
+
+
+def read_shards(index_file: Path, read) -> dict[str, np.ndarray]:
+    """The tensors of a sharded checkpoint: every shard its index's ``weight_map`` names, and
+    every tensor named there found in its shard."""
+    weight_map = read_json(index_file).get("weight_map")
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise ValueError(f"{index_file} has no weight_map")
+    tensors: dict[str, np.ndarray] = {}
+    for shard in sorted(set(weight_map.values())):
+        file = index_file.parent / shard
+        if not file.is_file():
+            raise FileNotFoundError(f"{file} not found (a shard named by {index_file})")
+        tensors.update(read(file))
+    missing = sorted(set(weight_map) - set(tensors))
+    if missing:
+        raise ValueError(
+            f"{index_file} maps {len(missing)} tensor(s) to shards that lack them, e.g. "
+            f"{missing[0]!r} in {weight_map[missing[0]]}"
+        )
+    return tensors
 
 
 def read_json(file: Path) -> dict[str, Any]:

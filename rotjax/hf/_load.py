@@ -47,9 +47,10 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
     unexpected is an error.
 
     Args:
-      source: A local directory with ``config.json`` and ``model.safetensors`` (possibly
-        sharded, with ``model.safetensors.index.json``) or ``pytorch_model.bin`` (needs torch),
-        or an in-memory ``transformers`` PyTorch model (``PreTrainedModel``).
+      source: A local directory with ``config.json`` and ``model.safetensors`` or
+        ``pytorch_model.bin`` (needs torch), either possibly sharded (with
+        ``model.safetensors.index.json`` or ``pytorch_model.bin.index.json``), or an
+        in-memory ``transformers`` PyTorch model (``PreTrainedModel``).
       scan_layers: Return the params stacked for ``config.scan_layers=True`` (every per-layer
         leaf gains a leading layer axis ``L``).
 

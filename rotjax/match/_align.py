@@ -248,7 +248,16 @@ def _rescaled(a_flat, b_flat, limit=2.0**20):
 
 
 def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
-    """The options' layer set, after checking the layers and the init against the spec."""
+    """The options' layer set, after checking the solved blocks, the layers and the init
+    against the spec (blocks the spec lacks are skipped, as `ALL` names every block; but a
+    ``solve`` of which the spec has no block at all would silently solve nothing)."""
+    roles = {r for b in options.solve for r in BLOCKS[b]}
+    if options.solve and not spec.select(roles=roles):
+        present = sorted({g.role for g in spec.groups.values()})
+        raise ValueError(
+            f"solve={list(options.solve)}: the spec has no groups of these blocks (its groups' "
+            f"roles: {present})"
+        )
     if options.init is not None:
         sym.check_elements(spec, options.init)
     return checked_layers(spec, options.layers)
