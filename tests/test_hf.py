@@ -219,9 +219,11 @@ def test_parity_with_transformers(name, seed, tmp_path):
 @pytest.mark.parametrize("name", ["bert-seq-h3d4", "vit-cls-h3d4", "deberta-seq-v3-h3d5"])
 def test_layer_norms_of_a_stream_with_a_large_mean_match_transformers(name, seed):
     """Every feature offset by 300 (the embeddings' or patch projection's bias): LayerNorm's
-    variance in two passes, as torch's, keeps the logits within 5e-4 (float32 rounds 300 + x by
-    up to 1.8e-5, ~1e-4 of these rows' spread, which the layers amplify: measured up to 1.7e-4
-    over six seeds); flax's default E[x²] - mean² was off by 9e-4 to 0.35 on the same seeds."""
+    variance in two passes, as torch's, keeps the logits within 5e-4 of torch's (float32 rounds
+    300 + x by up to 1.8e-5, ~1e-4 of these rows' spread, which the layers amplify: up to
+    2.6e-4 for BERT over 300 seeds); flax's default E[x²] - mean² was off by 9e-4 to 0.35 on
+    six seeds. Some DeBERTa draws amplify it more (9.4e-4 seen, torch's own float32 then 2-4e-4
+    from its float64): there the bound is 4x torch float32's distance to its float64."""
     model = torch_model(name, seed)
     with torch.no_grad():
         for m in model.modules():
@@ -234,7 +236,11 @@ def test_layer_norms_of_a_stream_with_a_large_mean_match_transformers(name, seed
     config, params = rotjax.hf.load(model)
     x = make_inputs(config, np.random.default_rng(seed))
     expected = torch_forward(model, x)
-    assert rel_err(rotjax_forward(config, params, x), expected) <= 5e-4
+    ours = rotjax_forward(config, params, x)
+    if len(x) == 1:  # pixel values in float64 for the float64 reference
+        x = tuple(np.float64(v) for v in x)
+    exact = torch_forward(model.double(), x)
+    assert rel_err(ours, expected) <= max(5e-4, 4 * rel_err(expected, exact))
 
 
 @pytest.mark.parametrize(

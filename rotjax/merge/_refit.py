@@ -111,11 +111,9 @@ def refit(
     stages = _stages(model, params_list[0], inputs[0], masks[0])
     every = tuple(sorted({group[0] for group, _ in stages}))  # a stage's first reads its input
     kept = None  # kept[i][b]: model i's inputs to every dense layer on batch b
-    if _bytes(_rows(model, every), params_list[0], inputs, masks) * len(models) <= memory:
-        kept = [
-            [_rows(model, every)(p, x, m) for x, m in zip(inputs, masks, strict=True)]
-            for p in params_list
-        ]
+    keep = _rows(model, every)
+    if memory > 0 and _bytes(keep, params_list[0], inputs, masks) * len(models) <= memory:
+        kept = [[keep(p, x, m) for x, m in zip(inputs, masks, strict=True)] for p in params_list]
     if progress:
         from tqdm.auto import tqdm
 
