@@ -354,23 +354,13 @@ def test_sampled_fisher_is_the_exact_one_in_expectation(key):
     params = c.init(key, 0.3)
     batch = batches_of(config, key, n=1)
     exact = merge.statistics(c.model, params, batch, ("fisher",))["fisher"]
+    # 400 samples' error is heavy-tailed over keys (2300 keys: 99% within 0.1, at most 0.3):
+    # 800 samples within 0.15
     sampled = merge.statistics(
-        c.model, params, batch, ("fisher",), fisher="sampled", samples=400, key=key
+        c.model, params, batch, ("fisher",), fisher="sampled", samples=800, key=key
     )["fisher"]
     total = lambda f: float(sum(jnp.sum(v) for v in f.values()))
-    # 400 samples' error is heavy-tailed over keys (2300 keys: 99% within 0.1, at most 0.3):
-    # the mean of two independent 400-sample estimates, 800 samples, within 0.15
-    more = merge.statistics(
-        c.model,
-        params,
-        batch,
-        ("fisher",),
-        fisher="sampled",
-        samples=400,
-        key=jax.random.fold_in(key, 1),
-    )["fisher"]
-    both = (total(sampled) + total(more)) / 2
-    assert abs(both - total(exact)) <= 0.15 * total(exact)
+    assert abs(total(sampled) - total(exact)) <= 0.15 * total(exact)
     with pytest.raises(ValueError, match="needs a key"):
         merge.statistics(c.model, params, batch, ("fisher",), fisher="sampled")
 
