@@ -616,6 +616,28 @@ def test_align_by_activations_keeps_the_candidate_with_the_least_prediction_loss
     assert first == pytest.approx(losses[0], rel=TOL)
 
 
+def test_align_by_activations_keeps_b_when_every_alignment_predicts_worse(key, monkeypatch):
+    """B itself is a candidate: a start that moves a copy of A away from A (here a random
+    symmetry element in place of the activation start) loses to no alignment at all."""
+    import rotjax.merge._select as select
+
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    b = jax.tree.map(jnp.copy, a)
+    bad = sym.sample(c.spec, jax.random.fold_in(key, 1))
+    monkeypatch.setattr(select, "activation_init", lambda *args, **kwargs: bad)
+    data = batches_of(config, key, n=2, batch=8)
+    res, info = merge.align_by_activations(
+        c.model, c.spec, a, b, data, max_sweeps=0, weights_start=False
+    )
+    # the cross entropy to A's own prediction: its entropy, and more for any other model
+    assert info["identity_loss"] < info["losses"][0], info
+    assert (info["start"], info["sweeps"]) == ("identity", 0)
+    assert rel_err(res.params, b) == 0
+    assert all(rel_err(v, sym.identity(c.spec)[n]) == 0 for n, v in res.transform.items())
+
+
 # ---------------------------------------------------------------------------------------------
 # Refit: the dense layers in forward order, on the merged model's own inputs.
 

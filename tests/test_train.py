@@ -5,6 +5,7 @@ to compile), so every test that trains the tiny BERT uses the same config, optim
 size and step functions: one compiled program, shared through the persistent compilation cache.
 """
 
+import dataclasses
 import json
 import re
 
@@ -368,6 +369,76 @@ def test_train_records_say_how_many_steps_they_average(seed, tmp_path):
     records = [json.loads(line) for line in (tmp_path / train.METRICS_FILE).open()]
     got = [(r["step"], r["steps"]) for r in records if r["split"] == "train"]
     assert got == [(2, 2), (3, 1), (4, 1), (6, 2)]
+
+
+def test_token_task_records_weight_each_step_by_its_labels(seed):
+    """A token task's batches hold different numbers of labels: a record's loss and accuracy
+    are over all its steps' labels together, not a mean of the steps' means."""
+    config = dataclasses.replace(BERT, task="token_classification")
+    state, steps = setup(config, seed)
+    arrays = text_data(config, seed, 20, token_labels=True)
+    mesh = train.data_mesh(jax.devices()[:1])
+    run = lambda log_every: (
+        train.fit(
+            state,
+            steps,
+            arrays,
+            batch_size=BATCH,
+            num_steps=4,
+            seed=seed,
+            mesh=mesh,
+            log_every=log_every,
+        ).history
+    )
+    each, window = run(1), [r for r in run(4) if r["split"] == "train"]
+    counts = np.array([r["count"] for r in each])
+    assert len(window) == 1 and len(np.unique(counts)) > 1, counts  # padded tails differ
+    assert window[0]["count"] == counts.sum()
+    for k in ("loss", "accuracy"):  # the same steps (bitwise: same seed, same programs)
+        want = np.dot(counts, [r[k] for r in each]) / counts.sum()
+        assert window[0][k] == pytest.approx(want, rel=1e-6), k
+    # what the unweighted mean would have said (steps' losses differ, and so do their counts)
+    assert window[0]["loss"] != pytest.approx(np.mean([r["loss"] for r in each]), rel=1e-9)
+    assert window[0]["grad_norm"] == pytest.approx(np.mean([r["grad_norm"] for r in each]))
+
+
+def test_fit_closes_its_checkpoint_manager_on_every_exit(seed, tmp_path, monkeypatch):
+    """A checkpoint that does not fit the state, or a callback that raises mid-run: the error
+    reaches the caller and the manager (which writes asynchronously) is closed either way."""
+    from rotjax.train import _checkpoint
+
+    managers = []
+
+    def recording(*args, **kwargs):
+        manager = make(*args, **kwargs)
+        close, manager.closed = manager.close, 0
+
+        def counted():
+            manager.closed += 1
+            close()
+
+        manager.close = counted
+        managers.append(manager)
+        return manager
+
+    make = _checkpoint.checkpoint_manager
+    monkeypatch.setattr(_checkpoint, "checkpoint_manager", recording)
+    run_bert(seed, 2, workdir=tmp_path)
+    wider = dataclasses.replace(BERT, hidden_size=12)
+    state, steps = setup(wider, seed)
+    arrays = text_data(wider, seed, 20)
+    # the saved params are of another shape: each array named, with both shapes
+    msg = r"step 2 in .* does not fit the state \(\d+ arrays differ\):\n"
+    with pytest.raises(ValueError, match=msg) as error:
+        train.fit(state, steps, arrays, batch_size=BATCH, num_steps=4, workdir=tmp_path)
+    assert "params/classifier/kernel: checkpoint (8, 3), state (12, 3)" in str(error.value)
+
+    def stop(record):
+        raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        run_bert(seed, 4, workdir=tmp_path, log_every=1, callback=stop)
+    assert [m.closed for m in managers] == [1, 1, 1]
 
 
 def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):

@@ -42,7 +42,12 @@ def checkpoint_manager(
         max_to_keep=keep,
         create=True,
     )
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options)
+    return ocp.CheckpointManager(
+        os.path.abspath(directory),
+        options=options,
+        # named up front, so a new manager reads a saved state's metadata before restoring it
+        item_handlers=ocp.StandardCheckpointHandler(),
+    )
 
 
 def save_checkpoint(
@@ -82,10 +87,15 @@ def restore_checkpoint(
 
     Returns:
         A new state, or ``None`` if the directory holds no checkpoint.
+
+    Raises:
+        ValueError: If the checkpoint's arrays are not ``like``'s (by path and shape): every
+            difference named, before anything is read.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
         return None
+    _check_fits(manager, step, like)
 
     def abstract(x):
         s = sharding if sharding is not None else getattr(x, "sharding", None)
@@ -93,3 +103,37 @@ def restore_checkpoint(
 
     target = jax.tree.map(abstract, like)
     return manager.restore(step, args=ocp.args.StandardRestore(target))
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+    """``{"params/encoder/.../kernel": shape}``: one path syntax for a state's fields, dict keys
+    and (named) tuple entries alike, as orbax's metadata spells them all as dict keys."""
+    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
+    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(map(name, path)): tuple(getattr(x, "shape", ())) for path, x in flat}
+
+
+def _check_fits(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
+    metadata = manager.item_metadata(step)
+    stored = getattr(metadata, "tree", None)
+    if stored is None:  # no metadata (older layouts): orbax's own checks apply
+        return
+    have, want = _shapes(stored), _shapes(like)
+    problems = [
+        f"{p}: "
+        + (
+            "not in the checkpoint"
+            if p not in have
+            else "not in the state"
+            if p not in want
+            else f"checkpoint {have[p]}, state {want[p]}"
+        )
+        for p in [*want, *(p for p in have if p not in want)]  # the state's order
+        if have.get(p) != want.get(p)
+    ]
+    if problems:
+        more = f"\n... and {len(problems) - 25} more" if len(problems) > 25 else ""
+        raise ValueError(
+            f"the checkpoint of step {step} in {manager.directory} does not fit the state "
+            f"({len(problems)} arrays differ):\n" + "\n".join(problems[:25]) + more
+        )

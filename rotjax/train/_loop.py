@@ -178,9 +178,25 @@ def predictor(
     return predict
 
 
+# Per-label means within a step: over a window, weighted by each step's label count (a token
+# task's batches hold different numbers of labelled tokens), so that a record's loss and
+# accuracy are those of all its labels together.
+_PER_LABEL = ("loss", "accuracy")
+
+
 def _mean(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
+    """One record's values from its steps' metrics: ``count`` summed, the per-label means
+    (`_PER_LABEL`) weighted by it, everything else (gradient norm, learning rate) averaged."""
     host = jax.device_get(list(metrics))
-    return {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    out = {k: float(np.mean([m[k] for m in host])) for k in host[0]}
+    if "count" in out:
+        counts = np.array([m["count"] for m in host], np.float64)
+        out["count"] = float(counts.sum())
+        if counts.sum() > 0:
+            for k in _PER_LABEL:
+                if k in out:
+                    out[k] = float(np.dot(counts, [m[k] for m in host]) / counts.sum())
+    return out
 
 
 def fit(
@@ -224,7 +240,9 @@ def fit(
             ``None`` saves only at the end. Needs ``workdir``.
         keep_checkpoints: Number of latest checkpoints kept; ``None`` keeps all.
         log_every: Period in steps of the train records (means over the period; each record's
-            ``steps`` says how many steps its means are over).
+            ``steps`` says how many steps its means are over, its ``count`` how many labels:
+            its loss and accuracy are over those labels together, each step weighted by its
+            labels, which differ from batch to batch for token classification).
         mesh: Data mesh; default `rotjax.train.data_mesh()` (all devices).
         progress: Whether to show a tqdm progress bar (on stderr, process 0 only).
         callback: Called with every record (dicts with ``step``, ``split`` and metrics).

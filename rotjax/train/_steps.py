@@ -139,6 +139,7 @@ def classification_steps(
         metrics = {
             "loss": loss,
             "accuracy": stats["correct"] / jnp.maximum(stats["count"], 1.0),
+            "count": stats["count"],  # the labels the loss is over (tokens vary per batch)
             "grad_norm": optax.global_norm(grads),
         }
         if learning_rate is not None:
