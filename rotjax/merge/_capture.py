@@ -87,8 +87,10 @@ def calls(
     model: nn.Module, params: Any, inputs: tuple[Any, ...], *, mask: jax.Array | None = None
 ) -> dict[str, list[tuple[jax.Array, jax.Array]]]:
     """``{kernel path: [(rows, weights) of each call, in call order]}`` of one forward pass:
-    `capture` keeping a layer's calls apart (a layer called twice, as DeBERTa's shared
-    query/key maps on the tokens and on the relative embeddings, reads rows of two shapes)."""
+    `capture` keeping a layer's calls apart (a layer called twice, e.g. one tied across
+    positions, may read rows of two shapes). rotjax's own models call each dense layer once
+    (DeBERTa-v3's shared query/key maps apply to the relative embeddings by their weights, not
+    by a second call, so a layer's statistics stay its tokens')."""
     keep = lambda rows, w: ((rows, w),)
     concat = lambda so_far, new: new if so_far is None else so_far + new
     captured = capture(model, params, inputs, keep, mask=mask, combine=concat)[1]
