@@ -158,12 +158,13 @@ def test_merge_with_circuits(method, checkpoints, key, capsys):
 
 def test_merge_with_refit(checkpoints, key, capsys):
     """--refit after a merge, on per-model --data (their union): B is A moved by a symmetry, so
-    after alignment every layer's target is A's and the refit keeps A's function (to 3e-3:
+    after alignment every layer's target is A's and the refit keeps A's function (to 1e-2:
     the float32 least squares on this tiny random post-norm BERT's ill-conditioned Grams; over
-    423 random seeds the logits moved by 1.2e-4 in the median, at most 1.2e-3, which the
-    earlier bound of 1e-3 missed for 3 of them, e.g. ROTJAX_SEED=360; an unaligned merge is off
-    by O(1)). A second file of the same texts padded to a longer length
-    serves as well (before, the two lengths could not be read together)."""
+    560 random seeds the logits moved by 1.2e-4 in the median, 1e-3 at the 99th percentile, at
+    most 2.3e-3 (ROTJAX_SEED=478, all of it in the row with padding), with a long tail: the
+    earlier bound of 1e-3 failed 6 of them; an unaligned merge is off by O(1)). A second file
+    of the same texts padded to a longer length serves as well (before, the two lengths could
+    not be read together)."""
     tmp, a = checkpoints
     c = compiled(CONFIG)
     x = inputs(CONFIG, key)
@@ -175,7 +176,7 @@ def test_merge_with_refit(checkpoints, key, capsys):
         argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), *data, "--refit"]
         assert cli.main([*argv, "--align", "all", "--quiet"]) == 0
         merged = hf.load(out)[1]
-        assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 3e-3
+        assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-2
         report = json.loads((out / "merge.json").read_text())
         assert report["options"]["refit"] is True and report["options"]["ridge"] == 1e-4
 
