@@ -8,6 +8,8 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+from rotjax.tree import to_dict
+
 
 def checkpoint_manager(
     directory: str | os.PathLike[str],
@@ -106,34 +108,28 @@ def restore_checkpoint(
 
 
 def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """``{"params/encoder/.../kernel": shape}``: one path syntax for a state's fields, dict keys
-    and (named) tuple entries alike, as orbax's metadata spells them all as dict keys."""
-    name = lambda k: str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k))))
-    flat = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(map(name, path)): tuple(getattr(x, "shape", ())) for path, x in flat}
+    """``{"params/encoder/.../kernel": shape}`` of a state or of orbax's metadata tree (which
+    spells fields and tuple entries as dict keys: `rotjax.tree` paths name them alike)."""
+    return {p: tuple(getattr(x, "shape", ())) for p, x in to_dict(tree).items()}
 
 
 def _check_fits(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
-    metadata = manager.item_metadata(step)
-    stored = getattr(metadata, "tree", None)
+    stored = getattr(manager.item_metadata(step), "tree", None)
     if stored is None:  # no metadata (older layouts): orbax's own checks apply
         return
     have, want = _shapes(stored), _shapes(like)
-    problems = [
-        f"{p}: "
-        + (
-            "not in the checkpoint"
-            if p not in have
-            else "not in the state"
-            if p not in want
-            else f"checkpoint {have[p]}, state {want[p]}"
-        )
-        for p in [*want, *(p for p in have if p not in want)]  # the state's order
-        if have.get(p) != want.get(p)
-    ]
+
+    def difference(p):
+        if p not in have:
+            return "not in the checkpoint"
+        if p not in want:
+            return "not in the state"
+        return f"checkpoint {have[p]}, state {want[p]}"
+
+    # in the state's order, then what only the checkpoint holds
+    problems = [f"{p}: {difference(p)}" for p in {**want, **have} if have.get(p) != want.get(p)]
     if problems:
-        more = f"\n... and {len(problems) - 25} more" if len(problems) > 25 else ""
         raise ValueError(
             f"the checkpoint of step {step} in {manager.directory} does not fit the state "
-            f"({len(problems)} arrays differ):\n" + "\n".join(problems[:25]) + more
+            f"({len(problems)} arrays differ):\n" + "\n".join(problems)
         )

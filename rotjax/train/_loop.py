@@ -192,10 +192,9 @@ def _mean(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     if "count" in out:
         counts = np.array([m["count"] for m in host], np.float64)
         out["count"] = float(counts.sum())
-        if counts.sum() > 0:
-            for k in _PER_LABEL:
-                if k in out:
-                    out[k] = float(np.dot(counts, [m[k] for m in host]) / counts.sum())
+        for k in _PER_LABEL if counts.sum() > 0 else ():
+            if k in out:
+                out[k] = float(np.average([m[k] for m in host], weights=counts))
     return out
 
 
