@@ -19,6 +19,7 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -128,7 +129,7 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
     # expectation over the 10 classes (the reproduction's vision tables use the exact one).
     rows = fusion.merge_rows(
         variants, METHODS, evaluate, stats_data=unlabeled, fisher_kind="sampled",
-        key=jax.random.key(0),
+        key=jax.random.key(0), overlap=True,
     )  # fmt: skip
     merged_seconds = time.perf_counter() - tic
     print(
@@ -149,10 +150,17 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
     )
     metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     lambdas = np.linspace(0, 1, 3 if smoke else 5)
-    curves = {}
-    for name in ("none", "all + stream", "activations")[: 2 if smoke else 3]:
-        v = variants[name]["pair"]
-        curves[name] = merge.curve(metrics, v.a, v.b, lambdas)
+    names = ("none", "all + stream", "activations")[: 2 if smoke else 3]
+    # the paths side by side (threads: XLA releases the GIL): 70.6 s instead of 73.5 s for
+    # the fusion part, mean of 3 runs each (2 cores, 2026-12-03)
+    with ThreadPoolExecutor(len(names)) as pool:
+        curves = {
+            n: pool.submit(
+                merge.curve, metrics, variants[n]["pair"].a, variants[n]["pair"].b, lambdas
+            )
+            for n in names
+        }
+    curves = {n: c.result() for n, c in curves.items()}
     print(f"\nalong the linear path A -> B (aligned), on {n_test} test images:")
     for name, c in curves.items():
         print(

@@ -262,7 +262,7 @@ def test_wordnet_datasets_shapes_and_labels(glosses, examples):
 def test_wordnet_documented_sizes(glosses, examples):
     """The sizes documented in rotjax/data/_text.py: fixed by the hash split of WordNet 3.0."""
     assert [len(ds) for ds in glosses] == [21177, 2555, 2626]
-    assert [len(ds) for ds in examples] == [14883, 1875, 1884]
+    assert [len(ds) for ds in examples] == [14903, 1877, 1886]
     assert np.bincount(np.concatenate([ds.labels for ds in glosses])).max() == 2000
     majority = np.bincount(examples.train.labels).argmax()
     assert data.WORDNET_LABELS[majority] == "verb.change"
@@ -348,7 +348,14 @@ _FAKE_NOUNS = [
     '14 n 01 herd 0 000 | a group of animals (especially in the phrase "a herd of"); "a herd'
     ' of cows"',
 ]
-_FAKE_VERBS = ['38 v 01 run 0 000 01 + 02 00 | move fast; "Don\'t run!"']
+_FAKE_VERBS = [
+    '38 v 01 run 0 000 01 + 02 00 | move fast; "Don\'t run!"',
+    # Real WordNet 3.0 glosses whose first example follows a comma, "e.g." or a parenthesis.
+    '38 v 01 propel 0 000 | propel, "Carry the ball"; "dribble the ball"',
+    '38 v 01 make 0 000 | reach a goal, e.g., "make the first team"; "We made it!"',
+    '38 v 01 strew 0 000 | spread by scattering ("straw" is archaic); "strew toys all over"',
+    '38 v 01 go 0 000 | (of persons) "he went home"; "she went too"',
+]
 
 
 def test_read_synsets_parses_fields(tmp_path):
@@ -362,9 +369,20 @@ def test_read_synsets_parses_fields(tmp_path):
     assert cat.examples == () and cat.definition == "a feline mammal"
     assert herd.definition == 'a group of animals (especially in the phrase "a herd of")'
     assert herd.examples == ("a herd of cows",) and herd.lexname == "noun.group"
-    (run,) = data.read_synsets(tmp_path, "verb")
+    run, propel, make, strew, go = data.read_synsets(tmp_path, "verb")
     assert run.key.startswith("v") and run.lexname == "verb.motion"
     assert run.examples == ("Don't run!",)
+    assert (propel.definition, propel.examples) == (
+        "propel",
+        ("Carry the ball", "dribble the ball"),
+    )
+    assert (make.definition, make.examples) == (
+        "reach a goal",
+        ("make the first team", "We made it!"),
+    )
+    assert strew.definition == 'spread by scattering ("straw" is archaic)'
+    assert strew.examples == ("strew toys all over",)
+    assert (go.definition, go.examples) == ("(of persons)", ("he went home", "she went too"))
 
 
 def test_wordnet_pipeline_on_fake_files(tmp_path):
@@ -373,10 +391,16 @@ def test_wordnet_pipeline_on_fake_files(tmp_path):
     kwargs = {"classes": classes, "wordnet_dir": tmp_path / "wn", "cache": False}
     g = data.wordnet_glosses(**kwargs)
     texts = sorted(t for ds in g for t in ds.texts.tolist())
-    assert texts == ["cat: a feline mammal", "dog: a member of the genus Canis", "run: move fast"]
+    assert texts[:3] == [
+        "cat: a feline mammal",
+        "dog: a member of the genus Canis",
+        "go: (of persons)",
+    ]
+    assert "propel: propel" in texts and '"' not in "".join(t for t in texts if "strew" not in t)
     e = data.wordnet_examples(**kwargs)
     labels = {t: int(lab) for ds in e for t, lab in zip(ds.texts, ds.labels, strict=True)}
-    assert labels == {"the dog barked all night": 0, "a dog's life": 0, "Don't run!": 1}
+    assert labels["Don't run!"] == 1 and labels["Carry the ball"] == 1
+    assert labels["the dog barked all night"] == 0 and labels["a dog's life"] == 0
     capped = data.wordnet_glosses(max_per_class=1, **kwargs)
     assert sum(len(ds) for ds in capped) == 2
     with pytest.raises(ValueError, match="LEXNAMES"):

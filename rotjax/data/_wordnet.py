@@ -68,8 +68,13 @@ WORDNET_HINT = (
     "Install WordNet 3.0 with `apt-get install wordnet-base` (it lands in "
     f"{WORDNET_DIR}), or pass wordnet_dir= a directory holding WordNet's data.* files."
 )
-# A quoted example: at the start of the gloss or after a `;` or `:` separator.
-_EXAMPLE = re.compile(r'(?:^|[;:])\s*"([^"]*)"')
+# A quoted example: at the start of the gloss or after a `;` or `:` separator; or after a
+# `,`, `)` or "e.g." when it runs to the next `;` or the end of the gloss (some 50 glosses,
+# e.g. `propel, "Carry the ball"; "dribble the ball"`), which a quoted phrase inside the
+# definition does not (`spread by scattering ("straw" is archaic); "strew toys ..."`).
+_EXAMPLE = re.compile(r'(?:^|[;:]|(?:[,)]|\be\.g\.,?)(?=\s*"[^"]*"\s*(?:;|$)))\s*"([^"]*)"')
+# What ends a definition before its first example: separators, "e.g.", "as in".
+_LEAD_IN = re.compile(r"(?:[\s;:,]|\be\.g\.|\bas in\b)*$")
 # Syntactic marker of some adjectives, e.g. `galore(ip)`.
 _ADJ_MARKER = re.compile(r"\((?:a|p|ip)\)$")
 
@@ -162,7 +167,8 @@ def _parse_line(line: str, line_offset: int, ss_types: str) -> Synset:
         words = [_ADJ_MARKER.sub("", word) for word in words]
     gloss = gloss.strip()
     matches = list(_EXAMPLE.finditer(gloss))
-    definition = gloss[: matches[0].start()] if matches else gloss
+    # up to the first example's opening quote (a `)` before it belongs to the definition)
+    definition = _LEAD_IN.sub("", gloss[: matches[0].start(1) - 1]) if matches else gloss
     return Synset(
         key=("a" if ss_type == "s" else ss_type) + offset,
         lexname=LEXNAMES[lex_filenum],
