@@ -515,3 +515,44 @@ def test_unsigned_labels_and_bfloat16_logits_are_counted_exactly(seed):
     metrics = train.summarize([train.batch_metrics(logits, jnp.zeros((1, 1001), jnp.int32))])
     assert metrics["count"] == 1001
     np.testing.assert_allclose(metrics["loss"], np.log(3), rtol=1e-6)
+
+
+def test_progress_bar_counts_finished_steps_only(seed, monkeypatch):
+    """fit's bar counts a step once its metrics exist (dispatch runs ahead of the
+    computation), oldest first, and ends at num_steps."""
+    import tqdm.auto
+
+    from rotjax.train import _loop
+
+    class Leaf:
+        def __init__(self, ready):
+            self.ready = ready
+
+        def is_ready(self):
+            return self.ready
+
+    late = Leaf(False)
+    unshown = [{"loss": Leaf(True)}, {"loss": Leaf(True), "accuracy": late}, {"loss": Leaf(True)}]
+    assert _loop._finished(unshown) == 1 and len(unshown) == 2  # the third waits for the second
+    late.ready = True
+    assert _loop._finished(unshown) == 2 and unshown == []
+
+    shown = []
+
+    class Bar:  # what fit shows, instead of tqdm
+        def __init__(self, total, initial, **kwargs):
+            self.n = initial
+
+        def update(self, k):
+            self.n += k
+            shown.append(self.n)
+
+        def set_postfix(self, **kwargs):
+            pass
+
+        def close(self):
+            pass
+
+    monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
+    run_bert(seed, 5, progress=True, log_every=2)
+    assert shown[-1] == 5 and shown == sorted(shown)

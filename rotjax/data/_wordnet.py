@@ -110,7 +110,8 @@ def read_synsets(wordnet_dir: str | Path, pos: str) -> list[Synset]:
     Each synset line is ``synset_offset lex_filenum ss_type w_cnt word lex_id [word lex_id...]
     p_cnt [ptr...] [frames...] | gloss`` with a 2-digit hexadecimal ``w_cnt``; lines starting
     with two spaces are the license header. The gloss is a definition followed by example
-    sentences in double quotes after ``;`` (or ``:``) separators.
+    sentences in double quotes after ``;`` (or ``:``) separators; in about 50 glosses the first
+    example follows a ``,``, ``e.g.`` or a parenthesis instead (`_EXAMPLE`).
 
     Args:
         wordnet_dir: Directory holding the WordNet database files.

@@ -198,6 +198,17 @@ def _mean(metrics: Iterable[Mapping[str, Any]]) -> dict[str, float]:
     return out
 
 
+def _finished(unshown: list[Any]) -> int:
+    """How many of the oldest steps in ``unshown`` (their metrics, oldest first) have finished,
+    removed from it: a progress bar counts those, not the steps dispatched (dispatch is
+    asynchronous and runs ahead of the computation until a log waits for it)."""
+    n = 0
+    while n < len(unshown) and all(x.is_ready() for x in jax.tree.leaves(unshown[n])):
+        n += 1
+    del unshown[:n]
+    return n
+
+
 def fit(
     state: TrainState,
     steps: Steps,
@@ -323,6 +334,7 @@ def fit(
             rows=_mesh.process_rows(batch_size),
         )
         pending: list[dict[str, jax.Array]] = []
+        unshown: list[dict[str, jax.Array]] = []  # metrics of steps the bar does not count yet
         tick, ticked = time.perf_counter(), start
         for step in range(start, num_steps):
             # Dispatch is asynchronous: the host prepares batch t + 1 while step t runs.
@@ -357,7 +369,10 @@ def fit(
             if manager is not None:
                 _checkpoint.save_checkpoint(manager, state, step=done)
             if bar is not None:
-                bar.update(1)
+                unshown.append(metrics)
+                bar.update(_finished(unshown))
+        if bar is not None:  # the last log waited for every step
+            bar.update(len(unshown))
         if manager is not None:
             _checkpoint.save_checkpoint(manager, state, force=True)
         if eval_data is not None:
