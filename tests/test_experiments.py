@@ -7,9 +7,16 @@ JSON files the drivers write.
 import json
 
 import pytest
-from helpers import refuses_before_any_work
+from helpers import init, refuses_before_any_work
 
 from rotjax import hf, train
+from rotjax.models import vit
+
+# A tiny Fashion-MNIST-shaped ViT: the drivers end to end in seconds.
+TINY_VIT = vit.Config(
+    image_size=28, patch_size=7, num_channels=1, hidden_size=8, num_hidden_layers=1,
+    num_attention_heads=2, intermediate_size=16, num_labels=10, task="image_classification",
+)  # fmt: skip
 
 
 @pytest.fixture(autouse=True)
@@ -181,18 +188,9 @@ def test_paths(tmp_path, capsys):
     import numpy as np
 
     from experiments import paths
-    from rotjax.models import family, vit
 
-    config = vit.Config(
-        image_size=28, patch_size=7, num_channels=1, hidden_size=8, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=16, num_labels=10, task="image_classification",
-    )  # fmt: skip
     for i, name in enumerate("ab"):
-        shapes = family(config).param_shapes(config)
-        leaves, tree = jax.tree.flatten(shapes)
-        keys = jax.random.split(jax.random.key(i), len(leaves))
-        params = [0.3 * jax.random.normal(k, s.shape) for k, s in zip(keys, leaves, strict=True)]
-        hf.save(tmp_path / name, config, jax.tree.unflatten(tree, params))
+        hf.save(tmp_path / name, TINY_VIT, init(TINY_VIT, jax.random.key(i))[1])
     out = tmp_path / "out"
     argv = [str(tmp_path / "a"), str(tmp_path / "b"), "--images", "64", "--points", "3"]
     paths.main([*argv, "--out", str(out)])
@@ -216,12 +214,9 @@ def test_pairs(tmp_path, capsys):
 
     from experiments import pairs
     from rotjax import symmetry as sym
-    from rotjax.models import family, vit
+    from rotjax.models import family
 
-    config = vit.Config(
-        image_size=28, patch_size=7, num_channels=1, hidden_size=8, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=16, num_labels=10, task="image_classification",
-    )  # fmt: skip
+    config = TINY_VIT
     fam = family(config)
     a, b = (fam.init(config, jax.random.key(i)) for i in range(2))
     spec = fam.symmetry_spec(config)
@@ -248,30 +243,15 @@ def test_pairs(tmp_path, capsys):
         pairs.main([*argv, "bogus"])
 
 
-def test_merge_rows_overlap_gives_the_same_rows(tmp_path, key):
+def test_merge_rows_overlap_gives_the_same_rows(key):
     """Evaluating each merge on a worker thread while the next one is merged changes nothing
     but the timings: the same rows, in the same order."""
     import jax
     import numpy as np
 
     from experiments import fusion
-    from rotjax.models import family, vit
 
-    config = vit.Config(
-        image_size=28, patch_size=7, num_channels=1, hidden_size=8, num_hidden_layers=1,
-        num_attention_heads=2, intermediate_size=16, num_labels=10, task="image_classification",
-    )  # fmt: skip
-    shapes = family(config).param_shapes(config)
-    leaves, tree = jax.tree.flatten(shapes)
-    models = []
-    for k in jax.random.split(key, 2):
-        ks = jax.random.split(k, len(leaves))
-        models.append(
-            jax.tree.unflatten(
-                tree, [0.3 * jax.random.normal(a, s.shape) for a, s in zip(ks, leaves, strict=True)]
-            )
-        )
-    pair = fusion.Pair(config, *models)
+    pair = fusion.Pair(TINY_VIT, *(init(TINY_VIT, k)[1] for k in jax.random.split(key)))
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, (48, 28, 28, 1), dtype=np.uint8)
     test = {"images": images, "labels": rng.integers(0, 10, 48).astype(np.int32)}

@@ -371,8 +371,6 @@ def fit(
             if bar is not None:
                 unshown.append(metrics)
                 bar.update(_finished(unshown))
-        if bar is not None:  # the last log waited for every step
-            bar.update(len(unshown))
         if manager is not None:
             _checkpoint.save_checkpoint(manager, state, force=True)
         if eval_data is not None:
