@@ -9,15 +9,23 @@
    alignment: a table of test accuracies, the loss barrier along the linear path, the times,
    and a plot of the paths (``interpolation.png``).
 
-    python -m experiments.demo [--workdir DIR] [--smoke]
+The two parts run side by side (part 1 in a subprocess, its output first); ``--part`` runs one.
+
+    python -m experiments.demo [--workdir DIR] [--smoke] [--part {both,symmetry,fusion}]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
+import os
 import shutil
+import subprocess
+import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -89,7 +97,7 @@ def symmetry_part(work: Path, solve: str, seed: int = 0) -> None:
     print(f"  aligned copy vs copy       {same:.2e}  (same function)\n")
 
 
-def train_vits(cache: Path, smoke: bool) -> list[dict]:
+def train_vits(cache: Path, smoke: bool, before_training=lambda: None) -> list[dict]:
     summaries = []
     for seed in (0, 1):
         config = T.Config(
@@ -103,15 +111,16 @@ def train_vits(cache: Path, smoke: bool) -> list[dict]:
             )
         workdir = cache / ("demo-smoke" if smoke else "demo") / config.name
         if T.finished(config, workdir) is None:
+            before_training()
             print(f"training {config.name} (once; cached in {workdir})", flush=True)
         summaries.append(T.cached(config, workdir, progress=True))
     return summaries
 
 
-def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
+def fusion_part(cache: Path, work: Path, smoke: bool, before_training=lambda: None) -> None:
     print("== 2. Fusion: two ViTs from different seeds on Fashion-MNIST ==\n", flush=True)
     tic = time.perf_counter()
-    a, b = train_vits(cache, smoke)
+    a, b = train_vits(cache, smoke, before_training)
     trained = time.perf_counter() - tic
     pair = fusion.load_pair(a["hf"], b["hf"])
     fm = data.fashion_mnist()
@@ -121,8 +130,12 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
     order = np.random.default_rng(0).permutation(len(fm.train.labels))
     unlabeled = {"images": fm.train.images[order[: 32 if smoke else 500]]}
     evaluate = fusion.evaluator(pair.model, test)
-    acc = lambda p: evaluate(p)["accuracy"]
-    print(f"A {a['name']}: {100 * acc(pair.a):.1f}%   B {b['name']}: {100 * acc(pair.b):.1f}%")
+    metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
+    ends = metrics(pair.a), metrics(pair.b)
+    print(
+        f"A {a['name']}: {100 * ends[0]['accuracy']:.1f}%   "
+        f"B {b['name']}: {100 * ends[1]['accuracy']:.1f}%"
+    )
     tic = time.perf_counter()
     variants = fusion.align_variants(pair, ALIGNMENTS, unlabeled, key=jax.random.key(0))
     # Fisher from one sampled label per image: unbiased, and 10x cheaper than the exact
@@ -148,18 +161,20 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
         "  (align s: compilation included, the first alignment paying most of it; activations'\n"
         "  includes its data-free candidate, the all + stream alignment)"
     )
-    metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     lambdas = np.linspace(0, 1, 3 if smoke else 5)
     names = ("none", "all + stream", "activations")[: 2 if smoke else 3]
-    # the paths side by side (threads: XLA releases the GIL): 70.6 s instead of 73.5 s for
-    # the fusion part, mean of 3 runs each (2 cores, 2026-12-03)
+
+    def path(name):
+        # Measured already: the ends (an aligned pair computes A's and B's functions) and the
+        # midpoint (the same params as the average's row). The other points, side by side
+        # on threads (XLA releases the GIL).
+        row = next(r for r in rows if r["alignment"] == name and r["method"] == "average")
+        known = {0.0: ends[0], 0.5: {k: row[k] for k in ends[0]}, 1.0: ends[1]}
+        p = variants[name]["pair"]
+        return merge.curve(metrics, p.a, p.b, lambdas, known=known)
+
     with ThreadPoolExecutor(len(names)) as pool:
-        curves = {
-            n: pool.submit(
-                merge.curve, metrics, variants[n]["pair"].a, variants[n]["pair"].b, lambdas
-            )
-            for n in names
-        }
+        curves = {n: pool.submit(path, n) for n in names}
     curves = {n: c.result() for n, c in curves.items()}
     print(f"\nalong the linear path A -> B (aligned), on {n_test} test images:")
     for name, c in curves.items():
@@ -178,6 +193,67 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
     )
 
 
+class _Held(io.TextIOBase):
+    """A text stream that holds what is written to it until `release`, then writes through."""
+
+    def __init__(self, out):
+        self.out, self.held, self.released = out, [], False
+        self.lock = threading.Lock()
+
+    def write(self, text):
+        with self.lock:
+            if self.released:
+                return self.out.write(text)
+            self.held.append(text)
+            return len(text)
+
+    def flush(self):
+        with self.lock:
+            if self.released:
+                self.out.flush()
+
+    def release(self):
+        with self.lock:
+            self.out.write("".join(self.held))
+            self.out.flush()
+            self.held.clear()
+            self.released = True
+
+
+def both_parts(work: Path, solve: str, smoke: bool) -> None:
+    """Part 1 in a subprocess while part 2 runs here: on 2 cores a cached run keeps ~1.4 of
+    them busy (tracing and small programs), and the two processes share no GIL. Part 1's
+    output is shown as it comes; part 2's is held until part 1 is done, and training (with its
+    progress bars) waits for it too."""
+    out = sys.stdout
+    cmd = [sys.executable, "-m", "experiments.demo", "--part", "symmetry"]
+    cmd += ["--workdir", str(work), "--solve", solve]
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines as they are printed
+    proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
+    held = _Held(out)
+
+    def relay():
+        for line in proc.stdout:
+            out.write(line)
+            out.flush()
+        proc.wait()
+        held.release()
+
+    thread = threading.Thread(target=relay, name="demo part 1", daemon=True)
+    thread.start()
+    try:
+        with contextlib.redirect_stdout(held):
+            fusion_part(data.default_cache_dir(), work, smoke, before_training=thread.join)
+    except BaseException:
+        proc.kill()
+        raise
+    finally:
+        thread.join()
+    if proc.returncode:
+        raise SystemExit(f"the symmetry part failed (exit status {proc.returncode})")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--workdir", help="keep the checkpoints and the plot here")
@@ -186,6 +262,10 @@ def main(argv=None):
         help="the groups the symmetry part solves (comma-separated)",
     )  # fmt: skip
     parser.add_argument("--smoke", action="store_true", help="seconds: tiny training")
+    parser.add_argument(
+        "--part", choices=("both", "symmetry", "fusion"), default="both",
+        help="run one part only (both: side by side, part 1 in a subprocess)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.workdir and Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         parser.error(f"--workdir {args.workdir} is a file, not a directory")
@@ -194,8 +274,14 @@ def main(argv=None):
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))
     work.mkdir(parents=True, exist_ok=True)
     tic = time.perf_counter()
-    symmetry_part(work, ",".join(args.solve))
-    fusion_part(data.default_cache_dir(), work, args.smoke)
+    solve = ",".join(args.solve)
+    if args.part == "symmetry":
+        symmetry_part(work, solve)
+        return
+    if args.part == "fusion":
+        fusion_part(data.default_cache_dir(), work, args.smoke)
+    else:
+        both_parts(work, solve, args.smoke)
     print(f"\ndemo done in {time.perf_counter() - tic:.0f} s")
 
 

@@ -53,9 +53,15 @@ def test_demo(tmp_path, capsys, monkeypatch):
     from experiments import demo
 
     monkeypatch.setenv("ROTJAX_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("ROTJAX_JAX_CACHE", str(tmp_path / "jax"))  # part 1's subprocess
+    demo.main(["--workdir", str(tmp_path / "first"), "--smoke", "--part", "fusion"])
+    assert "aligned copy" not in capsys.readouterr().out
+    # The models cached: part 1 runs in a subprocess beside part 2, whose output waits for it.
     demo.main(["--workdir", str(tmp_path), "--solve", "rotation,scale", "--smoke"])
     out = capsys.readouterr().out
-    assert "aligned copy vs copy" in out and "merged test accuracy" in out
+    order = ["== 1. The symmetry", "aligned copy vs copy", "== 2. Fusion", "merged test accuracy"]
+    assert [out.find(s) for s in order] == sorted(out.find(s) for s in order), out
+    assert out.find(order[0]) >= 0 and "demo done" in out
     report = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
     assert report["distance"]["all"]["after"] < report["distance"]["all"]["before"]
     assert (tmp_path / "interpolation.png").read_bytes()[:4] == b"\x89PNG"

@@ -912,6 +912,36 @@ def test_curve_and_barrier(key):
     assert cv.barrier == pytest.approx({"loss": 0.75, "accuracy": 0.25})
     with pytest.raises(ValueError, match="from λ = 0 to λ = 1"):
         merge.barrier([0.2, 1.0], [1.0, 2.0])
+    # Known metrics are used as given; only the other points are evaluated.
+    seen = []
+    counted = lambda p: seen.append(float(p["w"][0])) or evaluate(p)
+    lambdas = [0.0, 0.25, 0.5, 1.0]
+    known = {0.0: evaluate(a), 1: evaluate(b), 0.5: evaluate(merge.average([a, b]))}
+    got = merge.curve(counted, a, b, lambdas, known=known)
+    assert seen == [0.25]
+    want = merge.curve(evaluate, a, b, lambdas)
+    for k, v in want.metrics.items():
+        np.testing.assert_array_equal(got.metrics[k], v)
+    assert got.barrier == want.barrier
+    with pytest.raises(ValueError, match=r"known metrics at λ = \[0.75\]"):
+        merge.curve(evaluate, a, b, lambdas, known={0.75: evaluate(a)})
+    with pytest.raises(ValueError, match="the metrics differ along the path"):
+        merge.curve(evaluate, a, b, lambdas, known={0.0: {"loss": 0.0}})
+
+
+def test_interpolate_is_the_weighted_sum_in_one_program(key):
+    """``(1 - λ) A + λ B`` leaf by leaf in A's dtypes; λ is traced, so every point reuses one
+    program. float32 arithmetic of the same two products and sum: equal to the last bit."""
+    ka, kb = jax.random.split(key)
+    a = {"w": jax.random.normal(ka, (3, 4)), "b": {"h": jnp.ones(2, jnp.bfloat16)}}
+    b = {"w": jax.random.normal(kb, (3, 4)), "b": {"h": jnp.zeros(2, jnp.bfloat16)}}
+    for lam in (0.0, 0.3, 1.0):
+        got = merge.interpolate(a, b, lam)
+        np.testing.assert_array_equal(got["w"], (1 - np.float32(lam)) * a["w"] + lam * b["w"])
+        assert got["b"]["h"].dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.float32(got["b"]["h"]), 1 - lam, rtol=1e-2)
+    with pytest.raises(ValueError):
+        merge.interpolate(a, {"w": b["w"]}, 0.5)
 
 
 def test_dict_batches_keep_every_input_in_its_place(key):

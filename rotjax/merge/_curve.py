@@ -25,10 +25,17 @@ class Curve(NamedTuple):
 def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
     """``(1 - λ) θ_A + λ θ_B`` leaf by leaf, in A's dtypes."""
     _, (la, lb), treedef = checked_models([params_a, params_b])
-    mix = lambda a, b: (1.0 - lam) * wide(a) + lam * wide(b)
-    return jax.tree.unflatten(
-        treedef, [mix(a, b).astype(jnp.asarray(a).dtype) for a, b in zip(la, lb, strict=True)]
-    )
+    # λ traced (in float64 with x64): one program per architecture serves every point
+    lam = jnp.asarray(lam, jnp.result_type(float))
+    return jax.tree.unflatten(treedef, _mix(la, lb, lam))
+
+
+# One compiled program for the whole tree: leaf by leaf, every leaf's two multiplies and add
+# would compile and dispatch on their own (a cached demo loaded ~100 such programs).
+@jax.jit
+def _mix(la, lb, lam):
+    mix = lambda a, b: ((1.0 - lam) * wide(a) + lam * wide(b)).astype(jnp.asarray(a).dtype)
+    return [mix(a, b) for a, b in zip(la, lb, strict=True)]
 
 
 def barrier(lambdas: Sequence[float], values: Sequence[float], *, higher_is_better=False) -> float:
@@ -49,13 +56,25 @@ def curve(
     lambdas: Sequence[float] = tuple(np.linspace(0.0, 1.0, 11)),
     *,
     higher_is_better: Sequence[str] = HIGHER_IS_BETTER,
+    known: Mapping[float, Mapping[str, float]] | None = None,
 ) -> Curve:
     """``evaluate`` (params -> metrics, e.g. `rotjax.train.evaluator`) along the linear path,
     and each metric's barrier (a score's when its name is in ``higher_is_better``).
 
-    Any two models of one architecture work: A and B, or two merged models."""
+    Any two models of one architecture work: A and B, or two merged models. ``known``: metrics
+    already measured at some of the λ, used as given instead of evaluating again, e.g. ``{0.0:
+    metrics of A, 1.0: metrics of B}`` (an aligned B computes B's function: the same metrics
+    up to rounding) or ``{0.5: metrics of merge.average([A, B])}`` (the same params)."""
     lam = np.asarray(lambdas, np.float64)
-    rows = [dict(evaluate(interpolate(params_a, params_b, float(x)))) for x in lam]
+    known = {float(x): dict(m) for x, m in (known or {}).items()}
+    if extra := sorted(set(known) - set(lam.tolist())):
+        raise ValueError(f"known metrics at λ = {extra}, which are not among the lambdas")
+    rows = [
+        known[x] if x in known else dict(evaluate(interpolate(params_a, params_b, x)))
+        for x in lam.tolist()
+    ]
+    if any(r.keys() != rows[0].keys() for r in rows):
+        raise ValueError(f"the metrics differ along the path: {[sorted(r) for r in rows]}")
     metrics = {k: np.asarray([r[k] for r in rows], np.float64) for k in rows[0]}
     bars = {}
     if lam[0] == 0.0 and lam[-1] == 1.0:
