@@ -27,7 +27,6 @@ import sys
 import tempfile
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -144,7 +143,7 @@ def fusion_part(cache: Path, work: Path, smoke: bool, before_training=lambda: No
     # expectation over the 10 classes (the reproduction's vision tables use the exact one).
     rows = fusion.merge_rows(
         variants, METHODS, evaluate, stats_data=unlabeled, fisher_kind="sampled",
-        key=jax.random.key(0), overlap=True,
+        key=jax.random.key(0),
     )  # fmt: skip
     merged_seconds = time.perf_counter() - tic
     print(
@@ -168,16 +167,13 @@ def fusion_part(cache: Path, work: Path, smoke: bool, before_training=lambda: No
 
     def path(name):
         # Measured already: the ends (an aligned pair computes A's and B's functions) and the
-        # midpoint (the same params as the average's row). The other points, side by side
-        # on threads (XLA releases the GIL).
+        # midpoint (the same params as the average's row).
         row = next(r for r in rows if r["alignment"] == name and r["method"] == "average")
         known = {0.0: ends[0], 0.5: {k: row[k] for k in ends[0]}, 1.0: ends[1]}
         p = variants[name]["pair"]
         return merge.curve(metrics, p.a, p.b, lambdas, known=known)
 
-    with ThreadPoolExecutor(len(names)) as pool:
-        curves = {n: pool.submit(path, n) for n in names}
-    curves = {n: c.result() for n, c in curves.items()}
+    curves = {n: path(n) for n in names}
     print(f"\nalong the linear path A -> B (aligned), on {n_test} test images:")
     for name, c in curves.items():
         print(
@@ -231,7 +227,9 @@ def both_parts(work: Path, solve: str, smoke: bool) -> None:
     cmd = [sys.executable, "-m", "experiments.demo", "--part", "symmetry"]
     cmd += ["--workdir", str(work), "--solve", solve]
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}  # its lines as they are printed
+    # Its lines as they are printed; on the CPU, wherever part 2 runs: a GPU's memory is taken
+    # by the first process, a TPU's device by one process only.
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
     held = _Held(out)
 

@@ -8,12 +8,10 @@ and the merge benchmark share. Everything here is a short composition of public 
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import math
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import jax
@@ -231,43 +229,25 @@ def merge_rows(
     variants: Mapping[str, Mapping[str, Any]],
     methods: Iterable[str],
     evaluate: Callable[[Any], Mapping[str, float]],
-    *,
-    overlap: bool = False,
     **merge_options: Any,
 ) -> list[dict[str, Any]]:
     """One row per (alignment variant, method): the merged model's metrics and timings.
 
-    ``overlap``: evaluate each merged model on a worker thread while the next one is merged
-    (at most one evaluation pending, so at most two merged models alive). Merging is mostly
-    Python (tracing, small programs) and XLA releases the GIL while it runs, so the two share
-    the cores: the demo's fusion part took 73.5 s instead of 80.8 s on 2 cores (mean of 3
-    runs each, 2026-12-03), with the same metrics. The merges' own timings then include the
-    competition for the cores: keep it off where they are reported."""
-    rows: list[dict[str, Any]] = []
-    pending = None  # the last merge: (variant, method, its seconds, metrics or their future)
-
-    def finish():
-        name, method, seconds, metrics = pending
-        metrics = metrics.result() if overlap else metrics
-        v = variants[name]
-        rows.append(
-            {
-                "alignment": name,
-                "method": method,
-                **{k: float(x) for k, x in metrics.items()},
-                "seconds": {"align": v["seconds"], **seconds},
-                "distance": v["distance"],
-            }
-        )
-
-    with ThreadPoolExecutor(1) if overlap else contextlib.nullcontext() as pool:
-        for name, v in variants.items():
-            for method in methods:
-                params, seconds = merged(v["pair"], method, **merge_options)
-                if pending is not None:
-                    finish()
-                metrics = pool.submit(evaluate, params) if overlap else evaluate(params)
-                pending = (name, method, seconds, metrics)
-        if pending is not None:
-            finish()
+    One thread: evaluating each merge on a worker thread while the next was merged saved ~10%
+    of the demo's time but aborted the process now and then (``Fatal Python error: Aborted``
+    with the main thread in eager ops and the worker in a jitted evaluation, 3 test runs in
+    10, 2026-12-03); JAX is not driven from two threads anywhere in rotjax."""
+    rows = []
+    for name, v in variants.items():
+        for method in methods:
+            params, seconds = merged(v["pair"], method, **merge_options)
+            rows.append(
+                {
+                    "alignment": name,
+                    "method": method,
+                    **{k: float(x) for k, x in evaluate(params).items()},
+                    "seconds": {"align": v["seconds"], **seconds},
+                    "distance": v["distance"],
+                }
+            )
     return rows

@@ -247,35 +247,3 @@ def test_pairs(tmp_path, capsys):
         assert line in printed
     with pytest.raises(SystemExit):
         pairs.main([*argv, "bogus"])
-
-
-def test_merge_rows_overlap_gives_the_same_rows(key):
-    """Evaluating each merge on a worker thread while the next one is merged changes nothing
-    but the timings: the same rows, in the same order."""
-    import jax
-    import numpy as np
-
-    from experiments import fusion
-
-    pair = fusion.Pair(TINY_VIT, *(init(TINY_VIT, k)[1] for k in jax.random.split(key)))
-    rng = np.random.default_rng(0)
-    images = rng.integers(0, 256, (48, 28, 28, 1), dtype=np.uint8)
-    test = {"images": images, "labels": rng.integers(0, 10, 48).astype(np.int32)}
-    variants = fusion.align_variants(pair, ["none", "paper"])
-    evaluate = fusion.evaluator(pair.model, test)
-    rows = {
-        overlap: fusion.merge_rows(
-            variants,
-            ["average", "regmean", "refit"],
-            evaluate,
-            stats_data={"images": images},
-            overlap=overlap,
-        )
-        for overlap in (False, True)
-    }
-    strip = lambda r: {k: v for k, v in r.items() if k != "seconds"}
-    assert [(r["alignment"], r["method"]) for r in rows[True]] == [
-        (a, m) for a in ("none", "paper") for m in ("average", "regmean", "refit")
-    ]
-    # the same programs on the same inputs, concurrency aside: equal to the last bit
-    assert [strip(r) for r in rows[True]] == [strip(r) for r in rows[False]]
