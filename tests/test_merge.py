@@ -935,11 +935,15 @@ def test_interpolate_is_the_weighted_sum_in_one_program(key):
     ka, kb = jax.random.split(key)
     a = {"w": jax.random.normal(ka, (3, 4)), "b": {"h": jnp.ones(2, jnp.bfloat16)}}
     b = {"w": jax.random.normal(kb, (3, 4)), "b": {"h": jnp.zeros(2, jnp.bfloat16)}}
+    from rotjax.merge import _curve
+
+    programs = _curve._mix._cache_size()
     for lam in (0.0, 0.3, 1.0):
         got = merge.interpolate(a, b, lam)
         np.testing.assert_array_equal(got["w"], (1 - np.float32(lam)) * a["w"] + lam * b["w"])
         assert got["b"]["h"].dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(got["b"]["h"]), 1 - lam, rtol=1e-2)
+    assert _curve._mix._cache_size() - programs <= 1  # the three points: one program
     with pytest.raises(ValueError):
         merge.interpolate(a, {"w": b["w"]}, 0.5)
 
