@@ -17,30 +17,31 @@ several times slower. The benchmark therefore runs PyTorch with ``torch.set_flus
 from. ``--profile DIR`` writes a JAX profiler trace of a few rotjax steps (TensorBoard /
 Perfetto).
 
-Measured on the 2-core CPU machine (idle, 5 rounds; results/train_throughput.json), on
-2026-12-01; an earlier run on the same machine, at an earlier commit, gave 0.91 / 1.21 / 0.74
-for BERT and 0.65 / 0.90 / 0.62 for the ViT, with PyTorch at 18.9 / 47.3 / 22.0 and 566.6 /
-1532 / 614 ex/s: PyTorch's rates moved by up to 2.3x between the two days, rotjax's by up to
-1.4x.
+Measured on a 2-core CPU machine (idle, 5 rounds; results/train_throughput.json), on
+2026-12-03; on 2026-12-01, on another machine of the same kind (its float32 matmuls up to 2.3x
+faster), the same model code gave 0.81 / 1.07 / 0.68 for BERT and 0.51 / 0.58 / 0.50 for the ViT,
+with PyTorch at 28.1 / 71.0 / 37.8 and 911.7 / 2961 / 897 ex/s; an earlier run there, at an
+earlier commit, 0.91 / 1.21 / 0.74 and 0.65 / 0.90 / 0.62: PyTorch's rates moved by up to 2.3x
+between two days, rotjax's by up to 1.4x.
 
 =======  ===================  ===========  ==========  =====
 model    what                 rotjax ex/s  torch ex/s  ratio
 =======  ===================  ===========  ==========  =====
-bert     step (B=32, T=64)    22.7         28.1        0.81
-bert     forward              75.6         71.0        1.07
-bert     forward + backward   25.6         37.8        0.68
-vit      step (B=128)         468.5        911.7       0.51
-vit      forward              1728         2961        0.58
-vit      forward + backward   447          897         0.50
+bert     step (B=32, T=64)    15.7         18.3        0.86
+bert     forward              49.8         48.6        1.02
+bert     forward + backward   15.7         21.8        0.72
+vit      step (B=128)         335.8        509.7       0.66
+vit      forward              1567         1672        0.94
+vit      forward + backward   315          508         0.62
 =======  ===================  ===========  ==========  =====
 
 What limits rotjax here, timed alone in the same run (the ``gemm`` and ``attention`` rows of
 the JSON): the attention core (`rotjax.models._layers.attend`) runs 2.5-4x slower than
-PyTorch's forward and 2-3x forward + backward (ViT shapes: 7.5 vs 2.9 ms, 17.3 vs 5.9 ms),
-most of the ViT's gap; a single float32 matmul at these models' shapes runs at 0.74-1.05x
-PyTorch's speed. ``--profile`` attributes 66% (BERT) and 54% (ViT) of XLA's op time to its
-matmul fusions (``ynn_fusion``), the rest mostly to broadcasts and layout copies around them.
-XLA's flags for other CPU matmul back ends
+PyTorch's forward and 2-3x forward + backward (ViT shapes, 2026-12-03: 10.8 vs 4.4 ms,
+22.0 vs 10.1 ms), most of the ViT's gap; a single float32 matmul at these models' shapes runs
+at 0.88-1.06x PyTorch's speed (0.74-1.05x on 2026-12-01). ``--profile`` attributes 66%
+(BERT) and 54% (ViT) of XLA's op time to its matmul fusions (``ynn_fusion``), the rest mostly
+to broadcasts and layout copies around them. XLA's flags for other CPU matmul back ends
 (``--xla_cpu_experimental_{xnn,ynn,onednn}_fusion_type=dot``,
 ``--xla_cpu_experimental_onednn_custom_call``) and faster dropout bits (``rbg`` keys) each
 moved the step rate by less than the run-to-run noise (< 10%); so did putting heads before
