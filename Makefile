@@ -42,7 +42,7 @@ maps:
 	  $(SUDO) sysctl -q -w vm.max_map_count=262144 || echo "warning: vm.max_map_count is low"
 
 test: setup apt lint maps
-	$(VENV)/bin/pytest -q -n 2 --dist loadfile --max-worker-restart=0 --durations=15 tests
+	$(VENV)/bin/pytest -q -n 2 --dist loadfile --no-loadscope-reorder --max-worker-restart=0 --durations=15 tests
 
 demo: setup apt
 	$(PY) -m experiments.demo
