@@ -172,12 +172,18 @@ def merged(
     alpha: float = 0.9,
     fisher_kind: str = "exact",
     key: jax.Array | None = None,
+    memo: dict | None = None,
 ) -> tuple[Any, dict[str, float]]:
     """``(merged params, {"statistics": s, "merge": s})`` of A with (aligned) B.
 
     ``stats_data``: one array dict (shared) or one per model, for Fisher, RegMean, OT-acts
     (computed afresh for every call, so the reported statistics time is real), and the
-    unlabeled inputs of refit (all of them; its passes counted as merge time)."""
+    unlabeled inputs of refit (all of them; its passes counted as merge time).
+
+    ``memo``: a dict in which each model's Fisher / Gram statistics are kept, by the identity
+    of its params tree and data (the same objects, not equal values), and reused: A's are the
+    same for every alignment of B in the same form (one memo per set of the other options).
+    Their seconds are then not counted again."""
     shared = stats_data if isinstance(stats_data, Mapping) else None
     per_model = [shared, shared] if shared is not None else list(stats_data or [None, None])
     b_aligned = pair.b
@@ -194,17 +200,20 @@ def merged(
         out = merge.refit(pair.model, merge.average(params), params, batches(inputs))
     elif method in ("fisher", "regmean"):
         kinds = ("fisher",) if method == "fisher" else ("gram",)
-        stats = [
-            merge.statistics(
-                pair.model,
-                p,
-                batches(d, 25 if method == "fisher" else 50),
-                kinds,
-                fisher=fisher_kind,
-                key=key,
+
+        def statistics(p, d):
+            known = (memo or {}).get((id(p), id(d), method))
+            if known is not None:
+                return known[-1]
+            size = 25 if method == "fisher" else 50
+            out = merge.statistics(
+                pair.model, p, batches(d, size), kinds, fisher=fisher_kind, key=key
             )
-            for p, d in zip(params, per_model, strict=True)
-        ]
+            if memo is not None:  # params and data kept with them: their ids stay theirs
+                memo[id(p), id(d), method] = (p, d, out)
+            return out
+
+        stats = [statistics(p, d) for p, d in zip(params, per_model, strict=True)]
         seconds["statistics"] = time.perf_counter() - tic
         tic = time.perf_counter()
         out = (
@@ -229,18 +238,24 @@ def merge_rows(
     variants: Mapping[str, Mapping[str, Any]],
     methods: Iterable[str],
     evaluate: Callable[[Any], Mapping[str, float]],
+    *,
+    reuse_statistics: bool = False,
     **merge_options: Any,
 ) -> list[dict[str, Any]]:
     """One row per (alignment variant, method): the merged model's metrics and timings.
+    ``merge_options`` are `merged`'s; with ``reuse_statistics`` each model's statistics are
+    computed once (`merged`'s ``memo``), and the rows' statistics seconds are those of the
+    models computed in that row only.
 
     One thread: evaluating each merge on a worker thread while the next was merged saved ~10%
     of the demo's time but aborted the process now and then (``Fatal Python error: Aborted``
     with the main thread in eager ops and the worker in a jitted evaluation, 3 test runs in
     10, 2026-12-03); JAX is not driven from two threads anywhere in rotjax."""
     rows = []
+    memo = {} if reuse_statistics else None
     for name, v in variants.items():
         for method in methods:
-            params, seconds = merged(v["pair"], method, **merge_options)
+            params, seconds = merged(v["pair"], method, memo=memo, **merge_options)
             rows.append(
                 {
                     "alignment": name,

@@ -247,3 +247,36 @@ def test_pairs(tmp_path, capsys):
         assert line in printed
     with pytest.raises(SystemExit):
         pairs.main([*argv, "bogus"])
+
+
+def test_merge_rows_reuse_statistics(monkeypatch):
+    """With ``reuse_statistics`` each model's statistics are computed once (A's, shared by
+    every alignment of B) and the rows are the same as computed afresh for each."""
+    import jax
+    import numpy as np
+
+    from experiments import fusion
+    from rotjax import merge
+    from rotjax.models import family
+
+    config = TINY_VIT
+    fam = family(config)
+    pair = fusion.Pair(config, *(fam.init(config, jax.random.key(i)) for i in range(2)))
+    images = np.random.default_rng(0).normal(size=(20, 28, 28, 1)).astype(np.float32)
+    unlabeled = {"images": images}
+    test = {"images": images, "labels": np.arange(20) % 10}
+    variants = fusion.align_variants(pair, ["none", "paper"], unlabeled)
+    calls = []
+    statistics = merge.statistics
+    monkeypatch.setattr(merge, "statistics", lambda *a, **k: calls.append(1) or statistics(*a, **k))
+    run = lambda reuse: fusion.merge_rows(
+        variants, ["fisher", "regmean"], fusion.evaluator(pair.model, test),
+        stats_data=unlabeled, reuse_statistics=reuse,
+    )  # fmt: skip
+    fresh = run(False)
+    assert len(calls) == 8  # 2 variants x 2 methods x 2 models
+    calls.clear()
+    reused = run(True)
+    assert len(calls) == 6  # A's once per method
+    drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
+    assert drop(reused) == drop(fresh)
