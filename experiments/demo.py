@@ -99,9 +99,8 @@ def symmetry_part(work: Path, solve: str, seed: int = 0) -> None:
     print(f"  aligned copy vs copy       {same:.2e}  (same function)\n")
 
 
-def train_vits(cache: Path, smoke: bool, before_training=lambda: None) -> tuple[list, float]:
-    """The two ViTs' run summaries (trained first if not cached) and the seconds of training
-    (``before_training`` is called, and waited for, before the first)."""
+def train_vits(cache: Path, smoke: bool) -> tuple[list, float]:
+    """The two ViTs' run summaries (trained first if not cached) and the seconds of training."""
     summaries, seconds = [], 0.0
     for seed in (0, 1):
         config = T.Config(
@@ -115,7 +114,6 @@ def train_vits(cache: Path, smoke: bool, before_training=lambda: None) -> tuple[
             )
         workdir = cache / ("demo-smoke" if smoke else "demo") / config.name
         if T.finished(config, workdir) is None:
-            before_training()
             print(f"training {config.name} (once; cached in {workdir})", flush=True)
         tic = time.perf_counter()
         summaries.append(T.cached(config, workdir, progress=True))
@@ -123,9 +121,9 @@ def train_vits(cache: Path, smoke: bool, before_training=lambda: None) -> tuple[
     return summaries, seconds
 
 
-def fusion_part(cache: Path, work: Path, smoke: bool, before_training=lambda: None) -> None:
+def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
     print("== 2. Fusion: two ViTs from different seeds on Fashion-MNIST ==\n", flush=True)
-    (a, b), trained = train_vits(cache, smoke, before_training)
+    (a, b), trained = train_vits(cache, smoke)
     pair = fusion.load_pair(a["hf"], b["hf"])
     fm = data.fashion_mnist()
     # A, B, 20 merges and 6 new points of the paths evaluated, ~0.45 s each on 2 cores
@@ -227,8 +225,9 @@ class _Held(io.TextIOBase):
 def both_parts(work: Path, solve: str, smoke: bool) -> None:
     """Part 1 in a subprocess while part 2 runs here: on 2 cores a cached run keeps ~1.4 of
     them busy (tracing and small programs), and the two processes share no GIL. Part 1's
-    output is shown as it comes; part 2's is held until part 1 is done, and training (with its
-    progress bars) waits for it too."""
+    output is shown as it comes; part 2's, its progress bars (stderr) included, is held until
+    part 1 is done. A fresh run's training starts at once (part 1 then compiles on the core
+    that training leaves idle between steps' programs; it used to wait for part 1)."""
     out = sys.stdout
     cmd = [sys.executable, "-m", "experiments.demo", "--part", "symmetry"]
     cmd += ["--workdir", str(work), "--solve", solve]
@@ -237,7 +236,7 @@ def both_parts(work: Path, solve: str, smoke: bool) -> None:
     # by the first process, a TPU's device by one process only.
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "JAX_PLATFORMS": "cpu"}
     proc = subprocess.Popen(cmd, cwd=root, env=env, stdout=subprocess.PIPE, text=True)
-    held = _Held(out)
+    held, held_err = _Held(out), _Held(sys.stderr)
 
     def relay():
         with proc.stdout:
@@ -246,12 +245,13 @@ def both_parts(work: Path, solve: str, smoke: bool) -> None:
                 out.flush()
         proc.wait()
         held.release()
+        held_err.release()
 
     thread = threading.Thread(target=relay, name="demo part 1", daemon=True)
     thread.start()
     try:
-        with contextlib.redirect_stdout(held):
-            fusion_part(data.default_cache_dir(), work, smoke, before_training=thread.join)
+        with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held_err):
+            fusion_part(data.default_cache_dir(), work, smoke)
     except BaseException:
         proc.kill()
         raise

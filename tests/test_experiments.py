@@ -54,14 +54,18 @@ def test_demo(tmp_path, capsys, monkeypatch):
 
     monkeypatch.setenv("ROTJAX_CACHE", str(tmp_path / "cache"))
     monkeypatch.setenv("ROTJAX_JAX_CACHE", str(tmp_path / "jax"))  # part 1's subprocess
-    demo.main(["--workdir", str(tmp_path / "first"), "--smoke", "--part", "fusion"])
-    assert "aligned copy" not in capsys.readouterr().out
-    # The models cached: part 1 runs in a subprocess beside part 2, whose output waits for it.
+    # Part 1 runs in a subprocess beside part 2 (which trains the models meanwhile), part 2's
+    # output (its training's progress bars too) held until part 1 is done.
     demo.main(["--workdir", str(tmp_path), "--solve", "rotation,scale", "--smoke"])
-    out = capsys.readouterr().out
-    order = ["== 1. The symmetry", "aligned copy vs copy", "== 2. Fusion", "merged test accuracy"]
+    out, err = capsys.readouterr()
+    order = ["== 1. The symmetry", "aligned copy vs copy", "== 2. Fusion", "training demo-vit-s0"]
+    order += ["merged test accuracy"]
     assert [out.find(s) for s in order] == sorted(out.find(s) for s in order), out
     assert out.find(order[0]) >= 0 and "demo done" in out
+    assert "step/s" in err  # the training's bars, released
+    demo.main(["--workdir", str(tmp_path / "again"), "--smoke", "--part", "fusion"])
+    out = capsys.readouterr().out
+    assert "aligned copy" not in out and "training demo" not in out  # the models cached
     report = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
     assert report["distance"]["all"]["after"] < report["distance"]["all"]["before"]
     assert (tmp_path / "interpolation.png").read_bytes()[:4] == b"\x89PNG"

@@ -669,6 +669,43 @@ def test_capture_keeps_every_call_of_a_layer_called_twice(key):
     np.testing.assert_array_equal(got["1/1"], np.ones(4))
 
 
+def test_first_calls_traces_the_pass_only_up_to_the_wanted_layers(key):
+    """`first_calls` gives `calls`' rows of the wanted layers, from a pass that stops before the
+    next dense layer: only the layers up to them are in the traced program."""
+    import flax.linen as nn
+
+    from rotjax.merge._capture import calls, first_calls
+
+    class Chain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            for name in "abc":
+                x = jnp.tanh(nn.Dense(3, name=name)(x))
+            return x
+
+    x = jax.random.normal(key, (4, 3))
+    params = Chain().init(key, x)["params"]
+    every = calls(Chain(), params, (x,))
+    mask = jnp.asarray([1, 0, 1, 1])
+    for wanted in (["a/kernel"], ["b/kernel"], ["a/kernel", "b/kernel"], ["c/kernel"]):
+        got = first_calls(Chain(), params, (x,), wanted)
+        assert sorted(got) == wanted
+        for k in wanted:
+            ((rows, w),) = got[k]
+            np.testing.assert_array_equal(rows, every[k][0][0])
+            np.testing.assert_array_equal(w, np.ones(4))
+        # the layers called: each wanted one, and the last of them is read before the exit
+        jaxpr = jax.make_jaxpr(lambda p, w=wanted: first_calls(Chain(), p, (x,), w))(params)
+        dots = sum(e.primitive.name == "dot_general" for e in jaxpr.eqns)
+        assert dots == "abc".index(max(wanted)[0]) + 1, (wanted, dots)
+    ((rows, w),) = first_calls(Chain(), params, (x[None],), ["b/kernel"], mask=mask[None])[
+        "b/kernel"
+    ]
+    np.testing.assert_array_equal(w, mask)
+    with pytest.raises(ValueError, match="no call of"):
+        first_calls(Chain(), params, (x,), ["d/kernel"])
+
+
 def _dense_kernels(c, params, x):
     return set(capture(c.model, params, x, lambda rows, w: jnp.zeros(()))[1])
 

@@ -37,6 +37,15 @@ def _add(prev, new):
     return new if prev is None else jax.tree.map(jnp.add, prev, new)
 
 
+def _rows(x: jax.Array, n_in: int, mask: jax.Array | None) -> tuple[jax.Array, jax.Array]:
+    """A dense layer's input ``x`` as ``(rows, weights)`` (see `capture`)."""
+    lead = x.shape[: x.ndim - n_in]
+    rows = wide(x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - n_in :])))
+    if mask is not None and lead == mask.shape:
+        return rows, mask.reshape(-1).astype(rows.dtype)
+    return rows, jnp.ones(rows.shape[:1], rows.dtype)
+
+
 def capture(
     model: nn.Module,
     params: Any,
@@ -61,14 +70,7 @@ def capture(
         n_in = dense_input_axes(context.module)
         if n_in is None or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        x = args[0]
-        lead = x.shape[: x.ndim - n_in]
-        rows = x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - n_in :]))
-        rows = wide(rows)
-        if mask is not None and lead == mask.shape:
-            weights = mask.reshape(-1).astype(rows.dtype)
-        else:
-            weights = jnp.ones(rows.shape[:1], rows.dtype)
+        rows, weights = _rows(args[0], n_in, mask)
         context.module.sow(
             STATS, _FIELD, fn(rows, weights), init_fn=lambda: None, reduce_fn=combine
         )
@@ -98,3 +100,44 @@ def calls(
         path: [(c[f"{i}/0"], c[f"{i}/1"]) for i in range(len(c) // 2)]
         for path, c in captured.items()
     }
+
+
+class _Enough(Exception):
+    """`first_calls`' signal: every wanted layer was called, the rest of the pass is not needed."""
+
+
+def first_calls(
+    model: nn.Module,
+    params: Any,
+    inputs: tuple[Any, ...],
+    kernels: frozenset[str] | set[str] | tuple[str, ...],
+    *,
+    mask: jax.Array | None = None,
+) -> dict[str, list[tuple[jax.Array, jax.Array]]]:
+    """`calls` of ``kernels`` only, the forward pass run (and traced, under `jax.jit`) only up
+    to the first call of another dense layer after each of ``kernels`` was called: what follows
+    is never traced, lowered or computed. For layers outside a scan (the calls of a scanned
+    layer are its scan body's: use `calls`) that are called once per pass, or consecutively."""
+    wanted = frozenset(kernels)
+    seen: dict[str, list[tuple[jax.Array, jax.Array]]] = {}
+
+    def interceptor(next_fun, args, kwargs, context):
+        n_in = dense_input_axes(context.module)
+        if n_in is None or context.method_name != "__call__":
+            return next_fun(*args, **kwargs)
+        path = "/".join(context.module.path) + "/kernel"
+        if path in wanted:
+            seen.setdefault(path, []).append(_rows(args[0], n_in, mask))
+        elif wanted <= seen.keys():
+            raise _Enough
+        return next_fun(*args, **kwargs)
+
+    try:
+        with nn.intercept_methods(interceptor):
+            model.apply({"params": params}, *inputs)
+    except _Enough:
+        pass
+    missing = wanted - seen.keys()
+    if missing:
+        raise ValueError(f"first_calls: no call of {sorted(missing)} in the forward pass")
+    return seen
