@@ -226,8 +226,7 @@ def both_parts(work: Path, solve: str, smoke: bool) -> None:
     """Part 1 in a subprocess while part 2 runs here: on 2 cores a cached run keeps ~1.4 of
     them busy (tracing and small programs), and the two processes share no GIL. Part 1's
     output is shown as it comes; part 2's, its progress bars (stderr) included, is held until
-    part 1 is done. A fresh run's training starts at once (part 1 then compiles on the core
-    that training leaves idle between steps' programs; it used to wait for part 1)."""
+    part 1 is done. A fresh run's training starts at once, beside part 1."""
     out = sys.stdout
     cmd = [sys.executable, "-m", "experiments.demo", "--part", "symmetry"]
     cmd += ["--workdir", str(work), "--solve", solve]

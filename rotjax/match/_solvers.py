@@ -6,6 +6,7 @@ All work on stacked problems (leading batch axes) and all but the host assignmen
 from __future__ import annotations
 
 import concurrent.futures
+import functools
 import math
 import os
 
@@ -60,6 +61,7 @@ _QUINTIC = (3.4445, -4.7750, 2.0315)
 _CUBIC = (1.5, -0.5, 0.0)
 
 
+@functools.partial(jax.jit, static_argnames="max_steps")  # one program, also called eagerly
 def polar(m: jax.Array, *, max_steps: int = 12) -> jax.Array:
     """The orthogonal polar factor ``U Vᵀ`` of every ``M = U S Vᵀ`` in ``m[..., d, d]``.
 

@@ -132,6 +132,11 @@ _combined_all = jax.jit(lambda s, t: {p: _combined(x, t[p]) for p, x in s.items(
 def correlations(cross: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
     """Pearson correlation ``corr[.., i, j]`` of A's input feature i with B's feature j, per
     kernel path (a feature that never varies correlates 0 with everything)."""
+    return _correlations({p: dict(s) for p, s in cross.items()})
+
+
+@jax.jit  # one program, not a few per path
+def _correlations(cross):
     out = {}
     for path, s in cross.items():
         n = jnp.maximum(s["count"], 1.0)[..., None]
@@ -152,6 +157,11 @@ def group_scores(
     scores a pair of heads by the nuclear norm of their d x d correlation block / d (the best
     rotation's mean correlation: what `rotjax.match.align` solves next), ``"trace"`` by the
     in-order features' mean correlation (no rotation, as OT fusion pairs them)."""
+    return _group_scores(spec, tuple(names), heads, dict(corr))
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one program, not a few per path
+def _group_scores(spec, names, heads, corr):
     out = {}
     for name in names:
         g = spec.groups[name]
@@ -219,6 +229,7 @@ def activation_init(
     names = spec.select(roles=[r for r in roles if r in ("residual", "ffn", "heads")])
     scores = group_scores(spec, correlations(cross), names, heads="nuclear")
     out = {n: assign(s, solver=solver) for n, s in scores.items()}
+    cross = {p: dict(s) for p, s in cross.items()}
     for name in spec.select(roles=["stream_rotation"]) if "stream_rotation" in roles else ():
         out[name] = _stream_rotation(spec, name, cross, out.get(spec.groups[name].over))
     if params is not None:
@@ -227,10 +238,16 @@ def activation_init(
             g = spec.groups[name]
             if g.kind != "orth" or g.pairs:
                 continue
-            m = _head_moments(spec, name, cross, out.get(g.over), *flat)
-            if m is not None:
-                out[name] = polar(m)
+            r = _head_rotation(spec, name, cross, out.get(g.over), *flat)
+            if r is not None:
+                out[name] = r
     return out
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one program, not a few per path
+def _head_rotation(spec, name, cross, perm, flat_a, flat_b):
+    m = _head_moments(spec, name, cross, perm, flat_a, flat_b)
+    return None if m is None else polar(m)
 
 
 def _head_moments(spec, name, cross, perm, flat_a, flat_b):
@@ -274,6 +291,7 @@ def _along(perm, ndim, k, axis):
     return perm.reshape(shape)
 
 
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one program, not a few per path
 def _stream_rotation(spec, name, cross, perm):
     """Procrustes of the stream reads, B's after the stream permutation ``perm``."""
     g = spec.groups[name]

@@ -33,6 +33,11 @@ def dense_input_axes(module: nn.Module) -> int | None:
     return None
 
 
+def kernel_path(module: nn.Module) -> str:
+    """The "/" path of a dense layer's kernel in the params, as `capture` keys it."""
+    return "/".join(module.path) + "/kernel"
+
+
 def _add(prev, new):
     return new if prev is None else jax.tree.map(jnp.add, prev, new)
 
@@ -125,7 +130,7 @@ def first_calls(
         n_in = dense_input_axes(context.module)
         if n_in is None or context.method_name != "__call__":
             return next_fun(*args, **kwargs)
-        path = "/".join(context.module.path) + "/kernel"
+        path = kernel_path(context.module)
         if path in wanted:
             seen.setdefault(path, []).append(_rows(args[0], n_in, mask))
         elif wanted <= seen.keys():

@@ -92,8 +92,7 @@ def ot_fusion(
         else:
             similarity = _weight_cosines(spec, params_a, moved, names)
         new = {}
-        for n, s in similarity.items():
-            cost = jnp.sqrt(jnp.maximum(2.0 - 2.0 * s, 0.0))
+        for n, cost in _costs(similarity).items():
             if transport == "exact":
                 new[n] = assign(-cost, solver=solver)
             else:
@@ -101,6 +100,12 @@ def ot_fusion(
         moved = transport_params(spec, moved, new)
         maps.update(new)
     return Fusion(average([params_a, moved], [weight, 1.0 - weight]), maps, moved)
+
+
+@jax.jit
+def _costs(similarity):
+    """The transport cost ``sqrt(2 - 2 s)`` of a similarity s (the distance of unit vectors)."""
+    return {n: jnp.sqrt(jnp.maximum(2.0 - 2.0 * s, 0.0)) for n, s in similarity.items()}
 
 
 def _weight_cosines(spec, params_a, params_b, names):

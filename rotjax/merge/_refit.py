@@ -42,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls
+from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls, kernel_path
 from rotjax.merge._methods import checked_models, model_weights
 from rotjax.merge._stats import _split
 from rotjax.models import family
@@ -164,7 +164,7 @@ def _stages(model, params, inputs, mask) -> list[tuple[tuple[str, ...], tuple[in
 
     def interceptor(next_fun, args, kwargs, context):
         if dense_input_axes(context.module) is not None and context.method_name == "__call__":
-            path = "/".join(context.module.path) + "/kernel"
+            path = kernel_path(context.module)
             if path not in seen:  # a scan's body is traced more than once; a layer may be
                 seen.add(path)  # called twice: its first call places it
                 if groups and args[0] is last[0]:

@@ -23,9 +23,12 @@ which params write to the stream on which axis.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rotjax.symmetry._spec import Action, Group, Spec
 from rotjax.tree import from_dict, placed_like, to_dict
@@ -93,7 +96,21 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
     Raises:
       ValueError: a norm with β ≠ 0 whose reader has no bias to take ``β W`` (naming it).
     """
-    flat = {p: jnp.asarray(x) for p, x in to_dict(params).items()}
+    flat = to_dict(params)
+    for norm in stream.norms:  # a β that no reader's bias can take
+        beta = flat.get(f"{norm.path}/bias")
+        for reader in norm.readers:
+            if beta is not None and f"{reader}/bias" not in flat and np.any(np.asarray(beta)):
+                raise ValueError(
+                    f"{norm.path}/bias is not 0 but {reader} has no bias to fold it into "
+                    "(a ViT with qkv_bias=False): this model has no canonical form"
+                )
+    out = _canonical(stream, flat)
+    return from_dict({p: placed_like(x, flat[p]) for p, x in out.items()})
+
+
+@functools.partial(jax.jit, static_argnums=0)  # one program, however it is called
+def _canonical(stream: StreamSpec, flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out = dict(flat)
     for norm in stream.norms:
         gamma = flat[f"{norm.path}/scale"].astype(jnp.float32)
@@ -107,13 +124,8 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
             lead = beta.shape[:b] + (1,) * (w.ndim - b - 1) + beta.shape[b:]
             shift = jnp.sum(jnp.moveaxis(w, b, -1) * beta.reshape(lead), axis=-1)
             bias = f"{reader}/bias"
-            if bias in flat:
+            if bias in flat:  # (else β = 0: `canonicalize` checked)
                 out[bias] = (flat[bias].astype(jnp.float32) + shift).astype(flat[bias].dtype)
-            elif bool(jnp.any(beta != 0)):
-                raise ValueError(
-                    f"{norm.path}/bias is not 0 but {reader} has no bias to fold it into "
-                    "(a ViT with qkv_bias=False): this model has no canonical form"
-                )
             g = gamma.reshape(gamma.shape + (1,) * (w.ndim - b - 1))
             out[f"{reader}/kernel"] = (g * w).astype(kernel.dtype)
         out[f"{norm.path}/scale"] = jnp.ones_like(flat[f"{norm.path}/scale"])
@@ -123,7 +135,7 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
         for path, axis in stream.writers:
             x = out[path].astype(jnp.float32)
             out[path] = (x - jnp.mean(x, axis=axis, keepdims=True)).astype(out[path].dtype)
-    return from_dict({p: placed_like(x, flat[p]) for p, x in out.items()})
+    return out
 
 
 def is_canonical(stream: StreamSpec, params: Any, *, atol: float = 1e-5) -> bool:

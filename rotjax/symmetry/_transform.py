@@ -69,6 +69,8 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
     those that keep the all-ones vector on the O(n-1) of its complement, pair rotations have
     uniform angles; scales are log-normal, ``a = exp(log_scale_std * N(0, 1))``.
     """
+    # Op by op, not jitted: one XLA:CPU program with 12 or more QR factorisations (MiniLM's
+    # 12 jax.random.orthogonal) never finished (jax 0.10.2, 2026-12-03).
     keys = jax.random.split(key, max(len(spec.group_items), 1))
     out = {}
     for k, (name, g) in zip(keys, spec.group_items, strict=False):
@@ -126,9 +128,21 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     validate(spec, params)
     check_transform(spec, transform)
     paths, leaves, treedef = flatten(params)
-    out = [apply_to_leaf(spec, p, x, transform) for p, x in zip(paths, leaves, strict=True)]
-    out = [placed_like(y, x) for y, x in zip(out, leaves, strict=True)]
+    moved = [
+        i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
+    ]
+    new = _apply_leaves(
+        spec, tuple(paths[i] for i in moved), [leaves[i] for i in moved], dict(transform)
+    )
+    out = list(leaves)  # the leaves no group in the transform acts on: as they are
+    for i, y in zip(moved, new, strict=True):
+        out[i] = placed_like(y, leaves[i])
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1))  # one program, however it is called
+def _apply_leaves(spec: Spec, paths: tuple[str, ...], leaves, transform) -> list[jax.Array]:
+    return [apply_to_leaf(spec, p, x, transform) for p, x in zip(paths, leaves, strict=True)]
 
 
 def apply_to_leaf(
