@@ -23,7 +23,7 @@ from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
 from rotjax.merge._capture import capture
 from rotjax.models import stack_layers
-from rotjax.tree import to_dict
+from rotjax.tree import from_dict, to_dict
 
 TOL = 1e-5
 
@@ -101,7 +101,24 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
     with pytest.raises(ValueError, match="ridge must be"):
         merge.regmean(params, stats, ridge=-1.0)
     zeros = [{"gram": {"w/kernel": jnp.zeros_like(s["gram"]["w/kernel"])}} for s in stats]
-    assert rel_err(merge.regmean(params, zeros), avg) <= TOL
+    for ridge in (1e-8, 0.0):
+        assert rel_err(merge.regmean(params, zeros, ridge=ridge), avg) <= TOL
+    # An input no data excites (a zero row and column in every Gram): at ridge 0 too, its row of
+    # the kernel is the average and the others are the least-squares merge of the rest (the
+    # inverse was NaN for the whole kernel).
+    dead = [
+        {"gram": {"w/kernel": s["gram"]["w/kernel"].at[0, :].set(0).at[:, 0].set(0)}} for s in stats
+    ]
+    got = merge.regmean(params, dead, alpha=1.0, ridge=0.0)["w"]["kernel"]
+    g = [np.asarray(d["gram"]["w/kernel"], np.float64)[1:, 1:] for d in dead]
+    want = np.linalg.solve(g[0] + g[1], g[0] @ ws[0][1:] + g[1] @ ws[1][1:])
+    np.testing.assert_allclose(got[0], (ws[0][0] + ws[1][0]) / 2, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(got[1:], want, rtol=1e-4, atol=1e-5)
+    # A floor λ·eps below float32's normal range is flushed to zero on the CPU: an entry of zero
+    # Fisher everywhere is the average (it was 0/0).
+    zero_f = [{"fisher": {"w/kernel": jnp.zeros(ws[0].shape)}}] * 2
+    for eps in (2e-38, 1e-6):
+        assert rel_err(merge.fisher(params, zero_f, eps=eps), avg) <= TOL
     for w in (1e39, 1e-46):  # beyond float32 at both ends: normalised in float64 first
         assert rel_err(merge.average(params, [w, w]), avg) <= TOL
         assert (
@@ -218,6 +235,24 @@ def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
         ):
             assert merged["w"].dtype == jnp.float64
             np.testing.assert_allclose(merged["w"] - 1.0, 2e-10, rtol=1e-5)
+        # Weights, λ, α and Grams in float64 too (they were float32: 2/3 came out 0.66666669,
+        # a λ of 0.1 as 0.10000000149).
+        z, o = {"w": jnp.zeros((2, 2), jnp.float64)}, {"w": jnp.ones((2, 2), jnp.float64)}
+        f64 = lambda v: {"fisher": {"w": jnp.full((2, 2), v, jnp.float64)}}
+        rng = np.random.default_rng(0)
+        x = rng.normal(size=(2, 5, 2))
+        grams = [xi.T @ xi / 5 for xi in x]
+        want = np.linalg.solve(grams[0] + 2 * grams[1], 2 * grams[1] @ np.ones((2, 2)))
+        for merged, expected in (
+            (merge.average([z, o], weights=[1, 2]), 2 / 3),
+            (merge.task_arithmetic(z, [o], scale=0.1), 0.1),
+            (merge.fisher([z, o], [f64(1.0), f64(3.0)], weights=[1, 2]), 6 / 7),
+            (merge.ties(z, [o, o], density=1.0, scale=0.1), 0.1),
+            (merge.regmean([z, o], [{"gram": {"w": jnp.asarray(g)}} for g in grams],
+                           weights=[1, 2], alpha=1.0, ridge=0.0), want),
+        ):  # fmt: skip
+            assert merged["w"].dtype == jnp.float64
+            np.testing.assert_allclose(merged["w"], np.broadcast_to(expected, (2, 2)), rtol=1e-13)
     # Fisher normalisation of valid Fishers of any scale (squares of 1e-20 underflowed).
     a, b = {"w": jnp.ones(2)}, {"w": jnp.zeros(2)}
     for size in (1e-20, 1e20):
@@ -296,6 +331,28 @@ def _oracle_fisher(model, params, x, labels, mask, variant):
                 onehot[(*pos, cls)] = 1.0
                 total = add(total, grad(params, xi, onehot), float(np.exp(lp[(*pos, cls)])))
     return jax.tree.map(lambda t: np.asarray(t) / n, total)
+
+
+def test_fisher_with_x64_enabled_in_the_models_dtype(key):
+    """With ``jax_enable_x64``, every Fisher variant runs (a float32 cotangent met float64
+    one-hot labels and the backward pass refused it) and a float32 model's Fisher is the one
+    computed without x64; a float64 model's is float64, the same to float32's precision."""
+    config = CONFIGS["vit-h1d8-l1-nobias"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    x = inputs(config, key, batch=2)
+    batch = [{"pixel_values": x[0], "labels": jnp.asarray([0, 1])}]
+    fisher = lambda p, v: merge.statistics(c.model, p, batch, ("fisher",), fisher=v, key=key)
+    for variant in ("exact", "empirical", "sampled"):
+        want = fisher(params, variant)["fisher"]
+        with jax.enable_x64(True):
+            same = fisher(params, variant)["fisher"]
+            p64 = jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), params)
+            wide = fisher(p64, variant)["fisher"]
+        assert rel_err(same, want) <= TOL, variant
+        assert {v.dtype for v in jax.tree.leaves(wide)} == {jnp.dtype(jnp.float64)}, variant
+        if variant != "sampled":  # (float64 log-probabilities draw other labels)
+            assert rel_err(wide, want) <= 1e-4, variant
 
 
 # Lookup tables (words, positions, token types, DeBERTa's relative positions read whole)
@@ -480,8 +537,8 @@ def test_correlations_of_features_with_a_large_mean_match_float64(key):
     """Every LayerNorm shifted by 300: the dense layers after them read features of mean ~300
     and spread ~1, whose variance float32 loses as ``Σx²/n - x̄²`` (5% of it seen); the
     centred moments keep the correlations at float32 precision. Oracle: float64 correlations
-    of the rows captured by a separate forward pass (1e-4: the two programs may round 300 + x
-    differently, 3e-5 of the spread; 1e-5 seen)."""
+    of the rows captured by a separate forward pass (the two programs may round 300 + x
+    differently: the bound below)."""
     config = CONFIGS["vit-h3d4-l2"]
     c = compiled(config)
     is_shift = lambda kp: "layernorm" in jax.tree_util.keystr(kp) and "bias" in str(kp[-1])
@@ -501,11 +558,47 @@ def test_correlations_of_features_with_a_large_mean_match_float64(key):
     xa, xb = rows(a), rows(b)
     assert abs(xa.mean() - 300) < 5 and xa.std(0).max() < 10  # (some features nearly constant)
     oracle = np.corrcoef(xa.T, xb.T)[: xa.shape[1], xa.shape[1] :]
-    np.testing.assert_allclose(corr, oracle, atol=1e-4)
+    # Rounding a row's entries differently by up to u (float32's spacing at their magnitude)
+    # moves a correlation by at most u (1 + |r|) / σ: bounded per entry by each feature's spread
+    # (a feature of spread 0.05 moved one by 1.1e-4, ROTJAX_SEED=667065364), twice for margin.
+    u = float(np.spacing(np.float32(max(np.abs(xa).max(), np.abs(xb).max()))))
+    bound = 4 * u * (1 / xa.std(0)[:, None] + 1 / xb.std(0)[None, :]) + 1e-5
+    assert np.all(np.abs(corr - oracle) <= bound), np.max(np.abs(corr - oracle) / bound)
     # The raw sums' formula on the same statistics, what the centred moments avoid, is far off.
     s, n = cross[path], float(cross[path]["count"])
     naive = np.asarray(s["sq_a"]) / n - (np.asarray(s["sum_a"]) / n) ** 2
     assert np.max(np.abs(naive - xa.var(0)) / xa.var(0)) > 1e-3
+
+
+def test_correlations_are_scale_free_and_zero_for_constant_features(key):
+    """Pearson correlations do not depend on the features' scale: a LayerNorm's output scaled
+    by 1e-7 (spread ~1e-7) correlates as before (an absolute floor on σ_a σ_b of 1e-12 made
+    every such correlation 0, with itself too). A feature that never varies (a zero LayerNorm
+    scale: every token its bias, mean 300) correlates 0 with everything."""
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    data = batches_of(config, key, n=2, batch=8)
+    path = "encoder/layer_0/attention/query/kernel"
+    ln = "encoder/layer_0/layernorm_before/"
+
+    def with_ln(scale, bias):
+        flat = to_dict(a)
+        flat[ln + "scale"], flat[ln + "bias"] = scale(flat[ln + "scale"]), bias(flat[ln + "bias"])
+        return from_dict(flat)
+
+    # A against the changed model, and the changed model against itself (both spreads tiny)
+    corr = lambda p: [
+        np.asarray(merge.correlations(merge.cross_statistics(c.model, x, p, data))[path])
+        for x in (a, p)
+    ]
+    base = corr(a)[0]
+    np.testing.assert_allclose(np.diag(base), 1.0, atol=1e-5)
+    for got in corr(with_ln(lambda s: s * 1e-7, lambda b: b * 1e-7)):
+        np.testing.assert_allclose(got, base, atol=1e-4)
+    for got in corr(with_ln(lambda s: s.at[0].set(0.0), lambda b: b.at[0].set(300.0))):
+        assert np.all(got[:, 0] == 0.0) and np.all(np.isfinite(got))
+        np.testing.assert_allclose(got[1:, 1:], base[1:, 1:], atol=1e-4)
 
 
 def test_activation_init_finds_a_planted_stream_permutation(key):

@@ -131,7 +131,9 @@ _combined_all = jax.jit(lambda s, t: {p: _combined(x, t[p]) for p, x in s.items(
 
 def correlations(cross: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.Array]:
     """Pearson correlation ``corr[.., i, j]`` of A's input feature i with B's feature j, per
-    kernel path (a feature that never varies correlates 0 with everything)."""
+    kernel path. A feature that never varies correlates 0 with everything: one whose variance
+    is below the rounding of its mean, ``(4 ε |mean|)²`` (ε the dtype's epsilon), or zero; any
+    other counts whatever its scale."""
     return _correlations({p: dict(s) for p, s in cross.items()})
 
 
@@ -141,10 +143,18 @@ def _correlations(cross):
     for path, s in cross.items():
         n = jnp.maximum(s["count"], 1.0)[..., None]
         va, vb = s["m2_a"] / n, s["m2_b"] / n
-        scale = jnp.sqrt(va)[..., :, None] * jnp.sqrt(vb)[..., None, :]
+        ok_a, ok_b = _varies(va, s["sum_a"] / n), _varies(vb, s["sum_b"] / n)
+        sd_a, sd_b = (jnp.sqrt(jnp.where(ok, v, 1.0)) for ok, v in ((ok_a, va), (ok_b, vb)))
         cov = s["cov"] / n[..., None]
-        out[path] = jnp.where(scale > 1e-12, cov / jnp.maximum(scale, 1e-12), 0.0)
+        corr = cov / sd_a[..., :, None] / sd_b[..., None, :]
+        out[path] = jnp.where(ok_a[..., :, None] & ok_b[..., None, :], corr, 0.0)
     return out
+
+
+def _varies(var, mean):
+    """Whether a feature's variance is above the rounding of its mean (and not zero)."""
+    info = jnp.finfo(var.dtype)
+    return var > (4 * info.eps * mean) ** 2 + info.tiny
 
 
 def group_scores(

@@ -75,11 +75,18 @@ def _cast(x, like):
     return x.astype(jnp.asarray(like).dtype)
 
 
+def scalar(v) -> jax.Array:
+    """A weight or option as an array of the widest float enabled (float64 with
+    ``jax_enable_x64``): the programs cast it to each leaf's compute dtype (`wide`), so float64
+    models merge with float64 weights and float32 ones in float32."""
+    return jnp.asarray(v, jnp.result_type(float))
+
+
 def average(params_list: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
     """``θ = Σ_i λ_i θ_i / Σ_i λ_i`` (simple averaging; λ = 1 by default)."""
     _, leaves, treedef = checked_models(params_list)
     w = model_weights(weights, len(params_list))
-    return jax.tree.unflatten(treedef, _average_leaves(jnp.asarray(w, jnp.float32), leaves))
+    return jax.tree.unflatten(treedef, _average_leaves(scalar(w), leaves))
 
 
 # The merges run as one compiled program per architecture (leaf by leaf, every leaf's small
@@ -90,6 +97,7 @@ def _average_leaves(w, leaves):
 
 
 def _weighted_mean(w, xs):
+    w = w.astype(wide(xs[0]).dtype)
     total = sum(w[i] * wide(x) for i, x in enumerate(xs))
     return _cast(total / jnp.sum(w), xs[0])
 
@@ -164,7 +172,7 @@ def fisher(
         w = model_weights(w / norms, len(params_list))
     # No Fisher for a param (None): a plain average.
     per_path = [[f[p] for f in fs] if all(p in f for f in fs) else None for p in paths]
-    out = _fisher_leaves(jnp.asarray(w, jnp.float32), jnp.float32(eps), leaves, per_path)
+    out = _fisher_leaves(scalar(w), scalar(eps), leaves, per_path)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -175,9 +183,16 @@ def _fisher_leaves(w, eps, leaves, fishers):
         if f is None:
             out.append(_weighted_mean(w, xs))
             continue
-        fl = [w[i] * jnp.maximum(fi, eps) for i, fi in enumerate(f)]
+        dt = wide(xs[0]).dtype
+        fl = [
+            w[i].astype(dt) * jnp.maximum(fi.astype(dt), eps.astype(dt)) for i, fi in enumerate(f)
+        ]
         num = sum(fi * wide(x) for fi, x in zip(fl, xs, strict=True))
-        out.append(_cast(num / sum(fl), xs[0]))
+        den = sum(fl)
+        # A floor λ·eps below the dtype's normal range is flushed to zero on CPU: an entry of
+        # zero Fisher in every model would be 0/0. It is the plain average, as a floor gives.
+        merged = jnp.where(den > 0, num / jnp.where(den > 0, den, 1), wide(_weighted_mean(w, xs)))
+        out.append(_cast(merged, xs[0]))
     return out
 
 
@@ -208,9 +223,10 @@ def regmean(
       rest: how params without a Gram (biases, embeddings, LayerNorms, the patch embedding)
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted).
       ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before
-        inverting, so inputs no data ever excites (a zero row and column) stay solvable;
-        1e-8 relative changes nothing else measurably (a kernel whose Grams are all zero, one
-        no data reaches, comes back as the average).
+        inverting (1e-8 relative changes nothing measurably; 0 is the exact solve, for Grams
+        of full rank). Inputs no data ever excites (a zero row and column) are solvable at any
+        ridge: their rows of the kernel stay the average (a kernel whose Grams are all zero,
+        one no data reaches, comes back as the average).
 
     Raises:
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel
@@ -241,8 +257,8 @@ def regmean(
     for k, gs in zip(ks, grams, strict=True):
         for g in gs:
             _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(g))
-    w32, scalars = jnp.asarray(w, jnp.float32), (jnp.float32(alpha), jnp.float32(ridge))
-    for k, new in zip(ks, _regmean_kernels(kernels, grams, w32, *scalars), strict=True):
+    scalars = scalar(w), scalar(alpha), scalar(ridge)
+    for k, new in zip(ks, _regmean_kernels(kernels, grams, *scalars), strict=True):
         out[k] = new
     return jax.tree.unflatten(treedef, out)
 
@@ -256,16 +272,19 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     """``(Σ λ G̃)⁻¹ Σ λ G̃ W`` for one (possibly stacked) kernel, contracting its input axes."""
     n = np.shape(grams[0])[-1]
     b, n_in = _gram_inputs("", np.shape(kernels[0]), np.shape(grams[0]))
-    eye = jnp.eye(n, dtype=jnp.float32).reshape((1,) * b + (n, n))
-    reduced = [
-        alpha * jnp.asarray(g, jnp.float32) + (1 - alpha) * jnp.asarray(g, jnp.float32) * eye
-        for g in grams
-    ]
+    dt = wide(kernels[0]).dtype
+    w, alpha, ridge = w.astype(dt), alpha.astype(dt), ridge.astype(dt)
+    eye = jnp.eye(n, dtype=dt).reshape((1,) * b + (n, n))
+    reduced = [alpha * jnp.asarray(g, dt) + (1 - alpha) * jnp.asarray(g, dt) * eye for g in grams]
     total = sum(w[i] * g for i, g in enumerate(reduced))
     diag = jnp.diagonal(total, axis1=-2, axis2=-1)
     floor = jnp.mean(diag, axis=-1)
-    floor = jnp.where(floor > 0, floor, 1.0)  # all-zero Grams: (ridge I)⁻¹ 0, the average
-    total = total + ridge * floor[..., None, None] * eye
+    floor = jnp.where(floor > 0, floor, 1.0)
+    # An input no data excites has a zero row and column in every (PSD) Gram, and a zero right-
+    # hand side: a 1 on its diagonal makes the system solvable at any ridge (0 included) and
+    # leaves its row of the kernel at the average (all-zero Grams: the average).
+    dead = (diag == 0).astype(dt)
+    total = total + (ridge * floor[..., None] + dead)[..., None] * eye
     inv = jnp.linalg.inv(total)
     xs = [wide(x) for x in kernels]
     mean = sum(w[i] * x for i, x in enumerate(xs)) / jnp.sum(w)

@@ -2,8 +2,12 @@
 transport map between A's and B's units on every permutable axis, B moved by it, then the
 average. The paper's Table 2 baseline.
 
-Here the permutable axes are the spec's permutation groups: the residual stream, each layer's
-FFN units and whole heads (per-head features keep their order: OT fusion does not rotate).
+Here the permutable axes are the spec's permutation groups of the residual stream, each layer's
+FFN units and whole heads (per-head features keep their order: OT fusion does not rotate). The
+query heads inside a key-value group of grouped-query attention (``query_heads``, the paper has
+no such models) are not transported: fused with a copy of itself whose query heads were
+permuted, such a model does not come back; align B first (`rotjax.match.align` with
+``solve="query_heads"`` or ``"all"``), which solves them.
 The stream is solved first, then every layer's heads and FFN units ("layer by layer": each
 layer's groups touch disjoint params once the stream is fixed); with weights, B's stream is
 already moved when the layers' costs are computed; with activations, the layers' costs are the

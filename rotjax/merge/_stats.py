@@ -169,7 +169,7 @@ def _batch_step(model, kinds, include_padding, fisher, samples):
             )(inputs, real, labels, jax.random.split(key, inputs[0].shape[0]))
             fishers = {p: jnp.sum(f, axis=0) for p, f in dense.items()}
             for p, r in rows.items():  # every example's rows into the table, one scatter
-                table = jnp.zeros_like(fixed[p], jnp.float32)
+                table = jnp.zeros(fixed[p].shape, r.dtype)
                 fishers[p] = table.at[ids[p].reshape(-1)].add(r.reshape(-1, r.shape[-1]))
             out["fisher"] = from_dict(fishers)
             out["examples"] = jnp.asarray(inputs[0].shape[0], jnp.float32)
@@ -237,9 +237,9 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
         p = from_dict({**dense, **fixed})
         with nn.intercept_methods(shift):
             logits = model.apply({"params": p}, *(None if x is None else x[None] for x in inputs))
-        return jax.nn.log_softmax(logits[0].astype(jnp.float32))  # (C,) or (T, C)
+        return jax.nn.log_softmax(wide(logits[0]))  # (C,) or (T, C), float64 for float64
 
-    zeros = {p: jnp.zeros((n, fixed[p].shape[-1]), jnp.float32) for p, n in tables.items()}
+    zeros = {p: wide(jnp.zeros((n, fixed[p].shape[-1]), fixed[p].dtype)) for p, n in tables.items()}
     logp, vjp = jax.vjp(log_probs, rest, zeros)
     ids = dict(shifts)
     same = {p: (i[:, None] == i[None, :]).astype(jnp.float32) for p, i in ids.items()}
@@ -262,13 +262,14 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
     if fisher == "empirical":
         y = labels if logp.ndim == 2 else labels.reshape(())
         ok = valid * (y != IGNORE_LABEL)
-        cot = jax.nn.one_hot(jnp.where(y == IGNORE_LABEL, 0, y), logp.shape[-1]) * ok[..., None]
+        cot = jax.nn.one_hot(jnp.where(y == IGNORE_LABEL, 0, y), logp.shape[-1], dtype=logp.dtype)
+        cot = cot * ok[..., None]
         return (*square(cot), ids)
     if fisher == "sampled":
 
         def draw(acc, k):
             y = jax.random.categorical(k, logp)
-            cot = jax.nn.one_hot(y, logp.shape[-1]) * valid[..., None]
+            cot = jax.nn.one_hot(y, logp.shape[-1], dtype=logp.dtype) * valid[..., None]
             return add(acc, square(cot), 1.0 / samples), None
 
         return (*jax.lax.scan(draw, zero, jax.random.split(key, samples))[0], ids)
@@ -277,7 +278,7 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
     flat_p, flat_valid = probs.reshape(-1), jnp.broadcast_to(valid[..., None], probs.shape)
 
     def one(acc, i):
-        cot = jax.nn.one_hot(i, flat_p.size).reshape(logp.shape)
+        cot = jax.nn.one_hot(i, flat_p.size, dtype=logp.dtype).reshape(logp.shape)
         return add(acc, square(cot), flat_p[i] * flat_valid.reshape(-1)[i]), None
 
     return (*jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0], ids)

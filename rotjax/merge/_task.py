@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._methods import checked_models
+from rotjax.merge._methods import checked_models, scalar
 from rotjax.tree import wide
 
 TRIMS = ("global", "tensor")
@@ -31,7 +31,7 @@ def _merged(base, params_list, how, scale, **options):
         sorted((k, float(v) if k == "density" else v) for k, v in options.items() if fixed(k, v))
     )
     traced = {k: jnp.asarray(v) for k, v in options.items() if not fixed(k, v)}
-    out = _merged_leaves(how, static, leaves, jnp.float32(scale), traced)
+    out = _merged_leaves(how, static, leaves, scalar(scale), traced)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -41,7 +41,7 @@ def _merged_leaves(how, static, leaves, scale, traced):
     taus = [[wide(x) - wide(b) for x, b in zip(model, base, strict=True)] for model in leaves[1:]]
     merged = how(taus, **dict(static), **traced)
     return [
-        (wide(b) + scale * t).astype(jnp.asarray(b).dtype)
+        (wide(b) + scale.astype(wide(b).dtype) * t).astype(jnp.asarray(b).dtype)
         for b, t in zip(base, merged, strict=True)
     ]
 
