@@ -166,7 +166,9 @@ def group_scores(
     layer's heads from its attention output's inputs. A head is d features: ``heads="nuclear"``
     scores a pair of heads by the nuclear norm of their d x d correlation block / d (the best
     rotation's mean correlation: what `rotjax.match.align` solves next), ``"trace"`` by the
-    in-order features' mean correlation (no rotation, as OT fusion pairs them)."""
+    in-order features' mean correlation (no rotation, as OT fusion pairs them). A per-head
+    permutation (``hperm``: the query heads inside each key-value head k) scores query head g
+    of A's head k with query head g' of B's head k, ``S[*batch, k, g, g']``."""
     return _group_scores(spec, tuple(names), heads, dict(corr))
 
 
@@ -187,14 +189,17 @@ def _group_scores(spec, names, heads, corr):
                 for k in range(1, len(kernel) - b + 1)
                 if math.prod(kernel[b : b + k]) == c.shape[-1]
             )
-            axis = act.axes[0] - b
-            if not 0 <= axis < n_in:  # the group acts on an output axis of this kernel
+            axes = tuple(ax - b for ax in act.axes)  # (head, item) axes for an hperm
+            if not all(0 <= ax < n_in for ax in axes):  # acts on an output axis of this kernel
                 continue
             in_shape = kernel[b : b + n_in]
             c = c.reshape(*c.shape[:b], *in_shape, *in_shape)
-            c = jnp.moveaxis(c, (b + axis, b + n_in + axis), (b, b + 1))
-            rest = math.prod(in_shape) // g.size
-            c = c.reshape(*c.shape[: b + 2], rest, rest)
+            pairs = [(b + ax, b + n_in + ax) for ax in axes]  # A's axis, B's axis
+            c = jnp.moveaxis(c, [x for pair in pairs for x in pair], range(b, b + 2 * len(axes)))
+            rest = math.prod(in_shape) // math.prod(c.shape[b : b + 2 * len(axes) : 2])
+            c = c.reshape(*c.shape[: b + 2 * len(axes)], rest, rest)
+            if g.kind == "hperm":  # the same head on both sides: (*batch, H, n, n', rest, rest)
+                c = jnp.moveaxis(jnp.diagonal(c, axis1=b, axis2=b + 1), -1, b)
             if rest == 1:
                 s = c[..., 0, 0]
             elif heads == "nuclear":
@@ -202,7 +207,7 @@ def _group_scores(spec, names, heads, corr):
             else:
                 s = jnp.trace(c, axis1=-2, axis2=-1) / rest
             # A global group (the stream) read by stacked layers: every layer counts.
-            extra = s.ndim - 2 - len(g.batch)
+            extra = s.ndim - (3 if g.kind == "hperm" else 2) - len(g.batch)
             total = total + (jnp.sum(s, axis=tuple(range(extra))) if extra else s)
             count += math.prod(s.shape[:extra]) if extra else 1
         if count:

@@ -2,17 +2,16 @@
 transport map between A's and B's units on every permutable axis, B moved by it, then the
 average. The paper's Table 2 baseline.
 
-Here the permutable axes are the spec's permutation groups of the residual stream, each layer's
-FFN units and whole heads (per-head features keep their order: OT fusion does not rotate). The
-query heads inside a key-value group of grouped-query attention (``query_heads``, the paper has
-no such models) are not transported: fused with a copy of itself whose query heads were
-permuted, such a model does not come back; align B first (`rotjax.match.align` with
-``solve="query_heads"`` or ``"all"``), which solves them.
+Here the permutable axes are the spec's permutation groups: the residual stream, each layer's
+FFN units and whole heads (per-head features keep their order: OT fusion does not rotate), and,
+for grouped-query attention (beyond the paper), the query heads inside each key-value head.
 The stream is solved first, then every layer's heads and FFN units ("layer by layer": each
-layer's groups touch disjoint params once the stream is fixed); with weights, B's stream is
-already moved when the layers' costs are computed; with activations, the layers' costs are the
-same either way for an exact (permutation) map of the stream, and come from B's unmixed
-activations for a Sinkhorn map (a simplification).
+layer's groups touch disjoint params once the stream is fixed), then the query heads of each
+(moved) key-value head; with weights, B's moved params give each stage's costs; with
+activations, the layers' costs are the same either way for an exact (permutation) map of the
+stream, the query heads' costs pair A's key-value head with the B head moved onto it, and the
+costs come from B's unmixed activations after a Sinkhorn map (a simplification). The query
+heads are always matched exactly (an assignment per key-value head, also under Sinkhorn).
 Costs between units, as in the paper, are Euclidean distances between unit-normalised vectors:
 
 - ``"acts"``: standardised activation vectors on the same inputs, ``‖â_i - b̂_j‖ ∝
@@ -29,6 +28,7 @@ transport (Sinkhorn, through ``ott-jax``; cost normalised by its maximum, regula
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any, NamedTuple
 
@@ -85,19 +85,24 @@ def ot_fusion(
         raise ValueError("mode='acts' needs cross statistics (rotjax.merge.cross_statistics)")
     eps = epsilon if epsilon is not None else (0.08 if mode == "acts" else 0.06)
     corr = correlations(cross) if mode == "acts" else None
-    stages = [spec.select(roles=["residual"]), spec.select(roles=["heads", "ffn"])]
+    roles = (["residual"], ["heads", "ffn"], ["query_heads"])
     maps: dict[str, jax.Array] = {}
     moved = params_b
-    for names in stages:
+    for names in (spec.select(roles=r) for r in roles):
         if not names:
             continue
+        queries = spec.groups[names[0]].kind == "hperm"
         if mode == "acts":
-            similarity = group_scores(spec, corr, names, heads="trace")
+            # B's side of the correlations moved by the exact maps so far (the heads'), so
+            # that each query head meets those of the B head moved onto its own.
+            heads = {n: m for n, m in maps.items() if spec.groups[n].role == "heads"}
+            seen = _moved_b(spec, corr, heads) if queries else corr
+            similarity = group_scores(spec, seen, names, heads="trace")
         else:
             similarity = _weight_cosines(spec, params_a, moved, names)
         new = {}
         for n, cost in _costs(similarity).items():
-            if transport == "exact":
+            if transport == "exact" or queries:
                 new[n] = assign(-cost, solver=solver)
             else:
                 new[n] = _sinkhorn(cost, eps)
@@ -147,11 +152,46 @@ def _sinkhorn(cost: jax.Array, epsilon: float) -> jax.Array:
     return maps.reshape(cost.shape)
 
 
+def _exact(maps: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    """The permutations among ``maps`` (int arrays; Sinkhorn's are float)."""
+    return {n: m for n, m in maps.items() if jnp.issubdtype(jnp.asarray(m).dtype, jnp.integer)}
+
+
+def _moved_b(spec, corr, maps):
+    """Correlations ``corr[p][.., i, j]`` (A's input feature i, B's j) with B's side moved by
+    ``maps`` as B's params are (`transport_params`; A's side stays): for a permutation, the
+    correlations of B moved by it; for a soft map, the covariances of the mixed features
+    divided by the unmixed spreads (a simplification, exact as the map sharpens)."""
+    acting = {p for n in maps for p, _ in spec.users[n]}
+    if not maps or not acting & set(corr):
+        return corr
+    # The spec of B's side of each flattened correlation: (*batch, n_A, *B's input axes).
+    params, shapes = {}, {}
+    for path, c in corr.items():
+        kernel = spec.params[path]
+        b = c.ndim - 2
+        n_in = next(
+            k for k in range(1, len(kernel.shape) - b + 1)
+            if math.prod(kernel.shape[b : b + k]) == c.shape[-1]
+        )  # fmt: skip
+        shapes[path] = (*kernel.shape[:b], c.shape[-2], *kernel.shape[b : b + n_in])
+        actions = tuple(
+            sym.Action(a.group, tuple(ax + 1 for ax in a.axes), a.power)
+            for a in kernel.actions
+            if a.group in maps and all(b <= ax < b + n_in for ax in a.axes)
+        )
+        params[path] = sym.ParamSpec(shapes[path], actions)
+    bspec = sym.Spec(spec.group_items, tuple(sorted(params.items())))
+    tree = from_dict({p: c.reshape(shapes[p]) for p, c in corr.items()})
+    moved = transport_params(bspec, tree, maps)
+    return {p: x.reshape(corr[p].shape) for p, x in to_dict(moved).items()}
+
+
 def transport_params(spec: sym.Spec, params: Any, maps: Mapping[str, jax.Array]) -> Any:
     """``params`` moved by permutation groups' maps: an int permutation acts as the group
     element (`rotjax.symmetry.apply`), a float map ``T[*batch, n, n]`` (rows summing to 1) as
     ``W'[.., i, ..] = Σ_j T[i, j] W[.., j, ..]`` on every axis the group acts on."""
-    exact = {n: m for n, m in maps.items() if jnp.issubdtype(jnp.asarray(m).dtype, jnp.integer)}
+    exact = _exact(maps)
     soft = {n: m for n, m in maps.items() if n not in exact}
     if exact:
         params = sym.apply(spec, params, exact)
