@@ -107,6 +107,21 @@ def test_circuits_are_the_truncated_svd_of_the_mean_circuit(seed):
             np.testing.assert_array_equal(out[p], v)
 
 
+def test_circuits_of_float64_models_are_float64(key):
+    """With ``jax_enable_x64``, a float64 model's heads are refactored in float64 (they were
+    computed in float32: the function kept to 1e-7 only): its function to 1e-10."""
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), t)
+        a = to64(c.init(key, 0.3))
+        moved = c.apply(a, _head_element(c.spec, jax.random.fold_in(key, 1)))
+        x = to64(inputs(config, jax.random.fold_in(key, 2)))
+        out = merge.circuits(c.spec, moved, [a, a], weights=[1.0, 2.0])
+        assert rel_err(c.forward(out, x), c.forward(a, x)) <= 1e-10
+    assert {v.dtype for v in jax.tree.leaves(out)} == {jnp.dtype(jnp.float64)}
+
+
 def test_circuits_bad_input(key):
     config = CONFIGS["vit-h3d4-l2"]
     c = compiled(config)
@@ -118,3 +133,9 @@ def test_circuits_bad_input(key):
         merge.circuits(c.spec, a, [a, short])
     with pytest.raises(ValueError, match="at least 2"):
         merge.circuits(c.spec, a, [a])
+    # a merged model of another shape: named, with its path and both shapes
+    wrong = {**a, "classifier": jax.tree.map(lambda v: v[..., :1], a["classifier"])}
+    with pytest.raises(
+        ValueError, match=r"classifier/kernel: merged \(\d+, 1\) vs params_list\[0\]"
+    ):
+        merge.circuits(c.spec, wrong, [a, b])

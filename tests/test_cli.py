@@ -107,7 +107,9 @@ def test_merge_every_method(method, checkpoints, capsys):
     tmp, a = checkpoints
     out = tmp / f"m-{method}"
     argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--method", method]
-    argv += ["--align", "all", "--data", str(tmp / "data.npz"), "--quiet"]
+    argv += ["--align", "all", "--quiet"]
+    if method in ("fisher", "regmean", "ot-acts"):  # the others read no data: refused
+        argv += ["--data", str(tmp / "data.npz")]
     if method in ("task-arithmetic", "ties", "dare"):
         # Fine-tunes of one base share its basis: here A and A itself, base A.
         argv[2] = str(tmp / "a")
@@ -275,7 +277,16 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     )
     np.savez(tmp / "big.npz", input_ids=np.full((2, 4), 10_000, np.int32))
     _fails([*base, "--method", "fisher", "--data", str(tmp / "big.npz")], capsys, "outside [0, 50)")
-    _fails([*base, "--data", A], capsys, "--data", "not a readable .npz")
+    _fails([*base, "--method", "regmean", "--data", A], capsys, "--data", "not a readable .npz")
+    # Data no step reads is refused (it was read, checked, listed in merge.json and unused).
+    _fails(
+        [*base, "--method", "ot-wts", "--data", str(tmp / "data.npz")],
+        capsys,
+        "--data is not read by --method ot-wts with --align paper",
+    )
+    # A seed beyond jax.random.key's int64: exit 2 naming it (a traceback before).
+    _fails([*base, "--seed", str(2**63)], capsys, f"{2**63} is not in [0, 2^63)")
+    _fails(["align", A, B, "--out", str(out), "--seed", "-1"], capsys, "-1 is not in [0, 2^63)")
     # Broken or wrong files and bad values: one line naming the file and the problem.
     ids = np.ones((2, 4), np.int32)
     (tmp / "empty.npz").write_bytes(b"")
@@ -328,7 +339,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         ["align", A, str(tmp / "vit"), "--out", str(out), "--quiet"], capsys, "different families"
     )
     # Raw pixels: integers are refused; floats far outside a normalised range merge, noted.
-    vit = ["merge", str(tmp / "vit"), str(tmp / "vit"), "--quiet", "--method", "average"]
+    vit = ["merge", str(tmp / "vit"), str(tmp / "vit"), "--quiet", "--method", "regmean"]
     size = (2, VIT.num_channels, VIT.image_size, VIT.image_size)
     raw = np.random.default_rng(0).integers(0, 256, size)
     np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.uint8))

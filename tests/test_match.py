@@ -473,6 +473,14 @@ def test_polar_newton_schulz_and_svd_fallback_match_scipy(d, seed):
     np.testing.assert_allclose(np.einsum("nik,nik->n", r, m), s.sum(-1), rtol=1e-5, atol=1e-6)
     rv = jax.vmap(match.polar)(jnp.asarray(m, jnp.float32))  # batched cond/while under vmap
     np.testing.assert_allclose(rv, r, atol=1e-5)
+    # float64 (x64): orthogonal and scipy's to float64 rounding (it stopped at float32's, 1e-8)
+    with jax.enable_x64(True):
+        r64 = np.asarray(jax.jit(match.polar)(jnp.asarray(m[:3], jnp.float64)))
+    assert r64.dtype == np.float64
+    np.testing.assert_allclose(
+        r64 @ np.swapaxes(r64, -1, -2), np.broadcast_to(np.eye(d), r64.shape), atol=1e-13
+    )
+    np.testing.assert_allclose(r64, want[:3], atol=1e-12)
 
 
 def test_polar_takes_the_svd_only_for_the_matrices_that_need_it(seed):

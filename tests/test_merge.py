@@ -95,7 +95,19 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
         merge.fisher(params, [{"fisher": {}}] * 2, eps=0.0)
     zero = [{"fisher": {"w/kernel": jnp.zeros(ws[0].shape)}}, {"fisher": {}}]
     with pytest.raises(ValueError, match=r"normalize: the Fishers of stats_list\[0, 1\]"):
-        merge.fisher(params, zero, normalize=True)
+        merge.fisher(params, [zero[0]] * 2, normalize=True)
+    # A statistic only some models have, or of a param they lack, is refused naming it (it was
+    # merged as a plain average, silently): for the Fisher and for RegMean's Grams.
+    with pytest.raises(ValueError, match=r"w/kernel: in stats_list\[0\] only"):
+        merge.fisher(params, zero)
+    typo = [{"fisher": {"w/kernal": f["fisher"]["w/kernel"]}} for f in fisher]
+    with pytest.raises(ValueError, match=r"w/kernal: in stats_list\[0, 1\], but the models"):
+        merge.fisher(params, typo)
+    with pytest.raises(ValueError, match=r"gram statistics .*\n  w/kernel: in stats_list\[1\]"):
+        merge.regmean(params, [{"gram": {}}, stats[1]])
+    typo = [{"gram": {"v/kernel": s["gram"]["w/kernel"]}} for s in stats]
+    with pytest.raises(ValueError, match=r"v/kernel: in stats_list\[0, 1\], but the models"):
+        merge.regmean(params, typo)
     with pytest.raises(ValueError, match=r"w/kernel: a Gram of shape \(2, 2\) does not fit"):
         merge.regmean(params, [{"gram": {"w/kernel": jnp.eye(2)}}] * 2)
     with pytest.raises(ValueError, match="ridge must be"):
@@ -161,7 +173,30 @@ def test_merging_identical_models_returns_them(name, key):
         # 32 examples: the pooler and classifier see one row per example, and with 4 two
         # units' correlations could tie with their own (ROTJAX_SEED=862689169: a swap of two)
         cross = merge.cross_statistics(c.model, a, a, batches_of(config, key, n=2, batch=16))
+        cross = cross if mode == "acts" else None
         assert rel_err(merge.ot_fusion(spec, a, a, mode=mode, cross=cross).params, a) <= TOL
+    # Cross statistics of another model, or without the inputs of some group's readers (whose
+    # units went untransported), are refused by name.
+    path = next(iter(cross))
+    cut = {k: v[..., :-1] if k in ("sum_a", "m2_a") else v for k, v in cross[path].items()}
+    cut["cov"] = cross[path]["cov"][..., :-1, :]
+    with pytest.raises(ValueError, match=rf"{path}: a correlation of shape .* does not fit"):
+        merge.ot_fusion(spec, a, a, mode="acts", cross={**cross, path: cut})
+    ffn = spec.select(roles=["ffn"])[0]
+    readers = {p for p, _ in spec.users[ffn]}
+    partial = {p: v for p, v in cross.items() if p not in readers}
+    with pytest.raises(ValueError, match=rf"cross holds no inputs .* the units of \['{ffn}'"):
+        merge.ot_fusion(spec, a, a, mode="acts", cross=partial)
+    # Options the chosen transport does not read are refused, and so are bad values.
+    for bad, message in (
+        (dict(mode="wts", cross=cross), "mode='wts' reads no cross statistics"),
+        (dict(mode="wts", epsilon=0.1), "epsilon is Sinkhorn's: transport='exact' reads none"),
+        (dict(mode="wts", transport="sinkhorn", epsilon=-0.06), "epsilon must be a finite"),
+        (dict(mode="wts", transport="sinkhorn", epsilon=np.inf), "epsilon must be a finite"),
+        (dict(mode="wts", weight=1.2), r"weight \(A's share\) must be in \[0, 1\]"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            merge.ot_fusion(spec, a, a, **bad)
 
 
 def test_ties_and_dare_by_hand(key):
@@ -175,6 +210,12 @@ def test_ties_and_dare_by_hand(key):
     got = merge.ties(base, [a, b], density=0.5, scale=1.0)
     np.testing.assert_allclose(got["w"], [3.0, -2.5, 0.0, 2.0, 5.0, -4.0])
     np.testing.assert_allclose(merge.ties(base, [a, b], density=0.5, scale=2.0)["w"], 2 * got["w"])
+    # λ is one finite number: an array scaled entry by entry (silently), NaN gave a NaN model.
+    for bad in (np.nan, np.inf, [1.0, 2.0, 3.0, 1.0, 1.0, 1.0]):
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            merge.task_arithmetic(base, [a, b], scale=bad)
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            merge.dare(base, [a, b], key=key, scale=bad)
     # An entry whose values sum to exactly 0 takes the majority of the elected signs (the
     # paper's code): here + (two entries +), then - (two entries -).
     zero = {"w": jnp.zeros(3)}
@@ -420,6 +461,10 @@ def test_sampled_fisher_is_the_exact_one_in_expectation(key):
     assert abs(total(sampled) - total(exact)) <= 0.15 * total(exact)
     with pytest.raises(ValueError, match="needs a key"):
         merge.statistics(c.model, params, batch, ("fisher",), fisher="sampled")
+    with pytest.raises(ValueError, match=r"no statistics kinds; choose from \['gram', 'fisher'\]"):
+        merge.statistics(c.model, params, batch, ())  # was an empty dict
+    with pytest.raises(ValueError, match=r"unknown statistics kinds \['grams'\]"):
+        merge.statistics(c.model, params, batch, ("grams",))
 
 
 @pytest.mark.parametrize(
@@ -451,6 +496,24 @@ def test_statistics_move_with_the_symmetry(name, scan, key):
     t_perm = merge.transform_statistics(c.spec, s, no_rot)
     assert rel_err(t_perm["fisher"], s_perm["fisher"]) <= 1e-4
     assert rel_err(s["gram"], sm["gram"]) > 1e-2  # the check above is not vacuous
+
+
+def test_transform_statistics_refuses_statistics_that_do_not_fit_the_spec(key):
+    """Statistics of another model (a path the spec lacks, another shape) are refused naming
+    the path and the shapes (a bare StopIteration or KeyError before)."""
+    c = compiled(CONFIGS["bert-h3d4-l2"])
+    g = sym.sample(c.spec, key)
+    params = dict(c.spec.params)
+    path = next(p for p, ps in params.items() if p.endswith("kernel") and len(ps.shape) == 2)
+    n = params[path].shape[0]
+    bad = {"gram": {path: jnp.eye(n + 1)}}
+    with pytest.raises(ValueError, match=rf"{path}: a Gram of shape \({n + 1}, {n + 1}\) does"):
+        merge.transform_statistics(c.spec, bad, g)
+    for kind in ("gram", "fisher"):
+        with pytest.raises(ValueError, match=r"nope/kernel: a .* the spec does not have"):
+            merge.transform_statistics(c.spec, {kind: {"nope/kernel": jnp.eye(2)}}, g)
+    with pytest.raises(ValueError, match=rf"{path}: a Fisher of shape \(2, 2\) for a param"):
+        merge.transform_statistics(c.spec, {"fisher": {path: jnp.eye(2)}}, g)
 
 
 @pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
@@ -534,7 +597,15 @@ def test_ot_fusion_recovers_a_planted_permutation(name, mode, transport, key):
     assert any(c.spec.groups[n].kind == "hperm" for n in perms) == (name == "llama-gqa")
     b = c.apply(a, perms)
     cross = merge.cross_statistics(c.model, a, b, batches_of(config, key, n=4, batch=8))
-    fused = merge.ot_fusion(c.spec, a, b, mode=mode, cross=cross, transport=transport, epsilon=0.01)
+    fused = merge.ot_fusion(
+        c.spec,
+        a,
+        b,
+        mode=mode,
+        cross=cross if mode == "acts" else None,
+        transport=transport,
+        epsilon=0.01 if transport == "sinkhorn" else None,
+    )
     inverse = sym.invert(c.spec, perms)
     assert set(fused.maps) == set(perms)
     for n, m in fused.maps.items():
@@ -549,6 +620,14 @@ def test_ot_fusion_recovers_a_planted_permutation(name, mode, transport, key):
             if c.spec.groups[n].kind == "perm":
                 np.testing.assert_array_equal(jnp.argmax(t, -1), inverse[n], err_msg=n)
         assert rel_err(fused.params, a) <= 0.05
+    if transport == "exact" and mode == "wts":
+        # Cosines do not depend on the weights' scale: near 1e-24 their squares were 0 in
+        # float32 (every map the identity), near 1e20 inf.
+        for s in (1e-24, 1e20):
+            sa, sb = (jax.tree.map(lambda x, s=s: x * s, t) for t in (a, b))
+            maps = merge.ot_fusion(c.spec, sa, sb, mode="wts").maps
+            for n, p in maps.items():
+                np.testing.assert_array_equal(p, inverse[n], err_msg=f"{n} at scale {s}")
 
 
 def test_correlations_of_features_with_a_large_mean_match_float64(key):
@@ -749,6 +828,32 @@ def test_align_by_activations_keeps_b_when_every_alignment_predicts_worse(key, m
     assert all(rel_err(v, sym.identity(c.spec)[n]) == 0 for n, v in res.transform.items())
 
 
+@pytest.mark.parametrize(
+    "losses, start",
+    [
+        ((np.nan, 0.5, 0.7), "weights"),
+        ((np.nan, np.nan, 0.7), "identity"),
+        ((0.2, np.nan, 0.7), "activations"),
+    ],
+)
+def test_align_by_activations_ranks_a_nan_loss_below_every_number(key, monkeypatch, losses, start):
+    """A candidate whose average predicts NaN (it overflowed) is never kept over one with a
+    number (a NaN first candidate won every comparison before: ``x < nan`` is False)."""
+    import rotjax.merge._select as select
+
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
+    # the candidates in the order they are scored: activation start, weight start, B itself
+    calls = iter(losses)
+    monkeypatch.setattr(select, "prediction_loss", lambda *args: lambda params: next(calls))
+    data = batches_of(config, key, n=1, batch=4)
+    res, info = merge.align_by_activations(c.model, c.spec, a, b, data, max_sweeps=0)
+    assert info["start"] == start, info
+    if start == "identity":
+        assert rel_err(res.params, b) == 0
+
+
 # ---------------------------------------------------------------------------------------------
 # Refit: the dense layers in forward order, on the merged model's own inputs.
 
@@ -939,6 +1044,24 @@ def test_refit_matches_a_float64_lstsq_oracle(key):
     assert rel_err(out, start) > 1e-2  # it did refit
 
 
+def test_refit_of_float64_models_is_float64(key):
+    """With ``jax_enable_x64``, float64 models are refitted in float64 (their targets, weights
+    and ridge were float32: 3e-8 from the oracle): the float64 oracle's result to 1e-9."""
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    lam = np.array([1.0, 3.0])
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), t)
+        ps = [to64(c.init(jax.random.fold_in(key, i), 0.3)) for i in range(2)]
+        data = to64(batches_of(config, key, n=2, batch=4))
+        start = merge.average(ps)
+        out = merge.refit(c.model, start, ps, data, weights=lam, ridge=1e-2)
+        oracle = _oracle_refit(c, start, ps, lam, data, 1e-2)
+    assert {v.dtype for v in jax.tree.leaves(out)} == {jnp.dtype(jnp.float64)}
+    assert rel_err(out, oracle) <= 1e-9
+    assert rel_err(out, start) > 1e-2  # it did refit
+
+
 def test_refit_scanned_and_unscanned_agree_and_bad_inputs(key):
     config = CONFIGS["vit-h3d4-l2"]
     c, cs = compiled(config), compiled(scanned(config))
@@ -963,7 +1086,7 @@ def test_refit_scanned_and_unscanned_agree_and_bad_inputs(key):
         merge.refit(c.model, ps[0], ps, data, ridge=-1.0)
     with pytest.raises(ValueError, match="memory"):
         merge.refit(c.model, ps[0], ps, data, memory=-1)
-    with pytest.raises(ValueError, match="other params"):
+    with pytest.raises(ValueError, match=r"params_list\[1\] has other params than merged"):
         merge.refit(c.model, ps[0], [ps[1], stacked[0]], data)
 
 
@@ -1071,8 +1194,21 @@ def test_curve_and_barrier(key):
     for k, v in want.metrics.items():
         np.testing.assert_array_equal(got.metrics[k], v)
     assert got.barrier == want.barrier
-    with pytest.raises(ValueError, match=r"known metrics at λ = \[0.75\]"):
+    with pytest.raises(ValueError, match=r"known metrics at λ = 0.75, which is not among"):
         merge.curve(evaluate, a, b, lambdas, known={0.75: evaluate(a)})
+    # A known λ is a grid point up to rounding (linspace's 0.30000000000000004 was refused for
+    # 0.3), and the barrier does not depend on the order of the lambdas (none came back for a
+    # path from 1 to 0).
+    grid = np.linspace(0.0, 1.0, 11)
+    seen.clear()
+    got = merge.curve(counted, a, b, grid, known={0.3: evaluate(merge.interpolate(a, b, 0.3))})
+    assert len(seen) == 10 and 0.3 not in seen
+    back = merge.curve(evaluate, a, b, grid[::-1])
+    np.testing.assert_array_equal(back.metrics["loss"], got.metrics["loss"][::-1])
+    assert back.barrier == pytest.approx(got.barrier, abs=1e-12) and back.barrier
+    assert merge.curve(evaluate, a, b, [0.0, 0.5]).barrier == {}  # not a path to B
+    with pytest.raises(ValueError, match="lambdas must be a non-empty 1-D sequence of finite"):
+        merge.curve(evaluate, a, b, [0.0, np.nan, 1.0])
     with pytest.raises(ValueError, match="the metrics differ along the path"):
         merge.curve(evaluate, a, b, lambdas, known={0.0: {"loss": 0.0}})
 

@@ -30,6 +30,17 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _seed(text: str) -> int:
+    """A random seed: what `jax.random.key` takes, 0 <= n < 2^63."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if not 0 <= value < 2**63:
+        raise argparse.ArgumentTypeError(f"{value} is not in [0, 2^63)")
+    return value
+
+
 def _layer_list(text: str) -> tuple[int, ...]:
     out = []
     for part in text.split(","):
@@ -87,7 +98,9 @@ def parser() -> argparse.ArgumentParser:
         epilog=_align.EPILOG,
         formatter_class=fmt,
     )
-    _align.add_arguments(a, blocks=blocks, positive_int=_positive_int, layer_list=_layer_list)
+    _align.add_arguments(
+        a, blocks=blocks, positive_int=_positive_int, layer_list=_layer_list, seed=_seed
+    )
     a.set_defaults(run=_align.run)
     m = sub.add_parser(
         "merge",
@@ -95,7 +108,7 @@ def parser() -> argparse.ArgumentParser:
         epilog=_merge.EPILOG,
         formatter_class=fmt,
     )
-    _merge.add_arguments(m, positive_int=_positive_int)
+    _merge.add_arguments(m, positive_int=_positive_int, seed=_seed)
     m.set_defaults(run=_merge.run)
     return p
 

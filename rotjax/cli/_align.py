@@ -43,7 +43,7 @@ examples:
 """
 
 
-def add_arguments(a, *, blocks, positive_int, layer_list) -> None:
+def add_arguments(a, *, blocks, positive_int, layer_list, seed) -> None:
     a.add_argument("anchor", help="checkpoint to align to (model A)")
     a.add_argument("model", help="checkpoint to align (model B); left unchanged")
     a.add_argument("--out", required=True, help="new directory for the aligned model + report")
@@ -52,7 +52,7 @@ def add_arguments(a, *, blocks, positive_int, layer_list) -> None:
     a.add_argument("--solver", choices=match.SOLVERS, default="scipy", help="assignment solver")
     a.add_argument("--residual-init", choices=match.RESIDUAL_INITS, default="independent")
     a.add_argument("--max-sweeps", type=positive_int, help="coordinate-descent sweeps (auto)")
-    a.add_argument("--seed", type=int, default=0, help="block order of later sweeps")
+    a.add_argument("--seed", type=seed, default=0, help="block order of later sweeps")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
 
 

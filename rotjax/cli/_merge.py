@@ -76,7 +76,7 @@ same head as the fine-tunes were given before training, `rotjax.hf.load_for_task
 """
 
 
-def add_arguments(m, *, positive_int) -> None:
+def add_arguments(m, *, positive_int, seed) -> None:
     m.add_argument("models", nargs="+", help="checkpoints to merge; the first is the anchor")
     m.add_argument("--out", required=True, help="new directory for the merged model + report")
     m.add_argument("--method", choices=METHODS, default="average")
@@ -105,7 +105,7 @@ def add_arguments(m, *, positive_int) -> None:
     m.add_argument("--ridge", type=float, help="--refit's pull to the merge (default 1e-4)")
     m.add_argument("--batch-size", type=positive_int, default=32, help="statistics batches")
     m.add_argument("--max-examples", type=positive_int, default=1000, help="per --data file")
-    m.add_argument("--seed", type=int, default=0)
+    m.add_argument("--seed", type=seed, default=0, help="random choices (DARE, sampled Fisher)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -133,6 +133,11 @@ def _options(args) -> dict:
             else ("--refit" if args.refit else "--align activations")
         )
         raise CLIError(f"{why} needs --data FILE.npz (model inputs)")
+    if args.data and not needs_data:
+        raise CLIError(
+            f"--data is not read by --method {args.method} with --align {args.align}: only "
+            f"by --method {', '.join(NEEDS_DATA)}, --align activations or --refit"
+        )
     if len(args.data) not in (0, 1, n):
         raise CLIError(f"--data given {len(args.data)} times: give it once or once per model ({n})")
     if args.method in NEEDS_BASE and not args.base:

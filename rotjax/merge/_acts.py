@@ -20,10 +20,12 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.match import assign, polar
 from rotjax.merge._capture import calls
+from rotjax.merge._methods import _gram_inputs
 from rotjax.merge._stats import _split
 from rotjax.models import family
 from rotjax.tree import flatten
@@ -168,7 +170,16 @@ def group_scores(
     rotation's mean correlation: what `rotjax.match.align` solves next), ``"trace"`` by the
     in-order features' mean correlation (no rotation, as OT fusion pairs them). A per-head
     permutation (``hperm``: the query heads inside each key-value head k) scores query head g
-    of A's head k with query head g' of B's head k, ``S[*batch, k, g, g']``."""
+    of A's head k with query head g' of B's head k, ``S[*batch, k, g, g']``.
+
+    Raises:
+      ValueError: a correlation of a param the spec does not have, or that does not fit its
+        kernel's inputs (path and shapes named).
+    """
+    for path, c in corr.items():
+        if path not in spec.params:
+            raise ValueError(f"{path}: correlations of a param the spec does not have")
+        _gram_inputs(path, spec.params[path].shape, np.shape(c), "a correlation")
     return _group_scores(spec, tuple(names), heads, dict(corr))
 
 

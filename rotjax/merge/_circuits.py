@@ -28,8 +28,8 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.match import polar
-from rotjax.merge._methods import checked_models, model_weights
-from rotjax.tree import flatten
+from rotjax.merge._methods import checked_models, model_weights, scalar
+from rotjax.tree import wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _ROLES = {"qk_rotation": "qk_scale", "vo_rotation": "vo_scale"}
@@ -76,15 +76,12 @@ def circuits(
       ValueError: params that differ between the models or from ``merged``, params that do not
         fit the spec, bad weights, or a rotated param that no scale group assigns to a side.
     """
-    paths, leaves, _ = checked_models(params_list)
+    checked_models(params_list)
+    names = ["merged", *(f"params_list[{i}]" for i in range(len(params_list)))]
+    paths, (base_leaves, *leaves), treedef = checked_models([merged, *params_list], names=names)
     sym.validate(spec, params_list[0])
-    base_paths, base_leaves, treedef = flatten(merged)
-    if base_paths != paths or any(
-        np.shape(x) != np.shape(y) for x, y in zip(base_leaves, leaves[0], strict=True)
-    ):
-        raise ValueError("merged has other params (paths or shapes) than the models")
     w = model_weights(weights, len(params_list))
-    w = jnp.asarray(w / w.sum(), jnp.float32)
+    w = scalar(w / w.sum())  # float64 with x64
     base = dict(zip(paths, base_leaves, strict=True))
     models = [dict(zip(paths, x, strict=True)) for x in leaves]
     out = dict(base)
@@ -150,7 +147,7 @@ class _View:
         self.width = int(np.prod(self.moved[k + 2 :], dtype=np.int64))
 
     def to(self, x) -> jax.Array:
-        return jnp.transpose(jnp.asarray(x, jnp.float32), self.order).reshape(*self.lead, -1)
+        return jnp.transpose(wide(x), self.order).reshape(*self.lead, -1)
 
     def back(self, y) -> jax.Array:
         return jnp.transpose(y.reshape(self.moved), np.argsort(self.order))

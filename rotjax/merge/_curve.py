@@ -59,26 +59,34 @@ def curve(
     known: Mapping[float, Mapping[str, float]] | None = None,
 ) -> Curve:
     """``evaluate`` (params -> metrics, e.g. `rotjax.train.evaluator`) along the linear path,
-    and each metric's barrier (a score's when its name is in ``higher_is_better``).
+    and each metric's barrier (a score's when its name is in ``higher_is_better``) when the
+    lambdas, in any order, run from 0 to 1 (no barriers otherwise: ``{}``).
 
     Any two models of one architecture work: A and B, or two merged models. ``known``: metrics
     already measured at some of the λ, used as given instead of evaluating again, e.g. ``{0.0:
     metrics of A, 1.0: metrics of B}`` (an aligned B computes B's function: the same metrics
     up to rounding) or ``{0.5: metrics of merge.average([A, B])}`` (the same params)."""
     lam = np.asarray(lambdas, np.float64)
-    known = {float(x): dict(m) for x, m in (known or {}).items()}
-    if extra := sorted(set(known) - set(lam.tolist())):
-        raise ValueError(f"known metrics at λ = {extra}, which are not among the lambdas")
+    if lam.ndim != 1 or not lam.size or not np.all(np.isfinite(lam)):
+        raise ValueError(f"lambdas must be a non-empty 1-D sequence of finite numbers: {lambdas}")
+    # A known λ is a grid point up to rounding (0.3 for linspace's 0.30000000000000004).
+    at = {}
+    for x, m in (known or {}).items():
+        near = np.flatnonzero(np.abs(lam - float(x)) <= 1e-9)
+        if not near.size:
+            raise ValueError(f"known metrics at λ = {x}, which is not among the lambdas")
+        at |= {int(i): dict(m) for i in near}
     rows = [
-        known[x] if x in known else dict(evaluate(interpolate(params_a, params_b, x)))
-        for x in lam.tolist()
+        at[i] if i in at else dict(evaluate(interpolate(params_a, params_b, x)))
+        for i, x in enumerate(lam.tolist())
     ]
     if any(r.keys() != rows[0].keys() for r in rows):
         raise ValueError(f"the metrics differ along the path: {[sorted(r) for r in rows]}")
     metrics = {k: np.asarray([r[k] for r in rows], np.float64) for k in rows[0]}
-    bars = {}
-    if lam[0] == 0.0 and lam[-1] == 1.0:
+    bars, order = {}, np.argsort(lam, kind="stable")
+    if lam[order[0]] == 0.0 and lam[order[-1]] == 1.0:
         bars = {
-            k: barrier(lam, v, higher_is_better=k in higher_is_better) for k, v in metrics.items()
+            k: barrier(lam[order], v[order], higher_is_better=k in higher_is_better)
+            for k, v in metrics.items()
         }
     return Curve(lam, metrics, bars)

@@ -120,7 +120,21 @@ def _check_fishers(paths, leaves, fs) -> None:
         raise ValueError("Fishers that do not fit their params:\n" + "\n".join(bad))
 
 
-def _gram_inputs(path, kernel_shape, gram_shape) -> tuple[int, int]:
+def _check_cover(paths, stats: Sequence[Mapping[str, Any]], kind: str) -> None:
+    """Each statistic names a param and is there for every model or for none: one that only some
+    models have would silently merge its param as a plain average."""
+    known, bad = set(paths), []
+    for p in sorted(set().union(*stats)):
+        has = [i for i, s in enumerate(stats) if p in s]
+        if p not in known:
+            bad.append(f"  {p}: in stats_list{has}, but the models have no such param")
+        elif len(has) < len(stats):
+            bad.append(f"  {p}: in stats_list{has} only")
+    if bad:
+        raise ValueError(f"{kind} statistics that not all models share:\n" + "\n".join(bad))
+
+
+def _gram_inputs(path, kernel_shape, gram_shape, what="a Gram") -> tuple[int, int]:
     """``(batch axes, input axes)`` of a kernel that a Gram of ``gram_shape`` (``(*batch, n,
     n)``, the kernel's leading stacked axes, then its first input axes flattened to n) fits;
     ValueError naming the path and both shapes otherwise."""
@@ -129,7 +143,7 @@ def _gram_inputs(path, kernel_shape, gram_shape) -> tuple[int, int]:
         for k in range(1, len(kernel_shape) - b):
             if int(np.prod(kernel_shape[b : b + k])) == gram_shape[-1]:
                 return b, k
-    raise ValueError(f"{path}: a Gram of shape {gram_shape} does not fit the kernel {kernel_shape}")
+    raise ValueError(f"{path}: {what} of shape {gram_shape} does not fit the kernel {kernel_shape}")
 
 
 def fisher(
@@ -154,7 +168,8 @@ def fisher(
 
     Raises:
       ValueError: models that differ, missing Fishers, a Fisher of another shape than its
-        param (path and shapes named), eps <= 0, bad weights, a zero Fisher to normalise.
+        param, or that only some models have, or of a param the models lack (paths and shapes
+        named), eps <= 0, bad weights, a zero Fisher to normalise.
     """
     paths, leaves, treedef = checked_models(params_list)
     fs = [_fishers(s, i) for i, s in enumerate(stats_list)]
@@ -162,6 +177,7 @@ def fisher(
         raise ValueError(f"{len(params_list)} models but {len(fs)} statistics")
     if not (np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
+    _check_cover(paths, fs, "fisher")
     _check_fishers(paths, leaves[0], fs)
     w = model_weights(weights, len(params_list))
     if normalize:
@@ -171,7 +187,7 @@ def fisher(
             raise ValueError(f"normalize: the Fishers of stats_list{bad} are zero or not finite")
         w = model_weights(w / norms, len(params_list))
     # No Fisher for a param (None): a plain average.
-    per_path = [[f[p] for f in fs] if all(p in f for f in fs) else None for p in paths]
+    per_path = [[f[p] for f in fs] if p in fs[0] else None for p in paths]
     out = _fisher_leaves(scalar(w), scalar(eps), leaves, per_path)
     return jax.tree.unflatten(treedef, out)
 
@@ -229,8 +245,9 @@ def regmean(
         one no data reaches, comes back as the average).
 
     Raises:
-      ValueError: models that differ, missing statistics, a Gram that does not fit its kernel
-        (path and shapes named), alpha outside [0, 1], ridge < 0, bad weights.
+      ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
+        or that only some models have, or of a param the models lack (paths and shapes
+        named), alpha outside [0, 1], ridge < 0, bad weights.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -244,6 +261,7 @@ def regmean(
     for i, s in enumerate(stats_list):
         if "gram" not in s:
             raise ValueError(f"stats_list[{i}] holds no 'gram' (compute kinds=('gram',))")
+    _check_cover(paths, [s["gram"] for s in stats_list], "gram")
     w = model_weights(weights, len(params_list))
     merged = (
         fisher(params_list, stats_list, weights=weights)
@@ -251,7 +269,7 @@ def regmean(
         else average(params_list, weights)
     )
     out = flatten(merged)[1]
-    ks = [k for k, p in enumerate(paths) if all(p in s["gram"] for s in stats_list)]
+    ks = [k for k, p in enumerate(paths) if p in stats_list[0]["gram"]]
     kernels = [[x[k] for x in leaves] for k in ks]
     grams = [[s["gram"][paths[k]] for s in stats_list] for k in ks]
     for k, gs in zip(ks, grams, strict=True):

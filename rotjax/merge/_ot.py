@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from rotjax import symmetry as sym
 from rotjax.match import assign, permutation_scores
+from rotjax.match._align import _rescaled
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import average
 from rotjax.tree import from_dict, placed_like, to_dict
@@ -83,6 +84,14 @@ def ot_fusion(
         raise ValueError(f"transport must be one of {TRANSPORTS}, got {transport!r}")
     if mode == "acts" and cross is None:
         raise ValueError("mode='acts' needs cross statistics (rotjax.merge.cross_statistics)")
+    if mode == "wts" and cross is not None:
+        raise ValueError("mode='wts' reads no cross statistics: pass cross=None or mode='acts'")
+    if epsilon is not None and transport != "sinkhorn":
+        raise ValueError(f"epsilon is Sinkhorn's: transport={transport!r} reads none")
+    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+        raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
+    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+        raise ValueError(f"weight (A's share) must be in [0, 1], got {weight!r}")
     eps = epsilon if epsilon is not None else (0.08 if mode == "acts" else 0.06)
     corr = correlations(cross) if mode == "acts" else None
     roles = (["residual"], ["heads", "ffn"], ["query_heads"])
@@ -98,6 +107,11 @@ def ot_fusion(
             heads = {n: m for n, m in maps.items() if spec.groups[n].role == "heads"}
             seen = _moved_b(spec, corr, heads) if queries else corr
             similarity = group_scores(spec, seen, names, heads="trace")
+            if missing := [n for n in names if n not in similarity]:
+                raise ValueError(
+                    f"cross holds no inputs of any layer that reads the units of {missing} "
+                    "(cross_statistics of the whole models is what mode='acts' needs)"
+                )
         else:
             similarity = _weight_cosines(spec, params_a, moved, names)
         new = {}
@@ -118,7 +132,12 @@ def _costs(similarity):
 
 
 def _weight_cosines(spec, params_a, params_b, names):
-    """``cos(a_i, b_j)`` of the groups' weight rows (all params each group acts on)."""
+    """``cos(a_i, b_j)`` of the groups' weight rows (all params each group acts on), each
+    model first divided by a power of two near its largest weight (exact, and the cosines do
+    not change): weights near 1e-24 squared to 0 in float32 (every cosine 0, the identity
+    map), near 1e20 to inf."""
+    f32 = lambda t: {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(t).items()}
+    params_a, params_b = (from_dict(_rescaled(f32(t), f32(t))[0]) for t in (params_a, params_b))
     cross = permutation_scores(spec, params_a, params_b, names)
     na = permutation_scores(spec, params_a, params_a, names)
     nb = permutation_scores(spec, params_b, params_b, names)

@@ -43,10 +43,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls, kernel_path
-from rotjax.merge._methods import checked_models, model_weights
+from rotjax.merge._methods import checked_models, model_weights, scalar
 from rotjax.merge._stats import _split
 from rotjax.models import family
-from rotjax.tree import placed_like
+from rotjax.tree import placed_like, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -95,7 +95,8 @@ def refit(
     Raises:
       ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
     """
-    paths, leaves, treedef = checked_models([merged, *params_list], at_least=2)
+    names = ["merged", *(f"params_list[{i}]" for i in range(len(params_list)))]
+    paths, leaves, treedef = checked_models([merged, *params_list], at_least=2, names=names)
     lam = model_weights(weights, len(params_list))
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
@@ -118,8 +119,7 @@ def refit(
         from tqdm.auto import tqdm
 
         stages = tqdm(stages, desc="refit", unit="stage", leave=False)
-    lam = jnp.asarray(lam / lam.sum(), jnp.float32)
-    ridge = jnp.float32(ridge)
+    lam, ridge = scalar(lam / lam.sum()), scalar(ridge)  # float64 with x64
     for group, index in stages:
         rows = _rows(model, group[:1], early=not index)
         current = jax.tree.unflatten(treedef, [flat[p] for p in paths])
@@ -251,10 +251,10 @@ def _with_ones(rows):
 
 def _augmented(flat, kernel, index, n_in, has_bias):
     """``W̃ = [W; b]`` of one layer (index into a scanned stack), ``(n_in (+1), n_out)``."""
-    w = jnp.asarray(flat[kernel][index], jnp.float32).reshape(n_in, -1)
+    w = wide(flat[kernel][index]).reshape(n_in, -1)
     if not has_bias:
         return w
-    b = jnp.asarray(flat[_bias(kernel)][index], jnp.float32).reshape(1, -1)
+    b = wide(flat[_bias(kernel)][index]).reshape(1, -1)
     return jnp.concatenate([w, b], axis=0)
 
 

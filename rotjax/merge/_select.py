@@ -11,6 +11,7 @@ best with both models on the same unlabeled inputs.
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -139,7 +140,7 @@ def align_by_activations(
             init=start,
         )
         losses.append(loss(average([anchor_params, res.params])))
-        if best is None or losses[-1] < best[0]:
+        if best is None or _better(losses[-1], best[0]):
             best = (losses[-1], sweeps, res)
         if sweeps and res.diagnostics.sweeps < sweeps:  # converged: more give the same
             break
@@ -151,17 +152,22 @@ def align_by_activations(
             else match.align(spec, anchor_params, params, solve=solve, key=key, solver=solver)
         )
         info["weights_loss"] = loss(average([anchor_params, res.params]))
-        if info["weights_loss"] < best[0]:
+        if _better(info["weights_loss"], best[0]):
             best = (info["weights_loss"], res.diagnostics.sweeps, res)
             info |= {"start": "weights", "sweeps": res.diagnostics.sweeps}
     # B as it is: fine-tunes of one model already share its basis, and no candidate whose
     # average predicts worse than that one's is kept.
     info["identity_loss"] = loss(average([anchor_params, params]))
-    if info["identity_loss"] < best[0]:
+    if _better(info["identity_loss"], best[0]):
         res = match.align(spec, anchor_params, params, solve=(), key=key, solver=solver)
         best = (info["identity_loss"], 0, res)
         info |= {"start": "identity", "sweeps": 0}
     return best[2], info
+
+
+def _better(loss: float, than: float) -> bool:
+    """``loss < than``, with NaN (a merge whose predictions overflow) worse than any number."""
+    return not math.isnan(loss) and (math.isnan(than) or loss < than)
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:

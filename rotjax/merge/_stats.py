@@ -28,6 +28,7 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
 from rotjax.merge._capture import capture
+from rotjax.merge._methods import _gram_inputs
 from rotjax.models import family
 from rotjax.tree import from_dict, to_dict, wide
 
@@ -82,8 +83,9 @@ def statistics(
         Fisher of a model without a classification head.
     """
     kinds = tuple(kinds)
-    if unknown := sorted(set(kinds) - set(KINDS)):
-        raise ValueError(f"unknown statistics kinds {unknown}; choose from {list(KINDS)}")
+    if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):
+        got = f"unknown statistics kinds {unknown}" if kinds else "no statistics kinds"
+        raise ValueError(f"{got}; choose from {list(KINDS)}")
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     if "fisher" in kinds and fisher == "sampled" and key is None:
@@ -295,13 +297,9 @@ def gram_spec(spec: sym.Spec, grams: Mapping[str, Any]) -> tuple[sym.Spec, dict[
     activations scale inversely to the kernel's input axis)."""
     params, shapes = {}, {}
     for path, g in grams.items():
+        _known(spec, path, "a Gram")
         kernel = spec.params[path]
-        b = g.ndim - 2
-        n_in = next(
-            k
-            for k in range(1, len(kernel.shape) - b)
-            if math.prod(kernel.shape[b : b + k]) == g.shape[-1]
-        )
+        b, n_in = _gram_inputs(path, kernel.shape, np.shape(g))
         in_shape = kernel.shape[b : b + n_in]
         actions = []
         for a in kernel.actions:
@@ -315,6 +313,11 @@ def gram_spec(spec: sym.Spec, grams: Mapping[str, Any]) -> tuple[sym.Spec, dict[
     return sym.Spec(spec.group_items, tuple(sorted(params.items()))), shapes
 
 
+def _known(spec: sym.Spec, path: str, what: str) -> None:
+    if path not in spec.params:
+        raise ValueError(f"{path}: {what} of a param the spec does not have")
+
+
 def transform_statistics(
     spec: sym.Spec, stats: Mapping[str, Any], transform: Mapping[str, jax.Array]
 ) -> dict[str, Any]:
@@ -326,6 +329,10 @@ def transform_statistics(
     the diagonal of the rotated Fisher needs the off-diagonal terms, which a diagonal Fisher does
     not have: the result is the diagonal of the rotated *diagonal* Fisher, ``Σ_i F_i R_ij²`` (an
     approximation; recompute the Fisher on the aligned model to be exact).
+
+    Raises:
+      ValueError: a statistic of a param the spec does not have, or that does not fit it (path
+        and shapes named).
     """
     out = dict(stats)
     if "gram" in stats:
@@ -340,6 +347,13 @@ def transform_statistics(
             squared[name] = (
                 el * el if kind in ("orth", "rot") else el**-2.0 if kind == "scale" else el
             )
+        for p, f in stats["fisher"].items():
+            _known(spec, p, "a Fisher")
+            if np.shape(f) != spec.params[p].shape:
+                raise ValueError(
+                    f"{p}: a Fisher of shape {np.shape(f)} for a param of shape "
+                    f"{spec.params[p].shape}"
+                )
         fspec = sym.Spec(
             spec.group_items, tuple((p, spec.params[p]) for p in sorted(stats["fisher"]))
         )

@@ -24,6 +24,8 @@ def _merged(base, params_list, how, scale, **options):
     trim's count is exact integer arithmetic on them), the others traced."""
     if not params_list:
         raise ValueError("merging task vectors needs at least 1 model besides the base")
+    if np.ndim(scale) != 0 or not np.isfinite(scale):  # an array would scale entry by entry
+        raise ValueError(f"scale must be a finite number, got {scale!r}")
     names = ["base", *(f"params_list[{i}]" for i in range(len(params_list)))]
     _, leaves, treedef = checked_models([base, *params_list], names=names)
     fixed = lambda k, v: isinstance(v, str) or k == "density"
