@@ -279,6 +279,10 @@ def test_round_trip(name, seed, tmp_path):
     )
     assert type(reloaded).__name__ == model.config.architectures[0]
     assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+    saved = json.loads((out / "config.json").read_text())
+    if hasattr(config, "rope_theta"):  # for transformers 4 (top level) and 5 (the dict)
+        assert saved["rope_theta"] == saved["rope_parameters"]["rope_theta"] == config.rope_theta
+        assert reloaded.config.rope_parameters["rope_theta"] == config.rope_theta
     if config.task is not None:
         assert reloaded.config.id2label[1] == "class-1"
     # A model from from_pretrained (transformers >= 5 may rename its tensors in memory).
@@ -800,3 +804,18 @@ def test_llama_configs_transformers_cannot_build_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         llama.Config(**{**base, **changes})
     assert llama.Config.from_hf_dict({**base, "model_type": "mistral"}).sliding_window == 4096
+
+
+def test_a_config_named_by_its_architecture_alone_gets_its_types_defaults():
+    """A ``config.json`` with ``architectures`` but no ``model_type``: the architecture's type
+    sets the defaults that differ by type (RoBERTa numbered positions from BERT's pad id 0,
+    shifting every one; Qwen2 kept a sliding window that a later save switched on)."""
+    from rotjax.hf import _load, _mapping
+
+    base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    roberta = _mapping.ARCHITECTURES["RobertaForSequenceClassification"]
+    cfg = _load._rotjax_config(roberta, {**base, "num_labels": 2}, has_pooler=True)
+    assert (cfg.pad_token_id, cfg.model_type) == (1, "roberta")
+    qwen2 = _mapping.ARCHITECTURES["Qwen2ForCausalLM"]
+    cfg = _load._rotjax_config(qwen2, {**base, "sliding_window": 4}, has_pooler=False)
+    assert cfg.sliding_window is None

@@ -2,7 +2,8 @@
 any run can be reproduced on its own (what exact resume needs).
 
 - `batches`: one pass, in order or shuffled by `epoch_order`, optionally padded to full batches
-  (eval: every example counts once and the padding is labelled `IGNORE_LABEL`).
+  (eval: every example counts once; the padding of the array named ``"labels"`` is
+  `IGNORE_LABEL`, of every other array 0).
 - `train_batches`: the endless training stream from any step: step ``t`` is batch ``t mod S``
   of pass ``t // S`` (`batch_indices`).
 """

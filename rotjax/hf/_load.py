@@ -286,7 +286,9 @@ def _rotjax_config(
         overrides["add_pooling_layer"] = arch.task is None and has_pooler
     if "model_type" in fields:
         overrides["model_type"] = arch.model_type
-    return cls.from_hf_dict(dict(hf_config), **overrides)
+    # The type's own defaults (RoBERTa's pad_token_id 1, Qwen2 without a window) key on the
+    # dict's model_type: a config named only by its architecture has the architecture's.
+    return cls.from_hf_dict({**hf_config, "model_type": arch.model_type}, **overrides)
 
 
 def _to_rotjax(

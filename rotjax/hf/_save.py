@@ -186,8 +186,9 @@ def _hf_config(
     )
     if arch.model_type == "vit":
         out.update(pooler_output_size=config.hidden_size, pooler_act="tanh")
-    if "rope_theta" in out:  # transformers 5 keeps RoPE's settings in one dict
-        out["rope_parameters"] = {"rope_theta": out.pop("rope_theta"), "rope_type": "default"}
+    if "rope_theta" in out:  # transformers 5 keeps RoPE's settings in one dict (and prefers
+        # it); transformers 4 reads only the top-level key (else 10000: another function)
+        out["rope_parameters"] = {"rope_theta": out["rope_theta"], "rope_type": "default"}
     if arch.model_type == "qwen2":  # its attention biases are fixed by the architecture
         out.pop("attention_bias", None)
         out["use_sliding_window"] = config.sliding_window is not None
