@@ -40,6 +40,10 @@ def split_off(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split of ``arange(len(labels))`` into a kept and a split-off part.
 
+    Stratified when it can be: every class has 2 examples or more and each part can hold one
+    of every class. Otherwise (one class with a single example is enough) the split is a plain
+    seeded shuffle, as scikit-learn cannot stratify it.
+
     Args:
         labels: Integer class labels, one per example.
         size: Number of examples to split off (0 splits off nothing).

@@ -1,4 +1,5 @@
-"""Hugging Face interop: load BERT, RoBERTa and ViT checkpoints into rotjax, and save them back.
+"""Hugging Face interop: load BERT, RoBERTa, ViT, DeBERTa-v2/v3 and LLaMA-style (Llama, Mistral,
+Qwen2) checkpoints into rotjax, and save them back.
 
 `load` reads a checkpoint directory (or an in-memory ``transformers`` PyTorch model) into a
 rotjax config and Flax params; `save` writes a directory that ``transformers``'

@@ -55,8 +55,9 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
         leaf gains a leading layer axis ``L``).
 
     Returns:
-      ``(config, params)``: a `rotjax.models.bert.Config` or `rotjax.models.vit.Config` with
-      the checkpoint's hyper-parameters, ``task``, ``model_type`` and ``add_pooling_layer``,
+      ``(config, params)``: the ``Config`` of the checkpoint's family (`rotjax.models.bert`,
+      ``vit``, ``deberta`` or ``llama``) with its hyper-parameters and ``task`` (and, where the
+      family has them, ``model_type`` and ``add_pooling_layer``),
       and float32 params with exactly the structure of ``Model(config).init(...)["params"]``,
       e.g. for BERT ``encoder/layer_i/attention/query/kernel`` ``(D, H, d)`` from
       ``encoder.layer.i.attention.self.query.weight`` ``(H*d, D)``.
