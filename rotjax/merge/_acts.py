@@ -195,11 +195,7 @@ def _group_scores(spec, names, heads, corr):
             c = corr[path]
             b = c.ndim - 2
             kernel = spec.params[path].shape
-            n_in = next(
-                k
-                for k in range(1, len(kernel) - b + 1)
-                if math.prod(kernel[b : b + k]) == c.shape[-1]
-            )
+            n_in = _gram_inputs(path, kernel, c.shape, "a correlation")[1]
             axes = tuple(ax - b for ax in act.axes)  # (head, item) axes for an hperm
             if not all(0 <= ax < n_in for ax in axes):  # acts on an output axis of this kernel
                 continue

@@ -77,8 +77,7 @@ def circuits(
         fit the spec, bad weights, or a rotated param that no scale group assigns to a side.
     """
     checked_models(params_list)
-    names = ["merged", *(f"params_list[{i}]" for i in range(len(params_list)))]
-    paths, (base_leaves, *leaves), treedef = checked_models([merged, *params_list], names=names)
+    paths, (base_leaves, *leaves), treedef = checked_models([merged, *params_list], first="merged")
     sym.validate(spec, params_list[0])
     w = model_weights(weights, len(params_list))
     w = scalar(w / w.sum())  # float64 with x64

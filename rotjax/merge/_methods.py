@@ -19,21 +19,20 @@ from rotjax.tree import flatten, wide
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def checked_models(
-    params_list: Sequence[Any], *, at_least: int = 2, names: Sequence[str] | None = None
-):
+def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str | None = None):
     """``(paths, [leaves of each model], treedef)`` after checking that every model has the
-    first one's paths and shapes (``names``: how messages call the models, default
-    ``"model i"``).
+    first one's paths and shapes. Messages call the models ``"model i"``, or, given ``first``
+    (``[base, *params_list]``: ``"base"``), the first one ``first`` and the others
+    ``"params_list[i]"`` from 0.
 
     Raises:
       ValueError: fewer than ``at_least`` models, or paths/shapes that differ (listed).
     """
     if len(params_list) < at_least:
         raise ValueError(f"merging needs at least {at_least} models, got {len(params_list)}")
-    name = (lambda i: f"model {i}") if names is None else names.__getitem__
-    paths, first, treedef = flatten(params_list[0])
-    leaves = [first]
+    name = lambda i: f"model {i}" if first is None else f"params_list[{i - 1}]" if i else first
+    paths, leaves0, treedef = flatten(params_list[0])
+    leaves = [leaves0]
     for i, params in enumerate(params_list[1:], start=1):
         p, x, _ = flatten(params)
         if p != paths:
@@ -41,7 +40,7 @@ def checked_models(
             raise ValueError(f"{name(i)} has other params than {name(0)}: {only[:10]}")
         bad = [
             f"  {path}: {name(0)} {np.shape(a)} vs {name(i)} {np.shape(b)}"
-            for path, a, b in zip(paths, first, x, strict=True)
+            for path, a, b in zip(paths, leaves0, x, strict=True)
             if np.shape(a) != np.shape(b)
         ]
         if bad:

@@ -39,7 +39,7 @@ from rotjax import symmetry as sym
 from rotjax.match import assign, permutation_scores
 from rotjax.match._align import _rescaled
 from rotjax.merge._acts import correlations, group_scores
-from rotjax.merge._methods import average
+from rotjax.merge._methods import _gram_inputs, average
 from rotjax.tree import from_dict, placed_like, to_dict
 
 MODES = ("acts", "wts")
@@ -136,8 +136,12 @@ def _weight_cosines(spec, params_a, params_b, names):
     model first divided by a power of two near its largest weight (exact, and the cosines do
     not change): weights near 1e-24 squared to 0 in float32 (every cosine 0, the identity
     map), near 1e20 to inf."""
-    f32 = lambda t: {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(t).items()}
-    params_a, params_b = (from_dict(_rescaled(f32(t), f32(t))[0]) for t in (params_a, params_b))
+
+    def rescaled(tree):
+        flat = {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(tree).items()}
+        return from_dict(_rescaled(flat, flat)[0])
+
+    params_a, params_b = rescaled(params_a), rescaled(params_b)
     cross = permutation_scores(spec, params_a, params_b, names)
     na = permutation_scores(spec, params_a, params_a, names)
     nb = permutation_scores(spec, params_b, params_b, names)
@@ -171,11 +175,6 @@ def _sinkhorn(cost: jax.Array, epsilon: float) -> jax.Array:
     return maps.reshape(cost.shape)
 
 
-def _exact(maps: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    """The permutations among ``maps`` (int arrays; Sinkhorn's are float)."""
-    return {n: m for n, m in maps.items() if jnp.issubdtype(jnp.asarray(m).dtype, jnp.integer)}
-
-
 def _moved_b(spec, corr, maps):
     """Correlations ``corr[p][.., i, j]`` (A's input feature i, B's j) with B's side moved by
     ``maps`` as B's params are (`transport_params`; A's side stays): for a permutation, the
@@ -189,10 +188,7 @@ def _moved_b(spec, corr, maps):
     for path, c in corr.items():
         kernel = spec.params[path]
         b = c.ndim - 2
-        n_in = next(
-            k for k in range(1, len(kernel.shape) - b + 1)
-            if math.prod(kernel.shape[b : b + k]) == c.shape[-1]
-        )  # fmt: skip
+        n_in = _gram_inputs(path, kernel.shape, c.shape, "a correlation")[1]
         shapes[path] = (*kernel.shape[:b], c.shape[-2], *kernel.shape[b : b + n_in])
         actions = tuple(
             sym.Action(a.group, tuple(ax + 1 for ax in a.axes), a.power)
@@ -210,7 +206,7 @@ def transport_params(spec: sym.Spec, params: Any, maps: Mapping[str, jax.Array])
     """``params`` moved by permutation groups' maps: an int permutation acts as the group
     element (`rotjax.symmetry.apply`), a float map ``T[*batch, n, n]`` (rows summing to 1) as
     ``W'[.., i, ..] = Σ_j T[i, j] W[.., j, ..]`` on every axis the group acts on."""
-    exact = _exact(maps)
+    exact = {n: m for n, m in maps.items() if jnp.issubdtype(jnp.asarray(m).dtype, jnp.integer)}
     soft = {n: m for n, m in maps.items() if n not in exact}
     if exact:
         params = sym.apply(spec, params, exact)

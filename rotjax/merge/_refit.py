@@ -95,8 +95,7 @@ def refit(
     Raises:
       ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
     """
-    names = ["merged", *(f"params_list[{i}]" for i in range(len(params_list)))]
-    paths, leaves, treedef = checked_models([merged, *params_list], at_least=2, names=names)
+    paths, leaves, treedef = checked_models([merged, *params_list], first="merged")
     lam = model_weights(weights, len(params_list))
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")

@@ -26,8 +26,7 @@ def _merged(base, params_list, how, scale, **options):
         raise ValueError("merging task vectors needs at least 1 model besides the base")
     if np.ndim(scale) != 0 or not np.isfinite(scale):  # an array would scale entry by entry
         raise ValueError(f"scale must be a finite number, got {scale!r}")
-    names = ["base", *(f"params_list[{i}]" for i in range(len(params_list)))]
-    _, leaves, treedef = checked_models([base, *params_list], names=names)
+    _, leaves, treedef = checked_models([base, *params_list], first="base")
     fixed = lambda k, v: isinstance(v, str) or k == "density"
     static = tuple(
         sorted((k, float(v) if k == "density" else v) for k, v in options.items() if fixed(k, v))
