@@ -51,6 +51,12 @@ SENTENCES = [
 DEMO_VIT = dataclasses.replace(T.VIT_FASHION_MNIST, num_hidden_layers=4)
 ALIGNMENTS = ("none", "paper", "all + stream", "activations")
 METHODS = ("average", "fisher", "regmean", "ot-acts", "refit")
+# The data-free alignment with the stream (and the activation variant's data-free candidate)
+# stopped after 10 coordinate-descent sweeps, not `match.align`'s 50: on the demo pair the
+# objective is within 0.3% of its 50-sweep value by then (92.1 vs 91.9) and the average's
+# accuracy the same within a point or two (67.1% vs 65.5%), at a fifth of the sweeps
+# (2026-12-04).
+MAX_SWEEPS = 10
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -142,7 +148,9 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
         f"B {b['name']}: {100 * ends[1]['accuracy']:.1f}%"
     )
     tic = time.perf_counter()
-    variants = fusion.align_variants(pair, ALIGNMENTS, unlabeled, key=jax.random.key(0))
+    variants = fusion.align_variants(
+        pair, ALIGNMENTS, unlabeled, key=jax.random.key(0), max_sweeps=MAX_SWEEPS
+    )
     # Fisher from one sampled label per image: unbiased, and 10x cheaper than the exact
     # expectation over the 10 classes (the reproduction's vision tables use the exact one).
     rows = fusion.merge_rows(
@@ -164,7 +172,7 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
         print(f"  {name:14s}{line}{variants[name]['seconds']:10.1f}")
     print(
         "  (align s: compilation included, the first alignment paying most of it; activations'\n"
-        "  includes its data-free candidate, the all + stream alignment)"
+        f"  includes its data-free candidate, the all + stream alignment: {MAX_SWEEPS} sweeps)"
     )
     lambdas = np.linspace(0, 1, 3 if smoke else 5)
     names = ("none", "all + stream", "activations")[: 2 if smoke else 3]

@@ -284,3 +284,42 @@ def test_merge_rows_reuse_statistics(monkeypatch):
     assert len(calls) == 6  # A's once per method
     drop = lambda rows: [{k: v for k, v in r.items() if k != "seconds"} for r in rows]
     assert drop(reused) == drop(fresh)
+
+
+def test_align_variants_caps_only_the_iterating_alignments(monkeypatch):
+    """``max_sweeps`` caps the alignments that iterate (the stream solved), the activation
+    variant's data-free candidate included (reused, not redone uncapped); the paper's single
+    pass stays one pass."""
+    import jax
+    import numpy as np
+
+    from experiments import fusion
+    from rotjax import match
+    from rotjax.models import family
+
+    config = TINY_VIT
+    fam = family(config)
+    pair = fusion.Pair(config, *(fam.init(config, jax.random.key(i)) for i in range(2)))
+    unlabeled = {"images": np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)}
+    calls = []
+    align = match.align
+    monkeypatch.setattr(
+        match,
+        "align",
+        lambda *a, **k: (
+            calls.append((tuple(k.get("solve", ())), k.get("max_sweeps"))) or align(*a, **k)
+        ),
+    )
+    variants = fusion.align_variants(
+        pair, ["paper", "all + stream", "activations"], unlabeled, max_sweeps=2
+    )
+    assert calls[0] == (match.PAPER, None)  # align's default for it: one pass
+    assert calls[1] == (match.ALL, 2)
+    # the activation variant's candidates start from the activations (init): none of them
+    # is an uncapped data-free alignment
+    assert (match.ALL, None) not in calls
+    canonical = pair.canonical()
+    expected = align(canonical.spec, canonical.a, canonical.b, solve=match.ALL, max_sweeps=2)
+    got = variants["all + stream"]["pair"].b
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected.params), strict=True):
+        np.testing.assert_array_equal(x, y)
