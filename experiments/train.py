@@ -299,13 +299,15 @@ def train_and_evaluate(
 
     A workdir holding a run of another config is not resumed (its checkpoints would be
     continued under the new settings, or, finished, kept while the summary claimed the new
-    ones) unless ``allow_config_change``.
+    ones) unless ``allow_config_change``; nor one of the same config whose training data has
+    changed size since (its later batches would replay and skip examples: `rotjax.train.fit`).
 
     Returns:
         The summary dict also written to ``workdir/summary.json``.
 
     Raises:
-        ValueError: the workdir's run has another config (the differing fields named).
+        ValueError: the workdir's run has another config (the differing fields named) or
+            other training data.
     """
     workdir = Path(workdir).absolute()
     new = _json(config)
@@ -372,6 +374,7 @@ def train_and_evaluate(
         keep_checkpoints=config.keep_checkpoints,
         log_every=config.log_every,
         progress=progress,
+        allow_other_batches=allow_config_change,
     )
     params = jax.device_get(result.state.params)
     test = result.eval_metrics
@@ -393,14 +396,24 @@ def train_and_evaluate(
         "seed": config.seed,
         "num_steps": num_steps,
         "train_examples": n_train,
-        "test_examples": test["count"],
+        "test_examples": len(
+            data["test"]["labels"]
+        ),  # test["count"] counts labels: tokens when tagging
         "resumed_from": result.resumed_from,
         "validation": result.eval_metrics if data["validation"] is not None else None,
         "test": test,
         "majority_baseline": train.majority_baseline(
             data["train"]["labels"], data["test"]["labels"]
         ),
-        "final_train_loss": train_time[-1]["loss"] if train_time else None,
+        # the run's last train record: this call's, or the log's when it resumed a finished
+        # run (nothing left to train, no record of its own)
+        "final_train_loss": (
+            train_time[-1]["loss"]
+            if train_time
+            else last_train_loss(workdir / train.METRICS_FILE)
+            if jax.process_index() == 0
+            else None
+        ),
         "wall_seconds": time.perf_counter() - begin,
         "train_seconds": (
             train_seconds(workdir / train.METRICS_FILE) if jax.process_index() == 0 else None
@@ -425,17 +438,27 @@ def train_and_evaluate(
     return summary
 
 
+def _train_records(metrics_file: Path) -> list[dict]:
+    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
+    return [r for r in records if r.get("split") == "train"]
+
+
 def train_seconds(metrics_file: Path) -> float:
     """Measured seconds of training steps over the whole run, resumed parts included: the sum of
     every train record's period (its ``steps`` over its ``steps_per_second``), compilation in
     the first period of each (re)start included, evaluation not."""
-    records = [json.loads(line) for line in metrics_file.read_text().splitlines() if line]
     total, last = 0.0, 0
-    for r in records:
-        if r.get("split") == "train" and r.get("steps_per_second"):
+    for r in _train_records(metrics_file):
+        if r.get("steps_per_second"):
             steps = r.get("steps", r["step"] - last)  # older logs: the steps since the last
             total, last = total + steps / r["steps_per_second"], r["step"]
     return total
+
+
+def last_train_loss(metrics_file: Path) -> float | None:
+    """The loss of the last train record of a run's log (None if it has none)."""
+    records = [r for r in _train_records(metrics_file) if "loss" in r]
+    return records[-1]["loss"] if records else None
 
 
 def config_diff(old: dict, config: Config) -> list[tuple[str, Any, Any]]:
@@ -545,7 +568,9 @@ def main(argv=None):
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--distributed", action="store_true", help="jax.distributed.initialize()")
     p.add_argument(
-        "--allow-config-change", action="store_true", help="resume a run of another config"
+        "--allow-config-change",
+        action="store_true",
+        help="resume a run of another config or training data",
     )
     args = p.parse_args(argv)
     train.initialize_distributed(enabled=args.distributed or None)

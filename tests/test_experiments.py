@@ -36,6 +36,11 @@ def test_train(config, tmp_path, capsys):
     config_, params = hf.load(tmp_path / "hf")
     assert config_.num_labels == (10 if config.startswith("vit") else 16)
     assert '"test"' in capsys.readouterr().out
+    if config.startswith("vit"):  # the same command again: a finished run, nothing to train
+        T.main(["--config", config, "--workdir", str(tmp_path), "--smoke", "--no-progress"])
+        again = json.loads((tmp_path / "summary.json").read_text())
+        assert again["resumed_from"] == 2
+        assert again["final_train_loss"] == summary["final_train_loss"] is not None
 
 
 def test_make_pairs(tmp_path):

@@ -556,3 +556,66 @@ def test_progress_bar_counts_finished_steps_only(seed, monkeypatch):
     monkeypatch.setattr(tqdm.auto, "tqdm", Bar)
     run_bert(seed, 5, progress=True, log_every=2)
     assert shown[-1] == 5 and shown == sorted(shown)
+
+
+def test_labels_outside_the_classes_are_refused_before_any_work(seed, tmp_path):
+    """-1 (the "unlabeled" of many test splits) would train as the last class and 3 (of 3
+    classes) give a NaN loss, both silently inside the jitted step: refused by name; labels
+    equal to IGNORE_LABEL stay allowed."""
+    state, steps = setup(BERT, seed)
+    model, _ = init(BERT, jax.random.key(0))
+    assert steps.num_classes == BERT.num_labels == 3
+    good = text_data(BERT, seed, 20, token_labels=False)
+    for bad_value in (-1, 3):
+        bad = {**good, "labels": good["labels"].copy()}
+        bad["labels"][5] = bad_value
+        msg = rf"train_data labels: 1 label\(s\) outside the classes \[0, 3\) .* \[{bad_value}\]"
+        with pytest.raises(ValueError, match=msg):
+            train.fit(state, steps, bad, batch_size=BATCH, num_steps=1, workdir=tmp_path)
+        assert not (tmp_path / "checkpoints").exists()
+        with pytest.raises(ValueError, match=r"eval labels: 1 label\(s\) outside"):
+            train.fit(state, steps, good, batch_size=BATCH, num_steps=1, eval_data=bad)
+        with pytest.raises(ValueError, match=r"eval labels: 1 label\(s\) outside"):
+            train.evaluate(steps, state.params, bad, batch_size=BATCH)
+        with pytest.raises(ValueError, match=r"eval labels: 1 label\(s\) outside"):
+            train.evaluator(model, bad, batch_size=BATCH)
+    # a plain eval step knows no classes: only the negative label is refused
+    bad = {**good, "labels": np.where(np.arange(20) == 5, -1, good["labels"])}
+    with pytest.raises(ValueError, match=r"outside the classes \[0, ∞\)"):
+        train.evaluate(steps.eval_step, state.params, bad, batch_size=BATCH)
+    ignored = {**good, "labels": np.where(np.arange(20) == 5, train.IGNORE_LABEL, good["labels"])}
+    assert train.evaluate(steps, state.params, ignored, batch_size=BATCH)["count"] == 19
+
+
+def test_fit_refuses_a_state_or_checkpoint_past_num_steps(seed, tmp_path):
+    run_bert(seed, 2, workdir=tmp_path)
+    with pytest.raises(ValueError, match=r"checkpoint at step 2, past num_steps=1"):
+        run_bert(seed, 1, workdir=tmp_path)
+    trained = run_bert(seed, 2).state
+    with pytest.raises(ValueError, match=r"state.step=2 is past num_steps=1"):
+        train.fit(trained, setup(BERT, seed)[1], text_data(BERT, seed, 20), batch_size=BATCH,
+                  num_steps=1)  # fmt: skip
+
+
+def test_resuming_with_other_batches_is_refused_unless_allowed(seed, tmp_path):
+    """Step t's batch is a function of (seed, batch size, examples): resuming a checkpoint
+    under other ones would replay some examples and skip others, silently."""
+    run_bert(seed, 2, workdir=tmp_path)
+    assert json.loads((tmp_path / train.BATCHES_FILE).read_text()) == {
+        "seed": seed, "batch_size": BATCH, "examples": 20,
+    }  # fmt: skip
+    state, steps = setup(BERT, seed)
+    mesh = train.data_mesh(jax.devices()[:1])
+    fit = lambda arrays, run_seed=seed, **k: train.fit(
+        state, steps, arrays, batch_size=BATCH, num_steps=3, seed=run_seed, mesh=mesh,
+        workdir=tmp_path, **k,
+    )  # fmt: skip
+    arrays = text_data(BERT, seed, 20)
+    fewer = {k: v[:18] for k, v in arrays.items()}
+    with pytest.raises(ValueError, match=r"drawn otherwise \(examples: 20 -> 18\)"):
+        fit(fewer)
+    with pytest.raises(ValueError, match=rf"drawn otherwise \(seed: {seed} -> {seed + 1}\)"):
+        fit(arrays, run_seed=seed + 1)
+    assert not (tmp_path / "checkpoints" / "3").exists()
+    assert fit(fewer, allow_other_batches=True).resumed_from == 2
+    assert json.loads((tmp_path / train.BATCHES_FILE).read_text())["examples"] == 18

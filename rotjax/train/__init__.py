@@ -13,6 +13,7 @@ A run, end to end::
 from rotjax.train._augment import augment_images
 from rotjax.train._checkpoint import checkpoint_manager, restore_checkpoint, save_checkpoint
 from rotjax.train._loop import (
+    BATCHES_FILE,
     CHECKPOINT_DIR,
     METRICS_FILE,
     FitResult,
@@ -64,6 +65,7 @@ from rotjax.train._steps import (
 )
 
 __all__ = [
+    "BATCHES_FILE",
     "CHECKPOINT_DIR",
     "COMPILATION_CACHE_ENV",
     "DATA_AXIS",

@@ -20,6 +20,9 @@ from rotjax.train._steps import Steps, TrainState
 Record = dict[str, Any]
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+# What step t's batch is a function of (`rotjax.data.train_batches`), kept beside the
+# checkpoints: resuming under other values would replay some examples and skip others.
+BATCHES_FILE = "batches.json"
 
 
 class FitResult(NamedTuple):
@@ -79,23 +82,52 @@ class MetricsWriter:
             f.write(json.dumps(record) + "\n")
 
 
+def _check_batches(
+    workdir: Path, order: dict, resumed_from: int | None, allow: bool, *, write: bool
+) -> None:
+    """Refuse to resume a run in ``workdir`` whose batch order (``order``: seed, batch size,
+    training examples) was another, unless ``allow``; then record this call's (if ``write``:
+    process 0)."""
+    path = workdir / BATCHES_FILE
+    if resumed_from is not None and path.is_file() and not allow:
+        old = json.loads(path.read_text())
+        diff = {k: (old[k], v) for k, v in order.items() if k in old and old[k] != v}
+        if diff:
+            shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            raise ValueError(
+                f"{workdir} holds a run (checkpoint at step {resumed_from}) whose batches were "
+                f"drawn otherwise ({shown}): resuming would replay some examples and skip "
+                "others; use another workdir, or allow_other_batches=True"
+            )
+    if write:
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(order) + "\n")
+        tmp.replace(path)
+
+
 def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
     rep = _mesh.replicated(mesh)
     return jax.jit(eval_step, in_shardings=(rep, _mesh.batch_sharding(mesh)), out_shardings=rep)
 
 
-def _check_eval_data(data: Mapping[str, np.ndarray]) -> None:
+def _check_eval_data(data: Mapping[str, np.ndarray], num_classes: int | None = None) -> None:
     if "labels" not in data:
         raise ValueError(f"eval arrays need 'labels', got {sorted(data)}")
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) != 1 or not lengths["labels"]:
         raise ValueError(f"eval arrays must share one non-zero length, got {lengths}")
+    _metrics.check_labels(data["labels"], "eval labels", num_classes)
 
 
 def _run_eval(
-    jitted: Callable, params: Any, data: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh
+    jitted: Callable,
+    params: Any,
+    data: Mapping[str, np.ndarray],
+    batch_size: int,
+    mesh: Mesh,
+    num_classes: int | None = None,
 ) -> dict[str, float]:
-    _check_eval_data(data)
+    _check_eval_data(data, num_classes)
     rows = _mesh.process_rows(batch_size)
     stats = [
         jitted(params, _mesh.shard_batch(batch, mesh))
@@ -127,12 +159,13 @@ def evaluate(
         ``{"loss", "accuracy", "macro_f1", "count"}``; macro-F1 comes from the confusion counts
         of the whole set (`rotjax.train.macro_f1`).
     """
+    classes = None
     if isinstance(eval_step, Steps):
-        eval_step = eval_step.eval_step
+        eval_step, classes = eval_step.eval_step, eval_step.num_classes
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
     params = _mesh.replicate(params, mesh)
-    return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh)
+    return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh, classes)
 
 
 def evaluator(
@@ -155,8 +188,12 @@ def evaluator(
     """
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
+    classes = _steps.num_classes(model)
+    _check_eval_data(data, classes)
     jitted = _jit_eval(_steps.eval_step(model, inputs=inputs), mesh)
-    return lambda params: _run_eval(jitted, _mesh.replicate(params, mesh), data, batch_size, mesh)
+    return lambda params: _run_eval(
+        jitted, _mesh.replicate(params, mesh), data, batch_size, mesh, classes
+    )
 
 
 def predictor(
@@ -227,6 +264,7 @@ def fit(
     mesh: Mesh | None = None,
     progress: bool = False,
     callback: Callable[[Record], None] | None = None,
+    allow_other_batches: bool = False,
 ) -> FitResult:
     """Trains until ``state.step == num_steps``, data-parallel over all devices.
 
@@ -256,28 +294,41 @@ def fit(
         mesh: Data mesh; default `rotjax.train.data_mesh()` (all devices).
         progress: Whether to show a tqdm progress bar (on stderr, process 0 only).
         callback: Called with every record (dicts with ``step``, ``split`` and metrics).
+        allow_other_batches: Resume a run whose ``seed``, ``batch_size`` or number of training
+            examples differ from this call's (recorded in ``workdir/batches.json``): its later
+            steps then draw other batches, replaying some examples and skipping others. Off
+            by default: such a resume is refused.
 
     Returns:
         A `FitResult`.
 
     Raises:
         ValueError: On batch sizes that do not split over the devices, too little data, no
-            ``labels`` (in ``train_data`` or ``eval_data``), eval arrays of no rows or of
-            different lengths, or ``checkpoint_every`` without ``workdir``.
+            ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
+            classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL`, eval arrays
+            of no rows or of different lengths, ``checkpoint_every`` without ``workdir``, or
+            a ``state`` or a checkpoint in ``workdir`` past ``num_steps`` (that run trained
+            longer than asked).
     """
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
     if eval_data is not None:  # checked now, not after the training it would come after
         _mesh.check_batch_size(eval_batch_size, mesh)
-        _check_eval_data(eval_data)
+        _check_eval_data(eval_data, steps.num_classes)
     if "labels" not in train_data:
         raise ValueError(f"train_data needs 'labels', got {sorted(train_data)}")
-    _data.steps_per_epoch(len(train_data["labels"]), batch_size)
+    _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
+    n_train = len(train_data["labels"])
+    _data.steps_per_epoch(n_train, batch_size)
     if checkpoint_every is not None and workdir is None:
         raise ValueError("checkpoint_every needs a workdir to write checkpoints to")
     if log_every < 1 or num_steps < 0:
         raise ValueError(f"need log_every >= 1 and num_steps >= 0, got {log_every}, {num_steps}")
+    if int(jax.device_get(state.step)) > num_steps:
+        raise ValueError(
+            f"state.step={int(jax.device_get(state.step))} is past num_steps={num_steps}"
+        )
 
     rep = _mesh.replicated(mesh)
     train_fn = jax.jit(
@@ -301,6 +352,14 @@ def fit(
             if restored is not None:
                 state = restored
                 resumed_from = int(jax.device_get(state.step))
+                if resumed_from > num_steps:
+                    raise ValueError(
+                        f"{workdir / CHECKPOINT_DIR} holds a checkpoint at step {resumed_from}, "
+                        f"past num_steps={num_steps}: that run trained longer than asked "
+                        "(use another workdir, or num_steps >= its step)"
+                    )
+            order = {"seed": seed, "batch_size": batch_size, "examples": n_train}
+            _check_batches(workdir, order, resumed_from, allow_other_batches, write=lead)
             if lead:
                 writer = MetricsWriter(workdir / METRICS_FILE, resume_step=resumed_from)
         except BaseException:
@@ -363,7 +422,9 @@ def fit(
             due = eval_every and done % eval_every == 0 and done != num_steps
             if eval_data is not None and due:
                 paused = time.perf_counter()
-                m = _run_eval(eval_fn, state.params, eval_data, eval_batch_size, mesh)
+                m = _run_eval(
+                    eval_fn, state.params, eval_data, eval_batch_size, mesh, steps.num_classes
+                )
                 emit({"step": done, "split": "eval", **m, "elapsed": time.perf_counter() - begin})
                 tick += time.perf_counter() - paused  # the rate counts training time only
             if manager is not None:
@@ -374,11 +435,12 @@ def fit(
         if manager is not None:
             _checkpoint.save_checkpoint(manager, state, force=True)
         if eval_data is not None:
-            eval_metrics = _run_eval(eval_fn, state.params, eval_data, eval_batch_size, mesh)
-            step = max(start, num_steps)
+            eval_metrics = _run_eval(
+                eval_fn, state.params, eval_data, eval_batch_size, mesh, steps.num_classes
+            )
             emit(
                 {
-                    "step": step,
+                    "step": num_steps,
                     "split": "eval",
                     **eval_metrics,
                     "elapsed": time.perf_counter() - begin,

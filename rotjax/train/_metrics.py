@@ -24,6 +24,21 @@ def _flat(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, j
     return logits, jnp.where(valid, labels, 0), valid.astype(logits.dtype)
 
 
+def check_labels(labels: np.ndarray, what: str, num_classes: int | None = None) -> None:
+    """Refuse labels that are neither a class in ``[0, num_classes)`` (``[0, ∞)`` when
+    ``num_classes`` is None) nor `IGNORE_LABEL`: inside a jitted step a label of -1 (the
+    "unlabeled" of many test splits) would be gathered as the last class, and one of
+    ``num_classes`` or more would make the loss NaN, neither with an error."""
+    y = np.asarray(labels)
+    bad = (y != IGNORE_LABEL) & ((y < 0) | (y >= (np.inf if num_classes is None else num_classes)))
+    if bad.any():
+        classes = "[0, ∞)" if num_classes is None else f"[0, {num_classes})"
+        raise ValueError(
+            f"{what}: {int(bad.sum())} label(s) outside the classes {classes} and not "
+            f"IGNORE_LABEL ({IGNORE_LABEL}), e.g. {np.unique(y[bad])[:5].tolist()}"
+        )
+
+
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Mean softmax cross entropy over the labels that are not `IGNORE_LABEL`.
 

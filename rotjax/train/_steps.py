@@ -77,10 +77,20 @@ class Steps(NamedTuple):
             ``loss``, ``accuracy`` plus ``grad_norm`` and (with a schedule) ``learning_rate``.
         eval_step: ``(params, batch) -> metrics``, summable statistics
             (`rotjax.train.batch_metrics`) to reduce with `rotjax.train.summarize`.
+        num_classes: The model's classes, when known: `rotjax.train.fit` and ``evaluate``
+            refuse labels outside them (other than `rotjax.data.IGNORE_LABEL`).
     """
 
     train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[[Any, Batch], dict[str, jax.Array]]
+    num_classes: int | None = None
+
+
+def num_classes(model: nn.Module) -> int | None:
+    """The classes of a rotjax model's classification head (its config's ``num_labels``), or
+    None for a module without such a config."""
+    n = getattr(getattr(model, "config", None), "num_labels", None)
+    return n if isinstance(n, int) else None
 
 
 def default_inputs(model: nn.Module) -> InputsFn:
@@ -147,7 +157,7 @@ def classification_steps(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return Steps(train_step=train_step, eval_step=eval_step(model, inputs=inputs))
+    return Steps(train_step, eval_step(model, inputs=inputs), num_classes(model))
 
 
 def eval_step(model: nn.Module, *, inputs: InputsFn | None = None) -> Callable:
