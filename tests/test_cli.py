@@ -1,6 +1,7 @@
 """The `rotjax` command line on tiny checkpoints written by the test: align, merge (every
 method), inspect, and every bad input exiting 2 with one message, writing nothing."""
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -268,6 +269,8 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails([*dare, "--drop", "1"], capsys, "--drop must be in [0, 1), got 1.0")
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", ""], capsys, "--weights must be comma-separated numbers")
+    _fails([*base, "--max-examples", "5"], capsys, "--max-examples does not apply")
+    _fails([*base, "--batch-size", "5"], capsys, "--batch-size does not apply")
     _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")
     np.savez(tmp / "wrong.npz", pixel_values=np.zeros((2, 3, 8, 8), np.float32))
     _fails(
@@ -299,6 +302,8 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     np.savez(tmp / "float_types.npz", input_ids=ids, token_type_ids=ids * 0.5)
     np.savez(tmp / "label9.npz", input_ids=ids, labels=np.array([0, 9]))
     np.savez(tmp / "label_float.npz", input_ids=ids, labels=np.array([0.0, 0.5]))
+    long = np.ones((2, CONFIG.max_position_embeddings + 1), np.int32)
+    np.savez(tmp / "long.npz", input_ids=long)
     fisher = [*base, "--method", "fisher", "--fisher", "empirical", "--data"]
     for name, message in [
         ("empty.npz", "not a readable .npz"),
@@ -308,6 +313,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         ("no_tokens.npz", "input_ids must be integers (N, T), T >= 1"),
         ("mask2.npz", "attention_mask must hold 0 and 1 only"),
         ("mask0.npz", "rows [1] have no real token"),
+        ("long.npz", f"input_ids has {long.shape[1]} tokens; this model takes at most"),
         ("float_types.npz", "token_type_ids must be integers"),
         ("label9.npz", "labels outside [0, 3)"),
         ("label_float.npz", "labels must be integers of shape (2,)"),
@@ -419,7 +425,16 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys):
     _fails(align("--layers", "a"), capsys, "'a' is not a layer index")
     _fails(align("--max-sweeps", "-3"), capsys, "-3 is not >= 1")
     _fails(align("--solve", "spin"), capsys, "unknown blocks ['spin']")
-    assert not out.exists()
+    # options that nothing would read, an --out inside an input or holding the working
+    # directory: refused before any work
+    _fails(align("--residual-init", "identity"), capsys, "--residual-init applies only when")
+    inner = tmp / "b" / "aligned"
+    _fails(["align", a, b, "--out", str(inner)], capsys, "is inside the input")
+    assert not inner.exists()
+    out.mkdir()  # empty: it would do as --out, but not as the working directory
+    with contextlib.chdir(out):
+        _fails(["align", a, b, "--out", "."], capsys, "--out . is the working directory")
+    out.rmdir()
 
     out.mkdir()
     (out / "keep.txt").write_text("mine")
@@ -435,13 +450,17 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys):
 def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsys):
     tmp, _ = checkpoints
     config = json.loads((tmp / "b" / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.3, initializer_range=0.05)
+    config.update(hidden_dropout_prob=0.3, initializer_range=0.05, dtype="bfloat16")
     (tmp / "b" / "config.json").write_text(json.dumps(config))
     out = tmp / "o"
     assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]) == 0
     notes = json.loads((out / "alignment.json").read_text())["notes"]
     assert any("hidden_dropout_prob (0.1 vs 0.3)" in n for n in notes)
+    assert "model: its weights are bfloat16; rotjax computes in float32 and writes" in str(notes)
+    assert not any(n.startswith("anchor: its weights") for n in notes)  # float32
     assert "note: model differs from anchor in initializer_range" in capsys.readouterr().err
+    written = json.loads((out / "config.json").read_text())  # B's, not the anchor's
+    assert (written["hidden_dropout_prob"], written["initializer_range"]) == (0.3, 0.05)
     # A sentence-transformers Dense module of B's reads B's stream: moving it is said.
     (tmp / "b" / "modules.json").write_text(json.dumps([{"path": ""}, {"path": "2_Dense"}]))
     (tmp / "b" / "2_Dense").mkdir()

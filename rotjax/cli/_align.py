@@ -50,7 +50,11 @@ def add_arguments(a, *, blocks, positive_int, layer_list, seed) -> None:
     a.add_argument("--solve", type=blocks, default=match.PAPER, help="comma-separated blocks")
     a.add_argument("--layers", type=layer_list, help="comma-separated layer indices (all)")
     a.add_argument("--solver", choices=match.SOLVERS, default="scipy", help="assignment solver")
-    a.add_argument("--residual-init", choices=match.RESIDUAL_INITS, default="independent")
+    a.add_argument(
+        "--residual-init",
+        choices=match.RESIDUAL_INITS,
+        help="with residual or stream (independent)",
+    )
     a.add_argument("--max-sweeps", type=positive_int, help="coordinate-descent sweeps (auto)")
     a.add_argument("--seed", type=seed, default=0, help="block order of later sweeps")
     a.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -62,19 +66,23 @@ def _layer_of(path: str) -> str:
 
 
 def run(args) -> int:
-    out = checked_out_dir(args.out)
+    out = checked_out_dir(args.out, [args.anchor, args.model])
+    if args.residual_init is not None and not {"residual", "stream"} & set(args.solve):
+        raise CLIError("--residual-init applies only when --solve includes residual or stream")
     options = match.Options(
         solve=args.solve,
         layers=args.layers,
         solver=args.solver,
-        residual_init=args.residual_init,
+        residual_init=args.residual_init or match.Options.residual_init,
         max_sweeps=args.max_sweeps,
         key=jax.random.key(args.seed),
     )
     with progress(4, "rotjax align", args.quiet) as bar:
         tic = time.perf_counter()
         bar.set_postfix_str("loading")
-        (config, _), (a, b), notes = load_models([("anchor", args.anchor), ("model", args.model)])
+        (config, config_b), (a, b), notes = load_models(
+            [("anchor", args.anchor), ("model", args.model)]
+        )
         spec, (a, b), more = symmetry_for(config, [a, b], "stream" in options.solve)
         notes += more
         if none := [n for n in options.solve if not spec.select(roles=match.BLOCKS[n])]:
@@ -104,7 +112,7 @@ def run(args) -> int:
         # The report is written with the checkpoint, in one atomic step: never one alone.
         hf.save(
             out,
-            config,
+            config_b,  # B's own training-only fields (dropout...), which may differ from A's
             res.params,
             source=args.model,
             extra_files={"alignment.json": report_json(report)},

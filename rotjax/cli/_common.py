@@ -11,6 +11,7 @@ import secrets
 import signal
 import sys
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,12 +63,22 @@ def reason(e: BaseException) -> str:
     return "\n  ".join(lines)
 
 
-def checked_out_dir(out: str | os.PathLike[str]) -> Path:
-    """``--out``, checked before any work: it must not exist (or be an empty directory), and
-    its parent must be writable (a probe file is created there and removed)."""
+def checked_out_dir(
+    out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]] = ()
+) -> Path:
+    """``--out``, checked before any work: it must not exist (or be an empty directory), nor
+    hold the working directory (it is replaced as a whole) or lie inside one of ``inputs``
+    (they are left unchanged), and its parent must be writable (a probe file is created there
+    and removed)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"--out {out} exists and is not an empty directory")
+    where = out.absolute().resolve()
+    if Path.cwd().resolve().is_relative_to(where):
+        raise CLIError(f"--out {out} is the working directory or holds it; name a new directory")
+    for f in inputs:
+        if where.is_relative_to(Path(f).absolute().resolve()):
+            raise CLIError(f"--out {out} is inside the input {f}")
     # The checkpoint is written beside --out and renamed into place: probe the nearest
     # existing ancestor of its parent, creating nothing that would stay behind.
     parent = out.absolute().parent
@@ -99,6 +110,13 @@ def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], lis
         notes += [
             f"{label}: {w.message}" for w in caught if issubclass(w.category, hf.DroppedHeadWarning)
         ]
+        stored = _stored_dtype(directory)
+        if stored not in (None, "float32"):
+            notes.append(
+                f"{label}: its weights are {stored}; rotjax computes in float32 and writes "
+                "float32 (a checkpoint twice its size: cast it back when loading, e.g. "
+                f"transformers' torch_dtype=torch.{stored})"
+            )
         bad = non_finite(to_dict(p))
         if bad:
             raise CLIError(f"{label} ({directory}): non-finite values (NaN or Inf) in {_few(bad)}")
@@ -126,6 +144,16 @@ def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], lis
             for k, (x, y) in sorted(diff.items())
         ]
     return configs, params, notes
+
+
+def _stored_dtype(directory) -> str | None:
+    """The dtype a checkpoint's ``config.json`` says its weights are stored in, if any."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    dtype = config.get("dtype", config.get("torch_dtype")) if isinstance(config, dict) else None
+    return dtype if isinstance(dtype, str) else None
 
 
 def check_finite(params: Any, what: str) -> None:

@@ -103,8 +103,8 @@ def add_arguments(m, *, positive_int, seed) -> None:
         help="then refit every dense layer on the merged model's inputs (needs --data)",
     )
     m.add_argument("--ridge", type=float, help="--refit's pull to the merge (default 1e-4)")
-    m.add_argument("--batch-size", type=positive_int, default=32, help="statistics batches")
-    m.add_argument("--max-examples", type=positive_int, default=1000, help="per --data file")
+    m.add_argument("--batch-size", type=positive_int, help="statistics batches (32)")
+    m.add_argument("--max-examples", type=positive_int, help="per --data file (1000)")
     m.add_argument("--seed", type=seed, default=0, help="random choices (DARE, sampled Fisher)")
     m.add_argument("--quiet", action="store_true", help="no progress bars")
 
@@ -138,6 +138,11 @@ def _options(args) -> dict:
             f"--data is not read by --method {args.method} with --align {args.align}: only "
             f"by --method {', '.join(NEEDS_DATA)}, --align activations or --refit"
         )
+    for name, default in (("batch_size", 32), ("max_examples", 1000)):
+        if getattr(args, name) is None:
+            setattr(args, name, default)
+        elif not needs_data:
+            raise CLIError(f"--{name.replace('_', '-')} does not apply: nothing reads --data here")
     if len(args.data) not in (0, 1, n):
         raise CLIError(f"--data given {len(args.data)} times: give it once or once per model ({n})")
     if args.method in NEEDS_BASE and not args.base:
@@ -178,10 +183,6 @@ def _options(args) -> dict:
     for f in [*args.data, *([args.base] if args.base else [])]:
         if not Path(f).exists():
             raise CLIError(f"{f} does not exist")
-    out = Path(args.out).absolute().resolve()
-    for f in [*args.models, *([args.base] if args.base else [])]:
-        if out.is_relative_to(Path(f).absolute().resolve()):
-            raise CLIError(f"--out {args.out} is inside the input {f}")
     return {"weights": weights}
 
 
@@ -276,7 +277,21 @@ def read_data(
         out.setdefault("attention_mask", np.ones_like(out["input_ids"]))
     if "labels" in out:
         _check_labels(path, out["labels"], config, out.get("input_ids"))
+    _check_shapes(path, config, out)
     return out
+
+
+def _check_shapes(path, config, arrays) -> None:
+    """The model traced (abstractly: nothing computed) on one row of the inputs, so that what
+    only the model knows (e.g. more tokens than its positions, or its sliding window) is
+    refused now, naming the file, not after the alignment."""
+    fam = family(config)
+    row = {k: v[:1] for k, v in arrays.items() if k != "labels"}
+    model = fam.Model(config)
+    try:
+        jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *fam.batch_inputs(row))
+    except ValueError as e:
+        raise CLIError(f"--data {path}: {reason(e)}") from None
 
 
 def _check_labels(path, labels, config, ids) -> None:
@@ -319,7 +334,7 @@ def _together(datas: list[dict]) -> dict[str, np.ndarray]:
 
 def run(args) -> int:
     opts = _options(args)
-    out = checked_out_dir(args.out)
+    out = checked_out_dir(args.out, [*args.models, *([args.base] if args.base else [])])
     key = jax.random.key(args.seed)
     timings: dict[str, float] = {}
     labels = [f"model {i} ({'anchor' if i == 0 else 'merged'})" for i in range(len(args.models))]
