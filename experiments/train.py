@@ -251,8 +251,12 @@ def load_data(config: Config) -> dict[str, Any]:
         parts = [getattr(s, split) for s in sources]
         if parts[0] is None:
             return None
-        share = None if limit is None else -(-limit // len(parts))  # each source alike
-        cut = [{k: v[:share] for k, v in p.arrays().items()} for p in parts]
+        # each source alike, ``limit`` in all (the first sources one more when it is odd)
+        n = len(parts)
+        shares = [None if limit is None else limit // n + (i < limit % n) for i in range(n)]
+        cut = [
+            {k: v[:s] for k, v in p.arrays().items()} for p, s in zip(parts, shares, strict=True)
+        ]
         return {k: np.concatenate([c[k] for c in cut]) for k in cut[0]}
 
     return {

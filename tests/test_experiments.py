@@ -328,3 +328,11 @@ def test_align_variants_caps_only_the_iterating_alignments(monkeypatch):
     got = variants["all + stream"]["pair"].b
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected.params), strict=True):
         np.testing.assert_array_equal(x, y)
+
+
+def test_multitask_limits_are_exact():
+    """Each source gets its share of an odd limit, the total the limit itself."""
+    from experiments import train as T
+
+    data = T.load_data(T.minilm_wordnet("wordnet_multitask", train_limit=33, eval_limit=5))
+    assert len(data["train"]["labels"]) == 33 and len(data["test"]["labels"]) == 5

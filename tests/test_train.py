@@ -453,6 +453,9 @@ def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):
     (tmp_path / train.METRICS_FILE).write_text('{"step": 1}\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON record"):
         train.MetricsWriter(tmp_path / train.METRICS_FILE, resume_step=2)
+    # a fresh run (no checkpoint to resume) replaces the old log, unread
+    train.MetricsWriter(tmp_path / train.METRICS_FILE)
+    assert (tmp_path / train.METRICS_FILE).read_text() == ""
 
 
 def test_rate_counts_training_time_only(seed, monkeypatch):

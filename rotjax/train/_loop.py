@@ -55,7 +55,7 @@ class MetricsWriter:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records = []
-        if self.path.exists():
+        if self.path.exists() and resume_step is not None:  # a fresh run replaces the log
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             for i, line in enumerate(lines):
                 try:
@@ -63,10 +63,7 @@ class MetricsWriter:
                 except json.JSONDecodeError:
                     if i < len(lines) - 1:  # only the last line can be cut by a crash
                         raise ValueError(f"{self.path}:{i + 1} is not a JSON record") from None
-        if resume_step is not None:
             records = [r for r in records if r.get("step", 0) <= resume_step]
-        elif records:
-            records = []  # a fresh run replaces an old log
         self._seen = {(r.get("split"), r.get("step")) for r in records}
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
