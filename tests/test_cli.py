@@ -503,15 +503,29 @@ def test_sigterm_while_saving_cleans_up(checkpoints, capsys, monkeypatch):
 
     monkeypatch.setattr(safetensors.numpy, "save_file", save_file)
     before = set(tmp.iterdir())
+    out = tmp / "new1" / "new2" / "o"
     err = _fails(
-        ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o"), "--quiet"],
+        ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"],
         capsys,
-        "interrupted (SIGTERM)",
+        "interrupted (SIGTERM); nothing written",
         code=143,
     )
     assert len(err.splitlines()) == 1
-    assert set(tmp.iterdir()) == before  # no output, no hidden temporary directory
+    # no output, no hidden temporary directory, no parent directory made for them
+    assert set(tmp.iterdir()) == before
     assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL  # the handlers are restored
+    # the signal once the checkpoint is written: it is whole, and said to be
+    from rotjax.cli import _align
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", real)
+    monkeypatch.setattr(_align, "show_notes", lambda notes: os.kill(os.getpid(), signal.SIGTERM))
+    _fails(
+        ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o"), "--quiet"],
+        capsys,
+        f"interrupted (SIGTERM); {tmp / 'o'} written whole before it",
+        code=143,
+    )
+    assert hf.load(tmp / "o")[0] == hf.load(tmp / "b")[0]
 
 
 def test_help_explains_the_groups_and_methods(capsys):

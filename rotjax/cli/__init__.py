@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 from rotjax import __version__, match
 from rotjax.cli import _align, _inspect, _merge
@@ -114,17 +115,20 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    command = "rotjax"
+    command, out = "rotjax", None
     try:
         with signals_interrupt():
             args = parser().parse_args(argv)
-            command = f"rotjax {args.command}"
+            command, out = f"rotjax {args.command}", getattr(args, "out", None)
             return args.run(args)
     except _UsageError as e:
         print(f"{e.prog}: error: {reason(e)} (see {e.prog} --help)", file=sys.stderr)
         return 2
     except Interrupted as e:
-        print(f"{command}: interrupted ({e}); nothing written", file=sys.stderr)
+        # the checkpoint appears whole or not at all: after it, only printing was left
+        written = out is not None and Path(out).is_dir() and any(Path(out).iterdir())
+        done = f"{out} written whole before it" if written else "nothing written"
+        print(f"{command}: interrupted ({e}); {done}", file=sys.stderr)
         return 128 + e.signum
     except (CLIError, ValueError, OSError, ImportError, TypeError) as e:
         print(f"{command}: error: {reason(e)}", file=sys.stderr)

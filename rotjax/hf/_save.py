@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import fnmatch
 import json
@@ -117,10 +118,12 @@ def save(
 
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty directory; pass overwrite=True")
+    # the parents this call creates, innermost first: removed again if it fails
+    created = [p for p in path.absolute().parents if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
-    tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask
     try:
+        tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask
         for rel in kept:
             target = tmp / rel
             target.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +145,9 @@ def save(
         replace_dir(tmp, path)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        for p in created:
+            with contextlib.suppress(OSError):  # not empty: someone else's files meanwhile
+                p.rmdir()
         raise
     return path
 
