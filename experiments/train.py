@@ -400,9 +400,8 @@ def train_and_evaluate(
         "seed": config.seed,
         "num_steps": num_steps,
         "train_examples": n_train,
-        "test_examples": len(
-            data["test"]["labels"]
-        ),  # test["count"] counts labels: tokens when tagging
+        # examples; test["count"] counts labels (tokens when tagging)
+        "test_examples": len(data["test"]["labels"]),
         "resumed_from": result.resumed_from,
         "validation": result.eval_metrics if data["validation"] is not None else None,
         "test": test,

@@ -117,14 +117,9 @@ def _check_eval_data(data: Mapping[str, np.ndarray], num_classes: int | None = N
 
 
 def _run_eval(
-    jitted: Callable,
-    params: Any,
-    data: Mapping[str, np.ndarray],
-    batch_size: int,
-    mesh: Mesh,
-    num_classes: int | None = None,
+    jitted: Callable, params: Any, data: Mapping[str, np.ndarray], batch_size: int, mesh: Mesh
 ) -> dict[str, float]:
-    _check_eval_data(data, num_classes)
+    """The metrics of ``data``, checked by the caller (`_check_eval_data`) once, not per call."""
     rows = _mesh.process_rows(batch_size)
     stats = [
         jitted(params, _mesh.shard_batch(batch, mesh))
@@ -162,7 +157,8 @@ def evaluate(
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
     params = _mesh.replicate(params, mesh)
-    return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh, classes)
+    _check_eval_data(data, classes)
+    return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh)
 
 
 def evaluator(
@@ -188,9 +184,7 @@ def evaluator(
     classes = _steps.num_classes(model)
     _check_eval_data(data, classes)
     jitted = _jit_eval(_steps.eval_step(model, inputs=inputs), mesh)
-    return lambda params: _run_eval(
-        jitted, _mesh.replicate(params, mesh), data, batch_size, mesh, classes
-    )
+    return lambda params: _run_eval(jitted, _mesh.replicate(params, mesh), data, batch_size, mesh)
 
 
 def predictor(
@@ -419,9 +413,7 @@ def fit(
             due = eval_every and done % eval_every == 0 and done != num_steps
             if eval_data is not None and due:
                 paused = time.perf_counter()
-                m = _run_eval(
-                    eval_fn, state.params, eval_data, eval_batch_size, mesh, steps.num_classes
-                )
+                m = _run_eval(eval_fn, state.params, eval_data, eval_batch_size, mesh)
                 emit({"step": done, "split": "eval", **m, "elapsed": time.perf_counter() - begin})
                 tick += time.perf_counter() - paused  # the rate counts training time only
             if manager is not None:
@@ -432,9 +424,7 @@ def fit(
         if manager is not None:
             _checkpoint.save_checkpoint(manager, state, force=True)
         if eval_data is not None:
-            eval_metrics = _run_eval(
-                eval_fn, state.params, eval_data, eval_batch_size, mesh, steps.num_classes
-            )
+            eval_metrics = _run_eval(eval_fn, state.params, eval_data, eval_batch_size, mesh)
             emit(
                 {
                     "step": num_steps,
