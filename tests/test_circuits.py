@@ -10,10 +10,12 @@ import numpy as np
 import pytest
 from conftest import rel_err
 from helpers import CONFIGS, compiled, inputs, scanned
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from rotjax import merge
 from rotjax import symmetry as sym
-from rotjax.tree import to_dict
+from rotjax.tree import from_dict, to_dict
 
 TOL = 1e-5
 HEAD_ROLES = ("qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
@@ -120,6 +122,33 @@ def test_circuits_of_float64_models_are_float64(key):
         out = merge.circuits(c.spec, moved, [a, a], weights=[1.0, 2.0])
         assert rel_err(c.forward(out, x), c.forward(a, x)) <= 1e-10
     assert {v.dtype for v in jax.tree.leaves(out)} == {jnp.dtype(jnp.float64)}
+
+
+def test_circuits_keep_each_leaf_on_its_sharding(key):
+    """Attention kernels sharded along the model width (4 devices): the refactored heads come
+    back on their input shardings, and agree with the one-device merge."""
+    config = CONFIGS["bert-h3d4-l2"]  # hidden 12: 3 columns per device
+    c = compiled(config)
+    a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
+    mesh = Mesh(np.asarray(jax.devices()[:4]), ("model",))
+
+    def shard(params):  # the width axis of every attention kernel: first of Q/K/V, last of O
+        flat = to_dict(params)
+        for p, v in flat.items():
+            if "/attention/" in p and p.endswith("kernel"):
+                axes = ("model", None, None) if v.shape[0] == 12 else (None, None, "model")
+                flat[p] = jax.device_put(v, NamedSharding(mesh, P(*axes)))
+        return from_dict(flat)
+
+    want = merge.circuits(c.spec, merge.average([a, b]), [a, b])
+    sa, sb = shard(a), shard(b)
+    got = merge.circuits(c.spec, shard(merge.average([a, b])), [sa, sb])
+    sharded = {p: v for p, v in to_dict(sa).items() if not v.sharding.is_fully_replicated}
+    assert len(sharded) == 8  # Q, K, V, O of both layers
+    for p, v in sharded.items():
+        assert to_dict(got)[p].sharding.is_equivalent_to(v.sharding, v.ndim), p
+    for p, v in to_dict(want).items():
+        assert rel_err(to_dict(got)[p], v) <= 1e-6, p
 
 
 def test_circuits_bad_input(key):

@@ -739,6 +739,26 @@ def test_activation_init_recovers_planted_permutations_and_head_rotations(name, 
     assert not any(c.spec.groups[n].role in ROTATIONS for n in without)
 
 
+@pytest.mark.parametrize("name", ["llama-k2g2d6-l2-seq", "qwen2-k1g4d4-l1"])
+def test_activation_init_recovers_planted_query_heads(name, key):
+    """Grouped-query attention: the key-value heads, and the query heads inside each (scored
+    after B's heads are moved onto A's), with the stream and the FFN units."""
+    config = CONFIGS[name]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    g = sym.sample(c.spec, jax.random.fold_in(key, 1))
+    roles = ("residual", "ffn", "heads", "query_heads")
+    planted = {n: v for n, v in g.items() if c.spec.groups[n].role in roles}
+    assert any(c.spec.groups[n].role == "query_heads" for n in planted)
+    b = c.apply(a, planted)
+    cross = merge.cross_statistics(c.model, a, b, batches_of(config, key, n=4, batch=8))
+    init = merge.activation_init(c.spec, cross)
+    inverse = sym.invert(c.spec, planted)
+    assert set(init) == set(planted)
+    for n in init:
+        np.testing.assert_array_equal(init[n], inverse[n], err_msg=n)
+
+
 def test_prediction_loss_is_the_cross_entropy_to_the_mean_prediction(key):
     config = CONFIGS["bert-h5d2-l1-token"]  # token-level: padded tokens must not count
     c = compiled(config)
@@ -1088,6 +1108,8 @@ def test_refit_scanned_and_unscanned_agree_and_bad_inputs(key):
         merge.refit(c.model, ps[0], ps, data, memory=-1)
     with pytest.raises(ValueError, match=r"params_list\[1\] has other params than merged"):
         merge.refit(c.model, ps[0], [ps[1], stacked[0]], data)
+    with pytest.raises(ValueError, match=r"at least 1 model\(s\) besides merged, got 0"):
+        merge.refit(c.model, ps[0], [], data)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -16,7 +16,7 @@ from helpers import CONFIGS, compiled, inputs, scanned
 
 from rotjax import match, merge
 from rotjax import symmetry as sym
-from rotjax.models import bert, deberta, llama, vit
+from rotjax.models import bert, deberta, family, llama, vit
 
 TOL = 1e-5
 
@@ -43,6 +43,24 @@ def test_canonical_form_preserves_the_function(name, scan, key):
     stream = vit.stream_spec(config)
     assert sym.is_canonical(stream, canon) and not sym.is_canonical(stream, params)
     assert rel_err(sym.canonicalize(stream, canon), canon) <= 1e-6  # idempotent
+
+
+@pytest.mark.parametrize("name", ["vit-h3d4-l2", "llama-k2g2d6-l2-seq"])
+def test_canonical_form_of_float64_models_is_float64(name, key):
+    """With ``jax_enable_x64``, a float64 model is canonicalised in float64 (it was rounded to
+    float32: the logits kept to ~1e-7 only, and a second pass moved the weights again)."""
+    config = CONFIGS[name]
+    c = compiled(config)
+    stream = family(config).stream_spec(config)
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), t)
+        params = to64(c.init(key, 0.3))
+        canon = sym.canonicalize(stream, params)
+        x = inputs(config, jax.random.fold_in(key, 1))
+        x = tuple(to64(v) if jnp.issubdtype(v.dtype, jnp.floating) else v for v in x)
+        assert rel_err(c.forward(canon, x), c.forward(params, x)) <= 1e-12
+        assert rel_err(sym.canonicalize(stream, canon), canon) <= 1e-14  # idempotent
+    assert {v.dtype for v in jax.tree.leaves(canon)} == {jnp.dtype(jnp.float64)}
 
 
 def test_canonical_bias_free_model_with_zero_shift(key):

@@ -287,9 +287,8 @@ def _check_shapes(path, config, arrays) -> None:
     refused now, naming the file, not after the alignment."""
     fam = family(config)
     row = {k: v[:1] for k, v in arrays.items() if k != "labels"}
-    model = fam.Model(config)
     try:
-        jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *fam.batch_inputs(row))
+        fam.param_shapes(config, fam.batch_inputs(row))
     except ValueError as e:
         raise CLIError(f"--data {path}: {reason(e)}") from None
 

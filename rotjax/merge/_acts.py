@@ -31,7 +31,7 @@ from rotjax.models import family
 from rotjax.tree import flatten
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-ROLES = ("residual", "stream_rotation", "ffn", "heads", "qk_rotation", "vo_rotation")
+ROLES = ("residual", "stream_rotation", "ffn", "heads", "query_heads", "qk_rotation", "vo_rotation")
 
 
 def cross_statistics(
@@ -234,7 +234,9 @@ def activation_init(
     `rotjax.match.align` from:
     ``align(spec, a, b, solve=match.ALL, init=activation_init(spec, cross, params=(a, b)))``.
 
-    - Permutations of the stream, the FFN units and the heads: assignment on `group_scores`.
+    - Permutations of the stream, the FFN units and the heads: assignment on `group_scores`;
+      then (grouped-query attention) the query heads inside each key-value head, scored with
+      B's side of the correlations moved by that head permutation first.
     - A stream rotation (pre-norm models in canonical form, whose stream reads are the
       normalised, mean-free stream itself): ``Q = polar(Σ X_Bᵀ X_A)`` over every stream read of
       every layer (Procrustes on activations, ``Q 1 = 1`` kept), on top of the permutation.
@@ -248,9 +250,17 @@ def activation_init(
 
     Groups no dense input reveals (scales, and rotations without ``params``) are left out
     (the identity)."""
+    from rotjax.merge._ot import _moved_b  # (_ot builds on this module)
+
     names = spec.select(roles=[r for r in roles if r in ("residual", "ffn", "heads")])
-    scores = group_scores(spec, correlations(cross), names, heads="nuclear")
+    corr = correlations(cross)
+    scores = group_scores(spec, corr, names, heads="nuclear")
     out = {n: assign(s, solver=solver) for n, s in scores.items()}
+    if queries := spec.select(roles=["query_heads"]) if "query_heads" in roles else ():
+        # Query head g of A's key-value head k meets those of the B head moved onto k.
+        heads = {n: p for n, p in out.items() if spec.groups[n].role == "heads"}
+        scores = group_scores(spec, _moved_b(spec, corr, heads), queries, heads="nuclear")
+        out |= {n: assign(s, solver=solver) for n, s in scores.items()}
     cross = {p: dict(s) for p, s in cross.items()}
     for name in spec.select(roles=["stream_rotation"]) if "stream_rotation" in roles else ():
         out[name] = _stream_rotation(spec, name, cross, out.get(spec.groups[name].over))

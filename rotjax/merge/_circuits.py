@@ -29,7 +29,7 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax.match import polar
 from rotjax.merge._methods import checked_models, model_weights, scalar
-from rotjax.tree import wide
+from rotjax.tree import placed_like, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 _ROLES = {"qk_rotation": "qk_scale", "vo_rotation": "vo_scale"}
@@ -100,7 +100,8 @@ def circuits(
         for ps, new in ((left, new_left), (right, new_right)):
             splits = np.cumsum([views[p].width for p in ps])[:-1]
             for p, part in zip(ps, jnp.split(new, splits, axis=-1), strict=True):
-                out[p] = views[p].back(part).astype(jnp.asarray(base[p]).dtype)
+                new = views[p].back(part).astype(jnp.asarray(base[p]).dtype)
+                out[p] = placed_like(new, base[p])  # a sharded model stays sharded
     return jax.tree.unflatten(treedef, [out[p] for p in paths])
 
 

@@ -29,6 +29,11 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
       ValueError: fewer than ``at_least`` models, or paths/shapes that differ (listed).
     """
     if len(params_list) < at_least:
+        if first is not None:  # count the models of params_list, not ``first``
+            raise ValueError(
+                f"params_list needs at least {at_least - 1} model(s) besides {first}, got "
+                f"{len(params_list) - 1}"
+            )
         raise ValueError(f"merging needs at least {at_least} models, got {len(params_list)}")
     name = lambda i: f"model {i}" if first is None else f"params_list[{i - 1}]" if i else first
     paths, leaves0, treedef = flatten(params_list[0])

@@ -66,11 +66,12 @@ class Family:
     training_fields: tuple[str, ...] = ()
     inert: tuple[str, ...] = ()
 
-    def param_shapes(self, config: Any) -> Any:
+    def param_shapes(self, config: Any, inputs: tuple | None = None) -> Any:
         """The params structure of ``Model(config)`` as ``jax.ShapeDtypeStruct`` leaves (traced
-        with `jax.eval_shape`: nothing computed or compiled)."""
+        with `jax.eval_shape`: nothing computed or compiled), on ``inputs`` (positional model
+        inputs; default `example_inputs`), so a ``ValueError`` says they do not fit the model."""
         model = self.Model(config)
-        x = self.example_inputs(config)
+        x = self.example_inputs(config) if inputs is None else inputs
         return jax.eval_shape(lambda *x: model.init(jax.random.key(0), *x), *x)["params"]
 
     def init(self, config: Any, key: jax.Array) -> Any:

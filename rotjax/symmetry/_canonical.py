@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.symmetry._spec import Action, Group, Spec
-from rotjax.tree import from_dict, placed_like, to_dict
+from rotjax.tree import from_dict, placed_like, to_dict, wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -113,19 +113,19 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
 def _canonical(stream: StreamSpec, flat: dict[str, jax.Array]) -> dict[str, jax.Array]:
     out = dict(flat)
     for norm in stream.norms:
-        gamma = flat[f"{norm.path}/scale"].astype(jnp.float32)
+        gamma = wide(flat[f"{norm.path}/scale"])
         has_bias = f"{norm.path}/bias" in flat  # RMSNorm has none
-        beta = flat[f"{norm.path}/bias"].astype(jnp.float32) if has_bias else jnp.zeros_like(gamma)
+        beta = wide(flat[f"{norm.path}/bias"]) if has_bias else jnp.zeros_like(gamma)
         b = norm.batch
         for reader in norm.readers:
             kernel = flat[f"{reader}/kernel"]
-            w = kernel.astype(jnp.float32)
+            w = wide(kernel)
             # β W: contract β with the kernel's input (stream) axis, after the batch axes.
             lead = beta.shape[:b] + (1,) * (w.ndim - b - 1) + beta.shape[b:]
             shift = jnp.sum(jnp.moveaxis(w, b, -1) * beta.reshape(lead), axis=-1)
             bias = f"{reader}/bias"
             if bias in flat:  # (else β = 0: `canonicalize` checked)
-                out[bias] = (flat[bias].astype(jnp.float32) + shift).astype(flat[bias].dtype)
+                out[bias] = (wide(flat[bias]) + shift).astype(flat[bias].dtype)
             g = gamma.reshape(gamma.shape + (1,) * (w.ndim - b - 1))
             out[f"{reader}/kernel"] = (g * w).astype(kernel.dtype)
         out[f"{norm.path}/scale"] = jnp.ones_like(flat[f"{norm.path}/scale"])
@@ -133,7 +133,7 @@ def _canonical(stream: StreamSpec, flat: dict[str, jax.Array]) -> dict[str, jax.
             out[f"{norm.path}/bias"] = jnp.zeros_like(flat[f"{norm.path}/bias"])
     if stream.centred:
         for path, axis in stream.writers:
-            x = out[path].astype(jnp.float32)
+            x = wide(out[path])
             out[path] = (x - jnp.mean(x, axis=axis, keepdims=True)).astype(out[path].dtype)
     return out
 

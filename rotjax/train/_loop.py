@@ -65,9 +65,7 @@ class MetricsWriter:
                         raise ValueError(f"{self.path}:{i + 1} is not a JSON record") from None
             records = [r for r in records if r.get("step", 0) <= resume_step]
         self._seen = {(r.get("split"), r.get("step")) for r in records}
-        tmp = self.path.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in records))
-        tmp.replace(self.path)
+        _write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def has(self, split: str, step: int) -> bool:
         """Whether a record of ``split`` at ``step`` is already in the file."""
@@ -97,9 +95,14 @@ def _check_batches(
                 "others; use another workdir, or allow_other_batches=True"
             )
     if write:
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps(order) + "\n")
-        tmp.replace(path)
+        _write_whole(path, json.dumps(order) + "\n")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """``text`` into ``path`` whole or not at all: written beside it, then renamed over it."""
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
 
 
 def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
@@ -316,10 +319,8 @@ def fit(
         raise ValueError("checkpoint_every needs a workdir to write checkpoints to")
     if log_every < 1 or num_steps < 0:
         raise ValueError(f"need log_every >= 1 and num_steps >= 0, got {log_every}, {num_steps}")
-    if int(jax.device_get(state.step)) > num_steps:
-        raise ValueError(
-            f"state.step={int(jax.device_get(state.step))} is past num_steps={num_steps}"
-        )
+    if (given := int(jax.device_get(state.step))) > num_steps:
+        raise ValueError(f"state.step={given} is past num_steps={num_steps}")
 
     rep = _mesh.replicated(mesh)
     train_fn = jax.jit(
