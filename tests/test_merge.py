@@ -630,6 +630,24 @@ def test_ot_fusion_recovers_a_planted_permutation(name, mode, transport, key):
                 np.testing.assert_array_equal(p, inverse[n], err_msg=f"{n} at scale {s}")
 
 
+def test_ot_fusion_of_bfloat16_models_rounds_once(key):
+    """Sinkhorn maps on bfloat16 models: B is moved in float32 through every stage and rounded
+    once (it was rounded after each stage and between two maps on one leaf), so the fusion is
+    the float32 fusion of the same weights, rounded: bit for bit."""
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    p16 = [
+        jax.tree.map(lambda x: x.astype(jnp.bfloat16), c.init(jax.random.fold_in(key, i), 0.3))
+        for i in range(2)
+    ]
+    p32 = [jax.tree.map(lambda x: x.astype(jnp.float32), p) for p in p16]
+    got, want = (merge.ot_fusion(c.spec, *p, mode="wts", transport="sinkhorn") for p in (p16, p32))
+    to16 = lambda t: jax.tree.map(lambda x: x.astype(jnp.bfloat16), t)
+    for out, ref in ((got.params, want.params), (got.moved, want.moved)):
+        assert {x.dtype for x in jax.tree.leaves(out)} == {jnp.dtype(jnp.bfloat16)}
+        jax.tree.map(np.testing.assert_array_equal, out, to16(ref))
+
+
 def test_correlations_of_features_with_a_large_mean_match_float64(key):
     """Every LayerNorm shifted by 300: the dense layers after them read features of mean ~300
     and spread ~1, whose variance float32 loses as ``Σx²/n - x̄²`` (5% of it seen); the

@@ -40,7 +40,7 @@ from rotjax.match import assign, permutation_scores
 from rotjax.match._align import _rescaled
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import _gram_inputs, average
-from rotjax.tree import from_dict, placed_like, to_dict
+from rotjax.tree import from_dict, placed_like, to_dict, wide
 
 MODES = ("acts", "wts")
 TRANSPORTS = ("exact", "sinkhorn")
@@ -96,7 +96,7 @@ def ot_fusion(
     corr = correlations(cross) if mode == "acts" else None
     roles = (["residual"], ["heads", "ffn"], ["query_heads"])
     maps: dict[str, jax.Array] = {}
-    moved = params_b
+    moved = jax.tree.map(wide, params_b)  # bfloat16 B rounded once, at the end, not per stage
     for names in (spec.select(roles=r) for r in roles):
         if not names:
             continue
@@ -122,7 +122,9 @@ def ot_fusion(
                 new[n] = _sinkhorn(cost, eps)
         moved = transport_params(spec, moved, new)
         maps.update(new)
-    return Fusion(average([params_a, moved], [weight, 1.0 - weight]), maps, moved)
+    fused = average([params_a, moved], [weight, 1.0 - weight])  # in A's dtypes
+    back = lambda m, b: placed_like(m.astype(jnp.asarray(b).dtype), b)
+    return Fusion(fused, maps, jax.tree.map(back, moved, params_b))
 
 
 @jax.jit
@@ -215,10 +217,11 @@ def transport_params(spec: sym.Spec, params: Any, maps: Mapping[str, jax.Array])
     flat = to_dict(params)
     out = {}
     for path, x in flat.items():
+        y = wide(x)  # several maps on one leaf: rounded to its dtype once
         for a in spec.params[path].actions:
             if a.group in soft:
-                x = _mix(soft[a.group], jnp.asarray(x), a.axes[0], len(spec.groups[a.group].batch))
-        out[path] = placed_like(x, flat[path])
+                y = _mix(soft[a.group], y, a.axes[0], len(spec.groups[a.group].batch))
+        out[path] = placed_like(y.astype(jnp.asarray(x).dtype), x)
     return from_dict(out)
 
 
@@ -227,4 +230,4 @@ def _mix(t, x, axis, k):
     moved = jnp.moveaxis(x, axis, k)
     flat = moved.reshape(*moved.shape[: k + 1], -1)
     out = jnp.einsum("...ij,...jr->...ir", t, flat, precision=jax.lax.Precision.HIGHEST)
-    return jnp.moveaxis(out.reshape(moved.shape), k, axis).astype(x.dtype)
+    return jnp.moveaxis(out.reshape(moved.shape), k, axis)
