@@ -804,6 +804,15 @@ def test_llama_configs_transformers_cannot_build_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         llama.Config(**{**base, **changes})
     assert llama.Config.from_hf_dict({**base, "model_type": "mistral"}).sliding_window == 4096
+    # Qwen2 with the window on: transformers' default width when the key is absent, and a
+    # layer_types list that says other layers slide than max_window_layers is refused.
+    qwen2 = {**base, "model_type": "qwen2", "num_hidden_layers": 2, "use_sliding_window": True}
+    cfg = llama.Config.from_hf_dict({**qwen2, "max_window_layers": 1})
+    assert (cfg.sliding_window, cfg.max_window_layers) == (4096, 1)
+    types = ["full_attention", "sliding_attention"]
+    assert llama.Config.from_hf_dict({**qwen2, "max_window_layers": 1, "layer_types": types})
+    with pytest.raises(ValueError, match=r"layer_types=.* is not what max_window_layers=0 gives"):
+        llama.Config.from_hf_dict({**qwen2, "max_window_layers": 0, "layer_types": types})
 
 
 def test_a_config_named_by_its_architecture_alone_gets_its_types_defaults():

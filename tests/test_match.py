@@ -347,6 +347,9 @@ def test_align_many_picks_the_central_model(key):
     ]
     anchor, results = match.align_many(c.spec, noisy)
     assert anchor == 1  # the least noisy model is the closest to the average
+    for size in (1e25, 1e-25):  # squared distances overflow (underflow) float32 unscaled
+        scaled = [jax.tree.map(lambda x, s=size: x * s, t) for t in noisy]
+        assert match.align_many(c.spec, scaled, max_sweeps=1)[0] == 1, size
     assert results[1].diagnostics.distance_before == 0.0
     # A start (init) moves the others, never the anchor (it moved the anchor away from itself).
     start = sym.sample(c.spec, jax.random.fold_in(key, 5))
@@ -549,6 +552,7 @@ def test_best_scale_matches_dense_search_and_quartic_roots(seed):
 def test_options_fail_before_any_work(key):
     c = compiled(CONFIGS["bert-h3d4-l2"])  # 2 layers
     a = c.init(key, 0.3)
+    qk = c.spec.select(roles=["qk_rotation"])[0]
     bad = {
         "solver": (dict(solve=("rotation",), solver="hungarian"), "solver must be one of"),
         "layer 5": (dict(layers=[5]), r"layers=\[5\]: \[5\] out of range \(the model has layers"),
@@ -557,7 +561,8 @@ def test_options_fail_before_any_work(key):
         "sweeps": (dict(max_sweeps=-3), "max_sweeps must be None or an int >= 1"),
         "tol": (dict(tol=float("nan")), "tol must be finite"),
         "tol str": (dict(tol="x"), "tol must be finite"),
-        "init": (dict(init={"nope": jnp.zeros(3)}), r"not in the spec: \['nope'\]"),
+        "init": (dict(init={"nope": jnp.zeros(3)}), r"init: .*not in the spec: \['nope'\]"),
+        "init element": (dict(init={qk: 2 * sym.identity(c.spec)[qk]}), rf"init: .*{qk}.*orth"),
         "key": (dict(key=0), "key must be a jax.random.key"),  # raised after a whole sweep
     }
     for options, message in bad.values():
@@ -577,9 +582,25 @@ def test_solve_accepts_one_name_and_strips_spaces(key):
     assert rel_err(one.params, a) <= TOL and rel_err(spaced.params, a) <= TOL
     assert match.Options(solve=" ffn").solve == ("ffn",)
     assert match.Options(max_sweeps=np.int64(3)).max_sweeps == 3  # numpy ints are ints
+    assert match.Options(layers=np.int64(1)).layers == (1,)
     # One role (layer) as a string (int) is that role, not its letters.
     assert c.spec.select(roles="ffn") == c.spec.select(roles=["ffn"]) != ()
     assert c.spec.select(roles="ffn", layers=1) == c.spec.select(roles=["ffn"], layers=[1])
+
+
+@pytest.mark.parametrize("size", [1e300, 1e-300])
+def test_float64_weights_beyond_float32s_range_are_solved(size, key):
+    """With ``jax_enable_x64``, float64 weights near 1e300 (1e-300) became inf (0) when cast to
+    float32 for the solve (a NaN result, or B's weights zeroed): they are divided by a power of
+    two in float64 first."""
+    _, c, a, b, _ = planted("bert-h3d4-l2", False, match.ALL, key)
+    with jax.enable_x64(True):
+        big = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) * size, t)
+        res = match.align(c.spec, big(a), big(b), solve=match.ALL)
+        assert all(bool(jnp.isfinite(x).all()) for x in jax.tree.leaves(res.params))
+        assert {x.dtype for x in jax.tree.leaves(res.params)} == {jnp.dtype(jnp.float64)}
+        unit = lambda t: jax.tree.map(lambda x: x / size, t)  # (rel_err floors max|b| at 1e-30)
+        assert rel_err(unit(res.params), unit(big(a))) <= TOL
 
 
 @pytest.mark.parametrize("size", [1e25, 3e37, "2^126.5", 1e-21, 1e-30])

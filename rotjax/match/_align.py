@@ -39,7 +39,7 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.match._attention import attention_stage, merges_scales, scale_stage
-from rotjax.match._checks import checked_layers, checked_params, max_abs
+from rotjax.match._checks import as_float32, checked_layers, checked_params, max_abs
 from rotjax.match._objective import Context, distances, layer_masks, replaced, sub, total
 from rotjax.match._permutations import perm_stage
 from rotjax.match._solvers import SOLVERS
@@ -83,7 +83,8 @@ class Options:
         if unknown := sorted(set(solve) - set(BLOCKS)):
             raise ValueError(f"solve: unknown blocks {unknown}; choose from {list(BLOCKS)}")
         if self.layers is not None:
-            layers = (self.layers,) if isinstance(self.layers, int) else tuple(self.layers)
+            one = isinstance(self.layers, int | np.integer)
+            layers = (self.layers,) if one else tuple(self.layers)
             if not all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in layers):
                 raise ValueError(f"layers must be integers, got {list(layers)}")
             object.__setattr__(self, "layers", tuple(int(i) for i in layers))
@@ -214,9 +215,10 @@ def align_many(
     opts = Options.of(**options)
     layer_set = _checked_against(spec, opts)
     flats = checked_params(spec, [(f"params_list[{i}]", p) for i, p in enumerate(params_list)])
-    if anchor is None:
-        mean = {p: sum(f[p] for f in flats) / len(flats) for p in flats[0]}
-        dists = [float(sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean)) for f in flats]
+    if anchor is None:  # (on the models scaled as `align` solves them: no overflow)
+        scaled, _ = _rescaled(*flats)
+        mean = {p: sum(f[p] for f in scaled) / len(scaled) for p in scaled[0]}
+        dists = [float(sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean)) for f in scaled]
         anchor = int(np.argmin(dists))
     return anchor, [
         _align(
@@ -232,19 +234,24 @@ def align_many(
     ]
 
 
-def _rescaled(a_flat, b_flat, limit=2.0**20):
-    """Both models divided by a power of two just above their largest magnitude when it is
-    above ``limit`` or below ``1 / limit`` (else unchanged), and that power: squares of
-    weights near 1e20 overflow float32, those of weights near 1e-20 fall below its normal
-    range, which XLA:CPU flushes to zero (align then solved zero matrices)."""
-    big = max(max_abs(a_flat), max_abs(b_flat))
-    if big == 0 or 1 / limit <= big <= limit:
-        return a_flat, b_flat, 1.0
-    # Within 2^±126: XLA divides by multiplying with the reciprocal, and 2^-127 is subnormal
-    # in float32, which XLA:CPU flushes to zero (every param became 0 for weights near 1e38).
-    scale = 2.0 ** float(np.clip(np.ceil(np.log2(big)), -126.0, 126.0))
-    div = lambda flat: {p: x / scale for p, x in flat.items()}
-    return div(a_flat), div(b_flat), float(scale)
+def _rescaled(*flats, limit=2.0**20):
+    """The models (path -> leaf, any float dtype) in float32, all divided by one power of two
+    just above their largest magnitude when it is above ``limit`` or below ``1 / limit`` (else
+    unchanged), and that power. Squares of weights near 1e20 overflow float32, those of
+    weights near 1e-20 fall below its normal range, which XLA:CPU flushes to zero (align then
+    solved zero matrices); the division comes first, in the leaves' own dtype (exact), so
+    float64 weights beyond float32's range are solved too."""
+    big = max(max_abs(flat) for flat in flats)
+    scale = 1.0
+    if big != 0 and not 1 / limit <= big <= limit:
+        # Within 2^±126 unless every leaf is float64: XLA divides by multiplying with the
+        # reciprocal, and 2^-127 is subnormal in float32, which XLA:CPU flushes to zero (every
+        # param became 0 for weights near 1e38).
+        wide = all(x.dtype == jnp.float64 for flat in flats for x in flat.values())
+        bound = 1000.0 if wide else 126.0
+        scale = 2.0 ** float(np.clip(np.ceil(np.log2(big)), -bound, bound))
+    div = lambda x: x if scale == 1.0 else x / jnp.asarray(scale, x.dtype)
+    return [as_float32({p: div(x) for p, x in flat.items()}) for flat in flats], scale
 
 
 def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
@@ -259,7 +266,10 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
             f"roles: {present})"
         )
     if options.init is not None:
-        sym.check_elements(spec, options.init)
+        try:
+            sym.check_elements(spec, options.init)
+        except (TypeError, ValueError) as e:
+            raise type(e)(f"init: {e}") from None
     return checked_layers(spec, options.layers)
 
 
@@ -304,7 +314,8 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     # and the cross-covariances. Every block's optimum is the same for c·A and c·B, so both
     # models are solved divided by a power of two (exact in floating point), and the distances
     # scaled back.
-    a_flat, b_flat, scale = _rescaled(a_flat, b_flat)
+    dtypes = {p: x.dtype for p, x in b_flat.items()}
+    (a_flat, b_flat), scale = _rescaled(a_flat, b_flat)
     sq = scale * scale
     roles = {r for s in options.solve for r in BLOCKS[s]}
     names = spec.select(roles=roles, layers=layer_set)
@@ -394,7 +405,8 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
 
     tic = time.perf_counter()
     if scale != 1.0 and new:
-        new = {p: x * scale for p, x in new.items()}
+        # in B's dtype: a float64 model's weights may lie beyond float32's range
+        new = {p: x.astype(dtypes[p]) * jnp.asarray(scale, dtypes[p]) for p, x in new.items()}
     aligned = jax.block_until_ready(replaced(params, new or {}))
     seconds["apply"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - t_start

@@ -17,7 +17,7 @@ from rotjax.tree import flatten
 
 
 def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
-    """The float32 leaves by path of every ``(name, params)``, after checking that each fits the
+    """The leaves by path of every ``(name, params)``, after checking that each fits the
     spec, that all share the first one's dtypes, and that all are finite.
 
     Raises:
@@ -46,8 +46,7 @@ def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dic
     ]
     if bad:
         raise ValueError("non-finite values (NaN or Inf) in:\n" + "\n".join(bad))
-    # Solve in float32 whatever the storage dtype (bfloat16 sums would lose the alignment).
-    return [_float32(flat) for flat in flats]
+    return flats
 
 
 def non_finite(flat: dict[str, jax.Array]) -> list[str]:
@@ -75,7 +74,8 @@ def _max_abs(leaves):
     return jnp.max(jnp.stack([jnp.max(jnp.abs(x)) for x in leaves]))
 
 
-def _float32(flat):
+def as_float32(flat):
+    """Solve in float32 whatever the storage dtype (bfloat16 sums would lose the alignment)."""
     return {p: x if x.dtype == jnp.float32 else x.astype(jnp.float32) for p, x in flat.items()}
 
 

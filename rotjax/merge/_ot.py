@@ -140,8 +140,8 @@ def _weight_cosines(spec, params_a, params_b, names):
     map), near 1e20 to inf."""
 
     def rescaled(tree):
-        flat = {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(tree).items()}
-        return from_dict(_rescaled(flat, flat)[0])
+        flat = {p: jnp.asarray(x) for p, x in to_dict(tree).items()}
+        return from_dict(_rescaled(flat)[0][0])
 
     params_a, params_b = rescaled(params_a), rescaled(params_b)
     cross = permutation_scores(spec, params_a, params_b, names)

@@ -141,7 +141,9 @@ class Config:
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
         if d.get("model_type") == "qwen2" and d.get("use_sliding_window"):
-            d.setdefault("max_window_layers", 28)  # Qwen2Config's default
+            d.setdefault("max_window_layers", 28)  # Qwen2Config's defaults
+            d.setdefault("sliding_window", 4096)
+            _check_layer_types(d)
         else:
             d.pop("max_window_layers", None)  # no window: which layers would use it is moot
         if d.get("model_type") == "qwen2" and not d.get("use_sliding_window"):
@@ -152,6 +154,21 @@ class Config:
 
 
 FAMILY_TYPES = ("llama", "mistral", "qwen2")
+
+
+def _check_layer_types(d: Mapping[str, Any]) -> None:
+    """A Qwen2 ``config.json``'s ``layer_types`` (written by transformers 5, which reads the
+    window from it) must be what ``max_window_layers`` says, from which the model takes it."""
+    given = d.get("layer_types")
+    if given is None:
+        return
+    n, first = d.get("num_hidden_layers", len(given)), d["max_window_layers"]
+    want = ["sliding_attention" if i >= first else "full_attention" for i in range(n)]
+    if list(given) != want:
+        raise ValueError(
+            f"layer_types={list(given)} is not what max_window_layers={first} gives ({want}): "
+            "only a sliding window from one layer on is implemented"
+        )
 
 
 def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
