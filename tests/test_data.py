@@ -537,6 +537,10 @@ def test_batches_errors():
         next(data.train_batches(_arrays(3), batch_size=4, seed=0))
     with pytest.raises(ValueError, match="seed and epoch must be >= 0, got seed=-1"):
         next(data.train_batches(_arrays(3), batch_size=2, seed=-1))
+    with pytest.raises(ValueError, match="start_step must be >= 0, got -1"):
+        next(data.train_batches(_arrays(3), batch_size=2, seed=0, start_step=-1))
+    with pytest.raises(ValueError, match="step must be >= 0, got -2"):
+        data.batch_indices(3, 2, seed=0, step=-2)
     # A padded last batch of uint8 labels widens them to hold IGNORE_LABEL.
     labels = [
         b["labels"] for b in data.batches({"labels": np.arange(3, dtype=np.uint8)}, 2, pad=True)

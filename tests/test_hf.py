@@ -710,6 +710,16 @@ def test_sentence_transformers_modules_keep_their_weights(seed, tmp_path):
     assert (out / "2_Dense" / "config.json").is_file() and not (out / "onnx").exists()
     (src / "modules.json").write_text(json.dumps([{"path": "/etc"}, {"path": "../x"}]))
     assert rotjax.hf.module_weights(src) == []  # nothing outside the checkpoint
+    # Nor the model's own weights: the checkpoint itself, or a legacy encoder folder (its
+    # unaligned weights were copied beside the aligned ones).
+    (src / "0_Transformer").mkdir()
+    (src / "0_Transformer" / "model.safetensors").write_bytes(b"the encoder")
+    own = [
+        {"path": "."},
+        {"path": "0_Transformer", "type": "sentence_transformers.models.Transformer"},
+    ]
+    (src / "modules.json").write_text(json.dumps(own))
+    assert rotjax.hf.module_weights(src) == []
 
 
 @pytest.mark.parametrize("name", ["roberta-seq-h1d6", "vit-cls-h3d4"])

@@ -240,6 +240,28 @@ def test_batch_sizes_must_split_over_devices():
     state, steps = setup(BERT, 0)
     with pytest.raises(ValueError, match="multiple of the 4 devices"):
         train.fit(state, steps, text_data(BERT, 0, 20), batch_size=6, num_steps=1, mesh=mesh)
+    data = text_data(BERT, 0, 20)
+    with pytest.raises(ValueError, match="eval_batch_size 6 must be a positive multiple"):
+        train.fit(
+            state, steps, data, batch_size=8, num_steps=1, mesh=mesh, eval_data=data,
+            eval_batch_size=6,
+        )  # fmt: skip
+
+
+def test_fit_refuses_bad_arguments_by_their_names(tmp_path):
+    state, steps = setup(BERT, 0)
+    data = text_data(BERT, 0, 20)
+    fit = lambda **kw: train.fit(state, steps, **{"train_data": data, "batch_size": 8, **kw})
+    short = {**data, "input_ids": data["input_ids"][:-1]}
+    for kw, message in (
+        (dict(train_data=short), r"train_data arrays must share one length, got \{.*19"),
+        (dict(eval_every=0, eval_data=data), "eval_every must be None or an int >= 1"),
+        (dict(checkpoint_every=0, workdir=tmp_path), "checkpoint_every must be None or >= 1"),
+        (dict(keep_checkpoints=0, workdir=tmp_path), "keep_checkpoints must be None or >= 1"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            fit(num_steps=1, **kw)
+    assert not any(tmp_path.iterdir())  # refused before anything was written
 
 
 @pytest.mark.parametrize("config", [BERT, VIT_CONFIGS["vit-h3d4-l2"]], ids=["bert", "vit"])
@@ -450,8 +472,8 @@ def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):
     assert second.resumed_from == 2
     steps = [json.loads(line)["step"] for line in (tmp_path / train.METRICS_FILE).open()]
     assert steps == [1, 2, 3, 4]
-    (tmp_path / train.METRICS_FILE).write_text('{"step": 1}\nnot json\n{"step": 2}\n')
-    with pytest.raises(ValueError, match=r"metrics.jsonl:2 is not a JSON record"):
+    (tmp_path / train.METRICS_FILE).write_text('{"step": 1}\n\nnot json\n{"step": 2}\n')
+    with pytest.raises(ValueError, match=r"metrics.jsonl:3 is not a JSON record"):  # the file's
         train.MetricsWriter(tmp_path / train.METRICS_FILE, resume_step=2)
     # a fresh run (no checkpoint to resume) replaces the old log, unread
     train.MetricsWriter(tmp_path / train.METRICS_FILE)

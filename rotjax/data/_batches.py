@@ -47,6 +47,8 @@ def epoch_order(num_examples: int, *, seed: int, epoch: int = 0) -> np.ndarray:
 def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
     """Indices of the examples of training step ``step`` (0-based): batch ``step mod S`` of
     pass ``step // S`` (``S`` = `steps_per_epoch`), each pass shuffled by `epoch_order`."""
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
     per_epoch = steps_per_epoch(num_examples, batch_size)
     epoch, index = divmod(step, per_epoch)
     order = epoch_order(num_examples, seed=seed, epoch=epoch)
@@ -124,6 +126,8 @@ def train_batches(
     Yields:
       Dicts of numpy arrays (copies), one per step (``rows`` of each global batch).
     """
+    if start_step < 0:
+        raise ValueError(f"start_step must be >= 0, got {start_step}")
     names, values, n = _flatten(arrays)
     per_epoch = steps_per_epoch(n, batch_size)
     step = start_step

@@ -251,17 +251,25 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
     ``modules.json`` lists in their own folders (a ``2_Dense`` projection after the pooling):
     weights of other layers than the model's, which `save` copies with the module. They read
     the model's output, so they fit a saved model only while its residual stream keeps the
-    source's basis."""
+    source's basis. The model's own module (type ``...Transformer``, or a folder that is the
+    checkpoint itself: its weights are what `save` writes anew) is not one of them."""
     root = Path(source)
     try:
         listed = json.loads((root / "modules.json").read_text(encoding="utf-8"))
-        folders = {Path(m["path"]) for m in listed if isinstance(m, dict) and m.get("path")}
+        folders = {
+            Path(m["path"])
+            for m in listed
+            if isinstance(m, dict)
+            and m.get("path")
+            and str(m.get("type", "")).rsplit(".", 1)[-1] != "Transformer"
+        }
     except (OSError, ValueError, TypeError, KeyError):
         return []
+    inside = lambda d: d.is_dir() and d.resolve().is_relative_to(root.resolve())
     return sorted(
         f.relative_to(root)
         for folder in folders
-        if (root / folder).is_dir() and (root / folder).resolve().is_relative_to(root.resolve())
+        if inside(root / folder) and (root / folder).resolve() != root.resolve()
         for f in (root / folder).rglob("*")
         if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS)
     )

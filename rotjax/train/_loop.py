@@ -56,13 +56,14 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records = []
         if self.path.exists() and resume_step is not None:  # a fresh run replaces the log
-            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
-            for i, line in enumerate(lines):
+            lines = [(i, line) for i, line in enumerate(self.path.read_text().splitlines(), 1)]
+            lines = [(i, line) for i, line in lines if line.strip()]
+            for k, (i, line) in enumerate(lines):
                 try:
                     records.append(json.loads(line))
                 except json.JSONDecodeError:
-                    if i < len(lines) - 1:  # only the last line can be cut by a crash
-                        raise ValueError(f"{self.path}:{i + 1} is not a JSON record") from None
+                    if k < len(lines) - 1:  # only the last line can be cut by a crash
+                        raise ValueError(f"{self.path}:{i} is not a JSON record") from None
             records = [r for r in records if r.get("step", 0) <= resume_step]
         self._seen = {(r.get("split"), r.get("step")) for r in records}
         _write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records))
@@ -262,10 +263,11 @@ def fit(
 ) -> FitResult:
     """Trains until ``state.step == num_steps``, data-parallel over all devices.
 
-    Step ``t`` trains on the batch `rotjax.data.batch_indices` ``(seed, t)`` with dropout
-    key ``fold_in(state.key, t)``: both depend only on ``t``. With a ``workdir``, the latest
-    checkpoint in ``workdir/checkpoints`` (if any) replaces ``state``, so calling `fit` again
-    after an interruption continues the same run exactly (bitwise on the same hardware).
+    Step ``t`` trains on the batch `rotjax.data.batch_indices` ``(seed, t)`` with the keys
+    ``split(fold_in(state.key, t))`` (augmentation, dropout): both depend only on ``t``. With
+    a ``workdir``, the latest checkpoint in ``workdir/checkpoints`` (if any) replaces
+    ``state``, so calling `fit` again after an interruption continues the same run exactly
+    (bitwise on the same hardware).
 
     Args:
         state: Initial state (e.g. `create_train_state`); not modified.
@@ -299,8 +301,10 @@ def fit(
     Raises:
         ValueError: On batch sizes that do not split over the devices, too little data, no
             ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
-            classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL`, eval arrays
-            of no rows or of different lengths, ``checkpoint_every`` without ``workdir``, or
+            classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL`, train or
+            eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
+            ``checkpoint_every`` or ``keep_checkpoints`` below 1, ``checkpoint_every``
+            without ``workdir``, or
             a ``state`` or a checkpoint in ``workdir`` past ``num_steps`` (that run trained
             longer than asked).
     """
@@ -308,10 +312,22 @@ def fit(
     _mesh.check_batch_size(batch_size, mesh)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
     if eval_data is not None:  # checked now, not after the training it would come after
-        _mesh.check_batch_size(eval_batch_size, mesh)
+        _mesh.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
         _check_eval_data(eval_data, steps.num_classes)
     if "labels" not in train_data:
         raise ValueError(f"train_data needs 'labels', got {sorted(train_data)}")
+    if len({len(v) for v in train_data.values()}) != 1:
+        lengths = {k: len(v) for k, v in train_data.items()}
+        raise ValueError(f"train_data arrays must share one length, got {lengths}")
+    whole = isinstance(eval_every, int | np.integer) and not isinstance(eval_every, bool)
+    if eval_every is not None and not (whole and eval_every >= 1):
+        raise ValueError(f"eval_every must be None or an int >= 1, got {eval_every!r}")
+    for name, value in (
+        ("checkpoint_every", checkpoint_every),
+        ("keep_checkpoints", keep_checkpoints),
+    ):
+        if value is not None and value < 1:
+            raise ValueError(f"{name} must be None or >= 1, got {value}")
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
     n_train = len(train_data["labels"])
     _data.steps_per_epoch(n_train, batch_size)

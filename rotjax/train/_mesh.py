@@ -43,12 +43,13 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(DATA_AXIS))
 
 
-def check_batch_size(batch_size: int, mesh: Mesh) -> None:
-    """Raises ``ValueError`` unless ``batch_size`` splits evenly over devices and processes."""
+def check_batch_size(batch_size: int, mesh: Mesh, name: str = "global batch size") -> None:
+    """Raises ``ValueError`` (naming the argument ``name``) unless ``batch_size`` splits evenly
+    over devices and processes."""
     n = mesh.devices.size
     if batch_size < 1 or batch_size % n or batch_size % jax.process_count():
         raise ValueError(
-            f"global batch size {batch_size} must be a positive multiple of the {n} devices "
+            f"{name} {batch_size} must be a positive multiple of the {n} devices "
             f"of the mesh (and of the {jax.process_count()} processes)"
         )
 
