@@ -22,6 +22,7 @@ from rotjax import match, merge
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
 from rotjax.merge._capture import capture
+from rotjax.merge._stats import _lookup_tables
 from rotjax.models import stack_layers
 from rotjax.tree import from_dict, to_dict
 
@@ -435,6 +436,11 @@ def test_fisher_matches_per_example_gradient_loops(name, variant, key):
         c.model, params, [{**batch, "labels": labels}], ("fisher",), fisher=variant
     )
     assert float(got["examples"]) == 3
+    if mask is not None:  # token tables take the row path (Flax's `setup` calls hid them all)
+        found = {}
+        one = tuple(v[:1] for v in x)
+        jax.jit(lambda p, x: found.update(_lookup_tables(c.model, p, x)) or 0)(params, one)
+        assert bool(found) != name.endswith("tied-lm"), found  # a tied table is read by attend
     want = _oracle_fisher(
         c.model,
         params,

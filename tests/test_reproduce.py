@@ -56,6 +56,13 @@ def test_reproduce(tmp_path):
     assert "language" in report and "(code of commit abc1234)" in report
     for line in _report.language_table(language, "sequence"):
         assert line in report
+    # ... marked stale: its key is not of this code (and settings and models).
+    assert "abc1234) (**stale**" in report and report.count("**stale**") == 1
+    settings = reproduce.Settings.of("smoke", None)
+    language["key"] = reproduce._key(settings, "language", tmp_path, reproduce._code())
+    (tmp_path / "results" / "language.json").write_text(json.dumps(language))
+    reproduce.main(["--smoke", "--out", str(tmp_path)])
+    assert "stale" not in (tmp_path / "report.md").read_text()
     language["mode"] = "full"  # another mode's results are never mixed in
     (tmp_path / "results" / "language.json").write_text(json.dumps(language))
     reproduce.main(["--smoke", "--out", str(tmp_path)])

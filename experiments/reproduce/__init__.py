@@ -36,16 +36,21 @@ PARTS = {"vision": _vision.run, "language": _language.run}
 MODELS = {"vision": "vit-*", "language": "minilm-*"}  # a part's models in DIR/models
 
 
-def _key(settings: Settings, part: str, out: Path) -> str:
-    """What a part's results depend on: the settings (but which parts run), the code (rotjax
-    and the experiments, but the report's rendering) and the summaries of the part's models
-    trained in ``out``."""
+def _code() -> str:
+    """The code a part's results depend on: rotjax and the experiments (but the report's
+    rendering), read when a run starts (an edit during the run is not what it ran)."""
     root = Path(__file__).resolve().parents[2]
     files = sorted(root.glob("rotjax/**/*.py")) + sorted(root.glob("experiments/**/*.py"))
     files = [f for f in files if f.name != "_report.py"]  # reads results, never makes them
+    return "".join(f.read_text() for f in files)
+
+
+def _key(settings: Settings, part: str, out: Path, code: str) -> str:
+    """What a part's results depend on: the settings (but which parts run), the ``code``
+    (`_code`) and the summaries of the part's models trained in ``out``."""
     models = sorted((out / "models").glob(f"{MODELS[part]}/summary.json"))
     text = json.dumps([dataclasses.asdict(dataclasses.replace(settings, parts=())), part])
-    text += "".join(f.read_text() for f in [*files, *models])
+    text += code + "".join(f.read_text() for f in models)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -70,15 +75,15 @@ def _last(out: Path, part: str) -> dict | None:
 
 def run_part(settings: Settings, part: str, out: Path, log) -> dict:
     path = out / "results" / f"{part}.json"
-    old = _last(out, part)
-    if old is not None and old.get("key") == _key(settings, part, out):
+    old, code = _last(out, part), _code()
+    if old is not None and old.get("key") == _key(settings, part, out, code):
         log(f"{part}: results unchanged, reused ({path})")
         return old
     tic, commit = time.perf_counter(), _commit()
     results = PARTS[part](settings, out, log)
-    # The key after training: the models' summaries are part of it.
+    # The key after training (the models' summaries are part of it), of the code at the start.
     seconds = time.perf_counter() - tic
-    keys = {"key": _key(settings, part, out), "mode": settings.mode, "commit": commit}
+    keys = {"key": _key(settings, part, out, code), "mode": settings.mode, "commit": commit}
     results = {**keys, "seconds": seconds, **results}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
@@ -113,8 +118,12 @@ def main(argv=None):
     for part in PARTS.keys() - results.keys():  # not run now: its last results, if any
         last = _last(out, part)
         if last is not None and last.get("mode") == settings.mode:
-            log(f"{part}: not run; the report shows its last results (commit {last.get('commit')})")
-            results[part] = last
+            # Shown, but marked when the code, the settings or the models changed since.
+            stale = last.get("key") != _key(settings, part, out, _code())
+            note = "; its code, settings or models changed since: marked stale" if stale else ""
+            commit = last.get("commit")
+            log(f"{part}: not run; the report shows its last results (commit {commit}{note})")
+            results[part] = {**last, "stale": stale}
     results = {part: results[part] for part in PARTS if part in results}
     report = _report.write(settings, out, results)
     print(f"wrote {report} ({time.perf_counter() - tic:.0f} s)")

@@ -13,7 +13,10 @@ from experiments import plots
 from experiments.reproduce import _language, _vision
 
 CLAIMS = {
-    "a": "Matching lowers the loss of the merged model (the barrier) for every fusion method.",
+    "a": (
+        "Matching lowers the merged model's test loss (the paper measures the loss barrier) "
+        "for every fusion method."
+    ),
     "b": "Attention matching matters most for Fisher and RegMean merging.",
     "c": "Early layers matter more than late ones.",
     "d": "Matching costs seconds, a small fraction of computing Fisher statistics.",
@@ -292,6 +295,11 @@ def write(settings, out: Path, results: dict) -> Path:
     took = ", ".join(
         f"{part} {r['seconds'] / 60:.1f} min"
         + (f" (code of commit {r['commit']})" if r.get("commit") else "")
+        + (
+            " (**stale**: not rerun since its code, settings or models changed)"
+            if r.get("stale")
+            else ""
+        )
         for part, r in results.items()
     )
     lines = [

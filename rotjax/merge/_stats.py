@@ -197,7 +197,8 @@ def _lookup_tables(model, params, inputs) -> dict[str, int]:
     calls: dict[str, list] = {}
 
     def record(next_fun, args, kwargs, context):
-        if isinstance(context.module, nn.Embed):
+        # (Flax intercepts `setup` too: every table would seem to be called twice.)
+        if isinstance(context.module, nn.Embed) and context.method_name != "setup":
             calls.setdefault(_embed_path(context.module), []).append(
                 (context.method_name, args[0].shape if args else None)
             )
