@@ -633,3 +633,16 @@ def test_supersense_dataset_is_deterministic_and_split_by_synset(tmp_path):
     for name in ("train", "test"):  # a synset sits in the same split in every WordNet dataset
         for s in getattr(verbs, name).synsets[:200]:
             assert split_of.get(s, name) == name
+
+
+def test_irregular_forms_are_read_again_when_their_file_changes(tmp_path):
+    """The supersense dataset's cache key holds the ``.exc`` files' sizes and times; the forms
+    read from them were kept per path for the whole process, so a changed file was tagged with
+    the old forms and saved under the new key."""
+    from rotjax.data import _supersense
+
+    exc = tmp_path / "verb.exc"
+    exc.write_text("ran run\n")
+    assert _supersense._exceptions(exc) == {"run": ("ran",)}
+    exc.write_text("ran run\nwent go\n")
+    assert _supersense._exceptions(exc) == {"run": ("ran",), "go": ("went",)}

@@ -145,9 +145,15 @@ def wordnet_supersense(
     return wrap(name, arrays, tags)
 
 
-@functools.cache
 def _exceptions(path: Path) -> dict[str, tuple[str, ...]]:
-    """WordNet's irregular forms (``ran run``): base form -> its inflected forms."""
+    """WordNet's irregular forms (``ran run``): base form -> its inflected forms; read again
+    when the file changes (as the dataset's cache key does)."""
+    status = path.stat()
+    return _read_exceptions(path, status.st_mtime_ns, status.st_size)
+
+
+@functools.cache
+def _read_exceptions(path: Path, mtime_ns: int, size: int) -> dict[str, tuple[str, ...]]:
     out: dict[str, list[str]] = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         parts = line.split()

@@ -67,7 +67,10 @@ def statistics(
         token classification: the exact Fisher of a factorised output is the sum over tokens);
         ``"sampled"``: the same expectation estimated without bias from ``samples`` draws
         ``y ~ p(y|x)`` (all tokens at once: one backward pass per draw; needs ``key``);
-        ``"empirical"``: ``(∇ log p(y_true|x))²`` with the batch's ``labels``.
+        ``"empirical"``: ``(∇ log p(y_true|x))²`` with the batch's ``labels`` (one per
+        example, or per token for token classification and causal language models; for the
+        latter the label at position t is the token the logits of position t predict, i.e.
+        ``input_ids`` shifted left, not ``input_ids`` as transformers' models take them).
       samples: draws per example for ``fisher="sampled"``.
       key: for ``fisher="sampled"``.
       progress: show a progress bar (tqdm, on stderr).
