@@ -100,8 +100,8 @@ def circuits(
         for ps, new in ((left, new_left), (right, new_right)):
             splits = np.cumsum([views[p].width for p in ps])[:-1]
             for p, part in zip(ps, jnp.split(new, splits, axis=-1), strict=True):
-                new = views[p].back(part).astype(jnp.asarray(base[p]).dtype)
-                out[p] = placed_like(new, base[p])  # a sharded model stays sharded
+                leaf = views[p].back(part).astype(jnp.asarray(base[p]).dtype)
+                out[p] = placed_like(leaf, base[p])  # a sharded model stays sharded
     return jax.tree.unflatten(treedef, [out[p] for p in paths])
 
 

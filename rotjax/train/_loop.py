@@ -56,8 +56,8 @@ class MetricsWriter:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         records = []
         if self.path.exists() and resume_step is not None:  # a fresh run replaces the log
-            lines = [(i, line) for i, line in enumerate(self.path.read_text().splitlines(), 1)]
-            lines = [(i, line) for i, line in lines if line.strip()]
+            text = self.path.read_text().splitlines()
+            lines = [(i, line) for i, line in enumerate(text, 1) if line.strip()]  # i: file's
             for k, (i, line) in enumerate(lines):
                 try:
                     records.append(json.loads(line))
