@@ -5,6 +5,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import shutil
 import signal
 import stat
 
@@ -16,6 +17,7 @@ from helpers import CONFIGS, compiled, inputs
 
 from rotjax import cli, hf, match
 from rotjax import symmetry as sym
+from rotjax.cli import _merge
 from rotjax.tree import to_dict
 
 CONFIG = CONFIGS["bert-h3d4-l2"]
@@ -223,20 +225,18 @@ def test_token_checkpoints_align_merge_and_inspect(family, method, align, tmp_pa
     hf.save(tmp_path / "a", config, a)
     hf.save(tmp_path / "b", config, b)
     ids, mask = (np.asarray(x) for x in inputs(config, key, batch=8))
-    # Their tokenizers give token_type_ids (zeros) although the models have no token types.
-    types = np.zeros_like(ids)
-    np.savez(tmp_path / "data.npz", input_ids=ids, attention_mask=mask, token_type_ids=types)
-    np.savez(tmp_path / "typed.npz", input_ids=ids, attention_mask=mask, token_type_ids=types + 1)
+    # Their tokenizers give token_type_ids although the models have no token types.
+    types = np.ones_like(ids)
+    np.savez(tmp_path / "typed.npz", input_ids=ids, attention_mask=mask, token_type_ids=types)
     out = tmp_path / "merged"
     argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
     argv += ["--method", method, "--align", align, "--data"]
-    if family == "deberta":  # reads token types when it has them (LLaMA never: ignored)
-        _fails(
-            [*argv, str(tmp_path / "typed.npz")],
-            capsys,
-            "token_type_ids given, but the model has none",
-        )
-    assert cli.main([*argv, str(tmp_path / "data.npz")]) == 0, capsys.readouterr().err
+    # A text pair's token types (1s): ignored, as transformers' DeBERTa without token types
+    # and LLaMA ignore them, with a note for DeBERTa (LLaMA does not name them as an input).
+    assert cli.main([*argv, str(tmp_path / "typed.npz")]) == 0
+    err = capsys.readouterr().err
+    assert ("token_type_ids ignored (the model has no token types" in err) == (family == "deberta")
+    assert ("ignored ['token_type_ids']" in err) == (family == "llama"), err
     loaded, merged = hf.load(out)
     assert loaded == config
     x = inputs(config, jax.random.fold_in(key, 2))
@@ -245,6 +245,30 @@ def test_token_checkpoints_align_merge_and_inspect(family, method, align, tmp_pa
     text = capsys.readouterr().out
     for line in lines:
         assert line in text, text
+
+
+def test_merge_fisher_of_a_causal_lm(tmp_path, key, capsys):
+    """A causal LM's Fisher is sampled by default (its exact one would sum over the vocabulary
+    at every token), and its labels are taken as transformers takes them (the input ids, which
+    the model shifts): position t's label becomes token t + 1."""
+    config = dataclasses.replace(CONFIGS["llama-k2g2d6-l2-seq"], task="causal_lm")
+    c = compiled(config)
+    hf.save(tmp_path / "a", config, c.init(key, 0.3))
+    hf.save(tmp_path / "b", config, c.init(jax.random.fold_in(key, 1), 0.3))
+    ids, mask = (np.asarray(x) for x in inputs(config, key, batch=4))
+    labels = np.where(mask, ids, -100)
+    path = tmp_path / "data.npz"
+    np.savez(path, input_ids=ids, attention_mask=mask, labels=labels, atention_mask=mask)
+    out = tmp_path / "merged"
+    argv = ["merge", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--method", "fisher", "--align", "none", "--data", str(path)]) == 0
+    assert "ignored ['atention_mask']" in capsys.readouterr().err  # a typo is not silent
+    assert json.loads((out / "merge.json").read_text())["options"]["fisher"] == "sampled"
+    read = _merge.read_data(str(path), config, 1000, need_labels=True)
+    shifted = np.full_like(labels, -100)
+    shifted[:, :-1] = labels[:, 1:]
+    np.testing.assert_array_equal(read["labels"], shifted)
+    assert (read["labels"] != -100).sum() == mask[:, 1:].sum() > 0
 
 
 def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
@@ -322,6 +346,15 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         err = _fails([*method, str(tmp / name)], capsys, f"--data {tmp / name}: {message}")
         assert "\n" not in err, err
     _fails([*base, "--base", A], capsys, "--base does not apply to --method average")
+    # Classifiers whose classes are named differently: the same row is not the same class.
+    for name, classes in (("named_a", "neg neu pos"), ("named_b", "pos neu neg")):
+        shutil.copytree(tmp / "a", tmp / name)
+        config = json.loads((tmp / name / "config.json").read_text())
+        config["id2label"] = dict(enumerate(classes.split()))
+        config["label2id"] = {c: i for i, c in enumerate(classes.split())}
+        (tmp / name / "config.json").write_text(json.dumps(config))
+    named = ["merge", str(tmp / "named_a"), str(tmp / "named_b"), "--out", str(out), "--quiet"]
+    _fails(named, capsys, "label names differ", "{0: 'neg', 1: 'neu', 2: 'pos'} vs {0: 'pos'")
     _fails([*base, "--method", "ties", "--base", A, "--scale", "nan"], capsys, "--scale must be")
     _fails(
         ["merge", A, B, "--out", str(tmp / "a" / "inner"), "--quiet"], capsys, "inside the input"

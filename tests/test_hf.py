@@ -550,8 +550,12 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok"]  # no half-written directory
     monkeypatch.undo()
 
+    # A SentencePiece tokenizer (DeBERTa-v3's spm.model, LLaMA's tokenizer.model) travels too.
+    for name in ("spm.model", "tokenizer.model", "chat_template.jinja"):
+        (tmp_path / "tok" / name).write_bytes(b"\x00sp")
     rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "tok")
-    assert (target / "preprocessor_config.json").is_file()
+    for name in ("preprocessor_config.json", "spm.model", "tokenizer.model", "chat_template.jinja"):
+        assert (target / name).read_bytes() == (tmp_path / "tok" / name).read_bytes()
     with pytest.raises(FileExistsError, match="overwrite=True"):
         rotjax.hf.save(target, config, params)
     rotjax.hf.save(target, config, params, overwrite=True)

@@ -592,7 +592,8 @@ def test_solve_accepts_one_name_and_strips_spaces(key):
 def test_float64_weights_beyond_float32s_range_are_solved(size, key):
     """With ``jax_enable_x64``, float64 weights near 1e300 (1e-300) became inf (0) when cast to
     float32 for the solve (a NaN result, or B's weights zeroed): they are divided by a power of
-    two in float64 first."""
+    two in float64 first. The result is the transform applied to B's float64 weights (it was
+    the float32 copy's, every moved weight rounded to float32)."""
     _, c, a, b, _ = planted("bert-h3d4-l2", False, match.ALL, key)
     with jax.enable_x64(True):
         big = lambda t: jax.tree.map(lambda x: jnp.asarray(x, jnp.float64) * size, t)
@@ -601,6 +602,9 @@ def test_float64_weights_beyond_float32s_range_are_solved(size, key):
         assert {x.dtype for x in jax.tree.leaves(res.params)} == {jnp.dtype(jnp.float64)}
         unit = lambda t: jax.tree.map(lambda x: x / size, t)  # (rel_err floors max|b| at 1e-30)
         assert rel_err(unit(res.params), unit(big(a))) <= TOL
+        moved = sym.apply(c.spec, big(b), res.transform)
+        for x, y in zip(jax.tree.leaves(res.params), jax.tree.leaves(moved), strict=True):
+            np.testing.assert_array_equal(x, y)
 
 
 @pytest.mark.parametrize("size", [1e25, 3e37, "2^126.5", 1e-21, 1e-30])

@@ -21,6 +21,7 @@ from scipy.special import log_softmax, softmax
 from rotjax import match, merge
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
+from rotjax.merge import _task
 from rotjax.merge._capture import capture
 from rotjax.merge._stats import _lookup_tables
 from rotjax.models import stack_layers
@@ -94,6 +95,11 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
         merge.fisher(params, fisher)
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         merge.fisher(params, [{"fisher": {}}] * 2, eps=0.0)
+    # A NaN Fisher entry made that entry the plain average, silently.
+    nan = {"fisher": {"w/kernel": jnp.ones(ws[0].shape).at[0, 0].set(jnp.nan)}}
+    ones = {"fisher": {"w/kernel": jnp.ones(ws[0].shape)}}
+    with pytest.raises(ValueError, match=r"Fishers with NaN or Inf:\n  stats_list\[1\]: w/kernel"):
+        merge.fisher(params, [ones, nan])
     zero = [{"fisher": {"w/kernel": jnp.zeros(ws[0].shape)}}, {"fisher": {}}]
     with pytest.raises(ValueError, match=r"normalize: the Fishers of stats_list\[0, 1\]"):
         merge.fisher(params, [zero[0]] * 2, normalize=True)
@@ -264,6 +270,10 @@ def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
         t = jnp.arange(1, n + 1, dtype=jnp.float32)
         got = merge.ties({"w": jnp.zeros(n)}, [{"w": t}], density=density)["w"]
         assert int(jnp.count_nonzero(got)) == kept, (n, density)
+    # Large vectors: a tolerance relative to the product rounded 57,000,018.05 down.
+    assert _task._rank(0.95, 60_000_020) == 57_000_019
+    assert _task._rank(0.8, 1_000_000_000) == 800_000_000  # 0.8 * 999,999,999 = ...999.2
+    assert _task._rank(1 - 0.7, 1_000_000_001) == 300_000_000  # not 300,000,000.00000006's
     with jax.enable_x64(True):
         one = {"w": jnp.ones(3, jnp.float64)}
         x, y = ({"w": one["w"] + d} for d in (1e-10, 3e-10))

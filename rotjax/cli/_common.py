@@ -143,17 +143,46 @@ def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], lis
             f"{label} differs from {named[0][0]} in {k} ({x!r} vs {y!r}), which only training uses"
             for k, (x, y) in sorted(diff.items())
         ]
+        names, first_names = _label_names(directory), _label_names(named[0][1])
+        named_classes = getattr(first, "task", None) != "causal_lm" and None not in (
+            names,
+            first_names,
+        )
+        if named_classes and names != first_names:  # a row would average different classes
+            raise CLIError(
+                f"label names differ ({named[0][0]} vs {label}): {first_names} vs {names} "
+                "(config.json's id2label): the classifiers' rows are different classes"
+            )
     return configs, params, notes
+
+
+def _hf_config(directory) -> dict:
+    """A checkpoint's ``config.json`` as a dict ({} if unreadable: `hf.load` has read it)."""
+    try:
+        config = json.loads((Path(directory) / "config.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    return config if isinstance(config, dict) else {}
 
 
 def _stored_dtype(directory) -> str | None:
     """The dtype a checkpoint's ``config.json`` says its weights are stored in, if any."""
-    try:
-        config = json.loads((Path(directory) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None
-    dtype = config.get("dtype", config.get("torch_dtype")) if isinstance(config, dict) else None
+    config = _hf_config(directory)
+    dtype = config.get("dtype", config.get("torch_dtype"))
     return dtype if isinstance(dtype, str) else None
+
+
+def _label_names(directory) -> dict[int, str] | None:
+    """A classifier's class names (``id2label``), None when absent or transformers' defaults
+    (``LABEL_i``: nothing to compare)."""
+    raw = _hf_config(directory).get("id2label")
+    try:
+        names = {int(i): str(v) for i, v in raw.items()}
+    except (AttributeError, TypeError, ValueError):
+        return None
+    if all(v == f"LABEL_{i}" for i, v in names.items()):
+        return None
+    return dict(sorted(names.items()))
 
 
 def check_finite(params: Any, what: str) -> None:

@@ -34,7 +34,7 @@ NEEDS_BASE = ("task-arithmetic", "ties", "dare")
 # option -> (its default, the methods that read it; "--refit" for --ridge)
 OPTIONS = {
     "alpha": (0.9, ("regmean",)),
-    "fisher": ("exact", ("fisher",)),
+    "fisher": (None, ("fisher",)),  # exact; sampled for causal LMs (set in `run`)
     "scale": (1.0, NEEDS_BASE),
     "density": (0.2, ("ties",)),
     "drop": (0.9, ("dare",)),
@@ -64,9 +64,11 @@ alignment (--align), to the first model, before merging:
   predictions on --data)
 --data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
 float32 as the image processor gives them (normalised, not raw pixels), or input_ids and
-attention_mask (token_type_ids optional); labels optional. Give it once (shared) or once per
-model, in the order of the models (--refit then reads all of them, texts of different lengths
-padded to the longest).
+attention_mask (token_type_ids optional); labels optional (for --fisher empirical: a class
+per example, or per token; for a causal LM, as transformers takes them: the input_ids, -100
+where ignored, shifted here to the next token). Other keys are ignored (with a note). Give
+it once (shared) or once per model, in the order of the models (--refit then reads all of
+them, texts of different lengths padded to the longest).
 
 examples:
   rotjax merge ./vit-a ./vit-b --out ./merged --method regmean --align all --data val.npz
@@ -87,7 +89,12 @@ def add_arguments(m, *, positive_int, seed) -> None:
     # Each method's own options: None when not given (the defaults of `OPTIONS` fill in), so
     # an option given to a method that does not read it is refused, not silently ignored.
     m.add_argument("--alpha", type=float, help="RegMean's off-diagonal scale (default 0.9)")
-    m.add_argument("--fisher", choices=merge.FISHERS, help="Fisher variant (default exact)")
+    m.add_argument(
+        "--fisher",
+        choices=merge.FISHERS,
+        help="Fisher variant (default exact; sampled for causal LMs, whose exact Fisher takes a "
+        "backward pass per token and vocabulary entry)",
+    )
     m.add_argument("--scale", type=float, help="λ of the task-vector methods (default 1)")
     m.add_argument("--density", type=float, help="TIES: fraction kept (default 0.2)")
     m.add_argument("--drop", type=float, help="DARE: drop probability (default 0.9)")
@@ -214,6 +221,12 @@ def read_data(
     if n == 0:
         raise CLIError(f"--data {path}: {required[0]} has no rows")
     out = {}
+    unread = sorted(set(arrays) - {*fam.input_names, "labels"})
+    if unread and notes is not None:  # e.g. a misspelled attention_mask: say so
+        notes.append(
+            f"--data {path}: ignored {unread} (a {fam.name} model reads "
+            f"{', '.join(fam.input_names)})"
+        )
     for k, x in arrays.items():
         if k not in (*fam.input_names, *(("labels",) if need_labels else ())):
             continue  # labels only serve the empirical Fisher
@@ -256,9 +269,12 @@ def read_data(
         if ids.min() < 0 or ids.max() >= config.vocab_size:
             raise CLIError(f"--data {path}: input_ids outside [0, {config.vocab_size})")
         types, n_types = out.get("token_type_ids"), getattr(config, "type_vocab_size", 0)
-        if types is not None and not n_types:  # DeBERTa-v3, LLaMA: the tokenizer's zeros
-            if types.any():
-                raise CLIError(f"--data {path}: token_type_ids given, but the model has none")
+        if types is not None and not n_types:  # DeBERTa-v3: its tokenizer gives them anyway
+            if types.any() and notes is not None:  # a text pair's 1s, which it never reads
+                notes.append(
+                    f"--data {path}: token_type_ids ignored (the model has no token types, "
+                    "type_vocab_size 0, as in transformers)"
+                )
             del out["token_type_ids"]
         elif types is not None and types.size and not 0 <= types.min() <= types.max() < n_types:
             raise CLIError(f"--data {path}: token_type_ids outside [0, {n_types})")
@@ -277,6 +293,8 @@ def read_data(
         out.setdefault("attention_mask", np.ones_like(out["input_ids"]))
     if "labels" in out:
         _check_labels(path, out["labels"], config, out.get("input_ids"))
+        if getattr(config, "task", None) == "causal_lm":
+            out["labels"] = _next_tokens(out["labels"])
     _check_shapes(path, config, out)
     return out
 
@@ -309,6 +327,15 @@ def _check_labels(path, labels, config, ids) -> None:
     bad = (labels != IGNORE_LABEL) & ((labels < 0) | (labels >= n))
     if bad.any():
         raise CLIError(f"--data {path}: labels outside [0, {n}) (or {IGNORE_LABEL}: ignored)")
+
+
+def _next_tokens(labels: np.ndarray) -> np.ndarray:
+    """transformers' causal-LM labels (the input ids; the model shifts them) as
+    `merge.statistics` takes them: position t's label is the token its logits predict, t + 1
+    (the last position predicts nothing: `IGNORE_LABEL`)."""
+    shifted = np.full_like(labels, IGNORE_LABEL)
+    shifted[:, :-1] = labels[:, 1:]
+    return shifted
 
 
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
@@ -350,6 +377,9 @@ def run(args) -> int:
     notes += more
     if args.method == "fisher" and config.task is None:
         raise CLIError("--method fisher needs models with a classification head (task)")
+    if args.method == "fisher" and args.fisher is None:  # a causal LM's exact Fisher would
+        # take a backward pass per token and vocabulary entry
+        args.fisher = "sampled" if config.task == "causal_lm" else "exact"
     need_labels = args.method == "fisher" and args.fisher == "empirical"
     datas = [read_data(p, config, args.max_examples, need_labels, notes) for p in args.data]
     # --refit reads every file's inputs together (any inputs serve: each model's outputs on
@@ -412,7 +442,7 @@ def run(args) -> int:
                 p,
                 batches(i),
                 kinds,
-                fisher=args.fisher or OPTIONS["fisher"][0],  # Grams: unread
+                fisher=args.fisher or "exact",  # Grams: unread
                 key=key,
                 progress=not args.quiet,
             )

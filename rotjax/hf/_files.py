@@ -25,6 +25,12 @@ TOKENIZER_FILES = (
     "special_tokens_map.json",
     "merges.txt",
     "vocab.json",
+    "added_tokens.json",
+    "spm.model",  # DeBERTa-v2/v3 (SentencePiece)
+    "tokenizer.model",  # LLaMA, Mistral (SentencePiece)
+    "sentencepiece.bpe.model",  # XLM-RoBERTa
+    "chat_template.jinja",
+    "chat_template.json",
     "preprocessor_config.json",
 )
 

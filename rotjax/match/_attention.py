@@ -33,6 +33,8 @@ from rotjax.match._objective import (
 from rotjax.match._permutations import perm_stage
 from rotjax.match._solvers import assign_all, best_scale, pair_procrustes, procrustes
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 def _head_skip(spec, hname):
     """The groups left out of B when scoring pairings of heads: the head permutation and the
@@ -82,7 +84,10 @@ def _head_scores(spec, heads, rots, a, b, t):
         ms: dict[Any, jax.Array] = {}
         score = 0.0
         for rot, w, am, bm in _head_terms(spec, hname, a, b, t):
-            m = jnp.einsum("...jir,...hkr->...hjik", bm, am) * w[..., :, None, None, None]
+            m = (
+                jnp.einsum("...jir,...hkr->...hjik", bm, am, precision=_HIGHEST)
+                * w[..., :, None, None, None]
+            )
             ms[rot] = ms.get(rot, 0.0) + m
             nb = jnp.sum(bm * bm, axis=(-1, -2))
             score = score - 0.5 * (w * w)[..., :, None] * nb[..., None, :]
@@ -93,7 +98,9 @@ def _head_scores(spec, heads, rots, a, b, t):
             elif rot is None:
                 score = score + jnp.trace(m, axis1=-1, axis2=-2)
             else:  # fixed rotation R[h]: ⟨R[h], M[h, j]⟩
-                score = score + jnp.einsum("...hik,...hjik->...hj", el(spec, t, rot), m)
+                score = score + jnp.einsum(
+                    "...hik,...hjik->...hj", el(spec, t, rot), m, precision=_HIGHEST
+                )
         out[hname] = score
     return out
 
@@ -152,7 +159,9 @@ def _rotations(spec, rots, scales, a, b, t):
         rs = jnp.split(procrustes(stacked)[0], np.cumsum([math.prod(s[:-2]) for s in shapes])[:-1])
         out.update((r, x.reshape(s)) for r, x, s in zip(full, rs, shapes, strict=True))
     if scales:  # one solve for all heads of all scale groups
-        dot = lambda key: sum(jnp.einsum("...ik,...ik->...", out[r], mk) for r, mk in covs[key])
+        dot = lambda key: sum(
+            jnp.einsum("...ik,...ik->...", out[r], mk, precision=_HIGHEST) for r, mk in covs[key]
+        )
         scale_shapes = [spec.groups[n].shape for n in scales]
         concat = lambda f: jnp.concatenate(
             [
@@ -183,7 +192,7 @@ def _covariances(terms, keys, k, layer):
         if layer is not None:
             ap, bp, w, axes = ap[layer], bp[layer], w[layer], tuple(x - 1 for x in axes)
         am, bm = moved(ap, axes, k), moved(bp, axes, k)
-        m = jnp.einsum("...hir,...hkr->...hik", bm, am)
+        m = jnp.einsum("...hir,...hkr->...hik", bm, am, precision=_HIGHEST)
         m_all = m_all + m * w[..., None, None]
         if key is not None:
             mk, nb = per_scale[key]
@@ -213,8 +222,10 @@ def attention_stage(
     state is kept, so the objective never increases."""
     spec, a, b = ctx.spec, ctx.a, ctx.b
     upto = lambda c, extra: sub(c, active | set(heads) | set(extra))
+    # The rotations given everything else, the scales solved so far included (the first
+    # sweep's second solve, after the query-head orders, saw them as 1).
     rotate = lambda c, extra=(): masked(
-        c, _rotations(spec, rots, scales, a, b, upto(c, extra)), ctx.masks
+        c, _rotations(spec, rots, scales, a, b, upto(c, (*extra, *scales))), ctx.masks
     )
     orders = frozenset(active | set(heads + rots + scales))
 
@@ -251,8 +262,8 @@ def attention_stage(
     for s in scores:
         c = masked(t, assign_all(s, solver=ctx.solver), ctx.masks)
         candidates.append(_carry_query_orders(spec, heads, t, c))
-    if rots or queries:
-        candidates = [x for c in candidates for x in complete(c)]
+    if rots or queries:  # the current state stays a candidate
+        candidates = [t, *(x for c in candidates for x in complete(c))]
     solved = active | set(heads + rots + scales + queries)
     return min(candidates, key=lambda c: total(ctx, sub(c, solved)))
 
@@ -288,10 +299,12 @@ def _head_invariants(spec, heads, a, b, t, blind=False):
                     ap, bp = ap.sum(q), bp.sum(q)
                     axes = tuple(x - (x > q) for x in axes)
                 am, bm = moved(ap, axes, k), moved(bp, axes, k)
-                m = jnp.einsum("...hir,...jkr->...hjik", am, bm)
+                m = jnp.einsum("...hir,...jkr->...hjik", am, bm, precision=_HIGHEST)
                 sides[power] = sides.get(power, 0.0) + m
             if len(sides) == 2:
-                score = score + jnp.einsum("...hjik,...hjik->...hj", sides[1], sides[-1])
+                score = score + jnp.einsum(
+                    "...hjik,...hjik->...hj", sides[1], sides[-1], precision=_HIGHEST
+                )
         out[hname] = score
     return out
 
@@ -321,11 +334,13 @@ def _query_invariants(spec, queries, a, b, t):
                 query = action_of(spec, path, "hperm", (n,))
                 if query is None:  # one per key-value head: (..., h, 1, 1, d, d)
                     am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
-                    m = jnp.einsum("...hir,...hkr->...hik", am, bm)[..., :, None, None, :, :]
+                    m = jnp.einsum("...hir,...hkr->...hik", am, bm, precision=_HIGHEST)[
+                        ..., :, None, None, :, :
+                    ]
                 else:  # (..., h, i, j, d, d)
                     axes = (act.axes[0], query.axes[1], act.axes[1])
                     am, bm = moved(a[path], axes, k), moved(bp, axes, k)
-                    m = jnp.einsum("...hxir,...hykr->...hxyik", am, bm)
+                    m = jnp.einsum("...hxir,...hykr->...hxyik", am, bm, precision=_HIGHEST)
                 sides[power] = sides.get(power, 0.0) + m
             if len(sides) == 2:
                 score = score + jnp.sum(sides[1] * sides[-1], axis=(-2, -1))

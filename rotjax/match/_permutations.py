@@ -16,6 +16,8 @@ from rotjax.match._objective import Context, masked, moved, sub
 from rotjax.match._solvers import assign_all
 from rotjax.tree import to_dict
 
+_HIGHEST = jax.lax.Precision.HIGHEST
+
 
 @functools.partial(jax.jit, static_argnums=(0, 1, 2))
 def _perm_costs(spec, names, exclusive, a, b, t):
@@ -37,7 +39,7 @@ def _perm_costs(spec, names, exclusive, a, b, t):
                 continue
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=frozenset([n]))
             am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
-            cost = cost + jnp.einsum(form, am, bm)
+            cost = cost + jnp.einsum(form, am, bm, precision=_HIGHEST)
         out[n] = cost
     return out
 

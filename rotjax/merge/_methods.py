@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rotjax.match._checks import non_finite
 from rotjax.tree import flatten, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -173,7 +174,7 @@ def fisher(
     Raises:
       ValueError: models that differ, missing Fishers, a Fisher of another shape than its
         param, or that only some models have, or of a param the models lack (paths and shapes
-        named), eps <= 0, bad weights, a zero Fisher to normalise.
+        named), a Fisher with NaN or Inf, eps <= 0, bad weights, a zero Fisher to normalise.
     """
     paths, leaves, treedef = checked_models(params_list)
     fs = [_fishers(s, i) for i, s in enumerate(stats_list)]
@@ -183,6 +184,10 @@ def fisher(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     _check_cover(paths, fs, "fisher")
     _check_fishers(paths, leaves[0], fs)
+    # A NaN Fisher would make the merge of its entry the plain average, silently.
+    bad = [f"  stats_list[{i}]: {p}" for i, f in enumerate(fs) for p in non_finite(dict(f))]
+    if bad:
+        raise ValueError("Fishers with NaN or Inf:\n" + "\n".join(bad))
     w = model_weights(weights, len(params_list))
     if normalize:
         norms = np.array([_norm([f[p] for p in f]) for f in fs])

@@ -57,7 +57,7 @@ def pair_rotations(cos: jax.Array, sin: jax.Array) -> jax.Array:
     cosine and sine are ``cos[..., i]``, ``sin[..., i]`` (arrays of shape ``(..., d/2)``):
     the elements of an ``orth`` group with ``pairs``."""
     eye = jnp.eye(jnp.shape(cos)[-1], dtype=jnp.result_type(cos, sin))
-    c, s = (jnp.einsum("...i,ij->...ij", x, eye) for x in (cos, sin))
+    c, s = (jnp.einsum("...i,ij->...ij", x, eye, precision=_HIGHEST) for x in (cos, sin))
     top, bottom = jnp.concatenate([c, s], axis=-1), jnp.concatenate([-s, c], axis=-1)
     return jnp.concatenate([top, bottom], axis=-2)
 
