@@ -801,6 +801,14 @@ def test_llama_checkpoint_options_rotjax_lacks_are_refused_and_buffers_dropped(s
             rotjax.hf.load(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text(json.dumps(dict(hf_config, rope_scaling=None)))
     rotjax.hf.load(tmp_path / "m")  # an explicit "no scaling" is fine
+    # A config built from the dict alone refuses them too (it dropped them: Llama 3.1's RoPE
+    # unscaled, a decoder BERT bidirectional).
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "original_max_position_embeddings": 8192}
+    with pytest.raises(ValueError, match="llama config not supported by rotjax: rope scaling"):
+        llama.Config.from_hf_dict(dict(hf_config, rope_scaling=llama3))
+    bert_json = {"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2}
+    with pytest.raises(ValueError, match="bert config not supported by rotjax: is_decoder=True"):
+        rotjax.models.bert.Config.from_hf_dict({**bert_json, "is_decoder": True})
 
 
 @pytest.mark.parametrize(

@@ -24,7 +24,7 @@ from rotjax.data import IGNORE_LABEL
 from rotjax.merge import _task
 from rotjax.merge._capture import capture
 from rotjax.merge._stats import _lookup_tables
-from rotjax.models import stack_layers
+from rotjax.models import family, stack_layers
 from rotjax.tree import from_dict, to_dict
 
 TOL = 1e-5
@@ -353,6 +353,25 @@ def test_padded_tokens_change_no_gram(key):
     q = "encoder/layer_0/attention/query/kernel"
     assert float(padded["tokens"][q]) == ids.size
     assert rel_err(padded["gram"][q], s1["gram"][q]) > 1e-3
+
+
+def test_a_decoders_classifier_gram_has_a_row_per_example(key):
+    """A LLaMA-style sequence classifier reads the last real token's state: its head's Gram
+    is over those states, one per example (it was over every real token, which RegMean then
+    fitted the head to, though the model never uses their logits)."""
+    config = CONFIGS["llama-k2g2d6-l2-seq"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    ids, mask = inputs(config, key, batch=3)
+    s = merge.statistics(c.model, params, [(ids, mask)], kinds=("gram",))
+    assert float(s["tokens"]["score/kernel"]) == 3
+    encoder = family(config).Model(dataclasses.replace(config, task=None))
+    states = encoder.apply({"params": {k: v for k, v in params.items() if k != "score"}}, ids, mask)
+    last = np.asarray(mask).sum(1) - 1  # padding at the end
+    x = np.asarray(states, np.float64)[np.arange(3), last]
+    np.testing.assert_allclose(
+        s["gram"]["score/kernel"], x.T @ x / 3, rtol=1e-5, atol=1e-6
+    )  # a mean
 
 
 def _oracle_fisher(model, params, x, labels, mask, variant):
@@ -750,6 +769,25 @@ def test_activation_init_finds_a_planted_stream_permutation(key):
     assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
 
 
+def test_activation_stream_rotation_of_a_float64_model_is_float64(key):
+    """With ``jax_enable_x64``, the stream rotation from activations is orthogonal and fixes
+    the all-ones vector to float64's precision (the basis of 1's complement was float32:
+    ~1e-7, a change of B's function of that size)."""
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    spec = family(config).symmetry_spec(config, stream_rotation=True)
+    (stream,) = spec.select(roles="stream_rotation")
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), t)
+        a, b = (to64(c.init(jax.random.fold_in(key, i), 0.3)) for i in range(2))
+        cross = merge.cross_statistics(c.model, a, b, to64(batches_of(config, key, n=2, batch=8)))
+        q = merge.activation_init(spec, cross)[stream]
+        assert q.dtype == jnp.float64
+        n = config.hidden_size
+        np.testing.assert_allclose(q @ q.T, np.eye(n), rtol=0, atol=1e-13)
+        np.testing.assert_allclose(q @ np.ones(n), np.ones(n), rtol=0, atol=1e-13)
+
+
 ROTATIONS = ("qk_rotation", "vo_rotation")
 
 
@@ -806,6 +844,9 @@ def test_prediction_loss_is_the_cross_entropy_to_the_mean_prediction(key):
         num, den = num + (per * real).sum(), den + real.sum()
     loss = merge.prediction_loss(c.model, ps[:2], data)
     assert loss(ps[2]) == pytest.approx(num / den, rel=TOL)
+    # Targets beyond `memory` are recomputed at each call: the same loss, twice.
+    tight = merge.prediction_loss(c.model, ps[:2], data, memory=0)
+    assert tight(ps[2]) == tight(ps[2]) == loss(ps[2])
     bare = CONFIGS["bert-encoder-pooler"]
     with pytest.raises(ValueError, match="classification head"):
         merge.prediction_loss(compiled(bare).model, ps[:2], data)

@@ -51,7 +51,7 @@ from rotjax.data._tokenize import load_tokenizer, tokenizer_file
 from rotjax.data._wordnet import WORDNET_DIR, WORDNET_HINT, pos_file
 
 SUPERSENSE_DOMAINS = ("nouns", "verbs", "both")
-_RULES = 2  # version of the tagging rules (a change rebuilds the cache)
+_RULES = 3  # version of the tagging rules and the order (a change rebuilds the cache)
 
 
 def supersense_tags(classes: Sequence[str] = WORDNET_LABELS) -> tuple[str, ...]:

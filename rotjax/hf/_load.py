@@ -254,32 +254,9 @@ def _untie(config: Config, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarr
     return {n: x for n, x in tensors.items() if n != "lm_head.weight"}
 
 
-def _check_hf_config(arch: _mapping.Architecture, hf_config: Mapping[str, Any]) -> None:
-    """Reject config options that rotjax's models do not implement (silently wrong otherwise)."""
-    problems = []
-    if hf_config.get("position_embedding_type", "absolute") not in (None, "absolute"):
-        problems.append(f"position_embedding_type={hf_config['position_embedding_type']!r}")
-    for flag in ("is_decoder", "add_cross_attention"):
-        if hf_config.get(flag):
-            problems.append(f"{flag}=True")
-    if arch.model_type == "vit":
-        if hf_config.get("pooler_act", "tanh") != "tanh":
-            problems.append(f"pooler_act={hf_config['pooler_act']!r}")
-        size = hf_config.get("pooler_output_size")
-        if size is not None and size != hf_config.get("hidden_size"):
-            problems.append(f"pooler_output_size={size} != hidden_size")
-    for rope in (hf_config.get("rope_parameters") or {}, hf_config.get("rope_scaling") or {}):
-        kind = rope.get("rope_type", rope.get("type"))
-        if kind not in (None, "default"):
-            problems.append(f"rope scaling {kind!r}")
-    if problems:
-        raise ValueError(f"{arch.name} config not supported by rotjax: {', '.join(problems)}")
-
-
 def _rotjax_config(
     arch: _mapping.Architecture, hf_config: Mapping[str, Any], *, has_pooler: bool
 ) -> Config:
-    _check_hf_config(arch, hf_config)
     cls = family_of_model_type(arch.model_type).Config
     fields = {f.name for f in dataclasses.fields(cls)}
     overrides: dict[str, Any] = {"task": arch.task, "scan_layers": False}

@@ -339,7 +339,8 @@ def _stream_rotation(spec, name, cross, perm):
     if perm is not None:  # B's features in the order the permutation gives them
         m = m[:, perm]
     m = m.T  # Σ x_B x_Aᵀ: rows B's features, columns A's
-    u = sym.ones_complement(g.size) if g.keeps_ones else jnp.eye(g.size)
+    # In m's dtype: a float64 model's rotation orthogonal to float64's precision
+    u = sym.ones_complement(g.size, m.dtype) if g.keeps_ones else jnp.eye(g.size, dtype=m.dtype)
     r = polar(jnp.einsum("ia,ij,jb->ab", u, m, u, precision=_HIGHEST))
     q = jnp.einsum("ia,ab,jb->ij", u, r, u, precision=_HIGHEST)
-    return q + jnp.full((g.size, g.size), 1.0 / g.size) if g.keeps_ones else q
+    return q + jnp.full((g.size, g.size), 1.0 / g.size, m.dtype) if g.keeps_ones else q

@@ -18,9 +18,11 @@ least-squares layer that best reproduces the mean of what the models' layers out
 the merged model actually feeds it. Layers that read the same
 input (a head's query, key and value; SwiGLU's gate and up) are refitted together. The ridge ρ
 (relative to the mean input energy) pulls towards the start, and directions the inputs never
-take (a LayerNorm's outputs ``x̃`` are linearly dependent, so ``Ĝ`` is singular; inputs that
-reach a layer's weights other than through its calls, as DeBERTa's relative embeddings reach the
-shared query/key maps) keep the start's weights.
+take (a LayerNorm's outputs ``x̃`` are linearly dependent, so ``Ĝ`` is singular) keep the
+start's weights. Inputs that reach a layer's weights other than through its calls are not fitted:
+DeBERTa-v3's relative embeddings reach the shared query/key maps that way (``share_att_key``),
+so its position terms (c2p, p2c) follow whatever the token fit makes of those maps, compared
+with no model's; DeBERTa-v2's separate position projections are called on them and fitted.
 
 Everything that is not a dense layer (norms, embeddings, the patch convolution) stays as
 ``merged`` has it, so `refit` is a plug-in after any merge: ``refit(model, average(ps), ps,

@@ -37,12 +37,38 @@ class Encoded(NamedTuple):
 
 
 def config_from_hf_dict(cls, d: dict[str, Any], **overrides: Any):
-    """Build a config dataclass from a Hugging Face `config.json` dict (unknown keys ignored)."""
+    """Build a config dataclass from a Hugging Face `config.json` dict (unknown keys ignored,
+    but options that change the function and that rotjax's models lack are refused)."""
+    unsupported(d)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in names}
     if "num_labels" not in d and "id2label" in d:
         kwargs["num_labels"] = len(d["id2label"])
     return cls(**{**kwargs, **overrides})
+
+
+def unsupported(d: dict[str, Any]) -> None:
+    """Refuse a `config.json`'s options that rotjax's models do not implement (their models
+    would be silently wrong): relative position embeddings of BERT, a decoder BERT, a ViT
+    pooler other than tanh over the hidden size, RoPE scaling."""
+    problems = []
+    if d.get("position_embedding_type", "absolute") not in (None, "absolute"):
+        problems.append(f"position_embedding_type={d['position_embedding_type']!r}")
+    for flag in ("is_decoder", "add_cross_attention"):
+        if d.get(flag):
+            problems.append(f"{flag}=True")
+    if d.get("pooler_act", "tanh") != "tanh":
+        problems.append(f"pooler_act={d['pooler_act']!r}")
+    size = d.get("pooler_output_size")
+    if size is not None and size != d.get("hidden_size"):
+        problems.append(f"pooler_output_size={size} != hidden_size")
+    for rope in (d.get("rope_parameters") or {}, d.get("rope_scaling") or {}):
+        kind = rope.get("rope_type", rope.get("type"))
+        if kind not in (None, "default"):
+            problems.append(f"rope scaling {kind!r}")
+    if problems:
+        name = d.get("model_type", "this")
+        raise ValueError(f"{name} config not supported by rotjax: {', '.join(problems)}")
 
 
 _TYPES = {

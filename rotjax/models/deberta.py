@@ -103,13 +103,14 @@ class Config:
 
     def __post_init__(self):
         types = self.pos_att_type
-        if isinstance(types, str):  # transformers' legacy "p2c|c2p"
-            types = types.split("|")
+        if isinstance(types, str):  # transformers' legacy "p2c|c2p", which it lowercases
+            types = [t.strip() for t in types.lower().split("|")]
         if types is None:
             types = ()
         if not isinstance(types, list | tuple) or not all(isinstance(t, str) for t in types):
             raise ValueError(f"config field pos_att_type must be a list of strings, got {types!r}")
-        types = [t.strip().lower() for t in types]
+        # A list's entries as they are: transformers compares them as given (["C2P"] adds no
+        # term there), so anything but "c2p" and "p2c" is refused below.
         unknown = [t for t in types if t not in POS_ATT_TYPES]
         if unknown:
             raise ValueError(

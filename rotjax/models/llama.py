@@ -279,7 +279,8 @@ class Model(nn.Module):
             if c.tie_word_embeddings:
                 return embed.attend(x)
             return nn.Dense(c.vocab_size, use_bias=False, kernel_init=init, name="lm_head")(x)
-        logits = nn.Dense(c.num_labels, use_bias=False, kernel_init=init, name="score")(x)
+        # The last real token's state, then the head (transformers scores every token and
+        # keeps that one's: the same logits; here the head, and its Gram, sees one row each).
         if c.pad_token_id is not None:
             real = (input_ids != c.pad_token_id).astype(jnp.int32)
         elif attention_mask is not None:
@@ -287,7 +288,8 @@ class Model(nn.Module):
         else:
             real = jnp.ones_like(input_ids)
         last = jnp.argmax(jnp.arange(t)[None] * real, axis=-1)
-        return jnp.take_along_axis(logits, last[:, None, None], axis=1)[:, 0]
+        pooled = jnp.take_along_axis(x, last[:, None, None], axis=1)[:, 0]
+        return nn.Dense(c.num_labels, use_bias=False, kernel_init=init, name="score")(pooled)
 
 
 def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:

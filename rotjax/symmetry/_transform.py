@@ -40,16 +40,17 @@ def identity_element(g: Group) -> jax.Array:
     return jnp.ones(g.shape, jnp.float32)
 
 
-def ones_complement(n: int) -> jax.Array:
+def ones_complement(n: int, dtype: Any = jnp.float32) -> jax.Array:
     """``U (n, n-1)``: an orthonormal basis of the complement of the all-ones vector (the
     normalised Helmert contrasts), so that ``Q = U R Uᵀ + 11ᵀ/n`` is orthogonal with
-    ``Q 1 = 1`` for every orthogonal ``R``, and every such Q is of that form."""
+    ``Q 1 = 1`` for every orthogonal ``R``, and every such Q is of that form. Computed in
+    float64, rounded once to ``dtype``."""
     k = np.arange(1, n)
     u = np.zeros((n, n - 1))
     for j in k:  # column j: j entries 1/sqrt(j(j+1)), then -j/sqrt(j(j+1)), then zeros
         u[:j, j - 1] = 1.0 / np.sqrt(j * (j + 1))
         u[j, j - 1] = -j / np.sqrt(j * (j + 1))
-    return jnp.asarray(u, jnp.float32)
+    return jnp.asarray(u, dtype)
 
 
 def pair_rotations(cos: jax.Array, sin: jax.Array) -> jax.Array:
