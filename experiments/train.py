@@ -515,7 +515,9 @@ def finished(config: Config, workdir: str | os.PathLike[str]) -> dict | None:
 def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -> dict:
     """The summary of ``config``'s finished run in ``workdir``, training it first if needed: a
     workdir holding a run of another config (an edited preset, another mode) is deleted and
-    trained afresh, an unfinished run of the same config resumes from its checkpoints.
+    trained afresh, an unfinished run of the same config resumes from its checkpoints. The
+    key is the config alone: a run trained before a change of the data code (e.g. the
+    WordNet datasets' order) is reused as it is; remove its workdir to retrain it.
 
     Raises:
       ValueError: ``workdir`` holds something other than a run of `train_and_evaluate` (its

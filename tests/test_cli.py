@@ -18,6 +18,7 @@ from helpers import CONFIGS, compiled, inputs
 from rotjax import cli, hf, match
 from rotjax import symmetry as sym
 from rotjax.cli import _merge
+from rotjax.models import family
 from rotjax.tree import to_dict
 
 CONFIG = CONFIGS["bert-h3d4-l2"]
@@ -86,6 +87,21 @@ def test_align_recovers_a_planted_transform_and_keeps_metadata(checkpoints, caps
     for f in ("modules.json", "1_Pooling/config.json", "vocab.txt"):
         assert (out / f).read_bytes() == (tmp / "b" / f).read_bytes(), f
     assert not (out / "onnx").exists()  # weights of the unaligned model: not copied
+
+
+def test_align_of_the_stream_says_it_aligns_canonical_forms(tmp_path, key, capsys):
+    """``--solve ...,stream`` aligns the two models' canonical forms: the written model is B's
+    (here A's: nothing to move), its distances are to A's canonical form, and a note says so
+    (the distances looked like distances to the anchor as stored)."""
+    config = CONFIGS["vit-h3d4-l2"]
+    a = compiled(config).init(key, 0.3)
+    hf.save(tmp_path / "a", config, a)
+    out = tmp_path / "out"
+    argv = ["align", str(tmp_path / "a"), str(tmp_path / "a"), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--solve", "rotation,scale,ffn,stream"]) == 0
+    assert "the distances are to the anchor's canonical form" in capsys.readouterr().err
+    canon = sym.canonicalize(family(config).stream_spec(config), a)
+    assert rel_err(hf.load(out)[1], canon) <= 1e-6
 
 
 def test_written_files_follow_the_umask(checkpoints):

@@ -38,7 +38,8 @@ MODELS = {"vision": "vit-*", "language": "minilm-*"}  # a part's models in DIR/m
 
 def _code() -> str:
     """The code a part's results depend on: rotjax and the experiments (but the report's
-    rendering), read when a run starts (an edit during the run is not what it ran)."""
+    rendering), read once when a run starts (`main`: an edit during the run, before a later
+    part, is not what that part ran)."""
     root = Path(__file__).resolve().parents[2]
     files = sorted(root.glob("rotjax/**/*.py")) + sorted(root.glob("experiments/**/*.py"))
     files = [f for f in files if f.name != "_report.py"]  # reads results, never makes them
@@ -73,13 +74,15 @@ def _last(out: Path, part: str) -> dict | None:
         return None
 
 
-def run_part(settings: Settings, part: str, out: Path, log) -> dict:
+def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: str | None) -> dict:
+    """A part's results, reused when its key is unchanged; ``code`` (`_code`) and ``commit``
+    (`_commit`) as read when the run started."""
     path = out / "results" / f"{part}.json"
-    old, code = _last(out, part), _code()
+    old = _last(out, part)
     if old is not None and old.get("key") == _key(settings, part, out, code):
         log(f"{part}: results unchanged, reused ({path})")
         return old
-    tic, commit = time.perf_counter(), _commit()
+    tic = time.perf_counter()
     results = PARTS[part](settings, out, log)
     # The key after training (the models' summaries are part of it), of the code at the start.
     seconds = time.perf_counter() - tic
@@ -114,12 +117,13 @@ def main(argv=None):
     train.enable_compilation_cache()
     tic = time.perf_counter()
     log = lambda text: print(text, file=sys.stderr, flush=True)
-    results = {part: run_part(settings, part, out, log) for part in settings.parts}
+    code, commit = _code(), _commit()  # what this process runs: every part keyed by it
+    results = {part: run_part(settings, part, out, log, code, commit) for part in settings.parts}
     for part in PARTS.keys() - results.keys():  # not run now: its last results, if any
         last = _last(out, part)
         if last is not None and last.get("mode") == settings.mode:
             # Shown, but marked when the code, the settings or the models changed since.
-            stale = last.get("key") != _key(settings, part, out, _code())
+            stale = last.get("key") != _key(settings, part, out, code)
             note = "; its code, settings or models changed since: marked stale" if stale else ""
             commit = last.get("commit")
             log(f"{part}: not run; the report shows its last results (commit {commit}{note})")

@@ -32,7 +32,9 @@ groups (--solve):
   residual  one permutation of the residual stream (beyond the paper; coordinate descent)
   stream    an orthogonal rotation of the residual stream (pre-norm models such as ViT, put
             in canonical form first: norms folded into the layers that read them, the stream
-            centred; the written model is that form, a standard checkpoint)
+            centred; the written model is that form, a standard checkpoint, aligned to the
+            anchor's canonical form: compare or merge it with that form, not with ANCHOR_DIR's
+            stored weights; `rotjax merge --align all` does both)
 The default, rotation,scale,ffn, is the paper's method. The aligned model computes exactly
 what MODEL_DIR computes; only its weights move closer to ANCHOR_DIR's.
 
@@ -85,6 +87,12 @@ def run(args) -> int:
         )
         spec, (a, b), more = symmetry_for(config, [a, b], "stream" in options.solve)
         notes += more
+        if more and more[0].startswith("models in canonical form"):
+            notes.append(
+                "the distances are to the anchor's canonical form, and the written model is "
+                "aligned to it, not to the anchor's stored weights (compare or merge it with "
+                "rotjax.symmetry.canonicalize(family(config).stream_spec(config), anchor))"
+            )
         if none := [n for n in options.solve if not spec.select(roles=match.BLOCKS[n])]:
             why = "".join(f"; {m}" for m in more if m.startswith("no stream rotation"))
             raise CLIError(
