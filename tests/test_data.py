@@ -2,6 +2,7 @@
 
 import gzip
 import io
+import json
 import pathlib
 import re
 import struct
@@ -468,6 +469,18 @@ def test_tokenize_matches_transformers():
         data.tokenize("one string")
     with pytest.raises(ValueError, match="max_length"):
         data.tokenize(["a"], max_length=1)
+
+
+def test_tokenize_pads_with_the_configured_token(tmp_path):
+    """A ``tokenizer.json`` without a padding section (as converted from a slow tokenizer)
+    pads with the token ``tokenizer_config.json`` names (it assumed BERT's ``[PAD]``: a
+    RoBERTa's ``<pad>`` was refused, and any other pad silently became id 0)."""
+    spec = json.loads((data.minilm_dir() / "tokenizer.json").read_text())
+    spec["padding"] = None
+    (tmp_path / "tokenizer.json").write_text(json.dumps(spec))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[UNK]"}))
+    ids = data.tokenize(["Hello"], max_length=8, tokenizer_dir=tmp_path)
+    assert ids["input_ids"][0, -1] == 100 and ids["attention_mask"][0, -1] == 0  # [UNK]'s id
 
 
 # ---------------------------------------------------------------------------------------------

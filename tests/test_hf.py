@@ -559,15 +559,32 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         rotjax.hf.save(target, config, params)
     rotjax.hf.save(target, config, params, overwrite=True)
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    written = ["config.json", "model.safetensors", "preprocessor_config.json"]  # a ViT's own
+    assert sorted(p.name for p in target.iterdir()) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tok"]
     # Overwriting through a symbolic link replaces the link, not what it points to (rmtree
     # refused the link after the new directory was in place).
     (tmp_path / "link").symlink_to(target)
     rotjax.hf.save(tmp_path / "link", config, params, overwrite=True)
     assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink()
-    assert sorted(p.name for p in target.iterdir()) == ["config.json", "model.safetensors"]
+    assert sorted(p.name for p in target.iterdir()) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out", "tok"]
+
+
+def test_a_saved_vit_tells_transformers_its_image_normalisation(seed, tmp_path):
+    """A ViT saved without a preprocessor file gets rotjax's (``vit.image_pixels``), so that
+    transformers' image processor feeds it what it was trained on (it got none: pipelines
+    failed, and a stock processor resizes to 224 with three channels' statistics)."""
+    config = CONFIGS["vit-h3d4-l2"]
+    rotjax.hf.save(tmp_path / "m", config, random_params(config, seed))
+    from transformers import AutoImageProcessor
+
+    processor = AutoImageProcessor.from_pretrained(tmp_path / "m", use_fast=False)
+    shape = (3, config.image_size, config.image_size, config.num_channels)
+    images = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
+    got = processor(list(images), return_tensors="np", input_data_format="channels_last")
+    want = np.asarray(vit.image_pixels(images)).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got["pixel_values"], want, rtol=0, atol=1e-6)
 
 
 def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):

@@ -71,7 +71,7 @@ def batches(
       arrays: A mapping of names to arrays (yields dicts) or a sequence of arrays (yields
         tuples), all with the same number of examples along axis 0.
       batch_size: Examples per batch.
-      seed: ``None`` keeps the order; an int shuffles by ``epoch_order(n, seed, epoch)``.
+      seed: ``None`` keeps the order; an int shuffles by ``epoch_order(n, seed=seed, epoch=epoch)``.
       epoch: The pass whose order to use (with ``seed``).
       drop_remainder: Drop a last batch smaller than ``batch_size``.
       pad: Pad the last batch to ``batch_size`` with zeros (labels, under the name

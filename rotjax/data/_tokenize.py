@@ -3,6 +3,7 @@ on-disk cache of tokenized datasets."""
 
 from __future__ import annotations
 
+import json
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -95,13 +96,28 @@ def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
         tokenizer = Tokenizer.from_file(os.fspath(path))
     except Exception as e:  # the Rust library raises a bare Exception
         raise DataSourceError(f"{path}: unreadable tokenizer ({e}). {TOKENIZER_HINT}") from e
-    pad_token = (tokenizer.padding or {}).get("pad_token", "[PAD]")
+    pad_token = (tokenizer.padding or {}).get("pad_token") or _configured_pad(path.parent)
     pad_id = tokenizer.token_to_id(pad_token)
     if pad_id is None:
         raise DataSourceError(f"{path}: no padding token {pad_token!r}. {TOKENIZER_HINT}")
     tokenizer.enable_truncation(max_length)
     tokenizer.enable_padding(length=max_length, pad_id=pad_id, pad_token=pad_token)
     return tokenizer
+
+
+def _configured_pad(directory: Path) -> str:
+    """The padding token that ``tokenizer_config.json`` or ``special_tokens_map.json`` name
+    (a ``tokenizer.json`` converted from a slow tokenizer often has no padding section), else
+    BERT's ``[PAD]``."""
+    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+        try:
+            pad = json.loads((directory / name).read_text()).get("pad_token")
+        except (OSError, ValueError, AttributeError):
+            continue
+        pad = pad.get("content") if isinstance(pad, dict) else pad
+        if isinstance(pad, str) and pad:
+            return pad
+    return "[PAD]"
 
 
 def check_max_length(max_length: int) -> None:

@@ -18,6 +18,7 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
+PREPROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -31,7 +32,7 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",  # XLM-RoBERTa
     "chat_template.jinja",
     "chat_template.json",
-    "preprocessor_config.json",
+    PREPROCESSOR_FILE,
 )
 
 

@@ -20,6 +20,7 @@ from rotjax import symmetry as sym
 from rotjax.hf import _mapping
 from rotjax.hf._files import (
     CONFIG_FILE,
+    PREPROCESSOR_FILE,
     SAFETENSORS_FILE,
     TOKENIZER_FILES,
     read_config,
@@ -52,7 +53,11 @@ def save(
     ``save_pretrained`` writes them), so ``transformers``'
     ``AutoModelFor...from_pretrained(path)`` loads it with no missing or unexpected keys. (A base
     model saved without its pooler needs ``from_pretrained(path, add_pooling_layer=False)``,
-    since ``config.json`` cannot say so.) The directory appears whole or not at all: it is
+    since ``config.json`` cannot say so.) A ViT gets a ``preprocessor_config.json`` of
+    rotjax's image normalisation (`rotjax.models.vit.image_pixels`: ``x / 255``, then mean
+    and std 0.5 per channel, at the config's image size) unless ``source``, ``tokenizer_from``
+    or ``extra_files`` bring one, so that transformers' image processor (and its pipelines)
+    feed it what it was trained on. The directory appears whole or not at all: it is
     written beside ``path`` under a temporary name, then renamed. Every file follows the
     umask (the safetensors writer's own 0600 is not kept).
 
@@ -115,6 +120,9 @@ def save(
             f"extra_files: {clash} would replace files copied from "
             f"{' and '.join(str(d) for d in (source, tokenizer_from) if d is not None)}"
         )
+    processor = None
+    if config.model_type == "vit" and PREPROCESSOR_FILE not in copied | set(extra_files or {}):
+        processor = _vit_processor(config)
 
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty directory; pass overwrite=True")
@@ -129,6 +137,8 @@ def save(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(source) / rel, target)  # contents only: modes follow the umask
         write_json(tmp / CONFIG_FILE, hf_config)
+        if processor is not None:
+            write_json(tmp / PREPROCESSOR_FILE, processor)
         from safetensors.numpy import save_file
 
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
@@ -273,6 +283,23 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
         for f in (root / folder).rglob("*")
         if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS)
     )
+
+
+def _vit_processor(config: Config) -> dict[str, Any]:
+    """transformers' ``ViTImageProcessor`` settings that reproduce `vit.image_pixels` on
+    images of the config's size (a resize to the same size changes nothing)."""
+    channels = [0.5] * config.num_channels
+    return {
+        "image_processor_type": "ViTImageProcessor",
+        "do_resize": True,
+        "size": {"height": config.image_size, "width": config.image_size},
+        "resample": 2,
+        "do_rescale": True,
+        "rescale_factor": 1 / 255,
+        "do_normalize": True,
+        "image_mean": channels,
+        "image_std": channels,
+    }
 
 
 def _tokenizer_files(directory: str | os.PathLike[str] | None) -> list[Path]:
