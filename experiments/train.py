@@ -426,6 +426,9 @@ def train_and_evaluate(
     }
     if config.export_hf and jax.process_index() == 0:
         tokenizer = rotjax.data.minilm_dir() if config.model == "minilm" else None
+        processor = {}  # a ViT: the image_pixels it was trained on, for transformers' pipelines
+        if config.model == "vit":
+            processor = {"preprocessor_config.json": rotjax.hf.vit_image_processor(mconfig)}
         summary["hf"] = str(
             rotjax.hf.save(
                 workdir / "hf",
@@ -434,6 +437,7 @@ def train_and_evaluate(
                 tokenizer_from=tokenizer,
                 id2label=dict(enumerate(data["label_names"])),
                 overwrite=True,
+                extra_files=processor,
             )
         )
     if jax.process_index() == 0:

@@ -285,6 +285,11 @@ def test_merge_fisher_of_a_causal_lm(tmp_path, key, capsys):
     shifted[:, :-1] = labels[:, 1:]
     np.testing.assert_array_equal(read["labels"], shifted)
     assert (read["labels"] != -100).sum() == mask[:, 1:].sum() > 0
+    # Unsigned token ids (a tokenizer's uint16 output) shift too (-100 overflowed them).
+    np.savez(path, input_ids=ids, labels=ids.astype(np.uint16))
+    read = _merge.read_data(str(path), config, 1000, need_labels=True)
+    np.testing.assert_array_equal(read["labels"][:, :-1], ids[:, 1:])
+    assert (read["labels"][:, -1] == -100).all()
 
 
 def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
@@ -371,6 +376,10 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         (tmp / name / "config.json").write_text(json.dumps(config))
     named = ["merge", str(tmp / "named_a"), str(tmp / "named_b"), "--out", str(out), "--quiet"]
     _fails(named, capsys, "label names differ", "{0: 'neg', 1: 'neu', 2: 'pos'} vs {0: 'pos'")
+    # Aligning them averages nothing: allowed.
+    named[0] = "align"
+    assert cli.main(named) == 0, capsys.readouterr().err
+    shutil.rmtree(out)
     _fails([*base, "--method", "ties", "--base", A, "--scale", "nan"], capsys, "--scale must be")
     _fails(
         ["merge", A, B, "--out", str(tmp / "a" / "inner"), "--quiet"], capsys, "inside the input"

@@ -559,7 +559,7 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     with pytest.raises(FileExistsError, match="overwrite=True"):
         rotjax.hf.save(target, config, params)
     rotjax.hf.save(target, config, params, overwrite=True)
-    written = ["config.json", "model.safetensors", "preprocessor_config.json"]  # a ViT's own
+    written = ["config.json", "model.safetensors"]
     assert sorted(p.name for p in target.iterdir()) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "tok"]
     # Overwriting through a symbolic link replaces the link, not what it points to (rmtree
@@ -571,12 +571,13 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out", "tok"]
 
 
-def test_a_saved_vit_tells_transformers_its_image_normalisation(seed, tmp_path):
-    """A ViT saved without a preprocessor file gets rotjax's (``vit.image_pixels``), so that
-    transformers' image processor feeds it what it was trained on (it got none: pipelines
-    failed, and a stock processor resizes to 224 with three channels' statistics)."""
+def test_vit_image_processor_reproduces_image_pixels(seed, tmp_path):
+    """`hf.vit_image_processor` written with a ViT makes transformers' image processor feed
+    it what `vit.image_pixels` fed it in training (a stock processor resizes to 224 with
+    three channels' statistics)."""
     config = CONFIGS["vit-h3d4-l2"]
-    rotjax.hf.save(tmp_path / "m", config, random_params(config, seed))
+    processor = {"preprocessor_config.json": rotjax.hf.vit_image_processor(config)}
+    rotjax.hf.save(tmp_path / "m", config, random_params(config, seed), extra_files=processor)
     from transformers import AutoImageProcessor
 
     processor = AutoImageProcessor.from_pretrained(tmp_path / "m", use_fast=False)

@@ -95,10 +95,14 @@ def checked_out_dir(
     return out
 
 
-def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], list[str]]:
+def load_models(
+    named: list[tuple[str, str]], *, same_classes: bool = False
+) -> tuple[list[Any], list[Any], list[str]]:
     """Load ``(label, directory)`` checkpoints; ``(configs, params, notes)``. Every error names
     the input it concerns; models of different families or architectures are refused before
-    any work (fields that only matter to training are reported as notes)."""
+    any work (fields that only matter to training are reported as notes). With
+    ``same_classes`` (a merge), classifiers whose ``id2label`` name their classes differently
+    are refused too (their heads' rows would be averaged across classes)."""
     configs, params, notes = [], [], []
     for label, directory in named:
         with warnings.catch_warnings(record=True) as caught:
@@ -144,10 +148,11 @@ def load_models(named: list[tuple[str, str]]) -> tuple[list[Any], list[Any], lis
             for k, (x, y) in sorted(diff.items())
         ]
         names, first_names = _label_names(directory), _label_names(named[0][1])
-        named_classes = getattr(first, "task", None) != "causal_lm" and None not in (
-            names,
-            first_names,
+        classifier = getattr(first, "task", None) in (
+            "sequence_classification",
+            "token_classification",
         )
+        named_classes = same_classes and classifier and None not in (names, first_names)
         if named_classes and names != first_names:  # a row would average different classes
             raise CLIError(
                 f"label names differ ({named[0][0]} vs {label}): {first_names} vs {names} "

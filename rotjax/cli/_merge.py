@@ -333,7 +333,7 @@ def _next_tokens(labels: np.ndarray) -> np.ndarray:
     """transformers' causal-LM labels (the input ids; the model shifts them) as
     `merge.statistics` takes them: position t's label is the token its logits predict, t + 1
     (the last position predicts nothing: `IGNORE_LABEL`)."""
-    shifted = np.full_like(labels, IGNORE_LABEL)
+    shifted = np.full(labels.shape, IGNORE_LABEL, np.int64)  # signed: unsigned ids too
     shifted[:, :-1] = labels[:, 1:]
     return shifted
 
@@ -368,7 +368,7 @@ def run(args) -> int:
     if args.base:
         named.append(("base", args.base))
     tic = time.perf_counter()
-    configs, params, notes = load_models(named)
+    configs, params, notes = load_models(named, same_classes=True)
     config = configs[0]
     model = family(config).Model(config)
     # The base (last) goes into the same form as the models, so task vectors stay meaningful.

@@ -18,7 +18,6 @@ SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
 TORCH_FILE = "pytorch_model.bin"
 TORCH_INDEX = "pytorch_model.bin.index.json"
-PREPROCESSOR_FILE = "preprocessor_config.json"
 TOKENIZER_FILES = (
     "tokenizer.json",
     "tokenizer_config.json",
@@ -32,7 +31,7 @@ TOKENIZER_FILES = (
     "sentencepiece.bpe.model",  # XLM-RoBERTa
     "chat_template.jinja",
     "chat_template.json",
-    PREPROCESSOR_FILE,
+    "preprocessor_config.json",
 )
 
 

@@ -20,7 +20,6 @@ from rotjax import symmetry as sym
 from rotjax.hf import _mapping
 from rotjax.hf._files import (
     CONFIG_FILE,
-    PREPROCESSOR_FILE,
     SAFETENSORS_FILE,
     TOKENIZER_FILES,
     read_config,
@@ -53,11 +52,10 @@ def save(
     ``save_pretrained`` writes them), so ``transformers``'
     ``AutoModelFor...from_pretrained(path)`` loads it with no missing or unexpected keys. (A base
     model saved without its pooler needs ``from_pretrained(path, add_pooling_layer=False)``,
-    since ``config.json`` cannot say so.) A ViT gets a ``preprocessor_config.json`` of
-    rotjax's image normalisation (`rotjax.models.vit.image_pixels`: ``x / 255``, then mean
-    and std 0.5 per channel, at the config's image size) unless ``source``, ``tokenizer_from``
-    or ``extra_files`` bring one, so that transformers' image processor (and its pipelines)
-    feed it what it was trained on. The directory appears whole or not at all: it is
+    since ``config.json`` cannot say so.) A ViT's image processor comes from ``source`` or
+    ``tokenizer_from``, or from `vit_image_processor` through ``extra_files`` (for a ViT
+    trained on `rotjax.models.vit.image_pixels`). The directory appears whole or not at all:
+    it is
     written beside ``path`` under a temporary name, then renamed. Every file follows the
     umask (the safetensors writer's own 0600 is not kept).
 
@@ -120,9 +118,6 @@ def save(
             f"extra_files: {clash} would replace files copied from "
             f"{' and '.join(str(d) for d in (source, tokenizer_from) if d is not None)}"
         )
-    processor = None
-    if config.model_type == "vit" and PREPROCESSOR_FILE not in copied | set(extra_files or {}):
-        processor = _vit_processor(config)
 
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty directory; pass overwrite=True")
@@ -137,8 +132,6 @@ def save(
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(Path(source) / rel, target)  # contents only: modes follow the umask
         write_json(tmp / CONFIG_FILE, hf_config)
-        if processor is not None:
-            write_json(tmp / PREPROCESSOR_FILE, processor)
         from safetensors.numpy import save_file
 
         save_file(tensors, str(tmp / SAFETENSORS_FILE), metadata={"format": "pt"})
@@ -285,11 +278,14 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
     )
 
 
-def _vit_processor(config: Config) -> dict[str, Any]:
-    """transformers' ``ViTImageProcessor`` settings that reproduce `vit.image_pixels` on
-    images of the config's size (a resize to the same size changes nothing)."""
-    channels = [0.5] * config.num_channels
-    return {
+def vit_image_processor(config: Config, *, mean: float = 0.5, std: float = 0.5) -> str:
+    """``preprocessor_config.json`` for transformers' ``ViTImageProcessor`` that reproduces
+    `rotjax.models.vit.image_pixels` (``(x / 255 - mean) / std`` per channel) on images of
+    the config's size (a resize to the same size changes nothing), for ``save``'s
+    ``extra_files``: ``{"preprocessor_config.json": vit_image_processor(config)}``. Only for
+    a ViT trained on those inputs (a pretrained one has its own processor: copy it with
+    ``source``)."""
+    config_dict = {
         "image_processor_type": "ViTImageProcessor",
         "do_resize": True,
         "size": {"height": config.image_size, "width": config.image_size},
@@ -297,9 +293,10 @@ def _vit_processor(config: Config) -> dict[str, Any]:
         "do_rescale": True,
         "rescale_factor": 1 / 255,
         "do_normalize": True,
-        "image_mean": channels,
-        "image_std": channels,
+        "image_mean": [mean] * config.num_channels,
+        "image_std": [std] * config.num_channels,
     }
+    return json.dumps(config_dict, indent=2) + "\n"
 
 
 def _tokenizer_files(directory: str | os.PathLike[str] | None) -> list[Path]:
