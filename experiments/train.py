@@ -231,6 +231,18 @@ def smoke(config: Config) -> Config:
 # ----------------------------------------------------------------------------- input pipeline
 
 
+def data_version(config: Config) -> str | None:
+    """The version of the data code a run's examples come from, kept in its summary, so that
+    `cached` trains a run of older data afresh: the WordNet datasets' selection, order and
+    tags have changed over time (their cache versions); the image loaders have not (None)."""
+    if config.model == "vit":
+        return None
+    from rotjax.data import _supersense, _text
+
+    version = f"wordnet-{_text._CACHE_VERSION}"
+    return version + (f"-tags{_supersense._RULES}" if config.dataset in TOKEN_DATASETS else "")
+
+
 def load_data(config: Config) -> dict[str, Any]:
     """``{"train", "validation", "test"}`` array dicts (``validation`` may be ``None``) and
     ``label_names``."""
@@ -397,6 +409,7 @@ def train_and_evaluate(
         "name": config.name,
         "model": config.model,
         "dataset": config.dataset,
+        "data_version": data_version(config),
         "seed": config.seed,
         "num_steps": num_steps,
         "train_examples": n_train,
@@ -507,6 +520,8 @@ def finished(config: Config, workdir: str | os.PathLike[str]) -> dict | None:
     if config_diff(json.loads((workdir / "config.json").read_text()), config):
         return None
     summary = json.loads((workdir / "summary.json").read_text())
+    if summary.get("data_version") != data_version(config):  # older data: not this run
+        return None
     metrics = workdir / train.METRICS_FILE
     if "train_seconds" not in summary and metrics.is_file():  # older summaries
         summary["train_seconds"] = train_seconds(metrics)
@@ -519,9 +534,8 @@ def finished(config: Config, workdir: str | os.PathLike[str]) -> dict | None:
 def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -> dict:
     """The summary of ``config``'s finished run in ``workdir``, training it first if needed: a
     workdir holding a run of another config (an edited preset, another mode) is deleted and
-    trained afresh, an unfinished run of the same config resumes from its checkpoints. The
-    key is the config alone: a run trained before a change of the data code (e.g. the
-    WordNet datasets' order) is reused as it is; remove its workdir to retrain it.
+    trained afresh, and so is a finished run of older data (`data_version`); an unfinished
+    run of the same config resumes from its checkpoints.
 
     Raises:
       ValueError: ``workdir`` holds something other than a run of `train_and_evaluate` (its
@@ -542,7 +556,8 @@ def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -
             run = None
         if not isinstance(run, dict) or not {"name", "model", "dataset"} <= set(run):
             raise ValueError(f"{workdir} is not a training run (its config.json); not deleting it")
-        if config_diff(run, config):
+        # another config, or (same config, `finished` said no) a run of older data
+        if config_diff(run, config) or (Path(workdir) / "summary.json").is_file():
             shutil.rmtree(workdir)
     return train_and_evaluate(config, workdir, progress=progress)
 

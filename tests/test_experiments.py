@@ -154,7 +154,7 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys):
     assert not (tmp_path / "new").exists()
 
 
-def test_cached_runs_are_reused_or_trained_afresh(tmp_path):
+def test_cached_runs_are_reused_or_trained_afresh(tmp_path, monkeypatch):
     import dataclasses
 
     from experiments import train as T
@@ -174,6 +174,14 @@ def test_cached_runs_are_reused_or_trained_afresh(tmp_path):
     assert second["wall_seconds"] != first["wall_seconds"]
     assert json.loads((run / "config.json").read_text())["learning_rate"] == other.learning_rate
     assert T.finished(other, run)["wall_seconds"] == second["wall_seconds"]
+    # A finished run of older data (another data_version): trained afresh, not reused.
+    monkeypatch.setattr(T, "data_version", lambda c: "newer")
+    assert T.finished(other, run) is None
+    second = T.cached(other, run)
+    assert second["data_version"] == "newer"
+    assert T.finished(other, run)["wall_seconds"] == second["wall_seconds"]
+    monkeypatch.undo()
+    second = T.cached(other, run)  # (back to this data's version)
     # A run predating a field (its default) is the same run; older logs without "steps".
     saved = json.loads((run / "config.json").read_text())
     del saved["keep_checkpoints"], saved["vit_config"]["qkv_bias"]
