@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rotjax import hf
+from rotjax.hf._files import read_config
 from rotjax.match._checks import non_finite
 from rotjax.models import family
 from rotjax.tree import to_dict
@@ -127,6 +128,8 @@ def load_models(
         configs.append(config)
         params.append(p)
     first = configs[0]
+    classifier = getattr(first, "task", None) in ("sequence_classification", "token_classification")
+    first_names = _label_names(named[0][1]) if same_classes and classifier else None
     for (label, directory), config in zip(named[1:], configs[1:], strict=True):
         a, b = family(first), family(config)
         if a is not b:
@@ -147,13 +150,8 @@ def load_models(
             f"{label} differs from {named[0][0]} in {k} ({x!r} vs {y!r}), which only training uses"
             for k, (x, y) in sorted(diff.items())
         ]
-        names, first_names = _label_names(directory), _label_names(named[0][1])
-        classifier = getattr(first, "task", None) in (
-            "sequence_classification",
-            "token_classification",
-        )
-        named_classes = same_classes and classifier and None not in (names, first_names)
-        if named_classes and names != first_names:  # a row would average different classes
+        names = _label_names(directory) if first_names is not None else None
+        if names is not None and names != first_names:  # a row would average different classes
             raise CLIError(
                 f"label names differ ({named[0][0]} vs {label}): {first_names} vs {names} "
                 "(config.json's id2label): the classifiers' rows are different classes"
@@ -164,10 +162,9 @@ def load_models(
 def _hf_config(directory) -> dict:
     """A checkpoint's ``config.json`` as a dict ({} if unreadable: `hf.load` has read it)."""
     try:
-        config = json.loads((Path(directory) / "config.json").read_text())
+        return read_config(Path(directory))
     except (OSError, ValueError):
         return {}
-    return config if isinstance(config, dict) else {}
 
 
 def _stored_dtype(directory) -> str | None:

@@ -55,8 +55,7 @@ def save(
     since ``config.json`` cannot say so.) A ViT's image processor comes from ``source`` or
     ``tokenizer_from``, or from `vit_image_processor` through ``extra_files`` (for a ViT
     trained on `rotjax.models.vit.image_pixels`). The directory appears whole or not at all:
-    it is
-    written beside ``path`` under a temporary name, then renamed. Every file follows the
+    it is written beside ``path`` under a temporary name, then renamed. Every file follows the
     umask (the safetensors writer's own 0600 is not kept).
 
     Args:

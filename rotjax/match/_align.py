@@ -314,8 +314,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     # and the cross-covariances. Every block's optimum is the same for c·A and c·B, so both
     # models are solved divided by a power of two (exact in floating point), and the distances
     # scaled back.
-    dtypes = {p: x.dtype for p, x in b_flat.items()}
-    original = b_flat
+    original = b_flat  # in its own dtypes
     (a_flat, b_flat), scale = _rescaled(a_flat, b_flat)
     sq = scale * scale
     roles = {r for s in options.solve for r in BLOCKS[s]}
@@ -405,12 +404,13 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         _, new = distances(spec, paths, a_flat, b_flat, sub(t, active), keep=True)
 
     tic = time.perf_counter()
-    if new and any(d == jnp.float64 for d in dtypes.values()):
+    if new and any(x.dtype == jnp.float64 for x in original.values()):
         # The solved transform applied to B's own leaves: the float32 copy the solve read would
         # round every moved weight (its range too: weights may lie beyond float32's).
         new = {p: sym.apply_to_leaf(spec, p, original[p], sub(t, active)) for p in new}
     elif scale != 1.0 and new:
-        new = {p: x.astype(dtypes[p]) * jnp.asarray(scale, dtypes[p]) for p, x in new.items()}
+        dt = lambda p: original[p].dtype
+        new = {p: x.astype(dt(p)) * jnp.asarray(scale, dt(p)) for p, x in new.items()}
     aligned = jax.block_until_ready(replaced(params, new or {}))
     seconds["apply"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - t_start
