@@ -23,7 +23,8 @@ from rotjax.models import family
 
 # Alignment variants: name -> match.align options (None: no alignment). "paper" is the
 # paper's method; "canonical": both models in canonical form with the stream rotation in the
-# spec (pre-norm models); "activations": `rotjax.merge.align_by_activations`.
+# spec (pre-norm models); "activations": `rotjax.merge.align_by_activations`;
+# "straight-through": that, refined by `rotjax.merge.align_straight_through`.
 ALIGNMENTS: dict[str, dict[str, Any] | None] = {
     "none": None,
     "ffn only": {"solve": ("ffn",)},  # Git Re-Basin's weight matching of the FFN units
@@ -34,6 +35,8 @@ ALIGNMENTS: dict[str, dict[str, Any] | None] = {
     "all": {"solve": tuple(b for b in match.ALL if b != "stream")},
     "all + stream": {"solve": match.ALL, "canonical": True},
     "activations": {"solve": match.ALL, "activations": True, "canonical": True},
+    # then 300 steps of `merge.align_straight_through` on the same unlabeled inputs
+    "straight-through": {"solve": match.ALL, "activations": True, "canonical": True, "steps": 300},
 }
 METHODS = ("average", "circuits", "refit", "fisher", "regmean", "ot-acts", "ot-wts")
 
@@ -118,8 +121,9 @@ def align_variants(
     ``pair.b`` is B aligned to ``pair.a`` (A itself, or A in canonical form).
 
     ``options`` adds variants of one's own (name -> `match.align` options, plus
-    ``"activations": True`` for an activation start, ``"canonical": True`` for the canonical
-    form with the stream rotation).
+    ``"activations": True`` for an activation start, with `merge.align_by_activations`'
+    options such as ``"steps"`` of straight-through descent, and ``"canonical": True`` for the
+    canonical form with the stream rotation).
 
     ``max_sweeps`` caps the coordinate descent of the variants that iterate to convergence
     (those that solve the residual stream: `match.align` runs up to 50 sweeps there), the

@@ -25,7 +25,8 @@ from rotjax import data, train
 
 
 def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print) -> dict:
-    """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy}}]}``."""
+    """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy},
+    "align_seconds": {alignment: seconds}}]}``."""
     fm = data.fashion_mnist()
     test = {k: v[:images] for k, v in fm.test.arrays().items()}
     order = np.random.default_rng(0).permutation(len(fm.train.labels))
@@ -41,6 +42,7 @@ def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print
         variants = fusion.align_variants(pair, alignments, stats, key=jax.random.key(0))
         for name, v in variants.items():
             row[name] = {m: acc(fusion.merged(v["pair"], m, stats_data=stats)[0]) for m in methods}
+            row.setdefault("align_seconds", {})[name] = v["seconds"]
             log(f"{Path(dir_a).parent.name} + {Path(dir_b).parent.name}, {name}: {row[name]}")
         out["pairs"].append(row)
     return out

@@ -150,7 +150,10 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     tmp, a = checkpoints
     out = tmp / "acts"
     argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--align", "activations"]
-    assert cli.main([*argv, "--data", str(tmp / "data.npz"), "--quiet"]) == 0
+    argv += ["--data", str(tmp / "data.npz"), "--quiet"]
+    assert cli.main([*argv, "--descent-steps", "3"]) == 0
+    # B is A moved by a symmetry element: no step beats the exact alignment (the merge
+    # predicts as A, the least cross-entropy to A's predictions), which is kept
     assert rel_err(hf.load(out)[1], a) <= 1e-5
     assert "merged 2 models (average, aligned: activations)" in capsys.readouterr().out
     (chosen,) = json.loads((out / "merge.json").read_text())["alignment"]
@@ -159,6 +162,13 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert all(np.isfinite(losses)), chosen
     # B unaligned (A moved by a symmetry element) is a candidate too, and a worse one.
     assert chosen["prediction_loss_unaligned"] > min(losses), chosen
+    descent = chosen["straight_through"]
+    assert [s for s, _ in descent["losses"]] == [0, 3] and descent["step"] == 0, descent
+    assert descent["losses"][0][1] == pytest.approx(min(losses), rel=1e-5)
+    argv[argv.index("activations")] = "all"
+    assert cli.main([*argv[:4], str(tmp / "refused"), *argv[5:], "--descent-steps", "3"]) == 2
+    assert "--descent-steps applies to --align activations only" in capsys.readouterr().err
+    assert not (tmp / "refused").exists()
 
 
 @pytest.mark.parametrize("method", ["average", "ot-wts"])

@@ -254,6 +254,7 @@ def test_pairs(tmp_path, capsys):
     assert [(p["a"], p["b"]) for p in result["pairs"]] == [
         (dirs[0], dirs[1]), (dirs[0], dirs[2]), (dirs[1], dirs[2])
     ]  # fmt: skip
+    assert set(result["pairs"][0]["align_seconds"]) == {"none", "all + stream"}
     a_c = result["pairs"][1]["all + stream"]
     assert a_c == {
         "average": result["endpoints"][dirs[0]],

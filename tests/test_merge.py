@@ -941,7 +941,8 @@ def test_align_by_activations_ranks_a_nan_loss_below_every_number(key, monkeypat
     a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
     # the candidates in the order they are scored: activation start, weight start, B itself
     calls = iter(losses)
-    monkeypatch.setattr(select, "prediction_loss", lambda *args: lambda params: next(calls))
+    loss = lambda params: next(calls)
+    monkeypatch.setattr(select, "_prediction_loss", lambda *args: (loss, None, None))
     data = batches_of(config, key, n=1, batch=4)
     res, info = merge.align_by_activations(c.model, c.spec, a, b, data, max_sweeps=0)
     assert info["start"] == start, info

@@ -61,7 +61,10 @@ alignment (--align), to the first model, before merging:
   models such as ViT, in canonical form, the residual stream's rotation too),
   activations (permutations and rotations from activations on --data, then 0-4 sweeps of
   all, or all from its data-free start: the one whose average agrees best with both models'
-  predictions on --data)
+  predictions on --data); --descent-steps N then refines it by N steps of straight-through
+  descent on that agreement (Git Re-Basin's estimator; 300 took ViTs trained from different
+  seeds from 68% to 82% on average; 2 cores: 0.4 s per step for a 6-layer ViT of width 64,
+  2.6 s for MiniLM on 50 texts of 48 tokens)
 --data FILE.npz holds model inputs under Hugging Face's names: pixel_values (N, C, H, W)
 float32 as the image processor gives them (normalised, not raw pixels), or input_ids and
 attention_mask (token_type_ids optional); labels optional (for --fisher empirical: a class
@@ -110,6 +113,11 @@ def add_arguments(m, *, positive_int, seed) -> None:
         help="then refit every dense layer on the merged model's inputs (needs --data)",
     )
     m.add_argument("--ridge", type=float, help="--refit's pull to the merge (default 1e-4)")
+    m.add_argument(
+        "--descent-steps",
+        type=positive_int,
+        help="--align activations: then this many straight-through steps (default none)",
+    )
     m.add_argument("--batch-size", type=positive_int, help="statistics batches (32)")
     m.add_argument("--max-examples", type=positive_int, help="per --data file (1000)")
     m.add_argument("--seed", type=seed, default=0, help="random choices (DARE, sampled Fisher)")
@@ -132,6 +140,8 @@ def _options(args) -> dict:
             )
         if used and getattr(args, name) is None:
             setattr(args, name, default)
+    if args.descent_steps is not None and args.align != "activations":
+        raise CLIError("--descent-steps applies to --align activations only")
     needs_data = args.method in NEEDS_DATA or args.align == "activations" or args.refit
     if needs_data and not args.data:
         why = (
@@ -400,7 +410,14 @@ def run(args) -> int:
                 try:
                     if args.align == "activations":
                         res, chosen = merge.align_by_activations(
-                            model, spec, params[0], p, batches(i), key=key
+                            model,
+                            spec,
+                            params[0],
+                            p,
+                            batches(i),
+                            key=key,
+                            steps=args.descent_steps or 0,
+                            progress=not args.quiet,
                         )
                     else:
                         res, chosen = match.align(spec, params[0], p, solve=solve, key=key), {}
@@ -423,6 +440,11 @@ def run(args) -> int:
                             "prediction_loss": chosen["losses"],
                             "prediction_loss_weights_start": chosen["weights_loss"],
                             "prediction_loss_unaligned": chosen["identity_loss"],
+                            **(
+                                {"straight_through": chosen["straight_through"]}
+                                if "straight_through" in chosen
+                                else {}
+                            ),
                         }
                         if chosen
                         else {}

@@ -12,17 +12,19 @@ Matching (`rotjax.match`) is a plug-in before any method here: align B to A, the
   activations or weights);
 - alignment from activations: `activation_init` (a start for `rotjax.match.align`),
   `align_by_activations` (that start and weight-matching sweeps, or weight matching from
-  its data-free start, chosen by `prediction_loss` on unlabeled data);
+  its data-free start, chosen by `prediction_loss` on unlabeled data),
+  `align_straight_through` (descent on the loss of the merge itself, from any start);
 - the linear path: `curve`, `barrier`, `interpolate`.
 """
 
 from rotjax.merge._acts import activation_init, correlations, cross_statistics, group_scores
 from rotjax.merge._circuits import circuits
 from rotjax.merge._curve import Curve, barrier, curve, interpolate
+from rotjax.merge._loss import prediction_loss
 from rotjax.merge._methods import average, fisher, model_weights, regmean
 from rotjax.merge._ot import Fusion, ot_fusion, transport_params
 from rotjax.merge._refit import refit
-from rotjax.merge._select import align_by_activations, prediction_loss
+from rotjax.merge._select import align_by_activations
 from rotjax.merge._stats import (
     FISHERS,
     KINDS,
@@ -31,6 +33,7 @@ from rotjax.merge._stats import (
     statistics,
     transform_statistics,
 )
+from rotjax.merge._straight import align_straight_through
 from rotjax.merge._task import dare, task_arithmetic, ties
 
 __all__ = [
@@ -40,6 +43,7 @@ __all__ = [
     "Fusion",
     "activation_init",
     "align_by_activations",
+    "align_straight_through",
     "average",
     "barrier",
     "circuits",

@@ -10,84 +10,18 @@ best with both models on the same unlabeled inputs.
 
 from __future__ import annotations
 
-import functools
-import math
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Iterable
 from typing import Any
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
 
 from rotjax import match
 from rotjax import symmetry as sym
 from rotjax.merge._acts import activation_init, cross_statistics
+from rotjax.merge._loss import MEMORY, _better, _prediction_loss
 from rotjax.merge._methods import average
-from rotjax.merge._stats import _split
-from rotjax.models import family
-
-
-def prediction_loss(
-    model: nn.Module,
-    params_list: Sequence[Any],
-    batches: Iterable[Any],
-    *,
-    memory: int = 2**28,
-) -> Callable[[Any], float]:
-    """``loss(params)``: the cross-entropy ``-Σ_c p̄_c log q_c`` of ``model``'s predictive
-    distribution q with ``params`` to the mean distribution ``p̄`` of the models in
-    ``params_list``, averaged over the examples of ``batches`` (over real tokens for
-    token-level heads). No labels needed; batches are as for `rotjax.merge.statistics`. The
-    targets are kept between calls up to ``memory`` bytes (a causal LM's are vocabulary-wide
-    per token: 4 GB for 16 batches of 8 x 256 tokens of a 32k vocabulary); the batches beyond
-    get theirs recomputed at each call (the same loss).
-
-    Raises:
-      ValueError: no batches, or a model without a classification head (``config.task`` is
-        None: a bare encoder's outputs live in each model's own stream basis, so their mean
-        means nothing).
-    """
-    if model.config.task is None:
-        raise ValueError("prediction_loss needs a model with a classification head (task)")
-    fam = family(model.config)
-    inputs = [_split(fam, b)[0] for b in batches]
-    if not inputs:
-        raise ValueError("prediction_loss: no batches")
-    target, step = _loss_steps(model)
-    kept: dict[int, jax.Array] = {}
-
-    def target_of(i: int) -> jax.Array:
-        if i in kept:
-            return kept[i]
-        t = jnp.mean(jnp.stack([target(p, inputs[i]) for p in params_list]), axis=0)
-        if (len(kept) + 1) * t.nbytes <= memory:
-            kept[i] = t
-        return t
-
-    def loss(params) -> float:
-        total = count = 0.0
-        for i, x in enumerate(inputs):
-            s, n = step(params, x, target_of(i))
-            total, count = total + float(s), count + float(n)
-        return total / max(count, 1.0)
-
-    return loss
-
-
-@functools.cache
-def _loss_steps(model):
-    fam = family(model.config)
-    logits = lambda params, x: model.apply({"params": params}, *x).astype(jnp.float32)
-
-    def step(params, x, target):
-        per = -jnp.sum(target * jax.nn.log_softmax(logits(params, x)), axis=-1)
-        mask = fam.token_mask(x)
-        if per.ndim == 1 or mask is None:  # one prediction per example, or every token real
-            return jnp.sum(per), per.size
-        w = mask.astype(jnp.float32).reshape(per.shape)
-        return jnp.sum(per * w), jnp.sum(w)
-
-    return jax.jit(lambda p, x: jax.nn.softmax(logits(p, x))), jax.jit(step)
+from rotjax.merge._straight import _check_descent, _descend
 
 
 def align_by_activations(
@@ -102,6 +36,9 @@ def align_by_activations(
     weights_start: bool | match.Alignment = True,
     key: jax.Array | None = None,
     solver: str = "scipy",
+    steps: int = 0,
+    learning_rate: float = 1e-3,
+    progress: bool = False,
 ) -> tuple[match.Alignment, dict[str, Any]]:
     """Align B (``params``) to A (``anchor_params``) from both models' activations on
     ``batches`` (unlabeled; as for `rotjax.merge.statistics`).
@@ -120,18 +57,27 @@ def align_by_activations(
        (no alignment) is a candidate too, so the choice never predicts worse than not
        aligning (fine-tunes of one model share its basis). Models without a classification
        head have no such loss: `align` runs to convergence from the activation start instead.
+    4. With ``steps`` > 0, the kept one refined by `align_straight_through` (``steps`` steps
+       of ``learning_rate`` on the same batches and loss, measured every 10 steps, 2 sweeps
+       per projection; ``progress``: its tqdm bar). ``key`` shuffles `align`'s block order
+       and the descent's batch order.
 
     Returns ``(alignment, info)``: ``info["losses"]`` the loss of each candidate from the
     activation start (0, 1, ... sweeps), ``info["weights_loss"]`` that of the data-free
     candidate (None without it), ``info["identity_loss"]`` that of B unaligned,
     ``info["start"]`` the chosen one's start (``"activations"``, ``"weights"`` or
-    ``"identity"``) and ``info["sweeps"]`` its sweeps. The alignment's transform is
-    complete and its diagnostics are those of its `align` call.
+    ``"identity"``) and ``info["sweeps"]`` its sweeps (of the candidate, before any descent);
+    with ``steps``, ``info["straight_through"]`` is the descent's info (its ``"losses"`` are
+    ``(step, loss)`` pairs, step 0 the candidate). The alignment's transform is complete and
+    its diagnostics are those of its last `align` call.
     """
     if not (isinstance(max_sweeps, int) and max_sweeps >= 0):
         raise ValueError(f"max_sweeps must be an int >= 0, got {max_sweeps!r}")
     if not isinstance(weights_start, bool | match.Alignment):
         raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")
+    _check_descent(steps, learning_rate, solve=solve)
+    if steps and model.config.task is None:
+        raise ValueError("steps > 0 needs a model with a classification head (task)")
     batches = list(batches)
     cross = cross_statistics(model, anchor_params, params, batches)
     start = activation_init(spec, cross, params=(anchor_params, params), solver=solver)
@@ -140,7 +86,7 @@ def align_by_activations(
             spec, anchor_params, params, solve=solve, key=key, solver=solver, init=start
         )
         return res, _info([], None, "activations", res.diagnostics.sweeps)
-    loss = prediction_loss(model, [anchor_params, params], batches)
+    loss, inputs, target_of = _prediction_loss(model, [anchor_params, params], batches, MEMORY)
     best, losses = None, []  # best: (its loss, its sweeps, its alignment)
     for sweeps in range(max_sweeps + 1):
         res = match.align(
@@ -176,12 +122,28 @@ def align_by_activations(
         res = match.align(spec, anchor_params, params, solve=(), key=key, solver=solver)
         best = (info["identity_loss"], 0, res)
         info |= {"start": "identity", "sweeps": 0}
+    if steps:
+        res, info["straight_through"] = _descend(
+            model,
+            spec,
+            anchor_params,
+            params,
+            best[2],
+            loss,
+            inputs,
+            target_of,
+            steps=steps,
+            learning_rate=learning_rate,
+            every=10,
+            solve=solve,
+            sweeps=2,
+            key=key,
+            solver=solver,
+            progress=progress,
+            start_loss=best[0],
+        )
+        return res, info
     return best[2], info
-
-
-def _better(loss: float, than: float) -> bool:
-    """``loss < than``, with NaN (a merge whose predictions overflow) worse than any number."""
-    return not math.isnan(loss) and (math.isnan(than) or loss < than)
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:
