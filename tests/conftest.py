@@ -7,6 +7,7 @@ test reports its seed, and `ROTJAX_SEED=<seed> pytest ...` replays it.
 
 import os
 import secrets
+import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -108,3 +109,15 @@ def _release_compiled_programs():
     inside XLA:CPU's compiler late in the run, likely out of memory mappings (65530 here)."""
     yield
     jax.clear_caches()
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _temporary_files_under_pytest_s_directory(tmp_path_factory):
+    """Temporary files that libraries make in-process and never remove (tfds's
+    ``DatasetInfo.initialize_from_bucket`` leaves an empty ``/tmp/tmp*tfds`` directory per
+    dataset it reads, five per run of test_data) go under pytest's base temp, which pytest
+    prunes, instead of the machine's /tmp."""
+    old = tempfile.tempdir
+    tempfile.tempdir = str(tmp_path_factory.mktemp("tempfile"))
+    yield
+    tempfile.tempdir = old
