@@ -136,6 +136,10 @@ def align_variants(
     # activation variants' data-free candidate is the same computation, reused, and its
     # seconds are counted in theirs (each variant's time is what it costs alone).
     plain: dict[tuple, tuple[match.Alignment, float]] = {}
+    # Activation alignments by (canonical form, options but the descent's), with their
+    # seconds: a straight-through variant descends from the same activation alignment (the
+    # descent `align_by_activations(steps=)` runs), reused, and its seconds counted in its own.
+    started: dict[tuple, tuple[match.Alignment, float]] = {}
     for name in names:
         opts = table[name]
         if opts is None:
@@ -153,23 +157,43 @@ def align_variants(
             canonical = canonical or pair.canonical()
             base = canonical
         reused = 0.0
-        if opts.pop("activations", False):  # sweeps chosen by the data
+        from_data = opts.pop("activations", False)
+        if from_data:  # sweeps chosen by the data
+            descent = {k: opts.pop(k) for k in ("steps", "learning_rate") if k in opts}
+            ident = (in_canonical, cap, repr(sorted(opts.items())))
             known = plain.get((in_canonical, solve, cap))
-            if known is not None:
-                opts["weights_start"], reused = known
-            elif cap is not None and opts.get("weights_start", True) is True:
-                opts["weights_start"] = match.align(
-                    base.spec, base.a, base.b, solve=solve, key=key, max_sweeps=cap
+            if ident in started:
+                res, reused = started[ident]
+            else:
+                if known is not None:
+                    opts["weights_start"], reused = known
+                elif cap is not None and opts.get("weights_start", True) is True:
+                    opts["weights_start"] = match.align(
+                        base.spec, base.a, base.b, solve=solve, key=key, max_sweeps=cap
+                    )
+                res, _ = merge.align_by_activations(
+                    base.model, base.spec, base.a, base.b, batches(unlabeled), key=key, **opts
                 )
-            res, _ = merge.align_by_activations(
-                base.model, base.spec, base.a, base.b, batches(unlabeled), key=key, **opts
-            )
+                jax.block_until_ready(res.params)
+                started[ident] = (res, time.perf_counter() - tic + reused)
+            if descent.get("steps"):
+                res, _ = merge.align_straight_through(
+                    base.model,
+                    base.spec,
+                    base.a,
+                    base.b,
+                    batches(unlabeled),
+                    init=res,
+                    key=key,
+                    solve=solve,
+                    **descent,
+                )
         else:
             res = match.align(base.spec, base.a, base.b, key=key, **opts)
         d = res.diagnostics
         aligned = dataclasses.replace(base, b=jax.block_until_ready(res.params))
         seconds = time.perf_counter() - tic + reused
-        if set(opts) <= {"solve", "max_sweeps"} and opts.get("max_sweeps") == cap:
+        if not from_data and set(opts) <= {"solve", "max_sweeps"} and opts.get("max_sweeps") == cap:
             # what the data-free candidate of an activation variant computes
             plain[(in_canonical, solve, cap)] = (res, seconds)
         out[name] = {

@@ -34,6 +34,8 @@ class Settings:
     curve_images: int = 2000
     layer_study: bool = True
     max_sweeps: int | None = None  # None: align's default (coordinate descent to convergence)
+    # straight-through descent from the activation alignment (`merge.align_straight_through`)
+    descent_steps: int = 300
 
     @classmethod
     def of(cls, mode: str, parts: tuple[str, ...] | None = None) -> Settings:
@@ -52,6 +54,7 @@ class Settings:
                 language_stats_examples=32,
                 curve_points=5,
                 curve_images=500,
+                descent_steps=50,
             )
         elif mode == "smoke":
             s = cls(
@@ -65,6 +68,7 @@ class Settings:
                 curve_points=3,
                 curve_images=64,
                 max_sweeps=2,
+                descent_steps=10,
             )
         else:
             raise ValueError(f"mode must be full, quick or smoke, got {mode!r}")

@@ -16,10 +16,10 @@ from experiments import fusion
 from experiments.reproduce._models import Settings, trained
 from rotjax import data, match, merge
 
-TABLE2 = ("none", "paper", "all", "all + stream", "activations")
+TABLE2 = ("none", "paper", "all", "all + stream", "activations", "straight-through")
 METHODS = ("average", "fisher", "regmean", "ot-acts", "ot-wts")
 ABLATION = ("none", "paper", "paper - attention", "paper - ffn", "paper - rescale")
-DISTANCES = ("ffn only", "paper", "all", "all + stream", "activations")
+DISTANCES = ("ffn only", "paper", "all", "all + stream", "activations", "straight-through")
 
 
 def run(settings: Settings, out, log) -> dict[str, Any]:
@@ -48,8 +48,14 @@ def _pair(settings, summary_a, summary_b, test, unlabeled, select, curve_data, l
     out: dict[str, Any] = {"a": summary_a["name"], "b": summary_b["name"]}
     out["endpoints"] = {"a": evaluate(pair.a), "b": evaluate(pair.b)}
     names = list(dict.fromkeys([*TABLE2, *ABLATION, *DISTANCES]))
+    steps = {**fusion.ALIGNMENTS["straight-through"], "steps": settings.descent_steps}
     variants = fusion.align_variants(
-        pair, names, unlabeled, key=key, max_sweeps=settings.max_sweeps
+        pair,
+        names,
+        unlabeled,
+        key=key,
+        options={"straight-through": steps},
+        max_sweeps=settings.max_sweeps,
     )
     out["align_seconds"] = {n: v["seconds"] for n, v in variants.items()}
     out["distance"] = {n: v["distance"] for n, v in variants.items() if v["distance"]}
@@ -71,7 +77,7 @@ def _pair(settings, summary_a, summary_b, test, unlabeled, select, curve_data, l
     on_select = fusion.evaluator(pair.model, select)
     candidates = {
         n: on_select(merge.average([variants[n]["pair"].a, variants[n]["pair"].b]))["accuracy"]
-        for n in ("all", "all + stream", "activations")
+        for n in ("all", "all + stream", "activations", "straight-through")
     }
     best = max(candidates, key=candidates.get)
     out["best_alignment"] = {"name": best, "selection accuracy": candidates}
