@@ -313,6 +313,33 @@ def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
         np.testing.assert_allclose(got["w"], [1 / 3, 2 / 3], rtol=1e-5)
 
 
+def test_a_model_of_weight_zero_is_left_out(seed):
+    """A model given λ = 0 contributes nothing, not 0 times its values: Inf or NaN in it
+    (0 · Inf is NaN) leave the average, Fisher and RegMean merges of the others unchanged."""
+    rng = np.random.default_rng(seed)
+    x = lambda: {"w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32)}
+    a, b = x(), x()
+    bad = {"w": a["w"].at[0, 0].set(jnp.inf).at[1, 1].set(jnp.nan)}
+    xs = rng.normal(size=(3, 8, 3))
+    stats = [
+        {"fisher": {"w": jnp.asarray(rng.uniform(0.1, 1, (3, 2)), jnp.float32)},
+         "gram": {"w": jnp.asarray(xi.T @ xi / 8, jnp.float32)}}
+        for xi in xs
+    ]  # fmt: skip
+    for method, args in (
+        (merge.average, ()),
+        (merge.fisher, (stats,)),
+        (merge.regmean, (stats,)),
+    ):
+        want = method([a, b], *[s[:2] for s in args], weights=[1.0, 3.0])
+        got = method([a, b, bad], *args, weights=[1.0, 3.0, 0.0])
+        np.testing.assert_array_equal(got["w"], want["w"])  # the same program on the same inputs
+        got = method([bad, a, b], *[[s[2], *s[:2]] for s in args], weights=[0, 1, 3])
+        np.testing.assert_array_equal(got["w"], want["w"])
+    # only one model of weight > 0 left: the merge is that model
+    np.testing.assert_allclose(merge.average([a, bad], weights=[1, 0])["w"], a["w"], rtol=1e-7)
+
+
 def test_trim_keeps_what_a_quantile_cut_keeps(seed):
     """TIES' trim finds its cut by bisection on the magnitudes' bit patterns, without sorting:
     it keeps exactly the entries that `np.quantile`'s cut keeps, ties and zeros included."""

@@ -65,6 +65,13 @@ def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
     return w / w.sum()
 
 
+def _weighted(w: np.ndarray, *per_model: Sequence[Any]) -> tuple[np.ndarray, ...]:
+    """The weights above 0 and each list's entries of those models: a model of weight 0 is
+    left out, never multiplied by 0 (so NaN or Inf in it cannot reach the merge)."""
+    keep = [i for i, wi in enumerate(w) if wi > 0]
+    return (w[keep], *([xs[i] for i in keep] for xs in per_model))
+
+
 def _norm(leaves) -> float:
     """The L2 norm of all the entries of ``leaves`` on the host in float64, scaled by the largest
     magnitude first (squares of 1e-20 underflow and of 1e20 overflow float32; both are valid
@@ -88,9 +95,10 @@ def scalar(v) -> jax.Array:
 
 
 def average(params_list: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
-    """``θ = Σ_i λ_i θ_i / Σ_i λ_i`` (simple averaging; λ = 1 by default)."""
+    """``θ = Σ_i λ_i θ_i / Σ_i λ_i`` (simple averaging; λ = 1 by default). A model of weight 0
+    is left out (as in `fisher` and `regmean`): NaN or Inf in it do not reach the merge."""
     _, leaves, treedef = checked_models(params_list)
-    w = model_weights(weights, len(params_list))
+    w, leaves = _weighted(model_weights(weights, len(params_list)), leaves)
     return jax.tree.unflatten(treedef, _average_leaves(scalar(w), leaves))
 
 
@@ -165,7 +173,7 @@ def fisher(
     Args:
       params_list: the models (N >= 2).
       stats_list: their statistics with ``"fisher"`` (`rotjax.merge.statistics`), in order.
-      weights: λ (default 1 each).
+      weights: λ (default 1 each; a model of weight 0 is left out).
       eps: the floor on the Fisher (> 0) (the paper's code uses 1e-6; it applies it to the target
         model only, here to all), which keeps parameters no data touches a plain average.
       normalize: divide each model's λ by the global L2 norm of its Fisher (the paper's
@@ -196,6 +204,7 @@ def fisher(
             raise ValueError(f"normalize: the Fishers of stats_list{bad} are zero or not finite")
         w = model_weights(w / norms, len(params_list))
     # No Fisher for a param (None): a plain average.
+    w, leaves, fs = _weighted(w, leaves, fs)
     per_path = [[f[p] for f in fs] if p in fs[0] else None for p in paths]
     out = _fisher_leaves(scalar(w), scalar(eps), leaves, per_path)
     return jax.tree.unflatten(treedef, out)
@@ -244,7 +253,7 @@ def regmean(
       params_list: the models (N >= 2).
       stats_list: their statistics with ``"gram"`` (and ``"fisher"`` for ``rest="fisher"``).
       alpha: the off-diagonal scale α in [0, 1].
-      weights: λ (default 1 each).
+      weights: λ (default 1 each; a model of weight 0 is left out).
       rest: how params without a Gram (biases, embeddings, LayerNorms, the patch embedding)
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted).
       ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before
@@ -279,11 +288,12 @@ def regmean(
     )
     out = flatten(merged)[1]
     ks = [k for k, p in enumerate(paths) if p in stats_list[0]["gram"]]
+    for k in ks:
+        for s in stats_list:
+            _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(s["gram"][paths[k]]))
+    w, leaves, stats_list = _weighted(w, leaves, stats_list)
     kernels = [[x[k] for x in leaves] for k in ks]
     grams = [[s["gram"][paths[k]] for s in stats_list] for k in ks]
-    for k, gs in zip(ks, grams, strict=True):
-        for g in gs:
-            _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(g))
     scalars = scalar(w), scalar(alpha), scalar(ridge)
     for k, new in zip(ks, _regmean_kernels(kernels, grams, *scalars), strict=True):
         out[k] = new
