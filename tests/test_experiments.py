@@ -339,6 +339,53 @@ def test_align_variants_caps_only_the_iterating_alignments(monkeypatch):
         np.testing.assert_array_equal(x, y)
 
 
+def test_straight_through_variant_descends_from_the_activation_variant(monkeypatch):
+    """A straight-through variant after an activation variant of the same options descends
+    from its alignment (computed once, not twice): the result is `align_straight_through`
+    from it, and its seconds count both."""
+    import jax
+    import numpy as np
+
+    from experiments import fusion
+    from rotjax import merge
+    from rotjax.models import family
+
+    config = TINY_VIT
+    fam = family(config)
+    pair = fusion.Pair(config, *(fam.init(config, jax.random.key(i)) for i in range(2)))
+    unlabeled = {"images": np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)}
+    calls = []
+    by_activations = merge.align_by_activations
+    monkeypatch.setattr(
+        merge,
+        "align_by_activations",
+        lambda *a, **k: calls.append(k) or by_activations(*a, **k),
+    )
+    key = jax.random.key(1)
+    steps = {**fusion.ALIGNMENTS["straight-through"], "steps": 3}
+    names = ["all + stream", "activations", "straight-through"]
+    options = {"straight-through": steps}
+    variants = fusion.align_variants(pair, names, unlabeled, key=key, options=options)
+    assert len(calls) == 1 and "steps" not in calls[0]
+    canonical = pair.canonical()
+    start = variants["activations"]["pair"].b
+    act = fusion.align_variants(pair, ["activations"], unlabeled, key=key)["activations"]
+    want, _ = merge.align_straight_through(
+        canonical.model, canonical.spec, canonical.a, canonical.b, fusion.batches(unlabeled),
+        init=merge.align_by_activations(
+            canonical.model, canonical.spec, canonical.a, canonical.b,
+            fusion.batches(unlabeled), key=key,
+        )[0], key=key, steps=3,
+    )  # fmt: skip
+    got = variants["straight-through"]["pair"].b
+    for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(want.params), strict=True):
+        np.testing.assert_array_equal(x, y)
+    for x, y in zip(jax.tree.leaves(start), jax.tree.leaves(act["pair"].b), strict=True):
+        np.testing.assert_array_equal(x, y)
+    seconds = {n: v["seconds"] for n, v in variants.items()}
+    assert seconds["straight-through"] > seconds["activations"] > 0
+
+
 def test_multitask_limits_are_exact():
     """Each source gets its share of an odd limit, the total the limit itself."""
     from experiments import train as T
