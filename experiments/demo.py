@@ -12,6 +12,11 @@
 The two parts run side by side (part 1 in a subprocess, its output first); ``--part`` runs one.
 
     python -m experiments.demo [--workdir DIR] [--smoke] [--part {both,symmetry,fusion}]
+        [--descent-steps N]
+
+``--descent-steps N`` adds a row: the activation alignment refined by N steps of
+straight-through descent (`rotjax.merge.align_straight_through`; ~0.25 s a step here, so not
+in the default run, whose cached time is about a minute).
 """
 
 from __future__ import annotations
@@ -128,7 +133,7 @@ def train_vits(cache: Path, smoke: bool) -> tuple[list, float]:
     return summaries, seconds
 
 
-def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
+def fusion_part(cache: Path, work: Path, smoke: bool, descent_steps: int = 0) -> None:
     print("== 2. Fusion: two ViTs from different seeds on Fashion-MNIST ==\n", flush=True)
     (a, b), trained = train_vits(cache, smoke)
     pair = fusion.load_pair(a["hf"], b["hf"])
@@ -149,8 +154,15 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
         f"B {b['name']}: {100 * ends[1]['accuracy']:.1f}%"
     )
     tic = time.perf_counter()
+    alignments = ALIGNMENTS + (("straight-through",) if descent_steps else ())
+    steps = {**fusion.ALIGNMENTS["straight-through"], "steps": descent_steps}
     variants = fusion.align_variants(
-        pair, ALIGNMENTS, unlabeled, key=jax.random.key(0), max_sweeps=MAX_SWEEPS
+        pair,
+        alignments,
+        unlabeled,
+        key=jax.random.key(0),
+        options={"straight-through": steps},
+        max_sweeps=MAX_SWEEPS,
     )
     # Fisher from one sampled label per image: unbiased, and 10x cheaper than the exact
     # expectation over the 10 classes (the reproduction's vision tables use the exact one).
@@ -164,19 +176,26 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
         f"(statistics: {len(unlabeled['images'])} unlabeled training images; Fisher sampled;\n"
         "refit: the average, every dense layer refitted by least squares on those images):"
     )
-    print(f"  {'alignment':14s}" + "".join(f"{m:>10s}" for m in METHODS) + f"{'align s':>10s}")
-    for name in ALIGNMENTS:
+    w = max(14, *map(len, alignments))
+    print(f"  {'alignment':{w}s}" + "".join(f"{m:>10s}" for m in METHODS) + f"{'align s':>10s}")
+    for name in alignments:
         cells = [
             next(r for r in rows if r["alignment"] == name and r["method"] == m) for m in METHODS
         ]
         line = "".join(f"{100 * c['accuracy']:10.1f}" for c in cells)
-        print(f"  {name:14s}{line}{variants[name]['seconds']:10.1f}")
+        print(f"  {name:{w}s}{line}{variants[name]['seconds']:10.1f}")
     print(
         "  (align s: compilation included, the first alignment paying most of it; activations'\n"
-        f"  includes its data-free candidate, the all + stream alignment: {MAX_SWEEPS} sweeps)"
+        f"  includes its data-free candidate, the all + stream alignment: {MAX_SWEEPS} sweeps"
+        + (
+            f";\n  straight-through: activations, then {descent_steps} steps of descent)"
+            if descent_steps
+            else ")"
+        )
     )
     lambdas = np.linspace(0, 1, 3 if smoke else 5)
     names = ("none", "all + stream", "activations")[: 2 if smoke else 3]
+    names += ("straight-through",) if descent_steps else ()
 
     def path(name):
         # Measured already: the ends (an aligned pair computes A's and B's functions) and the
@@ -190,7 +209,7 @@ def fusion_part(cache: Path, work: Path, smoke: bool) -> None:
     print(f"\nalong the linear path A -> B (aligned), on {n_test} test images:")
     for name, c in curves.items():
         print(
-            f"  {name:14s} loss barrier {c.barrier['loss']:.3f}, midpoint accuracy "
+            f"  {name:{w}s} loss barrier {c.barrier['loss']:.3f}, midpoint accuracy "
             f"{100 * c.metrics['accuracy'][len(lambdas) // 2]:.1f}%"
         )
     png = plots.lines(
@@ -231,7 +250,7 @@ class _Held(io.TextIOBase):
             self.released = True
 
 
-def both_parts(work: Path, solve: str, smoke: bool) -> None:
+def both_parts(work: Path, solve: str, smoke: bool, descent_steps: int = 0) -> None:
     """Part 1 in a subprocess while part 2 runs here: on 2 cores a cached run keeps ~1.4 of
     them busy (tracing and small programs), and the two processes share no GIL. Part 1's
     output is shown as it comes; part 2's, its progress bars (stderr) included, is held until
@@ -259,7 +278,7 @@ def both_parts(work: Path, solve: str, smoke: bool) -> None:
     thread.start()
     try:
         with contextlib.redirect_stdout(held), contextlib.redirect_stderr(held_err):
-            fusion_part(data.default_cache_dir(), work, smoke)
+            fusion_part(data.default_cache_dir(), work, smoke, descent_steps)
     except BaseException:
         proc.kill()
         raise
@@ -281,9 +300,15 @@ def main(argv=None):
         "--part", choices=("both", "symmetry", "fusion"), default="both",
         help="run one part only (both: side by side, part 1 in a subprocess)",
     )  # fmt: skip
+    parser.add_argument(
+        "--descent-steps", type=int, default=0, metavar="N",
+        help="add the activation alignment refined by N steps of straight-through descent",
+    )  # fmt: skip
     args = parser.parse_args(argv)
     if args.workdir and Path(args.workdir).exists() and not Path(args.workdir).is_dir():
         parser.error(f"--workdir {args.workdir} is a file, not a directory")
+    if args.descent_steps < 0:
+        parser.error(f"--descent-steps must be >= 0, got {args.descent_steps}")
     # Every program cached, however quick to compile: a cached demo is ~500 small programs.
     train.enable_compilation_cache(min_compile_seconds=0.0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))
@@ -294,9 +319,9 @@ def main(argv=None):
         symmetry_part(work, solve)
         return
     if args.part == "fusion":
-        fusion_part(data.default_cache_dir(), work, args.smoke)
+        fusion_part(data.default_cache_dir(), work, args.smoke, args.descent_steps)
     else:
-        both_parts(work, solve, args.smoke)
+        both_parts(work, solve, args.smoke, args.descent_steps)
     print(f"\ndemo done in {time.perf_counter() - tic:.0f} s")
 
 

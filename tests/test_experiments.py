@@ -68,9 +68,13 @@ def test_demo(tmp_path, capsys, monkeypatch):
     assert [out.find(s) for s in order] == sorted(out.find(s) for s in order), out
     assert out.find(order[0]) >= 0 and "demo done" in out
     assert "step/s" in err  # the training's bars, released
-    demo.main(["--workdir", str(tmp_path / "again"), "--smoke", "--part", "fusion"])
+    again = ["--workdir", str(tmp_path / "again"), "--smoke", "--part", "fusion"]
+    demo.main([*again, "--descent-steps", "2"])
     out = capsys.readouterr().out
     assert "aligned copy" not in out and "training demo" not in out  # the models cached
+    # the straight-through row, and its path
+    assert "\n  straight-through " in out and "2 steps of descent" in out
+    assert out.count("straight-through loss barrier") == 1
     report = json.loads((tmp_path / "aligned" / "alignment.json").read_text())
     assert report["distance"]["all"]["after"] < report["distance"]["all"]["before"]
     assert (tmp_path / "interpolation.png").read_bytes()[:4] == b"\x89PNG"
@@ -82,6 +86,7 @@ def test_demo(tmp_path, capsys, monkeypatch):
     [
         (["--solve", "rotation,spin"], "--solve: unknown blocks ['spin']"),
         (["--workdir", "FILE"], "is a file, not a directory"),
+        (["--descent-steps", "-1"], "--descent-steps must be >= 0, got -1"),
     ],
 )
 def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
