@@ -15,8 +15,8 @@ The two parts run side by side (part 1 in a subprocess, its output first); ``--p
         [--descent-steps N]
 
 ``--descent-steps N`` adds a row: the activation alignment refined by N steps of
-straight-through descent (`rotjax.merge.align_straight_through`; ~0.25 s a step here, so not
-in the default run, whose cached time is about a minute).
+straight-through descent (`rotjax.merge.align_straight_through`; 0.25-0.3 s a step on this
+CPU, so not in the default run, whose cached time is about a minute).
 """
 
 from __future__ import annotations

@@ -186,6 +186,7 @@ def align_variants(
                     init=res,
                     key=key,
                     solve=solve,
+                    solver=opts.get("solver", "scipy"),
                     **descent,
                 )
         else:

@@ -336,6 +336,12 @@ def test_a_model_of_weight_zero_is_left_out(seed):
         np.testing.assert_array_equal(got["w"], want["w"])  # the same program on the same inputs
         got = method([bad, a, b], *[[s[2], *s[:2]] for s in args], weights=[0, 1, 3])
         np.testing.assert_array_equal(got["w"], want["w"])
+    # its statistics are not read either: a NaN Fisher, also when normalising by its norm
+    nan = {"fisher": {"w": jnp.full((3, 2), jnp.nan)}, "gram": stats[2]["gram"]}
+    for normalize in (False, True):
+        want = merge.fisher([a, b], stats[:2], weights=[1.0, 3.0], normalize=normalize)
+        got = merge.fisher([a, b, bad], [*stats[:2], nan], weights=[1, 3, 0], normalize=normalize)
+        np.testing.assert_array_equal(got["w"], want["w"])
     # only one model of weight > 0 left: the merge is that model
     np.testing.assert_allclose(merge.average([a, bad], weights=[1, 0])["w"], a["w"], rtol=1e-7)
 

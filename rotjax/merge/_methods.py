@@ -192,15 +192,17 @@ def fisher(
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     _check_cover(paths, fs, "fisher")
     _check_fishers(paths, leaves[0], fs)
+    w = model_weights(weights, len(params_list))
+    kept = [i for i, wi in enumerate(w) if wi > 0]  # a model of weight 0 is never read
     # A NaN Fisher would make the merge of its entry the plain average, silently.
-    bad = [f"  stats_list[{i}]: {p}" for i, f in enumerate(fs) for p in non_finite(dict(f))]
+    bad = [f"  stats_list[{i}]: {p}" for i in kept for p in non_finite(dict(fs[i]))]
     if bad:
         raise ValueError("Fishers with NaN or Inf:\n" + "\n".join(bad))
-    w = model_weights(weights, len(params_list))
     if normalize:
-        norms = np.array([_norm([f[p] for p in f]) for f in fs])
-        if not np.all(np.isfinite(norms) & (norms > 0)):
-            bad = [i for i, n in enumerate(norms) if not (np.isfinite(n) and n > 0)]
+        norms = np.ones(len(fs))
+        norms[kept] = [_norm([fs[i][p] for p in fs[i]]) for i in kept]
+        bad = [i for i in kept if not (np.isfinite(norms[i]) and norms[i] > 0)]
+        if bad:
             raise ValueError(f"normalize: the Fishers of stats_list{bad} are zero or not finite")
         w = model_weights(w / norms, len(params_list))
     # No Fisher for a param (None): a plain average.
