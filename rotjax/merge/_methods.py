@@ -182,7 +182,8 @@ def fisher(
     Raises:
       ValueError: models that differ, missing Fishers, a Fisher of another shape than its
         param, or that only some models have, or of a param the models lack (paths and shapes
-        named), a Fisher with NaN or Inf, eps <= 0, bad weights, a zero Fisher to normalise.
+        named), a Fisher with NaN or Inf, eps <= 0, bad weights, a zero Fisher to normalise
+        (of a model of weight > 0: the others are not read).
     """
     paths, leaves, treedef = checked_models(params_list)
     fs = [_fishers(s, i) for i, s in enumerate(stats_list)]
