@@ -89,6 +89,11 @@ def test_circuits_are_the_truncated_svd_of_the_mean_circuit(seed):
     weights = [1.0, 3.0, 0.5]
     base = merge.average(models, weights)
     out = to_dict(merge.circuits(c.spec, base, models, weights=weights))
+    # a model of weight 0 is left out: NaN in it changes nothing
+    nan = jax.tree.map(lambda v: jnp.full_like(v, jnp.nan), models[0])
+    again = merge.circuits(c.spec, base, [models[0], nan, *models[1:]], weights=[1, 0, 3, 0.5])
+    for p, v in to_dict(again).items():
+        np.testing.assert_array_equal(v, out[p])
     flat = [{p: np.asarray(v, np.float64) for p, v in to_dict(m).items()} for m in models]
     w = np.asarray(weights) / sum(weights)
     at = "encoder/layer_1/attention/"

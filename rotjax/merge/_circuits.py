@@ -28,7 +28,7 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.match import polar
-from rotjax.merge._methods import checked_models, model_weights, scalar
+from rotjax.merge._methods import _weighted, checked_models, model_weights, scalar
 from rotjax.tree import placed_like, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -67,7 +67,7 @@ def circuits(
       merged: the base merge (e.g. ``merge.average(params_list)``): every param the circuits do
         not replace comes from it.
       params_list: the (aligned) models, N >= 2.
-      weights: λ, one per model (default all 1).
+      weights: λ, one per model (default all 1; a model of weight 0 is left out).
 
     Returns:
       A new params pytree like ``merged`` (leaves keep their dtypes).
@@ -79,7 +79,7 @@ def circuits(
     checked_models(params_list)
     paths, (base_leaves, *leaves), treedef = checked_models([merged, *params_list], first="merged")
     sym.validate(spec, params_list[0])
-    w = model_weights(weights, len(params_list))
+    w, leaves = _weighted(model_weights(weights, len(params_list)), leaves)  # weight 0: left out
     w = scalar(w / w.sum())  # float64 with x64
     base = dict(zip(paths, base_leaves, strict=True))
     models = [dict(zip(paths, x, strict=True)) for x in leaves]

@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls, kernel_path
-from rotjax.merge._methods import checked_models, model_weights, scalar
+from rotjax.merge._methods import _weighted, checked_models, model_weights, scalar
 from rotjax.merge._stats import _split
 from rotjax.models import family
 from rotjax.tree import placed_like, wide
@@ -76,7 +76,7 @@ def refit(
       params_list: The N ≥ 1 models (aligned to one another), as for `average`.
       batches: Unlabeled model inputs, as for `rotjax.merge.statistics` (tuples of
         ``model.apply``'s positional arguments or dicts of named arrays), read once per stage.
-      weights: λ, one per model (default all 1).
+      weights: λ, one per model (default all 1; a model of weight 0 is left out).
       ridge: ρ >= 0, relative to the mean diagonal of each layer's input Gram: how strongly
         each layer is held to ``merged``'s. It also keeps float32 stable: on a tiny random
         post-norm BERT, a float32 refit's logits were 7e-5 from a float64 one's at 1e-4, but
@@ -98,7 +98,11 @@ def refit(
       ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
     """
     paths, leaves, treedef = checked_models([merged, *params_list], first="merged")
-    lam = model_weights(weights, len(params_list))
+    # a model of weight 0 is left out (its passes not run, its values never read)
+    lam, params_list, models = _weighted(
+        model_weights(weights, len(params_list)), params_list, leaves[1:]
+    )
+    leaves = [leaves[0], *models]
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     if not (isinstance(memory, int) and memory >= 0):
