@@ -231,6 +231,18 @@ def smoke(config: Config) -> Config:
 # ----------------------------------------------------------------------------- input pipeline
 
 
+DATA_FILE = "data.json"  # a run's data version, written when it starts
+
+
+def run_data_version(workdir: str | os.PathLike[str], default: str | None) -> str | None:
+    """The data version a run in ``workdir`` started on (`DATA_FILE`; ``default`` for runs
+    that predate the file, whose version is unknown)."""
+    try:
+        return json.loads((Path(workdir) / DATA_FILE).read_text())["data_version"]
+    except FileNotFoundError:
+        return default
+
+
 def data_version(config: Config) -> str | None:
     """The version of the data code a run's examples come from, kept in its summary, so that
     `cached` trains a run of older data afresh: the WordNet datasets' selection, order and
@@ -316,7 +328,8 @@ def train_and_evaluate(
     A workdir holding a run of another config is not resumed (its checkpoints would be
     continued under the new settings, or, finished, kept while the summary claimed the new
     ones) unless ``allow_config_change``; nor one of the same config whose training data has
-    changed size since (its later batches would replay and skip examples: `rotjax.train.fit`).
+    changed since it started: its data version (`data_version`, recorded in `DATA_FILE`) or
+    its size (its later batches would replay and skip examples: `rotjax.train.fit`).
 
     Returns:
         The summary dict also written to ``workdir/summary.json``.
@@ -340,8 +353,18 @@ def train_and_evaluate(
             )
         if diff:  # the old run's summary would stand beside the new config
             (workdir / "summary.json").unlink(missing_ok=True)
+    version = data_version(config)
+    if started and run_data_version(workdir, version) != version:
+        if not allow_config_change:  # its batches so far were other examples, or in another order
+            raise ValueError(
+                f"{workdir} holds a run of other training data (data version "
+                f"{run_data_version(workdir, version)!r}, now {version!r}); use another "
+                "workdir, or --allow-config-change to continue it on today's data"
+            )
+        (workdir / "summary.json").unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     old_file.write_text(json.dumps(new, indent=2))
+    (workdir / DATA_FILE).write_text(json.dumps({"data_version": version}) + "\n")
     begin = time.perf_counter()
     data = load_data(config)
     num_labels = len(data["label_names"])
@@ -534,7 +557,7 @@ def finished(config: Config, workdir: str | os.PathLike[str]) -> dict | None:
 def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -> dict:
     """The summary of ``config``'s finished run in ``workdir``, training it first if needed: a
     workdir holding a run of another config (an edited preset, another mode) is deleted and
-    trained afresh, and so is a finished run of older data (`data_version`); an unfinished
+    trained afresh, and so is a run of older data (`data_version`, finished or not); an unfinished
     run of the same config resumes from its checkpoints.
 
     Raises:
@@ -556,8 +579,11 @@ def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -
             run = None
         if not isinstance(run, dict) or not {"name", "model", "dataset"} <= set(run):
             raise ValueError(f"{workdir} is not a training run (its config.json); not deleting it")
-        # another config, or (same config, `finished` said no) a run of older data
-        if config_diff(run, config) or (Path(workdir) / "summary.json").is_file():
+        # another config, or (same config, `finished` said no) a run of older data, finished
+        # or not (an unfinished one would resume its checkpoints on today's data)
+        version = data_version(config)
+        older = run_data_version(workdir, version) != version
+        if config_diff(run, config) or (Path(workdir) / "summary.json").is_file() or older:
             shutil.rmtree(workdir)
     return train_and_evaluate(config, workdir, progress=progress)
 

@@ -142,7 +142,7 @@ def test_merge_benchmark(tmp_path):
     assert all(v["warm"] > 0 for v in row["merge_seconds"].values())
 
 
-def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys):
+def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys, monkeypatch):
     from experiments import train as T
 
     base = ["--config", "vit_fashion_mnist", "--workdir", str(tmp_path), "--smoke", "--no-progress"]
@@ -154,6 +154,14 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys):
         T.main([*base, "--set", "dataset=digits", "--seed", "1"])
     assert (tmp_path / "summary.json").read_text() == before  # nothing rewritten
     T.main([*base, "--set", "dataset=digits", "--seed", "1", "--allow-config-change"])
+    # the same config, but the data's version changed since the run started: not resumed
+    same = [*base, "--set", "dataset=digits", "--seed", "1"]
+    with monkeypatch.context() as m:
+        m.setattr(T, "data_version", lambda c: "newer")
+        with pytest.raises(SystemExit, match=r"other training data \(data version None, now"):
+            T.main(same)
+        T.main([*same, "--allow-config-change"])
+    assert json.loads((tmp_path / "data.json").read_text()) == {"data_version": "newer"}
     with pytest.raises(SystemExit, match="config field batch_size must be an int, got 'abc'"):
         T.main([*base[:2], "--workdir", str(tmp_path / "new"), "--set", "batch_size=abc"])
     assert not (tmp_path / "new").exists()
@@ -187,6 +195,13 @@ def test_cached_runs_are_reused_or_trained_afresh(tmp_path, monkeypatch):
     assert T.finished(other, run)["wall_seconds"] == second["wall_seconds"]
     monkeypatch.undo()
     second = T.cached(other, run)  # (back to this data's version)
+    # An unfinished run of older data: trained afresh, not resumed on today's data.
+    (run / "summary.json").unlink()
+    (run / T.DATA_FILE).write_text(json.dumps({"data_version": "older"}))
+    assert T.cached(other, run)["resumed_from"] is None
+    (run / "summary.json").unlink()  # (of today's data: resumed)
+    assert T.cached(other, run)["resumed_from"] is not None
+    second = T.cached(other, run)
     # A run predating a field (its default) is the same run; older logs without "steps".
     saved = json.loads((run / "config.json").read_text())
     del saved["keep_checkpoints"], saved["vit_config"]["qkv_bias"]
