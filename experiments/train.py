@@ -237,10 +237,13 @@ DATA_FILE = "data.json"  # a run's data version, written when it starts
 def run_data_version(workdir: str | os.PathLike[str], default: str | None) -> str | None:
     """The data version a run in ``workdir`` started on (`DATA_FILE`; ``default`` for runs
     that predate the file, whose version is unknown)."""
+    path = Path(workdir) / DATA_FILE
     try:
-        return json.loads((Path(workdir) / DATA_FILE).read_text())["data_version"]
+        return json.loads(path.read_text())["data_version"]
     except FileNotFoundError:
         return default
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise ValueError(f"{path} is not a run's data version ({e}); remove it or the run") from e
 
 
 def data_version(config: Config) -> str | None:
@@ -363,8 +366,14 @@ def train_and_evaluate(
             )
         (workdir / "summary.json").unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
-    old_file.write_text(json.dumps(new, indent=2))
-    (workdir / DATA_FILE).write_text(json.dumps({"data_version": version}) + "\n")
+    if jax.process_index() == 0:  # one writer; whole files, as other processes read them
+        for path, text in (
+            (old_file, json.dumps(new, indent=2)),
+            (workdir / DATA_FILE, json.dumps({"data_version": version}) + "\n"),
+        ):
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text(text)
+            tmp.replace(path)
     begin = time.perf_counter()
     data = load_data(config)
     num_labels = len(data["label_names"])

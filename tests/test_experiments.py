@@ -201,6 +201,14 @@ def test_cached_runs_are_reused_or_trained_afresh(tmp_path, monkeypatch):
     assert T.cached(other, run)["resumed_from"] is None
     (run / "summary.json").unlink()  # (of today's data: resumed)
     assert T.cached(other, run)["resumed_from"] is not None
+    (run / "summary.json").unlink()  # (of unknown data, begun before data.json: resumed)
+    (run / T.DATA_FILE).unlink()
+    assert T.cached(other, run)["resumed_from"] is not None
+    (run / "summary.json").unlink()
+    (run / T.DATA_FILE).write_text("{")  # damaged: refused by name, not a bare traceback
+    with pytest.raises(ValueError, match=r"data\.json is not a run's data version"):
+        T.cached(other, run)
+    (run / T.DATA_FILE).unlink()
     second = T.cached(other, run)
     # A run predating a field (its default) is the same run; older logs without "steps".
     saved = json.loads((run / "config.json").read_text())
