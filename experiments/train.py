@@ -42,6 +42,7 @@ import rotjax.data
 import rotjax.hf
 from rotjax import train
 from rotjax.models import check_fields, family, vit
+from rotjax.train._loop import _write_whole  # whole or not at all: other processes read
 
 VIT_FASHION_MNIST = vit.Config(
     hidden_size=64,
@@ -357,23 +358,19 @@ def train_and_evaluate(
         if diff:  # the old run's summary would stand beside the new config
             (workdir / "summary.json").unlink(missing_ok=True)
     version = data_version(config)
-    if started and run_data_version(workdir, version) != version:
+    begun_on = run_data_version(workdir, version) if started else version
+    if begun_on != version:
         if not allow_config_change:  # its batches so far were other examples, or in another order
             raise ValueError(
-                f"{workdir} holds a run of other training data (data version "
-                f"{run_data_version(workdir, version)!r}, now {version!r}); use another "
-                "workdir, or --allow-config-change to continue it on today's data"
+                f"{workdir} holds a run of other training data (data version {begun_on!r}, "
+                f"now {version!r}); use another workdir, or --allow-config-change to continue "
+                "it on today's data"
             )
         (workdir / "summary.json").unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # one writer; whole files, as other processes read them
-        for path, text in (
-            (old_file, json.dumps(new, indent=2)),
-            (workdir / DATA_FILE, json.dumps({"data_version": version}) + "\n"),
-        ):
-            tmp = path.with_suffix(".tmp")
-            tmp.write_text(text)
-            tmp.replace(path)
+        _write_whole(old_file, json.dumps(new, indent=2))
+        _write_whole(workdir / DATA_FILE, json.dumps({"data_version": version}) + "\n")
     begin = time.perf_counter()
     data = load_data(config)
     num_labels = len(data["label_names"])

@@ -328,6 +328,20 @@ def test_merge_rows_reuse_statistics(monkeypatch):
     assert drop(reused) == drop(fresh)
 
 
+def _tiny_vit_pair():
+    """Two random tiny ViTs as a `fusion.Pair`, and 8 unlabeled random images."""
+    import jax
+    import numpy as np
+
+    from experiments import fusion
+    from rotjax.models import family
+
+    fam = family(TINY_VIT)
+    pair = fusion.Pair(TINY_VIT, *(fam.init(TINY_VIT, jax.random.key(i)) for i in range(2)))
+    images = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
+    return pair, {"images": images}
+
+
 def test_align_variants_caps_only_the_iterating_alignments(monkeypatch):
     """``max_sweeps`` caps the alignments that iterate (the stream solved), the activation
     variant's data-free candidate included (reused, not redone uncapped); the paper's single
@@ -337,12 +351,8 @@ def test_align_variants_caps_only_the_iterating_alignments(monkeypatch):
 
     from experiments import fusion
     from rotjax import match
-    from rotjax.models import family
 
-    config = TINY_VIT
-    fam = family(config)
-    pair = fusion.Pair(config, *(fam.init(config, jax.random.key(i)) for i in range(2)))
-    unlabeled = {"images": np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)}
+    pair, unlabeled = _tiny_vit_pair()
     calls = []
     align = match.align
     monkeypatch.setattr(
@@ -376,12 +386,8 @@ def test_straight_through_variant_descends_from_the_activation_variant(monkeypat
 
     from experiments import fusion
     from rotjax import merge
-    from rotjax.models import family
 
-    config = TINY_VIT
-    fam = family(config)
-    pair = fusion.Pair(config, *(fam.init(config, jax.random.key(i)) for i in range(2)))
-    unlabeled = {"images": np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)}
+    pair, unlabeled = _tiny_vit_pair()
     calls = []
     by_activations = merge.align_by_activations
     monkeypatch.setattr(

@@ -29,6 +29,7 @@ from pathlib import Path
 from experiments.reproduce import _language, _report, _vision
 from experiments.reproduce._models import Settings
 from rotjax import train
+from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
 
 PARTS = {"vision": _vision.run, "language": _language.run}
 
@@ -89,9 +90,7 @@ def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: s
     keys = {"key": _key(settings, part, out, code), "mode": settings.mode, "commit": commit}
     results = {**keys, "seconds": seconds, **results}
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(results, indent=1, default=float) + "\n")
-    tmp.replace(path)
+    _write_whole(path, json.dumps(results, indent=1, default=float) + "\n")
     return results
 
 
