@@ -11,14 +11,22 @@ import tempfile
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-# Tiny models compile far longer than they run: LLVM's optimisation passes off (the same
-# programs, unoptimised machine code) took tests/test_merge.py from 14.1 to 9.8 CPU-minutes
-# (2026-12-02; some compute-bound tests ran up to 2x slower).
-if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
-    flags = os.environ.get("XLA_FLAGS", "") + " --xla_backend_optimization_level=0"
-    os.environ["XLA_FLAGS"] = flags.strip()
+# Tiny models compile far longer than they run, so the tests compile for speed of compilation
+# (the same programs; each flag is left alone when XLA_FLAGS sets it):
+# - LLVM's optimisation passes off: tests/test_merge.py from 14.1 to 9.8 CPU-minutes
+#   (2026-12-02; some compute-bound tests ran up to 2x slower);
+# - XLA:CPU's older loop emitters instead of its MLIR fusion emitters: a one-op program
+#   compiled in 11 ms instead of 28, tests/test_symmetry.py cold in 40 s instead of 61, the
+#   whole suite cold in 537 s instead of 760-846 (2026-12-05), and the slowest
+#   compute-bound tests no slower.
+for flag, value in (
+    ("xla_backend_optimization_level", "0"),
+    ("xla_cpu_use_fusion_emitters", "false"),
+):
+    if flag not in os.environ.get("XLA_FLAGS", ""):
+        os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{flag}={value}".strip()
 
-import jax
+import jax  # noqa: E402
 
 NUM_DEVICES = 8
 jax.config.update("jax_num_cpu_devices", NUM_DEVICES)

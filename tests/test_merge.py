@@ -1242,8 +1242,10 @@ def test_sharded_statistics_and_merges_match_one_device(key):
     assert rel_err(many["gram"], one["gram"]) <= 1e-6
     # Attention key biases left out: their true gradient is zero (they shift all scores of a
     # query alike), so their Fisher is rounding noise whose value depends on summation order.
+    # The rest: squares of per-example gradients from differently partitioned programs, whose
+    # last bits differ (up to 1.3e-6 over 300 seeds, 2e-7 typically).
     real = lambda f: {p: x for p, x in f.items() if not p.endswith("attention/key/bias")}
-    assert rel_err(real(many["fisher"]), real(one["fisher"])) <= 1e-6
+    assert rel_err(real(many["fisher"]), real(one["fisher"])) <= 5e-6
     # Params sharded along a model axis (the FFN width, 4 devices): merges keep the sharding.
     model_mesh = Mesh(np.asarray(jax.devices()[:4]), ("model",))
     kernel = NamedSharding(model_mesh, P(None, "model"))
