@@ -16,7 +16,7 @@ The two parts run side by side (part 1 in a subprocess, its output first); ``--p
 
 ``--descent-steps N`` adds a row: the activation alignment refined by N steps of
 straight-through descent (`rotjax.merge.align_straight_through`; 0.25-0.3 s a step on this
-CPU, so not in the default run, whose cached time is about a minute).
+CPU, so not in the default run, whose cached time is about a minute); fusion part only.
 """
 
 from __future__ import annotations
@@ -309,6 +309,8 @@ def main(argv=None):
         parser.error(f"--workdir {args.workdir} is a file, not a directory")
     if args.descent_steps < 0:
         parser.error(f"--descent-steps must be >= 0, got {args.descent_steps}")
+    if args.descent_steps and args.part == "symmetry":
+        parser.error("--descent-steps applies to the fusion part: not with --part symmetry")
     # Every program cached, however quick to compile: a cached demo is ~500 small programs.
     train.enable_compilation_cache(min_compile_seconds=0.0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))

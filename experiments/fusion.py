@@ -19,6 +19,7 @@ import numpy as np
 
 from rotjax import data, hf, match, merge, train
 from rotjax import symmetry as sym
+from rotjax.merge._straight import _check_descent  # the descent's own checks, run early
 from rotjax.models import family
 
 # Alignment variants: name -> match.align options (None: no alignment). "paper" is the
@@ -130,6 +131,12 @@ def align_variants(
     activation variants' data-free candidate included; single-pass variants (the paper's)
     keep their one pass, and the activation start's own candidates their sweeps."""
     table = {**ALIGNMENTS, **(options or {})}
+    for name in names:  # every variant's descent options checked before any work
+        opts = table[name] or {}
+        if opts.get("activations") and "steps" in opts:
+            _check_descent(
+                opts["steps"], opts.get("learning_rate", 1e-3), solve=opts.get("solve", match.ALL)
+            )
     out = {}
     canonical = None
     # Data-free alignments by (canonical form, solved blocks), with their seconds: the

@@ -87,6 +87,7 @@ def test_demo(tmp_path, capsys, monkeypatch):
         (["--solve", "rotation,spin"], "--solve: unknown blocks ['spin']"),
         (["--workdir", "FILE"], "is a file, not a directory"),
         (["--descent-steps", "-1"], "--descent-steps must be >= 0, got -1"),
+        (["--descent-steps", "5", "--part", "symmetry"], "applies to the fusion part"),
     ],
 )
 def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys, monkeypatch):
@@ -418,6 +419,27 @@ def test_straight_through_variant_descends_from_the_activation_variant(monkeypat
         np.testing.assert_array_equal(x, y)
     seconds = {n: v["seconds"] for n, v in variants.items()}
     assert seconds["straight-through"] > seconds["activations"] > 0
+
+
+@pytest.mark.parametrize(
+    "descent, message",
+    [({"steps": -1}, "steps must be an integer >= 0"), ({"learning_rate": 0.0}, "learning_rate")],
+)
+def test_align_variants_checks_the_descent_before_any_work(descent, message, monkeypatch):
+    """A straight-through variant's bad options are refused before the other variants'
+    alignments run (they take minutes on real models)."""
+    from experiments import fusion
+    from rotjax import match, merge
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("an alignment ran before the options were checked")
+
+    monkeypatch.setattr(match, "align", no_work)
+    monkeypatch.setattr(merge, "align_by_activations", no_work)
+    pair, unlabeled = _tiny_vit_pair()
+    bad = {**fusion.ALIGNMENTS["straight-through"], **descent}
+    with pytest.raises(ValueError, match=message):
+        fusion.align_variants(pair, ["all", "activations", "bad"], unlabeled, options={"bad": bad})
 
 
 def test_multitask_limits_are_exact():
