@@ -223,6 +223,8 @@ def test_ties_and_dare_by_hand(key):
             merge.task_arithmetic(base, [a, b], scale=bad)
         with pytest.raises(ValueError, match="scale must be a finite number"):
             merge.dare(base, [a, b], key=key, scale=bad)
+        with pytest.raises(ValueError, match="scale must be a finite number"):
+            merge.ties(base, [a, b], scale=bad)
     # An entry whose values sum to exactly 0 takes the majority of the elected signs (the
     # paper's code): here + (two entries +), then - (two entries -).
     zero = {"w": jnp.zeros(3)}
@@ -259,6 +261,16 @@ def test_ties_and_dare_by_hand(key):
     assert rel_err(dare_ties(0.2), every) == 0  # the defaults: every survivor kept
     kept = lambda w: int(jnp.count_nonzero(w))
     assert kept(dare_ties(0.05)) < kept(every) <= 2 * 0.1 * 20000 * 1.1
+    # DARE-TIES is TIES on the dropped task vectors (model i's drawn from fold_in(key, i); the
+    # base in the other place draws nothing), ties resolved by the same majority: half the
+    # entries of b are -a's, so where both survive their sum is exactly 0.
+    x = jax.random.normal(jax.random.fold_in(key, 3), (2, 400))
+    a, b = {"w": x[0]}, {"w": jnp.where(jnp.arange(400) % 2 == 0, -x[0], x[1])}
+    zero = {"w": jnp.zeros(400)}
+    one = lambda i, m: merge.dare(zero, [m, zero] if i == 0 else [zero, m], key=key, drop=0.5)
+    want = merge.ties(zero, [one(0, a), one(1, b)], density=0.3)["w"]
+    got = merge.dare(zero, [a, b], key=key, drop=0.5, combine="ties", density=0.3)["w"]
+    np.testing.assert_array_equal(got, want)
 
 
 def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
@@ -1275,6 +1287,8 @@ def test_sharded_statistics_and_merges_match_one_device(key):
         ("regmean", lambda ps: merge.regmean(ps, stats)),
         ("fisher", lambda ps: merge.fisher(ps, [one, one])),
         ("ot-wts", lambda ps: merge.ot_fusion(c.spec, *ps, mode="wts").params),
+        ("ties", lambda ps: merge.ties(ps[0], ps, density=0.3)),  # two programs: see _task
+        ("dare-ties", lambda ps: merge.dare(ps[0], ps, key=key, drop=0.5, combine="ties")),
     ):
         want = to_dict(method([from_dict(fa), from_dict(fb)]))
         got = to_dict(method([from_dict(sa), from_dict(sb)]))
