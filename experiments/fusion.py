@@ -133,7 +133,7 @@ def align_variants(
     table = {**ALIGNMENTS, **(options or {})}
     for name in names:  # every variant's descent options checked before any work
         opts = table[name] or {}
-        if opts.get("activations") and "steps" in opts:
+        if opts.get("activations") and opts.get("steps"):  # as the loop below runs it
             _check_descent(
                 opts["steps"], opts.get("learning_rate", 1e-3), solve=opts.get("solve", match.ALL)
             )

@@ -6,6 +6,7 @@ test reports its seed, and `ROTJAX_SEED=<seed> pytest ...` replays it.
 """
 
 import os
+import re
 import secrets
 import tempfile
 
@@ -27,7 +28,7 @@ for flag, value in (
     ("xla_cpu_use_fusion_emitters", "false"),
     ("xla_cpu_parallel_codegen_split_count", "1"),
 ):
-    if flag not in os.environ.get("XLA_FLAGS", ""):
+    if not re.search(rf"--{flag}(=|\s|$)", os.environ.get("XLA_FLAGS", "")):
         os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} --{flag}={value}".strip()
 
 import jax  # noqa: E402

@@ -206,7 +206,7 @@ def test_merging_identical_models_returns_them(name, key):
             merge.ot_fusion(spec, a, a, **bad)
 
 
-def test_ties_and_dare_by_hand(key):
+def test_ties_and_dare_by_hand(key, monkeypatch):
     base = {"w": jnp.zeros(6)}
     a = {"w": jnp.array([3.0, -2.0, 0.5, 1.0, 0.0, -4.0])}
     b = {"w": jnp.array([-1.0, -3.0, 0.2, 2.0, 5.0, 1.0])}
@@ -223,8 +223,17 @@ def test_ties_and_dare_by_hand(key):
             merge.task_arithmetic(base, [a, b], scale=bad)
         with pytest.raises(ValueError, match="scale must be a finite number"):
             merge.dare(base, [a, b], key=key, scale=bad)
-        with pytest.raises(ValueError, match="scale must be a finite number"):
-            merge.ties(base, [a, b], scale=bad)
+    # Checked before any program runs (TIES and DARE-TIES run two).
+    monkeypatch.setattr(_task, "_task_leaves", lambda *a: pytest.fail("a program ran"))
+    for bad in (np.nan, None, [1.0, 2.0]):
+        for merge_ in (
+            lambda s: merge.task_arithmetic(base, [a, b], scale=s),
+            lambda s: merge.ties(base, [a, b], scale=s),
+            lambda s: merge.dare(base, [a, b], key=key, combine="ties", scale=s),
+        ):
+            with pytest.raises(ValueError, match="scale must be a finite number"):
+                merge_(bad)
+    monkeypatch.undo()
     # An entry whose values sum to exactly 0 takes the majority of the elected signs (the
     # paper's code): here + (two entries +), then - (two entries -).
     zero = {"w": jnp.zeros(3)}
@@ -233,6 +242,13 @@ def test_ties_and_dare_by_hand(key):
         np.testing.assert_allclose(
             merge.ties(zero, [x, y], density=1.0)["w"], sign * np.array([1.0, 1.5, 2.0])
         )
+    # The majority is that of the trimmed vectors' signs: untrimmed, the three small negative
+    # entries outvote the one positive (majority -, the tie at entry 0 would give -4); the
+    # trim (2 of 5 entries each) leaves only entries 0 and 1, and the majority +.
+    x = {"w": jnp.array([4.0, 3.0, -0.1, -0.1, -0.1])}
+    y = {"w": jnp.array([-4.0, 2.0, -0.1, -0.1, -0.1])}
+    got = merge.ties({"w": jnp.zeros(5)}, [x, y], density=0.4)["w"]
+    np.testing.assert_allclose(got, [4.0, 2.5, 0.0, 0.0, 0.0])
     two = {"w": jnp.zeros(6), "v": jnp.zeros(2)}
     aa, bb = {**a, "v": jnp.array([0.1, 0.2])}, {**b, "v": jnp.array([-0.3, 0.0])}
     # Per tensor: v keeps its own top half ([., 0.2] and [-0.3, .]) although both entries are

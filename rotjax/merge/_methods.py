@@ -103,7 +103,8 @@ def average(params_list: Sequence[Any], weights: Sequence[float] | None = None) 
 
 
 # The merges run as one compiled program per architecture (leaf by leaf, every leaf's small
-# op would compile and dispatch on its own); inputs may be sharded, outputs keep their layout.
+# op would compile and dispatch on its own; TIES and DARE two or three: see `_task`); inputs
+# may be sharded, outputs keep their layout.
 @jax.jit
 def _average_leaves(w, leaves):
     return [_weighted_mean(w, xs) for xs in zip(*leaves, strict=True)]

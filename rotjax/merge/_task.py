@@ -21,26 +21,37 @@ TRIMS = ("global", "tensor")
 def _merged(base, params_list, how, scale, **options):
     """``θ_base + λ how(task vectors, **options)`` as one compiled program (see
     `rotjax.merge._methods`): the trim's ``density`` and string options are static (the
-    trim's count is exact integer arithmetic on them), the others traced. ``scale=None``:
-    ``how(task vectors, **options)`` itself, in a program of its own."""
+    trim's count is exact integer arithmetic on them), the others traced."""
+    _check_scale(scale)
+    leaves, treedef, static, traced = _prepared(base, params_list, options)
+    out = _merged_leaves(how, static, leaves, scalar(scale), traced)
+    return jax.tree.unflatten(treedef, out)
+
+
+def _of_task_vectors(base, params_list, how, **options):
+    """``how(task vectors, **options)`` itself, in a program of its own (as `_merged`)."""
+    leaves, _, static, traced = _prepared(base, params_list, options)
+    return _task_leaves(how, static, leaves, traced)
+
+
+def _prepared(base, params_list, options):
     if not params_list:
         raise ValueError("merging task vectors needs at least 1 model besides the base")
-    if scale is not None:
-        _check_scale(scale)
     _, leaves, treedef = checked_models([base, *params_list], first="base")
     fixed = lambda k, v: isinstance(v, str) or k == "density"
     static = tuple(
         sorted((k, float(v) if k == "density" else v) for k, v in options.items() if fixed(k, v))
     )
     traced = {k: jax.tree.map(jnp.asarray, v) for k, v in options.items() if not fixed(k, v)}
-    if scale is None:
-        return _task_leaves(how, static, leaves, traced)
-    out = _merged_leaves(how, static, leaves, scalar(scale), traced)
-    return jax.tree.unflatten(treedef, out)
+    return leaves, treedef, static, traced
 
 
 def _check_scale(scale) -> None:
-    if np.ndim(scale) != 0 or not np.isfinite(scale):  # an array would scale entry by entry
+    try:  # an array would scale entry by entry
+        ok = np.ndim(scale) == 0 and bool(np.isfinite(scale))
+    except TypeError:  # None, a string
+        ok = False
+    if not ok:
         raise ValueError(f"scale must be a finite number, got {scale!r}")
 
 
@@ -141,7 +152,7 @@ def _elected(taus: list[list[jax.Array]]) -> tuple[list[jax.Array], list[jax.Arr
 def _majority(taus: list[list[jax.Array]]) -> jax.Array:
     """The sign of the balance of all entries' elected signs (+1 or -1; 0 if they tie).
 
-    Computed in a program of its own (`_merged` with ``scale=None``): inside the merge's
+    Computed in a program of its own (`_of_task_vectors`): inside the merge's
     program XLA fused this scalar's whole sum over the leaves into every leaf's output,
     quadratic in the number of leaves (TIES on a 104-leaf ViT compiled in 17 s; split, in
     1.8 s and 1.0 s)."""
@@ -194,19 +205,18 @@ def ties(
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {TRIMS}, got {trim!r}")
     _check_scale(scale)  # before the first program
-    cuts, majority = _merged(base, params_list, _ties, None, density=density, trim=trim)
-    return _merged(
-        base, params_list, _ties, scale, density=density, trim=trim, cuts=cuts, majority=majority
-    )
+    given = _of_task_vectors(base, params_list, _ties, density=density, trim=trim)
+    return _merged(base, params_list, _ties, scale, given=given)
 
 
-def _ties(taus, density, trim, cuts=None, majority=None):
-    """TIES in two programs (see `_majority`): the first (no ``cuts``) returns each model's
-    trim cuts (`_cuts`, stacked) and the majority sign, the second the merged task vector
-    given them."""
-    if cuts is None:
+def _ties(taus, density=None, trim=None, given=None):
+    """TIES in two programs (see `_majority`): the first (``density`` and ``trim``) returns
+    ``given``: each model's trim cuts (`_cuts`) and the majority sign; the second the merged
+    task vector given them (one program for every density and trim)."""
+    if given is None:
         cuts = [_cuts(t, density, trim) for t in taus]
         return cuts, _majority([_keep(t, c) for t, c in zip(taus, cuts, strict=True)])
+    cuts, majority = given
     return _ties_merge([_keep(t, c) for t, c in zip(taus, cuts, strict=True)], majority)
 
 
@@ -251,8 +261,8 @@ def dare(
     keep = [_draw(jax.random.fold_in(key, i), p, shapes) for i in range(len(leaves) - 1)]
     dropped = {"keep": keep, "factor": factor, "combine": combine}
     if combine == "ties":
-        cuts, majority = _merged(base, params_list, _dare, None, **dropped, **ties_options)
-        ties_options.update(cuts=cuts, majority=majority)
+        given = _of_task_vectors(base, params_list, _dare, **dropped, **ties_options)
+        ties_options = {"given": given}
     return _merged(base, params_list, _dare, scale, **dropped, **ties_options)
 
 
