@@ -83,6 +83,18 @@ def test_descent_never_returns_worse_than_its_start(key):
     assert rel_err(res.params, unmoved.params) == 0
 
 
+def test_a_loss_lower_only_in_its_last_bits_is_no_improvement():
+    """A step that moves the merge's loss by float32 rounding does not replace its start (a
+    CLI test kept a step whose loss was 1 ulp lower than the exact alignment's: the merge
+    then differed from A by 6e-5); NaN is worse than any loss."""
+    from rotjax.merge._loss import _better
+
+    start = 0.8857294321060181
+    assert not _better(float(np.nextafter(np.float32(start), np.float32(0))), start)
+    assert _better(start * (1 - 1e-5), start) and not _better(start, start)
+    assert _better(1.0, float("nan")) and not _better(float("nan"), 1.0)
+
+
 @pytest.mark.parametrize("bad", ["loss", "gradient"])
 def test_a_merge_that_overflows_stops_the_descent_at_its_best(key, monkeypatch, bad):
     """A batch loss or gradient of NaN (an overflowing merge) would make θ NaN: the descent
