@@ -37,6 +37,8 @@ def _known_to_xla(flags):
     """The flags this jaxlib's XLA names (XLA aborts the process on an unknown flag, and a
     newer jaxlib may drop one of these: the tests then compile slower, not crash): those
     whose name is in its shared libraries (0.3 s; once, the workers inherit XLA_FLAGS)."""
+    if not flags:
+        return set()
     root = Path(importlib.util.find_spec("jaxlib").origin).parent
     known = set()
     for lib in (lib for lib in sorted(root.glob("*.so")) if lib.stat().st_size):
@@ -48,7 +50,7 @@ def _known_to_xla(flags):
 missing = [
     f for f in COMPILE_FLAGS if not re.search(rf"--{f}(=|\s|$)", os.environ.get("XLA_FLAGS", ""))
 ]
-for flag in sorted(_known_to_xla(missing)) if missing else ():
+for flag in sorted(_known_to_xla(missing)):
     os.environ["XLA_FLAGS"] = (
         f"{os.environ.get('XLA_FLAGS', '')} --{flag}={COMPILE_FLAGS[flag]}".strip()
     )

@@ -377,7 +377,7 @@ def test_a_model_of_weight_zero_is_left_out(seed):
 def test_trim_keeps_what_a_quantile_cut_keeps(seed):
     """TIES' trim finds its cut by bisection on the magnitudes' bit patterns, without sorting:
     it keeps exactly the entries that `np.quantile`'s cut keeps, ties and zeros included."""
-    from rotjax.merge._task import _trim
+    from rotjax.merge._task import _cuts, _keep
 
     rng = np.random.default_rng(seed)
     for n in (1, 2, 7, 100, 1001):
@@ -390,7 +390,8 @@ def test_trim_keeps_what_a_quantile_cut_keeps(seed):
         cut = np.quantile(flat, 1.0 - density)
         for trim, cuts in (("global", [cut] * len(tau)), ("tensor", None)):
             cuts = cuts or [np.quantile(np.abs(t), 1.0 - density) for t in tau]
-            got = _trim([jnp.asarray(t) for t in tau], density, trim)
+            tau_ = [jnp.asarray(t) for t in tau]
+            got = _keep(tau_, _cuts(tau_, density, trim))
             for t, c, g in zip(tau, cuts, got, strict=True):
                 np.testing.assert_array_equal(np.asarray(g), np.where(np.abs(t) >= c, t, 0.0))
 

@@ -68,8 +68,13 @@ def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
 def _weighted(w: np.ndarray, *per_model: Sequence[Any]) -> tuple[np.ndarray, ...]:
     """The weights above 0 and each list's entries of those models: a model of weight 0 is
     left out, never multiplied by 0 (so NaN or Inf in it cannot reach the merge)."""
-    keep = [i for i, wi in enumerate(w) if wi > 0]
+    keep = _kept(w)
     return (w[keep], *([xs[i] for i in keep] for xs in per_model))
+
+
+def _kept(w: np.ndarray) -> list[int]:
+    """The models of weight above 0 (`_weighted`)."""
+    return [i for i, wi in enumerate(w) if wi > 0]
 
 
 def _norm(leaves) -> float:
@@ -195,7 +200,7 @@ def fisher(
     _check_cover(paths, fs, "fisher")
     _check_fishers(paths, leaves[0], fs)
     w = model_weights(weights, len(params_list))
-    kept = [i for i, wi in enumerate(w) if wi > 0]  # a model of weight 0 is never read
+    kept = _kept(w)  # a model of weight 0 is never read
     # A NaN Fisher would make the merge of its entry the plain average, silently.
     bad = [f"  stats_list[{i}]: {p}" for i in kept for p in non_finite(dict(fs[i]))]
     if bad:

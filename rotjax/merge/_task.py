@@ -18,32 +18,38 @@ from rotjax.tree import wide
 TRIMS = ("global", "tensor")
 
 
-def _merged(base, params_list, how, scale, **options):
-    """``θ_base + λ how(task vectors, **options)`` as one compiled program (see
-    `rotjax.merge._methods`): the trim's ``density`` and string options are static (the
-    trim's count is exact integer arithmetic on them), the others traced."""
+def _models(base, params_list, scale):
+    """``([leaves of the base, then of each model], treedef)`` after checking them and
+    ``scale``: before any work."""
     _check_scale(scale)
-    leaves, treedef, static, traced = _prepared(base, params_list, options)
-    out = _merged_leaves(how, static, leaves, scalar(scale), traced)
-    return jax.tree.unflatten(treedef, out)
-
-
-def _of_task_vectors(base, params_list, how, **options):
-    """``how(task vectors, **options)`` itself, in a program of its own (as `_merged`)."""
-    leaves, _, static, traced = _prepared(base, params_list, options)
-    return _task_leaves(how, static, leaves, traced)
-
-
-def _prepared(base, params_list, options):
     if not params_list:
         raise ValueError("merging task vectors needs at least 1 model besides the base")
     _, leaves, treedef = checked_models([base, *params_list], first="base")
+    return leaves, treedef
+
+
+def _merged(models, how, scale, **options):
+    """``θ_base + λ how(task vectors, **options)`` as one compiled program (see
+    `rotjax.merge._methods`) on ``models`` (`_models`)."""
+    leaves, treedef = models
+    out = _merged_leaves(how, *_split(options), leaves, scalar(scale))
+    return jax.tree.unflatten(treedef, out)
+
+
+def _of_task_vectors(models, how, **options):
+    """``how(task vectors, **options)`` itself, in a program of its own (as `_merged`)."""
+    return _task_leaves(how, *_split(options), models[0])
+
+
+def _split(options):
+    """``(static, traced)``: the trim's ``density`` and string options are static (the trim's
+    count is exact integer arithmetic on them), the others traced."""
     fixed = lambda k, v: isinstance(v, str) or k == "density"
     static = tuple(
         sorted((k, float(v) if k == "density" else v) for k, v in options.items() if fixed(k, v))
     )
     traced = {k: jax.tree.map(jnp.asarray, v) for k, v in options.items() if not fixed(k, v)}
-    return leaves, treedef, static, traced
+    return static, traced
 
 
 def _check_scale(scale) -> None:
@@ -61,7 +67,7 @@ def _taus(leaves):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _merged_leaves(how, static, leaves, scale, traced):
+def _merged_leaves(how, static, traced, leaves, scale):
     merged = how(_taus(leaves), **dict(static), **traced)
     return [
         (wide(b) + scale.astype(wide(b).dtype) * t).astype(jnp.asarray(b).dtype)
@@ -70,7 +76,7 @@ def _merged_leaves(how, static, leaves, scale, traced):
 
 
 @functools.partial(jax.jit, static_argnums=(0, 1))
-def _task_leaves(how, static, leaves, traced):
+def _task_leaves(how, static, traced, leaves):
     return how(_taus(leaves), **dict(static), **traced)
 
 
@@ -82,20 +88,16 @@ def task_arithmetic(base: Any, params_list: Sequence[Any], *, scale: float = 1.0
     """``θ = θ_base + λ Σ_i τ_i`` (Ilharco et al., 2023, "Editing Models with Task
     Arithmetic"); ``λ = 1/N`` is the plain average of the models, the paper picks λ on
     validation data."""
-    return _merged(base, params_list, _sum, scale)
-
-
-def _trim(tau: list[jax.Array], density: float, trim: str) -> list[jax.Array]:
-    """Keep the ``density`` fraction of entries of largest magnitude, zero the rest: over the
-    whole task vector (``"global"``) or within each tensor (``"tensor"``). The cut is
-    ``jnp.quantile``'s: entries at or above the order statistic of magnitude at position
-    ``ceil((1 - density)(n - 1))`` survive (``_order_statistic``: no sort). NaN entries
-    survive too, as NaN (a broken model shows in the merge rather than vanish from it)."""
-    return _keep(tau, _cuts(tau, density, trim))
+    return _merged(_models(base, params_list, scale), _sum, scale)
 
 
 def _cuts(tau: list[jax.Array], density: float, trim: str) -> list[jax.Array]:
-    """The trim's cut for each leaf of ``tau`` (`_trim`; the same for all under ``"global"``)."""
+    """The trim's cut for each leaf of ``tau``, `_keep` then keeps the ``density`` fraction
+    of entries of largest magnitude and zeroes the rest: over the whole task vector
+    (``"global"``: one cut for all) or within each tensor (``"tensor"``). The cut is
+    ``jnp.quantile``'s: entries at or above the order statistic of magnitude at position
+    ``ceil((1 - density)(n - 1))`` survive (``_order_statistic``: no sort). NaN entries
+    survive too, as NaN (a broken model shows in the merge rather than vanish from it)."""
     if trim == "global":
         return [_order_statistic([jnp.abs(t) for t in tau], 1.0 - density)] * len(tau)
     return [_order_statistic([jnp.abs(t)], 1.0 - density) for t in tau]
@@ -204,9 +206,9 @@ def ties(
         raise ValueError(f"density must be in (0, 1], got {density}")
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {TRIMS}, got {trim!r}")
-    _check_scale(scale)  # before the first program
-    given = _of_task_vectors(base, params_list, _ties, density=density, trim=trim)
-    return _merged(base, params_list, _ties, scale, given=given)
+    models = _models(base, params_list, scale)
+    given = _of_task_vectors(models, _ties, density=density, trim=trim)
+    return _merged(models, _ties, scale, given=given)
 
 
 def _ties(taus, density=None, trim=None, given=None):
@@ -254,16 +256,15 @@ def dare(
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
     factor = 1.0 / (1.0 - drop) if rescale else 1.0
     ties_options = {"density": density, "trim": trim} if combine == "ties" else {}
-    _check_scale(scale)
-    _, leaves, _ = checked_models([base, *params_list], first="base")  # before the draws
-    shapes = tuple(np.shape(x) for x in leaves[0])
+    models = _models(base, params_list, scale)
+    shapes = tuple(np.shape(x) for x in models[0][0])
     p = scalar(1.0 - drop)
-    keep = [_draw(jax.random.fold_in(key, i), p, shapes) for i in range(len(leaves) - 1)]
+    keep = [_draw(jax.random.fold_in(key, i), p, shapes) for i in range(len(params_list))]
     dropped = {"keep": keep, "factor": factor, "combine": combine}
     if combine == "ties":
-        given = _of_task_vectors(base, params_list, _dare, **dropped, **ties_options)
+        given = _of_task_vectors(models, _dare, **dropped, **ties_options)
         ties_options = {"given": given}
-    return _merged(base, params_list, _dare, scale, **dropped, **ties_options)
+    return _merged(models, _dare, scale, **dropped, **ties_options)
 
 
 @functools.partial(jax.jit, static_argnums=2)
