@@ -134,9 +134,8 @@ def align_variants(
     for name in names:  # every variant's descent options checked before any work
         opts = table[name] or {}
         if opts.get("activations") and opts.get("steps"):  # as the loop below runs it
-            _check_descent(
-                opts["steps"], opts.get("learning_rate", 1e-3), solve=opts.get("solve", match.ALL)
-            )
+            descent = {k: opts[k] for k in ("steps", "learning_rate") if k in opts}
+            _check_descent(**descent, solve=opts.get("solve", match.ALL))
     out = {}
     canonical = None
     # Data-free alignments by (canonical form, solved blocks), with their seconds: the

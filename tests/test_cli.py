@@ -156,8 +156,13 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     # predicts as A, the least cross-entropy to A's predictions), which is kept
     assert rel_err(hf.load(out)[1], a) <= 1e-5
     assert "merged 2 models (average, aligned: activations)" in capsys.readouterr().out
-    (chosen,) = json.loads((out / "merge.json").read_text())["alignment"]
+    report = json.loads((out / "merge.json").read_text())
+    (chosen,) = report["alignment"]
     assert chosen["prediction_loss"] and chosen["start"] in ("activations", "weights")
+    # the options that shape the data's use are recorded (8 rows, under the 1000 kept)
+    options = {k: report["options"][k] for k in ("max_examples", "batch_size", "descent_steps")}
+    assert options == {"max_examples": 1000, "batch_size": 32, "descent_steps": 3}
+    assert not any("--max-examples" in n for n in report["notes"])
     losses = [*chosen["prediction_loss"], chosen["prediction_loss_weights_start"]]
     assert all(np.isfinite(losses)), chosen
     # B unaligned (A moved by a symmetry element) is a candidate too, and a worse one.
@@ -185,6 +190,21 @@ def test_merge_with_circuits(method, checkpoints, key, capsys):
     assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-5
     assert rel_err(merged, a) > 1e-3  # refactored heads
     assert json.loads((out / "merge.json").read_text())["options"]["circuits"] is True
+
+
+def test_refit_pads_token_files_with_the_pad_token():
+    """``--refit``'s files of different lengths go together padded at the end: ids by the
+    model's pad token (a LLaMA-style classifier reads the last token that is not it; padding
+    by 0 made a real token of it), masks and token types by 0."""
+    short = {"input_ids": np.array([[5, 6]]), "attention_mask": np.array([[1, 1]])}
+    long = {"input_ids": np.array([[1, 2, 3]]), "attention_mask": np.array([[1, 1, 1]])}
+    for pad, want in ((7, 7), (None, 0)):
+        got = _merge._together([short, long], pad)
+        np.testing.assert_array_equal(got["input_ids"], [[5, 6, want], [1, 2, 3]])
+        np.testing.assert_array_equal(got["attention_mask"], [[1, 1, 0], [1, 1, 1]])
+    typed = {**long, "token_type_ids": np.array([[1, 1, 1]])}
+    got = _merge._together([short, typed], 7)
+    np.testing.assert_array_equal(got["token_type_ids"], [[0, 0, 0], [1, 1, 1]])
 
 
 def test_merge_with_refit(checkpoints, key, capsys):
@@ -325,6 +345,21 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", ""], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--max-examples", "5"], capsys, "--max-examples does not apply")
+    # The Fisher of a softmax over one class is 0 (a plain average, silently); a regression or
+    # multi-label head's outputs are not a softmax's.
+    one = dataclasses.replace(CONFIG, num_labels=1)
+    hf.save(tmp / "one", one, compiled(one).init(jax.random.key(0), 0.3))
+    for kind in ("regression", "multi_label_classification"):
+        shutil.copytree(tmp / "a", tmp / kind)
+        config = json.loads((tmp / kind / "config.json").read_text())
+        (tmp / kind / "config.json").write_text(json.dumps({**config, "problem_type": kind}))
+    data_npz = ["--method", "fisher", "--data", str(tmp / "data.npz"), "--out", str(out)]
+    for anchor, why in (
+        ("one", "num_labels=1"),
+        *((k, f"problem_type {k}") for k in ("regression", "multi_label_classification")),
+    ):
+        other = str(tmp / "one") if anchor == "one" else B
+        _fails(["merge", str(tmp / anchor), other, *data_npz, "--quiet"], capsys, why)
     _fails([*base, "--batch-size", "5"], capsys, "--batch-size does not apply")
     _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")
     np.savez(tmp / "wrong.npz", pixel_values=np.zeros((2, 3, 8, 8), np.float32))
@@ -422,6 +457,25 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     assert cli.main([*vit, "--out", str(tmp / "noted"), "--data", str(tmp / "raw.npz")]) == 0
     assert "pixel_values reach 255" in capsys.readouterr().err
     assert "pixel_values reach 255" in (tmp / "noted" / "merge.json").read_text()
+    # Rows beyond --max-examples and a file without attention_mask whose ids hold the pad
+    # token are noted (every token then counts as real).
+    ids = np.array(inputs(CONFIG, jax.random.key(1), batch=8)[0])
+    ids[:, -2:] = CONFIG.pad_token_id
+    np.savez(tmp / "nomask.npz", input_ids=ids)
+    argv = ["merge", A, B, "--method", "regmean", "--data", str(tmp / "nomask.npz")]
+    assert cli.main([*argv, "--max-examples", "4", "--out", str(tmp / "noted2"), "--quiet"]) == 0
+    assert "no attention_mask" in capsys.readouterr().err
+    notes = json.loads((tmp / "noted2" / "merge.json").read_text())["notes"]
+    pads = int((ids[:4] == CONFIG.pad_token_id).sum())
+    assert any(n.endswith("its first 4 of 8 rows used (--max-examples)") for n in notes), notes
+    assert any(f"the pad token (id {CONFIG.pad_token_id}) at {pads} positions" in n for n in notes)
+    # Image classifiers whose classes are named differently are refused like text ones.
+    named = {"cat dog": None, "dog cat": None}
+    for i, classes in enumerate(named):
+        labels = dict(enumerate(classes.split() + [f"c{j}" for j in range(2, VIT.num_labels)]))
+        hf.save(tmp / f"vit{i}", VIT, compiled(VIT).init(jax.random.key(i), 0.3), id2label=labels)
+        named[classes] = str(tmp / f"vit{i}")
+    _fails(["merge", *named.values(), "--out", str(out), "--quiet"], capsys, "label names differ")
     assert not out.exists()
     del c
 
@@ -555,6 +609,16 @@ def test_wrongly_typed_config_is_one_clear_error(checkpoints, capsys):
             capsys,
             "config field hidden_size must be an int",
         )
+    # Fields read as mappings (a list of labels was accepted, then crashed the save).
+    config = json.loads((tmp / "a" / "config.json").read_text())
+    for field, value in (("id2label", ["neg", "pos", "mixed"]), ("rope_scaling", "linear")):
+        (tmp / "b" / "config.json").write_text(json.dumps({**config, field: value}))
+        _fails(
+            ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o")],
+            capsys,
+            f"config.json: {field} must be a JSON object (or null), got",
+        )
+    assert not (tmp / "o").exists()
 
 
 def test_sigterm_while_saving_cleans_up(checkpoints, capsys, monkeypatch):

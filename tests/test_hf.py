@@ -569,6 +569,22 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in target.iterdir()) == written
     assert sorted(p.name for p in tmp_path.iterdir()) == ["link", "out", "tok"]
+    # An empty directory filled by someone else while the weights were written: kept, the new
+    # checkpoint not moved in (it was swapped out and deleted before).
+    (tmp_path / "late").mkdir()
+    import safetensors.numpy
+
+    save_file = safetensors.numpy.save_file
+
+    def fill_then_save(*args, **kwargs):
+        (tmp_path / "late" / "theirs.txt").write_text("mine")
+        return save_file(*args, **kwargs)
+
+    monkeypatch.setattr(safetensors.numpy, "save_file", fill_then_save)
+    with pytest.raises(FileExistsError, match="written meanwhile"):
+        rotjax.hf.save(tmp_path / "late", config, params)
+    assert [p.name for p in (tmp_path / "late").iterdir()] == ["theirs.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["late", "link", "out", "tok"]
 
 
 def test_vit_image_processor_reproduces_image_pixels(seed, tmp_path):
@@ -841,6 +857,7 @@ def test_llama_checkpoint_options_rotjax_lacks_are_refused_and_buffers_dropped(s
 )
 def test_llama_configs_transformers_cannot_build_are_refused(changes, message):
     base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    base["num_key_value_heads"] = 3  # Mistral's and Qwen2's defaults are not divisors of 3
     with pytest.raises(ValueError, match=message):
         llama.Config(**{**base, **changes})
     assert llama.Config.from_hf_dict({**base, "model_type": "mistral"}).sliding_window == 4096
@@ -855,6 +872,19 @@ def test_llama_configs_transformers_cannot_build_are_refused(changes, message):
         llama.Config.from_hf_dict({**qwen2, "max_window_layers": 0, "layer_types": types})
 
 
+@pytest.mark.parametrize("kind", ["llama", "mistral", "qwen2"])
+def test_absent_num_key_value_heads_takes_the_types_default(kind):
+    """A ``config.json`` without ``num_key_value_heads``: as many as transformers' config class
+    of that type builds (Llama one per query head, Mistral 8, Qwen2 32; null: one per head)."""
+    cls = {"llama": "LlamaConfig", "mistral": "MistralConfig", "qwen2": "Qwen2Config"}[kind]
+    for heads in (32, 64):
+        d = {"model_type": kind, "hidden_size": 2048, "num_attention_heads": heads}
+        want = getattr(transformers, cls)(**d).num_key_value_heads
+        assert llama.Config.from_hf_dict(d).num_key_value_heads == want, heads
+        null = {**d, "num_key_value_heads": None}
+        assert llama.Config.from_hf_dict(null).num_key_value_heads == heads
+
+
 def test_a_config_named_by_its_architecture_alone_gets_its_types_defaults():
     """A ``config.json`` with ``architectures`` but no ``model_type``: the architecture's type
     sets the defaults that differ by type (RoBERTa numbered positions from BERT's pad id 0,
@@ -862,6 +892,7 @@ def test_a_config_named_by_its_architecture_alone_gets_its_types_defaults():
     from rotjax.hf import _load, _mapping
 
     base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
+    base["num_key_value_heads"] = 3  # Qwen2's default, 32, does not divide 3
     roberta = _mapping.ARCHITECTURES["RobertaForSequenceClassification"]
     cfg = _load._rotjax_config(roberta, {**base, "num_labels": 2}, has_pooler=True)
     assert (cfg.pad_token_id, cfg.model_type) == (1, "roberta")

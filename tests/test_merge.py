@@ -8,6 +8,7 @@ compared at 1e-4 (RegMean's inverse of a Gram with condition number up to ~1e2).
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -287,6 +288,33 @@ def test_ties_and_dare_by_hand(key, monkeypatch):
     want = merge.ties(zero, [one(0, a), one(1, b)], density=0.3)["w"]
     got = merge.dare(zero, [a, b], key=key, drop=0.5, combine="ties", density=0.3)["w"]
     np.testing.assert_array_equal(got, want)
+
+
+def test_per_tensor_trim_of_a_scanned_model_trims_each_layer(key):
+    """``trim="tensor"`` on a scanned model's stacked layers cuts each layer as the same model
+    unscanned does (one cut for the stack kept all of the large layer and none of the small).
+    DARE draws the same masks in both layouts (the leaves' entries in the same order)."""
+    k = jax.random.split(key, 6)
+    layer = lambda i, size: {"w": size * jax.random.normal(k[i], (4, 5))}
+    unscanned = [
+        {"encoder": {"layer_0": layer(2 * i, 1.0), "layer_1": layer(2 * i + 1, 0.01)}}
+        for i in range(3)
+    ]
+    for p, i in zip(unscanned, (0, 1, 2), strict=True):
+        p["head"] = {"b": jax.random.normal(jax.random.fold_in(key, i), (3,))}
+    scanned = [stack_layers(p) for p in unscanned]
+    assert scanned[0]["encoder"]["layers"]["w"].shape == (2, 4, 5)
+    for merge_ in (
+        lambda ps: merge.ties(ps[0], ps[1:], density=0.5, trim="tensor"),
+        lambda ps: merge.dare(
+            ps[0], ps[1:], key=key, drop=0.3, combine="ties", density=0.4, trim="tensor"
+        ),
+    ):
+        want, got = stack_layers(merge_(unscanned)), merge_(scanned)
+        for path, w in to_dict(want).items():
+            np.testing.assert_array_equal(to_dict(got)[path], w, err_msg=path)
+        small = got["encoder"]["layers"]["w"][1] - scanned[0]["encoder"]["layers"]["w"][1]
+        assert int(jnp.count_nonzero(small)) > 0  # the small layer kept its own top entries
 
 
 def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
@@ -743,6 +771,14 @@ def test_ot_fusion_of_bfloat16_models_rounds_once(key):
     for out, ref in ((got.params, want.params), (got.moved, want.moved)):
         assert {x.dtype for x in jax.tree.leaves(out)} == {jnp.dtype(jnp.bfloat16)}
         jax.tree.map(np.testing.assert_array_equal, out, to16(ref))
+    # All of B (A's weight 0): still A's dtypes (it was B moved, in float32); a FrozenDict B
+    # keeps its type through the soft maps (rebuilt as a dict, it failed to meet params_b).
+    frozen = flax.core.freeze(p16[1])
+    zero = merge.ot_fusion(c.spec, p16[0], frozen, mode="wts", transport="sinkhorn", weight=0.0)
+    assert {x.dtype for x in jax.tree.leaves(zero.params)} == {jnp.dtype(jnp.bfloat16)}
+    for path, x in to_dict(got.moved).items():
+        np.testing.assert_array_equal(to_dict(zero.moved)[path], x, err_msg=path)
+    assert isinstance(zero.moved, flax.core.FrozenDict)
 
 
 def test_correlations_of_features_with_a_large_mean_match_float64(key):
@@ -912,6 +948,15 @@ def test_prediction_loss_is_the_cross_entropy_to_the_mean_prediction(key):
     bare = CONFIGS["bert-encoder-pooler"]
     with pytest.raises(ValueError, match="classification head"):
         merge.prediction_loss(compiled(bare).model, ps[:2], data)
+    # One class (a regression head): its log-softmax is constant, loss and Fisher all 0.
+    one = compiled(dataclasses.replace(config, num_labels=1))
+    p1 = one.init(key, 0.3)
+    with pytest.raises(ValueError, match=r"classification head \(num_labels=1"):
+        merge.prediction_loss(one.model, [p1, p1], data)
+    with pytest.raises(ValueError, match=r"classification head \(num_labels=1"):
+        merge.statistics(one.model, p1, data, ("fisher",))
+    with pytest.raises(ValueError, match=r"steps > 0 needs .* \(num_labels=1"):
+        merge.align_by_activations(one.model, one.spec, p1, p1, data, steps=2)
 
 
 def test_align_by_activations_keeps_the_candidate_with_the_least_prediction_loss(key):

@@ -9,8 +9,8 @@ when its settings and models have not changed, so a rerun only recomputes what c
 ``--parts``, a part not run is reported from its last results in ``DIR/results`` (of the same
 mode); the report names the commit of the code that computed each part.
 
-Modes: ``full`` (default; ViTs of ~88% from 3 seeds, MiniLM fine-tunes from 2 seeds; on 2 CPU
-cores ~4 hours of training, then 1-2 hours of analysis: the README's Results give the times),
+Modes: ``full`` (default; ViTs of ~88% from 3 seeds, MiniLM fine-tunes from 3 seeds; on 2 CPU
+cores ~5 hours of training, then 2-3 hours of analysis: the README's Results give the times),
 ``--quick`` (the same pipeline on short runs and subsets, <= 15 minutes from nothing),
 ``--smoke`` (seconds: two ViTs of two steps, vision only; for the tests).
 """

@@ -61,6 +61,9 @@ def _seed(settings, task, names, seed, summaries, log):
     # The sampled Fisher (one label drawn from the model per example: the exact Fisher's
     # unbiased one-pass estimate); the exact one costs one backward pass per class.
     fisher_kind = "sampled"
+    # A's statistics are the same for every alignment of B: computed once (each row's
+    # statistics seconds are then those it computed, as `fusion.merge_rows` counts them)
+    memo: dict = {}
     out["merges"] = {}
     for name, v in variants.items():
         for method in METHODS:
@@ -70,6 +73,7 @@ def _seed(settings, task, names, seed, summaries, log):
                 stats_data=[stats_a, stats_b],
                 fisher_kind=fisher_kind,
                 key=key,
+                memo=memo,
             )
             out["merges"][f"{name} | {method}"] = {
                 **score(params),

@@ -22,7 +22,7 @@ class Settings:
     mode: str = "full"
     parts: tuple[str, ...] = ("vision", "language")
     vision_seeds: tuple[int, ...] = (0, 1, 2)
-    language_seeds: tuple[int, ...] = (0, 1)
+    language_seeds: tuple[int, ...] = (0, 1, 2)
     test_images: int | None = None  # None: the whole test split
     eval_texts: int | None = 1000  # per domain's test split (None: all)
     stats_examples: int = 1000  # unlabeled inputs per model (activations, Grams, Fishers)

@@ -128,7 +128,7 @@ def load_models(
         configs.append(config)
         params.append(p)
     first = configs[0]
-    classifier = getattr(first, "task", None) in ("sequence_classification", "token_classification")
+    classifier = str(getattr(first, "task", None)).endswith("_classification")  # images too
     first_names = _label_names(named[0][1]) if same_classes and classifier else None
     for (label, directory), config in zip(named[1:], configs[1:], strict=True):
         a, b = family(first), family(config)

@@ -15,6 +15,7 @@ from rotjax import data, hf, match, merge
 from rotjax import symmetry as sym
 from rotjax.cli._common import (
     CLIError,
+    _hf_config,
     check_finite,
     checked_out_dir,
     load_models,
@@ -25,6 +26,7 @@ from rotjax.cli._common import (
     symmetry_for,
 )
 from rotjax.data import IGNORE_LABEL
+from rotjax.merge._stats import _no_classes
 from rotjax.models import family
 
 METHODS = ("average", "fisher", "regmean", "task-arithmetic", "ties", "dare", "ot-acts", "ot-wts")
@@ -231,6 +233,8 @@ def read_data(
     if n == 0:
         raise CLIError(f"--data {path}: {required[0]} has no rows")
     out = {}
+    if max_examples is not None and n > max_examples and notes is not None:
+        notes.append(f"--data {path}: its first {max_examples} of {n} rows used (--max-examples)")
     unread = sorted(set(arrays) - {*fam.input_names, "labels"})
     if unread and notes is not None:  # e.g. a misspelled attention_mask: say so
         notes.append(
@@ -299,6 +303,12 @@ def read_data(
         if mask is not None and not mask.any(axis=1).all():
             empty = np.flatnonzero(~mask.any(axis=1))
             raise CLIError(f"--data {path}: rows {empty[:10].tolist()} have no real token (mask 0)")
+        pad = getattr(config, "pad_token_id", None)
+        if mask is None and pad is not None and notes is not None and (ids == pad).any():
+            notes.append(
+                f"--data {path}: no attention_mask, so every token counts as real, the pad "
+                f"token (id {pad}) at {int((ids == pad).sum())} positions included"
+            )
         out = {k: v.astype(np.int32) if k != "labels" else v for k, v in out.items()}
         out.setdefault("attention_mask", np.ones_like(out["input_ids"]))
     if "labels" in out:
@@ -351,19 +361,26 @@ def _next_tokens(labels: np.ndarray) -> np.ndarray:
 TOKEN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 
 
-def _together(datas: list[dict]) -> dict[str, np.ndarray]:
+def _together(datas: list[dict], pad_token_id: int | None = None) -> dict[str, np.ndarray]:
     """The model inputs (no labels) of every ``--data`` file in one set of arrays. Token inputs
     of different lengths are padded at the end to the longest (``attention_mask`` 0: refit
     counts real tokens only, and padding after a text changes none of its real tokens'
-    activations); ``token_type_ids`` that only some files have are 0 (the model's default) in
-    the others. Pixel values all have the model's shape (`read_data` checked them)."""
+    activations; ``input_ids`` by ``pad_token_id``, or 0 without one: a LLaMA-style
+    classifier reads the last token that is not the pad token); ``token_type_ids`` that only
+    some files have are 0 (the model's default) in the others. Pixel values all have the
+    model's shape (`read_data` checked them)."""
     datas = [{k: v for k, v in d.items() if k != "labels"} for d in datas]
     if "input_ids" in datas[0]:
         if any("token_type_ids" in d for d in datas):
             for d in datas:
                 d.setdefault("token_type_ids", np.zeros_like(d["input_ids"]))
         t = max(d["input_ids"].shape[1] for d in datas)
-        pad = lambda k, v: np.pad(v, ((0, 0), (0, t - v.shape[1]))) if k in TOKEN_INPUTS else v
+        fill = lambda k: (pad_token_id or 0) if k == "input_ids" else 0
+        pad = lambda k, v: (
+            np.pad(v, ((0, 0), (0, t - v.shape[1])), constant_values=fill(k))
+            if k in TOKEN_INPUTS
+            else v
+        )
         datas = [{k: pad(k, v) for k, v in d.items()} for d in datas]
     return data.concat(datas)
 
@@ -385,8 +402,15 @@ def run(args) -> int:
     spec, params, more = symmetry_for(config, params, args.align in ("all", "activations"))
     base = params.pop() if args.base else None
     notes += more
-    if args.method == "fisher" and config.task is None:
-        raise CLIError("--method fisher needs models with a classification head (task)")
+    if args.method == "fisher":  # a softmax classifier's (or causal LM's) Fisher only
+        kind = _hf_config(args.models[0]).get("problem_type")
+        why = _no_classes(config) or (
+            f"problem_type {kind}" if kind in ("regression", "multi_label_classification") else None
+        )
+        if why:
+            raise CLIError(
+                f"--method fisher needs models with a softmax classification head ({why})"
+            )
     if args.method == "fisher" and args.fisher is None:  # a causal LM's exact Fisher would
         # take a backward pass per token and vocabulary entry
         args.fisher = "sampled" if config.task == "causal_lm" else "exact"
@@ -394,7 +418,7 @@ def run(args) -> int:
     datas = [read_data(p, config, args.max_examples, need_labels, notes) for p in args.data]
     # --refit reads every file's inputs together (any inputs serve: each model's outputs on
     # them), built before aligning so that files which cannot go together fail first
-    shared = _together(datas) if args.refit else None
+    shared = _together(datas, getattr(config, "pad_token_id", None)) if args.refit else None
     if len(datas) == 1:
         datas = datas * len(params)
     timings["load"] = time.perf_counter() - tic
@@ -506,6 +530,9 @@ def run(args) -> int:
                 "refit",
                 "ridge",
                 "seed",
+                "max_examples",
+                "batch_size",
+                "descent_steps",
             )
         },
         "data": args.data,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import secrets
@@ -41,7 +42,15 @@ def read_config(directory: Path) -> dict[str, Any]:
     config_file = directory / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{config_file} not found")
-    return read_json(config_file)
+    config = read_json(config_file)
+    for key in OBJECT_FIELDS:  # read as mappings: anything else failed later, as a traceback
+        if config.get(key) is not None and not isinstance(config[key], dict):
+            got = type(config[key]).__name__
+            raise ValueError(f"{config_file}: {key} must be a JSON object (or null), got {got}")
+    return config
+
+
+OBJECT_FIELDS = ("id2label", "label2id", "rope_scaling", "rope_parameters")
 
 
 def read_weights(directory: Path) -> dict[str, np.ndarray]:
@@ -133,9 +142,24 @@ def write_json(file: Path, obj: Any) -> None:
         f.write("\n")
 
 
-def replace_dir(new: Path, path: Path) -> None:
+def replace_dir(new: Path, path: Path, *, overwrite: bool = True) -> None:
     """Rename ``new`` to ``path``; an existing ``path`` is swapped out, then removed (a
-    symbolic link as a link: what it points to is left alone)."""
+    symbolic link as a link: what it points to is left alone).
+
+    Without ``overwrite``, only a missing ``path`` or an empty directory is replaced, by one
+    atomic rename: a directory that another process filled since the caller checked it is
+    never removed (FileExistsError)."""
+    if not overwrite and not path.is_symlink():
+        try:
+            os.rename(new, path)  # rename(2): onto nothing or an empty directory only
+        except OSError as e:
+            if e.errno not in (errno.ENOTEMPTY, errno.EEXIST, errno.ENOTDIR, errno.EISDIR):
+                raise
+            raise FileExistsError(
+                f"{path} is no longer missing or empty (written meanwhile?); "
+                "pass overwrite=True to replace it"
+            ) from None
+        return
     if not path.exists() and not path.is_symlink():
         os.rename(new, path)
         return

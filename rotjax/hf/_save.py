@@ -144,7 +144,7 @@ def save(
                 target.write_bytes(content)
             else:
                 target.write_text(content, encoding="utf-8")
-        replace_dir(tmp, path)
+        replace_dir(tmp, path, overwrite=overwrite)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         for p in created:

@@ -12,7 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from rotjax.merge._stats import _split
+from rotjax.merge._stats import _no_classes, _split
 from rotjax.models import family
 
 MEMORY = 2**28  # bytes of mean predictions kept between calls of a prediction loss
@@ -44,8 +44,8 @@ def prediction_loss(
 def _prediction_loss(model, params_list, batches, memory):
     """`prediction_loss`, with the batches' inputs and ``target_of(i)``, the mean prediction
     on the i-th batch (kept up to ``memory`` bytes), for a caller that also descends on it."""
-    if model.config.task is None:
-        raise ValueError("prediction_loss needs a model with a classification head (task)")
+    if why := _no_classes(model.config):
+        raise ValueError(f"prediction_loss needs a model with a classification head ({why})")
     fam = family(model.config)
     inputs = [_split(fam, b)[0] for b in batches]
     if not inputs:

@@ -40,7 +40,7 @@ from rotjax.match import assign, permutation_scores
 from rotjax.match._align import _rescaled
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import _gram_inputs, average
-from rotjax.tree import from_dict, placed_like, to_dict, wide
+from rotjax.tree import flatten, from_dict, placed_like, to_dict, wide
 
 MODES = ("acts", "wts")
 TRANSPORTS = ("exact", "sinkhorn")
@@ -122,7 +122,9 @@ def ot_fusion(
                 new[n] = _sinkhorn(cost, eps)
         moved = transport_params(spec, moved, new)
         maps.update(new)
-    fused = average([params_a, moved], [weight, 1.0 - weight])  # in A's dtypes
+    fused = average([params_a, moved], [weight, 1.0 - weight])
+    # in A's dtypes (`average` gives the first kept model's: float32 B's at weight 0)
+    fused = jax.tree.map(lambda f, a: f.astype(jnp.asarray(a).dtype), fused, params_a)
     back = lambda m, b: placed_like(m.astype(jnp.asarray(b).dtype), b)
     return Fusion(fused, maps, jax.tree.map(back, moved, params_b))
 
@@ -214,15 +216,15 @@ def transport_params(spec: sym.Spec, params: Any, maps: Mapping[str, jax.Array])
         params = sym.apply(spec, params, exact)
     if not soft:
         return params
-    flat = to_dict(params)
-    out = {}
-    for path, x in flat.items():
+    paths, leaves, treedef = flatten(params)  # the tree's own type kept (a FrozenDict too)
+    out = []
+    for path, x in zip(paths, leaves, strict=True):
         y = wide(x)  # several maps on one leaf: rounded to its dtype once
         for a in spec.params[path].actions:
             if a.group in soft:
                 y = _mix(soft[a.group], y, a.axes[0], len(spec.groups[a.group].batch))
-        out[path] = placed_like(y.astype(jnp.asarray(x).dtype), x)
-    return from_dict(out)
+        out.append(placed_like(y.astype(jnp.asarray(x).dtype), x))
+    return jax.tree.unflatten(treedef, out)
 
 
 def _mix(t, x, axis, k):

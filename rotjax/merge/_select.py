@@ -21,7 +21,8 @@ from rotjax import symmetry as sym
 from rotjax.merge._acts import activation_init, cross_statistics
 from rotjax.merge._loss import MEMORY, _better, _prediction_loss
 from rotjax.merge._methods import average
-from rotjax.merge._straight import _check_descent, _descend
+from rotjax.merge._stats import _no_classes
+from rotjax.merge._straight import LEARNING_RATE, _check_descent, _descend
 
 
 def align_by_activations(
@@ -37,7 +38,7 @@ def align_by_activations(
     key: jax.Array | None = None,
     solver: str = "scipy",
     steps: int = 0,
-    learning_rate: float = 1e-3,
+    learning_rate: float = LEARNING_RATE,
     progress: bool = False,
 ) -> tuple[match.Alignment, dict[str, Any]]:
     """Align B (``params``) to A (``anchor_params``) from both models' activations on
@@ -56,7 +57,8 @@ def align_by_activations(
        `prediction_loss` against A's and B's mean prediction on the same batches; B itself
        (no alignment) is a candidate too, so the choice never predicts worse than not
        aligning (fine-tunes of one model share its basis). Models without a classification
-       head have no such loss: `align` runs to convergence from the activation start instead.
+       head of 2 or more classes have no such loss: `align` runs to convergence from the
+       activation start instead.
     4. With ``steps`` > 0, the kept one refined by `align_straight_through` (``steps`` steps
        of ``learning_rate`` on the same batches and loss, measured every 10 steps, 2 sweeps
        per projection; ``progress``: its tqdm bar). ``key`` shuffles `align`'s block order
@@ -76,12 +78,12 @@ def align_by_activations(
     if not isinstance(weights_start, bool | match.Alignment):
         raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")
     _check_descent(steps, learning_rate, solve=solve)
-    if steps and model.config.task is None:
-        raise ValueError("steps > 0 needs a model with a classification head (task)")
+    if steps and (why := _no_classes(model.config)):
+        raise ValueError(f"steps > 0 needs a model with a classification head ({why})")
     batches = list(batches)
     cross = cross_statistics(model, anchor_params, params, batches)
     start = activation_init(spec, cross, params=(anchor_params, params), solver=solver)
-    if model.config.task is None:  # nothing to choose by: weight matching to convergence
+    if _no_classes(model.config):  # nothing to choose by: weight matching to convergence
         res = match.align(
             spec, anchor_params, params, solve=solve, key=key, solver=solver, init=start
         )

@@ -37,6 +37,20 @@ FISHERS = ("exact", "sampled", "empirical")
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def _no_classes(config) -> str | None:
+    """Why ``config``'s outputs are not the logits of a softmax over 2 or more classes, which
+    the Fisher and the merges' prediction loss read (None if they are: a classifier, a causal
+    LM's vocabulary; or a module without a rotjax config). One class (a regression head) has
+    a constant log-softmax: every Fisher 0, every prediction loss 0."""
+    task = getattr(config, "task", "")
+    if task is None:
+        return "config.task is None"
+    n = getattr(config, "num_labels", None)
+    if task != "causal_lm" and isinstance(n, int) and n < 2:
+        return f"num_labels={n}: a softmax over one class (a regression head?)"
+    return None
+
+
 def statistics(
     model: nn.Module,
     params: Any,
@@ -83,7 +97,7 @@ def statistics(
 
     Raises:
       ValueError: unknown kinds or Fisher variant, no batches, missing labels or key, or a
-        Fisher of a model without a classification head.
+        Fisher of a model without a classification head of 2 or more classes.
     """
     kinds = tuple(kinds)
     if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):
@@ -95,8 +109,8 @@ def statistics(
         raise ValueError("fisher='sampled' needs a key")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
-    if "fisher" in kinds and getattr(model.config, "task", "x") is None:
-        raise ValueError("the Fisher needs a classification head (config.task is None)")
+    if "fisher" in kinds and (why := _no_classes(model.config)):
+        raise ValueError(f"the Fisher needs a classification head ({why})")
     fam = family(model.config)
     step = _batch_step(model, tuple(kinds), include_padding, fisher, samples)
     total: dict[str, Any] | None = None

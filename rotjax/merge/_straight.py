@@ -34,6 +34,8 @@ from rotjax.merge._loss import MEMORY, _better, _loss_steps, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.tree import wide
 
+LEARNING_RATE = 1e-3  # Adam's step on the element's parameters: the descents' default
+
 
 def align_straight_through(
     model: nn.Module,
@@ -44,7 +46,7 @@ def align_straight_through(
     *,
     init: match.Alignment | Mapping[str, jax.Array] | None = None,
     steps: int = 300,
-    learning_rate: float = 1e-3,
+    learning_rate: float = LEARNING_RATE,
     every: int = 10,
     solve: str | Iterable[str] = match.ALL,
     sweeps: int = 2,
@@ -99,7 +101,7 @@ def align_straight_through(
     )
 
 
-def _check_descent(steps, learning_rate, every=1, sweeps=1, solve=match.ALL) -> None:
+def _check_descent(steps, learning_rate=LEARNING_RATE, every=1, sweeps=1, solve=match.ALL) -> None:
     """The descent's options, checked before any work (`align_by_activations` too)."""
     for name, value, low in (("steps", steps, 0), ("every", every, 1), ("sweeps", sweeps, 1)):
         integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)

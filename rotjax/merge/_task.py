@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.merge._methods import checked_models, scalar
+from rotjax.models import _layout
 from rotjax.tree import wide
 
 TRIMS = ("global", "tensor")
@@ -24,14 +25,20 @@ def _models(base, params_list, scale):
     _check_scale(scale)
     if not params_list:
         raise ValueError("merging task vectors needs at least 1 model besides the base")
-    _, leaves, treedef = checked_models([base, *params_list], first="base")
-    return leaves, treedef
+    paths, leaves, treedef = checked_models([base, *params_list], first="base")
+    return leaves, treedef, _stacked(paths)
+
+
+def _stacked(paths) -> tuple[bool, ...]:
+    """Whether each leaf is a scanned model's stack of layers (under ``layers``, its leading
+    axis the layer): a tensor of its own per layer for the trim, as unscanned."""
+    return tuple(_layout._STACKED in path.split("/") for path in paths)
 
 
 def _merged(models, how, scale, **options):
     """``θ_base + λ how(task vectors, **options)`` as one compiled program (see
     `rotjax.merge._methods`) on ``models`` (`_models`)."""
-    leaves, treedef = models
+    leaves, treedef, _ = models
     out = _merged_leaves(how, *_split(options), leaves, scalar(scale))
     return jax.tree.unflatten(treedef, out)
 
@@ -44,7 +51,7 @@ def _of_task_vectors(models, how, **options):
 def _split(options):
     """``(static, traced)``: the trim's ``density`` and string options are static (the trim's
     count is exact integer arithmetic on them), the others traced."""
-    fixed = lambda k, v: isinstance(v, str) or k == "density"
+    fixed = lambda k, v: isinstance(v, str) or k in ("density", "stacked")
     static = tuple(
         sorted((k, float(v) if k == "density" else v) for k, v in options.items() if fixed(k, v))
     )
@@ -91,16 +98,23 @@ def task_arithmetic(base: Any, params_list: Sequence[Any], *, scale: float = 1.0
     return _merged(_models(base, params_list, scale), _sum, scale)
 
 
-def _cuts(tau: list[jax.Array], density: float, trim: str) -> list[jax.Array]:
+def _cuts(
+    tau: list[jax.Array], density: float, trim: str, stacked: tuple[bool, ...] | None = None
+) -> list[jax.Array]:
     """The trim's cut for each leaf of ``tau``, `_keep` then keeps the ``density`` fraction
     of entries of largest magnitude and zeroes the rest: over the whole task vector
-    (``"global"``: one cut for all) or within each tensor (``"tensor"``). The cut is
+    (``"global"``: one cut for all) or within each tensor (``"tensor"``; a ``stacked`` leaf,
+    a scanned model's layers, has one cut per layer, broadcast over the rest: the cuts of the
+    same model unscanned). The cut is
     ``jnp.quantile``'s: entries at or above the order statistic of magnitude at position
     ``ceil((1 - density)(n - 1))`` survive (``_order_statistic``: no sort). NaN entries
     survive too, as NaN (a broken model shows in the merge rather than vanish from it)."""
     if trim == "global":
         return [_order_statistic([jnp.abs(t) for t in tau], 1.0 - density)] * len(tau)
-    return [_order_statistic([jnp.abs(t)], 1.0 - density) for t in tau]
+    cut = lambda t: _order_statistic([jnp.abs(t)], 1.0 - density)
+    per_layer = lambda t: jax.vmap(cut)(t).reshape(t.shape[:1] + (1,) * (t.ndim - 1))
+    stacked = stacked or (False,) * len(tau)
+    return [per_layer(t) if s else cut(t) for t, s in zip(tau, stacked, strict=True)]
 
 
 def _keep(tau: list[jax.Array], cuts: list[jax.Array]) -> list[jax.Array]:
@@ -200,23 +214,24 @@ def ties(
       density: the fraction k kept (the paper's default is 20%).
       scale: λ (the paper uses 1 by default and searches 0.8-2.5 on validation data).
       trim: ``"global"``: the top k of the whole flattened task vector, as in the paper's code
-        (the default); ``"tensor"``: the top k of every tensor, as mergekit and most tools do.
+        (the default); ``"tensor"``: the top k of every tensor, as mergekit and most tools do
+        (a scanned model's stacked layers: of every layer's tensor, as unscanned).
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {TRIMS}, got {trim!r}")
     models = _models(base, params_list, scale)
-    given = _of_task_vectors(models, _ties, density=density, trim=trim)
+    given = _of_task_vectors(models, _ties, density=density, trim=trim, stacked=models[2])
     return _merged(models, _ties, scale, given=given)
 
 
-def _ties(taus, density=None, trim=None, given=None):
+def _ties(taus, density=None, trim=None, given=None, stacked=None):
     """TIES in two programs (see `_majority`): the first (``density`` and ``trim``) returns
     ``given``: each model's trim cuts (`_cuts`) and the majority sign; the second the merged
     task vector given them (one program for every density and trim)."""
     if given is None:
-        cuts = [_cuts(t, density, trim) for t in taus]
+        cuts = [_cuts(t, density, trim, stacked) for t in taus]
         return cuts, _majority([_keep(t, c) for t, c in zip(taus, cuts, strict=True)])
     cuts, majority = given
     return _ties_merge([_keep(t, c) for t, c in zip(taus, cuts, strict=True)], majority)
@@ -255,8 +270,9 @@ def dare(
     if combine not in ("task_arithmetic", "ties"):
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
     factor = 1.0 / (1.0 - drop) if rescale else 1.0
-    ties_options = {"density": density, "trim": trim} if combine == "ties" else {}
     models = _models(base, params_list, scale)
+    ties_options = {"density": density, "trim": trim, "stacked": models[2]}
+    ties_options = ties_options if combine == "ties" else {}
     shapes = tuple(np.shape(x) for x in models[0][0])
     p = scalar(1.0 - drop)
     keep = [_draw(jax.random.fold_in(key, i), p, shapes) for i in range(len(params_list))]

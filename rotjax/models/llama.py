@@ -150,10 +150,13 @@ class Config:
             d["sliding_window"] = None
         if d.get("model_type") == "mistral":
             d.setdefault("sliding_window", 4096)  # MistralConfig's default
+        if d.get("model_type") in _KV_HEADS:  # absent: the type's default (null: one per head)
+            d.setdefault("num_key_value_heads", _KV_HEADS[d["model_type"]])
         return _layers.config_from_hf_dict(cls, d, **overrides)
 
 
 FAMILY_TYPES = ("llama", "mistral", "qwen2")
+_KV_HEADS = {"mistral": 8, "qwen2": 32}  # MistralConfig's and Qwen2Config's defaults
 
 
 def _check_layer_types(d: Mapping[str, Any]) -> None:
