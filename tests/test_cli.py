@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+from pathlib import Path
 
 import jax
 import numpy as np
@@ -593,6 +594,18 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
         notes = json.loads((tmp / solve / "alignment.json").read_text())["notes"]
         assert said == any("2_Dense/model.safetensors: sentence-transformers" in n for n in notes)
         assert (tmp / solve / "2_Dense" / "model.safetensors").is_file()
+
+
+def test_an_empty_mount_point_as_out_is_refused_up_front(checkpoints, capsys, monkeypatch):
+    """An empty mount point passed the --out check, then the rename onto it failed (EBUSY)
+    after all the work."""
+    tmp, _ = checkpoints
+    (tmp / "mnt").mkdir()
+    real = os.path.ismount
+    monkeypatch.setattr(os.path, "ismount", lambda p: Path(p) == tmp / "mnt" or real(p))
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "mnt"), "--quiet"]
+    _fails(argv, capsys, "is a mount point; name a new directory inside it")
+    assert not any((tmp / "mnt").iterdir())
 
 
 def test_wrongly_typed_config_is_one_clear_error(checkpoints, capsys):

@@ -531,6 +531,10 @@ def test_padded_batches_count_every_example_once():
     np.testing.assert_array_equal(out[-1]["x"][2:], 0)
     rows = list(data.batches(arrays, 4, pad=True, rows=slice(2, 4)))  # a process's share
     np.testing.assert_array_equal(rows[0]["labels"], [2, 3])
+    # Unnamed arrays: no "labels" to pad with IGNORE_LABEL (0, a class, counted before)
+    with pytest.raises(ValueError, match="pad=True needs named arrays"):
+        data.batches((arrays["x"], arrays["labels"]), 4, pad=True)
+    assert len(list(data.batches((arrays["x"], arrays["labels"]), 5, pad=True))) == 2  # none
 
 
 def test_train_batches_cross_epochs(seed):

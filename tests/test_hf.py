@@ -866,6 +866,10 @@ def test_llama_configs_transformers_cannot_build_are_refused(changes, message):
     qwen2 = {**base, "model_type": "qwen2", "num_hidden_layers": 2, "use_sliding_window": True}
     cfg = llama.Config.from_hf_dict({**qwen2, "max_window_layers": 1})
     assert (cfg.sliding_window, cfg.max_window_layers) == (4096, 1)
+    # Built directly with a window and no max_window_layers: transformers' 28 (None made
+    # every layer slide here, and none after a save and a reload)
+    direct = llama.Config(**base, model_type="qwen2", sliding_window=4, num_hidden_layers=2)
+    assert (direct.max_window_layers, direct.window) == (28, None)
     types = ["full_attention", "sliding_attention"]
     assert llama.Config.from_hf_dict({**qwen2, "max_window_layers": 1, "layer_types": types})
     with pytest.raises(ValueError, match=r"layer_types=.* is not what max_window_layers=0 gives"):

@@ -8,6 +8,7 @@ size and step functions: one compiled program, shared through the persistent com
 import dataclasses
 import json
 import re
+from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +66,13 @@ def setup(config, seed, *, total_steps=NUM_STEPS):
     return state, train.classification_steps(model, tx, learning_rate=schedule)
 
 
-def run_bert(seed, num_steps, *, mesh=None, **kwargs):
-    """``num_steps`` steps of the shared tiny BERT run, on one device unless ``mesh``."""
+def run_bert(seed, num_steps, *, mesh=None, params_dtype=None, **kwargs):
+    """``num_steps`` steps of the shared tiny BERT run, on one device unless ``mesh``, its
+    params in ``params_dtype`` if given."""
     state, steps = setup(BERT, seed)
+    if params_dtype is not None:
+        cast = lambda x: x.astype(params_dtype)
+        state = state.replace(params=jax.tree.map(cast, state.params))
     arrays = text_data(BERT, seed, 20)  # 2 steps per epoch: the run crosses epochs
     mesh = train.data_mesh(jax.devices()[:1]) if mesh is None else mesh
     return train.fit(
@@ -454,13 +459,36 @@ def test_fit_closes_its_checkpoint_manager_on_every_exit(seed, tmp_path, monkeyp
     with pytest.raises(ValueError, match=msg) as error:
         train.fit(state, steps, arrays, batch_size=BATCH, num_steps=4, workdir=tmp_path)
     assert "params/classifier/kernel: checkpoint (8, 3), state (12, 3)" in str(error.value)
+    # or of another floating dtype (orbax rounded float32 into a bfloat16 state, silently)
+    with pytest.raises(ValueError, match=msg) as error:
+        run_bert(seed, 4, workdir=tmp_path, params_dtype=jnp.bfloat16)
+    assert "params/classifier/kernel: checkpoint float32, state bfloat16" in str(error.value)
 
     def stop(record):
         raise KeyboardInterrupt
 
     with pytest.raises(KeyboardInterrupt):
         run_bert(seed, 4, workdir=tmp_path, log_every=1, callback=stop)
-    assert [m.closed for m in managers] == [1, 1, 1]
+    assert [m.closed for m in managers] == [1, 1, 1, 1]
+
+
+def test_a_damaged_batch_order_is_named_and_a_failed_write_leaves_nothing(
+    seed, tmp_path, monkeypatch
+):
+    from rotjax.train._loop import BATCHES_FILE, _write_whole
+
+    run_bert(seed, 2, workdir=tmp_path, checkpoint_every=2)
+    (tmp_path / BATCHES_FILE).write_text('{"seed": 1')  # a bare JSONDecodeError before
+    with pytest.raises(ValueError, match=f"{BATCHES_FILE} is not a run's batch order"):
+        run_bert(seed, 4, workdir=tmp_path)
+
+    def full(self, target):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(Path, "replace", full)
+    with pytest.raises(OSError, match="disk full"):
+        _write_whole(tmp_path / "x.json", "{}")
+    assert not (tmp_path / "x.tmp").exists() and not (tmp_path / "x.json").exists()
 
 
 def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):
@@ -610,6 +638,13 @@ def test_labels_outside_the_classes_are_refused_before_any_work(seed, tmp_path):
         train.evaluate(steps.eval_step, state.params, bad, batch_size=BATCH)
     ignored = {**good, "labels": np.where(np.arange(20) == 5, train.IGNORE_LABEL, good["labels"])}
     assert train.evaluate(steps, state.params, ignored, batch_size=BATCH)["count"] == 19
+    # every label ignored: nothing to count (evaluation said loss 0, accuracy 0; training
+    # took steps of weight decay alone)
+    none = {**good, "labels": np.full(20, train.IGNORE_LABEL)}
+    with pytest.raises(ValueError, match="eval labels: every label is IGNORE_LABEL"):
+        train.evaluate(steps, state.params, none, batch_size=BATCH)
+    with pytest.raises(ValueError, match="train_data labels: every label is IGNORE_LABEL"):
+        train.fit(state, steps, none, batch_size=BATCH, num_steps=1, workdir=tmp_path)
 
 
 def test_fit_refuses_a_state_or_checkpoint_past_num_steps(seed, tmp_path):

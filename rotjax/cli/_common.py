@@ -67,13 +67,15 @@ def reason(e: BaseException) -> str:
 def checked_out_dir(
     out: str | os.PathLike[str], inputs: Sequence[str | os.PathLike[str]] = ()
 ) -> Path:
-    """``--out``, checked before any work: it must not exist (or be an empty directory), nor
-    hold the working directory (it is replaced as a whole) or lie inside one of ``inputs``
-    (they are left unchanged), and its parent must be writable (a probe file is created there
-    and removed)."""
+    """``--out``, checked before any work: it must not exist (or be an empty directory that
+    is not a mount point), nor hold the working directory (it is replaced as a whole) or lie
+    inside one of ``inputs`` (they are left unchanged), and its parent must be writable (a
+    probe file is created there and removed)."""
     out = Path(out)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"--out {out} exists and is not an empty directory")
+    if out.is_dir() and os.path.ismount(out):  # the checkpoint is renamed onto --out: EBUSY
+        raise CLIError(f"--out {out} is a mount point; name a new directory inside it")
     where = out.absolute().resolve()
     if Path.cwd().resolve().is_relative_to(where):
         raise CLIError(f"--out {out} is the working directory or holds it; name a new directory")

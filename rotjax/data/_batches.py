@@ -84,10 +84,16 @@ def batches(
       shuffled or padded.
 
     Raises:
-      ValueError: If there are no arrays, they disagree in length, or ``batch_size < 1``.
+      ValueError: If there are no arrays, they disagree in length, ``batch_size < 1``, or
+        ``pad`` would pad a sequence of arrays (no ``"labels"`` to pad with `IGNORE_LABEL`).
     """
     _check_batch_size(batch_size)
     names, values, n = _flatten(arrays)
+    if pad and names is None and n % batch_size:  # no "labels" to fill with IGNORE_LABEL
+        raise ValueError(
+            "pad=True needs named arrays (a mapping with 'labels'): unnamed labels would be "
+            "padded with 0, a real class"
+        )
     order = None if seed is None else epoch_order(n, seed=seed, epoch=epoch)
     return _pass(names, values, n, batch_size, order, drop_remainder, pad, rows)
 

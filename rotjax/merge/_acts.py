@@ -25,7 +25,7 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax.match import assign, polar
 from rotjax.merge._capture import calls
-from rotjax.merge._methods import _gram_inputs
+from rotjax.merge._methods import _gram_inputs, _input_axes
 from rotjax.merge._stats import _split
 from rotjax.models import family
 from rotjax.tree import flatten
@@ -195,7 +195,7 @@ def _group_scores(spec, names, heads, corr):
             c = corr[path]
             b = c.ndim - 2
             kernel = spec.params[path].shape
-            n_in = _gram_inputs(path, kernel, c.shape, "a correlation")[1]
+            n_in = _input_axes(path, spec.params[path], c.shape, "a correlation")[1]
             axes = tuple(ax - b for ax in act.axes)  # (head, item) axes for an hperm
             if not all(0 <= ax < n_in for ax in axes):  # acts on an output axis of this kernel
                 continue

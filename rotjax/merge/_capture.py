@@ -28,8 +28,7 @@ def dense_input_axes(module: nn.Module) -> int | None:
     if isinstance(module, nn.Dense):
         return 1
     if isinstance(module, nn.DenseGeneral):
-        axis = module.axis if isinstance(module.axis, tuple) else (module.axis,)
-        return len(axis)
+        return len(module.axis) if isinstance(module.axis, tuple | list) else 1  # Flax takes both
     return None
 
 

@@ -165,6 +165,18 @@ def _gram_inputs(path, kernel_shape, gram_shape, what="a Gram") -> tuple[int, in
     raise ValueError(f"{path}: {what} of shape {gram_shape} does not fit the kernel {kernel_shape}")
 
 
+def _input_axes(path: str, kernel, shape, what="a Gram") -> tuple[int, int]:
+    """`_gram_inputs` of a kernel of a spec (a `rotjax.symmetry.ParamSpec`). Size-1 axes
+    leave the count ambiguous (a head_dim of 1: an (H, 1, D) output kernel's Gram is (H, H),
+    one input axis or two): the count that splits no group action's axes between the inputs
+    and the outputs."""
+    b, n_in = _gram_inputs(path, kernel.shape, shape, what)
+    split = lambda n: any(b <= min(a.axes) < b + n <= max(a.axes) for a in kernel.actions)
+    while split(n_in) and b + n_in < len(kernel.shape) - 1 and kernel.shape[b + n_in] == 1:
+        n_in += 1
+    return b, n_in
+
+
 def fisher(
     params_list: Sequence[Any],
     stats_list: Sequence[Mapping[str, Any]],

@@ -39,7 +39,7 @@ from rotjax import symmetry as sym
 from rotjax.match import assign, permutation_scores
 from rotjax.match._align import _rescaled
 from rotjax.merge._acts import correlations, group_scores
-from rotjax.merge._methods import _gram_inputs, average
+from rotjax.merge._methods import _input_axes, average
 from rotjax.tree import flatten, from_dict, placed_like, to_dict, wide
 
 MODES = ("acts", "wts")
@@ -192,7 +192,7 @@ def _moved_b(spec, corr, maps):
     for path, c in corr.items():
         kernel = spec.params[path]
         b = c.ndim - 2
-        n_in = _gram_inputs(path, kernel.shape, c.shape, "a correlation")[1]
+        n_in = _input_axes(path, kernel, c.shape, "a correlation")[1]
         shapes[path] = (*kernel.shape[:b], c.shape[-2], *kernel.shape[b : b + n_in])
         actions = tuple(
             sym.Action(a.group, tuple(ax + 1 for ax in a.axes), a.power)

@@ -28,7 +28,7 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
 from rotjax.merge._capture import capture
-from rotjax.merge._methods import _gram_inputs
+from rotjax.merge._methods import _input_axes
 from rotjax.models import family
 from rotjax.tree import from_dict, to_dict, wide
 
@@ -317,7 +317,7 @@ def gram_spec(spec: sym.Spec, grams: Mapping[str, Any]) -> tuple[sym.Spec, dict[
     for path, g in grams.items():
         _known(spec, path, "a Gram")
         kernel = spec.params[path]
-        b, n_in = _gram_inputs(path, kernel.shape, np.shape(g))
+        b, n_in = _input_axes(path, kernel, np.shape(g))
         in_shape = kernel.shape[b : b + n_in]
         actions = []
         for a in kernel.actions:

@@ -47,9 +47,10 @@ class Family:
       inert: regexes (``re.search`` over ``"/"`` param paths) of params the function does not
         depend on at all, whose gradient is zero but for rounding noise: BERT's and ViT's
         attention key biases (``q·(k + b)`` adds ``q·b`` to every score of a query, which the
-        softmax ignores). Not DeBERTa's (its relative-position terms read the key) nor a RoPE
-        model's (the bias is rotated by position). Training freezes them
-        (`rotjax.train.optimizer`'s ``frozen``).
+        softmax ignores). Not DeBERTa's when its position-to-content term reads the key (with
+        ``pos_att_type`` c2p only its key bias is inert too, but not listed: one regex per
+        family, not per config) nor a RoPE model's (the bias is rotated by position).
+        Training freezes them (`rotjax.train.optimizer`'s ``frozen``).
     """
 
     name: str

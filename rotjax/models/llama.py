@@ -71,6 +71,8 @@ class Config:
         _layers.check_fields(self)
         if self.num_key_value_heads is None:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
+        if self.model_type == "qwen2" and self.sliding_window and self.max_window_layers is None:
+            object.__setattr__(self, "max_window_layers", 28)  # Qwen2Config's default
         if self.head_dim is None:
             head = _layers.head_dim(self.hidden_size, self.num_attention_heads)
             object.__setattr__(self, "head_dim", head)

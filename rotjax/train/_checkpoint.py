@@ -6,6 +6,7 @@ import os
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from rotjax.tree import to_dict
@@ -34,6 +35,8 @@ def checkpoint_manager(
         raise ValueError(f"keep must be None or >= 1, got {keep}")
     policies = ocp.checkpoint_managers
     options = ocp.CheckpointManagerOptions(
+        # a save cut short leaves a temporary directory, else kept until that step is saved
+        cleanup_tmp_directories=True,
         # Explicit: orbax's default policy also saves the first step it is asked about when no
         # checkpoint exists yet, which contradicts "None saves only when forced".
         save_decision_policy=(
@@ -91,8 +94,8 @@ def restore_checkpoint(
         A new state, or ``None`` if the directory holds no checkpoint.
 
     Raises:
-        ValueError: If the checkpoint's arrays are not ``like``'s (by path and shape): every
-            difference named, before anything is read.
+        ValueError: If the checkpoint's arrays are not ``like``'s (by path, shape and
+            floating dtype): every difference named, before anything is read.
     """
     step = manager.latest_step() if step is None else step
     if step is None:
@@ -107,10 +110,16 @@ def restore_checkpoint(
     return manager.restore(step, args=ocp.args.StandardRestore(target))
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
-    """``{"params/encoder/.../kernel": shape}`` of a state or of orbax's metadata tree (which
-    spells fields and tuple entries as dict keys: `rotjax.tree` paths name them alike)."""
-    return {p: tuple(getattr(x, "shape", ())) for p, x in to_dict(tree).items()}
+def _shapes(tree: Any) -> dict[str, tuple]:
+    """``{"params/encoder/.../kernel": (shape, float dtype or None)}`` of a state or of
+    orbax's metadata tree (which spells fields and tuple entries as dict keys: `rotjax.tree`
+    paths name them alike). Floating dtypes only: orbax casts a saved array to the state's
+    dtype (float32 moments into a bfloat16 state, silently rounded), while integer and key
+    leaves may be stored under another dtype than they are held."""
+    floating = lambda x: (
+        str(x.dtype) if jnp.issubdtype(getattr(x, "dtype", int), jnp.floating) else None
+    )
+    return {p: (tuple(getattr(x, "shape", ())), floating(x)) for p, x in to_dict(tree).items()}
 
 
 def _check_fits(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
@@ -124,7 +133,10 @@ def _check_fits(manager: ocp.CheckpointManager, step: int, like: Any) -> None:
             return "not in the checkpoint"
         if p not in want:
             return "not in the state"
-        return f"checkpoint {have[p]}, state {want[p]}"
+        (shape, dtype), (state_shape, state_dtype) = have[p], want[p]
+        if shape != state_shape:
+            return f"checkpoint {shape}, state {state_shape}"
+        return f"checkpoint {dtype}, state {state_dtype}"
 
     # in the state's order, then what only the checkpoint holds
     problems = [f"{p}: {difference(p)}" for p in {**want, **have} if have.get(p) != want.get(p)]

@@ -86,7 +86,12 @@ def _check_batches(
     process 0)."""
     path = workdir / BATCHES_FILE
     if resumed_from is not None and path.is_file() and not allow:
-        old = json.loads(path.read_text())
+        try:
+            old = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(
+                f"{path} is not a run's batch order ({e}); remove it, or use another workdir"
+            ) from None
         diff = {k: (old[k], v) for k, v in order.items() if k in old and old[k] != v}
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -102,8 +107,12 @@ def _check_batches(
 def _write_whole(path: Path, text: str) -> None:
     """``text`` into ``path`` whole or not at all: written beside it, then renamed over it."""
     tmp = path.with_suffix(".tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    try:
+        tmp.write_text(text)
+        tmp.replace(path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # nothing half-written left beside it
+        raise
 
 
 def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:

@@ -28,7 +28,9 @@ def check_labels(labels: np.ndarray, what: str, num_classes: int | None = None) 
     """Refuse labels that are neither a class in ``[0, num_classes)`` (``[0, ∞)`` when
     ``num_classes`` is None) nor `IGNORE_LABEL`: inside a jitted step a label of -1 (the
     "unlabeled" of many test splits) would be gathered as the last class, and one of
-    ``num_classes`` or more would make the loss NaN, neither with an error."""
+    ``num_classes`` or more would make the loss NaN, neither with an error. Labels that are
+    all `IGNORE_LABEL` are refused too (an evaluation of loss 0 and accuracy 0, or training
+    by weight decay alone)."""
     y = np.asarray(labels)
     bad = (y != IGNORE_LABEL) & ((y < 0) | (y >= (np.inf if num_classes is None else num_classes)))
     if bad.any():
@@ -37,6 +39,8 @@ def check_labels(labels: np.ndarray, what: str, num_classes: int | None = None) 
             f"{what}: {int(bad.sum())} label(s) outside the classes {classes} and not "
             f"IGNORE_LABEL ({IGNORE_LABEL}), e.g. {np.unique(y[bad])[:5].tolist()}"
         )
+    if y.size and (y == IGNORE_LABEL).all():  # loss 0 and accuracy 0 of nothing, or no step
+        raise ValueError(f"{what}: every label is IGNORE_LABEL ({IGNORE_LABEL}): nothing to count")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
