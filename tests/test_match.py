@@ -547,6 +547,12 @@ def test_best_scale_matches_dense_search_and_quartic_roots(seed):
     v = jax.vmap(match.best_scale)(*stacked)
     np.testing.assert_allclose(np.asarray(v).reshape(-1), got, rtol=1e-5)
     assert float(match.best_scale(0.0, 0.0, 0.0, 0.0)) == 1.0
+    # Planted scales far from 1 (A_+ = a B_+, A_- = B_- / a): found, not clipped to [1e-6,
+    # 1e6] as before (a scale step could then raise the objective above its start).
+    for a in (1e-9, 1e-7, 1e-3, 1.0, 1e3, 1e7, 1e9):
+        n_plus, n_minus = rng.uniform(0.5, 2.0, size=2)
+        got = float(match.best_scale(n_plus, a * n_plus, n_minus / a, n_minus))
+        assert got == pytest.approx(a, rel=1e-5), a
 
 
 def test_options_fail_before_any_work(key):

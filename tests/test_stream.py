@@ -43,6 +43,9 @@ def test_canonical_form_preserves_the_function(name, scan, key):
     stream = vit.stream_spec(config)
     assert sym.is_canonical(stream, canon) and not sym.is_canonical(stream, params)
     assert rel_err(sym.canonicalize(stream, canon), canon) <= 1e-6  # idempotent
+    half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # centred, then rounded
+    assert sym.is_canonical(stream, sym.canonicalize(stream, half))
+    assert not sym.is_canonical(stream, half)
 
 
 @pytest.mark.parametrize("name", ["vit-h3d4-l2", "llama-k2g2d6-l2-seq"])

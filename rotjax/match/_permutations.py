@@ -61,7 +61,10 @@ def permutation_scores(
     """Git Re-Basin's weight-matching scores ``C[..., i, j] = Σ_p ⟨A_p[.., i, ..],
     (g·B)_p[.., j, ..]⟩`` of each permutation group in ``names``, summed over every param the
     group acts on, with ``g`` the ``transform`` without the group itself (float32); for a
-    per-head permutation (``hperm``), one matrix per head: ``C[..., h, i, j]``."""
+    per-head permutation (``hperm``), one matrix per head: ``C[..., h, i, j]``. A rotation of
+    the permuted axis (the stream rotation over the residual permutation) in ``transform``
+    is applied without the permutation beneath it, so those scores are not weight matching's
+    for that permutation: leave it out (`align` solves the permutation before rotating)."""
     f32 = lambda t: {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(t).items()}
     t = {n: x for n, x in (transform or {}).items() if n in spec.groups}
     return _perm_costs(spec, tuple(names), False, f32(anchor_params), f32(params), t)

@@ -180,13 +180,16 @@ def best_scale(c1, b1, b2, c2, *, grid: int = 256, iters: int = 60) -> jax.Array
     change of q from - to + on a log-spaced grid of that interval brackets a local minimum,
     refined by bisection in log space; the candidate (or interval end) with the least objective
     wins. Vectorised and jittable (no eigen-solver, so it runs the same on any accelerator).
-    A head with nothing to fit (``c1 = c2 = 0``) keeps ``a = 1``.
+    A head with nothing to fit (``c1 = c2 = 0``) keeps ``a = 1``. The interval is clipped to
+    ``[1e-12, 1e12]`` and the grid reads the sign of ``q(a) / a²``, whose terms stay within
+    float32 there (``[1e-6, 1e6]`` before, for ``q`` itself: a scale of 1e-7 between the
+    models came back as 1e-6).
     """
     c1, b1, b2, c2 = (jnp.asarray(x, jnp.float32) for x in (c1, b1, b2, c2))
     tiny = jnp.finfo(jnp.float32).tiny
     hi = 1 + jnp.maximum(jnp.maximum(jnp.abs(b1), jnp.abs(b2)), c2) / jnp.maximum(c1, tiny)
     lo = 1 / (1 + jnp.maximum(jnp.maximum(jnp.abs(b1), jnp.abs(b2)), c1) / jnp.maximum(c2, tiny))
-    lo_log, hi_log = jnp.log(jnp.clip(lo, 1e-6, 1.0)), jnp.log(jnp.clip(hi, 1.0, 1e6))
+    lo_log, hi_log = jnp.log(jnp.clip(lo, 1e-12, 1.0)), jnp.log(jnp.clip(hi, 1.0, 1e12))
     t = jnp.linspace(0.0, 1.0, grid).reshape((1,) * c1.ndim + (grid,))
     logs = lo_log[..., None] + (hi_log - lo_log)[..., None] * t  # (..., grid)
     ex = lambda x: x[..., None]
@@ -211,7 +214,8 @@ def best_scale(c1, b1, b2, c2, *, grid: int = 256, iters: int = 60) -> jax.Array
 
 
 def _quartic(a, c1, b1, b2, c2):
-    return ((c1 * a - b1) * a * a + b2) * a - c2
+    """``q(a) / a²`` (the sign of ``f'``): ``c1 a² - b1 a + b2 / a - c2 / a²``."""
+    return (c1 * a - b1) * a + (b2 - c2 / a) / a
 
 
 def assign(score: np.ndarray | jax.Array, *, solver: str = "scipy") -> jax.Array:

@@ -138,9 +138,11 @@ def _canonical(stream: StreamSpec, flat: dict[str, jax.Array]) -> dict[str, jax.
     return out
 
 
-def is_canonical(stream: StreamSpec, params: Any, *, atol: float = 1e-5) -> bool:
+def is_canonical(stream: StreamSpec, params: Any, *, atol: float | None = None) -> bool:
     """Whether every norm is at γ = 1, β = 0 and (LayerNorm) every writer is mean-free, to
-    ``atol`` relative to the writer's largest magnitude."""
+    ``atol`` relative to the writer's largest magnitude (default: 1e-5, or the writer's
+    dtype's epsilon if larger: a bfloat16 writer, centred then rounded, keeps a mean of its
+    rounding, ~1e-4 relative)."""
     flat = to_dict(params)
     for norm in stream.norms:
         bias = flat.get(f"{norm.path}/bias")
@@ -152,6 +154,8 @@ def is_canonical(stream: StreamSpec, params: Any, *, atol: float = 1e-5) -> bool
         for path, axis in stream.writers:
             x = jnp.asarray(flat[path], jnp.float32)
             scale = jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
-            if float(jnp.max(jnp.abs(jnp.mean(x, axis=axis)))) > atol * float(scale):
+            eps = float(jnp.finfo(jnp.asarray(flat[path]).dtype).eps)
+            tol = atol if atol is not None else max(1e-5, eps)
+            if float(jnp.max(jnp.abs(jnp.mean(x, axis=axis)))) > tol * float(scale):
                 return False
     return True
