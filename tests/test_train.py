@@ -503,6 +503,14 @@ def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):
     (tmp_path / train.METRICS_FILE).write_text('{"step": 1}\n\nnot json\n{"step": 2}\n')
     with pytest.raises(ValueError, match=r"metrics.jsonl:3 is not a JSON record"):  # the file's
         train.MetricsWriter(tmp_path / train.METRICS_FILE, resume_step=2)
+    # A finished run evaluated again on other data: the log holds the metrics fit returned.
+    eval_a, eval_b = (text_data(BERT, seed + i, 8) for i in (1, 2))
+    done = run_bert(seed, 2, workdir=tmp_path / "done", eval_data=eval_a)
+    again = run_bert(seed, 2, workdir=tmp_path / "done", eval_data=eval_b)
+    assert again.resumed_from == 2 and again.eval_metrics != done.eval_metrics
+    records = [json.loads(line) for line in (tmp_path / "done" / train.METRICS_FILE).open()]
+    (logged,) = [r for r in records if r["split"] == "eval"]
+    assert {k: logged[k] for k in again.eval_metrics} == again.eval_metrics
     # a fresh run (no checkpoint to resume) replaces the old log, unread
     train.MetricsWriter(tmp_path / train.METRICS_FILE)
     assert (tmp_path / train.METRICS_FILE).read_text() == ""

@@ -65,17 +65,28 @@ class MetricsWriter:
                     if k < len(lines) - 1:  # only the last line can be cut by a crash
                         raise ValueError(f"{self.path}:{i} is not a JSON record") from None
             records = [r for r in records if r.get("step", 0) <= resume_step]
-        self._seen = {(r.get("split"), r.get("step")) for r in records}
+        self._seen = {_key(r) for r in records}
         _write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def has(self, split: str, step: int) -> bool:
         """Whether a record of ``split`` at ``step`` is already in the file."""
         return (split, step) in self._seen
 
-    def write(self, record: Record) -> None:
-        self._seen.add((record.get("split"), record.get("step")))
+    def write(self, record: Record, *, replace: bool = False) -> None:
+        """Append ``record``; with ``replace``, a record of the same split and step already in
+        the file is dropped first (the file rewritten whole)."""
+        key = (record.get("split"), record.get("step"))
+        if replace and key in self._seen:
+            lines = [line for line in self.path.read_text().splitlines() if line.strip()]
+            kept = [line for line in lines if _key(json.loads(line)) != key]
+            _write_whole(self.path, "".join(line + "\n" for line in kept))
+        self._seen.add(key)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _key(record: Record) -> tuple:
+    return record.get("split"), record.get("step")
 
 
 def _check_batches(
@@ -387,7 +398,13 @@ def fit(
 
     def emit(record: Record) -> None:
         history.append(record)
-        if writer is not None and not writer.has(record["split"], record["step"]):
+        # A resumed run's train records past its checkpoint are its own (the log's later
+        # ones were dropped); an evaluation is logged as computed now, replacing one of the
+        # same step (a finished run evaluated again, on other data, returned new metrics
+        # while its log kept the old).
+        if writer is not None and record["split"] != "train":
+            writer.write(record, replace=True)
+        elif writer is not None and not writer.has(record["split"], record["step"]):
             writer.write(record)
         if callback is not None:
             callback(record)
