@@ -238,8 +238,8 @@ def claim_text(key: str, v: dict[str, Any]) -> str:
         return (
             f"matching (paper) {n['matching (paper)']:.2f} s, (all) {n['matching (all)']:.2f} s; "
             f"Fisher statistics {n['fisher statistics']:.2f} s (matching is "
-            f"{100 * n['matching / Fisher statistics']:.1f}% of it), Gram statistics "
-            f"{n['gram statistics']:.2f} s ({100 * n['matching / Gram statistics']:.0f}%); "
+            f"{100 * n['matching / Fisher statistics']:.2g}% of it), Gram statistics "
+            f"{n['gram statistics']:.2f} s ({100 * n['matching / Gram statistics']:.2g}%); "
             f"fine-tuning {n['fine-tuning']:.0f} s"
         )
     parts = [f"{m} {pt(x)}" for m, x in n["accuracy from rescaling"].items()]
@@ -314,8 +314,11 @@ def write(settings, out: Path, results: dict) -> Path:
     if "language" in results:
         for task in ("sequence", "token"):
             seeds = len(results["language"][task])
+            texts = settings.eval_texts
             lines += [
                 f"## Table 1 analogue: MiniLM, {task} classification ({seeds} seed(s), mean ± std)",
+                "",
+                f"On {f'the first {texts}' if texts else 'all the'} test texts of each domain.",
                 "",
                 *language_table(results["language"], task),
                 "",
@@ -328,13 +331,22 @@ def write(settings, out: Path, results: dict) -> Path:
         lines += [
             f"## Table 2 analogue: ViTs on Fashion-MNIST ({n} pair(s)), merged test accuracy (%)",
             "",
+            f"On {f'the first {settings.test_images}' if settings.test_images else 'all the'} "
+            "test images.",
+            "",
             *vision_table(vision),
             "",
         ]
         for name, file in figures_.items():
             lines += [f"![{name}](figures/{file})", ""]
             if name == "fig5":
-                lines += [*barrier_table(vision), ""]
+                lines += [
+                    f"The path at {settings.curve_points} values of λ, on the first "
+                    f"{settings.curve_images} test images.",
+                    "",
+                    *barrier_table(vision),
+                    "",
+                ]
         lines += ["## Table 3 analogue: runtime (seconds)", "", *runtime_table(vision), ""]
         verdicts = claims(vision, results.get("language"))
         lines += ["## The claims", ""]

@@ -60,7 +60,10 @@ def circuits(
     permutations must still be aligned (`rotjax.match.align`), as for every merge.
 
     Heads whose query-key circuit depends on the positions (rotary embeddings: the group's
-    ``pairs``) keep ``merged``'s Q and K; their value-output circuits are merged.
+    ``pairs``) keep ``merged``'s Q and K; their value-output circuits are merged. DeBERTa-v2
+    with separate position projections and both c2p and p2c: the circuit merged is
+    ``[W_Q | W_PQ]ᵀ [W_K | W_PK]``, whose position-to-position block the model never computes;
+    the rank-d fit spends some of its accuracy on it (exact still for identical models).
 
     Args:
       spec: the models' symmetry spec (`rotjax.models.family(config).symmetry_spec`).
