@@ -14,6 +14,45 @@ def _keep_test_jax_config(monkeypatch):
     monkeypatch.setattr(train, "enable_compilation_cache", lambda *a, **k: None)
 
 
+def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
+    """The language part keeps each (task, seed)'s merges: a run cut short resumes at the first
+    replicate not done, and another code (or models) recomputes them (fine-tunes and merges
+    faked here: the keys and files are what is tested)."""
+    import dataclasses
+
+    from experiments.reproduce import _language, _models
+
+    settings = dataclasses.replace(_models.Settings.of("quick"), language_seeds=(0, 1))
+    monkeypatch.setattr(_language, "trained", lambda s, out, n, seed: {"name": f"{n}-s{seed}"})
+    done, stop = [], [None]
+
+    def merges(settings, task, names, seed, summaries, log):
+        if (task, seed) == stop[0]:
+            raise KeyboardInterrupt
+        done.append((task, seed))
+        return {"seed": seed, "task": task, "score": 0.5 + seed}
+
+    monkeypatch.setattr(_language, "_seed", merges)
+    run = lambda code: _language.run(settings, tmp_path, lambda _: None, code=code)
+    stop[0] = ("token", 1)
+    with pytest.raises(KeyboardInterrupt):
+        run("v1")
+    assert done == [("sequence", 0), ("sequence", 1), ("token", 0)]
+    stop[0], done[:] = None, []
+    results = run("v1")
+    assert done == [("token", 1)]  # the three kept, reused
+    assert [r["score"] for r in results["token"]] == [0.5, 1.5]
+    assert sorted(p.name for p in (tmp_path / "results" / "language").iterdir()) == [
+        "sequence-s0.json",
+        "sequence-s1.json",
+        "token-s0.json",
+        "token-s1.json",
+    ]
+    done[:] = []
+    run("v2")  # other code: every replicate again
+    assert len(done) == 4
+
+
 def test_reproduce(tmp_path):
     """The smallest reproduction: it writes the report, its figures and its JSON, and the
     report's numbers are the JSON's."""

@@ -5,7 +5,8 @@
 Writes ``DIR/report.md`` (tables, figures, each claim with its number and a verdict), every
 figure as PNG and every number as JSON (``DIR/results/*.json``); trained models are cached in
 ``DIR/models`` (training runs with Hugging Face checkpoints), and a part's results are reused
-when its settings and models have not changed, so a rerun only recomputes what changed. With
+when its settings and models have not changed, so a rerun only recomputes what changed (the
+language part keeps each replicate's merges too: a run cut short resumes there). With
 ``--parts``, a part not run is reported from its last results in ``DIR/results`` (of the same
 mode); the report names the commit of the code that computed each part.
 
@@ -84,7 +85,7 @@ def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: s
         log(f"{part}: results unchanged, reused ({path})")
         return old
     tic = time.perf_counter()
-    results = PARTS[part](settings, out, log)
+    results = PARTS[part](settings, out, log, code=code)
     # The key after training (the models' summaries are part of it), of the code at the start.
     seconds = time.perf_counter() - tic
     keys = {"key": _key(settings, part, out, code), "mode": settings.mode, "commit": commit}

@@ -6,6 +6,10 @@ specialists and a multi-task model trained on both domains are the references.""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
+from pathlib import Path
 from typing import Any
 
 import jax
@@ -15,19 +19,39 @@ from experiments import fusion
 from experiments import train as T
 from experiments.reproduce._models import LANGUAGE, Settings, run_config, trained
 from rotjax import train
+from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
 
 ALIGNMENTS = ("none", "paper", "all")
 METHODS = ("average", "fisher", "regmean")
 
 
-def run(settings: Settings, out, log) -> dict[str, Any]:
+def run(settings: Settings, out, log, code: str = "") -> dict[str, Any]:
+    """Each (task, seed)'s merges, kept in ``OUT/results/language/<task>-s<seed>.json`` with
+    a key of the settings, the ``code`` (the part's, as `experiments.reproduce` read it) and
+    the three models' summaries: a run cut short (the whole part takes hours) resumes at the
+    first replicate not done, and a replicate whose key is unchanged is reused."""
     results: dict[str, Any] = {}
     for task, names in LANGUAGE.items():
         results[task] = []
         for seed in settings.language_seeds:
             summaries = [trained(settings, out, n, seed) for n in names]
             log(f"language ({task}), seed {seed}: " + " + ".join(s["name"] for s in summaries))
-            results[task].append(_seed(settings, task, names, seed, summaries, log))
+            path = Path(out) / "results" / "language" / f"{task}-s{seed}.json"
+            text = json.dumps([dataclasses.asdict(dataclasses.replace(settings, parts=()))])
+            text += code + json.dumps(summaries, sort_keys=True, default=str)
+            key = hashlib.sha256(text.encode()).hexdigest()[:16]
+            try:
+                kept = json.loads(path.read_text())
+            except (FileNotFoundError, json.JSONDecodeError):
+                kept = None
+            if kept is not None and kept.get("key") == key:
+                log(f"  reused ({path})")
+                results[task].append(kept["result"])
+                continue
+            result = _seed(settings, task, names, seed, summaries, log)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            _write_whole(path, json.dumps({"key": key, "result": result}, default=float) + "\n")
+            results[task].append(result)
     return results
 
 

@@ -22,7 +22,8 @@ ABLATION = ("none", "paper", "paper - attention", "paper - ffn", "paper - rescal
 DISTANCES = ("ffn only", "paper", "all", "all + stream", "activations", "straight-through")
 
 
-def run(settings: Settings, out, log) -> dict[str, Any]:
+def run(settings: Settings, out, log, code: str = "") -> dict[str, Any]:
+    # (``code``: the language part keys its replicates by it; this part is keyed whole)
     models = [trained(settings, out, "vit_fashion_mnist", s) for s in settings.vision_seeds]
     fm = data.fashion_mnist()
     test = {k: v[: settings.test_images] for k, v in fm.test.arrays().items()}
