@@ -19,8 +19,6 @@ cores ~5 hours of training, then 2-3 hours of analysis: the README's Results giv
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import hashlib
 import json
 import subprocess
 import sys
@@ -28,7 +26,7 @@ import time
 from pathlib import Path
 
 from experiments.reproduce import _language, _report, _vision
-from experiments.reproduce._models import Settings
+from experiments.reproduce._models import Settings, read_results, results_key
 from rotjax import train
 from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
 
@@ -52,9 +50,7 @@ def _key(settings: Settings, part: str, out: Path, code: str) -> str:
     """What a part's results depend on: the settings (but which parts run), the ``code``
     (`_code`) and the summaries of the part's models trained in ``out``."""
     models = sorted((out / "models").glob(f"{MODELS[part]}/summary.json"))
-    text = json.dumps([dataclasses.asdict(dataclasses.replace(settings, parts=())), part])
-    text += code + "".join(f.read_text() for f in models)
-    return hashlib.sha256(text.encode()).hexdigest()[:16]
+    return results_key(settings, code, label=part, after="".join(f.read_text() for f in models))
 
 
 def _commit() -> str | None:
@@ -70,10 +66,7 @@ def _commit() -> str | None:
 
 def _last(out: Path, part: str) -> dict | None:
     """A part's last results in ``OUT/results``, None if absent or cut short by a crash."""
-    try:
-        return json.loads((out / "results" / f"{part}.json").read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return None
+    return read_results(out / "results" / f"{part}.json")
 
 
 def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: str | None) -> dict:

@@ -6,8 +6,6 @@ specialists and a multi-task model trained on both domains are the references.""
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -17,7 +15,14 @@ import numpy as np
 
 from experiments import fusion
 from experiments import train as T
-from experiments.reproduce._models import LANGUAGE, Settings, run_config, trained
+from experiments.reproduce._models import (
+    LANGUAGE,
+    Settings,
+    read_results,
+    results_key,
+    run_config,
+    trained,
+)
 from rotjax import train
 from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
 
@@ -37,13 +42,9 @@ def run(settings: Settings, out, log, code: str = "") -> dict[str, Any]:
             summaries = [trained(settings, out, n, seed) for n in names]
             log(f"language ({task}), seed {seed}: " + " + ".join(s["name"] for s in summaries))
             path = Path(out) / "results" / "language" / f"{task}-s{seed}.json"
-            text = json.dumps([dataclasses.asdict(dataclasses.replace(settings, parts=()))])
-            text += code + json.dumps(summaries, sort_keys=True, default=str)
-            key = hashlib.sha256(text.encode()).hexdigest()[:16]
-            try:
-                kept = json.loads(path.read_text())
-            except (FileNotFoundError, json.JSONDecodeError):
-                kept = None
+            after = json.dumps(summaries, sort_keys=True, default=str)
+            key = results_key(settings, code, after=after)
+            kept = read_results(path)
             if kept is not None and kept.get("key") == key:
                 log(f"  reused ({path})")
                 results[task].append(kept["result"])

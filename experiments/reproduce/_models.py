@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +75,23 @@ class Settings:
         else:
             raise ValueError(f"mode must be full, quick or smoke, got {mode!r}")
         return dataclasses.replace(s, parts=parts) if parts else s
+
+
+def results_key(settings: Settings, code: str, *, label: str | None = None, after: str = "") -> str:
+    """The key of results computed under ``settings`` (but which parts run), ``code`` (the
+    code as a run read it) and ``after`` (e.g. their models' summaries); ``label`` names
+    the part."""
+    head: list[Any] = [dataclasses.asdict(dataclasses.replace(settings, parts=()))]
+    head += [label] if label is not None else []
+    return hashlib.sha256((json.dumps(head) + code + after).encode()).hexdigest()[:16]
+
+
+def read_results(path: Path) -> dict | None:
+    """Results kept in ``path``, None if absent or cut short by a crash."""
+    try:
+        return json.loads(path.read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return None
 
 
 def run_config(settings: Settings, name: str, seed: int) -> T.Config:

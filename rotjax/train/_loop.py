@@ -75,7 +75,7 @@ class MetricsWriter:
     def write(self, record: Record, *, replace: bool = False) -> None:
         """Append ``record``; with ``replace``, a record of the same split and step already in
         the file is dropped first (the file rewritten whole)."""
-        key = (record.get("split"), record.get("step"))
+        key = _key(record)
         if replace and key in self._seen:
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if _key(json.loads(line)) != key]
