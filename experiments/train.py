@@ -72,6 +72,7 @@ DATASETS = (
     "supersense_both",
 )
 TOKEN_DATASETS = ("supersense_nouns", "supersense_verbs", "supersense_both")
+TRIM = 8  # MiniLM batches are cut to their longest text, rounded up to this many tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -404,6 +405,10 @@ def train_and_evaluate(
         augment=train.augment_images if config.augment else None,
     )
     eval_data = data["validation"] if data["validation"] is not None else data["test"]
+    # Texts are padded to max_length; each batch is cut to its longest text (rounded up to 8
+    # tokens): the same examples and losses, up to float rounding, in half the time on the
+    # WordNet example sentences (not a recipe setting: the run's config and key are unchanged).
+    trim = TRIM if config.model == "minilm" else None
     result = train.fit(
         state,
         steps,
@@ -420,12 +425,13 @@ def train_and_evaluate(
         log_every=config.log_every,
         progress=progress,
         allow_other_batches=allow_config_change,
+        trim=trim,
     )
     params = jax.device_get(result.state.params)
     test = result.eval_metrics
     if data["validation"] is not None:
         test = train.evaluate(
-            steps, result.state.params, data["test"], batch_size=config.eval_batch_size
+            steps, result.state.params, data["test"], batch_size=config.eval_batch_size, trim=trim
         )
     if config.dataset in TOKEN_DATASETS:  # the CoNLL measure: entity-level F1 (seqeval)
         predict = train.predictor(model, batch_size=config.eval_batch_size)

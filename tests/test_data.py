@@ -547,6 +547,60 @@ def test_train_batches_cross_epochs(seed):
     np.testing.assert_array_equal(second["y"] // 10, data.epoch_order(10, seed=seed, epoch=1)[:4])
 
 
+def test_trim_padding_cuts_each_batch_to_its_longest_row():
+    # Hand-made: row lengths 3, 1 / 6, 2 / 0, 0 (right-padded) of 9 tokens; labels per token.
+    mask = np.zeros((6, 9), np.int32)
+    for row, n in enumerate([3, 1, 6, 2, 0, 0]):
+        mask[row, :n] = 1
+    arrays = {
+        "input_ids": np.arange(54).reshape(6, 9) * mask,
+        "attention_mask": mask,
+        "labels": np.where(mask > 0, 1, data.IGNORE_LABEL),
+        "doc": np.arange(6),  # no token axis: left whole
+        "wide": np.ones((6, 5)),  # a second axis of another length: left whole
+    }
+    copy = {k: v.copy() for k, v in arrays.items()}
+    cut = list(data.batches(arrays, 2, trim=4))
+    assert [b["input_ids"].shape for b in cut] == [(2, 4), (2, 8), (2, 4)]  # 3, 6, 0 tokens
+    assert [b["labels"].shape[1] for b in cut] == [4, 8, 4]
+    assert [b["wide"].shape for b in cut] == [(2, 5)] * 3 and cut[0]["doc"].shape == (2,)
+    whole = list(data.batches(arrays, 2))
+    for c, w in zip(cut, whole, strict=True):  # the cut columns held only padding
+        n = c["input_ids"].shape[1]
+        np.testing.assert_array_equal(c["input_ids"], w["input_ids"][:, :n])
+        assert not w["attention_mask"][:, n:].any()
+    assert [b["input_ids"].shape[1] for b in data.batches(arrays, 2, trim=1)] == [3, 6, 1]
+    assert [b["input_ids"].shape[1] for b in data.batches(arrays, 2, trim=5)] == [5, 9, 5]
+    assert data.trim_padding(arrays, 4)["input_ids"].shape == (6, 8)
+    # Left padding: the last position is real, so nothing is cut.
+    left = {"attention_mask": mask[:, ::-1].copy(), "labels": np.zeros(6)}
+    assert data.trim_padding(left, 2)["attention_mask"].shape == (6, 9)
+    # A process's rows are cut like the whole batch (every process compiles one shape).
+    rows = list(data.batches(arrays, 2, trim=4, rows=slice(1, 2)))
+    assert [b["input_ids"].shape for b in rows] == [(1, 4), (1, 8), (1, 4)]
+    stream = data.train_batches(arrays, batch_size=2, seed=0, trim=4, rows=slice(0, 1))
+    for step in range(3):
+        batch = next(stream)
+        full = data.batch_indices(6, 2, seed=0, step=step)
+        longest = max(int(mask[i].sum()) for i in full)
+        assert batch["input_ids"].shape == (1, max(4, -(-longest // 4) * 4))
+    for k in arrays:  # inputs untouched
+        np.testing.assert_array_equal(arrays[k], copy[k])
+    for bad, match in [
+        (0, "trim must be None or an int >= 1, got 0"),
+        (2.0, "got 2.0"),
+        (True, "got True"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            data.batches(arrays, 2, trim=bad)
+    with pytest.raises(ValueError, match="'attention_mask' array; got \\['labels'\\]"):
+        data.batches({"labels": np.zeros(4)}, 2, trim=4)
+    with pytest.raises(ValueError, match="unnamed arrays"):
+        next(data.train_batches((mask, mask), batch_size=2, seed=0, trim=4))
+    with pytest.raises(ValueError, match=r"\(batch, tokens\) 'attention_mask', got shape \(6,\)"):
+        data.trim_padding({"attention_mask": np.ones(6)})
+
+
 def test_batches_errors():
     with pytest.raises(ValueError, match="leading dimension"):
         data.batches({"a": np.zeros(3), "b": np.zeros(4)}, 2)

@@ -154,6 +154,68 @@ def test_resume_is_bitwise_exact(seed, tmp_path):
     assert steps == list(range(1, NUM_STEPS + 1))
 
 
+@pytest.mark.parametrize("token_labels", [False, True], ids=["sequence", "token"])
+def test_trimmed_batches_train_the_same_model(token_labels, seed):
+    # Without dropout, cutting each batch's padding columns changes the work, not the run:
+    # the same params and records up to float32 rounding (one step's gradients differ by
+    # reduction order; Adam's updates are O(lr) each, 6 steps: 1e-5 absolute).
+    task = "token_classification" if token_labels else BERT.task
+    config = dataclasses.replace(BERT, hidden_dropout_prob=0.0, task=task)
+    arrays = text_data(config, seed, 20, token_labels=token_labels)
+    # Texts of 2-4 tokens but one of SEQ: every pass (2 batches of 8) has a short batch.
+    short = np.arange(SEQ) < np.random.default_rng(seed).integers(2, 5, (20, 1))
+    short[0] = True
+    arrays = {
+        k: np.where(short, v, 0 if k != "labels" else train.IGNORE_LABEL) if v.ndim == 2 else v
+        for k, v in arrays.items()
+    }
+    mesh = train.data_mesh(jax.devices()[:1])
+    runs, widths = {}, {}
+    for trim in (None, 2):
+        state, steps = setup(config, seed)
+        seen = widths.setdefault(trim, set())
+
+        def step(state, batch, inner=steps.train_step, seen=seen):
+            seen.add(batch["input_ids"].shape[1])  # at trace time: one per compiled width
+            return inner(state, batch)
+
+        runs[trim] = train.fit(
+            state,
+            steps._replace(train_step=step),
+            arrays,
+            batch_size=BATCH,
+            num_steps=NUM_STEPS,
+            seed=seed,
+            mesh=mesh,
+            eval_data=arrays,
+            log_every=2,
+            trim=trim,
+        )
+    assert widths[None] == {SEQ}
+    batches = [data.batch_indices(20, BATCH, seed=seed, step=t) for t in range(NUM_STEPS)]
+    longest = {int(arrays["attention_mask"][b].sum(1).max()) for b in batches}
+    assert widths[2] == {min(SEQ, -(-n // 2) * 2) for n in longest} and min(widths[2]) < SEQ
+    close = jax.tree.map(
+        lambda a, b: np.allclose(a, b, rtol=0, atol=1e-5),
+        runs[None].state.params,
+        runs[2].state.params,
+    )
+    assert jax.tree.all(close), close
+    for a, b in zip(runs[None].history, runs[2].history, strict=True):
+        assert a["step"] == b["step"] and a["count"] == b["count"]
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    with pytest.raises(ValueError, match="'attention_mask' array; got"):
+        train.fit(state, steps, {"labels": arrays["labels"]}, batch_size=BATCH, num_steps=1, trim=2)
+    eval_only = {k: v for k, v in arrays.items() if k != "attention_mask"}
+    with pytest.raises(ValueError, match="'attention_mask' array"):  # before any training
+        train.fit(state, steps, arrays, batch_size=BATCH, num_steps=1, eval_data=eval_only, trim=2)
+    m = [
+        train.evaluate(steps, runs[None].state.params, arrays, batch_size=8, trim=t)
+        for t in (None, 3)
+    ]
+    assert m[0]["count"] == m[1]["count"] and np.isclose(m[0]["loss"], m[1]["loss"], rtol=1e-5)
+
+
 def test_batch_order_depends_only_on_seed_and_step(seed):
     n, b = 23, 5
     stream = data.train_batches({"labels": np.arange(n)}, batch_size=b, seed=seed)

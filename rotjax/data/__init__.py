@@ -13,6 +13,7 @@ from rotjax.data._batches import (
     num_batches,
     steps_per_epoch,
     train_batches,
+    trim_padding,
 )
 from rotjax.data._common import DataSourceError, Splits
 from rotjax.data._images import (
@@ -72,6 +73,7 @@ __all__ = [
     "tfds_images",
     "tokenize",
     "train_batches",
+    "trim_padding",
     "wordnet_examples",
     "wordnet_glosses",
     "wordnet_supersense",

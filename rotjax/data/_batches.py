@@ -6,6 +6,9 @@ any run can be reproduced on its own (what exact resume needs).
   `IGNORE_LABEL`, of every other array 0).
 - `train_batches`: the endless training stream from any step: step ``t`` is batch ``t mod S``
   of pass ``t // S`` (`batch_indices`).
+
+Both can cut the padding columns of token sequences batch by batch (``trim``): the compute of a
+batch of short texts then scales with its longest text, not with the padded length.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ def batches(
     drop_remainder: bool = False,
     pad: bool = False,
     rows: slice = slice(None),
+    trim: int | None = None,
 ) -> Iterator[dict[str, np.ndarray] | tuple[np.ndarray, ...]]:
     """One pass over arrays that share their leading dimension, in minibatches.
 
@@ -78,24 +82,29 @@ def batches(
         ``"labels"``, with `IGNORE_LABEL`), so every batch has one shape and every example
         counts once.
       rows: The rows of each batch to keep (a process's share, `rotjax.train.process_rows`).
+      trim: Cut each batch's padding columns (`trim_padding`, by the ``"attention_mask"``
+        array, to a multiple of ``trim``; decided on the whole batch before ``rows``, so
+        every process cuts alike). ``None`` keeps the arrays' length.
 
     Yields:
       Batches with the structure of ``arrays``: views of the inputs in order, copies when
       shuffled or padded.
 
     Raises:
-      ValueError: If there are no arrays, they disagree in length, ``batch_size < 1``, or
-        ``pad`` would pad a sequence of arrays (no ``"labels"`` to pad with `IGNORE_LABEL`).
+      ValueError: If there are no arrays, they disagree in length, ``batch_size < 1``,
+        ``pad`` would pad a sequence of arrays (no ``"labels"`` to pad with `IGNORE_LABEL`),
+        or ``trim`` is not an int >= 1 or has no ``"attention_mask"`` to cut by.
     """
     _check_batch_size(batch_size)
     names, values, n = _flatten(arrays)
+    _check_trim(trim, names, values)
     if pad and names is None and n % batch_size:  # no "labels" to fill with IGNORE_LABEL
         raise ValueError(
             "pad=True needs named arrays (a mapping with 'labels'): unnamed labels would be "
             "padded with 0, a real class"
         )
     order = None if seed is None else epoch_order(n, seed=seed, epoch=epoch)
-    return _pass(names, values, n, batch_size, order, drop_remainder, pad, rows)
+    return _pass(names, values, n, batch_size, order, drop_remainder, pad, rows, trim)
 
 
 def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
@@ -125,9 +134,11 @@ def train_batches(
     seed: int,
     start_step: int = 0,
     rows: slice = slice(None),
+    trim: int | None = None,
 ) -> Iterator[dict[str, np.ndarray]]:
     """The endless stream of training batches from step ``start_step`` on (full batches, each
-    pass shuffled by `epoch_order`; the batch of step ``t`` is `batch_indices` ``(seed, t)``).
+    pass shuffled by `epoch_order`; the batch of step ``t`` is `batch_indices` ``(seed, t)``),
+    each cut by `trim_padding` when ``trim`` is given (see `batches`).
 
     Yields:
       Dicts of numpy arrays (copies), one per step (``rows`` of each global batch).
@@ -135,6 +146,7 @@ def train_batches(
     if start_step < 0:
         raise ValueError(f"start_step must be >= 0, got {start_step}")
     names, values, n = _flatten(arrays)
+    _check_trim(trim, names, values)
     per_epoch = steps_per_epoch(n, batch_size)
     step = start_step
     epoch, order = None, None
@@ -142,9 +154,52 @@ def train_batches(
         e, index = divmod(step, per_epoch)
         if e != epoch:
             epoch, order = e, epoch_order(n, seed=seed, epoch=e)
-        idx = order[index * batch_size : (index + 1) * batch_size][rows]
-        yield dict(zip(names, (v[idx] for v in values), strict=True))
+        idx = order[index * batch_size : (index + 1) * batch_size]
+        batch = [v[idx] for v in values]
+        if trim is not None:
+            batch = _trimmed(names, batch, trim)
+        yield dict(zip(names, (x[rows] for x in batch), strict=True))
         step += 1
+
+
+def trim_padding(batch: Mapping[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
+    """``batch`` without its padding columns: every array whose axis 1 has the length ``T``
+    of ``batch["attention_mask"]`` (``(B, T)``) keeps its first ``L`` positions, ``L`` the
+    position after the last real token of any row, rounded up to a multiple of ``multiple``
+    (at most ``T``; at least ``multiple``), so that a jitted step compiles for at most
+    ``T / multiple`` lengths.
+
+    For models that read tokens through the mask (every real token attends to real tokens
+    only; padded positions take no loss) the cut changes nothing but the work: the logits of
+    the real tokens are those of the full length, up to float rounding, and so are the loss
+    and its gradients (dropout masks, drawn for the batch's shape, differ). Left-padded rows
+    are kept whole (their last real token is the last position).
+    """
+    names, values = tuple(batch), [np.asarray(v) for v in batch.values()]
+    _check_trim(multiple, names, values)
+    return dict(zip(names, _trimmed(names, values, multiple), strict=True))
+
+
+def _check_trim(trim, names, values) -> None:
+    if trim is None:
+        return
+    if isinstance(trim, bool) or not isinstance(trim, int | np.integer) or trim < 1:
+        raise ValueError(f"trim must be None or an int >= 1, got {trim!r}")
+    if names is None or "attention_mask" not in names:
+        given = "unnamed arrays" if names is None else sorted(names)
+        raise ValueError(f"trim cuts by the 'attention_mask' array; got {given}")
+    if values[names.index("attention_mask")].ndim != 2:
+        shape = values[names.index("attention_mask")].shape
+        raise ValueError(f"trim needs a (batch, tokens) 'attention_mask', got shape {shape}")
+
+
+def _trimmed(names, batch: list[np.ndarray], multiple: int) -> list[np.ndarray]:
+    mask = batch[names.index("attention_mask")]
+    width = mask.shape[1]
+    real = np.flatnonzero(mask.any(axis=0))
+    last = int(real[-1]) + 1 if real.size else 0
+    keep = min(width, max(1, -(-last // multiple)) * multiple)
+    return [x[:, :keep] if x.ndim >= 2 and x.shape[1] == width else x for x in batch]
 
 
 def _check_batch_size(batch_size: int) -> None:
@@ -175,7 +230,7 @@ def _flatten(arrays: Arrays) -> tuple[tuple[str, ...] | None, tuple[np.ndarray, 
     return names, values, lengths.pop()
 
 
-def _pass(names, values, n, batch_size, order, drop_remainder, pad, rows):
+def _pass(names, values, n, batch_size, order, drop_remainder, pad, rows, trim):
     stop = n - n % batch_size if drop_remainder else n
     fills = [IGNORE_LABEL if name == "labels" else 0 for name in names or [None] * len(values)]
     for start in range(0, stop, batch_size):
@@ -185,6 +240,8 @@ def _pass(names, values, n, batch_size, order, drop_remainder, pad, rows):
         if pad and end - start < batch_size:
             short = batch_size - (end - start)
             batch = [_padded(x, short, f) for x, f in zip(batch, fills, strict=True)]
+        if trim is not None:
+            batch = _trimmed(names, batch, trim)
         batch = [x[rows] for x in batch]
         yield tuple(batch) if names is None else dict(zip(names, batch, strict=True))
 
