@@ -17,6 +17,7 @@ from typing import Any
 import jax
 import numpy as np
 
+from experiments import train as T
 from rotjax import data, hf, match, merge, train
 from rotjax import symmetry as sym
 from rotjax.merge._straight import _check_descent  # the descent's own checks, run early
@@ -94,13 +95,39 @@ def eval_batch(n: int, cap: int = EVAL_BATCH) -> int:
     return max(d, math.ceil(per_batch / d) * d)
 
 
+def by_length(arrays: Mapping[str, np.ndarray]) -> tuple[dict[str, np.ndarray], np.ndarray | None]:
+    """``(arrays, order)``: token data (with an ``attention_mask``) sorted by length (stable),
+    so that batches cut to their longest text (``trim``) hold texts of similar lengths, and
+    the order (``sorted = arrays[order]``); other data as it is, order None."""
+    if "attention_mask" not in arrays:
+        return dict(arrays), None
+    order = np.argsort(np.asarray(arrays["attention_mask"]).sum(axis=1), kind="stable")
+    return {k: np.asarray(v)[order] for k, v in arrays.items()}, order
+
+
 def evaluator(model, arrays: Mapping[str, np.ndarray], *, cap: int = EVAL_BATCH):
     """`rotjax.train.evaluator` of ``model`` over ``arrays`` (with ``labels``), in batches of
-    `eval_batch` size."""
+    `eval_batch` size; token data sorted by length and each batch cut to its longest text
+    (`by_length`, `train.TRIM`: the same sums in another order, a fraction of the work)."""
     if "labels" not in arrays:
         raise ValueError(f"evaluator: no labels among {sorted(arrays)}")
     size = eval_batch(len(arrays["labels"]), cap)
-    return train.evaluator(model, arrays, batch_size=size)
+    arrays, order = by_length(arrays)
+    trim = None if order is None else T.TRIM
+    return train.evaluator(model, arrays, batch_size=size, trim=trim)
+
+
+def predictor(model, arrays: Mapping[str, np.ndarray], *, cap: int = EVAL_BATCH):
+    """``params -> argmax predictions`` of ``model`` over ``arrays`` in their order, computed
+    like `evaluator`'s metrics (sorted by length, batches cut)."""
+    size = eval_batch(len(next(iter(arrays.values()))), cap)
+    arrays, order = by_length(arrays)
+    trim = None if order is None else T.TRIM
+    predict = train.predictor(model, batch_size=size, trim=trim)
+    if order is None:
+        return lambda params: predict(params, arrays)
+    inverse = np.argsort(order)
+    return lambda params: predict(params, arrays)[inverse]
 
 
 def batches(arrays: Mapping[str, np.ndarray], batch_size: int = 50) -> list[dict]:

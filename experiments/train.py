@@ -434,7 +434,7 @@ def train_and_evaluate(
             steps, result.state.params, data["test"], batch_size=config.eval_batch_size, trim=trim
         )
     if config.dataset in TOKEN_DATASETS:  # the CoNLL measure: entity-level F1 (seqeval)
-        predict = train.predictor(model, batch_size=config.eval_batch_size)
+        predict = train.predictor(model, batch_size=config.eval_batch_size, trim=trim)
         test = dict(test)
         test["entity_f1"] = train.entity_f1(
             predict(params, data["test"]), data["test"]["labels"], data["label_names"]

@@ -448,3 +448,46 @@ def test_multitask_limits_are_exact():
 
     data = T.load_data(T.minilm_wordnet("wordnet_multitask", train_limit=33, eval_limit=5))
     assert len(data["train"]["labels"]) == 33 and len(data["test"]["labels"]) == 5
+
+
+def test_text_scoring_sorts_by_length_and_cuts_each_batch(key):
+    """experiments' evaluator and predictor score token data sorted by length, each batch cut
+    to its longest text: the metrics of the uncut data (sums in another order: 1e-6), the
+    predictions in the data's own order."""
+    import dataclasses
+
+    import numpy as np
+
+    from experiments import fusion
+    from rotjax.models import bert
+
+    config = bert.Config(
+        vocab_size=40,
+        hidden_size=8,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        intermediate_size=16,
+        max_position_embeddings=32,
+        num_labels=3,
+        task="token_classification",
+    )
+    model, params = init(config, key, scale=0.3)
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 33, 50)
+    mask = (np.arange(32) < lengths[:, None]).astype(np.int32)
+    labels = np.where(mask > 0, rng.integers(0, 3, (50, 32)), train.IGNORE_LABEL)
+    arrays = {"input_ids": rng.integers(1, 40, (50, 32)) * mask, "attention_mask": mask}
+    arrays["labels"] = labels.astype(np.int32)
+    got = fusion.predictor(model, arrays, cap=8)(params)
+    want = train.predictor(model, batch_size=8)(params, arrays)
+    np.testing.assert_array_equal(got[mask > 0], want[mask > 0])
+    assert (got[mask == 0] == train.IGNORE_LABEL).mean() > 0.5  # most padding was cut
+    cut = fusion.evaluator(model, arrays, cap=8)(params)
+    whole = train.evaluator(model, arrays, batch_size=8)(params)
+    assert cut["count"] == whole["count"] and cut["accuracy"] == whole["accuracy"]
+    assert cut["loss"] == pytest.approx(whole["loss"], rel=1e-6)
+    seq = dataclasses.replace(config, task="sequence_classification")
+    model, params = init(seq, key, scale=0.3)
+    sequences = {**arrays, "labels": rng.integers(0, 3, 50).astype(np.int32)}
+    got = fusion.predictor(model, sequences, cap=8)(params)
+    np.testing.assert_array_equal(got, train.predictor(model, batch_size=8)(params, sequences))

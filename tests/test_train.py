@@ -435,6 +435,19 @@ def test_predictor_matches_the_model(key):
     got = predict(params, arrays)
     logits = model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"])
     np.testing.assert_array_equal(got, np.argmax(logits, -1))
+    # Batches cut to their longest text (sorted by length, so that most are cut): the same
+    # predictions of real tokens; cut padding positions IGNORE_LABEL.
+    tagger = dataclasses.replace(config, task="token_classification")
+    model, params = init(tagger, key, scale=0.3)
+    order = np.argsort(arrays["attention_mask"].sum(1))
+    arrays = {k: v[order] for k, v in arrays.items()}
+    logits = model.apply({"params": params}, arrays["input_ids"], arrays["attention_mask"])
+    want = np.argmax(logits, -1)
+    cut = train.predictor(model, batch_size=4, trim=2)(params, arrays)
+    real = arrays["attention_mask"] > 0
+    assert cut.shape == want.shape and (cut == train.IGNORE_LABEL).any()
+    np.testing.assert_array_equal(cut[real], want[real])
+    assert set(np.unique(cut[cut != want])) <= {train.IGNORE_LABEL}
 
 
 def test_checkpoints_follow_the_documented_policy(seed, tmp_path):

@@ -116,5 +116,5 @@ def _scorer(task, model, test, tags):
     if task == "sequence":
         evaluate = fusion.evaluator(model, test, cap=128)
         return lambda params: evaluate(params)["accuracy"]
-    predict = train.predictor(model, batch_size=fusion.eval_batch(len(test["labels"]), cap=128))
-    return lambda params: train.entity_f1(predict(params, test), test["labels"], tags)
+    predict = fusion.predictor(model, test, cap=128)
+    return lambda params: train.entity_f1(predict(params), test["labels"], tags)

@@ -227,10 +227,12 @@ def evaluator(
 
 
 def predictor(
-    model: Any, *, batch_size: int, inputs: Callable | None = None
+    model: Any, *, batch_size: int, inputs: Callable | None = None, trim: int | None = None
 ) -> Callable[[Any, Mapping[str, np.ndarray]], np.ndarray]:
     """``(params, data) -> argmax predictions`` (``(N,)`` or ``(N, T)``) of a classification
-    model over named arrays, one compiled program for every params of the model."""
+    model over named arrays, one compiled program for every params of the model (and, with
+    ``trim``, every length its batches are cut to: see `evaluate`; token predictions of the
+    cut padding positions are `rotjax.data.IGNORE_LABEL`)."""
     inputs = _steps.default_inputs(model) if inputs is None else inputs
     apply = jax.jit(lambda p, b: jax.numpy.argmax(model.apply({"params": p}, *inputs(b)), -1))
 
@@ -239,7 +241,13 @@ def predictor(
         fields = {k: v for k, v in data.items() if k != "labels"}
         if not n:
             raise ValueError(f"predict: no examples in {sorted(data)}")
-        out = [np.asarray(apply(params, b)) for b in _data.batches(fields, batch_size, pad=True)]
+        width = np.shape(fields["attention_mask"])[1] if trim is not None else None
+        out = []
+        for b in _data.batches(fields, batch_size, pad=True, trim=trim):
+            y = np.asarray(apply(params, b))
+            if width is not None and y.ndim == 2 and y.shape[1] < width:  # cut positions
+                y = np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=_data.IGNORE_LABEL)
+            out.append(y)
         return np.concatenate(out)[:n]
 
     return predict
