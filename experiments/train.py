@@ -406,8 +406,10 @@ def train_and_evaluate(
     )
     eval_data = data["validation"] if data["validation"] is not None else data["test"]
     # Texts are padded to max_length; each batch is cut to its longest text (rounded up to 8
-    # tokens): the same examples and losses, up to float rounding, in half the time on the
-    # WordNet example sentences (not a recipe setting: the run's config and key are unchanged).
+    # tokens): the same examples and losses (up to float rounding; MiniLM's dropout masks,
+    # drawn for the cut shape, differ) in half the time on the WordNet example sentences. Not
+    # a recipe setting: the config and its cache key are unchanged; batches.json and the
+    # summary record it, and a checkpoint of an uncut run is not resumed cut.
     trim = TRIM if config.model == "minilm" else None
     result = train.fit(
         state,
@@ -447,6 +449,7 @@ def train_and_evaluate(
         "data_version": data_version(config),
         "seed": config.seed,
         "num_steps": num_steps,
+        "trim": trim,  # batches cut to their longest text, rounded up to this many tokens
         "train_examples": n_train,
         # examples; test["count"] counts labels (tokens when tagging)
         "test_examples": len(data["test"]["labels"]),

@@ -204,11 +204,19 @@ def test_trimmed_batches_train_the_same_model(token_labels, seed):
     for a, b in zip(runs[None].history, runs[2].history, strict=True):
         assert a["step"] == b["step"] and a["count"] == b["count"]
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5)
+    never = lambda record: pytest.fail(f"trained before refusing: {record}")
+    fit = lambda train_data, **k: train.fit(
+        state, steps, train_data, batch_size=BATCH, num_steps=1, callback=never, trim=2, **k
+    )
     with pytest.raises(ValueError, match="'attention_mask' array; got"):
-        train.fit(state, steps, {"labels": arrays["labels"]}, batch_size=BATCH, num_steps=1, trim=2)
+        fit({"labels": arrays["labels"]})
     eval_only = {k: v for k, v in arrays.items() if k != "attention_mask"}
     with pytest.raises(ValueError, match="'attention_mask' array"):  # before any training
-        train.fit(state, steps, arrays, batch_size=BATCH, num_steps=1, eval_data=eval_only, trim=2)
+        fit(arrays, eval_data=eval_only)
+    labelled = {**arrays, "labels": np.where(arrays["labels"] == -100, 0, arrays["labels"])}
+    if token_labels:  # padding labelled as a class: cutting would drop those labels
+        with pytest.raises(ValueError, match="labels past the last real token"):
+            fit(labelled)
     m = [
         train.evaluate(steps, runs[None].state.params, arrays, batch_size=8, trim=t)
         for t in (None, 3)
@@ -745,7 +753,7 @@ def test_resuming_with_other_batches_is_refused_unless_allowed(seed, tmp_path):
     under other ones would replay some examples and skip others, silently."""
     run_bert(seed, 2, workdir=tmp_path)
     assert json.loads((tmp_path / train.BATCHES_FILE).read_text()) == {
-        "seed": seed, "batch_size": BATCH, "examples": 20,
+        "seed": seed, "batch_size": BATCH, "examples": 20, "trim": None,
     }  # fmt: skip
     state, steps = setup(BERT, seed)
     mesh = train.data_mesh(jax.devices()[:1])
@@ -759,6 +767,15 @@ def test_resuming_with_other_batches_is_refused_unless_allowed(seed, tmp_path):
         fit(fewer)
     with pytest.raises(ValueError, match=rf"drawn otherwise \(seed: {seed} -> {seed + 1}\)"):
         fit(arrays, run_seed=seed + 1)
+    # Cut batches (other dropout masks) do not continue an uncut run, nor one from before
+    # batches.json recorded trim.
+    with pytest.raises(ValueError, match=r"\(trim: None -> 2\): resuming would continue it"):
+        fit(arrays, trim=2)
+    order = json.loads((tmp_path / train.BATCHES_FILE).read_text())
+    del order["trim"]
+    (tmp_path / train.BATCHES_FILE).write_text(json.dumps(order))
+    with pytest.raises(ValueError, match=r"\(trim: None -> 2\)"):
+        fit(arrays, trim=2)
     assert not (tmp_path / "checkpoints" / "3").exists()
     assert fit(fewer, allow_other_batches=True).resumed_from == 2
     assert json.loads((tmp_path / train.BATCHES_FILE).read_text())["examples"] == 18

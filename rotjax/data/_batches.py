@@ -84,7 +84,8 @@ def batches(
       rows: The rows of each batch to keep (a process's share, `rotjax.train.process_rows`).
       trim: Cut each batch's padding columns (`trim_padding`, by the ``"attention_mask"``
         array, to a multiple of ``trim``; decided on the whole batch before ``rows``, so
-        every process cuts alike). ``None`` keeps the arrays' length.
+        every process cuts alike; raises there on labelled padding). ``None`` keeps the
+        arrays' length.
 
     Yields:
       Batches with the structure of ``arrays``: views of the inputs in order, copies when
@@ -155,10 +156,11 @@ def train_batches(
         if e != epoch:
             epoch, order = e, epoch_order(n, seed=seed, epoch=e)
         idx = order[index * batch_size : (index + 1) * batch_size]
-        batch = [v[idx] for v in values]
-        if trim is not None:
-            batch = _trimmed(names, batch, trim)
-        yield dict(zip(names, (x[rows] for x in batch), strict=True))
+        if trim is None:
+            yield dict(zip(names, (v[idx[rows]] for v in values), strict=True))
+        else:  # cut by the whole batch, so that every process cuts alike
+            batch = _trimmed(names, [v[idx] for v in values], trim)
+            yield dict(zip(names, (x[rows] for x in batch), strict=True))
         step += 1
 
 
@@ -166,14 +168,19 @@ def trim_padding(batch: Mapping[str, np.ndarray], multiple: int = 8) -> dict[str
     """``batch`` without its padding columns: every array whose axis 1 has the length ``T``
     of ``batch["attention_mask"]`` (``(B, T)``) keeps its first ``L`` positions, ``L`` the
     position after the last real token of any row, rounded up to a multiple of ``multiple``
-    (at most ``T``; at least ``multiple``), so that a jitted step compiles for at most
-    ``T / multiple`` lengths.
+    and at most ``T`` (at least ``min(multiple, T)``), so that a jitted step compiles for at
+    most ``ceil(T / multiple)`` lengths.
 
     For models that read tokens through the mask (every real token attends to real tokens
     only; padded positions take no loss) the cut changes nothing but the work: the logits of
     the real tokens are those of the full length, up to float rounding, and so are the loss
-    and its gradients (dropout masks, drawn for the batch's shape, differ). Left-padded rows
-    are kept whole (their last real token is the last position).
+    and its gradients (without dropout: its masks, drawn for the batch's shape, differ).
+    Left-padded rows are kept whole (their last real token is the last position).
+
+    Raises:
+      ValueError: ``multiple`` is not an int >= 1, there is no ``(B, T)`` attention mask, or
+        the ``labels`` of a cut column are not all `IGNORE_LABEL` (padding labelled as a class
+        would silently leave the loss).
     """
     names, values = tuple(batch), [np.asarray(v) for v in batch.values()]
     _check_trim(multiple, names, values)
@@ -199,6 +206,12 @@ def _trimmed(names, batch: list[np.ndarray], multiple: int) -> list[np.ndarray]:
     real = np.flatnonzero(mask.any(axis=0))
     last = int(real[-1]) + 1 if real.size else 0
     keep = min(width, max(1, -(-last // multiple)) * multiple)
+    labels = batch[names.index("labels")] if "labels" in names else np.zeros(0)
+    if labels.ndim >= 2 and labels.shape[1] == width and (labels[:, keep:] != IGNORE_LABEL).any():
+        raise ValueError(
+            f"trim: labels past the last real token (columns {keep}-{width - 1}) other "
+            f"than IGNORE_LABEL ({IGNORE_LABEL}): label padding IGNORE_LABEL, or do not trim"
+        )
     return [x[:, :keep] if x.ndim >= 2 and x.shape[1] == width else x for x in batch]
 
 

@@ -21,7 +21,8 @@ Record = dict[str, Any]
 METRICS_FILE = "metrics.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 # What step t's batch is a function of (`rotjax.data.train_batches`), kept beside the
-# checkpoints: resuming under other values would replay some examples and skip others.
+# checkpoints: resuming under other values would replay some examples and skip others (or,
+# for trim, cut them otherwise).
 BATCHES_FILE = "batches.json"
 
 
@@ -93,8 +94,8 @@ def _check_batches(
     workdir: Path, order: dict, resumed_from: int | None, allow: bool, *, write: bool
 ) -> None:
     """Refuse to resume a run in ``workdir`` whose batch order (``order``: seed, batch size,
-    training examples) was another, unless ``allow``; then record this call's (if ``write``:
-    process 0)."""
+    training examples, trim) was another, unless ``allow``; then record this call's (if
+    ``write``: process 0)."""
     path = workdir / BATCHES_FILE
     if resumed_from is not None and path.is_file() and not allow:
         try:
@@ -103,13 +104,19 @@ def _check_batches(
             raise ValueError(
                 f"{path} is not a run's batch order ({e}); remove it, or use another workdir"
             ) from None
+        old = {"trim": None, **old}  # runs from before trim cut nothing
         diff = {k: (old[k], v) for k, v in order.items() if k in old and old[k] != v}
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
+            why = (
+                "would replay some examples and skip others"
+                if set(diff) - {"trim"}
+                else "would continue it with batches cut otherwise (other dropout masks)"
+            )
             raise ValueError(
                 f"{workdir} holds a run (checkpoint at step {resumed_from}) whose batches were "
-                f"drawn otherwise ({shown}): resuming would replay some examples and skip "
-                "others; use another workdir, or allow_other_batches=True"
+                f"drawn otherwise ({shown}): resuming {why}; use another workdir, or "
+                "allow_other_batches=True"
             )
     if write:
         _write_whole(path, json.dumps(order) + "\n")
@@ -241,9 +248,10 @@ def predictor(
         fields = {k: v for k, v in data.items() if k != "labels"}
         if not n:
             raise ValueError(f"predict: no examples in {sorted(data)}")
+        batches = _data.batches(fields, batch_size, pad=True, trim=trim)  # checks trim
         width = np.shape(fields["attention_mask"])[1] if trim is not None else None
         out = []
-        for b in _data.batches(fields, batch_size, pad=True, trim=trim):
+        for b in batches:
             y = np.asarray(apply(params, b))
             if width is not None and y.ndim == 2 and y.shape[1] < width:  # cut positions
                 y = np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=_data.IGNORE_LABEL)
@@ -334,10 +342,10 @@ def fit(
         mesh: Data mesh; default `rotjax.train.data_mesh()` (all devices).
         progress: Whether to show a tqdm progress bar (on stderr, process 0 only).
         callback: Called with every record (dicts with ``step``, ``split`` and metrics).
-        allow_other_batches: Resume a run whose ``seed``, ``batch_size`` or number of training
-            examples differ from this call's (recorded in ``workdir/batches.json``): its later
-            steps then draw other batches, replaying some examples and skipping others. Off
-            by default: such a resume is refused.
+        allow_other_batches: Resume a run whose ``seed``, ``batch_size``, number of training
+            examples or ``trim`` differ from this call's (recorded in ``workdir/batches.json``):
+            its later steps then draw other batches, replaying some examples and skipping
+            others (or cut them otherwise). Off by default: such a resume is refused.
         trim: Cut each train and eval batch's padding columns to a multiple of ``trim``
             (`rotjax.data.trim_padding`, by the ``attention_mask``): a step on short texts
             costs what their length costs, not the padded length's; one compilation per
@@ -420,7 +428,7 @@ def fit(
                         f"past num_steps={num_steps}: that run trained longer than asked "
                         "(use another workdir, or num_steps >= its step)"
                     )
-            order = {"seed": seed, "batch_size": batch_size, "examples": n_train}
+            order = {"seed": seed, "batch_size": batch_size, "examples": n_train, "trim": trim}
             _check_batches(workdir, order, resumed_from, allow_other_batches, write=lead)
             if lead:
                 writer = MetricsWriter(workdir / METRICS_FILE, resume_step=resumed_from)
