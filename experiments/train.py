@@ -410,7 +410,7 @@ def train_and_evaluate(
     # drawn for the cut shape, differ) in half the time on the WordNet example sentences. Not
     # a recipe setting: the config and its cache key are unchanged; batches.json and the
     # summary record it, and a checkpoint of an uncut run is not resumed cut.
-    trim = TRIM if config.model == "minilm" else None
+    trim = batch_trim(config)
     result = train.fit(
         state,
         steps,
@@ -573,7 +573,8 @@ def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -
     """The summary of ``config``'s finished run in ``workdir``, training it first if needed: a
     workdir holding a run of another config (an edited preset, another mode) is deleted and
     trained afresh, and so is a run of older data (`data_version`, finished or not); an unfinished
-    run of the same config resumes from its checkpoints.
+    run of the same config resumes from its checkpoints (one begun with batches cut otherwise,
+    `batch_trim`, is trained afresh: its checkpoints would not resume).
 
     Raises:
       ValueError: ``workdir`` holds something other than a run of `train_and_evaluate` (its
@@ -598,9 +599,24 @@ def cached(config: Config, workdir: str | os.PathLike[str], *, progress=False) -
         # or not (an unfinished one would resume its checkpoints on today's data)
         version = data_version(config)
         older = run_data_version(workdir, version) != version
+        older |= _run_trim(workdir) != batch_trim(config)  # begun with batches cut otherwise
         if config_diff(run, config) or (Path(workdir) / "summary.json").is_file() or older:
             shutil.rmtree(workdir)
     return train_and_evaluate(config, workdir, progress=progress)
+
+
+def batch_trim(config: Config) -> int | None:
+    """What `train.fit` cuts ``config``'s batches to (``trim``): MiniLM's texts to their
+    longest, rounded up to `TRIM` tokens; images not at all."""
+    return TRIM if config.model == "minilm" else None
+
+
+def _run_trim(workdir) -> int | None:
+    """The ``trim`` a run in ``workdir`` began with (None: before it was recorded, or none)."""
+    try:
+        return json.loads((Path(workdir) / train.BATCHES_FILE).read_text()).get("trim")
+    except (OSError, ValueError, AttributeError):
+        return None
 
 
 def _json(config: Config) -> dict:

@@ -211,6 +211,13 @@ def test_cached_runs_are_reused_or_trained_afresh(tmp_path, monkeypatch):
         T.cached(other, run)
     (run / T.DATA_FILE).unlink()
     second = T.cached(other, run)
+    # An unfinished run begun with batches cut otherwise (trim): trained afresh, not refused.
+    (run / "summary.json").unlink()
+    order = json.loads((run / train.BATCHES_FILE).read_text())
+    assert order["trim"] is None is second["trim"]  # images: not cut
+    (run / train.BATCHES_FILE).write_text(json.dumps({**order, "trim": 8}))
+    assert T.cached(other, run)["resumed_from"] is None
+    second = json.loads((run / "summary.json").read_text())
     # A run predating a field (its default) is the same run; older logs without "steps".
     saved = json.loads((run / "config.json").read_text())
     del saved["keep_checkpoints"], saved["vit_config"]["qkv_bias"]
