@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import pytest
 from helpers import refuses_before_any_work
 
@@ -85,6 +86,9 @@ def test_reproduce(tmp_path):
     reproduce.main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
     assert vision["mode"] == "smoke" and "commit" in vision
+    env = vision["environment"]  # provenance beside the key: packages and machine
+    assert env["jax"] == jax.__version__ and env["cpus"] >= 1
+    assert f"vision: jax {jax.__version__}, flax " in report
     # A part not run is reported from its last results of the same mode, with their commit.
     committed = Path(reproduce.__file__).parent / "report" / "results" / "language.json"
     language = json.loads(committed.read_text()) | {"mode": "smoke", "commit": "abc1234"}
@@ -93,6 +97,7 @@ def test_reproduce(tmp_path):
     report = (tmp_path / "report.md").read_text()
     assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
     assert "language" in report and "(code of commit abc1234)" in report
+    assert "language: not recorded" in report  # results from before the environment was
     for line in _report.language_table(language, "sequence"):
         assert line in report
     # ... marked stale: its key is not of this code (and settings and models).

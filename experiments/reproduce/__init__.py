@@ -8,7 +8,8 @@ figure as PNG and every number as JSON (``DIR/results/*.json``); trained models 
 when its settings and models have not changed, so a rerun only recomputes what changed (the
 language part keeps each replicate's merges too: a run cut short resumes there). With
 ``--parts``, a part not run is reported from its last results in ``DIR/results`` (of the same
-mode); the report names the commit of the code that computed each part.
+mode); the report names the commit of the code that computed each part, and the packages'
+versions and the machine (recorded beside the results, not in their key).
 
 Modes: ``full`` (default; ViTs of ~88% from 3 seeds, MiniLM fine-tunes from 3 seeds; on 2 CPU
 cores ~5 hours of training, then 2-3 hours of analysis: the README's Results give the times),
@@ -20,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import platform
 import subprocess
 import sys
 import time
@@ -64,6 +67,23 @@ def _commit() -> str | None:
     return head.stdout.strip() + ("+dirty" if dirty else "")
 
 
+def _environment() -> dict:
+    """What computed a part's results besides the code: the numerical packages' versions and
+    the machine (recorded beside the results, not part of their key)."""
+    import flax
+    import jax
+    import numpy
+    import optax
+
+    return {
+        "python": platform.python_version(),
+        **{m.__name__: m.__version__ for m in (jax, flax, optax, numpy)},
+        "backend": jax.default_backend(),
+        "cpus": os.cpu_count(),
+        "machine": platform.machine(),
+    }
+
+
 def _last(out: Path, part: str) -> dict | None:
     """A part's last results in ``OUT/results``, None if absent or cut short by a crash."""
     return read_results(out / "results" / f"{part}.json")
@@ -82,7 +102,7 @@ def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: s
     # The key after training (the models' summaries are part of it), of the code at the start.
     seconds = time.perf_counter() - tic
     keys = {"key": _key(settings, part, out, code), "mode": settings.mode, "commit": commit}
-    results = {**keys, "seconds": seconds, **results}
+    results = {**keys, "seconds": seconds, "environment": _environment(), **results}
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_whole(path, json.dumps(results, indent=1, default=float) + "\n")
     return results

@@ -288,6 +288,23 @@ def language_distances(language, task) -> str:
     return "Squared distance of B to A, before → after matching: " + ", ".join(parts) + "."
 
 
+def environments(results: dict) -> str:
+    """Which packages and machine computed each part (recorded since 2026-12-05)."""
+
+    def one(env):
+        if not env:
+            return "not recorded"
+        packages = ", ".join(f"{k} {env[k]}" for k in ("jax", "flax", "optax", "numpy"))
+        machine = f"{env['backend']} ({env['cpus']} cores, {env['machine']})"
+        return f"{packages}, Python {env['python']}, {machine}"
+
+    return (
+        "Computed with: "
+        + "; ".join(f"{part}: {one(r.get('environment'))}" for part, r in results.items())
+        + "."
+    )
+
+
 def write(settings, out: Path, results: dict) -> Path:
     """``OUT/report.md`` (and ``OUT/figures``, ``OUT/results/claims.json``) from ``results``."""
     figures_ = figures(results["vision"], out / "figures") if "vision" in results else {}
@@ -309,6 +326,8 @@ def write(settings, out: Path, results: dict) -> Path:
         f"2 CPU cores; computing the results took {took} (training included where the models "
         "were not cached yet). Every number below is in `results/*.json`; ± is the population "
         "standard deviation (ddof 0) over the pairs or seeds.",
+        "",
+        environments(results),
         "",
     ]
     if "language" in results:
