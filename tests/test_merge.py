@@ -950,6 +950,16 @@ def test_prediction_loss_is_the_cross_entropy_to_the_mean_prediction(key):
     # Targets beyond `memory` are recomputed at each call: the same loss, twice.
     tight = merge.prediction_loss(c.model, ps[:2], data, memory=0)
     assert tight(ps[2]) == tight(ps[2]) == loss(ps[2])
+    # The budget counts the bytes kept, whatever the batches' sizes: a big batch's targets
+    # and a small one's fit; the next small one's would not (a count of batches times the
+    # last one's size kept it too).
+    from rotjax.merge._loss import _prediction_loss
+
+    uneven = [tuple(a[:4] for a in data[0]), *(tuple(a[:1] for a in x) for x in data * 2)]
+    sizes = [_prediction_loss(c.model, ps[:2], [x], 2**30)[2](0).nbytes for x in uneven[:2]]
+    target_of = _prediction_loss(c.model, ps[:2], uneven, sizes[0] + sizes[1])[2]
+    kept = [target_of(i) is target_of(i) for i in range(len(uneven))]
+    assert kept == [True, True, False, False, False], kept
     bare = CONFIGS["bert-encoder-pooler"]
     with pytest.raises(ValueError, match="classification head"):
         merge.prediction_loss(compiled(bare).model, ps[:2], data)

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from rotjax.merge._stats import _no_classes, _split
 from rotjax.models import family
+from rotjax.tree import wide
 
 MEMORY = 2**28  # bytes of mean predictions kept between calls of a prediction loss
 
@@ -57,7 +58,7 @@ def _prediction_loss(model, params_list, batches, memory):
         if i in kept:
             return kept[i]
         t = jnp.mean(jnp.stack([target(p, inputs[i]) for p in params_list]), axis=0)
-        if (len(kept) + 1) * t.nbytes <= memory:
+        if sum(x.nbytes for x in kept.values()) + t.nbytes <= memory:  # batches of any size
             kept[i] = t
         return t
 
@@ -74,14 +75,14 @@ def _prediction_loss(model, params_list, batches, memory):
 @functools.cache
 def _loss_steps(model):
     fam = family(model.config)
-    logits = lambda params, x: model.apply({"params": params}, *x).astype(jnp.float32)
+    logits = lambda params, x: wide(model.apply({"params": params}, *x))  # float64 stays
 
     def step(params, x, target):
         per = -jnp.sum(target * jax.nn.log_softmax(logits(params, x)), axis=-1)
         mask = fam.token_mask(x)
         if per.ndim == 1 or mask is None:  # one prediction per example, or every token real
             return jnp.sum(per), per.size
-        w = mask.astype(jnp.float32).reshape(per.shape)
+        w = mask.astype(per.dtype).reshape(per.shape)
         return jnp.sum(per * w), jnp.sum(w)
 
     def mean_and_grad(params, x, target):  # the batch's mean loss and its gradient
@@ -98,5 +99,7 @@ def _loss_steps(model):
 def _better(loss: float, than: float, rtol: float = 1e-6) -> bool:
     """``loss < than`` by more than float32 rounding (``rtol`` of ``than``: a descent step that
     moved a loss of 0.8857294 to 0.8857293, its last bit, replaced the exact alignment it
-    started from), with NaN (a merge whose predictions overflow) worse than any number."""
-    return not math.isnan(loss) and (math.isnan(than) or loss < than - rtol * abs(than))
+    started from), with NaN (a merge whose predictions overflow) worse than any number and
+    any finite loss better than an infinite one."""
+    margin = rtol * abs(than) if math.isfinite(than) else 0.0
+    return not math.isnan(loss) and (math.isnan(than) or loss < than - margin)

@@ -10,6 +10,7 @@ best with both models on the same unlabeled inputs.
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -50,14 +51,16 @@ def align_by_activations(
     2. Candidates: the start, and `rotjax.match.align` from it over ``solve`` for 1, ...,
        ``max_sweeps`` sweeps (weight matching refines what the activations left open: the
        scales, and groups that no activation reveals); with ``weights_start``, also `align`
-       to convergence from its own data-free start (on some seed pairs the better optimum).
+       from its own data-free start, with its default sweeps (to convergence where the blocks
+       couple: the stream, residual or query heads; on some seed pairs the better optimum).
        ``weights_start`` may be that alignment itself, already computed
        (``match.align(spec, anchor_params, params, solve=solve)``): it is then not redone.
     3. The one kept: the candidate g whose average ``(A + g·B)/2`` has the least
        `prediction_loss` against A's and B's mean prediction on the same batches; B itself
        (no alignment) is a candidate too, so the choice never predicts worse than not
-       aligning (fine-tunes of one model share its basis). Models without a classification
-       head of 2 or more classes have no such loss: `align` runs to convergence from the
+       aligning (by more than float32 rounding, 1e-6 relative; fine-tunes of one model share
+       its basis). Models without a classification
+       head of 2 or more classes have no such loss: `align` runs (its default sweeps) from the
        activation start instead.
     4. With ``steps`` > 0, the kept one refined by `align_straight_through` (``steps`` steps
        of ``learning_rate`` on the same batches and loss, measured every 10 steps, 2 sweeps
@@ -73,7 +76,8 @@ def align_by_activations(
     ``(step, loss)`` pairs, step 0 the candidate). The alignment's transform is complete and
     its diagnostics are those of its last `align` call.
     """
-    if not (isinstance(max_sweeps, int) and max_sweeps >= 0):
+    integral = isinstance(max_sweeps, numbers.Integral) and not isinstance(max_sweeps, bool)
+    if not (integral and max_sweeps >= 0):
         raise ValueError(f"max_sweeps must be an int >= 0, got {max_sweeps!r}")
     if not isinstance(weights_start, bool | match.Alignment):
         raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")
@@ -83,7 +87,7 @@ def align_by_activations(
     batches = list(batches)
     cross = cross_statistics(model, anchor_params, params, batches)
     start = activation_init(spec, cross, params=(anchor_params, params), solver=solver)
-    if _no_classes(model.config):  # nothing to choose by: weight matching to convergence
+    if _no_classes(model.config):  # nothing to choose by: weight matching alone
         res = match.align(
             spec, anchor_params, params, solve=solve, key=key, solver=solver, init=start
         )

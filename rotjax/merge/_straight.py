@@ -61,10 +61,12 @@ def align_straight_through(
     projects θ onto B's orbit by ``sweeps`` sweeps of `rotjax.match.align` over ``solve`` from
     the last projection (``key`` also shuffles their block order), and moves θ by Adam
     (``learning_rate``) along the gradient of the cross-entropy of ``(A + g·B)/2`` to the
-    mean of A's and B's predictions on that batch. θ and Adam's state are kept in float32 at
+    mean of A's and B's predictions on that batch (each step its batch's mean: a small last
+    batch moves θ as much as a full one). θ and Adam's state are kept in float32 at
     least; the merge is computed as it is returned (g·B in B's dtypes, averaged in A's). The
     loss over all batches (`prediction_loss`) is measured at the start and every ``every``
-    steps (and after the last); the best element is returned, never one worse than ``init``.
+    steps (and after the last, or where an overflow stopped the descent); the best element is
+    returned, never one worse than ``init`` (by more than float32 rounding: 1e-6 relative).
 
     ``init`` is the start: an `Alignment` of B to A (e.g. `align_by_activations`'), a
     transform, or None for B as it is. Any start can end in a good merge, a good start in a
@@ -151,6 +153,16 @@ def _descend(
     state, g = opt.init(theta), start.transform
     _, _, mean_and_grad = _loss_steps(model)
     order: list[int] = []
+
+    def measure(step, merged, g, best, bar):
+        """The loss of the element after ``step`` updates, recorded; the best so far."""
+        now = loss(merged)
+        info["losses"].append((step, now))
+        best = (now, step, g) if _better(now, best[0]) else best
+        if bar is not None:
+            bar.set_postfix(loss=f"{now:.4f}", best=f"{best[0]:.4f}")
+        return best
+
     with contextlib.ExitStack() as stack:
         bar = None
         if progress:
@@ -162,13 +174,9 @@ def _descend(
                 spec, theta, b, solve=solve, init=g, max_sweeps=sweeps, key=key, solver=solver
             )  # the element after ``step`` updates
             g, merged = proj.transform, merge_with(proj.params)
-            if step and (step % every == 0 or step == steps):
-                now = loss(merged)
-                info["losses"].append((step, now))
-                if _better(now, best[0]):
-                    best = (now, step, g)
-                if bar is not None:
-                    bar.set_postfix(loss=f"{now:.4f}", best=f"{best[0]:.4f}")
+            measured = bool(step) and (step % every == 0 or step == steps)
+            if measured:
+                best = measure(step, merged, g, best, bar)
             if step == steps:
                 break
             if not order:  # a new pass over the batches
@@ -181,6 +189,8 @@ def _descend(
             value, grads = mean_and_grad(merged, inputs[i], target_of(i))
             if not bool(_all_finite(value, grads)):  # a step would make θ NaN
                 info["stopped"] = step
+                if step and not measured:  # this element may still be the best
+                    best = measure(step, merged, g, best, bar)
                 break
             updates, state = opt.update(jax.tree.map(wide, grads), state, theta)
             theta = optax.apply_updates(theta, updates)
