@@ -17,8 +17,9 @@ def _keep_test_jax_config(monkeypatch):
 
 def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
     """The language part keeps each (task, seed)'s merges: a run cut short resumes at the first
-    replicate not done, and another code (or models) recomputes them (fine-tunes and merges
-    faked here: the keys and files are what is tested)."""
+    replicate not done, later code reuses them (naming the commit that computed each), and
+    other models or replicate settings recompute them (fine-tunes and merges faked here: the
+    keys and files are what is tested)."""
     import dataclasses
 
     from experiments.reproduce import _language, _models
@@ -34,7 +35,9 @@ def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
         return {"seed": seed, "task": task, "score": 0.5 + seed}
 
     monkeypatch.setattr(_language, "_seed", merges)
-    run = lambda code: _language.run(settings, tmp_path, lambda _: None, code=code)
+    run = lambda code, s=settings: _language.run(
+        s, tmp_path, lambda _: None, code=code, commit=code
+    )
     stop[0] = ("token", 1)
     with pytest.raises(KeyboardInterrupt):
         run("v1")
@@ -49,9 +52,18 @@ def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
         "token-s0.json",
         "token-s1.json",
     ]
+    assert [r["commit"] for r in results["sequence"] + results["token"]] == ["v1"] * 4
     done[:] = []
-    run("v2")  # other code: every replicate again
+    assert run("v2")["token"][0]["commit"] == "v1" and not done  # later code: kept
+    run("v2", dataclasses.replace(settings, descent_steps=3))  # a vision setting: kept
+    assert not done
+    run("v2", dataclasses.replace(settings, eval_texts=7))  # fewer test texts: all again
     assert len(done) == 4
+    trained = lambda s, out, n, seed: {"name": f"{n}-s{seed}", "retrained": True}
+    monkeypatch.setattr(_language, "trained", trained)
+    done[:] = []
+    assert run("v3", dataclasses.replace(settings, eval_texts=7))["token"][1]["commit"] == "v3"
+    assert len(done) == 4  # other models: all again
 
 
 def test_reproduce(tmp_path):
@@ -111,6 +123,15 @@ def test_reproduce(tmp_path):
     (tmp_path / "results" / "language.json").write_text(json.dumps(language))
     reproduce.main(["--smoke", "--out", str(tmp_path)])
     assert "abc1234" not in (tmp_path / "report.md").read_text()
+    # --report-only: the report rewritten from the kept results, nothing computed; the
+    # settings a part was measured under are those it recorded, not today's.
+    vision["settings"]["test_images"] = 99
+    (tmp_path / "results" / "vision.json").write_text(json.dumps(vision))
+    mtime = (tmp_path / "results" / "vision.json").stat().st_mtime
+    (tmp_path / "report.md").unlink()
+    reproduce.main(["--smoke", "--out", str(tmp_path), "--report-only"])
+    assert "On the first 99 test images." in (tmp_path / "report.md").read_text()
+    assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
 
 
 @pytest.mark.parametrize(
@@ -119,6 +140,7 @@ def test_reproduce(tmp_path):
         (["--parts", "vision,sound"], "--parts 'vision,sound': choose from vision, language"),
         (["--parts", ","], "choose from vision, language"),
         (["--out", "FILE"], "is a file, not a directory"),
+        (["--report-only"], "--report-only: no smoke-mode results in"),
     ],
 )
 def test_reproduce_refuses_bad_arguments_before_any_work(

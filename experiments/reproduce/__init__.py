@@ -1,6 +1,7 @@
 """Re-measure the paper's claims in miniature on real offline data, and write a report.
 
     python -m experiments.reproduce [--quick | --smoke] [--out DIR] [--parts vision,language]
+    python -m experiments.reproduce --report-only [--out DIR]   # re-render, compute nothing
 
 Writes ``DIR/report.md`` (tables, figures, each claim with its number and a verdict), every
 figure as PNG and every number as JSON (``DIR/results/*.json``); trained models are cached in
@@ -20,6 +21,7 @@ cores ~5 hours of training, then 2-3 hours of analysis: the README's Results giv
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -98,11 +100,13 @@ def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: s
         log(f"{part}: results unchanged, reused ({path})")
         return old
     tic = time.perf_counter()
-    results = PARTS[part](settings, out, log, code=code)
+    results = PARTS[part](settings, out, log, code=code, commit=commit)
     # The key after training (the models' summaries are part of it), of the code at the start.
     seconds = time.perf_counter() - tic
     keys = {"key": _key(settings, part, out, code), "mode": settings.mode, "commit": commit}
+    recorded = dataclasses.asdict(dataclasses.replace(settings, parts=()))
     results = {**keys, "seconds": seconds, "environment": _environment(), **results}
+    results["settings"] = recorded  # what the report says they were measured on
     path.parent.mkdir(parents=True, exist_ok=True)
     _write_whole(path, json.dumps(results, indent=1, default=float) + "\n")
     return results
@@ -115,6 +119,11 @@ def main(argv=None):
     mode.add_argument("--smoke", action="store_true", help="seconds: a pipeline check")
     p.add_argument("--out", help="output directory (default runs/reproduce[-quick])")
     p.add_argument("--parts", help="comma-separated: vision, language (default: the mode's)")
+    p.add_argument(
+        "--report-only",
+        action="store_true",
+        help="rewrite the report from the kept results of every part, computing nothing",
+    )
     args = p.parse_args(argv)
     name = "smoke" if args.smoke else "quick" if args.quick else "full"
     parts = None
@@ -126,12 +135,16 @@ def main(argv=None):
     out = Path(args.out or ("runs/reproduce" if name == "full" else f"runs/reproduce-{name}"))
     if out.exists() and not out.is_dir():
         p.error(f"--out {out} is a file, not a directory")
+    kept = [part for part in PARTS if (_last(out, part) or {}).get("mode") == settings.mode]
+    if args.report_only and not kept:  # checked before anything is written
+        p.error(f"--report-only: no {name}-mode results in {out / 'results'} to report")
     out.mkdir(parents=True, exist_ok=True)
     train.enable_compilation_cache()
     tic = time.perf_counter()
     log = lambda text: print(text, file=sys.stderr, flush=True)
     code, commit = _code(), _commit()  # what this process runs: every part keyed by it
-    results = {part: run_part(settings, part, out, log, code, commit) for part in settings.parts}
+    run = () if args.report_only else settings.parts
+    results = {part: run_part(settings, part, out, log, code, commit) for part in run}
     for part in PARTS.keys() - results.keys():  # not run now: its last results, if any
         last = _last(out, part)
         if last is not None and last.get("mode") == settings.mode:

@@ -6,6 +6,7 @@ specialists and a multi-task model trained on both domains are the references.""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import Any
@@ -19,7 +20,6 @@ from experiments.reproduce._models import (
     LANGUAGE,
     Settings,
     read_results,
-    results_key,
     run_config,
     trained,
 )
@@ -30,11 +30,18 @@ ALIGNMENTS = ("none", "paper", "all")
 METHODS = ("average", "fisher", "regmean")
 
 
-def run(settings: Settings, out, log, code: str = "") -> dict[str, Any]:
+# The settings a replicate's merges depend on (the seed and task are in its path and models).
+REPLICATE_SETTINGS = ("mode", "eval_texts", "language_stats_examples")
+
+
+def run(settings: Settings, out, log, code: str = "", commit: str | None = None) -> dict:
     """Each (task, seed)'s merges, kept in ``OUT/results/language/<task>-s<seed>.json`` with
-    a key of the settings, the ``code`` (the part's, as `experiments.reproduce` read it) and
-    the three models' summaries: a run cut short (the whole part takes hours) resumes at the
-    first replicate not done, and a replicate whose key is unchanged is reused."""
+    a key of the `REPLICATE_SETTINGS` and the three models' summaries, and the ``commit`` of
+    the code that computed them: a run cut short (the whole part takes hours, over more than
+    one session) resumes at the first replicate not done, and a replicate whose key is
+    unchanged is reused, by later code too (the report names the replicates' commits; remove
+    ``OUT/results/language`` to recompute them). ``code`` keys the part as a whole
+    (`experiments.reproduce`), not its replicates."""
     results: dict[str, Any] = {}
     for task, names in LANGUAGE.items():
         results[task] = []
@@ -42,18 +49,23 @@ def run(settings: Settings, out, log, code: str = "") -> dict[str, Any]:
             summaries = [trained(settings, out, n, seed) for n in names]
             log(f"language ({task}), seed {seed}: " + " + ".join(s["name"] for s in summaries))
             path = Path(out) / "results" / "language" / f"{task}-s{seed}.json"
-            after = json.dumps(summaries, sort_keys=True, default=str)
-            key = results_key(settings, code, after=after)
+            fields = {name: getattr(settings, name) for name in REPLICATE_SETTINGS}
+            key = _replicate_key(fields, summaries)
             kept = read_results(path)
             if kept is not None and kept.get("key") == key:
                 log(f"  reused ({path})")
                 results[task].append(kept["result"])
                 continue
-            result = _seed(settings, task, names, seed, summaries, log)
+            result = {**_seed(settings, task, names, seed, summaries, log), "commit": commit}
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_whole(path, json.dumps({"key": key, "result": result}, default=float) + "\n")
             results[task].append(result)
     return results
+
+
+def _replicate_key(fields: dict, summaries: list) -> str:
+    text = json.dumps([fields, summaries], sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def _data(settings, name, seed):

@@ -206,7 +206,7 @@ def figures(vision, out: Path) -> dict[str, str]:
             xlabel="layer i (a) / k - 1 (b)",
             ylabel="average-merge accuracy, layer i matched",
             title="Fig. 6 analogue: matching layer by layer (paper's groups)",
-            panels={"k layers matched (b)": cum},
+            panels={"accuracy, k layers matched (b)": cum},
         ).name
     return files
 
@@ -330,10 +330,22 @@ def write(settings, out: Path, results: dict) -> Path:
         environments(results),
         "",
     ]
+    # Each part's own settings (recorded with its results since 2026-12-05), else today's.
+    used = lambda part, name: results[part].get("settings", {}).get(name, getattr(settings, name))
     if "language" in results:
+        replicates = [r for t in ("sequence", "token") for r in results["language"][t]]
+        commits = sorted({r.get("commit") for r in replicates} - {None})
+        if commits:
+            lines += [
+                "Language replicates computed by the code of commit(s) "
+                + ", ".join(commits)
+                + " (each replicate is kept across code changes: remove "
+                "`results/language/` to recompute them).",
+                "",
+            ]
         for task in ("sequence", "token"):
             seeds = len(results["language"][task])
-            texts = settings.eval_texts
+            texts = used("language", "eval_texts")
             lines += [
                 f"## Table 1 analogue: MiniLM, {task} classification ({seeds} seed(s), mean ± std)",
                 "",
@@ -350,7 +362,7 @@ def write(settings, out: Path, results: dict) -> Path:
         lines += [
             f"## Table 2 analogue: ViTs on Fashion-MNIST ({n} pair(s)), merged test accuracy (%)",
             "",
-            f"On {f'the first {settings.test_images}' if settings.test_images else 'all the'} "
+            f"On {f'the first {n_test}' if (n_test := used('vision', 'test_images')) else 'all'} "
             "test images.",
             "",
             *vision_table(vision),
@@ -358,10 +370,17 @@ def write(settings, out: Path, results: dict) -> Path:
         ]
         for name, file in figures_.items():
             lines += [f"![{name}](figures/{file})", ""]
+            if name == "fig4":
+                lines += [
+                    "Each bar: B's squared distance to A after the alignment over the distance "
+                    "before it, in the same form (for the stream rotation's variants, both "
+                    "models' canonical form); mean over the pairs.",
+                    "",
+                ]
             if name == "fig5":
                 lines += [
-                    f"The path at {settings.curve_points} values of λ, on the first "
-                    f"{settings.curve_images} test images.",
+                    f"The path at {used('vision', 'curve_points')} values of λ, on the first "
+                    f"{used('vision', 'curve_images')} test images.",
                     "",
                     *barrier_table(vision),
                     "",

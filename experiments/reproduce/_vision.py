@@ -22,8 +22,8 @@ ABLATION = ("none", "paper", "paper - attention", "paper - ffn", "paper - rescal
 DISTANCES = ("ffn only", "paper", "all", "all + stream", "activations", "straight-through")
 
 
-def run(settings: Settings, out, log, code: str = "") -> dict[str, Any]:
-    # (``code``: the language part keys its replicates by it; this part is keyed whole)
+def run(settings: Settings, out, log, code: str = "", commit: str | None = None) -> dict:
+    # (``code``, ``commit``: unused; `experiments.reproduce` keys this part whole)
     models = [trained(settings, out, "vit_fashion_mnist", s) for s in settings.vision_seeds]
     fm = data.fashion_mnist()
     test = {k: v[: settings.test_images] for k, v in fm.test.arrays().items()}
@@ -132,14 +132,14 @@ def _runtime(pair, unlabeled, summary_a, summary_b, *, key, max_sweeps):
     seconds = {}
     for kind, size in (("gram", 50), ("fisher", 25)):
         batches = fusion.batches(unlabeled, size)
-        merge.statistics(pair.model, pair.a, batches[:1], (kind,))  # compile
+        jax.block_until_ready(merge.statistics(pair.model, pair.a, batches[:1], (kind,)))
         tic = time.perf_counter()
         for p in (pair.a, pair.b):
             jax.block_until_ready(merge.statistics(pair.model, p, batches, (kind,)))
         seconds[f"{kind} statistics"] = time.perf_counter() - tic
     for name in ("paper", "all"):
         opts = dict(solve=fusion.ALIGNMENTS[name]["solve"], key=key, max_sweeps=max_sweeps)
-        match.align(pair.spec, pair.a, pair.b, **opts)  # compile
+        jax.block_until_ready(match.align(pair.spec, pair.a, pair.b, **opts).params)  # compile
         tic = time.perf_counter()
         jax.block_until_ready(match.align(pair.spec, pair.a, pair.b, **opts).params)
         seconds[f"matching ({name})"] = time.perf_counter() - tic
