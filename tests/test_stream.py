@@ -163,6 +163,17 @@ def test_align_recovers_a_planted_element_with_a_stream_rotation(scan, key):
     assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
     # With noise: the objective never increases after the start (sweeps of exact block steps).
     noisy = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(key, v.shape), b)
+    # A model off its canonical form (noisy norms) is refused: the rotation would change it.
+    with pytest.raises(ValueError, match=r"params: the stream rotation is a symmetry of canon"):
+        match.align(spec, canon, noisy, solve=match.ALL, key=key)
+    with pytest.raises(ValueError, match=r"params_list\[1\]: the stream rotation"):
+        match.align_many(spec, [canon, noisy], solve=match.ALL, anchor=0)
+    assert match.align(spec, noisy, canon, solve=match.ALL).params  # any anchor: B moves
+    g = {vit.STREAM: sym.sample(spec, key)[vit.STREAM]}  # a stream rotation given as init
+    with pytest.raises(ValueError, match="canonicalize"):
+        match.align(spec, canon, noisy, solve=(), init=g)
+    assert match.align(spec, canon, noisy, solve=("ffn",)).params  # no rotation: accepted
+    noisy = sym.canonicalize(vit.stream_spec(config), noisy)
     res = match.align(spec, canon, noisy, solve=match.ALL, key=key)
     values = [v for stage, v in res.diagnostics.history if stage not in ("identity",)]
     assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(values)), res.diagnostics.history

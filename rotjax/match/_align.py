@@ -188,12 +188,16 @@ def align(
 
     Raises:
       ValueError: params that do not fit the spec (path and shapes named), non-finite values,
-        dtypes that differ between the models, or bad options, before any work.
+        dtypes that differ between the models, a stream rotation (solved or in ``init``) of a
+        B whose norms are not at γ = 1, β = 0 (not in canonical form: the rotation would
+        change its function), or bad options, before any work.
     """
     t_start = time.perf_counter()
     options = Options(solve, layers, solver, residual_init, max_sweeps, tol, key, init)
     layer_set = _checked_against(spec, options)
-    a_flat, b_flat = checked_params(spec, [("anchor_params", anchor_params), ("params", params)])
+    named = [("anchor_params", anchor_params), ("params", params)]
+    a_flat, b_flat = checked_params(spec, named)
+    _check_stream_form(spec, options, [("params", b_flat)])  # only B moves: A may be any
     return _align(spec, a_flat, b_flat, params, options, layer_set, t_start)
 
 
@@ -220,6 +224,8 @@ def align_many(
         mean = {p: sum(f[p] for f in scaled) / len(scaled) for p in scaled[0]}
         dists = [float(sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean)) for f in scaled]
         anchor = int(np.argmin(dists))
+    moved = [(f"params_list[{i}]", f) for i, f in enumerate(flats) if i != anchor]
+    _check_stream_form(spec, opts, moved)
     return anchor, [
         _align(
             spec,
@@ -252,6 +258,33 @@ def _rescaled(*flats, limit=2.0**20):
         scale = 2.0 ** float(np.clip(np.ceil(np.log2(big)), -bound, bound))
     div = lambda x: x if scale == 1.0 else x / jnp.asarray(scale, x.dtype)
     return [as_float32({p: div(x) for p, x in flat.items()}) for flat in flats], scale
+
+
+def _check_stream_form(spec: sym.Spec, options: Options, flats) -> None:
+    """A stream rotation (solved, or in ``init``) is a symmetry only of models whose norms
+    are at γ = 1, β = 0 (`rotjax.symmetry.canonicalize`): refuse models to be moved (``flats``:
+    not the anchor, which only serves as a target) that are not, naming the first such norm.
+    The norms are the params the stream's permutation group acts on and its rotation does not
+    (they are never rotated)."""
+    solved = {r for b in options.solve for r in BLOCKS[b]}
+    streams = [
+        n
+        for n, g in spec.groups.items()
+        if g.role == "stream_rotation"
+        and ("stream_rotation" in solved or n in (options.init or {}))
+    ]
+    for name in streams:
+        rotated = {path for path, _ in spec.users[name]}
+        norms = [p for p, _ in spec.users[spec.groups[name].over] if p not in rotated]
+        for model, flat in flats:
+            for path in norms:
+                x, want = flat[path], 1 if path.endswith("scale") else 0
+                if not bool(jnp.all(x == want)):
+                    raise ValueError(
+                        f"{model}: the stream rotation is a symmetry of canonical forms only "
+                        f"(every norm at scale 1, bias 0: rotjax.symmetry.canonicalize); "
+                        f"{path} {tuple(x.shape)} is not {want}"
+                    )
 
 
 def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
