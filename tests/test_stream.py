@@ -241,3 +241,22 @@ def test_a_started_stream_rotation_keeps_the_descent_monotone(key):
     free = {vit.STREAM: jax.random.orthogonal(key, config.hidden_size)}
     with pytest.raises(ValueError, match="orthogonal with Q 1 = 1"):
         match.align(spec, canon, b, init=free)
+
+
+@pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
+@pytest.mark.parametrize("name", ["vit-h3d4-l2", "llama-k2g2d6-l2-seq"])
+def test_the_stream_spec_names_every_param_on_the_stream(name, scan):
+    """Every param the stream permutation acts on is a norm's, a reader's kernel or a writer
+    (which the canonical form centres): a writer missing from the stream spec would leave the
+    stream uncentred while every rotation test still passed."""
+    config = scanned(CONFIGS[name], scan)
+    fam = family(config)
+    stream, spec = fam.stream_spec(config), fam.symmetry_spec(config, stream_rotation=True)
+    (stream_group,) = (g for g in spec.groups.values() if g.role == "stream_rotation")
+    over = stream_group.over
+    on_stream = {path for path, _ in spec.users[over]}
+    norms = {f"{n.path}/{leaf}" for n in stream.norms for leaf in ("scale", "bias")}
+    readers = {f"{r}/kernel" for n in stream.norms for r in n.readers}
+    writers = {path for path, _ in stream.writers}
+    assert on_stream == (norms & set(spec.params)) | readers | writers
+    assert not writers & readers and writers
