@@ -260,3 +260,26 @@ def test_the_stream_spec_names_every_param_on_the_stream(name, scan):
     writers = {path for path, _ in stream.writers}
     assert on_stream == (norms & set(spec.params)) | readers | writers
     assert not writers & readers and writers
+
+
+def test_float64_models_are_rotated_by_float64_orthogonal_matrices(key):
+    """With ``jax_enable_x64``: a sampled stream rotation and `align`'s solved rotations are
+    orthogonal (and keep 1) to float64 rounding, so an aligned float64 model computes B's
+    function to 1e-12 (the rotations, built or solved in float32, kept it to ~1e-7)."""
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    stream = vit.stream_spec(config)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    with jax.enable_x64(True):
+        to64 = lambda t: jax.tree.map(lambda v: jnp.asarray(v, jnp.float64), t)
+        a = sym.canonicalize(stream, to64(c.init(key, 0.3)))
+        b = sym.canonicalize(stream, to64(c.init(jax.random.fold_in(key, 1), 0.3)))
+        q = sym.sample(spec, jax.random.fold_in(key, 2))[vit.STREAM]
+        assert q.dtype == jnp.float64
+        np.testing.assert_allclose(q @ q.T, np.eye(q.shape[0]), atol=1e-13)
+        np.testing.assert_allclose(q @ np.ones(q.shape[0]), 1.0, atol=1e-13)
+        res = match.align(spec, a, b, solve=match.ALL, key=key)
+        x = inputs(config, jax.random.fold_in(key, 3))
+        x = tuple(to64(v) if jnp.issubdtype(v.dtype, jnp.floating) else v for v in x)
+        assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= 1e-12
+        assert sym.is_canonical(stream, res.params, atol=1e-12)

@@ -260,6 +260,32 @@ def _rescaled(*flats, limit=2.0**20):
     return [as_float32({p: div(x) for p, x in flat.items()}) for flat in flats], scale
 
 
+def _orthogonal_in_float64(spec: sym.Spec, transform: dict) -> dict:
+    """``transform`` with its rotations made orthogonal in float64 (they were solved in
+    float32, orthogonal to ~1e-7: applied to float64 weights they would change the function
+    at that level): the nearest orthogonal matrix, ``polar``, by an SVD in float64; for a
+    stream rotation that keeps the all-ones vector, ``U polar(UᵀQU) Uᵀ + 11ᵀ/D``."""
+    out = dict(transform)
+    for name, el in transform.items():
+        g = spec.groups[name]
+        if g.kind not in ("orth", "rot"):
+            continue
+        q = jnp.asarray(el, jnp.float64)
+        if g.kind == "rot" and g.keeps_ones:
+            u = sym.ones_complement(g.size, jnp.float64)
+            r = _polar64(jnp.swapaxes(u, -1, -2) @ q @ u)
+            q = u @ r @ jnp.swapaxes(u, -1, -2) + jnp.full((g.size, g.size), 1.0 / g.size)
+        else:
+            q = _polar64(q)
+        out[name] = q
+    return out
+
+
+def _polar64(m: jax.Array) -> jax.Array:
+    left, _, right = jnp.linalg.svd(m)
+    return left @ right
+
+
 def _check_stream_form(spec: sym.Spec, options: Options, flats) -> None:
     """A stream rotation (solved, or in ``init``) is a symmetry only of models whose norms
     are at γ = 1, β = 0 (`rotjax.symmetry.canonicalize`): refuse models to be moved (``flats``:
@@ -440,6 +466,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     if new and any(x.dtype == jnp.float64 for x in original.values()):
         # The solved transform applied to B's own leaves: the float32 copy the solve read would
         # round every moved weight (its range too: weights may lie beyond float32's).
+        t = _orthogonal_in_float64(spec, t)  # returned as applied
         new = {p: sym.apply_to_leaf(spec, p, original[p], sub(t, active)) for p in new}
     elif scale != 1.0 and new:
         dt = lambda p: original[p].dtype

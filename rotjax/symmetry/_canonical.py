@@ -152,7 +152,7 @@ def is_canonical(stream: StreamSpec, params: Any, *, atol: float | None = None) 
             return False
     if stream.centred:
         for path, axis in stream.writers:
-            x = jnp.asarray(flat[path], jnp.float32)
+            x = wide(flat[path])  # float64 checked in float64
             scale = jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
             eps = float(jnp.finfo(jnp.asarray(flat[path]).dtype).eps)
             tol = atol if atol is not None else max(1e-5, eps)

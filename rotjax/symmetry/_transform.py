@@ -84,9 +84,9 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
         elif g.kind == "orth":
             out[name] = jax.random.orthogonal(k, g.dim, shape=(*g.batch, g.size))
         elif g.kind == "rot" and g.keeps_ones:
-            u = ones_complement(g.size)
             r = jax.random.orthogonal(k, g.size - 1, shape=g.batch)
-            ones = jnp.full((g.size, g.size), 1.0 / g.size)
+            u = ones_complement(g.size, r.dtype)  # float64 under x64, as r
+            ones = jnp.full((g.size, g.size), 1.0 / g.size, r.dtype)
             out[name] = (
                 jnp.matmul(jnp.matmul(u, r, precision=_HIGHEST), u.T, precision=_HIGHEST) + ones
             )
