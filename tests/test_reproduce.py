@@ -141,6 +141,7 @@ def test_reproduce(tmp_path):
         (["--parts", ","], "choose from vision, language"),
         (["--out", "FILE"], "is a file, not a directory"),
         (["--report-only"], "--report-only: no smoke-mode results in"),
+        (["--report-only", "--parts", "vision"], "--report-only reports every part"),
     ],
 )
 def test_reproduce_refuses_bad_arguments_before_any_work(

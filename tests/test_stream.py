@@ -17,6 +17,7 @@ from helpers import CONFIGS, compiled, inputs, scanned
 from rotjax import match, merge
 from rotjax import symmetry as sym
 from rotjax.models import bert, deberta, family, llama, vit
+from rotjax.tree import from_dict, to_dict
 
 TOL = 1e-5
 
@@ -173,6 +174,10 @@ def test_align_recovers_a_planted_element_with_a_stream_rotation(scan, key):
     with pytest.raises(ValueError, match="canonicalize"):
         match.align(spec, canon, noisy, solve=(), init=g)
     assert match.align(spec, canon, noisy, solve=("ffn",)).params  # no rotation: accepted
+    ulp = to_dict(b)  # a norm one ulp off 1 (a merge of canonical models): accepted
+    path = next(p for p in ulp if p.endswith("layernorm_after/scale"))
+    ulp[path] = jnp.nextafter(ulp[path], 2.0)
+    assert match.align(spec, canon, from_dict(ulp), solve=match.ALL, key=key).params
     noisy = sym.canonicalize(vit.stream_spec(config), noisy)
     res = match.align(spec, canon, noisy, solve=match.ALL, key=key)
     values = [v for stage, v in res.diagnostics.history if stage not in ("identity",)]
@@ -283,3 +288,5 @@ def test_float64_models_are_rotated_by_float64_orthogonal_matrices(key):
         x = tuple(to64(v) if jnp.issubdtype(v.dtype, jnp.floating) else v for v in x)
         assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= 1e-12
         assert sym.is_canonical(stream, res.params, atol=1e-12)
+        paper = match.align(spec, a, b, solve=match.PAPER)  # the stream not solved: untouched
+        np.testing.assert_array_equal(paper.transform[vit.STREAM], np.eye(q.shape[0]))

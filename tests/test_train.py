@@ -456,6 +456,9 @@ def test_predictor_matches_the_model(key):
     assert cut.shape == want.shape and (cut == train.IGNORE_LABEL).any()
     np.testing.assert_array_equal(cut[real], want[real])
     assert set(np.unique(cut[cut != want])) <= {train.IGNORE_LABEL}
+    labelled = {**arrays, "labels": np.zeros_like(arrays["input_ids"])}  # padding as class 0
+    with pytest.raises(ValueError, match="labels past the last real token"):
+        train.predictor(model, batch_size=4, trim=2)(params, labelled)  # not silently -100
 
 
 def test_checkpoints_follow_the_documented_policy(seed, tmp_path):

@@ -131,6 +131,8 @@ def main(argv=None):
         parts = tuple(dict.fromkeys(s.strip() for s in args.parts.split(",") if s.strip()))
         if not parts or set(parts) - PARTS.keys():
             p.error(f"--parts {args.parts!r}: choose from {', '.join(PARTS)}")
+    if args.report_only and parts is not None:
+        p.error("--report-only reports every part with kept results: drop --parts")
     settings = Settings.of(name, parts)
     out = Path(args.out or ("runs/reproduce" if name == "full" else f"runs/reproduce-{name}"))
     if out.exists() and not out.is_dir():

@@ -198,7 +198,8 @@ def evaluate(
     _mesh.check_batch_size(batch_size, mesh)
     params = _mesh.replicate(params, mesh)
     _check_eval_data(data, classes)
-    _data.batches(data, batch_size, trim=trim)  # a bad trim raised before compiling
+    if trim is not None:  # a bad trim raised before compiling
+        _data.batches(data, batch_size, trim=trim)
     return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh, trim)
 
 
@@ -226,7 +227,8 @@ def evaluator(
     _mesh.check_batch_size(batch_size, mesh)
     classes = _steps.num_classes(model)
     _check_eval_data(data, classes)
-    _data.batches(data, batch_size, trim=trim)  # a bad trim raised now, not at the first call
+    if trim is not None:  # a bad trim raised now, not at the first call
+        _data.batches(data, batch_size, trim=trim)
     jitted = _jit_eval(_steps.eval_step(model, inputs=inputs), mesh)
     return lambda params: _run_eval(
         jitted, _mesh.replicate(params, mesh), data, batch_size, mesh, trim
@@ -245,14 +247,15 @@ def predictor(
 
     def predict(params, data):
         n = len(next(iter(data.values())))
-        fields = {k: v for k, v in data.items() if k != "labels"}
+        # (labels only for trim's check that no labelled column is cut)
+        fields = {k: v for k, v in data.items() if k != "labels" or trim is not None}
         if not n:
             raise ValueError(f"predict: no examples in {sorted(data)}")
         batches = _data.batches(fields, batch_size, pad=True, trim=trim)  # checks trim
         width = np.shape(fields["attention_mask"])[1] if trim is not None else None
         out = []
         for b in batches:
-            y = np.asarray(apply(params, b))
+            y = np.asarray(apply(params, {k: v for k, v in b.items() if k != "labels"}))
             if width is not None and y.ndim == 2 and y.shape[1] < width:  # cut positions
                 y = np.pad(y, ((0, 0), (0, width - y.shape[1])), constant_values=_data.IGNORE_LABEL)
             out.append(y)
@@ -388,9 +391,10 @@ def fit(
         if value is not None and value < 1:
             raise ValueError(f"{name} must be None or >= 1, got {value}")
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
-    _data.batches(train_data, batch_size, trim=trim)  # a bad trim raises here, before training
-    if eval_data is not None:
-        _data.batches(eval_data, eval_batch_size, trim=trim)
+    if trim is not None:  # a bad trim raises here, before training
+        _data.batches(train_data, batch_size, trim=trim)
+        if eval_data is not None:
+            _data.batches(eval_data, eval_batch_size, trim=trim)
     n_train = len(train_data["labels"])
     _data.steps_per_epoch(n_train, batch_size)
     if checkpoint_every is not None and workdir is None:
