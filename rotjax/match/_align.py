@@ -43,7 +43,7 @@ from rotjax.match._checks import as_float32, checked_layers, checked_params, max
 from rotjax.match._objective import Context, distances, layer_masks, replaced, sub, total
 from rotjax.match._permutations import perm_stage
 from rotjax.match._solvers import SOLVERS
-from rotjax.match._stream import stream_stage
+from rotjax.match._stream import stream_polar, stream_stage
 
 # The `solve=` vocabulary: block name -> the group roles it covers.
 BLOCKS = {
@@ -263,27 +263,15 @@ def _rescaled(*flats, limit=2.0**20):
 def _orthogonal_in_float64(spec: sym.Spec, transform: dict) -> dict:
     """``transform`` with its rotations made orthogonal in float64 (they were solved in
     float32, orthogonal to ~1e-7: applied to float64 weights they would change the function
-    at that level): the nearest orthogonal matrix, ``polar``, by an SVD in float64; for a
-    stream rotation that keeps the all-ones vector, ``U polar(UᵀQU) Uᵀ + 11ᵀ/D``."""
+    at that level): the nearest orthogonal matrix (`stream_polar`, keeping the all-ones
+    vector where the group does)."""
     out = dict(transform)
     for name, el in transform.items():
         g = spec.groups[name]
-        if g.kind not in ("orth", "rot"):
-            continue
-        q = jnp.asarray(el, jnp.float64)
-        if g.kind == "rot" and g.keeps_ones:
-            u = sym.ones_complement(g.size, jnp.float64)
-            r = _polar64(jnp.swapaxes(u, -1, -2) @ q @ u)
-            q = u @ r @ jnp.swapaxes(u, -1, -2) + jnp.full((g.size, g.size), 1.0 / g.size)
-        else:
-            q = _polar64(q)
-        out[name] = q
+        if g.kind in ("orth", "rot"):
+            q = jnp.asarray(el, jnp.float64)
+            out[name] = stream_polar(q, keeps_ones=g.kind == "rot" and g.keeps_ones)
     return out
-
-
-def _polar64(m: jax.Array) -> jax.Array:
-    left, _, right = jnp.linalg.svd(m)
-    return left @ right
 
 
 def _check_stream_form(spec: sym.Spec, options: Options, flats) -> None:

@@ -39,15 +39,21 @@ def _stream_rotations(spec, names, exclusive, a, b, t):
             bp = sym.apply_to_leaf(spec, path, b[path], t, skip=frozenset([n]))
             am, bm = moved(a[path], act.axes, k), moved(bp, act.axes, k)
             m = m + jnp.einsum("...ir,...jr->...ij", bm, am, precision=_HIGHEST)
-        if g.keeps_ones:
-            u = sym.ones_complement(g.size)
-            inner = jnp.einsum("ia,...ij,jb->...ab", u, m, u, precision=_HIGHEST)
-            r = polar(inner)
-            ones = jnp.full((g.size, g.size), 1.0 / g.size)
-            out[n] = jnp.einsum("ia,...ab,jb->...ij", u, r, u, precision=_HIGHEST) + ones
-        else:
-            out[n] = polar(m)
+        out[n] = stream_polar(m, keeps_ones=g.keeps_ones)
     return out
+
+
+def stream_polar(m: jax.Array, *, keeps_ones: bool) -> jax.Array:
+    """The orthogonal Q nearest ``m[..., D, D]`` (maximising ``tr(Qᵀ M)``), in ``m``'s dtype:
+    ``polar(M)``, or with ``keeps_ones`` (``Q 1 = 1``) ``U polar(Uᵀ M U) Uᵀ + 11ᵀ/D`` with U
+    an orthonormal basis of the complement of 1 (`rotjax.symmetry.ones_complement`)."""
+    if not keeps_ones:
+        return polar(m)
+    d = m.shape[-1]
+    u = sym.ones_complement(d, m.dtype)
+    r = polar(jnp.einsum("ia,...ij,jb->...ab", u, m, u, precision=_HIGHEST))
+    ones = jnp.full((d, d), 1.0 / d, m.dtype)
+    return jnp.einsum("ia,...ab,jb->...ij", u, r, u, precision=_HIGHEST) + ones
 
 
 def stream_stage(

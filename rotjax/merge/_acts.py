@@ -24,6 +24,7 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.match import assign, polar
+from rotjax.match._stream import stream_polar
 from rotjax.merge._capture import calls
 from rotjax.merge._methods import _gram_inputs, _input_axes
 from rotjax.merge._stats import _split
@@ -340,7 +341,4 @@ def _stream_rotation(spec, name, cross, perm):
         m = m[:, perm]
     m = m.T  # Σ x_B x_Aᵀ: rows B's features, columns A's
     # In m's dtype: a float64 model's rotation orthogonal to float64's precision
-    u = sym.ones_complement(g.size, m.dtype) if g.keeps_ones else jnp.eye(g.size, dtype=m.dtype)
-    r = polar(jnp.einsum("ia,ij,jb->ab", u, m, u, precision=_HIGHEST))
-    q = jnp.einsum("ia,ab,jb->ij", u, r, u, precision=_HIGHEST)
-    return q + jnp.full((g.size, g.size), 1.0 / g.size, m.dtype) if g.keeps_ones else q
+    return stream_polar(m, keeps_ones=g.keeps_ones)

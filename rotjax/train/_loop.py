@@ -352,7 +352,7 @@ def fit(
         trim: Cut each train and eval batch's padding columns to a multiple of ``trim``
             (`rotjax.data.trim_padding`, by the ``attention_mask``): a step on short texts
             costs what their length costs, not the padded length's; one compilation per
-            length met (at most ``T / trim``). The same examples and the same loss up to float
+            length met (at most ``ceil(T / trim)``). The same examples and the same loss up to float
             rounding, but dropout masks are drawn for the cut shape: not bitwise the run
             without it. ``None`` does not cut.
 
