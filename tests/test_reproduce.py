@@ -28,11 +28,13 @@ def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
     monkeypatch.setattr(_language, "trained", lambda s, out, n, seed: {"name": f"{n}-s{seed}"})
     done, stop = [], [None]
 
+    every = {f"{a} | {m}": {} for a in _language.ALIGNMENTS for m in _language.METHODS}
+
     def merges(settings, task, names, seed, summaries, log):
         if (task, seed) == stop[0]:
             raise KeyboardInterrupt
         done.append((task, seed))
-        return {"seed": seed, "task": task, "score": 0.5 + seed}
+        return {"seed": seed, "task": task, "score": 0.5 + seed, "merges": every}
 
     monkeypatch.setattr(_language, "_seed", merges)
     run = lambda code, s=settings: _language.run(
@@ -44,7 +46,8 @@ def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
     assert done == [("sequence", 0), ("sequence", 1), ("token", 0)]
     stop[0], done[:] = None, []
     results = run("v1")
-    assert done == [("token", 1)]  # the three kept, reused
+    assert done == [("token", 1)] and results["reused"] == 3  # the three kept, reused
+    assert all(r["seconds"] >= 0 for r in results["sequence"] + results["token"])
     assert [r["score"] for r in results["token"]] == [0.5, 1.5]
     assert sorted(p.name for p in (tmp_path / "results" / "language").iterdir()) == [
         "sequence-s0.json",
@@ -64,6 +67,54 @@ def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
     done[:] = []
     assert run("v3", dataclasses.replace(settings, eval_texts=7))["token"][1]["commit"] == "v3"
     assert len(done) == 4  # other models: all again
+    # The same models elsewhere (a moved output directory): kept.
+    moved = lambda s, out, n, seed: trained(s, out, n, seed) | {"workdir": "/x", "hf": "/x/hf"}
+    monkeypatch.setattr(_language, "trained", moved)
+    done[:] = []
+    assert run("v3", dataclasses.replace(settings, eval_texts=7))["reused"] == 4 and not done
+    # A replicate lacking a merge this code computes (a method added, a file truncated by
+    # hand) is recomputed, alone; a fix that raises REPLICATE_VERSION recomputes them all.
+    path = tmp_path / "results" / "language" / "token-s1.json"
+    kept = json.loads(path.read_text())
+    del kept["result"]["merges"]["all | regmean"]
+    path.write_text(json.dumps(kept))
+    assert run("v4", dataclasses.replace(settings, eval_texts=7))["reused"] == 3
+    assert done == [("token", 1)]
+    monkeypatch.setattr(_language, "REPLICATE_VERSION", _language.REPLICATE_VERSION + 1)
+    done[:] = []
+    assert run("v5", dataclasses.replace(settings, eval_texts=7))["reused"] == 0
+    assert len(done) == 4
+
+
+def test_the_results_key_reads_the_code_the_pipeline_imports():
+    """Every experiments module the pipeline imports (at the top or inside a function) is in
+    the code its results are keyed by (`_code`), but the report's rendering: an edit of the
+    pipeline marks results stale, one of the demo does not."""
+    import ast
+
+    from experiments import reproduce
+
+    root = Path(reproduce.__file__).resolve().parents[1]
+    rendering = {"reproduce/_report.py", "plots.py"}
+
+    def imported(file):
+        for node in ast.walk(ast.parse((root / file).read_text())):
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("experiments"):
+                names = [f"{node.module}.{a.name}" for a in node.names] + [node.module]
+            elif isinstance(node, ast.Import):
+                names = [a.name for a in node.names]
+            else:
+                continue
+            for name in (n for n in names if n.startswith("experiments.")):
+                tail = name.split(".")[1:]
+                for f in ("/".join(tail) + ".py", "/".join([*tail, "__init__.py"])):
+                    if (root / f).is_file():
+                        yield f
+
+    for file in reproduce.PIPELINE:
+        assert set(imported(file)) <= set(reproduce.PIPELINE) | rendering, file
+    assert "reproduce/_vision.py" in set(imported("reproduce/__init__.py"))  # it sees imports
+    assert "demo.py" not in reproduce.PIPELINE
 
 
 def test_reproduce(tmp_path):
@@ -132,6 +183,16 @@ def test_reproduce(tmp_path):
     reproduce.main(["--smoke", "--out", str(tmp_path), "--report-only"])
     assert "On the first 99 test images." in (tmp_path / "report.md").read_text()
     assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
+    # A stale part kept in an older layout (a merge the report shows is missing) is left out,
+    # saying so; without vision results there are no claims (claims.json removed).
+    language |= {"mode": "smoke", "key": "older"}
+    del language["sequence"][0]["merges"]["all | regmean"]
+    (tmp_path / "results" / "language.json").write_text(json.dumps(language))
+    (tmp_path / "results" / "vision.json").unlink()
+    reproduce.main(["--smoke", "--out", str(tmp_path), "--report-only"])
+    report = (tmp_path / "report.md").read_text()
+    assert "## language: not shown" in report and "lack 'all | regmean'" in report
+    assert "Table 2" not in report and not (tmp_path / "results" / "claims.json").exists()
 
 
 @pytest.mark.parametrize(

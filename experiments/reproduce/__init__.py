@@ -41,13 +41,18 @@ PARTS = {"vision": _vision.run, "language": _language.run}
 MODELS = {"vision": "vit-*", "language": "minilm-*"}  # a part's models in DIR/models
 
 
+# The experiments' modules a part's results depend on (the others: other experiments, and
+# the report's rendering, `_report` and `experiments.plots`, which read results, never make them).
+PIPELINE = ("__init__.py", "train.py", "fusion.py", "reproduce/_models.py")
+PIPELINE += ("reproduce/_language.py", "reproduce/_vision.py", "reproduce/__init__.py")
+
+
 def _code() -> str:
-    """The code a part's results depend on: rotjax and the experiments (but the report's
-    rendering), read once when a run starts (`main`: an edit during the run, before a later
-    part, is not what that part ran)."""
+    """The code a part's results depend on: rotjax and the experiments' `PIPELINE`, read once
+    when a run starts (`main`: an edit during the run, before a later part, is not what that
+    part ran)."""
     root = Path(__file__).resolve().parents[2]
-    files = sorted(root.glob("rotjax/**/*.py")) + sorted(root.glob("experiments/**/*.py"))
-    files = [f for f in files if f.name != "_report.py"]  # reads results, never makes them
+    files = sorted(root.glob("rotjax/**/*.py")) + [root / "experiments" / f for f in PIPELINE]
     return "".join(f.read_text() for f in files)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +29,12 @@ from rotjax.train._loop import _write_whole  # whole or not at all: a crash leav
 
 ALIGNMENTS = ("none", "paper", "all")
 METHODS = ("average", "fisher", "regmean")
-
+# The sampled Fisher (one label drawn from the model per example: the exact Fisher's unbiased
+# one-pass estimate); the exact one costs one backward pass per class.
+FISHER_KIND = "sampled"
+# Raise it when a fix changes what a replicate computes (its scoring, its merges): kept
+# replicates of the older code are then recomputed.
+REPLICATE_VERSION = 1
 
 # The settings a replicate's merges depend on (the seed and task are in its path and models).
 REPLICATE_SETTINGS = ("mode", "eval_texts", "language_stats_examples")
@@ -36,13 +42,15 @@ REPLICATE_SETTINGS = ("mode", "eval_texts", "language_stats_examples")
 
 def run(settings: Settings, out, log, code: str = "", commit: str | None = None) -> dict:
     """Each (task, seed)'s merges, kept in ``OUT/results/language/<task>-s<seed>.json`` with
-    a key of the `REPLICATE_SETTINGS` and the three models' summaries, and the ``commit`` of
-    the code that computed them: a run cut short (the whole part takes hours, over more than
-    one session) resumes at the first replicate not done, and a replicate whose key is
-    unchanged is reused, by later code too (the report names the replicates' commits; remove
-    ``OUT/results/language`` to recompute them). ``code`` keys the part as a whole
-    (`experiments.reproduce`), not its replicates."""
+    a key (`_replicate_key`: the `REPLICATE_SETTINGS`, what it computes, the three models'
+    summaries), the ``commit`` of the code that computed it and its seconds: a run cut short
+    (the whole part takes hours, over more than one session) resumes at the first replicate
+    not done, and a replicate whose key is unchanged is reused, by later code too (the report
+    names the replicates' commits; remove ``OUT/results/language`` to recompute them).
+    ``code`` keys the part as a whole (`experiments.reproduce`), not its replicates.
+    ``results["reused"]`` counts the replicates reused."""
     results: dict[str, Any] = {}
+    reused = 0
     for task, names in LANGUAGE.items():
         results[task] = []
         for seed in settings.language_seeds:
@@ -52,20 +60,36 @@ def run(settings: Settings, out, log, code: str = "", commit: str | None = None)
             fields = {name: getattr(settings, name) for name in REPLICATE_SETTINGS}
             key = _replicate_key(fields, summaries)
             kept = read_results(path)
-            if kept is not None and kept.get("key") == key:
+            if kept is not None and kept.get("key") == key and _complete(kept["result"]):
                 log(f"  reused ({path})")
                 results[task].append(kept["result"])
+                reused += 1
                 continue
-            result = {**_seed(settings, task, names, seed, summaries, log), "commit": commit}
+            tic = time.perf_counter()
+            result = _seed(settings, task, names, seed, summaries, log)
+            result |= {"commit": commit, "seconds": time.perf_counter() - tic}
             path.parent.mkdir(parents=True, exist_ok=True)
             _write_whole(path, json.dumps({"key": key, "result": result}, default=float) + "\n")
             results[task].append(result)
-    return results
+    return {**results, "reused": reused}
 
 
 def _replicate_key(fields: dict, summaries: list) -> str:
-    text = json.dumps([fields, summaries], sort_keys=True, default=str)
+    """The key of a replicate: the language ``fields`` of the settings, what it computes (the
+    alignments, methods, Fisher kind and `REPLICATE_VERSION`) and its models' summaries, but
+    where they are (a moved output directory keeps its replicates)."""
+    where = ("workdir", "hf")
+    summaries = [{k: v for k, v in s.items() if k not in where} for s in summaries]
+    computes = [ALIGNMENTS, METHODS, FISHER_KIND, REPLICATE_VERSION]
+    text = json.dumps([fields, computes, summaries], sort_keys=True, default=str)
     return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _complete(result: dict) -> bool:
+    """Whether a kept replicate holds every merge this code computes (a replicate kept under
+    the same key always does; a hand-edited or truncated one is recomputed)."""
+    merges = result.get("merges", {})
+    return all(f"{a} | {m}" in merges for a in ALIGNMENTS for m in METHODS)
 
 
 def _data(settings, name, seed):
@@ -95,9 +119,6 @@ def _seed(settings, task, names, seed, summaries, log):
     key = jax.random.key(seed)
     variants = fusion.align_variants(pair, ALIGNMENTS, key=key)
     out["distance"] = {n: v["distance"] for n, v in variants.items() if v["distance"]}
-    # The sampled Fisher (one label drawn from the model per example: the exact Fisher's
-    # unbiased one-pass estimate); the exact one costs one backward pass per class.
-    fisher_kind = "sampled"
     # A's statistics are the same for every alignment of B: computed once (each row's
     # statistics seconds are then those it computed, as `fusion.merge_rows` counts them)
     memo: dict = {}
@@ -108,7 +129,7 @@ def _seed(settings, task, names, seed, summaries, log):
                 v["pair"],
                 method,
                 stats_data=[stats_a, stats_b],
-                fisher_kind=fisher_kind,
+                fisher_kind=FISHER_KIND,
                 key=key,
                 memo=memo,
             )

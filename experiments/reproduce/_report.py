@@ -11,6 +11,7 @@ import numpy as np
 
 from experiments import plots
 from experiments.reproduce import _language, _vision
+from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
 
 CLAIMS = {
     "a": (
@@ -31,9 +32,23 @@ def mean_std(values) -> tuple[float, float]:
     return float(v.mean()), float(v.std()) if len(v) > 1 else 0.0
 
 
+def fixed(x: float, digits: int = 1, sign: str = "") -> str:
+    """``x`` to ``digits`` decimals, never "-0.0" (a tiny negative rounds to 0)."""
+    return f"{round(x, digits) + 0.0:{sign}.{digits}f}"
+
+
 def pm(values, scale=100.0, digits=1) -> str:
+    """``mean ± std`` of ``values`` times ``scale``; the mean alone for a single value (one
+    seed or pair has no spread to show)."""
     m, s = mean_std(values)
-    return f"{scale * m:.{digits}f} ± {scale * s:.{digits}f}"
+    if len(values) == 1:
+        return fixed(scale * m, digits)
+    return f"{fixed(scale * m, digits)} ± {fixed(scale * s, digits)}"
+
+
+def percent(ratio: float) -> str:
+    """A ratio in percent: two significant digits below 10% (0.034, 1.2), whole above (12, 150)."""
+    return f"{100 * ratio:.2g}" if 100 * ratio < 10 else f"{100 * ratio:.0f}"
 
 
 def vision_table(vision) -> list[str]:
@@ -214,7 +229,7 @@ def figures(vision, out: Path) -> dict[str, str]:
 def claim_text(key: str, v: dict[str, Any]) -> str:
     """One sentence of the claim's numbers."""
     n = v["numbers"]
-    pt = lambda x: f"{100 * x:+.1f}"
+    pt = lambda x: fixed(100 * x, sign="+")
     if key == "a":
         parts = [f"{m} {x['none']:.3f} → {x['paper']:.3f}" for m, x in n.items()]
         return "test loss of the merged model, without → with the paper's matching: " + ", ".join(
@@ -232,14 +247,14 @@ def claim_text(key: str, v: dict[str, Any]) -> str:
     if key == "c":
         *means, per_pair = n.items()
         text = "; ".join(f"{k}: {100 * x:.1f}% (average merge)" for k, x in means)
-        diffs = ", ".join(f"{100 * x:+.1f}" for x in per_pair[1])
+        diffs = ", ".join(fixed(100 * x, sign="+") for x in per_pair[1])
         return f"{text}; first minus last, per pair (points; holds if all > 0): {diffs}"
     if key == "d":
         return (
             f"matching (paper) {n['matching (paper)']:.2f} s, (all) {n['matching (all)']:.2f} s; "
             f"Fisher statistics {n['fisher statistics']:.2f} s (matching is "
-            f"{100 * n['matching / Fisher statistics']:.2g}% of it), Gram statistics "
-            f"{n['gram statistics']:.2f} s ({100 * n['matching / Gram statistics']:.2g}%); "
+            f"{percent(n['matching / Fisher statistics'])}% of it), Gram statistics "
+            f"{n['gram statistics']:.2f} s ({percent(n['matching / Gram statistics'])}%); "
             f"fine-tuning {n['fine-tuning']:.0f} s"
         )
     parts = [f"{m} {pt(x)}" for m, x in n["accuracy from rescaling"].items()]
@@ -278,13 +293,14 @@ def barrier_table(vision) -> list[str]:
 
 
 def language_distances(language, task) -> str:
-    """How far matching moves B towards A for the fine-tunes (squared distance before -> after,
-    mean over seeds)."""
+    """How far matching moves B towards A for the fine-tunes: squared distance before -> after
+    and the fraction removed, each a mean over the seeds (as Fig. 4's bars are over pairs)."""
     rows = language[task]
     parts = []
     for name in rows[0]["distance"]:
         before, after = (float(np.mean([x["distance"][name][i] for x in rows])) for i in (0, 1))
-        parts.append(f"{name} {before:.2f} → {after:.2f} ({100 * (1 - after / before):.1f}% less)")
+        less = np.mean([1 - x["distance"][name][1] / x["distance"][name][0] for x in rows])
+        parts.append(f"{name} {before:.2f} → {after:.2f} ({fixed(100 * less)}% less)")
     return "Squared distance of B to A, before → after matching: " + ", ".join(parts) + "."
 
 
@@ -305,94 +321,133 @@ def environments(results: dict) -> str:
     )
 
 
+def language_lines(language, used) -> list[str]:
+    """The language part's section: Table 1 for each task, with the commits of its replicates."""
+    lines = []
+    replicates = [r for t in ("sequence", "token") for r in language[t]]
+    commits = sorted({r.get("commit") for r in replicates} - {None})
+    if commits:
+        lines += [
+            "Language replicates computed by the code of commit(s) "
+            + ", ".join(commits)
+            + " (each replicate is kept across code changes: remove "
+            "`results/language/` to recompute them).",
+            "",
+        ]
+    for task in ("sequence", "token"):
+        seeds = len(language[task])
+        texts = used("eval_texts")
+        lines += [
+            f"## Table 1 analogue: MiniLM, {task} classification ({seeds} seed(s), mean ± std)",
+            "",
+            f"On {f'the first {texts}' if texts else 'all the'} test texts of each domain.",
+            "",
+            *language_table(language, task),
+            "",
+            language_distances(language, task),
+            "",
+        ]
+    return lines
+
+
+def vision_lines(vision, used, figures_dir: Path) -> tuple[list[str], dict]:
+    """The vision part's section (Table 2, the figures, Fig. 5's barriers, Table 3, the
+    claims) and the claims' numbers and verdicts."""
+    figures_ = figures(vision, figures_dir)
+    n = len(vision["pairs"])
+    n_test = used("test_images")
+    lines = [
+        f"## Table 2 analogue: ViTs on Fashion-MNIST ({n} pair(s)), merged test accuracy (%)",
+        "",
+        f"On {f'the first {n_test}' if n_test else 'all'} test images.",
+        "",
+        *vision_table(vision),
+        "",
+    ]
+    for name, file in figures_.items():
+        lines += [f"![{name}](figures/{file})", ""]
+        if name == "fig4":
+            lines += [
+                "Each bar: B's squared distance to A after the alignment over the distance "
+                "before it, in the same form (for the stream rotation's variants, both "
+                "models' canonical form); mean over the pairs.",
+                "",
+            ]
+        if name == "fig5":
+            images = min(used("curve_images"), n_test or used("curve_images"))
+            lines += [
+                f"The path at {used('curve_points')} values of λ, on the first {images} test "
+                "images.",
+                "",
+                *barrier_table(vision),
+                "",
+            ]
+    lines += ["## Table 3 analogue: runtime (seconds)", "", *runtime_table(vision), ""]
+    verdicts = claims(vision, None)
+    lines += ["## The claims", ""]
+    for k, text in CLAIMS.items():
+        if k in verdicts:
+            verdict = "Holds here." if verdicts[k]["holds"] else "Does not hold here."
+            lines += [f"**({k}) {text}** {verdict} {claim_text(k, verdicts[k])}.", ""]
+    return lines, verdicts
+
+
+def took(part: str, r: dict) -> str:
+    """How long computing a part's results took, by which code, and whether they are stale."""
+    text = f"{part} {r['seconds'] / 60:.1f} min"
+    if part == "language" and r.get("reused"):
+        n = len(r["sequence"]) + len(r["token"])
+        text += f" ({r['reused']} of its {n} replicates kept from earlier runs)"
+    if r.get("commit"):
+        text += f" (code of commit {r['commit']})"
+    if r.get("stale"):
+        text += " (**stale**: not rerun since its code, settings or models changed)"
+    return text
+
+
 def write(settings, out: Path, results: dict) -> Path:
-    """``OUT/report.md`` (and ``OUT/figures``, ``OUT/results/claims.json``) from ``results``."""
-    figures_ = figures(results["vision"], out / "figures") if "vision" in results else {}
+    """``OUT/report.md`` (and ``OUT/figures``, ``OUT/results/claims.json``, removed when
+    there are no vision results) from ``results``. A stale part kept in an older layout (a
+    table cell this code shows and it lacks) is left out, with a line saying so."""
     flag = "" if settings.mode == "full" else f" --{settings.mode}"
-    took = ", ".join(
-        f"{part} {r['seconds'] / 60:.1f} min"
-        + (f" (code of commit {r['commit']})" if r.get("commit") else "")
-        + (
-            " (**stale**: not rerun since its code, settings or models changed)"
-            if r.get("stale")
-            else ""
-        )
-        for part, r in results.items()
-    )
     lines = [
         "# rotjax: the paper's claims, re-measured in miniature",
         "",
-        f"Mode `{settings.mode}` (`python -m experiments.reproduce{flag}`) on this machine's "
-        f"2 CPU cores; computing the results took {took} (training included where the models "
-        "were not cached yet). Every number below is in `results/*.json`; ± is the population "
-        "standard deviation (ddof 0) over the pairs or seeds.",
+        f"Mode `{settings.mode}` (`python -m experiments.reproduce{flag}`); computing the "
+        f"results took {', '.join(took(p, r) for p, r in results.items())} (training "
+        "included where the models were not cached yet). Every number below is in "
+        "`results/*.json`; ± is the population standard deviation (ddof 0) over the pairs or "
+        "seeds.",
         "",
         environments(results),
         "",
     ]
-    # Each part's own settings (recorded with its results since 2026-12-05), else today's.
-    used = lambda part, name: results[part].get("settings", {}).get(name, getattr(settings, name))
-    if "language" in results:
-        replicates = [r for t in ("sequence", "token") for r in results["language"][t]]
-        commits = sorted({r.get("commit") for r in replicates} - {None})
-        if commits:
+    verdicts = None
+    for part in (p for p in ("language", "vision") if p in results):  # Table 1 first
+        r = results[part]
+        # Its own settings (recorded with its results since 2026-12-05), else today's.
+        used = lambda name, r=r: r.get("settings", {}).get(name, getattr(settings, name))
+        try:
+            if part == "language":
+                lines += language_lines(r, used)
+            else:
+                section, verdicts = vision_lines(r, used, out / "figures")
+                lines += section
+        except KeyError as e:
+            if not r.get("stale"):
+                raise
             lines += [
-                "Language replicates computed by the code of commit(s) "
-                + ", ".join(commits)
-                + " (each replicate is kept across code changes: remove "
-                "`results/language/` to recompute them).",
+                f"## {part}: not shown",
+                "",
+                f"Its kept results (commit {r.get('commit')}) lack {e}, which this report "
+                f"shows: rerun `python -m experiments.reproduce{flag} --parts {part}`.",
                 "",
             ]
-        for task in ("sequence", "token"):
-            seeds = len(results["language"][task])
-            texts = used("language", "eval_texts")
-            lines += [
-                f"## Table 1 analogue: MiniLM, {task} classification ({seeds} seed(s), mean ± std)",
-                "",
-                f"On {f'the first {texts}' if texts else 'all the'} test texts of each domain.",
-                "",
-                *language_table(results["language"], task),
-                "",
-                language_distances(results["language"], task),
-                "",
-            ]
-    if "vision" in results:
-        vision = results["vision"]
-        n = len(vision["pairs"])
-        lines += [
-            f"## Table 2 analogue: ViTs on Fashion-MNIST ({n} pair(s)), merged test accuracy (%)",
-            "",
-            f"On {f'the first {n_test}' if (n_test := used('vision', 'test_images')) else 'all'} "
-            "test images.",
-            "",
-            *vision_table(vision),
-            "",
-        ]
-        for name, file in figures_.items():
-            lines += [f"![{name}](figures/{file})", ""]
-            if name == "fig4":
-                lines += [
-                    "Each bar: B's squared distance to A after the alignment over the distance "
-                    "before it, in the same form (for the stream rotation's variants, both "
-                    "models' canonical form); mean over the pairs.",
-                    "",
-                ]
-            if name == "fig5":
-                lines += [
-                    f"The path at {used('vision', 'curve_points')} values of λ, on the first "
-                    f"{used('vision', 'curve_images')} test images.",
-                    "",
-                    *barrier_table(vision),
-                    "",
-                ]
-        lines += ["## Table 3 analogue: runtime (seconds)", "", *runtime_table(vision), ""]
-        verdicts = claims(vision, results.get("language"))
-        lines += ["## The claims", ""]
-        for k, text in CLAIMS.items():
-            if k in verdicts:
-                verdict = "Holds here." if verdicts[k]["holds"] else "Does not hold here."
-                lines += [f"**({k}) {text}** {verdict} {claim_text(k, verdicts[k])}.", ""]
-        (out / "results" / "claims.json").write_text(json.dumps(verdicts, indent=1, default=float))
+    claims_file = out / "results" / "claims.json"
+    if verdicts is None:
+        claims_file.unlink(missing_ok=True)
+    else:
+        _write_whole(claims_file, json.dumps(verdicts, indent=1, default=float))
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path
