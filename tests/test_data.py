@@ -599,6 +599,19 @@ def test_trim_padding_cuts_each_batch_to_its_longest_row():
         next(data.train_batches((mask, mask), batch_size=2, seed=0, trim=4))
     with pytest.raises(ValueError, match=r"\(batch, tokens\) 'attention_mask', got shape \(6,\)"):
         data.trim_padding({"attention_mask": np.ones(6)})
+    for bad in (None, 0):
+        with pytest.raises(ValueError, match=f"multiple must be an int >= 1, got {bad}"):
+            data.trim_padding(arrays, bad)
+    # A label past a row's last real token is refused up front, for every batch, even where
+    # this batch would not cut it (row 1's column 2: row 0 is 3 long): uncut, it counts.
+    labelled = {**arrays, "labels": arrays["labels"].copy()}
+    labelled["labels"][1, 2] = 0
+    with pytest.raises(
+        ValueError, match=r"first in row 1, column 2 \(its last real token at column 0"
+    ):
+        data.batches(labelled, 2, trim=4)
+    with pytest.raises(ValueError, match="labels past the last real token"):
+        next(data.train_batches(labelled, batch_size=2, seed=0, trim=4))
 
 
 def test_batches_errors():

@@ -217,6 +217,8 @@ def test_trimmed_batches_train_the_same_model(token_labels, seed):
     if token_labels:  # padding labelled as a class: cutting would drop those labels
         with pytest.raises(ValueError, match="labels past the last real token"):
             fit(labelled)
+        with pytest.raises(ValueError, match="labels past the last real token"):
+            fit(arrays, eval_data=labelled)  # before training, not at the final evaluation
     m = [
         train.evaluate(steps, runs[None].state.params, arrays, batch_size=8, trim=t)
         for t in (None, 3)
@@ -779,6 +781,13 @@ def test_resuming_with_other_batches_is_refused_unless_allowed(seed, tmp_path):
     (tmp_path / train.BATCHES_FILE).write_text(json.dumps(order))
     with pytest.raises(ValueError, match=r"\(trim: None -> 2\)"):
         fit(arrays, trim=2)
+    (tmp_path / train.BATCHES_FILE).unlink()  # a run from before the file: uncut too
+    with pytest.raises(ValueError, match=r"\(trim: None -> 2\)"):
+        fit(arrays, trim=2)
     assert not (tmp_path / "checkpoints" / "3").exists()
     assert fit(fewer, allow_other_batches=True).resumed_from == 2
     assert json.loads((tmp_path / train.BATCHES_FILE).read_text())["examples"] == 18
+    # numpy ints (read from an array, say) are recorded as ints
+    again = fit(fewer, run_seed=np.int64(seed), trim=np.int64(2), allow_other_batches=True)
+    assert again.resumed_from == 3
+    assert json.loads((tmp_path / train.BATCHES_FILE).read_text())["trim"] == 2

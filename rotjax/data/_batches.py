@@ -84,7 +84,7 @@ def batches(
       rows: The rows of each batch to keep (a process's share, `rotjax.train.process_rows`).
       trim: Cut each batch's padding columns (`trim_padding`, by the ``"attention_mask"``
         array, to a multiple of ``trim``; decided on the whole batch before ``rows``, so
-        every process cuts alike; raises there on labelled padding). ``None`` keeps the
+        every process cuts alike). ``None`` keeps the
         arrays' length.
 
     Yields:
@@ -94,7 +94,9 @@ def batches(
     Raises:
       ValueError: If there are no arrays, they disagree in length, ``batch_size < 1``,
         ``pad`` would pad a sequence of arrays (no ``"labels"`` to pad with `IGNORE_LABEL`),
-        or ``trim`` is not an int >= 1 or has no ``"attention_mask"`` to cut by.
+        or ``trim`` is not an int >= 1, has no ``"attention_mask"`` to cut by, or a row's
+        ``"labels"`` past its last real token are not all `IGNORE_LABEL` (checked on the
+        whole arrays at once: uncut they count, and a batch that cuts them drops them).
     """
     _check_batch_size(batch_size)
     names, values, n = _flatten(arrays)
@@ -179,39 +181,56 @@ def trim_padding(batch: Mapping[str, np.ndarray], multiple: int = 8) -> dict[str
 
     Raises:
       ValueError: ``multiple`` is not an int >= 1, there is no ``(B, T)`` attention mask, or
-        the ``labels`` of a cut column are not all `IGNORE_LABEL` (padding labelled as a class
-        would silently leave the loss).
+        a row's ``labels`` past its last real token are not all `IGNORE_LABEL` (padding
+        labelled as a class would silently leave the loss).
     """
     names, values = tuple(batch), [np.asarray(v) for v in batch.values()]
-    _check_trim(multiple, names, values)
+    if multiple is None:
+        raise ValueError("multiple must be an int >= 1, got None")
+    _check_trim(multiple, names, values, name="multiple")
     return dict(zip(names, _trimmed(names, values, multiple), strict=True))
 
 
-def _check_trim(trim, names, values) -> None:
+def _check_trim(trim, names, values, name="trim") -> None:
+    """Refuse a ``trim`` that could change what the arrays compute, checked on all of them at
+    once (a batch cut raises nothing later): besides its type and the mask, a label past a
+    row's last real token (it counts uncut, and a batch that cuts it would drop it)."""
     if trim is None:
         return
     if isinstance(trim, bool) or not isinstance(trim, int | np.integer) or trim < 1:
-        raise ValueError(f"trim must be None or an int >= 1, got {trim!r}")
+        none = "None or " if name == "trim" else ""
+        raise ValueError(f"{name} must be {none}an int >= 1, got {trim!r}")
     if names is None or "attention_mask" not in names:
         given = "unnamed arrays" if names is None else sorted(names)
-        raise ValueError(f"trim cuts by the 'attention_mask' array; got {given}")
-    if values[names.index("attention_mask")].ndim != 2:
-        shape = values[names.index("attention_mask")].shape
-        raise ValueError(f"trim needs a (batch, tokens) 'attention_mask', got shape {shape}")
+        raise ValueError(f"{name} cuts by the 'attention_mask' array; got {given}")
+    mask = values[names.index("attention_mask")]
+    if mask.ndim != 2:
+        raise ValueError(f"{name} needs a (batch, tokens) 'attention_mask', got shape {mask.shape}")
+    labels = values[names.index("labels")] if "labels" in names else np.zeros(0)
+    if labels.ndim >= 2 and labels.shape[:2] == mask.shape:
+        width = mask.shape[1]
+        end = np.where(mask.any(axis=1), width - np.argmax(mask[:, ::-1] != 0, axis=1), 0)
+        past = np.arange(width) >= end[:, None]  # (rows, tokens): after the last real token
+        bad = np.argwhere(
+            past.reshape(past.shape + (1,) * (labels.ndim - 2)) & (labels != IGNORE_LABEL)
+        )
+        if bad.size:
+            row, col = (int(i) for i in bad[0][:2])
+            raise ValueError(
+                f"{name}: labels past the last real token other than IGNORE_LABEL "
+                f"({IGNORE_LABEL}), first in row {row}, column {col} (its last real token at "
+                f"column {int(end[row]) - 1}; {len(np.unique(bad[:, 0]))} rows): label padding "
+                "IGNORE_LABEL, or do not trim"
+            )
 
 
 def _trimmed(names, batch: list[np.ndarray], multiple: int) -> list[np.ndarray]:
+    """``batch`` cut after its last real token (`trim_padding`; checked by `_check_trim`)."""
     mask = batch[names.index("attention_mask")]
     width = mask.shape[1]
     real = np.flatnonzero(mask.any(axis=0))
     last = int(real[-1]) + 1 if real.size else 0
     keep = min(width, max(1, -(-last // multiple)) * multiple)
-    labels = batch[names.index("labels")] if "labels" in names else np.zeros(0)
-    if labels.ndim >= 2 and labels.shape[1] == width and (labels[:, keep:] != IGNORE_LABEL).any():
-        raise ValueError(
-            f"trim: labels past the last real token (columns {keep}-{width - 1}) other "
-            f"than IGNORE_LABEL ({IGNORE_LABEL}): label padding IGNORE_LABEL, or do not trim"
-        )
     return [x[:, :keep] if x.ndim >= 2 and x.shape[1] == width else x for x in batch]
 
 

@@ -97,14 +97,14 @@ def _check_batches(
     training examples, trim) was another, unless ``allow``; then record this call's (if
     ``write``: process 0)."""
     path = workdir / BATCHES_FILE
-    if resumed_from is not None and path.is_file() and not allow:
-        try:
-            old = json.loads(path.read_text())
+    if resumed_from is not None and not allow:
+        try:  # runs from before the file (and trim) recorded nothing and cut nothing
+            old = json.loads(path.read_text()) if path.is_file() else {}
         except json.JSONDecodeError as e:
             raise ValueError(
                 f"{path} is not a run's batch order ({e}); remove it, or use another workdir"
             ) from None
-        old = {"trim": None, **old}  # runs from before trim cut nothing
+        old = {"trim": None, **old}
         diff = {k: (old[k], v) for k, v in order.items() if k in old and old[k] != v}
         if diff:
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
@@ -247,7 +247,7 @@ def predictor(
 
     def predict(params, data):
         n = len(next(iter(data.values())))
-        # (labels only for trim's check that no labelled column is cut)
+        # (labels only for trim's check that no row's padding is labelled)
         fields = {k: v for k, v in data.items() if k != "labels" or trim is not None}
         if not n:
             raise ValueError(f"predict: no examples in {sorted(data)}")
@@ -365,8 +365,9 @@ def fit(
             classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL`, train or
             eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
             ``checkpoint_every`` or ``keep_checkpoints`` below 1, ``checkpoint_every``
-            without ``workdir``, a ``trim`` that is not an int >= 1 or has no
-            ``attention_mask`` to cut by (in ``train_data`` or ``eval_data``), or
+            without ``workdir``, a ``trim`` that is not an int >= 1, has no
+            ``attention_mask`` to cut by or finds labelled padding (in ``train_data`` or
+            ``eval_data``, all refused before training), or
             a ``state`` or a checkpoint in ``workdir`` past ``num_steps`` (that run trained
             longer than asked).
     """
@@ -432,7 +433,8 @@ def fit(
                         f"past num_steps={num_steps}: that run trained longer than asked "
                         "(use another workdir, or num_steps >= its step)"
                     )
-            order = {"seed": seed, "batch_size": batch_size, "examples": n_train, "trim": trim}
+            order = {"seed": int(seed), "batch_size": int(batch_size), "examples": n_train}
+            order["trim"] = None if trim is None else int(trim)  # numpy ints: JSON
             _check_batches(workdir, order, resumed_from, allow_other_batches, write=lead)
             if lead:
                 writer = MetricsWriter(workdir / METRICS_FILE, resume_step=resumed_from)
