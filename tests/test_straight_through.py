@@ -129,9 +129,18 @@ def test_a_merge_that_overflows_stops_the_descent_at_its_best(key, monkeypatch, 
     assert loss(merge.average([a, res.params])) == pytest.approx(kept, rel=TOL)
 
 
-def test_bfloat16_models_descend_in_float32_and_come_back_in_bfloat16(key):
+def test_bfloat16_models_descend_in_float32_and_come_back_in_bfloat16(key, monkeypatch):
+    import rotjax.merge._straight as straight
+
     c, a, b, g = _pair(key)
     a16, b16 = (jax.tree.map(lambda x: x.astype(jnp.bfloat16), p) for p in (a, b))
+    real, seen = straight._loss_steps(c.model), set()
+
+    def mean_and_grad(params, x, target):  # the gradient taken at a float32 merge
+        seen.update(x.dtype for x in jax.tree.leaves(params))
+        return real[2](params, x, target)
+
+    monkeypatch.setattr(straight, "_loss_steps", lambda model: (*real[:2], mean_and_grad))
     res, info = merge.align_straight_through(
         c.model, c.spec, a16, b16, _data(key, 1), init=sym.invert(c.spec, g), steps=2
     )
@@ -139,7 +148,33 @@ def test_bfloat16_models_descend_in_float32_and_come_back_in_bfloat16(key):
     # align rotates B's weights in float32 before rounding them (c.apply rotates in bfloat16):
     # the two agree to a few of bfloat16's roundings (2^-8 relative each)
     assert rel_err(res.params, c.apply(b16, res.transform)) <= 1e-2
-    assert len(info["losses"]) == 2
+    assert len(info["losses"]) == 2 and seen == {jnp.dtype(jnp.float32)}
+
+
+def test_the_key_draws_each_projection_and_the_batch_order_afresh(key, monkeypatch):
+    """Each step's projection shuffles its sweeps by a key of its own, none the batch order's;
+    ``solve`` may be any iterable (read once)."""
+    from rotjax import match
+
+    c, a, b, g = _pair(key)
+    keys, real = [], match.align
+
+    def align(*args, key=None, **kw):
+        keys.append(None if key is None else tuple(np.asarray(jax.random.key_data(key))))
+        return real(*args, key=key, **kw)
+
+    monkeypatch.setattr(match, "align", align)
+    run = lambda solve: merge.align_straight_through(
+        c.model, c.spec, a, b, _data(key), init=sym.invert(c.spec, g), steps=4, every=1,
+        solve=solve, key=key,
+    )  # fmt: skip
+    res, info = run(match.ALL)
+    steps = keys[1:-1]  # the start's and the result's alignments solve nothing
+    assert len(steps) == 5 and len(set(steps)) == 5, steps
+    assert tuple(np.asarray(jax.random.key_data(key))) not in steps
+    keys.clear()
+    again, same = run(iter(match.ALL))
+    assert info["losses"] == same["losses"] and rel_err(again.params, res.params) == 0
 
 
 @pytest.mark.parametrize(
@@ -154,6 +189,8 @@ def test_bfloat16_models_descend_in_float32_and_come_back_in_bfloat16(key):
         ("learning_rate", 0.0),
         ("learning_rate", float("nan")),
         ("learning_rate", "1e-3"),
+        ("solve", ("bogus",)),
+        ("key", 3),
     ],
 )
 def test_bad_options_are_refused_by_name_before_any_work(key, option, value):

@@ -246,6 +246,14 @@ def test_a_started_stream_rotation_keeps_the_descent_monotone(key):
     free = {vit.STREAM: jax.random.orthogonal(key, config.hidden_size)}
     with pytest.raises(ValueError, match="orthogonal with Q 1 = 1"):
         match.align(spec, canon, b, init=free)
+    # A complete transform as the start (its stream rotation the identity, as `align`'s and
+    # the straight-through descent's steps pass them) leaves the stream permutation solved.
+    t = sym.sample(spec, jax.random.fold_in(key, 3)) | {vit.STREAM: sym.identity(spec)[vit.STREAM]}
+    b = sym.apply(spec, canon, t)
+    no_stream = tuple(n for n in match.ALL if n != "stream")
+    res = match.align(spec, canon, b, solve=no_stream, init=sym.identity(spec), key=key)
+    assert "residual" in {stage for stage, _ in res.diagnostics.history}
+    assert rel_err(res.params, canon) <= TOL
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])

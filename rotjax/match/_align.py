@@ -369,8 +369,14 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     names = spec.select(roles=roles, layers=layer_set)
     init = dict(options.init or {})
     # A stream rotation in the start (not solved) still acts after the stream permutation:
-    # the permutation's assignment would see B in the wrong order, so it is not solved then.
-    rotated = any(spec.groups[n].role == "stream_rotation" for n in init)
+    # the permutation's assignment would see B in the wrong order, so it is not solved then
+    # (an identity rotation, as in any complete transform, acts on nothing: it is solved).
+    ident = sym.identity(spec)
+    rotated = any(
+        spec.groups[n].role == "stream_rotation"
+        and not np.array_equal(np.asarray(init[n]), np.asarray(ident[n]))
+        for n in init
+    )
     stages = _stages(spec, names, rotated)
     residual = tuple(n for n in names if spec.groups[n].role == "residual")
     streams = tuple(n for n in names if spec.groups[n].role == "stream_rotation")

@@ -81,7 +81,7 @@ def align_by_activations(
         raise ValueError(f"max_sweeps must be an int >= 0, got {max_sweeps!r}")
     if not isinstance(weights_start, bool | match.Alignment):
         raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")
-    _check_descent(steps, learning_rate, solve=solve)
+    solve = _check_descent(steps, learning_rate, solve=solve, key=key, solver=solver)
     if steps and (why := _no_classes(model.config)):
         raise ValueError(f"steps > 0 needs a model with a classification head ({why})")
     batches = list(batches)

@@ -59,11 +59,12 @@ def align_straight_through(
     Each of ``steps`` steps takes one of ``batches`` (unlabeled; as for
     `rotjax.merge.statistics`; in a random order per pass with ``key``, else in turn),
     projects θ onto B's orbit by ``sweeps`` sweeps of `rotjax.match.align` over ``solve`` from
-    the last projection (``key`` also shuffles their block order), and moves θ by Adam
-    (``learning_rate``) along the gradient of the cross-entropy of ``(A + g·B)/2`` to the
-    mean of A's and B's predictions on that batch (each step its batch's mean: a small last
-    batch moves θ as much as a full one). θ and Adam's state are kept in float32 at
-    least; the merge is computed as it is returned (g·B in B's dtypes, averaged in A's). The
+    the last projection (``key``, split from the batch order's, also shuffles their block
+    order, afresh each step), and moves θ by Adam (``learning_rate``) along the gradient of
+    the cross-entropy of ``(A + g·B)/2`` to the mean of A's and B's predictions on that batch
+    (each step its batch's mean: a small last batch moves θ as much as a full one). θ, Adam's
+    state and the gradient are in float32 at least; the merge is computed as it is returned
+    (g·B in B's dtypes, averaged in A's). The
     loss over all batches (`prediction_loss`) is measured at the start and every ``every``
     steps (and after the last, or where an overflow stopped the descent); the best element is
     returned, never one worse than ``init`` (by more than float32 rounding: 1e-6 relative).
@@ -81,7 +82,7 @@ def align_straight_through(
     Raises:
       ValueError: a model without a classification head, no batches, or bad options (named).
     """
-    _check_descent(steps, learning_rate, every, sweeps, solve)
+    solve = _check_descent(steps, learning_rate, every, sweeps, solve, key=key, solver=solver)
     loss, inputs, target_of = _prediction_loss(model, [anchor_params, params], batches, MEMORY)
     return _descend(
         model,
@@ -103,8 +104,19 @@ def align_straight_through(
     )
 
 
-def _check_descent(steps, learning_rate=LEARNING_RATE, every=1, sweeps=1, solve=match.ALL) -> None:
-    """The descent's options, checked before any work (`align_by_activations` too)."""
+def _check_descent(
+    steps,
+    learning_rate=LEARNING_RATE,
+    every=1,
+    sweeps=1,
+    solve=match.ALL,
+    *,
+    key=None,
+    solver="scipy",
+) -> tuple[str, ...]:
+    """The descent's options, checked before any work (`align_by_activations` too), with
+    ``solve``, ``key`` and ``solver`` as `rotjax.match.align` checks them (also with no
+    steps); ``solve`` returned as a tuple (an iterator is read once)."""
     for name, value, low in (("steps", steps, 0), ("every", every, 1), ("sweeps", sweeps, 1)):
         integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
         if not (integral and value >= low):
@@ -112,8 +124,10 @@ def _check_descent(steps, learning_rate=LEARNING_RATE, every=1, sweeps=1, solve=
     real = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool)
     if not (real and 0 < learning_rate < float("inf")):
         raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
-    if steps and not ((solve,) if isinstance(solve, str) else tuple(solve)):
+    solve = match.Options(solve=solve, solver=solver, key=key).solve
+    if steps and not solve:
         raise ValueError("solve is empty: the descent would have no element to move")
+    return solve
 
 
 def _descend(
@@ -153,6 +167,10 @@ def _descend(
     state, g = opt.init(theta), start.transform
     _, _, mean_and_grad = _loss_steps(model)
     order: list[int] = []
+    # Independent draws: each pass's batch order, and each projection's block order.
+    k_order = k_align = None
+    if key is not None:
+        k_order, k_align = jax.random.split(key)
 
     def measure(step, merged, g, best, bar):
         """The loss of the element after ``step`` updates, recorded; the best so far."""
@@ -170,8 +188,9 @@ def _descend(
 
             bar = stack.enter_context(tqdm(total=steps, desc="straight-through", leave=False))
         for step in range(steps + 1):
+            k = None if k_align is None else jax.random.fold_in(k_align, step)
             proj = match.align(
-                spec, theta, b, solve=solve, init=g, max_sweeps=sweeps, key=key, solver=solver
+                spec, theta, b, solve=solve, init=g, max_sweeps=sweeps, key=k, solver=solver
             )  # the element after ``step`` updates
             g, merged = proj.transform, merge_with(proj.params)
             measured = bool(step) and (step % every == 0 or step == steps)
@@ -180,13 +199,14 @@ def _descend(
             if step == steps:
                 break
             if not order:  # a new pass over the batches
-                if key is None:
+                if k_order is None:
                     order = list(range(len(inputs)))
                 else:
-                    perm = jax.random.permutation(jax.random.fold_in(key, step), len(inputs))
+                    perm = jax.random.permutation(jax.random.fold_in(k_order, step), len(inputs))
                     order = [int(i) for i in perm]
             i = order.pop(0)
-            value, grads = mean_and_grad(merged, inputs[i], target_of(i))
+            # ∂ℓ/∂M in float32 at least: bfloat16's 8 bits would round the gradient away
+            value, grads = mean_and_grad(jax.tree.map(wide, merged), inputs[i], target_of(i))
             if not bool(_all_finite(value, grads)):  # a step would make θ NaN
                 info["stopped"] = step
                 if step and not measured:  # this element may still be the best
