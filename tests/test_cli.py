@@ -74,6 +74,9 @@ def test_align_recovers_a_planted_transform_and_keeps_metadata(checkpoints, caps
     _, aligned = hf.load(out)
     assert rel_err(aligned, a) <= 1e-5
     report = json.loads((out / "alignment.json").read_text())
+    assert {k: report[k] for k in ("solver", "residual_init", "max_sweeps", "seed")} == {
+        "solver": "scipy", "residual_init": "independent", "max_sweeps": None, "seed": 0,
+    }  # fmt: skip
     d = report["distance"]
     assert d["all"]["after"] <= 1e-8 * d["all"]["before"]
     assert d["touched"]["before"] == pytest.approx(d["all"]["before"], rel=1e-6)
@@ -141,6 +144,9 @@ def test_merge_every_method(method, checkpoints, capsys):
     report = json.loads((out / "merge.json").read_text())
     assert report["method"] == method and set(report["seconds"]) >= {"align", "statistics", "merge"}
     assert report["options"]["weights"] == (None if "--base" in argv else [1.0, 3.0])
+    reads = "--data" in argv  # the data options recorded only where data was read
+    assert (report["options"]["batch_size"] is None) == (not reads)
+    assert (report["options"]["max_examples"] is None) == (not reads)
     # B is A moved by a symmetry: aligned, it is A, and every merge of A with A is A (the
     # task-vector merges: A with itself, base A: zero task vectors).
     assert rel_err(merged, a) <= 1e-5, method
@@ -359,8 +365,20 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         ("one", "num_labels=1"),
         *((k, f"problem_type {k}") for k in ("regression", "multi_label_classification")),
     ):
-        other = str(tmp / "one") if anchor == "one" else B
+        other = str(tmp / anchor)  # (two models of one problem_type: their Fisher refused)
         _fails(["merge", str(tmp / anchor), other, *data_npz, "--quiet"], capsys, why)
+    # Heads of different problem_types are read by different losses: refused in any order
+    # (the Fisher check read the anchor's alone); so is the activation alignment's choice by
+    # softmax agreement for heads that are not softmax.
+    for pair in ((A, str(tmp / "regression")), (str(tmp / "regression"), A)):
+        _fails(["merge", *pair, "--out", str(out), "--quiet"], capsys, "problem_type differs")
+    multi = ["merge", *[str(tmp / "multi_label_classification")] * 2, "--out", str(out)]
+    _fails(
+        [*multi, "--quiet", "--align", "activations", "--data", str(tmp / "data.npz")],
+        capsys,
+        "chooses by the agreement of softmax predictions",
+        "problem_type multi_label_classification",
+    )
     _fails([*base, "--batch-size", "5"], capsys, "--batch-size does not apply")
     _fails([*base, "--weights", "1,2,3"], capsys, "--weights has 3 values for 2 models")
     np.savez(tmp / "wrong.npz", pixel_values=np.zeros((2, 3, 8, 8), np.float32))
@@ -413,6 +431,12 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         err = _fails([*method, str(tmp / name)], capsys, f"--data {tmp / name}: {message}")
         assert "\n" not in err, err
     _fails([*base, "--base", A], capsys, "--base does not apply to --method average")
+    # An --out that is a symbolic link (to an empty directory) would be replaced by the
+    # checkpoint, not written through: refused.
+    (tmp / "target").mkdir()
+    (tmp / "link").symlink_to(tmp / "target")
+    _fails(["merge", A, B, "--out", str(tmp / "link"), "--quiet"], capsys, "is a symbolic link")
+    assert (tmp / "link").is_symlink() and not any((tmp / "target").iterdir())
     # Classifiers whose classes are named differently: the same row is not the same class.
     for name, classes in (("named_a", "neg neu pos"), ("named_b", "pos neu neg")):
         shutil.copytree(tmp / "a", tmp / name)
@@ -454,8 +478,11 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     raw = np.random.default_rng(0).integers(0, 256, size)
     np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.uint8))
     _fails([*vit, "--out", str(out), "--data", str(tmp / "raw.npz")], capsys, "raw pixels?")
-    np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.float32))
+    np.savez(tmp / "huge.npz", pixel_values=np.full(size, 1e39))  # float64: inf in float32
+    _fails([*vit, "--out", str(out), "--data", str(tmp / "huge.npz")], capsys, "overflow float32")
+    np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.float32), meta=np.int32(1))
     assert cli.main([*vit, "--out", str(tmp / "noted"), "--data", str(tmp / "raw.npz")]) == 0
+    assert "ignored ['meta']" in (tmp / "noted" / "merge.json").read_text()  # a scalar unread
     assert "pixel_values reach 255" in capsys.readouterr().err
     assert "pixel_values reach 255" in (tmp / "noted" / "merge.json").read_text()
     # Rows beyond --max-examples and a file without attention_mask whose ids hold the pad
@@ -725,3 +752,28 @@ def test_task_vectors_move_with_the_alignment(tmp_path, key):
         rel_err(want, jax.tree.map(lambda t, x, y: t + 0.5 * ((x - t) + (y - t)), base, a, b))
         > 1e-3
     )
+
+
+def test_out_of_memory_is_one_line_and_writes_nothing(checkpoints, capsys, monkeypatch):
+    """Memory running out (numpy's MemoryError, XLA's RESOURCE_EXHAUSTED) is one line; any
+    other runtime failure keeps its traceback (a bug to report)."""
+    from rotjax.cli import _merge
+
+    tmp, _ = checkpoints
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "m"), "--quiet"]
+    for error in (MemoryError(), jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: 8 GiB")):
+
+        def load(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(_merge, "load_models", load)
+        err = _fails(argv, capsys, "out of memory; lower --batch-size or --max-examples")
+        assert "\n" not in err and not (tmp / "m").exists()
+    for error in (ZeroDivisionError(), jax.errors.JaxRuntimeError("INTERNAL: a bug")):
+
+        def load(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(_merge, "load_models", load)
+        with pytest.raises(type(error)):
+            cli.main(argv)

@@ -16,6 +16,8 @@ import argparse
 import sys
 from pathlib import Path
 
+import jax
+
 from rotjax import __version__, match
 from rotjax.cli import _align, _inspect, _merge
 from rotjax.cli._common import CLIError, Interrupted, reason, signals_interrupt
@@ -132,4 +134,14 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except (CLIError, ValueError, OSError, ImportError, TypeError) as e:
         print(f"{command}: error: {reason(e)}", file=sys.stderr)
+        return 2
+    except (MemoryError, jax.errors.JaxRuntimeError) as e:
+        if not isinstance(e, MemoryError) and "RESOURCE_EXHAUSTED" not in str(e):
+            raise  # another runtime failure: a bug, with its traceback
+        # (nothing written: the checkpoint appears whole or not at all)
+        print(
+            f"{command}: error: out of memory; lower --batch-size or --max-examples, or use "
+            "a machine with more memory; nothing written",
+            file=sys.stderr,
+        )
         return 2

@@ -151,6 +151,10 @@ def _report(args, options, res, notes, load_seconds):
         "model": str(args.model),
         "solve": list(options.solve),
         "layers": options.layers,
+        "solver": options.solver,
+        "residual_init": options.residual_init,
+        "max_sweeps": options.max_sweeps,
+        "seed": args.seed,
         # Squared distances to the anchor, summed over every parameter ("all") and over the
         # parameters some solved group acts on ("touched"; the others cannot move).
         "distance": {

@@ -72,6 +72,8 @@ def checked_out_dir(
     inside one of ``inputs`` (they are left unchanged), and its parent must be writable (a
     probe file is created there and removed)."""
     out = Path(out)
+    if out.is_symlink():  # it would be replaced by the checkpoint, not written through
+        raise CLIError(f"--out {out} is a symbolic link; name the directory it points to")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise CLIError(f"--out {out} exists and is not an empty directory")
     if out.is_dir() and os.path.ismount(out):  # the checkpoint is renamed onto --out: EBUSY
@@ -158,7 +160,25 @@ def load_models(
                 f"label names differ ({named[0][0]} vs {label}): {first_names} vs {names} "
                 "(config.json's id2label): the classifiers' rows are different classes"
             )
+        kinds = [_problem_type(d, c) for d, c in ((named[0][1], first), (directory, config))]
+        if same_classes and classifier and kinds[0][0] != kinds[1][0]:
+            shown = " vs ".join(f"{k}{' (inferred)' if guess else ''}" for k, guess in kinds)
+            raise CLIError(
+                f"problem_type differs ({named[0][0]} vs {label}): {shown} (config.json): "
+                "their heads are read by different losses"
+            )
     return configs, params, notes
+
+
+def _problem_type(directory, config) -> tuple[str, bool]:
+    """A classifier's ``problem_type`` (config.json) and False, or what transformers infers
+    without one from integer labels (regression for one label, single-label classification
+    for more) and True."""
+    kind = _hf_config(directory).get("problem_type")
+    if kind is not None:
+        return kind, False
+    one = getattr(config, "num_labels", 2) == 1
+    return ("regression" if one else "single_label_classification"), True
 
 
 def _hf_config(directory) -> dict:

@@ -158,10 +158,10 @@ def _options(args) -> dict:
             f"by --method {', '.join(NEEDS_DATA)}, --align activations or --refit"
         )
     for name, default in (("batch_size", 32), ("max_examples", 1000)):
-        if getattr(args, name) is None:
-            setattr(args, name, default)
-        elif not needs_data:
+        if getattr(args, name) is not None and not needs_data:
             raise CLIError(f"--{name.replace('_', '-')} does not apply: nothing reads --data here")
+        if getattr(args, name) is None and needs_data:  # else None in merge.json: unused
+            setattr(args, name, default)
     if len(args.data) not in (0, 1, n):
         raise CLIError(f"--data given {len(args.data)} times: give it once or once per model ({n})")
     if args.method in NEEDS_BASE and not args.base:
@@ -221,7 +221,8 @@ def read_data(
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise CLIError(f"--data {path}: not a readable .npz ({why})") from None
-    scalar = [k for k, x in arrays.items() if x.ndim == 0]
+    read = (*fam.input_names, *(("labels",) if need_labels else ()))
+    scalar = [k for k, x in arrays.items() if x.ndim == 0 and k in read]
     if scalar:
         raise CLIError(f"--data {path}: {scalar} are scalars, not arrays with a row per example")
     required = ("pixel_values",) if fam.name == "vit" else ("input_ids",)
@@ -242,7 +243,7 @@ def read_data(
             f"{', '.join(fam.input_names)})"
         )
     for k, x in arrays.items():
-        if k not in (*fam.input_names, *(("labels",) if need_labels else ())):
+        if k not in read:
             continue  # labels only serve the empirical Fisher
         if len(x) != n:
             raise CLIError(f"--data {path}: {k} has {len(x)} rows, {required[0]} {n}")
@@ -269,6 +270,8 @@ def read_data(
                 f"--data {path}: pixel_values reach {reach:.0f}; normalised "
                 "inputs stay within a few units (raw [0, 255] pixels merge badly)"
             )
+        if reach > np.finfo(np.float32).max:  # float64 beyond float32's range: Inf
+            raise CLIError(f"--data {path}: pixel_values overflow float32 (|x| > 3.4e38)")
         out["pixel_values"] = pixels.transpose(0, 2, 3, 1).astype(np.float32)
     else:
         ids = out["input_ids"]
@@ -402,15 +405,18 @@ def run(args) -> int:
     spec, params, more = symmetry_for(config, params, args.align in ("all", "activations"))
     base = params.pop() if args.base else None
     notes += more
-    if args.method == "fisher":  # a softmax classifier's (or causal LM's) Fisher only
-        kind = _hf_config(args.models[0]).get("problem_type")
-        why = _no_classes(config) or (
-            f"problem_type {kind}" if kind in ("regression", "multi_label_classification") else None
+    # The Fisher and the activation alignment's choice read softmax predictions: every
+    # model's head must be one (config.json's problem_type may say it is not).
+    kinds = {_hf_config(m).get("problem_type") for m in args.models}
+    kind = next((k for k in sorted(kinds - {None}) if k != "single_label_classification"), None)
+    why = _no_classes(config) or (f"problem_type {kind}" if kind else None)
+    if args.method == "fisher" and why:
+        raise CLIError(f"--method fisher needs models with a softmax classification head ({why})")
+    if args.align == "activations" and kind:  # (without classes: weight matching alone)
+        raise CLIError(
+            f"--align activations chooses by the agreement of softmax predictions; these "
+            f"models' heads are not softmax ({why}): use --align all"
         )
-        if why:
-            raise CLIError(
-                f"--method fisher needs models with a softmax classification head ({why})"
-            )
     if args.method == "fisher" and args.fisher is None:  # a causal LM's exact Fisher would
         # take a backward pass per token and vocabulary entry
         args.fisher = "sampled" if config.task == "causal_lm" else "exact"
