@@ -120,6 +120,11 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
         merge.regmean(params, [{"gram": {"w/kernel": jnp.eye(2)}}] * 2)
     with pytest.raises(ValueError, match="ridge must be"):
         merge.regmean(params, stats, ridge=-1.0)
+    inf = [stats[0], {"gram": {"w/kernel": stats[1]["gram"]["w/kernel"].at[0, 1].set(jnp.inf)}}]
+    with pytest.raises(
+        ValueError, match=r"Grams with NaN or Inf:\n  stats_list\[1\] gram w/kernel"
+    ):
+        merge.regmean(params, inf)  # (its kernel came back NaN throughout)
     zeros = [{"gram": {"w/kernel": jnp.zeros_like(s["gram"]["w/kernel"])}} for s in stats]
     for ridge in (1e-8, 0.0):
         assert rel_err(merge.regmean(params, zeros, ridge=ridge), avg) <= TOL
@@ -202,9 +207,14 @@ def test_merging_identical_models_returns_them(name, key):
         (dict(mode="wts", transport="sinkhorn", epsilon=-0.06), "epsilon must be a finite"),
         (dict(mode="wts", transport="sinkhorn", epsilon=np.inf), "epsilon must be a finite"),
         (dict(mode="wts", weight=1.2), r"weight \(A's share\) must be in \[0, 1\]"),
+        (dict(mode="wts", transport="sinkhorn", solver="scpy"), "solver must be one of"),
     ):
         with pytest.raises(ValueError, match=message):
             merge.ot_fusion(spec, a, a, **bad)
+    # Params the spec does not describe: named, on the Sinkhorn path too (a bare KeyError)
+    lacking = dict(sorted(to_dict(a).items())[1:])  # its first param left out
+    with pytest.raises(ValueError, match="params_b: "):
+        merge.ot_fusion(spec, a, from_dict(lacking), mode="wts", transport="sinkhorn")
 
 
 def test_ties_and_dare_by_hand(key, monkeypatch):

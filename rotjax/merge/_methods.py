@@ -139,6 +139,19 @@ def _check_fishers(paths, leaves, fs) -> None:
         raise ValueError("Fishers that do not fit their params:\n" + "\n".join(bad))
 
 
+@jax.jit
+def _finite_each(trees):
+    return jax.tree.map(lambda x: jnp.isfinite(x).all(), trees)
+
+
+def _check_finite_grams(stats_list) -> None:
+    """No Gram holds NaN or Inf (its kernel's solve would be NaN throughout): the paths named."""
+    ok = jax.device_get(_finite_each([dict(s["gram"]) for s in stats_list]))
+    bad = [f"  stats_list[{i}] gram {p}" for i, x in enumerate(ok) for p, f in x.items() if not f]
+    if bad:
+        raise ValueError("Grams with NaN or Inf:\n" + "\n".join(bad))
+
+
 def _check_cover(paths, stats: Sequence[Mapping[str, Any]], kind: str) -> None:
     """Each statistic names a param and is there for every model or for none: one that only some
     models have would silently merge its param as a plain average."""
@@ -193,7 +206,8 @@ def fisher(
       stats_list: their statistics with ``"fisher"`` (`rotjax.merge.statistics`), in order.
       weights: λ (default 1 each; a model of weight 0 is left out).
       eps: the floor on the Fisher (> 0) (the paper's code uses 1e-6; it applies it to the target
-        model only, here to all), which keeps parameters no data touches a plain average.
+        model only, here to all), which keeps parameters no data touches an average weighted
+        by λ (by λ_i / ‖F_i‖ with ``normalize``, as in the paper's code).
       normalize: divide each model's λ by the global L2 norm of its Fisher (the paper's
         ``normalize_fishers``), so that models trained to different loss scales count alike.
 
@@ -286,7 +300,7 @@ def regmean(
     Raises:
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
         or that only some models have, or of a param the models lack (paths and shapes
-        named), alpha outside [0, 1], ridge < 0, bad weights.
+        named), a Gram with NaN or Inf, alpha outside [0, 1], ridge < 0, bad weights.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -301,6 +315,7 @@ def regmean(
         if "gram" not in s:
             raise ValueError(f"stats_list[{i}] holds no 'gram' (compute kinds=('gram',))")
     _check_cover(paths, [s["gram"] for s in stats_list], "gram")
+    _check_finite_grams(stats_list)
     w = model_weights(weights, len(params_list))
     merged = (
         fisher(params_list, stats_list, weights=weights)

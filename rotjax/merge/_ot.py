@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from rotjax import symmetry as sym
 from rotjax.match import assign, permutation_scores
 from rotjax.match._align import _rescaled
+from rotjax.match._solvers import SOLVERS
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import _input_axes, average
 from rotjax.tree import flatten, from_dict, placed_like, to_dict, wide
@@ -92,6 +93,13 @@ def ot_fusion(
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
     if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
         raise ValueError(f"weight (A's share) must be in [0, 1], got {weight!r}")
+    if solver not in SOLVERS:  # (checked even where Sinkhorn alone would transport)
+        raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
+    for name, p in (("params_a", params_a), ("params_b", params_b)):
+        try:
+            sym.validate(spec, p)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
     eps = epsilon if epsilon is not None else (0.08 if mode == "acts" else 0.06)
     corr = correlations(cross) if mode == "acts" else None
     roles = (["residual"], ["heads", "ffn"], ["query_heads"])
@@ -124,7 +132,9 @@ def ot_fusion(
         maps.update(new)
     fused = average([params_a, moved], [weight, 1.0 - weight])
     # in A's dtypes (`average` gives the first kept model's: float32 B's at weight 0)
-    fused = jax.tree.map(lambda f, a: f.astype(jnp.asarray(a).dtype), fused, params_a)
+    fused = jax.tree.map(
+        lambda f, a: placed_like(f.astype(jnp.asarray(a).dtype), a), fused, params_a
+    )
     back = lambda m, b: placed_like(m.astype(jnp.asarray(b).dtype), b)
     return Fusion(fused, maps, jax.tree.map(back, moved, params_b))
 
