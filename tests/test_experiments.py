@@ -383,6 +383,14 @@ def test_align_variants_caps_only_the_iterating_alignments(monkeypatch):
     got = variants["all + stream"]["pair"].b
     for x, y in zip(jax.tree.leaves(got), jax.tree.leaves(expected.params), strict=True):
         np.testing.assert_array_equal(x, y)
+    # The canonical form is computed once and its seconds counted in every variant in it
+    # (each variant's time is what it costs alone; the first one paid for it).
+    import time
+
+    real = fusion.Pair.canonical
+    monkeypatch.setattr(fusion.Pair, "canonical", lambda self: time.sleep(0.5) or real(self))
+    timed = fusion.align_variants(pair, ["activations", "all + stream"], unlabeled, max_sweeps=2)
+    assert all(timed[n]["seconds"] >= 0.5 for n in timed), timed
 
 
 def test_straight_through_variant_descends_from_the_activation_variant(monkeypatch):
