@@ -435,6 +435,12 @@ def test_entity_f1_by_hand():
     assert train.entity_f1(pred, labels, tags) == pytest.approx(0.8)
     # A truncated span (B-x without its I-x) and a wrong type: no entity right.
     assert train.entity_f1(np.array([[0, 1, 0, 0, 0], [0, 1, 0, 0, 0]]), labels, tags) == 0.0
+    # A tag id outside the names at a labelled position (IGNORE_LABEL from a predictor's cut
+    # padding, say) is refused: tag_names[-100] named a tag silently; unlabelled ones are not read.
+    for bad in (-100, 5):
+        with pytest.raises(ValueError, match=f"predictions hold tag ids outside .* e.g. {bad}"):
+            train.entity_f1(np.where(labels == 1, bad, 0), labels, tags)
+    assert train.entity_f1(np.where(labels == -100, -100, pred), labels, tags) == pytest.approx(0.8)
 
 
 def test_predictor_matches_the_model(key):

@@ -243,7 +243,11 @@ def predictor(
     ``trim``, every length its batches are cut to: see `evaluate`; token predictions of the
     cut padding positions are `rotjax.data.IGNORE_LABEL`)."""
     inputs = _steps.default_inputs(model) if inputs is None else inputs
-    apply = jax.jit(lambda p, b: jax.numpy.argmax(model.apply({"params": p}, *inputs(b)), -1))
+    apply = jax.jit(  # inference mode stated, as the eval step does (no dropout)
+        lambda p, b: jax.numpy.argmax(
+            model.apply({"params": p}, *inputs(b), deterministic=True), -1
+        )
+    )
 
     def predict(params, data):
         n = len(next(iter(data.values())))
@@ -341,7 +345,10 @@ def fit(
         log_every: Period in steps of the train records (means over the period; each record's
             ``steps`` says how many steps its means are over, its ``count`` how many labels:
             its loss and accuracy are over those labels together, each step weighted by its
-            labels, which differ from batch to batch for token classification).
+            labels, which differ from batch to batch for token classification). After a
+            resume from a checkpoint between two records, the first record is over the
+            steps since the checkpoint: the steps between the last record and the checkpoint
+            are in no record (a ``checkpoint_every`` that ``log_every`` divides loses none).
         mesh: Data mesh; default `rotjax.train.data_mesh()` (all devices).
         progress: Whether to show a tqdm progress bar (on stderr, process 0 only).
         callback: Called with every record (dicts with ``step``, ``split`` and metrics).

@@ -159,11 +159,22 @@ def entity_f1(
         labels: ``(N, T)`` true tag ids; positions labelled `IGNORE_LABEL` (later word pieces,
             special tokens, padding) are left out of both sequences.
         tag_names: tag id -> name (``"O"``, ``"B-x"``, ``"I-x"``).
+
+    Raises:
+        ValueError: a tag id outside ``tag_names`` at a labelled position (shapes that
+            differ fail in ``zip``).
     """
     from seqeval.metrics import f1_score
 
     predictions, labels = np.asarray(predictions), np.asarray(labels)
     keep = labels != IGNORE_LABEL
+    for name, ids in (("predictions", predictions), ("labels", labels)):
+        bad = ids[keep][(ids[keep] < 0) | (ids[keep] >= len(tag_names))]
+        if bad.size:  # a negative id would name tag_names[-100], silently
+            raise ValueError(
+                f"entity_f1: {name} hold tag ids outside [0, {len(tag_names)}) at labelled "
+                f"positions, e.g. {int(bad[0])}"
+            )
     true = [[tag_names[t] for t in row[k]] for row, k in zip(labels, keep, strict=True)]
     pred = [[tag_names[t] for t in row[k]] for row, k in zip(predictions, keep, strict=True)]
     return float(f1_score(true, pred))
