@@ -664,6 +664,26 @@ def test_masked_lm_checkpoints_load_their_encoder(seed, tmp_path):
     assert rel_err(rotjax_forward(loaded, params, x), hidden.reshape(-1)) <= TOL
 
 
+@pytest.mark.parametrize("name", ["llama-seq-k2g2d6", "mistral-base-k2g2"])
+def test_a_decoder_config_without_architectures_takes_its_head_from_the_tensors(
+    name, seed, tmp_path
+):
+    """A hand-written decoder ``config.json`` with ``model_type`` only: a ``score`` tensor
+    makes it the sequence classifier, an ``lm_head`` the causal LM (the head's tensor was
+    refused as unexpected by the base model), none the base model."""
+    config = CASES[name]
+    if name.startswith("mistral"):  # an untied causal LM: its lm_head is written
+        config = dataclasses.replace(config, task="causal_lm", tie_word_embeddings=False)
+    params = family(config).init(config, jax.random.key(seed))
+    rotjax.hf.save(tmp_path / "ckpt", config, params)
+    hf_config = json.loads((tmp_path / "ckpt" / "config.json").read_text())
+    del hf_config["architectures"]
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps(hf_config))
+    loaded, again = rotjax.hf.load(tmp_path / "ckpt")
+    assert loaded.task == config.task and loaded == config
+    assert_trees_equal(again, params)
+
+
 @pytest.mark.parametrize("legacy", [True, False])
 def test_deberta_masked_lm_checkpoints_load_their_encoder(legacy, seed, tmp_path):
     """DeBERTa-v2/v3 pretraining checkpoints (DebertaV2ForMaskedLM, legacy ``cls.`` or new

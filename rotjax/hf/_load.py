@@ -212,7 +212,13 @@ def _pretraining_head(
 ) -> _mapping.Architecture:
     """A ``config.json`` without ``architectures`` (microsoft/deberta-v3-base's) names no head:
     if the checkpoint holds the pretraining head of an architecture of its model type, it is
-    that architecture (whose head `load` drops), not the base model."""
+    that architecture (whose head `load` drops), not the base model; a decoder's ``lm_head``
+    or ``score`` tensor makes it the causal LM or the sequence classifier (their heads are
+    unambiguous; an encoder's ``classifier`` could be either of two tasks)."""
+    if arch.model_type in _mapping.DECODER_TYPES and arch.task is None:
+        for head, task in (("lm_head.", "causal_lm"), ("score.", "sequence_classification")):
+            if any(name.startswith(head) for name in tensors):
+                return _mapping.architecture_for(arch.model_type, task)
     for a in _mapping.ARCHITECTURES.values():
         same_type = a.model_type == arch.model_type and a.dropped_head
         if same_type and any(name.startswith(a.dropped_head) for name in tensors):
