@@ -392,7 +392,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     all_before, _ = distances(spec, tuple(sorted(a_flat)), a_flat, b_flat, {})
     all_before = {p: v * sq for p, v in all_before.items()}
     const = sum(v for p, v in all_before.items() if p not in set(paths))
-    t = {**sym.identity(spec), **init}
+    t = {**ident, **init}
     # Groups that may differ from the identity so far: the others are not applied at all, so
     # the paper's single pass never gathers by identity permutations.
     active: set[str] = set(init)

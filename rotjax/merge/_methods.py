@@ -139,19 +139,6 @@ def _check_fishers(paths, leaves, fs) -> None:
         raise ValueError("Fishers that do not fit their params:\n" + "\n".join(bad))
 
 
-@jax.jit
-def _finite_each(trees):
-    return jax.tree.map(lambda x: jnp.isfinite(x).all(), trees)
-
-
-def _check_finite_grams(stats_list) -> None:
-    """No Gram holds NaN or Inf (its kernel's solve would be NaN throughout): the paths named."""
-    ok = jax.device_get(_finite_each([dict(s["gram"]) for s in stats_list]))
-    bad = [f"  stats_list[{i}] gram {p}" for i, x in enumerate(ok) for p, f in x.items() if not f]
-    if bad:
-        raise ValueError("Grams with NaN or Inf:\n" + "\n".join(bad))
-
-
 def _check_cover(paths, stats: Sequence[Mapping[str, Any]], kind: str) -> None:
     """Each statistic names a param and is there for every model or for none: one that only some
     models have would silently merge its param as a plain average."""
@@ -315,7 +302,14 @@ def regmean(
         if "gram" not in s:
             raise ValueError(f"stats_list[{i}] holds no 'gram' (compute kinds=('gram',))")
     _check_cover(paths, [s["gram"] for s in stats_list], "gram")
-    _check_finite_grams(stats_list)
+    # A NaN or Inf Gram would make its kernel's solve NaN throughout.
+    bad = [
+        f"  stats_list[{i}] gram {p}"
+        for i, x in enumerate(stats_list)
+        for p in non_finite(dict(x["gram"]))
+    ]
+    if bad:
+        raise ValueError("Grams with NaN or Inf:\n" + "\n".join(bad))
     w = model_weights(weights, len(params_list))
     merged = (
         fisher(params_list, stats_list, weights=weights)
