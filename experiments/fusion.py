@@ -43,6 +43,13 @@ ALIGNMENTS: dict[str, dict[str, Any] | None] = {
 METHODS = ("average", "circuits", "refit", "fisher", "regmean", "ot-acts", "ot-wts")
 
 
+def sweep_cap(solve: Sequence[str], max_sweeps: int | None) -> int | None:
+    """``max_sweeps`` for an alignment that iterates to convergence (one that solves the
+    residual stream: `match.align` runs up to 50 sweeps there), None for a single-pass one
+    (the paper's: a cap would make `match.align` sweep that many times)."""
+    return max_sweeps if {"residual", "stream"} & set(solve) else None
+
+
 @dataclasses.dataclass
 class Pair:
     """Two models of one architecture (A is the anchor) and what every step needs."""
@@ -180,7 +187,7 @@ def align_variants(
             continue
         opts = dict(opts)
         solve = tuple(opts.get("solve", match.ALL))
-        cap = max_sweeps if {"residual", "stream"} & set(solve) else None
+        cap = sweep_cap(solve, max_sweeps)
         if cap is not None and not opts.get("activations"):
             opts.setdefault("max_sweeps", cap)
         base = pair

@@ -7,7 +7,7 @@ import jax
 import pytest
 from helpers import refuses_before_any_work
 
-from rotjax import train
+from rotjax import match, train
 
 
 @pytest.fixture(autouse=True)
@@ -117,13 +117,21 @@ def test_the_results_key_reads_the_code_the_pipeline_imports():
     assert "demo.py" not in reproduce.PIPELINE
 
 
-def test_reproduce(tmp_path):
+def test_reproduce(tmp_path, monkeypatch):
     """The smallest reproduction: it writes the report, its figures and its JSON, and the
     report's numbers are the JSON's."""
     from experiments import reproduce
     from experiments.reproduce import _report, _vision
 
+    align, calls = match.align, []
+    recorded = lambda *a, **kw: calls.append(kw) or align(*a, **kw)
+    monkeypatch.setattr(match, "align", recorded)
     reproduce.main(["--smoke", "--out", str(tmp_path)])
+    monkeypatch.undo()
+    # Smoke mode caps the sweeps (2); the paper's single pass is never given the cap (with
+    # it, Fig. 6 and Table 3 swept twice where Table 2's paper column swept once).
+    single = [kw for kw in calls if not {"residual", "stream"} & set(kw.get("solve", match.PAPER))]
+    assert single and all(kw.get("max_sweeps") is None for kw in single)
     report = (tmp_path / "report.md").read_text()
     vision = json.loads((tmp_path / "results" / "vision.json").read_text())
     claims = json.loads((tmp_path / "results" / "claims.json").read_text())
@@ -137,6 +145,9 @@ def test_reproduce(tmp_path):
             for a in _vision.TABLE2
         ]
         assert f"| {method} | " + " | ".join(cells) + " |" in report
+    n = max(int(k.split()[1]) for k in pairs[0]["layers"] if k.startswith("head"))
+    for p in pairs:  # Fig. 6's matching of every layer is Table 2's one-pass paper column
+        assert p["layers"][f"head {n}"] == p["merges"]["paper | average"]["accuracy"]
     for line in [*_report.runtime_table(vision), *_report.barrier_table(vision)]:
         assert line in report  # Table 3 and Fig. 5's barriers, rendered from the JSON
     curves = [p["curves"]["none"]["barrier"]["loss"] for p in pairs]

@@ -232,8 +232,9 @@ def claim_text(key: str, v: dict[str, Any]) -> str:
     pt = lambda x: fixed(100 * x, sign="+")
     if key == "a":
         parts = [f"{m} {x['none']:.3f} → {x['paper']:.3f}" for m, x in n.items()]
-        return "test loss of the merged model, without → with the paper's matching: " + ", ".join(
-            parts
+        return (
+            "test loss of the merged model, without → with the paper's matching (holds if lower "
+            "for every method): " + ", ".join(parts)
         )
     if key == "b":
         lost = n["accuracy lost"]
@@ -241,8 +242,9 @@ def claim_text(key: str, v: dict[str, Any]) -> str:
             f"{m} {pt(x['without attention matching'])} / {pt(x['without FFN matching'])}"
             for m, x in lost.items()
         ]
-        return "accuracy lost (points) without attention / without FFN matching: " + ", ".join(
-            parts
+        return (
+            "accuracy lost (points) without attention / without FFN matching (holds if "
+            "attention's loss is the larger for Fisher and RegMean): " + ", ".join(parts)
         )
     if key == "c":
         *means, per_pair = n.items()
@@ -255,11 +257,13 @@ def claim_text(key: str, v: dict[str, Any]) -> str:
             f"Fisher statistics {n['fisher statistics']:.2f} s (matching is "
             f"{percent(n['matching / Fisher statistics'])}% of it), Gram statistics "
             f"{n['gram statistics']:.2f} s ({percent(n['matching / Gram statistics'])}%); "
-            f"fine-tuning {n['fine-tuning']:.0f} s"
+            f"fine-tuning {n['fine-tuning']:.0f} s (holds if matching takes under 10 s and "
+            "under 25% of the Fisher statistics)"
         )
     parts = [f"{m} {pt(x)}" for m, x in n["accuracy from rescaling"].items()]
-    return "accuracy from rescaling (points, paper's matching with vs without it): " + ", ".join(
-        parts
+    return (
+        "accuracy from rescaling (points, paper's matching with vs without it; holds if under "
+        "1 point for each method): " + ", ".join(parts)
     )
 
 

@@ -85,7 +85,7 @@ def _pair(settings, summary_a, summary_b, test, unlabeled, select, curve_data, l
     labels = {"none": "none", "paper": "paper", "rotjax's best": best}
     out["curves"] = _curves(settings, pair, variants, labels, curve_data)
     if settings.layer_study:
-        out["layers"] = _layers(pair, evaluate, key, settings.max_sweeps)
+        out["layers"] = _layers(pair, evaluate, key)
     out["runtime"] = _runtime(
         pair, unlabeled, summary_a, summary_b, key=key, max_sweeps=settings.max_sweeps
     )
@@ -110,16 +110,17 @@ def _curves(settings, pair, variants, labels, curve_data):
     return out
 
 
-def _layers(pair, evaluate, key, max_sweeps):
-    """The paper's matching on one layer, on the first k layers (head) and the last k (tail);
-    simple average and RegMean need no statistics per variant beyond the Grams."""
+def _layers(pair, evaluate, key):
+    """The paper's matching (one pass, as Table 2's) on one layer, on the first k layers
+    (head) and the last k (tail); simple average and RegMean need no statistics per variant
+    beyond the Grams."""
     n = pair.config.num_hidden_layers
     subsets = {f"layer {i}": [i] for i in range(n)}
     subsets |= {f"head {k}": list(range(k)) for k in range(1, n + 1)}
     subsets |= {f"tail {k}": list(range(n - k, n)) for k in range(1, n + 1)}
     out = {}
     for name, layers in subsets.items():
-        opts = dict(layers=layers, key=key, max_sweeps=max_sweeps)
+        opts = dict(layers=layers, key=key)
         aligned = match.align(pair.spec, pair.a, pair.b, **opts).params
         out[name] = evaluate(merge.average([pair.a, aligned]))["accuracy"]
     return out
@@ -138,7 +139,8 @@ def _runtime(pair, unlabeled, summary_a, summary_b, *, key, max_sweeps):
             jax.block_until_ready(merge.statistics(pair.model, p, batches, (kind,)))
         seconds[f"{kind} statistics"] = time.perf_counter() - tic
     for name in ("paper", "all"):
-        opts = dict(solve=fusion.ALIGNMENTS[name]["solve"], key=key, max_sweeps=max_sweeps)
+        solve = fusion.ALIGNMENTS[name]["solve"]
+        opts = dict(solve=solve, key=key, max_sweeps=fusion.sweep_cap(solve, max_sweeps))
         jax.block_until_ready(match.align(pair.spec, pair.a, pair.b, **opts).params)  # compile
         tic = time.perf_counter()
         jax.block_until_ready(match.align(pair.spec, pair.a, pair.b, **opts).params)
