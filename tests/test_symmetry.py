@@ -69,8 +69,11 @@ def test_random_elements_preserve_function(name, scan, key):
         t = {**ident, **{g: full[g] for g in names}}
         moved = apply(params, t)
         assert rel_err(logits(model, moved, x, t), before) <= TOL, role
-        if any(not np.array_equal(t[g], ident[g]) for g in names):  # 1 head: nothing to swap
-            # (a single head's random scale may lie close to 1: only require a real change)
+        # The params moved, unless the element is (near) the identity: one head has nothing to
+        # swap, and a single head's random scale may lie close to 1 (seed 157323983: the params
+        # moved by 4e-7, relative), so a change is only required of elements 1% away from it.
+        far = max(float(np.max(np.abs(np.asarray(t[g]) - np.asarray(ident[g])))) for g in names)
+        if far > 1e-2:
             assert rel_err(moved, params) > 1e-6, role
 
 
