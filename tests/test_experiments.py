@@ -496,3 +496,39 @@ def test_text_scoring_sorts_by_length_and_cuts_each_batch(key):
     sequences = {**arrays, "labels": rng.integers(0, 4, 50).astype(np.int32)}
     got = fusion.predictor(model, sequences, cap=8)(params)
     np.testing.assert_array_equal(got, train.predictor(model, batch_size=8)(params, sequences))
+
+
+def test_activation_start(tmp_path, capsys):
+    """Every candidate on a tiny pair, C being A moved by a random symmetry element: the
+    activation start finds A again (each feature matched to itself, correlation 1; its average
+    scores as A), and the summary is the JSON's."""
+    import jax
+
+    from experiments import activation_start
+    from rotjax import symmetry as sym
+    from rotjax.models import family
+
+    fam = family(TINY_VIT)
+    a = fam.init(TINY_VIT, jax.random.key(0))
+    spec = fam.symmetry_spec(TINY_VIT)
+    c = sym.apply(spec, a, sym.sample(spec, jax.random.key(7)))
+    dirs = [str(tmp_path / n) for n in "ac"]
+    for d, p in zip(dirs, (a, c), strict=True):
+        hf.save(d, TINY_VIT, p)
+    out = tmp_path / "out"
+    activation_start.main([*dirs, "--images", "64", "--max-sweeps", "1", "--out", str(out)])
+    result = json.loads((out / "activation_start.json").read_text())
+    (pair,) = result["pairs"]
+    rows = pair["candidates"]
+    assert list(rows) == ["start", "start + 1", "start, converged", "data-free", "none"]
+    assert set(rows["start"]["correlation"]) == set(activation_start.KINDS)
+    for kind, value in rows["start"]["correlation"].items():
+        assert value == pytest.approx(1.0, abs=1e-4), kind
+    assert rows["none"]["correlation"]["ffn"] < 0.9  # unaligned: C's units in another order
+    assert rows["start"]["test"] == rows["data-free"]["test"]
+    assert pair["picks"]["least loss"] in rows
+    printed = capsys.readouterr().out
+    for line in activation_start.summary(result):
+        assert line in printed
+    with pytest.raises(SystemExit):
+        activation_start.main([dirs[0]])

@@ -1,0 +1,153 @@
+"""Every candidate `merge.align_by_activations` chooses among, on every pair of Fashion-MNIST
+ViTs: how well it matches the activations, how its average scores by the prediction loss (the
+criterion the function chooses by), on held-out training images and on the test set.
+
+    python -m experiments.activation_start DIR [DIR ...] [--max-sweeps 6] [--images 10000]
+        [--out DIR]
+
+Per pair, B in canonical form as the reproduction's ``activations`` (`fusion.ALIGNMENTS`):
+the activation start (`merge.activation_init` of the cross-moments of 1000 training images of
+the reproduction's shuffle), weight matching from it for 1, ..., ``--max-sweeps`` sweeps and to
+convergence, weight matching from its own data-free start, and B unaligned. For each: the
+prediction loss of the average on the 1000 images, its accuracy on the next 2000 training
+images (held out: labels, but not the test set) and on the test set, and the mean correlation
+of A's and aligned B's features, per kind of dense-layer input (``stream``: the normalised
+stream that the queries, keys, values and FFN read; ``ffn``: the FFN units; ``heads``: the
+heads' outputs; ``final``: the classifier's input). Then the test accuracy of the candidate
+that each rule picks (least loss, as `align_by_activations`; best held-out accuracy).
+
+Writes ``OUT/activation_start.json`` and prints one table per pair and the rules' means.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments import fusion
+from rotjax import data, match, merge, train
+
+# The dense layers whose inputs each kind of feature is (the project's ViT's paths).
+KINDS = {
+    "stream": ("attention/query/kernel", "ffn/intermediate/kernel"),
+    "ffn": ("ffn/output/kernel",),
+    "heads": ("attention/out/kernel",),
+    "final": ("classifier/kernel",),
+}
+RULES = ("least loss", "best held-out")
+
+
+def candidates(pair, unlabeled, *, max_sweeps: int, key) -> dict[str, match.Alignment]:
+    """The alignments `align_by_activations` chooses among, and more sweeps, by name."""
+    bs = fusion.batches(unlabeled)
+    cross = merge.cross_statistics(pair.model, pair.a, pair.b, bs)
+    start = merge.activation_init(pair.spec, cross, params=(pair.a, pair.b))
+    opts = dict(solve=match.ALL, key=key)
+    out = {"start": match.align(pair.spec, pair.a, pair.b, solve=(), init=start)}
+    for s in range(1, max_sweeps + 1):
+        out[f"start + {s}"] = match.align(
+            pair.spec, pair.a, pair.b, max_sweeps=s, init=start, **opts
+        )
+    out["start, converged"] = match.align(pair.spec, pair.a, pair.b, init=start, **opts)
+    out["data-free"] = match.align(pair.spec, pair.a, pair.b, **opts)
+    out["none"] = match.align(pair.spec, pair.a, pair.b, solve=())
+    return out
+
+
+def matched_correlation(pair, params_b, unlabeled) -> dict[str, float]:
+    """Mean Pearson correlation of A's feature i with B's feature i, per kind (`KINDS`)."""
+    cross = merge.cross_statistics(pair.model, pair.a, params_b, fusion.batches(unlabeled))
+    diag = {p: jnp.diagonal(c, axis1=-2, axis2=-1) for p, c in merge.correlations(cross).items()}
+    return {
+        kind: float(jnp.mean(jnp.stack([d.mean() for p, d in diag.items() if p.endswith(ends)])))
+        for kind, ends in KINDS.items()
+    }
+
+
+def run(dirs, *, images=10_000, unlabeled=1000, held_out=2000, max_sweeps=6, log=print):
+    fm = data.fashion_mnist()
+    test = {k: v[:images] for k, v in fm.test.arrays().items()}
+    order = np.random.default_rng(0).permutation(len(fm.train.labels))  # the reproduction's
+    stats = {"images": fm.train.images[order[:unlabeled]]}
+    pick = order[unlabeled : unlabeled + held_out]
+    select = {k: v[pick] for k, v in fm.train.arrays().items()}
+    key = jax.random.key(0)
+    out = []
+    for dir_a, dir_b in itertools.combinations(dirs, 2):
+        pair = fusion.load_pair(dir_a, dir_b).canonical()
+        loss = merge.prediction_loss(pair.model, [pair.a, pair.b], fusion.batches(stats))
+        on_test, on_select = (fusion.evaluator(pair.model, x) for x in (test, select))
+        rows = {}
+        for name, res in candidates(pair, stats, max_sweeps=max_sweeps, key=key).items():
+            avg = merge.average([pair.a, res.params])
+            rows[name] = {
+                "loss": float(loss(avg)),
+                "held-out": float(on_select(avg)["accuracy"]),
+                "test": float(on_test(avg)["accuracy"]),
+                "sweeps": int(res.diagnostics.sweeps),
+                "correlation": matched_correlation(pair, res.params, stats),
+            }
+        picks = {
+            "least loss": min(rows, key=lambda n: rows[n]["loss"]),
+            "best held-out": max(rows, key=lambda n: rows[n]["held-out"]),
+        }
+        out.append({"a": str(dir_a), "b": str(dir_b), "candidates": rows, "picks": picks})
+        log("\n".join(_table(out[-1])))
+    return {"pairs": out}
+
+
+def _table(pair) -> list[str]:
+    kinds = list(KINDS)
+    lines = [
+        f"{pair['a']} + {pair['b']}",
+        "| candidate | loss | held-out % | test % | " + " | ".join(kinds) + " |",
+        "|---" * (4 + len(kinds)) + "|",
+    ]
+    for name, r in pair["candidates"].items():
+        corr = " | ".join(f"{r['correlation'][k]:.3f}" for k in kinds)
+        lines.append(
+            f"| {name} | {r['loss']:.3f} | {100 * r['held-out']:.1f} | {100 * r['test']:.1f} "
+            f"| {corr} |"
+        )
+    lines.append("picks: " + ", ".join(f"{rule}: {name}" for rule, name in pair["picks"].items()))
+    return lines
+
+
+def summary(results) -> list[str]:
+    """Test accuracy (%) of each rule's pick, mean ± std (ddof 0) over the pairs, per pair."""
+    lines = []
+    for rule in RULES:
+        x = 100 * np.array([p["candidates"][p["picks"][rule]]["test"] for p in results["pairs"]])
+        each = ", ".join(f"{v:.1f}" for v in x)
+        lines.append(f"{rule}: {x.mean():.1f} ± {x.std():.1f}% ({each})")
+    return lines
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("dirs", nargs="+", help="Hugging Face ViT checkpoints (at least 2)")
+    p.add_argument("--max-sweeps", type=int, default=6)
+    p.add_argument("--images", type=int, default=10_000, help="test images")
+    p.add_argument("--out", default="runs/activation-start")
+    args = p.parse_args(argv)
+    if len(args.dirs) < 2:
+        p.error("give at least 2 checkpoints")
+    if args.max_sweeps < 0:
+        p.error(f"--max-sweeps must be >= 0, got {args.max_sweeps}")
+    train.enable_compilation_cache()
+    results = run(args.dirs, images=args.images, max_sweeps=args.max_sweeps)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "activation_start.json").write_text(json.dumps(results, indent=1) + "\n")
+    print("\n".join(summary(results)))
+    print(f"wrote {out / 'activation_start.json'}")
+
+
+if __name__ == "__main__":
+    main()
