@@ -3,22 +3,24 @@ of Fashion-MNIST ViTs: how well each matches the activations, how its average sc
 prediction loss (the function's criterion), on held-out training images and on the test set.
 
     python -m experiments.activation_start DIR [DIR ...] [--max-sweeps 6] [--images 10000]
-        [--out DIR]
+        [--descent-steps 0] [--out DIR]
 
 Per pair, A and B in canonical form as for the reproduction's ``activations``
 (`fusion.ALIGNMENTS`): the activation start (`merge.activation_init` of the cross-moments of
 1000 training images of the reproduction's shuffle), weight matching from it for 1, ...,
 ``--max-sweeps`` sweeps and to convergence, weight matching from its own data-free start, and
-B unaligned. For each: the prediction loss of the average on the 1000 images, its accuracy on
-the next 2000 training images (held out: labels, but not the test set) and on the test set,
-and the mean correlation of A's and aligned B's features on the 1000 images (those the start
-was fitted to), per kind of dense-layer input (``stream``: the normalised stream that the
-queries, keys, values and FFN read; ``ffn``: the FFN units; ``heads``: the heads' outputs;
-``final``: the classifier's input). Then the test accuracy of the candidate that each rule
-picks: ``least loss``, `align_by_activations`' own choice (among its candidates only: the
-start, 1 to its default ``max_sweeps`` sweeps from it, the data-free one and B unaligned, in
-that order, a later one kept only if better by more than float32 rounding); ``best held-out``,
-the best accuracy on the held-out images among all the candidates here.
+B unaligned; with ``--descent-steps N``, also `align_by_activations`' choice refined by N
+steps of straight-through descent (a reference: neither rule below picks it). For each: the
+prediction loss of the average on the 1000 images, its accuracy on the next 2000 training
+images (held out: labels, but not the test set) and on the test set, and the mean correlation
+of A's and aligned B's features on the 1000 images (those the start was fitted to), per kind
+of dense-layer input (``stream``: the normalised stream that the queries, keys, values and FFN
+read; ``ffn``: the FFN units; ``heads``: the heads' outputs; ``final``: the classifier's
+input). Then the test accuracy of the candidate that each rule picks: ``least loss``,
+`align_by_activations`' own choice (among its candidates only: the start, 1 to its default
+``max_sweeps`` sweeps from it, the data-free one and B unaligned, in that order, a later one
+kept only if better by more than float32 rounding); ``best held-out``, the best accuracy on
+the held-out images among the other candidates.
 
 Writes ``OUT/activation_start.json`` and prints one table per pair and the rules' means.
 """
@@ -51,8 +53,12 @@ RULES = ("least loss", "best held-out")
 LIBRARY_SWEEPS = inspect.signature(merge.align_by_activations).parameters["max_sweeps"].default
 
 
-def candidates(pair, unlabeled, *, max_sweeps: int, key) -> dict[str, match.Alignment]:
-    """The alignments `align_by_activations` chooses among, and more sweeps, by name."""
+def candidates(
+    pair, unlabeled, *, max_sweeps: int, key, descent_steps: int = 0
+) -> dict[str, match.Alignment]:
+    """The alignments `align_by_activations` chooses among, and more sweeps, by name; with
+    ``descent_steps``, last, its choice refined by that many straight-through steps (a
+    reference: no rule picks it)."""
     bs = fusion.batches(unlabeled)
     cross = merge.cross_statistics(pair.model, pair.a, pair.b, bs)
     start = merge.activation_init(pair.spec, cross, params=(pair.a, pair.b))
@@ -65,7 +71,15 @@ def candidates(pair, unlabeled, *, max_sweeps: int, key) -> dict[str, match.Alig
     out["start, converged"] = match.align(pair.spec, pair.a, pair.b, init=start, **opts)
     out["data-free"] = match.align(pair.spec, pair.a, pair.b, **opts)
     out["none"] = match.align(pair.spec, pair.a, pair.b, solve=())
+    if descent_steps:
+        out[_descent(descent_steps)] = merge.align_by_activations(
+            pair.model, pair.spec, pair.a, pair.b, bs, key=key, steps=descent_steps
+        )[0]
     return out
+
+
+def _descent(steps: int) -> str:
+    return f"straight-through ({steps} steps)"
 
 
 def matched_correlation(pair, params_b, unlabeled) -> dict[str, float]:
@@ -78,7 +92,16 @@ def matched_correlation(pair, params_b, unlabeled) -> dict[str, float]:
     }
 
 
-def run(dirs, *, images=10_000, unlabeled=1000, held_out=2000, max_sweeps=6, log=print):
+def run(
+    dirs,
+    *,
+    images=10_000,
+    unlabeled=1000,
+    held_out=2000,
+    max_sweeps=6,
+    descent_steps=0,
+    log=print,
+):
     fm = data.fashion_mnist()
     test = {k: v[:images] for k, v in fm.test.arrays().items()}
     order = np.random.default_rng(0).permutation(len(fm.train.labels))  # the reproduction's
@@ -92,7 +115,8 @@ def run(dirs, *, images=10_000, unlabeled=1000, held_out=2000, max_sweeps=6, log
         loss = merge.prediction_loss(pair.model, [pair.a, pair.b], fusion.batches(stats))
         on_test, on_select = (fusion.evaluator(pair.model, x) for x in (test, select))
         rows = {}
-        for name, res in candidates(pair, stats, max_sweeps=max_sweeps, key=key).items():
+        found = candidates(pair, stats, max_sweeps=max_sweeps, key=key, descent_steps=descent_steps)
+        for name, res in found.items():
             avg = merge.average([pair.a, res.params])
             rows[name] = {
                 "loss": float(loss(avg)),
@@ -103,7 +127,10 @@ def run(dirs, *, images=10_000, unlabeled=1000, held_out=2000, max_sweeps=6, log
             }
         picks = {
             "least loss": _least_loss(rows),
-            "best held-out": max(rows, key=lambda n: rows[n]["held-out"]),
+            "best held-out": max(
+                (n for n in rows if n != _descent(descent_steps)),
+                key=lambda n: rows[n]["held-out"],
+            ),
         }
         out.append({"a": str(dir_a), "b": str(dir_b), "candidates": rows, "picks": picks})
         log("\n".join(_table(out[-1])))
@@ -152,14 +179,26 @@ def main(argv=None):
     p.add_argument("dirs", nargs="+", help="Hugging Face ViT checkpoints (at least 2)")
     p.add_argument("--max-sweeps", type=int, default=6)
     p.add_argument("--images", type=int, default=10_000, help="test images")
+    p.add_argument(
+        "--descent-steps",
+        type=int,
+        default=0,
+        help="also the choice refined by this many straight-through steps (a reference row)",
+    )
     p.add_argument("--out", default="runs/activation-start")
     args = p.parse_args(argv)
     if len(args.dirs) < 2:
         p.error("give at least 2 checkpoints")
-    if args.max_sweeps < 0:
-        p.error(f"--max-sweeps must be >= 0, got {args.max_sweeps}")
+    for flag in ("max_sweeps", "descent_steps"):
+        if (value := getattr(args, flag)) < 0:
+            p.error(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
     train.enable_compilation_cache()
-    results = run(args.dirs, images=args.images, max_sweeps=args.max_sweeps)
+    results = run(
+        args.dirs,
+        images=args.images,
+        max_sweeps=args.max_sweeps,
+        descent_steps=args.descent_steps,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "activation_start.json").write_text(json.dumps(results, indent=1) + "\n")

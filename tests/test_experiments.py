@@ -516,11 +516,13 @@ def test_activation_start(tmp_path, capsys):
     for d, p in zip(dirs, (a, c), strict=True):
         hf.save(d, TINY_VIT, p)
     out = tmp_path / "out"
-    activation_start.main([*dirs, "--images", "64", "--max-sweeps", "1", "--out", str(out)])
+    argv = ["--images", "64", "--max-sweeps", "1", "--descent-steps", "2", "--out", str(out)]
+    activation_start.main([*dirs, *argv])
     result = json.loads((out / "activation_start.json").read_text())
     (pair,) = result["pairs"]
     rows = pair["candidates"]
-    assert list(rows) == ["start", "start + 1", "start, converged", "data-free", "none"]
+    descent = "straight-through (2 steps)"
+    assert list(rows) == ["start", "start + 1", "start, converged", "data-free", "none", descent]
     assert rows["start"]["sweeps"] == rows["none"]["sweeps"] == 0
     for kind, value in rows["start"]["correlation"].items():
         assert value == pytest.approx(1.0, abs=1e-4), kind
@@ -533,6 +535,6 @@ def test_activation_start(tmp_path, capsys):
     printed = capsys.readouterr().out
     for line in activation_start.summary(result):
         assert line in printed
-    for bad in ([dirs[0]], [*dirs, "--max-sweeps", "-1"]):
+    for bad in ([dirs[0]], [*dirs, "--max-sweeps", "-1"], [*dirs, "--descent-steps", "-1"]):
         with pytest.raises(SystemExit):
             activation_start.main(bad)
