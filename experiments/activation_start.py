@@ -38,7 +38,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fusion
-from rotjax import data, match, merge, train
+from experiments.pairs import fashion_mnist_sets
+from rotjax import match, merge, train
 from rotjax.merge._loss import _better
 
 # The dense layers whose inputs each kind of feature is (the project's ViT's paths).
@@ -102,12 +103,7 @@ def run(
     descent_steps=0,
     log=print,
 ):
-    fm = data.fashion_mnist()
-    test = {k: v[:images] for k, v in fm.test.arrays().items()}
-    order = np.random.default_rng(0).permutation(len(fm.train.labels))  # the reproduction's
-    stats = {"images": fm.train.images[order[:unlabeled]]}
-    pick = order[unlabeled : unlabeled + held_out]
-    select = {k: v[pick] for k, v in fm.train.arrays().items()}
+    test, stats, select = fashion_mnist_sets(images, unlabeled, held_out)
     key = jax.random.key(0)
     out = []
     for dir_a, dir_b in itertools.combinations(dirs, 2):

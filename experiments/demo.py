@@ -41,6 +41,7 @@ import numpy as np
 
 from experiments import fusion, plots
 from experiments import train as T
+from experiments.pairs import fashion_mnist_sets
 from rotjax import cli, data, hf, merge, train
 from rotjax import symmetry as sym
 from rotjax.models import family
@@ -137,15 +138,11 @@ def fusion_part(cache: Path, work: Path, smoke: bool, descent_steps: int = 0) ->
     print("== 2. Fusion: two ViTs from different seeds on Fashion-MNIST ==\n", flush=True)
     (a, b), trained = train_vits(cache, smoke)
     pair = fusion.load_pair(a["hf"], b["hf"])
-    fm = data.fashion_mnist()
-    # A, B, 20 merges and 6 new points of the paths evaluated, ~0.45 s each on 2 cores
-    n_test = 256 if smoke else 1000
-    test = {k: v[:n_test] for k, v in fm.test.arrays().items()}
-    order = np.random.default_rng(0).permutation(len(fm.train.labels))
-    # 250 unlabeled images for the statistics, the activation start and refit: with 500 the
-    # table was the same within 3 points (refit 76-78%, RegMean 56-71% either way; 2026-12-03)
-    # and those steps took twice as long.
-    unlabeled = {"images": fm.train.images[order[: 32 if smoke else 250]]}
+    # A, B, 20 merges and 6 new points of the paths evaluated, ~0.45 s each on 2 cores; 250
+    # unlabeled images for the statistics, the activation start and refit: with 500 the table
+    # was the same within 3 points (refit 76-78%, RegMean 56-71% either way; 2026-12-03) and
+    # those steps took twice as long.
+    test, unlabeled, _ = fashion_mnist_sets(256 if smoke else 1000, 32 if smoke else 250)
     evaluate = fusion.evaluator(pair.model, test)
     metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     ends = metrics(pair.a), metrics(pair.b)
@@ -206,7 +203,7 @@ def fusion_part(cache: Path, work: Path, smoke: bool, descent_steps: int = 0) ->
         return merge.curve(metrics, p.a, p.b, lambdas, known=known)
 
     curves = {n: path(n) for n in names}
-    print(f"\nalong the linear path A -> B (aligned), on {n_test} test images:")
+    print(f"\nalong the linear path A -> B (aligned), on {len(test['labels'])} test images:")
     for name, c in curves.items():
         print(
             f"  {name:{w}s} loss barrier {c.barrier['loss']:.3f}, midpoint accuracy "

@@ -24,13 +24,22 @@ from experiments import fusion
 from rotjax import data, train
 
 
-def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print) -> dict:
-    """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy},
-    "align_seconds": {alignment: seconds}}]}``."""
+def fashion_mnist_sets(images: int, unlabeled: int, held_out: int = 0) -> tuple[dict, ...]:
+    """``(test, unlabeled, held_out)`` Fashion-MNIST arrays: the first ``images`` test images
+    with labels; from the reproduction's fixed shuffle of the training set (numpy seed 0), its
+    first ``unlabeled`` images (no labels) and the next ``held_out`` with labels."""
     fm = data.fashion_mnist()
     test = {k: v[:images] for k, v in fm.test.arrays().items()}
     order = np.random.default_rng(0).permutation(len(fm.train.labels))
     stats = {"images": fm.train.images[order[:unlabeled]]}
+    pick = order[unlabeled : unlabeled + held_out]
+    return test, stats, {k: v[pick] for k, v in fm.train.arrays().items()}
+
+
+def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print) -> dict:
+    """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy},
+    "align_seconds": {alignment: seconds}}]}``."""
+    test, stats, _ = fashion_mnist_sets(images, unlabeled)
     out = {"endpoints": {}, "pairs": []}
     for dir_a, dir_b in itertools.combinations(dirs, 2):
         pair = fusion.load_pair(dir_a, dir_b)

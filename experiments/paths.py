@@ -17,17 +17,15 @@ import jax
 import numpy as np
 
 from experiments import fusion, plots
-from rotjax import data, merge, train
+from experiments.pairs import fashion_mnist_sets
+from rotjax import merge, train
 
 
 def paths(dir_a, dir_b, alignments, *, images=2000, points=11, unlabeled=1000) -> dict:
     """``{alignment: {"lambdas", "metrics", "barrier", "seconds", "distance"}}``; activation
     starts read the first ``unlabeled`` training images of a fixed shuffle."""
     pair = fusion.load_pair(dir_a, dir_b)
-    fm = data.fashion_mnist()
-    test = {k: v[:images] for k, v in fm.test.arrays().items()}
-    order = np.random.default_rng(0).permutation(len(fm.train.labels))
-    stats = {"images": fm.train.images[order[:unlabeled]]}
+    test, stats, _ = fashion_mnist_sets(images, unlabeled)
     evaluate = fusion.evaluator(pair.model, test)
     metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     variants = fusion.align_variants(pair, alignments, stats, key=jax.random.key(0))
