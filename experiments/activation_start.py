@@ -38,7 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fusion
-from experiments.pairs import fashion_mnist_sets
+from experiments.pairs import check_checkpoints, fashion_mnist_sets
 from rotjax import match, merge, train
 from rotjax.merge._loss import _better
 
@@ -183,8 +183,7 @@ def main(argv=None):
     )
     p.add_argument("--out", default="runs/activation-start")
     args = p.parse_args(argv)
-    if len(args.dirs) < 2:
-        p.error("give at least 2 checkpoints")
+    check_checkpoints(p, args.dirs)
     for flag in ("max_sweeps", "descent_steps"):
         if (value := getattr(args, flag)) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {value}")

@@ -36,6 +36,15 @@ def fashion_mnist_sets(images: int, unlabeled: int, held_out: int = 0) -> tuple[
     return test, stats, {k: v[pick] for k, v in fm.train.arrays().items()}
 
 
+def check_checkpoints(parser: argparse.ArgumentParser, dirs) -> None:
+    """Exit through ``parser`` (status 2, one line) unless ``dirs`` are 2 or more checkpoint
+    directories (each with a ``config.json``), before any work."""
+    if len(dirs) < 2:
+        parser.error("give at least 2 checkpoints")
+    if missing := [d for d in dirs if not (Path(d) / "config.json").is_file()]:
+        parser.error(f"not checkpoint directories (no config.json): {', '.join(missing)}")
+
+
 def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print) -> dict:
     """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy},
     "align_seconds": {alignment: seconds}}]}``."""
@@ -87,8 +96,7 @@ def main(argv=None):
         p.error(f"unknown alignments {unknown}; known: {sorted(fusion.ALIGNMENTS)}")
     if unknown := sorted(set(methods) - set(fusion.METHODS)):
         p.error(f"unknown methods {unknown}; known: {list(fusion.METHODS)}")
-    if len(args.dirs) < 2:
-        p.error("give at least 2 checkpoints")
+    check_checkpoints(p, args.dirs)
     train.enable_compilation_cache()
     results = pairs(args.dirs, alignments, methods, images=args.images)
     out = Path(args.out)

@@ -535,6 +535,15 @@ def test_activation_start(tmp_path, capsys):
     printed = capsys.readouterr().out
     for line in activation_start.summary(result):
         assert line in printed
-    for bad in ([dirs[0]], [*dirs, "--max-sweeps", "-1"], [*dirs, "--descent-steps", "-1"]):
-        with pytest.raises(SystemExit):
-            activation_start.main(bad)
+    missing = str(tmp_path / "missing")
+    for bad in (
+        [dirs[0]],
+        [*dirs, "--max-sweeps", "-1"],
+        [*dirs, "--descent-steps", "-1"],
+        [dirs[0], missing],
+    ):
+        with pytest.raises(SystemExit) as exit_:
+            activation_start.main([*bad, "--out", str(tmp_path / "bad")])
+        assert exit_.value.code == 2
+    assert f"not checkpoint directories (no config.json): {missing}" in capsys.readouterr().err
+    assert not (tmp_path / "bad").exists()
