@@ -40,7 +40,7 @@ import numpy as np
 from experiments import fusion
 from experiments.pairs import check_checkpoints, fashion_mnist_sets
 from rotjax import match, merge, train
-from rotjax.merge._loss import _better
+from rotjax.merge._select import _kept
 
 # The dense layers whose inputs each kind of feature is (the project's ViT's paths).
 KINDS = {
@@ -138,9 +138,8 @@ def _least_loss(rows) -> str:
     own = [f"start + {s}" if s else "start" for s in range(LIBRARY_SWEEPS + 1)]
     best = None
     for name in [n for n in own if n in rows] + ["data-free", "none"]:
-        if best is None or _better(rows[name]["loss"], rows[best]["loss"]):
-            best = name
-    return best
+        best = _kept(best, rows[name]["loss"], name)
+    return best[1]
 
 
 def _table(pair) -> list[str]:

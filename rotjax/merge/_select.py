@@ -93,7 +93,7 @@ def align_by_activations(
         )
         return res, _info([], None, "activations", res.diagnostics.sweeps)
     loss, inputs, target_of = _prediction_loss(model, [anchor_params, params], batches, MEMORY)
-    best, losses = None, []  # best: (its loss, its sweeps, its alignment)
+    best, losses = None, []  # best: (its loss, its start, its sweeps, its alignment)
     for sweeps in range(max_sweeps + 1):
         res = match.align(
             spec,
@@ -106,11 +106,10 @@ def align_by_activations(
             init=start,
         )
         losses.append(loss(average([anchor_params, res.params])))
-        if best is None or _better(losses[-1], best[0]):
-            best = (losses[-1], sweeps, res)
+        best = _kept(best, losses[-1], "activations", sweeps, res)
         if sweeps and res.diagnostics.sweeps < sweeps:  # converged: more give the same
             break
-    info = _info(losses, None, "activations", best[1])
+    info = _info(losses, None, None, None)
     if weights_start is not False:
         res = (
             weights_start
@@ -118,23 +117,21 @@ def align_by_activations(
             else match.align(spec, anchor_params, params, solve=solve, key=key, solver=solver)
         )
         info["weights_loss"] = loss(average([anchor_params, res.params]))
-        if _better(info["weights_loss"], best[0]):
-            best = (info["weights_loss"], res.diagnostics.sweeps, res)
-            info |= {"start": "weights", "sweeps": res.diagnostics.sweeps}
+        best = _kept(best, info["weights_loss"], "weights", res.diagnostics.sweeps, res)
     # B as it is: fine-tunes of one model already share its basis, and no candidate whose
     # average predicts worse than that one's is kept.
     info["identity_loss"] = loss(average([anchor_params, params]))
-    if _better(info["identity_loss"], best[0]):
+    best = _kept(best, info["identity_loss"], "identity", 0, None)
+    best_loss, info["start"], info["sweeps"], res = best
+    if res is None:  # (only built when kept)
         res = match.align(spec, anchor_params, params, solve=(), key=key, solver=solver)
-        best = (info["identity_loss"], 0, res)
-        info |= {"start": "identity", "sweeps": 0}
     if steps:
         res, info["straight_through"] = _descend(
             model,
             spec,
             anchor_params,
             params,
-            best[2],
+            res,
             loss,
             inputs,
             target_of,
@@ -146,10 +143,17 @@ def align_by_activations(
             key=key,
             solver=solver,
             progress=progress,
-            start_loss=best[0],
+            start_loss=best_loss,
         )
-        return res, info
-    return best[2], info
+    return res, info
+
+
+def _kept(best: tuple | None, loss: float, *candidate: Any) -> tuple:
+    """The candidate kept after one more, offered in order: ``(loss, *candidate)`` if it is the
+    first or its loss is `_better` than the kept one's (by more than float32 rounding), else
+    ``best`` (ties keep the earlier). `align_by_activations` offers the activation start, its
+    sweeps, the data-free alignment and B unaligned, in that order."""
+    return (loss, *candidate) if best is None or _better(loss, best[0]) else best
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:
