@@ -66,6 +66,21 @@ def test_regmean_is_the_least_squares_merge_at_alpha_1(seed):
     np.testing.assert_allclose(got0["w"]["kernel"], want, rtol=1e-5, atol=1e-6)
 
 
+def test_regmean_on_fewer_rows_than_inputs_is_the_least_squares_merge_nearest_the_average(seed):
+    """Grams of rank below their width (16 + 16 rows for 64 inputs; a wide FFN kernel on little
+    data): at α = 1 the least-squares merge is not unique, and RegMean returns the one nearest
+    the average (float64 lstsq's minimum-norm oracle). In float32 an inverse of the singular
+    sum returned weights ~1000 times too large (outputs 30 times the target); the pseudo-
+    inverse leaves the directions no row reaches at the average."""
+    xs, ws, params, stats = _layer_models(seed, n_models=2, d_in=64, d_out=4, rows=16)
+    got = np.asarray(merge.regmean(params, stats, alpha=1.0)["w"]["kernel"], np.float64)
+    x, mean = np.concatenate(xs), np.mean(ws, axis=0)
+    y = np.concatenate([xi @ w for xi, w in zip(xs, ws, strict=True)])
+    oracle = mean + np.linalg.lstsq(x, y - x @ mean)[0]
+    # Float32 Grams of a 32-rank sum (condition ~1e3 on its range): ~1e-4 relative.
+    np.testing.assert_allclose(got, oracle, rtol=0, atol=1e-3 * np.abs(oracle).max())
+
+
 def test_fisher_merge_formula_floor_and_equal_fishers(seed):
     _, ws, params, _ = _layer_models(seed, n_models=2)
     rng = np.random.default_rng(seed)
@@ -402,7 +417,12 @@ def test_a_model_of_weight_zero_is_left_out(seed):
         np.testing.assert_array_equal(got["w"], want["w"])  # the same program on the same inputs
         got = method([bad, a, b], *[[s[2], *s[:2]] for s in args], weights=[0, 1, 3])
         np.testing.assert_array_equal(got["w"], want["w"])
-    # its statistics are not read either: a NaN Fisher, also when normalising by its norm
+    # its statistics are not read either: a NaN Gram (it was refused), a NaN Fisher, also when
+    # normalising by its norm
+    nan_gram = {"gram": {"w": jnp.full((3, 3), jnp.nan)}}
+    want = merge.regmean([a, b], stats[:2], weights=[1.0, 3.0])
+    got = merge.regmean([a, b, bad], [*stats[:2], nan_gram], weights=[1, 3, 0])
+    np.testing.assert_array_equal(got["w"], want["w"])
     nan = {"fisher": {"w": jnp.full((3, 2), jnp.nan)}, "gram": stats[2]["gram"]}
     for normalize in (False, True):
         want = merge.fisher([a, b], stats[:2], weights=[1.0, 3.0], normalize=normalize)

@@ -278,11 +278,13 @@ def regmean(
       weights: λ (default 1 each; a model of weight 0 is left out).
       rest: how params without a Gram (biases, embeddings, LayerNorms, the patch embedding)
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted).
-      ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before
-        inverting (1e-8 relative changes nothing measurably; 0 is the exact solve, for Grams
-        of full rank). Inputs no data ever excites (a zero row and column) are solvable at any
-        ridge: their rows of the kernel stay the average (a kernel whose Grams are all zero,
-        one no data reaches, comes back as the average).
+      ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before its
+        pseudo-inverse (`_pinv_psd`: eigenvalues within ``n ε`` of the largest count as 0;
+        1e-8 relative changes nothing measurably). Directions no data excites (an input that
+        never varies, the dependent directions of a LayerNorm's outputs, fewer rows than
+        inputs at α = 1) are not fitted: the kernel keeps the average there (a kernel whose
+        Grams are all zero, one no data reaches, comes back as the average), so at α = 1 the
+        merge is the least-squares one closest to the average.
 
     Raises:
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
@@ -302,15 +304,16 @@ def regmean(
         if "gram" not in s:
             raise ValueError(f"stats_list[{i}] holds no 'gram' (compute kinds=('gram',))")
     _check_cover(paths, [s["gram"] for s in stats_list], "gram")
-    # A NaN or Inf Gram would make its kernel's solve NaN throughout.
+    w = model_weights(weights, len(params_list))
+    # A NaN or Inf Gram would make its kernel's solve NaN throughout (a model of weight 0 is
+    # not read: its Grams may be anything).
     bad = [
         f"  stats_list[{i}] gram {p}"
-        for i, x in enumerate(stats_list)
-        for p in non_finite(dict(x["gram"]))
+        for i in _kept(w)
+        for p in non_finite(dict(stats_list[i]["gram"]))
     ]
     if bad:
         raise ValueError("Grams with NaN or Inf:\n" + "\n".join(bad))
-    w = model_weights(weights, len(params_list))
     merged = (
         fisher(params_list, stats_list, weights=weights)
         if rest == "fisher"
@@ -344,15 +347,12 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     eye = jnp.eye(n, dtype=dt).reshape((1,) * b + (n, n))
     reduced = [alpha * jnp.asarray(g, dt) + (1 - alpha) * jnp.asarray(g, dt) * eye for g in grams]
     total = sum(w[i] * g for i, g in enumerate(reduced))
-    diag = jnp.diagonal(total, axis1=-2, axis2=-1)
-    floor = jnp.mean(diag, axis=-1)
-    floor = jnp.where(floor > 0, floor, 1.0)
-    # An input no data excites has a zero row and column in every (PSD) Gram, and a zero right-
-    # hand side: a 1 on its diagonal makes the system solvable at any ridge (0 included) and
-    # leaves its row of the kernel at the average (all-zero Grams: the average).
-    dead = (diag == 0).astype(dt)
-    total = total + (ridge * floor[..., None] + dead)[..., None] * eye
-    inv = jnp.linalg.inv(total)
+    shift = ridge * jnp.mean(jnp.diagonal(total, axis1=-2, axis2=-1), axis=-1)
+    total = total + shift[..., None, None] * eye
+    # Directions no data excites (an input that never varies, fewer rows than inputs) have no
+    # energy in Σ λ G̃ and none in the right-hand side: the pseudo-inverse leaves them at the
+    # average, where a float32 inverse of the singular matrix would amplify rounding.
+    inv = _pinv_psd(total)
     xs = [wide(x) for x in kernels]
     mean = sum(w[i] * x for i, x in enumerate(xs)) / jnp.sum(w)
     # W* = W̄ + (Σ λ G̃)⁻¹ Σ λ G̃ (W_i - W̄), which equals (Σ λ G̃)⁻¹ Σ λ G̃ W_i and solves only
@@ -366,6 +366,18 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     delta = _contract_in(inv, rhs, b, n_in)
     delta = delta + _contract_in(inv, rhs - _contract_in(total, delta, b, n_in), b, n_in)
     return _cast(mean + delta, kernels[0])
+
+
+def _pinv_psd(g: jax.Array) -> jax.Array:
+    """The pseudo-inverse ``G⁺`` of symmetric positive semi-definite matrices (``(*batch, n,
+    n)``) by their eigendecomposition ``G = V diag(e) Vᵀ``: ``V diag(1/e) Vᵀ`` over the
+    eigenvalues above ``n ε max(e)`` (ε the dtype's epsilon), 0 for the others (directions the
+    matrix does not reach, up to its rounding)."""
+    n = g.shape[-1]
+    e, v = jnp.linalg.eigh((g + jnp.swapaxes(g, -1, -2)) / 2)
+    cut = n * jnp.finfo(e.dtype).eps * jnp.max(e, axis=-1, keepdims=True)
+    inv = jnp.where(e > cut, 1.0 / jnp.where(e > cut, e, 1.0), 0.0)
+    return jnp.matmul(v * inv[..., None, :], jnp.swapaxes(v, -1, -2), precision=_HIGHEST)
 
 
 def _contract_in(g, x, b, n_in):

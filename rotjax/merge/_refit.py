@@ -45,7 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls, kernel_path
-from rotjax.merge._methods import _weighted, checked_models, model_weights, scalar
+from rotjax.merge._methods import _pinv_psd, _weighted, checked_models, model_weights, scalar
 from rotjax.merge._stats import _split
 from rotjax.models import family
 from rotjax.tree import placed_like, wide
@@ -271,10 +271,8 @@ def _solve(g, cross, targets, lam, ridge, start):
     pairs = enumerate(zip(cross, targets, strict=True))
     rhs = sum(lam[i] * jnp.matmul(c, t, **hi) for i, (c, t) in pairs) - jnp.matmul(g, start, **hi)
     n = g.shape[0]
-    e, v = jnp.linalg.eigh((g + g.T) / 2)
-    e = e + ridge * jnp.trace(g) / n
-    inv = jnp.where(e > n * jnp.finfo(e.dtype).eps * jnp.max(e), 1.0 / e, 0.0)
-    return start + jnp.matmul(v * inv[None, :], jnp.matmul(v.T, rhs, **hi), **hi)
+    inv = _pinv_psd(g + ridge * jnp.trace(g) / n * jnp.eye(n, dtype=g.dtype))
+    return start + jnp.matmul(inv, rhs, **hi)
 
 
 def _put(x, index, value):
