@@ -232,6 +232,38 @@ def test_merging_identical_models_returns_them(name, key):
         merge.ot_fusion(spec, a, from_dict(lacking), mode="wts", transport="sinkhorn")
 
 
+def test_per_tensor_trim_of_a_list_of_layers_and_models_given_as_a_list(seed):
+    """TIES' per-tensor trim cuts a scanned stack (``layers/w``) layer by layer, and a list of
+    layers (``layers/0/w``, as other libraries name them) tensor by tensor, like any other
+    key (it was cut row by row, a bias not at all). One model's params where a list of models
+    belongs are refused (a bare KeyError, or its keys unpacked as models)."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(2, 10)) * np.array([[1.0], [0.01]])
+    bias = rng.normal(size=5)
+    kept = lambda t: np.count_nonzero(np.asarray(t), axis=-1)
+    merged = {}
+    for name in ("layers", "blocks"):
+        tree = {name: {"0": {"w": jnp.asarray(w, jnp.float32), "b": jnp.asarray(bias)}}}
+        base = jax.tree.map(jnp.zeros_like, tree)
+        merged[name] = merge.ties(base, [tree], density=0.2, trim="tensor")[name]["0"]
+    assert kept(merged["blocks"]["w"]).tolist() == [4, 0]  # the top 20% of the whole tensor
+    assert kept(merged["blocks"]["b"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, merged["layers"], merged["blocks"])
+    stack = {"layers": {"w": jnp.asarray(w, jnp.float32)}}  # scanned: its rows are the layers
+    per_layer = merge.ties(
+        {"layers": {"w": jnp.zeros((2, 10))}}, [stack], density=0.2, trim="tensor"
+    )
+    assert kept(per_layer["layers"]["w"]).tolist() == [2, 2]
+    one = {"w": jnp.ones(3), "b": jnp.zeros(3)}
+    for call in (
+        lambda: merge.average(one),
+        lambda: merge.task_arithmetic(one, one),
+        lambda: merge.refit(None, one, one, []),
+    ):
+        with pytest.raises(TypeError, match="params_list must be a list or tuple of params"):
+            call()
+
+
 def test_ties_and_dare_by_hand(key, monkeypatch):
     base = {"w": jnp.zeros(6)}
     a = {"w": jnp.array([3.0, -2.0, 0.5, 1.0, 0.0, -4.0])}
@@ -768,6 +800,9 @@ def test_ot_fusion_recovers_a_planted_permutation(name, mode, transport, key):
     )
     inverse = sym.invert(c.spec, perms)
     assert set(fused.maps) == set(perms)
+    # The maps move B as the fusion did (the GQA model's soft head maps were applied after its
+    # query heads' permutations: 0.13 off under Sinkhorn)
+    assert rel_err(merge.transport_params(c.spec, b, fused.maps), fused.moved) <= TOL
     for n, m in fused.maps.items():
         if c.spec.groups[n].kind == "hperm":
             np.testing.assert_array_equal(m, inverse[n], err_msg=n)
@@ -788,6 +823,46 @@ def test_ot_fusion_recovers_a_planted_permutation(name, mode, transport, key):
             maps = merge.ot_fusion(c.spec, sa, sb, mode="wts").maps
             for n, p in maps.items():
                 np.testing.assert_array_equal(p, inverse[n], err_msg=f"{n} at scale {s}")
+
+
+def test_transport_params_and_ot_fusion_refuse_bad_maps_and_non_finite_inputs(key):
+    """Maps `transport_params` cannot apply are refused naming the group (unknown ones were
+    ignored, a misshapen or rotation's map failed in an einsum); NaN weights or statistics are
+    refused naming the param (they failed in the solver naming nothing, or under Sinkhorn as
+    "did not converge: try a larger epsilon")."""
+    c = compiled(CONFIGS["bert-h3d4-l2"])
+    spec, a = c.spec, c.init(key, 0.3)
+    ffn = spec.select(roles=["ffn"])[0]
+    g = spec.groups[ffn]
+    uniform = jnp.full((*g.shape, g.shape[-1]), 1.0 / g.shape[-1])
+    rot = next(n for n, x in spec.groups.items() if x.kind == "orth")
+    for maps, message in (
+        ({"nope": jnp.eye(3)}, r"maps of groups that are not in the spec: \['nope'\]"),
+        ({ffn: uniform[..., :3, :3]}, rf"maps\['{ffn}'\]: a soft map .* must be"),
+        ({ffn: uniform.at[..., 0, 0].set(jnp.nan)}, rf"maps\['{ffn}'\]: NaN or Inf"),
+        ({rot: sym.identity(spec)[rot]}, rf"maps\['{rot}'\]: a soft map .* 'orth' group"),
+    ):
+        with pytest.raises(ValueError, match=message):
+            merge.transport_params(spec, a, maps)
+    mixed = merge.transport_params(spec, a, {ffn: uniform})  # every unit B's mean unit
+    kernel = next(p for p, act in spec.users[ffn] if act.axes[-1] == len(g.batch) + 1)
+    np.testing.assert_allclose(
+        to_dict(mixed)[kernel], jnp.broadcast_to(to_dict(a)[kernel].mean(-1, keepdims=True),
+        to_dict(a)[kernel].shape), rtol=1e-5, atol=1e-6
+    )  # fmt: skip
+    path = sorted(to_dict(a))[3]
+    bad = from_dict(
+        {**to_dict(a), path: to_dict(a)[path].at[(0,) * to_dict(a)[path].ndim].set(jnp.nan)}
+    )
+    for transport in ("exact", "sinkhorn"):
+        with pytest.raises(ValueError, match=rf"params_b: NaN or Inf in \['{path}'\]"):
+            merge.ot_fusion(spec, a, bad, mode="wts", transport=transport)
+    config = CONFIGS["bert-h3d4-l2"]
+    cross = merge.cross_statistics(c.model, a, a, batches_of(config, key, n=1, batch=8))
+    first = sorted(cross)[0]
+    nan = {**cross, first: {**cross[first], "cov": cross[first]["cov"] * jnp.nan}}
+    with pytest.raises(ValueError, match=rf"cross\['{first}'\]: NaN or Inf in \['cov'\]"):
+        merge.ot_fusion(spec, a, a, mode="acts", cross=nan)
 
 
 def test_ot_fusion_of_bfloat16_models_rounds_once(key):
@@ -1458,8 +1533,11 @@ def test_curve_and_barrier(key):
     cv = merge.curve(evaluate, a, b, [0.0, 0.5, 1.0])
     np.testing.assert_allclose(cv.metrics["loss"], [0.0, 0.75, 0.0])
     assert cv.barrier == pytest.approx({"loss": 0.75, "accuracy": 0.25})
-    with pytest.raises(ValueError, match="from λ = 0 to λ = 1"):
-        merge.barrier([0.2, 1.0], [1.0, 2.0])
+    # Lambdas that are not a path from 0 to 1 (beyond 1 it measured a gap to the line's
+    # extrapolation: 8 here; none at all was an IndexError)
+    for lambdas, values in (([0.2, 1.0], [1.0, 2.0]), ([0, 2, 1], [0, 10, 1]), ([], [])):
+        with pytest.raises(ValueError, match="from λ = 0 to λ = 1 and within"):
+            merge.barrier(lambdas, values)
     # Known metrics are used as given; only the other points are evaluated.
     seen = []
     counted = lambda p: seen.append(float(p["w"][0])) or evaluate(p)

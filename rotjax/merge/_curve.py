@@ -41,10 +41,15 @@ def _mix(la, lb, lam):
 def barrier(lambdas: Sequence[float], values: Sequence[float], *, higher_is_better=False) -> float:
     """The largest gap between the path and the straight line joining its ends:
     ``max_λ L(λ) - ((1 - λ) L(0) + λ L(1))`` for a loss, ``max_λ ((1 - λ) A(0) + λ A(1)) - A(λ)``
-    for a score (``higher_is_better``). ``lambdas`` must start at 0 and end at 1."""
+    for a score (``higher_is_better``). ``lambdas`` must start at 0, end at 1 and stay within
+    (a λ outside would measure a gap to the line's extrapolation)."""
     lam, v = np.asarray(lambdas, np.float64), np.asarray(values, np.float64)
-    if lam.ndim != 1 or lam.shape != v.shape or lam[0] != 0.0 or lam[-1] != 1.0:
-        raise ValueError("barrier needs matching 1-D lambdas and values, from λ = 0 to λ = 1")
+    ok = lam.ndim == 1 and lam.shape == v.shape and lam.size >= 2
+    if not (ok and lam[0] == 0.0 and lam[-1] == 1.0 and np.all((lam >= 0.0) & (lam <= 1.0))):
+        raise ValueError(
+            "barrier needs matching 1-D lambdas and values, from λ = 0 to λ = 1 and within; "
+            f"got lambdas {lambdas} for {v.shape[0] if v.ndim else v.size} values"
+        )
     line = (1.0 - lam) * v[0] + lam * v[-1]
     return float(np.max(line - v) if higher_is_better else np.max(v - line))
 

@@ -20,6 +20,16 @@ from rotjax.tree import flatten, wide
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
+def check_sequence(params_list: Any) -> None:
+    """TypeError unless ``params_list`` is a list or tuple (of models): one model's params
+    (a dict) gave a bare KeyError, or were unpacked into its keys."""
+    if isinstance(params_list, Mapping) or not isinstance(params_list, Sequence):
+        raise TypeError(
+            f"params_list must be a list or tuple of params pytrees (one per model), got a "
+            f"{type(params_list).__name__}"
+        )
+
+
 def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str | None = None):
     """``(paths, [leaves of each model], treedef)`` after checking that every model has the
     first one's paths and shapes. Messages call the models ``"model i"``, or, given ``first``
@@ -29,6 +39,7 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
     Raises:
       ValueError: fewer than ``at_least`` models, or paths/shapes that differ (listed).
     """
+    check_sequence(params_list)
     if len(params_list) < at_least:
         if first is not None:  # count the models of params_list, not ``first``
             raise ValueError(

@@ -38,6 +38,7 @@ import jax.numpy as jnp
 from rotjax import symmetry as sym
 from rotjax.match import assign, permutation_scores
 from rotjax.match._align import _rescaled
+from rotjax.match._checks import non_finite
 from rotjax.match._solvers import SOLVERS
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import _input_axes, average
@@ -100,6 +101,12 @@ def ot_fusion(
             sym.validate(spec, p)
         except ValueError as e:
             raise ValueError(f"{name}: {e}") from None
+        # (NaN costs failed in the solver, naming nothing, or as a Sinkhorn "not converged")
+        if bad := non_finite(to_dict(p)):
+            raise ValueError(f"{name}: NaN or Inf in {bad[:5]}")
+    for path, moments in (cross or {}).items():
+        if bad := [k for k in sorted(moments) if not bool(jnp.all(jnp.isfinite(moments[k])))]:
+            raise ValueError(f"cross[{path!r}]: NaN or Inf in {bad}")
     eps = epsilon if epsilon is not None else (0.08 if mode == "acts" else 0.06)
     corr = correlations(cross) if mode == "acts" else None
     roles = (["residual"], ["heads", "ffn"], ["query_heads"])
@@ -219,13 +226,43 @@ def _moved_b(spec, corr, maps):
 def transport_params(spec: sym.Spec, params: Any, maps: Mapping[str, jax.Array]) -> Any:
     """``params`` moved by permutation groups' maps: an int permutation acts as the group
     element (`rotjax.symmetry.apply`), a float map ``T[*batch, n, n]`` (rows summing to 1) as
-    ``W'[.., i, ..] = Σ_j T[i, j] W[.., j, ..]`` on every axis the group acts on."""
+    ``W'[.., i, ..] = Σ_j T[i, j] W[.., j, ..]`` on every axis the group acts on. In the order
+    `ot_fusion` solves them, so that ``transport_params(spec, B, fusion.maps)`` is
+    ``fusion.moved``: the permutations of whole units, the soft maps, then the query heads'
+    permutations inside each (moved) key-value head.
+
+    Raises:
+      ValueError: params that do not fit the spec, a map of a group the spec lacks or that is
+        not a permutation group, a permutation that is not one, a soft map of a per-head
+        permutation group, of the wrong shape or with NaN or Inf (the group named).
+    """
+    sym.validate(spec, params)
+    if unknown := sorted(set(maps) - set(spec.groups)):
+        raise ValueError(f"maps of groups that are not in the spec: {unknown}")
     exact = {n: m for n, m in maps.items() if jnp.issubdtype(jnp.asarray(m).dtype, jnp.integer)}
     soft = {n: m for n, m in maps.items() if n not in exact}
-    if exact:
-        params = sym.apply(spec, params, exact)
-    if not soft:
-        return params
+    sym.check_elements(spec, exact)
+    for n, m in soft.items():
+        g = spec.groups[n]
+        want = (*g.shape, g.shape[-1])
+        if g.kind != "perm" or jnp.shape(m) != want:
+            raise ValueError(
+                f"maps[{n!r}]: a soft map (float) must be {want} for a permutation group of "
+                f"whole units; the group is a {g.kind!r} group of shape {g.shape}, the map "
+                f"{tuple(jnp.shape(m))}"
+            )
+        if not bool(jnp.all(jnp.isfinite(m))):
+            raise ValueError(f"maps[{n!r}]: NaN or Inf in the soft map")
+    inner = {n: m for n, m in exact.items() if spec.groups[n].kind == "hperm"}
+    if outer := {n: m for n, m in exact.items() if n not in inner}:
+        params = sym.apply(spec, params, outer)
+    if soft:
+        params = _mixed(spec, params, soft)
+    return sym.apply(spec, params, inner) if inner else params
+
+
+def _mixed(spec, params, soft):
+    """``params`` with every axis of a group in ``soft`` mixed by its map (`_mix`)."""
     paths, leaves, treedef = flatten(params)  # the tree's own type kept (a FrozenDict too)
     out = []
     for path, x in zip(paths, leaves, strict=True):

@@ -45,7 +45,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls, kernel_path
-from rotjax.merge._methods import _pinv_psd, _weighted, checked_models, model_weights, scalar
+from rotjax.merge._methods import (
+    _pinv_psd,
+    _weighted,
+    check_sequence,
+    checked_models,
+    model_weights,
+    scalar,
+)
 from rotjax.merge._stats import _split
 from rotjax.models import family
 from rotjax.tree import placed_like, wide
@@ -97,6 +104,7 @@ def refit(
     Raises:
       ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
     """
+    check_sequence(params_list)
     paths, leaves, treedef = checked_models([merged, *params_list], first="merged")
     # a model of weight 0 is left out (its passes not run, its values never read)
     lam, params_list, models = _weighted(

@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._methods import checked_models, scalar
+from rotjax.merge._methods import check_sequence, checked_models, scalar
 from rotjax.models import _layout
 from rotjax.tree import wide
 
@@ -23,6 +23,7 @@ def _models(base, params_list, scale):
     """``([leaves of the base, then of each model], treedef)`` after checking them and
     ``scale``: before any work."""
     _check_scale(scale)
+    check_sequence(params_list)
     if not params_list:
         raise ValueError("merging task vectors needs at least 1 model besides the base")
     paths, leaves, treedef = checked_models([base, *params_list], first="base")
@@ -31,8 +32,17 @@ def _models(base, params_list, scale):
 
 def _stacked(paths) -> tuple[bool, ...]:
     """Whether each leaf is a scanned model's stack of layers (under ``layers``, its leading
-    axis the layer): a tensor of its own per layer for the trim, as unscanned."""
-    return tuple(_layout._STACKED in path.split("/") for path in paths)
+    axis the layer): a tensor of its own per layer for the trim, as unscanned. A list of
+    layers (``layers/0/...``, as other libraries name them) is not a stack."""
+
+    def stacked(path):
+        parts = path.split("/")
+        return any(
+            x == _layout._STACKED and i + 1 < len(parts) and not parts[i + 1].isdigit()
+            for i, x in enumerate(parts)
+        )
+
+    return tuple(stacked(path) for path in paths)
 
 
 def _merged(models, how, scale, **options):
