@@ -327,6 +327,16 @@ def test_merge_fisher_of_a_causal_lm(tmp_path, key, capsys):
     read = _merge.read_data(str(path), config, 1000, need_labels=True)
     np.testing.assert_array_equal(read["labels"][:, :-1], ids[:, 1:])
     assert (read["labels"][:, -1] == -100).all()
+    # One token per text: no next token to predict, so no label (it merged as the average).
+    np.savez(path, input_ids=ids[:, :1], labels=ids[:, :1])
+    with pytest.raises(
+        ValueError, match=r"every label is -100 \(ignored\) after the shift to next"
+    ):
+        _merge.read_data(str(path), config, 1000, need_labels=True)
+    # Labels a method does not read are said to be unread (they were dropped silently).
+    notes = []
+    _merge.read_data(str(path), config, 1000, notes=notes)
+    assert f"--data {path}: labels not read (only --fisher empirical reads them)" in notes
 
 
 def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
@@ -411,6 +421,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     np.savez(tmp / "float_types.npz", input_ids=ids, token_type_ids=ids * 0.5)
     np.savez(tmp / "label9.npz", input_ids=ids, labels=np.array([0, 9]))
     np.savez(tmp / "label_float.npz", input_ids=ids, labels=np.array([0.0, 0.5]))
+    np.savez(tmp / "label_none.npz", input_ids=ids, labels=np.array([-100, -100]))
     long = np.ones((2, CONFIG.max_position_embeddings + 1), np.int32)
     np.savez(tmp / "long.npz", input_ids=long)
     fisher = [*base, "--method", "fisher", "--fisher", "empirical", "--data"]
@@ -426,6 +437,8 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         ("float_types.npz", "token_type_ids must be integers"),
         ("label9.npz", "labels outside [0, 3)"),
         ("label_float.npz", "labels must be integers of shape (2,)"),
+        # (the empirical Fisher of no example: 0 everywhere, the plain average, silently)
+        ("label_none.npz", "every label is -100 (ignored)"),
     ]:
         method = fisher if name.startswith("label") else [*base, "--method", "regmean", "--data"]
         err = _fails([*method, str(tmp / name)], capsys, f"--data {tmp / name}: {message}")

@@ -242,6 +242,8 @@ def read_data(
             f"--data {path}: ignored {unread} (a {fam.name} model reads "
             f"{', '.join(fam.input_names)})"
         )
+    if "labels" in arrays and not need_labels and notes is not None:
+        notes.append(f"--data {path}: labels not read (only --fisher empirical reads them)")
     for k, x in arrays.items():
         if k not in read:
             continue  # labels only serve the empirical Fisher
@@ -318,6 +320,10 @@ def read_data(
         _check_labels(path, out["labels"], config, out.get("input_ids"))
         if getattr(config, "task", None) == "causal_lm":
             out["labels"] = _next_tokens(out["labels"])
+        if (out["labels"] == IGNORE_LABEL).all():  # the empirical Fisher of no example: 0
+            causal = getattr(config, "task", None) == "causal_lm"
+            shifted = " after the shift to next tokens" if causal else ""
+            raise CLIError(f"--data {path}: every label is {IGNORE_LABEL} (ignored){shifted}")
     _check_shapes(path, config, out)
     return out
 
@@ -547,14 +553,17 @@ def run(args) -> int:
         "seconds": timings,
         "notes": notes,
     }
-    # The report is written with the checkpoint, in one atomic step: never one alone.
+    # The report is written with the checkpoint, in one atomic step: never one alone (so
+    # the saving's seconds are not in it).
+    tic = time.perf_counter()
     hf.save(
         out, config, merged, source=args.models[0], extra_files={"merge.json": report_json(report)}
     )
+    saving = time.perf_counter() - tic
     show_notes(notes)
     print(
         f"merged {len(params)} models ({args.method}, aligned: {args.align}) in "
-        f"{sum(timings.values()):.1f}s; wrote {out}"
+        f"{sum(timings.values()) + saving:.1f}s (saving {saving:.1f}s); wrote {out}"
     )
     return 0
 
