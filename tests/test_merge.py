@@ -747,6 +747,54 @@ def test_statistics_save_and_load(tmp_path, key):
     s = merge.statistics(c.model, c.init(key, 0.3), batches_of(config, key, n=1))
     back = merge.load_statistics(merge.save_statistics(tmp_path / "stats.safetensors", s))
     assert rel_err(back, s) == 0 and set(back) == set(s)
+    # Shapes too (counts of shape () came back (1,)), and a kind with nothing in it
+    shape = lambda t: jax.tree.map(np.shape, t)
+    assert shape(back) == shape(s) and np.shape(back["examples"]) == ()
+    empty = merge.load_statistics(merge.save_statistics(tmp_path / "e.safetensors", {"gram": {}}))
+    assert empty == {"gram": {}}
+
+
+def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
+    """A batch padded to its size by filler examples (mask all 0, labels ignored: what
+    `rotjax.data.batches(pad=True)` adds) has the statistics of its real examples: the filler
+    counted as an example and in the pooler's and classifier's Grams (one row per example).
+    Labels of another shape than the model's outputs are refused naming both (a token model's
+    (B,) labels were broadcast to every token); so is a Fisher of no example that counts, and
+    a transform of a group the spec lacks (a bare KeyError)."""
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    ids, mask = inputs(config, key, batch=3)
+    labels = jnp.asarray([0, 1, 2])
+    real = [{"input_ids": ids, "attention_mask": mask, "labels": labels}]
+    padded = [
+        {
+            "input_ids": jnp.concatenate([ids, ids[:1]]),
+            "attention_mask": jnp.concatenate([mask, jnp.zeros_like(mask[:1])]),
+            "labels": jnp.concatenate([labels, jnp.asarray([IGNORE_LABEL])]),
+        }
+    ]
+    for fisher in ("exact", "empirical"):
+        want, got = (
+            merge.statistics(c.model, params, b, ("gram", "fisher"), fisher=fisher)
+            for b in (real, padded)
+        )
+        assert float(got["examples"]) == 3, fisher
+        assert rel_err(got, want) <= TOL, fisher
+    token = CONFIGS["bert-h5d2-l1-token"]
+    ct = compiled(token)
+    ids, mask = inputs(token, key, batch=2)
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": jnp.asarray([0, 1])}
+    with pytest.raises(
+        ValueError, match=rf"batch 0: labels of shape \(2,\), .* need \(2, {ids.shape[1]}\)"
+    ):
+        merge.statistics(ct.model, ct.init(key, 0.3), [batch], ("fisher",), fisher="exact")
+    none = [{**real[0], "labels": jnp.full(3, IGNORE_LABEL)}]
+    with pytest.raises(ValueError, match=r"the Fisher of no example \(none has a label"):
+        merge.statistics(c.model, params, none, ("fisher",), fisher="empirical")
+    fishers = {"fisher": to_dict(params)}
+    with pytest.raises(ValueError, match=r"not in the spec: \['nope'\]"):
+        merge.transform_statistics(c.spec, fishers, {"nope": jnp.arange(3)})
 
 
 # ---------------------------------------------------------------------------------------------

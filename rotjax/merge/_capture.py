@@ -47,6 +47,8 @@ def _rows(x: jax.Array, n_in: int, mask: jax.Array | None) -> tuple[jax.Array, j
     rows = wide(x.reshape(math.prod(lead), math.prod(x.shape[x.ndim - n_in :])))
     if mask is not None and lead == mask.shape:
         return rows, mask.reshape(-1).astype(rows.dtype)
+    if mask is not None and lead == mask.shape[:1]:  # a row per example: those with a token
+        return rows, jnp.any(mask, axis=-1).astype(rows.dtype)
     return rows, jnp.ones(rows.shape[:1], rows.dtype)
 
 
@@ -64,7 +66,8 @@ def capture(
     For a dense layer with kernel ``(*in, *out)`` called on ``x`` of shape ``(*lead, *in)``,
     ``rows`` is ``x`` reshaped to ``(prod(lead), prod(in))`` and ``weights`` is ``(prod(lead),)``:
     the token ``mask`` (``(batch, tokens)``, 1 = real) where ``lead`` is ``(batch, tokens)``,
-    else ones (one row per example, as for the pooler). Results are folded by
+    else, one row per example (as for the pooler), 1 for the examples with a real token (a
+    batch's filler example, all mask 0, has weight 0) and ones without a mask. Results are folded by
     ``combine(None, first)``, then ``combine(so far, next)`` for a layer called again (default:
     summed).
     Paths of scanned layers (``encoder/layers/...``) hold results stacked along the layers.

@@ -288,7 +288,8 @@ def regmean(
       alpha: the off-diagonal scale α in [0, 1].
       weights: λ (default 1 each; a model of weight 0 is left out).
       rest: how params without a Gram (biases, embeddings, LayerNorms, the patch embedding)
-        merge: ``"average"`` or ``"fisher"`` (Fisher-weighted).
+        merge: ``"average"`` or ``"fisher"`` (Fisher-weighted, by `fisher` with its default
+        ``eps`` and no normalisation; call `fisher` for others and take those params from it).
       ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before its
         pseudo-inverse (`_pinv_psd`: eigenvalues within ``n ε`` of the largest count as 0;
         1e-8 relative changes nothing measurably). Directions no data excites (an input that

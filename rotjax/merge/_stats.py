@@ -14,6 +14,7 @@ per example, such as the pooler), Fishers per-example means; the counts give the
 from __future__ import annotations
 
 import functools
+import json
 import math
 import os
 from collections.abc import Iterable, Mapping, Sequence
@@ -34,6 +35,7 @@ from rotjax.tree import from_dict, to_dict, wide
 
 KINDS = ("gram", "fisher")
 FISHERS = ("exact", "sampled", "empirical")
+_KINDS = "rotjax.statistics.kinds"  # the safetensors metadata naming the kinds held by path
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -85,6 +87,10 @@ def statistics(
         example, or per token for token classification and causal language models; for the
         latter the label at position t is the token the logits of position t predict, i.e.
         ``input_ids`` shifted left, not ``input_ids`` as transformers' models take them).
+        The exact and sampled Fishers read every real token (attention mask), labels or not;
+        the empirical one the labelled ones (not `rotjax.data.IGNORE_LABEL`). The mean is over
+        the examples that count: those with a real token (and a label, for the empirical
+        Fisher), so a batch's filler examples (all mask 0) change nothing.
       samples: draws per example for ``fisher="sampled"``.
       key: for ``fisher="sampled"``.
       progress: show a progress bar (tqdm, on stderr).
@@ -96,8 +102,9 @@ def statistics(
       ``"fisher"``/``"examples"``).
 
     Raises:
-      ValueError: unknown kinds or Fisher variant, no batches, missing labels or key, or a
-        Fisher of a model without a classification head of 2 or more classes.
+      ValueError: unknown kinds or Fisher variant, no batches, missing labels or key, labels
+        of another shape than the model's outputs (batch and shapes named), no example that
+        counts, or a Fisher of a model without a classification head of 2 or more classes.
     """
     kinds = tuple(kinds)
     if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):
@@ -114,6 +121,7 @@ def statistics(
     fam = family(model.config)
     step = _batch_step(model, tuple(kinds), include_padding, fisher, samples)
     total: dict[str, Any] | None = None
+    outputs: dict[tuple, tuple] = {}  # the model's output shape by input shapes
     if progress:
         from tqdm.auto import tqdm
 
@@ -122,12 +130,32 @@ def statistics(
         inputs, labels = _split(fam, batch)
         if "fisher" in kinds and fisher == "empirical" and labels is None:
             raise ValueError("fisher='empirical' needs batches with 'labels'")
+        if labels is not None and "fisher" in kinds:
+            _check_labels(model, params, inputs, labels, i, outputs)
         k = jax.random.fold_in(key, i) if key is not None else jax.random.key(0)
         part = step(params, inputs, labels, k)
         total = part if total is None else _add(total, part)
     if total is None:
         raise ValueError("statistics: no batches")
+    if "fisher" in total and not float(total["examples"]) > 0:
+        why = "a label that is not ignored" if fisher == "empirical" else "a real token"
+        raise ValueError(f"statistics: the Fisher of no example (none has {why})")
     return _means(total)
+
+
+def _check_labels(model, params, inputs, labels, i, outputs) -> None:
+    """ValueError unless batch ``i``'s labels are one per output row: per example, or per token
+    for token-level heads (a (B,) label was broadcast to every token). ``outputs``: the
+    models' output shapes by input shapes, filled here (one abstract trace per shape)."""
+    sig = tuple(None if x is None else np.shape(x) for x in inputs)
+    if sig not in outputs:
+        apply = functools.partial(model.apply, {"params": params})
+        outputs[sig] = jax.eval_shape(apply, *inputs).shape[:-1]
+    if np.shape(labels) != outputs[sig]:
+        raise ValueError(
+            f"batch {i}: labels of shape {np.shape(labels)}, where the model's outputs "
+            f"{outputs[sig]} + (classes,) need {outputs[sig]} (a label per example, or per token)"
+        )
 
 
 # Whole-tree programs: leaf by leaf, each small op would compile and dispatch on its own.
@@ -183,7 +211,7 @@ def _batch_step(model, kinds, include_padding, fisher, samples):
             tables = _lookup_tables(model, params, tuple(_one(x) for x in inputs))
             rest = {p: x for p, x in flat.items() if p not in tables}
             fixed = {p: flat[p] for p in tables}
-            dense, rows, ids = jax.vmap(
+            dense, rows, ids, counted = jax.vmap(
                 functools.partial(_example_fisher, model, rest, fixed, tables, fisher, samples),
             )(inputs, real, labels, jax.random.split(key, inputs[0].shape[0]))
             fishers = {p: jnp.sum(f, axis=0) for p, f in dense.items()}
@@ -191,7 +219,7 @@ def _batch_step(model, kinds, include_padding, fisher, samples):
                 table = jnp.zeros(fixed[p].shape, r.dtype)
                 fishers[p] = table.at[ids[p].reshape(-1)].add(r.reshape(-1, r.shape[-1]))
             out["fisher"] = from_dict(fishers)
-            out["examples"] = jnp.asarray(inputs[0].shape[0], jnp.float32)
+            out["examples"] = jnp.sum(counted, dtype=jnp.float32)
         return out
 
     return jax.jit(step)
@@ -233,9 +261,11 @@ def _lookup_tables(model, params, inputs) -> dict[str, int]:
 
 def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, labels, key):
     """The diagonal Fisher of one example (``inputs`` without their batch axis):
-    ``(dense, rows, ids)`` with ``dense`` the Fisher of every param but the lookup tables
-    ``fixed``, and for each table the Fisher of the rows the example reads, ``rows[p]``
-    ``(n, D)`` for the table rows ``ids[p]`` ``(n,)``.
+    ``(dense, rows, ids, counted)`` with ``dense`` the Fisher of every param but the lookup
+    tables ``fixed``, and for each table the Fisher of the rows the example reads, ``rows[p]``
+    ``(n, D)`` for the table rows ``ids[p]`` ``(n,)``; ``counted``: whether the example counts
+    (a real token, and for the empirical Fisher a label that is not `IGNORE_LABEL`: a batch's
+    filler example, all mask 0, adds nothing and is not counted).
 
     A table's gradient is ``Σ_t e_(id_t) g_tᵀ``, ``g_t`` the gradient of the looked-up row t:
     row r's squared gradient is ``(Σ_(t: id_t = r) g_t)²``, which ``w_t (Σ_(t': id_t' = id_t)
@@ -265,8 +295,8 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
     same = {p: (i[:, None] == i[None, :]).astype(jnp.float32) for p, i in ids.items()}
     probs = jax.lax.stop_gradient(jnp.exp(logp))
     valid = jnp.ones(logp.shape[:-1], jnp.float32)
-    if logp.ndim == 2 and real is not None:  # token classification: real tokens only
-        valid = real.astype(jnp.float32)
+    if real is not None:  # real tokens only, and examples with one
+        valid = (real if logp.ndim == 2 else jnp.any(real)).astype(jnp.float32)
 
     def square(cot):
         g_dense, g_rows = jax.tree.map(wide, vjp(cot))
@@ -284,7 +314,7 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
         ok = valid * (y != IGNORE_LABEL)
         cot = jax.nn.one_hot(jnp.where(y == IGNORE_LABEL, 0, y), logp.shape[-1], dtype=logp.dtype)
         cot = cot * ok[..., None]
-        return (*square(cot), ids)
+        return (*square(cot), ids, jnp.any(ok > 0))
     if fisher == "sampled":
 
         def draw(acc, k):
@@ -292,7 +322,8 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
             cot = jax.nn.one_hot(y, logp.shape[-1], dtype=logp.dtype) * valid[..., None]
             return add(acc, square(cot), 1.0 / samples), None
 
-        return (*jax.lax.scan(draw, zero, jax.random.split(key, samples))[0], ids)
+        fs = jax.lax.scan(draw, zero, jax.random.split(key, samples))[0]
+        return (*fs, ids, jnp.any(valid > 0))
 
     # exact: Σ_(t, c) p_tc (∇ log p_tc)², one backward pass per (token, class).
     flat_p, flat_valid = probs.reshape(-1), jnp.broadcast_to(valid[..., None], probs.shape)
@@ -301,7 +332,7 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
         cot = jax.nn.one_hot(i, flat_p.size, dtype=logp.dtype).reshape(logp.shape)
         return add(acc, square(cot), flat_p[i] * flat_valid.reshape(-1)[i]), None
 
-    return (*jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0], ids)
+    return (*jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0], ids, jnp.any(valid > 0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -352,6 +383,7 @@ def transform_statistics(
       ValueError: a statistic of a param the spec does not have, or that does not fit it (path
         and shapes named).
     """
+    sym.check_transform(spec, transform)
     out = dict(stats)
     if "gram" in stats:
         gspec, shapes = gram_spec(spec, stats["gram"])
@@ -380,7 +412,8 @@ def transform_statistics(
 
 
 def save_statistics(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> Path:
-    """Write statistics as one safetensors file (``kind/param path`` names; counts included)."""
+    """Write statistics as one safetensors file (``kind/param path`` names; counts included;
+    the kinds held by path in its metadata, so an empty one comes back too)."""
     from safetensors.numpy import save_file
 
     flat = {}
@@ -391,15 +424,21 @@ def save_statistics(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> P
             flat[kind] = np.asarray(value)
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in flat.items()}, str(path))
+    keyed = sorted(k for k, v in stats.items() if isinstance(v, Mapping))
+    # (np.ascontiguousarray would make a count's shape () (1,))
+    contiguous = {k: np.require(v, requirements="C") for k, v in flat.items()}
+    save_file(contiguous, str(path), metadata={_KINDS: json.dumps(keyed)})
     return path
 
 
 def load_statistics(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Read statistics written by `save_statistics` (as jax arrays)."""
+    from safetensors import safe_open
     from safetensors.numpy import load_file
 
-    out: dict[str, Any] = {}
+    with safe_open(str(path), "np") as f:
+        keyed = json.loads((f.metadata() or {}).get(_KINDS, "[]"))
+    out: dict[str, Any] = {kind: {} for kind in keyed}
     for name, x in load_file(str(path)).items():
         kind, _, p = name.partition("/")
         if p:
