@@ -227,6 +227,33 @@ def test_refused_without_batches_or_without_a_classification_head(key):
         merge.align_by_activations(cb.model, cb.spec, pa, pb, data, steps=3)
 
 
+def test_align_by_activations_refuses_what_align_would_before_the_forward_passes(key, monkeypatch):
+    """A ``solve`` of blocks the model lacks, or params that do not fit the spec, are refused
+    before the activations are computed (they were refused by `align`, after them); so are
+    `prediction_loss`'s bad arguments, when it is built (they failed at its first call)."""
+    c, a, b, _ = _pair(key)
+    data = _data(key, 1)
+
+    def never(*args, **kwargs):
+        raise AssertionError("the activations were computed")
+
+    monkeypatch.setattr("rotjax.merge._select.cross_statistics", never)
+    with pytest.raises(ValueError, match=r"solve=\['query_heads'\]: the spec has no groups"):
+        merge.align_by_activations(c.model, c.spec, a, b, data, solve=("query_heads",))
+    lacking = {k: v for k, v in b.items() if k != sorted(b)[0]}
+    with pytest.raises(ValueError, match="params"):
+        merge.align_by_activations(c.model, c.spec, a, lacking, data)
+    for bad, error, message in (
+        (dict(memory=None), ValueError, "memory must be an integer >= 0"),
+        (dict(memory=-1), ValueError, "memory must be an integer >= 0"),
+        (dict(params_list=[]), ValueError, "holds no model"),
+        (dict(params_list=a), TypeError, "params_list must be a list or tuple"),
+    ):
+        args = {"params_list": [a, b], **bad}
+        with pytest.raises(error, match=message):
+            merge.prediction_loss(c.model, batches=data, **args)
+
+
 def test_align_by_activations_refines_its_choice(key):
     """``steps``: the kept candidate is the descent's start, and no worse after it."""
     c, a, b, _ = _pair(key)

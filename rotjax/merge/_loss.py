@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -12,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rotjax.merge._methods import check_sequence
 from rotjax.merge._stats import _no_classes, _split
 from rotjax.models import family
 from rotjax.tree import wide
@@ -35,9 +37,10 @@ def prediction_loss(
     get theirs recomputed at each call (the same loss).
 
     Raises:
-      ValueError: no batches, or a model without a classification head (``config.task`` is
-        None: a bare encoder's outputs live in each model's own stream basis, so their mean
-        means nothing).
+      TypeError: ``params_list`` is not a list or tuple of models.
+      ValueError: no batches, no model, a ``memory`` that is not an integer >= 0, or a model
+        without a classification head (``config.task`` is None: a bare encoder's outputs
+        live in each model's own stream basis, so their mean means nothing).
     """
     return _prediction_loss(model, params_list, batches, memory)[0]
 
@@ -47,6 +50,12 @@ def _prediction_loss(model, params_list, batches, memory):
     on the i-th batch (kept up to ``memory`` bytes), for a caller that also descends on it."""
     if why := _no_classes(model.config):
         raise ValueError(f"prediction_loss needs a model with a classification head ({why})")
+    check_sequence(params_list)
+    if not params_list:
+        raise ValueError("prediction_loss: params_list holds no model to predict with")
+    whole = isinstance(memory, numbers.Integral) and not isinstance(memory, bool)
+    if not (whole and memory >= 0):
+        raise ValueError(f"memory must be an integer >= 0 (bytes), got {memory!r}")
     fam = family(model.config)
     inputs = [_split(fam, b)[0] for b in batches]
     if not inputs:

@@ -19,6 +19,8 @@ import jax
 
 from rotjax import match
 from rotjax import symmetry as sym
+from rotjax.match._align import _checked_against
+from rotjax.match._checks import checked_params
 from rotjax.merge._acts import activation_init, cross_statistics
 from rotjax.merge._loss import MEMORY, _better, _prediction_loss
 from rotjax.merge._methods import average
@@ -84,9 +86,13 @@ def align_by_activations(
     solve = _check_descent(steps, learning_rate, solve=solve, key=key, solver=solver)
     if steps and (why := _no_classes(model.config)):
         raise ValueError(f"steps > 0 needs a model with a classification head ({why})")
+    # What `align` would refuse, refused before the forward passes
+    _checked_against(spec, match.Options(solve=solve, solver=solver, key=key))
+    checked_params(spec, [("anchor_params", anchor_params), ("params", params)])
     batches = list(batches)
     cross = cross_statistics(model, anchor_params, params, batches)
     start = activation_init(spec, cross, params=(anchor_params, params), solver=solver)
+    del cross  # (two in x in moments per dense kernel: several times the params)
     if _no_classes(model.config):  # nothing to choose by: weight matching alone
         res = match.align(
             spec, anchor_params, params, solve=solve, key=key, solver=solver, init=start
@@ -123,15 +129,18 @@ def align_by_activations(
     info["identity_loss"] = loss(average([anchor_params, params]))
     best = _kept(best, info["identity_loss"], "identity", 0, None)
     best_loss, info["start"], info["sweeps"], res = best
+    del best
     if res is None:  # (only built when kept)
         res = match.align(spec, anchor_params, params, solve=(), key=key, solver=solver)
     if steps:
+        transform = res.transform
+        del res  # the descent's θ is the one copy of B's params it needs
         res, info["straight_through"] = _descend(
             model,
             spec,
             anchor_params,
             params,
-            res,
+            transform,
             loss,
             inputs,
             target_of,

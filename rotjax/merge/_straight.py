@@ -163,8 +163,9 @@ def _descend(
     if steps == 0:
         return start, info
     theta, b = jax.tree.map(wide, start.params), jax.tree.map(wide, params)
+    del start  # (only its transform is needed, in ``best``)
     opt = optax.adam(learning_rate)
-    state, g = opt.init(theta), start.transform
+    state, g = opt.init(theta), best[2]
     _, _, mean_and_grad = _loss_steps(model)
     order: list[int] = []
     # Independent draws: each pass's batch order, and each projection's block order.
@@ -214,6 +215,7 @@ def _descend(
                 break
             updates, state = opt.update(jax.tree.map(wide, grads), state, theta)
             theta = optax.apply_updates(theta, updates)
+            del proj, merged, grads, updates  # params-sized, not needed by the next projection
             if bar is not None:
                 bar.update()
     info["step"] = best[1]
