@@ -788,7 +788,7 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
     with pytest.raises(
         ValueError, match=rf"batch 0: labels of shape \(2,\), .* need \(2, {ids.shape[1]}\)"
     ):
-        merge.statistics(ct.model, ct.init(key, 0.3), [batch], ("fisher",), fisher="exact")
+        merge.statistics(ct.model, ct.init(key, 0.3), [batch], ("fisher",), fisher="empirical")
     none = [{**real[0], "labels": jnp.full(3, IGNORE_LABEL)}]
     with pytest.raises(ValueError, match=r"the Fisher of no example \(none has a label"):
         merge.statistics(c.model, params, none, ("fisher",), fisher="empirical")

@@ -23,7 +23,7 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 def check_sequence(params_list: Any) -> None:
     """TypeError unless ``params_list`` is a list or tuple (of models): one model's params
     (a dict) gave a bare KeyError, or were unpacked into its keys."""
-    if isinstance(params_list, Mapping) or not isinstance(params_list, Sequence):
+    if isinstance(params_list, Mapping | str | bytes) or not isinstance(params_list, Sequence):
         raise TypeError(
             f"params_list must be a list or tuple of params pytrees (one per model), got a "
             f"{type(params_list).__name__}"
@@ -291,12 +291,12 @@ def regmean(
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted, by `fisher` with its default
         ``eps`` and no normalisation; call `fisher` for others and take those params from it).
       ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before its
-        pseudo-inverse (`_pinv_psd`: eigenvalues within ``n ε`` of the largest count as 0;
-        1e-8 relative changes nothing measurably). Directions no data excites (an input that
-        never varies, the dependent directions of a LayerNorm's outputs, fewer rows than
-        inputs at α = 1) are not fitted: the kernel keeps the average there (a kernel whose
-        Grams are all zero, one no data reaches, comes back as the average), so at α = 1 the
-        merge is the least-squares one closest to the average.
+        pseudo-inverse (`_pinv_psd`: eigenvalues below ``16 ε`` times the largest, float32
+        rounding of zero, count as 0; 1e-8 relative changes nothing measurably). Directions
+        no data excites (an input that is always 0, or at α = 1 more inputs than rows) are not
+        fitted: the kernel keeps the average there (a kernel whose Grams are all zero, one no
+        data reaches, comes back as the average), so at α = 1 the merge is the least-squares
+        one nearest the average.
 
     Raises:
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
@@ -361,10 +361,14 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     total = sum(w[i] * g for i, g in enumerate(reduced))
     shift = ridge * jnp.mean(jnp.diagonal(total, axis1=-2, axis2=-1), axis=-1)
     total = total + shift[..., None, None] * eye
-    # Directions no data excites (an input that never varies, fewer rows than inputs) have no
-    # energy in Σ λ G̃ and none in the right-hand side: the pseudo-inverse leaves them at the
-    # average, where a float32 inverse of the singular matrix would amplify rounding.
-    inv = _pinv_psd(total)
+    # Directions no data excites (an input that is always 0, fewer rows than inputs at α = 1)
+    # have no energy in Σ λ G̃ and none in the right-hand side: the pseudo-inverse leaves them
+    # at the average, where a float32 inverse of the singular matrix would amplify rounding.
+    # Rounding leaves their eigenvalues near ε max(e) (1.2-1.6e-7 max(e) measured in float32,
+    # n = 64 to 768), while an uncentred Gram's data directions reach down to ~1e-4 max(e)
+    # (a large mean takes the top one): the cut at 16 ε max(e) keeps every data direction
+    # (`numpy.linalg.lstsq`'s n ε, 9e-5 max(e) at n = 768, cut some).
+    inv = _pinv_psd(total, rcond=16 * jnp.finfo(dt).eps)
     xs = [wide(x) for x in kernels]
     mean = sum(w[i] * x for i, x in enumerate(xs)) / jnp.sum(w)
     # W* = W̄ + (Σ λ G̃)⁻¹ Σ λ G̃ (W_i - W̄), which equals (Σ λ G̃)⁻¹ Σ λ G̃ W_i and solves only
@@ -380,14 +384,16 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     return _cast(mean + delta, kernels[0])
 
 
-def _pinv_psd(g: jax.Array) -> jax.Array:
+def _pinv_psd(g: jax.Array, rcond: float | None = None) -> jax.Array:
     """The pseudo-inverse ``G⁺`` of symmetric positive semi-definite matrices (``(*batch, n,
     n)``) by their eigendecomposition ``G = V diag(e) Vᵀ``: ``V diag(1/e) Vᵀ`` over the
-    eigenvalues above ``n ε max(e)`` (ε the dtype's epsilon), 0 for the others (directions the
-    matrix does not reach, up to its rounding)."""
+    eigenvalues above ``rcond · max(e)``, 0 for the others (directions the matrix does not
+    reach, up to its rounding); ``rcond`` defaults to ``n ε`` (ε the dtype's epsilon), as
+    `numpy.linalg.lstsq`'s."""
     n = g.shape[-1]
     e, v = jnp.linalg.eigh((g + jnp.swapaxes(g, -1, -2)) / 2)
-    cut = n * jnp.finfo(e.dtype).eps * jnp.max(e, axis=-1, keepdims=True)
+    rcond = n * jnp.finfo(e.dtype).eps if rcond is None else rcond
+    cut = rcond * jnp.max(e, axis=-1, keepdims=True)
     inv = jnp.where(e > cut, 1.0 / jnp.where(e > cut, e, 1.0), 0.0)
     return jnp.matmul(v * inv[..., None, :], jnp.swapaxes(v, -1, -2), precision=_HIGHEST)
 

@@ -105,7 +105,7 @@ def ot_fusion(
         if bad := non_finite(to_dict(p)):
             raise ValueError(f"{name}: NaN or Inf in {bad[:5]}")
     for path, moments in (cross or {}).items():
-        if bad := [k for k in sorted(moments) if not bool(jnp.all(jnp.isfinite(moments[k])))]:
+        if bad := non_finite(dict(moments)):
             raise ValueError(f"cross[{path!r}]: NaN or Inf in {bad}")
     eps = epsilon if epsilon is not None else (0.08 if mode == "acts" else 0.06)
     corr = correlations(cross) if mode == "acts" else None

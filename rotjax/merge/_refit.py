@@ -102,6 +102,7 @@ def refit(
       shardings.
 
     Raises:
+      TypeError: ``params_list`` is not a list or tuple of models.
       ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
     """
     check_sequence(params_list)

@@ -103,7 +103,8 @@ def statistics(
 
     Raises:
       ValueError: unknown kinds or Fisher variant, no batches, missing labels or key, labels
-        of another shape than the model's outputs (batch and shapes named), no example that
+        of another shape than the model's outputs for the empirical Fisher (the others do not
+        read them; batch and shapes named), no example that
         counts, or a Fisher of a model without a classification head of 2 or more classes.
     """
     kinds = tuple(kinds)
@@ -128,9 +129,11 @@ def statistics(
         batches = tqdm(batches, desc="statistics", unit="batch", leave=False)
     for i, batch in enumerate(batches):
         inputs, labels = _split(fam, batch)
-        if "fisher" in kinds and fisher == "empirical" and labels is None:
+        if "fisher" not in kinds or fisher != "empirical":
+            labels = None  # only the empirical Fisher reads them
+        elif labels is None:
             raise ValueError("fisher='empirical' needs batches with 'labels'")
-        if labels is not None and "fisher" in kinds:
+        else:
             _check_labels(model, params, inputs, labels, i, outputs)
         k = jax.random.fold_in(key, i) if key is not None else jax.random.key(0)
         part = step(params, inputs, labels, k)
