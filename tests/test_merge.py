@@ -81,6 +81,29 @@ def test_regmean_on_fewer_rows_than_inputs_is_the_least_squares_merge_nearest_th
     np.testing.assert_allclose(got, oracle, rtol=0, atol=1e-3 * np.abs(oracle).max())
 
 
+def test_regmean_solves_the_weak_directions_of_a_full_rank_gram(seed):
+    """The pseudo-inverse cuts only float32's rounding of zero: two Grams with eigenvalues down
+    to 1e-4 of the largest (in a shared random basis, one model's 10x the other's in each
+    direction), whose exact α = 1 merge weights each direction by ``λ1 / (λ1 + λ2)``. With
+    numpy's ``n ε`` cutoff (3e-5 of the largest at n = 256) the weakest directions fell back to
+    the average: 0.12-0.18 of the largest weight off, against 3.5e-4-5.1e-4 here (5 seeds)."""
+    rng = np.random.default_rng(seed)
+    n = 256
+    q = np.linalg.qr(rng.normal(size=(n, n)))[0]
+    lam1 = np.logspace(0, -4, n)
+    lam2 = lam1 * np.where(rng.random(n) < 0.5, 0.1, 10.0)
+    ws = [rng.normal(size=(n, 4)) for _ in range(2)]
+    share = lambda lam: q @ np.diag(lam / (lam1 + lam2)) @ q.T
+    want = share(lam1) @ ws[0] + share(lam2) @ ws[1]
+    params = [{"w": {"kernel": jnp.asarray(w, jnp.float32)}} for w in ws]
+    stats = [
+        {"gram": {"w/kernel": jnp.asarray(q @ np.diag(lam) @ q.T, jnp.float32)}}
+        for lam in (lam1, lam2)
+    ]
+    got = np.asarray(merge.regmean(params, stats, alpha=1.0)["w"]["kernel"], np.float64)
+    np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
+
+
 def test_fisher_merge_formula_floor_and_equal_fishers(seed):
     _, ws, params, _ = _layer_models(seed, n_models=2)
     rng = np.random.default_rng(seed)
