@@ -40,7 +40,7 @@ import numpy as np
 from experiments import fusion
 from experiments.pairs import check_checkpoints, fashion_mnist_sets
 from rotjax import match, merge, train
-from rotjax.merge._select import _kept
+from rotjax.merge._loss import _kept
 
 # The dense layers whose inputs each kind of feature is (the project's ViT's paths).
 KINDS = {

@@ -112,3 +112,12 @@ def _better(loss: float, than: float, rtol: float = 1e-6) -> bool:
     any finite loss better than an infinite one."""
     margin = rtol * abs(than) if math.isfinite(than) else 0.0
     return not math.isnan(loss) and (math.isnan(than) or loss < than - margin)
+
+
+def _kept(best: tuple | None, loss: float, *candidate: Any) -> tuple:
+    """The candidate kept after one more, offered in order: ``(loss, *candidate)`` if it is the
+    first or its loss is `_better` than the kept one's (by more than float32 rounding), else
+    ``best`` (ties keep the earlier). `align_by_activations` offers its candidates in order
+    (the activation start, its sweeps, the data-free alignment, B unaligned), the descent its
+    steps' elements."""
+    return (loss, *candidate) if best is None or _better(loss, best[0]) else best

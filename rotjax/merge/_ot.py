@@ -104,9 +104,10 @@ def ot_fusion(
         # (NaN costs failed in the solver, naming nothing, or as a Sinkhorn "not converged")
         if bad := non_finite(to_dict(p)):
             raise ValueError(f"{name}: NaN or Inf in {bad[:5]}")
-    for path, moments in (cross or {}).items():
-        if bad := non_finite(dict(moments)):
-            raise ValueError(f"cross[{path!r}]: NaN or Inf in {bad}")
+    moments = {f"{p}\n{k}": x for p, m in (cross or {}).items() for k, x in m.items()}
+    if bad := [b.split("\n") for b in non_finite(moments)]:  # one pass over all of them
+        path = bad[0][0]
+        raise ValueError(f"cross[{path!r}]: NaN or Inf in {[k for p, k in bad if p == path]}")
     eps = epsilon if epsilon is not None else (0.08 if mode == "acts" else 0.06)
     corr = correlations(cross) if mode == "acts" else None
     roles = (["residual"], ["heads", "ffn"], ["query_heads"])

@@ -22,7 +22,7 @@ from rotjax import symmetry as sym
 from rotjax.match._align import _checked_against
 from rotjax.match._checks import checked_params
 from rotjax.merge._acts import activation_init, cross_statistics
-from rotjax.merge._loss import MEMORY, _better, _prediction_loss
+from rotjax.merge._loss import MEMORY, _kept, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.merge._stats import _no_classes
 from rotjax.merge._straight import LEARNING_RATE, _check_descent, _descend
@@ -155,14 +155,6 @@ def align_by_activations(
             start_loss=best_loss,
         )
     return res, info
-
-
-def _kept(best: tuple | None, loss: float, *candidate: Any) -> tuple:
-    """The candidate kept after one more, offered in order: ``(loss, *candidate)`` if it is the
-    first or its loss is `_better` than the kept one's (by more than float32 rounding), else
-    ``best`` (ties keep the earlier). `align_by_activations` offers the activation start, its
-    sweeps, the data-free alignment and B unaligned, in that order."""
-    return (loss, *candidate) if best is None or _better(loss, best[0]) else best
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:

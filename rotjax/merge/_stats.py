@@ -300,6 +300,7 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
     valid = jnp.ones(logp.shape[:-1], jnp.float32)
     if real is not None:  # real tokens only, and examples with one
         valid = (real if logp.ndim == 2 else jnp.any(real)).astype(jnp.float32)
+    counted = jnp.any(valid > 0)  # (the empirical Fisher's: a label too)
 
     def square(cot):
         g_dense, g_rows = jax.tree.map(wide, vjp(cot))
@@ -326,7 +327,7 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
             return add(acc, square(cot), 1.0 / samples), None
 
         fs = jax.lax.scan(draw, zero, jax.random.split(key, samples))[0]
-        return (*fs, ids, jnp.any(valid > 0))
+        return (*fs, ids, counted)
 
     # exact: Σ_(t, c) p_tc (∇ log p_tc)², one backward pass per (token, class).
     flat_p, flat_valid = probs.reshape(-1), jnp.broadcast_to(valid[..., None], probs.shape)
@@ -335,7 +336,7 @@ def _example_fisher(model, rest, fixed, tables, fisher, samples, inputs, real, l
         cot = jax.nn.one_hot(i, flat_p.size, dtype=logp.dtype).reshape(logp.shape)
         return add(acc, square(cot), flat_p[i] * flat_valid.reshape(-1)[i]), None
 
-    return (*jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0], ids, jnp.any(valid > 0))
+    return (*jax.lax.scan(one, zero, jnp.arange(flat_p.size))[0], ids, counted)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -30,7 +30,7 @@ import optax
 
 from rotjax import match
 from rotjax import symmetry as sym
-from rotjax.merge._loss import MEMORY, _better, _loss_steps, _prediction_loss
+from rotjax.merge._loss import MEMORY, _kept, _loss_steps, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.tree import wide
 
@@ -177,7 +177,7 @@ def _descend(
         """The loss of the element after ``step`` updates, recorded; the best so far."""
         now = loss(merged)
         info["losses"].append((step, now))
-        best = (now, step, g) if _better(now, best[0]) else best
+        best = _kept(best, now, step, g)
         if bar is not None:
             bar.set_postfix(loss=f"{now:.4f}", best=f"{best[0]:.4f}")
         return best
