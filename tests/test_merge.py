@@ -116,6 +116,11 @@ def test_fisher_merge_formula_floor_and_equal_fishers(seed):
     want = (fl[0] * ws[0] + fl[1] * ws[1]) / (fl[0] + fl[1])
     np.testing.assert_allclose(got["w"]["kernel"], want, rtol=1e-5, atol=1e-6)  # as above
     np.testing.assert_allclose(got["w"]["bias"], 1.0)  # no Fisher: the average
+    # Only the Fishers' ratios count: near float32's top too (F·θ overflowed to Inf)
+    big = [{"fisher": {"w/kernel": f["w/kernel"] * 1e37}} for f in fs]
+    far = jax.tree.map(lambda x: x * 100, params)
+    scaled = merge.fisher(far, big, weights=[1.0, 3.0], eps=0.5e37)
+    np.testing.assert_allclose(scaled["w"]["kernel"], want * 100, rtol=1e-5, atol=1e-4)
     equal = [{"fisher": fs[0]}, {"fisher": fs[0]}]
     avg = merge.average(params)
     assert rel_err(merge.fisher(params, equal), avg) <= TOL
@@ -485,6 +490,13 @@ def test_a_model_of_weight_zero_is_left_out(seed):
         np.testing.assert_array_equal(got["w"], want["w"])
     # only one model of weight > 0 left: the merge is that model
     np.testing.assert_allclose(merge.average([a, bad], weights=[1, 0])["w"], a["w"], rtol=1e-7)
+    # A weight too small for float32 (1e-50 of the largest) is 0 too: its NaN was multiplied
+    # by float32's 0 and reached the merge
+    for tiny in (1e-50, 1e-39):
+        got = merge.average([a, bad], weights=[1, tiny])["w"]
+        np.testing.assert_allclose(got, a["w"], rtol=1e-7, err_msg=str(tiny))
+        got = merge.fisher([a, bad], [stats[0], nan], weights=[1, tiny])["w"]
+        np.testing.assert_allclose(got, a["w"], rtol=1e-7, err_msg=str(tiny))
 
 
 def test_trim_keeps_what_a_quantile_cut_keeps(seed):
@@ -780,7 +792,8 @@ def test_statistics_save_and_load(tmp_path, key):
 def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
     """A batch padded to its size by filler examples (mask all 0, labels ignored: what
     `rotjax.data.batches(pad=True)` adds) has the statistics of its real examples: the filler
-    counted as an example and in the pooler's and classifier's Grams (one row per example).
+    counted as an example and in the pooler's and classifier's Grams (one row per example), and
+    in the prediction loss.
     Labels of another shape than the model's outputs are refused naming both (a token model's
     (B,) labels were broadcast to every token); so is a Fisher of no example that counts, and
     a transform of a group the spec lacks (a bare KeyError)."""
@@ -804,6 +817,10 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
         )
         assert float(got["examples"]) == 3, fisher
         assert rel_err(got, want) <= TOL, fisher
+    # So is the prediction loss: its mean over the 3 examples (the filler counted as a 4th)
+    others = [c.init(jax.random.fold_in(key, i), 0.3) for i in (1, 2)]
+    want, got = (merge.prediction_loss(c.model, others, b)(params) for b in (real, padded))
+    assert got == pytest.approx(want, rel=TOL)
     token = CONFIGS["bert-h5d2-l1-token"]
     ct = compiled(token)
     ids, mask = inputs(token, key, batch=2)

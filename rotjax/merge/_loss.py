@@ -30,11 +30,12 @@ def prediction_loss(
 ) -> Callable[[Any], float]:
     """``loss(params)``: the cross-entropy ``-Σ_c p̄_c log q_c`` of ``model``'s predictive
     distribution q with ``params`` to the mean distribution ``p̄`` of the models in
-    ``params_list``, averaged over the examples of ``batches`` (over real tokens for
-    token-level heads). No labels needed; batches are as for `rotjax.merge.statistics`. The
-    targets are kept between calls up to ``memory`` bytes (a causal LM's are vocabulary-wide
-    per token: 4 GB for 16 batches of 8 x 256 tokens of a 32k vocabulary); the batches beyond
-    get theirs recomputed at each call (the same loss).
+    ``params_list``, averaged over the examples of ``batches`` (over real tokens for token-level
+    heads; a padded batch's filler examples, all attention mask 0, count nowhere). No labels
+    needed; batches are as for `rotjax.merge.statistics`. The targets are kept between calls up
+    to ``memory`` bytes (a causal LM's are vocabulary-wide per token: 4 GB for 16 batches of 8 x
+    256 tokens of a 32k vocabulary); the batches beyond get theirs recomputed at each call (the
+    same loss).
 
     Raises:
       TypeError: ``params_list`` is not a list or tuple of models.
@@ -89,9 +90,12 @@ def _loss_steps(model):
     def step(params, x, target):
         per = -jnp.sum(target * jax.nn.log_softmax(logits(params, x)), axis=-1)
         mask = fam.token_mask(x)
-        if per.ndim == 1 or mask is None:  # one prediction per example, or every token real
+        if mask is None:  # every token real
             return jnp.sum(per), per.size
-        w = mask.astype(per.dtype).reshape(per.shape)
+        # Real tokens; for one prediction per example, the examples with one (a padded
+        # batch's filler examples, all mask 0, count nowhere, as in `statistics`)
+        real = mask if per.ndim > 1 else jnp.any(mask, axis=-1)
+        w = real.astype(per.dtype).reshape(per.shape)
         return jnp.sum(per * w), jnp.sum(w)
 
     def mean_and_grad(params, x, target):  # the batch's mean loss and its gradient

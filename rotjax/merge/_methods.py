@@ -6,6 +6,7 @@ inverse, so sharded kernels stay sharded)."""
 
 from __future__ import annotations
 
+import functools
 import string
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -68,11 +69,14 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
 
 def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
     """The models' weights λ (default all 1), checked (n of them, finite, >= 0, not all 0) and
-    normalised to sum 1 in float64 (so 1e39 or 1e-46 each survive float32)."""
+    normalised to sum 1 in float64 (so 1e39 or 1e-46 each survive float32). A weight below
+    float32's smallest normal number (1.2e-38) of the largest is 0: the merges compute in
+    float32, where it would be flushed to 0 and its model's NaN or Inf multiplied by it."""
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
         raise ValueError(f"weights must be {n} finite numbers >= 0, not all 0; got {weights}")
     w = w / w.max()  # no overflow in the sum
+    w = np.where(w < np.finfo(np.float32).tiny, 0.0, w)
     return w / w.sum()
 
 
@@ -254,6 +258,10 @@ def _fisher_leaves(w, eps, leaves, fishers):
         fl = [
             w[i].astype(dt) * jnp.maximum(fi.astype(dt), eps.astype(dt)) for i, fi in enumerate(f)
         ]
+        # Relative to the largest, per entry: F·θ of a Fisher near float32's top (1e37)
+        # would overflow, and the ratio is the same.
+        top = functools.reduce(jnp.maximum, fl)
+        fl = [fi / jnp.where(top > 0, top, 1) for fi in fl]
         num = sum(fi * wide(x) for fi, x in zip(fl, xs, strict=True))
         den = sum(fl)
         # A floor λ·eps below the dtype's normal range is flushed to zero on CPU: an entry of
