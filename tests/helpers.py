@@ -207,9 +207,9 @@ def _random_params(config, key, scale):
 
 
 def logits(model, params, x, transform=None):
-    """The model's output as one array. Bare encoders output hidden states (and the pooler's),
-    which live in the permuted basis: ``transform`` (the one that made ``params``) maps them back
-    to the original basis, since ``h'[..., i] = h[..., π[i]]``."""
+    """The model's output as one array. Bare encoders output hidden states, which live in the
+    permuted basis: ``transform`` (the one that made ``params``) maps them back to the original
+    basis, since ``h'[..., i] = h[..., π[i]]``; their pooler output is the model's, unmoved."""
     out = compiled(model.config).forward(params, x)
     if isinstance(out, jax.Array):
         return out
@@ -220,7 +220,7 @@ def logits(model, params, x, transform=None):
 
     parts = [back(out.last_hidden_state, "residual").reshape(-1)]
     if out.pooler_output is not None:
-        parts.append(back(out.pooler_output, "pooler").reshape(-1))
+        parts.append(out.pooler_output.reshape(-1))
     return jnp.concatenate(parts)
 
 

@@ -622,6 +622,11 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
     assert "model: its weights are bfloat16; rotjax computes in float32 and writes" in str(notes)
     assert not any(n.startswith("anchor: its weights") for n in notes)  # float32
     assert "note: model differs from anchor in initializer_range" in capsys.readouterr().err
+    (tmp / "b" / "config.json").write_text(json.dumps({**config, "dtype": "float64"}))
+    assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o64")]) == 0
+    err = capsys.readouterr().err
+    assert "float64; rotjax computes in float32 and writes float32 (a checkpoint half its" in err
+    (tmp / "b" / "config.json").write_text(json.dumps(config))
     written = json.loads((out / "config.json").read_text())  # B's, not the anchor's
     assert (written["hidden_dropout_prob"], written["initializer_range"]) == (0.3, 0.05)
     # A sentence-transformers Dense module of B's reads B's stream: moving it is said.
@@ -634,6 +639,27 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
         notes = json.loads((tmp / solve / "alignment.json").read_text())["notes"]
         assert said == any("2_Dense/model.safetensors: sentence-transformers" in n for n in notes)
         assert (tmp / solve / "2_Dense" / "model.safetensors").is_file()
+
+
+def test_align_of_bare_encoders_keeps_their_outputs(tmp_path, capsys):
+    """Two bare encoders with a pooler, saved with different id2label (as encoders taken from
+    fine-tuned classifiers are): refused as different architectures before. Aligned by the
+    paper's method, B's pooler output and hidden states are unchanged (its pooler was
+    permuted as FFN units)."""
+    bare = CONFIGS["bert-encoder-pooler"]
+    pb = compiled(bare).init(jax.random.key(1), 0.3)
+    hf.save(tmp_path / "a", bare, compiled(bare).init(jax.random.key(0), 0.3))
+    hf.save(tmp_path / "b", dataclasses.replace(bare, num_labels=3), pb)
+    out = tmp_path / "o"
+    assert cli.main(["align", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
+    err = capsys.readouterr().err
+    assert "num_labels (2 vs 3), which a model without a head does not read" in err
+    _, p = hf.load(out)
+    x = inputs(bare, jax.random.key(2))
+    got, want = (compiled(bare).forward(q, x) for q in (p, pb))
+    assert rel_err(got.pooler_output, want.pooler_output) <= 1e-5
+    assert rel_err(got.last_hidden_state, want.last_hidden_state) <= 1e-5
+    assert rel_err(p, pb) > 0.1  # (moved)
 
 
 def test_an_empty_mount_point_as_out_is_refused_up_front(checkpoints, capsys, monkeypatch):

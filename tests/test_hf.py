@@ -459,6 +459,12 @@ def test_pytorch_bin_and_legacy_names(checkpoint, seed, tmp_path):
     (path / "pytorch_model.bin").write_bytes(b"not a zip")
     with pytest.raises(ValueError, match=r"pytorch_model\.bin is not a readable"):
         rotjax.hf.load(path)
+    # A state dict with a non-tensor entry (an AttributeError, a traceback in the CLI)
+    torch.save({**legacy, "meta": {"step": 3}}, path / "pytorch_model.bin")
+    with pytest.raises(
+        ValueError, match=r"not a state dict of tensors: it also holds 'meta': dict"
+    ):
+        rotjax.hf.load(path)
 
     base = torch_model("bert-base-pooler", seed)
     base.save_pretrained(tmp_path / "base")

@@ -231,15 +231,20 @@ def test_statistics_under_a_stream_rotation(key):
 
 
 def test_a_started_stream_rotation_keeps_the_descent_monotone(key):
-    """With a stream rotation in the start but not solved, the stream permutation is not
-    re-solved (its assignment would see B rotated after it), and J never increases."""
+    """With a stream rotation in the start, the stream permutation is not re-solved (its
+    assignment would see B rotated after it; the rotation, solved, holds every permutation),
+    and J never increases. Asked to solve the permutation under a fixed rotation, `align`
+    refuses (it returned the permutation unsolved, silently)."""
     config, c, _, canon = canonical_vit("vit-h3d4-l2", False, key)
     spec = vit.symmetry_spec(config, stream_rotation=True)
     b = sym.apply(spec, canon, sym.sample(spec, jax.random.fold_in(key, 1)))
     q = {vit.STREAM: sym.sample(spec, jax.random.fold_in(key, 2))[vit.STREAM]}
-    res = match.align(spec, canon, b, solve=("rotation", "scale", "ffn", "residual"), init=q)
+    res = match.align(spec, canon, b, solve=("ffn", "residual", "stream"), init=q)
     values = [v for stage, v in res.diagnostics.history if stage != "identity"]
     assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(values)), res.diagnostics.history
+    assert "residual" not in {stage for stage, _ in res.diagnostics.history}
+    with pytest.raises(ValueError, match=r"solve has 'residual' but init fixes the stream rot"):
+        match.align(spec, canon, b, solve=("rotation", "scale", "ffn", "residual"), init=q)
     bad = {vit.STREAM: q[vit.STREAM] * 1.1}
     with pytest.raises(ValueError, match=r"transform\['stream'\] is not orthogonal"):
         match.align(spec, canon, b, init=bad)

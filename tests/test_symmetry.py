@@ -77,6 +77,20 @@ def test_random_elements_preserve_function(name, scan, key):
             assert rel_err(moved, params) > 1e-6, role
 
 
+def test_a_bare_encoders_pooler_output_is_fixed(key):
+    """A bare encoder's pooler output is the model's output, not hidden units: no group moves
+    it (the paper's alignment of two bare BERTs permuted it, as FFN units)."""
+    bare_vit = dataclasses.replace(CONFIGS["vit-h3d4-l2"], task=None, add_pooling_layer=True)
+    for config in (CONFIGS["bert-encoder-pooler"], bare_vit):
+        model, params = init(config, key)
+        x = inputs(config, jax.random.fold_in(key, 1))
+        spec = family(config).symmetry_spec(config)
+        t = sym.sample(spec, jax.random.fold_in(key, 2))
+        got = compiled(config).forward(compiled(config).apply(params, t), x).pooler_output
+        want = compiled(config).forward(params, x).pooler_output
+        assert rel_err(got, want) <= TOL, type(config).__module__
+
+
 @pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
 def test_wrong_transform_changes_logits(name, key):
     """Sanity: the tests above can fail. Rotating Q but not K, or permuting the stream in all

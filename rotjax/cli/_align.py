@@ -36,7 +36,9 @@ groups (--solve):
             anchor's canonical form: compare or merge it with that form, not with ANCHOR_DIR's
             stored weights; `rotjax merge --align all` does both)
 The default, rotation,scale,ffn, is the paper's method. The aligned model computes exactly
-what MODEL_DIR computes; only its weights move closer to ANCHOR_DIR's.
+what MODEL_DIR computes; only its weights move closer to ANCHOR_DIR's. (A bare encoder's
+hidden states are its output: residual and stream give them in ANCHOR_DIR's basis, the same
+vectors permuted or rotated; its pooler output never moves.)
 
 examples:
   rotjax inspect ./my-bert

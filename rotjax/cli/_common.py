@@ -121,9 +121,10 @@ def load_models(
         ]
         stored = _stored_dtype(directory)
         if stored not in (None, "float32"):
+            size = "half its size" if stored == "float64" else "twice its size"
             notes.append(
                 f"{label}: its weights are {stored}; rotjax computes in float32 and writes "
-                "float32 (a checkpoint twice its size: cast it back when loading, e.g. "
+                f"float32 (a checkpoint {size}: cast it back when loading, e.g. "
                 f"transformers' torch_dtype=torch.{stored})"
             )
         bad = non_finite(to_dict(p))
@@ -146,12 +147,16 @@ def load_models(
             for f in dataclasses.fields(first)
             if getattr(first, f.name) != getattr(config, f.name)
         }
-        shaping = {k: v for k, v in diff.items() if k not in a.training_fields}
+        # Models without a head read no num_labels (an encoder saved from a fine-tuned
+        # classifier keeps its id2label)
+        headless = ("num_labels",) if first.task is None and config.task is None else ()
+        shaping = {k: v for k, v in diff.items() if k not in (*a.training_fields, *headless)}
         if shaping:
             shown = ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in sorted(shaping.items()))
             raise CLIError(f"architectures differ ({named[0][0]} vs {label}): {shown}")
         notes += [
-            f"{label} differs from {named[0][0]} in {k} ({x!r} vs {y!r}), which only training uses"
+            f"{label} differs from {named[0][0]} in {k} ({x!r} vs {y!r}), which "
+            + ("a model without a head does not read" if k in headless else "only training uses")
             for k, (x, y) in sorted(diff.items())
         ]
         names = _label_names(directory) if first_names is not None else None

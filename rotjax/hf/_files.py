@@ -125,6 +125,13 @@ def read_torch_file(file: Path) -> dict[str, np.ndarray]:
         raise ValueError(f"{file} is not a readable PyTorch state dict: {e}") from e
     if not isinstance(state, Mapping):
         raise ValueError(f"{file} holds a {type(state).__name__}, not a state dict")
+    # (a training checkpoint's {"state_dict": ..., "epoch": ...}, or a state dict with extras)
+    others = [f"{k!r}: {type(v).__name__}" for k, v in state.items() if not torch.is_tensor(v)]
+    if others:
+        raise ValueError(
+            f"{file} is not a state dict of tensors: it also holds {', '.join(others[:5])}"
+            + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+        )
     return {k: torch_to_numpy(v) for k, v in state.items()}
 
 

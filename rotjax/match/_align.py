@@ -318,7 +318,32 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
             sym.check_elements(spec, options.init)
         except (TypeError, ValueError) as e:
             raise type(e)(f"init: {e}") from None
+        solved = {spec.groups[n].role for n in spec.select(roles=roles)}
+        if (
+            "residual" in solved
+            and "stream_rotation" not in solved
+            and (r := _rotated(spec, options.init))
+        ):
+            # It would act after the permutation, which `align` then does not solve (below):
+            # the permutation was returned unsolved, silently.
+            raise ValueError(
+                f"solve has 'residual' but init fixes the stream rotation {r} (not the "
+                f"identity) and solve has not 'stream': solve 'stream' too (its rotation holds "
+                f"every permutation of the stream) or leave {r} out of init"
+            )
     return checked_layers(spec, options.layers)
+
+
+def _rotated(spec: sym.Spec, init: Mapping[str, Any]) -> list[str]:
+    """The stream rotations of ``init`` that are not the identity (an identity rotation, as
+    in any complete transform, acts on nothing)."""
+    ident = sym.identity(spec)
+    return [
+        n
+        for n in init
+        if spec.groups[n].role == "stream_rotation"
+        and not np.array_equal(np.asarray(init[n]), np.asarray(ident[n]))
+    ]
 
 
 def _stages(spec, names, rotated=False):
@@ -368,15 +393,11 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     roles = {r for s in options.solve for r in BLOCKS[s]}
     names = spec.select(roles=roles, layers=layer_set)
     init = dict(options.init or {})
-    # A stream rotation in the start (not solved) still acts after the stream permutation:
-    # the permutation's assignment would see B in the wrong order, so it is not solved then
-    # (an identity rotation, as in any complete transform, acts on nothing: it is solved).
+    # A stream rotation in the start still acts after the stream permutation: the
+    # permutation's assignment would see B in the wrong order, so it is not solved then (the
+    # rotation, solved, holds every permutation; `_checked_against` refuses it unsolved).
+    rotated = bool(_rotated(spec, init))
     ident = sym.identity(spec)
-    rotated = any(
-        spec.groups[n].role == "stream_rotation"
-        and not np.array_equal(np.asarray(init[n]), np.asarray(ident[n]))
-        for n in init
-    )
     stages = _stages(spec, names, rotated)
     residual = tuple(n for n in names if spec.groups[n].role == "residual")
     streams = tuple(n for n in names if spec.groups[n].role == "stream_rotation")

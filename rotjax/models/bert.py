@@ -231,7 +231,8 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
     Groups: ``residual`` (the stream, shared by every embedding, LayerNorm and projection in
     or out of it), per layer the attention groups of `rotjax.symmetry.attention` and the FFN
     hidden permutation, and ``pooler`` / ``classifier/dense`` (the tanh hidden units of the
-    sequence heads). See `rotjax.symmetry` for how each group acts.
+    sequence heads; a bare encoder's pooler output is the model's, so it has no group). See
+    `rotjax.symmetry` for how each group acts.
     """
     if stream_rotation:
         raise ValueError(
@@ -269,7 +270,9 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
             ),
             sym.layer_norm(f"{prefix}/output_norm", D, "residual", batch=batch),
         ]
-    if c.has_pooler:
+    if c.has_pooler and c.task is None:  # its output is the model's: fixed
+        frags.append(sym.dense("pooler", D, D, in_group="residual"))
+    elif c.has_pooler:  # hidden units, read by the classifier (or by nothing)
         frags += [
             sym.permutation("pooler", D, role="ffn"),
             sym.dense("pooler", D, D, in_group="residual", out_group="pooler"),

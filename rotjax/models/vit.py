@@ -216,11 +216,8 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
         ]
     if c.task is not None:
         frags.append(sym.dense("classifier", D, c.num_labels, in_group=res))
-    elif c.has_pooler:
-        frags += [
-            sym.permutation("pooler", D, role="ffn"),
-            sym.dense("pooler", D, D, in_group=res, out_group="pooler"),
-        ]
+    elif c.has_pooler:  # the bare model's: its output is the model's, fixed
+        frags.append(sym.dense("pooler", D, D, in_group=res))
     spec = sym.Spec.combine(*frags)
     if not stream_rotation:
         return spec
