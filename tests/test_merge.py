@@ -499,6 +499,34 @@ def test_a_model_of_weight_zero_is_left_out(seed):
         np.testing.assert_allclose(got, a["w"], rtol=1e-7, err_msg=str(tiny))
 
 
+def test_integer_leaves_are_kept_equal_or_refused(seed):
+    """An integer or boolean leaf (a counter, a flag) has no mean: equal in every model, every
+    merge keeps it exactly (2**30 + 1 came back as 2**30 through float32); different, it is
+    refused by path (it was averaged and truncated)."""
+    rng = np.random.default_rng(seed)
+    x = lambda: {
+        "w": jnp.asarray(rng.normal(size=(3, 2)), jnp.float32),
+        "step": jnp.asarray(2**30 + 1, jnp.int32),
+        "on": jnp.asarray([True, False]),
+    }
+    a, b = x(), x()
+    f = {"fisher": {"w": jnp.ones((3, 2))}}
+    for got in (
+        merge.average([a, b]),
+        merge.fisher([a, b], [f, f]),
+        merge.regmean([a, b], [{"gram": {}}] * 2),
+        merge.task_arithmetic(a, [a, b]),
+        merge.ties(a, [a, b]),
+        merge.dare(a, [a, b], key=jax.random.key(0)),
+        merge.interpolate(a, b, 0.3),
+    ):
+        assert int(got["step"]) == 2**30 + 1 and got["step"].dtype == jnp.int32
+        np.testing.assert_array_equal(got["on"], [True, False])
+    c = {**b, "step": jnp.asarray(7, jnp.int32)}
+    with pytest.raises(ValueError, match=r"integer or boolean params differ .*\['step'\]"):
+        merge.average([a, c])
+
+
 def test_trim_keeps_what_a_quantile_cut_keeps(seed):
     """TIES' trim finds its cut by bisection on the magnitudes' bit patterns, without sorting:
     it keeps exactly the entries that `np.quantile`'s cut keeps, ties and zeros included."""

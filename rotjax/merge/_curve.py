@@ -34,7 +34,11 @@ def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
 # would compile and dispatch on their own (a cached demo loaded ~100 such programs).
 @jax.jit
 def _mix(la, lb, lam):
-    mix = lambda a, b: ((1.0 - lam) * wide(a) + lam * wide(b)).astype(jnp.asarray(a).dtype)
+    def mix(a, b):
+        if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact):  # equal (`checked_models`)
+            return a
+        return ((1.0 - lam) * wide(a) + lam * wide(b)).astype(jnp.asarray(a).dtype)
+
     return [mix(a, b) for a, b in zip(la, lb, strict=True)]
 
 

@@ -38,7 +38,8 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
     ``"params_list[i]"`` from 0.
 
     Raises:
-      ValueError: fewer than ``at_least`` models, or paths/shapes that differ (listed).
+      ValueError: fewer than ``at_least`` models, paths/shapes that differ (listed), or integer
+        or boolean leaves that differ (they have no mean; equal ones are kept).
     """
     check_sequence(params_list)
     if len(params_list) < at_least:
@@ -64,6 +65,16 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
         if bad:
             raise ValueError("params differ in shape between the models:\n" + "\n".join(bad))
         leaves.append(x)
+    # Integer and boolean leaves (counters, ids, flags) have no mean: equal, they are kept
+    # as they are; different, they were averaged and truncated, silently.
+    differ = [
+        path
+        for path, *xs in zip(paths, *leaves, strict=True)
+        if not jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact)
+        and not all(np.array_equal(np.asarray(xs[0]), np.asarray(x)) for x in xs[1:])
+    ]
+    if differ:
+        raise ValueError(f"integer or boolean params differ between the models: {differ[:10]}")
     return paths, leaves, treedef
 
 
@@ -131,6 +142,8 @@ def _average_leaves(w, leaves):
 
 
 def _weighted_mean(w, xs):
+    if not jnp.issubdtype(xs[0].dtype, jnp.inexact):  # equal in every model (`checked_models`)
+        return xs[0]
     w = w.astype(wide(xs[0]).dtype)
     total = sum(w[i] * wide(x) for i, x in enumerate(xs))
     return _cast(total / jnp.sum(w), xs[0])

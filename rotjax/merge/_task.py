@@ -88,6 +88,8 @@ def _merged_leaves(how, static, traced, leaves, scale):
     merged = how(_taus(leaves), **dict(static), **traced)
     return [
         (wide(b) + scale.astype(wide(b).dtype) * t).astype(jnp.asarray(b).dtype)
+        if jnp.issubdtype(jnp.asarray(b).dtype, jnp.inexact)
+        else b  # an integer or boolean leaf: the same in every model (`checked_models`)
         for b, t in zip(leaves[0], merged, strict=True)
     ]
 
