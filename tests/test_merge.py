@@ -1630,13 +1630,15 @@ def test_sharded_statistics_and_merges_match_one_device(key):
         assert rel_err(got[path], oracle) <= max(2 * one_device, bound)
     # Refit keeps the sharding too. Its least squares amplify rounding in another order, as
     # RegMean's above, along input directions the data barely take: params up to 1.2e-4 apart
-    # (ROTJAX_SEED=1429355037, ridge 1e-2), the refitted models' logits on the data up to
-    # 1.0e-5 (4 seeds); 1e-4 on the logits leaves room for that and catches any real mismatch.
+    # (ROTJAX_SEED=1429355037, ridge 1e-2), the refitted models' logits on the data 1.0e-5 on
+    # 4 seeds but 1.1e-4 on ROTJAX_SEED=1449624377 (the same at the code of 7002b22); 1e-3
+    # on the logits leaves room for that, and a real mismatch (a kernel laid out or reduced
+    # wrongly) moves them by O(1).
     refit = lambda ps: merge.refit(c.model, merge.average(ps), ps, data, ridge=1e-2)
     got, want = refit([from_dict(sa), from_dict(sb)]), refit([from_dict(fa), from_dict(fb)])
     assert to_dict(got)[path].sharding.is_equivalent_to(kernel, 2)
     errs = [rel_err(c.forward(got, x), c.forward(want, x)) for x in data]
-    assert max(errs) <= 1e-4, errs
+    assert max(errs) <= 1e-3, errs
 
 
 def test_curve_and_barrier(key):
