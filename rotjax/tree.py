@@ -66,6 +66,12 @@ def placed_like(new: Any, old: Any) -> Any:
     return new
 
 
+def averaged(x: Any) -> bool:
+    """Whether a merge averages leaf ``x``: a floating (or complex) dtype. Integer and boolean
+    leaves (counters, ids, flags) have no mean: merges keep them, equal in every model."""
+    return jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+
+
 def wide(x: Any) -> jax.Array:
     """``x`` as a jax array in at least float32: bfloat16 models' statistics, merges and
     metrics are computed in float32, float64 ones (with ``jax_enable_x64``) in float64."""

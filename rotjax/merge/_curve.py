@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.merge._methods import checked_models
-from rotjax.tree import wide
+from rotjax.tree import averaged, wide
 
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1")
 
@@ -35,7 +35,7 @@ def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
 @jax.jit
 def _mix(la, lb, lam):
     def mix(a, b):
-        if not jnp.issubdtype(jnp.asarray(a).dtype, jnp.inexact):  # equal (`checked_models`)
+        if not averaged(a):  # equal in every model (`checked_models`)
             return a
         return ((1.0 - lam) * wide(a) + lam * wide(b)).astype(jnp.asarray(a).dtype)
 

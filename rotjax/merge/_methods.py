@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.match._checks import non_finite
-from rotjax.tree import flatten, wide
+from rotjax.tree import averaged, flatten, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -70,7 +70,7 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
     differ = [
         path
         for path, *xs in zip(paths, *leaves, strict=True)
-        if not jnp.issubdtype(jnp.result_type(xs[0]), jnp.inexact)
+        if not averaged(xs[0])
         and not all(np.array_equal(np.asarray(xs[0]), np.asarray(x)) for x in xs[1:])
     ]
     if differ:
@@ -142,7 +142,7 @@ def _average_leaves(w, leaves):
 
 
 def _weighted_mean(w, xs):
-    if not jnp.issubdtype(xs[0].dtype, jnp.inexact):  # equal in every model (`checked_models`)
+    if not averaged(xs[0]):  # equal in every model (`checked_models`)
         return xs[0]
     w = w.astype(wide(xs[0]).dtype)
     total = sum(w[i] * wide(x) for i, x in enumerate(xs))

@@ -14,7 +14,7 @@ import numpy as np
 
 from rotjax.merge._methods import check_sequence, checked_models, scalar
 from rotjax.models import _layout
-from rotjax.tree import wide
+from rotjax.tree import averaged, wide
 
 TRIMS = ("global", "tensor")
 
@@ -88,7 +88,7 @@ def _merged_leaves(how, static, traced, leaves, scale):
     merged = how(_taus(leaves), **dict(static), **traced)
     return [
         (wide(b) + scale.astype(wide(b).dtype) * t).astype(jnp.asarray(b).dtype)
-        if jnp.issubdtype(jnp.asarray(b).dtype, jnp.inexact)
+        if averaged(b)
         else b  # an integer or boolean leaf: the same in every model (`checked_models`)
         for b, t in zip(leaves[0], merged, strict=True)
     ]
