@@ -174,6 +174,8 @@ def test_align_recovers_a_planted_element_with_a_stream_rotation(scan, key):
     with pytest.raises(ValueError, match="canonicalize"):
         match.align(spec, canon, noisy, solve=(), init=g)
     assert match.align(spec, canon, noisy, solve=("ffn",)).params  # no rotation: accepted
+    ident = sym.identity(spec)  # a complete start whose stream rotation is the identity too
+    assert match.align(spec, canon, noisy, solve=("ffn",), init=ident).params
     ulp = to_dict(b)  # a norm one ulp off 1 (a merge of canonical models): accepted
     path = next(p for p in ulp if p.endswith("layernorm_after/scale"))
     ulp[path] = jnp.nextafter(ulp[path], 2.0)

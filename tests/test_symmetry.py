@@ -336,6 +336,17 @@ def test_bad_spec_is_rejected():
         sym.Spec.combine(
             sym.permutation("p", 3), sym.param("w", (3, 4), sym.Action("p", (0,), power=-1))
         )
+    # Per-head rotations over a head permutation that permutes another axis of the kernel
+    # (`compose` would move the rotations with heads they do not act on).
+    heads = sym.permutation("h", 3, role="heads")
+    rot = sym.group("r", sym.Group("orth", 3, dim=2, over="h", role="qk_rotation"))
+    w = lambda *acts: sym.param("w", (3, 3, 2), *acts)
+    ok = sym.Spec.combine(heads, rot, w(sym.Action("h", (1,)), sym.Action("r", (1, 2))))
+    assert set(ok.groups) == {"h", "r"}
+    with pytest.raises(ValueError, match=r"'w' .*'r' acts on axis 1, which its over='h' does not"):
+        sym.Spec.combine(heads, rot, w(sym.Action("h", (0,)), sym.Action("r", (1, 2))))
+    with pytest.raises(ValueError, match=r"over='h' does not permute here \(it permutes no axis"):
+        sym.Spec.combine(heads, rot, w(sym.Action("r", (1, 2))))
 
 
 class NNXAttention(nnx.Module):

@@ -275,17 +275,17 @@ def _orthogonal_in_float64(spec: sym.Spec, transform: dict) -> dict:
 
 
 def _check_stream_form(spec: sym.Spec, options: Options, flats) -> None:
-    """A stream rotation (solved, or in ``init``) is a symmetry only of models whose norms
-    are at γ = 1, β = 0 (`rotjax.symmetry.canonicalize`): refuse models to be moved (``flats``:
-    not the anchor, which only serves as a target) that are not, naming the first such norm.
-    The norms are the params the stream's permutation group acts on and its rotation does not
-    (they are never rotated)."""
+    """A stream rotation (solved, or in ``init`` other than the identity) is a symmetry only
+    of models whose norms are at γ = 1, β = 0 (`rotjax.symmetry.canonicalize`): refuse models
+    to be moved (``flats``: not the anchor, which only serves as a target) that are not,
+    naming the first such norm. The norms are the params the stream's permutation group acts
+    on and its rotation does not (they are never rotated)."""
     solved = {r for b in options.solve for r in BLOCKS[b]}
+    given = _rotated(spec, options.init) if options.init else []
     streams = [
         n
         for n, g in spec.groups.items()
-        if g.role == "stream_rotation"
-        and ("stream_rotation" in solved or n in (options.init or {}))
+        if g.role == "stream_rotation" and ("stream_rotation" in solved or n in given)
     ]
     for name in streams:
         rotated = {path for path, _ in spec.users[name]}

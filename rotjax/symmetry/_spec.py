@@ -256,6 +256,16 @@ def _check(groups: Mapping[str, Group], params: Mapping[str, ParamSpec], *, comp
                 raise ValueError(f"{where}: axes {a.axes} do not fit group {a.group!r} {g.shape}")
             if g.kind != "scale" and a.power != 1:
                 raise ValueError(f"{where}: power {a.power} is not allowed for {g.kind} groups")
+            if complete and g.over is not None:
+                # `compose` and `invert` move g's elements with the heads `over` permutes: it
+                # must permute this very axis of every param g acts on.
+                over = [b.axes for b in p.actions if b.group == g.over]
+                if (a.axes[0],) not in over:
+                    raise ValueError(
+                        f"{where}: group {a.group!r} acts on axis {a.axes[0]}, which its "
+                        f"over={g.over!r} does not permute here (it permutes "
+                        f"{[ax[0] for ax in over] or 'no axis'})"
+                    )
 
 
 def validate(spec: Spec, params: Any) -> None:
