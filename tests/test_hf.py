@@ -120,11 +120,16 @@ def ctor_kwargs(name):
 
 
 def torch_model(name, seed):
-    """A transformers model of case ``name`` with every parameter random (norm weights
-    ``1 + noise``, biases nonzero), so no wrongly mapped tensor can hide behind init values."""
+    """A transformers model of case ``name``, with random parameters (`randomize`)."""
     config = rotjax.hf.transformers_config(CASES[name])
     config._attn_implementation = "eager"
-    model = getattr(transformers, config.architectures[0])(config, **ctor_kwargs(name)).eval()
+    model = getattr(transformers, config.architectures[0])(config, **ctor_kwargs(name))
+    return randomize(model.eval(), seed)
+
+
+def randomize(model, seed):
+    """``model`` with every parameter random (norm weights ``1 + noise``, biases nonzero), so no
+    wrongly mapped tensor can hide behind init values."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for p in model.parameters():
@@ -214,6 +219,74 @@ def test_parity_with_transformers(name, seed, tmp_path):
     assert_trees_equal(rotjax.models.unstack_layers(params_s), params)
     if name in SCANNED:  # the others would only add XLA compiles for identical params
         assert rel_err(rotjax_forward(config_s, params_s, x), expected) <= TOL
+
+
+@pytest.mark.parametrize(
+    "arch, image_size, patch_size",
+    [("ViTForImageClassification", 30, 4), ("ViTModel", 23, 6)],
+)
+def test_vit_image_size_not_a_multiple_of_patch_size_matches_transformers(
+    arch, image_size, patch_size, seed, tmp_path
+):
+    """transformers' strided Conv2d keeps ``(image_size // patch_size)²`` patches and drops the
+    last ``image_size % patch_size`` rows and columns; rotjax loads, runs and saves such a
+    checkpoint alike (30/4: 7x7 patches, 2 pixels cropped; 23/6: 3x3, 5 cropped, a patch
+    short of one more)."""
+    hf = transformers.ViTConfig(
+        hidden_size=12, num_hidden_layers=2, num_attention_heads=3, intermediate_size=24,
+        image_size=image_size, patch_size=patch_size, num_labels=5,
+    )  # fmt: skip
+    hf._attn_implementation = "eager"
+    model = randomize(getattr(transformers, arch)(hf).eval(), seed)
+    model.save_pretrained(tmp_path / "hf")
+    config, params = rotjax.hf.load(tmp_path / "hf")
+    n = image_size // patch_size
+    assert config.image_size == image_size and config.num_patches == n * n
+    x = make_inputs(config, np.random.default_rng(seed))
+    expected = torch_forward(model, x)
+    ours = rotjax_forward(config, params, x)
+    assert rel_err(ours, expected) <= TOL
+    cropped = x[0].copy()
+    cropped[:, n * patch_size :] = cropped[:, :, n * patch_size :] = 100.0
+    np.testing.assert_array_equal(rotjax_forward(config, params, (cropped,)), ours)
+    again = rotjax.hf.load(rotjax.hf.save(tmp_path / "again", config, params))
+    assert again[0] == config
+    assert_trees_equal(again[1], params)
+    small = patch_size - 1  # no patch at all: torch's Conv2d fails too
+    with pytest.raises(
+        ValueError, match=f"image_size={small} is smaller than patch_size={patch_size}"
+    ):
+        dataclasses.replace(config, image_size=small)
+
+
+@pytest.mark.parametrize(
+    "arch, hidden, heads, kv_heads",
+    [
+        ("MistralForCausalLM", 20, 3, 3),
+        ("MistralForCausalLM", 26, 4, 2),
+        ("Qwen2ForCausalLM", 34, 4, 1),
+    ],
+)
+def test_absent_head_dim_is_floored_as_transformers(arch, hidden, heads, kv_heads, seed, tmp_path):
+    """A ``config.json`` without ``head_dim`` whose heads do not divide ``hidden_size``:
+    Mistral and Qwen2 take ``hidden_size // num_attention_heads`` (6, 6, 8 here), as
+    transformers (LlamaConfig refuses it, and so does rotjax: see the test above)."""
+    cls = getattr(transformers, arch)
+    hf = cls.config_class(
+        vocab_size=40, hidden_size=hidden, intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=heads, num_key_value_heads=kv_heads,
+    )  # fmt: skip
+    hf._attn_implementation = "eager"
+    model = randomize(cls(hf).eval(), seed)
+    model.save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    path.write_text(
+        json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "head_dim"})
+    )
+    config, params = rotjax.hf.load(tmp_path)
+    assert config.head_dim == hidden // heads == model.model.layers[0].self_attn.head_dim
+    x = make_inputs(config, np.random.default_rng(seed))
+    assert rel_err(rotjax_forward(config, params, x), torch_forward(model, x)) <= TOL
 
 
 @pytest.mark.parametrize("name", ["bert-seq-h3d4", "vit-cls-h3d4", "deberta-seq-v3-h3d5"])
@@ -878,6 +951,11 @@ def test_llama_checkpoint_options_rotjax_lacks_are_refused_and_buffers_dropped(s
         ({"model_type": "mistral", "attention_bias": True}, "mistral has no attention_bias"),
         ({"model_type": "qwen2", "mlp_bias": True}, "qwen2 has no mlp_bias"),
         ({"hidden_size": 14, "head_dim": 4}, "hidden_size=14 is not a multiple of"),
+        # head_dim absent: floored as transformers (test_absent_head_dim_is_floored_...), but
+        # LlamaConfig refuses a remainder, and RoPE an odd or empty head
+        ({"hidden_size": 44}, "hidden_size=44 is not a multiple of num_attention_heads=3"),
+        ({"model_type": "mistral", "hidden_size": 40}, "RoPE needs an even head_dim, got 13"),
+        ({"model_type": "qwen2", "hidden_size": 2}, "hidden_size=2 is smaller than num_att"),
         ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not implemented"),
     ],
 )

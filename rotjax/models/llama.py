@@ -46,7 +46,7 @@ class Config:
     num_hidden_layers: int = 32
     num_attention_heads: int = 32
     num_key_value_heads: int | None = None  # None: as many as query heads (no grouping)
-    head_dim: int | None = None  # None: hidden_size // num_attention_heads
+    head_dim: int | None = None  # None: hidden_size // num_attention_heads (floored)
     # (both resolved on construction, so a loaded config equals the one it was saved from)
     hidden_act: str = "silu"
     max_position_embeddings: int = 2048
@@ -73,9 +73,13 @@ class Config:
             object.__setattr__(self, "num_key_value_heads", self.num_attention_heads)
         if self.model_type == "qwen2" and self.sliding_window and self.max_window_layers is None:
             object.__setattr__(self, "max_window_layers", 28)  # Qwen2Config's default
-        if self.head_dim is None:
-            head = _layers.head_dim(self.hidden_size, self.num_attention_heads)
-            object.__setattr__(self, "head_dim", head)
+        if self.head_dim is None:  # transformers floors (LlamaConfig refuses a remainder, below)
+            if self.hidden_size < self.num_attention_heads:
+                raise ValueError(  # transformers fails on the 0 too
+                    f"hidden_size={self.hidden_size} is smaller than num_attention_heads="
+                    f"{self.num_attention_heads}: head_dim would be 0"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
         for name in ("num_key_value_heads", "head_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"config field {name} must be >= 1, got {getattr(self, name)}")

@@ -56,9 +56,9 @@ class Config:
         _layers.check_fields(self)
         if self.task not in (None, "image_classification"):
             raise ValueError(f"task must be None or 'image_classification', got {self.task!r}")
-        if self.image_size % self.patch_size:
+        if self.image_size < self.patch_size:  # no patch: transformers' Conv2d fails too
             raise ValueError(
-                f"image_size={self.image_size} is not a multiple of patch_size={self.patch_size}"
+                f"image_size={self.image_size} is smaller than patch_size={self.patch_size}"
             )
         _layers.head_dim(self.hidden_size, self.num_attention_heads)
         _layers.activation(self.hidden_act)
@@ -69,6 +69,8 @@ class Config:
 
     @property
     def num_patches(self) -> int:
+        """``(image_size // patch_size)²``: as transformers' strided Conv2d, the last
+        ``image_size % patch_size`` rows and columns (bottom, right) fall in no patch."""
         return (self.image_size // self.patch_size) ** 2
 
     @property
@@ -152,7 +154,7 @@ class Embeddings(nn.Module):
         c = self.config
         init = nn.initializers.normal(c.initializer_range)
         p = c.patch_size
-        x = nn.Conv(
+        x = nn.Conv(  # VALID windows from the top left: a remainder is cropped, as torch
             c.hidden_size,
             (p, p),
             strides=(p, p),
