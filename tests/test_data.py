@@ -412,6 +412,39 @@ def test_wordnet_pipeline_on_fake_files(tmp_path):
         data.wordnet_glosses(classes=("noun.dogs",), cache=False)
 
 
+def test_wordnet_cache_follows_every_tokenizer_file_that_sets_ids(tmp_path, monkeypatch):
+    """The cache key hashed ``tokenizer.json`` alone, but without a padding section there the
+    pad token comes from ``tokenizer_config.json`` or ``special_tokens_map.json``: a change
+    of either left the old ids in the cache. A file the loader does not read (``vocab.txt``)
+    keeps the cached arrays."""
+    _write_wordnet(tmp_path / "wn", {"noun": _FAKE_NOUNS, "verb": _FAKE_VERBS})
+    tok = tmp_path / "tok"
+    tok.mkdir()
+    spec = json.loads((data.minilm_dir() / "tokenizer.json").read_text())
+    spec["padding"] = None
+    (tok / "tokenizer.json").write_text(json.dumps(spec))
+    kwargs = dict(classes=("noun.animal", "verb.motion"), wordnet_dir=tmp_path / "wn")
+    kwargs.update(max_length=16, tokenizer_dir=tok, cache_dir=tmp_path / "cache")
+
+    def pad_ids():
+        ds = data.wordnet_glosses(**kwargs).train
+        return set(np.unique(ds.input_ids[ds.attention_mask == 0]).tolist())
+
+    assert pad_ids() == {0}  # BERT's [PAD]
+    (tok / "special_tokens_map.json").write_text(json.dumps({"pad_token": {"content": "[UNK]"}}))
+    assert pad_ids() == {100}
+    (tok / "tokenizer_config.json").write_text(json.dumps({"pad_token": "[SEP]"}))
+    assert pad_ids() == {102}
+    assert len(list((tmp_path / "cache").iterdir())) == 3
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the tokenizer must not be loaded on a cache hit")
+
+    monkeypatch.setattr(_text, "load_tokenizer", fail)
+    (tok / "vocab.txt").write_text("[PAD]\n")
+    assert pad_ids() == {102}
+
+
 def test_wordnet_real_spot_checks():
     nouns = data.read_synsets(data.WORDNET_DIR, "noun")
     assert len(nouns) == 82115
@@ -521,6 +554,28 @@ def test_batches_shuffle_is_deterministic(seed):
         np.testing.assert_array_equal(batch["x"][:, 0], batch["y"] // 5)
     for k in arrays:  # inputs untouched
         np.testing.assert_array_equal(arrays[k], copy[k])
+
+
+def test_epoch_orders_are_distinct_for_large_seeds_and_kept_for_small_ones():
+    """numpy splits an int >= 2**32 into 32-bit words and joins a list's words, so the seeding
+    ``[seed, epoch]`` gave seed 2**32 + 7's first pass the order of seed 7's second pass (and
+    seed 2**32's that of seed 0's second). Orders of seeds and epochs below 2**32 are those of
+    every run so far (pinned: trained models and cached results are keyed on them)."""
+    pinned = {(0, 0): [4, 6, 2, 7, 3, 5, 9, 0, 8, 1], (7, 1): [9, 0, 8, 6, 7, 1, 3, 4, 2, 5]}
+    pinned[2**32 - 1, 3] = [2, 3, 1, 0, 7, 9, 5, 8, 6, 4]
+    for (seed, epoch), order in pinned.items():
+        np.testing.assert_array_equal(data.epoch_order(10, seed=seed, epoch=epoch), order)
+        assert (np.random.default_rng([seed, epoch]).permutation(10) == order).all()
+    pairs = [(s, e) for s in (0, 7, 2**32, 2**32 + 7, 7 * 2**32, 2**64 + 7) for e in (0, 1, 7)]
+    pairs += [(0, 2**32), (7, 2**32), (7, 2**32 + 1)]
+    orders = {pair: tuple(data.epoch_order(30, seed=pair[0], epoch=pair[1])) for pair in pairs}
+    assert len(set(orders.values())) == len(pairs)
+    np.testing.assert_array_equal(  # numpy ints seed like Python ints
+        data.epoch_order(10, seed=np.uint64(2**32 + 7), epoch=np.int64(1)),
+        data.epoch_order(10, seed=2**32 + 7, epoch=1),
+    )
+    with pytest.raises(ValueError, match=r"seed and epoch must be >= 0, got seed=0, epoch=-1"):
+        data.epoch_order(10, seed=0, epoch=-1)
 
 
 def test_padded_batches_count_every_example_once():
@@ -647,6 +702,12 @@ def test_concat_keeps_the_shared_names_in_order():
         data.concat([a, {"x": np.zeros((2, 3))}])
     with pytest.raises(ValueError, match="no name"):
         data.concat([a, {"y": np.zeros(2)}])
+    # uint8 pixels with float32 ones were promoted silently (to float32: raw 0..255 beside 0..1)
+    pixels = {"x": np.zeros((2, 2), np.uint8), "labels": np.arange(2)}
+    floats = {"x": np.zeros((1, 2), np.float32), "labels": np.arange(1)}
+    msg = r"'x' has dtypes \{0: 'uint8', 1: 'uint8', 2: 'float32'\} \(by dataset index\)"
+    with pytest.raises(ValueError, match=msg):
+        data.concat([pixels, pixels, floats])
     with pytest.raises(ValueError, match="no datasets"):
         data.concat([])
 

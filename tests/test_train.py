@@ -749,6 +749,21 @@ def test_labels_outside_the_classes_are_refused_before_any_work(seed, tmp_path):
         train.fit(state, steps, none, batch_size=BATCH, num_steps=1, workdir=tmp_path)
 
 
+def test_labels_of_a_non_integer_dtype_are_refused_by_name(seed, tmp_path):
+    """Float labels passed the class check (1.0 is in [0, 3)) and failed inside optax with an
+    error naming neither the labels nor their dtype; bool labels are no class ids either."""
+    state, steps = setup(BERT, seed)
+    good = text_data(BERT, seed, 20, token_labels=False)
+    for dtype in (np.float32, np.bool_):
+        bad = {**good, "labels": (good["labels"] > 0).astype(dtype)}
+        msg = rf"train_data labels: labels must be integer class ids, got dtype {np.dtype(dtype)}"
+        with pytest.raises(ValueError, match=msg):
+            train.fit(state, steps, bad, batch_size=BATCH, num_steps=1, workdir=tmp_path)
+        assert not (tmp_path / "checkpoints").exists()
+        with pytest.raises(ValueError, match=rf"eval labels: .* got dtype {np.dtype(dtype)}"):
+            train.evaluate(steps, state.params, bad, batch_size=BATCH)
+
+
 def test_fit_refuses_a_state_or_checkpoint_past_num_steps(seed, tmp_path):
     run_bert(seed, 2, workdir=tmp_path)
     with pytest.raises(ValueError, match=r"checkpoint at step 2, past num_steps=1"):

@@ -13,6 +13,7 @@ batch of short texts then scales with its longest text, not with the padded leng
 
 from __future__ import annotations
 
+import operator
 from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
@@ -41,10 +42,23 @@ def steps_per_epoch(num_examples: int, batch_size: int) -> int:
 
 
 def epoch_order(num_examples: int, *, seed: int, epoch: int = 0) -> np.ndarray:
-    """The example order of pass ``epoch``: ``default_rng([seed, epoch]).permutation(n)``."""
+    """The example order of pass ``epoch``: ``default_rng(entropy).permutation(n)``, a stream
+    of its own for every pair of ints ``seed, epoch >= 0``.
+
+    ``entropy`` is ``[seed, epoch]`` while both are below ``2**32``. numpy splits a larger int
+    into 32-bit words (low first) and joins the words of a list, so ``[2**32 + 7, 0]`` and
+    ``[7, 1]`` would both be the words ``7, 1, 0`` (trailing zeros change nothing either);
+    larger values are therefore spelled out as their words followed by the two word counts
+    (at least 5 words ending in a nonzero one: no pair below ``2**32`` spells the same).
+    """
+    seed, epoch = operator.index(seed), operator.index(epoch)
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
-    return np.random.default_rng([seed, epoch]).permutation(num_examples)
+    entropy = [seed, epoch]
+    if max(entropy) >= 2**32:  # below it, the orders of every run so far are kept
+        words = [[n >> k & 0xFFFFFFFF for k in range(0, n.bit_length() or 1, 32)] for n in entropy]
+        entropy = [*words[0], *words[1], len(words[0]), len(words[1])]
+    return np.random.default_rng(entropy).permutation(num_examples)
 
 
 def batch_indices(num_examples: int, batch_size: int, *, seed: int, step: int) -> np.ndarray:
@@ -116,7 +130,9 @@ def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
 
     Raises:
       ValueError: No datasets, no name they all have, or arrays of one name that differ past
-        the example axis (e.g. token sequences of different lengths; the shapes in the message).
+        the example axis (e.g. token sequences of different lengths; the shapes in the message)
+        or in dtype (``np.concatenate`` would promote uint8 pixels to the floats of another
+        dataset, or int labels to floats, silently; the dtypes by dataset in the message).
     """
     if not datasets:
         raise ValueError("concat: no datasets")
@@ -127,6 +143,12 @@ def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
         shapes = [np.shape(d[name]) for d in datasets]
         if len({s[1:] for s in shapes}) > 1 or any(not s for s in shapes):
             raise ValueError(f"concat: {name!r} has shapes {shapes}; they must agree past axis 0")
+        dtypes = {i: str(np.asarray(d[name]).dtype) for i, d in enumerate(datasets)}
+        if len(set(dtypes.values())) > 1:
+            raise ValueError(
+                f"concat: {name!r} has dtypes {dtypes} (by dataset index); they must agree "
+                "(convert them first)"
+            )
     return {name: np.concatenate([np.asarray(d[name]) for d in datasets]) for name in names}
 
 

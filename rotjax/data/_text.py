@@ -33,7 +33,8 @@ dataset (a few shared example sentences), up to case and spacing (`same_text`: t
 tokenizer would make them one input), are dropped so that no input is in two splits.
 
 Tokenized arrays are cached on disk as ``.npz`` (written atomically), keyed by the dataset
-options, the sizes and modification times of the WordNet files and a hash of the tokenizer.
+options, the sizes and modification times of the WordNet files and hashes of the tokenizer's
+files (`tokenizer_stamp`).
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ from rotjax.data._tokenize import (
     encode,
     load_tokenizer,
     tokenizer_file,
+    tokenizer_stamp,
 )
 from rotjax.data._wordnet import (
     LEXNAMES,
@@ -290,14 +292,14 @@ def _wordnet_dataset(
 
 def cached_path(name, max_length, options, sources, tok_file, cache_dir) -> Path:
     """``<cache dir>/<name>-L<max_length>-<hash>.npz``: the hash of everything the arrays
-    depend on (the options, the source files' sizes and times, the tokenizer)."""
+    depend on (the options, the source files' sizes and times, the tokenizer's files)."""
     key = {
         "version": _CACHE_VERSION,
         "name": name,
         "max_length": max_length,
         **options,
         "sources": [file_stamp(p) for p in sources],
-        "tokenizer": hashlib.sha256(tok_file.read_bytes()).hexdigest(),
+        "tokenizer": tokenizer_stamp(tok_file),
     }
     digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:16]
     directory = default_cache_dir() if cache_dir is None else Path(cache_dir)

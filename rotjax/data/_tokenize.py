@@ -3,6 +3,7 @@ on-disk cache of tokenized datasets."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from collections.abc import Sequence
@@ -105,11 +106,24 @@ def load_tokenizer(path: Path, max_length: int) -> Tokenizer:
     return tokenizer
 
 
+PAD_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
+"""The files beside ``tokenizer.json`` that `load_tokenizer` reads (for a padding token)."""
+
+
+def tokenizer_stamp(path: Path) -> dict[str, str | None]:
+    """The sha256 of every file `load_tokenizer` reads for ``path`` (``None`` when absent), by
+    name: what a cache of token ids depends on. Other files (``vocab.txt``) are not read."""
+    files = [path, *(path.parent / name for name in PAD_CONFIG_FILES)]
+    return {
+        f.name: hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None for f in files
+    }
+
+
 def _configured_pad(directory: Path) -> str:
     """The padding token that ``tokenizer_config.json`` or ``special_tokens_map.json`` name
     (a ``tokenizer.json`` converted from a slow tokenizer often has no padding section), else
     BERT's ``[PAD]``."""
-    for name in ("tokenizer_config.json", "special_tokens_map.json"):
+    for name in PAD_CONFIG_FILES:
         try:
             pad = json.loads((directory / name).read_text()).get("pad_token")
         except (OSError, ValueError, AttributeError):

@@ -30,8 +30,11 @@ def check_labels(labels: np.ndarray, what: str, num_classes: int | None = None) 
     "unlabeled" of many test splits) would be gathered as the last class, and one of
     ``num_classes`` or more would make the loss NaN, neither with an error. Labels that are
     all `IGNORE_LABEL` are refused too (an evaluation of loss 0 and accuracy 0, or training
-    by weight decay alone)."""
+    by weight decay alone), and so are labels of any dtype but an integer one (float labels
+    fail inside optax with an error that names neither; bool ones are no class ids)."""
     y = np.asarray(labels)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: labels must be integer class ids, got dtype {y.dtype}")
     bad = (y != IGNORE_LABEL) & ((y < 0) | (y >= (np.inf if num_classes is None else num_classes)))
     if bad.any():
         classes = "[0, ∞)" if num_classes is None else f"[0, {num_classes})"
