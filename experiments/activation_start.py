@@ -8,7 +8,8 @@ prediction loss (the function's criterion), on held-out training images and on t
 Per pair, A and B in canonical form as for the reproduction's ``activations``
 (`fusion.ALIGNMENTS`): the activation start (`merge.activation_init` of the cross-moments of
 1000 training images of the reproduction's shuffle), weight matching from it for 1, ...,
-``--max-sweeps`` sweeps and to convergence, weight matching from its own data-free start, and
+``--max-sweeps`` sweeps (at least `align_by_activations`' own number, so that its choice is
+among them) and to convergence, weight matching from its own data-free start, and
 B unaligned; with ``--descent-steps N``, also `align_by_activations`' choice refined by N
 steps of straight-through descent (a reference: neither rule below picks it). For each: the
 prediction loss of the average on the 1000 images, its accuracy on the next 2000 training
@@ -65,7 +66,7 @@ def candidates(
     start = merge.activation_init(pair.spec, cross, params=(pair.a, pair.b))
     opts = dict(solve=match.ALL, key=key)
     out = {"start": match.align(pair.spec, pair.a, pair.b, solve=(), init=start)}
-    for s in range(1, max_sweeps + 1):
+    for s in range(1, max(max_sweeps, LIBRARY_SWEEPS) + 1):  # the library's candidates too
         out[f"start + {s}"] = match.align(
             pair.spec, pair.a, pair.b, max_sweeps=s, init=start, **opts
         )
@@ -172,7 +173,12 @@ def summary(results) -> list[str]:
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("dirs", nargs="+", help="Hugging Face ViT checkpoints (at least 2)")
-    p.add_argument("--max-sweeps", type=int, default=6)
+    p.add_argument(
+        "--max-sweeps",
+        type=int,
+        default=6,
+        help=f"sweeps from the start (at least align_by_activations' {LIBRARY_SWEEPS})",
+    )
     p.add_argument("--images", type=int, default=10_000, help="test images")
     p.add_argument(
         "--descent-steps",
