@@ -708,6 +708,16 @@ def test_concat_keeps_the_shared_names_in_order():
     msg = r"'x' has dtypes \{0: 'uint8', 1: 'uint8', 2: 'float32'\} \(by dataset index\)"
     with pytest.raises(ValueError, match=msg):
         data.concat([pixels, pixels, floats])
+    with pytest.raises(ValueError, match=r"'labels' has dtypes \{0: 'int32', 1: 'float64'\}"):
+        data.concat([{"labels": np.arange(2, dtype=np.int32)}, {"labels": np.zeros(1)}])
+    # One kind, other widths (a tokenizer's int64 ids beside rotjax's int32): the wider one.
+    ids = [{"ids": np.arange(2, dtype=t)} for t in (np.int32, np.int64, np.uint8)]
+    assert data.concat(ids)["ids"].dtype == np.int64
+    np.testing.assert_array_equal(data.concat(ids)["ids"], [0, 1, 0, 1, 0, 1])
+    with pytest.raises(ValueError, match="of different kinds"):  # their join: float64
+        data.concat([{"ids": np.arange(2, dtype=np.uint64)}, {"ids": np.arange(2)}])
+    halves = [{"x": np.ones((1, 2), t)} for t in (np.float32, np.float64)]
+    assert data.concat(halves)["x"].dtype == np.float64
     with pytest.raises(ValueError, match="no datasets"):
         data.concat([])
 

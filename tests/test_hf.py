@@ -954,6 +954,7 @@ def test_llama_checkpoint_options_rotjax_lacks_are_refused_and_buffers_dropped(s
         # head_dim absent: floored as transformers (test_absent_head_dim_is_floored_...), but
         # LlamaConfig refuses a remainder, and RoPE an odd or empty head
         ({"hidden_size": 44}, "hidden_size=44 is not a multiple of num_attention_heads=3"),
+        ({"hidden_size": 40}, "hidden_size=40 is not a multiple of"),  # (not: odd width 13)
         ({"model_type": "mistral", "hidden_size": 40}, "RoPE needs an even head_dim, got 13"),
         ({"model_type": "qwen2", "hidden_size": 2}, "hidden_size=2 is smaller than num_att"),
         ({"attention_dropout": 0.1}, "attention_dropout=0.1 is not implemented"),

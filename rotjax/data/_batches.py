@@ -47,9 +47,11 @@ def epoch_order(num_examples: int, *, seed: int, epoch: int = 0) -> np.ndarray:
 
     ``entropy`` is ``[seed, epoch]`` while both are below ``2**32``. numpy splits a larger int
     into 32-bit words (low first) and joins the words of a list, so ``[2**32 + 7, 0]`` and
-    ``[7, 1]`` would both be the words ``7, 1, 0`` (trailing zeros change nothing either);
+    ``[7, 1]`` would both be the words ``7, 1, 0`` (and zeros up to its pool's 4 words change
+    nothing);
     larger values are therefore spelled out as their words followed by the two word counts
-    (at least 5 words ending in a nonzero one: no pair below ``2**32`` spells the same).
+    (at least 5 words ending in a nonzero one: no pair below ``2**32``, padded with zeros to
+    numpy's pool of 4 words, spells the same, and the counts make the spelling unique).
     """
     seed, epoch = operator.index(seed), operator.index(epoch)
     if seed < 0 or epoch < 0:
@@ -124,6 +126,9 @@ def batches(
     return _pass(names, values, n, batch_size, order, drop_remainder, pad, rows, trim)
 
 
+_KINDS = {"u": "i"}  # signed and unsigned ints are one kind: both class ids or token ids
+
+
 def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray]:
     """The examples of several datasets (dicts of arrays), one after another, under the names
     they all have (sorted); names that some lack are dropped.
@@ -131,8 +136,10 @@ def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
     Raises:
       ValueError: No datasets, no name they all have, or arrays of one name that differ past
         the example axis (e.g. token sequences of different lengths; the shapes in the message)
-        or in dtype (``np.concatenate`` would promote uint8 pixels to the floats of another
-        dataset, or int labels to floats, silently; the dtypes by dataset in the message).
+        or in the kind of their dtype (``np.concatenate`` would promote uint8 pixels to the
+        floats of another dataset, or int labels to floats, silently; the dtypes by dataset in
+        the message). Dtypes of one kind (int32 and int64 token ids, float32 and float64
+        pixels) are joined in the wider one.
     """
     if not datasets:
         raise ValueError("concat: no datasets")
@@ -143,11 +150,13 @@ def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
         shapes = [np.shape(d[name]) for d in datasets]
         if len({s[1:] for s in shapes}) > 1 or any(not s for s in shapes):
             raise ValueError(f"concat: {name!r} has shapes {shapes}; they must agree past axis 0")
-        dtypes = {i: str(np.asarray(d[name]).dtype) for i, d in enumerate(datasets)}
-        if len(set(dtypes.values())) > 1:
+        dtypes = [np.asarray(d[name]).dtype for d in datasets]
+        kinds = {_KINDS.get(t.kind, t.kind) for t in [*dtypes, np.result_type(*dtypes)]}
+        if len(kinds) > 1:  # (uint64 with int64 would be float64: refused too)
+            each = {i: str(t) for i, t in enumerate(dtypes)}
             raise ValueError(
-                f"concat: {name!r} has dtypes {dtypes} (by dataset index); they must agree "
-                "(convert them first)"
+                f"concat: {name!r} has dtypes {each} (by dataset index) of different kinds; "
+                "convert them first"
             )
     return {name: np.concatenate([np.asarray(d[name]) for d in datasets]) for name in names}
 

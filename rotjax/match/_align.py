@@ -188,9 +188,9 @@ def align(
 
     Raises:
       ValueError: params that do not fit the spec (path and shapes named), non-finite values,
-        dtypes that differ between the models, a stream rotation (solved or in ``init``) of a
-        B whose norms are not at γ = 1, β = 0 (not in canonical form: the rotation would
-        change its function), or bad options, before any work.
+        dtypes that differ between the models, a stream rotation (solved, or in ``init``
+        other than the identity) of a B whose norms are not at γ = 1, β = 0 (not in canonical
+        form: the rotation would change its function), or bad options, before any work.
     """
     t_start = time.perf_counter()
     options = Options(solve, layers, solver, residual_init, max_sweeps, tol, key, init)

@@ -149,7 +149,8 @@ def activation(name: str) -> Callable[[jax.Array], jax.Array]:
 
 
 def head_dim(hidden_size: int, num_attention_heads: int) -> int:
-    """The one place where the per-head width is derived, as Hugging Face does."""
+    """The per-head width of BERT-like configs, as Hugging Face derives it (a remainder is
+    refused; LLaMA-style configs floor it, as transformers' Mistral and Qwen2 do)."""
     if num_attention_heads < 1 or hidden_size % num_attention_heads:
         raise ValueError(
             f"hidden_size={hidden_size} is not a multiple of "

@@ -92,17 +92,17 @@ class Config:
                 f"num_attention_heads={self.num_attention_heads} is not a multiple of "
                 f"num_key_value_heads={self.kv_heads}"
             )
+        if self.model_type == "llama" and self.hidden_size % self.num_attention_heads:
+            raise ValueError(  # as LlamaConfig's validation (before the floored width's checks)
+                f"hidden_size={self.hidden_size} is not a multiple of "
+                f"num_attention_heads={self.num_attention_heads}"
+            )
         if self.head_size % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_size}")
         absent = {"mistral": ("attention_bias", "mlp_bias"), "qwen2": ("mlp_bias",)}
         for name in absent.get(self.model_type, ()):
             if getattr(self, name):  # transformers' class has no such parameters
                 raise ValueError(f"{self.model_type} has no {name}; got {name}=True")
-        if self.model_type == "llama" and self.hidden_size % self.num_attention_heads:
-            raise ValueError(  # as LlamaConfig's validation
-                f"hidden_size={self.hidden_size} is not a multiple of "
-                f"num_attention_heads={self.num_attention_heads}"
-            )
         if self.attention_dropout:
             raise ValueError(
                 f"attention_dropout={self.attention_dropout} is not implemented (use 0.0)"

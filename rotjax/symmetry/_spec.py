@@ -182,8 +182,9 @@ class Spec:
         """Union of spec fragments into a complete, checked spec.
 
         Raises:
-          ValueError: a group or path defined twice, an action naming an unknown group, or
-            axes that do not fit the group's size, head width or batch shape.
+          ValueError: a group or path defined twice, an action naming an unknown group,
+            axes that do not fit the group's size, head width or batch shape, or a per-head
+            group acting on an axis that its ``over`` permutation does not permute.
         """
         joined = _join(*specs)
         return Spec(joined.group_items, joined.param_items)

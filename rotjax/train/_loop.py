@@ -369,7 +369,8 @@ def fit(
     Raises:
         ValueError: On batch sizes that do not split over the devices, too little data, no
             ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
-            classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL`, train or
+            classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL` or of a
+            non-integer dtype, train or
             eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
             ``checkpoint_every`` or ``keep_checkpoints`` below 1, ``checkpoint_every``
             without ``workdir``, a ``trim`` that is not an int >= 1, has no
