@@ -443,6 +443,22 @@ def test_wordnet_cache_follows_every_tokenizer_file_that_sets_ids(tmp_path, monk
     monkeypatch.setattr(_text, "load_tokenizer", fail)
     (tok / "vocab.txt").write_text("[PAD]\n")
     assert pad_ids() == {102}
+    monkeypatch.undo()
+
+    # A padding config that cannot be read is skipped by the loader (here: the map's [UNK]),
+    # and the key says so (it raised OSError).
+    def unreadable(read):
+        def refused(self, *args, **kwargs):
+            if self.name == "tokenizer_config.json":
+                raise PermissionError(13, "Permission denied", str(self))
+            return read(self, *args, **kwargs)
+
+        return refused
+
+    for name in ("read_bytes", "read_text"):
+        monkeypatch.setattr(pathlib.Path, name, unreadable(getattr(pathlib.Path, name)))
+    assert pad_ids() == {100}
+    assert len(list((tmp_path / "cache").iterdir())) == 4
 
 
 def test_wordnet_real_spot_checks():

@@ -260,17 +260,22 @@ def test_vit_image_size_not_a_multiple_of_patch_size_matches_transformers(
 
 
 @pytest.mark.parametrize(
-    "arch, hidden, heads, kv_heads",
+    "arch, hidden, heads, kv_heads, written",
     [
-        ("MistralForCausalLM", 20, 3, 3),
-        ("MistralForCausalLM", 26, 4, 2),
-        ("Qwen2ForCausalLM", 34, 4, 1),
+        ("MistralForCausalLM", 20, 3, 3, None),
+        ("MistralForCausalLM", 26, 4, 2, None),
+        ("MistralForCausalLM", 26, 4, 2, 0),
+        ("Qwen2ForCausalLM", 34, 4, 1, None),
     ],
 )
-def test_absent_head_dim_is_floored_as_transformers(arch, hidden, heads, kv_heads, seed, tmp_path):
-    """A ``config.json`` without ``head_dim`` whose heads do not divide ``hidden_size``:
-    Mistral and Qwen2 take ``hidden_size // num_attention_heads`` (6, 6, 8 here), as
-    transformers (LlamaConfig refuses it, and so does rotjax: see the test above)."""
+def test_absent_head_dim_is_floored_as_transformers(
+    arch, hidden, heads, kv_heads, written, seed, tmp_path
+):
+    """A ``config.json`` without ``head_dim`` (``written`` None), or a Mistral one with
+    ``"head_dim": 0`` (which `MistralConfig` keeps and `MistralAttention` reads as "derive
+    it"), whose heads do not divide ``hidden_size``: Mistral and Qwen2 take ``hidden_size //
+    num_attention_heads`` (6, 6, 6, 8 here), as transformers (LlamaConfig refuses it, and so
+    does rotjax: see the test above)."""
     cls = getattr(transformers, arch)
     hf = cls.config_class(
         vocab_size=40, hidden_size=hidden, intermediate_size=12, num_hidden_layers=2,
@@ -280,9 +285,11 @@ def test_absent_head_dim_is_floored_as_transformers(arch, hidden, heads, kv_head
     model = randomize(cls(hf).eval(), seed)
     model.save_pretrained(tmp_path)
     path = tmp_path / "config.json"
-    path.write_text(
-        json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "head_dim"})
-    )
+    d = {k: v for k, v in json.loads(path.read_text()).items() if k != "head_dim"}
+    path.write_text(json.dumps(d if written is None else {**d, "head_dim": written}))
+    if written is not None:  # transformers itself builds the same model from it
+        again = cls.from_pretrained(tmp_path, attn_implementation="eager").eval()
+        assert again.model.layers[0].self_attn.head_dim == hidden // heads
     config, params = rotjax.hf.load(tmp_path)
     assert config.head_dim == hidden // heads == model.model.layers[0].self_attn.head_dim
     x = make_inputs(config, np.random.default_rng(seed))

@@ -111,12 +111,20 @@ PAD_CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")
 
 
 def tokenizer_stamp(path: Path) -> dict[str, str | None]:
-    """The sha256 of every file `load_tokenizer` reads for ``path`` (``None`` when absent), by
-    name: what a cache of token ids depends on. Other files (``vocab.txt``) are not read."""
-    files = [path, *(path.parent / name for name in PAD_CONFIG_FILES)]
-    return {
-        f.name: hashlib.sha256(f.read_bytes()).hexdigest() if f.is_file() else None for f in files
-    }
+    """The sha256 of every file `load_tokenizer` reads for ``path`` (``None`` when absent,
+    ``"unreadable"`` when it cannot be read: `load_tokenizer` skips such a padding config and
+    refuses such a ``tokenizer.json`` by name), by name: what a cache of token ids depends on.
+    Other files (``vocab.txt``) are not read."""
+    return {f.name: _sha256(f) for f in [path, *(path.parent / n for n in PAD_CONFIG_FILES)]}
+
+
+def _sha256(path: Path) -> str | None:
+    if not path.is_file():
+        return None
+    try:
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    except OSError:
+        return "unreadable"
 
 
 def _configured_pad(directory: Path) -> str:

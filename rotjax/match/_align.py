@@ -337,12 +337,11 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
 def _rotated(spec: sym.Spec, init: Mapping[str, Any]) -> list[str]:
     """The stream rotations of ``init`` that are not the identity (an identity rotation, as
     in any complete transform, acts on nothing)."""
-    ident = sym.identity(spec)
     return [
         n
         for n in init
-        if spec.groups[n].role == "stream_rotation"
-        and not np.array_equal(np.asarray(init[n]), np.asarray(ident[n]))
+        if (g := spec.groups[n]).role == "stream_rotation"
+        and not np.array_equal(np.asarray(init[n]), np.asarray(sym.identity_element(g)))
     ]
 
 

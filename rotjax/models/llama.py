@@ -141,7 +141,8 @@ class Config:
     @classmethod
     def from_hf_dict(cls, d: Mapping[str, Any], **overrides: Any) -> Config:
         """From a ``config.json`` dict (transformers 5 keeps ``rope_theta`` in
-        ``rope_parameters``; a Qwen2 config has no ``head_dim``)."""
+        ``rope_parameters``; a Qwen2 config has no ``head_dim``; a Mistral ``head_dim`` of 0
+        means ``hidden_size // num_attention_heads``, as `MistralAttention` reads it)."""
         d = dict(d)
         rope = d.get("rope_parameters") or {}
         if "rope_theta" in rope:
@@ -156,6 +157,8 @@ class Config:
             d["sliding_window"] = None
         if d.get("model_type") == "mistral":
             d.setdefault("sliding_window", 4096)  # MistralConfig's default
+            if type(d.get("head_dim")) is int and d["head_dim"] == 0:
+                d["head_dim"] = None  # MistralConfig keeps the 0; its attention derives the width
         if d.get("model_type") in _KV_HEADS:  # absent: the type's default (null: one per head)
             d.setdefault("num_key_value_heads", _KV_HEADS[d["model_type"]])
         return _layers.config_from_hf_dict(cls, d, **overrides)
