@@ -204,6 +204,13 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
             merge.ties(params[0], [params[1], broken], density=0.5, trim=trim)["w"]["kernel"]
         )
         assert np.isnan(got[0, 0]) and np.isfinite(got.ravel()[1:]).all(), trim
+    # And through DARE's drop, whatever the draw (it dropped it to 0 nine times in ten).
+    for i in range(8):
+        for combine in ("task_arithmetic", "ties"):
+            got = merge.dare(
+                params[0], [params[1], broken], key=jax.random.key(i), combine=combine
+            )["w"]["kernel"]
+            assert np.isnan(got[0, 0]) and np.isfinite(np.asarray(got).ravel()[1:]).all()
 
 
 @pytest.mark.parametrize(
@@ -510,11 +517,14 @@ def test_integer_leaves_are_kept_equal_or_refused(seed):
         "on": jnp.asarray([True, False]),
     }
     a, b = x(), x()
-    f = {"fisher": {"w": jnp.ones((3, 2))}}
+    # (a Fisher for the integer leaves too: they were merged by it, through float32)
+    ones = lambda x: jnp.ones(jnp.shape(x))
+    f = {"fisher": jax.tree.map(ones, a)}
     for got in (
         merge.average([a, b]),
         merge.fisher([a, b], [f, f]),
         merge.regmean([a, b], [{"gram": {}}] * 2),
+        merge.regmean([a, b], [{"gram": {}, **f}] * 2, rest="fisher"),
         merge.task_arithmetic(a, [a, b]),
         merge.ties(a, [a, b]),
         merge.dare(a, [a, b], key=jax.random.key(0)),
@@ -525,6 +535,30 @@ def test_integer_leaves_are_kept_equal_or_refused(seed):
     c = {**b, "step": jnp.asarray(7, jnp.int32)}
     with pytest.raises(ValueError, match=r"integer or boolean params differ .*\['step'\]"):
         merge.average([a, c])
+    # TIES' global trim counts the float entries alone: 90 integer zeros made its cut 0 (at
+    # position ceil(0.8 · 99) = 80 of the 100 magnitudes), which kept every entry.
+    w = jnp.arange(1.0, 11.0)
+    base = {"w": jnp.zeros(10), "ids": jnp.zeros(90, jnp.int32)}
+    got = merge.ties(base, [{**base, "w": w}], density=0.2)
+    np.testing.assert_array_equal(got["w"], jnp.where(w >= 9.0, w, 0.0))
+
+
+def test_ot_fusion_keeps_integer_leaves(key):
+    """An integer leaf that a (hand-made) spec lists, with no action on it, comes through OT
+    fusion as it is, at every weight (it was made float32: 2**30 + 1 came back as 2**30, and
+    the average then refused A's int32 beside B's float32 copy as different)."""
+    c = compiled(CONFIGS["vit-h3d4-l2"])
+    spec = sym.Spec(
+        c.spec.group_items, tuple(sorted((*c.spec.param_items, ("step", sym.ParamSpec(())))))
+    )
+    a, b = (
+        {**to_dict(p), "step": jnp.asarray(2**30 + 1, jnp.int32)}
+        for p in (c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3))
+    )
+    for weight in (0.0, 0.5):
+        fusion = merge.ot_fusion(spec, from_dict(a), from_dict(b), mode="wts", weight=weight)
+        for got in (to_dict(fusion.params)["step"], to_dict(fusion.moved)["step"]):
+            assert int(got) == 2**30 + 1 and got.dtype == jnp.int32
 
 
 def test_trim_keeps_what_a_quantile_cut_keeps(seed):

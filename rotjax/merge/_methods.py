@@ -264,7 +264,7 @@ def fisher(
 def _fisher_leaves(w, eps, leaves, fishers):
     out = []
     for xs, f in zip(zip(*leaves, strict=True), fishers, strict=True):
-        if f is None:
+        if f is None or not averaged(xs[0]):  # no Fisher, or an integer leaf (kept)
             out.append(_weighted_mean(w, xs))
             continue
         dt = wide(xs[0]).dtype

@@ -42,7 +42,7 @@ from rotjax.match._checks import non_finite
 from rotjax.match._solvers import SOLVERS
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import _input_axes, average
-from rotjax.tree import flatten, from_dict, placed_like, to_dict, wide
+from rotjax.tree import averaged, flatten, from_dict, placed_like, to_dict, wide
 
 MODES = ("acts", "wts")
 TRANSPORTS = ("exact", "sinkhorn")
@@ -112,7 +112,8 @@ def ot_fusion(
     corr = correlations(cross) if mode == "acts" else None
     roles = (["residual"], ["heads", "ffn"], ["query_heads"])
     maps: dict[str, jax.Array] = {}
-    moved = jax.tree.map(wide, params_b)  # bfloat16 B rounded once, at the end, not per stage
+    # bfloat16 B rounded once, at the end, not per stage (integer leaves kept as they are)
+    moved = jax.tree.map(lambda x: wide(x) if averaged(x) else x, params_b)
     for names in (spec.select(roles=r) for r in roles):
         if not names:
             continue

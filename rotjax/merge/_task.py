@@ -27,13 +27,15 @@ def _models(base, params_list, scale):
     if not params_list:
         raise ValueError("merging task vectors needs at least 1 model besides the base")
     paths, leaves, treedef = checked_models([base, *params_list], first="base")
-    return leaves, treedef, _stacked(paths)
+    return leaves, treedef, _stacked(paths, leaves[0])
 
 
-def _stacked(paths) -> tuple[bool, ...]:
+def _stacked(paths, leaves) -> tuple[bool | None, ...]:
     """Whether each leaf is a scanned model's stack of layers (under ``layers``, its leading
     axis the layer): a tensor of its own per layer for the trim, as unscanned. A list of
-    layers (``layers/0/...``, as other libraries name them) is not a stack."""
+    layers (``layers/0/...``, as other libraries name them) is not a stack. None for an
+    integer or boolean leaf: kept, not a task vector's entries (the global trim counts it
+    nowhere)."""
 
     def stacked(path):
         parts = path.split("/")
@@ -42,7 +44,7 @@ def _stacked(paths) -> tuple[bool, ...]:
             for i, x in enumerate(parts)
         )
 
-    return tuple(stacked(path) for path in paths)
+    return tuple(stacked(p) if averaged(x) else None for p, x in zip(paths, leaves, strict=True))
 
 
 def _merged(models, how, scale, **options):
@@ -111,7 +113,10 @@ def task_arithmetic(base: Any, params_list: Sequence[Any], *, scale: float = 1.0
 
 
 def _cuts(
-    tau: list[jax.Array], density: float, trim: str, stacked: tuple[bool, ...] | None = None
+    tau: list[jax.Array],
+    density: float,
+    trim: str,
+    stacked: tuple[bool | None, ...] | None = None,
 ) -> list[jax.Array]:
     """The trim's cut for each leaf of ``tau``, `_keep` then keeps the ``density`` fraction
     of entries of largest magnitude and zeroes the rest: over the whole task vector
@@ -120,12 +125,15 @@ def _cuts(
     same model unscanned). The cut is
     ``jnp.quantile``'s: entries at or above the order statistic of magnitude at position
     ``ceil((1 - density)(n - 1))`` survive (``_order_statistic``: no sort). NaN entries
-    survive too, as NaN (a broken model shows in the merge rather than vanish from it)."""
+    survive too, as NaN (a broken model shows in the merge rather than vanish from it).
+    Leaves whose ``stacked`` is None (integer ones: their task vector is 0) count nowhere."""
+    stacked = stacked or (False,) * len(tau)
     if trim == "global":
-        return [_order_statistic([jnp.abs(t) for t in tau], 1.0 - density)] * len(tau)
+        counted = [jnp.abs(t) for t, s in zip(tau, stacked, strict=True) if s is not None]
+        counted = counted or [jnp.zeros(1)]  # no float leaf: nothing to trim
+        return [_order_statistic(counted, 1.0 - density)] * len(tau)
     cut = lambda t: _order_statistic([jnp.abs(t)], 1.0 - density)
     per_layer = lambda t: jax.vmap(cut)(t).reshape(t.shape[:1] + (1,) * (t.ndim - 1))
-    stacked = stacked or (False,) * len(tau)
     return [per_layer(t) if s else cut(t) for t, s in zip(tau, stacked, strict=True)]
 
 
@@ -266,7 +274,8 @@ def dare(
     entry keeps its expectation), then combine the sparse task vectors by task arithmetic
     (``scale`` λ) or by TIES (``density``, ``trim``, then ``scale``). The paper's headline
     drop rate is 0.9. Model i draws one mask for its whole task vector (its leaves in ``jax.tree``
-    order, flattened and concatenated) from ``fold_in(key, i)``.
+    order, flattened and concatenated) from ``fold_in(key, i)``. A NaN entry is never dropped
+    (a broken model shows in the merge rather than vanish from it, as with TIES).
 
     With ``combine="ties"`` the trim's ``density`` is a fraction of all entries, the dropped
     ones included: it trims only when ``density`` is below the fraction that survived the drop,
@@ -310,8 +319,9 @@ def _draw(key, p, shapes):
 
 
 def _dare(taus, keep, factor, combine, **options):
+    # A NaN entry is never dropped (as TIES' trim keeps it): a broken model shows in the merge.
     dropped = [
-        [jnp.where(m, t * factor, 0.0) for m, t in zip(masks, tau, strict=True)]
+        [jnp.where(m | jnp.isnan(t), t * factor, 0.0) for m, t in zip(masks, tau, strict=True)]
         for masks, tau in zip(keep, taus, strict=True)
     ]
     return _ties(dropped, **options) if combine == "ties" else _sum(dropped)
