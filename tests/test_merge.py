@@ -1215,6 +1215,10 @@ def test_prediction_loss_is_the_cross_entropy_to_the_mean_prediction(key):
     target_of = _prediction_loss(c.model, ps[:2], uneven, sizes[0] + sizes[1])[2]
     kept = [target_of(i) is target_of(i) for i in range(len(uneven))]
     assert kept == [True, True, False, False, False], kept
+    # Batches of padding alone: nothing to measure (the loss was 0, every candidate tied).
+    padded = [(x[0], jnp.zeros_like(x[1]), *x[2:]) for x in data]
+    with pytest.raises(ValueError, match=r"no real token in the batches \(every mask is 0\)"):
+        merge.prediction_loss(c.model, ps[:2], padded)(ps[2])
     bare = CONFIGS["bert-encoder-pooler"]
     with pytest.raises(ValueError, match="classification head"):
         merge.prediction_loss(compiled(bare).model, ps[:2], data)

@@ -263,6 +263,32 @@ def test_a_started_stream_rotation_keeps_the_descent_monotone(key):
     assert rel_err(res.params, canon) <= TOL
 
 
+def test_align_by_activations_starts_only_the_groups_it_solves(key, monkeypatch):
+    """On a stream spec, `align_by_activations` without ``"stream"`` in ``solve`` starts no
+    stream rotation (its start held one, which `align` then refused after the forward
+    passes: with the residual unsolved, or for a B off its canonical form), and a B that
+    `align` would refuse is refused before any forward pass."""
+    config, c, _, canon = canonical_vit("vit-h3d4-l2", False, key)
+    spec = vit.symmetry_spec(config, stream_rotation=True)
+    b = sym.canonicalize(vit.stream_spec(config), c.init(jax.random.fold_in(key, 1), 0.3))
+    data = [inputs(config, jax.random.fold_in(key, i), batch=8) for i in range(2)]
+    x = inputs(config, jax.random.fold_in(key, 9))
+    no_stream = tuple(n for n in match.ALL if n != "stream")
+    noisy = jax.tree.map(lambda v: v + 0.05 * jax.random.normal(key, v.shape), b)
+    for solve, moved in ((no_stream, b), (("ffn",), noisy)):
+        res, _ = merge.align_by_activations(c.model, spec, canon, moved, data, solve=solve)
+        assert rel_err(res.transform[vit.STREAM], sym.identity(spec)[vit.STREAM]) == 0, solve
+        assert rel_err(c.forward(res.params, x), c.forward(moved, x)) <= TOL
+    import rotjax.merge._select as select
+
+    def never(*args, **kwargs):
+        raise AssertionError("a forward pass before the check")
+
+    monkeypatch.setattr(select, "cross_statistics", never)
+    with pytest.raises(ValueError, match=r"params: the stream rotation is a symmetry of canon"):
+        merge.align_by_activations(c.model, spec, canon, noisy, data)
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 @pytest.mark.parametrize("name", ["vit-h3d4-l2", "llama-k2g2d6-l2-seq"])
 def test_the_stream_spec_names_every_param_on_the_stream(name, scan):

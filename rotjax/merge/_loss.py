@@ -77,7 +77,9 @@ def _prediction_loss(model, params_list, batches, memory):
         for i, x in enumerate(inputs):
             s, n = step(params, x, target_of(i))
             total, count = total + float(s), count + float(n)
-        return total / max(count, 1.0)
+        if not count:  # (0/1 made every candidate tie at 0)
+            raise ValueError("prediction_loss: no real token in the batches (every mask is 0)")
+        return total / count
 
     return loss, inputs, target_of
 

@@ -19,9 +19,9 @@ import jax
 
 from rotjax import match
 from rotjax import symmetry as sym
-from rotjax.match._align import _checked_against
+from rotjax.match._align import BLOCKS, _check_stream_form, _checked_against
 from rotjax.match._checks import checked_params
-from rotjax.merge._acts import activation_init, cross_statistics
+from rotjax.merge._acts import ROLES, activation_init, cross_statistics
 from rotjax.merge._loss import MEMORY, _kept, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.merge._stats import _no_classes
@@ -48,8 +48,9 @@ def align_by_activations(
     ``batches`` (unlabeled; as for `rotjax.merge.statistics`).
 
     1. The start: `activation_init` of the cross-moments (`cross_statistics`), with the
-       params, so every permutation, the stream rotation and each head's rotations come from
-       the activations.
+       params, so every permutation, the stream rotation and each head's rotations that
+       ``solve`` solves come from the activations (the groups it leaves out stay at the
+       identity, as `align` leaves them).
     2. Candidates: the start, and `rotjax.match.align` from it over ``solve`` for 1, ...,
        ``max_sweeps`` sweeps (weight matching refines what the activations left open: the
        scales, and groups that no activation reveals); with ``weights_start``, also `align`
@@ -86,12 +87,17 @@ def align_by_activations(
     solve = _check_descent(steps, learning_rate, solve=solve, key=key, solver=solver)
     if steps and (why := _no_classes(model.config)):
         raise ValueError(f"steps > 0 needs a model with a classification head ({why})")
-    # What `align` would refuse, refused before the forward passes
-    _checked_against(spec, match.Options(solve=solve, solver=solver, key=key))
-    checked_params(spec, [("anchor_params", anchor_params), ("params", params)])
+    # What `align` would refuse, refused before the forward passes (the start below holds
+    # only groups that ``solve`` solves: no stream rotation unless it does)
+    options = match.Options(solve=solve, solver=solver, key=key)
+    _checked_against(spec, options)
+    _, flat_b = checked_params(spec, [("anchor_params", anchor_params), ("params", params)])
+    _check_stream_form(spec, options, [("params", flat_b)])
+    solved = {r for b in options.solve for r in BLOCKS[b]}
+    roles = tuple(r for r in ROLES if r in solved)
     batches = list(batches)
     cross = cross_statistics(model, anchor_params, params, batches)
-    start = activation_init(spec, cross, params=(anchor_params, params), solver=solver)
+    start = activation_init(spec, cross, params=(anchor_params, params), roles=roles, solver=solver)
     del cross  # (two in x in moments per dense kernel: several times the params)
     if _no_classes(model.config):  # nothing to choose by: weight matching alone
         res = match.align(
