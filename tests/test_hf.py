@@ -577,6 +577,13 @@ def test_sharded_checkpoints_load_like_one_file(checkpoint):
         config2, params2 = rotjax.hf.load(path)
         assert config2 == config
         assert_trees_equal(params2, params)
+        # A stale copy of a tensor in the later shard (an older save's) is not read: the
+        # index says where each tensor is (the last shard read won).
+        first, second = (f"{stem}{suffix}.{ext}" for suffix in halves)
+        stale = {k: tensors[k] for k in halves["-00002-of-00002"]} | {names[0]: -tensors[names[0]]}
+        save(stale, path / second)
+        assert_trees_equal(rotjax.hf.load(path)[1], params)
+        save({k: tensors[k] for k in halves["-00002-of-00002"]}, path / second)
         lost = f"{stem}-00002-of-00002.{ext}"
         index.write_text(json.dumps({"weight_map": {**weight_map, "extra.weight": lost}}))
         with pytest.raises(ValueError, match=r"lack them, e\.g\. 'extra\.weight'"):
@@ -651,6 +658,17 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     # Overwriting through a symbolic link replaces the link, not what it points to (rmtree
     # refused the link after the new directory was in place).
     (tmp_path / "link").symlink_to(target)
+    # Without overwrite, a link is refused (it was replaced when dangling or to an empty one).
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "to-empty").symlink_to(tmp_path / "empty")
+    for link in ("dangling", "to-empty"):
+        with pytest.raises(FileExistsError, match="is a symbolic link; name the directory"):
+            rotjax.hf.save(tmp_path / link, config, params)
+        assert (tmp_path / link).is_symlink()
+    assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "nowhere").exists()
+    for name in ("dangling", "to-empty", "empty"):
+        (tmp_path / name).unlink() if name != "empty" else (tmp_path / name).rmdir()
     rotjax.hf.save(tmp_path / "link", config, params, overwrite=True)
     assert (tmp_path / "link").is_dir() and not (tmp_path / "link").is_symlink()
     assert sorted(p.name for p in target.iterdir()) == written
@@ -864,6 +882,26 @@ def test_sentence_transformers_modules_keep_their_weights(seed, tmp_path):
     ]
     (src / "modules.json").write_text(json.dumps(own))
     assert rotjax.hf.module_weights(src) == []
+
+
+def test_a_trainer_output_as_source_copies_no_other_checkpoint(seed, tmp_path):
+    """A Trainer's output directory as ``source``: its ``checkpoint-*`` folders (a config of
+    their own, weights never copied) and training logs are not copied (they were, leaving
+    weightless checkpoints and another run's logs beside the saved model); its tokenizer is."""
+    config = CASES["bert-base-nopooler"]
+    params = random_params(config, seed)
+    src = tmp_path / "src"
+    rotjax.hf.save(src, config, params)
+    (src / "tokenizer.json").write_text("{}")
+    (src / "trainer_state.json").write_text("{}")
+    (src / "checkpoint-500").mkdir()
+    for name in ("config.json", "trainer_state.json", "tokenizer.json", "model.safetensors"):
+        (src / "checkpoint-500" / name).write_text("{}")
+    (src / "runs" / "Dec05").mkdir(parents=True)
+    (src / "runs" / "Dec05" / "events.out.tfevents.1.host").write_bytes(b"log")
+    out = rotjax.hf.save(tmp_path / "out", config, params, source=src)
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert copied == ["config.json", "model.safetensors", "tokenizer.json"], copied
 
 
 @pytest.mark.parametrize("name", ["roberta-seq-h1d6", "vit-cls-h3d4"])

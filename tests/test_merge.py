@@ -883,6 +883,16 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
     others = [c.init(jax.random.fold_in(key, i), 0.3) for i in (1, 2)]
     want, got = (merge.prediction_loss(c.model, others, b)(params) for b in (real, padded))
     assert got == pytest.approx(want, rel=TOL)
+    # DeBERTa-v2's position projections read the 2S relative embeddings, the same in every
+    # batch: in a batch of 2S examples (here 6) they were taken for examples, the filler's
+    # zeroed in their Grams.
+    v2 = CONFIGS["deberta-v2-h5d2-l1-token"]
+    cv, ids, mask = compiled(v2), *inputs(v2, key, batch=5)
+    assert 2 * v2.span == 6
+    pad = [(jnp.concatenate([ids, ids[:1]]), jnp.concatenate([mask, jnp.zeros_like(mask[:1])]))]
+    pv = cv.init(key, 0.3)
+    want, got = (merge.statistics(cv.model, pv, b, ("gram",)) for b in ([(ids, mask)], pad))
+    assert any("pos_key" in p for p in got["gram"]) and rel_err(got, want) <= TOL
     token = CONFIGS["bert-h5d2-l1-token"]
     ct = compiled(token)
     ids, mask = inputs(token, key, batch=2)
@@ -1580,12 +1590,17 @@ def test_refit_scanned_and_unscanned_agree_and_bad_inputs(key):
     for model, params, kept, tol in ((c.model, ps, out, 1e-6), (cs.model, stacked, out_s, 2e-4)):
         again = merge.refit(model, merge.average(params), params, data, ridge=1e-2, memory=0)
         assert rel_err(again, kept) <= tol
+    # a numpy integer is a budget too (it was refused), as for prediction_loss
+    again = merge.refit(c.model, merge.average(ps), ps, data, ridge=1e-2, memory=np.int64(0))
+    assert rel_err(again, out) <= 1e-6
     with pytest.raises(ValueError, match="no batches"):
         merge.refit(c.model, ps[0], ps, [])
-    with pytest.raises(ValueError, match="ridge"):
-        merge.refit(c.model, ps[0], ps, data, ridge=-1.0)
-    with pytest.raises(ValueError, match="memory"):
-        merge.refit(c.model, ps[0], ps, data, memory=-1)
+    for bad in (-1.0, True):  # (True was taken as 1.0)
+        with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+            merge.refit(c.model, ps[0], ps, data, ridge=bad)
+    for bad in (-1, True, 2.0):
+        with pytest.raises(ValueError, match="memory must be an integer >= 0"):
+            merge.refit(c.model, ps[0], ps, data, memory=bad)
     with pytest.raises(ValueError, match=r"params_list\[1\] has other params than merged"):
         merge.refit(c.model, ps[0], [ps[1], stacked[0]], data)
     with pytest.raises(ValueError, match=r"at least 1 model\(s\) besides merged, got 0"):

@@ -70,7 +70,8 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 
 def read_shards(index_file: Path, read) -> dict[str, np.ndarray]:
     """The tensors of a sharded checkpoint: every shard its index's ``weight_map`` names, and
-    every tensor named there found in its shard."""
+    every tensor named there found in its shard (a copy of it in another shard, left by an
+    older save, is not read; tensors the map does not name are read from every shard)."""
     weight_map = read_json(index_file).get("weight_map")
     if not isinstance(weight_map, dict) or not weight_map:
         raise ValueError(f"{index_file} has no weight_map")
@@ -79,7 +80,7 @@ def read_shards(index_file: Path, read) -> dict[str, np.ndarray]:
         file = index_file.parent / shard
         if not file.is_file():
             raise FileNotFoundError(f"{file} not found (a shard named by {index_file})")
-        tensors.update(read(file))
+        tensors.update({k: v for k, v in read(file).items() if weight_map.get(k, shard) == shard})
     missing = sorted(set(weight_map) - set(tensors))
     if missing:
         raise ValueError(

@@ -86,7 +86,8 @@ def save(
     Raises:
       ValueError: ``params`` do not match ``config`` (paths and shapes listed), ``id2label``
         has the wrong number of labels, or an ``extra_files`` name is not a plain new file.
-      FileExistsError: ``path`` exists and is not an empty directory, and not ``overwrite``.
+      FileExistsError: ``path`` exists and is not an empty directory, or is a symbolic link,
+        and not ``overwrite``.
       FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
     """
     path = Path(path)
@@ -118,6 +119,11 @@ def save(
             f"{' and '.join(str(d) for d in (source, tokenizer_from) if d is not None)}"
         )
 
+    if path.is_symlink() and not overwrite:  # (the link would be replaced, not written through)
+        raise FileExistsError(
+            f"{path} is a symbolic link; name the directory it points to, or pass "
+            "overwrite=True to replace the link"
+        )
     if path.exists() and not overwrite and (not path.is_dir() or any(path.iterdir())):
         raise FileExistsError(f"{path} exists and is not an empty directory; pass overwrite=True")
     # the parents this call creates, innermost first: removed again if it fails
@@ -209,6 +215,8 @@ NOT_COPIED = (
     "alignment.json",  # rotjax's reports describe the operation that wrote the source
     "merge.json",
     "adapter_*",  # an adapter of other weights: transformers would try to load it
+    "trainer_state.json",  # a Trainer's log of the source's training
+    "events.out.tfevents.*",
 )
 """Files of a source checkpoint that `save` does not copy besides the weights."""
 
@@ -232,14 +240,22 @@ WEIGHT_PATTERNS = (
 
 def _source_files(source: str | os.PathLike[str]) -> list[Path]:
     """The paths (relative to ``source``) of every file to copy: all but weights (except those
-    of sentence-transformers modules, `module_weights`), the config (rewritten) and hidden
-    files."""
+    of sentence-transformers modules, `module_weights`), the config (rewritten), hidden files
+    and other checkpoints inside it (a folder with a config and weights of its own that
+    ``modules.json`` does not list, such as a Trainer's ``checkpoint-500``: its weights were
+    never copied)."""
     root = Path(source)
     modules = set(module_weights(root))
+    listed = {folder for folder, _ in _modules(root)}
+    weighs = lambda d: any(fnmatch.fnmatch(f.name, p) for f in d.iterdir() for p in WEIGHT_PATTERNS)
+    nested = {c.parent.relative_to(root) for c in root.rglob(CONFIG_FILE) if weighs(c.parent)}
+    nested -= listed | {Path()}
     out = []
     for f in sorted(root.rglob("*")):
         rel = f.relative_to(root)
         if not f.is_file() or rel == Path(CONFIG_FILE) or any(p.startswith(".") for p in rel.parts):
+            continue
+        if nested.intersection(rel.parents):
             continue
         skip = any(fnmatch.fnmatch(f.name, p) for p in (*WEIGHT_PATTERNS, *NOT_COPIED))
         if skip and rel not in modules:
@@ -256,17 +272,7 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
     source's basis. The model's own module (type ``...Transformer``, or a folder that is the
     checkpoint itself: its weights are what `save` writes anew) is not one of them."""
     root = Path(source)
-    try:
-        listed = json.loads((root / "modules.json").read_text(encoding="utf-8"))
-        folders = {
-            Path(m["path"])
-            for m in listed
-            if isinstance(m, dict)
-            and m.get("path")
-            and str(m.get("type", "")).rsplit(".", 1)[-1] != "Transformer"
-        }
-    except (OSError, ValueError, TypeError, KeyError):
-        return []
+    folders = {f for f, kind in _modules(root) if kind.rsplit(".", 1)[-1] != "Transformer"}
     inside = lambda d: d.is_dir() and d.resolve().is_relative_to(root.resolve())
     return sorted(
         f.relative_to(root)
@@ -275,6 +281,20 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
         for f in (root / folder).rglob("*")
         if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS)
     )
+
+
+def _modules(root: Path) -> list[tuple[Path, str]]:
+    """``(folder, type)`` of each module that ``root``'s ``modules.json`` (sentence-transformers)
+    lists in a folder; none without a readable one."""
+    try:
+        listed = json.loads((root / "modules.json").read_text(encoding="utf-8"))
+        return [
+            (Path(m["path"]), str(m.get("type", "")))
+            for m in listed
+            if isinstance(m, dict) and m.get("path")
+        ]
+    except (OSError, ValueError, TypeError, KeyError):
+        return []
 
 
 def vit_image_processor(config: Config, *, mean: float = 0.5, std: float = 0.5) -> str:

@@ -54,9 +54,7 @@ def _prediction_loss(model, params_list, batches, memory):
     check_sequence(params_list)
     if not params_list:
         raise ValueError("prediction_loss: params_list holds no model to predict with")
-    whole = isinstance(memory, numbers.Integral) and not isinstance(memory, bool)
-    if not (whole and memory >= 0):
-        raise ValueError(f"memory must be an integer >= 0 (bytes), got {memory!r}")
+    check_memory(memory)
     fam = family(model.config)
     inputs = [_split(fam, b)[0] for b in batches]
     if not inputs:
@@ -82,6 +80,13 @@ def _prediction_loss(model, params_list, batches, memory):
         return total / count
 
     return loss, inputs, target_of
+
+
+def check_memory(memory: Any) -> None:
+    """A byte budget: an integer >= 0 (numpy's too; not a bool)."""
+    whole = isinstance(memory, numbers.Integral) and not isinstance(memory, bool)
+    if not (whole and memory >= 0):
+        raise ValueError(f"memory must be an integer >= 0 (bytes), got {memory!r}")
 
 
 @functools.cache

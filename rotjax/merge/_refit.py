@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls, kernel_path
+from rotjax.merge._loss import check_memory
 from rotjax.merge._methods import (
     _pinv_psd,
     _weighted,
@@ -112,10 +113,9 @@ def refit(
         model_weights(weights, len(params_list)), params_list, leaves[1:]
     )
     leaves = [leaves[0], *models]
-    if not (np.isfinite(ridge) and ridge >= 0):
+    if isinstance(ridge, bool) or not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
-    if not (isinstance(memory, int) and memory >= 0):
-        raise ValueError(f"memory must be an int >= 0 (bytes), got {memory!r}")
+    check_memory(memory)
     fam = family(model.config)
     inputs = [_split(fam, b)[0] for b in batches]
     if not inputs:

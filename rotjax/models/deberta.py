@@ -261,7 +261,10 @@ class Attention(nn.Module):
 
             def position(name):  # (2S, H, d): the relative embeddings through a projection
                 if not c.share_att_key:
-                    return proj[name](rel)
+                    # Called on a (1, 1, 2S, D) block: rotjax.merge's capture weights rows of
+                    # a (batch,) or (batch, tokens) shape by the mask, and 2S rows of a batch
+                    # of 2S examples were taken for examples (a filler's zeroed one).
+                    return proj[name](rel[None, None])[0, 0]
                 # The query/key layers' own affine map, not a second call of them: what
                 # rotjax.merge captures from a layer (Grams, activations) stays its tokens'.
                 p = proj[{"pos_key": "key", "pos_query": "query"}[name]].variables["params"]
