@@ -8,6 +8,7 @@ weights (outliers in LayerNorm inputs amplify rounding).
 
 import dataclasses
 import json
+import os
 import re
 from pathlib import Path
 
@@ -595,17 +596,48 @@ def test_sharded_checkpoints_load_like_one_file(checkpoint):
             f.unlink()
 
 
+# A one-layer ViT of 4-pixel images: the checkpoint writer's tests.
+TINY_VIT = vit.Config(
+    hidden_size=4,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    intermediate_size=6,
+    image_size=4,
+    patch_size=2,
+    num_channels=1,
+    num_labels=2,
+)
+
+
+def test_save_syncs_before_and_after_the_rename(seed, tmp_path, monkeypatch):
+    """Whole-or-nothing through a power loss too: each written file and directory reaches the
+    disk before the rename publishes them, and the rename (the parent's entry) before save
+    returns."""
+    config = TINY_VIT
+    events = []
+    real_fsync, real_rename = os.fsync, os.rename
+
+    def fsync(fd):
+        events.append(("sync", os.path.basename(os.readlink(f"/proc/self/fd/{fd}"))))
+        real_fsync(fd)
+
+    def rename(src, dst):
+        events.append(("rename", os.path.basename(dst)))
+        real_rename(src, dst)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "rename", rename)
+    rotjax.hf.save(tmp_path / "out", config, random_params(config, seed), extra_files={"a": "1"})
+    monkeypatch.undo()
+    (i,) = [i for i, e in enumerate(events) if e == ("rename", "out")]
+    synced_first = {name for kind, name in events[:i] if kind == "sync"}
+    assert {"config.json", "model.safetensors", "a"} <= synced_first
+    assert any(name.startswith(".out.tmp-") for name in synced_first)  # its directory entries
+    assert events[i + 1 :] == [("sync", tmp_path.name)]
+
+
 def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
-    config = vit.Config(
-        hidden_size=4,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        intermediate_size=6,
-        image_size=4,
-        patch_size=2,
-        num_channels=1,
-        num_labels=2,
-    )
+    config = TINY_VIT
     params = random_params(config, seed)
     target = tmp_path / "out"
 

@@ -553,6 +553,14 @@ def test_best_scale_matches_dense_search_and_quartic_roots(seed):
         n_plus, n_minus = rng.uniform(0.5, 2.0, size=2)
         got = float(match.best_scale(n_plus, a * n_plus, n_minus / a, n_minus))
         assert got == pytest.approx(a, rel=1e-5), a
+    # Two minima in one grid cell: q = (a - 1)(a - 2)(a - 3)(a + 11/6) has minima at 1 (f =
+    # -24.67) and 3 (-24.22); a 2-point grid brackets both, its bisection finds 3. The scale
+    # in place, when better, is kept; a worse one is not.
+    quartic = (1.0, 25 / 6, 85 / 6, 11.0)  # c1, b1, b2, c2
+    assert float(match.best_scale(*quartic, grid=2)) == pytest.approx(3.0, rel=1e-5)
+    assert float(match.best_scale(*quartic, grid=2, current=1.0)) == 1.0
+    assert float(match.best_scale(*quartic, grid=2, current=3.5)) == pytest.approx(3.0, rel=1e-5)
+    assert float(match.best_scale(*quartic, current=3.0)) == pytest.approx(1.0, rel=1e-5)
 
 
 def test_options_fail_before_any_work(key):

@@ -347,6 +347,23 @@ def test_bad_spec_is_rejected():
         sym.Spec.combine(heads, rot, w(sym.Action("h", (0,)), sym.Action("r", (1, 2))))
     with pytest.raises(ValueError, match=r"over='h' does not permute here \(it permutes no axis"):
         sym.Spec.combine(heads, rot, w(sym.Action("r", (1, 2))))
+    # A per-head group that a head permutation moves must say so (over=None: compose and
+    # invert would keep each head's element in place while the heads move).
+    free = sym.group("r", sym.Group("orth", 3, dim=2, role="qk_rotation"))
+    with pytest.raises(ValueError, match=r"'r' acts on axis 1, which permutation 'h' permutes too"):
+        sym.Spec.combine(heads, free, w(sym.Action("h", (1,)), sym.Action("r", (1, 2))))
+    assert set(sym.Spec.combine(heads, free, w(sym.Action("r", (1, 2)))).groups) == {"h", "r"}
+    # with_stream_rotation names its problems (a taken name was a TypeError from sorting).
+    vit = family(CONFIGS["vit-h3d4-l2"])
+    spec, stream = (
+        vit.symmetry_spec(CONFIGS["vit-h3d4-l2"]),
+        vit.stream_spec(CONFIGS["vit-h3d4-l2"]),
+    )
+    (res,) = spec.select(roles="residual")
+    with pytest.raises(ValueError, match=f"already has a group '{res}'"):
+        sym.with_stream_rotation(spec, stream, res, res)
+    with pytest.raises(ValueError, match="has no group 'nope'"):
+        sym.with_stream_rotation(spec, stream, "nope", "stream")
 
 
 class NNXAttention(nnx.Module):

@@ -156,7 +156,41 @@ def replace_dir(new: Path, path: Path, *, overwrite: bool = True) -> None:
 
     Without ``overwrite``, only a missing ``path`` or an empty directory is replaced, by one
     atomic rename: a directory that another process filled since the caller checked it is
-    never removed (FileExistsError)."""
+    never removed (FileExistsError).
+
+    Everything under ``new`` reaches the disk before the rename, and the rename before the
+    return (fsync of each file, of each directory, then of ``path``'s parent): a power loss
+    leaves the old ``path`` or the whole new one, never a renamed directory of empty files.
+    """
+    _sync_tree(new)
+    try:
+        _replace_dir(new, path, overwrite)
+    finally:
+        _sync(path.parent)
+
+
+def _sync(path: Path) -> None:
+    """fsync ``path`` (a file, or a directory: its entries), where the system allows it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot sync a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def _sync_tree(root: Path) -> None:
+    """fsync every file and directory under ``root``, deepest first, ``root`` last."""
+    for parent, dirs, files in os.walk(root, topdown=False):
+        for name in [*files, *dirs]:
+            if not os.path.islink(os.path.join(parent, name)):
+                _sync(Path(parent, name))
+    _sync(root)
+
+
+def _replace_dir(new: Path, path: Path, overwrite: bool) -> None:
     if not overwrite and not path.is_symlink():
         try:
             os.rename(new, path)  # rename(2): onto nothing or an empty directory only

@@ -248,10 +248,11 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
     modules = set(module_weights(root))
     listed = {folder for folder, _ in _modules(root)}
     weighs = lambda d: any(fnmatch.fnmatch(f.name, p) for f in d.iterdir() for p in WEIGHT_PATTERNS)
-    nested = {c.parent.relative_to(root) for c in root.rglob(CONFIG_FILE) if weighs(c.parent)}
-    nested -= listed | {Path()}
+    found = sorted(root.rglob("*"))
+    nested = {f.parent.relative_to(root) for f in found if f.name == CONFIG_FILE}
+    nested = {d for d in nested - listed - {Path()} if weighs(root / d)}
     out = []
-    for f in sorted(root.rglob("*")):
+    for f in found:
         rel = f.relative_to(root)
         if not f.is_file() or rel == Path(CONFIG_FILE) or any(p.startswith(".") for p in rel.parts):
             continue

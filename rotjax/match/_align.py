@@ -111,6 +111,11 @@ class Options:
         if k is not None and not ((typed and k.shape == ()) or raw):
             raise ValueError(f"key must be a jax.random.key, got {k!r}")
 
+    @property
+    def roles(self) -> frozenset[str]:
+        """The roles of the groups the ``solve`` blocks solve (`BLOCKS`)."""
+        return frozenset(r for b in self.solve for r in BLOCKS[b])
+
     @classmethod
     def of(cls, **options: Any) -> Options:
         """Options from keywords; unknown ones raise TypeError naming them."""
@@ -194,11 +199,21 @@ def align(
     """
     t_start = time.perf_counter()
     options = Options(solve, layers, solver, residual_init, max_sweeps, tol, key, init)
+    checked = checked_pair(spec, options, anchor_params, params)
+    return _align(spec, *checked[1:], params, options, checked[0], t_start)
+
+
+def checked_pair(
+    spec: sym.Spec, options: Options, anchor_params: Any, params: Any
+) -> tuple[frozenset[int] | None, dict[str, jax.Array], dict[str, jax.Array]]:
+    """What `align` refuses, refused before any work: ``(layer set, A's leaves, B's leaves)``
+    (path -> array) after checking the options against the spec, both models against it and
+    B's canonical form where a stream rotation would move it (only B moves: A may be any)."""
     layer_set = _checked_against(spec, options)
     named = [("anchor_params", anchor_params), ("params", params)]
     a_flat, b_flat = checked_params(spec, named)
-    _check_stream_form(spec, options, [("params", b_flat)])  # only B moves: A may be any
-    return _align(spec, a_flat, b_flat, params, options, layer_set, t_start)
+    _check_stream_form(spec, options, [("params", b_flat)])
+    return layer_set, a_flat, b_flat
 
 
 def align_many(
@@ -280,7 +295,7 @@ def _check_stream_form(spec: sym.Spec, options: Options, flats) -> None:
     to be moved (``flats``: not the anchor, which only serves as a target) that are not,
     naming the first such norm. The norms are the params the stream's permutation group acts
     on and its rotation does not (they are never rotated)."""
-    solved = {r for b in options.solve for r in BLOCKS[b]}
+    solved = options.roles
     given = _rotated(spec, options.init) if options.init else []
     streams = [
         n
@@ -306,7 +321,7 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
     """The options' layer set, after checking the solved blocks, the layers and the init
     against the spec (blocks the spec lacks are skipped, as `ALL` names every block; but a
     ``solve`` of which the spec has no block at all would silently solve nothing)."""
-    roles = {r for b in options.solve for r in BLOCKS[b]}
+    roles = options.roles
     if options.solve and not spec.select(roles=roles):
         present = sorted({g.role for g in spec.groups.values()})
         raise ValueError(
@@ -389,8 +404,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     original = b_flat  # in its own dtypes
     (a_flat, b_flat), scale = _rescaled(a_flat, b_flat)
     sq = scale * scale
-    roles = {r for s in options.solve for r in BLOCKS[s]}
-    names = spec.select(roles=roles, layers=layer_set)
+    names = spec.select(roles=options.roles, layers=layer_set)
     init = dict(options.init or {})
     # A stream rotation in the start still acts after the stream permutation: the
     # permutation's assignment would see B in the wrong order, so it is not solved then (the

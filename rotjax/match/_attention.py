@@ -174,6 +174,7 @@ def _rotations(spec, rots, scales, a, b, t):
             concat(lambda n: dot((n, 1))),
             concat(lambda n: dot((n, -1))),
             concat(lambda n: sq_norms[n, -1]),
+            current=concat(lambda n: el(spec, t, n)),
         )
         ends = np.cumsum([math.prod(s) for s in scale_shapes])[:-1]
         for n, x, s in zip(scales, jnp.split(best, ends), scale_shapes, strict=True):
@@ -362,7 +363,7 @@ def _scales(spec, names, a, b, t):
             coef[act.power][1] = coef[act.power][1] + jnp.sum(am * bm, -1)
         (c1, b1), (c2, b2) = coef[1], coef[-1]
         zeros = jnp.zeros(g.shape, jnp.float32)
-        out[n] = best_scale(c1 + zeros, b1 + zeros, b2 + zeros, c2 + zeros)
+        out[n] = best_scale(c1 + zeros, b1 + zeros, b2 + zeros, c2 + zeros, current=el(spec, t, n))
     return out
 
 

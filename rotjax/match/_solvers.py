@@ -171,7 +171,7 @@ def scale_objective(a, c1, b1, b2, c2):
     return c1 * a * a - 2 * b1 * a - 2 * b2 / a + c2 / (a * a)
 
 
-def best_scale(c1, b1, b2, c2, *, grid: int = 256, iters: int = 60) -> jax.Array:
+def best_scale(c1, b1, b2, c2, *, current=None, grid: int = 256, iters: int = 60) -> jax.Array:
     """``argmin_{a > 0} f(a)`` (see `scale_objective`), elementwise over the arrays.
 
     Stationary points are the positive roots of the quartic ``c1 a⁴ - b1 a³ + b2 a - c2``
@@ -183,7 +183,9 @@ def best_scale(c1, b1, b2, c2, *, grid: int = 256, iters: int = 60) -> jax.Array
     A head with nothing to fit (``c1 = c2 = 0``) keeps ``a = 1``. The interval is clipped to
     ``[1e-12, 1e12]`` and the grid reads the sign of ``q(a) / a²``, whose terms stay within
     float32 there (``[1e-6, 1e6]`` before, for ``q`` itself: a scale of 1e-7 between the
-    models came back as 1e-6).
+    models came back as 1e-6). ``current`` (the scales in place, > 0) is a candidate too, so
+    the objective never rises where two minima share one grid cell and bisection finds the
+    worse (a coordinate descent stays monotone).
     """
     c1, b1, b2, c2 = (jnp.asarray(x, jnp.float32) for x in (c1, b1, b2, c2))
     tiny = jnp.finfo(jnp.float32).tiny
@@ -206,8 +208,12 @@ def best_scale(c1, b1, b2, c2, *, grid: int = 256, iters: int = 60) -> jax.Array
 
     left, right = jax.lax.fori_loop(0, iters, bisect, (left, right))
     roots = jnp.exp(0.5 * (left + right))
-    cand = jnp.concatenate([roots, jnp.exp(logs[..., :1]), jnp.exp(logs[..., -1:])], axis=-1)
-    valid = jnp.concatenate([bracket, jnp.ones((*bracket.shape[:-1], 2), bool)], axis=-1)
+    cand = [roots, jnp.exp(logs[..., :1]), jnp.exp(logs[..., -1:])]
+    valid = [bracket, jnp.ones((*bracket.shape[:-1], 2), bool)]
+    if current is not None:  # last: ties keep the roots
+        current = jnp.broadcast_to(jnp.asarray(current, jnp.float32), c1.shape)[..., None]
+        cand, valid = [*cand, current], [*valid, current > 0]
+    cand, valid = jnp.concatenate(cand, axis=-1), jnp.concatenate(valid, axis=-1)
     f = scale_objective(cand, ex(c1), ex(b1), ex(b2), ex(c2))
     best = jnp.take_along_axis(cand, jnp.argmin(jnp.where(valid, f, jnp.inf), -1)[..., None], -1)
     return jnp.where((c1 > 0) | (c2 > 0), best[..., 0], 1.0)

@@ -19,8 +19,7 @@ import jax
 
 from rotjax import match
 from rotjax import symmetry as sym
-from rotjax.match._align import BLOCKS, _check_stream_form, _checked_against
-from rotjax.match._checks import checked_params
+from rotjax.match._align import checked_pair
 from rotjax.merge._acts import ROLES, activation_init, cross_statistics
 from rotjax.merge._loss import MEMORY, _kept, _prediction_loss
 from rotjax.merge._methods import average
@@ -90,11 +89,8 @@ def align_by_activations(
     # What `align` would refuse, refused before the forward passes (the start below holds
     # only groups that ``solve`` solves: no stream rotation unless it does)
     options = match.Options(solve=solve, solver=solver, key=key)
-    _checked_against(spec, options)
-    _, flat_b = checked_params(spec, [("anchor_params", anchor_params), ("params", params)])
-    _check_stream_form(spec, options, [("params", flat_b)])
-    solved = {r for b in options.solve for r in BLOCKS[b]}
-    roles = tuple(r for r in ROLES if r in solved)
+    checked_pair(spec, options, anchor_params, params)
+    roles = tuple(r for r in ROLES if r in options.roles)
     batches = list(batches)
     cross = cross_statistics(model, anchor_params, params, batches)
     start = activation_init(spec, cross, params=(anchor_params, params), roles=roles, solver=solver)

@@ -71,7 +71,15 @@ def with_stream_rotation(spec: Spec, stream: StreamSpec, residual: str, name: st
     """``spec`` plus the stream rotation group ``name`` (kind ``rot``, role
     ``stream_rotation``), acting wherever the stream permutation ``residual`` acts except on
     the norms' own params (γ = 1, β = 0 in the canonical form, where this group is a symmetry).
-    It keeps the all-ones vector for LayerNorm streams (``stream.centred``)."""
+    It keeps the all-ones vector for LayerNorm streams (``stream.centred``).
+
+    Raises:
+      ValueError: ``name`` already names a group of ``spec``, or ``residual`` does not.
+    """
+    if name in spec.groups:
+        raise ValueError(f"with_stream_rotation: the spec already has a group {name!r}")
+    if residual not in spec.groups:
+        raise ValueError(f"with_stream_rotation: the spec has no group {residual!r}")
     norms = {f"{n.path}/{leaf}" for n in stream.norms for leaf in ("scale", "bias")}
     group = Group(
         "rot", stream.dim, over=residual, role="stream_rotation", keeps_ones=stream.centred

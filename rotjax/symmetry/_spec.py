@@ -267,6 +267,19 @@ def _check(groups: Mapping[str, Group], params: Mapping[str, ParamSpec], *, comp
                         f"over={g.over!r} does not permute here (it permutes "
                         f"{[ax[0] for ax in over] or 'no axis'})"
                     )
+            if complete and g.kind != "perm" and g.over is None:
+                # Nor may it share that axis with a permutation unknown to it: `compose` and
+                # `invert` would not move its elements with that permutation's.
+                perms = [
+                    b.group
+                    for b in p.actions
+                    if b.axes == (a.axes[0],) and groups[b.group].kind == "perm"
+                ]
+                if perms:
+                    raise ValueError(
+                        f"{where}: group {a.group!r} acts on axis {a.axes[0]}, which "
+                        f"permutation {perms[0]!r} permutes too: set over={perms[0]!r}"
+                    )
 
 
 def validate(spec: Spec, params: Any) -> None:
