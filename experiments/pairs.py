@@ -3,7 +3,7 @@ mean and spread over the pairs: Table 2 of `experiments.reproduce` without its a
 curves, for any set of checkpoints and any methods (``circuits`` and ``refit`` included).
 
     python -m experiments.pairs DIR [DIR ...] [--align "all + stream,activations"]
-        [--methods average,circuits] [--images 10000] [--out DIR]
+        [--methods average,circuits] [--images 10000] [--descent-steps 300] [--out DIR]
 
 Writes ``OUT/pairs.json`` (every cell of every pair) and prints the table. Activation starts
 and statistics read 1000 training images of a fixed shuffle (the reproduction's).
@@ -45,11 +45,17 @@ def check_checkpoints(parser: argparse.ArgumentParser, dirs) -> None:
         parser.error(f"not checkpoint directories (no config.json): {', '.join(missing)}")
 
 
-def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print) -> dict:
+def pairs(
+    dirs, alignments, methods, *, images=10_000, unlabeled=1000, descent_steps=None, log=print
+) -> dict:
     """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy},
-    "align_seconds": {alignment: seconds}}]}``."""
+    "align_seconds": {alignment: seconds}}], "descent_steps": ...}``; ``descent_steps`` (None:
+    `fusion.ALIGNMENTS`' 300) are the straight-through alignment's."""
     test, stats, _ = fashion_mnist_sets(images, unlabeled)
-    out = {"endpoints": {}, "pairs": []}
+    st = fusion.ALIGNMENTS["straight-through"]
+    steps = st["steps"] if descent_steps is None else descent_steps
+    options = {"straight-through": {**st, "steps": steps}}
+    out = {"endpoints": {}, "pairs": [], "descent_steps": steps}
     for dir_a, dir_b in itertools.combinations(dirs, 2):
         pair = fusion.load_pair(dir_a, dir_b)
         evaluate = fusion.evaluator(pair.model, test)
@@ -57,7 +63,9 @@ def pairs(dirs, alignments, methods, *, images=10_000, unlabeled=1000, log=print
         for d, p in ((dir_a, pair.a), (dir_b, pair.b)):
             out["endpoints"].setdefault(str(d), acc(p))
         row = {"a": str(dir_a), "b": str(dir_b)}
-        variants = fusion.align_variants(pair, alignments, stats, key=jax.random.key(0))
+        variants = fusion.align_variants(
+            pair, alignments, stats, key=jax.random.key(0), options=options
+        )
         for name, v in variants.items():
             row[name] = {m: acc(fusion.merged(v["pair"], m, stats_data=stats)[0]) for m in methods}
             row.setdefault("align_seconds", {})[name] = v["seconds"]
@@ -89,7 +97,10 @@ def main(argv=None):
     p.add_argument("--methods", default="average,circuits")
     p.add_argument("--images", type=int, default=10_000, help="test images")
     p.add_argument("--out", default="runs/pairs")
+    p.add_argument("--descent-steps", type=int, default=None, help="straight-through's steps (300)")
     args = p.parse_args(argv)
+    if args.descent_steps is not None and args.descent_steps < 1:
+        p.error(f"--descent-steps must be >= 1, got {args.descent_steps}")
     alignments = [a.strip() for a in args.align.split(",")]
     methods = [m.strip() for m in args.methods.split(",")]
     if unknown := sorted(set(alignments) - set(fusion.ALIGNMENTS)):
@@ -98,7 +109,9 @@ def main(argv=None):
         p.error(f"unknown methods {unknown}; known: {list(fusion.METHODS)}")
     check_checkpoints(p, args.dirs)
     train.enable_compilation_cache()
-    results = pairs(args.dirs, alignments, methods, images=args.images)
+    results = pairs(
+        args.dirs, alignments, methods, images=args.images, descent_steps=args.descent_steps
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "pairs.json").write_text(json.dumps(results, indent=1) + "\n")

@@ -36,13 +36,12 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 import rotjax.data
 import rotjax.hf
 from rotjax import train
+from rotjax._atomic import write_whole
 from rotjax.models import check_fields, family, vit
-from rotjax.train._loop import _write_whole  # whole or not at all: other processes read
 
 VIT_FASHION_MNIST = vit.Config(
     hidden_size=64,
@@ -96,7 +95,8 @@ class Config:
         decay: ``"cosine"`` or ``"linear"`` decay to 0 after the warmup.
         weight_decay: AdamW's decoupled weight decay (not on biases and LayerNorms).
         max_grad_norm: Global-norm gradient clipping.
-        augment: Random horizontal flips and +-2 pixel shifts of images (train only).
+        augment: Random horizontal flips (Fashion-MNIST only: not of digits) and +-2 pixel
+            shifts of images (train only).
         eval_every: Eval period in steps (``None``: only at the end).
         checkpoint_every: Checkpoint period in steps (a final checkpoint is always written).
         keep_checkpoints: Number of checkpoints kept.
@@ -286,7 +286,7 @@ def load_data(config: Config) -> dict[str, Any]:
         cut = [
             {k: v[:s] for k, v in p.arrays().items()} for p, s in zip(parts, shares, strict=True)
         ]
-        return {k: np.concatenate([c[k] for c in cut]) for k in cut[0]}
+        return rotjax.data.concat(cut)
 
     return {
         "train": arrays("train", config.train_limit),
@@ -370,8 +370,8 @@ def train_and_evaluate(
         (workdir / "summary.json").unlink(missing_ok=True)
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # one writer; whole files, as other processes read them
-        _write_whole(old_file, json.dumps(new, indent=2))
-        _write_whole(workdir / DATA_FILE, json.dumps({"data_version": version}) + "\n")
+        write_whole(old_file, json.dumps(new, indent=2))
+        write_whole(workdir / DATA_FILE, json.dumps({"data_version": version}) + "\n")
     begin = time.perf_counter()
     data = load_data(config)
     num_labels = len(data["label_names"])
@@ -402,7 +402,9 @@ def train_and_evaluate(
         model,
         tx,
         learning_rate=schedule,
-        augment=train.augment_images if config.augment else None,
+        augment=functools.partial(train.augment_images, flip=config.dataset == "fashion_mnist")
+        if config.augment
+        else None,
     )
     eval_data = data["validation"] if data["validation"] is not None else data["test"]
     # Texts are padded to max_length; each batch is cut to its longest text (rounded up to 8

@@ -7,6 +7,8 @@ import pathlib
 import re
 import struct
 import sys
+import zipfile
+import zlib
 
 import numpy as np
 import pytest
@@ -326,6 +328,20 @@ def test_wordnet_cache_round_trip(tmp_path, monkeypatch):
     third = data.wordnet_examples(limit=40, max_length=24, cache_dir=tmp_path)
     np.testing.assert_array_equal(third.test.input_ids, first.test.input_ids)
     assert sorted(p.name for p in tmp_path.iterdir()) == files  # no temporary file left
+    # So is one whose compressed member is broken inside (zlib.error, not BadZipFile): the
+    # first deflate block's type set to the reserved 3.
+    raw = bytearray((tmp_path / files[0]).read_bytes())
+    with zipfile.ZipFile(tmp_path / files[0]) as z:
+        offset = z.infolist()[0].header_offset
+    name_len, extra_len = (
+        int.from_bytes(raw[offset + i : offset + i + 2], "little") for i in (26, 28)
+    )
+    raw[offset + 30 + name_len + extra_len] = 0b111
+    (tmp_path / files[0]).write_bytes(bytes(raw))
+    with pytest.raises(zlib.error), np.load(tmp_path / files[0]) as npz:
+        [npz[k] for k in npz.files]
+    fourth = data.wordnet_examples(limit=40, max_length=24, cache_dir=tmp_path)
+    np.testing.assert_array_equal(fourth.test.input_ids, first.test.input_ids)
 
 
 def test_default_cache_dir(monkeypatch, tmp_path):

@@ -301,6 +301,16 @@ def test_pairs(tmp_path, capsys):
         assert line in printed
     with pytest.raises(SystemExit):
         pairs.main([*argv, "bogus"])
+    assert result["descent_steps"] == 300  # the straight-through alignment's default
+    # The descent's steps: A and C (exactly aligned at the start, the best kept) merge into A.
+    argv = [dirs[0], dirs[2], "--images", "64", "--align", "straight-through", "--methods"]
+    pairs.main([*argv, "average", "--descent-steps", "2", "--out", str(tmp_path / "st")])
+    st = json.loads((tmp_path / "st" / "pairs.json").read_text())
+    assert st["descent_steps"] == 2
+    assert st["pairs"][0]["straight-through"] == {"average": result["endpoints"][dirs[0]]}
+    with pytest.raises(SystemExit):
+        pairs.main([*argv, "average", "--descent-steps", "0"])
+    assert "--descent-steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 def test_merge_rows_reuse_statistics(monkeypatch):

@@ -636,6 +636,35 @@ def test_save_syncs_before_and_after_the_rename(seed, tmp_path, monkeypatch):
     assert events[i + 1 :] == [("sync", tmp_path.name)]
 
 
+def test_write_whole_is_whole_or_nothing_and_synced(tmp_path, monkeypatch):
+    """The training logs', dataset caches' and reports' writer: an error leaves the old file
+    and nothing beside it; the new file reaches the disk before the rename, the rename before
+    the return; permissions as a plain open gives them (mkstemp gave 0600)."""
+    from rotjax._atomic import write_whole
+
+    path = tmp_path / "f.json"
+    write_whole(path, "old\n")
+
+    def broken(f):
+        f.write(b"half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        write_whole(path, broken)
+    assert path.read_text() == "old\n" and [p.name for p in tmp_path.iterdir()] == ["f.json"]
+    events = []
+    real_replace = os.replace
+    monkeypatch.setattr(os, "fsync", lambda fd: events.append(os.readlink(f"/proc/self/fd/{fd}")))
+    monkeypatch.setattr(os, "replace", lambda a, b: (events.append("replace"), real_replace(a, b)))
+    write_whole(path, lambda f: f.write(b"new"))
+    monkeypatch.undo()
+    tmp, replace, parent = events
+    assert Path(tmp).parent == tmp_path and Path(tmp).name.startswith(".f.json.")
+    assert (replace, parent) == ("replace", str(tmp_path)) and path.read_bytes() == b"new"
+    (tmp_path / "plain").write_text("x")
+    assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+
+
 def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
     config = TINY_VIT
     params = random_params(config, seed)
@@ -1043,6 +1072,9 @@ def test_llama_configs_transformers_cannot_build_are_refused(changes, message):
     with pytest.raises(ValueError, match=message):
         llama.Config(**{**base, **changes})
     assert llama.Config.from_hf_dict({**base, "model_type": "mistral"}).sliding_window == 4096
+    # A "llamafied" Mistral's config.json keeps its sliding_window, which Llama never reads.
+    llamafied = {**base, "model_type": "llama", "sliding_window": 4}
+    assert llama.Config.from_hf_dict(llamafied).sliding_window is None
     # Qwen2 with the window on: transformers' default width when the key is absent, and a
     # layer_types list that says other layers slide than max_window_layers is refused.
     qwen2 = {**base, "model_type": "qwen2", "num_hidden_layers": 2, "use_sliding_window": True}

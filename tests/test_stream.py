@@ -254,13 +254,17 @@ def test_a_started_stream_rotation_keeps_the_descent_monotone(key):
     with pytest.raises(ValueError, match="orthogonal with Q 1 = 1"):
         match.align(spec, canon, b, init=free)
     # A complete transform as the start (its stream rotation the identity, as `align`'s and
-    # the straight-through descent's steps pass them) leaves the stream permutation solved.
+    # the straight-through descent's steps pass them) leaves the stream permutation solved:
+    # its stage runs, J never rising. (Not always to the planted element: from the identity
+    # rather than `residual_init`'s start the descent can stop elsewhere; 1 seed in about 40
+    # did, as for a planted permutation of the stream alone.)
     t = sym.sample(spec, jax.random.fold_in(key, 3)) | {vit.STREAM: sym.identity(spec)[vit.STREAM]}
     b = sym.apply(spec, canon, t)
     no_stream = tuple(n for n in match.ALL if n != "stream")
     res = match.align(spec, canon, b, solve=no_stream, init=sym.identity(spec), key=key)
     assert "residual" in {stage for stage, _ in res.diagnostics.history}
-    assert rel_err(res.params, canon) <= TOL
+    values = [v for stage, v in res.diagnostics.history if stage != "identity"]
+    assert all(y <= x * (1 + 1e-6) for x, y in itertools.pairwise(values)), res.diagnostics.history
 
 
 def test_align_by_activations_starts_only_the_groups_it_solves(key, monkeypatch):

@@ -7,8 +7,8 @@ size and step functions: one compiled program, shared through the persistent com
 
 import dataclasses
 import json
+import os
 import re
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -121,6 +121,29 @@ def test_one_step_smoke(config, seed, tmp_path):
     assert int(restored.step) == 2
     same = jax.tree.map(np.array_equal, jax.device_get(restored), jax.device_get(result.state))
     assert jax.tree.all(same), same
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_augment_images_shifts_and_flips_only_when_asked(seed, flip):
+    """Each image comes back shifted by up to 2 pixels (zero filled), mirrored or not; with
+    ``flip=False`` (digits) never mirrored."""
+    rng = np.random.default_rng(seed)
+    images = rng.uniform(0.1, 1.0, (64, 6, 5, 1)).astype(np.float32)
+    batch = {"images": jnp.asarray(images), "labels": jnp.arange(64)}
+    out = train.augment_images(batch, jax.random.key(seed), flip=flip)
+    assert out["images"].shape == images.shape and (out["labels"] == batch["labels"]).all()
+
+    def crops(img):  # every shift the augmentation can draw
+        p = np.pad(img, ((2, 2), (2, 2), (0, 0)))
+        return [p[y : y + 6, x : x + 5] for y in range(5) for x in range(5)]
+
+    mirrored = 0
+    for img, got in zip(images, np.asarray(out["images"]), strict=True):
+        plain = any(np.array_equal(got, c) for c in crops(img))
+        mirror = any(np.array_equal(got, c) for c in crops(img[:, ::-1]))
+        assert plain or mirror
+        mirrored += mirror and not plain
+    assert (mirrored > 0) if flip else (mirrored == 0)
 
 
 def test_resume_is_bitwise_exact(seed, tmp_path):
@@ -467,6 +490,11 @@ def test_predictor_matches_the_model(key):
     labelled = {**arrays, "labels": np.zeros_like(arrays["input_ids"])}  # padding as class 0
     with pytest.raises(ValueError, match="labels past the last real token"):
         train.predictor(model, batch_size=4, trim=2)(params, labelled)  # not silently -100
+    # No inputs at all, or labels alone: named (a bare StopIteration, an "arrays is empty").
+    for nothing in ({}, {"labels": arrays["labels"]}):
+        for trim in (None, 2):
+            with pytest.raises(ValueError, match=r"no model inputs in data \(its keys: "):
+                train.predictor(model, batch_size=4, trim=trim)(params, nothing)
 
 
 def test_checkpoints_follow_the_documented_policy(seed, tmp_path):
@@ -569,20 +597,22 @@ def test_fit_closes_its_checkpoint_manager_on_every_exit(seed, tmp_path, monkeyp
 def test_a_damaged_batch_order_is_named_and_a_failed_write_leaves_nothing(
     seed, tmp_path, monkeypatch
 ):
-    from rotjax.train._loop import BATCHES_FILE, _write_whole
+    from rotjax._atomic import write_whole
+    from rotjax.train._loop import BATCHES_FILE
 
     run_bert(seed, 2, workdir=tmp_path, checkpoint_every=2)
     (tmp_path / BATCHES_FILE).write_text('{"seed": 1')  # a bare JSONDecodeError before
     with pytest.raises(ValueError, match=f"{BATCHES_FILE} is not a run's batch order"):
         run_bert(seed, 4, workdir=tmp_path)
 
-    def full(self, target):
+    def full(*args):
         raise OSError("disk full")
 
-    monkeypatch.setattr(Path, "replace", full)
+    before = sorted(p.name for p in tmp_path.iterdir())
+    monkeypatch.setattr(os, "replace", full)
     with pytest.raises(OSError, match="disk full"):
-        _write_whole(tmp_path / "x.json", "{}")
-    assert not (tmp_path / "x.tmp").exists() and not (tmp_path / "x.json").exists()
+        write_whole(tmp_path / "x.json", "{}")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before  # no x.json, no temporary
 
 
 def test_a_truncated_metrics_line_does_not_block_resuming(seed, tmp_path):
@@ -778,9 +808,9 @@ def test_resuming_with_other_batches_is_refused_unless_allowed(seed, tmp_path):
     """Step t's batch is a function of (seed, batch size, examples): resuming a checkpoint
     under other ones would replay some examples and skip others, silently."""
     run_bert(seed, 2, workdir=tmp_path)
-    assert json.loads((tmp_path / train.BATCHES_FILE).read_text()) == {
-        "seed": seed, "batch_size": BATCH, "examples": 20, "trim": None,
-    }  # fmt: skip
+    order = json.loads((tmp_path / train.BATCHES_FILE).read_text())
+    assert order.pop("data") == train._loop._fingerprint(text_data(BERT, seed, 20))
+    assert order == {"seed": seed, "batch_size": BATCH, "examples": 20, "trim": None}
     state, steps = setup(BERT, seed)
     mesh = train.data_mesh(jax.devices()[:1])
     fit = lambda arrays, run_seed=seed, **k: train.fit(
@@ -789,10 +819,18 @@ def test_resuming_with_other_batches_is_refused_unless_allowed(seed, tmp_path):
     )  # fmt: skip
     arrays = text_data(BERT, seed, 20)
     fewer = {k: v[:18] for k, v in arrays.items()}
-    with pytest.raises(ValueError, match=r"drawn otherwise \(examples: 20 -> 18\)"):
+    with pytest.raises(ValueError, match=r"drawn otherwise \(examples: 20 -> 18, data: "):
         fit(fewer)
     with pytest.raises(ValueError, match=rf"drawn otherwise \(seed: {seed} -> {seed + 1}\)"):
         fit(arrays, run_seed=seed + 1)
+    # Other examples, as many (another validation split of the same size, say): refused too.
+    other = {**arrays, "labels": (arrays["labels"] + 1) % BERT.num_labels}
+    with pytest.raises(
+        ValueError,
+        match=r"\(data: '[0-9a-f]+' -> '[0-9a-f]+'\): resuming would "
+        "continue it on other training data",
+    ):
+        fit(other)
     # Cut batches (other dropout masks) do not continue an uncut run, nor one from before
     # batches.json recorded trim.
     with pytest.raises(ValueError, match=r"\(trim: None -> 2\): resuming would continue it"):

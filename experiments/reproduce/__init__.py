@@ -33,7 +33,7 @@ from pathlib import Path
 from experiments.reproduce import _language, _report, _vision
 from experiments.reproduce._models import Settings, read_results, results_key
 from rotjax import train
-from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
+from rotjax._atomic import write_whole
 
 PARTS = {"vision": _vision.run, "language": _language.run}
 
@@ -43,7 +43,7 @@ MODELS = {"vision": "vit-*", "language": "minilm-*"}  # a part's models in DIR/m
 
 # The experiments' modules a part's results depend on (the others: other experiments, and
 # the report's rendering, `_report` and `experiments.plots`, which read results, never make them).
-PIPELINE = ("__init__.py", "train.py", "fusion.py", "reproduce/_models.py")
+PIPELINE = ("__init__.py", "train.py", "fusion.py", "pairs.py", "reproduce/_models.py")
 PIPELINE += ("reproduce/_language.py", "reproduce/_vision.py", "reproduce/__init__.py")
 
 
@@ -113,7 +113,7 @@ def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: s
     results = {**keys, "seconds": seconds, "environment": _environment(), **results}
     results["settings"] = recorded  # what the report says they were measured on
     path.parent.mkdir(parents=True, exist_ok=True)
-    _write_whole(path, json.dumps(results, indent=1, default=float) + "\n")
+    write_whole(path, json.dumps(results, indent=1, default=float) + "\n")
     return results
 
 

@@ -25,7 +25,7 @@ from experiments.reproduce._models import (
     trained,
 )
 from rotjax import train
-from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
+from rotjax._atomic import write_whole
 
 ALIGNMENTS = ("none", "paper", "all")
 METHODS = ("average", "fisher", "regmean")
@@ -69,7 +69,7 @@ def run(settings: Settings, out, log, code: str = "", commit: str | None = None)
             result = _seed(settings, task, names, seed, summaries, log)
             result |= {"commit": commit, "seconds": time.perf_counter() - tic}
             path.parent.mkdir(parents=True, exist_ok=True)
-            _write_whole(path, json.dumps({"key": key, "result": result}, default=float) + "\n")
+            write_whole(path, json.dumps({"key": key, "result": result}, default=float) + "\n")
             results[task].append(result)
     return {**results, "reused": reused}
 

@@ -11,7 +11,7 @@ import numpy as np
 
 from experiments import plots
 from experiments.reproduce import _language, _vision
-from rotjax.train._loop import _write_whole  # whole or not at all: a crash leaves the old file
+from rotjax._atomic import write_whole
 
 CLAIMS = {
     "a": (
@@ -451,7 +451,7 @@ def write(settings, out: Path, results: dict) -> Path:
     if verdicts is None:
         claims_file.unlink(missing_ok=True)
     else:
-        _write_whole(claims_file, json.dumps(verdicts, indent=1, default=float))
+        write_whole(claims_file, json.dumps(verdicts, indent=1, default=float))
     path = out / "report.md"
     path.write_text("\n".join(lines) + "\n")
     return path

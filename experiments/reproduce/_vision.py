@@ -13,8 +13,9 @@ import jax
 import numpy as np
 
 from experiments import fusion
+from experiments.pairs import fashion_mnist_sets
 from experiments.reproduce._models import Settings, trained
-from rotjax import data, match, merge
+from rotjax import match, merge
 
 TABLE2 = ("none", "paper", "all", "all + stream", "activations", "straight-through")
 METHODS = ("average", "fisher", "regmean", "ot-acts", "ot-wts")
@@ -25,14 +26,11 @@ DISTANCES = ("ffn only", "paper", "all", "all + stream", "activations", "straigh
 def run(settings: Settings, out, log, code: str = "", commit: str | None = None) -> dict:
     # (``code``, ``commit``: unused; `experiments.reproduce` keys this part whole)
     models = [trained(settings, out, "vit_fashion_mnist", s) for s in settings.vision_seeds]
-    fm = data.fashion_mnist()
-    test = {k: v[: settings.test_images] for k, v in fm.test.arrays().items()}
-    order = np.random.default_rng(0).permutation(len(fm.train.labels))
-    unlabeled = {"images": fm.train.images[order[: settings.stats_examples]]}
     # Choices (which alignment is "rotjax's best") are made on training images the statistics
     # did not use, never on the test set.
-    pick = order[settings.stats_examples : settings.stats_examples + settings.curve_images]
-    select = {k: v[pick] for k, v in fm.train.arrays().items()}
+    test, unlabeled, select = fashion_mnist_sets(
+        settings.test_images, settings.stats_examples, settings.curve_images
+    )
     curve_data = {k: v[: settings.curve_images] for k, v in test.items()}
     pairs = []
     for a, b in itertools.combinations(range(len(models)), 2):

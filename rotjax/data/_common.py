@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 from typing import Generic, NamedTuple, TypeVar
 
 import numpy as np
+
+from rotjax._atomic import write_whole
 
 T = TypeVar("T")
 
@@ -82,13 +83,6 @@ def file_stamp(path: Path) -> tuple[str, int, int]:
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Writes ``arrays`` to ``path`` as ``.npz`` atomically (a temporary file, then a rename)."""
+    """Writes ``arrays`` to ``path`` as ``.npz``, whole or not at all (`write_whole`)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_whole(path, lambda f: np.savez_compressed(f, **arrays))

@@ -44,6 +44,7 @@ import hashlib
 import json
 import os
 import zipfile
+import zlib
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -406,7 +407,7 @@ def read_cache(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray] | 
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in [*keys, "label_names"]}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
         return None
     if tuple(arrays["label_names"].tolist()) != classes:
         return None

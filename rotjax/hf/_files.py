@@ -14,6 +14,8 @@ from typing import Any
 
 import numpy as np
 
+from rotjax._atomic import sync, sync_tree
+
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
 SAFETENSORS_INDEX = "model.safetensors.index.json"
@@ -162,32 +164,11 @@ def replace_dir(new: Path, path: Path, *, overwrite: bool = True) -> None:
     return (fsync of each file, of each directory, then of ``path``'s parent): a power loss
     leaves the old ``path`` or the whole new one, never a renamed directory of empty files.
     """
-    _sync_tree(new)
+    sync_tree(new)
     try:
         _replace_dir(new, path, overwrite)
     finally:
-        _sync(path.parent)
-
-
-def _sync(path: Path) -> None:
-    """fsync ``path`` (a file, or a directory: its entries), where the system allows it."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    except OSError as e:  # some file systems cannot sync a directory
-        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
-            raise
-    finally:
-        os.close(fd)
-
-
-def _sync_tree(root: Path) -> None:
-    """fsync every file and directory under ``root``, deepest first, ``root`` last."""
-    for parent, dirs, files in os.walk(root, topdown=False):
-        for name in [*files, *dirs]:
-            if not os.path.islink(os.path.join(parent, name)):
-                _sync(Path(parent, name))
-    _sync(root)
+        sync(path.parent)
 
 
 def _replace_dir(new: Path, path: Path, overwrite: bool) -> None:

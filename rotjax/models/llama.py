@@ -155,6 +155,8 @@ class Config:
             d.pop("max_window_layers", None)  # no window: which layers would use it is moot
         if d.get("model_type") == "qwen2" and not d.get("use_sliding_window"):
             d["sliding_window"] = None
+        if d.get("model_type", "llama") == "llama":
+            d.pop("sliding_window", None)  # LlamaConfig has none; LlamaAttention never slides
         if d.get("model_type") == "mistral":
             d.setdefault("sliding_window", 4096)  # MistralConfig's default
             if type(d.get("head_dim")) is int and d["head_dim"] == 0:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -14,6 +15,7 @@ import numpy as np
 from jax.sharding import Mesh
 
 from rotjax import data as _data
+from rotjax._atomic import write_whole
 from rotjax.train import _checkpoint, _mesh, _metrics, _steps
 from rotjax.train._steps import Steps, TrainState
 
@@ -67,7 +69,7 @@ class MetricsWriter:
                         raise ValueError(f"{self.path}:{i} is not a JSON record") from None
             records = [r for r in records if r.get("step", 0) <= resume_step]
         self._seen = {_key(r) for r in records}
-        _write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records))
+        write_whole(self.path, "".join(json.dumps(r) + "\n" for r in records))
 
     def has(self, split: str, step: int) -> bool:
         """Whether a record of ``split`` at ``step`` is already in the file."""
@@ -80,10 +82,21 @@ class MetricsWriter:
         if replace and key in self._seen:
             lines = [line for line in self.path.read_text().splitlines() if line.strip()]
             kept = [line for line in lines if _key(json.loads(line)) != key]
-            _write_whole(self.path, "".join(line + "\n" for line in kept))
+            write_whole(self.path, "".join(line + "\n" for line in kept))
         self._seen.add(key)
         with self.path.open("a") as f:
             f.write(json.dumps(record) + "\n")
+
+
+def _fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
+    """A digest of named arrays (names, dtypes, shapes and values): another split of the same
+    size (another validation seed, say) has another."""
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        x = np.ascontiguousarray(arrays[name])
+        h.update(f"{name}|{x.dtype.str}|{x.shape}|".encode())
+        h.update(memoryview(x).cast("B"))
+    return h.hexdigest()[:16]
 
 
 def _key(record: Record) -> tuple:
@@ -110,7 +123,9 @@ def _check_batches(
             shown = ", ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in diff.items())
             why = (
                 "would replay some examples and skip others"
-                if set(diff) - {"trim"}
+                if set(diff) - {"trim", "data"}
+                else "would continue it on other training data"
+                if "data" in diff
                 else "would continue it with batches cut otherwise (other dropout masks)"
             )
             raise ValueError(
@@ -119,18 +134,7 @@ def _check_batches(
                 "allow_other_batches=True"
             )
     if write:
-        _write_whole(path, json.dumps(order) + "\n")
-
-
-def _write_whole(path: Path, text: str) -> None:
-    """``text`` into ``path`` whole or not at all: written beside it, then renamed over it."""
-    tmp = path.with_suffix(".tmp")
-    try:
-        tmp.write_text(text)
-        tmp.replace(path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # nothing half-written left beside it
-        raise
+        write_whole(path, json.dumps(order) + "\n")
 
 
 def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
@@ -250,9 +254,11 @@ def predictor(
     )
 
     def predict(params, data):
-        n = len(next(iter(data.values())))
         # (labels only for trim's check that no row's padding is labelled)
         fields = {k: v for k, v in data.items() if k != "labels" or trim is not None}
+        if not any(k != "labels" for k in fields):
+            raise ValueError(f"predict: no model inputs in data (its keys: {sorted(data)})")
+        n = len(next(iter(data.values())))
         if not n:
             raise ValueError(f"predict: no examples in {sorted(data)}")
         batches = _data.batches(fields, batch_size, pad=True, trim=trim)  # checks trim
@@ -352,10 +358,11 @@ def fit(
         mesh: Data mesh; default `rotjax.train.data_mesh()` (all devices).
         progress: Whether to show a tqdm progress bar (on stderr, process 0 only).
         callback: Called with every record (dicts with ``step``, ``split`` and metrics).
-        allow_other_batches: Resume a run whose ``seed``, ``batch_size``, number of training
-            examples or ``trim`` differ from this call's (recorded in ``workdir/batches.json``):
-            its later steps then draw other batches, replaying some examples and skipping
-            others (or cut them otherwise). Off by default: such a resume is refused.
+        allow_other_batches: Resume a run whose ``seed``, ``batch_size``, training examples
+            (their number, or their values: a digest) or ``trim`` differ from this call's
+            (recorded in ``workdir/batches.json``): its later steps then draw other batches,
+            replaying some examples and skipping others, or train on other data (or cut
+            batches otherwise). Off by default: such a resume is refused.
         trim: Cut each train and eval batch's padding columns to a multiple of ``trim``
             (`rotjax.data.trim_padding`, by the ``attention_mask``): a step on short texts
             costs what their length costs, not the padded length's; one compilation per
@@ -443,6 +450,7 @@ def fit(
                     )
             order = {"seed": int(seed), "batch_size": int(batch_size), "examples": n_train}
             order["trim"] = None if trim is None else int(trim)  # numpy ints: JSON
+            order["data"] = _fingerprint(train_data)
             _check_batches(workdir, order, resumed_from, allow_other_batches, write=lead)
             if lead:
                 writer = MetricsWriter(workdir / METRICS_FILE, resume_step=resumed_from)

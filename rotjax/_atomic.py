@@ -1,0 +1,62 @@
+"""Files written whole or not at all, through a crash or a power loss.
+
+A file is written under a temporary name beside its destination, flushed to the disk
+(``fsync``), renamed over it (``os.replace``: atomic), and the directory's entry flushed
+too; without the flushes a power loss after the rename can leave the new name on an empty
+or partial file. Used by the checkpoint writer (`rotjax.hf.save`), the training logs and
+the dataset caches.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import secrets
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def write_whole(path: str | os.PathLike[str], data: str | bytes | Callable[[BinaryIO], None]):
+    """``data`` (text as UTF-8, bytes, or a function writing to a binary file) into
+    ``path``, whole or not at all: an error leaves ``path`` as it was and nothing beside it.
+    The new file has the permissions a plain ``open`` gives (the umask's), whoever writes
+    beside it at the same time (its temporary name is its own)."""
+    path = Path(path)
+    tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data.encode() if isinstance(data, str) else data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    sync(path.parent)
+
+
+def sync(path: str | os.PathLike[str]) -> None:
+    """fsync ``path`` (a file, or a directory: its entries), where the system allows it."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    except OSError as e:  # some file systems cannot sync a directory
+        if e.errno not in (errno.EINVAL, errno.EBADF, errno.ENOTSUP):
+            raise
+    finally:
+        os.close(fd)
+
+
+def sync_tree(root: str | os.PathLike[str]) -> None:
+    """fsync every file and directory under ``root``, deepest first, ``root`` last (links are
+    not followed)."""
+    for parent, dirs, files in os.walk(root, topdown=False):
+        for name in [*files, *dirs]:
+            if not os.path.islink(os.path.join(parent, name)):
+                sync(Path(parent, name))
+    sync(root)
