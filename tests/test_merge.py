@@ -849,6 +849,10 @@ def test_statistics_save_and_load(tmp_path, key):
     assert shape(back) == shape(s) and np.shape(back["examples"]) == ()
     empty = merge.load_statistics(merge.save_statistics(tmp_path / "e.safetensors", {"gram": {}}))
     assert empty == {"gram": {}}
+    # Written over: the new statistics replace the old ones whole, nothing left beside them
+    merge.save_statistics(tmp_path / "stats.safetensors", {"gram": {}})
+    assert merge.load_statistics(tmp_path / "stats.safetensors") == {"gram": {}}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "stats.safetensors"]
 
 
 def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):

@@ -199,8 +199,8 @@ def align(
     """
     t_start = time.perf_counter()
     options = Options(solve, layers, solver, residual_init, max_sweeps, tol, key, init)
-    checked = checked_pair(spec, options, anchor_params, params)
-    return _align(spec, *checked[1:], params, options, checked[0], t_start)
+    layer_set, a_flat, b_flat = checked_pair(spec, options, anchor_params, params)
+    return _align(spec, a_flat, b_flat, params, options, layer_set, t_start)
 
 
 def checked_pair(

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax import symmetry as sym
+from rotjax._atomic import write_whole
 from rotjax.data import IGNORE_LABEL
 from rotjax.merge._capture import capture
 from rotjax.merge._methods import _input_axes
@@ -417,8 +418,9 @@ def transform_statistics(
 
 def save_statistics(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> Path:
     """Write statistics as one safetensors file (``kind/param path`` names; counts included;
-    the kinds held by path in its metadata, so an empty one comes back too)."""
-    from safetensors.numpy import save_file
+    the kinds held by path in its metadata, so an empty one comes back too), whole or not at
+    all (`rotjax._atomic.write_whole`: an existing file is replaced only by a complete one)."""
+    from safetensors.numpy import save
 
     flat = {}
     for kind, value in stats.items():
@@ -431,7 +433,7 @@ def save_statistics(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> P
     keyed = sorted(k for k, v in stats.items() if isinstance(v, Mapping))
     # (np.ascontiguousarray would make a count's shape () (1,))
     contiguous = {k: np.require(v, requirements="C") for k, v in flat.items()}
-    save_file(contiguous, str(path), metadata={_KINDS: json.dumps(keyed)})
+    write_whole(path, save(contiguous, metadata={_KINDS: json.dumps(keyed)}))
     return path
 
 
