@@ -64,6 +64,15 @@ def test_regmean_is_the_least_squares_merge_at_alpha_1(seed):
     # Weighted means of O(1) entries: float32 rounding is absolute (~1e-7 each), so an entry that
     # cancels to ~1e-4 needs an absolute floor as well.
     np.testing.assert_allclose(got0["w"]["kernel"], want, rtol=1e-5, atol=1e-6)
+    # A ridge holds the kernel to the average (the docstring said it shrank it towards 0):
+    # argmin_W Σ_i ‖X_i (W - W_i)‖² / n + s ‖W - W̄‖², s = ridge · mean diag(Σ G), in float64
+    rows, mean, ridge = len(xs[0]), np.mean(ws, axis=0), 0.5
+    g = sum(x.T @ x for x in xs) / rows
+    s = ridge * np.mean(np.diag(g))
+    rhs = sum(x.T @ x @ w for x, w in zip(xs, ws, strict=True)) / rows + s * mean
+    want = np.linalg.solve(g + s * np.eye(len(g)), rhs)
+    got = merge.regmean(params, stats, alpha=1.0, ridge=ridge)["w"]["kernel"]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_regmean_on_fewer_rows_than_inputs_is_the_least_squares_merge_nearest_the_average(seed):
@@ -504,6 +513,23 @@ def test_a_model_of_weight_zero_is_left_out(seed):
         np.testing.assert_allclose(got, a["w"], rtol=1e-7, err_msg=str(tiny))
         got = merge.fisher([a, bad], [stats[0], nan], weights=[1, tiny])["w"]
         np.testing.assert_allclose(got, a["w"], rtol=1e-7, err_msg=str(tiny))
+    # ... nor need they be there (they were refused as missing)
+    want = merge.fisher([a, b], stats[:2], weights=[1.0, 3.0])["w"]
+    got = merge.fisher([a, b, bad], [*stats[:2], {}], weights=[1, 3, 0])["w"]
+    np.testing.assert_array_equal(got, want)
+    want = merge.regmean([a, b], stats[:2], weights=[1.0, 3.0])["w"]
+    got = merge.regmean([bad, a, b], [{}, *stats[:2]], weights=[0, 1, 3])["w"]
+    np.testing.assert_array_equal(got, want)
+    # The merge is in the first model's dtypes, of weight 0 too (it took the first kept one's)
+    a16 = {"w": a["w"].astype(jnp.bfloat16)}
+    for method, args in (
+        (merge.average, ()),
+        (merge.fisher, (stats[:2],)),
+        (merge.regmean, (stats[:2],)),
+    ):
+        for w in ([1, 1], [0, 1], [1, 0]):
+            assert method([a16, b], *args, weights=w)["w"].dtype == jnp.bfloat16, (method, w)
+            assert method([b, a16], *args, weights=w)["w"].dtype == jnp.float32, (method, w)
 
 
 def test_integer_leaves_are_kept_equal_or_refused(seed):
@@ -749,6 +775,10 @@ def test_sampled_fisher_is_the_exact_one_in_expectation(key):
         merge.statistics(c.model, params, batch, ())  # was an empty dict
     with pytest.raises(ValueError, match=r"unknown statistics kinds \['grams'\]"):
         merge.statistics(c.model, params, batch, ("grams",))
+    # one kind by name (it was split into letters: "unknown kinds ['e', 'f', ...]")
+    assert rel_err(merge.statistics(c.model, params, batch, "fisher")["fisher"], exact) == 0
+    with pytest.raises(ValueError, match=r"unknown statistics kinds \['grams'\]"):
+        merge.statistics(c.model, params, batch, "grams")
 
 
 @pytest.mark.parametrize(
@@ -1760,6 +1790,12 @@ def test_interpolate_is_the_weighted_sum_in_one_program(key):
     assert _curve._mix._cache_size() - programs <= 1  # the three points: one program
     with pytest.raises(ValueError):
         merge.interpolate(a, {"w": b["w"]}, 0.5)
+    # λ NaN made every param NaN; λ of shape (1,) turned a scalar leaf into shape (1,)
+    for lam in (np.nan, np.inf, np.array([0.5]), 0.5j):
+        with pytest.raises(ValueError, match="lam must be a finite real scalar"):
+            merge.interpolate(a, b, lam)
+    traced = jax.jit(lambda t: merge.interpolate(a, b, t)["w"])(0.3)  # a traced λ is taken
+    np.testing.assert_allclose(traced, merge.interpolate(a, b, 0.3)["w"], rtol=1e-6)
 
 
 def test_dict_batches_keep_every_input_in_its_place(key):

@@ -23,8 +23,12 @@ class Curve(NamedTuple):
 
 
 def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
-    """``(1 - λ) θ_A + λ θ_B`` leaf by leaf, in A's dtypes."""
+    """``(1 - λ) θ_A + λ θ_B`` leaf by leaf, in A's dtypes; λ a finite real scalar (any
+    value: outside [0, 1] the line is extrapolated)."""
     _, (la, lb), treedef = checked_models([params_a, params_b])
+    concrete = not isinstance(lam, jax.core.Tracer)
+    if np.ndim(lam) != 0 or np.iscomplexobj(lam) or (concrete and not np.isfinite(lam)):
+        raise ValueError(f"interpolate: lam must be a finite real scalar, got {lam!r}")
     # λ traced (in float64 with x64): one program per architecture serves every point
     lam = jnp.asarray(lam, jnp.result_type(float))
     return jax.tree.unflatten(treedef, _mix(la, lb, lam))

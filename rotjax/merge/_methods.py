@@ -118,6 +118,17 @@ def _cast(x, like):
     return x.astype(jnp.asarray(like).dtype)
 
 
+def _dtypes(leaves) -> list[np.dtype]:
+    """The dtypes of ``leaves`` as jax computes in them (a Python float: float32 without x64)."""
+    return [jax.dtypes.canonicalize_dtype(np.result_type(x)) for x in leaves]
+
+
+def _in_dtypes(leaves, dtypes) -> list:
+    """``leaves`` cast to ``dtypes`` where they differ: a merge takes the first model's dtypes,
+    also when that model has weight 0 (left out, the first kept one's would be taken)."""
+    return [x if x.dtype == d else x.astype(d) for x, d in zip(leaves, dtypes, strict=True)]
+
+
 def scalar(v) -> jax.Array:
     """A weight or option as an array of the widest float enabled (float64 with
     ``jax_enable_x64``): the programs cast it to each leaf's compute dtype (`wide`), so float64
@@ -129,8 +140,9 @@ def average(params_list: Sequence[Any], weights: Sequence[float] | None = None) 
     """``θ = Σ_i λ_i θ_i / Σ_i λ_i`` (simple averaging; λ = 1 by default). A model of weight 0
     is left out (as in `fisher` and `regmean`): NaN or Inf in it do not reach the merge."""
     _, leaves, treedef = checked_models(params_list)
+    dtypes = _dtypes(leaves[0])
     w, leaves = _weighted(model_weights(weights, len(params_list)), leaves)
-    return jax.tree.unflatten(treedef, _average_leaves(scalar(w), leaves))
+    return jax.tree.unflatten(treedef, _in_dtypes(_average_leaves(scalar(w), leaves), dtypes))
 
 
 # The merges run as one compiled program per architecture (leaf by leaf, every leaf's small
@@ -167,12 +179,14 @@ def _check_fishers(paths, leaves, fs) -> None:
         raise ValueError("Fishers that do not fit their params:\n" + "\n".join(bad))
 
 
-def _check_cover(paths, stats: Sequence[Mapping[str, Any]], kind: str) -> None:
+def _check_cover(paths, stats: Sequence[Mapping[str, Any]], kind: str, ids=None) -> None:
     """Each statistic names a param and is there for every model or for none: one that only some
-    models have would silently merge its param as a plain average."""
+    models have would silently merge its param as a plain average. ``ids``: the models'
+    indices in ``stats_list`` (default 0, 1, ...)."""
     known, bad = set(paths), []
+    ids = range(len(stats)) if ids is None else ids
     for p in sorted(set().union(*stats)):
-        has = [i for i, s in enumerate(stats) if p in s]
+        has = [i for i, s in zip(ids, stats, strict=True) if p in s]
         if p not in known:
             bad.append(f"  {p}: in stats_list{has}, but the models have no such param")
         elif len(has) < len(stats):
@@ -233,15 +247,15 @@ def fisher(
         (of a model of weight > 0: the others are not read).
     """
     paths, leaves, treedef = checked_models(params_list)
-    fs = [_fishers(s, i) for i, s in enumerate(stats_list)]
-    if len(fs) != len(params_list):
-        raise ValueError(f"{len(params_list)} models but {len(fs)} statistics")
+    if len(stats_list) != len(params_list):
+        raise ValueError(f"{len(params_list)} models but {len(stats_list)} statistics")
     if not (np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
-    _check_cover(paths, fs, "fisher")
-    _check_fishers(paths, leaves[0], fs)
     w = model_weights(weights, len(params_list))
-    kept = _kept(w)  # a model of weight 0 is never read
+    kept = _kept(w)  # a model of weight 0 is never read: its statistics may lack Fishers
+    fs = [_fishers(s, i) if i in kept else {} for i, s in enumerate(stats_list)]
+    _check_cover(paths, [fs[i] for i in kept], "fisher", ids=kept)
+    _check_fishers(paths, leaves[0], [fs[i] for i in kept])
     # A NaN Fisher would make the merge of its entry the plain average, silently.
     bad = [f"  stats_list[{i}]: {p}" for i in kept for p in non_finite(dict(fs[i]))]
     if bad:
@@ -254,10 +268,11 @@ def fisher(
             raise ValueError(f"normalize: the Fishers of stats_list{bad} are zero or not finite")
         w = model_weights(w / norms, len(params_list))
     # No Fisher for a param (None): a plain average.
+    dtypes = _dtypes(leaves[0])
     w, leaves, fs = _weighted(w, leaves, fs)
     per_path = [[f[p] for f in fs] if p in fs[0] else None for p in paths]
     out = _fisher_leaves(scalar(w), scalar(eps), leaves, per_path)
-    return jax.tree.unflatten(treedef, out)
+    return jax.tree.unflatten(treedef, _in_dtypes(out, dtypes))
 
 
 @jax.jit
@@ -311,9 +326,12 @@ def regmean(
       rest: how params without a Gram (biases, embeddings, LayerNorms, the patch embedding)
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted, by `fisher` with its default
         ``eps`` and no normalisation; call `fisher` for others and take those params from it).
-      ridge: ``ridge * mean(diag)`` is added to the diagonal of ``Σ λ_i G̃_i`` before its
-        pseudo-inverse (`_pinv_psd`: eigenvalues below ``16 ε`` times the largest, float32
-        rounding of zero, count as 0; 1e-8 relative changes nothing measurably). Directions
+      ridge: holds each kernel to the average ``W̄ = Σ λ_i W_i / Σ λ_i`` with ``s = ridge *
+        mean(diag(Σ λ_i G̃_i))``: ``W* = W̄ + (Σ λ_i G̃_i + s I)⁺ Σ λ_i G̃_i (W_i - W̄)``, the
+        minimiser of the objective above plus ``s ‖W - W̄‖²`` (at s = 0 the formula above; it
+        shrinks towards W̄, not towards 0), by the pseudo-inverse `_pinv_psd` (eigenvalues
+        below ``16 ε`` times the largest, float32 rounding of zero, count as 0); the default
+        1e-8 changes nothing measurably. Directions
         no data excites (an input that is always 0, or at α = 1 more inputs than rows) are not
         fitted: the kernel keeps the average there (a kernel whose Grams are all zero, one no
         data reaches, comes back as the average), so at α = 1 the merge is the least-squares
@@ -333,17 +351,15 @@ def regmean(
     paths, leaves, treedef = checked_models(params_list)
     if len(stats_list) != len(params_list):
         raise ValueError(f"{len(params_list)} models but {len(stats_list)} statistics")
-    for i, s in enumerate(stats_list):
-        if "gram" not in s:
-            raise ValueError(f"stats_list[{i}] holds no 'gram' (compute kinds=('gram',))")
-    _check_cover(paths, [s["gram"] for s in stats_list], "gram")
     w = model_weights(weights, len(params_list))
-    # A NaN or Inf Gram would make its kernel's solve NaN throughout (a model of weight 0 is
-    # not read: its Grams may be anything).
+    kept = _kept(w)  # a model of weight 0 is not read: its statistics may be anything
+    for i in kept:
+        if "gram" not in stats_list[i]:
+            raise ValueError(f"stats_list[{i}] holds no 'gram' (compute kinds=('gram',))")
+    _check_cover(paths, [stats_list[i]["gram"] for i in kept], "gram", ids=kept)
+    # A NaN or Inf Gram would make its kernel's solve NaN throughout.
     bad = [
-        f"  stats_list[{i}] gram {p}"
-        for i in _kept(w)
-        for p in non_finite(dict(stats_list[i]["gram"]))
+        f"  stats_list[{i}] gram {p}" for i in kept for p in non_finite(dict(stats_list[i]["gram"]))
     ]
     if bad:
         raise ValueError("Grams with NaN or Inf:\n" + "\n".join(bad))
@@ -352,17 +368,18 @@ def regmean(
         if rest == "fisher"
         else average(params_list, weights)
     )
-    out = flatten(merged)[1]
-    ks = [k for k, p in enumerate(paths) if p in stats_list[0]["gram"]]
+    out = flatten(merged)[1]  # in the first model's dtypes
+    ks = [k for k, p in enumerate(paths) if p in stats_list[kept[0]]["gram"]]
     for k in ks:
-        for s in stats_list:
-            _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(s["gram"][paths[k]]))
+        for i in kept:
+            gram = stats_list[i]["gram"][paths[k]]
+            _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(gram))
     w, leaves, stats_list = _weighted(w, leaves, stats_list)
     kernels = [[x[k] for x in leaves] for k in ks]
     grams = [[s["gram"][paths[k]] for s in stats_list] for k in ks]
     scalars = scalar(w), scalar(alpha), scalar(ridge)
     for k, new in zip(ks, _regmean_kernels(kernels, grams, *scalars), strict=True):
-        out[k] = new
+        out[k] = new.astype(out[k].dtype)
     return jax.tree.unflatten(treedef, out)
 
 
@@ -392,7 +409,7 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     inv = _pinv_psd(total, rcond=16 * jnp.finfo(dt).eps)
     xs = [wide(x) for x in kernels]
     mean = sum(w[i] * x for i, x in enumerate(xs)) / jnp.sum(w)
-    # W* = W̄ + (Σ λ G̃)⁻¹ Σ λ G̃ (W_i - W̄), which equals (Σ λ G̃)⁻¹ Σ λ G̃ W_i and solves only
+    # W* = W̄ + (Σ λ G̃ + sI)⁻¹ Σ λ G̃ (W_i - W̄), at s = 0 (Σ λ G̃)⁻¹ Σ λ G̃ W_i; it solves only
     # for the correction to the average: identical models come back exactly, and the inverse's
     # float32 error scales with the models' differences, not with their weights.
     rhs = sum(

@@ -58,7 +58,7 @@ def statistics(
     model: nn.Module,
     params: Any,
     batches: Iterable[Any],
-    kinds: Sequence[str] = KINDS,
+    kinds: Sequence[str] | str = KINDS,
     *,
     include_padding: bool = False,
     fisher: str = "exact",
@@ -76,7 +76,7 @@ def statistics(
         (``(pixel_values,)``, ``(input_ids, attention_mask)``) or a dict of named arrays
         (Hugging Face names, e.g. ``input_ids``, ``attention_mask``, ``pixel_values``, raw
         ``images``), with ``labels`` for the empirical Fisher.
-      kinds: ``"gram"`` and/or ``"fisher"``.
+      kinds: ``"gram"`` and/or ``"fisher"`` (a sequence, or one name).
       include_padding: count padded tokens in the Grams too (what the original RegMean code
         does); by default only real tokens (attention mask) count.
       fisher: ``"exact"``: ``F = E_x Σ_y p(y|x) (∇ log p(y|x))²``, the expectation over the
@@ -108,7 +108,7 @@ def statistics(
         read them; batch and shapes named), no example that
         counts, or a Fisher of a model without a classification head of 2 or more classes.
     """
-    kinds = tuple(kinds)
+    kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "fisher": not its letters
     if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):
         got = f"unknown statistics kinds {unknown}" if kinds else "no statistics kinds"
         raise ValueError(f"{got}; choose from {list(KINDS)}")
