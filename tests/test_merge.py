@@ -7,6 +7,7 @@ compared at 1e-4 (RegMean's inverse of a Gram with condition number up to ~1e2).
 """
 
 import dataclasses
+import warnings
 
 import flax
 import jax
@@ -196,8 +197,10 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
     zero_f = [{"fisher": {"w/kernel": jnp.zeros(ws[0].shape)}}] * 2
     for eps in (2e-38, 1e-6):
         assert rel_err(merge.fisher(params, zero_f, eps=eps), avg) <= TOL
-    for w in (1e39, 1e-46):  # beyond float32 at both ends: normalised in float64 first
-        assert rel_err(merge.average(params, [w, w]), avg) <= TOL
+    for w in (1e39, 1e-46, 1e308):  # beyond float32 at both ends: normalised in float64 first
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # 1e308 + 1e308 overflowed float64, with a warning
+            assert rel_err(merge.average(params, [w, w]), avg) <= TOL
         assert (
             rel_err(merge.regmean(params, stats, weights=[w, w]), merge.regmean(params, stats))
             <= TOL

@@ -1,5 +1,3 @@
-import sys
+from rotjax.cli import entry
 
-from rotjax.cli import main
-
-sys.exit(main())
+entry()

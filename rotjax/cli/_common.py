@@ -159,8 +159,13 @@ def load_models(
             + ("a model without a head does not read" if k in headless else "only training uses")
             for k, (x, y) in sorted(diff.items())
         ]
-        names = _label_names(directory) if first_names is not None else None
-        if names is not None and names != first_names:  # a row would average different classes
+        names = _label_names(directory) if same_classes and classifier else None
+        if names is not None and first_names is None:  # the checkpoint takes the anchor's
+            notes.append(
+                f"{label} names its classes (config.json's id2label), {named[0][0]} does not: "
+                f"they are not compared, and the merge keeps {named[0][0]}'s names"
+            )
+        elif names is not None and names != first_names:  # a row would average other classes
             raise CLIError(
                 f"label names differ ({named[0][0]} vs {label}): {first_names} vs {names} "
                 "(config.json's id2label): the classifiers' rows are different classes"

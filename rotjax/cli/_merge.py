@@ -211,42 +211,44 @@ def read_data(
     """Model inputs from a ``.npz`` under Hugging Face's names, checked against the model;
     doubts that are not errors (pixel values that look unnormalised) go to ``notes``."""
     fam = family(config)
+    read = (*fam.input_names, *(("labels",) if need_labels else ()))
     try:
         with open(path, "rb") as file:
             f = np.load(file, allow_pickle=False)
             if not isinstance(f, np.lib.npyio.NpzFile):  # a .npy: one array, no names
                 raise ValueError(f"one {type(f).__name__}, not named arrays")
-            with f:
-                arrays = {k: np.asarray(f[k]) for k in f.files}
+            with f:  # only the arrays read are loaded (the others are named in a note)
+                names = sorted(f.files)
+                arrays = {k: np.asarray(f[k]) for k in names if k in read}
     except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as e:
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if "pickled" in why:  # numpy's guess for a file that is neither .npz nor .npy
+            why = "neither a zip of arrays nor one array"
+
         raise CLIError(f"--data {path}: not a readable .npz ({why})") from None
-    read = (*fam.input_names, *(("labels",) if need_labels else ()))
-    scalar = [k for k, x in arrays.items() if x.ndim == 0 and k in read]
+    scalar = [k for k, x in arrays.items() if x.ndim == 0]
     if scalar:
         raise CLIError(f"--data {path}: {scalar} are scalars, not arrays with a row per example")
     required = ("pixel_values",) if fam.name == "vit" else ("input_ids",)
     required += ("labels",) if need_labels else ()
     missing = [k for k in required if k not in arrays]
     if missing:
-        raise CLIError(f"--data {path}: missing {missing}; it holds {sorted(arrays)}")
+        raise CLIError(f"--data {path}: missing {missing}; it holds {names}")
     n = len(arrays[required[0]])
     if n == 0:
         raise CLIError(f"--data {path}: {required[0]} has no rows")
     out = {}
     if max_examples is not None and n > max_examples and notes is not None:
         notes.append(f"--data {path}: its first {max_examples} of {n} rows used (--max-examples)")
-    unread = sorted(set(arrays) - {*fam.input_names, "labels"})
+    unread = sorted(set(names) - {*fam.input_names, "labels"})
     if unread and notes is not None:  # e.g. a misspelled attention_mask: say so
         notes.append(
             f"--data {path}: ignored {unread} (a {fam.name} model reads "
             f"{', '.join(fam.input_names)})"
         )
-    if "labels" in arrays and not need_labels and notes is not None:
+    if "labels" in names and not need_labels and notes is not None:
         notes.append(f"--data {path}: labels not read (only --fisher empirical reads them)")
-    for k, x in arrays.items():
-        if k not in read:
-            continue  # labels only serve the empirical Fisher
+    for k, x in arrays.items():  # (labels only if the empirical Fisher reads them)
         if len(x) != n:
             raise CLIError(f"--data {path}: {k} has {len(x)} rows, {required[0]} {n}")
         if np.issubdtype(x.dtype, np.floating) and not np.isfinite(x).all():
@@ -405,6 +407,10 @@ def run(args) -> int:
         named.append(("base", args.base))
     tic = time.perf_counter()
     configs, params, notes = load_models(named, same_classes=True)
+    seen: dict[Path, str] = {}  # a model given twice counts twice: say so
+    for label, directory in named[: len(args.models)]:
+        if (twin := seen.setdefault(Path(directory).resolve(), label)) != label:
+            notes.append(f"{label}: {directory} is {twin} again; it counts twice")
     config = configs[0]
     model = family(config).Model(config)
     # The base (last) goes into the same form as the models, so task vectors stay meaningful.
@@ -418,10 +424,15 @@ def run(args) -> int:
     why = _no_classes(config) or (f"problem_type {kind}" if kind else None)
     if args.method == "fisher" and why:
         raise CLIError(f"--method fisher needs models with a softmax classification head ({why})")
-    if args.align == "activations" and kind:  # (without classes: weight matching alone)
+    if args.align == "activations" and kind and not _no_classes(config):
         raise CLIError(
             f"--align activations chooses by the agreement of softmax predictions; these "
             f"models' heads are not softmax ({why}): use --align all"
+        )
+    if args.align == "activations" and why:  # one output (regression): no choice to make
+        notes.append(
+            f"--align activations: {why}; no predictions to choose by: the activation start "
+            "refined by weight matching to convergence"
         )
     if args.method == "fisher" and args.fisher is None:  # a causal LM's exact Fisher would
         # take a backward pass per token and vocabulary entry

@@ -84,7 +84,8 @@ def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
     float32's smallest normal number (1.2e-38) of the largest is 0: the merges compute in
     float32, where it would be flushed to 0 and its model's NaN or Inf multiplied by it."""
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
-    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.sum() > 0:
+    # (max, not sum: a sum of finite weights may overflow, with a warning)
+    if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.max() > 0:
         raise ValueError(f"weights must be {n} finite numbers >= 0, not all 0; got {weights}")
     w = w / w.max()  # no overflow in the sum
     w = np.where(w < np.finfo(np.float32).tiny, 0.0, w)
