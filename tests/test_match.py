@@ -7,6 +7,7 @@ values are compared at 1e-4 relative: float32 SVD / assignment sums against floa
 
 import contextlib
 import dataclasses
+import functools
 import itertools
 
 import jax
@@ -378,6 +379,24 @@ def test_bad_inputs_raise_before_any_work(key):
     inf["pooler"]["bias"] = inf["pooler"]["bias"].at[1].set(-jnp.inf)
     with pytest.raises(ValueError, match=r"(?s)non-finite.*anchor_params: pooler/bias"):
         match.align(c.spec, inf, a)
+    # Weight-matching scores alone are checked the same way: a misspelled group in the
+    # transform was dropped, a group that is no permutation gave a meaningless matrix
+    scores = functools.partial(match.permutation_scores, c.spec)
+    ffn = "encoder/layer_0/ffn/units"
+    assert scores(a, a, [ffn])[ffn].shape == c.spec.groups[ffn].shape * 2
+    with pytest.raises(ValueError, match=r"(?s)^params: params do not match"):
+        scores(a, other.init(key, 0.3), [ffn])
+    with pytest.raises(ValueError, match=r"not permutation groups of the spec: \['nope'\]"):
+        scores(a, a, ["nope"])
+    qk = next(n for n, g in c.spec.groups.items() if g.kind not in ("perm", "hperm"))
+    with pytest.raises(ValueError, match="not permutation groups"):
+        scores(a, a, [qk])
+    with pytest.raises(ValueError, match="not in the spec: \\['encoder/layer_0/mlp/unit'\\]"):
+        scores(a, a, [ffn], {"encoder/layer_0/mlp/unit": jnp.arange(3)})
+    # align_many's anchor is an index (1.0 failed later; True was taken as model 1)
+    for anchor in (1.0, True, "1"):
+        with pytest.raises(ValueError, match="anchor must be an integer index or None"):
+            match.align_many(c.spec, [a, a], anchor=anchor)
     # Finite values whose sum overflows (the screen's false alarm) are not an error.
     big = jax.tree.map(lambda x: x, a)
     big["classifier"]["bias"] = jnp.full_like(big["classifier"]["bias"], 3e38)

@@ -7,6 +7,7 @@ Tolerance 1e-5 relative, as for every symmetry (float32 at matmul precision "hig
 import dataclasses
 import itertools
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -47,6 +48,8 @@ def test_canonical_form_preserves_the_function(name, scan, key):
     half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # centred, then rounded
     assert sym.is_canonical(stream, sym.canonicalize(stream, half))
     assert not sym.is_canonical(stream, half)
+    frozen = sym.canonicalize(stream, flax.core.freeze(params))  # the caller's containers kept
+    assert isinstance(frozen, flax.core.FrozenDict) and rel_err(frozen.unfreeze(), canon) == 0
 
 
 @pytest.mark.parametrize("name", ["vit-h3d4-l2", "llama-k2g2d6-l2-seq"])

@@ -228,6 +228,10 @@ def align_many(
     """
     if len(params_list) < 1:
         raise ValueError("align_many needs at least one model")
+    if anchor is not None and (
+        isinstance(anchor, bool) or not isinstance(anchor, int | np.integer)
+    ):
+        raise ValueError(f"anchor must be an integer index or None, got {anchor!r}")
     if anchor is not None and not 0 <= anchor < len(params_list):
         raise ValueError(f"anchor={anchor} is out of range for {len(params_list)} models")
     t_start = time.perf_counter()

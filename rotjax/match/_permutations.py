@@ -12,9 +12,9 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import symmetry as sym
+from rotjax.match._checks import checked_params
 from rotjax.match._objective import Context, masked, moved, sub
 from rotjax.match._solvers import assign_all
-from rotjax.tree import to_dict
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -64,7 +64,21 @@ def permutation_scores(
     per-head permutation (``hperm``), one matrix per head: ``C[..., h, i, j]``. A rotation of
     the permuted axis (the stream rotation over the residual permutation) in ``transform``
     is applied without the permutation beneath it, so those scores are not weight matching's
-    for that permutation: leave it out (`align` solves the permutation before rotating)."""
-    f32 = lambda t: {p: jnp.asarray(x, jnp.float32) for p, x in to_dict(t).items()}
-    t = {n: x for n, x in (transform or {}).items() if n in spec.groups}
-    return _perm_costs(spec, tuple(names), False, f32(anchor_params), f32(params), t)
+    for that permutation: leave it out (`align` solves the permutation before rotating).
+
+    Raises:
+      ValueError: params that do not fit the spec (path and shapes named), of other dtypes, or
+        not finite; a name that is not a permutation group of the spec; a ``transform`` that
+        names groups the spec lacks or holds misshapen elements (they were ignored, or failed
+        inside the einsum).
+    """
+    flats = checked_params(spec, [("anchor_params", anchor_params), ("params", params)])
+    if isinstance(names, str):
+        names = [names]
+    kinds = {n: spec.groups[n].kind if n in spec.groups else None for n in names}
+    if bad := sorted(n for n, k in kinds.items() if k not in ("perm", "hperm")):
+        groups = sorted(n for n, g in spec.groups.items() if g.kind in ("perm", "hperm"))
+        raise ValueError(f"not permutation groups of the spec: {bad}; those are {groups}")
+    sym.check_transform(spec, dict(transform or {}))
+    a, b = ({p: jnp.asarray(x, jnp.float32) for p, x in f.items()} for f in flats)
+    return _perm_costs(spec, tuple(names), False, a, b, dict(transform or {}))

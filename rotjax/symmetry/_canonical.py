@@ -31,7 +31,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.symmetry._spec import Action, Group, Spec
-from rotjax.tree import from_dict, placed_like, to_dict, wide
+from rotjax.tree import flatten, placed_like, to_dict, wide
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +104,8 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
     Raises:
       ValueError: a norm with β ≠ 0 whose reader has no bias to take ``β W`` (naming it).
     """
-    flat = to_dict(params)
+    paths, leaves, treedef = flatten(params)
+    flat = dict(zip(paths, leaves, strict=True))
     for norm in stream.norms:  # a β that no reader's bias can take
         beta = flat.get(f"{norm.path}/bias")
         for reader in norm.readers:
@@ -113,8 +114,8 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
                     f"{norm.path}/bias is not 0 but {reader} has no bias to fold it into "
                     "(a ViT with qkv_bias=False): this model has no canonical form"
                 )
-    out = _canonical(stream, flat)
-    return from_dict({p: placed_like(x, flat[p]) for p, x in out.items()})
+    out = _canonical(stream, flat)  # the same paths, in the caller's containers (FrozenDict)
+    return jax.tree_util.tree_unflatten(treedef, [placed_like(out[p], flat[p]) for p in paths])
 
 
 @functools.partial(jax.jit, static_argnums=0)  # one program, however it is called
