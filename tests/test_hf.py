@@ -728,6 +728,14 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
             rotjax.hf.save(tmp_path / link, config, params)
         assert (tmp_path / link).is_symlink()
     assert not any((tmp_path / "empty").iterdir()) and not (tmp_path / "nowhere").exists()
+    # The working directory (".", empty) or a parent of it: refused (an OSError, EBUSY, from
+    # a rename onto it, its temporary directory made inside it)
+    monkeypatch.chdir(tmp_path / "empty")
+    for where in (".", "./", "..", str(tmp_path)):
+        with pytest.raises(ValueError, match="is the working directory or holds it"):
+            rotjax.hf.save(where, config, params, overwrite=True)
+    monkeypatch.undo()
+    assert not any((tmp_path / "empty").iterdir())
     for name in ("dangling", "to-empty", "empty"):
         (tmp_path / name).unlink() if name != "empty" else (tmp_path / name).rmdir()
     rotjax.hf.save(tmp_path / "link", config, params, overwrite=True)

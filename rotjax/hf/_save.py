@@ -85,12 +85,17 @@ def save(
 
     Raises:
       ValueError: ``params`` do not match ``config`` (paths and shapes listed), ``id2label``
-        has the wrong number of labels, or an ``extra_files`` name is not a plain new file.
+        has the wrong number of labels, an ``extra_files`` name is not a plain new file, or
+        ``path`` is the working directory or holds it (the directory is replaced by a rename:
+        the process would go on in the old one, deleted).
       FileExistsError: ``path`` exists and is not an empty directory, or is a symbolic link,
         and not ``overwrite``.
       FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
     """
     path = Path(path)
+    if Path.cwd().resolve().is_relative_to(path.absolute().resolve()):  # ".": its temporary
+        # directory went inside it, and the rename onto it failed with EBUSY
+        raise ValueError(f"{path} is the working directory or holds it; name a new directory")
     for name in extra_files or {}:
         if Path(name).name != name or name in ("", ".", "..", CONFIG_FILE, SAFETENSORS_FILE):
             raise ValueError(f"extra_files: {name!r} is not a plain file name of its own")
