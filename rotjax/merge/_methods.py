@@ -121,7 +121,8 @@ def _cast(x, like):
 
 def _dtypes(leaves) -> list[np.dtype]:
     """The dtypes of ``leaves`` as jax computes in them (a Python float: float32 without x64)."""
-    return [jax.dtypes.canonicalize_dtype(np.result_type(x)) for x in leaves]
+    dtype = lambda x: x.dtype if hasattr(x, "dtype") else np.result_type(x)
+    return [jax.dtypes.canonicalize_dtype(dtype(x)) for x in leaves]
 
 
 def _in_dtypes(leaves, dtypes) -> list:
