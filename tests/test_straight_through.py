@@ -55,13 +55,19 @@ def test_descent_lowers_the_merge_loss_and_keeps_b_s_function(key):
     assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
     assert rel_err(res.params, c.apply(b, res.transform)) <= TOL
     # the batch order (and align's block order) is the key's: the same key, the same
-    # descent; another key, another
+    # descent; another key, another (3 batches in 4 passes: two keys draw the same batch
+    # orders with chance 6^-4, as for ROTJAX_SEED=1622611753, so up to 3 other keys)
     assert run()[1]["losses"] == info["losses"]
-    other = merge.align_straight_through(
-        c.model, c.spec, a, b, data, init=start, steps=12, every=4, learning_rate=3e-2,
-        key=jax.random.fold_in(key, 5),
-    )[1]  # fmt: skip
-    assert other["losses"][0] == info["losses"][0] and other["losses"] != info["losses"]
+    for j in range(3):
+        other = merge.align_straight_through(
+            c.model, c.spec, a, b, data, init=start, steps=12, every=4, learning_rate=3e-2,
+            key=jax.random.fold_in(key, 5 + j),
+        )[1]  # fmt: skip
+        assert other["losses"][0] == info["losses"][0]
+        if other["losses"] != info["losses"]:
+            break
+    else:
+        pytest.fail("three other keys gave the same descent")
 
 
 def test_descent_never_returns_worse_than_its_start(key):
