@@ -60,3 +60,10 @@ def sync_tree(root: str | os.PathLike[str]) -> None:
             if not os.path.islink(os.path.join(parent, name)):
                 sync(Path(parent, name))
     sync(root)
+
+
+def holds_cwd(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is the working directory or one of its parents: a directory that
+    cannot be replaced as a whole (its temporary twin would go inside it, the rename onto it
+    fails with EBUSY, and a process left in the deleted old directory loses its footing)."""
+    return Path.cwd().resolve().is_relative_to(Path(path).absolute().resolve())

@@ -19,6 +19,7 @@ import jax
 import numpy as np
 
 from rotjax import hf
+from rotjax._atomic import holds_cwd
 from rotjax.hf._files import read_config
 from rotjax.match._checks import non_finite
 from rotjax.models import family
@@ -79,7 +80,7 @@ def checked_out_dir(
     if out.is_dir() and os.path.ismount(out):  # the checkpoint is renamed onto --out: EBUSY
         raise CLIError(f"--out {out} is a mount point; name a new directory inside it")
     where = out.absolute().resolve()
-    if Path.cwd().resolve().is_relative_to(where):
+    if holds_cwd(out):
         raise CLIError(f"--out {out} is the working directory or holds it; name a new directory")
     for f in inputs:
         if where.is_relative_to(Path(f).absolute().resolve()):

@@ -224,7 +224,6 @@ def read_data(
         why = str(e).splitlines()[0] if str(e) else type(e).__name__
         if "pickled" in why:  # numpy's guess for a file that is neither .npz nor .npy
             why = "neither a zip of arrays nor one array"
-
         raise CLIError(f"--data {path}: not a readable .npz ({why})") from None
     scalar = [k for k, x in arrays.items() if x.ndim == 0]
     if scalar:
@@ -421,10 +420,11 @@ def run(args) -> int:
     # model's head must be one (config.json's problem_type may say it is not).
     kinds = {_hf_config(m).get("problem_type") for m in args.models}
     kind = next((k for k in sorted(kinds - {None}) if k != "single_label_classification"), None)
-    why = _no_classes(config) or (f"problem_type {kind}" if kind else None)
+    headless = _no_classes(config)
+    why = headless or (f"problem_type {kind}" if kind else None)
     if args.method == "fisher" and why:
         raise CLIError(f"--method fisher needs models with a softmax classification head ({why})")
-    if args.align == "activations" and kind and not _no_classes(config):
+    if args.align == "activations" and kind and not headless:
         raise CLIError(
             f"--align activations chooses by the agreement of softmax predictions; these "
             f"models' heads are not softmax ({why}): use --align all"

@@ -17,6 +17,7 @@ import jax
 import numpy as np
 
 from rotjax import symmetry as sym
+from rotjax._atomic import holds_cwd
 from rotjax.hf import _mapping
 from rotjax.hf._files import (
     CONFIG_FILE,
@@ -93,8 +94,7 @@ def save(
       FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
     """
     path = Path(path)
-    if Path.cwd().resolve().is_relative_to(path.absolute().resolve()):  # ".": its temporary
-        # directory went inside it, and the rename onto it failed with EBUSY
+    if holds_cwd(path):
         raise ValueError(f"{path} is the working directory or holds it; name a new directory")
     for name in extra_files or {}:
         if Path(name).name != name or name in ("", ".", "..", CONFIG_FILE, SAFETENSORS_FILE):

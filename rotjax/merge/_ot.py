@@ -36,9 +36,10 @@ import jax
 import jax.numpy as jnp
 
 from rotjax import symmetry as sym
-from rotjax.match import assign, permutation_scores
+from rotjax.match import assign
 from rotjax.match._align import _rescaled
 from rotjax.match._checks import non_finite
+from rotjax.match._permutations import _perm_costs
 from rotjax.match._solvers import SOLVERS
 from rotjax.merge._acts import correlations, group_scores
 from rotjax.merge._methods import _input_axes, average
@@ -158,16 +159,16 @@ def _weight_cosines(spec, params_a, params_b, names):
     """``cos(a_i, b_j)`` of the groups' weight rows (all params each group acts on), each
     model first divided by a power of two near its largest weight (exact, and the cosines do
     not change): weights near 1e-24 squared to 0 in float32 (every cosine 0, the identity
-    map), near 1e20 to inf."""
+    map), near 1e20 to inf. The scores are `rotjax.match.permutation_scores`' without its
+    checks of the whole models, which `ot_fusion` has made."""
 
     def rescaled(tree):
-        flat = {p: jnp.asarray(x) for p, x in to_dict(tree).items()}
-        return from_dict(_rescaled(flat)[0][0])
+        return _rescaled({p: jnp.asarray(x) for p, x in to_dict(tree).items()})[0][0]
 
-    params_a, params_b = rescaled(params_a), rescaled(params_b)
-    cross = permutation_scores(spec, params_a, params_b, names)
-    na = permutation_scores(spec, params_a, params_a, names)
-    nb = permutation_scores(spec, params_b, params_b, names)
+    a, b = rescaled(params_a), rescaled(params_b)
+    cross, na, nb = (
+        _perm_costs(spec, tuple(names), False, x, y, {}) for x, y in ((a, b), (a, a), (b, b))
+    )
     out = {}
     for n in names:
         da = jnp.sqrt(jnp.diagonal(na[n], axis1=-2, axis2=-1))
