@@ -396,6 +396,13 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     assert any("num_labels=1" in n and "weight matching to convergence" in n for n in notes)
     assert f"model 1 (merged): {tmp / 'one'}/ is model 0 (anchor) again; it counts twice" in notes
     shutil.rmtree(out)
+    # The descent's loss is the agreement of softmax predictions: refused up front, naming the
+    # option (the library's check named its own argument, `steps`)
+    _fails(
+        [*one, "--descent-steps", "2", "--data", str(tmp / "data.npz"), "--out", str(out)],
+        capsys,
+        "--descent-steps needs models with a softmax classification head (num_labels=1",
+    )
     multi = ["merge", *[str(tmp / "multi_label_classification")] * 2, "--out", str(out)]
     _fails(
         [*multi, "--quiet", "--align", "activations", "--data", str(tmp / "data.npz")],
@@ -457,7 +464,17 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         method = fisher if name.startswith("label") else [*base, "--method", "regmean", "--data"]
         err = _fails([*method, str(tmp / name)], capsys, f"--data {tmp / name}: {message}")
         assert "\n" not in err, err
+    # Big-endian labels (an .npz written elsewhere) are read like native ones (they reached
+    # the statistics' jit as they were, which refused them after the alignment)
+    np.savez(tmp / "label_be.npz", input_ids=ids, labels=np.array([0, 2], ">i8"))
+    assert cli.main([*fisher, str(tmp / "label_be.npz")]) == 0, capsys.readouterr().err
+    capsys.readouterr()
+    shutil.rmtree(out)
     _fails([*base, "--base", A], capsys, "--base does not apply to --method average")
+    # A missing file is named with its option
+    nosuch = str(tmp / "nosuch.npz")
+    _fails([*base, "--method", "regmean", "--data", nosuch], capsys, f"--data {nosuch} does not")
+    _fails([*dare, "--base", nosuch], capsys, f"--base {nosuch} does not exist")
     # An --out that is a symbolic link (to an empty directory) would be replaced by the
     # checkpoint, not written through: refused.
     (tmp / "target").mkdir()
@@ -709,6 +726,17 @@ def test_wrongly_typed_config_is_one_clear_error(checkpoints, capsys):
             capsys,
             "config field hidden_size must be an int",
         )
+    # A ViT's config.json has pooler_output_size, which was compared with the mistyped
+    # hidden_size first and blamed
+    hf.save(tmp / "vit_typed", VIT, compiled(VIT).init(jax.random.key(0), 0.3))
+    config = json.loads((tmp / "vit_typed" / "config.json").read_text())
+    assert config["pooler_output_size"] == config["hidden_size"]
+    (tmp / "vit_typed" / "config.json").write_text(json.dumps({**config, "hidden_size": "12"}))
+    _fails(
+        ["align", str(tmp / "vit_typed"), str(tmp / "vit_typed"), "--out", str(tmp / "o")],
+        capsys,
+        "config field hidden_size must be an int",
+    )
     # Fields read as mappings (a list of labels was accepted, then crashed the save).
     config = json.loads((tmp / "a" / "config.json").read_text())
     for field, value in (("id2label", ["neg", "pos", "mixed"]), ("rope_scaling", "linear")):

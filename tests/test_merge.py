@@ -894,8 +894,9 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
     counted as an example and in the pooler's and classifier's Grams (one row per example), and
     in the prediction loss.
     Labels of another shape than the model's outputs are refused naming both (a token model's
-    (B,) labels were broadcast to every token); so is a Fisher of no example that counts, and
-    a transform of a group the spec lacks (a bare KeyError)."""
+    (B,) labels were broadcast to every token), and labels that are neither a class nor
+    ignored; so is a Fisher of no example that counts, Grams of no real token, and a
+    transform of a group the spec lacks (a bare KeyError). Empty batches are skipped."""
     config = CONFIGS["bert-h3d4-l2"]
     c = compiled(config)
     params = c.init(key, 0.3)
@@ -941,6 +942,24 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
     none = [{**real[0], "labels": jnp.full(3, IGNORE_LABEL)}]
     with pytest.raises(ValueError, match=r"the Fisher of no example \(none has a label"):
         merge.statistics(c.model, params, none, ("fisher",), fisher="empirical")
+    # A label that is no class and not the ignored one (-1, or the class count) would have
+    # counted its example with a zero gradient: refused, naming the batch and the values
+    for bad in (-1, config.num_labels):
+        wrong = [real[0], {**real[0], "labels": labels.at[1].set(bad)}]
+        with pytest.raises(ValueError, match=rf"batch 1: labels \[{bad}\] .* \[0, 3\)"):
+            merge.statistics(c.model, params, wrong, ("fisher",), fisher="empirical")
+    # An empty batch adds nothing (it broke the Fisher's trace); no real token at all is
+    # refused for the Grams as for the Fisher
+    empty = {k: v[:0] for k, v in real[0].items()}
+    for fisher in ("exact", "empirical"):
+        got = merge.statistics(c.model, params, [empty, *real, empty], fisher=fisher)
+        want = merge.statistics(c.model, params, real, fisher=fisher)
+        assert float(got["examples"]) == 3 and rel_err(got, want) <= TOL, fisher
+    with pytest.raises(ValueError, match=r"no batches \(or only empty ones\)"):
+        merge.statistics(c.model, params, [empty], ("gram",))
+    masked = [{**real[0], "attention_mask": jnp.zeros_like(real[0]["attention_mask"])}]
+    with pytest.raises(ValueError, match=r"the Grams of no token \(every token is padding\)"):
+        merge.statistics(c.model, params, masked, ("gram",))
     fishers = {"fisher": to_dict(params)}
     with pytest.raises(ValueError, match=r"not in the spec: \['nope'\]"):
         merge.transform_statistics(c.spec, fishers, {"nope": jnp.arange(3)})

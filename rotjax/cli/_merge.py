@@ -199,9 +199,10 @@ def _options(args) -> dict:
         raise CLIError(f"--density must be in (0, 1], got {args.density}")
     if args.drop is not None and not 0 <= args.drop < 1:
         raise CLIError(f"--drop must be in [0, 1), got {args.drop}")
-    for f in [*args.data, *([args.base] if args.base else [])]:
+    files = [("--data", f) for f in args.data] + ([("--base", args.base)] if args.base else [])
+    for flag, f in files:
         if not Path(f).exists():
-            raise CLIError(f"{f} does not exist")
+            raise CLIError(f"{flag} {f} does not exist")
     return {"weights": weights}
 
 
@@ -321,6 +322,7 @@ def read_data(
         _check_labels(path, out["labels"], config, out.get("input_ids"))
         if getattr(config, "task", None) == "causal_lm":
             out["labels"] = _next_tokens(out["labels"])
+        out["labels"] = out["labels"].astype(np.int32)  # checked: classes, tokens or ignored
         if (out["labels"] == IGNORE_LABEL).all():  # the empirical Fisher of no example: 0
             causal = getattr(config, "task", None) == "causal_lm"
             shifted = " after the shift to next tokens" if causal else ""
@@ -429,6 +431,8 @@ def run(args) -> int:
             f"--align activations chooses by the agreement of softmax predictions; these "
             f"models' heads are not softmax ({why}): use --align all"
         )
+    if args.descent_steps and why:  # (its loss is the softmax predictions' agreement)
+        raise CLIError(f"--descent-steps needs models with a softmax classification head ({why})")
     if args.align == "activations" and why:  # one output (regression): no choice to make
         notes.append(
             f"--align activations: {why}; no predictions to choose by: the activation start "

@@ -103,10 +103,11 @@ def statistics(
       ``"fisher"``/``"examples"``).
 
     Raises:
-      ValueError: unknown kinds or Fisher variant, no batches, missing labels or key, labels
-        of another shape than the model's outputs for the empirical Fisher (the others do not
-        read them; batch and shapes named), no example that
-        counts, or a Fisher of a model without a classification head of 2 or more classes.
+      ValueError: unknown kinds or Fisher variant, no batches (an empty batch is skipped),
+        missing labels or key, labels of another shape than the model's outputs or outside
+        its classes for the empirical Fisher (the others do not read them; batch and shapes
+        named), no example that counts (no token that counts, for the Grams), or a Fisher of a
+        model without a classification head of 2 or more classes.
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "fisher": not its letters
     if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):
@@ -130,6 +131,8 @@ def statistics(
         batches = tqdm(batches, desc="statistics", unit="batch", leave=False)
     for i, batch in enumerate(batches):
         inputs, labels = _split(fam, batch)
+        if inputs[0].shape[0] == 0:
+            continue  # an empty batch adds nothing (and has no example to trace)
         if "fisher" not in kinds or fisher != "empirical":
             labels = None  # only the empirical Fisher reads them
         elif labels is None:
@@ -140,25 +143,37 @@ def statistics(
         part = step(params, inputs, labels, k)
         total = part if total is None else _add(total, part)
     if total is None:
-        raise ValueError("statistics: no batches")
+        raise ValueError("statistics: no batches (or only empty ones)")
     if "fisher" in total and not float(total["examples"]) > 0:
         why = "a label that is not ignored" if fisher == "empirical" else "a real token"
         raise ValueError(f"statistics: the Fisher of no example (none has {why})")
+    if "gram" in total and not float(jax.tree.reduce(jnp.maximum, total["tokens"])) > 0:
+        raise ValueError("statistics: the Grams of no token (every token is padding)")
     return _means(total)
 
 
 def _check_labels(model, params, inputs, labels, i, outputs) -> None:
-    """ValueError unless batch ``i``'s labels are one per output row: per example, or per token
-    for token-level heads (a (B,) label was broadcast to every token). ``outputs``: the
-    models' output shapes by input shapes, filled here (one abstract trace per shape)."""
+    """ValueError unless batch ``i``'s labels are one per output row (per example, or per token
+    for token-level heads: a (B,) label was broadcast to every token), each a class in
+    ``[0, classes)`` or `IGNORE_LABEL` (any other value would count its example with a zero
+    gradient). ``outputs``: the models' output shapes by input shapes, filled here (one
+    abstract trace per shape)."""
     sig = tuple(None if x is None else np.shape(x) for x in inputs)
     if sig not in outputs:
         apply = functools.partial(model.apply, {"params": params})
-        outputs[sig] = jax.eval_shape(apply, *inputs).shape[:-1]
-    if np.shape(labels) != outputs[sig]:
+        outputs[sig] = jax.eval_shape(apply, *inputs).shape
+    *rows, classes = outputs[sig]
+    if np.shape(labels) != tuple(rows):
         raise ValueError(
             f"batch {i}: labels of shape {np.shape(labels)}, where the model's outputs "
-            f"{outputs[sig]} + (classes,) need {outputs[sig]} (a label per example, or per token)"
+            f"{outputs[sig]} need {tuple(rows)} (a label per example, or per token)"
+        )
+    y = np.asarray(labels)
+    bad = y[((y < 0) | (y >= classes)) & (y != IGNORE_LABEL)]
+    if bad.size:
+        raise ValueError(
+            f"batch {i}: labels {sorted(set(bad.tolist()))[:5]} are neither a class in "
+            f"[0, {classes}) nor the ignored label {IGNORE_LABEL}"
         )
 
 

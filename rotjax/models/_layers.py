@@ -59,8 +59,8 @@ def unsupported(d: dict[str, Any]) -> None:
             problems.append(f"{flag}=True")
     if d.get("pooler_act", "tanh") != "tanh":
         problems.append(f"pooler_act={d['pooler_act']!r}")
-    size = d.get("pooler_output_size")
-    if size is not None and size != d.get("hidden_size"):
+    size, hidden = d.get("pooler_output_size"), d.get("hidden_size")
+    if size is not None and isinstance(hidden, int) and size != hidden:  # (else: check_fields)
         problems.append(f"pooler_output_size={size} != hidden_size")
     for rope in (d.get("rope_parameters") or {}, d.get("rope_scaling") or {}):
         kind = rope.get("rope_type", rope.get("type"))
