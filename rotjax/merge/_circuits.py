@@ -177,5 +177,8 @@ def _merge_heads(lefts, rights, w, base_left, base_right):
     root = jnp.sqrt(s[..., :d])[..., :, None]
     f_left = t(mm(qa, u[..., :d])) * root
     f_right = mm(vt[..., :d, :], t(qb)) * root
+    if (short := d - f_left.shape[-2]) > 0:  # rank r < d (a head wider than its input + 1)
+        pad = [(0, 0)] * (f_left.ndim - 2) + [(0, short), (0, 0)]  # zero rows: the same sum
+        f_left, f_right = jnp.pad(f_left, pad), jnp.pad(f_right, pad)
     o = polar(mm(base_left, t(f_left)) + mm(base_right, t(f_right)))
     return mm(o, f_left), mm(o, f_right)

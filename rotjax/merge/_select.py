@@ -21,7 +21,7 @@ from rotjax import match
 from rotjax import symmetry as sym
 from rotjax.match._align import checked_pair
 from rotjax.merge._acts import ROLES, activation_init, cross_statistics
-from rotjax.merge._loss import MEMORY, _kept, _prediction_loss
+from rotjax.merge._loss import MEMORY, _better, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.merge._stats import _no_classes
 from rotjax.merge._straight import LEARNING_RATE, _check_descent, _descend
@@ -61,7 +61,8 @@ def align_by_activations(
        `prediction_loss` against A's and B's mean prediction on the same batches; B itself
        (no alignment) is a candidate too, so the choice never predicts worse than not
        aligning (by more than float32 rounding, 1e-6 relative; fine-tunes of one model share
-       its basis). Models without a classification
+       its basis). Candidates that predict alike (neither better by that margin) are decided
+       by the weight distance ``‖A - g·B‖²``, the nearer kept. Models without a classification
        head of 2 or more classes have no such loss: `align` runs (its default sweeps) from the
        activation start instead.
     4. With ``steps`` > 0, the kept one refined by `align_straight_through` (``steps`` steps
@@ -101,7 +102,7 @@ def align_by_activations(
         )
         return res, _info([], None, "activations", res.diagnostics.sweeps)
     loss, inputs, target_of = _prediction_loss(model, [anchor_params, params], batches, MEMORY)
-    best, losses = None, []  # best: (its loss, its start, its sweeps, its alignment)
+    best, losses = None, []  # best: (loss, weight distance, start, sweeps, alignment)
     for sweeps in range(max_sweeps + 1):
         res = match.align(
             spec,
@@ -114,7 +115,8 @@ def align_by_activations(
             init=start,
         )
         losses.append(loss(average([anchor_params, res.params])))
-        best = _kept(best, losses[-1], "activations", sweeps, res)
+        best = _chosen(best, losses[-1], res.diagnostics.distance_after, "activations", sweeps, res)
+        unaligned = res.diagnostics.distance_before  # (B's distance at the identity)
         if sweeps and res.diagnostics.sweeps < sweeps:  # converged: more give the same
             break
     info = _info(losses, None, None, None)
@@ -125,12 +127,13 @@ def align_by_activations(
             else match.align(spec, anchor_params, params, solve=solve, key=key, solver=solver)
         )
         info["weights_loss"] = loss(average([anchor_params, res.params]))
-        best = _kept(best, info["weights_loss"], "weights", res.diagnostics.sweeps, res)
+        distance = res.diagnostics.distance_after
+        best = _chosen(best, info["weights_loss"], distance, "weights", res.diagnostics.sweeps, res)
     # B as it is: fine-tunes of one model already share its basis, and no candidate whose
     # average predicts worse than that one's is kept.
     info["identity_loss"] = loss(average([anchor_params, params]))
-    best = _kept(best, info["identity_loss"], "identity", 0, None)
-    best_loss, info["start"], info["sweeps"], res = best
+    best = _chosen(best, info["identity_loss"], unaligned, "identity", 0, None)
+    best_loss, _, info["start"], info["sweeps"], res = best
     del best
     if res is None:  # (only built when kept)
         res = match.align(spec, anchor_params, params, solve=(), key=key, solver=solver)
@@ -157,6 +160,20 @@ def align_by_activations(
             start_loss=best_loss,
         )
     return res, info
+
+
+def _chosen(best: tuple | None, loss: float, distance: float, *candidate: Any) -> tuple:
+    """The candidate kept after one more, offered in order: ``(loss, distance, *candidate)``
+    if it is the first or predicts `_better` than the kept one (by more than float32
+    rounding), or if neither predicts better and it is nearer A in weights (``distance``:
+    ``‖A - g·B‖²``); else ``best``. The loss is flat at its minimum: on a planted pair the
+    exact alignment and the activation start it refines (no scales solved) predicted alike
+    to 1e-7 relative while their averages were 1e-2 apart, and the earlier one was kept."""
+    if best is None or _better(loss, best[0]):
+        return (loss, distance, *candidate)
+    return (
+        (loss, distance, *candidate) if not _better(best[0], loss) and distance < best[1] else best
+    )
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:
