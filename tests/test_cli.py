@@ -144,6 +144,7 @@ def test_merge_every_method(method, checkpoints, capsys):
     report = json.loads((out / "merge.json").read_text())
     assert report["method"] == method and set(report["seconds"]) >= {"align", "statistics", "merge"}
     assert report["options"]["weights"] == (None if "--base" in argv else [1.0, 3.0])
+    assert report["options"]["seed"] == 0  # (read by the alignment)
     reads = "--data" in argv  # the data options recorded only where data was read
     assert (report["options"]["batch_size"] is None) == (not reads)
     assert (report["options"]["max_examples"] is None) == (not reads)
@@ -427,6 +428,13 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         capsys,
         "--data is not read by --method ot-wts with --align paper",
     )
+    _fails(["merge", A, B, "--out", "", "--quiet"], capsys, "--out is empty")  # (was ".")
+    # A seed no step reads is refused (it was recorded in merge.json and unused).
+    _fails(
+        [*base, "--align", "none", "--seed", "3"],
+        capsys,
+        "--seed is not read by --method average with --align none",
+    )
     # A seed beyond jax.random.key's int64: exit 2 naming it (a traceback before).
     _fails([*base, "--seed", str(2**63)], capsys, f"{2**63} is not in [0, 2^63)")
     _fails(["align", A, B, "--out", str(out), "--seed", "-1"], capsys, "-1 is not in [0, 2^63)")
@@ -531,6 +539,10 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails([*vit, "--out", str(out), "--data", str(tmp / "raw.npz")], capsys, "raw pixels?")
     np.savez(tmp / "huge.npz", pixel_values=np.full(size, 1e39))  # float64: inf in float32
     _fails([*vit, "--out", str(out), "--data", str(tmp / "huge.npz")], capsys, "overflow float32")
+    # Finite pixels whose squares overflow: the Grams' file named (internal names before).
+    np.savez(tmp / "large.npz", pixel_values=np.full(size, 3e38, np.float32))
+    err = _fails([*vit, "--out", str(out), "--data", str(tmp / "large.npz")], capsys, "non-finite")
+    assert "the statistics of model 0 (anchor) on --data" in err and "large.npz" in err
     np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.float32), meta=np.int32(1))
     assert cli.main([*vit, "--out", str(tmp / "noted"), "--data", str(tmp / "raw.npz")]) == 0
     assert "ignored ['meta']" in (tmp / "noted" / "merge.json").read_text()  # a scalar unread

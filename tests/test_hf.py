@@ -432,6 +432,19 @@ def rewrite(path, tensors):
     safetensors.numpy.save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
 
 
+@pytest.mark.parametrize(
+    "id2label", [{"a": "x", "b": "y", "c": "z"}, {"0": "x", "5": "y"}, {"1": "x"}]
+)
+def test_error_id2label_not_class_ids(checkpoint, id2label):
+    """``id2label``'s keys are the class ids ``0..n-1`` (transformers and `hf.save` read them
+    with ``int``): other keys were accepted on loading and failed when the merge was saved."""
+    path, _ = checkpoint
+    cfg = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps({**cfg, "id2label": id2label}))
+    with pytest.raises(ValueError, match=r"id2label must have the keys 0\.\.n-1"):
+        rotjax.hf.load(path)
+
+
 def test_error_unknown_architecture(checkpoint, seed):
     path, _ = checkpoint
     cfg = json.loads((path / "config.json").read_text())
@@ -837,13 +850,14 @@ def test_masked_lm_checkpoints_load_their_encoder(seed, tmp_path):
     assert rel_err(rotjax_forward(loaded, params, x), hidden.reshape(-1)) <= TOL
 
 
-@pytest.mark.parametrize("name", ["llama-seq-k2g2d6", "mistral-base-k2g2"])
-def test_a_decoder_config_without_architectures_takes_its_head_from_the_tensors(
-    name, seed, tmp_path
-):
-    """A hand-written decoder ``config.json`` with ``model_type`` only: a ``score`` tensor
-    makes it the sequence classifier, an ``lm_head`` the causal LM (the head's tensor was
-    refused as unexpected by the base model), none the base model."""
+@pytest.mark.parametrize(
+    "name", ["llama-seq-k2g2d6", "mistral-base-k2g2", "vit-cls-h3d4", "vit-base-h1d8-nobias"]
+)
+def test_a_config_without_architectures_takes_its_head_from_the_tensors(name, seed, tmp_path):
+    """A hand-written ``config.json`` with ``model_type`` only: a decoder's ``score`` tensor
+    makes it the sequence classifier, an ``lm_head`` the causal LM, a ViT's ``classifier``
+    the image classifier (each head's tensors were refused as unexpected by the base model),
+    none the base model."""
     config = CASES[name]
     if name.startswith("mistral"):  # an untied causal LM: its lm_head is written
         config = dataclasses.replace(config, task="causal_lm", tie_word_embeddings=False)

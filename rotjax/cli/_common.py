@@ -72,6 +72,8 @@ def checked_out_dir(
     is not a mount point), nor hold the working directory (it is replaced as a whole) or lie
     inside one of ``inputs`` (they are left unchanged), and its parent must be writable (a
     probe file is created there and removed)."""
+    if not os.fspath(out):  # (Path("") is the working directory)
+        raise CLIError("--out is empty; name a new directory")
     out = Path(out)
     if out.is_symlink():  # it would be replaced by the checkpoint, not written through
         raise CLIError(f"--out {out} is a symbolic link; name the directory it points to")

@@ -122,7 +122,9 @@ def add_arguments(m, *, positive_int, seed) -> None:
     )
     m.add_argument("--batch-size", type=positive_int, help="statistics batches (32)")
     m.add_argument("--max-examples", type=positive_int, help="per --data file (1000)")
-    m.add_argument("--seed", type=seed, default=0, help="random choices (DARE, sampled Fisher)")
+    m.add_argument(
+        "--seed", type=seed, help="random choices: alignment, DARE, sampled Fisher (default 0)"
+    )
     m.add_argument("--quiet", action="store_true", help="no progress bars")
 
 
@@ -400,7 +402,6 @@ def _together(datas: list[dict], pad_token_id: int | None = None) -> dict[str, n
 def run(args) -> int:
     opts = _options(args)
     out = checked_out_dir(args.out, [*args.models, *([args.base] if args.base else [])])
-    key = jax.random.key(args.seed)
     timings: dict[str, float] = {}
     labels = [f"model {i} ({'anchor' if i == 0 else 'merged'})" for i in range(len(args.models))]
     named = list(zip(labels, args.models, strict=True))
@@ -441,6 +442,16 @@ def run(args) -> int:
     if args.method == "fisher" and args.fisher is None:  # a causal LM's exact Fisher would
         # take a backward pass per token and vocabulary entry
         args.fisher = "sampled" if config.task == "causal_lm" else "exact"
+    # The key: the alignment's sweep order, DARE's drops, the sampled Fisher's labels.
+    seeded = args.align != "none" or args.method == "dare" or args.fisher == "sampled"
+    if args.seed is not None and not seeded:
+        raise CLIError(
+            f"--seed is not read by --method {args.method} with --align none (only by an "
+            "alignment, --method dare or the sampled Fisher)"
+        )
+    if seeded and args.seed is None:  # (else None in merge.json: unused)
+        args.seed = 0
+    key = jax.random.key(args.seed) if seeded else None
     need_labels = args.method == "fisher" and args.fisher == "empirical"
     datas = [read_data(p, config, args.max_examples, need_labels, notes) for p in args.data]
     # --refit reads every file's inputs together (any inputs serve: each model's outputs on
@@ -521,6 +532,9 @@ def run(args) -> int:
             )
             for i, p in enumerate(aligned)
         ]
+        for i, s in enumerate(stats):  # finite inputs can overflow them (pixels of 3e38)
+            file = args.data[i if len(args.data) > 1 else 0]
+            check_finite(s, f"the statistics of {labels[i]} on --data {file}")
     timings["statistics"] = time.perf_counter() - tic
 
     tic = time.perf_counter()

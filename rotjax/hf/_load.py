@@ -39,8 +39,10 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
     ``RobertaForMaskedLM``, ``ViTForMaskedImageModeling``, ``DebertaV2ForMaskedLM``) the encoder,
     with a `DroppedHeadWarning` saying which head tensors were left out. The architecture comes
     from ``config.json``'s ``architectures`` (or the class of an in-memory model; a config
-    without ``architectures`` is a base model of its ``model_type``); whether a base model
-    keeps its pooler comes from whether the checkpoint has pooler weights. Every tensor is
+    without ``architectures`` is a base model of its ``model_type``, or the architecture
+    whose head tensors the checkpoint holds when they name one: a decoder's ``lm_head`` or
+    ``score``, a ViT's ``classifier``); whether a base model keeps its pooler comes from
+    whether the checkpoint has pooler weights. Every tensor is
     accounted for: the known non-parameter buffers (``embeddings.position_ids``,
     ``embeddings.token_type_ids``) are ignored, a pooler that the head does not read (old
     RoBERTa and ViT classifiers) is dropped with a `DroppedHeadWarning`, anything else
@@ -213,12 +215,17 @@ def _pretraining_head(
     """A ``config.json`` without ``architectures`` (microsoft/deberta-v3-base's) names no head:
     if the checkpoint holds the pretraining head of an architecture of its model type, it is
     that architecture (whose head `load` drops), not the base model; a decoder's ``lm_head``
-    or ``score`` tensor makes it the causal LM or the sequence classifier (their heads are
-    unambiguous; an encoder's ``classifier`` could be either of two tasks)."""
-    if arch.model_type in _mapping.DECODER_TYPES and arch.task is None:
-        for head, task in (("lm_head.", "causal_lm"), ("score.", "sequence_classification")):
-            if any(name.startswith(head) for name in tensors):
-                return _mapping.architecture_for(arch.model_type, task)
+    or ``score`` tensor makes it the causal LM or the sequence classifier, and a ViT's
+    ``classifier`` the image classifier (their heads are unambiguous; a text encoder's
+    ``classifier`` could be either of two tasks)."""
+    heads = {"lm_head.": "causal_lm", "score.": "sequence_classification"}
+    if arch.model_type == "vit":
+        heads = {"classifier.": "image_classification"}
+    elif arch.model_type not in _mapping.DECODER_TYPES:
+        heads = {}
+    for head, task in heads.items():
+        if arch.task is None and any(name.startswith(head) for name in tensors):
+            return _mapping.architecture_for(arch.model_type, task)
     for a in _mapping.ARCHITECTURES.values():
         same_type = a.model_type == arch.model_type and a.dropped_head
         if same_type and any(name.startswith(a.dropped_head) for name in tensors):

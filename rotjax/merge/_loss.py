@@ -128,7 +128,6 @@ def _better(loss: float, than: float, rtol: float = 1e-6) -> bool:
 def _kept(best: tuple | None, loss: float, *candidate: Any) -> tuple:
     """The candidate kept after one more, offered in order: ``(loss, *candidate)`` if it is the
     first or its loss is `_better` than the kept one's (by more than float32 rounding), else
-    ``best`` (ties keep the earlier). `align_by_activations` offers its candidates in order
-    (the activation start, its sweeps, the data-free alignment, B unaligned), the descent its
-    steps' elements."""
+    ``best`` (ties keep the earlier): the descent offers its steps' elements in order
+    (`align_by_activations` breaks its candidates' ties by weight distance: its `_chosen`)."""
     return (loss, *candidate) if best is None or _better(loss, best[0]) else best

@@ -21,7 +21,7 @@ from rotjax import match
 from rotjax import symmetry as sym
 from rotjax.match._align import checked_pair
 from rotjax.merge._acts import ROLES, activation_init, cross_statistics
-from rotjax.merge._loss import MEMORY, _better, _prediction_loss
+from rotjax.merge._loss import MEMORY, _better, _kept, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.merge._stats import _no_classes
 from rotjax.merge._straight import LEARNING_RATE, _check_descent, _descend
@@ -116,9 +116,9 @@ def align_by_activations(
         )
         losses.append(loss(average([anchor_params, res.params])))
         best = _chosen(best, losses[-1], res.diagnostics.distance_after, "activations", sweeps, res)
-        unaligned = res.diagnostics.distance_before  # (B's distance at the identity)
         if sweeps and res.diagnostics.sweeps < sweeps:  # converged: more give the same
             break
+    unaligned = res.diagnostics.distance_before  # (B's weight distance to A at the identity)
     info = _info(losses, None, None, None)
     if weights_start is not False:
         res = (
@@ -169,11 +169,9 @@ def _chosen(best: tuple | None, loss: float, distance: float, *candidate: Any) -
     ``‖A - g·B‖²``); else ``best``. The loss is flat at its minimum: on a planted pair the
     exact alignment and the activation start it refines (no scales solved) predicted alike
     to 1e-7 relative while their averages were 1e-2 apart, and the earlier one was kept."""
-    if best is None or _better(loss, best[0]):
+    if best is not None and not _better(best[0], loss) and distance < best[1]:
         return (loss, distance, *candidate)
-    return (
-        (loss, distance, *candidate) if not _better(best[0], loss) and distance < best[1] else best
-    )
+    return _kept(best, loss, distance, *candidate)
 
 
 def _info(losses, weights_loss, start, sweeps) -> dict[str, Any]:

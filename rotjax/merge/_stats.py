@@ -147,9 +147,10 @@ def statistics(
     if "fisher" in total and not float(total["examples"]) > 0:
         why = "a label that is not ignored" if fisher == "empirical" else "a real token"
         raise ValueError(f"statistics: the Fisher of no example (none has {why})")
-    counts = jax.tree.map(jnp.max, total.get("tokens", {}))  # (per layer when scanned)
-    if "gram" in total and not float(jax.tree.reduce(jnp.maximum, counts, 0.0)) > 0:
-        raise ValueError("statistics: the Grams of no token (every token is padding)")
+    if "gram" in total:
+        counts = jax.tree.map(jnp.max, total["tokens"])  # (per layer when scanned)
+        if not float(jax.tree.reduce(jnp.maximum, counts, 0.0)) > 0:
+            raise ValueError("statistics: the Grams of no token (every token is padding)")
     return _means(total)
 
 

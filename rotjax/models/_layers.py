@@ -8,6 +8,7 @@ Attention keeps an explicit head axis, as in the Flax examples: the query/key/va
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 from collections.abc import Callable
@@ -40,6 +41,7 @@ def config_from_hf_dict(cls, d: dict[str, Any], **overrides: Any):
     """Build a config dataclass from a Hugging Face `config.json` dict (unknown keys ignored,
     but options that change the function and that rotjax's models lack are refused)."""
     unsupported(d)
+    _check_labels(d.get("id2label"))
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in names}
     if "num_labels" not in d and "id2label" in d:
@@ -69,6 +71,23 @@ def unsupported(d: dict[str, Any]) -> None:
     if problems:
         name = d.get("model_type", "this")
         raise ValueError(f"{name} config not supported by rotjax: {', '.join(problems)}")
+
+
+def _check_labels(id2label: Any) -> None:
+    """A `config.json`'s ``id2label`` must name the classes ``0..n-1`` (as transformers and
+    `rotjax.hf.save` read its keys: integers), so that a checkpoint with other keys fails as
+    it is read, not when its merge or alignment is saved."""
+    if id2label is None:
+        return
+    ids = None
+    if isinstance(id2label, dict):
+        with contextlib.suppress(ValueError):
+            ids = sorted(int(k) for k in id2label)
+    if ids is None or ids != list(range(len(ids))):
+        got = sorted(map(str, id2label))[:6] if isinstance(id2label, dict) else id2label
+        raise ValueError(
+            f"config field id2label must have the keys 0..n-1 (class ids), got {got!r}"
+        )
 
 
 _TYPES = {
