@@ -1,7 +1,11 @@
 """`rotjax.merge.circuits`: attention heads merged by their query-key and output-value circuits.
 
-Tolerances: float32 forward passes at matmul precision "highest" and a float32 QR + SVD of each
-head's circuits: ~1e-6 relative; 1e-5 asserted (as everywhere in the suite).
+Tolerances: a float32 QR + SVD of each head's circuits at matmul precision "highest" gives the
+circuits to ~1e-6 relative; 1e-5 asserted on them (as everywhere in the suite). Forward passes
+of these tiny random models (streams of 4 to 12) amplify that parameter error up to ~40x: over
+780 random draws, one head refactored from its own circuits at 7.7e-7 moved qwen2-wide's logits
+by 3.1e-5 (the same in a float64 forward pass; 1.1e-5 on llama in CI). Function comparisons are
+asserted to FUNCTION_TOL = 1e-4; the float64 test pins the function to 1e-10.
 """
 
 import dataclasses
@@ -20,6 +24,7 @@ from rotjax import symmetry as sym
 from rotjax.tree import from_dict, to_dict
 
 TOL = 1e-5
+FUNCTION_TOL = 1e-4
 HEAD_ROLES = ("qk_rotation", "vo_rotation", "qk_scale", "vo_scale")
 WIDE = dataclasses.replace(
     CONFIGS["qwen2-k1g4d4-l1"], hidden_size=4, num_attention_heads=2, head_dim=6
@@ -62,7 +67,7 @@ def test_circuits_of_a_model_with_itself_compute_it(name, scan, key):
     moved = c.apply(a, _head_element(c.spec, jax.random.fold_in(key, 1)))
     x = inputs(config, jax.random.fold_in(key, 2))
     out = merge.circuits(c.spec, moved, [a, a])
-    assert rel_err(c.forward(out, x), c.forward(a, x)) <= TOL
+    assert rel_err(c.forward(out, x), c.forward(a, x)) <= FUNCTION_TOL
     changed = [p for p, v in to_dict(out).items() if not np.array_equal(v, to_dict(moved)[p])]
     assert any("kernel" in p for p in changed)  # the heads were refactored
     assert jax.tree.map(jnp.dtype, out) == jax.tree.map(jnp.dtype, a)
@@ -81,7 +86,7 @@ def test_circuits_ignore_per_head_rotations_and_scales(name, key):
     x = inputs(config, jax.random.fold_in(key, 3))
     ref = c.forward(merge.circuits(c.spec, merge.average([a, b]), [a, b]), x)
     got = c.forward(merge.circuits(c.spec, merge.average([a, moved]), [a, moved]), x)
-    assert rel_err(got, ref) <= TOL
+    assert rel_err(got, ref) <= FUNCTION_TOL
     plain = c.forward(merge.average([a, moved]), x)
     assert rel_err(plain, c.forward(merge.average([a, b]), x)) > 1e-3
 
