@@ -298,30 +298,34 @@ def test_absent_head_dim_is_floored_as_transformers(
 
 
 @pytest.mark.parametrize("name", ["bert-seq-h3d4", "vit-cls-h3d4", "deberta-seq-v3-h3d5"])
-def test_layer_norms_of_a_stream_with_a_large_mean_match_transformers(name, seed):
+def test_layer_norms_of_a_stream_with_a_large_mean_match_float64(name, seed):
     """Every feature offset by 300 (the embeddings' or patch projection's bias): LayerNorm's
-    variance in two passes, as torch's, keeps the logits within 5e-4 of torch's (float32 rounds
-    300 + x by up to 1.8e-5, ~1e-4 of these rows' spread, which the layers amplify: up to
-    2.6e-4 for BERT over 300 seeds); flax's default E[x²] - mean² was off by 9e-4 to 0.35 on
-    six seeds. Some DeBERTa draws amplify it more (9.4e-4 seen, torch's own float32 then 2-4e-4
-    from its float64): there the bound is 4x torch float32's distance to its float64."""
-    model = torch_model(name, seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if type(m).__name__.endswith("Embeddings"):
-                if hasattr(m, "word_embeddings"):
-                    m.word_embeddings.weight.add_(300.0)
-                else:
-                    m.patch_embeddings.projection.bias.add_(300.0)
-                break
-    config, params = rotjax.hf.load(model)
-    x = make_inputs(config, np.random.default_rng(seed))
-    expected = torch_forward(model, x)
-    ours = rotjax_forward(config, params, x)
-    if len(x) == 1:  # pixel values in float64 for the float64 reference
-        x = tuple(np.float64(v) for v in x)
-    exact = torch_forward(model.double(), x)
-    assert rel_err(ours, expected) <= max(5e-4, 4 * rel_err(expected, exact))
+    variance in two passes, as torch's, keeps the logits near torch's float64 ones.
+
+    float32 rounds 300 + x by up to 1.8e-5, ~1e-4 of these rows' spread, and the random layers
+    amplify it erratically: one draw's logits were up to 8.6e-4 from float64 (DeBERTa, 1000
+    draws; torch's own float32 up to 6e-4, and 1.4e-3 from ours). So the bound is on the median of
+    8 draws: with two passes the single draws' medians are 1.1e-5 (ViT) to 7.7e-5 (DeBERTa), and
+    medians of 8 resampled from the 1000 DeBERTa draws stayed below 3.4e-4 in 200000 tries. Flax's
+    default E[x²] - mean² gives medians of 1.5e-3 (ViT) to 0.1 (DeBERTa), over 150 draws each."""
+    errors = []
+    for draw in range(seed, seed + 8):
+        model = torch_model(name, draw)
+        with torch.no_grad():
+            for m in model.modules():
+                if type(m).__name__.endswith("Embeddings"):
+                    if hasattr(m, "word_embeddings"):
+                        m.word_embeddings.weight.add_(300.0)
+                    else:
+                        m.patch_embeddings.projection.bias.add_(300.0)
+                    break
+        config, params = rotjax.hf.load(model)
+        x = make_inputs(config, np.random.default_rng(draw))
+        ours = rotjax_forward(config, params, x)
+        if len(x) == 1:  # pixel values in float64 for the float64 reference
+            x = tuple(np.float64(v) for v in x)
+        errors.append(rel_err(ours, torch_forward(model.double(), x)))
+    assert np.median(errors) <= 5e-4, errors
 
 
 @pytest.mark.parametrize(
