@@ -94,7 +94,8 @@ def test_a_bare_encoders_pooler_output_is_fixed(key):
 @pytest.mark.parametrize("name", ["bert-h3d4-l2", "vit-h3d4-l2"])
 def test_wrong_transform_changes_logits(name, key):
     """Sanity: the tests above can fail. Rotating Q but not K, or permuting the stream in all
-    but one LayerNorm, changes the function."""
+    but one LayerNorm, changes the function: by more than 1e-3, 100x the symmetries' tolerance
+    (a random element's change can be small: as low as 4.4e-2 over 80 draws)."""
     config, spec, model, params, x = setup(name, False, key)
     t = sym.sample(spec, jax.random.fold_in(key, 1))
     before = logits(model, params, x)
@@ -104,13 +105,13 @@ def test_wrong_transform_changes_logits(name, key):
     moved["encoder"]["layer_0"]["attention"]["key"] = params["encoder"]["layer_0"]["attention"][
         "key"
     ]
-    assert rel_err(logits(model, moved, x), before) > 1e-2
+    assert rel_err(logits(model, moved, x), before) > 1e-3
 
     stream = {"residual": t["residual"]}
     moved = sym.apply(spec, params, stream)
     ln = "attention_norm" if name.startswith("bert") else "layernorm_after"
     moved["encoder"]["layer_0"][ln] = params["encoder"]["layer_0"][ln]
-    assert rel_err(logits(model, moved, x, stream), before) > 1e-2
+    assert rel_err(logits(model, moved, x, stream), before) > 1e-3
 
 
 @pytest.mark.parametrize("name", list(LLAMA_CONFIGS))
@@ -155,7 +156,9 @@ def test_deberta_position_terms_are_read_in_the_stream_and_qk_bases(name, key):
     ``q·a`` with ``pk/a`` and p2c ``k/a`` with ``pq·a``). Leaving the relative embeddings and
     their LayerNorm out of a stream permutation changes the logits (the query/key kernels read
     them in the stream's basis); so does leaving the separate position projections
-    (``share_att_key=False``) out of a Q/K rotation or a Q/K scale."""
+    (``share_att_key=False``) out of a Q/K rotation or a Q/K scale. Each by more than 1e-3, 100x
+    the symmetries' tolerance: a random stream permutation changed the one-layer v2 model's
+    logits by as little as 1.6e-2 over 400 draws (1% of draws below 2.2e-2)."""
     config, spec, model, params, x = setup(name, False, key)
     t = sym.sample(spec, jax.random.fold_in(key, 1))
     before = logits(model, params, x)
@@ -165,7 +168,7 @@ def test_deberta_position_terms_are_read_in_the_stream_and_qk_bases(name, key):
     for kept in ("rel_embeddings", "LayerNorm"):
         if kept in params["encoder"]:
             moved["encoder"][kept] = params["encoder"][kept]
-    assert rel_err(logits(model, moved, x, stream), before) > 1e-2
+    assert rel_err(logits(model, moved, x, stream), before) > 1e-3
 
     if config.share_att_key:
         assert "pos_key" not in params["encoder"]["layer_0"]["attention"]
