@@ -850,3 +850,39 @@ def test_resuming_with_other_batches_is_refused_unless_allowed(seed, tmp_path):
     again = fit(fewer, run_seed=np.int64(seed), trim=np.int64(2), allow_other_batches=True)
     assert again.resumed_from == 3
     assert json.loads((tmp_path / train.BATCHES_FILE).read_text())["trim"] == 2
+
+
+def test_a_truncated_compilation_cache_entry_is_compiled_again(tmp_path):
+    """The test workers share one compilation cache without JAX's lock (conftest): a worker
+    may read an entry while the other is still writing it. Such an entry, cut anywhere, is
+    compiled again with a warning, and the program computes the same (in a fresh process: JAX
+    reads its cache settings once)."""
+    import subprocess
+    import sys
+
+    code = """if True:
+        import json, sys, warnings, jax, jax.numpy as jnp
+        from pathlib import Path
+        from rotjax.train import enable_compilation_cache
+        jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
+        enable_compilation_cache(sys.argv[1], min_compile_seconds=0.0, min_entry_bytes=0,
+                                 max_bytes=None)
+        def run():
+            jax.clear_caches()  # the next call reads the entry on disk
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                y = jax.jit(lambda x: jnp.sin(x) @ x.T)(jnp.arange(12.0).reshape(3, 4))
+            return float(y.sum()), any("compilation cache" in str(w.message) for w in caught)
+        print(json.dumps([run(), run()]))  # compiled and written, then read whole
+        (entry,) = Path(sys.argv[1]).glob("jit__lambda-*-cache")
+        whole = entry.read_bytes()
+        for cut in (0, len(whole) // 2, len(whole) - 1):
+            entry.write_bytes(whole[:cut])
+            print(json.dumps(run()))
+    """
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], capture_output=True, text=True, check=True
+    ).stdout.splitlines()
+    (value, warned), (read, warned_reading) = json.loads(out[0])
+    assert read == value and not warned and not warned_reading
+    assert [json.loads(line) for line in out[1:]] == [[value, True]] * 3

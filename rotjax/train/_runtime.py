@@ -32,10 +32,9 @@ def enable_compilation_cache(
       min_entry_bytes: cache only entries of at least this size (None: JAX's default).
       max_bytes: the cache's size limit (least recently used entries go first). A limit also
         makes JAX lock the directory around every read and write: without one, a process can
-        read an entry another is still writing and crash deserializing it (seen with two
-        processes sharing a directory). Each write then scans the directory, so a process that
-        caches thousands of small programs alone (a test worker) may pass None: no limit, no
-        lock.
+        read an entry another is still writing, which JAX (0.10) finds cut short and compiles
+        again, with a warning. Each write then scans the directory, so processes that cache
+        thousands of small programs (the test workers) may pass None: no limit, no lock.
 
     Returns:
       The absolute cache directory.
