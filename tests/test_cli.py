@@ -893,3 +893,27 @@ def test_out_of_memory_is_one_line_and_writes_nothing(checkpoints, capsys, monke
         monkeypatch.setattr(_merge, "load_models", load)
         with pytest.raises(type(error)):
             cli.main(argv)
+
+
+def test_errors_keep_their_traceback_when_asked(checkpoints, capsys, monkeypatch):
+    """The library reports bad input as ValueError or TypeError, as a bug would: with
+    ROTJAX_TRACEBACK=1 the error that exits 2 is raised instead, traceback and all."""
+    from rotjax.cli import _merge
+
+    tmp, _ = checkpoints
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "m"), "--quiet"]
+    for error in (ValueError("a bug or bad input"), TypeError("a bug")):
+
+        def load(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(_merge, "load_models", load)
+        monkeypatch.delenv(cli.TRACEBACK_ENV, raising=False)
+        assert "\n" not in _fails(argv, capsys, f"rotjax merge: error: {error}")
+        monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+        with pytest.raises(type(error), match=str(error)):
+            cli.main(argv)
+        assert not (tmp / "m").exists()
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "0")
+    _fails(argv, capsys, "rotjax merge: error: a bug")
+    assert cli.TRACEBACK_ENV in cli.parser().format_help()

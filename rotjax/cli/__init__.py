@@ -3,7 +3,9 @@
 This package is the application layer: the only place in rotjax that prints (results to
 stdout; progress, notes and errors to stderr). Exit status: 0 done, 2 bad input (one message
 naming the input and the problem; nothing written), 130 / 143 interrupted by SIGINT / SIGTERM
-(temporary files removed).
+(temporary files removed). With ``ROTJAX_TRACEBACK=1`` in the environment, an error that
+would exit 2 is raised with its traceback instead (the library reports bad input as
+``ValueError`` / ``TypeError``, as a bug would).
 
     rotjax inspect DIR
     rotjax align ANCHOR_DIR MODEL_DIR --out DIR [--solve rotation,scale,ffn] [--layers 0,1]
@@ -22,6 +24,9 @@ import jax
 from rotjax import __version__, match
 from rotjax.cli import _align, _inspect, _merge
 from rotjax.cli._common import CLIError, Interrupted, reason, signals_interrupt
+
+# Set to 1: errors that exit 2 raise with their traceback instead (for reporting a bug).
+TRACEBACK_ENV = "ROTJAX_TRACEBACK"
 
 
 def _positive_int(text: str) -> int:
@@ -89,6 +94,8 @@ def parser() -> argparse.ArgumentParser:
     p = _Parser(
         prog="rotjax",
         description="Align and merge transformer checkpoints through their parameter symmetries.",
+        epilog=f"{TRACEBACK_ENV}=1 in the environment: an error raises with its traceback "
+        "instead of exiting 2 with one message",
     )
     p.add_argument("--version", action="version", version=f"rotjax {__version__}")
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -147,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{command}: interrupted ({e}); {done}", file=sys.stderr)
         return 128 + e.signum
     except (CLIError, ValueError, OSError, ImportError, TypeError) as e:
+        if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes"):
+            raise
         print(f"{command}: error: {reason(e)}", file=sys.stderr)
         return 2
     except (MemoryError, jax.errors.JaxRuntimeError) as e:
