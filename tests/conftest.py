@@ -72,9 +72,9 @@ jax.config.update("jax_numpy_rank_promotion", "raise")
 # tiny models' programs: one directory for both, and no XLA cache directories (JAX puts their
 # path, inside the cache directory, into every key, so two directories never share an entry).
 # The suite's tests, cache empty, took 676 s instead of 793 with a directory per worker
-# (2026-12-06, one run each). No size limit: JAX's lock would scan the directory on every write. A worker that
-# reads an entry the other is still writing finds it truncated, warns and compiles again
-# (tests/test_train.py::test_a_truncated_compilation_cache_entry_is_compiled_again).
+# (2026-12-06, one run each). No size limit: JAX's lock would scan the directory on every
+# write. A worker that reads an entry the other is still writing finds it truncated, warns and
+# compiles again (tests/test_train.py::test_a_truncated_compilation_cache_entry_is_compiled_again).
 jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
 enable_compilation_cache(
     os.path.join(
