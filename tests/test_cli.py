@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import traceback
 from pathlib import Path
 
 import jax
@@ -19,6 +20,7 @@ from helpers import CONFIGS, compiled, inputs
 from rotjax import cli, hf, match
 from rotjax import symmetry as sym
 from rotjax.cli import _merge
+from rotjax.cli._common import CLIError
 from rotjax.models import family
 from rotjax.tree import to_dict
 
@@ -917,3 +919,19 @@ def test_errors_keep_their_traceback_when_asked(checkpoints, capsys, monkeypatch
     monkeypatch.setenv(cli.TRACEBACK_ENV, "0")
     _fails(argv, capsys, "rotjax merge: error: a bug")
     assert cli.TRACEBACK_ENV in cli.parser().format_help()
+    # An error the command line rewords to name its input keeps the one it reports, whose
+    # traceback shows where it was raised.
+    monkeypatch.undo()
+    monkeypatch.setenv(cli.TRACEBACK_ENV, "1")
+
+    def load(directory):
+        raise TypeError("deep inside hf.load")
+
+    monkeypatch.setattr(hf, "load", load)
+    with pytest.raises(CLIError, match=r"model 0 \(anchor\).*deep inside hf\.load") as raised:
+        cli.main(argv)
+    assert isinstance(raised.value.__context__, TypeError)
+    assert not raised.value.__suppress_context__
+    shown = "".join(traceback.format_exception(raised.value))
+    assert 'raise TypeError("deep inside hf.load")' in shown and "During handling" in shown
+    assert not (tmp / "m").exists()

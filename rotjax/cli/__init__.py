@@ -155,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signum
     except (CLIError, ValueError, OSError, ImportError, TypeError) as e:
         if os.environ.get(TRACEBACK_ENV, "").strip().lower() in ("1", "true", "yes"):
+            # with the error it reports, where it names one by `raise ... from None`
+            e.__suppress_context__ = False
             raise
         print(f"{command}: error: {reason(e)}", file=sys.stderr)
         return 2
