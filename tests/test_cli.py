@@ -900,8 +900,6 @@ def test_out_of_memory_is_one_line_and_writes_nothing(checkpoints, capsys, monke
 def test_errors_keep_their_traceback_when_asked(checkpoints, capsys, monkeypatch):
     """The library reports bad input as ValueError or TypeError, as a bug would: with
     ROTJAX_TRACEBACK=1 the error that exits 2 is raised instead, traceback and all."""
-    from rotjax.cli import _merge
-
     tmp, _ = checkpoints
     argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "m"), "--quiet"]
     for error in (ValueError("a bug or bad input"), TypeError("a bug")):
