@@ -27,6 +27,7 @@ import argparse
 import ast
 import dataclasses
 import functools
+import hashlib
 import json
 import math
 import os
@@ -249,14 +250,18 @@ def run_data_version(workdir: str | os.PathLike[str], default: str | None) -> st
 
 
 def data_version(config: Config) -> str | None:
-    """The version of the data code a run's examples come from, kept in its summary, so that
+    """The version of the data a run's examples come from, kept in its summary, so that
     `cached` trains a run of older data afresh: the WordNet datasets' selection, order and
-    tags have changed over time (their cache versions); the image loaders have not (None)."""
+    tags have changed over time (their cache versions), and their token ids are the
+    tokenizer's (a digest of the files it reads, `tokenizer_stamp`: another release of
+    all-MiniLM-L6-v2's package may tokenize otherwise); the image loaders have not (None)."""
     if config.model == "vit":
         return None
-    from rotjax.data import _supersense, _text
+    from rotjax.data import _supersense, _text, _tokenize
 
-    version = f"wordnet-{_text._CACHE_VERSION}"
+    stamp = _tokenize.tokenizer_stamp(_tokenize.tokenizer_file(None))
+    digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
+    version = f"wordnet-{_text._CACHE_VERSION}-tokenizer-{digest}"
     return version + (f"-tags{_supersense._RULES}" if config.dataset in TOKEN_DATASETS else "")
 
 

@@ -5,6 +5,7 @@ JSON files the drivers write.
 """
 
 import json
+import shutil
 
 import pytest
 from helpers import init, refuses_before_any_work
@@ -473,6 +474,25 @@ def test_multitask_limits_are_exact():
 
     data = T.load_data(T.minilm_wordnet("wordnet_multitask", train_limit=33, eval_limit=5))
     assert len(data["train"]["labels"]) == 33 and len(data["test"]["labels"]) == 5
+
+
+def test_text_data_version_changes_with_the_tokenizer(tmp_path, monkeypatch):
+    """A text run's data version holds a digest of the tokenizer's files, so that a run whose
+    token ids came from another tokenizer is trained afresh, not reused."""
+    from experiments import train as T
+    from rotjax.data import _tokenize
+
+    config = T.minilm_wordnet("wordnet_glosses")
+    tags = T.minilm_wordnet("supersense_nouns")
+    before = T.data_version(config)
+    assert before != T.data_version(tags) and T.data_version(T.vit_fashion_mnist()) is None
+    shutil.copytree(_tokenize.minilm_dir(), tmp_path / "m")
+    monkeypatch.setattr(_tokenize, "minilm_dir", lambda: tmp_path / "m")
+    assert T.data_version(config) == before  # the same files: the same version
+    tokenizer = tmp_path / "m" / "tokenizer.json"
+    tokenizer.write_bytes(tokenizer.read_bytes() + b"\n")  # another file, the same tokens
+    assert T.data_version(config) != before
+    assert T.data_version(config).startswith(before.rsplit("-", 1)[0])  # only the digest moved
 
 
 def test_text_scoring_sorts_by_length_and_cuts_each_batch(key):
