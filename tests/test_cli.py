@@ -875,8 +875,6 @@ def test_task_vectors_move_with_the_alignment(tmp_path, key):
 def test_out_of_memory_is_one_line_and_writes_nothing(checkpoints, capsys, monkeypatch):
     """Memory running out (numpy's MemoryError, XLA's RESOURCE_EXHAUSTED) is one line; any
     other runtime failure keeps its traceback (a bug to report)."""
-    from rotjax.cli import _merge
-
     tmp, _ = checkpoints
     argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "m"), "--quiet"]
     for error in (MemoryError(), jax.errors.JaxRuntimeError("RESOURCE_EXHAUSTED: 8 GiB")):
