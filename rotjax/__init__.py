@@ -1,6 +1,19 @@
 """rotjax: align and merge transformers in JAX/Flax through their parameter symmetries."""
 
-from rotjax import match, symmetry
+import importlib
 
 __all__ = ["match", "symmetry"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # `rotjax.match` and `rotjax.symmetry` on first use (PEP 562): importing the package
+    # itself imports no JAX, so the command line's signal handlers come first
+    # (`rotjax._launch`)
+    if name in __all__:
+        return importlib.import_module(f"rotjax.{name}")
+    raise AttributeError(f"module 'rotjax' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted([*globals(), *__all__])

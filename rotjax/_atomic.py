@@ -62,6 +62,54 @@ def sync_tree(root: str | os.PathLike[str]) -> None:
     sync(root)
 
 
+def temporary_sibling(path: Path) -> Path:
+    """The name a directory written whole (`rotjax.hf.save`) is built under, beside ``path``,
+    before its rename onto ``path``: ``.NAME.tmp-`` and 12 hex digits (18 bytes more than
+    NAME, as `write_whole`'s temporary files)."""
+    return path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
+
+
+TEMPORARY_EXTRA_BYTES = len(temporary_sibling(Path("x")).name) - 1
+
+
+def check_name_lengths(path: str | os.PathLike[str]) -> None:
+    """Refuses a ``path`` that cannot be written whole, before any work: a name in it longer
+    than its file system takes (``NAME_MAX``, 255 bytes on most), or a last name too long
+    for its temporary sibling (`TEMPORARY_EXTRA_BYTES` more); without this, the write failed
+    with ``ENAMETOOLONG`` only at the end.
+
+    Raises:
+      ValueError: naming the name, its length in bytes and the limit.
+    """
+    given, path = path, Path(path).absolute()
+    existing = Path(path.anchor)  # the deepest existing directory: its file system's limit
+    for parent in reversed(path.parents):
+        try:
+            if not parent.is_dir():
+                break
+        except OSError:  # (a name in it too long to look up)
+            break
+        existing = parent
+    try:
+        limit = os.pathconf(existing, "PC_NAME_MAX")
+    except (OSError, ValueError):
+        limit = 255
+    for name in path.parts[1:]:
+        size = len(os.fsencode(name))
+        if size > limit:
+            raise ValueError(
+                f"{given}: the name {name[:24]}... is {size} bytes, longer than the "
+                f"file system takes ({limit})"
+            )
+    size = len(os.fsencode(path.name))
+    if size + TEMPORARY_EXTRA_BYTES > limit:
+        raise ValueError(
+            f"{given}: its name is {size} bytes; it is first written under a temporary name "
+            f"{TEMPORARY_EXTRA_BYTES} bytes longer, beside it, and the file system takes "
+            f"{limit}: use a name of at most {limit - TEMPORARY_EXTRA_BYTES} bytes"
+        )
+
+
 def holds_cwd(path: str | os.PathLike[str]) -> bool:
     """Whether ``path`` is the working directory or one of its parents: a directory that
     cannot be replaced as a whole (its temporary twin would go inside it, the rename onto it

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import stat
+import sys
 import traceback
 from pathlib import Path
 
@@ -693,6 +694,25 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
         assert (tmp / solve / "2_Dense" / "model.safetensors").is_file()
 
 
+def test_float64_weights_beyond_float32s_range_are_named_as_such(checkpoints, capsys):
+    """A float64 checkpoint holding 1e300 has no NaN or Inf; rotjax's float32 copy does."""
+    from safetensors.numpy import load_file, save_file
+
+    tmp, _ = checkpoints
+    shutil.copytree(tmp / "b", tmp / "b64")
+    tensors = {
+        k: v.astype(np.float64) for k, v in load_file(tmp / "b" / "model.safetensors").items()
+    }
+    name = next(k for k in tensors if k.startswith("classifier"))
+    tensors[name].flat[0] = 1e300
+    save_file(tensors, tmp / "b64" / "model.safetensors")
+    config = json.loads((tmp / "b" / "config.json").read_text())  # as transformers saves it
+    (tmp / "b64" / "config.json").write_text(json.dumps({**config, "dtype": "float64"}))
+    argv = ["merge", str(tmp / "a"), str(tmp / "b64"), "--out", str(tmp / "m"), "--quiet"]
+    err = _fails(argv, capsys, "non-finite values (NaN or Inf, or float64 values beyond")
+    assert "1 param(s): classifier/" in err and not (tmp / "m").exists()
+
+
 def test_align_of_bare_encoders_keeps_their_outputs(tmp_path, capsys):
     """Two bare encoders with a pooler, saved with different id2label (as encoders taken from
     fine-tuned classifiers are): refused as different architectures before. Aligned by the
@@ -827,6 +847,8 @@ def test_help_explains_the_groups_and_methods(capsys):
         cli.main(["merge", "--help"])
     assert "regmean          per dense kernel" in capsys.readouterr().out
     assert match.PAPER == ("rotation", "scale", "ffn")
+    err = _fails(["merge", "a", "b", "--out", "o", "--bogus", "1"], capsys)  # before any work
+    assert err == "rotjax merge: error: unrecognized arguments: --bogus 1 (see rotjax merge --help)"
 
 
 def test_merge_vits_in_canonical_form(tmp_path, key, capsys):
@@ -870,6 +892,62 @@ def test_task_vectors_move_with_the_alignment(tmp_path, key):
         rel_err(want, jax.tree.map(lambda t, x, y: t + 0.5 * ((x - t) + (y - t)), base, a, b))
         > 1e-3
     )
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_while_the_imports_run_is_kept_for_after_them(signum, tmp_path, monkeypatch):
+    """`rotjax._launch.start` imports the command line with the signals recorded, not raised:
+    Python's own SIGINT handler raised inside the imports (a traceback) or inside XLA's
+    garbage-collection callbacks, where the error was printed as ignored and the command went
+    on and wrote its output."""
+    from rotjax import _launch
+
+    name = f"signalled_import_{int(signum)}"
+    (tmp_path / f"{name}.py").write_text(f"import os\nos.kill(os.getpid(), {int(signum)})\n")
+    monkeypatch.syspath_prepend(tmp_path)
+    before = signal.getsignal(signum)
+    assert _launch.start(name) == signum  # the import finished, the signal kept
+    assert sys.modules.pop(name).__file__ == str(tmp_path / f"{name}.py")
+    assert signal.getsignal(signum) == before
+    assert _launch.start("rotjax.cli") is cli
+
+
+def test_an_interrupt_while_starting_exits_with_one_line(checkpoints):
+    """The console script, interrupted while it imports (here after 0.5 s; its imports take
+    seconds): one line, exit 130, nothing written (before `rotjax._launch` it went on and
+    merged, or printed a traceback)."""
+    import subprocess
+    import time
+
+    tmp, _ = checkpoints
+    script = Path(sys.executable).with_name("rotjax")
+    argv = [script, "merge", tmp / "a", tmp / "b", "--out", tmp / "m", "--quiet"]
+    run = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
+    time.sleep(0.5)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=120)
+    assert run.returncode == 130, err
+    assert len(err.strip().splitlines()) == 1 and "interrupted (SIGINT)" in err, err
+    assert not (tmp / "m").exists()
+
+
+def test_an_out_name_too_long_for_the_file_system_is_refused_before_any_work(
+    checkpoints, capsys, monkeypatch
+):
+    """`hf.save` writes the checkpoint beside --out under a name 18 bytes longer: a name the
+    file system takes (238-255 bytes) failed only there, after all the work."""
+    tmp, a = checkpoints
+    monkeypatch.setattr(_merge, "load_models", None)  # (any work would fail otherwise)
+    for name, message in [("b" * 238, "use a name of at most 237 bytes"), ("b" * 300, "300 bytes")]:
+        for out in (tmp / name, tmp / "new" / name):
+            argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]
+            _fails(argv, capsys, "--out", message)
+            assert not (tmp / "new").exists()
+    with pytest.raises(ValueError, match="use a name of at most 237 bytes"):
+        hf.save(tmp / ("c" * 240), CONFIG, a)
+    assert sorted(p.name for p in tmp.iterdir()) == ["a", "b", "data.npz"]
+    out = tmp / ("d" * 237)  # the longest name that fits
+    assert hf.save(out, CONFIG, a) == out and (out / "config.json").is_file()
 
 
 def test_out_of_memory_is_one_line_and_writes_nothing(checkpoints, capsys, monkeypatch):

@@ -141,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
     command, out = "rotjax", None
     try:
         with signals_interrupt():
-            args = parser().parse_args(argv)
+            args, extra = parser().parse_known_args(argv)
+            if extra:  # (argparse names the top-level command, not the one they were given to)
+                raise _UsageError(
+                    f"rotjax {args.command}", f"unrecognized arguments: {' '.join(extra)}"
+                )
             command, out = f"rotjax {args.command}", getattr(args, "out", None)
             return args.run(args)
     except _UsageError as e:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from rotjax import hf
-from rotjax._atomic import holds_cwd
+from rotjax._atomic import check_name_lengths, holds_cwd
 from rotjax.hf._files import read_config
 from rotjax.match._checks import non_finite
 from rotjax.models import family
@@ -75,6 +75,10 @@ def checked_out_dir(
     if not os.fspath(out):  # (Path("") is the working directory)
         raise CLIError("--out is empty; name a new directory")
     out = Path(out)
+    try:
+        check_name_lengths(out)
+    except ValueError as e:
+        raise CLIError(f"--out {e}") from None
     if out.is_symlink():  # it would be replaced by the checkpoint, not written through
         raise CLIError(f"--out {out} is a symbolic link; name the directory it points to")
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
@@ -132,7 +136,12 @@ def load_models(
             )
         bad = non_finite(to_dict(p))
         if bad:
-            raise CLIError(f"{label} ({directory}): non-finite values (NaN or Inf) in {_few(bad)}")
+            what = "NaN or Inf" + (
+                ", or float64 values beyond float32's range (3.4e38), which rotjax computes in"
+                if stored == "float64"
+                else ""
+            )
+            raise CLIError(f"{label} ({directory}): non-finite values ({what}) in {_few(bad)}")
         configs.append(config)
         params.append(p)
     first = configs[0]

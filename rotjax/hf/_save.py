@@ -7,7 +7,6 @@ import dataclasses
 import fnmatch
 import json
 import os
-import secrets
 import shutil
 from collections.abc import Mapping
 from pathlib import Path
@@ -17,7 +16,7 @@ import jax
 import numpy as np
 
 from rotjax import symmetry as sym
-from rotjax._atomic import holds_cwd
+from rotjax._atomic import check_name_lengths, holds_cwd, temporary_sibling
 from rotjax.hf import _mapping
 from rotjax.hf._files import (
     CONFIG_FILE,
@@ -86,14 +85,16 @@ def save(
 
     Raises:
       ValueError: ``params`` do not match ``config`` (paths and shapes listed), ``id2label``
-        has the wrong number of labels, an ``extra_files`` name is not a plain new file, or
+        has the wrong number of labels, an ``extra_files`` name is not a plain new file,
         ``path`` is the working directory or holds it (the directory is replaced by a rename:
-        the process would go on in the old one, deleted).
+        the process would go on in the old one, deleted), or a name in ``path`` is too long
+        for its file system (`rotjax._atomic.check_name_lengths`).
       FileExistsError: ``path`` exists and is not an empty directory, or is a symbolic link,
         and not ``overwrite``.
       FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
     """
     path = Path(path)
+    check_name_lengths(path)
     if holds_cwd(path):
         raise ValueError(f"{path} is the working directory or holds it; name a new directory")
     for name in extra_files or {}:
@@ -134,7 +135,7 @@ def save(
     # the parents this call creates, innermost first: removed again if it fails
     created = [p for p in path.absolute().parents if not p.exists()]
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.parent / f".{path.name}.tmp-{secrets.token_hex(6)}"
+    tmp = temporary_sibling(path)
     try:
         tmp.mkdir()  # unlike tempfile.mkdtemp, honours the umask
         for rel in kept:
