@@ -72,6 +72,18 @@ def temporary_sibling(path: Path) -> Path:
 TEMPORARY_EXTRA_BYTES = len(temporary_sibling(Path("x")).name) - 1
 
 
+def nearest_existing(path: Path) -> Path:
+    """The deepest of ``path`` and its parents that exists (a name too long to look up counts
+    as missing)."""
+    for candidate in (path, *path.parents):
+        try:
+            if candidate.exists():
+                return candidate
+        except OSError:
+            pass
+    return Path(path.anchor)
+
+
 def check_name_lengths(path: str | os.PathLike[str]) -> None:
     """Refuses a ``path`` that cannot be written whole, before any work: a name in it longer
     than its file system takes (``NAME_MAX``, 255 bytes on most), or a last name too long
@@ -82,16 +94,8 @@ def check_name_lengths(path: str | os.PathLike[str]) -> None:
       ValueError: naming the name, its length in bytes and the limit.
     """
     given, path = path, Path(path).absolute()
-    existing = Path(path.anchor)  # the deepest existing directory: its file system's limit
-    for parent in reversed(path.parents):
-        try:
-            if not parent.is_dir():
-                break
-        except OSError:  # (a name in it too long to look up)
-            break
-        existing = parent
-    try:
-        limit = os.pathconf(existing, "PC_NAME_MAX")
+    try:  # the limit of the file system the path's existing part is on
+        limit = os.pathconf(nearest_existing(path), "PC_NAME_MAX")
     except (OSError, ValueError):
         limit = 255
     for name in path.parts[1:]:

@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from rotjax import hf
-from rotjax._atomic import check_name_lengths, holds_cwd
+from rotjax._atomic import check_name_lengths, holds_cwd, nearest_existing
 from rotjax.hf._files import read_config
 from rotjax.match._checks import non_finite
 from rotjax.models import family
@@ -93,9 +93,7 @@ def checked_out_dir(
             raise CLIError(f"--out {out} is inside the input {f}")
     # The checkpoint is written beside --out and renamed into place: probe the nearest
     # existing ancestor of its parent, creating nothing that would stay behind.
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
+    parent = nearest_existing(out.absolute().parent)
     try:
         if not parent.is_dir():
             raise NotADirectoryError(f"{parent} is not a directory")
