@@ -1,4 +1,5 @@
-"""The ``rotjax`` console script's first step, before JAX is imported.
+"""The ``rotjax`` console script's (and ``python -m rotjax.cli``'s) first step, before JAX
+is imported.
 
 Importing the command line (JAX, Flax, transformers) takes seconds. A SIGINT or SIGTERM then,
 with Python's own handlers, printed a traceback from inside the imports or, arriving in one
@@ -18,7 +19,7 @@ import sys
 SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def start(module: str = "rotjax.cli"):
+def start(module: str = "rotjax.cli._main"):
     """Imports ``module`` with SIGINT and SIGTERM recorded, not raised; the module, or the
     number of the first signal that arrived meanwhile. The previous handlers come back
     either way."""
@@ -33,7 +34,8 @@ def start(module: str = "rotjax.cli"):
 
 
 def entry() -> None:
-    """The ``rotjax`` console script: `rotjax.cli.entry` after `start`."""
+    """The ``rotjax`` console script and ``python -m rotjax.cli``: `rotjax.cli.entry` after
+    `start`."""
     started = start()
     if isinstance(started, int):
         print(

@@ -825,14 +825,16 @@ def test_sigterm_while_saving_cleans_up(checkpoints, capsys, monkeypatch):
 def test_the_console_script_exits_at_once_after_an_interrupt(monkeypatch):
     """After an interrupt the script leaves by ``os._exit`` (the interpreter's shutdown with
     XLA's threads still running crashed, status 139, in about 1 run in 3); else by sys.exit."""
+    from rotjax.cli import _main
+
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
     for code in (130, 143):
-        monkeypatch.setattr(cli, "main", lambda code=code: code)
+        monkeypatch.setattr(_main, "main", lambda code=code: code)
         with pytest.raises(SystemExit):  # (os._exit replaced: it goes on to sys.exit)
             cli.entry()
     assert exits == [130, 143]
-    monkeypatch.setattr(cli, "main", lambda: 2)
+    monkeypatch.setattr(_main, "main", lambda: 2)
     with pytest.raises(SystemExit) as e:
         cli.entry()
     assert e.value.code == 2 and exits == [130, 143]
@@ -909,26 +911,31 @@ def test_a_signal_while_the_imports_run_is_kept_for_after_them(signum, tmp_path,
     assert _launch.start(name) == signum  # the import finished, the signal kept
     assert sys.modules.pop(name).__file__ == str(tmp_path / f"{name}.py")
     assert signal.getsignal(signum) == before
-    assert _launch.start("rotjax.cli") is cli
+    assert _launch.start() is sys.modules["rotjax.cli._main"]
+    assert cli.main is _launch.start().main
 
 
-def test_an_interrupt_while_starting_exits_with_one_line(checkpoints):
-    """The console script, interrupted while it imports (here after 0.5 s; its imports take
-    seconds): one line, exit 130, nothing written (before `rotjax._launch` it went on and
-    merged, or printed a traceback)."""
+@pytest.mark.parametrize("command", ["script", "module"])
+def test_an_interrupt_while_starting_exits_with_one_line(command, checkpoints):
+    """The console script or ``python -m rotjax.cli``, interrupted while it imports (here
+    after 0.5 s; its imports take seconds): one line, exit 130, nothing written (before
+    `rotjax._launch` it went on and merged, or printed a traceback; ``python -m`` imported
+    the command line with the package, before its ``__main__``, until `rotjax.cli` became
+    lazy)."""
     import subprocess
     import time
 
     tmp, _ = checkpoints
     script = Path(sys.executable).with_name("rotjax")
-    argv = [script, "merge", tmp / "a", tmp / "b", "--out", tmp / "m", "--quiet"]
+    start = [script] if command == "script" else [sys.executable, "-m", "rotjax.cli"]
+    argv = [*start, "merge", tmp / "a", tmp / "b", "--out", tmp / f"m-{command}", "--quiet"]
     run = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)
     run.send_signal(signal.SIGINT)
     _, err = run.communicate(timeout=120)
     assert run.returncode == 130, err
     assert len(err.strip().splitlines()) == 1 and "interrupted (SIGINT)" in err, err
-    assert not (tmp / "m").exists()
+    assert not (tmp / f"m-{command}").exists()
 
 
 def test_an_out_name_too_long_for_the_file_system_is_refused_before_any_work(

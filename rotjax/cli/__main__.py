@@ -1,3 +1,3 @@
-from rotjax.cli import entry
+from rotjax._launch import entry
 
 entry()
