@@ -508,6 +508,49 @@ def test_error_tensors(checkpoint):
         rotjax.hf.load(path)
 
 
+def test_float64_values_float32_cannot_hold_are_refused_not_made_inf(checkpoint, seed, tmp_path):
+    """float32, which rotjax computes in and writes, holds magnitudes up to 3.4e38: a float64
+    checkpoint's (file or in-memory model) or params' 1e300 became Inf, with at most numpy's
+    overflow warning. Now each is refused, named. A value that rounds to float32's largest
+    is no overflow; NaN stored in a checkpoint loads as it is (the command line refuses it)."""
+    path, tensors = checkpoint
+    tensors = {k: v.astype(np.float64) for k, v in tensors.items()}
+    name = "bert.encoder.layer.1.output.dense.weight"
+    biggest = np.finfo(np.float32).max
+    tensors[name].flat[:2] = (-biggest * (1 + 2**-26), np.nan)  # a quarter ulp beyond: rounds
+    rewrite(path, tensors)
+    config, params = rotjax.hf.load(path)
+    (kernel,) = [x for x in to_dict(params).values() if (np.asarray(x) == -biggest).any()]
+    assert (np.asarray(kernel) == -biggest).sum() == 1 and np.isnan(kernel).sum() == 1
+    tensors[name].flat[2] = 1e300
+    rewrite(path, tensors)
+    with pytest.raises(
+        ValueError, match=rf"beyond float32's range[^\n]*\n  {name}  float64, \|x\| up to 1e\+300$"
+    ):
+        rotjax.hf.load(path)
+    model = torch_model("bert-seq-h3d4", seed).double()
+    with torch.no_grad():
+        model.classifier.bias[1] = -1e39
+    with pytest.raises(ValueError, match=r"\n  classifier\.bias  float64, \|x\| up to 1e\+39$"):
+        rotjax.hf.load(model)
+    params = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+    params["classifier"]["kernel"][0, 0] = 1e300
+    with pytest.raises(
+        ValueError, match=r"written in[^\n]*\n  classifier/kernel  \|x\| up to 1e\+300$"
+    ):
+        rotjax.hf.save(tmp_path / "out", config, params)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_tied_head_that_differs_from_the_embedding_is_refused(seed):
+    """An in-memory model's state dict holds ``lm_head.weight`` beside the embedding it is
+    tied to; one that differs in value (untied after construction) is refused as such."""
+    model = torch_model("llama-lm-h3-tied-bias", seed)
+    model.lm_head.weight = torch.nn.Parameter(model.lm_head.weight.detach() + 1)
+    with pytest.raises(ValueError, match=r"differs from embed_tokens\.weight \(values differ, "):
+        rotjax.hf.load(model)
+
+
 def test_error_files(checkpoint, tmp_path):
     path, tensors = checkpoint
     with pytest.raises(FileNotFoundError, match="nowhere"):
@@ -1027,6 +1070,14 @@ def test_qwen2_keeps_which_layers_use_its_sliding_window(tmp_path):
     rotjax.hf.save(tmp_path / "again", config, params)
     again = transformers.AutoConfig.from_pretrained(tmp_path / "again")
     assert again.layer_types == hf.layer_types == ["full_attention", "sliding_attention"]
+    # a source of another depth: its layer_types (transformers 5 writes them) were kept, and
+    # transformers refused the checkpoint (num_hidden_layers 2, 1 layer type)
+    transformers.Qwen2Config(
+        **{**hf.to_dict(), "num_hidden_layers": 1, "layer_types": None}
+    ).save_pretrained(tmp_path / "one")
+    rotjax.hf.save(tmp_path / "deeper", config, params, source=tmp_path / "one")
+    deeper = transformers.AutoConfig.from_pretrained(tmp_path / "deeper")
+    assert deeper.layer_types == hf.layer_types
     plain = transformers.Qwen2Config(
         vocab_size=40, hidden_size=8, num_attention_heads=2, num_key_value_heads=1
     )

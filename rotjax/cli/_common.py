@@ -132,14 +132,9 @@ def load_models(
                 f"float32 (a checkpoint {size}: cast it back when loading, e.g. "
                 f"transformers' torch_dtype=torch.{stored})"
             )
-        bad = non_finite(to_dict(p))
+        bad = non_finite(to_dict(p))  # (float64 beyond float32's range: hf.load refused it)
         if bad:
-            what = "NaN or Inf" + (
-                ", or float64 values beyond float32's range (3.4e38), which rotjax computes in"
-                if stored == "float64"
-                else ""
-            )
-            raise CLIError(f"{label} ({directory}): non-finite values ({what}) in {_few(bad)}")
+            raise CLIError(f"{label} ({directory}): non-finite values (NaN or Inf) in {_few(bad)}")
         configs.append(config)
         params.append(p)
     first = configs[0]

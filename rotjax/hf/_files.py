@@ -140,10 +140,23 @@ def read_torch_file(file: Path) -> dict[str, np.ndarray]:
 
 def torch_to_numpy(t: Any) -> np.ndarray:
     # A copy: numpy views of torch tensors share memory, and params must not alias the source.
+    # float64 stays float64, for `float32_overflow` to see what float32 cannot hold; bfloat16
+    # and float16 become float32 (numpy has no bfloat16), which holds them exactly.
     t = t.detach().cpu()
-    if t.is_floating_point():
+    if t.is_floating_point() and t.element_size() < 4:
         t = t.float()
     return np.array(t.numpy(), copy=True)
+
+
+def float32_overflow(x: Any) -> float | None:
+    """The largest magnitude among the finite values of ``x`` that float32 (which rotjax
+    computes in and writes) cannot hold, or None: ``x.astype(float32)`` makes them ±Inf."""
+    x = np.asarray(x)
+    if not np.issubdtype(x.dtype, np.floating) or x.dtype.itemsize <= 4:
+        return None
+    with np.errstate(over="ignore"):
+        lost = np.isfinite(x) & np.isinf(x.astype(np.float32))
+    return float(np.abs(x[lost]).max()) if lost.any() else None
 
 
 def write_json(file: Path, obj: Any) -> None:

@@ -16,7 +16,13 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.hf import _mapping
-from rotjax.hf._files import CONFIG_FILE, read_config, read_weights, torch_to_numpy
+from rotjax.hf._files import (
+    CONFIG_FILE,
+    float32_overflow,
+    read_config,
+    read_weights,
+    torch_to_numpy,
+)
 from rotjax.models import family, family_of_model_type, stack_layers, with_pretrained
 from rotjax.tree import flatten
 
@@ -67,7 +73,9 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
     Raises:
       FileNotFoundError: The directory, its ``config.json`` or its weights file is missing.
       ValueError: An unsupported architecture or config option, an unreadable file, or
-        tensors missing, unexpected or of the wrong shape (all listed, with shapes).
+        tensors missing, unexpected or of the wrong shape (all listed, with shapes), or
+        float64 tensors holding finite values beyond float32's range (listed; they are not
+        loaded as Inf). NaN and Inf stored in the checkpoint are loaded as they are.
       ImportError: ``pytorch_model.bin`` without torch installed.
     """
     if isinstance(source, str | os.PathLike):
@@ -128,9 +136,12 @@ def load_for_task(
 
     The config is the checkpoint's with ``task`` and ``num_labels`` (and no pooler unless the
     task has one); every param whose path and shape the new model shares comes from the
-    checkpoint, the rest (the new head, or the checkpoint's head for another number of classes
-    or another task) is drawn from ``key`` (`rotjax.models.with_pretrained`:
+    checkpoint, the rest is drawn from ``key`` (`rotjax.models.with_pretrained`:
     ``normal(initializer_range)`` kernels, zero biases, as transformers initialises a head).
+    So a checkpoint's head of another task is drawn anew whole, even where its shapes fit;
+    one of the same task keeps what fits, as transformers' ``ignore_mismatched_sizes`` does:
+    with another number of classes only the layers shaped by it are drawn (a RoBERTa
+    classifier keeps its ``dense`` layer), with the same number the whole head is kept.
 
     Args:
       source: as for `load`.
@@ -260,9 +271,14 @@ def _untie(config: Config, tensors: dict[str, np.ndarray]) -> dict[str, np.ndarr
         return tensors
     head, embed = tensors["lm_head.weight"], tensors.get("embed_tokens.weight")
     if embed is None or head.shape != embed.shape or not np.array_equal(head, embed):
+        if embed is None:
+            how = "there is no embed_tokens.weight"
+        elif head.shape != embed.shape:
+            how = f"shapes {head.shape} vs {embed.shape}"
+        else:
+            how = f"values differ, shapes {head.shape}"
         raise ValueError(
-            "tie_word_embeddings=True but lm_head.weight differs from embed_tokens.weight "
-            f"(shapes {head.shape}, {None if embed is None else embed.shape})"
+            f"tie_word_embeddings=True but lm_head.weight differs from embed_tokens.weight ({how})"
         )
     return {n: x for n, x in tensors.items() if n != "lm_head.weight"}
 
@@ -325,6 +341,15 @@ def _to_rotjax(
             f"checkpoint tensors do not match {arch.name} "
             f"(hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
             f"heads={config.num_attention_heads}):\n" + "\n".join(problems)
+        )
+    over = {name: float32_overflow(tensors[name]) for name, _, _ in wanted}
+    if over := {name: big for name, big in over.items() if big is not None}:
+        raise ValueError(
+            "checkpoint tensors hold finite values beyond float32's range (3.4e38), which "
+            "rotjax computes in (they would be Inf):\n"
+            + "\n".join(
+                f"  {shown(n)}  {tensors[n].dtype}, |x| up to {big:.3g}" for n, big in over.items()
+            )
         )
     leaves = [
         np.ascontiguousarray(conv.to_flax(np.asarray(tensors[name], np.float32), shape))

@@ -22,6 +22,7 @@ from rotjax.hf._files import (
     CONFIG_FILE,
     SAFETENSORS_FILE,
     TOKENIZER_FILES,
+    float32_overflow,
     read_config,
     replace_dir,
     write_json,
@@ -84,8 +85,9 @@ def save(
       ``path`` as a `pathlib.Path`.
 
     Raises:
-      ValueError: ``params`` do not match ``config`` (paths and shapes listed), ``id2label``
-        has the wrong number of labels, an ``extra_files`` name is not a plain new file,
+      ValueError: ``params`` do not match ``config`` (paths and shapes listed), hold finite
+        values beyond float32's range (float64; listed), ``id2label`` has the wrong number
+        of labels, an ``extra_files`` name is not a plain new file,
         ``path`` is the working directory or holds it (the directory is replaced by a rename:
         the process would go on in the old one, deleted), or a name in ``path`` is too long
         for its file system (`rotjax._atomic.check_name_lengths`).
@@ -107,8 +109,16 @@ def save(
         config = dataclasses.replace(config, scan_layers=False)
     arch = _mapping.architecture_for(config.model_type, config.task)
     prefixed = arch.task is not None
+    paths, leaves = flatten(params)[:2]
+    over = {p: float32_overflow(leaf) for p, leaf in zip(paths, leaves, strict=True)}
+    if over := {p: big for p, big in over.items() if big is not None}:
+        raise ValueError(
+            "params hold finite values beyond float32's range (3.4e38), which checkpoints are "
+            "written in (they would be Inf):\n"
+            + "\n".join(f"  {p}  |x| up to {big:.3g}" for p, big in over.items())
+        )
     tensors = {}
-    for p, leaf in zip(*flatten(params)[:2], strict=True):
+    for p, leaf in zip(paths, leaves, strict=True):
         name, conv = _mapping.hf_name(arch, p, prefixed=prefixed)
         tensors[name] = np.ascontiguousarray(conv.to_hf(np.asarray(leaf, np.float32)))
     source_config = read_config(Path(source)) if source is not None else {}
@@ -212,6 +222,13 @@ def _hf_config(
     if arch.model_type == "qwen2":  # its attention biases are fixed by the architecture
         out.pop("attention_bias", None)
         out["use_sliding_window"] = config.sliding_window is not None
+        # what transformers 5 derives from these and reads the window from (a source's, of
+        # another depth, would make it refuse the checkpoint)
+        first = config.max_window_layers if config.sliding_window is not None else None
+        out["layer_types"] = [
+            "sliding_attention" if first is not None and i >= first else "full_attention"
+            for i in range(config.num_hidden_layers)
+        ]
     if out.get("max_window_layers", 0) is None:  # transformers' default (unused without window)
         del out["max_window_layers"]
     return out
