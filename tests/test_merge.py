@@ -945,8 +945,9 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
         merge.statistics(c.model, params, none, ("fisher",), fisher="empirical")
     # A label that is no class and not the ignored one (-1, or the class count) would have
     # counted its example with a zero gradient: refused, naming the batch and the values
-    for bad in (-1, config.num_labels):
-        wrong = [real[0], {**real[0], "labels": labels.at[1].set(bad)}]
+    for bad in (-1, config.num_labels, 1.5):  # (1.5 was counted: one_hot(1.5) is all 0)
+        lab = labels.astype(type(bad)).at[1].set(bad)
+        wrong = [real[0], {**real[0], "labels": lab}]
         with pytest.raises(ValueError, match=rf"batch 1: labels \[{bad}\] .* \[0, 3\)"):
             merge.statistics(c.model, params, wrong, ("fisher",), fisher="empirical")
     # An empty batch adds nothing (it broke the Fisher's trace); no real token at all is
@@ -1677,6 +1678,56 @@ def test_refit_scanned_and_unscanned_agree_and_bad_inputs(key):
         merge.refit(c.model, ps[0], [ps[1], stacked[0]], data)
     with pytest.raises(ValueError, match=r"at least 1 model\(s\) besides merged, got 0"):
         merge.refit(c.model, ps[0], [], data)
+
+
+def test_data_paths_skip_empty_batches_and_refuse_non_finite_ones(key):
+    """Every function that reads batches skips an empty one, as `statistics` did (the others
+    traced it, and a ViT cannot trace zero images: ZeroDivisionError), and refuses a batch
+    with NaN or Inf, naming what it holds (refit kept the merge unchanged, its Gram's trace
+    NaN read as "no rows"; the Grams and the activation start came back NaN or zero)."""
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    ps = [c.init(jax.random.fold_in(key, i), 0.3) for i in range(2)]
+    (x,) = batches_of(config, key, n=1, batch=3)
+    empty, mean = tuple(v[:0] for v in x), merge.average(ps)
+    runs = {
+        "statistics": lambda data: merge.statistics(c.model, ps[0], data, ("gram",)),
+        "cross_statistics": lambda data: merge.cross_statistics(c.model, *ps, data),
+        "prediction_loss": lambda data: merge.prediction_loss(c.model, ps, data)(mean),
+        "refit": lambda data: merge.refit(c.model, mean, ps, data),
+    }
+    for name, run in runs.items():
+        assert rel_err(run([empty, x, empty]), run([x])) <= 1e-6, name
+    broken = (x[0].at[1, 0, 0, 0].set(jnp.nan),)  # (an index out of bounds would be dropped)
+    for name, run in runs.items():
+        if name == "prediction_loss":  # a loss: NaN says what it is
+            assert np.isnan(run([x, broken]))
+            continue
+        with pytest.raises(ValueError, match=r"non-finite .*NaN or Inf.* the batches hold"):
+            run([x, broken])
+    with pytest.raises(
+        ValueError, match=r"refit: non-finite moments .* of encoder/layer_0/attention/query/kernel:"
+    ):
+        merge.refit(c.model, mean, ps, [(x[0].at[0, 0, 0, 0].set(jnp.inf),)])
+
+
+def test_capture_refuses_a_dense_general_over_leading_axes(key):
+    """`capture` reads a layer's features from its input's trailing axes: a ``DenseGeneral``
+    that contracts others (or has batch dims) got the Gram of the wrong axes (here (5, 5) for
+    a (3, 4) kernel), and is refused, named."""
+    import flax.linen as nn
+
+    x = jax.random.normal(key, (2, 3, 5))
+    for layer in (nn.DenseGeneral(4, axis=1), nn.DenseGeneral(4, axis=(-1, -2))):
+        params = layer.init(key, x)["params"]
+        with pytest.raises(
+            ValueError, match=r"kernel: a DenseGeneral contracting axes .* \(2, 3, 5\)"
+        ):
+            capture(layer, params, (x,), lambda rows, w: rows.T @ rows)
+    trailing = nn.DenseGeneral(4, axis=(1, 2))  # the same as (-2, -1)
+    params = trailing.init(key, x)["params"]
+    (gram,) = capture(trailing, params, (x,), lambda rows, w: rows.T @ rows)[1].values()
+    assert gram.shape == (15, 15)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -520,21 +520,25 @@ def run(args) -> int:
     stats = None
     kinds = {"fisher": ("fisher",), "regmean": ("gram",)}.get(args.method)
     if kinds:
-        stats = [
-            merge.statistics(
-                model,
-                p,
-                batches(i),
-                kinds,
-                fisher=args.fisher or "exact",  # Grams: unread
-                key=key,
-                progress=not args.quiet,
-            )
-            for i, p in enumerate(aligned)
-        ]
-        for i, s in enumerate(stats):  # finite inputs can overflow them (pixels of 3e38)
-            file = args.data[i if len(args.data) > 1 else 0]
-            check_finite(s, f"the statistics of {labels[i]} on --data {file}")
+        stats = []
+        for i, p in enumerate(aligned):
+            try:  # e.g. finite inputs that overflow them (pixels of 3e38)
+                stats.append(
+                    merge.statistics(
+                        model,
+                        p,
+                        batches(i),
+                        kinds,
+                        fisher=args.fisher or "exact",  # Grams: unread
+                        key=key,
+                        progress=not args.quiet,
+                    )
+                )
+            except ValueError as e:
+                file = args.data[i if len(args.data) > 1 else 0]
+                raise CLIError(
+                    f"the statistics of {labels[i]} on --data {file}: {reason(e)}; nothing written"
+                ) from None
     timings["statistics"] = time.perf_counter() - tic
 
     tic = time.perf_counter()

@@ -27,7 +27,7 @@ from rotjax.match import assign, polar
 from rotjax.match._stream import stream_polar
 from rotjax.merge._capture import calls
 from rotjax.merge._methods import _gram_inputs, _input_axes
-from rotjax.merge._stats import _split
+from rotjax.merge._stats import _check_finite, _split
 from rotjax.models import family
 from rotjax.tree import flatten
 
@@ -65,10 +65,13 @@ def cross_statistics(
         batches = tqdm(batches, desc="activations", unit="batch", leave=False)
     for batch in batches:
         inputs, _ = _split(fam, batch)
+        if np.shape(inputs[0])[0] == 0:
+            continue  # an empty batch adds nothing (and a ViT cannot trace zero images)
         part = step(params_a, params_b, inputs)
         total = part if total is None else _combined_all(total, part)
     if total is None:
-        raise ValueError("cross_statistics: no batches")
+        raise ValueError("cross_statistics: no batches (or only empty ones)")
+    _check_finite("cross_statistics", total)
     return total
 
 

@@ -5,6 +5,8 @@
 features, goes through a function whose result is sown into the ``"stats"`` collection, keyed
 by the layer's kernel path. The models' layer scan carries ``"stats"`` on its variable axis, so
 the layers of a scanned model give stacked, per-layer results. Nothing here copies the model.
+A layer's contracted features are read from its input's trailing axes (those of every
+rotjax model's layers); a ``DenseGeneral`` over other axes, or with batch dims, is refused.
 """
 
 from __future__ import annotations
@@ -30,6 +32,23 @@ def dense_input_axes(module: nn.Module) -> int | None:
     if isinstance(module, nn.DenseGeneral):
         return len(module.axis) if isinstance(module.axis, tuple | list) else 1  # Flax takes both
     return None
+
+
+def _contracted(module: nn.Module, x: jax.Array) -> int | None:
+    """`dense_input_axes` of a layer called on ``x``, which must be its trailing axes, in
+    order (what rotjax's models contract): a ValueError names any other layer."""
+    n_in = dense_input_axes(module)
+    if n_in is None or not isinstance(module, nn.DenseGeneral):
+        return n_in
+    axes = module.axis if isinstance(module.axis, tuple | list) else (module.axis,)
+    ndim = jnp.ndim(x)
+    if module.batch_dims or tuple(a % ndim for a in axes) != tuple(range(ndim - n_in, ndim)):
+        raise ValueError(
+            f"{kernel_path(module)}: a DenseGeneral contracting axes {module.axis} (batch_dims "
+            f"{module.batch_dims}) of an input of shape {jnp.shape(x)}; rotjax reads a dense "
+            "layer's features from its input's trailing axes, in order"
+        )
+    return n_in
 
 
 def kernel_path(module: nn.Module) -> str:
@@ -74,8 +93,10 @@ def capture(
     """
 
     def interceptor(next_fun, args, kwargs, context):
-        n_in = dense_input_axes(context.module)
-        if n_in is None or context.method_name != "__call__":
+        if (
+            context.method_name != "__call__"
+            or (n_in := _contracted(context.module, args[0])) is None
+        ):
             return next_fun(*args, **kwargs)
         rows, weights = _rows(args[0], n_in, mask)
         context.module.sow(
@@ -129,8 +150,10 @@ def first_calls(
     seen: dict[str, list[tuple[jax.Array, jax.Array]]] = {}
 
     def interceptor(next_fun, args, kwargs, context):
-        n_in = dense_input_axes(context.module)
-        if n_in is None or context.method_name != "__call__":
+        if (
+            context.method_name != "__call__"
+            or (n_in := _contracted(context.module, args[0])) is None
+        ):
             return next_fun(*args, **kwargs)
         path = kernel_path(context.module)
         if path in wanted:

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rotjax.merge._methods import check_sequence
-from rotjax.merge._stats import _no_classes, _split
+from rotjax.merge._stats import _inputs, _no_classes
 from rotjax.models import family
 from rotjax.tree import wide
 
@@ -56,9 +56,9 @@ def _prediction_loss(model, params_list, batches, memory):
         raise ValueError("prediction_loss: params_list holds no model to predict with")
     check_memory(memory)
     fam = family(model.config)
-    inputs = [_split(fam, b)[0] for b in batches]
+    inputs = _inputs(fam, batches)
     if not inputs:
-        raise ValueError("prediction_loss: no batches")
+        raise ValueError("prediction_loss: no batches (or only empty ones)")
     target, step, _ = _loss_steps(model)
     kept: dict[int, jax.Array] = {}
 

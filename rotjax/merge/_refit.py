@@ -54,7 +54,7 @@ from rotjax.merge._methods import (
     model_weights,
     scalar,
 )
-from rotjax.merge._stats import _split
+from rotjax.merge._stats import _inputs
 from rotjax.models import family
 from rotjax.tree import placed_like, wide
 
@@ -104,7 +104,8 @@ def refit(
 
     Raises:
       TypeError: ``params_list`` is not a list or tuple of models.
-      ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches.
+      ValueError: Models that differ in paths or shapes, bad weights or ridge, no batches (or
+        only empty ones), non-finite moments of a layer's inputs (NaN or Inf in the batches).
     """
     check_sequence(params_list)
     paths, leaves, treedef = checked_models([merged, *params_list], first="merged")
@@ -117,9 +118,9 @@ def refit(
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     check_memory(memory)
     fam = family(model.config)
-    inputs = [_split(fam, b)[0] for b in batches]
+    inputs = _inputs(fam, batches)
     if not inputs:
-        raise ValueError("refit: no batches")
+        raise ValueError("refit: no batches (or only empty ones)")
     masks = [None if include_padding else fam.token_mask(x) for x in inputs]
     flat = dict(zip(paths, leaves[0], strict=True))
     models = [dict(zip(paths, x, strict=True)) for x in leaves[1:]]
@@ -148,6 +149,14 @@ def refit(
             part = _moments(rows(current, x, mask)[group[0]], theirs, at)
             total = part if total is None else jax.tree.map(jnp.add, total, part)
         g_aug, cross_aug = total
+        if not all(bool(jnp.isfinite(m).all()) for m in (g_aug, *cross_aug)):
+            where = group[0] + (
+                f" (layer {', '.join(map(str, index))} of its stack)" if index else ""
+            )
+            raise ValueError(
+                f"refit: non-finite moments (NaN or Inf) of the inputs of {where}: the batches "
+                "hold NaN or Inf, or values whose products overflow float32"
+            )
         if not float(jnp.trace(g_aug)) > 0:  # no rows reached this stage: keep it
             continue
         for kernel in group:

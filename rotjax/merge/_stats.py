@@ -29,6 +29,7 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax._atomic import write_whole
 from rotjax.data import IGNORE_LABEL
+from rotjax.match._checks import non_finite
 from rotjax.merge._capture import capture
 from rotjax.merge._methods import _input_axes
 from rotjax.models import family
@@ -106,8 +107,9 @@ def statistics(
       ValueError: unknown kinds or Fisher variant, no batches (an empty batch is skipped),
         missing labels or key, labels of another shape than the model's outputs or outside
         its classes for the empirical Fisher (the others do not read them; batch and shapes
-        named), no example that counts (no token that counts, for the Grams), or a Fisher of a
-        model without a classification head of 2 or more classes.
+        named), no example that counts (no token that counts, for the Grams), a Fisher of a
+        model without a classification head of 2 or more classes, or statistics with NaN or
+        Inf (paths named: NaN or Inf in the batches, or inputs whose squares overflow).
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "fisher": not its letters
     if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):
@@ -151,7 +153,9 @@ def statistics(
         counts = jax.tree.map(jnp.max, total["tokens"])  # (per layer when scanned)
         if not float(jax.tree.reduce(jnp.maximum, counts, 0.0)) > 0:
             raise ValueError("statistics: the Grams of no token (every token is padding)")
-    return _means(total)
+    out = _means(total)
+    _check_finite("statistics", out)
+    return out
 
 
 def _check_labels(model, params, inputs, labels, i, outputs) -> None:
@@ -171,7 +175,7 @@ def _check_labels(model, params, inputs, labels, i, outputs) -> None:
             f"{outputs[sig]} need {tuple(rows)} (a label per example, or per token)"
         )
     y = np.asarray(labels)
-    bad = y[((y < 0) | (y >= classes)) & (y != IGNORE_LABEL)]
+    bad = y[(((y < 0) | (y >= classes)) & (y != IGNORE_LABEL)) | (y != np.round(y))]  # NaN, 1.5
     if bad.size:
         raise ValueError(
             f"batch {i}: labels {sorted(set(bad.tolist()))[:5]} are neither a class in "
@@ -207,6 +211,22 @@ def _split(fam, batch):
     if isinstance(batch, Mapping):  # absent inputs stay None in their place
         return tuple(fam.batch_inputs(batch)), batch.get("labels")
     return tuple(batch), None
+
+
+def _inputs(fam, batches: Iterable[Any]) -> list[tuple]:
+    """The positional inputs of every batch with an example: an empty batch adds nothing
+    (and a ViT cannot trace zero images)."""
+    return [x for x in (_split(fam, b)[0] for b in batches) if np.shape(x[0])[0]]
+
+
+def _check_finite(what: str, tree: Any) -> None:
+    """ValueError naming the paths of ``tree`` (statistics, moments) with a NaN or an Inf."""
+    if bad := non_finite(to_dict(tree)):
+        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
+        raise ValueError(
+            f"{what}: non-finite values (NaN or Inf) in {', '.join(bad[:5])}{more}: the "
+            "batches hold NaN or Inf, or values whose products overflow float32"
+        )
 
 
 @functools.cache
