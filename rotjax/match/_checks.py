@@ -42,7 +42,9 @@ def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dic
     if problems:
         raise ValueError("dtypes differ between the models:\n" + "\n".join(problems))
     bad = [
-        f"  {what}: {p}" for what, flat in zip(names, flats, strict=True) for p in non_finite(flat)
+        f"  {what}: {p} {tuple(flat[p].shape)}"
+        for what, flat in zip(names, flats, strict=True)
+        for p in non_finite(flat)
     ]
     if bad:
         raise ValueError("non-finite values (NaN or Inf) in:\n" + "\n".join(bad))

@@ -175,8 +175,9 @@ def symmetry_spec(config: Config, *, stream_rotation: bool = False) -> sym.Spec:
     With ``stream_rotation``, also the group ``stream`` (kind ``rot``, role
     ``stream_rotation``): an orthogonal Q with ``Q 1 = 1`` on the residual stream, acting
     wherever the stream permutation acts. It is a symmetry of params in canonical form only
-    (`rotjax.symmetry.canonicalize` with `stream_spec`): there every norm is γ = 1, β = 0 and
-    the stream is mean-free, so ``LN(x Q) = LN(x) Q``.
+    (`rotjax.symmetry.canonicalize` with `stream_spec`): there every norm is γ = 1, β = 0, so
+    ``LN(x Q) = LN(x) Q`` (Q keeps each token's mean, ``1ᵀ Q = 1ᵀ``, and the norm of its
+    deviations).
     """
     c = config
     D, p = c.hidden_size, c.patch_size

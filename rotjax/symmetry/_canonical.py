@@ -10,9 +10,12 @@ steps bring it to a form in which a continuous group acts on the stream:
    n(x)`` for any per-token c, because every reader subtracts the mean; afterwards the stream
    is mean-free.
 
-Then for any orthogonal Q with ``Q 1 = 1``, ``LN(x Q) = LN(x) Q`` on the mean-free stream, so
+Then for any orthogonal Q with ``Q 1 = 1`` (so ``1ᵀ Q = 1ᵀ``: Q keeps each token's mean and the
+norm of its deviations from it), ``LN(x Q) = LN(x) Q`` for every x once γ = 1, β = 0, so
 writers ``W_out ← W_out Q`` and readers ``W_in ← Qᵀ W_in`` preserve the function: the group
-O(D-1) acting on the complement of the all-ones vector, which holds all D! permutations. (An
+O(D-1) acting on the complement of the all-ones vector, which holds all D! permutations. Step 2
+is not what the rotation needs: it removes the writers' component along 1, which every reader
+discards, so that the weight distance matching minimises counts only what is read. (An
 RMSNorm model needs no centring and admits all of O(D).) Post-norm models (BERT, RoBERTa)
 have no such form: their norm sits on the stream itself.
 

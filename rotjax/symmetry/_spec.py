@@ -67,8 +67,8 @@ class Group:
         each key-value head's group (grouped-query attention), ``{qk,vo}_{rotation,scale}`` per
         head.
       layer: the layer index of an unstacked per-layer group; None for stacked or global ones.
-      keeps_ones: for ``rot``: only the rotations with ``Q 1 = 1`` (LayerNorm models: the
-        stream stays mean-free).
+      keeps_ones: for ``rot``: only the rotations with ``Q 1 = 1`` (LayerNorm models: they
+        keep each token's mean, so ``LN(x Q) = LN(x) Q`` at γ = 1, β = 0).
       pairs: for ``orth``: only the block rotations of the pairs (i, i + d/2) that rotary
         position embeddings (transformers' ``rotate_half`` layout) rotate together. Any two
         2-D rotations commute, so ``RoPE_p(q R) · RoPE_s(k R) = RoPE_p(q) · RoPE_s(k)`` at
