@@ -779,6 +779,53 @@ def test_labels_outside_the_classes_are_refused_before_any_work(seed, tmp_path):
         train.fit(state, steps, none, batch_size=BATCH, num_steps=1, workdir=tmp_path)
 
 
+def test_token_ids_outside_the_tables_and_misfit_eval_data_are_refused_before_any_step(
+    seed, tmp_path
+):
+    """An id past the vocabulary (30522, a MiniLM id, for a 50-row table) made every param
+    NaN inside the jitted steps, silently, and a negative one wraps to the last row: both
+    refused by name, in train and eval data. Eval images of another size were refused at
+    the first eval, after the training before it (and a checkpoint written). bfloat16
+    training data failed with a workdir (the batch order's digest took no bfloat16 buffer)."""
+    state, steps = setup(BERT, seed)
+    model, _ = init(BERT, jax.random.key(0))
+    assert steps.token_tables == {"input_ids": BERT.vocab_size, "token_type_ids": 2}
+    good = text_data(BERT, seed, 20)
+    for bad_id in (BERT.vocab_size, -1):
+        bad = {**good, "input_ids": good["input_ids"].copy()}
+        bad["input_ids"][3, 0] = bad_id
+        low, high = (r"\d+", bad_id) if bad_id > 0 else (bad_id, r"\d+")
+        msg = rf"input_ids holds ids {low}\.\.{high}; the model's table has {BERT.vocab_size} rows"
+        with pytest.raises(ValueError, match="train_data " + msg):
+            train.fit(state, steps, bad, batch_size=BATCH, num_steps=1, workdir=tmp_path)
+        assert not (tmp_path / "checkpoints").exists()
+        with pytest.raises(ValueError, match="eval " + msg):
+            train.fit(state, steps, good, batch_size=BATCH, num_steps=1, eval_data=bad)
+        with pytest.raises(ValueError, match="eval " + msg):
+            train.evaluate(steps, state.params, bad, batch_size=BATCH)
+        with pytest.raises(ValueError, match="eval " + msg):
+            train.evaluator(model, bad, batch_size=BATCH)
+    vit_state, vit_steps = setup(VIT, seed)
+    rng = np.random.default_rng(seed)
+    shape = (8, VIT.image_size, VIT.image_size, VIT.num_channels)
+    labels = rng.integers(0, VIT.num_labels, 8).astype(np.int32)
+    images = {"pixel_values": rng.normal(size=shape).astype(np.float32), "labels": labels}
+    size = VIT.image_size + 2
+    wrong = {**images, "pixel_values": np.zeros((8, size, size, VIT.num_channels), np.float32)}
+    trained = []
+    with pytest.raises(ValueError, match=r"^eval_data does not fit the model: .*pixel_values"):
+        train.fit(
+            vit_state, vit_steps, images, batch_size=BATCH, num_steps=2, eval_data=wrong,
+            workdir=tmp_path / "vit", checkpoint_every=1, callback=trained.append,
+        )  # fmt: skip
+    assert not trained and not (tmp_path / "vit" / "checkpoints").exists()
+    half = {**images, "pixel_values": images["pixel_values"].astype(jnp.bfloat16)}
+    result = train.fit(
+        vit_state, vit_steps, half, batch_size=BATCH, num_steps=1, workdir=tmp_path / "half"
+    )
+    assert int(result.state.step) == 1
+
+
 def test_labels_of_a_non_integer_dtype_are_refused_by_name(seed, tmp_path):
     """Float labels passed the class check (1.0 is in [0, 3)) and failed inside optax with an
     error naming neither the labels nor their dtype; bool labels are no class ids either."""

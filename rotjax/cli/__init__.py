@@ -14,7 +14,7 @@ would exit 2 is raised with its traceback instead (the library reports bad input
 
 import importlib
 
-__all__ = ["TRACEBACK_ENV", "entry", "main", "parser"]
+__all__ = ["TRACEBACK_ENV", "blocks", "entry", "main", "parser"]
 
 
 def __getattr__(name: str):

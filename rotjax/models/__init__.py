@@ -14,7 +14,7 @@ from typing import Any
 
 from rotjax.models import bert, deberta, llama, vit
 from rotjax.models._family import Family
-from rotjax.models._layers import check_fields
+from rotjax.models._layers import check_fields, check_ids, token_tables
 from rotjax.models._layout import stack_layers, unstack_layers
 from rotjax.models._pretrained import with_pretrained
 
@@ -53,11 +53,13 @@ __all__ = [
     "Family",
     "bert",
     "check_fields",
+    "check_ids",
     "deberta",
     "family",
     "family_of_model_type",
     "llama",
     "stack_layers",
+    "token_tables",
     "unstack_layers",
     "vit",
     "with_pretrained",

@@ -11,12 +11,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 ACTIVATIONS: dict[str, Callable[[jax.Array], jax.Array]] = {
     # Hugging Face names (transformers.activations.ACT2FN) -> JAX functions.
@@ -149,14 +150,31 @@ def check_tokens(
     for name, x in same_shape.items():
         if x is not None and x.shape != input_ids.shape:
             raise ValueError(f"{name} has shape {x.shape}, input_ids {input_ids.shape}")
-    arrays = {"input_ids": input_ids, **same_shape}
-    for name, size in (sizes or {}).items():
+    check_ids({"input_ids": input_ids, **same_shape}, sizes or {})
+
+
+TOKEN_TABLES = (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size"))
+"""Token inputs and the config fields that size the embedding tables they index."""
+
+
+def token_tables(config: Any) -> dict[str, int]:
+    """``{input name: rows of the table it indexes}`` of a config (those it has fields for)."""
+    return {name: getattr(config, f) for name, f in TOKEN_TABLES if hasattr(config, f)}
+
+
+def check_ids(arrays: Mapping[str, Any], sizes: Mapping[str, int], where: str = "") -> None:
+    """ValueError unless each concrete array of ``arrays`` named in ``sizes`` indexes its
+    table (a gather under `jax.jit` cannot raise: a negative id wraps to the last row, one past
+    the end gives NaN); tracers, tables of size 0 and absent arrays are skipped."""
+    for name, size in sizes.items():
         x = arrays.get(name)
-        if x is None or not size or isinstance(x, jax.core.Tracer) or not x.size:
+        if x is None or not size or isinstance(x, jax.core.Tracer) or not np.size(x):
             continue
-        low, high = int(x.min()), int(x.max())
+        low, high = int(np.min(x)), int(np.max(x))
         if low < 0 or high >= size:
-            raise ValueError(f"{name} holds ids {low}..{high}; the model's table has {size} rows")
+            raise ValueError(
+                f"{where}{name} holds ids {low}..{high}; the model's table has {size} rows"
+            )
 
 
 def activation(name: str) -> Callable[[jax.Array], jax.Array]:

@@ -154,7 +154,7 @@ class Model(nn.Module):
             input_ids,
             room,
             f"max_position_embeddings={c.max_position_embeddings}",
-            sizes={"input_ids": c.vocab_size, "token_type_ids": c.type_vocab_size},
+            sizes=_layers.token_tables(c),
             attention_mask=attention_mask,
             token_type_ids=token_type_ids,
         )

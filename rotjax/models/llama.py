@@ -277,7 +277,7 @@ class Model(nn.Module):
             input_ids,
             c.window,
             f"sliding_window={c.sliding_window}: longer inputs are not implemented",
-            sizes={"input_ids": c.vocab_size},
+            sizes=_layers.token_tables(c),
             attention_mask=attention_mask,
         )
         t = input_ids.shape[1]

@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from rotjax import data as _data
 from rotjax._atomic import write_whole
+from rotjax.models import check_ids
 from rotjax.train import _checkpoint, _mesh, _metrics, _steps
 from rotjax.train._steps import Steps, TrainState
 
@@ -95,7 +96,7 @@ def _fingerprint(arrays: Mapping[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         x = np.ascontiguousarray(arrays[name])
         h.update(f"{name}|{x.dtype.str}|{x.shape}|".encode())
-        h.update(memoryview(x).cast("B"))
+        h.update(x.view(np.uint8))  # (bfloat16 has no buffer format to cast by memoryview)
     return h.hexdigest()[:16]
 
 
@@ -142,13 +143,18 @@ def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
     return jax.jit(eval_step, in_shardings=(rep, _mesh.batch_sharding(mesh)), out_shardings=rep)
 
 
-def _check_eval_data(data: Mapping[str, np.ndarray], num_classes: int | None = None) -> None:
+def _check_eval_data(
+    data: Mapping[str, np.ndarray],
+    num_classes: int | None = None,
+    tables: Mapping[str, int] | None = None,
+) -> None:
     if "labels" not in data:
         raise ValueError(f"eval arrays need 'labels', got {sorted(data)}")
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) != 1 or not lengths["labels"]:
         raise ValueError(f"eval arrays must share one non-zero length, got {lengths}")
     _metrics.check_labels(data["labels"], "eval labels", num_classes)
+    check_ids(data, tables or {}, "eval ")
 
 
 def _run_eval(
@@ -195,13 +201,17 @@ def evaluate(
         ``{"loss", "accuracy", "macro_f1", "count"}``; macro-F1 comes from the confusion counts
         of the whole set (`rotjax.train.macro_f1`).
     """
-    classes = None
+    classes = tables = None
     if isinstance(eval_step, Steps):
-        eval_step, classes = eval_step.eval_step, eval_step.num_classes
+        eval_step, classes, tables = (
+            eval_step.eval_step,
+            eval_step.num_classes,
+            eval_step.token_tables,
+        )
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
     params = _mesh.replicate(params, mesh)
-    _check_eval_data(data, classes)
+    _check_eval_data(data, classes, tables)
     if trim is not None:  # a bad trim raised before compiling
         _data.batches(data, batch_size, trim=trim)
     return _run_eval(_jit_eval(eval_step, mesh), params, data, batch_size, mesh, trim)
@@ -229,8 +239,7 @@ def evaluator(
     """
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
-    classes = _steps.num_classes(model)
-    _check_eval_data(data, classes)
+    _check_eval_data(data, _steps.num_classes(model), _steps.tables(model))
     if trim is not None:  # a bad trim raised now, not at the first call
         _data.batches(data, batch_size, trim=trim)
     jitted = _jit_eval(_steps.eval_step(model, inputs=inputs), mesh)
@@ -377,7 +386,8 @@ def fit(
         ValueError: On batch sizes that do not split over the devices, too little data, no
             ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
             classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL` or of a
-            non-integer dtype, train or
+            non-integer dtype, token ids outside the model's tables (``steps.token_tables``),
+            eval arrays the model cannot take (traced on one batch), train or
             eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
             ``checkpoint_every`` or ``keep_checkpoints`` below 1, ``checkpoint_every``
             without ``workdir``, a ``trim`` that is not an int >= 1, has no
@@ -391,7 +401,7 @@ def fit(
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
     if eval_data is not None:  # checked now, not after the training it would come after
         _mesh.check_batch_size(eval_batch_size, mesh, "eval_batch_size")
-        _check_eval_data(eval_data, steps.num_classes)
+        _check_eval_data(eval_data, steps.num_classes, steps.token_tables)
     if "labels" not in train_data:
         raise ValueError(f"train_data needs 'labels', got {sorted(train_data)}")
     if len({len(v) for v in train_data.values()}) != 1:
@@ -407,10 +417,19 @@ def fit(
         if value is not None and value < 1:
             raise ValueError(f"{name} must be None or >= 1, got {value}")
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
+    check_ids(train_data, steps.token_tables or {}, "train_data ")
     if trim is not None:  # a bad trim raises here, before training
         _data.batches(train_data, batch_size, trim=trim)
         if eval_data is not None:
             _data.batches(eval_data, eval_batch_size, trim=trim)
+    if eval_data is not None:  # traced (abstractly) now: eval arrays that do not fit the
+        # model (another image size, say) were refused at the first eval, after the training
+        rows = _mesh.process_rows(eval_batch_size)
+        first = next(_data.batches(eval_data, eval_batch_size, pad=True, rows=rows, trim=trim))
+        try:
+            jax.eval_shape(steps.eval_step, state.params, first)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"eval_data does not fit the model: {e}") from None
     n_train = len(train_data["labels"])
     _data.steps_per_epoch(n_train, batch_size)
     if checkpoint_every is not None and workdir is None:

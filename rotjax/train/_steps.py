@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from rotjax.models import family
+from rotjax.models import family, token_tables
 from rotjax.train import _metrics
 
 Batch = Mapping[str, jax.Array]
@@ -79,11 +79,22 @@ class Steps(NamedTuple):
             (`rotjax.train.batch_metrics`) to reduce with `rotjax.train.summarize`.
         num_classes: The model's classes, when known: `rotjax.train.fit` and ``evaluate``
             refuse labels outside them (other than `rotjax.data.IGNORE_LABEL`).
+        token_tables: ``{input name: rows of its embedding table}`` of the model, when
+            known (`rotjax.models.token_tables`): ``fit`` and ``evaluate`` refuse ids outside
+            them, which inside the jitted steps wrap (negative) or give NaN (past the end).
     """
 
     train_step: Callable[[TrainState, Batch], tuple[TrainState, dict[str, jax.Array]]]
     eval_step: Callable[[Any, Batch], dict[str, jax.Array]]
     num_classes: int | None = None
+    token_tables: Mapping[str, int] | None = None
+
+
+def tables(model: nn.Module) -> dict[str, int] | None:
+    """`rotjax.models.token_tables` of a rotjax model's config, or None for a module
+    without one."""
+    config = getattr(model, "config", None)
+    return None if config is None else token_tables(config)
 
 
 def num_classes(model: nn.Module) -> int | None:
@@ -157,7 +168,7 @@ def classification_steps(
         new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state)
         return new_state, metrics
 
-    return Steps(train_step, eval_step(model, inputs=inputs), num_classes(model))
+    return Steps(train_step, eval_step(model, inputs=inputs), num_classes(model), tables(model))
 
 
 def eval_step(model: nn.Module, *, inputs: InputsFn | None = None) -> Callable:
