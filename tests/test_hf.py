@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 from conftest import rel_err
-from helpers import CONFIGS, logits, scanned
+from helpers import CONFIGS, DEBERTA_CONFIGS, logits, scanned
 
 import rotjax.hf
 import rotjax.models
@@ -952,6 +952,25 @@ def test_deberta_masked_lm_checkpoints_load_their_encoder(legacy, seed, tmp_path
             input_ids=torch.from_numpy(x[0]).long(), attention_mask=torch.from_numpy(x[1]).long()
         ).last_hidden_state.numpy()
     assert rel_err(rotjax_forward(loaded, params, x), hidden.reshape(-1)) <= TOL
+
+
+@pytest.mark.parametrize("given", [["p2c", "c2p"], "P2C|c2p"])
+def test_a_sources_pos_att_type_is_kept_as_written(given, seed, tmp_path):
+    """rotjax orders DeBERTa's attention terms (c2p, p2c): saved with a source, the source's
+    own list (or legacy string) was rewritten in that order."""
+    config = DEBERTA_CONFIGS["deberta-v3-h3d5-l2-seq"]
+    rotjax.hf.save(tmp_path / "src", config, random_params(config, seed))
+    raw = json.loads((tmp_path / "src" / "config.json").read_text())
+    (tmp_path / "src" / "config.json").write_text(json.dumps({**raw, "pos_att_type": given}))
+    loaded, params = rotjax.hf.load(tmp_path / "src")
+    assert loaded.pos_att_type == ("c2p", "p2c")
+    rotjax.hf.save(tmp_path / "out", loaded, params, source=tmp_path / "src")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["pos_att_type"] == given
+    assert rotjax.hf.load(tmp_path / "out")[0] == loaded
+    assert transformers.AutoConfig.from_pretrained(tmp_path / "out").pos_att_type == [
+        "p2c",
+        "c2p",
+    ]
 
 
 def test_deberta_checkpoint_options_rotjax_lacks_are_refused(seed, tmp_path):

@@ -234,7 +234,8 @@ def test_trimmed_batches_train_the_same_model(token_labels, seed):
     with pytest.raises(ValueError, match="'attention_mask' array; got"):
         fit({"labels": arrays["labels"]})
     eval_only = {k: v for k, v in arrays.items() if k != "attention_mask"}
-    with pytest.raises(ValueError, match="'attention_mask' array"):  # before any training
+    # before any training (since 2026-12-06 as a mask the training data has: with trim or not)
+    with pytest.raises(ValueError, match=r"eval_data lacks \['attention_mask'\]"):
         fit(arrays, eval_data=eval_only)
     labelled = {**arrays, "labels": np.where(arrays["labels"] == -100, 0, arrays["labels"])}
     if token_labels:  # padding labelled as a class: cutting would drop those labels
@@ -673,10 +674,12 @@ def test_eval_data_is_checked_before_training(seed):
     no_labels = {k: v for k, v in arrays.items() if k != "labels"}
     empty = {k: v[:0] for k, v in arrays.items()}
     ragged = {**arrays, "labels": arrays["labels"][:5]}
+    unmasked = {k: v for k, v in arrays.items() if k != "attention_mask"}  # (padding attended)
     for bad, message in (
         (no_labels, "eval arrays need 'labels'"),
         (empty, "share one non-zero length"),
         (ragged, r"share one non-zero length, got \{.*'labels': 5"),
+        (unmasked, r"eval_data lacks \['attention_mask'\], which train_data has"),
     ):
         with pytest.raises(ValueError, match=message):
             run_bert(seed, 4, eval_data=bad, callback=trained.append)

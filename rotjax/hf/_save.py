@@ -126,6 +126,11 @@ def save(
         id2label = {int(i): v for i, v in source_config["id2label"].items()}
     source_config.pop("torch_dtype", None)  # the old name of `dtype`, which is rewritten
     hf_config = {**source_config, **_hf_config(arch, config, id2label)}
+    given = source_config.get("pos_att_type")  # DeBERTa's: kept as the source writes it
+    if isinstance(given, str):  # (transformers' legacy "p2c|c2p")
+        given = [t.strip() for t in given.lower().split("|")]
+    if isinstance(given, list) and sorted(given) == sorted(hf_config.get("pos_att_type") or []):
+        hf_config["pos_att_type"] = source_config["pos_att_type"]
     kept = _source_files(source) if source is not None else []
     tokenizer_files = _tokenizer_files(tokenizer_from)
     copied = {str(rel) for rel in kept} | {f.name for f in tokenizer_files}

@@ -387,7 +387,8 @@ def fit(
             ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
             classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL` or of a
             non-integer dtype, token ids outside the model's tables (``steps.token_tables``),
-            eval arrays the model cannot take (traced on one batch), train or
+            eval arrays the model cannot take (traced on one batch) or without one of
+            ``train_data``'s names, train or
             eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
             ``checkpoint_every`` or ``keep_checkpoints`` below 1, ``checkpoint_every``
             without ``workdir``, a ``trim`` that is not an int >= 1, has no
@@ -404,6 +405,11 @@ def fit(
         _check_eval_data(eval_data, steps.num_classes, steps.token_tables)
     if "labels" not in train_data:
         raise ValueError(f"train_data needs 'labels', got {sorted(train_data)}")
+    if eval_data is not None and (missing := sorted(set(train_data) - set(eval_data))):
+        raise ValueError(  # the model would read them as absent, silently
+            f"eval_data lacks {missing}, which train_data has (without an attention_mask, "
+            "say, the padding is attended)"
+        )
     if len({len(v) for v in train_data.values()}) != 1:
         lengths = {k: len(v) for k, v in train_data.items()}
         raise ValueError(f"train_data arrays must share one length, got {lengths}")
