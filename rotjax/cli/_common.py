@@ -21,7 +21,7 @@ import numpy as np
 from rotjax import hf
 from rotjax._atomic import check_name_lengths, holds_cwd, nearest_existing
 from rotjax.hf._files import read_config
-from rotjax.match._checks import non_finite
+from rotjax.match._checks import few, non_finite
 from rotjax.models import family
 from rotjax.tree import to_dict
 
@@ -134,7 +134,7 @@ def load_models(
             )
         bad = non_finite(to_dict(p))  # (float64 beyond float32's range: hf.load refused it)
         if bad:
-            raise CLIError(f"{label} ({directory}): non-finite values (NaN or Inf) in {_few(bad)}")
+            raise CLIError(f"{label} ({directory}): non-finite values (NaN or Inf) in {few(bad)}")
         configs.append(config)
         params.append(p)
     first = configs[0]
@@ -228,13 +228,7 @@ def check_finite(params: Any, what: str) -> None:
     """Refuse to write a result with NaN or Inf (naming the paths)."""
     bad = non_finite(to_dict(jax.device_put(params)))
     if bad:
-        raise CLIError(f"{what} has non-finite values (NaN or Inf) in {_few(bad)}; nothing written")
-
-
-def _few(paths: list[str], shown: int = 5) -> str:
-    """``"3 params: a, b, c"`` (the first ``shown`` named), for one-line errors."""
-    more = f", ... ({len(paths) - shown} more)" if len(paths) > shown else ""
-    return f"{len(paths)} param(s): {', '.join(paths[:shown])}{more}"
+        raise CLIError(f"{what} has non-finite values (NaN or Inf) in {few(bad)}; nothing written")
 
 
 def report_json(report: dict[str, Any]) -> str:

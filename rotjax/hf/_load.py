@@ -342,8 +342,8 @@ def _to_rotjax(
             f"(hidden_size={config.hidden_size}, layers={config.num_hidden_layers}, "
             f"heads={config.num_attention_heads}):\n" + "\n".join(problems)
         )
-    over = {name: float32_overflow(tensors[name]) for name, _, _ in wanted}
-    if over := {name: big for name, big in over.items() if big is not None}:
+    over = {n: big for n, _, _ in wanted if (big := float32_overflow(tensors[n])) is not None}
+    if over:
         raise ValueError(
             "checkpoint tensors hold finite values beyond float32's range (3.4e38), which "
             "rotjax computes in (they would be Inf):\n"

@@ -110,8 +110,12 @@ def save(
     arch = _mapping.architecture_for(config.model_type, config.task)
     prefixed = arch.task is not None
     paths, leaves = flatten(params)[:2]
-    over = {p: float32_overflow(leaf) for p, leaf in zip(paths, leaves, strict=True)}
-    if over := {p: big for p, big in over.items() if big is not None}:
+    over = {
+        p: big
+        for p, x in zip(paths, leaves, strict=True)
+        if (big := float32_overflow(x)) is not None
+    }
+    if over:
         raise ValueError(
             "params hold finite values beyond float32's range (3.4e38), which checkpoints are "
             "written in (they would be Inf):\n"

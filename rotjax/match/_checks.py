@@ -51,6 +51,12 @@ def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dic
     return flats
 
 
+def few(paths: list[str], shown: int = 5) -> str:
+    """``"3 param(s): a, b, c"`` (the first ``shown`` named), for one-line errors."""
+    more = f", ... ({len(paths) - shown} more)" if len(paths) > shown else ""
+    return f"{len(paths)} param(s): {', '.join(paths[:shown])}{more}"
+
+
 def non_finite(flat: dict[str, jax.Array]) -> list[str]:
     """The paths of the leaves of ``flat`` with a NaN or an Inf. Screened by their sums (NaN
     or Inf propagate; 6x faster than ``all(isfinite)`` on CPU, a reduction of bools), and any

@@ -29,7 +29,7 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax._atomic import write_whole
 from rotjax.data import IGNORE_LABEL
-from rotjax.match._checks import non_finite
+from rotjax.match._checks import few, non_finite
 from rotjax.merge._capture import capture
 from rotjax.merge._methods import _input_axes
 from rotjax.models import family
@@ -222,10 +222,9 @@ def _inputs(fam, batches: Iterable[Any]) -> list[tuple]:
 def _check_finite(what: str, tree: Any) -> None:
     """ValueError naming the paths of ``tree`` (statistics, moments) with a NaN or an Inf."""
     if bad := non_finite(to_dict(tree)):
-        more = f" and {len(bad) - 5} more" if len(bad) > 5 else ""
         raise ValueError(
-            f"{what}: non-finite values (NaN or Inf) in {', '.join(bad[:5])}{more}: the "
-            "batches hold NaN or Inf, or values whose products overflow float32"
+            f"{what}: non-finite values (NaN or Inf) in {few(bad)}: the batches hold NaN or "
+            "Inf, or values whose products overflow float32"
         )
 
 
