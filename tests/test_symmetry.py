@@ -278,6 +278,34 @@ def test_inputs_are_not_mutated_and_dtypes_kept(key):
     assert {leaf.dtype for leaf in jax.tree.leaves(out)} == {jnp.dtype(jnp.bfloat16)}
 
 
+def test_integer_params_are_permuted_exactly_and_never_rotated(key):
+    """Rotated or rescaled in floating point and cast back, integer leaves would be rounded:
+    refused by name, by `apply` and, before any work, by `align`; permutations move them
+    exactly."""
+    config, spec, model, params, _ = setup("bert-h3d4-l2", False, key)
+    ints = jax.tree.map(lambda a: jnp.round(10 * a).astype(jnp.int32), params)
+    t = sym.sample(spec, key)
+    perms = {n: e for n, e in t.items() if spec.groups[n].kind == "perm"}
+    moved = sym.apply(spec, ints, perms)
+    assert {leaf.dtype for leaf in jax.tree.leaves(moved)} == {jnp.dtype(jnp.int32)}
+    inverse = {n: e for n, e in sym.invert(spec, perms).items() if n in perms}
+    back = sym.apply(spec, moved, inverse)
+    jax.tree.map(np.testing.assert_array_equal, back, ints)
+    q = "encoder/layer_0/attention/query/kernel"
+    with pytest.raises(ValueError, match="integer or boolean params under a rotation") as e:
+        sym.apply(spec, ints, t)
+    assert f"\n  {q}: int32 (12, 3, 4)" in str(e.value)
+    with pytest.raises(ValueError, match="anchor_params: integer or boolean params") as e:
+        match.align(spec, ints, ints)
+    assert f"\n  {q}: int32 (12, 3, 4)" in str(e.value)
+    # Float leaves beside an integer one that only a permutation moves: accepted.
+    mixed = jax.tree.map(lambda a: a, params)
+    mixed["encoder"]["layer_0"]["ffn"]["output"]["bias"] = ints["encoder"]["layer_0"]["ffn"][
+        "output"
+    ]["bias"]
+    sym.apply(spec, mixed, t)
+
+
 def _rename(tree, path, new=None):
     tree = jax.tree.map(lambda a: a, tree)  # fresh dicts
     *parents, leaf = path.split("/")

@@ -27,6 +27,7 @@ def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dic
     for what, tree in named:
         try:
             sym.validate(spec, tree)
+            sym.check_dtypes(spec, tree)
         except ValueError as e:
             raise ValueError(f"{what}: {e}") from None
         paths, leaves, _ = flatten(jax.device_put(tree))  # one transfer for the whole tree

@@ -28,6 +28,7 @@ from rotjax.symmetry._spec import (
     Group,
     ParamSpec,
     Spec,
+    check_dtypes,
     validate,
 )
 from rotjax.symmetry._transform import (
@@ -59,6 +60,7 @@ __all__ = [
     "apply_to_leaf",
     "attention",
     "canonicalize",
+    "check_dtypes",
     "check_elements",
     "check_transform",
     "compose",

@@ -31,6 +31,9 @@ import functools
 from collections.abc import Iterable, Mapping
 from typing import Any
 
+import jax.numpy as jnp
+import numpy as np
+
 from rotjax.tree import flatten
 
 KINDS = ("perm", "hperm", "orth", "rot", "scale")
@@ -280,6 +283,34 @@ def _check(groups: Mapping[str, Group], params: Mapping[str, ParamSpec], *, comp
                         f"{where}: group {a.group!r} acts on axis {a.axes[0]}, which "
                         f"permutation {perms[0]!r} permutes too: set over={perms[0]!r}"
                     )
+
+
+def check_dtypes(spec: Spec, params: Any, groups: Any = None) -> None:
+    """Refuse integer and boolean leaves that a rotation or a scale of ``groups`` (default:
+    every group of the spec) acts on: moved in floating point and cast back to their dtype,
+    they would be rounded, and the function changed. Permutations move any dtype exactly.
+
+    Raises:
+      ValueError: naming every such path with its dtype and shape.
+    """
+    groups = spec.groups if groups is None else groups
+    paths, leaves, _ = flatten(params)
+    bad = [
+        f"  {p}: {jnp.result_type(x)} {np.shape(x)}"
+        for p, x in zip(paths, leaves, strict=True)
+        if p in spec.params
+        and not jnp.issubdtype(jnp.result_type(x), jnp.inexact)
+        and any(
+            a.group in groups and spec.groups[a.group].kind in ("orth", "rot", "scale")
+            for a in spec.params[p].actions
+        )
+    ]
+    if bad:
+        raise ValueError(
+            "integer or boolean params under a rotation or a scale (they would be rounded "
+            "back to their dtype: the function changed); cast them to a floating dtype:\n"
+            + "\n".join(bad)
+        )
 
 
 def validate(spec: Spec, params: Any) -> None:

@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.symmetry._spec import Action, Group, Spec, validate
+from rotjax.symmetry._spec import Action, Group, Spec, check_dtypes, validate
 from rotjax.tree import flatten, placed_like
 
 Transform = dict[str, jax.Array]
@@ -123,11 +123,13 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     committed to devices (sharded), its sharding.
 
     Raises:
-      ValueError: the params do not fit the spec (`validate`), or the transform names an
-        unknown group or has a wrongly shaped element.
+      ValueError: the params do not fit the spec (`validate`), the transform names an
+        unknown group or has a wrongly shaped element, or it would rotate or rescale an integer
+        or boolean leaf (`check_dtypes`).
     """
     validate(spec, params)
     check_transform(spec, transform)
+    check_dtypes(spec, params, transform)
     paths, leaves, treedef = flatten(params)
     moved = [
         i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
