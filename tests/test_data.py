@@ -772,6 +772,33 @@ def _tagged(text, lemmas, pos, lexname):
     return [(p, tags[x] if x >= 0 else "-") for p, x in zip(pieces, labels, strict=False)]
 
 
+def test_lemma_spans_skip_only_variants_that_cannot_match():
+    """`lemma_spans` searches a variant only if the text holds its words (lower-cased, for
+    ASCII): the same spans as searching every variant, also where Unicode case-folding
+    matches what lower-casing does not (the long s, the Kelvin sign)."""
+    from rotjax.data import _supersense as ss
+
+    def every(text, variants):  # the regex of each variant, none skipped
+        spans = []
+        for v in variants:
+            pattern = r"(?<![\w-])" + r"\s+".join(map(re.escape, v.split())) + r"(?![\w-])"
+            for m in re.finditer(pattern, text, flags=re.IGNORECASE):
+                if all(m.end() <= s or m.start() >= e for s, e in spans):
+                    spans.append((m.start(), m.end()))
+        return sorted(spans)
+
+    cases = [
+        ("He TOOK  off his hat; take-off", ("took off", "take off", "took", "take")),
+        ("many a man, manes", ("mans", "men", "man", "manes")),
+        ("\u017ftop the \u212aing", ("stop", "king")),  # matched only under IGNORECASE
+        ("Caf\u00e9 au lait", ("caf\u00e9 au lait", "lait")),
+        ("", ("x",)),
+    ]
+    for text, variants in cases:
+        assert ss.lemma_spans(text, variants) == every(text, variants), text
+    assert ss.lemma_spans("\u017ftop", ("stop",)) == [(0, 4)]
+
+
 def test_supersense_tags_on_hand_checked_sentences():
     # An irregular past (ran, from WordNet's verb.exc); special tokens ignored.
     assert _tagged("He ran to the store.", ["run"], "verb", "verb.motion") == [
