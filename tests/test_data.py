@@ -721,6 +721,14 @@ def test_batches_errors():
         b["labels"] for b in data.batches({"labels": np.arange(3, dtype=np.uint8)}, 2, pad=True)
     ]
     np.testing.assert_array_equal(labels[1], [2, data.IGNORE_LABEL])
+    # uint64 too (numpy joins it with a negative fill to float64, which fit refused only at the
+    # first padded eval batch, after training), to int64 where the ids fit.
+    labels = data.batches({"labels": np.arange(3, dtype=np.uint64)}, 2, pad=True)
+    last = list(labels)[1]["labels"]
+    assert last.dtype == np.int64 and last.tolist() == [2, data.IGNORE_LABEL]
+    huge = {"labels": np.array([1, 3, 2**63], np.uint64)}  # the padded batch: [2**63]
+    with pytest.raises(ValueError, match="labels of dtype uint64 up to 9223372036854775808"):
+        list(data.batches(huge, 2, pad=True))
 
 
 def test_concat_keeps_the_shared_names_in_order():

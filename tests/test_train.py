@@ -693,10 +693,11 @@ def test_unsigned_labels_and_bfloat16_logits_are_counted_exactly(seed):
     arrays = text_data(BERT, seed, 10)
     steps = train.classification_steps(model, train.optimizer(learning_rate=0.1))
     want = train.evaluate(steps, params, arrays, batch_size=8)
-    got = train.evaluate(
-        steps, params, {**arrays, "labels": arrays["labels"].astype(np.uint8)}, batch_size=8
-    )
-    assert got == want and want["count"] == 10
+    for unsigned in (np.uint8, np.uint64):  # uint64's padded batch became float64 labels
+        got = train.evaluate(
+            steps, params, {**arrays, "labels": arrays["labels"].astype(unsigned)}, batch_size=8
+        )
+        assert got == want and want["count"] == 10
     with pytest.raises(ValueError, match="predict: no examples"):
         train.predictor(model, batch_size=8)(params, {k: v[:0] for k, v in arrays.items()})
     logits = jnp.zeros((1, 1001, 3), jnp.bfloat16)
@@ -749,7 +750,13 @@ def test_progress_bar_counts_finished_steps_only(seed, monkeypatch):
 def test_labels_outside_the_classes_are_refused_before_any_work(seed, tmp_path):
     """-1 (the "unlabeled" of many test splits) would train as the last class and 3 (of 3
     classes) give a NaN loss, both silently inside the jitted step: refused by name; labels
-    equal to IGNORE_LABEL stay allowed."""
+    equal to IGNORE_LABEL stay allowed. The majority baseline refuses -1 by name too (numpy's
+    bincount said only "'list' argument must have no negative elements")."""
+    assert train.majority_baseline([0, 1, 1, train.IGNORE_LABEL], [1, 2, train.IGNORE_LABEL]) == 0.5
+    with pytest.raises(ValueError, match=r"majority_baseline: train labels: 1 label\(s\) outside"):
+        train.majority_baseline(np.array([0, 1, 1, -1]), np.array([1, 2]))
+    with pytest.raises(ValueError, match="majority_baseline needs labels on both sides"):
+        train.majority_baseline([0, 1], [])
     state, steps = setup(BERT, seed)
     model, _ = init(BERT, jax.random.key(0))
     assert steps.num_classes == BERT.num_labels == 3

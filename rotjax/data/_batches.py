@@ -311,7 +311,12 @@ def _pass(names, values, n, batch_size, order, drop_remainder, pad, rows, trim):
 
 def _padded(x: np.ndarray, short: int, fill: int) -> np.ndarray:
     """``x`` with ``short`` rows of ``fill`` appended; unsigned labels widen to a signed type
-    that holds `IGNORE_LABEL`."""
+    that holds `IGNORE_LABEL` (uint64 to int64: numpy's join of the two is float64)."""
     dtype = x.dtype if fill == 0 else np.result_type(x.dtype, np.min_scalar_type(fill))
+    if np.issubdtype(x.dtype, np.integer) and not np.issubdtype(dtype, np.integer):
+        top = np.iinfo(np.int64).max
+        if x.size and x.max() > top:
+            raise ValueError(f"labels of dtype {x.dtype} up to {x.max()}: no class id is > {top}")
+        dtype = np.dtype(np.int64)
     pad = np.full((short, *x.shape[1:]), fill, dtype)
     return np.concatenate([x.astype(dtype, copy=False), pad])

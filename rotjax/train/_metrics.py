@@ -142,8 +142,12 @@ def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[s
 
 def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
     """Test accuracy of always predicting the most frequent training class (labels equal to
-    `IGNORE_LABEL` are left out on both sides)."""
+    `IGNORE_LABEL` are left out on both sides); other labels are refused as by
+    `check_labels`."""
     train_labels, test_labels = np.asarray(train_labels).ravel(), np.asarray(test_labels).ravel()
+    for y, side in ((train_labels, "train"), (test_labels, "test")):
+        if y.size:
+            check_labels(y, f"majority_baseline: {side} labels")
     train_labels = train_labels[train_labels != IGNORE_LABEL]
     test_labels = test_labels[test_labels != IGNORE_LABEL]
     if not len(train_labels) or not len(test_labels):
