@@ -309,6 +309,14 @@ def test_per_tensor_trim_of_a_list_of_layers_and_models_given_as_a_list(seed):
     ):
         with pytest.raises(TypeError, match="params_list must be a list or tuple of params"):
             call()
+    # One model's statistics where the list goes: fisher indexed the key "fisher" as a string
+    # (a TypeError naming neither), regmean raised a bare KeyError 0.
+    stats = {"fisher": {"w": jnp.ones(3), "b": jnp.ones(3)}, "gram": {}}
+    for method in (merge.fisher, merge.regmean):
+        with pytest.raises(TypeError, match="stats_list must be a list or tuple of statistics"):
+            method([one, one], stats)
+        with pytest.raises(TypeError, match=r"stats_list\[1\] must be a dict of statistics"):
+            method([one, one], [stats, ["fisher"]])
 
 
 def test_ties_and_dare_by_hand(key, monkeypatch):

@@ -21,13 +21,14 @@ from rotjax.tree import averaged, flatten, wide
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
-def check_sequence(params_list: Any) -> None:
-    """TypeError unless ``params_list`` is a list or tuple (of models): one model's params
-    (a dict) gave a bare KeyError, or were unpacked into its keys."""
-    if isinstance(params_list, Mapping | str | bytes) or not isinstance(params_list, Sequence):
+def check_sequence(value: Any, name: str = "params_list", what: str = "params pytrees") -> None:
+    """TypeError unless ``value`` is a list or tuple (of models, or of their statistics): one
+    model's params or statistics (a dict) gave a bare KeyError, or were unpacked into its
+    keys."""
+    if isinstance(value, Mapping | str | bytes) or not isinstance(value, Sequence):
         raise TypeError(
-            f"params_list must be a list or tuple of params pytrees (one per model), got a "
-            f"{type(params_list).__name__}"
+            f"{name} must be a list or tuple of {what} (one per model), got a "
+            f"{type(value).__name__}"
         )
 
 
@@ -163,10 +164,22 @@ def _weighted_mean(w, xs):
     return _cast(total / jnp.sum(w), xs[0])
 
 
-def _fishers(stats: Mapping[str, Any], i: int) -> Mapping[str, Any]:
-    if "fisher" not in stats:
-        raise ValueError(f"stats_list[{i}] holds no 'fisher' (compute kinds=('fisher',))")
-    return stats["fisher"]
+def _statistics(stats_list: Any, n: int) -> None:
+    check_sequence(stats_list, "stats_list", "statistics")
+    if len(stats_list) != n:
+        raise ValueError(f"{n} models but {len(stats_list)} statistics")
+
+
+def _kind(stats: Any, i: int, kind: str) -> Mapping[str, Any]:
+    """Model ``i``'s statistics of ``kind`` (``"fisher"``, ``"gram"``), refused by name if
+    they are no dict or lack it."""
+    if not isinstance(stats, Mapping):
+        raise TypeError(
+            f"stats_list[{i}] must be a dict of statistics, got a {type(stats).__name__}"
+        )
+    if kind not in stats:
+        raise ValueError(f"stats_list[{i}] holds no {kind!r} (compute kinds=({kind!r},))")
+    return stats[kind]
 
 
 def _check_fishers(paths, leaves, fs) -> None:
@@ -247,15 +260,16 @@ def fisher(
         param, or that only some models have, or of a param the models lack (paths and shapes
         named), a Fisher with NaN or Inf, eps <= 0, bad weights, a zero Fisher to normalise
         (of a model of weight > 0: the others are not read).
+      TypeError: ``params_list`` or ``stats_list`` not a list or tuple, or statistics that
+        are no dict.
     """
     paths, leaves, treedef = checked_models(params_list)
-    if len(stats_list) != len(params_list):
-        raise ValueError(f"{len(params_list)} models but {len(stats_list)} statistics")
+    _statistics(stats_list, len(params_list))
     if not (np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     w = model_weights(weights, len(params_list))
     kept = _kept(w)  # a model of weight 0 is never read: its statistics may lack Fishers
-    fs = [_fishers(s, i) if i in kept else {} for i, s in enumerate(stats_list)]
+    fs = [_kind(s, i, "fisher") if i in kept else {} for i, s in enumerate(stats_list)]
     _check_cover(paths, [fs[i] for i in kept], "fisher", ids=kept)
     _check_fishers(paths, leaves[0], [fs[i] for i in kept])
     # A NaN Fisher would make the merge of its entry the plain average, silently.
@@ -343,6 +357,8 @@ def regmean(
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
         or that only some models have, or of a param the models lack (paths and shapes
         named), a Gram with NaN or Inf, alpha outside [0, 1], ridge < 0, bad weights.
+      TypeError: ``params_list`` or ``stats_list`` not a list or tuple, or statistics that
+        are no dict.
     """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
@@ -351,18 +367,13 @@ def regmean(
     if not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     paths, leaves, treedef = checked_models(params_list)
-    if len(stats_list) != len(params_list):
-        raise ValueError(f"{len(params_list)} models but {len(stats_list)} statistics")
+    _statistics(stats_list, len(params_list))
     w = model_weights(weights, len(params_list))
     kept = _kept(w)  # a model of weight 0 is not read: its statistics may be anything
-    for i in kept:
-        if "gram" not in stats_list[i]:
-            raise ValueError(f"stats_list[{i}] holds no 'gram' (compute kinds=('gram',))")
-    _check_cover(paths, [stats_list[i]["gram"] for i in kept], "gram", ids=kept)
+    of = {i: _kind(stats_list[i], i, "gram") for i in kept}  # each kept model's Grams
+    _check_cover(paths, list(of.values()), "gram", ids=kept)
     # A NaN or Inf Gram would make its kernel's solve NaN throughout.
-    bad = [
-        f"  stats_list[{i}] gram {p}" for i in kept for p in non_finite(dict(stats_list[i]["gram"]))
-    ]
+    bad = [f"  stats_list[{i}] gram {p}" for i in kept for p in non_finite(dict(of[i]))]
     if bad:
         raise ValueError("Grams with NaN or Inf:\n" + "\n".join(bad))
     merged = (
@@ -371,11 +382,10 @@ def regmean(
         else average(params_list, weights)
     )
     out = flatten(merged)[1]  # in the first model's dtypes
-    ks = [k for k, p in enumerate(paths) if p in stats_list[kept[0]]["gram"]]
+    ks = [k for k, p in enumerate(paths) if p in of[kept[0]]]
     for k in ks:
         for i in kept:
-            gram = stats_list[i]["gram"][paths[k]]
-            _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(gram))
+            _gram_inputs(paths[k], np.shape(leaves[0][k]), np.shape(of[i][paths[k]]))
     w, leaves, stats_list = _weighted(w, leaves, stats_list)
     kernels = [[x[k] for x in leaves] for k in ks]
     grams = [[s["gram"][paths[k]] for s in stats_list] for k in ks]
