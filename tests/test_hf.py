@@ -739,6 +739,18 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
         rotjax.hf.save(target, config, params, tokenizer_from=tmp_path / "missing")
     with pytest.raises(ValueError, match="id2label"):
         rotjax.hf.save(target, config, params, id2label={0: "a"})
+    # label2id given for id2label: int('neg') said only "invalid literal for int()"
+    label2id = {f"class-{i}": i for i in range(config.num_labels)}
+    got = re.escape(repr(sorted(label2id)))
+    with pytest.raises(ValueError, match=rf"id2label must name labels 0\.\..* got the keys {got}"):
+        rotjax.hf.save(target, config, params, id2label=label2id)
+    source = tmp_path / "source"  # the same in a source's config.json (which load refuses)
+    source.mkdir()
+    (source / "config.json").write_text(json.dumps({"id2label": {"a": "x", "b": "y"}}))
+    with pytest.raises(ValueError, match=r"id2label must name labels .* got the keys \['a', 'b'\]"):
+        rotjax.hf.save(target, config, params, source=source)
+    (source / "config.json").unlink()
+    source.rmdir()
     for name in ("../escaped.json", "sub/x.json", "config.json", "model.safetensors"):
         with pytest.raises(ValueError, match=f"extra_files: '{re.escape(name)}' is not a plain"):
             rotjax.hf.save(target, config, params, extra_files={name: "{}"})

@@ -27,7 +27,7 @@ from rotjax.hf._files import (
     replace_dir,
     write_json,
 )
-from rotjax.models import family, unstack_layers
+from rotjax.models import class_ids, family, unstack_layers
 from rotjax.tree import flatten
 
 Config = Any  # a registered model config (`rotjax.models.family`)
@@ -127,7 +127,7 @@ def save(
         tensors[name] = np.ascontiguousarray(conv.to_hf(np.asarray(leaf, np.float32)))
     source_config = read_config(Path(source)) if source is not None else {}
     if id2label is None and len(source_config.get("id2label") or {}) == config.num_labels:
-        id2label = {int(i): v for i, v in source_config["id2label"].items()}
+        id2label = source_config["id2label"]  # (its keys checked as a given one's)
     source_config.pop("torch_dtype", None)  # the old name of `dtype`, which is rewritten
     hf_config = {**source_config, **_hf_config(arch, config, id2label)}
     given = source_config.get("pos_att_type")  # DeBERTa's: kept as the source writes it
@@ -210,10 +210,11 @@ def _hf_config(
     }
     if id2label is None:
         id2label = {i: f"LABEL_{i}" for i in range(config.num_labels)}
-    if sorted(int(i) for i in id2label) != list(range(config.num_labels)):
+    if class_ids(id2label) != list(range(config.num_labels)):
+        got = sorted(map(str, id2label)) if isinstance(id2label, Mapping) else id2label
         raise ValueError(
-            f"id2label must name labels 0..{config.num_labels - 1} (num_labels), got "
-            f"{sorted(id2label)}"
+            f"id2label must name labels 0..{config.num_labels - 1} (num_labels) by their ids, "
+            f"got the keys {got!r}"
         )
     labels = {str(int(i)): str(v) for i, v in sorted(id2label.items(), key=lambda kv: int(kv[0]))}
     out.update(

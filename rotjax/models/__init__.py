@@ -14,7 +14,7 @@ from typing import Any
 
 from rotjax.models import bert, deberta, llama, vit
 from rotjax.models._family import Family
-from rotjax.models._layers import check_fields, check_ids, token_tables
+from rotjax.models._layers import check_fields, check_ids, class_ids, token_tables
 from rotjax.models._layout import stack_layers, unstack_layers
 from rotjax.models._pretrained import with_pretrained
 
@@ -54,6 +54,7 @@ __all__ = [
     "bert",
     "check_fields",
     "check_ids",
+    "class_ids",
     "deberta",
     "family",
     "family_of_model_type",

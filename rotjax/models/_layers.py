@@ -74,16 +74,23 @@ def unsupported(d: dict[str, Any]) -> None:
         raise ValueError(f"{name} config not supported by rotjax: {', '.join(problems)}")
 
 
+def class_ids(id2label: Any) -> list[int] | None:
+    """The keys of an ``id2label`` mapping as sorted integers (``"0"`` or ``0``), or None if
+    it is no mapping or a key is no integer (label names given as keys: ``label2id``)."""
+    if not isinstance(id2label, Mapping):
+        return None
+    with contextlib.suppress(ValueError, TypeError):
+        return sorted(int(k) for k in id2label)
+    return None
+
+
 def _check_labels(id2label: Any) -> None:
     """A `config.json`'s ``id2label`` must name the classes ``0..n-1`` (as transformers and
     `rotjax.hf.save` read its keys: integers), so that a checkpoint with other keys fails as
     it is read, not when its merge or alignment is saved."""
     if id2label is None:
         return
-    ids = None
-    if isinstance(id2label, dict):
-        with contextlib.suppress(ValueError):
-            ids = sorted(int(k) for k in id2label)
+    ids = class_ids(id2label)
     if ids is None or ids != list(range(len(ids))):
         got = sorted(map(str, id2label))[:6] if isinstance(id2label, dict) else id2label
         raise ValueError(
