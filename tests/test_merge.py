@@ -1201,6 +1201,19 @@ def test_activation_init_finds_a_planted_stream_permutation(key):
     assert res.diagnostics.history[1][0] == "init"
     x = inputs(config, jax.random.fold_in(key, 3))
     assert rel_err(c.forward(res.params, x), c.forward(b, x)) <= TOL
+    # A role alone as a string, as spec.select takes it (it was read letter by letter: no
+    # group); unknown roles and misfit params refused by name (they gave the identity, or a
+    # bare KeyError inside a jitted helper).
+    ffn = merge.activation_init(c.spec, cross, roles="ffn")
+    assert set(ffn) == set(c.spec.select(roles="ffn")) != set()
+    for roles in (("fnn",), ("rotation",)):
+        with pytest.raises(ValueError, match=rf"unknown role\(s\) \['{roles[0]}'\]"):
+            merge.activation_init(c.spec, cross, roles=roles)
+    stacked = compiled(scanned(config)).init(key, 0.3)
+    with pytest.raises(ValueError, match=r"params\[1\] \(B\): params do not match the symmetry"):
+        merge.activation_init(c.spec, cross, params=(a, stacked))
+    with pytest.raises(ValueError, match="heads must be 'nuclear' or 'trace', got 'Nuclear'"):
+        merge.group_scores(c.spec, merge.correlations(cross), ["residual"], heads="Nuclear")
 
 
 def test_activation_stream_rotation_of_a_float64_model_is_float64(key):

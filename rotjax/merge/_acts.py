@@ -180,6 +180,8 @@ def group_scores(
       ValueError: a correlation of a param the spec does not have, or that does not fit its
         kernel's inputs (path and shapes named).
     """
+    if heads not in ("nuclear", "trace"):  # (any other word scored as "trace", silently)
+        raise ValueError(f"heads must be 'nuclear' or 'trace', got {heads!r}")
     for path, c in corr.items():
         if path not in spec.params:
             raise ValueError(f"{path}: correlations of a param the spec does not have")
@@ -253,9 +255,23 @@ def activation_init(
       (``s`` the input sums, n the rows).
 
     Groups no dense input reveals (scales, and rotations without ``params``) are left out
-    (the identity)."""
+    (the identity). ``roles``: those of `ROLES` to solve (a role alone may be a string).
+
+    Raises:
+      ValueError: a role not in `ROLES` (a typo, or a block of `rotjax.match.align`'s
+        ``solve`` such as ``"rotation"``, gave the identity for it, silently), params that do
+        not fit the spec (paths and shapes named).
+    """
     from rotjax.merge._ot import _moved_b  # (_ot builds on this module)
 
+    roles = (roles,) if isinstance(roles, str) else tuple(roles)
+    if unknown := [r for r in roles if r not in ROLES]:
+        raise ValueError(f"unknown role(s) {unknown}; expected some of {ROLES}")
+    for which, p in zip(("params[0] (A)", "params[1] (B)"), params or (), strict=False):
+        try:
+            sym.validate(spec, p)
+        except ValueError as e:
+            raise ValueError(f"{which}: {e}") from None
     names = spec.select(roles=[r for r in roles if r in ("residual", "ffn", "heads")])
     corr = correlations(cross)
     scores = group_scores(spec, corr, names, heads="nuclear")
