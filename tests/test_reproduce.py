@@ -182,9 +182,9 @@ def test_reproduce(tmp_path, monkeypatch):
     (tmp_path / "results" / "language.json").write_text(json.dumps(language))
     reproduce.main(["--smoke", "--out", str(tmp_path)])
     assert "stale" not in (tmp_path / "report.md").read_text()
-    language["mode"] = "full"  # another mode's results are never mixed in
+    language["mode"] = "full"  # another mode's results are never mixed in (nor run beside)
     (tmp_path / "results" / "language.json").write_text(json.dumps(language))
-    reproduce.main(["--smoke", "--out", str(tmp_path)])
+    reproduce.main(["--smoke", "--out", str(tmp_path), "--report-only"])
     assert "abc1234" not in (tmp_path / "report.md").read_text()
     # --report-only: the report rewritten from the kept results, nothing computed; the
     # settings a part was measured under are those it recorded, not today's.
@@ -225,3 +225,24 @@ def test_reproduce_refuses_bad_arguments_before_any_work(
     refuses_before_any_work(
         lambda a: reproduce.main(["--smoke", *a]), argv, message, tmp_path, capsys, monkeypatch
     )
+
+
+def test_reproduce_refuses_an_out_of_another_mode(tmp_path, capsys):
+    """Every mode names its runs alike, and `train.cached` deletes a run of another config to
+    retrain it: a smoke or quick run in a full reproduction's directory threw away its models."""
+    from experiments import reproduce
+
+    model = tmp_path / "models" / "vit-fashion_mnist-s0" / "summary.json"
+    model.parent.mkdir(parents=True)
+    model.write_text("{}")
+    for marker in ("mode.txt", "results/language.json"):
+        written = tmp_path / marker
+        written.parent.mkdir(exist_ok=True)
+        written.write_text("full\n" if marker == "mode.txt" else json.dumps({"mode": "full"}))
+        with pytest.raises(SystemExit) as e:
+            reproduce.main(["--smoke", "--out", str(tmp_path)])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert f"--out {tmp_path} holds a reproduction in full mode, whose models" in err
+        assert model.read_text() == "{}"
+        written.unlink()

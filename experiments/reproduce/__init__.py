@@ -21,6 +21,7 @@ cores ~5 hours of training, then 2-3 hours of analysis: the README's Results giv
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -96,6 +97,17 @@ def _last(out: Path, part: str) -> dict | None:
     return read_results(out / "results" / f"{part}.json")
 
 
+MODE_FILE = "mode.txt"  # the mode of the runs in an output directory, written before them
+
+
+def _modes(out: Path) -> set[str]:
+    """The modes of the reproductions in ``out``: its `MODE_FILE`'s and its results'."""
+    modes = {(_last(out, part) or {}).get("mode") for part in PARTS}
+    with contextlib.suppress(FileNotFoundError):
+        modes.add((out / MODE_FILE).read_text().strip())
+    return modes - {None}
+
+
 def run_part(settings: Settings, part: str, out: Path, log, code: str, commit: str | None) -> dict:
     """A part's results, reused when its key is unchanged; ``code`` (`_code`) and ``commit``
     (`_commit`) as read when the run started."""
@@ -145,7 +157,16 @@ def main(argv=None):
     kept = [part for part in PARTS if (_last(out, part) or {}).get("mode") == settings.mode]
     if args.report_only and not kept:  # checked before anything is written
         p.error(f"--report-only: no {name}-mode results in {out / 'results'} to report")
+    # Another mode's models share this mode's run names, and `train.cached` deletes a run of
+    # another config to train it afresh: hours of full-mode training lost to a quick run.
+    if not args.report_only and (others := _modes(out) - {name}):
+        p.error(
+            f"--out {out} holds a reproduction in {' and '.join(sorted(others))} mode, whose "
+            f"models a {name}-mode run would delete and retrain: give another --out"
+        )
     out.mkdir(parents=True, exist_ok=True)
+    if not args.report_only:
+        (out / MODE_FILE).write_text(name + "\n")
     train.enable_compilation_cache()
     tic = time.perf_counter()
     log = lambda text: print(text, file=sys.stderr, flush=True)
