@@ -19,9 +19,10 @@ of dense-layer input (``stream``: the normalised stream that the queries, keys, 
 read; ``ffn``: the FFN units; ``heads``: the heads' outputs; ``final``: the classifier's
 input). Then the test accuracy of the candidate that each rule picks: ``least loss``,
 `align_by_activations`' own choice (among its candidates only: the start, 1 to its default
-``max_sweeps`` sweeps from it, the data-free one and B unaligned, in that order, a later one
-kept only if better by more than float32 rounding); ``best held-out``, the best accuracy on
-the held-out images among the other candidates.
+``max_sweeps`` sweeps from it (up to the first that converges), the data-free one and B
+unaligned, in that order, a later one kept only if better by more than float32 rounding or,
+predicting alike, nearer A in weights); ``best held-out``, the best accuracy on the held-out
+images among the other candidates.
 
 Writes ``OUT/activation_start.json`` and prints one table per pair and the rules' means.
 """
@@ -39,9 +40,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fusion
-from experiments.pairs import check_checkpoints, fashion_mnist_sets
+from experiments.pairs import check_checkpoints, check_images, fashion_mnist_sets
 from rotjax import match, merge, train
-from rotjax.merge._loss import _kept
+from rotjax.merge._select import _chosen
 
 # The dense layers whose inputs each kind of feature is (the project's ViT's paths).
 KINDS = {
@@ -120,6 +121,7 @@ def run(
                 "held-out": float(on_select(avg)["accuracy"]),
                 "test": float(on_test(avg)["accuracy"]),
                 "sweeps": 0 if name in ("start", "none") else int(res.diagnostics.sweeps),
+                "distance": float(res.diagnostics.distance_after),  # ‖A - g·B‖²
                 "correlation": matched_correlation(pair, res.params, stats),
             }
         picks = {
@@ -136,11 +138,15 @@ def run(
 
 def _least_loss(rows) -> str:
     """The candidate `align_by_activations` keeps: its own, in its order, by its rule."""
-    own = [f"start + {s}" if s else "start" for s in range(LIBRARY_SWEEPS + 1)]
     best = None
-    for name in [n for n in own if n in rows] + ["data-free", "none"]:
-        best = _kept(best, rows[name]["loss"], name)
-    return best[1]
+    for s in range(LIBRARY_SWEEPS + 1):
+        name = f"start + {s}" if s else "start"
+        best = _chosen(best, rows[name]["loss"], rows[name]["distance"], name)
+        if s and rows[name]["sweeps"] < s:  # converged: the library offers no more
+            break
+    for name in ("data-free", "none"):
+        best = _chosen(best, rows[name]["loss"], rows[name]["distance"], name)
+    return best[2]
 
 
 def _table(pair) -> list[str]:
@@ -188,6 +194,7 @@ def main(argv=None):
     )
     p.add_argument("--out", default="runs/activation-start")
     args = p.parse_args(argv)
+    check_images(p, args.images)
     check_checkpoints(p, args.dirs)
     for flag in ("max_sweeps", "descent_steps"):
         if (value := getattr(args, flag)) < 0:

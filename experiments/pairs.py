@@ -36,6 +36,16 @@ def fashion_mnist_sets(images: int, unlabeled: int, held_out: int = 0) -> tuple[
     return test, stats, {k: v[pick] for k, v in fm.train.arrays().items()}
 
 
+TEST_IMAGES = 10_000  # Fashion-MNIST's test split
+
+
+def check_images(parser: argparse.ArgumentParser, images: int) -> None:
+    """Exit through ``parser`` unless ``images`` test images can be had (a slice of the test
+    split took -5 for 9,995 and 20000 for 10,000, silently)."""
+    if not 1 <= images <= TEST_IMAGES:
+        parser.error(f"--images must be in [1, {TEST_IMAGES}] (the test split), got {images}")
+
+
 def check_checkpoints(parser: argparse.ArgumentParser, dirs) -> None:
     """Exit through ``parser`` (status 2, one line) unless ``dirs`` are 2 or more checkpoint
     directories (each with a ``config.json``), before any work."""
@@ -107,6 +117,7 @@ def main(argv=None):
         p.error(f"unknown alignments {unknown}; known: {sorted(fusion.ALIGNMENTS)}")
     if unknown := sorted(set(methods) - set(fusion.METHODS)):
         p.error(f"unknown methods {unknown}; known: {list(fusion.METHODS)}")
+    check_images(p, args.images)
     check_checkpoints(p, args.dirs)
     train.enable_compilation_cache()
     results = pairs(

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from experiments import fusion, plots
-from experiments.pairs import check_checkpoints, fashion_mnist_sets
+from experiments.pairs import check_checkpoints, check_images, fashion_mnist_sets
 from rotjax import merge, train
 
 
@@ -53,6 +53,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     if args.points < 3 or args.points % 2 == 0:  # the printed midpoint is λ = 0.5
         p.error(f"--points must be odd and >= 3, got {args.points}")
+    check_images(p, args.images)
     check_checkpoints(p, [args.dir_a, args.dir_b])
     alignments = [a.strip() for a in args.align.split(",")]
     unknown = sorted(set(alignments) - set(fusion.ALIGNMENTS))

@@ -312,6 +312,13 @@ def test_pairs(tmp_path, capsys):
     with pytest.raises(SystemExit):
         pairs.main([*argv, "average", "--descent-steps", "0"])
     assert "--descent-steps must be >= 1, got 0" in capsys.readouterr().err
+    # Test images beyond the split's, or none: -5 evaluated 9,995 of them, silently.
+    for images in ("-5", "0", "20000"):
+        with pytest.raises(SystemExit):
+            pairs.main([*argv[:3], images, *argv[4:], "average"])
+        assert f"--images must be in [1, 10000] (the test split), got {images}" in (
+            capsys.readouterr().err
+        )
 
 
 def test_merge_rows_reuse_statistics(monkeypatch):
@@ -566,8 +573,18 @@ def test_activation_start(tmp_path, capsys):
     # Both starts give A back: the same merge, whose loss is below the unaligned average's.
     assert rows["start"]["loss"] == pytest.approx(rows["data-free"]["loss"], rel=1e-5)
     assert rows["start"]["loss"] < rows["none"]["loss"]
-    # The library's rule: the earliest of equal losses (later ones differ by rounding only).
-    assert pair["picks"]["least loss"] == "start"
+    # The library's rule (of equal losses, the nearest A in weights): its own choice.
+    from experiments import fusion
+    from experiments.pairs import fashion_mnist_sets
+    from rotjax import merge
+
+    p = fusion.load_pair(*dirs).canonical()
+    batches = fusion.batches(fashion_mnist_sets(64, 1000)[1])
+    _, info = merge.align_by_activations(p.model, p.spec, p.a, p.b, batches, key=jax.random.key(0))
+    s = info["sweeps"]
+    want = {"weights": "data-free", "identity": "none"}.get(info["start"])
+    assert pair["picks"]["least loss"] == (want or (f"start + {s}" if s else "start")), info
+    assert pair["picks"]["least loss"] != "start"  # (no scales solved: farther from A)
     printed = capsys.readouterr().out
     for line in activation_start.summary(result):
         assert line in printed

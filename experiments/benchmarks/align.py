@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
 import platform
 import time
@@ -173,7 +174,12 @@ def main(argv=None):
             )
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    meta = {"jax": jax.__version__, "cpus": jax.device_count(), "machine": platform.machine()}
+    meta = {
+        "jax": jax.__version__,
+        "cpus": os.cpu_count(),
+        "devices": jax.device_count(),
+        "machine": platform.machine(),
+    }
     (out / "align.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2))
     print(f"wrote {out / 'align.json'}")
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import os
 import pathlib
 import platform
 import time
@@ -152,7 +153,8 @@ def main(argv=None):
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "jax": jax.__version__,
-        "cpus": jax.device_count(),
+        "cpus": os.cpu_count(),
+        "devices": jax.device_count(),
         "machine": platform.machine(),
         "compilation_cache": jax.config.jax_compilation_cache_dir,
     }
