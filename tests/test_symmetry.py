@@ -304,6 +304,19 @@ def test_integer_params_are_permuted_exactly_and_never_rotated(key):
         "output"
     ]["bias"]
     sym.apply(spec, mixed, t)
+    # align returns the integer leaf exactly as apply moves it, also where it rescales the
+    # weights (beyond 2^20) or the integers pass float32's 2^24: it returned them truncated
+    # from the rescaled float32 copy the solve reads (all 0).
+    bias = lambda tree: tree["encoder"]["layer_0"]["ffn"]["output"]
+    for size, step in ((1e7, 1), (1.0, 10**7)):
+        a = jax.tree.map(lambda x, size=size: x * size, mixed)
+        b = sym.apply(spec, a, {"residual": jax.random.permutation(key, 12)})
+        for tree in (a, b):
+            bias(tree)["bias"] = jnp.arange(12, dtype=jnp.int32) * step + 1
+        res = match.align(spec, a, b, solve=("residual",))
+        got = bias(res.params)["bias"]
+        assert got.dtype == jnp.int32 and (got != 0).all()
+        np.testing.assert_array_equal(got, bias(sym.apply(spec, b, res.transform))["bias"])
 
 
 def _rename(tree, path, new=None):
@@ -395,6 +408,25 @@ def test_bad_spec_is_rejected():
         sym.with_stream_rotation(spec, stream, res, res)
     with pytest.raises(ValueError, match="has no group 'nope'"):
         sym.with_stream_rotation(spec, stream, "nope", "stream")
+    # select: an unknown role (a typo, or an align block) selected nothing, silently; one
+    # numpy layer as one int layer (it was iterated: a TypeError).
+    for role in ("head", "rotation"):
+        with pytest.raises(ValueError, match=rf"unknown role\(s\) \['{role}'\]; expected"):
+            spec.select(roles=role)
+    assert spec.select(roles="ffn", layers=np.int64(1)) == spec.select(roles="ffn", layers=1)
+    assert len(spec.select(roles="ffn", layers=1)) == 1
+
+
+def test_transform_elements_may_be_lists(key):
+    """`check_transform` reads a list element as an array; apply, compose and invert failed on
+    one inside their jitted programs (a list is no pytree leaf)."""
+    config, spec, model, params, _ = setup("bert-h3d4-l2", False, key)
+    perm = jax.random.permutation(key, 12)
+    as_list = {"residual": [int(i) for i in perm]}
+    moved = sym.apply(spec, params, as_list)
+    jax.tree.map(np.testing.assert_array_equal, moved, sym.apply(spec, params, {"residual": perm}))
+    back = sym.compose(spec, as_list, sym.invert(spec, as_list))
+    np.testing.assert_array_equal(back["residual"], np.arange(12))
 
 
 class NNXAttention(nnx.Module):

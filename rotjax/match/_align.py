@@ -507,7 +507,15 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     elif scale != 1.0 and new:
         dt = lambda p: original[p].dtype
         new = {p: x.astype(dt(p)) * jnp.asarray(scale, dt(p)) for p, x in new.items()}
-    aligned = jax.block_until_ready(replaced(params, new or {}))
+    # Integer or boolean leaves (moved by permutations only: `check_dtypes`) are permuted
+    # exactly from B's own: the solve read them as rescaled float32, so they came back
+    # truncated (to 0 where the weights were rescaled) or rounded (beyond 2^24).
+    exact = [p for p in new or () if not jnp.issubdtype(original[p].dtype, jnp.inexact)]
+    new = {
+        **(new or {}),
+        **{p: sym.apply_to_leaf(spec, p, original[p], sub(t, active)) for p in exact},
+    }
+    aligned = jax.block_until_ready(replaced(params, new))
     seconds["apply"] = time.perf_counter() - tic
     seconds["total"] = time.perf_counter() - t_start
     after = {**all_before, **dist1}

@@ -170,9 +170,17 @@ class Spec:
     ) -> tuple[str, ...]:
         """Names of the groups with one of ``roles`` (and, if given, in one of ``layers``;
         stacked groups, which hold every layer, and global groups always pass that filter).
-        One role may be given as a string, one layer as an int."""
+        One role may be given as a string, one layer as an int.
+
+        Raises:
+          ValueError: a role not in `ROLES` (a typo, or a block of `rotjax.match.align`'s
+            ``solve`` such as ``"rotation"``, selected no group, silently).
+        """
         roles = None if roles is None else {roles} if isinstance(roles, str) else set(roles)
-        layers = None if layers is None else {layers} if isinstance(layers, int) else set(layers)
+        if roles is not None and (unknown := sorted(roles - set(ROLES))):
+            raise ValueError(f"unknown role(s) {unknown}; expected some of {ROLES}")
+        single = isinstance(layers, int | np.integer)
+        layers = None if layers is None else {int(layers)} if single else set(layers)
         return tuple(
             name
             for name, g in self.group_items

@@ -134,9 +134,8 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     moved = [
         i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
     ]
-    new = _apply_leaves(
-        spec, tuple(paths[i] for i in moved), [leaves[i] for i in moved], dict(transform)
-    )
+    transform = {n: jnp.asarray(e) for n, e in transform.items()}  # (lists: not a pytree leaf)
+    new = _apply_leaves(spec, tuple(paths[i] for i in moved), [leaves[i] for i in moved], transform)
     out = list(leaves)  # the leaves no group in the transform acts on: as they are
     for i, y in zip(moved, new, strict=True):
         out[i] = placed_like(y, leaves[i])
@@ -257,7 +256,10 @@ def check_elements(spec: Spec, transform: Mapping[str, jax.Array], *, atol: floa
 
 def _full(spec: Spec, t: Mapping[str, jax.Array]) -> Transform:
     check_transform(spec, t)
-    return {name: t[name] if name in t else identity_element(g) for name, g in spec.group_items}
+    return {
+        name: jnp.asarray(t[name]) if name in t else identity_element(g)
+        for name, g in spec.group_items
+    }
 
 
 def _gather_heads(x: jax.Array, perm: jax.Array, trailing: int) -> jax.Array:
