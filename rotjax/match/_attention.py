@@ -113,7 +113,7 @@ def _rotations(spec, rots, scales, a, b, t):
     cross-covariances: ``⟨A_p, B_p R⟩ = tr(Rᵀ M_p)`` and ``‖B_p R‖ = ‖B_p‖``, so no second
     pass over the weights. Every param of a group in ``scales`` must carry a rotation in
     ``rots`` (see `_merges_scales`). The cross-covariances are computed one layer at a time
-    (`_one_at_a_time`; all the groups of a layer together, so that its matmuls can run in
+    (`one_at_a_time`; all the groups of a layer together, so that its matmuls can run in
     parallel). On accelerators the loop runs the layers in sequence, each still batched over
     heads."""
     keys, by_layer = {}, {}  # r -> its scale keys; layer -> [((r, i), its cross-covariances)]
