@@ -72,8 +72,9 @@ float32 as the image processor gives them (normalised, not raw pixels), or input
 attention_mask (token_type_ids optional); labels optional (for --fisher empirical: a class
 per example, or per token; for a causal LM, as transformers takes them: the input_ids, -100
 where ignored, shifted here to the next token). Other keys are ignored (with a note). Give
-it once (shared) or once per model, in the order of the models (--refit then reads all of
-them, texts of different lengths padded to the longest).
+it once (shared) or once per model, in the order of the models, repeating the flag
+(--data a.npz --data b.npz; --refit then reads all of them, texts of different lengths
+padded to the longest).
 
 examples:
   rotjax merge ./vit-a ./vit-b --out ./merged --method regmean --align all --data val.npz
@@ -88,7 +89,9 @@ def add_arguments(m, *, positive_int, seed) -> None:
     m.add_argument("--out", required=True, help="new directory for the merged model + report")
     m.add_argument("--method", choices=METHODS, default="average")
     m.add_argument("--align", choices=ALIGNS, default="paper", help="alignment before merging")
-    m.add_argument("--data", action="append", default=[], help=".npz of inputs (see below)")
+    m.add_argument(
+        "--data", action="append", default=[], help=".npz of inputs, once or per model (below)"
+    )
     m.add_argument("--base", help="the base model of the task-vector methods")
     m.add_argument("--weights", help="comma-separated model weights λ (default all 1)")
     # Each method's own options: None when not given (the defaults of `OPTIONS` fill in), so
