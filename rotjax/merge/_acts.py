@@ -268,10 +268,7 @@ def activation_init(
     if unknown := [r for r in roles if r not in ROLES]:
         raise ValueError(f"unknown role(s) {unknown}; expected some of {ROLES}")
     for which, p in zip(("params[0] (A)", "params[1] (B)"), params or (), strict=False):
-        try:
-            sym.validate(spec, p)
-        except ValueError as e:
-            raise ValueError(f"{which}: {e}") from None
+        sym.validate(spec, p, which)
     names = spec.select(roles=[r for r in roles if r in ("residual", "ffn", "heads")])
     corr = correlations(cross)
     scores = group_scores(spec, corr, names, heads="nuclear")

@@ -98,10 +98,7 @@ def ot_fusion(
     if solver not in SOLVERS:  # (checked even where Sinkhorn alone would transport)
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     for name, p in (("params_a", params_a), ("params_b", params_b)):
-        try:
-            sym.validate(spec, p)
-        except ValueError as e:
-            raise ValueError(f"{name}: {e}") from None
+        sym.validate(spec, p, name)
         # (NaN costs failed in the solver, naming nothing, or as a Sinkhorn "not converged")
         if bad := non_finite(to_dict(p)):
             raise ValueError(f"{name}: NaN or Inf in {bad[:5]}")

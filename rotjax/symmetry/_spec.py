@@ -321,12 +321,13 @@ def check_dtypes(spec: Spec, params: Any, groups: Any = None) -> None:
         )
 
 
-def validate(spec: Spec, params: Any) -> None:
+def validate(spec: Spec, params: Any, what: str | None = None) -> None:
     """Check that ``params`` has exactly the spec's paths and shapes; raise otherwise.
 
     Raises:
       ValueError: listing every path only in the spec, only in the params, and every path
-        whose shape differs (both shapes given).
+        whose shape differs (both shapes given); prefixed by ``what`` (``"params_a: "``),
+        the caller's name of the tree, if given.
     """
     paths, leaves, _ = flatten(params)
     got = {p: tuple(getattr(x, "shape", ())) for p, x in zip(paths, leaves, strict=True)}
@@ -339,4 +340,5 @@ def validate(spec: Spec, params: Any) -> None:
         if p in got and got[p] != want[p].shape
     ]
     if problems:
-        raise ValueError("params do not match the symmetry spec:\n" + "\n".join(problems))
+        head = f"{what}: " if what else ""
+        raise ValueError(f"{head}params do not match the symmetry spec:\n" + "\n".join(problems))

@@ -146,7 +146,7 @@ def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> floa
     `check_labels`."""
     train_labels, test_labels = np.asarray(train_labels).ravel(), np.asarray(test_labels).ravel()
     for y, side in ((train_labels, "train"), (test_labels, "test")):
-        if y.size:
+        if y.size:  # (an empty list is float64: refused as empty below, not by its dtype)
             check_labels(y, f"majority_baseline: {side} labels")
     train_labels = train_labels[train_labels != IGNORE_LABEL]
     test_labels = test_labels[test_labels != IGNORE_LABEL]
