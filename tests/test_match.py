@@ -640,6 +640,14 @@ def test_solve_accepts_one_name_and_strips_spaces(key):
     assert match.Options(solve=" ffn").solve == ("ffn",)
     assert match.Options(max_sweeps=np.int64(3)).max_sweeps == 3  # numpy ints are ints
     assert match.Options(layers=np.int64(1)).layers == (1,)
+    # JAX scalars as numpy's (they were refused, tol as "not finite"); bools are no ints.
+    assert match.Options(max_sweeps=jnp.int32(3)).max_sweeps == 3
+    assert match.Options(layers=jnp.array([0, 1])).layers == (0, 1)
+    assert match.Options(layers=jnp.int32(1)).layers == (1,)
+    assert match.Options(tol=jnp.float32(0.5)).tol == 0.5
+    for bad in (dict(max_sweeps=True), dict(layers=[True]), dict(tol=jnp.array([0.1]))):
+        with pytest.raises(ValueError, match="must be"):
+            match.Options(**bad)
     # One role (layer) as a string (int) is that role, not its letters.
     assert c.spec.select(roles="ffn") == c.spec.select(roles=["ffn"]) != ()
     assert c.spec.select(roles="ffn", layers=1) == c.spec.select(roles=["ffn"], layers=[1])

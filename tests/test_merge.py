@@ -355,6 +355,9 @@ def test_ties_and_dare_by_hand(key, monkeypatch):
         np.testing.assert_allclose(
             merge.ties(zero, [x, y], density=1.0)["w"], sign * np.array([1.0, 1.5, 2.0])
         )
+    # A tie of the majority too leaves the entry at 0 (the documented rule).
+    x, y = {"w": jnp.array([1.0, -1.0, 2.0])}, {"w": jnp.array([-1.0, 1.0, -2.0])}
+    np.testing.assert_array_equal(merge.ties(zero, [x, y], density=1.0)["w"], [0.0, 0.0, 0.0])
     # The majority is that of the trimmed vectors' signs: untrimmed, the three small negative
     # entries outvote the one positive (majority -, the tie at entry 0 would give -4); the
     # trim (2 of 5 entries each) leaves only entries 0 and 1, and the majority +.

@@ -369,6 +369,38 @@ def test_bad_transform_is_rejected(key):
             sym.apply(spec, params, {name: perm})
         with pytest.raises(ValueError, match=f"'{name}'\\] has dtype float32: a permutation"):
             match.align(spec, params, params, init={name: perm})
+    # Integer elements that are no permutation: jnp.take filled an index out of range with
+    # NaN, and a repeated index copied a unit, silently. Refused wherever the values are known
+    # (apply, compose, invert, align's init); under jit they cannot be read.
+    t = sym.sample(spec, key)
+    for name, g in spec.groups.items():
+        if g.kind not in ("perm", "hperm"):
+            continue
+        el = np.array(t[name])
+        out_of_range, repeated = el.copy(), el.copy()
+        out_of_range[..., 0] = g.shape[-1]
+        repeated[..., 0] = el[..., 1]
+        for bad in (out_of_range, repeated):
+            with pytest.raises(ValueError, match=rf"\['{name}'\] is not a permutation of 0..n-1"):
+                sym.apply(spec, params, {name: bad})
+            with pytest.raises(ValueError, match=rf"\['{name}'\] is not a permutation"):
+                sym.compose(spec, t, {name: bad})
+            with pytest.raises(ValueError, match=rf"\['{name}'\] is not a permutation"):
+                sym.invert(spec, {name: bad})
+            with pytest.raises(ValueError, match=rf"\['{name}'\] is not a permutation"):
+                match.align(spec, params, params, init={name: bad})
+            traced = jax.jit(sym.apply, static_argnums=0)(spec, params, {name: bad})
+            assert not rel_err(traced, params) <= 0  # unchecked under jit: NaN, or a copy
+    # Not a transform, or not a spec: named (a bare TypeError or AttributeError inside).
+    with pytest.raises(TypeError, match=r"a transform is a mapping .* got NoneType"):
+        sym.apply(spec, params, None)
+    for call in (
+        lambda: sym.apply(params, params, {}),
+        lambda: sym.validate(params, params),
+        lambda: match.align(params, params, params),
+    ):
+        with pytest.raises(TypeError, match=r"spec must be a rotjax\.symmetry\.Spec .* got dict"):
+            call()
 
 
 def test_bad_spec_is_rejected():

@@ -83,9 +83,8 @@ class Options:
         if unknown := sorted(set(solve) - set(BLOCKS)):
             raise ValueError(f"solve: unknown blocks {unknown}; choose from {list(BLOCKS)}")
         if self.layers is not None:
-            one = isinstance(self.layers, int | np.integer)
-            layers = (self.layers,) if one else tuple(self.layers)
-            if not all(isinstance(i, int | np.integer) and not isinstance(i, bool) for i in layers):
+            layers = (self.layers,) if np.ndim(self.layers) == 0 else tuple(self.layers)
+            if not all(_is_number(i) for i in layers):
                 raise ValueError(f"layers must be integers, got {list(layers)}")
             object.__setattr__(self, "layers", tuple(int(i) for i in layers))
         if self.solver not in SOLVERS:
@@ -94,17 +93,14 @@ class Options:
             raise ValueError(
                 f"residual_init must be one of {RESIDUAL_INITS}, got {self.residual_init!r}"
             )
-        if self.max_sweeps is not None and (
-            not isinstance(self.max_sweeps, int | np.integer)
-            or isinstance(self.max_sweeps, bool)
-            or self.max_sweeps < 1
-        ):
+        if self.max_sweeps is not None and (not _is_number(self.max_sweeps) or self.max_sweeps < 1):
             raise ValueError(f"max_sweeps must be None or an int >= 1, got {self.max_sweeps!r}")
         if self.max_sweeps is not None:
             object.__setattr__(self, "max_sweeps", int(self.max_sweeps))
-        real = isinstance(self.tol, int | float | np.integer | np.floating)
-        if isinstance(self.tol, bool) or not (real and np.isfinite(self.tol) and self.tol >= 0):
+        real = _is_number(self.tol, kinds="iuf")
+        if not (real and np.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
+        object.__setattr__(self, "tol", float(self.tol))
         k = self.key
         typed = isinstance(k, jax.Array) and jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)
         raw = np.shape(k) == (2,) and np.asarray(k).dtype == np.uint32  # jax.random.PRNGKey
@@ -143,6 +139,12 @@ class Alignment(NamedTuple):
     params: Any  # g·B, same structure and dtypes as the input
     transform: sym.Transform  # g (complete: every group of the spec)
     diagnostics: Diagnostics
+
+
+def _is_number(x: Any, kinds: str = "iu") -> bool:
+    """``x`` is one number of these dtype kinds (numpy's: ints by default): a Python or numpy
+    scalar or a 0-d array, JAX's included, and never a bool."""
+    return not isinstance(x, bool) and np.ndim(x) == 0 and np.asarray(x).dtype.kind in kinds
 
 
 def align(
@@ -328,6 +330,7 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
     """The options' layer set, after checking the solved blocks, the layers and the init
     against the spec (blocks the spec lacks are skipped, as `ALL` names every block; but a
     ``solve`` of which the spec has no block at all would silently solve nothing)."""
+    sym.check_spec(spec)
     roles = options.roles
     if options.solve and not spec.select(roles=roles):
         present = sorted({g.role for g in spec.groups.values()})

@@ -203,7 +203,8 @@ def _ties_merge(taus: list[list[jax.Array]], majority: jax.Array) -> list[jax.Ar
     entries that agree with it (the disjoint mean; entries that are 0 count nowhere). An entry
     whose values sum to exactly 0 takes ``majority``, the majority of all entries' elected
     signs (`_majority`), as the paper's code resolves zero signs
-    (``resolve_zero_signs(..., "majority")``)."""
+    (``resolve_zero_signs(..., "majority")``); where that majority is a tie too, the entry
+    is 0 (the paper's code would average its negative values)."""
     stacks, signs = _elected(taus)
     majority = majority.astype(stacks[0].dtype)
     out = []
@@ -231,7 +232,10 @@ def ties(
     Args:
       base: the base model the others were fine-tuned from.
       params_list: the fine-tuned models.
-      density: the fraction k kept (the paper's default is 20%).
+      density: the fraction k kept (the paper's default is 20%): the entries at or above the
+        (1 - k) quantile of the magnitudes (numpy's default rule), so ``1 + floor(k (n - 1))``
+        of n entries without ties in magnitude; the paper's code keeps ``floor(k n) + 1``
+        and mergekit ``floor(k n)``, at most one entry from it.
       scale: λ (the paper uses 1 by default and searches 0.8-2.5 on validation data).
       trim: ``"global"``: the top k of the whole flattened task vector, as in the paper's code
         (the default); ``"tensor"``: the top k of every tensor, as mergekit and most tools do

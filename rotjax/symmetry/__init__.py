@@ -29,6 +29,7 @@ from rotjax.symmetry._spec import (
     ParamSpec,
     Spec,
     check_dtypes,
+    check_spec,
     validate,
 )
 from rotjax.symmetry._transform import (
@@ -62,6 +63,7 @@ __all__ = [
     "canonicalize",
     "check_dtypes",
     "check_elements",
+    "check_spec",
     "check_transform",
     "compose",
     "dense",

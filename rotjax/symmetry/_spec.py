@@ -321,6 +321,16 @@ def check_dtypes(spec: Spec, params: Any, groups: Any = None) -> None:
         )
 
 
+def check_spec(spec: Any) -> None:
+    """Raise TypeError unless ``spec`` is a `Spec` (a family's ``symmetry_spec(cfg)``): the
+    first argument of `apply`, `validate`, ``match.align`` and the merges that take one."""
+    if not isinstance(spec, Spec):
+        raise TypeError(
+            f"spec must be a rotjax.symmetry.Spec (e.g. bert.symmetry_spec(cfg)), got "
+            f"{type(spec).__name__}"
+        )
+
+
 def validate(spec: Spec, params: Any, what: str | None = None) -> None:
     """Check that ``params`` has exactly the spec's paths and shapes; raise otherwise.
 
@@ -329,6 +339,7 @@ def validate(spec: Spec, params: Any, what: str | None = None) -> None:
         whose shape differs (both shapes given); prefixed by ``what`` (``"params_a: "``),
         the caller's name of the tree, if given.
     """
+    check_spec(spec)
     paths, leaves, _ = flatten(params)
     got = {p: tuple(getattr(x, "shape", ())) for p, x in zip(paths, leaves, strict=True)}
     want = spec.params

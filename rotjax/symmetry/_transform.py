@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.symmetry._spec import Action, Group, Spec, check_dtypes, validate
+from rotjax.symmetry._spec import Action, Group, Spec, check_dtypes, check_spec, validate
 from rotjax.tree import flatten, placed_like
 
 Transform = dict[str, jax.Array]
@@ -205,7 +205,20 @@ def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:
 
 def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
     """Raise ValueError for an unknown group name, a wrongly shaped element or a permutation
-    that is not integer."""
+    that is not integer, or, where its values are known (not traced under `jax.jit`), not a
+    permutation of ``0..n-1`` (`jnp.take` would fill an index out of range with NaN, and a
+    repeated one would copy a unit: another function, silently). Rotations and scales are
+    not checked here (`check_elements` does), as `apply` also serves their relaxations.
+
+    Raises:
+      TypeError: ``spec`` is not a `Spec` or ``transform`` is not a mapping.
+    """
+    check_spec(spec)
+    if not isinstance(transform, Mapping):
+        raise TypeError(
+            "a transform is a mapping of group names to elements (sym.identity(spec) for "
+            f"none), got {type(transform).__name__}"
+        )
     unknown = sorted(set(transform) - set(spec.groups))
     if unknown:
         raise ValueError(f"transform names groups that are not in the spec: {unknown}")
@@ -222,6 +235,15 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
                 f"transform[{name!r}] has dtype {dtype}: a permutation is integer indices "
                 f"({g.kind} group)"
             )
+        if g.kind in ("perm", "hperm") and not isinstance(el, jax.core.Tracer):
+            _check_permutation(name, g, el)
+
+
+def _check_permutation(name: str, g: Group, el: Any) -> None:
+    x = np.asarray(el)
+    if not (np.sort(x, axis=-1) == np.arange(x.shape[-1])).all():
+        what = "a permutation of 0..n-1" + " per head" * (g.kind == "hperm")
+        raise ValueError(f"transform[{name!r}] is not {what} ({g.kind} group)")
 
 
 def check_elements(spec: Spec, transform: Mapping[str, jax.Array], *, atol: float = 1e-4) -> None:
@@ -230,11 +252,11 @@ def check_elements(spec: Spec, transform: Mapping[str, jax.Array], *, atol: floa
     where the group keeps the ones), finite positive scales."""
     check_transform(spec, transform)
     for name, el in transform.items():
-        g, x = spec.groups[name], np.asarray(el, np.float64)
-        if g.kind in ("perm", "hperm"):
-            ok = (np.sort(x, axis=-1) == np.arange(x.shape[-1])).all()
-            what = "a permutation of 0..n-1" + " per head" * (g.kind == "hperm")
-        elif g.kind in ("orth", "rot"):
+        g = spec.groups[name]
+        if g.kind in ("perm", "hperm"):  # checked by check_transform
+            continue
+        x = np.asarray(el, np.float64)
+        if g.kind in ("orth", "rot"):
             eye = np.eye(x.shape[-1])
             ok = np.abs(x @ np.swapaxes(x, -1, -2) - eye).max(initial=0.0) <= atol
             what = "orthogonal"
