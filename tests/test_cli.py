@@ -181,6 +181,8 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     descent = chosen["straight_through"]
     assert [s for s, _ in descent["losses"]] == [0, 3] and descent["step"] == 0, descent
     assert descent["losses"][0][1] == pytest.approx(min(losses), rel=1e-5)
+    # The model's alignment time is all of it (it was its last align call's, a fraction).
+    assert 0.9 * report["seconds"]["align"] <= chosen["seconds"] <= report["seconds"]["align"]
     argv[argv.index("activations")] = "all"
     assert cli.main([*argv[:4], str(tmp / "refused"), *argv[5:], "--descent-steps", "3"]) == 2
     assert "--descent-steps applies to --align activations only" in capsys.readouterr().err
@@ -727,12 +729,33 @@ def test_align_of_bare_encoders_keeps_their_outputs(tmp_path, capsys):
     assert cli.main(["align", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     err = capsys.readouterr().err
     assert "num_labels (2 vs 3), which a model without a head does not read" in err
+    assert "pooler" not in err  # (it has one)
     _, p = hf.load(out)
     x = inputs(bare, jax.random.key(2))
     got, want = (compiled(bare).forward(q, x) for q in (p, pb))
     assert rel_err(got.pooler_output, want.pooler_output) <= 1e-5
     assert rel_err(got.last_hidden_state, want.last_hidden_state) <= 1e-5
     assert rel_err(p, pb) > 0.1  # (moved)
+
+
+@pytest.mark.parametrize("command", ["align", "merge"])
+def test_a_base_model_without_pooler_is_noted(command, tmp_path, capsys):
+    """A pretraining checkpoint's encoder is written as a base model without a pooler, which
+    transformers' BertModel / ViTModel would draw at random (config.json cannot say)."""
+    for config in (dataclasses.replace(CONFIG, task=None), dataclasses.replace(VIT, task=None)):
+        params = compiled(config).init(jax.random.key(0), 0.3)
+        dirs = [tmp_path / config.model_type / n for n in ("a", "b")]
+        for d in dirs:
+            hf.save(d, config, params)
+        out = tmp_path / config.model_type / "o"
+        assert cli.main([command, *map(str, dirs), "--out", str(out)]) == 0
+        err = capsys.readouterr().err
+        note = "base model has no pooler: load it with from_pretrained(DIR, add_pooling_layer"
+        assert f"the written {config.model_type} {note}" in err
+        report = json.loads(
+            (out / f"{'alignment' if command == 'align' else 'merge'}.json").read_text()
+        )
+        assert any(note in n for n in report["notes"])
 
 
 def test_an_empty_mount_point_as_out_is_refused_up_front(checkpoints, capsys, monkeypatch):

@@ -14,6 +14,7 @@ from rotjax.cli._common import (
     check_finite,
     checked_out_dir,
     load_models,
+    pooler_note,
     progress,
     reason,
     report_json,
@@ -118,6 +119,7 @@ def run(args) -> int:
         check_finite(res.params, "the aligned model")
         bar.update()
         bar.set_postfix_str("writing")
+        notes += pooler_note(config_b)
         report, per_layer = _report(args, options, res, notes, load_seconds)
         # The report is written with the checkpoint, in one atomic step: never one alone.
         hf.save(

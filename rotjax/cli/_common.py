@@ -224,6 +224,19 @@ def _label_names(directory) -> dict[int, str] | None:
     return dict(sorted(names.items()))
 
 
+def pooler_note(config: Any) -> list[str]:
+    """A note for a base BERT, RoBERTa or ViT written without a pooler (the encoder of a
+    pretraining checkpoint): transformers' base class builds one, of random weights, unless
+    told not to, and ``config.json`` cannot tell it."""
+    if getattr(config, "task", ...) is not None or getattr(config, "has_pooler", True):
+        return []
+    return [
+        f"the written {config.model_type} base model has no pooler: load it with "
+        "from_pretrained(DIR, add_pooling_layer=False), or transformers adds one of random "
+        "weights (pooler_output)"
+    ]
+
+
 def check_finite(params: Any, what: str) -> None:
     """Refuse to write a result with NaN or Inf (naming the paths)."""
     bad = non_finite(to_dict(jax.device_put(params)))

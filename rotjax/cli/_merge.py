@@ -19,6 +19,7 @@ from rotjax.cli._common import (
     check_finite,
     checked_out_dir,
     load_models,
+    pooler_note,
     progress,
     reason,
     report_json,
@@ -472,6 +473,7 @@ def run(args) -> int:
             aligned.append(p)
             if args.align != "none":
                 solve = match.PAPER if args.align == "paper" else match.ALL
+                started = time.perf_counter()
                 try:
                     if args.align == "activations":
                         res, chosen = merge.align_by_activations(
@@ -488,6 +490,8 @@ def run(args) -> int:
                         res, chosen = match.align(spec, params[0], p, solve=solve, key=key), {}
                 except ValueError as e:
                     raise CLIError(reason(e)) from None
+                seconds = time.perf_counter() - started  # (activations': all its work, not
+                # only its last align call's, which is what res.diagnostics times)
                 aligned[-1] = res.params
                 if base is not None:  # the task vector g·θ_i - g·θ_base, in the anchor's basis
                     moved_base = sym.apply(spec, base, res.transform)
@@ -514,7 +518,7 @@ def run(args) -> int:
                         if chosen
                         else {}
                     ),
-                    "seconds": d.seconds["total"],
+                    "seconds": seconds,
                 })  # fmt: skip
             bar.update()
     timings["align"] = time.perf_counter() - tic
@@ -560,6 +564,7 @@ def run(args) -> int:
         )
     check_finite(merged, "the merged model")
     timings["merge"] = time.perf_counter() - tic
+    notes += pooler_note(config)
     report = {
         "models": args.models,
         "method": args.method,
