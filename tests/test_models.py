@@ -144,6 +144,11 @@ def test_vit_raw_images_are_normalised_like_the_image_processor():
     (pixels,) = vit.FAMILY.batch_inputs({"images": images})
     np.testing.assert_allclose(pixels[..., 0], [[[-1.0, 1.0], [-0.6, -0.2]]], atol=1e-6)
     np.testing.assert_allclose(vit.image_pixels(images / 255.0), pixels, atol=1e-6)
+    # Other integer images have no known range (uint16 from data.concat of uint8 and uint16
+    # images; int64 from a list of ints): refused, not read as [0, 1] floats (255x).
+    for dtype in (np.uint16, np.int32, np.int64):
+        with pytest.raises(ValueError, match=f"images of dtype {np.dtype(dtype)}: give uint8"):
+            vit.FAMILY.batch_inputs({"images": images.astype(dtype)})
 
 
 def test_models_check_their_inputs(key):

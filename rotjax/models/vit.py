@@ -20,6 +20,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.models import _layers
@@ -272,7 +273,18 @@ def stream_spec(config: Config) -> sym.StreamSpec:
 
 def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Array:
     """``uint8`` images in ``[0, 255]`` (or floats in ``[0, 1]``) -> ``(x - mean) / std`` float32
-    with ``x`` in ``[0, 1]``: the normalisation of Hugging Face's ViT image processor."""
+    with ``x`` in ``[0, 1]``: the normalisation of Hugging Face's ViT image processor.
+
+    Raises:
+      ValueError: integer images of another dtype, whose range is not known (uint16 may
+        hold 0..255 or 0..65535; read as ``[0, 1]`` floats they were scaled 255x, silently).
+    """
+    dtype = np.dtype(getattr(images, "dtype", None) or np.asarray(images).dtype)
+    if np.issubdtype(dtype, np.integer) and dtype != np.uint8:
+        raise ValueError(
+            f"images of dtype {dtype}: give uint8 images in [0, 255] or floats in [0, 1] "
+            "(the range of other integers is not known)"
+        )
     x = jnp.asarray(images)
     scaled = x.astype(jnp.float32)
     if x.dtype == jnp.uint8:
