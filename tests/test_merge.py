@@ -20,13 +20,14 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 from scipy.special import log_softmax, softmax
 
-from rotjax import match, merge
+from rotjax import match, merge, tree
 from rotjax import symmetry as sym
 from rotjax.data import IGNORE_LABEL
 from rotjax.merge import _task
 from rotjax.merge._capture import capture
 from rotjax.merge._stats import _lookup_tables
 from rotjax.models import family, stack_layers
+from rotjax.symmetry import _transform as sym_transform
 from rotjax.tree import from_dict, to_dict
 
 TOL = 1e-5
@@ -1758,7 +1759,7 @@ def test_capture_refuses_a_dense_general_over_leading_axes(key):
 # Sharding, the linear path.
 
 
-def test_sharded_statistics_and_merges_match_one_device(key):
+def test_sharded_statistics_and_merges_match_one_device(key, monkeypatch):
     config = CONFIGS["bert-h3d4-l2"]
     c = compiled(config)
     a, b = c.init(key, 0.3), c.init(jax.random.fold_in(key, 1), 0.3)
@@ -1792,7 +1793,15 @@ def test_sharded_statistics_and_merges_match_one_device(key):
     # Symmetry transforms (gathers and contractions, whose outputs XLA lays out as it likes)
     # put every leaf back on its input's sharding, so OT fusion keeps it too.
     t = sym.sample(c.spec, jax.random.fold_in(key, 2))
+    computed = []  # sym.apply's program computes it in it (it was whole on every device)
+    spy = lambda new, old: (
+        computed.append((new.sharding, old.sharding)) or tree.placed_like(new, old)
+    )
+    monkeypatch.setattr(sym_transform, "placed_like", spy)
     moved = to_dict(sym.apply(c.spec, from_dict(sa), t))
+    monkeypatch.undo()
+    (out,) = [new for new, old in computed if old == kernel]
+    assert out.is_equivalent_to(kernel, 2), out
     assert moved[path].sharding.is_equivalent_to(kernel, 2)
     assert rel_err(moved, to_dict(sym.apply(c.spec, from_dict(fa), t))) <= 1e-6
     ffn = [n for n in c.spec.select(roles=["ffn"]) if c.spec.groups[n].kind == "perm"]

@@ -135,16 +135,32 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
         i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
     ]
     transform = {n: jnp.asarray(e) for n, e in transform.items()}  # (lists: not a pytree leaf)
-    new = _apply_leaves(spec, tuple(paths[i] for i in moved), [leaves[i] for i in moved], transform)
+    places = tuple(_named_sharding(leaves[i]) for i in moved)
+    new = _apply_leaves(
+        spec, tuple(paths[i] for i in moved), places, [leaves[i] for i in moved], transform
+    )
     out = list(leaves)  # the leaves no group in the transform acts on: as they are
     for i, y in zip(moved, new, strict=True):
         out[i] = placed_like(y, leaves[i])
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-@functools.partial(jax.jit, static_argnums=(0, 1))  # one program, however it is called
-def _apply_leaves(spec: Spec, paths: tuple[str, ...], leaves, transform) -> list[jax.Array]:
-    return [apply_to_leaf(spec, p, x, transform) for p, x in zip(paths, leaves, strict=True)]
+def _named_sharding(x: Any) -> jax.sharding.NamedSharding | None:
+    """A committed leaf's sharding over a mesh, else None (one device or none chosen)."""
+    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not x.committed:
+        return None  # (a traced leaf: its program's caller decides)
+    return x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))  # one program, however it is called
+def _apply_leaves(spec: Spec, paths: tuple[str, ...], places, leaves, transform) -> list[jax.Array]:
+    """The moved leaves, each computed in its input's mesh sharding (``places``; XLA would
+    often compute a gathered leaf whole on every device)."""
+    out = []
+    for p, place, x in zip(paths, places, leaves, strict=True):
+        y = apply_to_leaf(spec, p, x, transform)
+        out.append(y if place is None else jax.lax.with_sharding_constraint(y, place))
+    return out
 
 
 def apply_to_leaf(
