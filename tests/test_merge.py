@@ -7,6 +7,7 @@ compared at 1e-4 (RegMean's inverse of a Gram with condition number up to ~1e2).
 """
 
 import dataclasses
+import re
 import warnings
 
 import flax
@@ -483,6 +484,25 @@ def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
         f = lambda v, size=size: {"fisher": {"w": jnp.asarray(v, jnp.float32) * size}}
         got = merge.fisher([a, b], [f([1.0, 2.0]), f([2.0, 1.0])], normalize=True, eps=1e-30)
         np.testing.assert_allclose(got["w"], [1 / 3, 2 / 3], rtol=1e-5)
+
+
+def test_models_committed_to_different_devices_are_refused_by_param():
+    """JAX's own error named an internal argument (``leaves[0][0]`` of a private program)."""
+    devices = jax.devices()
+    a = {"w": jax.device_put(jnp.ones(4), devices[0]), "b": jnp.zeros(2)}
+    b = {"w": jax.device_put(jnp.ones(4), devices[1]), "b": jnp.zeros(2)}
+    for name, merge_ in (
+        ("model 1 on devices [1]", lambda ps: merge.average(ps)),
+        ("params_list[0] on devices [1]", lambda ps: merge.task_arithmetic(ps[0], ps[1:])),
+        ("params_list[0] on devices [1]", lambda ps: merge.ties(ps[0], ps[1:])),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"^w: .*committed to different devices .*{re.escape(name)}"
+        ):
+            merge_([a, b])
+    # Uncommitted leaves go where the others are (the sharded test: B uncommitted).
+    loose = {"w": jnp.full(4, 3.0), "b": jnp.zeros(2)}
+    np.testing.assert_allclose(merge.average([a, loose])["w"], 2.0)
 
 
 def test_a_model_of_weight_zero_is_left_out(seed):

@@ -76,7 +76,26 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
     ]
     if differ:
         raise ValueError(f"integer or boolean params differ between the models: {differ[:10]}")
+    _check_devices(paths, leaves, name)
     return paths, leaves, treedef
+
+
+def _check_devices(paths, leaves, name) -> None:
+    """Raise ValueError where the models' leaves are committed to different devices (one
+    program cannot read them: JAX's error named an internal argument, not the param)."""
+    committed = lambda x: isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+    for path, *xs in zip(paths, *leaves, strict=True):
+        places = {
+            i: sorted(d.id for d in x.devices())
+            for i, x in enumerate(xs)
+            if committed(x) and x.committed
+        }
+        if len({tuple(v) for v in places.values()}) > 1:
+            each = ", ".join(f"{name(i)} on devices {v}" for i, v in places.items())
+            raise ValueError(
+                f"{path}: the models' params are committed to different devices ({each}); "
+                "put them on one device or mesh first (jax.device_put)"
+            )
 
 
 def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
