@@ -292,7 +292,10 @@ def main(argv=None):
         "--solve", type=cli.blocks, default="rotation,scale,ffn,heads,residual",
         help="the groups the symmetry part solves (comma-separated)",
     )  # fmt: skip
-    parser.add_argument("--smoke", action="store_true", help="seconds: tiny training")
+    parser.add_argument(
+        "--smoke", action="store_true",
+        help="the fusion part on 1-layer models, trained for seconds (part 1 is the real MiniLM)",
+    )  # fmt: skip
     parser.add_argument(
         "--part", choices=("both", "symmetry", "fusion"), default="both",
         help="run one part only (both: side by side, part 1 in a subprocess)",
@@ -308,6 +311,10 @@ def main(argv=None):
         parser.error(f"--descent-steps must be >= 0, got {args.descent_steps}")
     if args.descent_steps and args.part == "symmetry":
         parser.error("--descent-steps applies to the fusion part: not with --part symmetry")
+    if args.part == "fusion" and args.solve != cli.blocks(parser.get_default("solve")):
+        parser.error("--solve applies to the symmetry part: not with --part fusion")
+    if args.smoke and args.part == "symmetry":
+        parser.error("--smoke applies to the fusion part: not with --part symmetry")
     # Every program cached, however quick to compile: a cached demo is ~500 small programs.
     train.enable_compilation_cache(min_compile_seconds=0.0)
     work = Path(args.workdir or tempfile.mkdtemp(prefix="rotjax-demo-"))

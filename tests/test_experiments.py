@@ -89,6 +89,8 @@ def test_demo(tmp_path, capsys, monkeypatch):
         (["--workdir", "FILE"], "is a file, not a directory"),
         (["--descent-steps", "-1"], "--descent-steps must be >= 0, got -1"),
         (["--descent-steps", "5", "--part", "symmetry"], "applies to the fusion part"),
+        (["--part", "symmetry"], "--smoke applies to the fusion part"),  # (it was ignored)
+        (["--part", "fusion", "--solve", "rotation"], "--solve applies to the symmetry part"),
     ],
 )
 def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, capsys, monkeypatch):

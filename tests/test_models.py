@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import rel_err
 from helpers import CONFIGS, compiled
 
 import rotjax.hf
@@ -202,6 +203,24 @@ def test_token_models_check_their_inputs(name, key):
     if name.startswith("llama"):
         with pytest.raises(ValueError, match="5 tokens; this model takes at most 4"):
             c.model.apply({"params": params}, ids)
+
+
+def test_roberta_takes_padding_past_its_positions_when_it_can_see_it(key):
+    """RoBERTa numbers real tokens only: a batch padded wider than its position table runs
+    (as in transformers) when the ids are concrete; traced, only the width is known."""
+    config = CONFIGS["roberta-h1d6-l2"]  # 16 positions, pad 1: at most 14 tokens
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    ids = jax.random.randint(key, (2, 14), 2, config.vocab_size)
+    padded = jnp.concatenate([ids, jnp.ones((2, 2), ids.dtype)], axis=1)  # 16 wide
+    mask = (padded != 1).astype(jnp.int32)
+    run = lambda x, m: c.model.apply({"params": params}, x, m)
+    assert rel_err(run(padded, mask), run(ids, mask[:, :14])) <= 1e-6
+    with pytest.raises(ValueError, match="16 tokens; this model takes at most 14"):
+        jax.jit(run)(padded, mask)
+    longer = padded.at[0, 14].set(5)  # 15 real tokens: position 16 is past the table
+    with pytest.raises(ValueError, match="16 tokens; this model takes at most 14"):
+        run(longer, mask)
 
 
 def test_stack_unstack_layers(seed):

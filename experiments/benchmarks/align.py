@@ -91,7 +91,7 @@ def floor(config, a, b):
     m = jnp.asarray(np.concatenate(ms))
     svd_polar = jax.jit(lambda m: (lambda u, _, vt: u @ vt)(*jnp.linalg.svd(m)))
     solve = {
-        "polar": timed(lambda: jax.block_until_ready(jax.jit(match.polar)(m)))[0],
+        "polar": timed(lambda: jax.block_until_ready(match.polar(m)))[0],  # (jitted)
         "svd": timed(lambda: jax.block_until_ready(svd_polar(m)))[0],
     }
     tic = time.perf_counter()

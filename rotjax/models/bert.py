@@ -29,6 +29,7 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.models import _layers
@@ -128,6 +129,14 @@ class Block(nn.Module):
         return norm(name="output_norm")(x + h)
 
 
+def _longest(input_ids: Any, pad: int) -> float:
+    """The most real (non-pad) tokens of a row of concrete ``input_ids`` (RoBERTa's last
+    position id less the pad's); inf when traced, where only the padded width is known."""
+    if isinstance(input_ids, jax.core.Tracer) or np.ndim(input_ids) != 2:
+        return np.inf
+    return int(np.max(np.sum(np.asarray(input_ids) != pad, axis=1), initial=0))
+
+
 class Model(nn.Module):
     """BERT/RoBERTa encoder with an optional classification head (``config.task``).
 
@@ -150,6 +159,8 @@ class Model(nn.Module):
     ):
         c = self.config
         room = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
+        if c.model_type == "roberta" and _longest(input_ids, c.pad_token_id) <= room:
+            room = None  # (positions count real tokens: padding past the table is read as pad)
         _layers.check_tokens(
             input_ids,
             room,
