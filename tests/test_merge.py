@@ -486,6 +486,26 @@ def test_trim_counts_exactly_and_float64_merges_keep_their_precision():
         np.testing.assert_allclose(got["w"], [1 / 3, 2 / 3], rtol=1e-5)
 
 
+def test_random_choices_refuse_what_is_not_a_key(key):
+    """An int, None or a batch of keys failed inside JAX, naming no argument of rotjax's."""
+    c = compiled(CONFIGS["bert-h3d4-l2"])
+    params = c.init(key, 0.3)
+    base, tuned = {"w": jnp.zeros(4)}, {"w": jnp.ones(4)}
+    calls = (
+        lambda k: merge.dare(base, [tuned], key=k),
+        lambda k: sym.sample(c.spec, k),
+        lambda k: merge.statistics(c.model, params, [], fisher="sampled", key=k),
+        lambda k: match.Options(key=k) if k is not None else sym.sample(c.spec, k),
+    )
+    for bad in (0, None, jnp.zeros(3, jnp.uint32), jax.random.split(key, 2)):
+        for call in calls:
+            with pytest.raises(ValueError, match=r"key must be a jax\.random\.key"):
+                call(bad)
+    raw = jax.random.PRNGKey(0)  # raw key data: accepted, as JAX accepts it
+    assert merge.dare(base, [tuned], key=raw, drop=0.5)["w"].shape == (4,)
+    assert set(sym.sample(c.spec, raw)) == set(c.spec.groups)
+
+
 def test_models_committed_to_different_devices_are_refused_by_param():
     """JAX's own error named an internal argument (``leaves[0][0]`` of a private program)."""
     devices = jax.devices()

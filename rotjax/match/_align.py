@@ -38,6 +38,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax import symmetry as sym
+from rotjax._keys import check_key
 from rotjax.match._attention import attention_stage, merges_scales, scale_stage
 from rotjax.match._checks import as_float32, checked_layers, checked_params, max_abs
 from rotjax.match._objective import Context, distances, layer_masks, replaced, sub, total
@@ -101,11 +102,8 @@ class Options:
         if not (real and np.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
         object.__setattr__(self, "tol", float(self.tol))
-        k = self.key
-        typed = isinstance(k, jax.Array) and jax.dtypes.issubdtype(k.dtype, jax.dtypes.prng_key)
-        raw = np.shape(k) == (2,) and np.asarray(k).dtype == np.uint32  # jax.random.PRNGKey
-        if k is not None and not ((typed and k.shape == ()) or raw):
-            raise ValueError(f"key must be a jax.random.key, got {k!r}")
+        if self.key is not None:
+            check_key(self.key)
 
     @property
     def roles(self) -> frozenset[str]:

@@ -28,6 +28,7 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax._atomic import write_whole
+from rotjax._keys import check_key
 from rotjax.data import IGNORE_LABEL
 from rotjax.match._checks import few, non_finite
 from rotjax.merge._capture import capture
@@ -117,8 +118,8 @@ def statistics(
         raise ValueError(f"{got}; choose from {list(KINDS)}")
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
-    if "fisher" in kinds and fisher == "sampled" and key is None:
-        raise ValueError("fisher='sampled' needs a key")
+    if "fisher" in kinds and fisher == "sampled":
+        check_key(key, "fisher='sampled' needs a key: key")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     if "fisher" in kinds and (why := _no_classes(model.config)):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rotjax._keys import check_key
 from rotjax.merge._methods import check_sequence, checked_models, scalar
 from rotjax.models import _layout
 from rotjax.tree import averaged, wide
@@ -288,6 +289,7 @@ def dare(
     some to the trim). At the defaults (0.2 ≥ 0.1, global) every survivor is kept and TIES
     contributes its sign election and disjoint mean: the usual "DARE-TIES" of merging tools,
     whose ``density`` is DARE's ``1 - drop``."""
+    check_key(key)
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     if not 0.0 < density <= 1.0 or trim not in TRIMS:

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rotjax._keys import check_key
 from rotjax.symmetry._spec import Action, Group, Spec, check_dtypes, check_spec, validate
 from rotjax.tree import flatten, placed_like
 
@@ -70,6 +71,7 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
     those that keep the all-ones vector on the O(n-1) of its complement, pair rotations have
     uniform angles; scales are log-normal, ``a = exp(log_scale_std * N(0, 1))``.
     """
+    check_key(key)
     # Op by op, not jitted: one XLA:CPU program with 12 or more QR factorisations (MiniLM's
     # 12 jax.random.orthogonal) never finished (jax 0.10.2, 2026-12-03).
     keys = jax.random.split(key, max(len(spec.group_items), 1))
