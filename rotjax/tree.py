@@ -2,8 +2,8 @@
 
 A leaf's path joins its keys with ``"/"``: ``"encoder/layer_0/attention/query/kernel"``. Works on
 any pytree of dicts (Linen ``params``, ``FrozenDict``, Flax NNX pure dicts, stacked layers).
-Two leaf helpers every transform and merge shares: `placed_like` (keep a leaf's sharding) and
-`wide` (compute in at least float32).
+Leaf helpers every transform and merge shares: `placed_like` (keep a leaf's sharding, if it is
+`committed`) and `wide` (compute in at least float32).
 """
 
 from __future__ import annotations
@@ -55,13 +55,23 @@ def from_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
+def concrete(x: Any) -> bool:
+    """Whether ``x`` is a jax array with values (not a tracer inside a transformation)."""
+    return isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
+
+
+def committed(x: Any) -> bool:
+    """Whether ``x`` is a concrete jax array committed to devices (a user's sharded or
+    device-pinned parameter, which computations must not move)."""
+    return concrete(x) and x.committed
+
+
 def placed_like(new: Any, old: Any) -> Any:
-    """``new`` on ``old``'s sharding when ``old`` is a concrete jax array committed to devices
-    (a user's sharded or device-pinned parameter); otherwise ``new`` as it is. Gathers and
-    contractions let XLA choose their outputs' layout (often replicated): the transforms of
-    a pytree put each result back where its input was, so a sharded model stays sharded."""
-    concrete = lambda x: isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
-    if concrete(old) and concrete(new) and old.committed and new.sharding != old.sharding:
+    """``new`` on ``old``'s sharding when ``old`` is `committed`; otherwise ``new`` as it is.
+    Gathers and contractions let XLA choose their outputs' layout (often replicated): the
+    transforms of a pytree put each result back where its input was, so a sharded model
+    stays sharded."""
+    if committed(old) and concrete(new) and new.sharding != old.sharding:
         return jax.device_put(new, old.sharding)
     return new
 

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.match._checks import non_finite
-from rotjax.tree import averaged, flatten, wide
+from rotjax.tree import averaged, committed, flatten, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -83,13 +83,8 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
 def _check_devices(paths, leaves, name) -> None:
     """Raise ValueError where the models' leaves are committed to different devices (one
     program cannot read them: JAX's error named an internal argument, not the param)."""
-    committed = lambda x: isinstance(x, jax.Array) and not isinstance(x, jax.core.Tracer)
     for path, *xs in zip(paths, *leaves, strict=True):
-        places = {
-            i: sorted(d.id for d in x.devices())
-            for i, x in enumerate(xs)
-            if committed(x) and x.committed
-        }
+        places = {i: sorted(d.id for d in x.devices()) for i, x in enumerate(xs) if committed(x)}
         if len({tuple(v) for v in places.values()}) > 1:
             each = ", ".join(f"{name(i)} on devices {v}" for i, v in places.items())
             raise ValueError(

@@ -129,12 +129,15 @@ class Block(nn.Module):
         return norm(name="output_norm")(x + h)
 
 
-def _longest(input_ids: Any, pad: int) -> float:
-    """The most real (non-pad) tokens of a row of concrete ``input_ids`` (RoBERTa's last
-    position id less the pad's); inf when traced, where only the padded width is known."""
+def _padded_past(input_ids: Any, pad: int, room: int) -> bool:
+    """Whether concrete ``input_ids`` are wider than ``room`` by padding only: every row has
+    at most ``room`` real tokens (RoBERTa numbers only those). Traced, only the width is
+    known; the rows are read only when the width is too large."""
     if isinstance(input_ids, jax.core.Tracer) or np.ndim(input_ids) != 2:
-        return np.inf
-    return int(np.max(np.sum(np.asarray(input_ids) != pad, axis=1), initial=0))
+        return False
+    if input_ids.shape[1] <= room:
+        return False
+    return int(np.max(np.sum(np.asarray(input_ids) != pad, axis=1), initial=0)) <= room
 
 
 class Model(nn.Module):
@@ -159,7 +162,7 @@ class Model(nn.Module):
     ):
         c = self.config
         room = c.max_position_embeddings - (c.pad_token_id + 1 if c.model_type == "roberta" else 0)
-        if c.model_type == "roberta" and _longest(input_ids, c.pad_token_id) <= room:
+        if c.model_type == "roberta" and _padded_past(input_ids, c.pad_token_id, room):
             room = None  # (positions count real tokens: padding past the table is read as pad)
         _layers.check_tokens(
             input_ids,

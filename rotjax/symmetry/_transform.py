@@ -17,7 +17,7 @@ import numpy as np
 
 from rotjax._keys import check_key
 from rotjax.symmetry._spec import Action, Group, Spec, check_dtypes, check_spec, validate
-from rotjax.tree import flatten, placed_like
+from rotjax.tree import committed, flatten, placed_like
 
 Transform = dict[str, jax.Array]
 
@@ -149,7 +149,7 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
 
 def _named_sharding(x: Any) -> jax.sharding.NamedSharding | None:
     """A committed leaf's sharding over a mesh, else None (one device or none chosen)."""
-    if not isinstance(x, jax.Array) or isinstance(x, jax.core.Tracer) or not x.committed:
+    if not committed(x):
         return None  # (a traced leaf: its program's caller decides)
     return x.sharding if isinstance(x.sharding, jax.sharding.NamedSharding) else None
 
