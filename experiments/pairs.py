@@ -1,9 +1,11 @@
-"""Merged test accuracy of every pair of Fashion-MNIST ViTs, per alignment and method, with the
-mean and spread over the pairs: Table 2 of `experiments.reproduce` without its ablations and
-curves, for any set of checkpoints and any methods (``circuits`` and ``refit`` included).
+"""Merged test accuracy of every pair of image-classification ViTs, per alignment and method,
+with the mean and spread over the pairs: Table 2 of `experiments.reproduce` without its
+ablations and curves, for any set of checkpoints, any methods (``circuits`` and ``refit``
+included) and any of `rotjax.data`'s image datasets (Fashion-MNIST by default).
 
     python -m experiments.pairs DIR [DIR ...] [--align "all + stream,activations"]
-        [--methods average,circuits] [--images 10000] [--descent-steps 300] [--out DIR]
+        [--methods average,circuits] [--dataset fashion_mnist] [--images N]
+        [--descent-steps 300] [--out DIR]
 
 Writes ``OUT/pairs.json`` (every cell of every pair) and prints the table. Activation starts
 and statistics read 1000 training images of a fixed shuffle (the reproduction's).
@@ -24,26 +26,51 @@ from experiments import fusion
 from rotjax import data, train
 
 
-def fashion_mnist_sets(images: int, unlabeled: int, held_out: int = 0) -> tuple[dict, ...]:
-    """``(test, unlabeled, held_out)`` Fashion-MNIST arrays: the first ``images`` test images
-    with labels; from the reproduction's fixed shuffle of the training set (numpy seed 0), its
-    first ``unlabeled`` images (no labels) and the next ``held_out`` with labels."""
-    fm = data.fashion_mnist()
-    test = {k: v[:images] for k, v in fm.test.arrays().items()}
-    order = np.random.default_rng(0).permutation(len(fm.train.labels))
-    stats = {"images": fm.train.images[order[:unlabeled]]}
+def fashion_mnist_sets(
+    images: int, unlabeled: int, held_out: int = 0, *, dataset: str = "fashion_mnist"
+) -> tuple[dict, ...]:
+    """``(test, unlabeled, held_out)`` arrays of `rotjax.data`'s ``dataset`` (one of
+    ``TEST_IMAGES``): the first ``images`` test images with labels; from the reproduction's
+    fixed shuffle of the training set (numpy seed 0), its first ``unlabeled`` images (no
+    labels) and the next ``held_out`` with labels."""
+    splits = getattr(data, dataset)()
+    test = {k: v[:images] for k, v in splits.test.arrays().items()}
+    order = np.random.default_rng(0).permutation(len(splits.train.labels))
+    stats = {"images": splits.train.images[order[:unlabeled]]}
     pick = order[unlabeled : unlabeled + held_out]
-    return test, stats, {k: v[pick] for k, v in fm.train.arrays().items()}
+    return test, stats, {k: v[pick] for k, v in splits.train.arrays().items()}
 
 
-TEST_IMAGES = 10_000  # Fashion-MNIST's test split
+# The image datasets of `rotjax.data` with a fixed test split: its size, and the images' shape.
+TEST_IMAGES = {
+    "fashion_mnist": 10_000,
+    "mnist_sample": data.MNIST_SAMPLE_TEST_SIZE,
+    "digits": data.DIGITS_TEST_SIZE,
+}
+IMAGE_SHAPES = {"fashion_mnist": (28, 28, 1), "mnist_sample": (28, 28, 1), "digits": (8, 8, 1)}
 
 
-def check_images(parser: argparse.ArgumentParser, images: int) -> None:
-    """Exit through ``parser`` unless ``images`` test images can be had (a slice of the test
-    split took -5 for 9,995 and 20000 for 10,000, silently)."""
-    if not 1 <= images <= TEST_IMAGES:
-        parser.error(f"--images must be in [1, {TEST_IMAGES}] (the test split), got {images}")
+def check_images(
+    parser: argparse.ArgumentParser, images: int, dataset: str = "fashion_mnist"
+) -> None:
+    """Exit through ``parser`` unless ``images`` test images of ``dataset`` can be had (a slice
+    of the test split took -5 for 9,995 and 20000 for 10,000, silently)."""
+    n = TEST_IMAGES[dataset]
+    if not 1 <= images <= n:
+        parser.error(f"--images must be in [1, {n}] (the test split), got {images}")
+
+
+def check_image_shape(parser: argparse.ArgumentParser, dirs, dataset: str) -> None:
+    """Exit through ``parser`` unless every checkpoint of ``dirs`` takes ``dataset``'s images
+    (a ViT of 28x28 images failed on 8x8 digits inside its patch embedding)."""
+    h, w, c = IMAGE_SHAPES[dataset]
+    for d in dirs:
+        config = json.loads((Path(d) / "config.json").read_text())
+        got = (config.get("image_size"), config.get("image_size"), config.get("num_channels"))
+        if got != (h, w, c):
+            parser.error(
+                f"{d} takes {got[0]}x{got[1]}x{got[2]} images; {dataset}'s are {h}x{w}x{c}"
+            )
 
 
 def check_checkpoints(parser: argparse.ArgumentParser, dirs) -> None:
@@ -56,16 +83,24 @@ def check_checkpoints(parser: argparse.ArgumentParser, dirs) -> None:
 
 
 def pairs(
-    dirs, alignments, methods, *, images=10_000, unlabeled=1000, descent_steps=None, log=print
+    dirs,
+    alignments,
+    methods,
+    *,
+    images=10_000,
+    unlabeled=1000,
+    descent_steps=None,
+    dataset="fashion_mnist",
+    log=print,
 ) -> dict:
     """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy},
-    "align_seconds": {alignment: seconds}}], "descent_steps": ...}``; ``descent_steps`` (None:
-    `fusion.ALIGNMENTS`' 300) are the straight-through alignment's."""
-    test, stats, _ = fashion_mnist_sets(images, unlabeled)
+    "align_seconds": {alignment: seconds}}], "descent_steps": ..., "dataset": ...}``;
+    ``descent_steps`` (None: `fusion.ALIGNMENTS`' 300) are the straight-through alignment's."""
+    test, stats, _ = fashion_mnist_sets(images, unlabeled, dataset=dataset)
     st = fusion.ALIGNMENTS["straight-through"]
     steps = st["steps"] if descent_steps is None else descent_steps
     options = {"straight-through": {**st, "steps": steps}}
-    out = {"endpoints": {}, "pairs": [], "descent_steps": steps}
+    out = {"endpoints": {}, "pairs": [], "descent_steps": steps, "dataset": dataset}
     for dir_a, dir_b in itertools.combinations(dirs, 2):
         pair = fusion.load_pair(dir_a, dir_b)
         evaluate = fusion.evaluator(pair.model, test)
@@ -105,7 +140,8 @@ def main(argv=None):
     p.add_argument("dirs", nargs="+", help="Hugging Face ViT checkpoints (at least 2)")
     p.add_argument("--align", default="all + stream,activations")
     p.add_argument("--methods", default="average,circuits")
-    p.add_argument("--images", type=int, default=10_000, help="test images")
+    p.add_argument("--dataset", choices=sorted(TEST_IMAGES), default="fashion_mnist")
+    p.add_argument("--images", type=int, default=None, help="test images (all of the split's)")
     p.add_argument("--out", default="runs/pairs")
     p.add_argument("--descent-steps", type=int, default=None, help="straight-through's steps (300)")
     args = p.parse_args(argv)
@@ -117,11 +153,18 @@ def main(argv=None):
         p.error(f"unknown alignments {unknown}; known: {sorted(fusion.ALIGNMENTS)}")
     if unknown := sorted(set(methods) - set(fusion.METHODS)):
         p.error(f"unknown methods {unknown}; known: {list(fusion.METHODS)}")
-    check_images(p, args.images)
+    images = TEST_IMAGES[args.dataset] if args.images is None else args.images
+    check_images(p, images, args.dataset)
     check_checkpoints(p, args.dirs)
+    check_image_shape(p, args.dirs, args.dataset)
     train.enable_compilation_cache()
     results = pairs(
-        args.dirs, alignments, methods, images=args.images, descent_steps=args.descent_steps
+        args.dirs,
+        alignments,
+        methods,
+        images=images,
+        descent_steps=args.descent_steps,
+        dataset=args.dataset,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

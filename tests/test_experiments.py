@@ -321,6 +321,20 @@ def test_pairs(tmp_path, capsys):
         assert f"--images must be in [1, 10000] (the test split), got {images}" in (
             capsys.readouterr().err
         )
+    # Another of rotjax.data's image datasets: its own test split, and images the models take.
+    argv = [dirs[0], dirs[2], "--align", "all + stream", "--methods", "average"]
+    pairs.main([*argv, "--dataset", "mnist_sample", "--out", str(tmp_path / "mnist")])
+    mnist = json.loads((tmp_path / "mnist" / "pairs.json").read_text())
+    assert mnist["dataset"] == "mnist_sample" and mnist["pairs"][0]["all + stream"] == {
+        "average": mnist["endpoints"][dirs[0]]
+    }
+    with pytest.raises(SystemExit):
+        pairs.main([*argv, "--dataset", "mnist_sample", "--images", "1001"])
+    assert "--images must be in [1, 1000] (the test split), got 1001" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # 28x28 ViTs on 8x8 digits: refused before any work
+        pairs.main([*argv, "--dataset", "digits", "--out", str(tmp_path / "digits")])
+    assert "takes 28x28x1 images; digits's are 8x8x1" in capsys.readouterr().err
+    assert not (tmp_path / "digits").exists()
 
 
 def test_merge_rows_reuse_statistics(monkeypatch):
