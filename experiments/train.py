@@ -664,14 +664,20 @@ def main(argv=None):
     train.initialize_distributed(enabled=args.distributed or None)
     train.enable_compilation_cache()
     try:  # every bad --set is one line, before any workdir exists
-        config = CONFIGS[args.config](seed=args.seed)
-        config = dataclasses.replace(config, name=f"{config.name}-s{args.seed}")
+        preset = CONFIGS[args.config](seed=args.seed)
+        config = dataclasses.replace(preset, name=f"{preset.name}-s{args.seed}")
         if args.quick:
             config = quick(config)
         if args.smoke:
             config = smoke(config)
         for assignment in args.set:
             config = _override(config, assignment)
+        if config.dataset != preset.dataset and config.name == f"{preset.name}-s{args.seed}":
+            # a preset on other data is named for that data (`--set name=...` still wins): the
+            # MNIST sample's runs were named vit-fashion_mnist-s0, ...
+            config = dataclasses.replace(
+                config, name=f"{config.model}-{config.dataset}-s{args.seed}"
+            )
         summary = train_and_evaluate(
             config,
             args.workdir,

@@ -154,6 +154,7 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys, monkeypatch
     config, _ = hf.load(tmp_path / "hf")
     assert (config.image_size, config.num_channels) == (8, 1)
     before = (tmp_path / "summary.json").read_text()
+    assert json.loads(before)["name"] == "vit-digits-s0"  # named for its data (not fashion_mnist)
     with pytest.raises(SystemExit, match=r"another config \(.*seed: 0 -> 1"):
         T.main([*base, "--set", "dataset=digits", "--seed", "1"])
     assert (tmp_path / "summary.json").read_text() == before  # nothing rewritten
