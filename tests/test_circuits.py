@@ -121,7 +121,13 @@ def test_circuits_are_the_truncated_svd_of_the_mean_circuit(seed):
         for circuit in circuits.values():
             u, s, vt = np.linalg.svd(sum(wi * circuit(f, h) for wi, f in zip(w, flat, strict=True)))
             want = (u[:, :d] * s[:d]) @ vt[:d]
-            assert rel_err(circuit(got, h), want) <= TOL
+            # A rank-d truncation moves with its input's rounding by up to s₁ / (s_d - s_{d+1})
+            # times it (Wedin): float32 rounding is amplified where the d-th and (d+1)-th
+            # singular values nearly meet (1.8e-5 at a ratio of 2028, ROTJAX_SEED=350690482;
+            # over 41 seeds at most 4.9 u times the ratio); 8 u times it, or TOL where the gap
+            # is wide. A wrong truncation or head is off by O(1).
+            gap = 8 * 2.0**-24 * s[0] / (s[d - 1] - s[d])
+            assert rel_err(circuit(got, h), want) <= max(TOL, gap)
     for p, v in to_dict(base).items():  # the rest: the base merge
         if "/attention/" not in p or p.endswith("out/bias"):
             np.testing.assert_array_equal(out[p], v)
