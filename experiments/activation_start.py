@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fusion
-from experiments.pairs import check_checkpoints, check_images, fashion_mnist_sets
+from experiments.pairs import check_checkpoints, check_images, image_sets
 from rotjax import match, merge, train
 from rotjax.merge._select import _chosen
 
@@ -105,7 +105,7 @@ def run(
     descent_steps=0,
     log=print,
 ):
-    test, stats, select = fashion_mnist_sets(images, unlabeled, held_out)
+    test, stats, select = image_sets(images, unlabeled, held_out)
     key = jax.random.key(0)
     out = []
     for dir_a, dir_b in itertools.combinations(dirs, 2):

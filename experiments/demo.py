@@ -41,7 +41,7 @@ import numpy as np
 
 from experiments import fusion, plots
 from experiments import train as T
-from experiments.pairs import fashion_mnist_sets
+from experiments.pairs import image_sets
 from rotjax import cli, data, hf, merge, train
 from rotjax import symmetry as sym
 from rotjax.models import family
@@ -142,7 +142,7 @@ def fusion_part(cache: Path, work: Path, smoke: bool, descent_steps: int = 0) ->
     # unlabeled images for the statistics, the activation start and refit: with 500 the table
     # was the same within 3 points (refit 76-78%, RegMean 56-71% either way; 2026-12-03) and
     # those steps took twice as long.
-    test, unlabeled, _ = fashion_mnist_sets(256 if smoke else 1000, 32 if smoke else 250)
+    test, unlabeled, _ = image_sets(256 if smoke else 1000, 32 if smoke else 250)
     evaluate = fusion.evaluator(pair.model, test)
     metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     ends = metrics(pair.a), metrics(pair.b)

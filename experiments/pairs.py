@@ -26,7 +26,7 @@ from experiments import fusion
 from rotjax import data, train
 
 
-def fashion_mnist_sets(
+def image_sets(
     images: int, unlabeled: int, held_out: int = 0, *, dataset: str = "fashion_mnist"
 ) -> tuple[dict, ...]:
     """``(test, unlabeled, held_out)`` arrays of `rotjax.data`'s ``dataset`` (one of
@@ -96,7 +96,7 @@ def pairs(
     """``{"endpoints": {dir: accuracy}, "pairs": [{"a", "b", alignment: {method: accuracy},
     "align_seconds": {alignment: seconds}}], "descent_steps": ..., "dataset": ...}``;
     ``descent_steps`` (None: `fusion.ALIGNMENTS`' 300) are the straight-through alignment's."""
-    test, stats, _ = fashion_mnist_sets(images, unlabeled, dataset=dataset)
+    test, stats, _ = image_sets(images, unlabeled, dataset=dataset)
     st = fusion.ALIGNMENTS["straight-through"]
     steps = st["steps"] if descent_steps is None else descent_steps
     options = {"straight-through": {**st, "steps": steps}}

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from experiments import fusion, plots
-from experiments.pairs import check_checkpoints, check_images, fashion_mnist_sets
+from experiments.pairs import check_checkpoints, check_images, image_sets
 from rotjax import merge, train
 
 
@@ -25,7 +25,7 @@ def paths(dir_a, dir_b, alignments, *, images=2000, points=11, unlabeled=1000) -
     """``{alignment: {"lambdas", "metrics", "barrier", "seconds", "distance"}}``; activation
     starts read the first ``unlabeled`` training images of a fixed shuffle."""
     pair = fusion.load_pair(dir_a, dir_b)
-    test, stats, _ = fashion_mnist_sets(images, unlabeled)
+    test, stats, _ = image_sets(images, unlabeled)
     evaluate = fusion.evaluator(pair.model, test)
     metrics = lambda p: {k: v for k, v in evaluate(p).items() if k in ("loss", "accuracy")}
     variants = fusion.align_variants(pair, alignments, stats, key=jax.random.key(0))

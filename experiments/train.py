@@ -665,14 +665,15 @@ def main(argv=None):
     train.enable_compilation_cache()
     try:  # every bad --set is one line, before any workdir exists
         preset = CONFIGS[args.config](seed=args.seed)
-        config = dataclasses.replace(preset, name=f"{preset.name}-s{args.seed}")
+        named = f"{preset.name}-s{args.seed}"
+        config = dataclasses.replace(preset, name=named)
         if args.quick:
             config = quick(config)
         if args.smoke:
             config = smoke(config)
         for assignment in args.set:
             config = _override(config, assignment)
-        if config.dataset != preset.dataset and config.name == f"{preset.name}-s{args.seed}":
+        if config.dataset != preset.dataset and config.name == named:
             # a preset on other data is named for that data (`--set name=...` still wins): the
             # MNIST sample's runs were named vit-fashion_mnist-s0, ...
             config = dataclasses.replace(

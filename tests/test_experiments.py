@@ -592,11 +592,11 @@ def test_activation_start(tmp_path, capsys):
     assert rows["start"]["loss"] < rows["none"]["loss"]
     # The library's rule (of equal losses, the nearest A in weights): its own choice.
     from experiments import fusion
-    from experiments.pairs import fashion_mnist_sets
+    from experiments.pairs import image_sets
     from rotjax import merge
 
     p = fusion.load_pair(*dirs).canonical()
-    batches = fusion.batches(fashion_mnist_sets(64, 1000)[1])
+    batches = fusion.batches(image_sets(64, 1000)[1])
     _, info = merge.align_by_activations(p.model, p.spec, p.a, p.b, batches, key=jax.random.key(0))
     s = info["sweeps"]
     want = {"weights": "data-free", "identity": "none"}.get(info["start"])

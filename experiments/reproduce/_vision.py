@@ -13,7 +13,7 @@ import jax
 import numpy as np
 
 from experiments import fusion
-from experiments.pairs import fashion_mnist_sets
+from experiments.pairs import image_sets
 from experiments.reproduce._models import Settings, trained
 from rotjax import match, merge
 
@@ -28,7 +28,7 @@ def run(settings: Settings, out, log, code: str = "", commit: str | None = None)
     models = [trained(settings, out, "vit_fashion_mnist", s) for s in settings.vision_seeds]
     # Choices (which alignment is "rotjax's best") are made on training images the statistics
     # did not use, never on the test set.
-    test, unlabeled, select = fashion_mnist_sets(
+    test, unlabeled, select = image_sets(
         settings.test_images, settings.stats_examples, settings.curve_images
     )
     curve_data = {k: v[: settings.curve_images] for k, v in test.items()}
