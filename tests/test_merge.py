@@ -68,12 +68,12 @@ def test_regmean_is_the_least_squares_merge_at_alpha_1(seed):
     # cancels to ~1e-4 needs an absolute floor as well.
     np.testing.assert_allclose(got0["w"]["kernel"], want, rtol=1e-5, atol=1e-6)
     # A ridge holds the kernel to the average (the docstring said it shrank it towards 0):
-    # argmin_W Σ_i ‖X_i (W - W_i)‖² / n + s ‖W - W̄‖², s = ridge · mean diag(Σ G), in float64
+    # argmin_W Σ_i ‖X_i (W - W_i)‖² / n + Σ_j s_j ‖W_j - W̄_j‖², s = ridge · diag(Σ G), in float64
     rows, mean, ridge = len(xs[0]), np.mean(ws, axis=0), 0.5
     g = sum(x.T @ x for x in xs) / rows
-    s = ridge * np.mean(np.diag(g))
-    rhs = sum(x.T @ x @ w for x, w in zip(xs, ws, strict=True)) / rows + s * mean
-    want = np.linalg.solve(g + s * np.eye(len(g)), rhs)
+    s = np.diag(ridge * np.diag(g))
+    rhs = sum(x.T @ x @ w for x, w in zip(xs, ws, strict=True)) / rows + s @ mean
+    want = np.linalg.solve(g + s, rhs)
     got = merge.regmean(params, stats, alpha=1.0, ridge=ridge)["w"]["kernel"]
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
@@ -81,14 +81,16 @@ def test_regmean_is_the_least_squares_merge_at_alpha_1(seed):
 def test_regmean_on_fewer_rows_than_inputs_is_the_least_squares_merge_nearest_the_average(seed):
     """Grams of rank below their width (16 + 16 rows for 64 inputs; a wide FFN kernel on little
     data): at α = 1 the least-squares merge is not unique, and RegMean returns the one nearest
-    the average (float64 lstsq's minimum-norm oracle). In float32 an inverse of the singular
-    sum returned weights ~1000 times too large (outputs 30 times the target); the pseudo-
-    inverse leaves the directions no row reaches at the average."""
+    the average in the inputs' scale, least ``Σ_j ‖X e_j‖² ‖W_j - W̄_j‖²`` (float64 lstsq's
+    minimum-norm solution in the inputs scaled to unit norm). In float32 an inverse of the
+    singular sum returned weights ~1000 times too large (outputs 30 times the target); the
+    pseudo-inverse leaves the directions no row reaches at the average."""
     xs, ws, params, stats = _layer_models(seed, n_models=2, d_in=64, d_out=4, rows=16)
     got = np.asarray(merge.regmean(params, stats, alpha=1.0)["w"]["kernel"], np.float64)
     x, mean = np.concatenate(xs), np.mean(ws, axis=0)
     y = np.concatenate([xi @ w for xi, w in zip(xs, ws, strict=True)])
-    oracle = mean + np.linalg.lstsq(x, y - x @ mean)[0]
+    norms = np.linalg.norm(x, axis=0)
+    oracle = mean + np.linalg.lstsq(x / norms, y - x @ mean)[0] / norms[:, None]
     # Float32 Grams of a 32-rank sum (condition ~1e3 on its range): ~1e-4 relative.
     np.testing.assert_allclose(got, oracle, rtol=0, atol=1e-3 * np.abs(oracle).max())
 
@@ -114,6 +116,22 @@ def test_regmean_solves_the_weak_directions_of_a_full_rank_gram(seed):
     ]
     got = np.asarray(merge.regmean(params, stats, alpha=1.0)["w"]["kernel"], np.float64)
     np.testing.assert_allclose(got, want, rtol=0, atol=1e-2 * np.abs(want).max())
+
+
+def test_regmean_does_not_depend_on_the_inputs_units(seed):
+    """Inputs rescaled by S (``X ↦ X S``, so ``W_i ↦ S⁻¹ W_i`` computes the same) give the merge
+    ``S⁻¹ W*``, at every α, with S over six decades (mean squares over twelve): the
+    pseudo-inverse's cut was relative to the largest input's scale, and an input of mean
+    square 5e5 times below it came back as the plain average (an exact diagonal at α = 0)."""
+    xs, ws, params, stats = _layer_models(seed, d_in=6)
+    s = np.logspace(-3, 3, 6)
+    moved = [{"w": {"kernel": jnp.asarray(w / s[:, None], jnp.float32)}} for w in ws]
+    grams = [{"gram": {"w/kernel": jnp.asarray(s[:, None] * (x.T @ x / len(x)) * s)}} for x in xs]
+    for alpha in (0.0, 0.5, 1.0):
+        want = np.asarray(merge.regmean(params, stats, alpha=alpha)["w"]["kernel"], np.float64)
+        got = np.asarray(merge.regmean(moved, grams, alpha=alpha)["w"]["kernel"], np.float64)
+        # The same float32 solve up to the rounding of the scaled inputs (condition ~1e2).
+        np.testing.assert_allclose(got * s[:, None], want, rtol=1e-4, atol=1e-5)
 
 
 def test_fisher_merge_formula_floor_and_equal_fishers(seed):
@@ -149,6 +167,11 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
     fisher = [{"fisher": {"w/kernel": jnp.ones((1, ws[0].shape[1]))}}] * 2
     with pytest.raises(ValueError, match=r"w/kernel: param \(\d+, \d+\) vs stats_list\[0\]"):
         merge.fisher(params, fisher)
+    # ... named by its index in stats_list when a model of weight 0 comes first (it was
+    # numbered among the kept models only: stats_list[1] for the third model)
+    three = [ones_ := {"fisher": {"w/kernel": jnp.ones(ws[0].shape)}}, ones_, fisher[0]]
+    with pytest.raises(ValueError, match=r"w/kernel: param \(\d+, \d+\) vs stats_list\[2\]"):
+        merge.fisher([*params, params[0]], three, weights=[0, 1, 1])
     with pytest.raises(ValueError, match="eps must be a finite number > 0"):
         merge.fisher(params, [{"fisher": {}}] * 2, eps=0.0)
     # A NaN Fisher entry made that entry the plain average, silently.
@@ -271,6 +294,9 @@ def test_merging_identical_models_returns_them(name, key):
         (dict(mode="wts", transport="sinkhorn", epsilon=-0.06), "epsilon must be a finite"),
         (dict(mode="wts", transport="sinkhorn", epsilon=np.inf), "epsilon must be a finite"),
         (dict(mode="wts", weight=1.2), r"weight \(A's share\) must be in \[0, 1\]"),
+        # a bool is no number (True was taken as 1.0: A returned, Sinkhorn at epsilon 1)
+        (dict(mode="wts", weight=True), r"weight \(A's share\) must be in \[0, 1\]"),
+        (dict(mode="wts", transport="sinkhorn", epsilon=True), "epsilon must be a finite"),
         (dict(mode="wts", transport="sinkhorn", solver="scpy"), "solver must be one of"),
     ):
         with pytest.raises(ValueError, match=message):
@@ -303,6 +329,11 @@ def test_per_tensor_trim_of_a_list_of_layers_and_models_given_as_a_list(seed):
         {"layers": {"w": jnp.zeros((2, 10))}}, [stack], density=0.2, trim="tensor"
     )
     assert kept(per_layer["layers"]["w"]).tolist() == [2, 2]
+    # A scalar under "layers" has no layer axis: trimmed as a tensor of its own (vmap over
+    # its axis 0 crashed).
+    scalar = lambda t: {"layers": {"t": jnp.float32(t)}, "w": jnp.arange(4.0) * t}
+    got = merge.ties(scalar(0.0), [scalar(1.5)], density=0.5, trim="tensor")
+    assert float(got["layers"]["t"]) == 1.5 and kept(got["w"]) == 2
     one = {"w": jnp.ones(3), "b": jnp.zeros(3)}
     for call in (
         lambda: merge.average(one),

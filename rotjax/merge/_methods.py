@@ -196,11 +196,12 @@ def _kind(stats: Any, i: int, kind: str) -> Mapping[str, Any]:
     return stats[kind]
 
 
-def _check_fishers(paths, leaves, fs) -> None:
-    """Every Fisher has its param's shape (no silent broadcasting)."""
+def _check_fishers(paths, leaves, fs, ids) -> None:
+    """Every Fisher has its param's shape (no silent broadcasting); ``ids``: the models'
+    indices in ``stats_list``."""
     bad = [
         f"  {p}: param {np.shape(x)} vs stats_list[{i}] fisher {np.shape(f[p])}"
-        for i, f in enumerate(fs)
+        for i, f in zip(ids, fs, strict=True)
         for p, x in zip(paths, leaves, strict=True)
         if p in f and np.shape(f[p]) != np.shape(x)
     ]
@@ -285,7 +286,7 @@ def fisher(
     kept = _kept(w)  # a model of weight 0 is never read: its statistics may lack Fishers
     fs = [_kind(s, i, "fisher") if i in kept else {} for i, s in enumerate(stats_list)]
     _check_cover(paths, [fs[i] for i in kept], "fisher", ids=kept)
-    _check_fishers(paths, leaves[0], [fs[i] for i in kept])
+    _check_fishers(paths, leaves[0], [fs[i] for i in kept], kept)
     # A NaN Fisher would make the merge of its entry the plain average, silently.
     bad = [f"  stats_list[{i}]: {p}" for i in kept for p in non_finite(dict(fs[i]))]
     if bad:
@@ -356,16 +357,19 @@ def regmean(
       rest: how params without a Gram (biases, embeddings, LayerNorms, the patch embedding)
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted, by `fisher` with its default
         ``eps`` and no normalisation; call `fisher` for others and take those params from it).
-      ridge: holds each kernel to the average ``W̄ = Σ λ_i W_i / Σ λ_i`` with ``s = ridge *
-        mean(diag(Σ λ_i G̃_i))``: ``W* = W̄ + (Σ λ_i G̃_i + s I)⁺ Σ λ_i G̃_i (W_i - W̄)``, the
-        minimiser of the objective above plus ``s ‖W - W̄‖²`` (at s = 0 the formula above; it
-        shrinks towards W̄, not towards 0), by the pseudo-inverse `_pinv_psd` (eigenvalues
-        below ``16 ε`` times the largest, float32 rounding of zero, count as 0); the default
-        1e-8 changes nothing measurably. Directions
+      ridge: holds each kernel to the average ``W̄ = Σ λ_i W_i / Σ λ_i``, each input row j by
+        its own ``s_j = ridge · T_jj`` (``T = Σ λ_i G̃_i``, so S = ridge · diag(T)):
+        ``W* = W̄ + (T + S)⁺ Σ λ_i G̃_i (W_i - W̄)``, the minimiser of the objective above plus
+        ``Σ_j s_j ‖W_j - W̄_j‖²`` (at 0 the formula above; it shrinks towards W̄, not towards
+        0; relative to each input's scale, as α's diagonal is, so the merge does not depend on
+        the inputs' units: inputs ``X S``, kernels ``S⁻¹ W_i`` give ``S⁻¹ W*``); the default
+        1e-8 changes nothing measurably. The pseudo-inverse (`_pinv_equilibrated`) is taken
+        of ``T + S`` scaled to unit diagonal, its eigenvalues below ``16 ε`` times the largest
+        (float32 rounding of zero) counting as 0. Directions
         no data excites (an input that is always 0, or at α = 1 more inputs than rows) are not
         fitted: the kernel keeps the average there (a kernel whose Grams are all zero, one no
         data reaches, comes back as the average), so at α = 1 the merge is the least-squares
-        one nearest the average.
+        one nearest the average in the inputs' scale (least ``Σ_j T_jj ‖W_j - W̄_j‖²``).
 
     Raises:
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
@@ -423,16 +427,19 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     eye = jnp.eye(n, dtype=dt).reshape((1,) * b + (n, n))
     reduced = [alpha * jnp.asarray(g, dt) + (1 - alpha) * jnp.asarray(g, dt) * eye for g in grams]
     total = sum(w[i] * g for i, g in enumerate(reduced))
-    shift = ridge * jnp.mean(jnp.diagonal(total, axis1=-2, axis2=-1), axis=-1)
-    total = total + shift[..., None, None] * eye
+    total = total + ridge * jnp.diagonal(total, axis1=-2, axis2=-1)[..., None] * eye
     # Directions no data excites (an input that is always 0, fewer rows than inputs at α = 1)
     # have no energy in Σ λ G̃ and none in the right-hand side: the pseudo-inverse leaves them
     # at the average, where a float32 inverse of the singular matrix would amplify rounding.
     # Rounding leaves their eigenvalues near ε max(e) (1.2-1.6e-7 max(e) measured in float32,
     # n = 64 to 768), while an uncentred Gram's data directions reach down to ~1e-4 max(e)
     # (a large mean takes the top one): the cut at 16 ε max(e) keeps every data direction
-    # (`numpy.linalg.lstsq`'s n ε, 9e-5 max(e) at n = 768, cut some).
-    inv = _pinv_psd(total, rcond=16 * jnp.finfo(dt).eps)
+    # (`numpy.linalg.lstsq`'s n ε, 9e-5 max(e) at n = 768, cut some). The cut is taken on
+    # ``D T D``, D = diag(T)^(-1/2) (T = Σ λ G̃; unit diagonal, `_pinv_equilibrated`), as the
+    # merge does not depend on the inputs' units (X ↦ X S, W_i ↦ S⁻¹ W_i gives S⁻¹ W*): on T
+    # itself an input of mean square 5e5 times below the largest one's (an exact diagonal at
+    # α = 0) fell below the cut and came back as the average.
+    inv = _pinv_equilibrated(total, rcond=16 * jnp.finfo(dt).eps)
     xs = [wide(x) for x in kernels]
     mean = sum(w[i] * x for i, x in enumerate(xs)) / jnp.sum(w)
     # W* = W̄ + (Σ λ G̃ + sI)⁻¹ Σ λ G̃ (W_i - W̄), at s = 0 (Σ λ G̃)⁻¹ Σ λ G̃ W_i; it solves only
@@ -446,6 +453,18 @@ def _regmean_kernel(kernels, grams, w, alpha, ridge):
     delta = _contract_in(inv, rhs, b, n_in)
     delta = delta + _contract_in(inv, rhs - _contract_in(total, delta, b, n_in), b, n_in)
     return _cast(mean + delta, kernels[0])
+
+
+def _pinv_equilibrated(g: jax.Array, rcond: float) -> jax.Array:
+    """``D (D G D)⁺ D`` with ``D = diag(G)^(-1/2)`` (0 where the diagonal is 0: a PSD matrix's
+    row and column are 0 there too): `_pinv_psd` of G with unit diagonal, so that its cut is
+    relative to each input's own scale, not the largest input's (``G⁻¹`` itself when G is
+    regular)."""
+    d = jnp.diagonal(g, axis1=-2, axis2=-1)
+    s = jnp.where(d > 0, jax.lax.rsqrt(jnp.where(d > 0, d, 1)), 0)
+    return (
+        s[..., :, None] * _pinv_psd(s[..., :, None] * g * s[..., None, :], rcond) * s[..., None, :]
+    )
 
 
 def _pinv_psd(g: jax.Array, rcond: float | None = None) -> jax.Array:

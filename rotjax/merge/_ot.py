@@ -91,9 +91,12 @@ def ot_fusion(
         raise ValueError("mode='wts' reads no cross statistics: pass cross=None or mode='acts'")
     if epsilon is not None and transport != "sinkhorn":
         raise ValueError(f"epsilon is Sinkhorn's: transport={transport!r} reads none")
-    if epsilon is not None and not (math.isfinite(epsilon) and epsilon > 0):
+    # (a bool is no number here: True was taken as 1.0, as refit's ridge once was)
+    if epsilon is not None and (
+        isinstance(epsilon, bool) or not (math.isfinite(epsilon) and epsilon > 0)
+    ):
         raise ValueError(f"epsilon must be a finite number > 0, got {epsilon!r}")
-    if not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
+    if isinstance(weight, bool) or not (math.isfinite(weight) and 0.0 <= weight <= 1.0):
         raise ValueError(f"weight (A's share) must be in [0, 1], got {weight!r}")
     if solver not in SOLVERS:  # (checked even where Sinkhorn alone would transport)
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")

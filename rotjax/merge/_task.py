@@ -45,7 +45,10 @@ def _stacked(paths, leaves) -> tuple[bool | None, ...]:
             for i, x in enumerate(parts)
         )
 
-    return tuple(stacked(p) if averaged(x) else None for p, x in zip(paths, leaves, strict=True))
+    return tuple(
+        (stacked(p) and np.ndim(x) > 0) if averaged(x) else None  # a scalar has no layer axis
+        for p, x in zip(paths, leaves, strict=True)
+    )
 
 
 def _merged(models, how, scale, **options):
