@@ -365,6 +365,14 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     # A method's options given to another are refused, not silently ignored.
     _fails([*base, "--ridge", "1"], capsys, "--ridge does not apply without --refit")
     _fails([*base, "--alpha", "0.5"], capsys, "--alpha does not apply to --method average")
+    # A value starting with "-" is taken for an option by argparse: say how to write it (the
+    # message said only that the value was missing), and the value is then checked as any
+    _fails(
+        [*base, "--weights", "-1,2"],
+        capsys,
+        "(a value that starts with '-' is written --weights=VALUE)",
+    )
+    _fails([*base, "--weights=-1,2"], capsys, "--weights: ")
     dare = [*base, "--method", "dare", "--base", A]
     _fails([*dare, "--density", "0.5"], capsys, "--density does not apply to --method dare")
     _fails([*base, "--transport", "sinkhorn"], capsys, "(only to ot-acts, ot-wts)")

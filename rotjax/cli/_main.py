@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -75,6 +76,10 @@ class _UsageError(CLIError):
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message):  # one line and exit status 2, as every other bad input
+        # argparse takes a value starting with "-" that is not one number (`--weights -1,2`)
+        # for an option, and said only that the value was missing
+        if m := re.fullmatch(r"argument (--[\w-]+)(?:/\S+)?: expected one argument", message):
+            message += f" (a value that starts with '-' is written {m[1]}=VALUE)"
         raise _UsageError(self.prog, message)
 
 
