@@ -1166,10 +1166,11 @@ def test_transport_params_and_ot_fusion_refuse_bad_maps_and_non_finite_inputs(ke
         merge.ot_fusion(spec, a, a, mode="acts", cross=nan)
 
 
-def test_ot_fusion_of_bfloat16_models_rounds_once(key):
+def test_ot_fusion_of_bfloat16_models_rounds_once_and_of_float64_ones_maps_in_float64(key):
     """Sinkhorn maps on bfloat16 models: B is moved in float32 through every stage and rounded
     once (it was rounded after each stage and between two maps on one leaf), so the fusion is
-    the float32 fusion of the same weights, rounded: bit for bit."""
+    the float32 fusion of the same weights, rounded: bit for bit. float64 models' maps are
+    float64."""
     config = CONFIGS["bert-h3d4-l2"]
     c = compiled(config)
     p16 = [
@@ -1190,6 +1191,14 @@ def test_ot_fusion_of_bfloat16_models_rounds_once(key):
     for path, x in to_dict(got.moved).items():
         np.testing.assert_array_equal(to_dict(zero.moved)[path], x, err_msg=path)
     assert isinstance(zero.moved, flax.core.FrozenDict)
+    # float64 models (x64) get float64 maps from weights, as from activations (they were
+    # float32: B mixed by rows that summed to 1 only to ~1e-7)
+    with jax.enable_x64(True):
+        p64 = [jax.tree.map(lambda x: x.astype(jnp.float64), p) for p in p32]
+        maps = merge.ot_fusion(c.spec, *p64, mode="wts", transport="sinkhorn").maps
+        for name, m in maps.items():
+            assert m.dtype == jnp.float64, name
+            np.testing.assert_allclose(np.sum(m, axis=-1), 1.0, rtol=0, atol=1e-12, err_msg=name)
 
 
 def test_correlations_of_features_with_a_large_mean_match_float64(key):

@@ -130,8 +130,12 @@ def ot_fusion(
                     f"cross holds no inputs of any layer that reads the units of {missing} "
                     "(cross_statistics of the whole models is what mode='acts' needs)"
                 )
-        else:
-            similarity = _weight_cosines(spec, params_a, moved, names)
+        else:  # scored in float32 (`rotjax.match`), transported in B's precision: the maps
+            # of float64 models are float64, as from activations (rows summing to 1 to 1e-7)
+            dt = jnp.result_type(*(x for x in jax.tree.leaves(moved) if averaged(x)))
+            similarity = {
+                n: s.astype(dt) for n, s in _weight_cosines(spec, params_a, moved, names).items()
+            }
         new = {}
         for n, cost in _costs(similarity).items():
             if transport == "exact" or queries:
