@@ -450,8 +450,9 @@ def test_bad_spec_is_rejected():
 
 
 def test_transform_elements_may_be_lists(key):
-    """`check_transform` reads a list element as an array; apply, compose and invert failed on
-    one inside their jitted programs (a list is no pytree leaf)."""
+    """`check_transform` reads a list element as an array; apply, compose and invert (and
+    align's init, permutation_scores' transform) failed on one inside their jitted programs
+    (a list is no pytree leaf)."""
     config, spec, model, params, _ = setup("bert-h3d4-l2", False, key)
     perm = jax.random.permutation(key, 12)
     as_list = {"residual": [int(i) for i in perm]}
@@ -459,6 +460,14 @@ def test_transform_elements_may_be_lists(key):
     jax.tree.map(np.testing.assert_array_equal, moved, sym.apply(spec, params, {"residual": perm}))
     back = sym.compose(spec, as_list, sym.invert(spec, as_list))
     np.testing.assert_array_equal(back["residual"], np.arange(12))
+    # So do align's init and permutation_scores' transform (a TypeError inside their jit)
+    undo = {"residual": [int(i) for i in jnp.argsort(perm)]}
+    aligned = match.align(spec, params, moved, solve=("ffn",), init=undo)
+    assert rel_err(aligned.params, params) <= 1e-7
+    units = spec.select(roles=["ffn"])[:1]
+    got = match.permutation_scores(spec, params, moved, units, undo)
+    want = match.permutation_scores(spec, params, moved, units, {"residual": np.argsort(perm)})
+    jax.tree.map(np.testing.assert_array_equal, got, want)
 
 
 class NNXAttention(nnx.Module):

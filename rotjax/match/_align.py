@@ -413,7 +413,8 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     (a_flat, b_flat), scale = _rescaled(a_flat, b_flat)
     sq = scale * scale
     names = spec.select(roles=options.roles, layers=layer_set)
-    init = dict(options.init or {})
+    # (elements given as lists, which the checks and `sym.apply` take, as arrays for the jit)
+    init = {n: jnp.asarray(e) for n, e in (options.init or {}).items()}
     # A stream rotation in the start still acts after the stream permutation: the
     # permutation's assignment would see B in the wrong order, so it is not solved then (the
     # rotation, solved, holds every permutation; `_checked_against` refuses it unsolved).

@@ -81,4 +81,6 @@ def permutation_scores(
         raise ValueError(f"not permutation groups of the spec: {bad}; those are {groups}")
     sym.check_transform(spec, dict(transform or {}))
     a, b = ({p: jnp.asarray(x, jnp.float32) for p, x in f.items()} for f in flats)
-    return _perm_costs(spec, tuple(names), False, a, b, dict(transform or {}))
+    # (elements given as lists, which the check and `sym.apply` take, as arrays for the jit)
+    moved = {n: jnp.asarray(e) for n, e in (transform or {}).items()}
+    return _perm_costs(spec, tuple(names), False, a, b, moved)
