@@ -138,6 +138,26 @@ class Config:
         text = self.dataset.startswith(("wordnet", "supersense"))
         if text != (self.model == "minilm"):
             raise ValueError(f"model {self.model!r} cannot train on dataset {self.dataset!r}")
+        # Ranges, so that a bad `--set` fails here, before any workdir exists (they failed in
+        # the schedule or in `fit`, after config.json and data.json were written)
+        counts = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints")
+        for name in (*counts, "train_limit", "eval_limit"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        if self.decay not in train.DECAYS:
+            raise ValueError(f"decay must be one of {train.DECAYS}, got {self.decay!r}")
+        for name, low, high in (
+            ("num_epochs", 0.0, math.inf),
+            ("warmup_fraction", 0.0, 1.0),
+            ("learning_rate", 0.0, math.inf),
+            ("weight_decay", 0.0, math.inf),
+            ("max_grad_norm", 0.0, math.inf),
+        ):
+            value, positive = getattr(self, name), name in ("num_epochs", "max_grad_norm")
+            if not (math.isfinite(value) and low <= value <= high) or (positive and value == 0):
+                bound = "> 0" if positive else ">= 0" if high == math.inf else f"in [{low}, {high}]"
+                raise ValueError(f"{name} must be a finite number {bound}, got {value}")
 
 
 def vit_fashion_mnist(**overrides: Any) -> Config:
@@ -673,12 +693,16 @@ def main(argv=None):
             config = smoke(config)
         for assignment in args.set:
             config = _override(config, assignment)
-        if config.dataset != preset.dataset and config.name == named:
-            # a preset on other data is named for that data (`--set name=...` still wins): the
-            # MNIST sample's runs were named vit-fashion_mnist-s0, ...
-            config = dataclasses.replace(
-                config, name=f"{config.model}-{config.dataset}-s{args.seed}"
+        if config.name == named:
+            # a preset on other data or another seed (`--set seed=1`) is named for them
+            # (`--set name=...` still wins): the MNIST sample's runs were named
+            # vit-fashion_mnist-s0, and `--set seed=1`'s run ...-s0
+            stem = (
+                preset.name
+                if config.dataset == preset.dataset
+                else f"{config.model}-{config.dataset}"
             )
+            config = dataclasses.replace(config, name=f"{stem}-s{config.seed}")
         summary = train_and_evaluate(
             config,
             args.workdir,

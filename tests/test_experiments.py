@@ -167,9 +167,24 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys, monkeypatch
             T.main(same)
         T.main([*same, "--allow-config-change"])
     assert json.loads((tmp_path / "data.json").read_text()) == {"data_version": "newer"}
+    new = [*base[:2], "--workdir", str(tmp_path / "new")]
     with pytest.raises(SystemExit, match="config field batch_size must be an int, got 'abc'"):
-        T.main([*base[:2], "--workdir", str(tmp_path / "new"), "--set", "batch_size=abc"])
+        T.main([*new, "--set", "batch_size=abc"])
+    # Values out of range too, before any workdir exists (config.json and data.json were
+    # written first, and the run failed in the schedule or in fit)
+    for bad, message in (
+        ("num_epochs=0", "num_epochs must be a finite number > 0, got 0"),
+        ("warmup_fraction=2.0", r"warmup_fraction must be a finite number in \[0.0, 1.0\]"),
+        ("checkpoint_every=0", "checkpoint_every must be >= 1, got 0"),
+        ("decay='step'", "decay must be one of"),
+        ("learning_rate=-1.0", "learning_rate must be a finite number >= 0"),
+    ):
+        with pytest.raises(SystemExit, match=message):
+            T.main([*new, "--set", bad])
     assert not (tmp_path / "new").exists()
+    # A seed set by --set names the run (it was named for --seed's default: ...-s0)
+    T.main([*new, "--set", "dataset=digits", "--set", "seed=3"])
+    assert json.loads((tmp_path / "new" / "summary.json").read_text())["name"] == "vit-digits-s3"
 
 
 def test_cached_runs_are_reused_or_trained_afresh(tmp_path, monkeypatch):

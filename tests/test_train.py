@@ -447,6 +447,10 @@ def test_schedule_warmup_then_cosine():
     np.testing.assert_allclose(got, [0.0, 0.5, 1.0, 0.5, 0.0, 0.0], atol=1e-6)
     with pytest.raises(ValueError, match="decay"):
         train.learning_rate_schedule(peak_value=1.0, total_steps=10, decay="step")
+    # end + (peak - end)(1 + cos πs)/2 with a peak of 0 too (it stayed at 0: optax's end is
+    # relative to the peak)
+    up = train.learning_rate_schedule(peak_value=0.0, total_steps=10, warmup_steps=0, end_value=2.0)
+    np.testing.assert_allclose([float(up(t)) for t in (0, 5, 10, 20)], [0, 1, 2, 2], atol=1e-6)
 
 
 def test_entity_f1_by_hand():

@@ -407,7 +407,16 @@ def read_cache(path: Path, classes: tuple[str, ...]) -> dict[str, np.ndarray] | 
     try:
         with np.load(path, allow_pickle=False) as npz:
             arrays = {key: npz[key] for key in [*keys, "label_names"]}
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile, zlib.error):
+    # (zipfile raises NotImplementedError on a damaged header's compression method or version)
+    except (
+        OSError,
+        ValueError,
+        KeyError,
+        EOFError,
+        NotImplementedError,
+        zipfile.BadZipFile,
+        zlib.error,
+    ):
         return None
     if tuple(arrays["label_names"].tolist()) != classes:
         return None

@@ -58,9 +58,12 @@ def learning_rate_schedule(
             f"total_steps={total_steps}, warmup_steps={warmup_steps}"
         )
     decay_steps = max(total_steps - warmup_steps, 1)
-    if decay == "cosine":
-        alpha = end_value / peak_value if peak_value else 0.0
+    if decay == "cosine" and peak_value:
+        alpha = end_value / peak_value
         after = optax.cosine_decay_schedule(peak_value, decay_steps, alpha=alpha)
+    elif decay == "cosine":  # optax's alpha is relative to the peak: end + (0 - end)·cosine
+        shift = optax.cosine_decay_schedule(-end_value, decay_steps)
+        after = lambda step: end_value + shift(step)
     elif decay == "linear":
         after = optax.linear_schedule(peak_value, end_value, decay_steps)
     else:
