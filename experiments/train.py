@@ -518,8 +518,8 @@ def train_and_evaluate(
                 extra_files=processor,
             )
         )
-    if jax.process_index() == 0:
-        (workdir / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    if jax.process_index() == 0:  # whole (`finished` reads it: a torn one failed to parse)
+        write_whole(workdir / "summary.json", json.dumps(summary, indent=2) + "\n")
     return summary
 
 
