@@ -43,6 +43,7 @@ from pathlib import Path
 
 from experiments import train as T
 from rotjax import train
+from rotjax.cli._main import _positive_int as positive_int  # the CLI's count type
 
 
 def plan(
@@ -93,16 +94,21 @@ def main(argv=None):
     p.add_argument("--quick", action="store_true", help="subsets and short schedules (~10 min)")
     p.add_argument("--smoke", action="store_true", help="two steps per run (a pipeline check)")
     p.add_argument("--runs", default="", help="only the runs whose name contains this")
-    p.add_argument("--num-seeds", type=int, default=2, help="ViT seeds and MiniLM glosses seeds")
+    p.add_argument(
+        "--num-seeds", type=positive_int, default=2, help="ViT seeds and MiniLM glosses seeds"
+    )
     p.add_argument("--force", action="store_true", help="retrain runs that have a summary")
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args(argv)
     train.enable_compilation_cache()
     mode = "-smoke" if args.smoke else "-quick" if args.quick else ""
     out = Path(args.out or f"runs/pairs{mode}")  # by default never full mode's directory
-    out.mkdir(parents=True, exist_ok=True)
     runs, pairs = plan(args.num_seeds, quick=args.quick, smoke=args.smoke)
-    runs = [r for r in runs if args.runs in r.name]
+    if not (chosen := [r for r in runs if args.runs in r.name]):  # (an empty summary replaced
+        # the one in --out)
+        p.error(f"--runs {args.runs!r} matches no run: {sorted(r.name for r in runs)}")
+    runs = chosen
+    out.mkdir(parents=True, exist_ok=True)
     names = {r.name for r in runs}
     pairs = [p for p in pairs if p[1] in names and p[2] in names]
     begin = time.perf_counter()

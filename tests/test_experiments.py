@@ -53,6 +53,11 @@ def test_make_pairs(tmp_path):
     assert [r["name"] for r in report["runs"]] == ["vit-fashion_mnist-s0", "vit-fashion_mnist-s1"]
     assert report["pairs"] == [["seeds", "vit-fashion_mnist-s0", "vit-fashion_mnist-s1"]]
     assert "| vit-fashion_mnist-s1 |" in (tmp_path / "summary.md").read_text()
+    # --runs that matches no run is refused, the summary kept (it was replaced by an empty one)
+    before = (tmp_path / "summary.json").read_text()
+    with pytest.raises(SystemExit):
+        make_pairs.main([*argv[:2], "bogus", *argv[3:]])
+    assert (tmp_path / "summary.json").read_text() == before
 
 
 def test_demo(tmp_path, capsys, monkeypatch):
@@ -101,11 +106,13 @@ def test_demo_refuses_bad_arguments_before_any_work(argv, message, tmp_path, cap
     )
 
 
-def test_align_benchmark(tmp_path):
+def test_align_benchmark(tmp_path, monkeypatch):
     from experiments.benchmarks import align
 
-    align.main(["--smoke", "--out", str(tmp_path)])
-    rows = json.loads((tmp_path / "align.json").read_text())["rows"]
+    # A smoke run writes beside the committed results, not over them (they were its default)
+    monkeypatch.chdir(tmp_path)
+    align.main(["--smoke"])
+    rows = json.loads((tmp_path / "runs/benchmarks-smoke/align.json").read_text())["rows"]
     assert [(r["shape"], r["regime"]) for r in rows] == [
         ("tiny", "related"),
         ("tiny", "independent"),
@@ -118,6 +125,12 @@ def test_train_throughput_benchmark(tmp_path):
     from experiments.benchmarks import train_throughput
 
     out = tmp_path / "throughput.json"
+    # Bad counts and model names are refused before any work (0 steps ran the default, 0
+    # rounds failed after compiling, and any name but bert ran the ViT under that name)
+    for bad in (["--steps", "0"], ["--rounds", "-1"], ["--models", "bert,vti"]):
+        with pytest.raises(SystemExit):
+            train_throughput.main([*bad, "--out", str(out)])
+    assert not out.exists()
     train_throughput.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())
     assert [r["model"] for r in report["results"]] == ["bert", "vit"]

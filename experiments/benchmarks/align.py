@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import pathlib
 import platform
 import time
 
@@ -27,6 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 import scipy.optimize
 
+from experiments.benchmarks import RESULTS, SMOKE_RESULTS, results_dir
 from rotjax import match
 from rotjax import symmetry as sym
 from rotjax.models import bert, family
@@ -152,7 +152,7 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="MiniLM shape only")
     parser.add_argument("--smoke", action="store_true", help="a tiny shape, one call each")
-    parser.add_argument("--out", default="experiments/benchmarks/results")
+    parser.add_argument("--out", help=f"default {RESULTS} ({SMOKE_RESULTS} with --smoke)")
     args = parser.parse_args(argv)
     rows = []
     shapes = ["tiny"] if args.smoke else ["minilm"] if args.quick else ["bert-base", "minilm"]
@@ -172,7 +172,7 @@ def main(argv=None):
                 f"paper {row['paper']['seconds']:.2f}s  floor {row['floor']['total']:.2f}s"
                 f"  ratio {row['paper_over_floor']:.2f}  stages {json.dumps(stages)}"
             )
-    out = pathlib.Path(args.out)
+    out = results_dir(args.out, args.smoke)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "jax": jax.__version__,

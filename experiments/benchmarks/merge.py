@@ -19,15 +19,16 @@ import argparse
 import dataclasses
 import json
 import os
-import pathlib
 import platform
 import time
 
 import jax
 import numpy as np
 
+from experiments.benchmarks import RESULTS, SMOKE_RESULTS, results_dir
 from rotjax import data, hf, match, merge, train
 from rotjax import symmetry as sym
+from rotjax.cli._main import _positive_int as positive_int  # the CLI's count type
 from rotjax.models import family
 
 
@@ -124,9 +125,9 @@ def run(name, config, a, arrays, batch_size, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--smoke", action="store_true", help="a tiny ViT and 16 images")
-    p.add_argument("--examples", type=int, default=1000)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--out", default="experiments/benchmarks/results")
+    p.add_argument("--examples", type=positive_int, default=1000)
+    p.add_argument("--repeats", type=positive_int, default=2)
+    p.add_argument("--out", help=f"default {RESULTS} ({SMOKE_RESULTS} with --smoke)")
     args = p.parse_args(argv)
     train.enable_compilation_cache()
     rows = []
@@ -149,7 +150,7 @@ def main(argv=None):
             ),
             flush=True,
         )
-    out = pathlib.Path(args.out)
+    out = results_dir(args.out, args.smoke)
     out.mkdir(parents=True, exist_ok=True)
     meta = {
         "jax": jax.__version__,

@@ -70,10 +70,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from experiments.benchmarks import RESULTS, SMOKE_RESULTS, results_dir
 from rotjax import train
+from rotjax.cli._main import _positive_int as positive_int  # the CLI's count type
 from rotjax.models import bert, family, vit
 
-RESULTS = Path(__file__).parent / "results" / "train_throughput.json"
+RESULT = "train_throughput.json"  # under `results_dir`
 
 
 def minilm_config() -> bert.Config:
@@ -382,19 +384,24 @@ def _attention_ms(b, t, h, d, repeats):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="bert,vit", help="comma-separated: bert, vit")
-    p.add_argument("--bert-batch", type=int, default=32)
-    p.add_argument("--vit-batch", type=int, default=128)
-    p.add_argument("--seq-len", type=int, default=64)
-    p.add_argument("--steps", type=int, default=None, help="timed steps per round")
-    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--bert-batch", type=positive_int, default=32)
+    p.add_argument("--vit-batch", type=positive_int, default=128)
+    p.add_argument("--seq-len", type=positive_int, default=64)
+    p.add_argument("--steps", type=positive_int, default=None, help="timed steps per round")
+    p.add_argument("--rounds", type=positive_int, default=5)
     p.add_argument("--torch-denormals", action="store_true", help="keep PyTorch's denormals")
     p.add_argument("--breakdown", action="store_true", help="also time forward, fwd+bwd")
     p.add_argument(
         "--profile", default=None, help="trace rotjax steps here; report XLA op time by kind"
     )
-    p.add_argument("--out", default=str(RESULTS))
+    p.add_argument(
+        "--out", help=f"default {RESULTS / RESULT} ({SMOKE_RESULTS / RESULT} with --smoke)"
+    )
     p.add_argument("--smoke", action="store_true", help="tiny models, one step, one round")
     args = p.parse_args(argv)
+    models = [m.strip() for m in args.models.split(",")]
+    if bad := [m for m in models if m not in ("bert", "vit")]:  # (any other ran the ViT)
+        p.error(f"--models: {bad} not among bert, vit")
     if args.smoke:
         args.bert_batch = args.vit_batch = 8
         args.seq_len, args.steps, args.rounds = 8, 1, 1
@@ -404,7 +411,7 @@ def main(argv=None):
     torch.set_num_threads(os.cpu_count() or 1)
     torch.set_flush_denormal(not args.torch_denormals)
     results = []
-    for name in args.models.split(","):
+    for name in models:
         if args.smoke:
             config = tiny_config(name)
         else:
@@ -443,7 +450,7 @@ def main(argv=None):
         },
         "results": results,
     }
-    out = Path(args.out)
+    out = Path(args.out) if args.out else results_dir(None, args.smoke) / RESULT
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2) + "\n")
 
