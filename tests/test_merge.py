@@ -902,6 +902,11 @@ def test_statistics_move_with_the_symmetry(name, scan, key):
     t_perm = merge.transform_statistics(c.spec, s, no_rot)
     assert rel_err(t_perm["fisher"], s_perm["fisher"]) <= 1e-4
     assert rel_err(s["gram"], sm["gram"]) > 1e-2  # the check above is not vacuous
+    # Elements given as lists, as sym.apply takes them (the Fishers' squares raised TypeError)
+    listed = merge.transform_statistics(
+        c.spec, s, {n: np.asarray(v).tolist() for n, v in g.items()}
+    )
+    jax.tree.map(np.testing.assert_array_equal, listed, t)
 
 
 def test_transform_statistics_refuses_statistics_that_do_not_fit_the_spec(key):

@@ -435,7 +435,7 @@ def transform_statistics(
     if "fisher" in stats:
         squared = {}
         for name, el in transform.items():
-            kind = spec.groups[name].kind
+            el, kind = jnp.asarray(el), spec.groups[name].kind  # (an element may be a list)
             squared[name] = (
                 el * el if kind in ("orth", "rot") else el**-2.0 if kind == "scale" else el
             )
