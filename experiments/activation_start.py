@@ -40,7 +40,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fusion
-from experiments.pairs import check_checkpoints, check_images, image_sets
+from experiments.pairs import check_checkpoints, check_image_shape, check_images, image_sets
 from rotjax import match, merge, train
 from rotjax.merge._select import _chosen
 
@@ -196,6 +196,7 @@ def main(argv=None):
     args = p.parse_args(argv)
     check_images(p, args.images)
     check_checkpoints(p, args.dirs)
+    check_image_shape(p, args.dirs, "fashion_mnist")  # (an 8x8 ViT failed after the data loaded)
     for flag in ("max_sweeps", "descent_steps"):
         if (value := getattr(args, flag)) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {value}")

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from experiments import fusion, plots
-from experiments.pairs import check_checkpoints, check_images, image_sets
+from experiments.pairs import check_checkpoints, check_image_shape, check_images, image_sets
 from rotjax import merge, train
 
 
@@ -55,6 +55,9 @@ def main(argv=None):
         p.error(f"--points must be odd and >= 3, got {args.points}")
     check_images(p, args.images)
     check_checkpoints(p, [args.dir_a, args.dir_b])
+    check_image_shape(
+        p, [args.dir_a, args.dir_b], "fashion_mnist"
+    )  # (an 8x8 ViT failed after the data loaded)
     alignments = [a.strip() for a in args.align.split(",")]
     unknown = sorted(set(alignments) - set(fusion.ALIGNMENTS))
     if unknown:

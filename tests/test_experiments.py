@@ -196,8 +196,14 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys, monkeypatch
             T.main([*new, "--set", bad])
     assert not (tmp_path / "new").exists()
     # A seed set by --set names the run (it was named for --seed's default: ...-s0)
+    seen = []
+    summary = lambda config, *a, **k: (
+        seen.append(config) or dict.fromkeys(("name", "test", "majority_baseline"))
+    )
+    monkeypatch.setattr(T, "train_and_evaluate", summary)
+    T.main([*new, "--set", "seed=3"])
     T.main([*new, "--set", "dataset=digits", "--set", "seed=3"])
-    assert json.loads((tmp_path / "new" / "summary.json").read_text())["name"] == "vit-digits-s3"
+    assert [(c.name, c.seed) for c in seen] == [("vit-fashion_mnist-s3", 3), ("vit-digits-s3", 3)]
 
 
 def test_cached_runs_are_reused_or_trained_afresh(tmp_path, monkeypatch):
@@ -364,6 +370,26 @@ def test_pairs(tmp_path, capsys):
         pairs.main([*argv, "--dataset", "digits", "--out", str(tmp_path / "digits")])
     assert "takes 28x28x1 images; digits's are 8x8x1" in capsys.readouterr().err
     assert not (tmp_path / "digits").exists()
+
+
+def test_paths_and_activation_start_refuse_checkpoints_of_other_images(tmp_path, capsys):
+    """Both read Fashion-MNIST: a ViT of 8x8 images is refused before any work (it failed
+    inside the model, after the data was loaded)."""
+    import dataclasses
+
+    import jax
+
+    from experiments import activation_start, paths
+    from rotjax.models import family
+
+    config = dataclasses.replace(TINY_VIT, image_size=8, patch_size=4)
+    d = str(tmp_path / "digits")
+    hf.save(d, config, family(config).init(config, jax.random.key(0)))
+    for main in (paths.main, activation_start.main):
+        with pytest.raises(SystemExit):
+            main([d, d, "--out", str(tmp_path / "out")])
+        assert "takes 8x8x1 images; fashion_mnist's are 28x28x1" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_merge_rows_reuse_statistics(monkeypatch):
