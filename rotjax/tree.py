@@ -30,9 +30,18 @@ def flatten(params: Any) -> tuple[list[str], list[Any], Any]:
 
 
 def to_dict(params: Any) -> dict[str, Any]:
-    """``{path: leaf}`` of a params pytree (the leaves themselves, not copies)."""
+    """``{path: leaf}`` of a params pytree (the leaves themselves, not copies).
+
+    Raises:
+      ValueError: two leaves of one path (a key holding "/": ``{"a/b": x, "a": {"b": y}}``;
+        the second overwrote the first, unseen by every check that reads the dict).
+    """
     paths, leaves, _ = flatten(params)
-    return dict(zip(paths, leaves, strict=True))
+    flat = dict(zip(paths, leaves, strict=True))
+    if len(flat) < len(paths):
+        shared = sorted({p for p in paths if paths.count(p) > 1})
+        raise ValueError(f"leaves share the paths {shared} (a key holding '/')")
+    return flat
 
 
 def from_dict(flat: Mapping[str, Any]) -> dict[str, Any]:

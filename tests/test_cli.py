@@ -946,6 +946,16 @@ def test_a_signal_while_the_imports_run_is_kept_for_after_them(signum, tmp_path,
     assert _launch.start() is sys.modules["rotjax.cli._main"]
     for name in cli.__all__:  # what `rotjax.cli` offers (the demo reads `blocks`) is `_main`'s
         assert getattr(cli, name) is getattr(_launch.start(), name)
+    # A signal the process ignores (a background job's SIGINT) stays ignored: the import is
+    # the module, not an interrupt
+    name = f"ignored_{int(signum)}"
+    (tmp_path / f"{name}.py").write_text(f"import os\nos.kill(os.getpid(), {int(signum)})\n")
+    before = signal.signal(signum, signal.SIG_IGN)
+    try:
+        assert _launch.start(name) is sys.modules.pop(name)
+        assert signal.getsignal(signum) is signal.SIG_IGN
+    finally:
+        signal.signal(signum, before)
 
 
 @pytest.mark.parametrize("command", ["script", "module"])

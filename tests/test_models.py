@@ -256,6 +256,10 @@ def test_stack_unstack_layers(seed):
     broken = {"encoder": {"layer_0": params["encoder"]["layer_0"], "layer_2": layer_2}}
     with pytest.raises(ValueError, match=r"not 0\.\.L-1"):
         rotjax.models.stack_layers(broken)
+    # Two keys of one index: refused (the last stood for both, the other kept beside layers)
+    twice = {"encoder": {"layer_0": layer_2, "layer_1": layer_2, "layer_01": layer_2}}
+    with pytest.raises(ValueError, match=r"encoder/: \['layer_01', 'layer_1'\] name the same"):
+        rotjax.models.stack_layers(twice)
 
 
 def test_with_pretrained_keeps_the_encoder_and_draws_a_head(key):
@@ -285,3 +289,6 @@ def test_tree_paths_round_trip(key):
     assert flatten(from_dict(flat))[0] == flatten(params)[0]
     with pytest.raises(ValueError, match="a/b is both a leaf and a subtree"):
         from_dict({"a/b": 1, "a/b/c": 2})
+    # Two leaves of one path (a key holding "/"): refused (the second overwrote the first)
+    with pytest.raises(ValueError, match=r"leaves share the paths \['a/b'\]"):
+        to_dict({"a/b": 1, "a": {"b": 2}})

@@ -31,8 +31,9 @@ def stack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
       A new nested dict (the input is not modified).
 
     Raises:
-      ValueError: Layer indices not contiguous from 0, a ``layers`` key beside ``layer_i``
-        keys, or layers of different structure or shapes (naming the offending path).
+      ValueError: Layer indices not contiguous from 0, two keys of one index (``layer_1``,
+        ``layer_01``), a ``layers`` key beside ``layer_i`` keys, or layers of different
+        structure or shapes (naming the offending path).
     """
     return _stack(params, "")
 
@@ -59,7 +60,13 @@ def unstack_layers(params: Mapping[str, Any]) -> dict[str, Any]:
 def _stack(tree: Any, where: str) -> Any:
     if not isinstance(tree, Mapping):
         return tree
-    layers = {int(m.group(1)): k for k in tree if (m := _LAYER.fullmatch(str(k)))}
+    found = [(int(m.group(1)), k) for k in tree if (m := _LAYER.fullmatch(str(k)))]
+    layers = dict(found)
+    if len(layers) < len(found):  # layer_1 and layer_01: the last one stood for both
+        clash = sorted(
+            str(k) for i, k in found if k != layers[i] or [j for j, _ in found].count(i) > 1
+        )
+        raise ValueError(f"{where or '/'}: {clash} name the same layer")
     out = {k: _stack(v, f"{where}{k}/") for k, v in tree.items() if k not in layers.values()}
     if not layers:
         return out
