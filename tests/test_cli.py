@@ -689,6 +689,10 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
     assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o64")]) == 0
     err = capsys.readouterr().err
     assert "float64; rotjax computes in float32 and writes float32 (a checkpoint half its" in err
+    # inspect writes nothing, and says no more than the dtype (it said "writes float32")
+    assert cli.main(["inspect", str(tmp / "b")]) == 0
+    printed = capsys.readouterr().out
+    assert "note: checkpoint: its weights are float64; rotjax computes in float32\n" in printed
     (tmp / "b" / "config.json").write_text(json.dumps(config))
     written = json.loads((out / "config.json").read_text())  # B's, not the anchor's
     assert (written["hidden_dropout_prob"], written["initializer_range"]) == (0.3, 0.05)

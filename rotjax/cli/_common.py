@@ -106,13 +106,14 @@ def checked_out_dir(
 
 
 def load_models(
-    named: list[tuple[str, str]], *, same_classes: bool = False
+    named: list[tuple[str, str]], *, same_classes: bool = False, writes: bool = True
 ) -> tuple[list[Any], list[Any], list[str]]:
     """Load ``(label, directory)`` checkpoints; ``(configs, params, notes)``. Every error names
     the input it concerns; models of different families or architectures are refused before
     any work (fields that only matter to training are reported as notes). With
     ``same_classes`` (a merge), classifiers whose ``id2label`` name their classes differently
-    are refused too (their heads' rows would be averaged across classes)."""
+    are refused too (their heads' rows would be averaged across classes). ``writes``: the
+    command writes a checkpoint (the notes on a stored dtype say what it writes)."""
     configs, params, notes = [], [], []
     for label, directory in named:
         with warnings.catch_warnings(record=True) as caught:
@@ -131,6 +132,8 @@ def load_models(
                 f"{label}: its weights are {stored}; rotjax computes in float32 and writes "
                 f"float32 (a checkpoint {size}: cast it back when loading, e.g. "
                 f"transformers' torch_dtype=torch.{stored})"
+                if writes
+                else f"{label}: its weights are {stored}; rotjax computes in float32"
             )
         bad = non_finite(to_dict(p))  # (float64 beyond float32's range: hf.load refused it)
         if bad:

@@ -33,7 +33,7 @@ def _dimension(g: sym.Group) -> int:
 
 
 def run(args) -> int:
-    (config,), (params,), notes = load_models([("checkpoint", args.dir)])
+    (config,), (params,), notes = load_models([("checkpoint", args.dir)], writes=False)
     spec = family(config).symmetry_spec(config)
     paths, leaves, _ = flatten(params)
     print(f"{args.dir}: {config.model_type} ({config.task or 'encoder'})")
