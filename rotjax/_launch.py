@@ -22,12 +22,9 @@ SIGNALS = (signal.SIGINT, signal.SIGTERM)
 def start(module: str = "rotjax.cli._main"):
     """Imports ``module`` with SIGINT and SIGTERM recorded, not raised; the module, or the
     number of the first signal that arrived meanwhile. The previous handlers come back
-    either way. A signal the process ignores (a background job's SIGINT) stays ignored."""
+    either way."""
     pending: list[int] = []
-    record = lambda signum, frame: pending.append(signum)
-    previous = {
-        s: signal.signal(s, record) for s in SIGNALS if signal.getsignal(s) is not signal.SIG_IGN
-    }
+    previous = {s: signal.signal(s, lambda signum, frame: pending.append(signum)) for s in SIGNALS}
     try:
         loaded = importlib.import_module(module)
     finally:

@@ -5,8 +5,7 @@ from __future__ import annotations
 import math
 
 from rotjax import symmetry as sym
-from rotjax.cli._common import load_models
-from rotjax.models import family
+from rotjax.cli._common import load_models, symmetry_for
 from rotjax.tree import flatten
 
 
@@ -34,7 +33,9 @@ def _dimension(g: sym.Group) -> int:
 
 def run(args) -> int:
     (config,), (params,), notes = load_models([("checkpoint", args.dir)], writes=False)
-    spec = family(config).symmetry_spec(config)
+    # With the stream rotation where the family has one (`align --solve stream`'s group, which
+    # was not listed), else the reason it has none
+    spec, _, stream = symmetry_for(config, [params], stream=True)
     paths, leaves, _ = flatten(params)
     print(f"{args.dir}: {config.model_type} ({config.task or 'encoder'})")
     for note in notes:
@@ -51,6 +52,9 @@ def run(args) -> int:
             sizes = sorted({_size(g) for g in groups}, key=lambda s: (len(s), s))
             count = sum(math.prod(g.batch) for g in groups)
             print(f"    {role:12s} {groups[0].kind:5s} x{count:<3d} size {', '.join(sizes)}")
+    for note in stream:
+        if note.startswith("no stream rotation"):
+            print(f"    ({note})")
     discrete = [g for g in spec.groups.values() if g.kind in ("perm", "hperm")]
     dof = sum(
         math.lgamma(g.shape[-1] + 1) / math.log(10) * math.prod(g.shape[:-1]) for g in discrete

@@ -51,6 +51,8 @@ def _layer_list(text: str) -> tuple[int, ...]:
             raise argparse.ArgumentTypeError(f"{part!r} is not a layer index") from None
         if out[-1] < 0:
             raise argparse.ArgumentTypeError(f"{out[-1]} is not a layer index (>= 0)")
+        if out[-1] in out[:-1]:  # (recorded twice in alignment.json)
+            raise argparse.ArgumentTypeError(f"layer {out[-1]} given twice")
     if not out:
         raise argparse.ArgumentTypeError("no layer index given")
     return tuple(out)
