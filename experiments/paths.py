@@ -55,9 +55,8 @@ def main(argv=None):
         p.error(f"--points must be odd and >= 3, got {args.points}")
     check_images(p, args.images)
     check_checkpoints(p, [args.dir_a, args.dir_b])
-    check_image_shape(
-        p, [args.dir_a, args.dir_b], "fashion_mnist"
-    )  # (an 8x8 ViT failed after the data loaded)
+    # (an 8x8 ViT failed after the data loaded)
+    check_image_shape(p, [args.dir_a, args.dir_b], "fashion_mnist")
     alignments = [a.strip() for a in args.align.split(",")]
     unknown = sorted(set(alignments) - set(fusion.ALIGNMENTS))
     if unknown:

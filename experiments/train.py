@@ -147,16 +147,15 @@ class Config:
                 raise ValueError(f"{name} must be >= 1, got {value}")
         if self.decay not in train.DECAYS:
             raise ValueError(f"decay must be one of {train.DECAYS}, got {self.decay!r}")
-        for name, low, high in (
-            ("num_epochs", 0.0, math.inf),
-            ("warmup_fraction", 0.0, 1.0),
-            ("learning_rate", 0.0, math.inf),
-            ("weight_decay", 0.0, math.inf),
-            ("max_grad_norm", 0.0, math.inf),
+        for name, ok, bound in (
+            ("num_epochs", lambda v: v > 0, "> 0"),
+            ("warmup_fraction", lambda v: 0 <= v <= 1, "in [0.0, 1.0]"),
+            ("learning_rate", lambda v: v >= 0, ">= 0"),
+            ("weight_decay", lambda v: v >= 0, ">= 0"),
+            ("max_grad_norm", lambda v: v > 0, "> 0"),
         ):
-            value, positive = getattr(self, name), name in ("num_epochs", "max_grad_norm")
-            if not (math.isfinite(value) and low <= value <= high) or (positive and value == 0):
-                bound = "> 0" if positive else ">= 0" if high == math.inf else f"in [{low}, {high}]"
+            value = getattr(self, name)
+            if not (math.isfinite(value) and ok(value)):
                 raise ValueError(f"{name} must be a finite number {bound}, got {value}")
 
 

@@ -79,8 +79,6 @@ def permutation_scores(
     if bad := sorted(n for n, k in kinds.items() if k not in ("perm", "hperm")):
         groups = sorted(n for n, g in spec.groups.items() if g.kind in ("perm", "hperm"))
         raise ValueError(f"not permutation groups of the spec: {bad}; those are {groups}")
-    sym.check_transform(spec, dict(transform or {}))
+    moved = sym.check_transform(spec, dict(transform or {}))  # (as arrays: lists too)
     a, b = ({p: jnp.asarray(x, jnp.float32) for p, x in f.items()} for f in flats)
-    # (elements given as lists, which the check and `sym.apply` take, as arrays for the jit)
-    moved = {n: jnp.asarray(e) for n, e in (transform or {}).items()}
     return _perm_costs(spec, tuple(names), False, a, b, moved)

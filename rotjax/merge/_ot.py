@@ -115,6 +115,9 @@ def ot_fusion(
     maps: dict[str, jax.Array] = {}
     # bfloat16 B rounded once, at the end, not per stage (integer leaves kept as they are)
     moved = jax.tree.map(lambda x: wide(x) if averaged(x) else x, params_b)
+    # Weights are scored in float32 (`rotjax.match`) and transported in B's precision: the
+    # maps of float64 models are float64, as from activations (rows summing to 1 to 1e-7)
+    dt = jnp.result_type(*(x for x in jax.tree.leaves(moved) if averaged(x)))
     for names in (spec.select(roles=r) for r in roles):
         if not names:
             continue
@@ -130,9 +133,7 @@ def ot_fusion(
                     f"cross holds no inputs of any layer that reads the units of {missing} "
                     "(cross_statistics of the whole models is what mode='acts' needs)"
                 )
-        else:  # scored in float32 (`rotjax.match`), transported in B's precision: the maps
-            # of float64 models are float64, as from activations (rows summing to 1 to 1e-7)
-            dt = jnp.result_type(*(x for x in jax.tree.leaves(moved) if averaged(x)))
+        else:
             similarity = {
                 n: s.astype(dt) for n, s in _weight_cosines(spec, params_a, moved, names).items()
             }

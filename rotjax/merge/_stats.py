@@ -425,7 +425,7 @@ def transform_statistics(
       ValueError: a statistic of a param the spec does not have, or that does not fit it (path
         and shapes named).
     """
-    sym.check_transform(spec, transform)
+    transform = sym.check_transform(spec, transform)  # (as arrays: lists too)
     out = dict(stats)
     if "gram" in stats:
         gspec, shapes = gram_spec(spec, stats["gram"])
@@ -435,7 +435,7 @@ def transform_statistics(
     if "fisher" in stats:
         squared = {}
         for name, el in transform.items():
-            el, kind = jnp.asarray(el), spec.groups[name].kind  # (an element may be a list)
+            kind = spec.groups[name].kind
             squared[name] = (
                 el * el if kind in ("orth", "rot") else el**-2.0 if kind == "scale" else el
             )

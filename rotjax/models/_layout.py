@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from collections import Counter
 from collections.abc import Mapping
 from typing import Any
 
@@ -63,9 +64,8 @@ def _stack(tree: Any, where: str) -> Any:
     found = [(int(m.group(1)), k) for k in tree if (m := _LAYER.fullmatch(str(k)))]
     layers = dict(found)
     if len(layers) < len(found):  # layer_1 and layer_01: the last one stood for both
-        clash = sorted(
-            str(k) for i, k in found if k != layers[i] or [j for j, _ in found].count(i) > 1
-        )
+        count = Counter(i for i, _ in found)
+        clash = sorted(str(k) for i, k in found if count[i] > 1)
         raise ValueError(f"{where or '/'}: {clash} name the same layer")
     out = {k: _stack(v, f"{where}{k}/") for k, v in tree.items() if k not in layers.values()}
     if not layers:

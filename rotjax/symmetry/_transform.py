@@ -130,16 +130,15 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
         or boolean leaf (`check_dtypes`).
     """
     validate(spec, params)
-    check_transform(spec, transform)
+    elements = check_transform(spec, transform)
     check_dtypes(spec, params, transform)
     paths, leaves, treedef = flatten(params)
     moved = [
         i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
     ]
-    transform = {n: jnp.asarray(e) for n, e in transform.items()}  # (lists: not a pytree leaf)
     places = tuple(_named_sharding(leaves[i]) for i in moved)
     new = _apply_leaves(
-        spec, tuple(paths[i] for i in moved), places, [leaves[i] for i in moved], transform
+        spec, tuple(paths[i] for i in moved), places, [leaves[i] for i in moved], elements
     )
     out = list(leaves)  # the leaves no group in the transform acts on: as they are
     for i, y in zip(moved, new, strict=True):
@@ -221,12 +220,16 @@ def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:
     return (x.astype(dtype) * s).astype(x.dtype)
 
 
-def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
+def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
     """Raise ValueError for an unknown group name, a wrongly shaped element or a permutation
     that is not integer, or, where its values are known (not traced under `jax.jit`), not a
     permutation of ``0..n-1`` (`jnp.take` would fill an index out of range with NaN, and a
     repeated one would copy a unit: another function, silently). Rotations and scales are
     not checked here (`check_elements` does), as `apply` also serves their relaxations.
+
+    Returns:
+      The transform with every element a jax array (an element may be given as a list,
+      which is no pytree leaf: jitted code needs the array).
 
     Raises:
       TypeError: ``spec`` is not a `Spec` or ``transform`` is not a mapping.
@@ -255,6 +258,7 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> None:
             )
         if g.kind in ("perm", "hperm") and not isinstance(el, jax.core.Tracer):
             _check_permutation(name, g, el)
+    return {n: jnp.asarray(e) for n, e in transform.items()}
 
 
 def _check_permutation(name: str, g: Group, el: Any) -> None:
@@ -295,11 +299,8 @@ def check_elements(spec: Spec, transform: Mapping[str, jax.Array], *, atol: floa
 
 
 def _full(spec: Spec, t: Mapping[str, jax.Array]) -> Transform:
-    check_transform(spec, t)
-    return {
-        name: jnp.asarray(t[name]) if name in t else identity_element(g)
-        for name, g in spec.group_items
-    }
+    t = check_transform(spec, t)
+    return {name: t[name] if name in t else identity_element(g) for name, g in spec.group_items}
 
 
 def _gather_heads(x: jax.Array, perm: jax.Array, trailing: int) -> jax.Array:
