@@ -1,28 +1,29 @@
 """The candidates `merge.align_by_activations` chooses among (and a few more), on every pair
-of Fashion-MNIST ViTs: how well each matches the activations, how its average scores by the
-prediction loss (the function's criterion), on held-out training images and on the test set.
+of image ViTs (Fashion-MNIST by default): how well each matches the activations, how its
+average scores by the prediction loss (the function's criterion), on held-out training images
+and on the test set.
 
-    python -m experiments.activation_start DIR [DIR ...] [--max-sweeps 6] [--images 10000]
-        [--descent-steps 0] [--out DIR]
+    python -m experiments.activation_start DIR [DIR ...] [--max-sweeps 6] [--images N]
+        [--dataset fashion_mnist] [--held-out 2000] [--descent-steps 0] [--out DIR]
 
 Per pair, A and B in canonical form as for the reproduction's ``activations``
 (`fusion.ALIGNMENTS`): the activation start (`merge.activation_init` of the cross-moments of
 1000 training images of the reproduction's shuffle), weight matching from it for 1, ...,
 ``--max-sweeps`` sweeps (at least `align_by_activations`' own number, so that its choice is
-among them) and to convergence, weight matching from its own data-free start, and
-B unaligned; with ``--descent-steps N``, also `align_by_activations`' choice refined by N
-steps of straight-through descent (a reference: neither rule below picks it). For each: the
-prediction loss of the average on the 1000 images, its accuracy on the next 2000 training
-images (held out: labels, but not the test set) and on the test set, and the mean correlation
-of A's and aligned B's features on the 1000 images (those the start was fitted to), per kind
-of dense-layer input (``stream``: the normalised stream that the queries, keys, values and FFN
-read; ``ffn``: the FFN units; ``heads``: the heads' outputs; ``final``: the classifier's
-input). Then the test accuracy of the candidate that each rule picks: ``least loss``,
-`align_by_activations`' own choice (among its candidates only: the start, 1 to its default
-``max_sweeps`` sweeps from it (up to the first that converges), the data-free one and B
-unaligned, in that order, a later one kept only if better by more than float32 rounding or,
-predicting alike, nearer A in weights); ``best held-out``, the best accuracy on the held-out
-images among the other candidates.
+among them) and to convergence, weight matching from its own data-free start, and B unaligned;
+with ``--descent-steps N``, also `align_by_activations`' choice refined by N steps of
+straight-through descent (a reference: neither rule below picks it). For each: the prediction
+loss of the average on the 1000 images, its accuracy on the next ``--held-out`` training images
+(held out: labels, but not the test set; 2000, or as many as the split has) and on the test
+set, and the mean correlation of A's and aligned B's features on the 1000 images (those the
+start was fitted to), per kind of dense-layer input (``stream``: the normalised stream that the
+queries, keys, values and FFN read; ``ffn``: the FFN units; ``heads``: the heads' outputs;
+``final``: the classifier's input). Then the test accuracy of the candidate that each rule
+picks: ``least loss``, `align_by_activations`' own choice (among its candidates only: the
+start, 1 to its default ``max_sweeps`` sweeps from it (up to the first that converges), the
+data-free one and B unaligned, in that order, a later one kept only if better by more than
+float32 rounding or, predicting alike, nearer A in weights); ``best held-out``, the best
+accuracy on the held-out images among the other candidates.
 
 Writes ``OUT/activation_start.json`` and prints one table per pair and the rules' means.
 """
@@ -40,8 +41,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments import fusion
-from experiments.pairs import check_checkpoints, check_image_shape, check_images, image_sets
-from rotjax import match, merge, train
+from experiments.pairs import (
+    TEST_IMAGES,
+    check_checkpoints,
+    check_image_shape,
+    check_images,
+    image_sets,
+)
+from rotjax import data, match, merge, train
 from rotjax.merge._select import _chosen
 
 # The dense layers whose inputs each kind of feature is (the project's ViT's paths).
@@ -52,6 +59,7 @@ KINDS = {
     "final": ("classifier/kernel",),
 }
 RULES = ("least loss", "best held-out")
+UNLABELED = 1000  # training images the start and the candidates' loss read
 # align_by_activations' own sweeps from the start, the most its candidates have
 LIBRARY_SWEEPS = inspect.signature(merge.align_by_activations).parameters["max_sweeps"].default
 
@@ -99,13 +107,14 @@ def run(
     dirs,
     *,
     images=10_000,
-    unlabeled=1000,
+    unlabeled=UNLABELED,
     held_out=2000,
     max_sweeps=6,
     descent_steps=0,
+    dataset="fashion_mnist",
     log=print,
 ):
-    test, stats, select = image_sets(images, unlabeled, held_out)
+    test, stats, select = image_sets(images, unlabeled, held_out, dataset=dataset)
     key = jax.random.key(0)
     out = []
     for dir_a, dir_b in itertools.combinations(dirs, 2):
@@ -133,7 +142,7 @@ def run(
         }
         out.append({"a": str(dir_a), "b": str(dir_b), "candidates": rows, "picks": picks})
         log("\n".join(_table(out[-1])))
-    return {"pairs": out}
+    return {"pairs": out, "dataset": dataset, "held_out": held_out}
 
 
 def _least_loss(rows) -> str:
@@ -185,7 +194,13 @@ def main(argv=None):
         default=6,
         help=f"sweeps from the start (at least align_by_activations' {LIBRARY_SWEEPS})",
     )
-    p.add_argument("--images", type=int, default=10_000, help="test images")
+    p.add_argument("--dataset", choices=sorted(TEST_IMAGES), default="fashion_mnist")
+    p.add_argument("--images", type=int, help="test images (default: the whole split)")
+    p.add_argument(
+        "--held-out",
+        type=int,
+        help="labelled training images after the 1000 unlabeled ones (default: up to 2000)",
+    )
     p.add_argument(
         "--descent-steps",
         type=int,
@@ -194,9 +209,17 @@ def main(argv=None):
     )
     p.add_argument("--out", default="runs/activation-start")
     args = p.parse_args(argv)
-    check_images(p, args.images)
+    if args.images is None:
+        args.images = TEST_IMAGES[args.dataset]
+    check_images(p, args.images, args.dataset)
     check_checkpoints(p, args.dirs)
-    check_image_shape(p, args.dirs, "fashion_mnist")  # (an 8x8 ViT failed after the data loaded)
+    check_image_shape(p, args.dirs, args.dataset)  # (an 8x8 ViT failed after the data loaded)
+    spare = len(getattr(data, args.dataset)().train.labels) - UNLABELED
+    if args.held_out is None:
+        args.held_out = min(2000, spare)
+    if not 1 <= args.held_out <= spare:  # (a slice past the end is cut silently)
+        p.error(f"--held-out must be in [1, {spare}] ({args.dataset}'s training split), got "
+                f"{args.held_out}")  # fmt: skip
     for flag in ("max_sweeps", "descent_steps"):
         if (value := getattr(args, flag)) < 0:
             p.error(f"--{flag.replace('_', '-')} must be >= 0, got {value}")
@@ -204,8 +227,10 @@ def main(argv=None):
     results = run(
         args.dirs,
         images=args.images,
+        held_out=args.held_out,
         max_sweeps=args.max_sweeps,
         descent_steps=args.descent_steps,
+        dataset=args.dataset,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

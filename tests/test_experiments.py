@@ -373,8 +373,8 @@ def test_pairs(tmp_path, capsys):
 
 
 def test_paths_and_activation_start_refuse_checkpoints_of_other_images(tmp_path, capsys):
-    """Both read Fashion-MNIST: a ViT of 8x8 images is refused before any work (it failed
-    inside the model, after the data was loaded)."""
+    """Both read Fashion-MNIST by default: a ViT of 8x8 images is refused before any work (it
+    failed inside the model, after the data was loaded); ``--dataset digits`` takes it."""
     import dataclasses
 
     import jax
@@ -389,7 +389,16 @@ def test_paths_and_activation_start_refuse_checkpoints_of_other_images(tmp_path,
         with pytest.raises(SystemExit):
             main([d, d, "--out", str(tmp_path / "out")])
         assert "takes 8x8x1 images; fashion_mnist's are 28x28x1" in capsys.readouterr().err
+    with pytest.raises(SystemExit):  # digits' 1437 training images: 437 after the unlabeled
+        activation_start.main([d, d, "--dataset", "digits", "--held-out", "438"])
+    assert "--held-out must be in [1, 437] (digits's training split), got 438" in (
+        capsys.readouterr().err
+    )
     assert not (tmp_path / "out").exists()
+    out = tmp_path / "digits-paths"
+    paths.main([d, d, "--dataset", "digits", "--align", "none", "--points", "3", "--out", str(out)])
+    # A with itself: one loss all along the path, on digits' whole test split (360 images)
+    assert len({*json.loads((out / "paths.json").read_text())["none"]["metrics"]["loss"]}) == 1
 
 
 def test_merge_rows_reuse_statistics(monkeypatch):
