@@ -1045,6 +1045,14 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
         got = merge.statistics(c.model, params, [empty, *real, empty], fisher=fisher)
         want = merge.statistics(c.model, params, real, fisher=fisher)
         assert float(got["examples"]) == 3 and rel_err(got, want) <= TOL, fisher
+        # Nested lists are arrays (labels failed in vmap, inputs on .shape); tuples likewise
+        lists = [{k: np.asarray(v).tolist() for k, v in real[0].items()}]
+        assert rel_err(merge.statistics(c.model, params, lists, fisher=fisher), want) == 0
+    tup = [(real[0]["input_ids"].tolist(), real[0]["attention_mask"].tolist())]
+    assert (
+        rel_err(merge.statistics(c.model, params, tup), merge.statistics(c.model, params, real))
+        == 0
+    )
     with pytest.raises(ValueError, match=r"no batches \(or only empty ones\)"):
         merge.statistics(c.model, params, [empty], ("gram",))
     masked = [{**real[0], "attention_mask": jnp.zeros_like(real[0]["attention_mask"])}]
@@ -1970,6 +1978,11 @@ def test_curve_and_barrier(key):
     seen.clear()
     got = merge.curve(counted, a, b, grid, known={0.3: evaluate(merge.interpolate(a, b, 0.3))})
     assert len(seen) == 10 and 0.3 not in seen
+    seen.clear()  # a float32 λ, 0.30000001192: refused by a tolerance of 1e-9
+    merge.curve(
+        counted, a, b, grid, known={np.float32(0.3): evaluate(merge.interpolate(a, b, 0.3))}
+    )
+    assert len(seen) == 10
     back = merge.curve(evaluate, a, b, grid[::-1])
     np.testing.assert_array_equal(back.metrics["loss"], got.metrics["loss"][::-1])
     assert back.barrier == pytest.approx(got.barrier, abs=1e-12) and back.barrier

@@ -82,10 +82,11 @@ def curve(
     lam = np.asarray(lambdas, np.float64)
     if lam.ndim != 1 or not lam.size or not np.all(np.isfinite(lam)):
         raise ValueError(f"lambdas must be a non-empty 1-D sequence of finite numbers: {lambdas}")
-    # A known λ is a grid point up to rounding (0.3 for linspace's 0.30000000000000004).
+    # A known λ is a grid point up to rounding: 0.3 for linspace's 0.30000000000000004, and a
+    # float32 λ (0.30000001) for either, so within float32's rounding, relative to the grid.
     at = {}
     for x, m in (known or {}).items():
-        near = np.flatnonzero(np.abs(lam - float(x)) <= 1e-9)
+        near = np.flatnonzero(np.abs(lam - float(x)) <= 4 * np.finfo(np.float32).eps)
         if not near.size:
             raise ValueError(f"known metrics at λ = {x}, which is not among the lambdas")
         at |= {int(i): dict(m) for i in near}

@@ -208,10 +208,17 @@ def _bcast(n, g):
 
 
 def _split(fam, batch):
-    """``(positional inputs, labels or None)`` of a batch (tuple or dict of named arrays)."""
+    """``(positional inputs, labels or None)`` of a batch (tuple or dict of named arrays;
+    nested lists taken as arrays: they failed on ``.shape``, or in vmap for labels)."""
     if isinstance(batch, Mapping):  # absent inputs stay None in their place
-        return tuple(fam.batch_inputs(batch)), batch.get("labels")
-    return tuple(batch), None
+        inputs, labels = fam.batch_inputs(batch), batch.get("labels")
+    else:
+        inputs, labels = batch, None
+    return tuple(_array(x) for x in inputs), _array(labels)
+
+
+def _array(x):
+    return x if x is None or hasattr(x, "shape") else np.asarray(x)
 
 
 def _inputs(fam, batches: Iterable[Any]) -> list[tuple]:
