@@ -250,9 +250,9 @@ TOKEN_FAMILIES = {
     "llama": (
         "llama-k2g2d6-l2-seq",
         [
-            "qk_rotation  orth  x2   size 2 heads x SO(2)^3",
-            "vo_rotation  orth  x2   size 2 heads x O(6)",
-            "query_heads  hperm x2   size 2 heads x S_2",
+            "qk_rotation     orth  x2   size 2 heads x SO(2)^3",
+            "vo_rotation     orth  x2   size 2 heads x O(6)",
+            "query_heads     hperm x2   size 2 heads x S_2",
         ],
     ),
     "deberta": (
@@ -597,6 +597,7 @@ def test_inspect_and_version(checkpoints, capsys):
     assert cli.main(["inspect", str(tmp / "vit")]) == 0
     text = capsys.readouterr().out
     assert "stream_rotation rot   x1   size O(11)" in text and "no stream rotation" not in text
+    assert "    ffn             perm  x2   size 24\n" in text  # one column (it was 3 narrower)
     with pytest.raises(SystemExit) as e:
         cli.main(["--version"])
     assert e.value.code == 0 and capsys.readouterr().out.startswith("rotjax 0.")

@@ -46,12 +46,13 @@ def run(args) -> int:
     )
     print(f"  parameters {sum(x.size for x in leaves):,} in {len(paths)} tensors")
     print("  symmetry groups:")
-    for role in sym.ROLES:
+    roles = [r for r in sym.ROLES if any(g.role == r for g in spec.groups.values())]
+    width = max(12, *map(len, roles))  # one column for every name ("stream_rotation" too)
+    for role in roles:
         groups = [g for g in spec.groups.values() if g.role == role]
-        if groups:
-            sizes = sorted({_size(g) for g in groups}, key=lambda s: (len(s), s))
-            count = sum(math.prod(g.batch) for g in groups)
-            print(f"    {role:12s} {groups[0].kind:5s} x{count:<3d} size {', '.join(sizes)}")
+        sizes = sorted({_size(g) for g in groups}, key=lambda s: (len(s), s))
+        count = sum(math.prod(g.batch) for g in groups)
+        print(f"    {role:{width}s} {groups[0].kind:5s} x{count:<3d} size {', '.join(sizes)}")
     for note in stream:
         if note.startswith("no stream rotation"):
             print(f"    ({note})")
