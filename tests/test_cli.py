@@ -683,18 +683,28 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys):
 
 
 def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsys):
+    from safetensors.numpy import load_file, save_file
+
     tmp, _ = checkpoints
     config = json.loads((tmp / "b" / "config.json").read_text())
-    config.update(hidden_dropout_prob=0.3, initializer_range=0.05, dtype="bfloat16")
+    # (config.json's dtype is not the weights': they say float32, and no note was the truth)
+    config.update(hidden_dropout_prob=0.3, initializer_range=0.05, dtype="float16")
     (tmp / "b" / "config.json").write_text(json.dumps(config))
     out = tmp / "o"
     assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]) == 0
     notes = json.loads((out / "alignment.json").read_text())["notes"]
     assert any("hidden_dropout_prob (0.1 vs 0.3)" in n for n in notes)
+    assert not any("its weights" in n for n in notes)
+    assert "note: model differs from anchor in initializer_range" in capsys.readouterr().err
+    # The dtype notes say what the tensors are stored in (whatever config.json says)
+    weights = tmp / "b" / "model.safetensors"
+    f32 = load_file(weights)
+    save_file({k: v.astype(jax.numpy.bfloat16) for k, v in f32.items()}, weights)
+    assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o16")]) == 0
+    notes = json.loads((tmp / "o16" / "alignment.json").read_text())["notes"]
     assert "model: its weights are bfloat16; rotjax computes in float32 and writes" in str(notes)
     assert not any(n.startswith("anchor: its weights") for n in notes)  # float32
-    assert "note: model differs from anchor in initializer_range" in capsys.readouterr().err
-    (tmp / "b" / "config.json").write_text(json.dumps({**config, "dtype": "float64"}))
+    save_file({k: v.astype(np.float64) for k, v in f32.items()}, weights)
     assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "o64")]) == 0
     err = capsys.readouterr().err
     assert "float64; rotjax computes in float32 and writes float32 (a checkpoint half its" in err
@@ -702,6 +712,7 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
     assert cli.main(["inspect", str(tmp / "b")]) == 0
     printed = capsys.readouterr().out
     assert "note: checkpoint: its weights are float64; rotjax computes in float32\n" in printed
+    save_file(f32, weights)
     (tmp / "b" / "config.json").write_text(json.dumps(config))
     written = json.loads((out / "config.json").read_text())  # B's, not the anchor's
     assert (written["hidden_dropout_prob"], written["initializer_range"]) == (0.3, 0.05)

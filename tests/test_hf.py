@@ -24,6 +24,7 @@ import rotjax.hf
 import rotjax.models
 from rotjax import symmetry as sym
 from rotjax.data import minilm_dir
+from rotjax.hf._files import stored_dtypes
 from rotjax.models import deberta, family, llama, vit
 from rotjax.tree import flatten, to_dict
 
@@ -590,11 +591,18 @@ def test_pytorch_bin_and_legacy_names(checkpoint, seed, tmp_path):
     config2, params2 = rotjax.hf.load(path)
     assert config2 == config
     assert_trees_equal(params2, params)
+    # The stored dtypes, which the loaded float32 arrays no longer say (the CLI's notes)
+    assert stored_dtypes(path) == {"float32"}
+    torch.save({k: v.to(torch.bfloat16) for k, v in legacy.items()}, path / "pytorch_model.bin")
+    assert stored_dtypes(path) == {"bfloat16"}  # (the int64 position_ids are not floating)
 
     (path / "pytorch_model.bin").unlink()
     rewrite(path, {k: v.astype(jnp.bfloat16) for k, v in tensors.items()})
     to_bf16 = lambda x: np.asarray(x).astype(jnp.bfloat16).astype(np.float32)
     assert_trees_equal(rotjax.hf.load(path)[1], jax.tree.map(to_bf16, params))
+    assert stored_dtypes(path) == {"bfloat16"}
+    rewrite(path, {**tensors, next(iter(tensors)): next(iter(tensors.values())).astype(np.float16)})
+    assert stored_dtypes(path) == {"float16", "float32"}
 
     (path / "model.safetensors").unlink()
     (path / "pytorch_model.bin").write_bytes(b"not a zip")
@@ -638,6 +646,7 @@ def test_sharded_checkpoints_load_like_one_file(checkpoint):
         config2, params2 = rotjax.hf.load(path)
         assert config2 == config
         assert_trees_equal(params2, params)
+        assert stored_dtypes(path) == {"float32"}
         # A stale copy of a tensor in the later shard (an older save's) is not read: the
         # index says where each tensor is (the last shard read won).
         first, second = (f"{stem}{suffix}.{ext}" for suffix in halves)

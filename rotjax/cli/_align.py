@@ -52,9 +52,16 @@ def add_arguments(a, *, blocks, positive_int, layer_list, seed) -> None:
     a.add_argument("anchor", help="checkpoint to align to (model A)")
     a.add_argument("model", help="checkpoint to align (model B); left unchanged")
     a.add_argument("--out", required=True, help="new directory for the aligned model + report")
-    a.add_argument("--solve", type=blocks, default=match.PAPER, help="comma-separated blocks")
+    a.add_argument(
+        "--solve",
+        type=blocks,
+        default=match.PAPER,
+        help=f"comma-separated blocks (default {','.join(match.PAPER)})",
+    )
     a.add_argument("--layers", type=layer_list, help="comma-separated layer indices (all)")
-    a.add_argument("--solver", choices=match.SOLVERS, default="scipy", help="assignment solver")
+    a.add_argument(
+        "--solver", choices=match.SOLVERS, default="scipy", help="assignment solver (default scipy)"
+    )
     a.add_argument(
         "--residual-init",
         choices=match.RESIDUAL_INITS,

@@ -20,7 +20,7 @@ import numpy as np
 
 from rotjax import hf
 from rotjax._atomic import check_name_lengths, holds_cwd, nearest_existing
-from rotjax.hf._files import read_config
+from rotjax.hf._files import read_config, stored_dtypes
 from rotjax.match._checks import few, non_finite
 from rotjax.models import family
 from rotjax.tree import to_dict
@@ -125,16 +125,11 @@ def load_models(
         notes += [
             f"{label}: {w.message}" for w in caught if issubclass(w.category, hf.DroppedHeadWarning)
         ]
-        stored = _stored_dtype(directory)
-        if stored not in (None, "float32"):
-            size = "half its size" if stored == "float64" else "twice its size"
-            notes.append(
-                f"{label}: its weights are {stored}; rotjax computes in float32 and writes "
-                f"float32 (a checkpoint {size}: cast it back when loading, e.g. "
-                f"transformers' torch_dtype=torch.{stored})"
-                if writes
-                else f"{label}: its weights are {stored}; rotjax computes in float32"
-            )
+        # The tensors' own dtypes: config.json's "dtype" may be missing or wrong (a bfloat16
+        # checkpoint without it had no note, a float32 one saying float16 was "float16")
+        stored = sorted(stored_dtypes(Path(directory)))
+        if stored not in ([], ["float32"]):
+            notes.append(_dtype_note(label, stored, writes=writes))
         bad = non_finite(to_dict(p))  # (float64 beyond float32's range: hf.load refused it)
         if bad:
             raise CLIError(f"{label} ({directory}): non-finite values (NaN or Inf) in {few(bad)}")
@@ -207,11 +202,17 @@ def _hf_config(directory) -> dict:
         return {}
 
 
-def _stored_dtype(directory) -> str | None:
-    """The dtype a checkpoint's ``config.json`` says its weights are stored in, if any."""
-    config = _hf_config(directory)
-    dtype = config.get("dtype", config.get("torch_dtype"))
-    return dtype if isinstance(dtype, str) else None
+def _dtype_note(label: str, stored: list[str], *, writes: bool) -> str:
+    note = f"{label}: its weights are {' and '.join(stored)}; rotjax computes in float32"
+    if not writes:
+        return note
+    if len(stored) > 1:
+        return note + " and writes float32"
+    size = "half its size" if stored[0] == "float64" else "twice its size"
+    return note + (
+        f" and writes float32 (a checkpoint {size}: cast it back when loading, e.g. "
+        f"transformers' torch_dtype=torch.{stored[0]})"
+    )
 
 
 def _label_names(directory) -> dict[int, str] | None:

@@ -88,8 +88,10 @@ same head as the fine-tunes were given before training, `rotjax.hf.load_for_task
 def add_arguments(m, *, positive_int, seed) -> None:
     m.add_argument("models", nargs="+", help="checkpoints to merge; the first is the anchor")
     m.add_argument("--out", required=True, help="new directory for the merged model + report")
-    m.add_argument("--method", choices=METHODS, default="average")
-    m.add_argument("--align", choices=ALIGNS, default="paper", help="alignment before merging")
+    m.add_argument("--method", choices=METHODS, default="average", help="(default average)")
+    m.add_argument(
+        "--align", choices=ALIGNS, default="paper", help="alignment before merging (default paper)"
+    )
     m.add_argument(
         "--data", action="append", default=[], help=".npz of inputs, once or per model (below)"
     )

@@ -70,6 +70,39 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
     )
 
 
+def stored_dtypes(directory: Path) -> set[str]:
+    """The dtypes a checkpoint stores its floating tensors in (``{"bfloat16"}``, ...), from
+    the files `read_weights` reads: the safetensors headers alone, a PyTorch file memory-
+    mapped (its bfloat16 and float16 tensors are read as float32, so the arrays cannot say)."""
+    for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (TORCH_FILE, TORCH_INDEX)):
+        if (directory / single).is_file():
+            files = [directory / single]
+        elif (directory / index).is_file():
+            files = sorted(
+                {directory / s for s in read_json(directory / index)["weight_map"].values()}
+            )
+        else:
+            continue
+        return set().union(*map(_file_dtypes, files))
+    return set()
+
+
+_SAFETENSORS_FLOATS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
+
+
+def _file_dtypes(file: Path) -> set[str]:
+    if file.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        with safe_open(str(file), framework="np") as f:
+            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
+        return {_SAFETENSORS_FLOATS[k] for k in kinds if k in _SAFETENSORS_FLOATS}
+    import torch
+
+    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    return {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
+
+
 def read_shards(index_file: Path, read) -> dict[str, np.ndarray]:
     """The tensors of a sharded checkpoint: every shard its index's ``weight_map`` names, and
     every tensor named there found in its shard (a copy of it in another shard, left by an

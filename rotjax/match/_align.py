@@ -7,7 +7,8 @@ It is minimised block by block, each block in closed form given the others:
 - ``attention`` (per layer, all layers at once): the head permutation and the rotations
   ``R_qk, R_vo`` jointly, given the scales, then the scales (`rotjax.match._attention`);
 - ``scale`` alone when no rotation is solved: per head, ``a`` minimising
-  ``Σ‖A_+ - a B_+‖² + Σ‖A_- - B_-/a‖²``, the least root of a quartic (paper, Eq. 11-12);
+  ``Σ‖A_+ - a B_+‖² + Σ‖A_- - B_-/a‖²``, the positive root of a quartic with the least
+  objective (paper, Eq. 11-12; `best_scale`);
 - ``query_heads`` (grouped-query attention: the query heads inside each key-value head's
   group), ``ffn`` (FFN units, pooler units) and ``residual`` (the stream): linear assignment
   on ``C[i, j] = Σ_p ⟨A_p[.., i, ..], B_p[.., j, ..]⟩`` with every other group applied to B
@@ -16,8 +17,9 @@ It is minimised block by block, each block in closed form given the others:
   rotation and scale applied) and the output kernel's slices (the V/O rotation applied).
 
 Without the residual group the blocks are independent up to the rotation-scale coupling and
-one pass in the order attention, scale, ffn is the paper's method. With it, or with the query
-heads solved together with the attention block (the rotations are fitted to the query heads
+one pass in the order attention, scale, ffn is the paper's method. With it, with the stream
+rotation (``stream``, pre-norm models in canonical form: `rotjax.match._stream`), or with the
+query heads solved together with the attention block (the rotations are fitted to the query heads
 in their current order, and the other way round), the groups interact and the blocks are
 swept by coordinate descent (after the first sweep in a random order per sweep when a key is
 given) until the objective stops improving. Every block step is an exact minimisation, or
@@ -178,8 +180,9 @@ def align(
         the identity (``"identity"``), which is a fixed point of the stream update when the
         per-layer groups were fitted with the stream at the identity. Ignored when ``init``
         holds the residual group.
-      max_sweeps: coordinate-descent sweeps; default 1 without the residual group (the paper's
-        single pass), else 50; 50 too when the query heads are solved with heads or rotations.
+      max_sweeps: coordinate-descent sweeps; default 1 without the residual group and the
+        stream rotation (the paper's single pass), else 50; 50 too when the query heads are
+        solved with heads or rotations.
       tol: stop when a sweep improves the objective by less than ``tol`` relatively.
       key: shuffles the block order of every sweep after the first (which runs in the fixed
         order attention, scale, query_heads, ffn, residual, stream); None keeps the fixed
