@@ -28,7 +28,7 @@ from rotjax.match._stream import stream_polar
 from rotjax.merge._capture import calls
 from rotjax.merge._methods import _gram_inputs, _input_axes
 from rotjax.merge._stats import _check_finite, _split
-from rotjax.models import family
+from rotjax.models import model_family
 from rotjax.tree import flatten
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -56,7 +56,7 @@ def cross_statistics(
     1 left float32 5% off the variance in a test). Batches are as for
     `rotjax.merge.statistics`. Two forward passes per batch, one program.
     """
-    fam = family(model.config)
+    fam = model_family(model)
     step = _cross_step(model, include_padding)
     total = None
     if progress:
@@ -77,7 +77,7 @@ def cross_statistics(
 
 @functools.cache
 def _cross_step(model, include_padding):
-    fam = family(model.config)
+    fam = model_family(model)
 
     def step(params_a, params_b, inputs):
         mask = None if include_padding else fam.token_mask(inputs)

@@ -15,7 +15,7 @@ import jax.numpy as jnp
 
 from rotjax.merge._methods import check_sequence
 from rotjax.merge._stats import _inputs, _no_classes
-from rotjax.models import family
+from rotjax.models import model_family
 from rotjax.tree import wide
 
 MEMORY = 2**28  # bytes of mean predictions kept between calls of a prediction loss
@@ -49,13 +49,13 @@ def prediction_loss(
 def _prediction_loss(model, params_list, batches, memory):
     """`prediction_loss`, with the batches' inputs and ``target_of(i)``, the mean prediction
     on the i-th batch (kept up to ``memory`` bytes), for a caller that also descends on it."""
+    fam = model_family(model)
     if why := _no_classes(model.config):
         raise ValueError(f"prediction_loss needs a model with a classification head ({why})")
     check_sequence(params_list)
     if not params_list:
         raise ValueError("prediction_loss: params_list holds no model to predict with")
     check_memory(memory)
-    fam = family(model.config)
     inputs = _inputs(fam, batches)
     if not inputs:
         raise ValueError("prediction_loss: no batches (or only empty ones)")
@@ -91,7 +91,7 @@ def check_memory(memory: Any) -> None:
 
 @functools.cache
 def _loss_steps(model):
-    fam = family(model.config)
+    fam = model_family(model)
     logits = lambda params, x: wide(model.apply({"params": params}, *x))  # float64 stays
 
     def step(params, x, target):

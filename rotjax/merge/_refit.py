@@ -55,7 +55,7 @@ from rotjax.merge._methods import (
     scalar,
 )
 from rotjax.merge._stats import _inputs
-from rotjax.models import family
+from rotjax.models import model_family
 from rotjax.tree import placed_like, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -117,7 +117,7 @@ def refit(
     if isinstance(ridge, bool) or not (np.isfinite(ridge) and ridge >= 0):
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     check_memory(memory)
-    fam = family(model.config)
+    fam = model_family(model)
     inputs = _inputs(fam, batches)
     if not inputs:
         raise ValueError("refit: no batches (or only empty ones)")

@@ -25,6 +25,7 @@ from rotjax.merge._loss import MEMORY, _better, _kept, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.merge._stats import _no_classes
 from rotjax.merge._straight import LEARNING_RATE, _check_descent, _descend
+from rotjax.models import model_family
 
 
 def align_by_activations(
@@ -85,6 +86,7 @@ def align_by_activations(
     if not isinstance(weights_start, bool | match.Alignment):
         raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")
     solve = _check_descent(steps, learning_rate, solve=solve, key=key, solver=solver)
+    model_family(model)  # (a module of no known family: said before any work)
     if steps and (why := _no_classes(model.config)):
         raise ValueError(f"steps > 0 needs a model with a classification head ({why})")
     # What `align` would refuse, refused before the forward passes (the start below holds

@@ -33,7 +33,7 @@ from rotjax.data import IGNORE_LABEL
 from rotjax.match._checks import few, non_finite
 from rotjax.merge._capture import capture
 from rotjax.merge._methods import _input_axes
-from rotjax.models import family
+from rotjax.models import model_family
 from rotjax.tree import from_dict, to_dict, wide
 
 KINDS = ("gram", "fisher")
@@ -71,7 +71,9 @@ def statistics(
     """Input Grams and diagonal Fishers of ``model`` at ``params`` over ``batches``, one pass.
 
     Args:
-      model: a rotjax model (``rotjax.models.family(config).Model(config)``).
+      model: a rotjax model (``rotjax.models.family(config).Model(config)``), or your own
+        Flax module with a ``config`` whose class names its `rotjax.models.Family` as
+        ``rotjax_family``.
       params: its params (any sharding: the per-batch program is jitted, sums reduce across
         devices, results come back with the statistics' natural replicated sharding).
       batches: an iterable of batches, each a tuple of positional ``model.apply`` arguments
@@ -122,9 +124,9 @@ def statistics(
         check_key(key, "fisher='sampled' needs a key: key")
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
+    fam = model_family(model)
     if "fisher" in kinds and (why := _no_classes(model.config)):
         raise ValueError(f"the Fisher needs a classification head ({why})")
-    fam = family(model.config)
     step = _batch_step(model, tuple(kinds), include_padding, fisher, samples)
     total: dict[str, Any] | None = None
     outputs: dict[tuple, tuple] = {}  # the model's output shape by input shapes
@@ -239,7 +241,7 @@ def _check_finite(what: str, tree: Any) -> None:
 @functools.cache
 def _batch_step(model, kinds, include_padding, fisher, samples):
     """The jitted ``(params, inputs, labels, key) -> sums`` of one batch."""
-    fam = family(model.config)
+    fam = model_family(model)
 
     def step(params, inputs, labels, key):
         mask = None if include_padding else fam.token_mask(inputs)

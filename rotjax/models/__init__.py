@@ -23,16 +23,42 @@ FAMILIES: tuple[Family, ...] = (bert.FAMILY, vit.FAMILY, llama.FAMILY, deberta.F
 
 
 def family(config: Any) -> Family:
-    """The `Family` of a model config (``bert.Config``, ``vit.Config``, ...).
+    """The `Family` of a model config (``bert.Config``, ``vit.Config``, ...), or of your own
+    model's: a config class names its family with a class attribute ``rotjax_family``, a
+    `Family` whose ``Config`` is that class (no registry to change: every function that runs
+    a model, such as `rotjax.merge.statistics` or `refit`, then runs yours).
 
     Raises:
-      TypeError: ``config`` is not the config of a registered family.
+      TypeError: ``config`` is neither a registered family's config nor names its own.
     """
     for f in FAMILIES:
         if type(config) is f.Config:
             return f
+    own = getattr(type(config), "rotjax_family", None)
+    if isinstance(own, Family) and own.Config is type(config):
+        return own
     known = ", ".join(f"{f.name}.Config" for f in FAMILIES)
-    raise TypeError(f"not a rotjax model config: {type(config).__name__} (known: {known})")
+    raise TypeError(
+        f"not a rotjax model config: {type(config).__name__} (known: {known}; a config of "
+        "your own model names its Family as the class attribute rotjax_family)"
+    )
+
+
+def model_family(model: Any) -> Family:
+    """The `Family` of a Flax module built from a config (``Model(config)``), as `family`.
+
+    Raises:
+      TypeError: ``model`` has no ``config``, or one of no known family.
+    """
+    try:
+        config = model.config
+    except AttributeError:  # (Flax's own message spoke of setup())
+        raise TypeError(
+            f"{type(model).__name__} has no config: functions that run a model need a module "
+            "built from a config whose Family rotjax knows (a rotjax model, or your own module "
+            "with a config field whose class names its Family as rotjax_family)"
+        ) from None
+    return family(config)
 
 
 def family_of_model_type(model_type: str) -> Family:
@@ -59,6 +85,7 @@ __all__ = [
     "family",
     "family_of_model_type",
     "llama",
+    "model_family",
     "stack_layers",
     "token_tables",
     "unstack_layers",
