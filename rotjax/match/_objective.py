@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax import symmetry as sym
-from rotjax.tree import flatten
+from rotjax.tree import flatten, placed_like
 
 
 class Context(NamedTuple):
@@ -92,10 +92,13 @@ def total(ctx: Context, t: dict) -> float:
 
 
 def replaced(params: Any, new: dict) -> Any:
-    """``params`` with the leaves at the paths of ``new`` replaced, cast to their dtypes."""
+    """``params`` with the leaves at the paths of ``new`` replaced, cast to their dtypes and
+    placed on their shardings (the stream's update let XLA choose: sharded query, key and
+    value kernels came back in another layout)."""
     all_paths, leaves, treedef = flatten(params)
     out = [
-        new[p].astype(x.dtype) if p in new else x for p, x in zip(all_paths, leaves, strict=True)
+        placed_like(new[p].astype(x.dtype), x) if p in new else x
+        for p, x in zip(all_paths, leaves, strict=True)
     ]
     return jax.tree_util.tree_unflatten(treedef, out)
 
