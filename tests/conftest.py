@@ -55,6 +55,12 @@ for flag in sorted(_known_to_xla(missing)):
         f"{os.environ.get('XLA_FLAGS', '')} --{flag}={COMPILE_FLAGS[flag]}".strip()
     )
 
+# The suite runs on the CPU, split into 8 devices, also on a GPU or TPU host (where the
+# default platform would give one or a few accelerators and other rounding: the stated
+# tolerances are float32's on XLA:CPU); its subprocesses (the command line) too. A
+# JAX_PLATFORMS set by hand wins.
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
 import jax  # noqa: E402
 
 NUM_DEVICES = 8
