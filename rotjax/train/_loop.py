@@ -341,7 +341,8 @@ def fit(
     ``split(fold_in(state.key, t))`` (augmentation, dropout): both depend only on ``t``. With
     a ``workdir``, the latest checkpoint in ``workdir/checkpoints`` (if any) replaces
     ``state``, so calling `fit` again after an interruption continues the same run exactly
-    (bitwise on the same hardware).
+    (bitwise on the same hardware; on a GPU only with deterministic ops, XLA_FLAGS
+    ``--xla_gpu_deterministic_ops=true``, as its scatter-adds are atomic).
 
     Args:
         state: Initial state (e.g. `create_train_state`); not modified.
