@@ -57,7 +57,14 @@ def test_language_replicates_are_kept_and_resumed(tmp_path, monkeypatch):
     ]
     assert [r["commit"] for r in results["sequence"] + results["token"]] == ["v1"] * 4
     done[:] = []
-    assert run("v2")["token"][0]["commit"] == "v1" and not done  # later code: kept
+    later = run("v2")
+    assert later["token"][0]["commit"] == "v1" and not done  # later code: kept, and said
+    assert results["older_code"] == 0 and later["older_code"] == 4
+    from experiments.reproduce import _report
+
+    assert "(**4 computed by older code**, not rerun)" in _report.took(
+        "language", {**later, "seconds": 60}
+    )
     run("v2", dataclasses.replace(settings, descent_steps=3))  # a vision setting: kept
     assert not done
     run("v2", dataclasses.replace(settings, eval_texts=7))  # fewer test texts: all again
@@ -160,6 +167,13 @@ def test_reproduce(tmp_path, monkeypatch):
     reproduce.main(["--smoke", "--out", str(tmp_path)])
     assert (tmp_path / "results" / "vision.json").stat().st_mtime == mtime
     assert vision["mode"] == "smoke" and "commit" in vision
+    # Models `train.cached` would train afresh (older data, e.g. another tokenizer's token ids;
+    # faked here) do not key the results they computed: the part is computed again.
+    settings, code = reproduce.Settings.of("smoke"), reproduce._code()
+    assert vision["key"] == reproduce._key(settings, "vision", tmp_path, code)
+    monkeypatch.setattr(reproduce.T, "data_version", lambda config: "other data")
+    assert vision["key"] != reproduce._key(settings, "vision", tmp_path, code)
+    monkeypatch.undo()
     env = vision["environment"]  # provenance beside the key: packages and machine
     assert env["jax"] == jax.__version__ and env["cpus"] >= 1
     assert f"vision: jax {jax.__version__}, flax " in report

@@ -31,15 +31,13 @@ import sys
 import time
 from pathlib import Path
 
+from experiments import train as T
 from experiments.reproduce import _language, _report, _vision
-from experiments.reproduce._models import Settings, read_results, results_key
+from experiments.reproduce._models import Settings, part_configs, read_results, results_key
 from rotjax import train
 from rotjax._atomic import write_whole
 
 PARTS = {"vision": _vision.run, "language": _language.run}
-
-
-MODELS = {"vision": "vit-*", "language": "minilm-*"}  # a part's models in DIR/models
 
 
 # The experiments' modules a part's results depend on (the others: other experiments, and
@@ -59,9 +57,15 @@ def _code() -> str:
 
 def _key(settings: Settings, part: str, out: Path, code: str) -> str:
     """What a part's results depend on: the settings (but which parts run), the ``code``
-    (`_code`) and the summaries of the part's models trained in ``out``."""
-    models = sorted((out / "models").glob(f"{MODELS[part]}/summary.json"))
-    return results_key(settings, code, label=part, after="".join(f.read_text() for f in models))
+    (`_code`) and the summaries of the part's models in ``out`` that `train.cached` would keep
+    (a model of other settings or older data, e.g. token ids of another tokenizer, counts as
+    not trained: its part is recomputed after training it afresh, not reused)."""
+    models = []
+    for config in part_configs(settings, part):
+        run = out / "models" / config.name
+        kept = T.finished(config, run) is not None
+        models.append((run / "summary.json").read_text() if kept else f"{config.name}: none")
+    return results_key(settings, code, label=part, after="".join(models))
 
 
 def _commit() -> str | None:

@@ -46,11 +46,14 @@ def run(settings: Settings, out, log, code: str = "", commit: str | None = None)
     summaries), the ``commit`` of the code that computed it and its seconds: a run cut short
     (the whole part takes hours, over more than one session) resumes at the first replicate
     not done, and a replicate whose key is unchanged is reused, by later code too (the report
-    names the replicates' commits; remove ``OUT/results/language`` to recompute them).
-    ``code`` keys the part as a whole (`experiments.reproduce`), not its replicates.
-    ``results["reused"]`` counts the replicates reused."""
+    names the replicates' commits and says how many older code computed; remove
+    ``OUT/results/language.json`` and ``OUT/results/language`` to recompute them). ``code``
+    keys the part as a whole (`experiments.reproduce`), not its replicates: each records its
+    digest. ``results["reused"]`` counts the replicates reused, ``results["older_code"]``
+    those of them computed by other code."""
     results: dict[str, Any] = {}
-    reused = 0
+    reused = older = 0
+    digest = hashlib.sha256(code.encode()).hexdigest()[:16]
     for task, names in LANGUAGE.items():
         results[task] = []
         for seed in settings.language_seeds:
@@ -64,14 +67,15 @@ def run(settings: Settings, out, log, code: str = "", commit: str | None = None)
                 log(f"  reused ({path})")
                 results[task].append(kept["result"])
                 reused += 1
+                older += kept["result"].get("code") != digest
                 continue
             tic = time.perf_counter()
             result = _seed(settings, task, names, seed, summaries, log)
-            result |= {"commit": commit, "seconds": time.perf_counter() - tic}
+            result |= {"commit": commit, "code": digest, "seconds": time.perf_counter() - tic}
             path.parent.mkdir(parents=True, exist_ok=True)
             write_whole(path, json.dumps({"key": key, "result": result}, default=float) + "\n")
             results[task].append(result)
-    return {**results, "reused": reused}
+    return {**results, "reused": reused, "older_code": older}
 
 
 def _replicate_key(fields: dict, summaries: list) -> str:

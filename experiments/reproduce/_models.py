@@ -115,6 +115,14 @@ def run_config(settings: Settings, name: str, seed: int) -> T.Config:
     return config
 
 
+def part_configs(settings: Settings, part: str) -> list[T.Config]:
+    """The training configs of a part's models (``"vision"`` or ``"language"``)."""
+    if part == "vision":
+        return [run_config(settings, "vit_fashion_mnist", s) for s in settings.vision_seeds]
+    seeds = settings.language_seeds
+    return [run_config(settings, n, s) for names in LANGUAGE.values() for s in seeds for n in names]
+
+
 def trained(settings: Settings, out: Path, name: str, seed: int, progress=False) -> dict[str, Any]:
     """The summary of a trained model (``summary["hf"]`` its checkpoint), training it first
     unless ``OUT/models/<run>`` holds a finished run of the same config (`T.cached`)."""

@@ -335,7 +335,7 @@ def language_lines(language, used) -> list[str]:
             "Language replicates computed by the code of commit(s) "
             + ", ".join(commits)
             + " (each replicate is kept across code changes: remove "
-            "`results/language/` to recompute them).",
+            "`results/language.json` and `results/language/` to recompute them).",
             "",
         ]
     for task in ("sequence", "token"):
@@ -402,6 +402,8 @@ def took(part: str, r: dict) -> str:
     if part == "language" and r.get("reused"):
         n = len(r["sequence"]) + len(r["token"])
         text += f" ({r['reused']} of its {n} replicates kept from earlier runs)"
+        if r.get("older_code"):  # (replicates of before 2026-12-07 record no code: counted)
+            text += f" (**{r['older_code']} computed by older code**, not rerun)"
     if r.get("commit"):
         text += f" (code of commit {r['commit']})"
     if r.get("stale"):
