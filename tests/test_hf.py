@@ -595,6 +595,9 @@ def test_pytorch_bin_and_legacy_names(checkpoint, seed, tmp_path):
     assert stored_dtypes(path) == {"float32"}
     torch.save({k: v.to(torch.bfloat16) for k, v in legacy.items()}, path / "pytorch_model.bin")
     assert stored_dtypes(path) == {"bfloat16"}  # (the int64 position_ids are not floating)
+    half = {k: v.to(torch.float16) for k, v in legacy.items()}  # torch's legacy format: no mmap
+    torch.save(half, path / "pytorch_model.bin", _use_new_zipfile_serialization=False)
+    assert stored_dtypes(path) == {"float16"}
 
     (path / "pytorch_model.bin").unlink()
     rewrite(path, {k: v.astype(jnp.bfloat16) for k, v in tensors.items()})

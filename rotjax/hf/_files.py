@@ -99,7 +99,10 @@ def _file_dtypes(file: Path) -> set[str]:
         return {_SAFETENSORS_FLOATS[k] for k in kinds if k in _SAFETENSORS_FLOATS}
     import torch
 
-    state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a file of torch's legacy format cannot be memory-mapped
+        state = torch.load(file, map_location="cpu", weights_only=True)
     return {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
 
 
