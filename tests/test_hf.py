@@ -606,6 +606,10 @@ def test_pytorch_bin_and_legacy_names(checkpoint, seed, tmp_path):
     assert stored_dtypes(path) == {"bfloat16"}
     rewrite(path, {**tensors, next(iter(tensors)): next(iter(tensors.values())).astype(np.float16)})
     assert stored_dtypes(path) == {"float16", "float32"}
+    # Buffers loading drops (an old LLaMA's float32 inv_freq, position ids) are not weights
+    half = {k: v.astype(np.float16) for k, v in tensors.items()}
+    rewrite(path, {**half, "bert.embeddings.position_ids": np.zeros(3, np.float32)})
+    assert stored_dtypes(path) == {"float16"}
 
     (path / "model.safetensors").unlink()
     (path / "pytorch_model.bin").write_bytes(b"not a zip")
@@ -656,8 +660,13 @@ def test_sharded_checkpoints_load_like_one_file(checkpoint):
         stale = {k: tensors[k] for k in halves["-00002-of-00002"]} | {names[0]: -tensors[names[0]]}
         save(stale, path / second)
         assert_trees_equal(rotjax.hf.load(path)[1], params)
+        stale[names[0]] = stale[names[0]].astype(np.float16)  # (not read: not a stored dtype)
+        save(stale, path / second)
+        assert stored_dtypes(path) == {"float32"}
         save({k: tensors[k] for k in halves["-00002-of-00002"]}, path / second)
         lost = f"{stem}-00002-of-00002.{ext}"
+        index.write_text(json.dumps({"metadata": {}}))  # no map: no weights said (load says)
+        assert stored_dtypes(path) == set()
         index.write_text(json.dumps({"weight_map": {**weight_map, "extra.weight": lost}}))
         with pytest.raises(ValueError, match=r"lack them, e\.g\. 'extra\.weight'"):
             rotjax.hf.load(path)

@@ -1993,6 +1993,10 @@ def test_curve_and_barrier(key):
         counted, a, b, grid, known={np.float32(0.3): evaluate(merge.interpolate(a, b, 0.3))}
     )
     assert len(seen) == 10
+    far = [0.0, 1.0, 20.3]  # float32's rounding of an extrapolated λ grows with it: 7.6e-7
+    assert merge.curve(
+        evaluate, a, b, far, known={np.float32(20.3): {"loss": 1.0, "accuracy": 1.0}}
+    )
     back = merge.curve(evaluate, a, b, grid[::-1])
     np.testing.assert_array_equal(back.metrics["loss"], got.metrics["loss"][::-1])
     assert back.barrier == pytest.approx(got.barrier, abs=1e-12) and back.barrier
@@ -2129,6 +2133,9 @@ def test_own_model_runs_statistics_regmean_and_refit(key):
         merge.statistics(_Bare(), a, batches)
     with pytest.raises(TypeError, match=r"not a rotjax model config: dict .*rotjax_family"):
         merge.refit(_Own({}), a, [a], batches)
+    sub = dataclasses.make_dataclass("Sub", [], bases=(_OwnConfig,), frozen=True)
+    with pytest.raises(TypeError, match=r"Sub.rotjax_family is not the Family of Sub \(its Co"):
+        merge.statistics(_Own(sub()), a, batches)  # (it said to name one, as its parent did)
 
 
 class _Bare(flax.linen.Module):

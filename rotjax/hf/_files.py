@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from rotjax._atomic import sync, sync_tree
+from rotjax.hf._mapping import IGNORED
 
 CONFIG_FILE = "config.json"
 SAFETENSORS_FILE = "model.safetensors"
@@ -71,39 +72,47 @@ def read_weights(directory: Path) -> dict[str, np.ndarray]:
 
 
 def stored_dtypes(directory: Path) -> set[str]:
-    """The dtypes a checkpoint stores its floating tensors in (``{"bfloat16"}``, ...), from
-    the files `read_weights` reads: the safetensors headers alone, a PyTorch file memory-
-    mapped (its bfloat16 and float16 tensors are read as float32, so the arrays cannot say)."""
+    """The dtypes a checkpoint stores its floating parameters in (``{"bfloat16"}``, ...), from
+    the tensors `read_weights` reads (of a sharded checkpoint, each where its index maps it),
+    buffers that loading drops aside (an old LLaMA's float32 ``rotary_emb.inv_freq``): the
+    safetensors headers alone, a PyTorch file memory-mapped (its bfloat16 and float16 tensors
+    are read as float32, so the arrays cannot say). Empty if it has no weights."""
     for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (TORCH_FILE, TORCH_INDEX)):
         if (directory / single).is_file():
-            files = [directory / single]
+            found = _file_dtypes(directory / single)
         elif (directory / index).is_file():
-            files = sorted(
-                {directory / s for s in read_json(directory / index)["weight_map"].values()}
-            )
+            weight_map = read_json(directory / index).get("weight_map") or {}
+            found = {}
+            for shard in sorted(set(weight_map.values())):
+                kept = _file_dtypes(directory / shard).items()
+                found |= {k: v for k, v in kept if weight_map.get(k, shard) == shard}
         else:
             continue
-        return set().union(*map(_file_dtypes, files))
+        buffer = lambda name: any(name == b or name.endswith(f".{b}") for b in IGNORED)
+        return {dtype for name, dtype in found.items() if not buffer(name)}
     return set()
 
 
 _SAFETENSORS_FLOATS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
-def _file_dtypes(file: Path) -> set[str]:
+def _file_dtypes(file: Path) -> dict[str, str]:
+    """``{tensor name: dtype name}`` of a weights file's floating tensors."""
     if file.suffix == ".safetensors":
         from safetensors import safe_open
 
         with safe_open(str(file), framework="np") as f:
-            kinds = {f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
-        return {_SAFETENSORS_FLOATS[k] for k in kinds if k in _SAFETENSORS_FLOATS}
+            kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
+        return {k: _SAFETENSORS_FLOATS[t] for k, t in kinds.items() if t in _SAFETENSORS_FLOATS}
     import torch
 
     try:
         state = torch.load(file, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError:  # a file of torch's legacy format cannot be memory-mapped
         state = torch.load(file, map_location="cpu", weights_only=True)
-    return {str(t.dtype).removeprefix("torch.") for t in state.values() if t.is_floating_point()}
+    return {
+        k: str(t.dtype).removeprefix("torch.") for k, t in state.items() if t.is_floating_point()
+    }
 
 
 def read_shards(index_file: Path, read) -> dict[str, np.ndarray]:

@@ -83,10 +83,11 @@ def curve(
     if lam.ndim != 1 or not lam.size or not np.all(np.isfinite(lam)):
         raise ValueError(f"lambdas must be a non-empty 1-D sequence of finite numbers: {lambdas}")
     # A known λ is a grid point up to rounding: 0.3 for linspace's 0.30000000000000004, and a
-    # float32 λ (0.30000001) for either, so within float32's rounding, relative to the grid.
+    # float32 λ (0.30000001) for either, so within float32's rounding of λ (at least of 1).
     at = {}
     for x, m in (known or {}).items():
-        near = np.flatnonzero(np.abs(lam - float(x)) <= 4 * np.finfo(np.float32).eps)
+        tol = 4 * np.finfo(np.float32).eps * max(1.0, abs(float(x)))
+        near = np.flatnonzero(np.abs(lam - float(x)) <= tol)
         if not near.size:
             raise ValueError(f"known metrics at λ = {x}, which is not among the lambdas")
         at |= {int(i): dict(m) for i in near}

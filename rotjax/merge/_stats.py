@@ -210,8 +210,9 @@ def _bcast(n, g):
 
 
 def _split(fam, batch):
-    """``(positional inputs, labels or None)`` of a batch (tuple or dict of named arrays;
-    nested lists taken as arrays: they failed on ``.shape``, or in vmap for labels)."""
+    """``(positional inputs, labels or None)`` of a batch (tuple or dict of named arrays; an
+    input or labels given as a nested list is an array: it failed on ``.shape``, or in vmap
+    for labels; other pytrees, e.g. a custom model's dict input, are passed as they are)."""
     if isinstance(batch, Mapping):  # absent inputs stay None in their place
         inputs, labels = fam.batch_inputs(batch), batch.get("labels")
     else:
@@ -220,7 +221,7 @@ def _split(fam, batch):
 
 
 def _array(x):
-    return x if x is None or hasattr(x, "shape") else np.asarray(x)
+    return np.asarray(x) if isinstance(x, list) else x
 
 
 def _inputs(fam, batches: Iterable[Any]) -> list[tuple]:

@@ -37,6 +37,12 @@ def family(config: Any) -> Family:
     own = getattr(type(config), "rotjax_family", None)
     if isinstance(own, Family) and own.Config is type(config):
         return own
+    if own is not None:  # (a subclass inherits its parent's: the parent's model, not its own)
+        raise TypeError(
+            f"{type(config).__name__}.rotjax_family is not the Family of {type(config).__name__}"
+            f" (its Config is {getattr(own, 'Config', type(own)).__name__}): give the class one "
+            "of its own"
+        )
     known = ", ".join(f"{f.name}.Config" for f in FAMILIES)
     raise TypeError(
         f"not a rotjax model config: {type(config).__name__} (known: {known}; a config of "
