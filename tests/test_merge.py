@@ -2142,3 +2142,36 @@ class _Bare(flax.linen.Module):
     @flax.linen.compact
     def __call__(self, ids):
         return ids
+
+
+def test_bad_inputs_are_named(key):
+    """Mistakes found by a review, each refused naming what is wrong (they were Flax's scope
+    errors, a bare KeyError 'count', a misspelled kind returned untransformed, "'float' object
+    is not iterable", numpy's isfinite error, NaN scales)."""
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    x = inputs(config, key, batch=2)
+    path = "encoder/layer_0/ffn/intermediate/kernel"
+    bad = from_dict({**to_dict(a), path: jnp.zeros((12, 21))})
+    shape = rf"params: params do not match .*\n  wrong shape: +{path}  params \(12, 21\)"
+    with pytest.raises(ValueError, match=shape):
+        merge.statistics(c.model, bad, [x])
+    with pytest.raises(ValueError, match=rf"params_b: params do not match .*\n.*{path}"):
+        merge.cross_statistics(c.model, a, bad, [x])
+    with pytest.raises(ValueError, match=rf"params_list\[1\]: params do not match .*\n.*{path}"):
+        merge.prediction_loss(c.model, [a, bad], [x])
+    cross = {"residual": {"count": jnp.ones(())}}
+    with pytest.raises(
+        ValueError, match=r"residual: not cross_statistics' moments \(lacks \['cov'"
+    ):
+        merge.ot_fusion(c.spec, a, a, mode="acts", cross=cross)
+    with pytest.raises(ValueError, match=r"unknown statistics \['grams'\]: kinds are"):
+        merge.transform_statistics(c.spec, {"grams": {}}, sym.identity(c.spec))
+    with pytest.raises(TypeError, match=r"evaluate must return a mapping of metric names"):
+        merge.curve(lambda p: 1.0, a, a, [0.0, 1.0])
+    with pytest.raises(ValueError, match=r"lam must be a finite real scalar, got '0\.5'"):
+        merge.interpolate(a, a, "0.5")
+    for std in (float("nan"), -1.0):
+        with pytest.raises(ValueError, match="log_scale_std must be a finite number >= 0"):
+            sym.sample(c.spec, key, log_scale_std=std)

@@ -8,7 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from conftest import rel_err
-from helpers import CONFIGS, compiled
+from helpers import CONFIGS, compiled, inputs
 
 import rotjax.hf
 import rotjax.models
@@ -292,3 +292,17 @@ def test_tree_paths_round_trip(key):
     # Two leaves of one path (a key holding "/"): refused (the second overwrote the first)
     with pytest.raises(ValueError, match=r"leaves share the paths \['a/b'\]"):
         to_dict({"a/b": 1, "a": {"b": 2}})
+
+
+@pytest.mark.parametrize("name", ["bert-h3d4-l2", "llama-k2g2d6-l2-seq"])
+def test_a_forward_pass_closing_over_its_ids_jits(name, key):
+    """The README's ``out = lambda p: model.apply({"params": p}, ids, mask)`` under `jax.jit`
+    and `jax.grad`: the id check reads the concrete ids (its np.min was jax's, a tracer under
+    jit: a ConcretizationTypeError)."""
+    config = CONFIGS[name]
+    c = compiled(config)
+    params, x = c.init(key, 0.3), inputs(config, key)
+    out = lambda p: c.model.apply({"params": p}, *x)
+    assert rel_err(jax.jit(out)(params), out(params)) <= 1e-6
+    loss = lambda p: jnp.sum(out(p) ** 2)
+    assert rel_err(jax.jit(jax.grad(loss))(params), jax.grad(loss)(params)) <= 1e-5

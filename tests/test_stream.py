@@ -56,6 +56,23 @@ def test_canonical_form_preserves_the_function(name, scan, key):
     assert isinstance(frozen, flax.core.FrozenDict) and rel_err(frozen.unfreeze(), canon) == 0
 
 
+def test_canonicalize_names_what_does_not_fit(key):
+    """Params the stream spec does not fit, or another spec: refused naming the path and
+    shapes (a bare KeyError, JAX's broadcasting error, an AttributeError)."""
+    from rotjax.tree import from_dict, to_dict
+
+    config = CONFIGS["vit-h3d4-l2"]
+    c = compiled(config)
+    flat, stream = to_dict(c.init(key, 0.3)), family(config).stream_spec(config)
+    path = "encoder/layer_0/layernorm_after/scale"
+    with pytest.raises(ValueError, match=rf"params lack what the stream spec names: \['{path}'"):
+        sym.canonicalize(stream, from_dict({p: x for p, x in flat.items() if p != path}))
+    with pytest.raises(ValueError, match=rf"{path}: shape \(5,\), where the stream is 12 wide"):
+        sym.canonicalize(stream, from_dict({**flat, path: jnp.ones(5)}))
+    with pytest.raises(TypeError, match="stream must be a StreamSpec"):
+        sym.canonicalize(c.spec, from_dict(flat))
+
+
 @pytest.mark.parametrize("name", ["vit-h3d4-l2", "llama-k2g2d6-l2-seq"])
 def test_canonical_form_of_float64_models_is_float64(name, key):
     """With ``jax_enable_x64``, a float64 model is canonicalised in float64 (it was rounded to

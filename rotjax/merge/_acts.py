@@ -27,7 +27,7 @@ from rotjax.match import assign, polar
 from rotjax.match._stream import stream_polar
 from rotjax.merge._capture import calls
 from rotjax.merge._methods import _gram_inputs, _input_axes
-from rotjax.merge._stats import _check_finite, _split
+from rotjax.merge._stats import _check_finite, _split, check_fits
 from rotjax.models import model_family
 from rotjax.tree import flatten
 
@@ -57,6 +57,7 @@ def cross_statistics(
     `rotjax.merge.statistics`. Two forward passes per batch, one program.
     """
     fam = model_family(model)
+    check_fits(model, fam, {"params_a": params_a, "params_b": params_b})
     step = _cross_step(model, include_padding)
     total = None
     if progress:
@@ -139,7 +140,16 @@ def correlations(cross: Mapping[str, Mapping[str, jax.Array]]) -> dict[str, jax.
     """Pearson correlation ``corr[.., i, j]`` of A's input feature i with B's feature j, per
     kernel path. A feature that never varies correlates 0 with everything: one whose variance
     is below the rounding of its mean, ``(4 ε |mean|)²`` (ε the dtype's epsilon), or zero; any
-    other counts whatever its scale."""
+    other counts whatever its scale.
+
+    Raises:
+      ValueError: ``cross`` is not `cross_statistics`' (the path and what it lacks named).
+    """
+    need = {"count", "sum_a", "sum_b", "m2_a", "m2_b", "cov"}
+    for path, s in cross.items():  # (a bare KeyError 'count' inside the jit)
+        if not isinstance(s, Mapping) or need - set(s):
+            lacks = sorted(need - set(s)) if isinstance(s, Mapping) else type(s).__name__
+            raise ValueError(f"{path}: not cross_statistics' moments (lacks {lacks})")
     return _correlations({p: dict(s) for p, s in cross.items()})
 
 

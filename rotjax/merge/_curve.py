@@ -27,7 +27,8 @@ def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
     value: outside [0, 1] the line is extrapolated)."""
     _, (la, lb), treedef = checked_models([params_a, params_b])
     concrete = not isinstance(lam, jax.core.Tracer)
-    if np.ndim(lam) != 0 or np.iscomplexobj(lam) or (concrete and not np.isfinite(lam)):
+    real = isinstance(lam, jax.core.Tracer) or np.issubdtype(np.asarray(lam).dtype, np.number)
+    if not real or np.ndim(lam) != 0 or np.iscomplexobj(lam) or (concrete and not np.isfinite(lam)):
         raise ValueError(f"interpolate: lam must be a finite real scalar, got {lam!r}")
     # λ traced (in float64 with x64): one program per architecture serves every point
     lam = jnp.asarray(lam, jnp.result_type(float))
@@ -62,6 +63,12 @@ def barrier(lambdas: Sequence[float], values: Sequence[float], *, higher_is_bett
     return float(np.max(line - v) if higher_is_better else np.max(v - line))
 
 
+def _metrics(got: Any) -> dict:
+    if not isinstance(got, Mapping):  # (a float was "'float' object is not iterable")
+        raise TypeError(f"evaluate must return a mapping of metric names to numbers, got {got!r}")
+    return dict(got)
+
+
 def curve(
     evaluate: Callable[[Any], Mapping[str, float]],
     params_a: Any,
@@ -92,7 +99,7 @@ def curve(
             raise ValueError(f"known metrics at λ = {x}, which is not among the lambdas")
         at |= {int(i): dict(m) for i in near}
     rows = [
-        at[i] if i in at else dict(evaluate(interpolate(params_a, params_b, x)))
+        at[i] if i in at else _metrics(evaluate(interpolate(params_a, params_b, x)))
         for i, x in enumerate(lam.tolist())
     ]
     if any(r.keys() != rows[0].keys() for r in rows):

@@ -14,7 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from rotjax.merge._methods import check_sequence
-from rotjax.merge._stats import _inputs, _no_classes
+from rotjax.merge._stats import _inputs, _no_classes, check_fits
 from rotjax.models import model_family
 from rotjax.tree import wide
 
@@ -56,6 +56,7 @@ def _prediction_loss(model, params_list, batches, memory):
     if not params_list:
         raise ValueError("prediction_loss: params_list holds no model to predict with")
     check_memory(memory)
+    check_fits(model, fam, {f"params_list[{i}]": p for i, p in enumerate(params_list)})
     inputs = _inputs(fam, batches)
     if not inputs:
         raise ValueError("prediction_loss: no batches (or only empty ones)")

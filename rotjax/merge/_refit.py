@@ -54,7 +54,7 @@ from rotjax.merge._methods import (
     model_weights,
     scalar,
 )
-from rotjax.merge._stats import _inputs
+from rotjax.merge._stats import _inputs, check_fits
 from rotjax.models import model_family
 from rotjax.tree import placed_like, wide
 
@@ -118,6 +118,7 @@ def refit(
         raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
     check_memory(memory)
     fam = model_family(model)
+    check_fits(model, fam, {"merged": merged})  # (the models: checked_models, against it)
     inputs = _inputs(fam, batches)
     if not inputs:
         raise ValueError("refit: no batches (or only empty ones)")

@@ -125,6 +125,7 @@ def statistics(
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     fam = model_family(model)
+    check_fits(model, fam, {"params": params})
     if "fisher" in kinds and (why := _no_classes(model.config)):
         raise ValueError(f"the Fisher needs a classification head ({why})")
     step = _batch_step(model, tuple(kinds), include_padding, fisher, samples)
@@ -207,6 +208,14 @@ def _means(total):
 def _bcast(n, g):
     n = jnp.maximum(n, 1.0)
     return n.reshape(n.shape + (1,) * (g.ndim - n.ndim))
+
+
+def check_fits(model: nn.Module, fam, named: dict[str, Any]) -> None:
+    """ValueError unless every params tree of ``named`` (``{"params": tree}``) has the paths
+    and shapes of ``model``'s (both named; Flax's own errors spoke of scopes)."""
+    spec = fam.symmetry_spec(model.config)
+    for what, params in named.items():
+        sym.validate(spec, params, what=what)
 
 
 def _split(fam, batch):
@@ -435,6 +444,9 @@ def transform_statistics(
       ValueError: a statistic of a param the spec does not have, or that does not fit it (path
         and shapes named).
     """
+    unknown = sorted(set(stats) - {*KINDS, "tokens", "examples"})
+    if unknown:  # (a misspelled kind came back untransformed)
+        raise ValueError(f"unknown statistics {unknown}: kinds are {list(KINDS)}")
     transform = sym.check_transform(spec, transform)  # (as arrays: lists too)
     out = dict(stats)
     if "gram" in stats:

@@ -177,7 +177,8 @@ def check_ids(arrays: Mapping[str, Any], sizes: Mapping[str, int], where: str = 
         x = arrays.get(name)
         if x is None or not size or isinstance(x, jax.core.Tracer) or not np.size(x):
             continue
-        low, high = int(np.min(x)), int(np.max(x))
+        x = np.asarray(x)  # (np.min of a jax array is jax's: under jit, a tracer even for
+        low, high = int(np.min(x)), int(np.max(x))  # concrete ids a forward pass closes over)
         if low < 0 or high >= size:
             raise ValueError(
                 f"{where}{name} holds ids {low}..{high}; the model's table has {size} rows"

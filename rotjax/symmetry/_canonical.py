@@ -105,10 +105,28 @@ def canonicalize(stream: StreamSpec, params: Any) -> Any:
     writer mean-free.
 
     Raises:
-      ValueError: a norm with β ≠ 0 whose reader has no bias to take ``β W`` (naming it).
+      TypeError: ``stream`` is not a `StreamSpec`.
+      ValueError: a param the stream names missing, or a norm's scale or bias not of the
+        stream's width (path and shapes named); a norm with β ≠ 0 whose reader has no bias to
+        take ``β W`` (naming it).
     """
+    if not isinstance(stream, StreamSpec):
+        raise TypeError(f"stream must be a StreamSpec (family.stream_spec), got {stream!r}")
     paths, leaves, treedef = flatten(params)
     flat = dict(zip(paths, leaves, strict=True))
+    # (each was a bare KeyError, or JAX's broadcasting error naming no path)
+    need = [f"{n.path}/scale" for n in stream.norms] + [p for p, _ in stream.writers]
+    need += [f"{r}/kernel" for n in stream.norms for r in n.readers]
+    missing = [p for p in need if p not in flat]
+    if missing:
+        raise ValueError(f"params lack what the stream spec names: {missing[:5]}")
+    for norm in stream.norms:
+        for leaf in ("scale", "bias"):
+            p = f"{norm.path}/{leaf}"
+            if p in flat and np.shape(flat[p])[norm.batch :] != (stream.dim,):
+                raise ValueError(
+                    f"{p}: shape {np.shape(flat[p])}, where the stream is {stream.dim} wide"
+                )
     for norm in stream.norms:  # a β that no reader's bias can take
         beta = flat.get(f"{norm.path}/bias")
         for reader in norm.readers:

@@ -72,6 +72,8 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
     uniform angles; scales are log-normal, ``a = exp(log_scale_std * N(0, 1))``.
     """
     check_key(key)
+    if isinstance(log_scale_std, bool) or not np.isfinite(log_scale_std) or log_scale_std < 0:
+        raise ValueError(f"log_scale_std must be a finite number >= 0, got {log_scale_std!r}")
     # Op by op, not jitted: one XLA:CPU program with 12 or more QR factorisations (MiniLM's
     # 12 jax.random.orthogonal) never finished (jax 0.10.2, 2026-12-03).
     keys = jax.random.split(key, max(len(spec.group_items), 1))
