@@ -2175,3 +2175,12 @@ def test_bad_inputs_are_named(key):
     for std in (float("nan"), -1.0):
         with pytest.raises(ValueError, match="log_scale_std must be a finite number >= 0"):
             sym.sample(c.spec, key, log_scale_std=std)
+    # A later model's complex or integer leaf: it was averaged into the first's dtype (the
+    # imaginary part dropped), or decided the result's, by the models' order
+    flat = to_dict(a)
+    for odd in (flat[path].astype(jnp.complex64), flat[path].astype(jnp.int32)):
+        other = from_dict({**flat, path: odd})
+        with pytest.raises(ValueError, match=rf"differ in kind .*\n  {path}: model 0 floating"):
+            merge.average([a, other])
+    with pytest.raises(TypeError, match=r"params_list must be a list or tuple .* a generator"):
+        match.align_many(c.spec, (p for p in [a, a]))

@@ -229,6 +229,11 @@ def align_many(
     alignments)`` with one `Alignment` per model (the anchor's is the identity); ``options``
     are those of `align` (`Options`).
     """
+    if isinstance(params_list, Mapping | str | bytes) or not isinstance(params_list, Sequence):
+        raise TypeError(  # (a generator: "object of type 'generator' has no len()")
+            f"params_list must be a list or tuple of params pytrees, got a "
+            f"{type(params_list).__name__}"
+        )
     if len(params_list) < 1:
         raise ValueError("align_many needs at least one model")
     if anchor is not None and (

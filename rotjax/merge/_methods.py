@@ -32,6 +32,13 @@ def check_sequence(value: Any, name: str = "params_list", what: str = "params py
         )
 
 
+def _leaf_kind(x: Any) -> str:
+    dtype = jnp.result_type(x)
+    if jnp.issubdtype(dtype, jnp.complexfloating):
+        return "complex"
+    return "floating" if jnp.issubdtype(dtype, jnp.floating) else "integer or boolean"
+
+
 def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str | None = None):
     """``(paths, [leaves of each model], treedef)`` after checking that every model has the
     first one's paths and shapes. Messages call the models ``"model i"``, or, given ``first``
@@ -76,6 +83,15 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
     ]
     if differ:
         raise ValueError(f"integer or boolean params differ between the models: {differ[:10]}")
+    # Floating dtypes may differ (the first model's is kept); kinds may not: a later model's
+    # integer or complex leaf was averaged into the first's dtype, or decided it, by order
+    kinds = [
+        f"  {path}: " + " vs ".join(f"{name(i)} {_leaf_kind(x)}" for i, x in enumerate(xs))
+        for path, *xs in zip(paths, *leaves, strict=True)
+        if len({_leaf_kind(x) for x in xs}) > 1
+    ]
+    if kinds:
+        raise ValueError("params differ in kind between the models:\n" + "\n".join(kinds[:10]))
     _check_devices(paths, leaves, name)
     return paths, leaves, treedef
 
