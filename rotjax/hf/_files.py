@@ -56,15 +56,19 @@ def read_config(directory: Path) -> dict[str, Any]:
 OBJECT_FIELDS = ("id2label", "label2id", "rope_scaling", "rope_parameters")
 
 
-def read_weights(directory: Path) -> dict[str, np.ndarray]:
+def read_weights(directory: Path, readers=None) -> dict[str, Any]:
+    """``{tensor name: tensor}`` of a checkpoint's weights file(s); ``readers``: the
+    ``(safetensors file, PyTorch file)`` readers (file -> ``{name: value}``) to read them
+    with instead (default: the tensors, `read_safetensors` and `read_torch_file`)."""
+    safetensors, torch = readers or (read_safetensors, read_torch_file)
     if (directory / SAFETENSORS_FILE).is_file():
-        return read_safetensors(directory / SAFETENSORS_FILE)
+        return safetensors(directory / SAFETENSORS_FILE)
     if (directory / SAFETENSORS_INDEX).is_file():
-        return read_shards(directory / SAFETENSORS_INDEX, read_safetensors)
+        return read_shards(directory / SAFETENSORS_INDEX, safetensors)
     if (directory / TORCH_FILE).is_file():
-        return read_torch_file(directory / TORCH_FILE)
+        return torch(directory / TORCH_FILE)
     if (directory / TORCH_INDEX).is_file():
-        return read_shards(directory / TORCH_INDEX, read_torch_file)
+        return read_shards(directory / TORCH_INDEX, torch)
     raise FileNotFoundError(
         f"no weights in {directory}: expected {SAFETENSORS_FILE}, {SAFETENSORS_INDEX}, "
         f"{TORCH_FILE} or {TORCH_INDEX}"
@@ -76,34 +80,30 @@ def stored_dtypes(directory: Path) -> set[str]:
     the tensors `read_weights` reads (of a sharded checkpoint, each where its index maps it),
     buffers that loading drops aside (an old LLaMA's float32 ``rotary_emb.inv_freq``): the
     safetensors headers alone, a PyTorch file memory-mapped (its bfloat16 and float16 tensors
-    are read as float32, so the arrays cannot say). Empty if it has no weights."""
-    for single, index in ((SAFETENSORS_FILE, SAFETENSORS_INDEX), (TORCH_FILE, TORCH_INDEX)):
-        if (directory / single).is_file():
-            found = _file_dtypes(directory / single)
-        elif (directory / index).is_file():
-            weight_map = read_json(directory / index).get("weight_map") or {}
-            found = {}
-            for shard in sorted(set(weight_map.values())):
-                kept = _file_dtypes(directory / shard).items()
-                found |= {k: v for k, v in kept if weight_map.get(k, shard) == shard}
-        else:
-            continue
-        buffer = lambda name: any(name == b or name.endswith(f".{b}") for b in IGNORED)
-        return {dtype for name, dtype in found.items() if not buffer(name)}
-    return set()
+    are read as float32, so the arrays cannot say). Empty if it has no weights, or an index
+    that maps none (which loading refuses, naming it)."""
+    try:
+        found = read_weights(directory, (_safetensors_dtypes, _torch_dtypes))
+    except (FileNotFoundError, ValueError):
+        return set()
+    buffer = lambda name: any(name == b or name.endswith(f".{b}") for b in IGNORED)
+    return {dtype for name, dtype in found.items() if not buffer(name)}
 
 
 _SAFETENSORS_FLOATS = {"BF16": "bfloat16", "F16": "float16", "F32": "float32", "F64": "float64"}
 
 
-def _file_dtypes(file: Path) -> dict[str, str]:
-    """``{tensor name: dtype name}`` of a weights file's floating tensors."""
-    if file.suffix == ".safetensors":
-        from safetensors import safe_open
+def _safetensors_dtypes(file: Path) -> dict[str, str]:
+    """``{tensor name: dtype name}`` of a safetensors file's floating tensors (its header)."""
+    from safetensors import safe_open
 
-        with safe_open(str(file), framework="np") as f:
-            kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
-        return {k: _SAFETENSORS_FLOATS[t] for k, t in kinds.items() if t in _SAFETENSORS_FLOATS}
+    with safe_open(str(file), framework="np") as f:
+        kinds = {k: f.get_slice(k).get_dtype() for k in f.keys()}  # noqa: SIM118 (not a dict)
+    return {k: _SAFETENSORS_FLOATS[t] for k, t in kinds.items() if t in _SAFETENSORS_FLOATS}
+
+
+def _torch_dtypes(file: Path) -> dict[str, str]:
+    """``{tensor name: dtype name}`` of a PyTorch file's floating tensors (memory-mapped)."""
     import torch
 
     try:

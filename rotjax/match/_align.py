@@ -42,7 +42,13 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax._keys import check_key
 from rotjax.match._attention import attention_stage, merges_scales, scale_stage
-from rotjax.match._checks import as_float32, checked_layers, checked_params, max_abs
+from rotjax.match._checks import (
+    as_float32,
+    check_sequence,
+    checked_layers,
+    checked_params,
+    max_abs,
+)
 from rotjax.match._objective import Context, distances, layer_masks, replaced, sub, total
 from rotjax.match._permutations import perm_stage
 from rotjax.match._solvers import SOLVERS
@@ -229,11 +235,7 @@ def align_many(
     alignments)`` with one `Alignment` per model (the anchor's is the identity); ``options``
     are those of `align` (`Options`).
     """
-    if isinstance(params_list, Mapping | str | bytes) or not isinstance(params_list, Sequence):
-        raise TypeError(  # (a generator: "object of type 'generator' has no len()")
-            f"params_list must be a list or tuple of params pytrees, got a "
-            f"{type(params_list).__name__}"
-        )
+    check_sequence(params_list)  # (a generator: "object of type 'generator' has no len()")
     if len(params_list) < 1:
         raise ValueError("align_many needs at least one model")
     if anchor is not None and (

@@ -5,7 +5,7 @@ Everything here runs before any solve, so bad input fails fast with the offendin
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -14,6 +14,17 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.tree import flatten
+
+
+def check_sequence(value: Any, name: str = "params_list", what: str = "params pytrees") -> None:
+    """TypeError unless ``value`` is a list or tuple (of models, or of their statistics): one
+    model's params or statistics (a dict) gave a bare KeyError, or were unpacked into its
+    keys."""
+    if isinstance(value, Mapping | str | bytes) or not isinstance(value, Sequence):
+        raise TypeError(
+            f"{name} must be a list or tuple of {what} (one per model), got a "
+            f"{type(value).__name__}"
+        )
 
 
 def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:

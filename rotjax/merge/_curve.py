@@ -27,7 +27,7 @@ def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
     value: outside [0, 1] the line is extrapolated)."""
     _, (la, lb), treedef = checked_models([params_a, params_b])
     concrete = not isinstance(lam, jax.core.Tracer)
-    real = isinstance(lam, jax.core.Tracer) or np.issubdtype(np.asarray(lam).dtype, np.number)
+    real = not concrete or np.issubdtype(np.asarray(lam).dtype, np.number)
     if not real or np.ndim(lam) != 0 or np.iscomplexobj(lam) or (concrete and not np.isfinite(lam)):
         raise ValueError(f"interpolate: lam must be a finite real scalar, got {lam!r}")
     # λ traced (in float64 with x64): one program per architecture serves every point

@@ -15,21 +15,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.match._checks import non_finite
+from rotjax.match._checks import check_sequence, non_finite
 from rotjax.tree import averaged, committed, flatten, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
-
-
-def check_sequence(value: Any, name: str = "params_list", what: str = "params pytrees") -> None:
-    """TypeError unless ``value`` is a list or tuple (of models, or of their statistics): one
-    model's params or statistics (a dict) gave a bare KeyError, or were unpacked into its
-    keys."""
-    if isinstance(value, Mapping | str | bytes) or not isinstance(value, Sequence):
-        raise TypeError(
-            f"{name} must be a list or tuple of {what} (one per model), got a "
-            f"{type(value).__name__}"
-        )
 
 
 def _leaf_kind(x: Any) -> str:
