@@ -112,9 +112,10 @@ def run(
     max_sweeps=6,
     descent_steps=0,
     dataset="fashion_mnist",
+    splits=None,
     log=print,
 ):
-    test, stats, select = image_sets(images, unlabeled, held_out, dataset=dataset)
+    test, stats, select = image_sets(images, unlabeled, held_out, dataset=dataset, splits=splits)
     key = jax.random.key(0)
     out = []
     for dir_a, dir_b in itertools.combinations(dirs, 2):
@@ -214,7 +215,8 @@ def main(argv=None):
     check_images(p, args.images, args.dataset)
     check_checkpoints(p, args.dirs)
     check_image_shape(p, args.dirs, args.dataset)  # (an 8x8 ViT failed after the data loaded)
-    spare = len(getattr(data, args.dataset)().train.labels) - UNLABELED
+    splits = getattr(data, args.dataset)()  # (read once: `run` takes them)
+    spare = len(splits.train.labels) - UNLABELED
     if args.held_out is None:
         args.held_out = min(2000, spare)
     if not 1 <= args.held_out <= spare:  # (a slice past the end is cut silently)
@@ -231,6 +233,7 @@ def main(argv=None):
         max_sweeps=args.max_sweeps,
         descent_steps=args.descent_steps,
         dataset=args.dataset,
+        splits=splits,
     )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

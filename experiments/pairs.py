@@ -27,13 +27,13 @@ from rotjax import data, train
 
 
 def image_sets(
-    images: int, unlabeled: int, held_out: int = 0, *, dataset: str = "fashion_mnist"
+    images: int, unlabeled: int, held_out: int = 0, *, dataset: str = "fashion_mnist", splits=None
 ) -> tuple[dict, ...]:
     """``(test, unlabeled, held_out)`` arrays of `rotjax.data`'s ``dataset`` (one of
-    ``TEST_IMAGES``): the first ``images`` test images with labels; from the reproduction's
-    fixed shuffle of the training set (numpy seed 0), its first ``unlabeled`` images (no
-    labels) and the next ``held_out`` with labels."""
-    splits = getattr(data, dataset)()
+    ``TEST_IMAGES``; ``splits``: its splits, if already loaded): the first ``images`` test
+    images with labels; from the reproduction's fixed shuffle of the training set (numpy seed
+    0), its first ``unlabeled`` images (no labels) and the next ``held_out`` with labels."""
+    splits = splits or getattr(data, dataset)()
     test = {k: v[:images] for k, v in splits.test.arrays().items()}
     order = np.random.default_rng(0).permutation(len(splits.train.labels))
     stats = {"images": splits.train.images[order[:unlabeled]]}
