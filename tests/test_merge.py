@@ -158,6 +158,36 @@ def test_fisher_merge_formula_floor_and_equal_fishers(seed):
         merge.fisher(params, [{}, {}])
 
 
+def test_merges_jit_with_params_and_statistics_traced(seed):
+    """Every data-free or statistics-driven merge runs under `jax.jit` (params, statistics and
+    DARE's key traced; weights and options static) and gives its eager result; concrete
+    statistics closed over are still checked for NaN. Fisher and RegMean failed on their
+    host-side NaN checks."""
+    _, ws, params, stats = _layer_models(seed, n_models=3)
+    rng = np.random.default_rng(seed + 1)
+    for s, w in zip(stats, ws, strict=True):
+        s["fisher"] = {"w/kernel": jnp.asarray(rng.uniform(0, 2, w.shape), jnp.float32)}
+    key = jax.random.key(seed)
+    calls = {
+        "fisher": lambda ps, ss: merge.fisher(ps, ss, weights=[1.0, 2.0, 0.5], eps=1e-3),
+        "fisher, normalize": lambda ps, ss: merge.fisher(ps, ss, normalize=True),
+        "regmean": lambda ps, ss: merge.regmean(ps, ss, weights=[1.0, 0.0, 2.0]),
+        "regmean, rest=fisher": lambda ps, ss: merge.regmean(ps, ss, alpha=0.5, rest="fisher"),
+        "ties": lambda ps, ss: merge.ties(ps[0], ps[1:], density=0.5),
+        "dare": lambda ps, ss, k: merge.dare(ps[0], ps[1:], key=k, drop=0.5),
+    }
+    for name, call in calls.items():
+        args = (params, stats, key) if name == "dare" else (params, stats)
+        eager, jitted = call(*args), jax.jit(call)(*args)
+        # one program against several: fused float32 sums round differently (1e-6)
+        assert rel_err(jitted, eager) <= 1e-6, name
+    nan = [
+        dict(s, fisher={"w/kernel": s["fisher"]["w/kernel"].at[0, 0].set(jnp.nan)}) for s in stats
+    ]
+    with pytest.raises(ValueError, match=r"Fishers with NaN or Inf:\n  stats_list\[0\]: w/kernel"):
+        jax.jit(lambda ps: merge.fisher(ps, nan))(params)
+
+
 def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
     """Statistics of the wrong shape are refused naming the path (a (1, d_out) Fisher was
     broadcast before); all-zero Grams (a kernel no data reaches) give the average, not NaN;

@@ -72,10 +72,14 @@ def few(paths: list[str], shown: int = 5) -> str:
 def non_finite(flat: dict[str, jax.Array]) -> list[str]:
     """The paths of the leaves of ``flat`` with a NaN or an Inf. Screened by their sums (NaN
     or Inf propagate; 6x faster than ``all(isfinite)`` on CPU, a reduction of bools), and any
-    leaf the screen flags checked exactly (a sum of finite values may overflow)."""
-    sums = np.asarray(_finite_sums(flat)) if flat else []
-    flagged = [p for p, ok in zip(sorted(flat), sums, strict=True) if not ok]
-    return [p for p in flagged if not bool(jnp.isfinite(flat[p]).all())]
+    leaf the screen flags checked exactly (a sum of finite values may overflow). Under a
+    `jax.jit` around the caller, concrete leaves (closed over) are still checked, traced ones
+    cannot be and are not."""
+    flat = {p: x for p, x in flat.items() if not isinstance(x, jax.core.Tracer)}
+    with jax.ensure_compile_time_eval():  # eagerly, also while a caller's jit traces
+        sums = np.asarray(_finite_sums(flat)) if flat else []
+        flagged = [p for p, ok in zip(sorted(flat), sums, strict=True) if not ok]
+        return [p for p in flagged if not bool(jnp.isfinite(flat[p]).all())]
 
 
 @jax.jit

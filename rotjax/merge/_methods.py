@@ -135,6 +135,14 @@ def _norm(leaves) -> float:
     return top * float(np.sqrt(sum(np.sum(np.square(x / top)) for x in xs)))
 
 
+def _traced_norm(leaves) -> jax.Array:
+    """`_norm` of traced leaves, in their widest dtype on the device."""
+    xs = [jnp.abs(wide(jnp.asarray(x))) for x in leaves]
+    top = functools.reduce(jnp.maximum, [jnp.max(x, initial=0) for x in xs])
+    scale = jnp.where(top > 0, top, 1)
+    return top * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in xs))
+
+
 def _cast(x, like):
     return x.astype(jnp.asarray(like).dtype)
 
@@ -279,7 +287,8 @@ def fisher(
       ValueError: models that differ, missing Fishers, a Fisher of another shape than its
         param, or that only some models have, or of a param the models lack (paths and shapes
         named), a Fisher with NaN or Inf, eps <= 0, bad weights, a zero Fisher to normalise
-        (of a model of weight > 0: the others are not read).
+        (of a model of weight > 0: the others are not read). Under `jax.jit`, traced
+        Fishers are not checked for NaN, nor their norms for zero.
       TypeError: ``params_list`` or ``stats_list`` not a list or tuple, or statistics that
         are no dict.
     """
@@ -296,16 +305,24 @@ def fisher(
     bad = [f"  stats_list[{i}]: {p}" for i in kept for p in non_finite(dict(fs[i]))]
     if bad:
         raise ValueError("Fishers with NaN or Inf:\n" + "\n".join(bad))
-    if normalize:
-        norms = np.ones(len(fs))
-        norms[kept] = [_norm([fs[i][p] for p in fs[i]]) for i in kept]
-        bad = [i for i in kept if not (np.isfinite(norms[i]) and norms[i] > 0)]
-        if bad:
-            raise ValueError(f"normalize: the Fishers of stats_list{bad} are zero or not finite")
-        w = model_weights(w / norms, len(params_list))
-    # No Fisher for a param (None): a plain average.
     dtypes = _dtypes(leaves[0])
-    w, leaves, fs = _weighted(w, leaves, fs)
+    if normalize and any(isinstance(x, jax.core.Tracer) for i in kept for x in fs[i].values()):
+        # Traced Fishers (a jax.jit around the call): norms unknown here, so not checked.
+        w, leaves, fs = _weighted(w, leaves, fs)
+        w = w / jnp.stack([_traced_norm(list(f.values())) for f in fs])
+        w = w / jnp.sum(w)
+    else:
+        if normalize:
+            norms = np.ones(len(fs))
+            norms[kept] = [_norm([fs[i][p] for p in fs[i]]) for i in kept]
+            bad = [i for i in kept if not (np.isfinite(norms[i]) and norms[i] > 0)]
+            if bad:
+                raise ValueError(
+                    f"normalize: the Fishers of stats_list{bad} are zero or not finite"
+                )
+            w = model_weights(w / norms, len(params_list))
+        w, leaves, fs = _weighted(w, leaves, fs)
+    # No Fisher for a param (None): a plain average.
     per_path = [[f[p] for f in fs] if p in fs[0] else None for p in paths]
     out = _fisher_leaves(scalar(w), scalar(eps), leaves, per_path)
     return jax.tree.unflatten(treedef, _in_dtypes(out, dtypes))
@@ -379,7 +396,8 @@ def regmean(
     Raises:
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
         or that only some models have, or of a param the models lack (paths and shapes
-        named), a Gram with NaN or Inf, alpha outside [0, 1], ridge < 0, bad weights.
+        named), a Gram with NaN or Inf (not checked when traced, under `jax.jit`), alpha
+        outside [0, 1], ridge < 0, bad weights.
       TypeError: ``params_list`` or ``stats_list`` not a list or tuple, or statistics that
         are no dict.
     """
