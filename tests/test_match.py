@@ -630,6 +630,14 @@ def test_options_fail_before_any_work(key):
     # Work never started: the params were never even checked (here they do not fit).
     with pytest.raises(ValueError, match="solver"):
         match.align(c.spec, {"not": "params"}, a, solver="lapjv")
+    # No layer and only per-layer groups (stacked or not) solve nothing: B came back unmoved.
+    b = sym.apply(c.spec, a, sym.sample(c.spec, key))
+    st = compiled(scanned(CONFIGS["bert-h3d4-l2"]))
+    for spec, x in ((c.spec, a), (st.spec, st.init(key, 0.3))):
+        with pytest.raises(ValueError, match=r"layers=\[\] with solve=\['rotation'\] solves no"):
+            match.align(spec, x, x, solve="rotation", layers=[])
+    stream = match.align(c.spec, a, b, solve=("residual",), layers=[])  # a global group: solved
+    assert not np.array_equal(stream.transform["residual"], sym.identity(c.spec)["residual"])
 
 
 def test_solve_accepts_one_name_and_strips_spaces(key):

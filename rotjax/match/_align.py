@@ -179,7 +179,8 @@ def align(
         such name); the others stay at the identity (or at ``init``). The default is the
         paper's method.
       layers: solve per-layer groups of these layers only (the paper's layer-subset study);
-        None for all. Each must be a layer of the model.
+        None for all. Each must be a layer of the model; none (``[]``) solves the global
+        groups only (refused when ``solve`` holds no global group: nothing would be solved).
       solver: linear assignment on the host (``"scipy"``) or in a jitted graph (``"optax"``).
       residual_init: start the residual permutation from the terms that depend on no other
         group (``"independent"``: embeddings, LayerNorms, output biases, classifier) or from
@@ -364,7 +365,19 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
                 f"identity) and solve has not 'stream': solve 'stream' too (its rotation holds "
                 f"every permutation of the stream) or leave {r} out of init"
             )
-    return checked_layers(spec, options.layers)
+    layer_set = checked_layers(spec, options.layers)
+    per_layer = lambda g: g.layer is not None or bool(g.batch)  # unstacked or stacked
+    solved = spec.select(roles=roles)
+    if (
+        options.solve
+        and layer_set == frozenset()
+        and all(per_layer(spec.groups[n]) for n in solved)
+    ):
+        raise ValueError(  # no layer, no global group: it returned B unmoved, silently
+            f"layers={list(options.layers)} with solve={list(options.solve)} solves no group: "
+            f"every solved group is per layer (layers=None solves every layer)"
+        )
+    return layer_set
 
 
 def _rotated(spec: sym.Spec, init: Mapping[str, Any]) -> list[str]:
