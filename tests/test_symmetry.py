@@ -369,6 +369,16 @@ def test_bad_transform_is_rejected(key):
             sym.apply(spec, params, {name: perm})
         with pytest.raises(ValueError, match=f"'{name}'\\] has dtype float32: a permutation"):
             match.align(spec, params, params, init={name: perm})
+    # A complex rotation or scale (unitary, say) was cast to the params' real dtype, silently.
+    for group in spec.select(roles=["qk_rotation", "vo_scale"], layers=0):
+        el = {group: sym.identity(spec)[group].astype(jnp.complex64) * 1j}
+        message = f"'{group}'\\] has dtype complex64: the .* real"
+        with pytest.raises(ValueError, match=message):
+            sym.apply(spec, params, el)
+        with pytest.raises(ValueError, match=message):
+            sym.compose(spec, el, {})
+        with pytest.raises(ValueError, match=message):
+            sym.invert(spec, el)
     # Integer elements that are no permutation: jnp.take filled an index out of range with
     # NaN, and a repeated index copied a unit, silently. Refused wherever the values are known
     # (apply, compose, invert, align's init); under jit they cannot be read.

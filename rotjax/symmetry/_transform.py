@@ -223,11 +223,12 @@ def _act(g: Group, a: Action, x: jax.Array, el: jax.Array) -> jax.Array:
 
 
 def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
-    """Raise ValueError for an unknown group name, a wrongly shaped element or a permutation
-    that is not integer, or, where its values are known (not traced under `jax.jit`), not a
-    permutation of ``0..n-1`` (`jnp.take` would fill an index out of range with NaN, and a
-    repeated one would copy a unit: another function, silently). Rotations and scales are
-    not checked here (`check_elements` does), as `apply` also serves their relaxations.
+    """Raise ValueError for an unknown group name, a wrongly shaped element, a complex one,
+    a permutation that is not integer, or, where its values are known (not traced under
+    `jax.jit`), not a permutation of ``0..n-1`` (`jnp.take` would fill an index out of range
+    with NaN, and a repeated one would copy a unit: another function, silently). Rotations
+    and scales are not checked here (`check_elements` does), as `apply` also serves their
+    relaxations.
 
     Returns:
       The transform with every element a jax array (an element may be given as a list,
@@ -260,6 +261,11 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform
             )
         if g.kind in ("perm", "hperm") and not isinstance(el, jax.core.Tracer):
             _check_permutation(name, g, el)
+        if jnp.issubdtype(dtype, jnp.complexfloating):
+            # cast to the params' real dtype, its imaginary part was dropped, silently
+            raise ValueError(
+                f"transform[{name!r}] has dtype {dtype}: the {g.kind} group's elements are real"
+            )
     return {n: jnp.asarray(e) for n, e in transform.items()}
 
 
