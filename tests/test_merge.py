@@ -1931,10 +1931,16 @@ def test_sharded_statistics_and_merges_match_one_device(key, monkeypatch):
     soft = {n: jnp.full(t[n].shape + t[n].shape[-1:], 1.0 / t[n].shape[-1]) for n in ffn}
     moved = to_dict(merge.transport_params(c.spec, from_dict(sa), soft))
     assert moved[path].sharding.is_equivalent_to(kernel, 2)
+    rows_of_path = NamedSharding(model_mesh, P("model", None))
+    fisher_by_rows = {**one["fisher"], path: jax.device_put(one["fisher"][path], rows_of_path)}
+    by_rows = [{**s, "fisher": fisher_by_rows} for s in stats]
     for name, method in (
         ("average", lambda ps: merge.average(ps)),
         ("regmean", lambda ps: merge.regmean(ps, stats)),
         ("fisher", lambda ps: merge.fisher(ps, [one, one])),
+        # Fishers laid out otherwise (computed on other shardings): the params' layout wins
+        ("fisher, rows", lambda ps: merge.fisher(ps, by_rows)),
+        ("regmean, rest=fisher", lambda ps: merge.regmean(ps, by_rows, rest="fisher")),
         ("ot-wts", lambda ps: merge.ot_fusion(c.spec, *ps, mode="wts").params),
         ("ties", lambda ps: merge.ties(ps[0], ps, density=0.3)),  # two programs: see _task
         ("dare-ties", lambda ps: merge.dare(ps[0], ps, key=key, drop=0.5, combine="ties")),
@@ -1942,7 +1948,7 @@ def test_sharded_statistics_and_merges_match_one_device(key, monkeypatch):
         want = to_dict(method([from_dict(fa), from_dict(fb)]))
         got = to_dict(method([from_dict(sa), from_dict(sb)]))
         assert got[path].sharding.is_equivalent_to(kernel, 2)
-        if name != "regmean":
+        if not name.startswith("regmean"):
             assert rel_err(got, want) <= 1e-6
             continue
         # RegMean solves a linear system per kernel; on a sharded kernel XLA rounds the

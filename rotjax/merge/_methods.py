@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.match._checks import check_sequence, non_finite
-from rotjax.tree import averaged, committed, flatten, wide
+from rotjax.tree import averaged, committed, flatten, placed_like, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -305,7 +305,7 @@ def fisher(
     bad = [f"  stats_list[{i}]: {p}" for i in kept for p in non_finite(dict(fs[i]))]
     if bad:
         raise ValueError("Fishers with NaN or Inf:\n" + "\n".join(bad))
-    dtypes = _dtypes(leaves[0])
+    dtypes, first = _dtypes(leaves[0]), leaves[0]
     if normalize and any(isinstance(x, jax.core.Tracer) for i in kept for x in fs[i].values()):
         # Traced Fishers (a jax.jit around the call): norms unknown here, so not checked.
         w, leaves, fs = _weighted(w, leaves, fs)
@@ -324,8 +324,10 @@ def fisher(
         w, leaves, fs = _weighted(w, leaves, fs)
     # No Fisher for a param (None): a plain average.
     per_path = [[f[p] for f in fs] if p in fs[0] else None for p in paths]
-    out = _fisher_leaves(scalar(w), scalar(eps), leaves, per_path)
-    return jax.tree.unflatten(treedef, _in_dtypes(out, dtypes))
+    out = _in_dtypes(_fisher_leaves(scalar(w), scalar(eps), leaves, per_path), dtypes)
+    # XLA lays each product out as the Fisher or the param is (Fishers computed on another
+    # sharding): back in the first model's layout
+    return jax.tree.unflatten(treedef, [placed_like(o, x) for o, x in zip(out, first, strict=True)])
 
 
 @jax.jit
