@@ -1005,6 +1005,12 @@ def test_statistics_save_and_load(tmp_path, key):
     merge.save_statistics(tmp_path / "stats.safetensors", {"gram": {}})
     assert merge.load_statistics(tmp_path / "stats.safetensors") == {"gram": {}}
     assert sorted(p.name for p in tmp_path.iterdir()) == ["e.safetensors", "stats.safetensors"]
+    # Nested statistics (cross_statistics' are dicts per param) are refused before anything is
+    # written: it was safetensors' "Unknown dtype object", its new directories left behind
+    nested = {"gram": {"layer/kernel": {"count": np.ones(2)}}}
+    with pytest.raises(TypeError, match=r"no arrays \(a nested dict\?\): \['gram/layer/kernel'\]"):
+        merge.save_statistics(tmp_path / "new" / "deeper" / "s.safetensors", nested)
+    assert not (tmp_path / "new").exists()
 
 
 def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):

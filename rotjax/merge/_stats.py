@@ -478,7 +478,12 @@ def transform_statistics(
 def save_statistics(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> Path:
     """Write statistics as one safetensors file (``kind/param path`` names; counts included;
     the kinds held by path in its metadata, so an empty one comes back too), whole or not at
-    all (`rotjax._atomic.write_whole`: an existing file is replaced only by a complete one)."""
+    all (`rotjax._atomic.write_whole`: an existing file is replaced only by a complete one).
+
+    Raises:
+      TypeError: a statistic that is no array (a nested dict, as `cross_statistics`' are),
+        before anything is written.
+    """
     from safetensors.numpy import save
 
     flat = {}
@@ -487,12 +492,15 @@ def save_statistics(path: str | os.PathLike[str], stats: Mapping[str, Any]) -> P
             flat.update({f"{kind}/{p}": np.asarray(x) for p, x in value.items()})
         else:
             flat[kind] = np.asarray(value)
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if bad := [k for k, x in flat.items() if x.dtype == object]:
+        raise TypeError(f"statistics that are no arrays (a nested dict?): {bad}")
     keyed = sorted(k for k, v in stats.items() if isinstance(v, Mapping))
     # (np.ascontiguousarray would make a count's shape () (1,))
     contiguous = {k: np.require(v, requirements="C") for k, v in flat.items()}
-    write_whole(path, save(contiguous, metadata={_KINDS: json.dumps(keyed)}))
+    data = save(contiguous, metadata={_KINDS: json.dumps(keyed)})  # before any directory
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_whole(path, data)
     return path
 
 
