@@ -666,6 +666,12 @@ def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys):
     inner = tmp / "b" / "aligned"
     _fails(["align", a, b, "--out", str(inner)], capsys, "is inside the input")
     assert not inner.exists()
+    # ... also through a folder of the input linked from elsewhere (B's tree gained a model)
+    (tmp / "shared").mkdir()
+    (tmp / "b" / "tokenizer").symlink_to(tmp / "shared")
+    _fails(["align", a, b, "--out", str(tmp / "shared" / "x")], capsys, "is inside the input")
+    assert not (tmp / "shared" / "x").exists()
+    (tmp / "b" / "tokenizer").unlink()
     out.mkdir()  # empty: it would do as --out, but not as the working directory
     with contextlib.chdir(out):
         _fails(["align", a, b, "--out", "."], capsys, "--out . is the working directory")

@@ -1066,6 +1066,39 @@ def test_sentence_transformers_modules_keep_their_weights(seed, tmp_path):
     assert rotjax.hf.module_weights(src) == []
 
 
+def test_a_sources_folders_linked_from_elsewhere_are_copied(seed, tmp_path):
+    """A checkpoint assembled from shared parts: a folder that is a symbolic link (a tokenizer,
+    a module with weights of its own) is copied like one of its own (`Path.rglob` did not
+    enter it: its files were missing from the saved model, silently); a link to a folder
+    holding it (a cycle) is not followed."""
+    config = CASES["bert-base-nopooler"]
+    params = random_params(config, seed)
+    src, shared = tmp_path / "src", tmp_path / "shared"
+    rotjax.hf.save(src, config, params)
+    (shared / "tok").mkdir(parents=True)
+    (shared / "tok" / "tokenizer_config.json").write_text("{}")
+    (shared / "dense").mkdir()
+    (shared / "dense" / "model.safetensors").write_bytes(b"dense weights")
+    (src / "tokenizer").symlink_to(shared / "tok")
+    (src / "2_Dense").symlink_to(shared / "dense")
+    (src / "again").symlink_to(src)  # a cycle
+    (src / "modules.json").write_text(json.dumps([{"path": "2_Dense", "type": "Dense"}]))
+    assert rotjax.hf.module_weights(src) == [Path("2_Dense/model.safetensors")]
+    out = rotjax.hf.save(tmp_path / "out", config, params, source=src)
+    copied = sorted(str(p.relative_to(out)) for p in out.rglob("*"))
+    assert copied == [
+        "2_Dense",
+        "2_Dense/model.safetensors",
+        "config.json",
+        "model.safetensors",
+        "modules.json",
+        "tokenizer",
+        "tokenizer/tokenizer_config.json",
+    ], copied
+    assert not any(p.is_symlink() for p in out.rglob("*"))  # copies, not links
+    assert (out / "2_Dense" / "model.safetensors").read_bytes() == b"dense weights"
+
+
 def test_a_trainer_output_as_source_copies_no_other_checkpoint(seed, tmp_path):
     """A Trainer's output directory as ``source``: its ``checkpoint-*`` folders (a config of
     their own, weights never copied) and training logs are not copied (they were, leaving

@@ -21,6 +21,7 @@ import numpy as np
 from rotjax import hf
 from rotjax._atomic import check_name_lengths, holds_cwd, nearest_existing
 from rotjax.hf._files import read_config, stored_dtypes
+from rotjax.hf._save import walk
 from rotjax.match._checks import few, non_finite
 from rotjax.models import family
 from rotjax.tree import to_dict
@@ -89,7 +90,9 @@ def checked_out_dir(
     if holds_cwd(out):
         raise CLIError(f"--out {out} is the working directory or holds it; name a new directory")
     for f in inputs:
-        if where.is_relative_to(Path(f).absolute().resolve()):
+        # the input's folders linked from elsewhere are the input too (hf.save copies them)
+        linked = [p for p in walk(f) if p.is_symlink() and p.is_dir()]
+        if any(where.is_relative_to(d.absolute().resolve()) for d in (Path(f), *linked)):
             raise CLIError(f"--out {out} is inside the input {f}")
     # The checkpoint is written beside --out and renamed into place: probe the nearest
     # existing ancestor of its parent, creating nothing that would stay behind.

@@ -249,6 +249,7 @@ NOT_COPIED = (
     "merge.json",
     "adapter_*",  # an adapter of other weights: transformers would try to load it
     "trainer_state.json",  # a Trainer's log of the source's training
+    "training_args.bin",  # and its options (a weight's name pattern: named for the reader)
     "events.out.tfevents.*",
 )
 """Files of a source checkpoint that `save` does not copy besides the weights."""
@@ -271,6 +272,18 @@ WEIGHT_PATTERNS = (
 """Files of a source checkpoint that `save` never copies: weights (of other params)."""
 
 
+def walk(root: str | os.PathLike[str]) -> list[Path]:
+    """Every file and folder under ``root``, sorted, through symbolic links to folders too
+    (`Path.rglob` does not enter them: a shared ``tokenizer`` folder linked into a checkpoint
+    was not copied), except a link to a folder that holds it (a cycle)."""
+    out = []
+    for d, dirs, files in os.walk(root, followlinks=True):
+        here = Path(d).resolve()
+        dirs[:] = [n for n in dirs if not here.is_relative_to(Path(d, n).resolve())]
+        out += [Path(d, n) for n in (*dirs, *files)]
+    return sorted(out)
+
+
 def _source_files(source: str | os.PathLike[str]) -> list[Path]:
     """The paths (relative to ``source``) of every file to copy: all but weights (except those
     of sentence-transformers modules, `module_weights`), the config (rewritten), hidden files
@@ -281,7 +294,7 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
     modules = set(module_weights(root))
     listed = {folder for folder, _ in _modules(root)}
     weighs = lambda d: any(fnmatch.fnmatch(f.name, p) for f in d.iterdir() for p in WEIGHT_PATTERNS)
-    found = sorted(root.rglob("*"))
+    found = walk(root)
     nested = {f.parent.relative_to(root) for f in found if f.name == CONFIG_FILE}
     nested = {d for d in nested - listed - {Path()} if weighs(root / d)}
     out = []
@@ -307,12 +320,13 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
     checkpoint itself: its weights are what `save` writes anew) is not one of them."""
     root = Path(source)
     folders = {f for f, kind in _modules(root) if kind.rsplit(".", 1)[-1] != "Transformer"}
-    inside = lambda d: d.is_dir() and d.resolve().is_relative_to(root.resolve())
+    # a folder of the checkpoint by its name (a link to a shared one too), not beside it
+    inside = lambda f: not f.is_absolute() and ".." not in f.parts and (root / f).is_dir()
     return sorted(
         f.relative_to(root)
         for folder in folders
-        if inside(root / folder) and (root / folder).resolve() != root.resolve()
-        for f in (root / folder).rglob("*")
+        if inside(folder) and (root / folder).resolve() != root.resolve()
+        for f in walk(root / folder)
         if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS)
     )
 
