@@ -680,6 +680,21 @@ def test_float64_weights_beyond_float32s_range_are_solved(size, key):
             np.testing.assert_array_equal(x, y)
 
 
+def test_tiny_weights_descend_as_far_as_unscaled_ones(key):
+    """Weights scaled by a power of two align as the unscaled ones do, sweep for sweep: the
+    stopping test floored J at 1e-30 in the original units, so weights of 2^-70 (J ~ 1e-40)
+    stopped after one sweep, their transform 1.8e-2 from the unscaled alignment's."""
+    _, c, a, b, _ = planted("bert-h3d4-l2", False, match.ALL, key, noise=0.05)
+    runs = []
+    for size in (1.0, 2.0**-70):
+        small = lambda t, size=size: jax.tree.map(lambda x: x * size, t)
+        runs.append(match.align(c.spec, small(a), small(b), solve=match.ALL, key=key))
+    one, tiny = runs
+    assert one.diagnostics.sweeps > 1  # (a descent to follow)
+    assert tiny.diagnostics.sweeps == one.diagnostics.sweeps
+    assert rel_err(tiny.transform, one.transform) <= 1e-6
+
+
 @pytest.mark.parametrize("size", [1e25, 3e37, "2^126.5", 1e-21, 1e-30])
 def test_huge_and_tiny_finite_weights_are_solved(size, key):
     """Squares of 1e25 overflow float32 and squares of 1e-21 fall below its normal range

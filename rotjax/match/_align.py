@@ -518,7 +518,8 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
             seconds[name] += time.perf_counter() - tic
             new = measure(name, keep=name == order[-1])
         sweeps += 1
-        if start_sweep - history[-1][1] <= options.tol * max(start_sweep, 1e-30):
+        # (J in the original units: the floor is the solved units' 1e-30)
+        if start_sweep - history[-1][1] <= options.tol * max(start_sweep, 1e-30 * sq):
             break
     if new is None and active:  # no stage ran (only an init): the transformed leaves
         _, new = distances(spec, paths, a_flat, b_flat, sub(t, active), keep=True)
