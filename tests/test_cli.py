@@ -361,7 +361,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     ties = [*base, "--method", "ties", "--base", A, "--refit", "--data", str(tmp / "data.npz")]
     _fails(ties, capsys, "--refit does not")
     refit = [*base, "--refit", "--data", str(tmp / "data.npz")]
-    _fails([*refit, "--ridge", "-1"], capsys, "--ridge must be a finite number >= 0")
+    _fails([*refit, "--ridge", "-1"], capsys, "--ridge must be a number in [0, 1e8]")
     # A method's options given to another are refused, not silently ignored.
     _fails([*base, "--ridge", "1"], capsys, "--ridge does not apply without --refit")
     _fails([*base, "--alpha", "0.5"], capsys, "--alpha does not apply to --method average")

@@ -226,8 +226,13 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
         merge.regmean(params, typo)
     with pytest.raises(ValueError, match=r"w/kernel: a Gram of shape \(2, 2\) does not fit"):
         merge.regmean(params, [{"gram": {"w/kernel": jnp.eye(2)}}] * 2)
-    with pytest.raises(ValueError, match="ridge must be"):
-        merge.regmean(params, stats, ridge=-1.0)
+    # A ridge beyond 1e8 (the average to float32's precision) overflowed ridge · diag(T): NaN
+    # kernels at 3e38, finite in float32
+    for bad in (-1.0, 3e38):
+        with pytest.raises(ValueError, match=r"ridge must be a number in \[0, 1e8\]"):
+            merge.regmean(params, stats, ridge=bad)
+    held = merge.regmean(params, stats, ridge=1e8)
+    assert rel_err(held, merge.average(params)) <= 1e-6
     inf = [stats[0], {"gram": {"w/kernel": stats[1]["gram"]["w/kernel"].at[0, 1].set(jnp.inf)}}]
     with pytest.raises(
         ValueError, match=r"Grams with NaN or Inf:\n  stats_list\[1\] gram w/kernel"
@@ -409,7 +414,14 @@ def test_ties_and_dare_by_hand(key, monkeypatch):
         ):
             with pytest.raises(ValueError, match="scale must be a finite number"):
                 merge_(bad)
+        # finite in float64 but not in the float32 merge: inf·0 made every entry NaN
+        with pytest.raises(
+            ValueError, match=r"scale must be within .* \(\|scale\| <= 3.403e\+38\)"
+        ):
+            merge_(1e39)
     monkeypatch.undo()
+    huge = merge.task_arithmetic(base, [a, b], scale=1e37)  # within float32: computed
+    np.testing.assert_allclose(huge["w"], 1e37 * (a["w"] + b["w"]), rtol=1e-6)
     # An entry whose values sum to exactly 0 takes the majority of the elected signs (the
     # paper's code): here + (two entries +), then - (two entries -).
     zero = {"w": jnp.zeros(3)}
@@ -1822,8 +1834,8 @@ def test_refit_scanned_and_unscanned_agree_and_bad_inputs(key):
     assert rel_err(again, out) <= 1e-6
     with pytest.raises(ValueError, match="no batches"):
         merge.refit(c.model, ps[0], ps, [])
-    for bad in (-1.0, True):  # (True was taken as 1.0)
-        with pytest.raises(ValueError, match="ridge must be a finite number >= 0"):
+    for bad in (-1.0, True, 3e38):  # (True was taken as 1.0; 3e38 overflowed: NaN)
+        with pytest.raises(ValueError, match=r"ridge must be a number in \[0, 1e8\]"):
             merge.refit(c.model, ps[0], ps, data, ridge=bad)
     for bad in (-1, True, 2.0):
         with pytest.raises(ValueError, match="memory must be an integer >= 0"):

@@ -27,6 +27,7 @@ from rotjax.cli._common import (
     symmetry_for,
 )
 from rotjax.data import IGNORE_LABEL
+from rotjax.merge._methods import MAX_RIDGE
 from rotjax.merge._stats import _no_classes
 from rotjax.models import family
 
@@ -181,8 +182,8 @@ def _options(args) -> dict:
             raise CLIError(f"--{flag} does not apply to --method {args.method}")
     if args.base and args.method not in NEEDS_BASE:
         raise CLIError(f"--base does not apply to --method {args.method} (only to task vectors)")
-    if args.ridge is not None and not (np.isfinite(args.ridge) and args.ridge >= 0):
-        raise CLIError(f"--ridge must be a finite number >= 0, got {args.ridge}")
+    if args.ridge is not None and not (np.isfinite(args.ridge) and 0 <= args.ridge <= MAX_RIDGE):
+        raise CLIError(f"--ridge must be a number in [0, 1e8], got {args.ridge}")
     if args.scale is not None and not (np.isfinite(args.scale) and abs(args.scale) <= 1e6):
         raise CLIError(f"--scale must be a finite number (|scale| <= 1e6), got {args.scale}")
     if args.method == "fisher" and args.fisher == "empirical" and not args.data:

@@ -159,6 +159,21 @@ def _in_dtypes(leaves, dtypes) -> list:
     return [x if x.dtype == d else x.astype(d) for x, d in zip(leaves, dtypes, strict=True)]
 
 
+MAX_RIDGE = 1e8
+"""The largest ridge taken: beyond it a ridge's solve is its start to float32's precision, and
+``ridge`` times a Gram's diagonal overflows float32 (NaN kernels, silently) long before
+float32's own largest number."""
+
+
+def check_ridge(ridge) -> None:
+    """ValueError unless ``ridge`` is a number in ``[0, MAX_RIDGE]`` (not a bool)."""
+    if isinstance(ridge, bool) or not (np.isfinite(ridge) and 0 <= ridge <= MAX_RIDGE):
+        raise ValueError(
+            f"ridge must be a number in [0, 1e8] (beyond, the solve is its start to "
+            f"float32's precision), got {ridge!r}"
+        )
+
+
 def scalar(v) -> jax.Array:
     """A weight or option as an array of the widest float enabled (float64 with
     ``jax_enable_x64``): the programs cast it to each leaf's compute dtype (`wide`), so float64
@@ -399,7 +414,7 @@ def regmean(
       ValueError: models that differ, missing statistics, a Gram that does not fit its kernel,
         or that only some models have, or of a param the models lack (paths and shapes
         named), a Gram with NaN or Inf (not checked when traced, under `jax.jit`), alpha
-        outside [0, 1], ridge < 0, bad weights.
+        outside [0, 1], ridge outside [0, 1e8], bad weights.
       TypeError: ``params_list`` or ``stats_list`` not a list or tuple, or statistics that
         are no dict.
     """
@@ -407,8 +422,7 @@ def regmean(
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if rest not in ("average", "fisher"):
         raise ValueError(f"rest must be 'average' or 'fisher', got {rest!r}")
-    if not (np.isfinite(ridge) and ridge >= 0):
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    check_ridge(ridge)
     paths, leaves, treedef = checked_models(params_list)
     _statistics(stats_list, len(params_list))
     w = model_weights(weights, len(params_list))

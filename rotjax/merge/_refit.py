@@ -49,6 +49,7 @@ from rotjax.merge._loss import check_memory
 from rotjax.merge._methods import (
     _pinv_psd,
     _weighted,
+    check_ridge,
     check_sequence,
     checked_models,
     model_weights,
@@ -85,7 +86,7 @@ def refit(
       batches: Unlabeled model inputs, as for `rotjax.merge.statistics` (tuples of
         ``model.apply``'s positional arguments or dicts of named arrays), read once per stage.
       weights: λ, one per model (default all 1; a model of weight 0 is left out).
-      ridge: ρ >= 0, relative to the mean diagonal of each layer's input Gram: how strongly
+      ridge: ρ in [0, 1e8], relative to the mean diagonal of each layer's input Gram: how strongly
         each layer is held to ``merged``'s. It also keeps float32 stable: on a tiny random
         post-norm BERT, a float32 refit's logits were 7e-5 from a float64 one's at 1e-4, but
         3% at 1e-6 and 0 (rounding in directions of little input energy, inverted).
@@ -114,8 +115,7 @@ def refit(
         model_weights(weights, len(params_list)), params_list, leaves[1:]
     )
     leaves = [leaves[0], *models]
-    if isinstance(ridge, bool) or not (np.isfinite(ridge) and ridge >= 0):
-        raise ValueError(f"ridge must be a finite number >= 0, got {ridge!r}")
+    check_ridge(ridge)
     check_memory(memory)
     fam = model_family(model)
     check_fits(model, fam, {"merged": merged})  # (the models: checked_models, against it)

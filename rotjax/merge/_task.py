@@ -28,6 +28,13 @@ def _models(base, params_list, scale):
     if not params_list:
         raise ValueError("merging task vectors needs at least 1 model besides the base")
     paths, leaves, treedef = checked_models([base, *params_list], first="base")
+    # 1e39 is a finite float64 but inf in a float32 merge, where inf·0 made every leaf NaN
+    compute = {jnp.promote_types(jnp.result_type(x), jnp.float32) for x in leaves[0] if averaged(x)}
+    top = min((float(jnp.finfo(d).max) for d in compute), default=np.inf)
+    if abs(scale) > top:
+        raise ValueError(
+            f"scale must be within the merge's float range (|scale| <= {top:.4g}), got {scale!r}"
+        )
     return leaves, treedef, _stacked(paths, leaves[0])
 
 
