@@ -744,6 +744,14 @@ def test_write_whole_is_whole_or_nothing_and_synced(tmp_path, monkeypatch):
     assert (replace, parent) == ("replace", str(tmp_path)) and path.read_bytes() == b"new"
     (tmp_path / "plain").write_text("x")
     assert path.stat().st_mode == (tmp_path / "plain").stat().st_mode
+    # Through a symbolic link (a shared statistics file): its target is replaced, the link kept
+    (tmp_path / "shared").mkdir()
+    link = tmp_path / "link.json"
+    link.symlink_to(tmp_path / "shared" / "f.json")  # dangling: created
+    for text in ("first", "second"):
+        write_whole(link, text)
+        assert link.is_symlink() and (tmp_path / "shared" / "f.json").read_text() == text
+    assert [p.name for p in (tmp_path / "shared").iterdir()] == ["f.json"]
 
 
 def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
