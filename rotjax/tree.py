@@ -51,12 +51,16 @@ def from_dict(flat: Mapping[str, Any]) -> dict[str, Any]:
       ValueError: a path that is also the prefix of another (a leaf cannot hold children).
     """
     out: dict[str, Any] = {}
+    made = {id(out)}  # the subtrees built here: a leaf that is a dict is a leaf (not written to)
     for path, leaf in flat.items():
         *parents, name = path.split("/")
         node = out
         for i, p in enumerate(parents):
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
+            if p not in node:
+                node[p] = {}
+                made.add(id(node[p]))
+            node = node[p]
+            if id(node) not in made:
                 raise ValueError(f"{'/'.join(parents[: i + 1])} is both a leaf and a subtree")
         if name in node:
             raise ValueError(f"{path} is both a leaf and a subtree")

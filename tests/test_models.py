@@ -289,6 +289,11 @@ def test_tree_paths_round_trip(key):
     assert flatten(from_dict(flat))[0] == flatten(params)[0]
     with pytest.raises(ValueError, match="a/b is both a leaf and a subtree"):
         from_dict({"a/b": 1, "a/b/c": 2})
+    # ... also when the leaf is a dict: the second path was written into the caller's dict
+    mine = {"x": 1}
+    with pytest.raises(ValueError, match="a/b is both a leaf and a subtree"):
+        from_dict({"a/b": mine, "a/b/c": 2})
+    assert mine == {"x": 1}
     # Two leaves of one path (a key holding "/"): refused (the second overwrote the first)
     with pytest.raises(ValueError, match=r"leaves share the paths \['a/b'\]"):
         to_dict({"a/b": 1, "a": {"b": 2}})
