@@ -251,9 +251,7 @@ def align_many(
     flats = checked_params(spec, [(f"params_list[{i}]", p) for i, p in enumerate(params_list)])
     if anchor is None:  # (on the models scaled as `align` solves them: no overflow)
         scaled, _ = _rescaled(*flats)
-        mean = {p: sum(f[p] for f in scaled) / len(scaled) for p in scaled[0]}
-        dists = [float(sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean)) for f in scaled]
-        anchor = int(np.argmin(dists))
+        anchor = int(np.argmin(_distances_to_mean(scaled)))
     moved = [(f"params_list[{i}]", f) for i, f in enumerate(flats) if i != anchor]
     _check_stream_form(spec, opts, moved)
     return anchor, [
@@ -268,6 +266,14 @@ def align_many(
         )
         for i, (f, p) in enumerate(zip(flats, params_list, strict=True))
     ]
+
+
+@jax.jit
+def _distances_to_mean(flats) -> jax.Array:
+    """``Σ_p ‖θ_i,p - θ̄_p‖²`` of each model i, in one program (eagerly, each leaf's ops were
+    dispatched one by one and each model's sum read back on its own)."""
+    mean = {p: sum(f[p] for f in flats) / len(flats) for p in flats[0]}
+    return jnp.stack([sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean) for f in flats])
 
 
 def _rescaled(*flats, limit=2.0**20):
@@ -487,9 +493,11 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         start = perm_stage(ctx, t, frozenset(active), names=residual, exclusive=True)
         better = total(ctx, sub(start, active | set(residual))) < total(ctx, sub(t, active))
         seconds["residual"] = seconds.get("residual", 0.0) + time.perf_counter() - tic
+        # (active either way, at the identity if not better: the jitted stages' inputs
+        # then have one structure whatever the weights, and compile once per shape)
+        active |= set(residual)
         if better:
             t = start
-            active |= set(residual)
             measure("residual_init")
     if streams and options.residual_init == "independent" and not set(streams) & set(init):
         # The rotation from the same terms, on top of the permutation, kept when it lowers J.
@@ -497,9 +505,9 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         rotated = stream_stage(ctx, t, frozenset(active), names=streams, exclusive=True)
         keep = total(ctx, sub(rotated, active | set(streams))) < total(ctx, sub(t, active))
         seconds["stream"] = seconds.get("stream", 0.0) + time.perf_counter() - tic
+        active |= set(streams)
         if keep:
             t = rotated
-            active |= set(streams)
             measure("stream_init")
 
     order = list(stages)
