@@ -124,21 +124,12 @@ def _kept(w: np.ndarray) -> list[int]:
     return [i for i, wi in enumerate(w) if wi > 0]
 
 
-def _norm(leaves) -> float:
-    """The L2 norm of all the entries of ``leaves`` on the host in float64, scaled by the largest
-    magnitude first (squares of 1e-20 underflow and of 1e20 overflow float32; both are valid
-    Fishers)."""
-    xs = [np.abs(np.asarray(x, np.float64)) for x in leaves]
-    top = max((float(x.max(initial=0.0)) for x in xs), default=0.0)
-    if not (np.isfinite(top) and top > 0):
-        return top
-    return top * float(np.sqrt(sum(np.sum(np.square(x / top)) for x in xs)))
-
-
-def _traced_norm(leaves) -> jax.Array:
-    """`_norm` of traced leaves, in their widest dtype on the device."""
+@jax.jit
+def _global_norm(leaves) -> jax.Array:
+    """The L2 norm of all the entries of ``leaves``, scaled by the largest magnitude first
+    (squares of 1e-20 underflow and of 1e20 overflow float32; both are valid Fishers)."""
     xs = [jnp.abs(wide(jnp.asarray(x))) for x in leaves]
-    top = functools.reduce(jnp.maximum, [jnp.max(x, initial=0) for x in xs])
+    top = functools.reduce(jnp.maximum, [jnp.max(x, initial=0) for x in xs], jnp.zeros(()))
     scale = jnp.where(top > 0, top, 1)
     return top * jnp.sqrt(sum(jnp.sum(jnp.square(x / scale)) for x in xs))
 
@@ -321,21 +312,21 @@ def fisher(
     if bad:
         raise ValueError("Fishers with NaN or Inf:\n" + "\n".join(bad))
     dtypes, first = _dtypes(leaves[0]), leaves[0]
-    if normalize and any(isinstance(x, jax.core.Tracer) for i in kept for x in fs[i].values()):
-        # Traced Fishers (a jax.jit around the call): norms unknown here, so not checked.
-        w, leaves, fs = _weighted(w, leaves, fs)
-        w = w / jnp.stack([_traced_norm(list(f.values())) for f in fs])
-        w = w / jnp.sum(w)
-    else:
-        if normalize:
-            norms = np.ones(len(fs))
-            norms[kept] = [_norm([fs[i][p] for p in fs[i]]) for i in kept]
-            bad = [i for i in kept if not (np.isfinite(norms[i]) and norms[i] > 0)]
-            if bad:
+    if normalize:
+        with jax.ensure_compile_time_eval():  # concrete Fishers: eagerly, also under a jit
+            norms = [_global_norm(list(f.values())) if i in kept else 1.0 for i, f in enumerate(fs)]
+        if any(isinstance(x, jax.core.Tracer) for x in norms):  # traced: not known, not checked
+            w, leaves, fs = _weighted(w, leaves, fs)
+            w = w / jnp.stack([norms[i] for i in kept])
+            w = w / jnp.sum(w)
+        else:
+            norms = np.asarray([float(x) for x in norms])
+            if bad := [i for i in kept if not (np.isfinite(norms[i]) and norms[i] > 0)]:
                 raise ValueError(
                     f"normalize: the Fishers of stats_list{bad} are zero or not finite"
                 )
-            w = model_weights(w / norms, len(params_list))
+            w, leaves, fs = _weighted(model_weights(w / norms, len(fs)), leaves, fs)
+    else:
         w, leaves, fs = _weighted(w, leaves, fs)
     # No Fisher for a param (None): a plain average.
     per_path = [[f[p] for f in fs] if p in fs[0] else None for p in paths]

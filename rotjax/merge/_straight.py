@@ -164,8 +164,7 @@ def _descend(
         return start, info
     theta, b = jax.tree.map(wide, start.params), jax.tree.map(wide, params)
     del start  # (only its transform is needed, in ``best``)
-    opt = optax.adam(learning_rate)
-    state, g = opt.init(theta), best[2]
+    state, g = optax.adam(learning_rate).init(theta), best[2]
     _, _, mean_and_grad = _loss_steps(model)
     order: list[int] = []
     # Independent draws: each pass's batch order, and each projection's block order.
@@ -213,14 +212,21 @@ def _descend(
                 if step and not measured:  # this element may still be the best
                     best = measure(step, merged, g, best, bar)
                 break
-            updates, state = opt.update(jax.tree.map(wide, grads), state, theta)
-            theta = optax.apply_updates(theta, updates)
-            del proj, merged, grads, updates  # params-sized, not needed by the next projection
+            theta, state = _adam_step(learning_rate, theta, state, grads)
+            del proj, merged, grads  # params-sized, not needed by the next projection
             if bar is not None:
                 bar.update()
     info["step"] = best[1]
     res = match.align(spec, anchor_params, params, solve=(), init=best[2], solver=solver)
     return res, info
+
+
+@jax.jit
+def _adam_step(learning_rate, theta, state, grads):
+    """One Adam update of θ, as one program (eagerly, optax's few ops per leaf were dispatched
+    one by one: 0.36 s of a MiniLM-size step against 0.07 s)."""
+    updates, state = optax.adam(learning_rate).update(jax.tree.map(wide, grads), state, theta)
+    return optax.apply_updates(theta, updates), state
 
 
 @jax.jit
