@@ -22,9 +22,12 @@ def write_whole(path: str | os.PathLike[str], data: str | bytes | Callable[[Bina
     ``path``, whole or not at all: an error leaves ``path`` as it was and nothing beside it.
     The new file has the permissions a plain ``open`` gives (the umask's), whoever writes
     beside it at the same time (its temporary name is its own). Through a symbolic link, the
-    file it points to is replaced and the link kept (the link itself was replaced by a file)."""
+    file it points to is replaced and the link kept (the link itself was replaced by a file),
+    unless the link is in a loop or points into a missing folder: then the link is replaced."""
     path = Path(path)
-    path = path.resolve() if path.is_symlink() else path
+    if path.is_symlink():  # (a link in a loop, or into a missing folder, is replaced)
+        real = Path(os.path.realpath(path))
+        path = real if real.parent.is_dir() and not real.is_symlink() else path
     tmp = path.parent / f".{path.name}.{secrets.token_hex(6)}.tmp"
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
     try:

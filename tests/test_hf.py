@@ -752,6 +752,13 @@ def test_write_whole_is_whole_or_nothing_and_synced(tmp_path, monkeypatch):
         write_whole(link, text)
         assert link.is_symlink() and (tmp_path / "shared" / "f.json").read_text() == text
     assert [p.name for p in (tmp_path / "shared").iterdir()] == ["f.json"]
+    # A link in a loop, or into a missing folder, is replaced by the file (RuntimeError:
+    # "Symlink loop" from Path.resolve; FileNotFoundError)
+    (tmp_path / "loop").symlink_to("loop")
+    (tmp_path / "dangling").symlink_to("missing/f.json")
+    for name in ("loop", "dangling"):
+        write_whole(tmp_path / name, "x")
+        assert not (tmp_path / name).is_symlink() and (tmp_path / name).read_text() == "x"
 
 
 def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
@@ -1090,6 +1097,8 @@ def test_a_sources_folders_linked_from_elsewhere_are_copied(seed, tmp_path):
     (src / "tokenizer").symlink_to(shared / "tok")
     (src / "2_Dense").symlink_to(shared / "dense")
     (src / "again").symlink_to(src)  # a cycle
+    (shared / "tok" / "to_dense").symlink_to(shared / "dense")  # a cycle of two links: it
+    (shared / "dense" / "to_tok").symlink_to(shared / "tok")  # copied vocab.txt 41 times
     (src / "modules.json").write_text(json.dumps([{"path": "2_Dense", "type": "Dense"}]))
     assert rotjax.hf.module_weights(src) == [Path("2_Dense/model.safetensors")]
     out = rotjax.hf.save(tmp_path / "out", config, params, source=src)
@@ -1097,10 +1106,12 @@ def test_a_sources_folders_linked_from_elsewhere_are_copied(seed, tmp_path):
     assert copied == [
         "2_Dense",
         "2_Dense/model.safetensors",
+        "2_Dense/to_tok",
+        "2_Dense/to_tok/tokenizer_config.json",
         "config.json",
         "model.safetensors",
         "modules.json",
-        "tokenizer",
+        "tokenizer",  # (tokenizer/to_dense holds weights only, not the module's: not copied)
         "tokenizer/tokenizer_config.json",
     ], copied
     assert not any(p.is_symlink() for p in out.rglob("*"))  # copies, not links

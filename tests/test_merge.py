@@ -168,7 +168,11 @@ def test_merges_jit_with_params_and_statistics_traced(seed):
     for s, w in zip(stats, ws, strict=True):
         s["fisher"] = {"w/kernel": jnp.asarray(rng.uniform(0, 2, w.shape), jnp.float32)}
     key = jax.random.key(seed)
+    for p in params:  # an integer leaf (a counter), equal in every model: kept
+        p["step"] = jnp.asarray(7)
     calls = {
+        "average": lambda ps, ss: merge.average(ps, weights=[1.0, 2.0, 0.5]),
+        "task_arithmetic": lambda ps, ss: merge.task_arithmetic(ps[0], ps[1:], scale=0.7),
         "fisher": lambda ps, ss: merge.fisher(ps, ss, weights=[1.0, 2.0, 0.5], eps=1e-3),
         "fisher, normalize": lambda ps, ss: merge.fisher(ps, ss, normalize=True),
         "regmean": lambda ps, ss: merge.regmean(ps, ss, weights=[1.0, 0.0, 2.0]),
@@ -212,6 +216,16 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
     zero = [{"fisher": {"w/kernel": jnp.zeros(ws[0].shape)}}, {"fisher": {}}]
     with pytest.raises(ValueError, match=r"normalize: the Fishers of stats_list\[0, 1\]"):
         merge.fisher(params, [zero[0]] * 2, normalize=True)
+    # ... but Fishers whose norm float32 cannot hold are normalised: a subnormal largest entry
+    # (flushed to 0 on the device) and entries of 1e38 (whose norm is beyond float32)
+    for size, other in ((1e-44, 1.0), (1e38, 1e38)):
+        odd = {"fisher": {"w/kernel": jnp.full(ws[0].shape, size, jnp.float32)}}
+        same = {"fisher": {"w/kernel": jnp.full(ws[0].shape, other, jnp.float32)}}
+        got = merge.fisher(params, [odd, same], normalize=True)
+        # each Fisher constant: the average weighted by F̃_i / ‖F_i‖ (F̃ = max(F, eps))
+        fs, root = np.float32([size, other]).astype(np.float64), np.sqrt(ws[0].size)
+        want = merge.average(params, weights=list(np.maximum(fs, 1e-6) / (fs * root)))
+        assert rel_err(got["w"]["kernel"], want["w"]["kernel"]) <= TOL
     # A statistic only some models have, or of a param they lack, is refused naming it (it was
     # merged as a plain average, silently): for the Fisher and for RegMean's Grams.
     with pytest.raises(ValueError, match=r"w/kernel: in stats_list\[0\] only"):

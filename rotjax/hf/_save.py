@@ -275,11 +275,14 @@ WEIGHT_PATTERNS = (
 def walk(root: str | os.PathLike[str]) -> list[Path]:
     """Every file and folder under ``root``, sorted, through symbolic links to folders too
     (`Path.rglob` does not enter them: a shared ``tokenizer`` folder linked into a checkpoint
-    was not copied), except a link to a folder that holds it (a cycle)."""
-    out = []
+    was not copied), except a folder already on the way to it (a cycle of links, however
+    long)."""
+    out, ways = [], {os.fspath(root): {Path(root).resolve()}}  # each folder's real ancestors
     for d, dirs, files in os.walk(root, followlinks=True):
-        here = Path(d).resolve()
-        dirs[:] = [n for n in dirs if not here.is_relative_to(Path(d, n).resolve())]
+        way = ways.pop(d)
+        real = {n: Path(d, n).resolve() for n in dirs}
+        dirs[:] = [n for n in dirs if real[n] not in way]
+        ways.update({os.path.join(d, n): way | {real[n]} for n in dirs})
         out += [Path(d, n) for n in (*dirs, *files)]
     return sorted(out)
 

@@ -180,7 +180,8 @@ def align(
         paper's method.
       layers: solve per-layer groups of these layers only (the paper's layer-subset study);
         None for all. Each must be a layer of the model; none (``[]``) solves the global
-        groups only (refused when ``solve`` holds no global group: nothing would be solved).
+        groups only (refused when ``solve`` holds no global group and there is no ``init``:
+        nothing would be done).
       solver: linear assignment on the host (``"scipy"``) or in a jitted graph (``"optax"``).
       residual_init: start the residual permutation from the terms that depend on no other
         group (``"independent"``: embeddings, LayerNorms, output biases, classifier) or from
@@ -376,6 +377,7 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
     solved = spec.select(roles=roles)
     if (
         options.solve
+        and not options.init  # (an init alone moves B)
         and layer_set == frozenset()
         and all(per_layer(spec.groups[n]) for n in solved)
     ):

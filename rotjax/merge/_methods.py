@@ -63,11 +63,14 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
             raise ValueError("params differ in shape between the models:\n" + "\n".join(bad))
         leaves.append(x)
     # Integer and boolean leaves (counters, ids, flags) have no mean: equal, they are kept
-    # as they are; different, they were averaged and truncated, silently.
+    # as they are; different, they were averaged and truncated, silently. (Traced, under a
+    # jax.jit, their values are unknown: the first model's are kept.)
+    traced = lambda xs: any(isinstance(x, jax.core.Tracer) for x in xs)
     differ = [
         path
         for path, *xs in zip(paths, *leaves, strict=True)
         if not averaged(xs[0])
+        and not traced(xs)
         and not all(np.array_equal(np.asarray(xs[0]), np.asarray(x)) for x in xs[1:])
     ]
     if differ:
@@ -124,6 +127,15 @@ def _kept(w: np.ndarray) -> list[int]:
     return [i for i, wi in enumerate(w) if wi > 0]
 
 
+def _host_norm(leaves) -> float:
+    """`_global_norm` on the host in float64 (0 for no leaves)."""
+    xs = [np.abs(np.asarray(x, np.float64)) for x in leaves]
+    top = max((float(x.max(initial=0.0)) for x in xs), default=0.0)
+    if not (np.isfinite(top) and top > 0):
+        return top
+    return top * float(np.sqrt(sum(np.sum(np.square(x / top)) for x in xs)))
+
+
 @jax.jit
 def _global_norm(leaves) -> jax.Array:
     """The L2 norm of all the entries of ``leaves``, scaled by the largest magnitude first
@@ -151,9 +163,9 @@ def _in_dtypes(leaves, dtypes) -> list:
 
 
 MAX_RIDGE = 1e8
-"""The largest ridge taken: beyond it a ridge's solve is its start to float32's precision, and
-``ridge`` times a Gram's diagonal overflows float32 (NaN kernels, silently) long before
-float32's own largest number."""
+"""The largest ridge taken (also in float64): beyond it a ridge's solve is its start to
+float32's precision, and ``ridge`` times a Gram's diagonal overflows float32 sooner (NaN
+kernels, silently: a ridge of 3e38, a finite float32)."""
 
 
 def check_ridge(ridge) -> None:
@@ -320,7 +332,14 @@ def fisher(
             w = w / jnp.stack([norms[i] for i in kept])
             w = w / jnp.sum(w)
         else:
-            norms = np.asarray([float(x) for x in norms])
+            # (float32 on the device: a subnormal largest entry is flushed to 0 and a norm
+            # beyond float32's range is inf there; in float64 on the host then)
+            norms = np.asarray(
+                [
+                    float(x) if np.isfinite(x) and x > 0 else _host_norm(list(fs[i].values()))
+                    for i, x in enumerate(norms)
+                ]
+            )
             if bad := [i for i in kept if not (np.isfinite(norms[i]) and norms[i] > 0)]:
                 raise ValueError(
                     f"normalize: the Fishers of stats_list{bad} are zero or not finite"
