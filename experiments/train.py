@@ -140,6 +140,8 @@ class Config:
             raise ValueError(f"model {self.model!r} cannot train on dataset {self.dataset!r}")
         # Ranges, so that a bad `--set` fails here, before any workdir exists (they failed in
         # the schedule or in `fit`, after config.json and data.json were written)
+        if self.seed < 0:  # (refused at the first batch, the workdir blocked the rerun)
+            raise ValueError(f"seed must be >= 0, got {self.seed}")
         counts = ("eval_every", "checkpoint_every", "log_every", "keep_checkpoints")
         for name in (*counts, "train_limit", "eval_limit"):
             value = getattr(self, name)
@@ -708,7 +710,7 @@ def main(argv=None):
             progress=not args.no_progress,
             allow_config_change=args.allow_config_change,
         )
-    except (ValueError, TypeError) as e:
+    except (ValueError, TypeError, rotjax.data.DataSourceError) as e:  # (a missing dataset)
         raise SystemExit(f"experiments.train: error: {e}") from None
     print(json.dumps({k: summary[k] for k in ("name", "test", "majority_baseline")}, indent=2))
 

@@ -177,6 +177,10 @@ def test_fashion_mnist_reads_small_idx_files(tmp_path, seed):
         np.testing.assert_array_equal(getattr(s, split).labels, labels)
 
 
+def _labels(images_path):
+    return images_path.with_name(images_path.name.replace("images-idx3", "labels-idx1"))
+
+
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
@@ -186,6 +190,11 @@ def test_fashion_mnist_reads_small_idx_files(tmp_path, seed):
         (lambda p: _write_idx(p, np.zeros((12, 28, 28)), cut=100), "truncated or corrupt"),
         (lambda p: _write_idx(p, np.zeros((12, 28, 28)), magic=0x0801), "magic number"),
         (lambda p: _write_idx(p, np.zeros((11, 28, 28))), "holds 11 images but"),
+        # valid but empty (both files): it blamed validation_size, left at its default
+        (
+            lambda p: [_write_idx(p, np.zeros((0, 28, 28))), _write_idx(_labels(p), np.zeros(0))],
+            "holds 0 images but .* holds 0 labels",
+        ),
         (lambda p: p.write_bytes(gzip.compress(b"\x00\x00")), "no magic number"),
     ],
 )
@@ -500,6 +509,10 @@ def test_wordnet_real_spot_checks():
     assert len(data.LEXNAMES) == 45 and data.LEXNAMES[44] == "adj.ppl"
 
 
+def _labels(images_path):
+    return images_path.with_name(images_path.name.replace("images-idx3", "labels-idx1"))
+
+
 @pytest.mark.parametrize(
     ("corrupt", "message"),
     [
@@ -767,6 +780,10 @@ def test_concat_keeps_the_shared_names_in_order():
     assert data.concat(halves)["x"].dtype == np.float64
     with pytest.raises(ValueError, match="no datasets"):
         data.concat([])
+    # A dataset whose arrays differ in length: B's first image took A's last label, silently
+    short = {"x": np.zeros((2, 2)), "labels": np.arange(3)}
+    with pytest.raises(ValueError, match=r"dataset 1's arrays differ in length: \{'x': 2"):
+        data.concat([b, short])
 
 
 # ---------------------------------------------------------------------------------------------

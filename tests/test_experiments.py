@@ -11,6 +11,7 @@ import pytest
 from helpers import init, refuses_before_any_work
 
 from rotjax import hf, train
+from rotjax.data import DataSourceError
 from rotjax.models import vit
 
 # A tiny Fashion-MNIST-shaped ViT: the drivers end to end in seconds.
@@ -191,10 +192,20 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys, monkeypatch
         ("checkpoint_every=0", "checkpoint_every must be >= 1, got 0"),
         ("decay='step'", "decay must be one of"),
         ("learning_rate=-1.0", "learning_rate must be a finite number >= 0"),
+        ("seed=-1", "seed must be >= 0, got -1"),  # (refused at the first batch: a workdir)
     ):
         with pytest.raises(SystemExit, match=message):
             T.main([*new, "--set", bad])
     assert not (tmp_path / "new").exists()
+
+    # A dataset not installed: one line, no traceback (DataSourceError is an OSError)
+    def missing(*args, **kwargs):
+        raise DataSourceError("Fashion-MNIST directory /x does not exist. apt-get")
+
+    with monkeypatch.context() as m:
+        m.setattr(T, "train_and_evaluate", missing)
+        with pytest.raises(SystemExit, match=r"experiments\.train: error: Fashion-MNIST directory"):
+            T.main(new)
     # A seed set by --set names the run (it was named for --seed's default: ...-s0)
     seen = []
     summary = lambda config, *a, **k: (

@@ -13,6 +13,7 @@ import re
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from conftest import rel_err
 from helpers import CONFIGS, VIT_CONFIGS, compiled, init, inputs
@@ -354,15 +355,36 @@ def test_fit_refuses_bad_arguments_by_their_names(tmp_path):
     data = text_data(BERT, 0, 20)
     fit = lambda **kw: train.fit(state, steps, **{"train_data": data, "batch_size": 8, **kw})
     short = {**data, "input_ids": data["input_ids"][:-1]}
+    mask = data["attention_mask"].astype(np.float32)  # (a float mask, as models take)
+    nan = {
+        **data,
+        "attention_mask": np.where(np.arange(mask.size) == 3, np.nan, mask.ravel()).reshape(
+            mask.shape
+        ),
+    }
     for kw, message in (
         (dict(train_data=short), r"train_data arrays must share one length, got \{.*19"),
         (dict(eval_every=0, eval_data=data), "eval_every must be None or an int >= 1"),
         (dict(checkpoint_every=0, workdir=tmp_path), "checkpoint_every must be None or >= 1"),
         (dict(keep_checkpoints=0, workdir=tmp_path), "keep_checkpoints must be None or >= 1"),
+        # (refused at the first batch, after the workdir's files: they blocked the rerun)
+        (dict(seed=-1, workdir=tmp_path), r"seed must be an int >= 0, got -1"),
+        (dict(seed=0.5, workdir=tmp_path), r"seed must be an int >= 0, got 0.5"),
+        # NaN inputs: every param NaN within steps, or an eval at chance accuracy, silently
+        (dict(train_data=nan), r"train_data arrays with NaN or Inf .*: \{'attention_mask': 1\}"),
+        (dict(eval_data=nan, eval_every=1), r"eval arrays with NaN or Inf"),
     ):
         with pytest.raises(ValueError, match=message):
             fit(num_steps=1, **kw)
     assert not any(tmp_path.iterdir())  # refused before anything was written
+    # The state's key: one key, named (an int was an AttributeError; a batch of keys failed in
+    # fit's jitted step); raw key data is one key too
+    for bad in (0, None, jax.random.split(jax.random.key(0), 3)):
+        with pytest.raises(ValueError, match=r"key must be a jax\.random\.key"):
+            train.create_train_state(state.params, optax.sgd(0.1), key=bad)
+    raw = train.create_train_state(state.params, optax.sgd(0.1), key=jax.random.PRNGKey(0))
+    typed = train.create_train_state(state.params, optax.sgd(0.1), key=jax.random.key(0))
+    np.testing.assert_array_equal(raw.rng, typed.rng)
 
 
 @pytest.mark.parametrize("config", [BERT, VIT_CONFIGS["vit-h3d4-l2"]], ids=["bert", "vit"])
@@ -495,6 +517,12 @@ def test_predictor_matches_the_model(key):
     labelled = {**arrays, "labels": np.zeros_like(arrays["input_ids"])}  # padding as class 0
     with pytest.raises(ValueError, match="labels past the last real token"):
         train.predictor(model, batch_size=4, trim=2)(params, labelled)  # not silently -100
+    # Ids outside the tables: NaN logits or the last rows' predictions, silently (evaluate and
+    # fit refused them)
+    for bad in (config.vocab_size, -1):
+        ids = np.where(arrays["attention_mask"] > 0, bad, 0).astype(np.int32)
+        with pytest.raises(ValueError, match="predict input_ids holds ids"):
+            train.predictor(model, batch_size=4)(params, {**arrays, "input_ids": ids})
     # No inputs at all, or labels alone: named (a bare StopIteration, an "arrays is empty").
     for nothing in ({}, {"labels": arrays["labels"]}):
         for trim in (None, 2):

@@ -134,7 +134,8 @@ def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
     they all have (sorted); names that some lack are dropped.
 
     Raises:
-      ValueError: No datasets, no name they all have, or arrays of one name that differ past
+      ValueError: No datasets, no name they all have, a dataset whose arrays differ in length,
+        or arrays of one name that differ past
         the example axis (e.g. token sequences of different lengths; the shapes in the message)
         or in the kind of their dtype (``np.concatenate`` would promote uint8 pixels to the
         floats of another dataset, or int labels to floats, silently; the dtypes by dataset in
@@ -146,6 +147,10 @@ def concat(datasets: Sequence[Mapping[str, np.ndarray]]) -> dict[str, np.ndarray
     names = sorted(set.intersection(*(set(d) for d in datasets)))
     if not names:
         raise ValueError(f"concat: no name every dataset has: {[sorted(d) for d in datasets]}")
+    for i, d in enumerate(datasets):  # one dataset's labels went with the next one's inputs
+        sizes = {k: np.shape(v)[0] if np.ndim(v) else None for k, v in d.items()}
+        if len(set(sizes.values())) > 1:
+            raise ValueError(f"concat: dataset {i}'s arrays differ in length: {sizes}")
     for name in names:
         shapes = [np.shape(d[name]) for d in datasets]
         if len({s[1:] for s in shapes}) > 1 or any(not s for s in shapes):

@@ -136,7 +136,7 @@ def fashion_mnist(
     for split, (images_file, labels_file) in _FASHION_MNIST_FILES.items():
         images = _read_idx(root / images_file, ndim=3, hint=_FASHION_MNIST_HINT)
         labels = _read_idx(root / labels_file, ndim=1, hint=_FASHION_MNIST_HINT)
-        if images.shape[0] != labels.shape[0]:
+        if images.shape[0] != labels.shape[0] or not images.shape[0]:
             raise DataSourceError(
                 f"{root / images_file} holds {images.shape[0]} images but "
                 f"{root / labels_file} holds {labels.shape[0]} labels. {_FASHION_MNIST_HINT}"

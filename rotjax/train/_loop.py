@@ -143,6 +143,15 @@ def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
     return jax.jit(eval_step, in_shardings=(rep, _mesh.batch_sharding(mesh)), out_shardings=rep)
 
 
+def _check_finite(data: Mapping[str, np.ndarray], what: str) -> None:
+    """ValueError naming each floating array of ``data`` with NaN or Inf (a NaN pixel made
+    every param NaN within steps, silently; an eval of NaN inputs reported chance accuracy)."""
+    floats = {k: x for k, x in data.items() if np.issubdtype(np.asarray(x).dtype, np.inexact)}
+    counts = {k: int(np.size(x) - np.count_nonzero(np.isfinite(x))) for k, x in floats.items()}
+    if bad := {k: n for k, n in counts.items() if n}:
+        raise ValueError(f"{what} arrays with NaN or Inf (entries by name): {bad}")
+
+
 def _check_eval_data(
     data: Mapping[str, np.ndarray],
     num_classes: int | None = None,
@@ -155,6 +164,7 @@ def _check_eval_data(
         raise ValueError(f"eval arrays must share one non-zero length, got {lengths}")
     _metrics.check_labels(data["labels"], "eval labels", num_classes)
     check_ids(data, tables or {}, "eval ")
+    _check_finite(data, "eval")
 
 
 def _run_eval(
@@ -256,6 +266,7 @@ def predictor(
     ``trim``, every length its batches are cut to: see `evaluate`; token predictions of the
     cut padding positions are `rotjax.data.IGNORE_LABEL`)."""
     inputs = _steps.default_inputs(model) if inputs is None else inputs
+    tables = _steps.tables(model)
     apply = jax.jit(  # inference mode stated, as the eval step does (no dropout)
         lambda p, b: jax.numpy.argmax(
             model.apply({"params": p}, *inputs(b), deterministic=True), -1
@@ -270,6 +281,8 @@ def predictor(
         n = len(next(iter(data.values())))
         if not n:
             raise ValueError(f"predict: no examples in {sorted(data)}")
+        # ids outside the tables: NaN logits (past the end) or the last rows (negative), silently
+        check_ids(data, tables or {}, "predict ")
         batches = _data.batches(fields, batch_size, pad=True, trim=trim)  # checks trim
         width = np.shape(fields["attention_mask"])[1] if trim is not None else None
         out = []
@@ -384,10 +397,12 @@ def fit(
         A `FitResult`.
 
     Raises:
-        ValueError: On batch sizes that do not split over the devices, too little data, no
+        ValueError: On a seed that is not an int >= 0, batch sizes that do not split over the
+            devices, too little data, no
             ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
             classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL` or of a
             non-integer dtype, token ids outside the model's tables (``steps.token_tables``),
+            floating arrays with NaN or Inf,
             eval arrays the model cannot take (traced on one batch) or without one of
             ``train_data``'s names, train or
             eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
@@ -398,6 +413,9 @@ def fit(
             a ``state`` or a checkpoint in ``workdir`` past ``num_steps`` (that run trained
             longer than asked).
     """
+    # (checked at the first batch, after the workdir's files were written, it blocked a rerun)
+    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+        raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
     eval_batch_size = batch_size if eval_batch_size is None else eval_batch_size
@@ -425,6 +443,7 @@ def fit(
             raise ValueError(f"{name} must be None or >= 1, got {value}")
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
     check_ids(train_data, steps.token_tables or {}, "train_data ")
+    _check_finite(train_data, "train_data")
     if trim is not None:  # a bad trim raises here, before training
         _data.batches(train_data, batch_size, trim=trim)
         if eval_data is not None:

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from rotjax._keys import check_key
 from rotjax.models import family, token_tables
 from rotjax.train import _metrics
 
@@ -55,7 +56,12 @@ def create_train_state(
         tx: The optimizer.
         key: The run's base key (a typed ``jax.random.key`` of any implementation, or raw
             default-implementation ``uint32`` key data) for dropout and augmentation.
+
+    Raises:
+      ValueError: a ``key`` that is not one key (an int, None, a batch of keys: refused by
+        JAX inside `fit`'s jitted step, after the workdir's files were written).
     """
+    check_key(key)
     if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
         key = jax.random.wrap_key_data(key)
     # One compiled program rather than one eager op per moment leaf.
