@@ -586,6 +586,17 @@ def test_batches_in_order():
     xs, ys = zip(*data.batches((arrays["x"], arrays["y"]), 5), strict=True)
     np.testing.assert_array_equal(np.concatenate(ys), arrays["y"])
     assert list(data.batches({"y": np.zeros((0,))}, 3)) == []
+    # A count that is no int >= 0, named (-5 examples made -2 batches, 5.5 made 3.0 batches,
+    # an order of -3 examples was empty)
+    for bad in (-5, 5.5, True):
+        for call, kw in (
+            (data.num_batches, dict(batch_size=2)),
+            (data.steps_per_epoch, dict(batch_size=2)),
+            (data.epoch_order, dict(seed=0)),
+        ):
+            with pytest.raises(ValueError, match=r"num_examples must be an int >= 0, got"):
+                call(bad, **kw)
+    assert data.num_batches(np.int64(0), 2) == 0 and len(data.epoch_order(0, seed=0)) == 0
 
 
 def test_batches_shuffle_is_deterministic(seed):

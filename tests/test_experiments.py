@@ -425,7 +425,7 @@ def test_merge_rows_reuse_statistics(monkeypatch):
     config = TINY_VIT
     fam = family(config)
     pair = fusion.Pair(config, *(fam.init(config, jax.random.key(i)) for i in range(2)))
-    images = np.random.default_rng(0).normal(size=(20, 28, 28, 1)).astype(np.float32)
+    images = np.random.default_rng(0).uniform(size=(20, 28, 28, 1)).astype(np.float32)
     unlabeled = {"images": images}
     test = {"images": images, "labels": np.arange(20) % 10}
     variants = fusion.align_variants(pair, ["none", "paper"], unlabeled)

@@ -122,6 +122,15 @@ def test_one_step_smoke(config, seed, tmp_path):
     assert int(restored.step) == 2
     same = jax.tree.map(np.array_equal, jax.device_get(restored), jax.device_get(result.state))
     assert jax.tree.all(same), same
+    if config is VIT:  # float images in [0, 255] trained 255x too bright, silently
+        bright = {**arrays, "images": arrays["images"].astype(np.float32)}
+        with pytest.raises(
+            ValueError,
+            match=r"train_data images are floats in \[\d+, \d+\]: give floats in \[0, 1\]",
+        ):
+            train.fit(state, steps, bright, batch_size=BATCH, num_steps=1)
+        with pytest.raises(ValueError, match=r"eval images are floats in"):
+            train.evaluate(steps.eval_step, state.params, bright, batch_size=BATCH)
 
 
 @pytest.mark.parametrize("flip", [True, False])

@@ -27,6 +27,7 @@ Arrays = Mapping[str, np.ndarray] | Sequence[np.ndarray]
 
 def num_batches(num_examples: int, batch_size: int, *, drop_remainder: bool = False) -> int:
     """Number of batches `batches` yields for ``num_examples`` examples."""
+    num_examples = _check_count(num_examples)
     _check_batch_size(batch_size)
     if drop_remainder:
         return num_examples // batch_size
@@ -35,6 +36,7 @@ def num_batches(num_examples: int, batch_size: int, *, drop_remainder: bool = Fa
 
 def steps_per_epoch(num_examples: int, batch_size: int) -> int:
     """Full training batches per pass (the remainder of each shuffled pass is dropped)."""
+    num_examples = _check_count(num_examples)
     _check_batch_size(batch_size)
     if num_examples < batch_size:
         raise ValueError(f"{num_examples} examples make no batch of {batch_size}")
@@ -53,6 +55,7 @@ def epoch_order(num_examples: int, *, seed: int, epoch: int = 0) -> np.ndarray:
     (at least 5 words ending in a nonzero one: no pair below ``2**32``, padded with zeros to
     numpy's pool of 4 words, spells the same, and the counts make the spelling unique).
     """
+    num_examples = _check_count(num_examples)
     seed, epoch = operator.index(seed), operator.index(epoch)
     if seed < 0 or epoch < 0:
         raise ValueError(f"seed and epoch must be >= 0, got seed={seed}, epoch={epoch}")
@@ -268,6 +271,15 @@ def _trimmed(names, batch: list[np.ndarray], multiple: int) -> list[np.ndarray]:
     last = int(real[-1]) + 1 if real.size else 0
     keep = min(width, max(1, -(-last // multiple)) * multiple)
     return [x[:, :keep] if x.ndim >= 2 and x.shape[1] == width else x for x in batch]
+
+
+def _check_count(num_examples: int) -> int:
+    """``num_examples`` as an int >= 0, or ValueError naming it (-5 made -2 batches, 5.5 made
+    3.0, and an order of -3 examples was empty)."""
+    whole = isinstance(num_examples, int | np.integer) and not isinstance(num_examples, bool)
+    if not (whole and num_examples >= 0):
+        raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
+    return int(num_examples)
 
 
 def _check_batch_size(batch_size: int) -> None:

@@ -145,11 +145,18 @@ def _jit_eval(eval_step: Callable, mesh: Mesh) -> Callable:
 
 def _check_finite(data: Mapping[str, np.ndarray], what: str) -> None:
     """ValueError naming each floating array of ``data`` with NaN or Inf (a NaN pixel made
-    every param NaN within steps, silently; an eval of NaN inputs reported chance accuracy)."""
+    every param NaN within steps, silently; an eval of NaN inputs reported chance accuracy),
+    and float ``images`` outside [0, 1]."""
     floats = {k: x for k, x in data.items() if np.issubdtype(np.asarray(x).dtype, np.inexact)}
     counts = {k: int(np.size(x) - np.count_nonzero(np.isfinite(x))) for k, x in floats.items()}
     if bad := {k: n for k, n in counts.items() if n}:
         raise ValueError(f"{what} arrays with NaN or Inf (entries by name): {bad}")
+    images = floats.get("images")  # raw images, as `rotjax.models.vit.image_pixels` reads them
+    if images is not None and np.size(images) and not 0 <= np.min(images) <= np.max(images) <= 1:
+        raise ValueError(  # (floats in [0, 255] trained, 255x too bright, silently)
+            f"{what} images are floats in [{np.min(images):g}, {np.max(images):g}]: give "
+            "floats in [0, 1] or uint8 in [0, 255]"
+        )
 
 
 def _check_eval_data(
@@ -402,7 +409,7 @@ def fit(
             ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
             classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL` or of a
             non-integer dtype, token ids outside the model's tables (``steps.token_tables``),
-            floating arrays with NaN or Inf,
+            floating arrays with NaN or Inf, float ``images`` outside [0, 1],
             eval arrays the model cannot take (traced on one batch) or without one of
             ``train_data``'s names, train or
             eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
