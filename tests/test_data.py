@@ -88,6 +88,9 @@ def test_digits_real_and_scaling():
         data.digits(dtype=np.int64)
     with pytest.raises(ValueError, match="validation_size"):
         data.digits(validation_size=1437)
+    for bad in (-1, 1.5, 2**40):  # (scikit-learn's message named its random_state)
+        with pytest.raises(ValueError, match=r"seed must be an int in \[0, 2\*\*32\), got"):
+            data.digits(validation_size=97, seed=bad)
 
 
 @pytest.mark.parametrize(

@@ -55,9 +55,13 @@ def split_off(
         ``(kept, split_off)``: sorted index arrays, disjoint and covering all examples.
 
     Raises:
-        ValueError: If ``size`` is negative or leaves fewer examples than classes.
+        ValueError: If ``size`` is negative or leaves no example, or ``seed`` is not an int
+            in ``[0, 2**32)`` (scikit-learn's ``random_state``; its own message named that).
     """
     n = len(labels)
+    whole = isinstance(seed, int | np.integer) and not isinstance(seed, bool)
+    if not (whole and 0 <= seed < 2**32):
+        raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
     if isinstance(size, bool) or not isinstance(size, int | np.integer):
         raise TypeError(f"{what}_size must be an int number of examples, got {size!r}")
     if size < 0 or size >= n:
