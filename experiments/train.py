@@ -394,12 +394,12 @@ def train_and_evaluate(
                 "it on today's data"
             )
         (workdir / "summary.json").unlink(missing_ok=True)
+    begin = time.perf_counter()
+    data = load_data(config)  # first: a dataset not installed leaves no workdir behind
     workdir.mkdir(parents=True, exist_ok=True)
     if jax.process_index() == 0:  # one writer; whole files, as other processes read them
         write_whole(old_file, json.dumps(new, indent=2))
         write_whole(workdir / DATA_FILE, json.dumps({"data_version": version}) + "\n")
-    begin = time.perf_counter()
-    data = load_data(config)
     num_labels = len(data["label_names"])
     key_init, key_run = jax.random.split(jax.random.key(config.seed))
     images = data["train"].get("images")

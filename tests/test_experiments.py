@@ -203,9 +203,10 @@ def test_train_refuses_a_workdir_of_another_config(tmp_path, capsys, monkeypatch
         raise DataSourceError("Fashion-MNIST directory /x does not exist. apt-get")
 
     with monkeypatch.context() as m:
-        m.setattr(T, "train_and_evaluate", missing)
+        m.setattr(T, "load_data", missing)
         with pytest.raises(SystemExit, match=r"experiments\.train: error: Fashion-MNIST directory"):
             T.main(new)
+    assert not (tmp_path / "new").exists()  # (config.json and data.json were written first)
     # A seed set by --set names the run (it was named for --seed's default: ...-s0)
     seen = []
     summary = lambda config, *a, **k: (
