@@ -557,6 +557,12 @@ def test_tokenize_matches_transformers():
         data.tokenize("one string")
     with pytest.raises(ValueError, match="max_length"):
         data.tokenize(["a"], max_length=1)
+    # A numpy int is an int (np.int64(32) was refused as "must be an int >= 2, got 32"); an
+    # item that is no string is named (the tokenizers library's TypeError named none)
+    same = data.tokenize(texts, max_length=np.int64(32))
+    np.testing.assert_array_equal(same["input_ids"], ours["input_ids"])
+    with pytest.raises(TypeError, match=r"texts\[1\] are \['NoneType'\]"):
+        data.tokenize(["a", None])
 
 
 def test_tokenize_pads_with_the_configured_token(tmp_path):

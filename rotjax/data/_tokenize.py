@@ -64,11 +64,16 @@ def tokenize(
     Raises:
         DataSourceError: If the tokenizer is missing or corrupt.
     """
-    check_max_length(max_length)
+    max_length = check_max_length(max_length)
     if isinstance(texts, str):
         raise TypeError("texts must be a sequence of strings, not one string")
+    texts = list(texts)
+    if bad := [i for i, t in enumerate(texts) if not isinstance(t, str)][:5]:
+        raise TypeError(
+            f"texts must be strings; texts{bad} are {[type(texts[i]).__name__ for i in bad]}"
+        )
     tokenizer = load_tokenizer(tokenizer_file(tokenizer_dir), max_length)
-    return encode(tokenizer, list(texts), max_length)
+    return encode(tokenizer, texts, max_length)
 
 
 def encode(tokenizer: Tokenizer, texts: list[str], max_length: int) -> dict[str, np.ndarray]:
@@ -142,6 +147,10 @@ def _configured_pad(directory: Path) -> str:
     return "[PAD]"
 
 
-def check_max_length(max_length: int) -> None:
-    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+def check_max_length(max_length: int) -> int:
+    """``max_length`` as a Python int (numpy's taken: a np.int64(16) was refused as "must be an
+    int >= 2, got 16"), or ValueError unless it is an int >= 2."""
+    whole = isinstance(max_length, int | np.integer) and not isinstance(max_length, bool)
+    if not (whole and max_length >= 2):
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
+    return int(max_length)
