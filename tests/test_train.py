@@ -374,8 +374,9 @@ def test_fit_refuses_bad_arguments_by_their_names(tmp_path):
     for kw, message in (
         (dict(train_data=short), r"train_data arrays must share one length, got \{.*19"),
         (dict(eval_every=0, eval_data=data), "eval_every must be None or an int >= 1"),
-        (dict(checkpoint_every=0, workdir=tmp_path), "checkpoint_every must be None or >= 1"),
-        (dict(keep_checkpoints=0, workdir=tmp_path), "keep_checkpoints must be None or >= 1"),
+        (dict(checkpoint_every=0, workdir=tmp_path), "checkpoint_every must be None or an int"),
+        (dict(checkpoint_every=1.5, workdir=tmp_path), r"checkpoint_every .* got 1\.5"),
+        (dict(keep_checkpoints=0, workdir=tmp_path), "keep_checkpoints must be None or an int"),
         # (refused at the first batch, after the workdir's files: they blocked the rerun)
         (dict(seed=-1, workdir=tmp_path), r"seed must be an int >= 0, got -1"),
         (dict(seed=0.5, workdir=tmp_path), r"seed must be an int >= 0, got 0.5"),

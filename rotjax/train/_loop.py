@@ -439,15 +439,14 @@ def fit(
     if len({len(v) for v in train_data.values()}) != 1:
         lengths = {k: len(v) for k, v in train_data.items()}
         raise ValueError(f"train_data arrays must share one length, got {lengths}")
-    whole = isinstance(eval_every, int | np.integer) and not isinstance(eval_every, bool)
-    if eval_every is not None and not (whole and eval_every >= 1):
-        raise ValueError(f"eval_every must be None or an int >= 1, got {eval_every!r}")
-    for name, value in (
+    whole = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)
+    for name, value in (  # (a checkpoint_every of 1.5 was taken)
+        ("eval_every", eval_every),
         ("checkpoint_every", checkpoint_every),
         ("keep_checkpoints", keep_checkpoints),
     ):
-        if value is not None and value < 1:
-            raise ValueError(f"{name} must be None or >= 1, got {value}")
+        if value is not None and not (whole(value) and value >= 1):
+            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
     check_ids(train_data, steps.token_tables or {}, "train_data ")
     _check_finite(train_data, "train_data")
