@@ -722,7 +722,7 @@ def test_trim_padding_cuts_each_batch_to_its_longest_row():
             data.batches(arrays, 2, trim=bad)
     with pytest.raises(ValueError, match="'attention_mask' array; got \\['labels'\\]"):
         data.batches({"labels": np.zeros(4)}, 2, trim=4)
-    with pytest.raises(ValueError, match="unnamed arrays"):
+    with pytest.raises(TypeError, match="needs named arrays"):
         next(data.train_batches((mask, mask), batch_size=2, seed=0, trim=4))
     with pytest.raises(ValueError, match=r"\(batch, tokens\) 'attention_mask', got shape \(6,\)"):
         data.trim_padding({"attention_mask": np.ones(6)})
@@ -752,8 +752,19 @@ def test_batches_errors():
         next(data.train_batches(_arrays(3), batch_size=4, seed=0))
     with pytest.raises(ValueError, match="seed and epoch must be >= 0, got seed=-1"):
         next(data.train_batches(_arrays(3), batch_size=2, seed=-1))
-    with pytest.raises(ValueError, match="start_step must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="start_step must be an int >= 0, got -1"):
         next(data.train_batches(_arrays(3), batch_size=2, seed=0, start_step=-1))
+    # ... at the call, not at the first batch (a generator checked nothing before), and a
+    # sequence or a float start named ("'NoneType' object is not iterable", a bare TypeError)
+    for call, error, message in (
+        (dict(seed=-1), ValueError, "seed and epoch must be >= 0"),
+        (dict(start_step=2.5), ValueError, r"start_step must be an int >= 0, got 2\.5"),
+        (dict(batch_size=4), ValueError, "no batch"),
+    ):
+        with pytest.raises(error, match=message):
+            data.train_batches(_arrays(3), **{"batch_size": 2, "seed": 0, **call})
+    with pytest.raises(TypeError, match=r"needs named arrays \(a mapping\), got a sequence"):
+        data.train_batches([np.zeros(4), np.zeros(4)], batch_size=2, seed=0)
     with pytest.raises(ValueError, match="step must be >= 0, got -2"):
         data.batch_indices(3, 2, seed=0, step=-2)
     # A padded last batch of uint8 labels widens them to hold IGNORE_LABEL.

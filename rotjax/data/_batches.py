@@ -182,27 +182,40 @@ def train_batches(
     pass shuffled by `epoch_order`; the batch of step ``t`` is `batch_indices` ``(seed, t)``),
     each cut by `trim_padding` when ``trim`` is given (see `batches`).
 
-    Yields:
-      Dicts of numpy arrays (copies), one per step (``rows`` of each global batch).
+    Returns:
+      An iterator of dicts of numpy arrays (copies), one per step (``rows`` of each global
+      batch).
+
+    Raises:
+      ValueError / TypeError: at the call (not at the first batch), on arrays that are not
+        named (a mapping), a ``start_step`` that is not an int >= 0, a bad seed, batch size or
+        ``trim``, or fewer examples than a batch.
     """
-    if start_step < 0:
-        raise ValueError(f"start_step must be >= 0, got {start_step}")
+    whole = isinstance(start_step, int | np.integer) and not isinstance(start_step, bool)
+    if not (whole and start_step >= 0):
+        raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
     names, values, n = _flatten(arrays)
+    if names is None:  # (a sequence: "'NoneType' object is not iterable")
+        raise TypeError("train_batches needs named arrays (a mapping), got a sequence")
     _check_trim(trim, names, values)
     per_epoch = steps_per_epoch(n, batch_size)
-    step = start_step
-    epoch, order = None, None
-    while True:
-        e, index = divmod(step, per_epoch)
-        if e != epoch:
-            epoch, order = e, epoch_order(n, seed=seed, epoch=e)
-        idx = order[index * batch_size : (index + 1) * batch_size]
-        if trim is None:
-            yield dict(zip(names, (v[idx[rows]] for v in values), strict=True))
-        else:  # cut by the whole batch, so that every process cuts alike
-            batch = _trimmed(names, [v[idx] for v in values], trim)
-            yield dict(zip(names, (x[rows] for x in batch), strict=True))
-        step += 1
+    epoch_order(0, seed=seed)  # the seed's check
+
+    def stream(step):
+        epoch, order = None, None
+        while True:
+            e, index = divmod(step, per_epoch)
+            if e != epoch:
+                epoch, order = e, epoch_order(n, seed=seed, epoch=e)
+            idx = order[index * batch_size : (index + 1) * batch_size]
+            if trim is None:
+                yield dict(zip(names, (v[idx[rows]] for v in values), strict=True))
+            else:  # cut by the whole batch, so that every process cuts alike
+                batch = _trimmed(names, [v[idx] for v in values], trim)
+                yield dict(zip(names, (x[rows] for x in batch), strict=True))
+            step += 1
+
+    return stream(int(start_step))
 
 
 def trim_padding(batch: Mapping[str, np.ndarray], multiple: int = 8) -> dict[str, np.ndarray]:
