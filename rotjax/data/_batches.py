@@ -18,6 +18,8 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
+from rotjax.data._common import is_int
+
 IGNORE_LABEL = -100
 """Label of positions that count in neither loss nor metrics (padding tokens, padded examples,
 word pieces after the first), as in PyTorch's ``CrossEntropyLoss(ignore_index=-100)``."""
@@ -191,8 +193,7 @@ def train_batches(
         named (a mapping), a ``start_step`` that is not an int >= 0, a bad seed, batch size or
         ``trim``, or fewer examples than a batch.
     """
-    whole = isinstance(start_step, int | np.integer) and not isinstance(start_step, bool)
-    if not (whole and start_step >= 0):
+    if not (is_int(start_step) and start_step >= 0):
         raise ValueError(f"start_step must be an int >= 0, got {start_step!r}")
     names, values, n = _flatten(arrays)
     if names is None:  # (a sequence: "'NoneType' object is not iterable")
@@ -249,7 +250,7 @@ def _check_trim(trim, names, values, name="trim") -> None:
     row's last real token (it counts uncut, and a batch that cuts it would drop it)."""
     if trim is None:
         return
-    if isinstance(trim, bool) or not isinstance(trim, int | np.integer) or trim < 1:
+    if not is_int(trim) or trim < 1:
         none = "None or " if name == "trim" else ""
         raise ValueError(f"{name} must be {none}an int >= 1, got {trim!r}")
     if names is None or "attention_mask" not in names:
@@ -289,14 +290,13 @@ def _trimmed(names, batch: list[np.ndarray], multiple: int) -> list[np.ndarray]:
 def _check_count(num_examples: int) -> int:
     """``num_examples`` as an int >= 0, or ValueError naming it (-5 made -2 batches, 5.5 made
     3.0, and an order of -3 examples was empty)."""
-    whole = isinstance(num_examples, int | np.integer) and not isinstance(num_examples, bool)
-    if not (whole and num_examples >= 0):
+    if not (is_int(num_examples) and num_examples >= 0):
         raise ValueError(f"num_examples must be an int >= 0, got {num_examples!r}")
     return int(num_examples)
 
 
 def _check_batch_size(batch_size: int) -> None:
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int | np.integer):
+    if not is_int(batch_size):
         raise TypeError(f"batch_size must be an int, got {batch_size!r}")
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")

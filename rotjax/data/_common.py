@@ -13,6 +13,11 @@ from rotjax._atomic import write_whole
 T = TypeVar("T")
 
 
+def is_int(value) -> bool:
+    """Whether ``value`` is a Python or numpy integer, not a bool (True is no count)."""
+    return isinstance(value, int | np.integer) and not isinstance(value, bool)
+
+
 class DataSourceError(OSError):
     """A data source is missing, unreadable or corrupt.
 
@@ -59,10 +64,9 @@ def split_off(
             in ``[0, 2**32)`` (scikit-learn's ``random_state``; its own message named that).
     """
     n = len(labels)
-    whole = isinstance(seed, int | np.integer) and not isinstance(seed, bool)
-    if not (whole and 0 <= seed < 2**32):
+    if not (is_int(seed) and 0 <= seed < 2**32):
         raise ValueError(f"seed must be an int in [0, 2**32), got {seed!r}")
-    if isinstance(size, bool) or not isinstance(size, int | np.integer):
+    if not is_int(size):
         raise TypeError(f"{what}_size must be an int number of examples, got {size!r}")
     if size < 0 or size >= n:
         raise ValueError(f"{what}_size must be in [0, {n}) for {n} examples, got {size}")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rotjax.data._common import DataSourceError
+from rotjax.data._common import DataSourceError, is_int
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -150,7 +150,6 @@ def _configured_pad(directory: Path) -> str:
 def check_max_length(max_length: int) -> int:
     """``max_length`` as a Python int (numpy's taken: a np.int64(16) was refused as "must be an
     int >= 2, got 16"), or ValueError unless it is an int >= 2."""
-    whole = isinstance(max_length, int | np.integer) and not isinstance(max_length, bool)
-    if not (whole and max_length >= 2):
+    if not (is_int(max_length) and max_length >= 2):
         raise ValueError(f"max_length must be an int >= 2, got {max_length!r}")
     return int(max_length)

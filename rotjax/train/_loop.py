@@ -16,6 +16,7 @@ from jax.sharding import Mesh
 
 from rotjax import data as _data
 from rotjax._atomic import write_whole
+from rotjax.data._common import is_int
 from rotjax.models import check_ids
 from rotjax.train import _checkpoint, _mesh, _metrics, _steps
 from rotjax.train._steps import Steps, TrainState
@@ -421,7 +422,7 @@ def fit(
             longer than asked).
     """
     # (checked at the first batch, after the workdir's files were written, it blocked a rerun)
-    if isinstance(seed, bool) or not isinstance(seed, int | np.integer) or seed < 0:
+    if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
     mesh = _mesh.data_mesh() if mesh is None else mesh
     _mesh.check_batch_size(batch_size, mesh)
@@ -439,13 +440,12 @@ def fit(
     if len({len(v) for v in train_data.values()}) != 1:
         lengths = {k: len(v) for k, v in train_data.items()}
         raise ValueError(f"train_data arrays must share one length, got {lengths}")
-    whole = lambda v: isinstance(v, int | np.integer) and not isinstance(v, bool)
     for name, value in (  # (a checkpoint_every of 1.5 was taken)
         ("eval_every", eval_every),
         ("checkpoint_every", checkpoint_every),
         ("keep_checkpoints", keep_checkpoints),
     ):
-        if value is not None and not (whole(value) and value >= 1):
+        if value is not None and not (is_int(value) and value >= 1):
             raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
     check_ids(train_data, steps.token_tables or {}, "train_data ")
