@@ -383,9 +383,18 @@ def test_fit_refuses_bad_arguments_by_their_names(tmp_path):
         # NaN inputs: every param NaN within steps, or an eval at chance accuracy, silently
         (dict(train_data=nan), r"train_data arrays with NaN or Inf .*: \{'attention_mask': 1\}"),
         (dict(eval_data=nan, eval_every=1), r"eval arrays with NaN or Inf"),
+        # (a float num_steps failed in range(); an eval period without eval data was ignored;
+        # a missing input was a KeyError at the first step, after the workdir's files)
+        (dict(num_steps=2.5, workdir=tmp_path), r"num_steps must be an int >= 0, got 2\.5"),
+        (dict(log_every=0.5), r"log_every must be an int >= 1, got 0\.5"),
+        (dict(eval_every=2, workdir=tmp_path), r"eval_every needs eval_data"),
+        (
+            dict(train_data={k: v for k, v in data.items() if k != "input_ids"}, workdir=tmp_path),
+            r"^train_data does not fit the model: it has no 'input_ids' array \(it has \[",
+        ),
     ):
         with pytest.raises(ValueError, match=message):
-            fit(num_steps=1, **kw)
+            fit(**{"num_steps": 1, **kw})
     assert not any(tmp_path.iterdir())  # refused before anything was written
     # The state's key: one key, named (an int was an AttributeError; a batch of keys failed in
     # fit's jitted step); raw key data is one key too

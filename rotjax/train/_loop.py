@@ -160,6 +160,18 @@ def _check_finite(data: Mapping[str, np.ndarray], what: str) -> None:
         )
 
 
+def _check_fits(steps: Steps, params: Any, batch: Mapping[str, Any], what: str) -> None:
+    """ValueError if the model cannot take ``batch`` (traced abstractly: no compute)."""
+    try:
+        jax.eval_shape(steps.eval_step, params, batch)
+    except KeyError as e:
+        raise ValueError(
+            f"{what}_data does not fit the model: it has no {e} array (it has {sorted(batch)})"
+        ) from None
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{what}_data does not fit the model: {e}") from None
+
+
 def _check_eval_data(
     data: Mapping[str, np.ndarray],
     num_classes: int | None = None,
@@ -411,11 +423,12 @@ def fit(
             classes (``steps.num_classes``) other than `rotjax.data.IGNORE_LABEL` or of a
             non-integer dtype, token ids outside the model's tables (``steps.token_tables``),
             floating arrays with NaN or Inf, float ``images`` outside [0, 1],
-            eval arrays the model cannot take (traced on one batch) or without one of
-            ``train_data``'s names, train or
-            eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
-            ``checkpoint_every`` or ``keep_checkpoints`` below 1, ``checkpoint_every``
-            without ``workdir``, a ``trim`` that is not an int >= 1, has no
+            train or eval arrays the model cannot take (traced on one batch: a missing
+            input, another image size) or eval arrays without one of ``train_data``'s names,
+            train or eval arrays of different lengths (eval arrays of no rows), ``eval_every``,
+            ``checkpoint_every``, ``keep_checkpoints`` or ``log_every`` not an int >= 1,
+            ``num_steps`` not an int >= 0, ``eval_every`` without ``eval_data``,
+            ``checkpoint_every`` without ``workdir``, a ``trim`` that is not an int >= 1, has no
             ``attention_mask`` to cut by or finds labelled padding (in ``train_data`` or
             ``eval_data``, all refused before training), or
             a ``state`` or a checkpoint in ``workdir`` past ``num_steps`` (that run trained
@@ -440,13 +453,17 @@ def fit(
     if len({len(v) for v in train_data.values()}) != 1:
         lengths = {k: len(v) for k, v in train_data.items()}
         raise ValueError(f"train_data arrays must share one length, got {lengths}")
-    for name, value in (  # (a checkpoint_every of 1.5 was taken)
-        ("eval_every", eval_every),
-        ("checkpoint_every", checkpoint_every),
-        ("keep_checkpoints", keep_checkpoints),
+    for name, value, least, none in (  # (a checkpoint_every of 1.5 was taken; a float
+        ("eval_every", eval_every, 1, "None or "),  # num_steps failed in range())
+        ("checkpoint_every", checkpoint_every, 1, "None or "),
+        ("keep_checkpoints", keep_checkpoints, 1, "None or "),
+        ("log_every", log_every, 1, ""),
+        ("num_steps", num_steps, 0, ""),
     ):
-        if value is not None and not (is_int(value) and value >= 1):
-            raise ValueError(f"{name} must be None or an int >= 1, got {value!r}")
+        if not ((value is None and none) or (is_int(value) and value >= least)):
+            raise ValueError(f"{name} must be {none}an int >= {least}, got {value!r}")
+    if eval_every is not None and eval_data is None:  # (it was ignored, silently)
+        raise ValueError("eval_every needs eval_data to evaluate")
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
     check_ids(train_data, steps.token_tables or {}, "train_data ")
     _check_finite(train_data, "train_data")
@@ -454,20 +471,17 @@ def fit(
         _data.batches(train_data, batch_size, trim=trim)
         if eval_data is not None:
             _data.batches(eval_data, eval_batch_size, trim=trim)
-    if eval_data is not None:  # traced (abstractly) now: eval arrays that do not fit the
-        # model (another image size, say) were refused at the first eval, after the training
+    # Traced (abstractly) now: arrays that do not fit the model (another image size, a
+    # missing input) were refused at the first step or eval, after the workdir's files
+    _check_fits(steps, state.params, {k: np.asarray(v[:1]) for k, v in train_data.items()}, "train")
+    if eval_data is not None:
         rows = _mesh.process_rows(eval_batch_size)
         first = next(_data.batches(eval_data, eval_batch_size, pad=True, rows=rows, trim=trim))
-        try:
-            jax.eval_shape(steps.eval_step, state.params, first)
-        except (ValueError, TypeError) as e:
-            raise ValueError(f"eval_data does not fit the model: {e}") from None
+        _check_fits(steps, state.params, first, "eval")
     n_train = len(train_data["labels"])
     _data.steps_per_epoch(n_train, batch_size)
     if checkpoint_every is not None and workdir is None:
         raise ValueError("checkpoint_every needs a workdir to write checkpoints to")
-    if log_every < 1 or num_steps < 0:
-        raise ValueError(f"need log_every >= 1 and num_steps >= 0, got {log_every}, {num_steps}")
     if (given := int(jax.device_get(state.step))) > num_steps:
         raise ValueError(f"state.step={given} is past num_steps={num_steps}")
 
