@@ -45,7 +45,7 @@ def test_train(config, tmp_path, capsys):
         assert again["final_train_loss"] == summary["final_train_loss"] is not None
 
 
-def test_make_pairs(tmp_path):
+def test_make_pairs(tmp_path, capsys):
     from experiments import make_pairs
 
     argv = ["--smoke", "--runs", "vit", "--num-seeds", "2", "--out", str(tmp_path)]
@@ -56,8 +56,9 @@ def test_make_pairs(tmp_path):
     assert "| vit-fashion_mnist-s1 |" in (tmp_path / "summary.md").read_text()
     # --runs that matches no run is refused, the summary kept (it was replaced by an empty one)
     before = (tmp_path / "summary.json").read_text()
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         make_pairs.main([*argv[:2], "bogus", *argv[3:]])
+    assert exit_.value.code == 2 and "--runs 'bogus' matches no run" in capsys.readouterr().err
     assert (tmp_path / "summary.json").read_text() == before
 
 
@@ -121,16 +122,21 @@ def test_align_benchmark(tmp_path, monkeypatch):
     assert all(r["paper"]["seconds"] > 0 and r["floor"]["total"] > 0 for r in rows)
 
 
-def test_train_throughput_benchmark(tmp_path):
+def test_train_throughput_benchmark(tmp_path, capsys):
     pytest.importorskip("torch")
     from experiments.benchmarks import train_throughput
 
     out = tmp_path / "throughput.json"
     # Bad counts and model names are refused before any work (0 steps ran the default, 0
     # rounds failed after compiling, and any name but bert ran the ViT under that name)
-    for bad in (["--steps", "0"], ["--rounds", "-1"], ["--models", "bert,vti"]):
-        with pytest.raises(SystemExit):
+    for bad, message in (
+        (["--steps", "0"], "--steps: 0 is not >= 1"),
+        (["--rounds", "-1"], "--rounds: -1 is not >= 1"),
+        (["--models", "bert,vti"], "--models: ['vti'] not among bert, vit"),
+    ):
+        with pytest.raises(SystemExit) as exit_:
             train_throughput.main([*bad, "--out", str(out)])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
     assert not out.exists()
     train_throughput.main(["--smoke", "--out", str(out)])
     report = json.loads(out.read_text())
@@ -312,8 +318,10 @@ def test_paths(tmp_path, capsys):
     assert "all + stream   loss barrier" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         paths.main([*argv, "--align", "none,bogus"])
+    assert "unknown alignments ['bogus']" in capsys.readouterr().err
     with pytest.raises(SystemExit):  # no λ = 0.5 among 4 points
         paths.main([*argv, "--points", "4"])
+    assert "--points must be odd and >= 3, got 4" in capsys.readouterr().err
 
 
 def test_pairs(tmp_path, capsys):
@@ -351,6 +359,7 @@ def test_pairs(tmp_path, capsys):
         assert line in printed
     with pytest.raises(SystemExit):
         pairs.main([*argv, "bogus"])
+    assert "unknown methods ['bogus']" in capsys.readouterr().err
     assert result["descent_steps"] == 300  # the straight-through alignment's default
     # The descent's steps: A and C (exactly aligned at the start, the best kept) merge into A.
     argv = [dirs[0], dirs[2], "--images", "64", "--align", "straight-through", "--methods"]

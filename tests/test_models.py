@@ -68,7 +68,9 @@ def test_deberta_options_rotjax_lacks_are_refused(changes, message):
 def test_deberta_bucket_fields_without_relative_attention_are_accepted():
     base = dict(vocab_size=40, hidden_size=12, num_attention_heads=3, intermediate_size=8)
     for buckets in (1, 8):  # transformers reads neither field without relative attention
-        deberta.Config(**base, position_buckets=buckets, max_relative_positions=5)
+        config = deberta.Config(**base, position_buckets=buckets, max_relative_positions=5)
+        assert (config.position_buckets, config.max_relative_positions) == (buckets, 5)
+        assert not config.relative_attention
 
 
 def test_configs_without_pad_token_id_take_transformers_defaults():
