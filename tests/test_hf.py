@@ -1188,6 +1188,35 @@ def test_qwen2_keeps_which_layers_use_its_sliding_window(tmp_path):
     assert llama.Config.from_hf_dict(plain.to_dict()).max_window_layers is None  # no window
 
 
+@pytest.mark.parametrize(
+    "kind, flags",
+    [("mistral", ("attention_bias", "mlp_bias")), ("qwen2", ("mlp_bias", "attention_bias"))],
+)
+def test_bias_options_transformers_ignores_are_ignored_on_load(kind, flags, tmp_path):
+    """transformers builds Mistral's projections and both types' MLPs without biases whatever
+    the config says (and saves the flags as given): such checkpoints load, computing what
+    transformers computes (they were refused, naming the flag). Built directly, a rotjax
+    config with such a flag is still refused (test above)."""
+    import transformers
+
+    cls = {"mistral": transformers.MistralConfig, "qwen2": transformers.Qwen2Config}[kind]
+    hf = cls(
+        vocab_size=40, hidden_size=8, intermediate_size=12, num_hidden_layers=2,
+        num_attention_heads=2, num_key_value_heads=1, **dict.fromkeys(flags, True),
+    )  # fmt: skip
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(hf, attn_implementation="eager")
+    model.save_pretrained(tmp_path / "m")
+    assert all(json.loads((tmp_path / "m" / "config.json").read_text())[f] for f in flags)
+    config, params = rotjax.hf.load(tmp_path / "m")
+    assert not config.mlp_bias and not config.out_bias
+    ids = np.random.default_rng(0).integers(0, 40, (2, 5))
+    with torch.no_grad():
+        want = model(torch.as_tensor(ids)).logits.numpy()
+    got = rotjax_forward(config, params, (jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)))
+    assert rel_err(got, want) <= 1e-5  # (float32 at matmul precision "highest")
+
+
 def test_load_for_task_gives_a_decoder_a_head(seed, tmp_path):
     base = CASES["mistral-base-k2g2"]
     rotjax.hf.save(tmp_path / "base", base, random_params(base, seed))

@@ -99,8 +99,7 @@ class Config:
             )
         if self.head_size % 2:
             raise ValueError(f"RoPE needs an even head_dim, got {self.head_size}")
-        absent = {"mistral": ("attention_bias", "mlp_bias"), "qwen2": ("mlp_bias",)}
-        for name in absent.get(self.model_type, ()):
+        for name in _NO_SUCH_BIAS.get(self.model_type, ()):
             if getattr(self, name):  # transformers' class has no such parameters
                 raise ValueError(f"{self.model_type} has no {name}; got {name}=True")
         if self.attention_dropout:
@@ -142,8 +141,12 @@ class Config:
     def from_hf_dict(cls, d: Mapping[str, Any], **overrides: Any) -> Config:
         """From a ``config.json`` dict (transformers 5 keeps ``rope_theta`` in
         ``rope_parameters``; a Qwen2 config has no ``head_dim``; a Mistral ``head_dim`` of 0
-        means ``hidden_size // num_attention_heads``, as `MistralAttention` reads it)."""
+        means ``hidden_size // num_attention_heads``, as `MistralAttention` reads it; a
+        Mistral's ``attention_bias`` and ``mlp_bias``, a Qwen2's ``mlp_bias``, are ignored as
+        transformers' classes ignore them: their layers have no such biases)."""
         d = dict(d)
+        for name in _NO_SUCH_BIAS.get(d.get("model_type"), ()):  # (such checkpoints, which
+            d.pop(name, None)  # transformers loads, were refused)
         rope = d.get("rope_parameters") or {}
         if "rope_theta" in rope:
             d["rope_theta"] = rope["rope_theta"]
@@ -167,6 +170,8 @@ class Config:
 
 
 FAMILY_TYPES = ("llama", "mistral", "qwen2")
+# Bias options a type's transformers class does not read (its layers are built without them)
+_NO_SUCH_BIAS = {"mistral": ("attention_bias", "mlp_bias"), "qwen2": ("mlp_bias",)}
 _KV_HEADS = {"mistral": 8, "qwen2": 32}  # MistralConfig's and Qwen2Config's defaults
 
 
