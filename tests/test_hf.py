@@ -964,6 +964,17 @@ def test_a_config_without_architectures_takes_its_head_from_the_tensors(name, se
     loaded, again = rotjax.hf.load(tmp_path / "ckpt")
     assert loaded.task == config.task and loaded == config
     assert_trees_equal(again, params)
+    if name.startswith("llama"):  # a head the guess does not fit (a token classifier's
+        # score.bias): the refusal says the class was guessed (it read as if named)
+        weights = tmp_path / "ckpt" / "model.safetensors"
+        tensors = safetensors.numpy.load_file(weights)
+        safetensors.numpy.save_file({**tensors, "score.bias": np.ones(2, np.float32)}, weights)
+        with pytest.raises(
+            ValueError,
+            match=r"(?s)unexpected: score\.bias.*names no "
+            r"'architectures': LlamaForSequenceClassification is a guess",
+        ):
+            rotjax.hf.load(tmp_path / "ckpt")
 
 
 @pytest.mark.parametrize("legacy", [True, False])

@@ -115,7 +115,15 @@ def load(source: str | os.PathLike[str] | Any, *, scan_layers: bool = False) -> 
             stacklevel=2,
         )
     tensors = _untie(config, tensors)
-    params = _to_rotjax(arch, config, tensors)
+    try:
+        params = _to_rotjax(arch, config, tensors)
+    except ValueError as e:  # (a guess named the class as if config.json had)
+        if isinstance(source, str | os.PathLike) and not hf_config.get("architectures"):
+            raise ValueError(
+                f"{e}\n({directory / CONFIG_FILE} names no 'architectures': {arch.name} is a "
+                "guess from its model_type and tensors; name the checkpoint's class there)"
+            ) from None
+        raise
     if scan_layers:
         params = stack_layers(params)
         config = dataclasses.replace(config, scan_layers=True)
