@@ -1,7 +1,7 @@
 """The candidates `merge.align_by_activations` chooses among (and a few more), on every pair
 of image ViTs (Fashion-MNIST by default): how well each matches the activations, how its
-average scores by the prediction loss (the function's criterion), on held-out training images
-and on the test set.
+average scores by the prediction loss (the function's criterion), on training images the
+statistics did not use and on the test set.
 
     python -m experiments.activation_start DIR [DIR ...] [--max-sweeps 6] [--images N]
         [--dataset fashion_mnist] [--held-out 2000] [--descent-steps 0] [--out DIR]
@@ -14,7 +14,8 @@ among them) and to convergence, weight matching from its own data-free start, an
 with ``--descent-steps N``, also `align_by_activations`' choice refined by N steps of
 straight-through descent (a reference: neither rule below picks it). For each: the prediction
 loss of the average on the 1000 images, its accuracy on the next ``--held-out`` training images
-(held out: labels, but not the test set; 2000, or as many as the split has) and on the test
+(held out from the statistics, not from the models' training, which saw every training image:
+labelled, but not the test set; 2000, or as many as the split has) and on the test
 set, and the mean correlation of A's and aligned B's features on the 1000 images (those the
 start was fitted to), per kind of dense-layer input (``stream``: the normalised stream that the
 queries, keys, values and FFN read; ``ffn``: the FFN units; ``heads``: the heads' outputs;
