@@ -603,6 +603,42 @@ def test_inspect_and_version(checkpoints, capsys):
     assert e.value.code == 0 and capsys.readouterr().out.startswith("rotjax 0.")
 
 
+def test_unreadable_files_of_the_copied_input_are_refused_before_any_work(
+    checkpoints, capsys, monkeypatch
+):
+    """The files a command copies from an input (merge: model 0's, align: the model's) must
+    be readable: an unreadable file failed when saving, after all the work, naming no input;
+    an unreadable folder was left out of the checkpoint, silently, exit 0. (Denied by patched
+    `open` and `os.scandir`, which `os.walk` reads folders with: the tests run as root.)"""
+    from rotjax.hf import _files, _save
+
+    tmp, _ = checkpoints
+    out = tmp / "new" / "out"
+    merge = ["merge", str(tmp / "b"), str(tmp / "a"), "--align", "none", "--quiet"]
+    align = ["align", str(tmp / "a"), str(tmp / "b"), "--quiet"]
+
+    def denied(name, real):
+        def call(path, *args, **kwargs):
+            if Path(path).name == name:
+                raise PermissionError(13, "Permission denied", os.fspath(path))
+            return real(path, *args, **kwargs)
+
+        return call
+
+    with monkeypatch.context() as m:
+        m.setattr(_save, "open", denied("vocab.txt", open), raising=False)
+        _fails([*merge, "--out", str(out)], capsys, "model 0 (anchor)", "Permission denied")
+        _fails([*align, "--out", str(out)], capsys, "model (", "vocab.txt")
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", denied("1_Pooling", os.scandir))
+        _fails([*merge, "--out", str(out)], capsys, "model 0 (anchor)", "1_Pooling")
+        _fails([*align, "--out", str(out)], capsys, "model (", "Permission denied")
+    assert not (tmp / "new").exists()
+    with monkeypatch.context() as m:  # a weights file: "No such file or directory", said
+        m.setattr(_files, "open", denied("model.safetensors", open), raising=False)
+        _fails([*merge, "--out", str(out)], capsys, "model 0 (anchor)", "Permission denied")
+
+
 def test_bad_inputs_fail_cleanly_and_write_nothing(checkpoints, capsys):
     tmp, _ = checkpoints
     out = tmp / "out"
@@ -699,7 +735,10 @@ def test_training_only_config_fields_are_reported_not_refused(checkpoints, capsy
     out = tmp / "o"
     assert cli.main(["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]) == 0
     notes = json.loads((out / "alignment.json").read_text())["notes"]
-    assert any("hidden_dropout_prob (0.1 vs 0.3)" in n for n in notes)
+    # the values in the order of the models named (they came anchor first)
+    assert "model differs from anchor in hidden_dropout_prob (0.3 vs 0.1), which only " in str(
+        notes
+    )
     assert not any("its weights" in n for n in notes)
     assert "note: model differs from anchor in initializer_range" in capsys.readouterr().err
     # The dtype notes say what the tensors are stored in (whatever config.json says)
@@ -766,7 +805,7 @@ def test_align_of_bare_encoders_keeps_their_outputs(tmp_path, capsys):
     out = tmp_path / "o"
     assert cli.main(["align", str(tmp_path / "a"), str(tmp_path / "b"), "--out", str(out)]) == 0
     err = capsys.readouterr().err
-    assert "num_labels (2 vs 3), which a model without a head does not read" in err
+    assert "model differs from anchor in num_labels (3 vs 2), which a model without a head" in err
     assert "pooler" not in err  # (it has one)
     _, p = hf.load(out)
     x = inputs(bare, jax.random.key(2))
@@ -978,9 +1017,10 @@ def test_a_signal_while_the_imports_run_is_kept_for_after_them(signum, tmp_path,
         assert getattr(cli, name) is getattr(_launch.start(), name)
 
 
-@pytest.mark.parametrize("command", ["script", "module"])
+@pytest.mark.parametrize("command", ["script", "module", "package"])
 def test_an_interrupt_while_starting_exits_with_one_line(command, checkpoints):
-    """The console script or ``python -m rotjax.cli``, interrupted while it imports (here
+    """The console script, ``python -m rotjax.cli`` or ``python -m rotjax`` (which did not
+    exist), interrupted while it imports (here
     after 0.5 s; its imports take seconds): one line, exit 130, nothing written (before
     `rotjax._launch` it went on and merged, or printed a traceback; ``python -m`` imported
     the command line with the package, before its ``__main__``, until `rotjax.cli` became
@@ -990,7 +1030,8 @@ def test_an_interrupt_while_starting_exits_with_one_line(command, checkpoints):
 
     tmp, _ = checkpoints
     script = Path(sys.executable).with_name("rotjax")
-    start = [script] if command == "script" else [sys.executable, "-m", "rotjax.cli"]
+    module = {"module": ["-m", "rotjax.cli"], "package": ["-m", "rotjax"]}
+    start = [script] if command == "script" else [sys.executable, *module[command]]
     argv = [*start, "merge", tmp / "a", tmp / "b", "--out", tmp / f"m-{command}", "--quiet"]
     run = subprocess.Popen(argv, stderr=subprocess.PIPE, text=True)
     time.sleep(0.5)

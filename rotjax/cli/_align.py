@@ -93,7 +93,7 @@ def run(args) -> int:
         tic = time.perf_counter()
         bar.set_postfix_str("loading")
         (config, config_b), (a, b), notes = load_models(
-            [("anchor", args.anchor), ("model", args.model)]
+            [("anchor", args.anchor), ("model", args.model)], copied=1
         )
         spec, (a, b), more = symmetry_for(config, [a, b], "stream" in options.solve)
         notes += more

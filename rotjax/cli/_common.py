@@ -21,7 +21,7 @@ import numpy as np
 from rotjax import hf
 from rotjax._atomic import check_name_lengths, holds_cwd, nearest_existing
 from rotjax.hf._files import read_config, stored_dtypes
-from rotjax.hf._save import walk
+from rotjax.hf._save import check_source, walk
 from rotjax.match._checks import few, non_finite
 from rotjax.models import family
 from rotjax.tree import to_dict
@@ -91,7 +91,8 @@ def checked_out_dir(
         raise CLIError(f"--out {out} is the working directory or holds it; name a new directory")
     for f in inputs:
         # the input's folders linked from elsewhere are the input too (hf.save copies them)
-        linked = [p for p in walk(f) if p.is_symlink() and p.is_dir()]
+        # (an unreadable folder is refused where it is copied: `load_models`' ``copied``)
+        linked = [p for p in walk(f, unreadable="skip") if p.is_symlink() and p.is_dir()]
         if any(where.is_relative_to(d.absolute().resolve()) for d in (Path(f), *linked)):
             raise CLIError(f"--out {out} is inside the input {f}")
     # The checkpoint is written beside --out and renamed into place: probe the nearest
@@ -109,20 +110,28 @@ def checked_out_dir(
 
 
 def load_models(
-    named: list[tuple[str, str]], *, same_classes: bool = False, writes: bool = True
+    named: list[tuple[str, str]],
+    *,
+    same_classes: bool = False,
+    writes: bool = True,
+    copied: int | None = None,
 ) -> tuple[list[Any], list[Any], list[str]]:
     """Load ``(label, directory)`` checkpoints; ``(configs, params, notes)``. Every error names
     the input it concerns; models of different families or architectures are refused before
     any work (fields that only matter to training are reported as notes). With
     ``same_classes`` (a merge), classifiers whose ``id2label`` name their classes differently
     are refused too (their heads' rows would be averaged across classes). ``writes``: the
-    command writes a checkpoint (the notes on a stored dtype say what it writes)."""
+    command writes a checkpoint (the notes on a stored dtype say what it writes). ``copied``:
+    the index of the model whose other files the checkpoint copies (`hf.save`'s ``source``):
+    they must be readable (an unreadable one failed when saving, after all the work)."""
     configs, params, notes = [], [], []
-    for label, directory in named:
+    for i, (label, directory) in enumerate(named):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", hf.DroppedHeadWarning)
             try:
                 config, p = hf.load(directory)
+                if i == copied:
+                    check_source(directory)
             except (ValueError, OSError, TypeError) as e:
                 raise CLIError(f"{label} ({directory}): {reason(e)}") from None
         notes += [
@@ -161,7 +170,7 @@ def load_models(
             shown = ", ".join(f"{k}: {x!r} vs {y!r}" for k, (x, y) in sorted(shaping.items()))
             raise CLIError(f"architectures differ ({named[0][0]} vs {label}): {shown}")
         notes += [
-            f"{label} differs from {named[0][0]} in {k} ({x!r} vs {y!r}), which "
+            f"{label} differs from {named[0][0]} in {k} ({y!r} vs {x!r}), which "
             + ("a model without a head does not read" if k in headless else "only training uses")
             for k, (x, y) in sorted(diff.items())
         ]

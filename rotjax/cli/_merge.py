@@ -415,7 +415,7 @@ def run(args) -> int:
     if args.base:
         named.append(("base", args.base))
     tic = time.perf_counter()
-    configs, params, notes = load_models(named, same_classes=True)
+    configs, params, notes = load_models(named, same_classes=True, copied=0)
     seen: dict[Path, str] = {}  # a model given twice counts twice: say so
     for label, directory in named[: len(args.models)]:
         if (twin := seen.setdefault(Path(directory).resolve(), label)) != label:

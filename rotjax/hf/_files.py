@@ -153,6 +153,8 @@ def read_safetensors(file: Path) -> dict[str, np.ndarray]:
 
     if not file.is_file():
         raise FileNotFoundError(f"{file} not found")
+    with open(file, "rb"):  # its OSError (safetensors said "No such file" for "Permission denied")
+        pass
     try:
         with safe_open(str(file), framework="np") as f:
             return {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (not a dict)

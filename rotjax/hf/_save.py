@@ -272,13 +272,19 @@ WEIGHT_PATTERNS = (
 """Files of a source checkpoint that `save` never copies: weights (of other params)."""
 
 
-def walk(root: str | os.PathLike[str]) -> list[Path]:
+def walk(root: str | os.PathLike[str], *, unreadable: str = "raise") -> list[Path]:
     """Every file and folder under ``root``, sorted, through symbolic links to folders too
     (`Path.rglob` does not enter them: a shared ``tokenizer`` folder linked into a checkpoint
     was not copied), except a folder already on the way to it (a cycle of links, however
-    long)."""
+    long). A folder that cannot be read raises its `OSError` (it was left out, silently),
+    or with ``unreadable="skip"`` is skipped."""
+
+    def fail(e: OSError):
+        if unreadable != "skip":
+            raise e
+
     out, ways = [], {os.fspath(root): {Path(root).resolve()}}  # each folder's real ancestors
-    for d, dirs, files in os.walk(root, followlinks=True):
+    for d, dirs, files in os.walk(root, followlinks=True, onerror=fail):
         way = ways.pop(d)
         real = {n: Path(d, n).resolve() for n in dirs}
         dirs[:] = [n for n in dirs if real[n] not in way]
@@ -312,6 +318,14 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
             continue
         out.append(rel)
     return out
+
+
+def check_source(source: str | os.PathLike[str]) -> None:
+    """Raise the `OSError` of the first file or folder that `save` with this ``source`` would
+    copy but cannot read (the command line checks before any work: it failed when saving)."""
+    for rel in _source_files(source):
+        with open(Path(source, rel), "rb"):
+            pass
 
 
 def module_weights(source: str | os.PathLike[str]) -> list[Path]:
