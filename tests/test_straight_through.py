@@ -197,6 +197,7 @@ def test_the_key_draws_each_projection_and_the_batch_order_afresh(key, monkeypat
         ("learning_rate", "1e-3"),
         ("solve", ("bogus",)),
         ("key", 3),
+        ("solver", "hungarian"),
     ],
 )
 def test_bad_options_are_refused_by_name_before_any_work(key, option, value):

@@ -26,7 +26,7 @@ from helpers import (
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from rotjax import match
+from rotjax import match, merge
 from rotjax import symmetry as sym
 from rotjax.models import family
 
@@ -431,6 +431,11 @@ def test_bad_transform_is_rejected(key):
         lambda: sym.apply(params, params, {}),
         lambda: sym.validate(params, params),
         lambda: match.align(params, params, params),
+        # (an AttributeError, or JAX's "Non-hashable static arguments", until 2026-12-07)
+        lambda: sym.sample(params, jax.random.key(0)),
+        lambda: sym.identity(params),
+        lambda: merge.activation_init(params, {}),
+        lambda: merge.group_scores(params, {}, ()),
     ):
         with pytest.raises(TypeError, match=r"spec must be a rotjax\.symmetry\.Spec .* got dict"):
             call()

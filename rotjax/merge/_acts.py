@@ -54,7 +54,9 @@ def cross_statistics(
     difference of the two parts' means), never as ``Σ x² - n x̄²``, which loses every digit
     when a feature's mean is large against its spread (a LayerNorm shift of 300 and a spread of
     1 left float32 5% off the variance in a test). Batches are as for
-    `rotjax.merge.statistics`. Two forward passes per batch, one program.
+    `rotjax.merge.statistics`, and so is ``include_padding`` (count padded tokens too, as the
+    original RegMean code does); ``progress`` shows a tqdm bar over the batches. Two forward
+    passes per batch, one program.
     """
     fam = model_family(model)
     check_fits(model, fam, {"params_a": params_a, "params_b": params_b})
@@ -190,6 +192,7 @@ def group_scores(
       ValueError: a correlation of a param the spec does not have, or that does not fit its
         kernel's inputs (path and shapes named).
     """
+    sym.check_spec(spec)  # (a forgotten spec was JAX's "Non-hashable static arguments")
     if heads not in ("nuclear", "trace"):  # (any other word scored as "trace", silently)
         raise ValueError(f"heads must be 'nuclear' or 'trace', got {heads!r}")
     for path, c in corr.items():
@@ -266,6 +269,7 @@ def activation_init(
 
     Groups no dense input reveals (scales, and rotations without ``params``) are left out
     (the identity). ``roles``: those of `ROLES` to solve (a role alone may be a string).
+    ``solver``: the assignment solver of the permutations, as `rotjax.match.assign`'s.
 
     Raises:
       ValueError: a role not in `ROLES` (a typo, or a block of `rotjax.match.align`'s
@@ -274,6 +278,7 @@ def activation_init(
     """
     from rotjax.merge._ot import _moved_b  # (_ot builds on this module)
 
+    sym.check_spec(spec)  # (a forgotten spec was an AttributeError)
     roles = (roles,) if isinstance(roles, str) else tuple(roles)
     if unknown := [r for r in roles if r not in ROLES]:
         raise ValueError(f"unknown role(s) {unknown}; expected some of {ROLES}")

@@ -69,7 +69,8 @@ def align_by_activations(
     4. With ``steps`` > 0, the kept one refined by `align_straight_through` (``steps`` steps
        of ``learning_rate`` on the same batches and loss, measured every 10 steps, 2 sweeps
        per projection; ``progress``: its tqdm bar). ``key`` shuffles `align`'s block order
-       and the descent's batch order.
+       and the descent's batch order; ``solver`` is the assignment solver of every step
+       (`rotjax.match.assign`'s).
 
     Returns ``(alignment, info)``: ``info["losses"]`` the loss of each candidate from the
     activation start (0, 1, ... sweeps), ``info["weights_loss"]`` that of the data-free

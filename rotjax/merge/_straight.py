@@ -68,6 +68,8 @@ def align_straight_through(
     loss over all batches (`prediction_loss`) is measured at the start and every ``every``
     steps (and after the last, or where an overflow stopped the descent); the best element is
     returned, never one worse than ``init`` (by more than float32 rounding: 1e-6 relative).
+    ``solver``: the projections' assignment solver (`rotjax.match.assign`'s); ``progress``: a
+    tqdm bar over the steps.
 
     ``init`` is the start: an `Alignment` of B to A (e.g. `align_by_activations`'), a
     transform, or None for B as it is. Any start can end in a good merge, a good start in a

@@ -25,10 +25,15 @@ _HIGHEST = jax.lax.Precision.HIGHEST
 _ORDER = {"perm": 0, "hperm": 1, "orth": 1, "rot": 1, "scale": 2}
 
 
-@functools.partial(jax.jit, static_argnums=0)
 def identity(spec: Spec) -> Transform:
     """The identity element: arange permutations, identity matrices, unit scales (built in
     one compiled program: op by op, the many small arrays of a big spec take ~40 ms)."""
+    check_spec(spec)  # (a forgotten spec was JAX's "Non-hashable static arguments")
+    return _identity(spec)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _identity(spec: Spec) -> Transform:
     return {name: identity_element(g) for name, g in spec.group_items}
 
 
@@ -71,6 +76,7 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
     those that keep the all-ones vector on the O(n-1) of its complement, pair rotations have
     uniform angles; scales are log-normal, ``a = exp(log_scale_std * N(0, 1))``.
     """
+    check_spec(spec)  # (a forgotten spec was an AttributeError)
     check_key(key)
     if isinstance(log_scale_std, bool) or not np.isfinite(log_scale_std) or log_scale_std < 0:
         raise ValueError(f"log_scale_std must be a finite number >= 0, got {log_scale_std!r}")
