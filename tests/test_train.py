@@ -994,3 +994,44 @@ def test_a_truncated_compilation_cache_entry_is_compiled_again(tmp_path):
     (value, warned), (read, warned_reading) = json.loads(out[0])
     assert read == value and not warned and not warned_reading
     assert [json.loads(line) for line in out[1:]] == [[value, True]] * 3
+
+
+def test_fit_on_two_processes_is_fit_on_one(tmp_path):
+    """The multi-process paths (`initialize_distributed`, each process's rows of a batch, the
+    lead process writing the logs, checkpoints of a mesh over processes and the resume from
+    them) on the CPU: two processes of one device each, coordinated over localhost, train
+    (4 steps, then resumed to 6) to the params of one process with two devices, bit for bit
+    (the same two-device program: a sum of two gradients does not depend on their order), with
+    the same eval metrics and train log but for its timings."""
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("two_processes.py")
+    with socket.socket() as s:  # a free port for the coordinator
+        s.bind(("localhost", 0))
+        port = str(s.getsockname()[1])
+
+    def start(i, n, tag):
+        argv = [str(i), str(n), port, str(tmp_path / tag), str(tmp_path / f"{tag}.npz"), "4", "6"]
+        return subprocess.Popen([sys.executable, script, *argv], stderr=subprocess.PIPE, text=True)
+
+    runs = [start(0, 2, "two"), start(1, 2, "two"), start(0, 1, "one")]
+    for run in runs:
+        _, err = run.communicate(timeout=300)
+        assert run.returncode == 0, err[-3000:]
+    two, one = (np.load(tmp_path / f"{tag}.npz") for tag in ("two", "one"))
+    assert sorted(two) == sorted(one)
+    for name in one:
+        np.testing.assert_array_equal(two[name], one[name], err_msg=name)
+    assert json.loads(str(one["metrics"]))["resumed_from"] == 4
+    timing = ("steps_per_second", "examples_per_second", "elapsed")
+    logs = [
+        [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
+        for lines in (
+            (tmp_path / tag / "metrics.jsonl").read_text().splitlines() for tag in ("two", "one")
+        )
+    ]
+    assert logs[0] == logs[1] and len(logs[0]) == 5  # (train at 2, 4, 6; eval at 4, 6)
+    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4", "6"]
