@@ -767,6 +767,76 @@ def test_trim_keeps_what_a_quantile_cut_keeps(seed):
 # Statistics against oracles.
 
 
+@pytest.mark.parametrize("kind", ["bert", "qwen2"])
+def test_grams_are_those_of_the_transformers_models_linear_layers(kind, seed, tmp_path):
+    """An oracle outside rotjax for the capture: the Gram ``XᵀX / n`` of every ``nn.Linear``'s
+    input in transformers' PyTorch model (forward hooks, float64; over the real tokens, one
+    row per example for BERT's pooler and classifier, the last real token for a decoder's
+    score) is `statistics`' Gram of that layer's kernel, with the same count: every dense
+    layer seen once, padding left out (a review compared every family and the Fishers too,
+    2026-12-07: within 6e-6)."""
+    torch = pytest.importorskip("torch")
+    import transformers
+
+    from rotjax import hf
+    from rotjax.hf import _mapping
+
+    common = dict(hidden_size=16, num_hidden_layers=2, intermediate_size=24, num_labels=3)
+    if kind == "bert":
+        config = transformers.BertConfig(vocab_size=50, num_attention_heads=2, **common)
+        model = transformers.BertForSequenceClassification(config)
+    else:  # grouped-query attention with Q/K/V biases
+        config = transformers.Qwen2Config(
+            vocab_size=50, num_attention_heads=4, num_key_value_heads=2, pad_token_id=0, **common
+        )
+        model = transformers.Qwen2ForSequenceClassification(config)
+    torch.manual_seed(seed % 2**31)
+    with torch.no_grad():  # (biases and norms are 0 and 1 at init)
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    model.config._attn_implementation = "eager"
+    model.save_pretrained(tmp_path)
+    ours, params = hf.load(tmp_path)
+    rng = np.random.default_rng(seed)
+    lengths = [np.array([7, 4, 2, 1]), np.array([3, 6])]  # right padding
+    batches = []
+    for n in lengths:
+        mask = (np.arange(7) < n[:, None]).astype(np.int32)
+        batches.append((rng.integers(1, 50, mask.shape).astype(np.int32) * mask, mask))
+    got = merge.statistics(family(ours).Model(ours), params, batches, ("gram",))
+
+    sums, model = {}, model.double().eval()
+    linear = {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def hook(name):
+        def add(module, args, out):
+            x, mask = args[0].reshape(-1, args[0].shape[-1]), now["mask"]
+            if name == "score":  # the last real token's row of each example
+                x = args[0][torch.arange(len(mask)), mask.sum(-1) - 1]
+            w = mask.reshape(-1) if len(x) == mask.numel() else torch.ones(len(x))
+            g, count = sums.get(name, (0, 0))
+            sums[name] = (g + (x * w[:, None].double()).T @ x, count + float(w.sum()))
+
+        return add
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in linear.items()]
+    with torch.no_grad():
+        for ids, mask in batches:
+            now = {"mask": torch.from_numpy(mask)}
+            model(input_ids=torch.from_numpy(ids), attention_mask=now["mask"])
+    for h in handles:
+        h.remove()
+    arch = _mapping.ARCHITECTURES[type(model).__name__]
+    names = {}
+    for path, gram in got["gram"].items():
+        name = _mapping.hf_name(arch, path, prefixed=True)[0].removesuffix(".weight")
+        names[name] = path
+        g, count = sums[name]
+        assert float(got["tokens"][path]) == count, path
+        assert rel_err(np.reshape(gram, g.shape), g.numpy() / count) <= TOL, path
+    assert sorted(names) == sorted(linear)  # every dense layer, each once
+
+
 def test_padded_tokens_change_no_gram(key):
     config = CONFIGS["bert-h5d2-l1-token"]
     c = compiled(config)
