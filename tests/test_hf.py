@@ -1127,6 +1127,24 @@ def test_a_sources_folders_linked_from_elsewhere_are_copied(seed, tmp_path):
     ], copied
     assert not any(p.is_symlink() for p in out.rglob("*"))  # copies, not links
     assert (out / "2_Dense" / "model.safetensors").read_bytes() == b"dense weights"
+    # A folder that cannot be read (denied by a patched os.scandir, which os.walk lists
+    # folders with: the tests run as root) is an error, before anything is written; it was
+    # left out of the saved model, silently.
+    scandir = os.scandir
+    deny = lambda d: (
+        _raise(PermissionError(13, "Permission denied", os.fspath(d)))
+        if Path(d).name == "tokenizer"
+        else scandir(d)
+    )
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(os, "scandir", deny)
+        with pytest.raises(PermissionError, match=r"Permission denied: .*tokenizer"):
+            rotjax.hf.save(tmp_path / "denied", config, params, source=src)
+    assert not (tmp_path / "denied").exists()
+
+
+def _raise(e):
+    raise e
 
 
 def test_a_trainer_output_as_source_copies_no_other_checkpoint(seed, tmp_path):

@@ -94,6 +94,8 @@ def save(
       FileExistsError: ``path`` exists and is not an empty directory, or is a symbolic link,
         and not ``overwrite``.
       FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
+      OSError: a file or folder of ``source`` to copy cannot be read (nothing is written; an
+        unreadable folder was left out, silently, until 2026-12-07).
     """
     path = Path(path)
     check_name_lengths(path)
