@@ -2,4 +2,5 @@
 
 from rotjax._launch import entry
 
-entry()
+if __name__ == "__main__":  # (importing it, as doc tools do, ran the command)
+    entry()

@@ -607,9 +607,11 @@ def test_unreadable_files_of_the_copied_input_are_refused_before_any_work(
     checkpoints, capsys, monkeypatch
 ):
     """The files a command copies from an input (merge: model 0's, align: the model's) must
-    be readable: an unreadable file failed when saving, after all the work, naming no input;
-    an unreadable folder was left out of the checkpoint, silently, exit 0. (Denied by patched
-    `open` and `os.scandir`, which `os.walk` reads folders with: the tests run as root.)"""
+    be readable: an unreadable file failed when saving, after all the work, naming no input.
+    An unreadable folder it would copy is a note (it was left out of the checkpoint, silently);
+    a hidden one is never copied, and no reason to fail (a review: a .git/objects that could
+    not be read failed the merge). (Denied by patched `open` and `os.scandir`, which `os.walk`
+    reads folders with: the tests run as root.)"""
     from rotjax.hf import _files, _save
 
     tmp, _ = checkpoints
@@ -629,11 +631,17 @@ def test_unreadable_files_of_the_copied_input_are_refused_before_any_work(
         m.setattr(_save, "open", denied("vocab.txt", open), raising=False)
         _fails([*merge, "--out", str(out)], capsys, "model 0 (anchor)", "Permission denied")
         _fails([*align, "--out", str(out)], capsys, "model (", "vocab.txt")
-    with monkeypatch.context() as m:
-        m.setattr(os, "scandir", denied("1_Pooling", os.scandir))
-        _fails([*merge, "--out", str(out)], capsys, "model 0 (anchor)", "1_Pooling")
-        _fails([*align, "--out", str(out)], capsys, "model (", "Permission denied")
     assert not (tmp / "new").exists()
+    (tmp / "b" / ".git" / "objects").mkdir(parents=True)
+    with monkeypatch.context() as m:
+        m.setattr(os, "scandir", denied("1_Pooling", denied("objects", os.scandir)))
+        assert cli.main([*merge, "--out", str(tmp / "merged")]) == 0
+        err = capsys.readouterr().err
+        assert "note: model 0 (anchor): " in err and "1_Pooling cannot be read" in err, err
+        assert "not copied" in err and "objects" not in err and "Warning" not in err, err
+        assert cli.main([*align, "--out", str(tmp / "aligned")]) == 0
+        assert "note: model: " in capsys.readouterr().err
+    assert (tmp / "b" / "modules.json").exists() and not (tmp / "merged" / "1_Pooling").exists()
     with monkeypatch.context() as m:  # a weights file: "No such file or directory", said
         m.setattr(_files, "open", denied("model.safetensors", open), raising=False)
         _fails([*merge, "--out", str(out)], capsys, "model 0 (anchor)", "Permission denied")

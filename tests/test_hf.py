@@ -10,6 +10,7 @@ import dataclasses
 import json
 import os
 import re
+import warnings
 from pathlib import Path
 
 import jax
@@ -1128,19 +1129,24 @@ def test_a_sources_folders_linked_from_elsewhere_are_copied(seed, tmp_path):
     assert not any(p.is_symlink() for p in out.rglob("*"))  # copies, not links
     assert (out / "2_Dense" / "model.safetensors").read_bytes() == b"dense weights"
     # A folder that cannot be read (denied by a patched os.scandir, which os.walk lists
-    # folders with: the tests run as root) is an error, before anything is written; it was
-    # left out of the saved model, silently.
+    # folders with: the tests run as root) is not copied, with a warning (it was left out of
+    # the saved model, silently); a hidden one, never copied, with none.
+    (src / ".cache" / "locks").mkdir(parents=True)
     scandir = os.scandir
     deny = lambda d: (
         _raise(PermissionError(13, "Permission denied", os.fspath(d)))
-        if Path(d).name == "tokenizer"
+        if Path(d).name in ("tokenizer", "locks")
         else scandir(d)
     )
-    with pytest.MonkeyPatch.context() as m:
+    with pytest.MonkeyPatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
         m.setattr(os, "scandir", deny)
-        with pytest.raises(PermissionError, match=r"Permission denied: .*tokenizer"):
-            rotjax.hf.save(tmp_path / "denied", config, params, source=src)
-    assert not (tmp_path / "denied").exists()
+        out = rotjax.hf.save(tmp_path / "denied", config, params, source=src)
+    shown = [str(w.message) for w in caught if w.category is rotjax.hf.NotCopiedWarning]
+    assert len(shown) == 1 and re.search(
+        r"tokenizer cannot be read \(Permission denied\)", shown[0]
+    )
+    assert not (out / "tokenizer").exists() and (out / "2_Dense" / "model.safetensors").exists()
 
 
 def _raise(e):

@@ -359,6 +359,37 @@ def test_batch_sizes_must_split_over_devices():
         )  # fmt: skip
 
 
+def test_fit_checks_train_data_as_the_run_cuts_and_augments_it():
+    """fit's check that the model takes the training arrays traces the train step on the
+    first batch as the run makes it: cut by ``trim`` (texts padded past the model's positions,
+    every one short enough) and through ``augment`` (12x12 images cropped to the model's 8x8),
+    both refused when it traced the eval step on a raw row (a review of the day's diff)."""
+    narrow = dataclasses.replace(BERT, max_position_embeddings=16)
+    state, steps = setup(narrow, 0)
+    data = text_data(narrow, 0, 16)
+    wide = {k: np.pad(v, ((0, 0), (0, 32 - SEQ))) if v.ndim == 2 else v for k, v in data.items()}
+    train.fit(state, steps, wide, batch_size=8, num_steps=1, trim=8)
+    with pytest.raises(ValueError, match=r"^train_data does not fit the model: .*at most 16"):
+        train.fit(state, steps, wide, batch_size=8, num_steps=1)
+    config = dataclasses.replace(VIT, image_size=8, patch_size=4)
+
+    def crop(batch, key):
+        i, j = jax.random.randint(key, (2,), 0, 5)
+        images = batch["images"]
+        return {
+            **batch,
+            "images": jax.lax.dynamic_slice(images, (0, i, j, 0), (len(images), 8, 8, 1)),
+        }
+
+    tx = optax.sgd(0.1)
+    model, params = init(config, jax.random.key(0))
+    state = train.create_train_state(params, tx, key=jax.random.key(1))
+    steps = train.classification_steps(model, tx, augment=crop)
+    rng = np.random.default_rng(0)
+    images = {"images": rng.random((8, 12, 12, 1), np.float32), "labels": rng.integers(0, 3, 8)}
+    train.fit(state, steps, images, batch_size=8, num_steps=1)
+
+
 def test_fit_refuses_bad_arguments_by_their_names(tmp_path):
     state, steps = setup(BERT, 0)
     data = text_data(BERT, 0, 20)
@@ -1018,8 +1049,13 @@ def test_fit_on_two_processes_is_fit_on_one(tmp_path):
         return subprocess.Popen([sys.executable, script, *argv], stderr=subprocess.PIPE, text=True)
 
     runs = [start(0, 2, "two"), start(1, 2, "two"), start(0, 1, "one")]
-    for run in runs:
-        _, err = run.communicate(timeout=300)
+    try:
+        errors = [run.communicate(timeout=180)[1] for run in runs]
+    finally:  # a process that failed leaves its peer waiting for it: none is left behind
+        for run in runs:
+            run.kill()
+            run.wait()
+    for run, err in zip(runs, errors, strict=True):
         assert run.returncode == 0, err[-3000:]
     two, one = (np.load(tmp_path / f"{tag}.npz") for tag in ("two", "one"))
     assert sorted(two) == sorted(one)

@@ -1,3 +1,4 @@
 from rotjax._launch import entry
 
-entry()
+if __name__ == "__main__":  # (importing it, as doc tools do, ran the command)
+    entry()

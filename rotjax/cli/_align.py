@@ -18,6 +18,7 @@ from rotjax.cli._common import (
     progress,
     reason,
     report_json,
+    save,
     show_notes,
     symmetry_for,
 )
@@ -129,7 +130,7 @@ def run(args) -> int:
         notes += pooler_note(config_b)
         report, per_layer = _report(args, options, res, notes, load_seconds)
         # The report is written with the checkpoint, in one atomic step: never one alone.
-        hf.save(
+        save(
             out,
             config_b,  # B's own training-only fields (dropout...), which may differ from A's
             res.params,

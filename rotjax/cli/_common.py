@@ -92,7 +92,7 @@ def checked_out_dir(
     for f in inputs:
         # the input's folders linked from elsewhere are the input too (hf.save copies them)
         # (an unreadable folder is refused where it is copied: `load_models`' ``copied``)
-        linked = [p for p in walk(f, unreadable="skip") if p.is_symlink() and p.is_dir()]
+        linked = [p for p in walk(f, unreadable=[]) if p.is_symlink() and p.is_dir()]
         if any(where.is_relative_to(d.absolute().resolve()) for d in (Path(f), *linked)):
             raise CLIError(f"--out {out} is inside the input {f}")
     # The checkpoint is written beside --out and renamed into place: probe the nearest
@@ -109,6 +109,14 @@ def checked_out_dir(
     return out
 
 
+def save(*args: Any, **kwargs: Any) -> Path:
+    """`hf.save`, its `hf.NotCopiedWarning` silenced: `load_models` (``copied``) made each a
+    note already."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", hf.NotCopiedWarning)
+        return hf.save(*args, **kwargs)
+
+
 def load_models(
     named: list[tuple[str, str]],
     *,
@@ -123,20 +131,21 @@ def load_models(
     are refused too (their heads' rows would be averaged across classes). ``writes``: the
     command writes a checkpoint (the notes on a stored dtype say what it writes). ``copied``:
     the index of the model whose other files the checkpoint copies (`hf.save`'s ``source``):
-    they must be readable (an unreadable one failed when saving, after all the work)."""
+    its files must be readable (an unreadable one failed when saving, after all the work);
+    its folders that cannot be read are notes (they were left out, silently)."""
     configs, params, notes = [], [], []
     for i, (label, directory) in enumerate(named):
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always", hf.DroppedHeadWarning)
+            warnings.simplefilter("always", hf.NotCopiedWarning)
             try:
                 config, p = hf.load(directory)
                 if i == copied:
                     check_source(directory)
             except (ValueError, OSError, TypeError) as e:
                 raise CLIError(f"{label} ({directory}): {reason(e)}") from None
-        notes += [
-            f"{label}: {w.message}" for w in caught if issubclass(w.category, hf.DroppedHeadWarning)
-        ]
+        noted = (hf.DroppedHeadWarning, hf.NotCopiedWarning)
+        notes += [f"{label}: {w.message}" for w in caught if issubclass(w.category, noted)]
         # The tensors' own dtypes: config.json's "dtype" may be missing or wrong (a bfloat16
         # checkpoint without it had no note, a float32 one saying float16 was "float16")
         stored = sorted(stored_dtypes(Path(directory)))

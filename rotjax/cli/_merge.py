@@ -11,7 +11,7 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from rotjax import data, hf, match, merge
+from rotjax import data, match, merge
 from rotjax import symmetry as sym
 from rotjax.cli._common import (
     CLIError,
@@ -23,6 +23,7 @@ from rotjax.cli._common import (
     progress,
     reason,
     report_json,
+    save,
     show_notes,
     symmetry_for,
 )
@@ -600,7 +601,7 @@ def run(args) -> int:
     # The report is written with the checkpoint, in one atomic step: never one alone (so
     # the saving's seconds are not in it).
     tic = time.perf_counter()
-    hf.save(
+    save(
         out, config, merged, source=args.models[0], extra_files={"merge.json": report_json(report)}
     )
     saving = time.perf_counter() - tic

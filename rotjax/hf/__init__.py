@@ -13,12 +13,19 @@ rotjax config and Flax params; `save` writes a directory that ``transformers``'
 
 from rotjax.hf._files import TOKENIZER_FILES
 from rotjax.hf._load import DroppedHeadWarning, load, load_for_task
-from rotjax.hf._save import module_weights, save, transformers_config, vit_image_processor
+from rotjax.hf._save import (
+    NotCopiedWarning,
+    module_weights,
+    save,
+    transformers_config,
+    vit_image_processor,
+)
 from rotjax.models import stack_layers, unstack_layers  # aliases (README); home: rotjax.models
 
 __all__ = [
     "TOKENIZER_FILES",
     "DroppedHeadWarning",
+    "NotCopiedWarning",
     "load",
     "load_for_task",
     "module_weights",

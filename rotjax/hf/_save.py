@@ -8,6 +8,7 @@ import fnmatch
 import json
 import os
 import shutil
+import warnings
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -94,8 +95,11 @@ def save(
       FileExistsError: ``path`` exists and is not an empty directory, or is a symbolic link,
         and not ``overwrite``.
       FileNotFoundError: ``tokenizer_from`` is missing or holds none of the files.
-      OSError: a file or folder of ``source`` to copy cannot be read (nothing is written; an
-        unreadable folder was left out, silently, until 2026-12-07).
+      OSError: a file of ``source`` to copy cannot be read (nothing is left written).
+
+    Warns:
+      NotCopiedWarning: a folder of ``source`` to copy cannot be read (it was left out,
+        silently, until 2026-12-07).
     """
     path = Path(path)
     check_name_lengths(path)
@@ -274,16 +278,22 @@ WEIGHT_PATTERNS = (
 """Files of a source checkpoint that `save` never copies: weights (of other params)."""
 
 
-def walk(root: str | os.PathLike[str], *, unreadable: str = "raise") -> list[Path]:
+class NotCopiedWarning(UserWarning):
+    """`save` could not read a folder of its ``source`` (one it would copy: not hidden, not in
+    another checkpoint) and did not copy it."""
+
+
+def walk(root: str | os.PathLike[str], *, unreadable: list[OSError] | None = None) -> list[Path]:
     """Every file and folder under ``root``, sorted, through symbolic links to folders too
     (`Path.rglob` does not enter them: a shared ``tokenizer`` folder linked into a checkpoint
     was not copied), except a folder already on the way to it (a cycle of links, however
-    long). A folder that cannot be read raises its `OSError` (it was left out, silently),
-    or with ``unreadable="skip"`` is skipped."""
+    long). A folder that cannot be read raises its `OSError`, or, given a list
+    ``unreadable``, is skipped and its error appended to it."""
 
     def fail(e: OSError):
-        if unreadable != "skip":
+        if unreadable is None:
             raise e
+        unreadable.append(e)
 
     out, ways = [], {os.fspath(root): {Path(root).resolve()}}  # each folder's real ancestors
     for d, dirs, files in os.walk(root, followlinks=True, onerror=fail):
@@ -300,14 +310,26 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
     of sentence-transformers modules, `module_weights`), the config (rewritten), hidden files
     and other checkpoints inside it (a folder with a config and weights of its own that
     ``modules.json`` does not list, such as a Trainer's ``checkpoint-500``: its weights were
-    never copied)."""
+    never copied). A folder that cannot be read is not copied, with a `NotCopiedWarning`
+    unless it is hidden or in another checkpoint (it was left out, silently)."""
     root = Path(source)
     modules = set(module_weights(root))
     listed = {folder for folder, _ in _modules(root)}
     weighs = lambda d: any(fnmatch.fnmatch(f.name, p) for f in d.iterdir() for p in WEIGHT_PATTERNS)
-    found = walk(root)
+    unreadable: list[OSError] = []
+    found = walk(root, unreadable=unreadable)
     nested = {f.parent.relative_to(root) for f in found if f.name == CONFIG_FILE}
     nested = {d for d in nested - listed - {Path()} if weighs(root / d)}
+    for e in unreadable:
+        if e.filename is None:
+            raise e
+        rel = Path(e.filename).relative_to(root)
+        if not any(p.startswith(".") for p in rel.parts) and not nested.intersection(rel.parents):
+            warnings.warn(
+                f"{e.filename} cannot be read ({e.strerror or e}): not copied",
+                NotCopiedWarning,
+                stacklevel=3,
+            )
     out = []
     for f in found:
         rel = f.relative_to(root)
@@ -323,8 +345,9 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
 
 
 def check_source(source: str | os.PathLike[str]) -> None:
-    """Raise the `OSError` of the first file or folder that `save` with this ``source`` would
-    copy but cannot read (the command line checks before any work: it failed when saving)."""
+    """Raise the `OSError` of the first file that `save` with this ``source`` would copy but
+    cannot read (the command line checks before any work: it failed when saving); warn of
+    its folders that cannot be read as `save` does (`NotCopiedWarning`)."""
     for rel in _source_files(source):
         with open(Path(source, rel), "rb"):
             pass

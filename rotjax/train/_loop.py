@@ -160,13 +160,17 @@ def _check_finite(data: Mapping[str, np.ndarray], what: str) -> None:
         )
 
 
-def _check_fits(steps: Steps, params: Any, batch: Mapping[str, Any], what: str) -> None:
-    """ValueError if the model cannot take ``batch`` (traced abstractly: no compute)."""
+def _check_fits(step: Callable, first: Any, batch: Mapping[str, Any], what: str) -> None:
+    """ValueError if ``step(first, batch)`` cannot run (traced abstractly: no compute)."""
     try:
-        jax.eval_shape(steps.eval_step, params, batch)
+        jax.eval_shape(step, first, batch)
     except KeyError as e:
+        missing = e.args[0] if e.args else None
+        if not isinstance(missing, str) or missing in batch:  # not a missing array
+            raise
         raise ValueError(
-            f"{what}_data does not fit the model: it has no {e} array (it has {sorted(batch)})"
+            f"{what}_data does not fit the model: it has no {missing!r} array (it has "
+            f"{sorted(batch)})"
         ) from None
     except (ValueError, TypeError) as e:
         raise ValueError(f"{what}_data does not fit the model: {e}") from None
@@ -471,15 +475,19 @@ def fit(
         _data.batches(train_data, batch_size, trim=trim)
         if eval_data is not None:
             _data.batches(eval_data, eval_batch_size, trim=trim)
-    # Traced (abstractly) now: arrays that do not fit the model (another image size, a
-    # missing input) were refused at the first step or eval, after the workdir's files
-    _check_fits(steps, state.params, {k: np.asarray(v[:1]) for k, v in train_data.items()}, "train")
+    n_train = len(train_data["labels"])
+    _data.steps_per_epoch(n_train, batch_size)
+    # Traced (abstractly) now, on the first batch of each as the run cuts it (the train step
+    # with its augmentation): arrays that do not fit the model (another image size, a missing
+    # input) were refused at the first step or eval, after the workdir's files
+    first = _data.train_batches(
+        train_data, batch_size=batch_size, seed=seed, rows=_mesh.process_rows(batch_size), trim=trim
+    )
+    _check_fits(steps.train_step, state, next(first), "train")
     if eval_data is not None:
         rows = _mesh.process_rows(eval_batch_size)
         first = next(_data.batches(eval_data, eval_batch_size, pad=True, rows=rows, trim=trim))
-        _check_fits(steps, state.params, first, "eval")
-    n_train = len(train_data["labels"])
-    _data.steps_per_epoch(n_train, batch_size)
+        _check_fits(steps.eval_step, state.params, first, "eval")
     if checkpoint_every is not None and workdir is None:
         raise ValueError("checkpoint_every needs a workdir to write checkpoints to")
     if (given := int(jax.device_get(state.step))) > num_steps:
