@@ -320,11 +320,12 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
     found = walk(root, unreadable=unreadable)
     nested = {f.parent.relative_to(root) for f in found if f.name == CONFIG_FILE}
     nested = {d for d in nested - listed - {Path()} if weighs(root / d)}
+    hidden = lambda rel: any(p.startswith(".") for p in rel.parts)
     for e in unreadable:
         if e.filename is None:
             raise e
         rel = Path(e.filename).relative_to(root)
-        if not any(p.startswith(".") for p in rel.parts) and not nested.intersection(rel.parents):
+        if not hidden(rel) and not nested.intersection(rel.parents):
             warnings.warn(
                 f"{e.filename} cannot be read ({e.strerror or e}): not copied",
                 NotCopiedWarning,
@@ -333,7 +334,7 @@ def _source_files(source: str | os.PathLike[str]) -> list[Path]:
     out = []
     for f in found:
         rel = f.relative_to(root)
-        if not f.is_file() or rel == Path(CONFIG_FILE) or any(p.startswith(".") for p in rel.parts):
+        if not f.is_file() or rel == Path(CONFIG_FILE) or hidden(rel):
             continue
         if nested.intersection(rel.parents):
             continue

@@ -471,23 +471,21 @@ def fit(
     _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
     check_ids(train_data, steps.token_tables or {}, "train_data ")
     _check_finite(train_data, "train_data")
-    if trim is not None:  # a bad trim raises here, before training
-        _data.batches(train_data, batch_size, trim=trim)
-        if eval_data is not None:
-            _data.batches(eval_data, eval_batch_size, trim=trim)
-    n_train = len(train_data["labels"])
-    _data.steps_per_epoch(n_train, batch_size)
-    # Traced (abstractly) now, on the first batch of each as the run cuts it (the train step
-    # with its augmentation): arrays that do not fit the model (another image size, a missing
-    # input) were refused at the first step or eval, after the workdir's files
-    first = _data.train_batches(
+    # The first batch of each, as the run cuts it (both calls check ``trim``, a bad one
+    # raising here, before training; train_batches also too little data for a batch)
+    train_first = _data.train_batches(
         train_data, batch_size=batch_size, seed=seed, rows=_mesh.process_rows(batch_size), trim=trim
     )
-    _check_fits(steps.train_step, state, next(first), "train")
     if eval_data is not None:
         rows = _mesh.process_rows(eval_batch_size)
-        first = next(_data.batches(eval_data, eval_batch_size, pad=True, rows=rows, trim=trim))
-        _check_fits(steps.eval_step, state.params, first, "eval")
+        eval_first = next(_data.batches(eval_data, eval_batch_size, pad=True, rows=rows, trim=trim))
+    n_train = len(train_data["labels"])
+    # Traced (abstractly) now, the train step with its augmentation: arrays that do not fit
+    # the model (another image size, a missing input) were refused at the first step or
+    # eval, after the workdir's files
+    _check_fits(steps.train_step, state, next(train_first), "train")
+    if eval_data is not None:
+        _check_fits(steps.eval_step, state.params, eval_first, "eval")
     if checkpoint_every is not None and workdir is None:
         raise ValueError("checkpoint_every needs a workdir to write checkpoints to")
     if (given := int(jax.device_get(state.step))) > num_steps:
