@@ -1133,20 +1133,29 @@ def test_a_sources_folders_linked_from_elsewhere_are_copied(seed, tmp_path):
     # the saved model, silently); a hidden one, never copied, with none.
     (src / ".cache" / "locks").mkdir(parents=True)
     scandir = os.scandir
-    deny = lambda d: (
-        _raise(PermissionError(13, "Permission denied", os.fspath(d)))
-        if Path(d).name in ("tokenizer", "locks")
-        else scandir(d)
+    denying = lambda *names: (
+        lambda d: (
+            _raise(PermissionError(13, "Permission denied", os.fspath(d)))
+            if Path(d).name in names
+            else scandir(d)
+        )
     )
     with pytest.MonkeyPatch.context() as m, warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        m.setattr(os, "scandir", deny)
+        m.setattr(os, "scandir", denying("tokenizer", "locks"))
         out = rotjax.hf.save(tmp_path / "denied", config, params, source=src)
     shown = [str(w.message) for w in caught if w.category is rotjax.hf.NotCopiedWarning]
     assert len(shown) == 1 and re.search(
         r"tokenizer cannot be read \(Permission denied\)", shown[0]
     )
     assert not (out / "tokenizer").exists() and (out / "2_Dense" / "model.safetensors").exists()
+    # ... a module's folder too (module_weights walked it with no such leave: PermissionError)
+    with pytest.MonkeyPatch.context() as m, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        m.setattr(os, "scandir", denying("2_Dense"))
+        out = rotjax.hf.save(tmp_path / "no-module", config, params, source=src)
+    shown = [str(w.message) for w in caught if w.category is rotjax.hf.NotCopiedWarning]
+    assert any("2_Dense cannot be read" in m for m in shown) and not (out / "2_Dense").exists()
 
 
 def _raise(e):

@@ -360,7 +360,8 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
     weights of other layers than the model's, which `save` copies with the module. They read
     the model's output, so they fit a saved model only while its residual stream keeps the
     source's basis. The model's own module (type ``...Transformer``, or a folder that is the
-    checkpoint itself: its weights are what `save` writes anew) is not one of them."""
+    checkpoint itself: its weights are what `save` writes anew) is not one of them. A module
+    folder that cannot be read has none to list (`save` warns that it is not copied)."""
     root = Path(source)
     folders = {f for f, kind in _modules(root) if kind.rsplit(".", 1)[-1] != "Transformer"}
     # a folder of the checkpoint by its name (a link to a shared one too), not beside it
@@ -369,7 +370,7 @@ def module_weights(source: str | os.PathLike[str]) -> list[Path]:
         f.relative_to(root)
         for folder in folders
         if inside(folder) and (root / folder).resolve() != root.resolve()
-        for f in walk(root / folder)
+        for f in walk(root / folder, unreadable=[])  # (`_source_files` warns of the folder)
         if f.is_file() and any(fnmatch.fnmatch(f.name, p) for p in WEIGHT_PATTERNS)
     )
 
