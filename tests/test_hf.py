@@ -1259,6 +1259,15 @@ def test_bias_options_transformers_ignores_are_ignored_on_load(kind, flags, tmp_
         want = model(torch.as_tensor(ids)).logits.numpy()
     got = rotjax_forward(config, params, (jnp.asarray(ids), jnp.ones(ids.shape, jnp.int32)))
     assert rel_err(got, want) <= 1e-5  # (float32 at matmul precision "highest")
+    # Saved from that source, the flags stay as it wrote them (they were written back false),
+    # and saved without one, none is written: the type has no such option.
+    rotjax.hf.save(tmp_path / "again", config, params, source=tmp_path / "m")
+    rotjax.hf.save(tmp_path / "fresh", config, params)
+    again, fresh = (
+        json.loads((tmp_path / d / "config.json").read_text()) for d in ("again", "fresh")
+    )
+    assert all(again[f] is True for f in flags)
+    assert not set(flags) & set(fresh)
 
 
 def test_load_for_task_gives_a_decoder_a_head(seed, tmp_path):

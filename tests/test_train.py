@@ -1040,24 +1040,32 @@ def test_fit_on_two_processes_is_fit_on_one(tmp_path):
     from pathlib import Path
 
     script = Path(__file__).with_name("two_processes.py")
-    with socket.socket() as s:  # a free port for the coordinator
-        s.bind(("localhost", 0))
-        port = str(s.getsockname()[1])
 
-    def start(i, n, tag):
-        argv = [str(i), str(n), port, str(tmp_path / tag), str(tmp_path / f"{tag}.npz"), "4", "6"]
+    def start(i, n, tag, port):
+        argv = [str(i), str(n), port, str(root / tag), str(root / f"{tag}.npz"), "4", "6"]
         return subprocess.Popen([sys.executable, script, *argv], stderr=subprocess.PIPE, text=True)
 
-    runs = [start(0, 2, "two"), start(1, 2, "two"), start(0, 1, "one")]
-    try:
-        errors = [run.communicate(timeout=180)[1] for run in runs]
-    finally:  # a process that failed leaves its peer waiting for it: none is left behind
-        for run in runs:
-            run.kill()
-            run.wait()
+    for attempt in range(3):
+        root = tmp_path / str(attempt)  # (nothing of a failed attempt's is resumed from)
+        with socket.socket() as s:  # a free port for the coordinator
+            s.bind(("localhost", 0))
+            port = str(s.getsockname()[1])
+        runs = [start(0, 2, "two", port), start(1, 2, "two", port), start(0, 1, "one", port)]
+        try:
+            errors = [runs[0].communicate(timeout=180)[1]]
+            if runs[0].returncode != 0 and "Failed to add port" in errors[0]:
+                continue  # the port was taken between the probe and the coordinator's bind
+            errors += [run.communicate(timeout=180)[1] for run in runs[1:]]
+            break
+        finally:  # a process that failed leaves its peer waiting for it: none is left behind
+            for run in runs:
+                run.kill()
+                run.wait()
+    else:
+        pytest.fail(f"the coordinator found no free port in 3 tries: {errors[0][-3000:]}")
     for run, err in zip(runs, errors, strict=True):
         assert run.returncode == 0, err[-3000:]
-    two, one = (np.load(tmp_path / f"{tag}.npz") for tag in ("two", "one"))
+    two, one = (np.load(root / f"{tag}.npz") for tag in ("two", "one"))
     assert sorted(two) == sorted(one)
     for name in one:
         np.testing.assert_array_equal(two[name], one[name], err_msg=name)
@@ -1066,8 +1074,8 @@ def test_fit_on_two_processes_is_fit_on_one(tmp_path):
     logs = [
         [{k: v for k, v in json.loads(line).items() if k not in timing} for line in lines]
         for lines in (
-            (tmp_path / tag / "metrics.jsonl").read_text().splitlines() for tag in ("two", "one")
+            (root / tag / "metrics.jsonl").read_text().splitlines() for tag in ("two", "one")
         )
     ]
     assert logs[0] == logs[1] and len(logs[0]) == 5  # (train at 2, 4, 6; eval at 4, 6)
-    assert sorted(os.listdir(tmp_path / "two" / "checkpoints")) == ["4", "6"]
+    assert sorted(os.listdir(root / "two" / "checkpoints")) == ["4", "6"]

@@ -235,8 +235,11 @@ def _hf_config(
     if "rope_theta" in out:  # transformers 5 keeps RoPE's settings in one dict (and prefers
         # it); transformers 4 reads only the top-level key (else 10000: another function)
         out["rope_parameters"] = {"rope_theta": out["rope_theta"], "rope_type": "default"}
-    if arch.model_type == "qwen2":  # its attention biases are fixed by the architecture
+    if arch.model_type in ("mistral", "qwen2"):  # bias flags their classes do not read (no
+        # such biases; Qwen2's attention biases are fixed): a source's are kept as it has them
         out.pop("attention_bias", None)
+        out.pop("mlp_bias", None)
+    if arch.model_type == "qwen2":
         out["use_sliding_window"] = config.sliding_window is not None
         # what transformers 5 derives from these and reads the window from (a source's, of
         # another depth, would make it refuse the checkpoint)
