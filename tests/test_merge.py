@@ -923,7 +923,7 @@ def test_fisher_with_x64_enabled_in_the_models_dtype(key):
         assert rel_err(same, want) <= TOL, variant
         assert {v.dtype for v in jax.tree.leaves(wide)} == {jnp.dtype(jnp.float64)}, variant
         if variant != "sampled":  # (float64 log-probabilities draw other labels)
-            assert rel_err(wide, want) <= 1e-4, variant
+            assert rel_err(wide, want) <= TOL, variant  # (float32's rounding: 7e-7 at most)
 
 
 # Lookup tables (words, positions, token types, DeBERTa's relative positions read whole)
@@ -1419,11 +1419,11 @@ def test_correlations_are_scale_free_and_zero_for_constant_features(key):
     ]
     base = corr(a)[0]
     np.testing.assert_allclose(np.diag(base), 1.0, atol=1e-5)
-    for got in corr(with_ln(lambda s: s * 1e-7, lambda b: b * 1e-7)):
-        np.testing.assert_allclose(got, base, atol=1e-4)
+    for got in corr(with_ln(lambda s: s * 1e-7, lambda b: b * 1e-7)):  # moments of features
+        np.testing.assert_allclose(got, base, atol=1e-4)  # ~1e-7 keep fewer digits: 5.5e-6 seen
     for got in corr(with_ln(lambda s: s.at[0].set(0.0), lambda b: b.at[0].set(300.0))):
         assert np.all(got[:, 0] == 0.0) and np.all(np.isfinite(got))
-        np.testing.assert_allclose(got[1:, 1:], base[1:, 1:], atol=1e-4)
+        np.testing.assert_allclose(got[1:, 1:], base[1:, 1:], atol=TOL)
 
 
 def test_activation_init_finds_a_planted_stream_permutation(key):
@@ -1492,8 +1492,8 @@ def test_activation_init_recovers_planted_permutations_and_head_rotations(name, 
     init = merge.activation_init(c.spec, cross, params=(a, b))
     inverse = sym.invert(c.spec, planted)
     assert set(init) == set(planted)
-    for n in init:  # rotations: polar factors of float32 moments (error ~ 1e-7 x condition)
-        np.testing.assert_allclose(init[n], inverse[n], atol=1e-4, err_msg=n)
+    for n in init:  # rotations: polar factors of float32 moments (error ~ 1e-7 x condition:
+        np.testing.assert_allclose(init[n], inverse[n], atol=2e-5, err_msg=n)  # 2.3e-6 seen)
     # Without the params the head rotations stay open (their moments need the Q/K weights).
     without = merge.activation_init(c.spec, cross)
     assert not any(c.spec.groups[n].role in ROTATIONS for n in without)

@@ -235,7 +235,7 @@ def test_activation_init_recovers_a_planted_stream_rotation(key):
     init = merge.activation_init(spec, merge.cross_statistics(c.model, canon, b, data))
     # B's stream is A's rotated: the Procrustes of the stream reads (after whatever stream
     # permutation the correlations suggested) undoes it, and every other group stays put.
-    assert rel_err(sym.apply(spec, b, init), canon) <= 1e-4
+    assert rel_err(sym.apply(spec, b, init), canon) <= TOL  # (3.8e-7 at most over 12 seeds)
 
 
 def test_canonical_checkpoint_is_a_standard_vit(key, tmp_path):
@@ -265,10 +265,10 @@ def test_statistics_under_a_stream_rotation(key):
     stats = merge.statistics(c.model, canon, data)
     moved = merge.transform_statistics(spec, stats, q)
     direct = merge.statistics(c.model, sym.apply(spec, canon, q), data, ("gram",))
-    assert rel_err(moved["gram"], direct["gram"]) <= 1e-4
+    assert rel_err(moved["gram"], direct["gram"]) <= TOL  # (1.1e-6 at most over 12 seeds)
     f, f2 = np.asarray(stats["fisher"]["classifier/kernel"]), moved["fisher"]["classifier/kernel"]
     want = np.einsum("ic,ij->jc", f, np.asarray(q[vit.STREAM]) ** 2)
-    np.testing.assert_allclose(f2, want, rtol=1e-4, atol=1e-9)
+    np.testing.assert_allclose(f2, want, rtol=TOL, atol=1e-9)
 
 
 def test_a_started_stream_rotation_keeps_the_descent_monotone(key):

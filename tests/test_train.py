@@ -363,7 +363,8 @@ def test_fit_checks_train_data_as_the_run_cuts_and_augments_it():
     """fit's check that the model takes the training arrays traces the train step on the
     first batch as the run makes it: cut by ``trim`` (texts padded past the model's positions,
     every one short enough) and through ``augment`` (12x12 images cropped to the model's 8x8),
-    both refused when it traced the eval step on a raw row (a review of the day's diff)."""
+    both refused when it traced the eval step on a raw row (a review of the day's diff), as
+    were eval-only arrays of a custom eval step (whose other scalar statistics are summed)."""
     narrow = dataclasses.replace(BERT, max_position_embeddings=16)
     state, steps = setup(narrow, 0)
     data = text_data(narrow, 0, 16)
@@ -388,6 +389,23 @@ def test_fit_checks_train_data_as_the_run_cuts_and_augments_it():
     rng = np.random.default_rng(0)
     images = {"images": rng.random((8, 12, 12, 1), np.float32), "labels": rng.integers(0, 3, 8)}
     train.fit(state, steps, images, batch_size=8, num_steps=1)
+    # A custom eval step may read arrays that only the eval data has (per-example weights)
+    state, base = setup(BERT, 0)
+    data = text_data(BERT, 0, 16)
+
+    def weighted(params, batch):
+        metrics = base.eval_step(params, batch)
+        return {
+            **metrics,
+            "loss_sum": metrics["loss_sum"] * batch["w"].mean(),
+            "w": batch["w"].sum(),
+        }
+
+    result = train.fit(
+        state, base._replace(eval_step=weighted), data, batch_size=8, num_steps=1,
+        eval_data={**data, "w": np.ones(16, np.float32)}, eval_batch_size=8,
+    )  # fmt: skip
+    assert result.eval_metrics["count"] == result.eval_metrics["w"] == 16  # (its sum is kept)
 
 
 def test_fit_refuses_bad_arguments_by_their_names(tmp_path):

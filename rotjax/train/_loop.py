@@ -35,8 +35,8 @@ class FitResult(NamedTuple):
 
     Attributes:
         state: The final train state (replicated over the mesh).
-        eval_metrics: Final eval metrics (``loss``, ``accuracy``, ``macro_f1``, ``count``), or
-            ``None`` without eval data.
+        eval_metrics: Final eval metrics (``loss``, ``accuracy``, ``macro_f1``, ``count``;
+            the sum of a custom eval step's other scalars), or ``None`` without eval data.
         history: The records logged by this call, in order (train and eval).
         resumed_from: The checkpoint step this call started from, or ``None`` if it started
             from the given state.

@@ -121,7 +121,8 @@ def macro_f1(confusion: np.ndarray) -> float:
 
 def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[str, float]:
     """Reduces the :func:`batch_metrics` of an eval set to ``loss``, ``accuracy``,
-    ``macro_f1`` and ``count``.
+    ``macro_f1`` and ``count``, and any other scalar statistic (of a custom eval step) to its
+    sum over the batches.
 
     Sums run in float64 on the host, so the result does not depend on how the set was
     batched (beyond float32 rounding inside each batch's loss sum).
@@ -132,11 +133,13 @@ def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[s
     total = {k: np.sum([np.asarray(b[k], np.float64) for b in host], axis=0) for k in host[0]}
     count = float(total["count"])
     safe = max(count, 1.0)
+    known = ("loss_sum", "correct", "count", "confusion")
     return {
         "loss": float(total["loss_sum"]) / safe,
         "accuracy": float(total["correct"]) / safe,
         "macro_f1": macro_f1(total["confusion"]),
         "count": round(count),
+        **{k: float(v) for k, v in total.items() if k not in known and np.ndim(v) == 0},
     }
 
 
