@@ -25,10 +25,12 @@ apt:
 	  $(SUDO) apt-get update -q && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -q $$missing; \
 	fi
 
-$(STAMP): pyproject.toml | apt
+# Within the versions the suite last passed with (.ci/constraints.txt, which says how to refresh
+# it): a new release of a dependency cannot break a run that passed.
+$(STAMP): pyproject.toml .ci/constraints.txt | apt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q --no-compile -e '.[test]'
+	$(PY) -m pip install -q --no-compile -e '.[test]' -c .ci/constraints.txt
 	touch $(STAMP)
 
 lint: setup
