@@ -406,6 +406,13 @@ def test_fit_checks_train_data_as_the_run_cuts_and_augments_it():
         eval_data={**data, "w": np.ones(16, np.float32)}, eval_batch_size=8,
     )  # fmt: skip
     assert result.eval_metrics["count"] == result.eval_metrics["w"] == 16  # (its sum is kept)
+    for name in ("accuracy", "step"):  # not silently replaced by it, nor replacing it: refused
+        clash = lambda params, batch, name=name: {**weighted(params, batch), name: batch["w"][0]}
+        with pytest.raises(ValueError, match=rf"statistics \['{name}'\] would replace"):
+            train.fit(
+                state, base._replace(eval_step=clash), data, batch_size=8, num_steps=1,
+                eval_data={**data, "w": np.ones(16, np.float32)}, eval_batch_size=8,
+            )  # fmt: skip
 
 
 def test_fit_refuses_bad_arguments_by_their_names(tmp_path):

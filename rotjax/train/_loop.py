@@ -160,10 +160,11 @@ def _check_finite(data: Mapping[str, np.ndarray], what: str) -> None:
         )
 
 
-def _check_fits(step: Callable, first: Any, batch: Mapping[str, Any], what: str) -> None:
-    """ValueError if ``step(first, batch)`` cannot run (traced abstractly: no compute)."""
+def _check_fits(step: Callable, first: Any, batch: Mapping[str, Any], what: str) -> Any:
+    """``step(first, batch)``'s output shapes, or a ValueError if it cannot run (traced
+    abstractly: no compute)."""
     try:
-        jax.eval_shape(step, first, batch)
+        return jax.eval_shape(step, first, batch)
     except KeyError as e:
         missing = e.args[0] if e.args else None
         if not isinstance(missing, str) or missing in batch:  # not a missing array
@@ -485,7 +486,7 @@ def fit(
     # eval, after the workdir's files
     _check_fits(steps.train_step, state, next(train_first), "train")
     if eval_data is not None:
-        _check_fits(steps.eval_step, state.params, eval_first, "eval")
+        _metrics.check_statistics(_check_fits(steps.eval_step, state.params, eval_first, "eval"))
     if checkpoint_every is not None and workdir is None:
         raise ValueError("checkpoint_every needs a workdir to write checkpoints to")
     if (given := int(jax.device_get(state.step))) > num_steps:

@@ -119,10 +119,23 @@ def macro_f1(confusion: np.ndarray) -> float:
     return float(f1[present].mean())
 
 
+_LOG_FIELDS = ("step", "split", "elapsed")  # of `rotjax.train.fit`'s records, besides metrics
+_SUMMARY = ("loss", "accuracy", "macro_f1", "count")
+_SUMS = ("loss_sum", "correct", "count", "confusion")  # what `batch_metrics` gives
+
+
+def check_statistics(names: Iterable[str]) -> None:
+    """ValueError if an eval step's statistics (beyond `batch_metrics`') are named as a
+    summary metric or a field of fit's log records, which they would replace."""
+    if clash := sorted((set(names) - set(_SUMS)) & {*_SUMMARY, *_LOG_FIELDS}):
+        raise ValueError(f"eval step statistics {clash} would replace summary or log fields")
+
+
 def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[str, float]:
     """Reduces the :func:`batch_metrics` of an eval set to ``loss``, ``accuracy``,
     ``macro_f1`` and ``count``, and any other scalar statistic (of a custom eval step) to its
-    sum over the batches.
+    sum over the batches (a ValueError if it is named as one of those or as a field of fit's
+    log records: ``step``, ``split``, ``elapsed``).
 
     Sums run in float64 on the host, so the result does not depend on how the set was
     batched (beyond float32 rounding inside each batch's loss sum).
@@ -133,14 +146,15 @@ def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[s
     total = {k: np.sum([np.asarray(b[k], np.float64) for b in host], axis=0) for k in host[0]}
     count = float(total["count"])
     safe = max(count, 1.0)
-    known = ("loss_sum", "correct", "count", "confusion")
-    return {
+    summary = {
         "loss": float(total["loss_sum"]) / safe,
         "accuracy": float(total["correct"]) / safe,
         "macro_f1": macro_f1(total["confusion"]),
         "count": round(count),
-        **{k: float(v) for k, v in total.items() if k not in known and np.ndim(v) == 0},
     }
+    check_statistics(total)
+    other = {k: float(v) for k, v in total.items() if k not in _SUMS and np.ndim(v) == 0}
+    return {**summary, **other}
 
 
 def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
