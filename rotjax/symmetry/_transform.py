@@ -360,7 +360,9 @@ def invert(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform:
     """The inverse element: ``apply(spec, apply(spec, p, t), invert(spec, t)) == p``.
 
     ``π⁻¹ = argsort(π)``, ``σ⁻¹[h] = argsort(σ[π⁻¹[h]])``, ``R⁻¹[h] = R[π⁻¹[h]]ᵀ``,
-    ``a⁻¹[h] = 1 / a[π⁻¹[h]]``, and for a ``rot`` ``Q⁻¹ = Qᵀ[π⁻¹][:, π⁻¹]``.
+    ``a⁻¹[h] = 1 / a[π⁻¹[h]]``, and for a ``rot`` ``Q⁻¹ = Qᵀ[π⁻¹][:, π⁻¹]``. For elements
+    of the groups: a relaxed rotation (any matrix, which `apply` also takes) is transposed
+    here, not inverted (`check_elements` tells them apart; `compose` takes any).
     """
     t = _full(spec, transform)
     inv_perm = {
