@@ -189,6 +189,22 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert not (tmp / "refused").exists()
 
 
+def test_merge_sinkhorn_takes_epsilon(checkpoints, capsys):
+    """--epsilon reaches Sinkhorn's transport (it had no flag: the library's advice on a
+    transport that did not converge, "try a larger epsilon", could not be followed). B is A
+    aligned, so a sharp transport keeps A nearly and a blunt one mixes its units."""
+    tmp, a = checkpoints
+    far = {}
+    for eps in (0.01, 10.0):
+        out = tmp / f"sinkhorn-{eps}"
+        argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--method", "ot-wts"]
+        argv += ["--align", "all", "--transport", "sinkhorn", "--epsilon", str(eps), "--quiet"]
+        assert cli.main(argv) == 0, capsys.readouterr().err
+        assert json.loads((out / "merge.json").read_text())["options"]["epsilon"] == eps
+        far[eps] = rel_err(hf.load(out)[1], a)
+    assert far[0.01] < 0.1 < far[10.0], far
+
+
 @pytest.mark.parametrize("method", ["average", "ot-wts"])
 def test_merge_with_circuits(method, checkpoints, key, capsys):
     """--circuits after a method: B is A moved by a symmetry, so the merge of A with aligned B
@@ -376,6 +392,11 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     dare = [*base, "--method", "dare", "--base", A]
     _fails([*dare, "--density", "0.5"], capsys, "--density does not apply to --method dare")
     _fails([*base, "--transport", "sinkhorn"], capsys, "(only to ot-acts, ot-wts)")
+    ot = [*base, "--method", "ot-wts"]
+    _fails(
+        [*ot, "--epsilon", "0.1"], capsys, "--epsilon does not apply without --transport sinkhorn"
+    )
+    _fails([*ot, "--transport", "sinkhorn", "--epsilon", "0"], capsys, "--epsilon must be a")
     _fails([*dare, "--drop", "1"], capsys, "--drop must be in [0, 1), got 1.0")
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")
     _fails([*base, "--weights", ""], capsys, "--weights must be comma-separated numbers")

@@ -1311,6 +1311,14 @@ def test_llama_checkpoint_options_rotjax_lacks_are_refused_and_buffers_dropped(s
     bert_json = {"model_type": "bert", "hidden_size": 8, "num_attention_heads": 2}
     with pytest.raises(ValueError, match="bert config not supported by rotjax: is_decoder=True"):
         rotjax.models.bert.Config.from_hf_dict({**bert_json, "is_decoder": True})
+    # A ViT's sizes as (height, width) pairs, as transformers takes them: square ones are its
+    # int (they were refused as "must be an int"), others named as what rotjax lacks.
+    vit_json = {"model_type": "vit", "hidden_size": 8, "num_attention_heads": 2, "patch_size": 4}
+    square = rotjax.models.vit.Config.from_hf_dict({**vit_json, "image_size": [12, 12]})
+    assert square.image_size == 12
+    for name, size in (("image_size", [12, 8]), ("patch_size", (4, 2))):
+        with pytest.raises(ValueError, match=rf"vit config not supported by rotjax: {name}=\["):
+            rotjax.models.vit.Config.from_hf_dict({**vit_json, name: size})
 
 
 @pytest.mark.parametrize(

@@ -232,7 +232,7 @@ def _dtype_note(label: str, stored: list[str], *, writes: bool) -> str:
     size = "half its size" if stored[0] == "float64" else "twice its size"
     return note + (
         f" and writes float32 (a checkpoint {size}: cast it back when loading, e.g. "
-        f"transformers' torch_dtype=torch.{stored[0]})"
+        f"transformers' dtype=torch.{stored[0]})"
     )
 
 

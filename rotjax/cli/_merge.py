@@ -36,7 +36,8 @@ METHODS = ("average", "fisher", "regmean", "task-arithmetic", "ties", "dare", "o
 ALIGNS = ("none", "paper", "all", "activations")
 NEEDS_DATA = ("fisher", "regmean", "ot-acts")
 NEEDS_BASE = ("task-arithmetic", "ties", "dare")
-# option -> (its default, the methods that read it; "--refit" for --ridge)
+# option -> (its default, the methods that read it; "--refit" for --ridge, "--transport
+# sinkhorn" for --epsilon)
 OPTIONS = {
     "alpha": (0.9, ("regmean",)),
     "fisher": (None, ("fisher",)),  # exact; sampled for causal LMs (set in `run`)
@@ -44,6 +45,7 @@ OPTIONS = {
     "density": (0.2, ("ties",)),
     "drop": (0.9, ("dare",)),
     "transport": ("exact", ("ot-acts", "ot-wts")),
+    "epsilon": (None, ("--transport sinkhorn",)),  # None: `merge.ot_fusion`'s per mode
     "ridge": (1e-4, ("--refit",)),
 }
 
@@ -113,6 +115,12 @@ def add_arguments(m, *, positive_int, seed) -> None:
     m.add_argument("--drop", type=float, help="DARE: drop probability (default 0.9)")
     m.add_argument("--transport", choices=("exact", "sinkhorn"), help="OT (default exact)")
     m.add_argument(
+        "--epsilon",
+        type=float,
+        help="--transport sinkhorn: its regularisation on the [0, 1]-scaled cost (default 0.08 "
+        "for ot-acts, 0.06 for ot-wts)",
+    )
+    m.add_argument(
         "--circuits",
         action="store_true",
         help="then merge each attention head by its circuits (not with task-vector methods)",
@@ -142,11 +150,13 @@ def _options(args) -> dict:
     if n < 2:
         raise CLIError(f"merge needs at least 2 models, got {n}")
     for name, (default, readers) in OPTIONS.items():
-        used = args.refit if name == "ridge" else args.method in readers
+        used = {"ridge": args.refit, "epsilon": args.transport == "sinkhorn"}.get(
+            name, args.method in readers
+        )  # (--transport is set by now: it comes first)
         if getattr(args, name) is not None and not used:
             raise CLIError(
-                "--ridge does not apply without --refit"
-                if name == "ridge"
+                f"--{name} does not apply without {readers[0]}"
+                if name in ("ridge", "epsilon")
                 else f"--{name} does not apply to --method {args.method} (only to "
                 f"{', '.join(readers)})"
             )
@@ -185,6 +195,8 @@ def _options(args) -> dict:
         raise CLIError(f"--base does not apply to --method {args.method} (only to task vectors)")
     if args.ridge is not None and not (np.isfinite(args.ridge) and 0 <= args.ridge <= MAX_RIDGE):
         raise CLIError(f"--ridge must be a number in [0, 1e8], got {args.ridge}")
+    if args.epsilon is not None and not (np.isfinite(args.epsilon) and args.epsilon > 0):
+        raise CLIError(f"--epsilon must be a finite number > 0, got {args.epsilon}")
     if args.scale is not None and not (np.isfinite(args.scale) and abs(args.scale) <= 1e6):
         raise CLIError(f"--scale must be a finite number (|scale| <= 1e6), got {args.scale}")
     if args.method == "fisher" and args.fisher == "empirical" and not args.data:
@@ -583,6 +595,7 @@ def run(args) -> int:
                 "density",
                 "drop",
                 "transport",
+                "epsilon",
                 "circuits",
                 "refit",
                 "ridge",
@@ -633,7 +646,8 @@ def _merge(args, opts, spec, model, aligned, stats, base, key, batches):
     for i, p in enumerate(aligned[1:], start=1):
         cross = merge.cross_statistics(model, aligned[0], p, batches(i)) if m == "ot-acts" else None
         fused = merge.ot_fusion(
-            spec, aligned[0], p, mode=m[3:], cross=cross, transport=args.transport
-        )
+            spec, aligned[0], p, mode=m[3:], cross=cross, transport=args.transport,
+            epsilon=args.epsilon,
+        )  # fmt: skip
         moved.append(fused.moved)
     return merge.average(moved, w), moved

@@ -43,6 +43,10 @@ def config_from_hf_dict(cls, d: dict[str, Any], **overrides: Any):
     but options that change the function and that rotjax's models lack are refused)."""
     unsupported(d)
     _check_labels(d.get("id2label"))
+    d = {  # a ViT's square sizes may be written as pairs (transformers reads either)
+        k: v[0] if k in _SIDES and isinstance(v, list | tuple) and len(v) == 2 else v
+        for k, v in d.items()
+    }
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {k: v for k, v in d.items() if k in names}
     if "num_labels" not in d and "id2label" in d:
@@ -50,10 +54,14 @@ def config_from_hf_dict(cls, d: dict[str, Any], **overrides: Any):
     return cls(**{**kwargs, **overrides})
 
 
+_SIDES = ("image_size", "patch_size")  # a ViT's, an int or (height, width)
+
+
 def unsupported(d: dict[str, Any]) -> None:
     """Refuse a `config.json`'s options that rotjax's models do not implement (their models
     would be silently wrong): relative position embeddings of BERT, a decoder BERT, a ViT
-    pooler other than tanh over the hidden size, RoPE scaling."""
+    pooler other than tanh over the hidden size or non-square images or patches, RoPE
+    scaling."""
     problems = []
     if d.get("position_embedding_type", "absolute") not in (None, "absolute"):
         problems.append(f"position_embedding_type={d['position_embedding_type']!r}")
@@ -65,6 +73,9 @@ def unsupported(d: dict[str, Any]) -> None:
     size, hidden = d.get("pooler_output_size"), d.get("hidden_size")
     if size is not None and isinstance(hidden, int) and size != hidden:  # (else: check_fields)
         problems.append(f"pooler_output_size={size} != hidden_size")
+    for name in _SIDES:
+        if isinstance(v := d.get(name), list | tuple) and (len(v) != 2 or v[0] != v[1]):
+            problems.append(f"{name}={list(v)} (it takes square images and patches)")
     for rope in (d.get("rope_parameters") or {}, d.get("rope_scaling") or {}):
         kind = rope.get("rope_type", rope.get("type"))
         if kind not in (None, "default"):
