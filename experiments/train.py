@@ -275,14 +275,19 @@ def data_version(config: Config) -> str | None:
     `cached` trains a run of older data afresh: the WordNet datasets' selection, order and
     tags have changed over time (their cache versions), and their token ids are the
     tokenizer's (a digest of the files it reads, `tokenizer_stamp`: another release of
-    all-MiniLM-L6-v2's package may tokenize otherwise); the image loaders have not (None)."""
+    all-MiniLM-L6-v2's package may tokenize otherwise) and the WordNet files' (their sizes:
+    another release of the database changes them, an install only their times); the image
+    loaders have not (None)."""
     if config.model == "vit":
         return None
-    from rotjax.data import _supersense, _text, _tokenize
+    from rotjax.data import _supersense, _text, _tokenize, _wordnet
 
     stamp = _tokenize.tokenizer_stamp(_tokenize.tokenizer_file(None))
     digest = hashlib.sha256(json.dumps(stamp, sort_keys=True).encode()).hexdigest()[:12]
-    version = f"wordnet-{_text._CACHE_VERSION}-tokenizer-{digest}"
+    files = [_wordnet.pos_file(_wordnet.WORDNET_DIR, p) for p in ("noun", "verb", "adj", "adv")]
+    sizes = json.dumps([f.stat().st_size if f.is_file() else None for f in files])
+    wordnet = hashlib.sha256(sizes.encode()).hexdigest()[:8]
+    version = f"wordnet-{_text._CACHE_VERSION}-{wordnet}-tokenizer-{digest}"
     return version + (f"-tags{_supersense._RULES}" if config.dataset in TOKEN_DATASETS else "")
 
 

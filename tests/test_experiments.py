@@ -586,7 +586,8 @@ def test_multitask_limits_are_exact():
 
 def test_text_data_version_changes_with_the_tokenizer(tmp_path, monkeypatch):
     """A text run's data version holds a digest of the tokenizer's files, so that a run whose
-    token ids came from another tokenizer is trained afresh, not reused."""
+    token ids came from another tokenizer is trained afresh, not reused, and of the WordNet
+    files' sizes."""
     from experiments import train as T
     from rotjax.data import _tokenize
 
@@ -604,6 +605,18 @@ def test_text_data_version_changes_with_the_tokenizer(tmp_path, monkeypatch):
     tokenizer.write_bytes(tokenizer.read_bytes() + b"\n")  # another file, the same tokens
     assert T.data_version(config) != before
     assert T.data_version(config).startswith(before.rsplit("-", 1)[0])  # only the digest moved
+    # And of the WordNet files' sizes: another release of the database is other data.
+    from rotjax.data import _wordnet
+
+    now = T.data_version(config)
+    (tmp_path / "wn").mkdir()
+    for pos in ("noun", "verb", "adj", "adv"):
+        shutil.copy(_wordnet.pos_file(_wordnet.WORDNET_DIR, pos), tmp_path / "wn")
+    monkeypatch.setattr(_wordnet, "WORDNET_DIR", tmp_path / "wn")
+    assert T.data_version(config) == now  # the same sizes (other files, other times)
+    with open(_wordnet.pos_file(tmp_path / "wn", "verb"), "a") as f:
+        f.write("\n")
+    assert T.data_version(config) != now
 
 
 def test_text_scoring_sorts_by_length_and_cuts_each_batch(key):
