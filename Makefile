@@ -29,7 +29,7 @@ apt:
 # it): a new release of a dependency cannot break a run that passed.
 $(STAMP): pyproject.toml .ci/constraints.txt | apt
 	test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q --upgrade pip -c .ci/constraints.txt
 	$(PY) -m pip install -q --no-compile -e '.[test]' -c .ci/constraints.txt
 	touch $(STAMP)
 

@@ -18,7 +18,7 @@ import pytest
 from conftest import rel_err
 from helpers import CONFIGS, compiled, inputs
 
-from rotjax import cli, hf, match
+from rotjax import cli, hf, match, merge
 from rotjax import symmetry as sym
 from rotjax.cli import _merge
 from rotjax.cli._common import CLIError
@@ -195,12 +195,13 @@ def test_merge_sinkhorn_takes_epsilon(checkpoints, capsys):
     aligned, so a sharp transport keeps A nearly and a blunt one mixes its units."""
     tmp, a = checkpoints
     far = {}
-    for eps in (0.01, 10.0):
+    for eps in (0.01, 10.0, None):  # None: the default, recorded as the value used
         out = tmp / f"sinkhorn-{eps}"
         argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--method", "ot-wts"]
-        argv += ["--align", "all", "--transport", "sinkhorn", "--epsilon", str(eps), "--quiet"]
-        assert cli.main(argv) == 0, capsys.readouterr().err
-        assert json.loads((out / "merge.json").read_text())["options"]["epsilon"] == eps
+        argv += ["--align", "all", "--transport", "sinkhorn", "--quiet"]
+        assert cli.main([*argv, *(["--epsilon", str(eps)] if eps else [])]) == 0
+        used = json.loads((out / "merge.json").read_text())["options"]["epsilon"]
+        assert used == (eps or merge.SINKHORN_EPSILON["wts"]) and merge.SINKHORN_EPSILON["wts"]
         far[eps] = rel_err(hf.load(out)[1], a)
     assert far[0.01] < 0.1 < far[10.0], far
 
@@ -393,9 +394,8 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails([*dare, "--density", "0.5"], capsys, "--density does not apply to --method dare")
     _fails([*base, "--transport", "sinkhorn"], capsys, "(only to ot-acts, ot-wts)")
     ot = [*base, "--method", "ot-wts"]
-    _fails(
-        [*ot, "--epsilon", "0.1"], capsys, "--epsilon does not apply without --transport sinkhorn"
-    )
+    for wrong in (ot, base):  # (another method: not told to add a --transport it refuses)
+        _fails([*wrong, "--epsilon", "0.1"], capsys, "--epsilon applies only to --method ot-ac")
     _fails([*ot, "--transport", "sinkhorn", "--epsilon", "0"], capsys, "--epsilon must be a")
     _fails([*dare, "--drop", "1"], capsys, "--drop must be in [0, 1), got 1.0")
     _fails([*base, "--weights", "1,x"], capsys, "--weights must be comma-separated numbers")

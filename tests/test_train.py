@@ -359,7 +359,7 @@ def test_batch_sizes_must_split_over_devices():
         )  # fmt: skip
 
 
-def test_fit_checks_train_data_as_the_run_cuts_and_augments_it():
+def test_fit_checks_train_data_as_the_run_cuts_and_augments_it(tmp_path):
     """fit's check that the model takes the training arrays traces the train step on the
     first batch as the run makes it: cut by ``trim`` (texts padded past the model's positions,
     every one short enough) and through ``augment`` (12x12 images cropped to the model's 8x8),
@@ -389,30 +389,39 @@ def test_fit_checks_train_data_as_the_run_cuts_and_augments_it():
     rng = np.random.default_rng(0)
     images = {"images": rng.random((8, 12, 12, 1), np.float32), "labels": rng.integers(0, 3, 8)}
     train.fit(state, steps, images, batch_size=8, num_steps=1)
-    # A custom eval step may read arrays that only the eval data has (per-example weights)
+    # A custom eval step may read arrays that only the eval data has (per-example weights),
+    # and its other statistics are summed: scalars and arrays (10 rows, the last batch padded
+    # with zeros: the step's to mask, here by the weights' own zeros).
     state, base = setup(BERT, 0)
-    data = text_data(BERT, 0, 16)
+    data = {k: v[:10] for k, v in text_data(BERT, 0, 16).items()}
+    eval_data = {**data, "w": np.linspace(0.5, 2.0, 10, dtype=np.float32)}
 
     def weighted(params, batch):
         metrics = base.eval_step(params, batch)
-        return {
-            **metrics,
-            "loss_sum": metrics["loss_sum"] * batch["w"].mean(),
-            "w": batch["w"].sum(),
-        }
+        labels = jnp.maximum(batch["labels"], 0)  # (the filler rows' -100: weight 0 below)
+        per_class = jax.nn.one_hot(labels, BERT.num_labels) * batch["w"][:, None]
+        return {**metrics, "w": batch["w"].sum(), "w_per_class": per_class.sum(0)}
 
     result = train.fit(
         state, base._replace(eval_step=weighted), data, batch_size=8, num_steps=1,
-        eval_data={**data, "w": np.ones(16, np.float32)}, eval_batch_size=8,
+        eval_data=eval_data, eval_batch_size=8,
     )  # fmt: skip
-    assert result.eval_metrics["count"] == result.eval_metrics["w"] == 16  # (its sum is kept)
+    got = result.eval_metrics
+    assert got["count"] == 10 and got["w"] == pytest.approx(eval_data["w"].sum(), rel=1e-6)
+    want = np.bincount(data["labels"], eval_data["w"], minlength=BERT.num_labels)
+    np.testing.assert_allclose(got["w_per_class"], want, rtol=1e-6)
     for name in ("accuracy", "step"):  # not silently replaced by it, nor replacing it: refused
         clash = lambda params, batch, name=name: {**weighted(params, batch), name: batch["w"][0]}
         with pytest.raises(ValueError, match=rf"statistics \['{name}'\] would replace"):
             train.fit(
                 state, base._replace(eval_step=clash), data, batch_size=8, num_steps=1,
-                eval_data={**data, "w": np.ones(16, np.float32)}, eval_batch_size=8,
+                eval_data=eval_data, eval_batch_size=8, workdir=tmp_path / name,
             )  # fmt: skip
+        assert not (tmp_path / name / "metrics.jsonl").exists()  # before training
+    one = jax.device_get(weighted(state.params, {k: v[:8] for k, v in eval_data.items()}))
+    less = {k: v for k, v in one.items() if k != "w"}
+    with pytest.raises(ValueError, match=r"eval batches of different statistics: .*'w'"):
+        train.summarize([one, less])
 
 
 def test_fit_refuses_bad_arguments_by_their_names(tmp_path):

@@ -155,13 +155,18 @@ def _options(args) -> dict:
         )  # (--transport is set by now: it comes first)
         if getattr(args, name) is not None and not used:
             raise CLIError(
-                f"--{name} does not apply without {readers[0]}"
-                if name in ("ridge", "epsilon")
+                "--ridge does not apply without --refit"
+                if name == "ridge"
+                else "--epsilon applies only to --method ot-acts or ot-wts with --transport "
+                "sinkhorn"
+                if name == "epsilon"
                 else f"--{name} does not apply to --method {args.method} (only to "
                 f"{', '.join(readers)})"
             )
         if used and getattr(args, name) is None:
             setattr(args, name, default)
+    if args.transport == "sinkhorn" and args.epsilon is None:  # recorded as it is used
+        args.epsilon = merge.SINKHORN_EPSILON[args.method[3:]]
     if args.descent_steps is not None and args.align != "activations":
         raise CLIError("--descent-steps applies to --align activations only")
     needs_data = args.method in NEEDS_DATA or args.align == "activations" or args.refit

@@ -22,7 +22,7 @@ from rotjax.merge._circuits import circuits
 from rotjax.merge._curve import Curve, barrier, curve, interpolate
 from rotjax.merge._loss import prediction_loss
 from rotjax.merge._methods import average, fisher, model_weights, regmean
-from rotjax.merge._ot import Fusion, ot_fusion, transport_params
+from rotjax.merge._ot import SINKHORN_EPSILON, Fusion, ot_fusion, transport_params
 from rotjax.merge._refit import refit
 from rotjax.merge._select import align_by_activations
 from rotjax.merge._stats import (
@@ -39,6 +39,7 @@ from rotjax.merge._task import dare, task_arithmetic, ties
 __all__ = [
     "FISHERS",
     "KINDS",
+    "SINKHORN_EPSILON",
     "Curve",
     "Fusion",
     "activation_init",

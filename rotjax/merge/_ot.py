@@ -55,6 +55,10 @@ class Fusion(NamedTuple):
     moved: Any  # B moved by the maps (B itself, re-based, for exact transport)
 
 
+SINKHORN_EPSILON = {"acts": 0.08, "wts": 0.06}
+"""`ot_fusion`'s default Sinkhorn regularisation per mode (the paper's values)."""
+
+
 def ot_fusion(
     spec: sym.Spec,
     params_a: Any,
@@ -109,7 +113,7 @@ def ot_fusion(
     if bad := [b.split("\n") for b in non_finite(moments)]:  # one pass over all of them
         path = bad[0][0]
         raise ValueError(f"cross[{path!r}]: NaN or Inf in {[k for p, k in bad if p == path]}")
-    eps = epsilon if epsilon is not None else (0.08 if mode == "acts" else 0.06)
+    eps = epsilon if epsilon is not None else SINKHORN_EPSILON[mode]
     corr = correlations(cross) if mode == "acts" else None
     roles = (["residual"], ["heads", "ffn"], ["query_heads"])
     maps: dict[str, jax.Array] = {}

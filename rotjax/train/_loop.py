@@ -36,14 +36,15 @@ class FitResult(NamedTuple):
     Attributes:
         state: The final train state (replicated over the mesh).
         eval_metrics: Final eval metrics (``loss``, ``accuracy``, ``macro_f1``, ``count``;
-            the sum of a custom eval step's other scalars), or ``None`` without eval data.
+            the sums of a custom eval step's other statistics), or ``None`` without eval
+            data.
         history: The records logged by this call, in order (train and eval).
         resumed_from: The checkpoint step this call started from, or ``None`` if it started
             from the given state.
     """
 
     state: TrainState
-    eval_metrics: dict[str, float] | None
+    eval_metrics: dict[str, Any] | None
     history: list[Record]
     resumed_from: int | None
 
@@ -199,7 +200,7 @@ def _run_eval(
     batch_size: int,
     mesh: Mesh,
     trim: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """The metrics of ``data``, checked by the caller (`_check_eval_data`) once, not per call."""
     rows = _mesh.process_rows(batch_size)
     stats = [
@@ -217,7 +218,7 @@ def evaluate(
     batch_size: int,
     mesh: Mesh | None = None,
     trim: int | None = None,
-) -> dict[str, float]:
+) -> dict[str, Any]:
     """Loss, accuracy and macro-F1 over a whole eval set.
 
     Args:
@@ -234,7 +235,9 @@ def evaluate(
 
     Returns:
         ``{"loss", "accuracy", "macro_f1", "count"}``; macro-F1 comes from the confusion counts
-        of the whole set (`rotjax.train.macro_f1`).
+        of the whole set (`rotjax.train.macro_f1`); a custom eval step's other statistics
+        summed over the batches (`rotjax.train.summarize`, which refuses such a statistic
+        named as one of those).
     """
     classes = tables = None
     if isinstance(eval_step, Steps):

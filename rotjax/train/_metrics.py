@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -131,18 +132,27 @@ def check_statistics(names: Iterable[str]) -> None:
         raise ValueError(f"eval step statistics {clash} would replace summary or log fields")
 
 
-def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[str, float]:
+def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[str, Any]:
     """Reduces the :func:`batch_metrics` of an eval set to ``loss``, ``accuracy``,
-    ``macro_f1`` and ``count``, and any other scalar statistic (of a custom eval step) to its
-    sum over the batches (a ValueError if it is named as one of those or as a field of fit's
-    log records: ``step``, ``split``, ``elapsed``).
+    ``macro_f1`` and ``count``, and any other statistic (of a custom eval step) to its sum
+    over the batches: a float, or nested lists for an array.
 
-    Sums run in float64 on the host, so the result does not depend on how the set was
-    batched (beyond float32 rounding inside each batch's loss sum).
+    A custom statistic is the step's to mask: the filler rows of a padded last batch have
+    `rotjax.data.IGNORE_LABEL` labels, which `batch_metrics` skips. Sums run in float64 on the
+    host, so the result does not depend on how the set was batched (beyond float32 rounding
+    inside each batch's loss sum).
+
+    Raises:
+        ValueError: no batches, batches of different statistics, or a statistic named as a
+            summary metric or a field of fit's log records (``step``, ``split``,
+            ``elapsed``), which it would replace.
     """
     host = jax.device_get(list(batches))
     if not host:
         raise ValueError("no eval batches to summarize")
+    if differ := [sorted(b) for b in host if set(b) != set(host[0])]:
+        raise ValueError(f"eval batches of different statistics: {sorted(host[0])}, {differ[0]}")
+    check_statistics(host[0])
     total = {k: np.sum([np.asarray(b[k], np.float64) for b in host], axis=0) for k in host[0]}
     count = float(total["count"])
     safe = max(count, 1.0)
@@ -152,9 +162,7 @@ def summarize(batches: Iterable[Mapping[str, jax.Array | np.ndarray]]) -> dict[s
         "macro_f1": macro_f1(total["confusion"]),
         "count": round(count),
     }
-    check_statistics(total)
-    other = {k: float(v) for k, v in total.items() if k not in _SUMS and np.ndim(v) == 0}
-    return {**summary, **other}
+    return {**summary, **{k: v.tolist() for k, v in total.items() if k not in _SUMS}}
 
 
 def majority_baseline(train_labels: np.ndarray, test_labels: np.ndarray) -> float:
