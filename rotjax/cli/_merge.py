@@ -36,8 +36,7 @@ METHODS = ("average", "fisher", "regmean", "task-arithmetic", "ties", "dare", "o
 ALIGNS = ("none", "paper", "all", "activations")
 NEEDS_DATA = ("fisher", "regmean", "ot-acts")
 NEEDS_BASE = ("task-arithmetic", "ties", "dare")
-# option -> (its default, the methods that read it; "--refit" for --ridge, "--transport
-# sinkhorn" for --epsilon)
+# option -> (its default, the methods that read it)
 OPTIONS = {
     "alpha": (0.9, ("regmean",)),
     "fisher": (None, ("fisher",)),  # exact; sampled for causal LMs (set in `run`)
@@ -45,8 +44,16 @@ OPTIONS = {
     "density": (0.2, ("ties",)),
     "drop": (0.9, ("dare",)),
     "transport": ("exact", ("ot-acts", "ot-wts")),
-    "epsilon": (None, ("--transport sinkhorn",)),  # None: `merge.ot_fusion`'s per mode
-    "ridge": (1e-4, ("--refit",)),
+    "epsilon": (None, ("ot-acts", "ot-wts")),  # None: `merge.SINKHORN_EPSILON`'s, per mode
+    "ridge": (1e-4, METHODS),
+}
+# options read only under another flag too -> (whether it is given, the refusal without it)
+UNDER = {
+    "epsilon": (
+        lambda args: args.transport == "sinkhorn",  # (--transport is set by then: it is first)
+        "--epsilon applies only to --method ot-acts or ot-wts with --transport sinkhorn",
+    ),
+    "ridge": (lambda args: args.refit, "--ridge does not apply without --refit"),
 }
 
 EPILOG = """\
@@ -150,17 +157,12 @@ def _options(args) -> dict:
     if n < 2:
         raise CLIError(f"merge needs at least 2 models, got {n}")
     for name, (default, readers) in OPTIONS.items():
-        used = {"ridge": args.refit, "epsilon": args.transport == "sinkhorn"}.get(
-            name, args.method in readers
-        )  # (--transport is set by now: it comes first)
+        flag, refusal = UNDER.get(name, (None, None))
+        used = args.method in readers and (flag is None or flag(args))
         if getattr(args, name) is not None and not used:
             raise CLIError(
-                "--ridge does not apply without --refit"
-                if name == "ridge"
-                else "--epsilon applies only to --method ot-acts or ot-wts with --transport "
-                "sinkhorn"
-                if name == "epsilon"
-                else f"--{name} does not apply to --method {args.method} (only to "
+                refusal
+                or f"--{name} does not apply to --method {args.method} (only to "
                 f"{', '.join(readers)})"
             )
         if used and getattr(args, name) is None:
