@@ -2,14 +2,14 @@
 
 import importlib
 
-__all__ = ["match", "symmetry"]
+__all__ = ["data", "hf", "match", "merge", "models", "symmetry", "train", "tree"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # `rotjax.match` and `rotjax.symmetry` on first use (PEP 562): importing the package
-    # itself imports no JAX, so the command line's signal handlers come first
-    # (`rotjax._launch`)
+    # Each subpackage on first use (PEP 562), so `import rotjax; rotjax.merge.average(...)`
+    # works: importing the package itself imports no JAX, so the command line's signal
+    # handlers come first (`rotjax._launch`)
     if name in __all__:
         return importlib.import_module(f"rotjax.{name}")
     raise AttributeError(f"module 'rotjax' has no attribute {name!r}")

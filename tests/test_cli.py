@@ -1046,6 +1046,21 @@ def test_a_signal_while_the_imports_run_is_kept_for_after_them(signum, tmp_path,
         assert getattr(cli, name) is getattr(_launch.start(), name)
 
 
+def test_import_rotjax_reaches_every_subpackage_and_imports_no_jax():
+    """`import rotjax` alone imports no JAX (the command line's signal handlers come first), and
+    every public subpackage is then an attribute (`rotjax.merge` was an AttributeError)."""
+    import subprocess
+
+    names = ["data", "hf", "match", "merge", "models", "symmetry", "train", "tree"]
+    code = (
+        "import sys, rotjax; assert 'jax' not in sys.modules, 'jax imported'; "
+        f"print([getattr(rotjax, n).__name__ for n in {names!r}], sorted(rotjax.__all__))"
+    )
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert run.stdout.strip() == str([f"rotjax.{n}" for n in names]) + " " + str(names)
+    assert not hasattr(__import__("rotjax"), "no_such_part")
+
+
 @pytest.mark.parametrize("command", ["script", "module", "package"])
 def test_an_interrupt_while_starting_exits_with_one_line(command, checkpoints):
     """The console script, ``python -m rotjax.cli`` or ``python -m rotjax`` (which did not
