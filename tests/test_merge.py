@@ -2182,6 +2182,48 @@ def test_interpolate_is_the_weighted_sum_in_one_program(key):
     np.testing.assert_allclose(traced, merge.interpolate(a, b, 0.3)["w"], rtol=1e-6)
 
 
+def test_merge_coefficients_may_be_traced_learned_and_swept(key):
+    """`average`'s weights and the task-vector merges' scale may be traced: under `jax.jit` the
+    same merge as with numbers (one program for every value), `jax.grad` the exact derivative,
+    `jax.vmap` a merge per row. Merges that check their weights on the host refuse traced
+    ones by a TypeError naming what takes them (it was JAX's TracerArrayConversionError).
+    Tolerances: float32 sums of unit entries in another order (numbers are normalised to sum
+    1 in float64 first, traced weights divided by their sum in float32): a few ulp of the
+    largest, so 1e-6 of it (1.7e-8 seen), 1e-5 for the derivatives' differences of sums."""
+    ks = jax.random.split(key, 3)
+    base, a, b = ({"w": jax.random.normal(k, (3, 4)), "n": jnp.arange(2)} for k in ks)
+    w = jnp.array([0.3, 0.9])
+    step = jax.jit(lambda w: merge.average([a, b], w))
+    assert rel_err(step(w)["w"], merge.average([a, b], [0.3, 0.9])["w"]) <= 1e-6
+    np.testing.assert_array_equal(step(w)["n"], a["n"])  # integer leaves kept
+    programs = step._cache_size()
+    step(jnp.array([2.0, 0.5]))
+    assert step._cache_size() == programs  # a new λ, the same program
+    # d/dw_j Σ (Σ_i w_i θ_i / Σ_i w_i) = (Σ θ_j - Σ θ) / Σ_i w_i, θ the merge (float64 here);
+    # a difference of float32 sums: within 1e-5 of the sums' entries' magnitudes
+    grad = jax.grad(lambda w: jnp.sum(merge.average([a, b], w)["w"]))(w)
+    xs, lam = [np.asarray(x["w"], np.float64) for x in (a, b)], np.asarray(w, np.float64)
+    total = np.sum(lam[0] * xs[0] + lam[1] * xs[1]) / lam.sum()
+    want = [(np.sum(x) - total) / lam.sum() for x in xs]
+    np.testing.assert_allclose(grad, want, atol=1e-5 * sum(np.abs(x).sum() for x in xs))
+    rows = jnp.array([[1.0, 0.0], [0.25, 0.75]])
+    swept = jax.vmap(lambda w: merge.average([a, b], w)["w"])(rows)
+    for row, got in zip(rows, swept, strict=True):
+        assert rel_err(got, merge.average([a, b], list(map(float, row)))["w"]) <= 1e-6
+    with pytest.raises(ValueError, match=r"weights must be 2 numbers, got shape \(3,\)"):
+        jax.jit(lambda w: merge.average([a, b], w))(jnp.ones(3))
+    # λ of task arithmetic: d/dλ Σ (θ_base + λ Σ_i τ_i) = Σ_i Σ τ_i
+    taus = [np.asarray(x["w"], np.float64) - np.asarray(base["w"], np.float64) for x in (a, b)]
+    got = jax.grad(lambda s: jnp.sum(merge.task_arithmetic(base, [a, b], scale=s)["w"]))(0.5)
+    np.testing.assert_allclose(got, sum(map(np.sum, taus)), atol=1e-5 * np.abs(taus).sum())
+    for how in (merge.task_arithmetic, merge.ties):
+        jitted = jax.jit(lambda s, how=how: how(base, [a, b], scale=s)["w"])(0.7)
+        assert rel_err(jitted, how(base, [a, b], scale=0.7)["w"]) <= 1e-6
+    stats = [{"fisher": jax.tree.map(jnp.ones_like, a)}] * 2
+    with pytest.raises(TypeError, match=r"only merge\.average takes traced weights"):
+        jax.jit(lambda w: merge.fisher([a, b], stats, weights=w))(w)
+
+
 def test_dict_batches_keep_every_input_in_its_place(key):
     """A batch without an attention mask: its token types must not slide into the mask."""
     config = CONFIGS["bert-h3d4-l2"]

@@ -101,11 +101,30 @@ def _check_devices(paths, leaves, name) -> None:
             )
 
 
+def traced(v: Any) -> bool:
+    """Whether ``v`` (a number, a sequence of them or an array) holds a JAX tracer: merge
+    coefficients being differentiated, vmapped or jitted over."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(v))
+
+
 def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
     """The models' weights λ (default all 1), checked (n of them, finite, >= 0, not all 0) and
     normalised to sum 1 in float64 (so 1e39 or 1e-46 each survive float32). A weight below
     float32's smallest normal number (1.2e-38) of the largest is 0: the merges compute in
-    float32, where it would be flushed to 0 and its model's NaN or Inf multiplied by it."""
+    float32, where it would be flushed to 0 and its model's NaN or Inf multiplied by it.
+
+    Raises:
+      TypeError: traced weights (under `jax.grad`, `jax.vmap` or `jax.jit`), which cannot be
+        checked on the host: only `average` takes them (and `interpolate` its λ, the
+        task-vector merges their ``scale``).
+      ValueError: weights that are not as above.
+    """
+    if traced(weights):
+        raise TypeError(
+            "weights are traced (under jax.grad, jax.vmap or jax.jit): only merge.average takes "
+            "traced weights (merge.interpolate its lam, the task-vector merges their scale); "
+            "pass numbers here"
+        )
     w = np.ones(n) if weights is None else np.asarray(weights, np.float64)
     # (max, not sum: a sum of finite weights may overflow, with a warning)
     if w.shape != (n,) or not np.all(np.isfinite(w)) or np.any(w < 0) or not w.max() > 0:
@@ -186,11 +205,26 @@ def scalar(v) -> jax.Array:
 
 def average(params_list: Sequence[Any], weights: Sequence[float] | None = None) -> Any:
     """``θ = Σ_i λ_i θ_i / Σ_i λ_i`` (simple averaging; λ = 1 by default). A model of weight 0
-    is left out (as in `fisher` and `regmean`): NaN or Inf in it do not reach the merge."""
+    is left out (as in `fisher` and `regmean`): NaN or Inf in it do not reach the merge.
+
+    The weights may be traced, so that merge coefficients can be learned by gradient descent
+    (``jax.grad`` of a loss of the merge with respect to λ, as AdaMerging does) or swept by
+    ``jax.vmap``: traced weights are used as given, divided by their sum (one program for
+    every λ), unchecked, and a model of weight 0 is then multiplied by 0, not left out.
+    """
     _, leaves, treedef = checked_models(params_list)
     dtypes = _dtypes(leaves[0])
-    w, leaves = _weighted(model_weights(weights, len(params_list)), leaves)
-    return jax.tree.unflatten(treedef, _in_dtypes(_average_leaves(scalar(w), leaves), dtypes))
+    if traced(weights):
+        w = jnp.stack([scalar(x) for x in weights]) if isinstance(weights, Sequence) else weights
+        if jnp.shape(w) != (len(params_list),):
+            raise ValueError(
+                f"weights must be {len(params_list)} numbers, got shape {jnp.shape(w)}"
+            )
+        w = scalar(w)
+    else:
+        w, leaves = _weighted(model_weights(weights, len(params_list)), leaves)
+        w = scalar(w)
+    return jax.tree.unflatten(treedef, _in_dtypes(_average_leaves(w, leaves), dtypes))
 
 
 # The merges run as one compiled program per architecture (leaf by leaf, every leaf's small

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax._keys import check_key
-from rotjax.merge._methods import check_sequence, checked_models, scalar
+from rotjax.merge._methods import check_sequence, checked_models, scalar, traced
 from rotjax.models import _layout
 from rotjax.tree import averaged, wide
 
@@ -31,7 +31,7 @@ def _models(base, params_list, scale):
     # 1e39 is a finite float64 but inf in a float32 merge, where inf·0 made every leaf NaN
     compute = {jnp.promote_types(jnp.result_type(x), jnp.float32) for x in leaves[0] if averaged(x)}
     top = min((float(jnp.finfo(d).max) for d in compute), default=np.inf)
-    if abs(scale) > top:
+    if not traced(scale) and abs(scale) > top:
         raise ValueError(
             f"scale must be within the merge's float range (|scale| <= {top:.4g}), got {scale!r}"
         )
@@ -83,8 +83,10 @@ def _split(options):
 
 
 def _check_scale(scale) -> None:
+    """ValueError unless ``scale`` is a finite real scalar; traced (learned by `jax.grad`,
+    swept by `jax.vmap`), only its shape is checked."""
     try:  # an array would scale entry by entry
-        ok = np.ndim(scale) == 0 and bool(np.isfinite(scale))
+        ok = np.ndim(scale) == 0 and (traced(scale) or bool(np.isfinite(scale)))
     except TypeError:  # None, a string
         ok = False
     if not ok:
@@ -119,7 +121,8 @@ def _sum(taus):
 def task_arithmetic(base: Any, params_list: Sequence[Any], *, scale: float = 1.0) -> Any:
     """``θ = θ_base + λ Σ_i τ_i`` (Ilharco et al., 2023, "Editing Models with Task
     Arithmetic"); ``λ = 1/N`` is the plain average of the models, the paper picks λ on
-    validation data."""
+    validation data. λ may be traced (as every task-vector merge's ``scale``): learned by
+    ``jax.grad`` of a loss of the merge, or swept by ``jax.vmap``, in one program."""
     return _merged(_models(base, params_list, scale), _sum, scale)
 
 
@@ -247,7 +250,8 @@ def ties(
         (1 - k) quantile of the magnitudes (numpy's default rule), so ``1 + floor(k (n - 1))``
         of n entries without ties in magnitude; the paper's code keeps ``floor(k n) + 1``
         and mergekit ``floor(k n)``, at most one entry from it.
-      scale: λ (the paper uses 1 by default and searches 0.8-2.5 on validation data).
+      scale: λ (the paper uses 1 by default and searches 0.8-2.5 on validation data); it
+        may be traced (`task_arithmetic`).
       trim: ``"global"``: the top k of the whole flattened task vector, as in the paper's code
         (the default); ``"tensor"``: the top k of every tensor, as mergekit and most tools do
         (a scanned model's stacked layers: of every layer's tensor, as unscanned).
