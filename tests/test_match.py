@@ -353,6 +353,16 @@ def test_align_many_picks_the_central_model(key):
         scaled = [jax.tree.map(lambda x, s=size: x * s, t) for t in noisy]
         assert match.align_many(c.spec, scaled, max_sweeps=1)[0] == 1, size
     assert results[1].diagnostics.distance_before == 0.0
+    # The paper code's measure, a sum of unsquared distances per param: deviations from the
+    # mean of 3, 2, 1 (one param) and 0, 2.1, 2.1 (another) sum to 3, 4.1, 3.1 (model 0 is
+    # nearest), their squares to 9, 8.41, 5.41 (model 2 was taken).
+    flat = to_dict(base)
+    (p1, x1), (p2, x2) = [(p, flat[p]) for p in sorted(flat) if flat[p].size > 1][:2]
+    unit = lambda x, k: (u := jax.random.normal(k, x.shape)) / jnp.linalg.norm(u)
+    u1, u2 = unit(x1, jax.random.fold_in(key, 7)), unit(x2, jax.random.fold_in(key, 8))
+    devs = [(3.0, 0.0), (-2.0, 2.1), (-1.0, -2.1)]
+    far = [from_dict({**flat, p1: x1 + d1 * u1, p2: x2 + d2 * u2}) for d1, d2 in devs]
+    assert match.align_many(c.spec, far, solve="rotation", max_sweeps=1)[0] == 0
     # A start (init) moves the others, never the anchor (it moved the anchor away from itself).
     start = sym.sample(c.spec, jax.random.fold_in(key, 5))
     _, started = match.align_many(c.spec, noisy, anchor=1, init=start, max_sweeps=1)

@@ -295,6 +295,22 @@ def test_merges_refuse_misfit_statistics_and_survive_degenerate_ones(seed):
         merge.ties(params[0], [params[0], {"v": params[0]["w"]}])
     with pytest.raises(ValueError, match="at least 1 model besides the base"):
         merge.task_arithmetic(params[0], [])
+    # Complex entries have no sign to elect: 1+1j and 1+2j merged to 0, silently. Task
+    # arithmetic takes them (a sum).
+    z = [{"w": jnp.zeros(2, jnp.complex64), "r": jnp.zeros(2)}]
+    z += [{"w": jnp.array([1 + 1j, 3j], jnp.complex64), "r": jnp.ones(2)}]
+    z += [{"w": jnp.array([1 + 2j, 1j], jnp.complex64), "r": jnp.ones(2)}]
+    for ties_ in (
+        lambda: merge.ties(z[0], z[1:]),
+        lambda: merge.dare(z[0], z[1:], key=jax.random.key(seed), combine="ties"),
+    ):
+        with pytest.raises(ValueError, match=r"complex params have no sign to elect: \['w'\]"):
+            ties_()
+    np.testing.assert_allclose(merge.task_arithmetic(z[0], z[1:])["w"], [2 + 3j, 4j])
+    # TIES' options given to DARE with task arithmetic were ignored, silently.
+    for options in ({"density": 0.5}, {"trim": "tensor"}):
+        with pytest.raises(ValueError, match="apply only with combine='ties'"):
+            merge.dare(params[0], params, key=jax.random.key(seed), **options)
     # A NaN entry stays NaN through TIES' trim and sign election (both dropped it to 0).
     broken = {"w": {**params[1]["w"], "kernel": params[1]["w"]["kernel"].at[0, 0].set(jnp.nan)}}
     for trim in ("global", "tensor"):

@@ -233,7 +233,9 @@ def align_many(
     """Align every model of ``params_list`` to one anchor among them.
 
     The anchor is ``anchor`` if given, else the model closest to the parameter average
-    (``argmin_i Σ_p ‖θ_i,p - θ̄_p‖²``), as in the paper's code. Returns ``(anchor index,
+    by the paper code's measure, the sum of each param's distance (``argmin_i Σ_p ‖θ_i,p -
+    θ̄_p‖``, not squared: with three or more models the squares can choose another; with
+    two both are equally close). Returns ``(anchor index,
     alignments)`` with one `Alignment` per model (the anchor's is the identity); ``options``
     are those of `align` (`Options`).
     """
@@ -271,10 +273,10 @@ def align_many(
 
 @jax.jit
 def _distances_to_mean(flats) -> jax.Array:
-    """``Σ_p ‖θ_i,p - θ̄_p‖²`` of each model i, in one program (eagerly, each leaf's ops were
+    """``Σ_p ‖θ_i,p - θ̄_p‖`` of each model i, in one program (eagerly, each leaf's ops were
     dispatched one by one and each model's sum read back on its own)."""
     mean = {p: sum(f[p] for f in flats) / len(flats) for p in flats[0]}
-    return jnp.stack([sum(jnp.sum((f[p] - mean[p]) ** 2) for p in mean) for f in flats])
+    return jnp.stack([sum(jnp.linalg.norm(f[p] - mean[p]) for p in mean) for f in flats])
 
 
 def _rescaled(*flats, limit=2.0**20):

@@ -15,7 +15,7 @@ import numpy as np
 from rotjax._keys import check_key
 from rotjax.merge._methods import check_sequence, checked_models, scalar, traced
 from rotjax.models import _layout
-from rotjax.tree import averaged, wide
+from rotjax.tree import averaged, flatten, wide
 
 TRIMS = ("global", "tensor")
 
@@ -261,8 +261,18 @@ def ties(
     if trim not in TRIMS:
         raise ValueError(f"trim must be one of {TRIMS}, got {trim!r}")
     models = _models(base, params_list, scale)
+    _check_real(base, "ties")
     given = _of_task_vectors(models, _ties, density=density, trim=trim, stacked=models[2])
     return _merged(models, _ties, scale, given=given)
+
+
+def _check_real(base: Any, method: str) -> None:
+    """ValueError naming complex leaves: TIES elects a sign per entry, which a complex number
+    has not (comparing phases, entries of other phases vanished from the merge, silently)."""
+    paths, leaves, _ = flatten(base)
+    bad = [p for p, x in zip(paths, leaves, strict=True) if jnp.iscomplexobj(x)]
+    if bad:
+        raise ValueError(f"{method}: complex params have no sign to elect: {bad[:10]}")
 
 
 def _ties(taus, density=None, trim=None, given=None, stacked=None):
@@ -285,8 +295,8 @@ def dare(
     rescale: bool = True,
     combine: str = "task_arithmetic",
     scale: float = 1.0,
-    density: float = 0.2,
-    trim: str = "global",
+    density: float | None = None,
+    trim: str | None = None,
 ) -> Any:
     """DARE (Yu et al., 2024, "Language Models are Super Mario"): drop each entry of each task
     vector with probability ``drop`` and rescale the survivors by ``1 / (1 - drop)`` (so each
@@ -296,22 +306,31 @@ def dare(
     order, flattened and concatenated) from ``fold_in(key, i)``. A NaN entry is never dropped
     (a broken model shows in the merge rather than vanish from it, as with TIES).
 
-    With ``combine="ties"`` the trim's ``density`` is a fraction of all entries, the dropped
-    ones included: it trims only when ``density`` is below the fraction that survived the drop,
+    ``density`` and ``trim`` are TIES' (0.2 and ``"global"`` by default), read only with
+    ``combine="ties"`` and refused with task arithmetic (which ignored them). The trim's
+    ``density`` is a fraction of all entries, the dropped ones included: it trims only when
+    ``density`` is below the fraction that survived the drop,
     ``1 - drop`` in expectation (over a large task vector, ``trim="global"``, that is what it
     is; a small tensor under ``trim="tensor"`` may keep more survivors than that, and lose
     some to the trim). At the defaults (0.2 ≥ 0.1, global) every survivor is kept and TIES
-    contributes its sign election and disjoint mean: the usual "DARE-TIES" of merging tools,
-    whose ``density`` is DARE's ``1 - drop``."""
+    contributes its sign election and disjoint mean: DARE-TIES as the DARE paper's code
+    (MergeLM) computes it, DARE then TIES at a density of 0.2. (mergekit's ``dare_ties`` is
+    another merge: it sums the agreeing entries instead of averaging them and rescales each
+    tensor to its L1 norm instead of by ``1 / (1 - drop)``.)"""
     check_key(key)
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
-    if not 0.0 < density <= 1.0 or trim not in TRIMS:
-        raise ValueError(f"need 0 < density <= 1 and trim in {TRIMS}, got {density}, {trim!r}")
     if combine not in ("task_arithmetic", "ties"):
         raise ValueError(f"combine must be 'task_arithmetic' or 'ties', got {combine!r}")
+    if combine == "task_arithmetic" and (density is not None or trim is not None):
+        raise ValueError("density and trim are TIES' options: they apply only with combine='ties'")
+    density, trim = 0.2 if density is None else density, "global" if trim is None else trim
+    if not 0.0 < density <= 1.0 or trim not in TRIMS:
+        raise ValueError(f"need 0 < density <= 1 and trim in {TRIMS}, got {density}, {trim!r}")
     factor = 1.0 / (1.0 - drop) if rescale else 1.0
     models = _models(base, params_list, scale)
+    if combine == "ties":
+        _check_real(base, "dare with combine='ties'")
     ties_options = {"density": density, "trim": trim, "stacked": models[2]}
     ties_options = ties_options if combine == "ties" else {}
     shapes = tuple(np.shape(x) for x in models[0][0])
