@@ -333,7 +333,13 @@ def fisher(
         model only, here to all), which keeps parameters no data touches an average weighted
         by λ (by λ_i / ‖F_i‖ with ``normalize``, as in the paper's code).
       normalize: divide each model's λ by the global L2 norm of its Fisher (the paper's
-        ``normalize_fishers``), so that models trained to different loss scales count alike.
+        ``normalize_fishers``, on by default in its code, off here), so that models trained
+        to different loss scales count alike.
+
+    Every param with a Fisher is merged by it, a classification head's too, and the norms
+    cover them all; the paper's code merges the body only and keeps the first model's head
+    (to do that here: merge params and Fishers without the head's paths, then put model 0's
+    head back). Heads of different sizes are refused with the rest.
 
     Raises:
       ValueError: models that differ, missing Fishers, a Fisher of another shape than its
@@ -429,13 +435,17 @@ def regmean(
     paper's code; scale ``weights`` by the ``tokens`` counts for the plain sum) and
     ``G̃ = α G + (1 - α) diag(G)``: α = 1 is the exact least-squares merge, α = 0 a
     per-input-feature weighted average. The paper's code scales the off-diagonal terms the same
-    way (its configs use 0.1 or 0.9; 0.9 here); its Grams include padded tokens
-    (``statistics(include_padding=True)`` reproduces that).
+    way (0.9 here; its configs' values under ``alpha``); its Grams include padded tokens
+    (``statistics(include_padding=True)`` reproduces that) and, for DeBERTa, the rows of the
+    relative-position embeddings that the shared query and key projections also read (which
+    rotjax's capture does not see: its Grams are the tokens').
 
     Args:
       params_list: the models (N >= 2).
       stats_list: their statistics with ``"gram"`` (and ``"fisher"`` for ``rest="fisher"``).
-      alpha: the off-diagonal scale α in [0, 1].
+      alpha: the off-diagonal scale α in [0, 1]. The reference code's configs (Jin et al.)
+        use 0.1 (emotion, NER), 0.9 (NER out of domain) or 1 (GLUE, where it is unset); the
+        rotation paper's ViT config keeps only the diagonal (α = 0).
       weights: λ (default 1 each; a model of weight 0 is left out).
       rest: how params without a Gram (biases, embeddings, LayerNorms, the patch embedding)
         merge: ``"average"`` or ``"fisher"`` (Fisher-weighted, by `fisher` with its default

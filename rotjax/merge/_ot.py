@@ -24,6 +24,15 @@ assignment (`rotjax.match.assign`), and B moved by it computes what B computed. 
 transport (Sinkhorn, through ``ott-jax``; cost normalised by its maximum, regularisation
 ``epsilon``: the paper's 0.08 for activations, 0.06 for weights) gives a soft map ``T``
 (rows summing to 1) that mixes B's units: ``B'[.., i, ..] = Σ_j T[i, j] B[.., j, ..]``.
+
+This is a variant of the paper's algorithm that keeps B's function under exact transport,
+not its code (graldij/transformer-fusion), which a reproduction of its numbers would need:
+that code transports layer by layer, each layer's weights first moved by the map before it;
+maps Q, K and V neuron by neuron over the whole hidden width (features may cross heads, and
+Q's and K's maps differ); takes the stream's map after each sublayer as the mean of the
+residual's map and the sublayer's output map (a soft map even with exact transport); costs
+activations at layer outputs (Q/K/V, the FFN's first layer before its nonlinearity, the
+output layers) on a subset of tokens; and costs weights by each layer's incoming rows only.
 """
 
 from __future__ import annotations

@@ -82,7 +82,12 @@ def statistics(
         ``images``), with ``labels`` for the empirical Fisher.
       kinds: ``"gram"`` and/or ``"fisher"`` (a sequence, or one name).
       include_padding: count padded tokens in the Grams too (what the original RegMean code
-        does); by default only real tokens (attention mask) count.
+        does); by default only real tokens (attention mask) count. Two differences from that
+        code's forward hooks remain either way: a DeBERTa's query and key Grams hold its
+        tokens only, not the relative-position embeddings the shared projections also read
+        (2 x position buckets more rows a pass there), and a decoder's sequence classifier
+        (``score``) reads the last real token of each example, as its prediction does
+        (transformers applies it to every token, and hooks see them all).
       fisher: ``"exact"``: ``F = E_x Σ_y p(y|x) (∇ log p(y|x))²``, the expectation over the
         model's predictive distribution, one backward pass per class (per token and class for
         token classification: the exact Fisher of a factorised output is the sum over tokens);

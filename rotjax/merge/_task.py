@@ -254,7 +254,9 @@ def ties(
         may be traced (`task_arithmetic`).
       trim: ``"global"``: the top k of the whole flattened task vector, as in the paper's code
         (the default); ``"tensor"``: the top k of every tensor, as mergekit and most tools do
-        (a scanned model's stacked layers: of every layer's tensor, as unscanned).
+        (a scanned model's stacked layers: of every layer's tensor, as unscanned). A sum of
+        exactly 0 takes the majority over the whole task vector either way (mergekit's
+        per-tensor merge elects + there).
     """
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
