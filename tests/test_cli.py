@@ -189,6 +189,26 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     assert not (tmp / "refused").exists()
 
 
+def test_merge_fisher_normalize_reaches_the_merge(checkpoints, capsys, monkeypatch):
+    """--normalize (the Fisher paper's code's default) reaches `merge.fisher`, and merge.json
+    records it; off by default; refused for other methods. (It had no flag.)"""
+    tmp, _ = checkpoints
+    seen, fisher = [], merge.fisher
+    monkeypatch.setattr(
+        merge, "fisher", lambda *a, **k: seen.append(k["normalize"]) or fisher(*a, **k)
+    )
+    argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--method", "fisher", "--quiet"]
+    argv += ["--align", "none", "--data", str(tmp / "data.npz")]
+    for flag, want in ((["--normalize"], True), ([], False)):
+        out = tmp / f"fisher-{want}"
+        assert cli.main([*argv, "--out", str(out), *flag]) == 0, capsys.readouterr().err
+        assert json.loads((out / "merge.json").read_text())["options"]["normalize"] is want
+    assert seen == [True, False]
+    capsys.readouterr()  # (the merges' notes)
+    plain = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(tmp / "n"), "--normalize"]
+    _fails(plain, capsys, "--normalize does not apply to --method average (only to fisher)")
+
+
 def test_merge_sinkhorn_takes_epsilon(checkpoints, capsys):
     """--epsilon reaches Sinkhorn's transport (it had no flag: the library's advice on a
     transport that did not converge, "try a larger epsilon", could not be followed). B is A

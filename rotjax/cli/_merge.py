@@ -40,6 +40,7 @@ NEEDS_BASE = ("task-arithmetic", "ties", "dare")
 OPTIONS = {
     "alpha": (0.9, ("regmean",)),
     "fisher": (None, ("fisher",)),  # exact; sampled for causal LMs (set in `run`)
+    "normalize": (False, ("fisher",)),
     "scale": (1.0, NEEDS_BASE),
     "density": (0.2, ("ties",)),
     "drop": (0.9, ("dare",)),
@@ -59,7 +60,9 @@ UNDER = {
 EPILOG = """\
 methods (--method):
   average          θ = Σ λ_i θ_i / Σ λ_i
-  fisher           Fisher-weighted average (Matena & Raffel), needs --data
+  fisher           Fisher-weighted average (Matena & Raffel), needs --data; --fisher,
+                   --normalize (each model's λ divided by its Fisher's norm: the paper
+                   code's default)
   regmean          per dense kernel (Σ G̃_i)⁻¹ Σ G̃_i W_i (Jin et al.), needs --data; --alpha
   task-arithmetic  θ_base + λ Σ (θ_i - θ_base), needs --base; --scale
   ties             trim, elect sign, disjoint mean (Yadav et al.), needs --base; --density
@@ -116,6 +119,12 @@ def add_arguments(m, *, positive_int, seed) -> None:
         choices=merge.FISHERS,
         help="Fisher variant (default exact; sampled for causal LMs, whose exact Fisher takes a "
         "backward pass per token and vocabulary entry)",
+    )
+    m.add_argument(
+        "--normalize",
+        action="store_const",
+        const=True,
+        help="Fisher: divide each model's weight by its Fisher's global norm (default off)",
     )
     m.add_argument("--scale", type=float, help="λ of the task-vector methods (default 1)")
     m.add_argument("--density", type=float, help="TIES: fraction kept (default 0.2)")
@@ -598,6 +607,7 @@ def run(args) -> int:
                 "weights",
                 "alpha",
                 "fisher",
+                "normalize",
                 "scale",
                 "density",
                 "drop",
@@ -640,7 +650,7 @@ def _merge(args, opts, spec, model, aligned, stats, base, key, batches):
     if m == "average":
         return merge.average(aligned, w), aligned
     if m == "fisher":
-        return merge.fisher(aligned, stats, weights=w), aligned
+        return merge.fisher(aligned, stats, weights=w, normalize=args.normalize), aligned
     if m == "regmean":
         return merge.regmean(aligned, stats, alpha=args.alpha, weights=w), aligned
     if m == "task-arithmetic":
