@@ -2173,6 +2173,31 @@ def test_curve_and_barrier(key):
         merge.curve(evaluate, a, b, lambdas, known={0.0: {"loss": 0.0}})
 
 
+def test_functions_driven_from_python_refuse_traced_params_by_name(key):
+    """Alignment, statistics, refits, prediction losses and OT fusion loop over batches or
+    solve on the host, so they cannot run under a JAX transformation: traced params are
+    refused by name, saying so (JAX's ConcretizationTypeError about `float` came from deep
+    inside). The merges themselves run under jit (other tests)."""
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    a = c.init(key, 0.3)
+    batches = batches_of(config, key, n=1)
+    calls = [
+        ("anchor_params", lambda b: match.align(c.spec, b, a)),
+        ("params_list[0]", lambda b: match.align_many(c.spec, [b, a])),
+        ("params", lambda b: merge.statistics(c.model, b, batches)),
+        ("params_a", lambda b: merge.ot_fusion(c.spec, b, a, mode="wts")),
+        ("params_list[1]", lambda b: merge.prediction_loss(c.model, [a, b], batches)),
+        ("merged", lambda b: merge.refit(c.model, b, [a, a], batches)),
+        ("params", lambda b: merge.align_by_activations(c.model, c.spec, a, b, batches)),
+    ]
+    for name, call in calls:
+        with pytest.raises(TypeError, match=rf"^{re.escape(name)} is traced \(under jax.jit"):
+            jax.jit(call)(a)
+    with pytest.raises(TypeError, match="is traced"):
+        jax.grad(lambda b: merge.prediction_loss(c.model, [a, b], batches))(a)
+
+
 def test_interpolate_is_the_weighted_sum_in_one_program(key):
     """``(1 - λ) A + λ B`` leaf by leaf in A's dtypes; λ is traced, so every point reuses one
     program. float32 arithmetic of the same two products and sum: equal to the last bit."""

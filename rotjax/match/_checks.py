@@ -27,15 +27,29 @@ def check_sequence(value: Any, name: str = "params_list", what: str = "params py
         )
 
 
+def check_concrete(what: str, tree: Any, steps: str) -> None:
+    """TypeError when ``tree`` (params named ``what``) holds a tracer: functions that drive
+    their own compiled ``steps`` from Python (and return numbers: distances, sums over
+    batches) cannot run under a JAX transformation; JAX's own error there was a
+    ConcretizationTypeError about ``float`` deep inside."""
+    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+        raise TypeError(
+            f"{what} is traced (under jax.jit, jax.grad or jax.vmap): {steps} from Python and "
+            "compiles its own steps, so call it on concrete params, outside the transformation"
+        )
+
+
 def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
     """The leaves by path of every ``(name, params)``, after checking that each fits the
     spec, that all share the first one's dtypes, and that all are finite.
 
     Raises:
       ValueError: naming the model (``name``) and the offending paths.
+      TypeError: traced params (`check_concrete`).
     """
     flats, names = [], []
     for what, tree in named:
+        check_concrete(what, tree, "alignment solves assignments and measures distances")
         try:
             sym.validate(spec, tree)
             sym.check_dtypes(spec, tree)

@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from rotjax import symmetry as sym
 from rotjax.match import assign
 from rotjax.match._align import _rescaled
-from rotjax.match._checks import non_finite
+from rotjax.match._checks import check_concrete, non_finite
 from rotjax.match._permutations import _perm_costs
 from rotjax.match._solvers import SOLVERS
 from rotjax.merge._acts import correlations, group_scores
@@ -114,6 +114,7 @@ def ot_fusion(
     if solver not in SOLVERS:  # (checked even where Sinkhorn alone would transport)
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
     for name, p in (("params_a", params_a), ("params_b", params_b)):
+        check_concrete(name, p, "OT fusion solves its transport maps")
         sym.validate(spec, p, name)
         # (NaN costs failed in the solver, naming nothing, or as a Sinkhorn "not converged")
         if bad := non_finite(to_dict(p)):

@@ -30,7 +30,7 @@ from rotjax import symmetry as sym
 from rotjax._atomic import write_whole
 from rotjax._keys import check_key
 from rotjax.data import IGNORE_LABEL
-from rotjax.match._checks import few, non_finite
+from rotjax.match._checks import check_concrete, few, non_finite
 from rotjax.merge._capture import capture
 from rotjax.merge._methods import _input_axes
 from rotjax.models import model_family
@@ -220,6 +220,7 @@ def check_fits(model: nn.Module, fam, named: dict[str, Any]) -> None:
     and shapes of ``model``'s (both named; Flax's own errors spoke of scopes)."""
     spec = fam.symmetry_spec(model.config)
     for what, params in named.items():
+        check_concrete(what, params, "it loops over the batches")
         sym.validate(spec, params, what=what)
 
 
