@@ -125,12 +125,16 @@ def test_stream_rotations_preserve_the_canonical_function(scan, key):
     everything = sym.apply(spec, canon, g)
     assert rel_err(c.forward(everything, x), before) <= TOL
     # Negative controls: a rotation that moves the all-ones vector, or a rotation of a model
-    # not in canonical form, changes the logits.
+    # not in canonical form, changes the logits. The latter is refused where the params are
+    # known, naming a norm (it changed the function silently), and unchecked under a jit.
     free = jax.random.orthogonal(jax.random.fold_in(key, 3), config.hidden_size)
     assert rel_err(c.forward(sym.apply(spec, canon, {vit.STREAM: free}), x), before) > 1e-2
-    assert (
-        rel_err(c.forward(sym.apply(spec, params, {vit.STREAM: g[vit.STREAM]}), x), before) > 1e-2
-    )
+    with pytest.raises(ValueError, match=r"canonical forms only .*norm.* is not [01]$"):
+        sym.apply(spec, params, {vit.STREAM: g[vit.STREAM]})
+    traced = jax.jit(lambda p: sym.apply(spec, p, {vit.STREAM: g[vit.STREAM]}))(params)
+    assert rel_err(c.forward(traced, x), before) > 1e-2
+    identity = sym.identity(spec)  # the identity moves nothing: any model takes it
+    assert rel_err(sym.apply(spec, params, identity), params) == 0
 
 
 def test_stream_rotation_group_laws(key):
@@ -164,9 +168,13 @@ def test_rmsnorm_decoders_rotate_by_all_of_o_d(scan, key):
     assert not spec.groups[llama.STREAM].keeps_ones
     g = sym.sample(spec, jax.random.fold_in(key, 2))
     assert rel_err(c.forward(sym.apply(spec, canon, g), x), before) <= LLAMA_TOL
-    # Negative control: the same rotation of the model before folding its norm scales.
+    # Negative control: the same rotation of the model before folding its norm scales
+    # (refused where the params are known, unchecked when traced).
     rot = {llama.STREAM: g[llama.STREAM]}
-    assert rel_err(c.forward(sym.apply(spec, params, rot), x), before) > 1e-2
+    with pytest.raises(ValueError, match=r"input_layernorm/scale .* is not 1"):
+        sym.apply(spec, params, rot)
+    moved = jax.jit(lambda p: sym.apply(spec, p, rot))(params)
+    assert rel_err(c.forward(moved, x), before) > 1e-2
     b = sym.apply(spec, canon, g)
     res = match.align(spec, canon, b, solve=match.ALL, key=key)
     assert rel_err(res.params, canon) <= TOL

@@ -327,21 +327,8 @@ def _check_stream_form(spec: sym.Spec, options: Options, flats) -> None:
         if g.role == "stream_rotation" and ("stream_rotation" in solved or n in given)
     ]
     for name in streams:
-        rotated = {path for path, _ in spec.users[name]}
-        norms = [p for p, _ in spec.users[spec.groups[name].over] if p not in rotated]
         for model, flat in flats:
-            for path in norms:
-                x, want = flat[path], 1 if path.endswith("scale") else 0
-                # a merge of canonical models: float32 ulps off (computed in float32: bfloat16
-                # or float16 ones round back to exactly 1 and 0, and their 4 ulps, 0.03 in
-                # bfloat16, let γ = 0.97 through)
-                eps = 4 * float(min(jnp.finfo(x.dtype).eps, jnp.finfo(jnp.float32).eps))
-                if not bool(jnp.all(jnp.abs(x - want) <= eps)):
-                    raise ValueError(
-                        f"{model}: the stream rotation is a symmetry of canonical forms only "
-                        f"(every norm at scale 1, bias 0: rotjax.symmetry.canonicalize); "
-                        f"{path} {tuple(x.shape)} is not {want}"
-                    )
+            sym.check_stream_form(spec, name, flat, model)
 
 
 def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:

@@ -458,7 +458,7 @@ def transform_statistics(
     if "gram" in stats:
         gspec, shapes = gram_spec(spec, stats["gram"])
         grams = {p: g.reshape(shapes[p]) for p, g in stats["gram"].items()}
-        moved = sym.apply(gspec, from_dict(grams), transform)
+        moved = sym.apply(gspec, from_dict(grams), transform, check_form=False)
         out["gram"] = {p: x.reshape(stats["gram"][p].shape) for p, x in to_dict(moved).items()}
     if "fisher" in stats:
         squared = {}
@@ -477,7 +477,9 @@ def transform_statistics(
         fspec = sym.Spec(
             spec.group_items, tuple((p, spec.params[p]) for p in sorted(stats["fisher"]))
         )
-        out["fisher"] = to_dict(sym.apply(fspec, from_dict(stats["fisher"]), squared))
+        out["fisher"] = to_dict(
+            sym.apply(fspec, from_dict(stats["fisher"]), squared, check_form=False)
+        )
     return out
 
 

@@ -107,7 +107,9 @@ def sample(spec: Spec, key: jax.Array, *, log_scale_std: float = 0.5) -> Transfo
     return out
 
 
-def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
+def apply(
+    spec: Spec, params: Any, transform: Mapping[str, jax.Array], *, check_form: bool = True
+) -> Any:
     """Act on ``params`` with ``transform``; returns a new pytree of the same structure.
 
     With π a permutation, R[h] the orthogonal matrix and a[h] the scale of head h, every
@@ -130,17 +132,22 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     ``W_Q'[:, k, g] = W_Q[:, π[k], σ[k, g]]``. Batched (stacked-layer) groups act
     layer by layer on the leading axes, through `jax.vmap`. Floating-point work runs at
     ``Precision.HIGHEST`` in the promoted dtype; every leaf keeps its dtype and, if it is
-    committed to devices (sharded), its sharding.
+    committed to devices (sharded), its sharding. ``check_form=False`` skips the check
+    below, for pytrees keyed like a model's params that are not a model (its statistics).
 
     Raises:
       ValueError: the params do not fit the spec (`validate`), the transform names an
-        unknown group or has a wrongly shaped element, or it would rotate or rescale an integer
-        or boolean leaf (`check_dtypes`).
+        unknown group or has a wrongly shaped element, it would rotate or rescale an integer
+        or boolean leaf (`check_dtypes`), or it rotates the residual stream (other than by the
+        identity) of a model not in canonical form (`check_stream_form`; where the values
+        are known: not under `jax.jit`).
     """
     validate(spec, params)
     elements = check_transform(spec, transform)
     check_dtypes(spec, params, transform)
     paths, leaves, treedef = flatten(params)
+    for name in _stream_rotations(spec, elements) if check_form else ():
+        check_stream_form(spec, name, dict(zip(paths, leaves, strict=True)), "params")
     moved = [
         i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
     ]
@@ -152,6 +159,44 @@ def apply(spec: Spec, params: Any, transform: Mapping[str, jax.Array]) -> Any:
     for i, y in zip(moved, new, strict=True):
         out[i] = placed_like(y, leaves[i])
     return jax.tree_util.tree_unflatten(treedef, out)
+
+
+def _stream_rotations(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
+    """The stream rotation groups that ``elements`` moves: known and not the identity."""
+    with jax.ensure_compile_time_eval():  # known values, also while a jit traces
+        return [
+            n
+            for n, x in elements.items()
+            if spec.groups[n].role == "stream_rotation"
+            and not isinstance(x, jax.core.Tracer)
+            and not bool(jnp.all(x == identity_element(spec.groups[n])))
+        ]
+
+
+def check_stream_form(spec: Spec, name: str, flat: Mapping[str, Any], what: str) -> None:
+    """ValueError unless the model (``flat``: path -> leaf, named ``what``) is one that the
+    stream rotation group ``name`` moves without changing its function: every norm at
+    γ = 1, β = 0 (`rotjax.symmetry.canonicalize`), naming the first that is not. The norms
+    are the params the stream's permutation group acts on and its rotation does not.
+    Traced values (under `jax.jit`) are not checked."""
+    rotated = {path for path, _ in spec.users[name]}
+    norms = [p for p, _ in spec.users[spec.groups[name].over] if p not in rotated]
+    for path in norms:
+        x, want = flat[path], 1 if path.endswith("scale") else 0
+        if isinstance(x, jax.core.Tracer):
+            continue
+        # a merge of canonical models: float32 ulps off (computed in float32: bfloat16 or
+        # float16 ones round back to exactly 1 and 0, and their 4 ulps, 0.03 in bfloat16,
+        # let γ = 0.97 through)
+        eps = 4 * float(min(jnp.finfo(x.dtype).eps, jnp.finfo(jnp.float32).eps))
+        with jax.ensure_compile_time_eval():
+            off = not bool(jnp.all(jnp.abs(x - want) <= eps))
+        if off:
+            raise ValueError(
+                f"{what}: the stream rotation is a symmetry of canonical forms only (every "
+                f"norm at scale 1, bias 0: rotjax.symmetry.canonicalize); {path} "
+                f"{tuple(x.shape)} is not {want}"
+            )
 
 
 def _named_sharding(x: Any) -> jax.sharding.NamedSharding | None:
