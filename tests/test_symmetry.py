@@ -28,7 +28,7 @@ from hypothesis import strategies as st
 
 from rotjax import match, merge
 from rotjax import symmetry as sym
-from rotjax.models import family
+from rotjax.models import family, stack_layers, unstack_layers
 
 TOL = 1e-5
 CASES = [(name, scan) for name in CONFIGS for scan in (False, True)]
@@ -376,6 +376,16 @@ def test_validate_names_the_offending_path(scan, key):
         sym.validate(spec, wrong)
     with pytest.raises(ValueError, match="do not match the symmetry spec"):
         sym.apply(spec, wrong, sym.identity(spec))
+    # The usual mistakes are said (the message listed every path twice, with no hint): the
+    # variables dict for its params, and a scanned model's params for an unscanned one's.
+    with pytest.raises(ValueError, match=r"hint: every param sits one level down, under 'params'"):
+        sym.validate(spec, {"params": params})
+    other_layout = (unstack_layers if scan else stack_layers)(params)
+    with pytest.raises(ValueError, match=r"hint: the params hold (stacked|per-layer) layers"):
+        sym.validate(spec, other_layout)
+    with pytest.raises(ValueError) as e:  # a plain mismatch has no hint
+        sym.validate(spec, extra)
+    assert "hint" not in str(e.value)
 
 
 def test_bad_transform_is_rejected(key):

@@ -352,4 +352,30 @@ def validate(spec: Spec, params: Any, what: str | None = None) -> None:
     ]
     if problems:
         head = f"{what}: " if what else ""
-        raise ValueError(f"{head}params do not match the symmetry spec:\n" + "\n".join(problems))
+        raise ValueError(
+            f"{head}params do not match the symmetry spec:\n"
+            + "\n".join(problems)
+            + _hint(set(want), set(got))
+        )
+
+
+def _hint(want: set[str], got: set[str]) -> str:
+    """What the usual mistakes look like, said: the variables dict given for its params (every
+    path one level down), or a scanned model's params for an unscanned one (or the reverse)."""
+    tops = {p.split("/", 1)[0] for p in got}
+    if len(tops) == 1 and all("/" in p for p in got):
+        (top,) = tops
+        if {p.split("/", 1)[1] for p in got} == want:
+            return (
+                f"\nhint: every param sits one level down, under {top!r}: pass params[{top!r}] "
+                "(a Flax variables dict holds the params under 'params')"
+            )
+    stacked = lambda paths: any("/layers/" in f"/{p}" for p in paths)
+    if stacked(want) != stacked(got):
+        mine, theirs = ("stacked", "per-layer") if stacked(got) else ("per-layer", "stacked")
+        return (
+            f"\nhint: the params hold {mine} layers where the spec wants {theirs} ones: build "
+            "the config with the other scan_layers, or convert the params "
+            "(rotjax.models.stack_layers / unstack_layers)"
+        )
+    return ""
