@@ -2263,6 +2263,21 @@ def test_merge_coefficients_may_be_traced_learned_and_swept(key):
     stats = [{"fisher": jax.tree.map(jnp.ones_like, a)}] * 2
     with pytest.raises(TypeError, match=r"only merge\.average takes traced weights"):
         jax.jit(lambda w: merge.fisher([a, b], stats, weights=w))(w)
+    # Other options are Python numbers, refused by name when traced (a TracerBoolConversionError
+    # came from their range checks; under grad RegMean's α passed them, its derivative NaN
+    # on rank-deficient Grams)
+    grams = [{"gram": {"w": jnp.eye(3)}}] * 2
+    options = {
+        "alpha": lambda v: merge.regmean([a, b], grams, alpha=v),
+        "ridge": lambda v: merge.regmean([a, b], grams, ridge=v),
+        "eps": lambda v: merge.fisher([a, b], stats, eps=v),
+        "density": lambda v: merge.ties(base, [a, b], density=v),
+        "drop": lambda v: merge.dare(base, [a, b], key=key, drop=v),
+    }
+    for name, call in options.items():
+        for transform in (jax.jit, jax.grad):
+            with pytest.raises(TypeError, match=rf"^{name} is traced"):
+                transform(lambda v, call=call: jnp.sum(call(v)["w"]))(0.5)
 
 
 def test_dict_batches_keep_every_input_in_its_place(key):

@@ -107,6 +107,21 @@ def traced(v: Any) -> bool:
     return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(v))
 
 
+def check_untraced(**options: Any) -> None:
+    """TypeError naming the first of ``options`` that is traced (under `jax.jit`, `jax.grad`
+    or `jax.vmap`): options checked on the host, or deciding a count or a draw there, must be
+    Python numbers (a TracerBoolConversionError came from the range check, and under
+    `jax.grad`, which passes the range check, RegMean's α had a NaN derivative on
+    rank-deficient Grams)."""
+    for name, value in options.items():
+        if traced(value):
+            raise TypeError(
+                f"{name} is traced (under jax.grad, jax.vmap or jax.jit): it must be a Python "
+                "number (only average's weights, interpolate's lam and the task-vector merges' "
+                "scale may be traced)"
+            )
+
+
 def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
     """The models' weights λ (default all 1), checked (n of them, finite, >= 0, not all 0) and
     normalised to sum 1 in float64 (so 1e39 or 1e-46 each survive float32). A weight below
@@ -188,7 +203,9 @@ kernels, silently: a ridge of 3e38, a finite float32)."""
 
 
 def check_ridge(ridge) -> None:
-    """ValueError unless ``ridge`` is a number in ``[0, MAX_RIDGE]`` (not a bool)."""
+    """ValueError unless ``ridge`` is a number in ``[0, MAX_RIDGE]`` (not a bool); TypeError
+    if it is traced (`check_untraced`)."""
+    check_untraced(ridge=ridge)
     if isinstance(ridge, bool) or not (np.isfinite(ridge) and 0 <= ridge <= MAX_RIDGE):
         raise ValueError(
             f"ridge must be a number in [0, 1e8] (beyond, the solve is its start to "
@@ -352,6 +369,7 @@ def fisher(
     """
     paths, leaves, treedef = checked_models(params_list)
     _statistics(stats_list, len(params_list))
+    check_untraced(eps=eps)
     if not (np.isfinite(eps) and eps > 0):
         raise ValueError(f"eps must be a finite number > 0, got {eps!r}")
     w = model_weights(weights, len(params_list))
@@ -472,6 +490,7 @@ def regmean(
       TypeError: ``params_list`` or ``stats_list`` not a list or tuple, or statistics that
         are no dict.
     """
+    check_untraced(alpha=alpha)
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     if rest not in ("average", "fisher"):

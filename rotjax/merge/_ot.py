@@ -51,7 +51,7 @@ from rotjax.match._checks import check_concrete, non_finite
 from rotjax.match._permutations import _perm_costs
 from rotjax.match._solvers import SOLVERS
 from rotjax.merge._acts import correlations, group_scores
-from rotjax.merge._methods import _input_axes, average
+from rotjax.merge._methods import _input_axes, average, check_untraced
 from rotjax.tree import averaged, flatten, from_dict, placed_like, to_dict, wide
 
 MODES = ("acts", "wts")
@@ -105,6 +105,7 @@ def ot_fusion(
     if epsilon is not None and transport != "sinkhorn":
         raise ValueError(f"epsilon is Sinkhorn's: transport={transport!r} reads none")
     # (a bool is no number here: True was taken as 1.0, as refit's ridge once was)
+    check_untraced(epsilon=epsilon, weight=weight)
     if epsilon is not None and (
         isinstance(epsilon, bool) or not (math.isfinite(epsilon) and epsilon > 0)
     ):

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax._keys import check_key
-from rotjax.merge._methods import check_sequence, checked_models, scalar, traced
+from rotjax.merge._methods import check_sequence, check_untraced, checked_models, scalar, traced
 from rotjax.models import _layout
 from rotjax.tree import averaged, flatten, wide
 
@@ -258,6 +258,7 @@ def ties(
         exactly 0 takes the majority over the whole task vector either way (mergekit's
         per-tensor merge elects + there).
     """
+    check_untraced(density=density)
     if not 0.0 < density <= 1.0:
         raise ValueError(f"density must be in (0, 1], got {density}")
     if trim not in TRIMS:
@@ -320,6 +321,7 @@ def dare(
     another merge: it sums the agreeing entries instead of averaging them and rescales each
     tensor to its L1 norm instead of by ``1 / (1 - drop)``.)"""
     check_key(key)
+    check_untraced(drop=drop, density=density)
     if not 0.0 <= drop < 1.0:
         raise ValueError(f"drop must be in [0, 1), got {drop}")
     if combine not in ("task_arithmetic", "ties"):
