@@ -439,6 +439,9 @@ def test_ties_and_dare_by_hand(key, monkeypatch):
     #   [3, (-2 - 3)/2, 0, 2, 5, -4].
     got = merge.ties(base, [a, b], density=0.5, scale=1.0)
     np.testing.assert_allclose(got["w"], [3.0, -2.5, 0.0, 2.0, 5.0, -4.0])
+    with jax.numpy_dtype_promotion("strict"):  # as some codebases run (an int32 count was
+        strict = merge.ties(base, [a, b], density=0.5)  # divided into float32: an error)
+    np.testing.assert_array_equal(strict["w"], got["w"])
     np.testing.assert_allclose(merge.ties(base, [a, b], density=0.5, scale=2.0)["w"], 2 * got["w"])
     # λ is one finite number: an array scaled entry by entry (silently), NaN gave a NaN model.
     for bad in (np.nan, np.inf, [1.0, 2.0, 3.0, 1.0, 1.0, 1.0]):

@@ -225,7 +225,7 @@ def _ties_merge(taus: list[list[jax.Array]], majority: jax.Array) -> list[jax.Ar
     for stack, sign in zip(stacks, signs, strict=True):
         sign = jnp.where(sign == 0, majority, sign)
         agree = (jnp.sign(stack) == sign) & (stack != 0)
-        count = jnp.sum(agree, axis=0)
+        count = jnp.sum(agree, axis=0, dtype=stack.dtype)  # (strict dtype promotion too)
         mean = jnp.sum(jnp.where(agree, stack, 0.0), axis=0) / jnp.maximum(count, 1)
         out.append(jnp.where(jnp.isnan(sign[0]), jnp.nan, mean))  # NaN in, NaN out
     return out
