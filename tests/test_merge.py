@@ -641,6 +641,27 @@ def test_models_committed_to_different_devices_are_refused_by_param():
     # Uncommitted leaves go where the others are (the sharded test: B uncommitted).
     loose = {"w": jnp.full(4, 3.0), "b": jnp.zeros(2)}
     np.testing.assert_allclose(merge.average([a, loose])["w"], 2.0)
+    # Alignment, OT fusion and activation moments too (JAX's error named _distances_jit,
+    # _perm_costs, _cross_step's step).
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    params = c.init(jax.random.key(0), 0.3)
+    on = lambda i: jax.device_put(params, devices[i])
+    for name, call in (
+        ("params on devices [1]", lambda: match.align(c.spec, on(0), on(1))),
+        ("params_list[1] on devices [1]", lambda: match.align_many(c.spec, [on(0), on(1)])),
+        ("params_b on devices [1]", lambda: merge.ot_fusion(c.spec, on(0), on(1), mode="wts")),
+        (
+            "params_b on devices [1]",
+            lambda: merge.cross_statistics(
+                c.model, on(0), on(1), batches_of(config, jax.random.key(1), 1)
+            ),
+        ),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"committed to different devices .*{re.escape(name)}"
+        ):
+            call()
 
 
 def test_a_model_of_weight_zero_is_left_out(seed):

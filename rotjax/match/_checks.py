@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax import symmetry as sym
-from rotjax.tree import flatten
+from rotjax.tree import committed, flatten
 
 
 def check_sequence(value: Any, name: str = "params_list", what: str = "params pytrees") -> None:
@@ -37,6 +37,20 @@ def check_concrete(what: str, tree: Any, steps: str) -> None:
             f"{what} is traced (under jax.jit, jax.grad or jax.vmap): {steps} from Python and "
             "compiles its own steps, so call it on concrete params, outside the transformation"
         )
+
+
+def check_devices(paths: Sequence[str], leaves: Sequence[Sequence[Any]], name) -> None:
+    """Raise ValueError where the models' leaves (``leaves[i]``: model i's, in ``paths``'
+    order; ``name(i)`` its name) are committed to different devices (one program cannot read
+    them: JAX's error named an internal argument of a private program, not the param)."""
+    for path, *xs in zip(paths, *leaves, strict=True):
+        places = {i: sorted(d.id for d in x.devices()) for i, x in enumerate(xs) if committed(x)}
+        if len({tuple(v) for v in places.values()}) > 1:
+            each = ", ".join(f"{name(i)} on devices {v}" for i, v in places.items())
+            raise ValueError(
+                f"{path}: the models' params are committed to different devices ({each}); "
+                "put them on one device or mesh first (jax.device_put)"
+            )
 
 
 def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
@@ -67,6 +81,7 @@ def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dic
     ]
     if problems:
         raise ValueError("dtypes differ between the models:\n" + "\n".join(problems))
+    check_devices(list(first), [[f[p] for p in first] for f in flats], names.__getitem__)
     bad = [
         f"  {what}: {p} {tuple(flat[p].shape)}"
         for what, flat in zip(names, flats, strict=True)

@@ -15,8 +15,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.match._checks import check_sequence, non_finite
-from rotjax.tree import averaged, committed, flatten, placed_like, wide
+from rotjax.match._checks import check_devices, check_sequence, non_finite
+from rotjax.tree import averaged, flatten, placed_like, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -84,21 +84,8 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
     ]
     if kinds:
         raise ValueError("params differ in kind between the models:\n" + "\n".join(kinds[:10]))
-    _check_devices(paths, leaves, name)
+    check_devices(paths, leaves, name)
     return paths, leaves, treedef
-
-
-def _check_devices(paths, leaves, name) -> None:
-    """Raise ValueError where the models' leaves are committed to different devices (one
-    program cannot read them: JAX's error named an internal argument, not the param)."""
-    for path, *xs in zip(paths, *leaves, strict=True):
-        places = {i: sorted(d.id for d in x.devices()) for i, x in enumerate(xs) if committed(x)}
-        if len({tuple(v) for v in places.values()}) > 1:
-            each = ", ".join(f"{name(i)} on devices {v}" for i, v in places.items())
-            raise ValueError(
-                f"{path}: the models' params are committed to different devices ({each}); "
-                "put them on one device or mesh first (jax.device_put)"
-            )
 
 
 def traced(v: Any) -> bool:
