@@ -465,7 +465,7 @@ def _tiny_vit_pair():
 
     fam = family(TINY_VIT)
     pair = fusion.Pair(TINY_VIT, *(fam.init(TINY_VIT, jax.random.key(i)) for i in range(2)))
-    images = np.random.default_rng(0).normal(size=(8, 28, 28, 1)).astype(np.float32)
+    images = np.random.default_rng(0).uniform(size=(8, 28, 28, 1)).astype(np.float32)
     return pair, {"images": images}
 
 

@@ -2304,6 +2304,27 @@ def test_merge_coefficients_may_be_traced_learned_and_swept(key):
                 transform(lambda v, call=call: jnp.sum(call(v)["w"]))(0.5)
 
 
+def test_batches_given_in_the_wrong_layout_are_named(key):
+    """One batch where the batches go, or a batch without the model's inputs, says so: a
+    dict gave AttributeError 'str' has no 'shape', a tuple a misleading shape error, a
+    misspelled name a bare KeyError."""
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    ids, mask = inputs(config, key, batch=2)
+    for one, got in (
+        ({"input_ids": ids, "attention_mask": mask}, "a str"),
+        ((ids, mask), "one array"),
+    ):
+        with pytest.raises(TypeError, match=rf"a batch is {got}.*wrap it in a list"):
+            merge.statistics(c.model, params, one, kinds="gram")
+    with pytest.raises(
+        ValueError, match=r"a batch lacks 'input_ids' \(it has \['attention_mask', 'input_id'\]\)"
+    ):
+        merge.statistics(c.model, params, [{"input_id": ids, "attention_mask": mask}])
+    assert merge.statistics(c.model, params, [(ids, mask)], kinds="gram")["gram"]
+
+
 def test_dict_batches_keep_every_input_in_its_place(key):
     """A batch without an attention mask: its token types must not slide into the mask."""
     config = CONFIGS["bert-h3d4-l2"]

@@ -152,12 +152,27 @@ def test_vit_raw_images_are_normalised_like_the_image_processor():
     for dtype in (np.uint16, np.int32, np.int64):
         with pytest.raises(ValueError, match=f"images of dtype {np.dtype(dtype)}: give uint8"):
             vit.FAMILY.batch_inputs({"images": images.astype(dtype)})
+    # Float images outside [0, 1] (the usual "cast to float32 first": 0..255 became pixels up
+    # to 509, silently) are refused where known; traced ones are not checked.
+    for bad in (images.astype(np.float32), images / 255.0 - 0.5):
+        with pytest.raises(
+            ValueError, match=r"images are floats in \[.*\]: give floats in \[0, 1\]"
+        ):
+            vit.image_pixels(bad)
+    traced = jax.jit(vit.image_pixels)(images.astype(np.float32))
+    np.testing.assert_allclose(traced, (images - 0.5) / 0.5)
+    # A batch without the model's inputs says which it has (a bare KeyError).
+    with pytest.raises(KeyError, match="pixel_values"):
+        vit.FAMILY.batch_inputs({"image": images})
 
 
 def test_models_check_their_inputs(key):
     v = CONFIGS["vit-h3d4-l2"]  # 8x8x3 images
     c = compiled(v)
     params = c.init(key, 0.3)
+    raw = jnp.zeros((1, 8, 8, 3), jnp.uint8)  # raw pixels went into the patch embedding
+    with pytest.raises(ValueError, match="pixel_values of dtype uint8: give normalised floats"):
+        c.model.apply({"params": params}, raw)
     with pytest.raises(ValueError, match=r"NHWC \(batch, 8, 8, 3\).*got shape \(2, 6, 6, 3\)"):
         c.model.apply({"params": params}, jnp.zeros((2, 6, 6, 3)))
     b = CONFIGS["bert-h3d4-l2"]  # 16 positions

@@ -228,8 +228,17 @@ def _split(fam, batch):
     """``(positional inputs, labels or None)`` of a batch (tuple or dict of named arrays; an
     input or labels given as a nested list is an array: it failed on ``.shape``, or in vmap
     for labels; other pytrees, e.g. a custom model's dict input, are passed as they are)."""
+    if isinstance(batch, str) or hasattr(batch, "ndim"):  # one batch given for the batches
+        got = "a str (a dict's key?)" if isinstance(batch, str) else "one array"
+        raise TypeError(
+            f"a batch is {got}: batches must be an iterable of batches, each a tuple of "
+            "positional model inputs or a dict of named arrays (one batch: wrap it in a list)"
+        )
     if isinstance(batch, Mapping):  # absent inputs stay None in their place
-        inputs, labels = fam.batch_inputs(batch), batch.get("labels")
+        try:
+            inputs, labels = fam.batch_inputs(batch), batch.get("labels")
+        except KeyError as e:  # (a bare KeyError 'input_ids')
+            raise ValueError(f"a batch lacks {e.args[0]!r} (it has {sorted(batch)})") from None
     else:
         inputs, labels = batch, None
     return tuple(_array(x) for x in inputs), _array(labels)

@@ -134,6 +134,11 @@ class Model(nn.Module):
                 f"ViT (image_size={c.image_size}, num_channels={c.num_channels}), got shape "
                 f"{tuple(pixel_values.shape)}"
             )
+        if not jnp.issubdtype(pixel_values.dtype, jnp.floating):  # (raw pixels went in as such)
+            raise ValueError(
+                f"pixel_values of dtype {pixel_values.dtype}: give normalised floats "
+                "(rotjax.models.vit.image_pixels turns raw images into them)"
+            )
         init = nn.initializers.normal(c.initializer_range)
         x = Embeddings(c, name="embeddings")(pixel_values)
         x = nn.Dropout(c.hidden_dropout_prob)(x, deterministic=deterministic)
@@ -277,7 +282,9 @@ def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Arr
 
     Raises:
       ValueError: integer images of another dtype, whose range is not known (uint16 may
-        hold 0..255 or 0..65535; read as ``[0, 1]`` floats they were scaled 255x, silently).
+        hold 0..255 or 0..65535; read as ``[0, 1]`` floats they were scaled 255x, silently),
+        and float images outside ``[0, 1]`` where their values are known (not traced): floats
+        in ``[0, 255]`` became pixels up to 509, silently.
     """
     dtype = np.dtype(getattr(images, "dtype", None) or np.asarray(images).dtype)
     if np.issubdtype(dtype, np.integer) and dtype != np.uint8:
@@ -285,6 +292,13 @@ def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Arr
             f"images of dtype {dtype}: give uint8 images in [0, 255] or floats in [0, 1] "
             "(the range of other integers is not known)"
         )
+    if np.issubdtype(dtype, np.floating) and not isinstance(images, jax.core.Tracer):
+        x = np.asarray(images)
+        if x.size and not 0 <= np.min(x) <= np.max(x) <= 1:
+            raise ValueError(
+                f"images are floats in [{np.min(x):g}, {np.max(x):g}]: give floats in [0, 1] "
+                "or uint8 in [0, 255]"
+            )
     x = jnp.asarray(images)
     scaled = x.astype(jnp.float32)
     if x.dtype == jnp.uint8:
@@ -303,6 +317,8 @@ def batch_inputs(batch: Mapping[str, Any]) -> tuple[Any]:
     ``images`` (NHWC ``uint8`` or ``[0, 1]`` floats, normalised by `image_pixels`)."""
     if "pixel_values" in batch:
         return (batch["pixel_values"],)
+    if "images" not in batch:
+        raise KeyError("pixel_values")  # (the usual name; raw "images" are taken too)
     return (image_pixels(batch["images"]),)
 
 
