@@ -574,6 +574,17 @@ def test_assignment_matches_scipy(n, solver, seed):
         assert abs(score[i][np.arange(n), perm[i]].sum() - want) <= 1e-4 * max(abs(want), 1)
 
 
+def test_assignment_refuses_rectangular_and_says_which_solver_traces():
+    """A rectangular score was solved as a partial assignment ([1 0 3 2] of 5 columns),
+    silently; under jit the host solver raised JAX's TracerArrayConversionError."""
+    with pytest.raises(ValueError, match=r"square matrices \(\.\.\., n, n\), got shape \(4, 5\)"):
+        match.assign(np.zeros((4, 5)))
+    with pytest.raises(TypeError, match="solver='optax' traces"):
+        jax.jit(match.assign)(jnp.eye(3))
+    perm = jax.jit(lambda m: match.assign(m, solver="optax"))(jnp.eye(3)[::-1])
+    np.testing.assert_array_equal(perm, [2, 1, 0])
+
+
 def test_best_scale_matches_dense_search_and_quartic_roots(seed):
     rng = np.random.default_rng(seed)
     c1, c2 = rng.uniform(0.01, 5, size=(2, 200))

@@ -65,6 +65,11 @@ _CUBIC = (1.5, -0.5, 0.0)
 def polar(m: jax.Array, *, max_steps: int = 12) -> jax.Array:
     """The orthogonal polar factor ``U Vᵀ`` of every ``M = U S Vᵀ`` in ``m[..., d, d]``.
 
+    Jittable and vmappable, not differentiable in reverse mode (its iteration is a
+    ``lax.while_loop``; so is `procrustes`): to learn a rotation by gradient, parametrise it
+    (e.g. ``expm`` of a skew-symmetric matrix) and move params with `rotjax.symmetry.apply`,
+    which is differentiable.
+
     Newton-Schulz iteration ``X ← p(X Xᵀ) X`` from ``X₀ = M / λ^½``, with λ ≥ σ_max(M)² the
     smaller of ``‖M Mᵀ‖_F`` and the largest absolute row sum of ``M Mᵀ`` (singular values in
     (0, 1]); it keeps U and V and maps every singular value to 1: matmuls only, so it is fast
@@ -238,7 +243,20 @@ def assign(score: np.ndarray | jax.Array, *, solver: str = "scipy") -> jax.Array
     (Jonker-Volgenant), independent matrices on a thread pool; ``"optax"`` uses
     `optax.assignment.hungarian_algorithm`, which traces into a jitted graph (for accelerators).
     Returns int32 permutations of shape ``score.shape[:-1]``.
+
+    Raises:
+      ValueError: a score that is not a stack of square matrices (a rectangular one was
+        solved as a partial assignment, silently), or another solver.
+      TypeError: a traced score with ``"scipy"`` (under `jax.jit`: use ``"optax"``).
     """
+    shape = np.shape(score)
+    if len(shape) < 2 or shape[-1] != shape[-2]:
+        raise ValueError(f"score must be square matrices (..., n, n), got shape {shape}")
+    if solver == "scipy" and isinstance(score, jax.core.Tracer):
+        raise TypeError(
+            "score is traced (under jax.jit or jax.vmap): solver='scipy' solves on the host; "
+            "solver='optax' traces"
+        )
     return assign_all({"": score}, solver=solver)[""]
 
 
