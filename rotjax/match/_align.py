@@ -142,6 +142,10 @@ class Diagnostics(NamedTuple):
 
 
 class Alignment(NamedTuple):
+    """`align`'s result: ``params`` (g·B), ``transform`` (g, every group of the spec) and
+    ``diagnostics`` (`Diagnostics`: distances before and after, per group and param, sweeps,
+    timings)."""
+
     params: Any  # g·B, same structure and dtypes as the input
     transform: sym.Transform  # g (complete: every group of the spec)
     diagnostics: Diagnostics

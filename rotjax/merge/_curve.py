@@ -17,6 +17,9 @@ HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1")
 
 
 class Curve(NamedTuple):
+    """`curve`'s result: the points ``lambdas``, each metric's values along the path
+    (``metrics``) and each metric's `barrier` (``barrier``)."""
+
     lambdas: np.ndarray  # (k,), 0 = A, 1 = B
     metrics: dict[str, np.ndarray]  # metric name -> (k,) values along the path
     barrier: dict[str, float]  # metric name -> its barrier (see `barrier`)

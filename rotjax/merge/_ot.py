@@ -59,6 +59,9 @@ TRANSPORTS = ("exact", "sinkhorn")
 
 
 class Fusion(NamedTuple):
+    """`ot_fusion`'s result: the fused ``params``, the transport ``maps`` per group
+    (permutations, or row-stochastic maps under Sinkhorn) and B ``moved`` by them."""
+
     params: Any  # the fused model
     maps: dict[str, jax.Array]  # group -> permutation (exact) or row-stochastic map (sinkhorn)
     moved: Any  # B moved by the maps (B itself, re-based, for exact transport)
