@@ -461,6 +461,14 @@ def test_fit_refuses_bad_arguments_by_their_names(tmp_path):
         with pytest.raises(ValueError, match=message):
             fit(**{"num_steps": 1, **kw})
     assert not any(tmp_path.iterdir())  # refused before anything was written
+    # The wrong kinds of argument are named (params for the state: AttributeError 'key'; a
+    # tuple of arrays for the data: numpy's "truth value of an array is ambiguous").
+    with pytest.raises(TypeError, match=r"state must be a TrainState .*got a dict"):
+        train.fit(state.params, steps, data, batch_size=8, num_steps=1)
+    for name in ("train_data", "eval_data"):
+        kw = {"train_data": data, name: (data["input_ids"], data["labels"])}
+        with pytest.raises(TypeError, match=rf"{name} must be a dict of named arrays"):
+            train.fit(state, steps, batch_size=8, num_steps=1, **kw)
     # The state's key: one key, named (an int was an AttributeError; a batch of keys failed in
     # fit's jitted step); raw key data is one key too
     for bad in (0, None, jax.random.split(jax.random.key(0), 3)):

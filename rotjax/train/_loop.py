@@ -425,6 +425,7 @@ def fit(
         A `FitResult`.
 
     Raises:
+        TypeError: A ``state`` that is not a `TrainState`, or data that are not dicts.
         ValueError: On a seed that is not an int >= 0, batch sizes that do not split over the
             devices, too little data, no
             ``labels`` (in ``train_data`` or ``eval_data``), labels outside the model's
@@ -442,6 +443,17 @@ def fit(
             a ``state`` or a checkpoint in ``workdir`` past ``num_steps`` (that run trained
             longer than asked).
     """
+    if not isinstance(state, TrainState):  # (a params dict: AttributeError 'key')
+        raise TypeError(
+            f"state must be a TrainState (rotjax.train.create_train_state), got a "
+            f"{type(state).__name__}"
+        )
+    for name, data in (("train_data", train_data), ("eval_data", eval_data)):
+        if data is not None and not isinstance(data, Mapping):  # (a tuple: numpy's ambiguity)
+            raise TypeError(
+                f"{name} must be a dict of named arrays (e.g. input_ids, attention_mask, "
+                f"labels), got a {type(data).__name__}"
+            )
     # (checked at the first batch, after the workdir's files were written, it blocked a rerun)
     if not is_int(seed) or seed < 0:
         raise ValueError(f"seed must be an int >= 0, got {seed!r}")
