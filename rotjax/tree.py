@@ -22,6 +22,12 @@ def _key_name(k: Any) -> str:
     return str(k)
 
 
+def traced(tree: Any) -> bool:
+    """Whether any leaf of ``tree`` (params, a number, a sequence of them) is a JAX tracer:
+    values unknown while `jax.jit`, `jax.grad` or `jax.vmap` trace."""
+    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree))
+
+
 def flatten(params: Any) -> tuple[list[str], list[Any], Any]:
     """``(paths, leaves, treedef)`` of any params pytree, leaves in ``jax.tree`` order."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)

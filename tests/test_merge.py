@@ -2211,15 +2211,25 @@ def test_functions_driven_from_python_refuse_traced_params_by_name(key):
         ("params_list[0]", lambda b: match.align_many(c.spec, [b, a])),
         ("params", lambda b: merge.statistics(c.model, b, batches)),
         ("params_a", lambda b: merge.ot_fusion(c.spec, b, a, mode="wts")),
-        ("params_list[1]", lambda b: merge.prediction_loss(c.model, [a, b], batches)),
+        ("params_list[1]", lambda b: merge.prediction_loss(c.model, [a, b], batches)(a)),
+        ("params", lambda b: merge.prediction_loss(c.model, [a, a], batches)(b)),
         ("merged", lambda b: merge.refit(c.model, b, [a, a], batches)),
+        ("params_list[1]", lambda b: merge.refit(c.model, a, [a, b], batches)),
         ("params", lambda b: merge.align_by_activations(c.model, c.spec, a, b, batches)),
     ]
     for name, call in calls:
         with pytest.raises(TypeError, match=rf"^{re.escape(name)} is traced \(under jax.jit"):
             jax.jit(call)(a)
-    with pytest.raises(TypeError, match="is traced"):
-        jax.grad(lambda b: merge.prediction_loss(c.model, [a, b], batches))(a)
+    loss = merge.prediction_loss(c.model, [a, a], batches)
+    with pytest.raises(TypeError, match=r"^params is traced"):  # the loss it returns
+        jax.grad(loss)(a)
+    # What runs under a jit still does: moments of two models, and a spec's permutation
+    # scores (one jitted einsum: the check, once in a shared helper, refused them).
+    moments = jax.jit(lambda b: merge.cross_statistics(c.model, a, b, batches))(a)
+    assert rel_err(moments, merge.cross_statistics(c.model, a, a, batches)) <= 1e-6
+    scores = jax.jit(lambda b: match.permutation_scores(c.spec, a, b, ["residual"]))(a)
+    eager = match.permutation_scores(c.spec, a, a, ["residual"])
+    assert rel_err(scores, eager) <= 1e-6
 
 
 def test_interpolate_is_the_weighted_sum_in_one_program(key):

@@ -159,10 +159,12 @@ def test_vit_raw_images_are_normalised_like_the_image_processor():
             ValueError, match=r"images are floats in \[.*\]: give floats in \[0, 1\]"
         ):
             vit.image_pixels(bad)
-    traced = jax.jit(vit.image_pixels)(images.astype(np.float32))
-    np.testing.assert_allclose(traced, (images - 0.5) / 0.5)
-    # A batch without the model's inputs says which it has (a bare KeyError).
-    with pytest.raises(KeyError, match="pixel_values"):
+    traced = jax.jit(vit.image_pixels)(images.astype(np.float32))  # unknown: unchecked,
+    np.testing.assert_allclose(traced, (images - 0.5) / 0.5)  # 0..255 taken as [0, 1] floats
+    with pytest.raises(ValueError, match="images hold NaN or Inf"):  # (not "in [nan, nan]")
+        vit.image_pixels(np.where(images == 0, np.nan, images / 255.0))
+    # A batch without the model's inputs names both it could read.
+    with pytest.raises(KeyError, match="pixel_values or images"):
         vit.FAMILY.batch_inputs({"image": images})
 
 

@@ -381,8 +381,13 @@ def test_validate_names_the_offending_path(scan, key):
     with pytest.raises(ValueError, match=r"hint: every param sits one level down, under 'params'"):
         sym.validate(spec, {"params": params})
     other_layout = (unstack_layers if scan else stack_layers)(params)
-    with pytest.raises(ValueError, match=r"hint: the params hold (stacked|per-layer) layers"):
+    held = "per-layer" if scan else "stacked"
+    with pytest.raises(ValueError, match=rf"hint: the params hold {held} layers"):
         sym.validate(spec, other_layout)
+    for unrelated in ({}, {"embeddings": params["embeddings"]}):  # not a layout: no hint
+        with pytest.raises(ValueError) as e:
+            sym.validate(spec, unrelated)
+        assert "hint" not in str(e.value)
     with pytest.raises(ValueError) as e:  # a plain mismatch has no hint
         sym.validate(spec, extra)
     assert "hint" not in str(e.value)

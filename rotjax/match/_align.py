@@ -44,6 +44,7 @@ from rotjax._keys import check_key
 from rotjax.match._attention import attention_stage, merges_scales, scale_stage
 from rotjax.match._checks import (
     as_float32,
+    check_concrete,
     check_sequence,
     checked_layers,
     checked_params,
@@ -226,6 +227,8 @@ def checked_pair(
     B's canonical form where a stream rotation would move it (only B moves: A may be any)."""
     layer_set = _checked_against(spec, options)
     named = [("anchor_params", anchor_params), ("params", params)]
+    for what, tree in named:
+        check_concrete(what, tree, "alignment solves assignments and measures distances")
     a_flat, b_flat = checked_params(spec, named)
     _check_stream_form(spec, options, [("params", b_flat)])
     return layer_set, a_flat, b_flat
@@ -255,7 +258,10 @@ def align_many(
     t_start = time.perf_counter()
     opts = Options.of(**options)
     layer_set = _checked_against(spec, opts)
-    flats = checked_params(spec, [(f"params_list[{i}]", p) for i, p in enumerate(params_list)])
+    named = [(f"params_list[{i}]", p) for i, p in enumerate(params_list)]
+    for what, tree in named:
+        check_concrete(what, tree, "alignment solves assignments and measures distances")
+    flats = checked_params(spec, named)
     if anchor is None:  # (on the models scaled as `align` solves them: no overflow)
         scaled, _ = _rescaled(*flats)
         anchor = int(np.argmin(_distances_to_mean(scaled)))

@@ -13,7 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax import symmetry as sym
-from rotjax.tree import committed, flatten
+from rotjax.tree import committed, flatten, traced
 
 
 def check_sequence(value: Any, name: str = "params_list", what: str = "params pytrees") -> None:
@@ -32,7 +32,7 @@ def check_concrete(what: str, tree: Any, steps: str) -> None:
     their own compiled ``steps`` from Python (and return numbers: distances, sums over
     batches) cannot run under a JAX transformation; JAX's own error there was a
     ConcretizationTypeError about ``float`` deep inside."""
-    if any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(tree)):
+    if traced(tree):
         raise TypeError(
             f"{what} is traced (under jax.jit, jax.grad or jax.vmap): {steps} from Python and "
             "compiles its own steps, so call it on concrete params, outside the transformation"
@@ -53,17 +53,22 @@ def check_devices(paths: Sequence[str], leaves: Sequence[Sequence[Any]], name) -
             )
 
 
+def check_pair_devices(named: Mapping[str, Any]) -> None:
+    """`check_devices` of whole params trees by name (``{"params_a": a, "params_b": b}``)."""
+    names = list(named)
+    flat = [flatten(named[n]) for n in names]
+    check_devices(flat[0][0], [f[1] for f in flat], names.__getitem__)
+
+
 def checked_params(spec: sym.Spec, named: Iterable[tuple[str, Any]]) -> list[dict[str, Any]]:
     """The leaves by path of every ``(name, params)``, after checking that each fits the
     spec, that all share the first one's dtypes, and that all are finite.
 
     Raises:
       ValueError: naming the model (``name``) and the offending paths.
-      TypeError: traced params (`check_concrete`).
     """
     flats, names = [], []
     for what, tree in named:
-        check_concrete(what, tree, "alignment solves assignments and measures distances")
         try:
             sym.validate(spec, tree)
             sym.check_dtypes(spec, tree)

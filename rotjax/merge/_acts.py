@@ -24,7 +24,7 @@ import numpy as np
 
 from rotjax import symmetry as sym
 from rotjax.match import assign, polar
-from rotjax.match._checks import check_devices
+from rotjax.match._checks import check_pair_devices
 from rotjax.match._stream import stream_polar
 from rotjax.merge._capture import calls
 from rotjax.merge._methods import _gram_inputs, _input_axes
@@ -61,8 +61,7 @@ def cross_statistics(
     """
     fam = model_family(model)
     check_fits(model, fam, {"params_a": params_a, "params_b": params_b})
-    paths, leaves_a, _ = flatten(params_a)
-    check_devices(paths, [leaves_a, flatten(params_b)[1]], ["params_a", "params_b"].__getitem__)
+    check_pair_devices({"params_a": params_a, "params_b": params_b})
     step = _cross_step(model, include_padding)
     total = None
     if progress:

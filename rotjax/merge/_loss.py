@@ -13,6 +13,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rotjax.match._checks import check_concrete
 from rotjax.merge._methods import check_sequence
 from rotjax.merge._stats import _inputs, _no_classes, check_fits
 from rotjax.models import model_family
@@ -56,7 +57,10 @@ def _prediction_loss(model, params_list, batches, memory):
     if not params_list:
         raise ValueError("prediction_loss: params_list holds no model to predict with")
     check_memory(memory)
-    check_fits(model, fam, {f"params_list[{i}]": p for i, p in enumerate(params_list)})
+    named = {f"params_list[{i}]": p for i, p in enumerate(params_list)}
+    for what, tree in named.items():
+        check_concrete(what, tree, "it loops over the batches")
+    check_fits(model, fam, named)
     inputs = _inputs(fam, batches)
     if not inputs:
         raise ValueError("prediction_loss: no batches (or only empty ones)")
@@ -72,6 +76,7 @@ def _prediction_loss(model, params_list, batches, memory):
         return t
 
     def loss(params) -> float:
+        check_concrete("params", params, "the loss loops over the batches")
         total = count = 0.0
         for i, x in enumerate(inputs):
             s, n = step(params, x, target_of(i))

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax.match._checks import check_devices, check_sequence, non_finite
-from rotjax.tree import averaged, flatten, placed_like, wide
+from rotjax.tree import averaged, flatten, placed_like, traced, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
 
@@ -86,12 +86,6 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
         raise ValueError("params differ in kind between the models:\n" + "\n".join(kinds[:10]))
     check_devices(paths, leaves, name)
     return paths, leaves, treedef
-
-
-def traced(v: Any) -> bool:
-    """Whether ``v`` (a number, a sequence of them or an array) holds a JAX tracer: merge
-    coefficients being differentiated, vmapped or jitted over."""
-    return any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(v))
 
 
 def check_untraced(**options: Any) -> None:
@@ -224,11 +218,9 @@ def average(params_list: Sequence[Any], weights: Sequence[float] | None = None) 
             raise ValueError(
                 f"weights must be {len(params_list)} numbers, got shape {jnp.shape(w)}"
             )
-        w = scalar(w)
     else:
         w, leaves = _weighted(model_weights(weights, len(params_list)), leaves)
-        w = scalar(w)
-    return jax.tree.unflatten(treedef, _in_dtypes(_average_leaves(w, leaves), dtypes))
+    return jax.tree.unflatten(treedef, _in_dtypes(_average_leaves(scalar(w), leaves), dtypes))
 
 
 # The merges run as one compiled program per architecture (leaf by leaf, every leaf's small

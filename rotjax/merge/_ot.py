@@ -47,7 +47,7 @@ import jax.numpy as jnp
 from rotjax import symmetry as sym
 from rotjax.match import assign
 from rotjax.match._align import _rescaled
-from rotjax.match._checks import check_concrete, check_devices, non_finite
+from rotjax.match._checks import check_concrete, check_pair_devices, non_finite
 from rotjax.match._permutations import _perm_costs
 from rotjax.match._solvers import SOLVERS
 from rotjax.merge._acts import correlations, group_scores
@@ -123,8 +123,7 @@ def ot_fusion(
         # (NaN costs failed in the solver, naming nothing, or as a Sinkhorn "not converged")
         if bad := non_finite(to_dict(p)):
             raise ValueError(f"{name}: NaN or Inf in {bad[:5]}")
-    paths, leaves_a, _ = flatten(params_a)
-    check_devices(paths, [leaves_a, flatten(params_b)[1]], ["params_a", "params_b"].__getitem__)
+    check_pair_devices({"params_a": params_a, "params_b": params_b})
     moments = {f"{p}\n{k}": x for p, m in (cross or {}).items() for k, x in m.items()}
     if bad := [b.split("\n") for b in non_finite(moments)]:  # one pass over all of them
         path = bad[0][0]

@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from rotjax.match._checks import check_concrete
 from rotjax.merge._capture import calls, capture, dense_input_axes, first_calls, kernel_path
 from rotjax.merge._loss import check_memory
 from rotjax.merge._methods import (
@@ -118,6 +119,9 @@ def refit(
     check_ridge(ridge)
     check_memory(memory)
     fam = model_family(model)
+    for what, tree in {"merged": merged, **dict(enumerate(params_list))}.items():
+        name = what if what == "merged" else f"params_list[{what}]"
+        check_concrete(name, tree, "it loops over the batches")
     check_fits(model, fam, {"merged": merged})  # (the models: checked_models, against it)
     inputs = _inputs(fam, batches)
     if not inputs:

@@ -130,6 +130,7 @@ def statistics(
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     fam = model_family(model)
+    check_concrete("params", params, "it loops over the batches")
     check_fits(model, fam, {"params": params})
     if "fisher" in kinds and (why := _no_classes(model.config)):
         raise ValueError(f"the Fisher needs a classification head ({why})")
@@ -220,7 +221,6 @@ def check_fits(model: nn.Module, fam, named: dict[str, Any]) -> None:
     and shapes of ``model``'s (both named; Flax's own errors spoke of scopes)."""
     spec = fam.symmetry_spec(model.config)
     for what, params in named.items():
-        check_concrete(what, params, "it loops over the batches")
         sym.validate(spec, params, what=what)
 
 

@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax._keys import check_key
-from rotjax.merge._methods import check_sequence, check_untraced, checked_models, scalar, traced
+from rotjax.merge._methods import check_sequence, check_untraced, checked_models, scalar
 from rotjax.models import _layout
-from rotjax.tree import averaged, flatten, wide
+from rotjax.tree import averaged, flatten, traced, wide
 
 TRIMS = ("global", "tensor")
 

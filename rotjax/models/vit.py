@@ -293,11 +293,14 @@ def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Arr
             "(the range of other integers is not known)"
         )
     if np.issubdtype(dtype, np.floating) and not isinstance(images, jax.core.Tracer):
-        x = np.asarray(images)
-        if x.size and not 0 <= np.min(x) <= np.max(x) <= 1:
+        x = jnp.asarray(images)  # (on its device: no copy to the host)
+        low, high = (float(f(x)) for f in (jnp.min, jnp.max)) if x.size else (0.0, 0.0)
+        if not np.isfinite(low + high):
+            raise ValueError("images hold NaN or Inf")
+        if not 0 <= low <= high <= 1:
             raise ValueError(
-                f"images are floats in [{np.min(x):g}, {np.max(x):g}]: give floats in [0, 1] "
-                "or uint8 in [0, 255]"
+                f"images are floats in [{low:g}, {high:g}]: give floats in [0, 1] (np.clip "
+                "those a resize took slightly beyond) or uint8 in [0, 255]"
             )
     x = jnp.asarray(images)
     scaled = x.astype(jnp.float32)
@@ -318,7 +321,7 @@ def batch_inputs(batch: Mapping[str, Any]) -> tuple[Any]:
     if "pixel_values" in batch:
         return (batch["pixel_values"],)
     if "images" not in batch:
-        raise KeyError("pixel_values")  # (the usual name; raw "images" are taken too)
+        raise KeyError("pixel_values or images")
     return (image_pixels(batch["images"]),)
 
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any
 
@@ -371,7 +372,8 @@ def _hint(want: set[str], got: set[str]) -> str:
                 "(a Flax variables dict holds the params under 'params')"
             )
     stacked = lambda paths: any("/layers/" in f"/{p}" for p in paths)
-    if stacked(want) != stacked(got):
+    one = lambda paths: {re.sub(r"(^|/)layer_\d+(/|$)", r"\1layers\2", p) for p in paths}
+    if stacked(want) != stacked(got) and one(want) == one(got):  # the layout is all that differs
         mine, theirs = ("stacked", "per-layer") if stacked(got) else ("per-layer", "stacked")
         return (
             f"\nhint: the params hold {mine} layers where the spec wants {theirs} ones: build "

@@ -146,7 +146,7 @@ def apply(
     elements = check_transform(spec, transform)
     check_dtypes(spec, params, transform)
     paths, leaves, treedef = flatten(params)
-    for name in _stream_rotations(spec, elements) if check_form else ():
+    for name in _moved_streams(spec, elements) if check_form else ():
         check_stream_form(spec, name, dict(zip(paths, leaves, strict=True)), "params")
     moved = [
         i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
@@ -161,7 +161,7 @@ def apply(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _stream_rotations(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
+def _moved_streams(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
     """The stream rotation groups that ``elements`` moves: known and not the identity."""
     with jax.ensure_compile_time_eval():  # known values, also while a jit traces
         return [
