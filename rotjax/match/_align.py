@@ -68,6 +68,7 @@ BLOCKS = {
 PAPER = ("rotation", "scale", "ffn")
 ALL = tuple(BLOCKS)
 RESIDUAL_INITS = ("independent", "identity")
+_SOLVES = "alignment solves assignments and measures distances"  # (`check_concrete`)
 
 
 @dataclasses.dataclass(frozen=True, eq=False)
@@ -227,8 +228,7 @@ def checked_pair(
     B's canonical form where a stream rotation would move it (only B moves: A may be any)."""
     layer_set = _checked_against(spec, options)
     named = [("anchor_params", anchor_params), ("params", params)]
-    for what, tree in named:
-        check_concrete(what, tree, "alignment solves assignments and measures distances")
+    check_concrete(dict(named), _SOLVES)
     a_flat, b_flat = checked_params(spec, named)
     _check_stream_form(spec, options, [("params", b_flat)])
     return layer_set, a_flat, b_flat
@@ -259,8 +259,7 @@ def align_many(
     opts = Options.of(**options)
     layer_set = _checked_against(spec, opts)
     named = [(f"params_list[{i}]", p) for i, p in enumerate(params_list)]
-    for what, tree in named:
-        check_concrete(what, tree, "alignment solves assignments and measures distances")
+    check_concrete(dict(named), _SOLVES)
     flats = checked_params(spec, named)
     if anchor is None:  # (on the models scaled as `align` solves them: no overflow)
         scaled, _ = _rescaled(*flats)

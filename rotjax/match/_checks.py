@@ -27,16 +27,18 @@ def check_sequence(value: Any, name: str = "params_list", what: str = "params py
         )
 
 
-def check_concrete(what: str, tree: Any, steps: str) -> None:
-    """TypeError when ``tree`` (params named ``what``) holds a tracer: functions that drive
-    their own compiled ``steps`` from Python (and return numbers: distances, sums over
-    batches) cannot run under a JAX transformation; JAX's own error there was a
-    ConcretizationTypeError about ``float`` deep inside."""
-    if traced(tree):
-        raise TypeError(
-            f"{what} is traced (under jax.jit, jax.grad or jax.vmap): {steps} from Python and "
-            "compiles its own steps, so call it on concrete params, outside the transformation"
-        )
+def check_concrete(named: Mapping[str, Any], steps: str) -> None:
+    """TypeError naming the first params tree of ``named`` (name -> tree) that holds a tracer:
+    functions that drive their own compiled ``steps`` from Python (and return numbers:
+    distances, sums over batches) cannot run under a JAX transformation; JAX's own error
+    there was a ConcretizationTypeError about ``float`` deep inside."""
+    for what, tree in named.items():
+        if traced(tree):
+            raise TypeError(
+                f"{what} is traced (under jax.jit, jax.grad or jax.vmap): {steps} from Python "
+                "and compiles its own steps, so call it on concrete params, outside the "
+                "transformation"
+            )
 
 
 def check_devices(paths: Sequence[str], leaves: Sequence[Sequence[Any]], name) -> None:

@@ -58,8 +58,7 @@ def _prediction_loss(model, params_list, batches, memory):
         raise ValueError("prediction_loss: params_list holds no model to predict with")
     check_memory(memory)
     named = {f"params_list[{i}]": p for i, p in enumerate(params_list)}
-    for what, tree in named.items():
-        check_concrete(what, tree, "it loops over the batches")
+    check_concrete(named, "it loops over the batches")
     check_fits(model, fam, named)
     inputs = _inputs(fam, batches)
     if not inputs:
@@ -76,7 +75,7 @@ def _prediction_loss(model, params_list, batches, memory):
         return t
 
     def loss(params) -> float:
-        check_concrete("params", params, "the loss loops over the batches")
+        check_concrete({"params": params}, "the loss loops over the batches")
         total = count = 0.0
         for i, x in enumerate(inputs):
             s, n = step(params, x, target_of(i))

@@ -117,13 +117,14 @@ def ot_fusion(
         raise ValueError(f"weight (A's share) must be in [0, 1], got {weight!r}")
     if solver not in SOLVERS:  # (checked even where Sinkhorn alone would transport)
         raise ValueError(f"solver must be one of {SOLVERS}, got {solver!r}")
-    for name, p in (("params_a", params_a), ("params_b", params_b)):
-        check_concrete(name, p, "OT fusion solves its transport maps")
+    named = {"params_a": params_a, "params_b": params_b}
+    check_concrete(named, "OT fusion solves its transport maps")
+    for name, p in named.items():
         sym.validate(spec, p, name)
         # (NaN costs failed in the solver, naming nothing, or as a Sinkhorn "not converged")
         if bad := non_finite(to_dict(p)):
             raise ValueError(f"{name}: NaN or Inf in {bad[:5]}")
-    check_pair_devices({"params_a": params_a, "params_b": params_b})
+    check_pair_devices(named)
     moments = {f"{p}\n{k}": x for p, m in (cross or {}).items() for k, x in m.items()}
     if bad := [b.split("\n") for b in non_finite(moments)]:  # one pass over all of them
         path = bad[0][0]

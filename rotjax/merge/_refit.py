@@ -119,9 +119,8 @@ def refit(
     check_ridge(ridge)
     check_memory(memory)
     fam = model_family(model)
-    for what, tree in {"merged": merged, **dict(enumerate(params_list))}.items():
-        name = what if what == "merged" else f"params_list[{what}]"
-        check_concrete(name, tree, "it loops over the batches")
+    members = {f"params_list[{i}]": p for i, p in enumerate(params_list)}
+    check_concrete({"merged": merged, **members}, "it loops over the batches")
     check_fits(model, fam, {"merged": merged})  # (the models: checked_models, against it)
     inputs = _inputs(fam, batches)
     if not inputs:

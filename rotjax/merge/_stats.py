@@ -130,7 +130,7 @@ def statistics(
     if samples < 1:
         raise ValueError(f"samples must be >= 1, got {samples}")
     fam = model_family(model)
-    check_concrete("params", params, "it loops over the batches")
+    check_concrete({"params": params}, "it loops over the batches")
     check_fits(model, fam, {"params": params})
     if "fisher" in kinds and (why := _no_classes(model.config)):
         raise ValueError(f"the Fisher needs a classification head ({why})")

@@ -17,7 +17,7 @@ import numpy as np
 
 from rotjax._keys import check_key
 from rotjax.symmetry._spec import Action, Group, Spec, check_dtypes, check_spec, validate
-from rotjax.tree import committed, flatten, placed_like
+from rotjax.tree import committed, flatten, placed_like, traced
 
 Transform = dict[str, jax.Array]
 
@@ -168,7 +168,7 @@ def _moved_streams(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
             n
             for n, x in elements.items()
             if spec.groups[n].role == "stream_rotation"
-            and not isinstance(x, jax.core.Tracer)
+            and not traced(x)
             and not bool(jnp.all(x == identity_element(spec.groups[n])))
         ]
 
@@ -183,7 +183,7 @@ def check_stream_form(spec: Spec, name: str, flat: Mapping[str, Any], what: str)
     norms = [p for p, _ in spec.users[spec.groups[name].over] if p not in rotated]
     for path in norms:
         x, want = flat[path], 1 if path.endswith("scale") else 0
-        if isinstance(x, jax.core.Tracer):
+        if traced(x):
             continue
         # a merge of canonical models: float32 ulps off (computed in float32: bfloat16 or
         # float16 ones round back to exactly 1 and 0, and their 4 ulps, 0.03 in bfloat16,
