@@ -27,18 +27,22 @@ def check_sequence(value: Any, name: str = "params_list", what: str = "params py
         )
 
 
+def first_traced(named: Mapping[str, Any]) -> str | None:
+    """The name of the first value of ``named`` (name -> pytree) that holds a tracer, if any."""
+    return next((name for name, tree in named.items() if traced(tree)), None)
+
+
 def check_concrete(named: Mapping[str, Any], steps: str) -> None:
     """TypeError naming the first params tree of ``named`` (name -> tree) that holds a tracer:
     functions that drive their own compiled ``steps`` from Python (and return numbers:
     distances, sums over batches) cannot run under a JAX transformation; JAX's own error
     there was a ConcretizationTypeError about ``float`` deep inside."""
-    for what, tree in named.items():
-        if traced(tree):
-            raise TypeError(
-                f"{what} is traced (under jax.jit, jax.grad or jax.vmap): {steps} from Python "
-                "and compiles its own steps, so call it on concrete params, outside the "
-                "transformation"
-            )
+    if what := first_traced(named):
+        raise TypeError(
+            f"{what} is traced (under jax.jit, jax.grad or jax.vmap): {steps} from Python "
+            "and compiles its own steps, so call it on concrete params, outside the "
+            "transformation"
+        )
 
 
 def check_devices(paths: Sequence[str], leaves: Sequence[Sequence[Any]], name) -> None:

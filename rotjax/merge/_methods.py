@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.match._checks import check_devices, check_sequence, non_finite
+from rotjax.match._checks import check_devices, check_sequence, first_traced, non_finite
 from rotjax.tree import averaged, flatten, placed_like, traced, wide
 
 _HIGHEST = jax.lax.Precision.HIGHEST
@@ -94,13 +94,12 @@ def check_untraced(**options: Any) -> None:
     Python numbers (a TracerBoolConversionError came from the range check, and under
     `jax.grad`, which passes the range check, RegMean's α had a NaN derivative on
     rank-deficient Grams)."""
-    for name, value in options.items():
-        if traced(value):
-            raise TypeError(
-                f"{name} is traced (under jax.grad, jax.vmap or jax.jit): it must be a Python "
-                "number (only average's weights, interpolate's lam and the task-vector merges' "
-                "scale may be traced)"
-            )
+    if name := first_traced(options):
+        raise TypeError(
+            f"{name} is traced (under jax.grad, jax.vmap or jax.jit): it must be a Python "
+            "number (only average's weights, interpolate's lam and the task-vector merges' "
+            "scale may be traced)"
+        )
 
 
 def model_weights(weights: Sequence[float] | None, n: int) -> np.ndarray:
