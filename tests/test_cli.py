@@ -518,7 +518,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         ("mask0.npz", "rows [1] have no real token"),
         ("long.npz", f"input_ids has {long.shape[1]} tokens; this model takes at most"),
         ("float_types.npz", "token_type_ids must be integers"),
-        ("label9.npz", "labels outside [0, 3)"),
+        ("label9.npz", "labels: 1 label(s) outside the classes [0, 3) and not IGNORE_LABEL"),
         ("label_float.npz", "labels must be integers of shape (2,)"),
         # (the empirical Fisher of no example: 0 everywhere, the plain average, silently)
         ("label_none.npz", "every label is -100 (ignored)"),

@@ -1217,10 +1217,16 @@ def test_statistics_skip_filler_examples_and_refuse_misshapen_labels(key):
         merge.statistics(c.model, params, none, ("fisher",), fisher="empirical")
     # A label that is no class and not the ignored one (-1, or the class count) would have
     # counted its example with a zero gradient: refused, naming the batch and the values
-    for bad in (-1, config.num_labels, 1.5):  # (1.5 was counted: one_hot(1.5) is all 0)
-        lab = labels.astype(type(bad)).at[1].set(bad)
+    for bad in (-1, config.num_labels):
+        wrong = [real[0], {**real[0], "labels": labels.at[1].set(bad)}]
+        msg = rf"batch 1: 1 label\(s\) outside the classes \[0, 3\) .* \[{bad}\]"
+        with pytest.raises(ValueError, match=msg):
+            merge.statistics(c.model, params, wrong, ("fisher",), fisher="empirical")
+    # Float labels, as training and the command line refuse them (1.5 was counted with
+    # one_hot(1.5) = 0; whole floats were taken)
+    for lab in (labels.astype(jnp.float32).at[1].set(1.5), labels.astype(jnp.float32)):
         wrong = [real[0], {**real[0], "labels": lab}]
-        with pytest.raises(ValueError, match=rf"batch 1: labels \[{bad}\] .* \[0, 3\)"):
+        with pytest.raises(ValueError, match=r"batch 1: labels must be integer class ids, got"):
             merge.statistics(c.model, params, wrong, ("fisher",), fisher="empirical")
     # An empty batch adds nothing (it broke the Fisher's trace); no real token at all is
     # refused for the Grams as for the Fisher

@@ -27,7 +27,7 @@ from rotjax.cli._common import (
     show_notes,
     symmetry_for,
 )
-from rotjax.data import IGNORE_LABEL
+from rotjax.data import IGNORE_LABEL, check_labels
 from rotjax.merge._methods import MAX_RIDGE
 from rotjax.merge._stats import _no_classes
 from rotjax.models import family
@@ -394,9 +394,10 @@ def _check_labels(path, labels, config, ids) -> None:
             f"{labels.shape}"
         )
     n = config.vocab_size if task == "causal_lm" else config.num_labels
-    bad = (labels != IGNORE_LABEL) & ((labels < 0) | (labels >= n))
-    if bad.any():
-        raise CLIError(f"--data {path}: labels outside [0, {n}) (or {IGNORE_LABEL}: ignored)")
+    try:  # (all ignored: refused below, after a causal LM's shift)
+        check_labels(labels, f"--data {path}: labels", n, all_ignored_ok=True)
+    except ValueError as e:
+        raise CLIError(str(e)) from None
 
 
 def _next_tokens(labels: np.ndarray) -> np.ndarray:

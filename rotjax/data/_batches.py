@@ -27,6 +27,32 @@ word pieces after the first), as in PyTorch's ``CrossEntropyLoss(ignore_index=-1
 Arrays = Mapping[str, np.ndarray] | Sequence[np.ndarray]
 
 
+def check_labels(
+    labels: np.ndarray, what: str, num_classes: int | None = None, *, all_ignored_ok: bool = False
+) -> None:
+    """Refuse labels that are neither a class in ``[0, num_classes)`` (``[0, ∞)`` when
+    ``num_classes`` is None) nor `IGNORE_LABEL`: inside a jitted step a label of -1 (the
+    "unlabeled" of many test splits) would be gathered as the last class, and one of
+    ``num_classes`` or more would make the loss NaN, neither with an error. So are labels of
+    any dtype but an integer one (float labels fail inside optax with an error that names
+    neither; bool ones are no class ids), and, unless ``all_ignored_ok`` (one batch of many
+    may have none), labels that are all `IGNORE_LABEL` (an evaluation of loss 0 and accuracy
+    0, training by weight decay alone). Used by `rotjax.train`, `rotjax.merge.statistics`
+    and the command line alike."""
+    y = np.asarray(labels)
+    if not np.issubdtype(y.dtype, np.integer):
+        raise ValueError(f"{what}: labels must be integer class ids, got dtype {y.dtype}")
+    bad = (y != IGNORE_LABEL) & ((y < 0) | (y >= (np.inf if num_classes is None else num_classes)))
+    if bad.any():
+        classes = "[0, ∞)" if num_classes is None else f"[0, {num_classes})"
+        raise ValueError(
+            f"{what}: {int(bad.sum())} label(s) outside the classes {classes} and not "
+            f"IGNORE_LABEL ({IGNORE_LABEL}), e.g. {np.unique(y[bad])[:5].tolist()}"
+        )
+    if y.size and not all_ignored_ok and (y == IGNORE_LABEL).all():
+        raise ValueError(f"{what}: every label is IGNORE_LABEL ({IGNORE_LABEL}): nothing to count")
+
+
 def num_batches(num_examples: int, batch_size: int, *, drop_remainder: bool = False) -> int:
     """Number of batches `batches` yields for ``num_examples`` examples."""
     num_examples = _check_count(num_examples)

@@ -192,8 +192,10 @@ def align(
       residual_init: start the residual permutation from the terms that depend on no other
         group (``"independent"``: embeddings, LayerNorms, output biases, classifier) or from
         the identity (``"identity"``), which is a fixed point of the stream update when the
-        per-layer groups were fitted with the stream at the identity. Ignored when ``init``
-        holds the residual group.
+        per-layer groups were fitted with the stream at the identity. The stream rotation's
+        start follows it too: ``"independent"`` first fits the rotation to the terms that
+        involve no other group, kept when it lowers the objective. Ignored for the group(s)
+        ``init`` holds.
       max_sweeps: coordinate-descent sweeps; default 1 without the residual group and the
         stream rotation (the paper's single pass), else 50; 50 too when the query heads are
         solved with heads or rotations.
@@ -499,7 +501,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         if better:
             t = start
             measure("residual_init")
-    if streams and options.residual_init == "independent" and not set(streams) & set(init):
+    if streams and independent and not set(streams) & set(init):
         # The rotation from the same terms, on top of the permutation, kept when it lowers J.
         tic = time.perf_counter()
         rotated = stream_stage(ctx, t, frozenset(active), names=streams, exclusive=True)

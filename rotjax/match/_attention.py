@@ -112,7 +112,7 @@ def _rotations(spec, rots, scales, a, b, t):
     best scales of the groups in ``scales`` given those rotations, from the same
     cross-covariances: ``⟨A_p, B_p R⟩ = tr(Rᵀ M_p)`` and ``‖B_p R‖ = ‖B_p‖``, so no second
     pass over the weights. Every param of a group in ``scales`` must carry a rotation in
-    ``rots`` (see `_merges_scales`). The cross-covariances are computed one layer at a time
+    ``rots`` (see `merges_scales`). The cross-covariances are computed one layer at a time
     (`one_at_a_time`; all the groups of a layer together, so that its matmuls can run in
     parallel). On accelerators the loop runs the layers in sequence, each still batched over
     heads."""
@@ -214,7 +214,7 @@ def merges_scales(spec, rots, scales):
 def attention_stage(
     ctx: Context, t: dict, active: frozenset, *, heads, rots, scales=(), queries=()
 ) -> dict:
-    """Heads, rotations and (when `_merges_scales`) scales. Candidate head permutations come
+    """Heads, rotations and (when `merges_scales`) scales. Candidate head permutations come
     from the exact score above (given the current scales and query-head orders) and from the
     invariant scores of `_head_invariants` (one blind to the query-head orders when the model
     has them); each is completed by the Procrustes rotations and then the scales (with the

@@ -29,7 +29,7 @@ import numpy as np
 from rotjax import symmetry as sym
 from rotjax._atomic import write_whole
 from rotjax._keys import check_key
-from rotjax.data import IGNORE_LABEL
+from rotjax.data import IGNORE_LABEL, check_labels
 from rotjax.match._checks import check_concrete, few, non_finite
 from rotjax.merge._capture import capture
 from rotjax.merge._methods import _input_axes
@@ -172,8 +172,8 @@ def _check_labels(model, params, inputs, labels, i, outputs) -> None:
     """ValueError unless batch ``i``'s labels are one per output row (per example, or per token
     for token-level heads: a (B,) label was broadcast to every token), each a class in
     ``[0, classes)`` or `IGNORE_LABEL` (any other value would count its example with a zero
-    gradient). ``outputs``: the models' output shapes by input shapes, filled here (one
-    abstract trace per shape)."""
+    gradient), integers as `rotjax.data.check_labels` asks everywhere. ``outputs``: the
+    models' output shapes by input shapes, filled here (one abstract trace per shape)."""
     sig = tuple(None if x is None else np.shape(x) for x in inputs)
     if sig not in outputs:
         apply = functools.partial(model.apply, {"params": params})
@@ -184,13 +184,7 @@ def _check_labels(model, params, inputs, labels, i, outputs) -> None:
             f"batch {i}: labels of shape {np.shape(labels)}, where the model's outputs "
             f"{outputs[sig]} need {tuple(rows)} (a label per example, or per token)"
         )
-    y = np.asarray(labels)
-    bad = y[(((y < 0) | (y >= classes)) & (y != IGNORE_LABEL)) | (y != np.round(y))]  # NaN, 1.5
-    if bad.size:
-        raise ValueError(
-            f"batch {i}: labels {sorted(set(bad.tolist()))[:5]} are neither a class in "
-            f"[0, {classes}) nor the ignored label {IGNORE_LABEL}"
-        )
+    check_labels(labels, f"batch {i}", classes, all_ignored_ok=True)
 
 
 # Whole-tree programs: leaf by leaf, each small op would compile and dispatch on its own.

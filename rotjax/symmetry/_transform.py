@@ -130,7 +130,8 @@ def apply(
     Permutations act first, then per-head permutations and rotations, then scales, so for a
     head permutation π of the same axis: ``W_Q'[:, h] = a[h] W_Q[:, π[h]] R[h]`` and
     ``W_Q'[:, k, g] = W_Q[:, π[k], σ[k, g]]``. Batched (stacked-layer) groups act
-    layer by layer on the leading axes, through `jax.vmap`. Floating-point work runs at
+    layer by layer on the leading axes (permutations through `jax.vmap`, rotations as batch
+    dimensions of one contraction, scales by broadcasting). Floating-point work runs at
     ``Precision.HIGHEST`` in the promoted dtype; every leaf keeps its dtype and, if it is
     committed to devices (sharded), its sharding. ``check_form=False`` skips the check
     below, for pytrees keyed like a model's params that are not a model (its statistics).

@@ -188,7 +188,7 @@ def _check_eval_data(
     lengths = {k: len(v) for k, v in data.items()}
     if len(set(lengths.values())) != 1 or not lengths["labels"]:
         raise ValueError(f"eval arrays must share one non-zero length, got {lengths}")
-    _metrics.check_labels(data["labels"], "eval labels", num_classes)
+    _data.check_labels(data["labels"], "eval labels", num_classes)
     check_ids(data, tables or {}, "eval ")
     _check_finite(data, "eval")
 
@@ -484,7 +484,7 @@ def fit(
             raise ValueError(f"{name} must be {none}an int >= {least}, got {value!r}")
     if eval_every is not None and eval_data is None:  # (it was ignored, silently)
         raise ValueError("eval_every needs eval_data to evaluate")
-    _metrics.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
+    _data.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
     check_ids(train_data, steps.token_tables or {}, "train_data ")
     _check_finite(train_data, "train_data")
     # The first batch of each, as the run cuts it (both calls check ``trim``, a bad one

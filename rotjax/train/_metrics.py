@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from rotjax.data import IGNORE_LABEL
+from rotjax.data import IGNORE_LABEL, check_labels
 from rotjax.tree import wide
 
 
@@ -23,28 +23,6 @@ def _flat(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array, j
     labels = labels.reshape(-1)
     valid = labels != IGNORE_LABEL
     return logits, jnp.where(valid, labels, 0), valid.astype(logits.dtype)
-
-
-def check_labels(labels: np.ndarray, what: str, num_classes: int | None = None) -> None:
-    """Refuse labels that are neither a class in ``[0, num_classes)`` (``[0, ∞)`` when
-    ``num_classes`` is None) nor `IGNORE_LABEL`: inside a jitted step a label of -1 (the
-    "unlabeled" of many test splits) would be gathered as the last class, and one of
-    ``num_classes`` or more would make the loss NaN, neither with an error. Labels that are
-    all `IGNORE_LABEL` are refused too (an evaluation of loss 0 and accuracy 0, or training
-    by weight decay alone), and so are labels of any dtype but an integer one (float labels
-    fail inside optax with an error that names neither; bool ones are no class ids)."""
-    y = np.asarray(labels)
-    if not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{what}: labels must be integer class ids, got dtype {y.dtype}")
-    bad = (y != IGNORE_LABEL) & ((y < 0) | (y >= (np.inf if num_classes is None else num_classes)))
-    if bad.any():
-        classes = "[0, ∞)" if num_classes is None else f"[0, {num_classes})"
-        raise ValueError(
-            f"{what}: {int(bad.sum())} label(s) outside the classes {classes} and not "
-            f"IGNORE_LABEL ({IGNORE_LABEL}), e.g. {np.unique(y[bad])[:5].tolist()}"
-        )
-    if y.size and (y == IGNORE_LABEL).all():  # loss 0 and accuracy 0 of nothing, or no step
-        raise ValueError(f"{what}: every label is IGNORE_LABEL ({IGNORE_LABEL}): nothing to count")
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
