@@ -168,16 +168,27 @@ def _canonical(stream: StreamSpec, flat: dict[str, jax.Array]) -> dict[str, jax.
     return out
 
 
+def norm_at(x: Any, want: float) -> bool:
+    """Whether the norm param ``x`` (a γ or β) is ``want`` (1 or 0) to 4 ulps of float32, or of
+    its dtype if finer: a merge of canonical models, computed in float32, is ulps off (bfloat16
+    or float16 ones round back to exactly 1 and 0, and their 4 ulps, 0.03 in bfloat16, would
+    let γ = 0.97 through). Read at trace time under `jax.jit` (the value must be known)."""
+    eps = 4 * float(min(jnp.finfo(x.dtype).eps, jnp.finfo(jnp.float32).eps))
+    with jax.ensure_compile_time_eval():
+        return bool(jnp.all(jnp.abs(x - want) <= eps))
+
+
 def is_canonical(stream: StreamSpec, params: Any, *, atol: float | None = None) -> bool:
-    """Whether every norm is at γ = 1, β = 0 and (LayerNorm) every writer is mean-free, to
+    """Whether every norm is at γ = 1, β = 0 (to a few ulps: `norm_at`, as `rotjax.symmetry.
+    apply` and `rotjax.match.align` take them) and (LayerNorm) every writer is mean-free, to
     ``atol`` relative to the writer's largest magnitude (default: 1e-5, or the writer's
     dtype's epsilon if larger: a bfloat16 writer, centred then rounded, keeps a mean of its
     rounding, ~1e-4 relative)."""
     flat = to_dict(params)
     for norm in stream.norms:
         bias = flat.get(f"{norm.path}/bias")
-        if not bool(jnp.all(flat[f"{norm.path}/scale"] == 1)) or (
-            bias is not None and bool(jnp.any(bias != 0))
+        if not norm_at(flat[f"{norm.path}/scale"], 1) or (
+            bias is not None and not norm_at(bias, 0)
         ):
             return False
     if stream.centred:

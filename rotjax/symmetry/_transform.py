@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from rotjax._keys import check_key
+from rotjax.symmetry._canonical import norm_at
 from rotjax.symmetry._spec import Action, Group, Spec, check_dtypes, check_spec, validate
 from rotjax.tree import committed, flatten, placed_like, traced
 
@@ -177,22 +178,14 @@ def _moved_streams(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
 def check_stream_form(spec: Spec, name: str, flat: Mapping[str, Any], what: str) -> None:
     """ValueError unless the model (``flat``: path -> leaf, named ``what``) is one that the
     stream rotation group ``name`` moves without changing its function: every norm at
-    γ = 1, β = 0 (`rotjax.symmetry.canonicalize`), naming the first that is not. The norms
-    are the params the stream's permutation group acts on and its rotation does not.
-    Traced values (under `jax.jit`) are not checked."""
+    γ = 1, β = 0 (`rotjax.symmetry.canonicalize`; to a few ulps, `norm_at`), naming the
+    first that is not. The norms are the params the stream's permutation group acts on and
+    its rotation does not. Traced values (under `jax.jit`) are not checked."""
     rotated = {path for path, _ in spec.users[name]}
     norms = [p for p, _ in spec.users[spec.groups[name].over] if p not in rotated]
     for path in norms:
         x, want = flat[path], 1 if path.endswith("scale") else 0
-        if traced(x):
-            continue
-        # a merge of canonical models: float32 ulps off (computed in float32: bfloat16 or
-        # float16 ones round back to exactly 1 and 0, and their 4 ulps, 0.03 in bfloat16,
-        # let γ = 0.97 through)
-        eps = 4 * float(min(jnp.finfo(x.dtype).eps, jnp.finfo(jnp.float32).eps))
-        with jax.ensure_compile_time_eval():
-            off = not bool(jnp.all(jnp.abs(x - want) <= eps))
-        if off:
+        if not traced(x) and not norm_at(x, want):
             raise ValueError(
                 f"{what}: the stream rotation is a symmetry of canonical forms only (every "
                 f"norm at scale 1, bias 0: rotjax.symmetry.canonicalize); {path} "
