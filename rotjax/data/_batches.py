@@ -18,7 +18,7 @@ from collections.abc import Iterator, Mapping, Sequence
 
 import numpy as np
 
-from rotjax.data._common import is_int
+from rotjax._numbers import is_int
 
 IGNORE_LABEL = -100
 """Label of positions that count in neither loss nor metrics (padding tokens, padded examples,

@@ -9,13 +9,9 @@ from typing import Generic, NamedTuple, TypeVar
 import numpy as np
 
 from rotjax._atomic import write_whole
+from rotjax._numbers import is_int
 
 T = TypeVar("T")
-
-
-def is_int(value) -> bool:
-    """Whether ``value`` is a Python or numpy integer, not a bool (True is no count)."""
-    return isinstance(value, int | np.integer) and not isinstance(value, bool)
 
 
 class DataSourceError(OSError):

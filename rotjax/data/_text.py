@@ -52,6 +52,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from rotjax._numbers import is_int
 from rotjax.data._common import DataSourceError, Splits, file_stamp, write_npz
 from rotjax.data._tokenize import (
     check_max_length,
@@ -319,7 +320,7 @@ def check_options(
         )
     check_max_length(max_length)
     for option, value in (("max_per_class", max_per_class), ("limit", limit)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+        if value is not None and not is_int(value):
             raise ValueError(f"{option} must be None or a positive int, got {value!r}")
         if value is not None and value < 1:
             raise ValueError(f"{option} must be None or a positive int, got {value!r}")

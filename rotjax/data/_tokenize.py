@@ -12,7 +12,8 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from rotjax.data._common import DataSourceError, is_int
+from rotjax._numbers import is_int
+from rotjax.data._common import DataSourceError
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -13,6 +12,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from rotjax._numbers import is_int
 from rotjax.match._checks import check_concrete
 from rotjax.merge._methods import check_sequence
 from rotjax.merge._stats import _inputs, _no_classes, check_fits
@@ -89,8 +89,7 @@ def _prediction_loss(model, params_list, batches, memory):
 
 def check_memory(memory: Any) -> None:
     """A byte budget: an integer >= 0 (numpy's too; not a bool)."""
-    whole = isinstance(memory, numbers.Integral) and not isinstance(memory, bool)
-    if not (whole and memory >= 0):
+    if not (is_int(memory) and memory >= 0):
         raise ValueError(f"memory must be an integer >= 0 (bytes), got {memory!r}")
 
 

@@ -10,7 +10,6 @@ best with both models on the same unlabeled inputs.
 
 from __future__ import annotations
 
-import numbers
 from collections.abc import Iterable
 from typing import Any
 
@@ -19,6 +18,7 @@ import jax
 
 from rotjax import match
 from rotjax import symmetry as sym
+from rotjax._numbers import is_int
 from rotjax.match._align import checked_pair
 from rotjax.merge._acts import ROLES, activation_init, cross_statistics
 from rotjax.merge._loss import MEMORY, _better, _kept, _prediction_loss
@@ -81,8 +81,7 @@ def align_by_activations(
     ``(step, loss)`` pairs, step 0 the candidate). The alignment's transform is complete and
     its diagnostics are those of its last `align` call.
     """
-    integral = isinstance(max_sweeps, numbers.Integral) and not isinstance(max_sweeps, bool)
-    if not (integral and max_sweeps >= 0):
+    if not (is_int(max_sweeps) and max_sweeps >= 0):
         raise ValueError(f"max_sweeps must be an int >= 0, got {max_sweeps!r}")
     if not isinstance(weights_start, bool | match.Alignment):
         raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")

@@ -19,7 +19,6 @@ has the least loss over all batches, measured every ``every`` steps, the start i
 from __future__ import annotations
 
 import contextlib
-import numbers
 from collections.abc import Callable, Iterable, Mapping
 from typing import Any
 
@@ -30,6 +29,7 @@ import optax
 
 from rotjax import match
 from rotjax import symmetry as sym
+from rotjax._numbers import is_int, is_number
 from rotjax.merge._loss import MEMORY, _kept, _loss_steps, _prediction_loss
 from rotjax.merge._methods import average
 from rotjax.tree import wide
@@ -120,11 +120,9 @@ def _check_descent(
     ``solve``, ``key`` and ``solver`` as `rotjax.match.align` checks them (also with no
     steps); ``solve`` returned as a tuple (an iterator is read once)."""
     for name, value, low in (("steps", steps, 0), ("every", every, 1), ("sweeps", sweeps, 1)):
-        integral = isinstance(value, numbers.Integral) and not isinstance(value, bool)
-        if not (integral and value >= low):
+        if not (is_int(value) and value >= low):
             raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
-    real = isinstance(learning_rate, numbers.Real) and not isinstance(learning_rate, bool)
-    if not (real and 0 < learning_rate < float("inf")):
+    if not (is_number(learning_rate, "iuf") and 0 < learning_rate < float("inf")):
         raise ValueError(f"learning_rate must be a positive finite number, got {learning_rate!r}")
     solve = match.Options(solve=solve, solver=solver, key=key).solve
     if steps and not solve:

@@ -16,7 +16,7 @@ from jax.sharding import Mesh
 
 from rotjax import data as _data
 from rotjax._atomic import write_whole
-from rotjax.data._common import is_int
+from rotjax._numbers import is_int
 from rotjax.models import check_ids
 from rotjax.train import _checkpoint, _mesh, _metrics, _steps
 from rotjax.train._steps import Steps, TrainState
