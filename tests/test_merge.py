@@ -2417,7 +2417,6 @@ _OwnConfig.rotjax_family = Family(
     token_mask=lambda inputs: None,
     input_names=("input_ids",),
     model_types=(),
-    pre_norm=False,
 )
 
 

@@ -296,7 +296,7 @@ def symmetry_for(config: Any, params: list[Any], stream: bool) -> tuple[Any, lis
     model in canonical form (`rotjax.symmetry.canonicalize`, the same function) and the spec
     with the stream rotation; otherwise the plain spec and the params unchanged."""
     fam = family(config)
-    if stream and fam.stream_spec is not None:
+    if stream and fam.pre_norm:
         from rotjax import symmetry as sym
 
         try:
@@ -307,7 +307,7 @@ def symmetry_for(config: Any, params: list[Any], stream: bool) -> tuple[Any, lis
         centred = ", stream centred" if stream_spec.centred else ""
         note = f"models in canonical form (norms folded{centred}) to rotate the stream"
         return fam.symmetry_spec(config, stream_rotation=True), canon, [note]
-    if stream and fam.stream_spec is None:
+    if stream and not fam.pre_norm:
         why = f"no stream rotation: {fam.name} is post-norm (its norms sit on the stream)"
         return fam.symmetry_spec(config), params, [why]
     return fam.symmetry_spec(config), params, []

@@ -36,10 +36,8 @@ class Family:
         (the attention mask), for statistics that must skip padding.
       input_names: Hugging Face names of the positional inputs, in order.
       model_types: the Hugging Face ``model_type`` values the family covers.
-      pre_norm: whether every read of the residual stream goes through a norm (pre-LN blocks
-        and a final norm), which is what residual-stream rotations need.
-      stream_spec: ``config -> rotjax.symmetry.StreamSpec`` of pre-norm families (None for
-        post-norm ones): what `rotjax.symmetry.canonicalize` needs, after which
+      stream_spec: ``config -> rotjax.symmetry.StreamSpec`` of pre-norm families (`pre_norm`;
+        None for post-norm ones): what `rotjax.symmetry.canonicalize` needs, after which
         ``symmetry_spec(config, stream_rotation=True)`` holds a rotation of the stream.
       training_fields: config fields that shape neither the params nor the function at
         inference (dropout rates, the init scale, the params layout): two models that differ
@@ -62,10 +60,16 @@ class Family:
     token_mask: Callable[[tuple[Any, ...]], Any]
     input_names: tuple[str, ...]
     model_types: tuple[str, ...]
-    pre_norm: bool
     stream_spec: Callable[[Any], Any] | None = None
     training_fields: tuple[str, ...] = ()
     inert: tuple[str, ...] = ()
+
+    @property
+    def pre_norm(self) -> bool:
+        """Whether every read of the residual stream goes through a norm (pre-LN blocks and a
+        final norm), which is what residual-stream rotations need: the families with a
+        ``stream_spec``."""
+        return self.stream_spec is not None
 
     def param_shapes(self, config: Any, inputs: tuple | None = None) -> Any:
         """The params structure of ``Model(config)`` as ``jax.ShapeDtypeStruct`` leaves (traced

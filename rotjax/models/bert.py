@@ -334,7 +334,6 @@ FAMILY = Family(
     token_mask=token_mask,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
     model_types=("bert", "roberta"),
-    pre_norm=False,
     training_fields=(
         "hidden_dropout_prob",
         "attention_probs_dropout_prob",

@@ -522,7 +522,6 @@ FAMILY = Family(
     token_mask=lambda inputs: inputs[1] if len(inputs) > 1 else None,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
     model_types=("deberta-v2",),
-    pre_norm=False,
     training_fields=(
         "hidden_dropout_prob",
         "attention_probs_dropout_prob",

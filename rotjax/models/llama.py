@@ -521,7 +521,6 @@ FAMILY = Family(
     token_mask=lambda inputs: inputs[1] if len(inputs) > 1 else None,
     input_names=("input_ids", "attention_mask"),
     model_types=FAMILY_TYPES,
-    pre_norm=True,
     stream_spec=stream_spec,
     training_fields=("initializer_range", "attention_dropout", "scan_layers"),
 )

@@ -335,7 +335,6 @@ FAMILY = Family(
     token_mask=lambda inputs: None,  # every patch token is real
     input_names=("pixel_values",),
     model_types=("vit",),
-    pre_norm=True,
     stream_spec=stream_spec,
     training_fields=(
         "hidden_dropout_prob",
