@@ -15,13 +15,6 @@ import jax
 import jax.numpy as jnp
 
 
-def _key_name(k: Any) -> str:
-    for attr in ("key", "name", "idx"):
-        if hasattr(k, attr):
-            return str(getattr(k, attr))
-    return str(k)
-
-
 def traced(tree: Any) -> bool:
     """Whether any leaf of ``tree`` (params, a number, a sequence of them) is a JAX tracer:
     values unknown while `jax.jit`, `jax.grad` or `jax.vmap` trace."""
@@ -31,7 +24,8 @@ def traced(tree: Any) -> bool:
 def flatten(params: Any) -> tuple[list[str], list[Any], Any]:
     """``(paths, leaves, treedef)`` of any params pytree, leaves in ``jax.tree`` order."""
     leaves_with_paths, treedef = jax.tree_util.tree_flatten_with_path(params)
-    paths = ["/".join(_key_name(k) for k in kp) for kp, _ in leaves_with_paths]
+    path = lambda kp: jax.tree_util.keystr(kp, simple=True, separator="/")
+    paths = [path(kp) for kp, _ in leaves_with_paths]
     return paths, [leaf for _, leaf in leaves_with_paths], treedef
 
 

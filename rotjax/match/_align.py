@@ -324,7 +324,7 @@ def _check_stream_form(spec: sym.Spec, options: Options, flats) -> None:
     naming the first such norm. The norms are the params the stream's permutation group acts
     on and its rotation does not (they are never rotated)."""
     solved = options.roles
-    given = _rotated(spec, options.init) if options.init else []
+    given = sym.moved_streams(spec, options.init) if options.init else []
     streams = [
         n
         for n, g in spec.groups.items()
@@ -356,7 +356,7 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
         if (
             "residual" in solved
             and "stream_rotation" not in solved
-            and (r := _rotated(spec, options.init))
+            and (r := sym.moved_streams(spec, options.init))
         ):
             # It would act after the permutation, which `align` then does not solve (below):
             # the permutation was returned unsolved, silently.
@@ -379,17 +379,6 @@ def _checked_against(spec: sym.Spec, options: Options) -> frozenset[int] | None:
             f"every solved group is per layer (layers=None solves every layer)"
         )
     return layer_set
-
-
-def _rotated(spec: sym.Spec, init: Mapping[str, Any]) -> list[str]:
-    """The stream rotations of ``init`` that are not the identity (an identity rotation, as
-    in any complete transform, acts on nothing)."""
-    return [
-        n
-        for n in init
-        if (g := spec.groups[n]).role == "stream_rotation"
-        and not np.array_equal(np.asarray(init[n]), np.asarray(sym.identity_element(g)))
-    ]
 
 
 def _stages(spec, names, rotated=False):
@@ -442,7 +431,7 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     # A stream rotation in the start still acts after the stream permutation: the
     # permutation's assignment would see B in the wrong order, so it is not solved then (the
     # rotation, solved, holds every permutation; `_checked_against` refuses it unsolved).
-    rotated = bool(_rotated(spec, init))
+    rotated = bool(sym.moved_streams(spec, init))
     ident = sym.identity(spec)
     stages = _stages(spec, names, rotated)
     residual = tuple(n for n in names if spec.groups[n].role == "residual")

@@ -115,7 +115,7 @@ def non_finite(flat: dict[str, jax.Array]) -> list[str]:
     leaf the screen flags checked exactly (a sum of finite values may overflow). Under a
     `jax.jit` around the caller, concrete leaves (closed over) are still checked, traced ones
     cannot be and are not."""
-    flat = {p: x for p, x in flat.items() if not isinstance(x, jax.core.Tracer)}
+    flat = {p: x for p, x in flat.items() if not traced(x)}
     with jax.ensure_compile_time_eval():  # eagerly, also while a caller's jit traces
         sums = np.asarray(_finite_sums(flat)) if flat else []
         flagged = [p for p, ok in zip(sorted(flat), sums, strict=True) if not ok]

@@ -65,7 +65,6 @@ def checked_models(params_list: Sequence[Any], *, at_least: int = 2, first: str 
     # Integer and boolean leaves (counters, ids, flags) have no mean: equal, they are kept
     # as they are; different, they were averaged and truncated, silently. (Traced, under a
     # jax.jit, their values are unknown: the first model's are kept.)
-    traced = lambda xs: any(isinstance(x, jax.core.Tracer) for x in xs)
     differ = [
         path
         for path, *xs in zip(paths, *leaves, strict=True)
@@ -363,7 +362,7 @@ def fisher(
     if normalize:
         with jax.ensure_compile_time_eval():  # concrete Fishers: eagerly, also under a jit
             norms = [_global_norm(list(f.values())) if i in kept else 1.0 for i, f in enumerate(fs)]
-        if any(isinstance(x, jax.core.Tracer) for x in norms):  # traced: not known, not checked
+        if traced(norms):  # traced: not known, not checked
             w, leaves, fs = _weighted(w, leaves, fs)
             w = w / jnp.stack([norms[i] for i in kept])
             w = w / jnp.sum(w)

@@ -148,7 +148,7 @@ def apply(
     elements = check_transform(spec, transform)
     check_dtypes(spec, params, transform)
     paths, leaves, treedef = flatten(params)
-    for name in _moved_streams(spec, elements) if check_form else ():
+    for name in moved_streams(spec, elements) if check_form else ():
         check_stream_form(spec, name, dict(zip(paths, leaves, strict=True)), "params")
     moved = [
         i for i, p in enumerate(paths) if any(a.group in transform for a in spec.params[p].actions)
@@ -163,8 +163,9 @@ def apply(
     return jax.tree_util.tree_unflatten(treedef, out)
 
 
-def _moved_streams(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
-    """The stream rotation groups that ``elements`` moves: known and not the identity."""
+def moved_streams(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
+    """The stream rotation groups that ``elements`` moves: known (not traced) and not the
+    identity (an identity rotation, as in any complete transform, acts on nothing)."""
     with jax.ensure_compile_time_eval():  # known values, also while a jit traces
         return [
             n
@@ -304,7 +305,7 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform
                 f"transform[{name!r}] has dtype {dtype}: a permutation is integer indices "
                 f"({g.kind} group)"
             )
-        if g.kind in ("perm", "hperm") and not isinstance(el, jax.core.Tracer):
+        if g.kind in ("perm", "hperm") and not traced(el):
             _check_permutation(name, g, el)
         if jnp.issubdtype(dtype, jnp.complexfloating):
             # cast to the params' real dtype, its imaginary part was dropped, silently
