@@ -1935,6 +1935,28 @@ def test_refit_matches_a_float64_lstsq_oracle(key):
     assert rel_err(out, start) > 1e-2  # it did refit
 
 
+def test_refit_counts_padded_tokens_only_when_asked(key):
+    """By default refit fits the real tokens' rows only, so the ids at padded positions change
+    nothing (1e-6: the padded keys' softmax weights are exactly 0, the rows the same; last bits
+    of differently fused programs); with ``include_padding=True`` their rows count too (as in
+    RegMean's original code), so they do; on a batch without padding the two agree."""
+    config = CONFIGS["bert-h3d4-l2"]
+    c = compiled(config)
+    ps = [c.init(jax.random.fold_in(key, i), 0.3) for i in range(2)]
+    ids, mask = inputs(config, key, batch=4)
+    assert not mask.all()
+    noise = jax.random.randint(jax.random.fold_in(key, 9), ids.shape, 1, config.vocab_size)
+    other = jnp.where(mask > 0, ids, noise)
+    start = merge.average(ps)
+    fit = lambda x, m, pad: merge.refit(
+        c.model, start, ps, [(x, m)], ridge=1e-2, include_padding=pad
+    )
+    assert rel_err(fit(other, mask, False), fit(ids, mask, False)) <= 1e-6
+    assert rel_err(fit(other, mask, True), fit(ids, mask, True)) > 1e-3
+    full = jnp.ones_like(mask)
+    assert rel_err(fit(ids, full, True), fit(ids, full, False)) <= 1e-6
+
+
 def test_refit_of_float64_models_is_float64(key):
     """With ``jax_enable_x64``, float64 models are refitted in float64 (their targets, weights
     and ridge were float32: 3e-8 from the oracle): the float64 oracle's result to 1e-9."""
@@ -2159,6 +2181,16 @@ def test_curve_and_barrier(key):
     cv = merge.curve(evaluate, a, b, [0.0, 0.5, 1.0])
     np.testing.assert_allclose(cv.metrics["loss"], [0.0, 0.75, 0.0])
     assert cv.barrier == pytest.approx({"loss": 0.75, "accuracy": 0.25})
+    # Which metrics are scores: the loss's rise is no barrier of a score, the accuracy's dip
+    # none of a loss; one name given as a string is that name ("accuracy" in "val_accuracy"
+    # took the substring: the loss of a metric named "accuracy" was read as a score)
+    for scores, want in (((), (0.75, 0.0)), (("loss", "accuracy"), (0.0, 0.25))):
+        cv = merge.curve(evaluate, a, b, [0.0, 0.5, 1.0], higher_is_better=scores)
+        assert cv.barrier == pytest.approx(dict(zip(("loss", "accuracy"), want, strict=True))), (
+            scores
+        )
+    cv = merge.curve(evaluate, a, b, [0.0, 0.5, 1.0], higher_is_better="val_accuracy")
+    assert cv.barrier == pytest.approx({"loss": 0.75, "accuracy": 0.0})
     # Lambdas that are not a path from 0 to 1 (beyond 1 it measured a gap to the line's
     # extrapolation: 8 here; none at all was an IndexError)
     for lambdas, values in (([0.2, 1.0], [1.0, 2.0]), ([0, 2, 1], [0, 10, 1]), ([], [])):

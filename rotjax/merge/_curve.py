@@ -71,8 +71,9 @@ def curve(
     known: Mapping[float, Mapping[str, float]] | None = None,
 ) -> Curve:
     """``evaluate`` (params -> metrics, e.g. `rotjax.train.evaluator`) along the linear path,
-    and each metric's barrier (a score's when its name is in ``higher_is_better``) when the
-    lambdas, in any order, run from 0 to 1 (no barriers otherwise: ``{}``).
+    and each metric's barrier (a score's when its name is in ``higher_is_better``, metric
+    names, or one name as a string; a loss's otherwise) when the lambdas, in any order, run
+    from 0 to 1 (no barriers otherwise: ``{}``).
 
     Any two models of one architecture work: A and B, or two merged models. ``known``: metrics
     already measured at some of the λ, used as given instead of evaluating again, e.g. ``{0.0:
@@ -97,10 +98,12 @@ def curve(
     if any(r.keys() != rows[0].keys() for r in rows):
         raise ValueError(f"the metrics differ along the path: {[sorted(r) for r in rows]}")
     metrics = {k: np.asarray([r[k] for r in rows], np.float64) for k in rows[0]}
+    # one name is one name (`k in "macro_f1"` read "f1" and "macro" as scores too)
+    scores = {higher_is_better} if isinstance(higher_is_better, str) else set(higher_is_better)
     bars, order = {}, np.argsort(lam, kind="stable")
     if lam[order[0]] == 0.0 and lam[order[-1]] == 1.0:
         bars = {
-            k: barrier(lam[order], v[order], higher_is_better=k in higher_is_better)
+            k: barrier(lam[order], v[order], higher_is_better=k in scores)
             for k, v in metrics.items()
         }
     return Curve(lam, metrics, bars)
