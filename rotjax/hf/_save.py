@@ -98,8 +98,8 @@ def save(
       OSError: a file of ``source`` to copy cannot be read (nothing is left written).
 
     Warns:
-      NotCopiedWarning: a folder of ``source`` to copy cannot be read (it was left out,
-        silently, until 2026-12-07).
+      NotCopiedWarning: a folder of ``source`` to copy cannot be read (it is left out, the
+        rest written).
     """
     path = Path(path)
     check_name_lengths(path)

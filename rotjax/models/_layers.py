@@ -175,6 +175,18 @@ TOKEN_TABLES = (("input_ids", "vocab_size"), ("token_type_ids", "type_vocab_size
 """Token inputs and the config fields that size the embedding tables they index."""
 
 
+def text_inputs(batch: Mapping[str, Any]) -> tuple[Any, ...]:
+    """``(input_ids, attention_mask, token_type_ids or None)`` from a batch of named arrays:
+    the positional inputs of the encoders (BERT, RoBERTa, DeBERTa)."""
+    return batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
+
+
+def token_mask(inputs: tuple[Any, ...]) -> Any:
+    """The attention mask of a text model's positional inputs ``(input_ids, attention_mask,
+    ...)``, if given."""
+    return inputs[1] if len(inputs) > 1 else None
+
+
 def token_tables(config: Any) -> dict[str, int]:
     """``{input name: rows of the table it indexes}`` of a config (those it has fields for)."""
     return {name: getattr(config, f) for name, f in TOKEN_TABLES if hasattr(config, f)}

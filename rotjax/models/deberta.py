@@ -33,8 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Mapping
-from typing import Any
 
 import flax.linen as nn
 import jax
@@ -507,19 +505,14 @@ def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array, jax.
     return ids, jnp.ones((batch_size, tokens), jnp.int32)
 
 
-def batch_inputs(batch: Mapping[str, Any]) -> tuple[Any, ...]:
-    """``(input_ids, attention_mask, token_type_ids or None)`` from a batch of named arrays."""
-    return batch["input_ids"], batch.get("attention_mask"), batch.get("token_type_ids")
-
-
 FAMILY = Family(
     name="deberta",
     Config=Config,
     Model=Model,
     symmetry_spec=symmetry_spec,
     example_inputs=example_inputs,
-    batch_inputs=batch_inputs,
-    token_mask=lambda inputs: inputs[1] if len(inputs) > 1 else None,
+    batch_inputs=_layers.text_inputs,
+    token_mask=_layers.token_mask,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
     model_types=("deberta-v2",),
     training_fields=(
