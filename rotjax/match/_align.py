@@ -486,12 +486,12 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
     if streams and independent and not set(streams) & set(init):
         # The rotation from the same terms, on top of the permutation, kept when it lowers J.
         tic = time.perf_counter()
-        rotated = stream_stage(ctx, t, frozenset(active), names=streams, exclusive=True)
-        keep = total(ctx, sub(rotated, active | set(streams))) < total(ctx, sub(t, active))
+        start = stream_stage(ctx, t, frozenset(active), names=streams, exclusive=True)
+        keep = total(ctx, sub(start, active | set(streams))) < total(ctx, sub(t, active))
         seconds["stream"] = seconds.get("stream", 0.0) + time.perf_counter() - tic
         active |= set(streams)
         if keep:
-            t = rotated
+            t = start
             measure("stream_init")
 
     order = list(stages)

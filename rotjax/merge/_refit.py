@@ -165,8 +165,8 @@ def refit(
             continue
         for kernel in group:
             has_bias = _bias(kernel) in flat
-            keep = slice(None) if has_bias else slice(0, -1)  # the ones column for a bias
-            g, cross = g_aug[keep, keep], [c[keep, keep] for c in cross_aug]
+            cols = slice(None) if has_bias else slice(0, -1)  # the ones column for a bias
+            g, cross = g_aug[cols, cols], [c[cols, cols] for c in cross_aug]
             n_in = g.shape[0] - has_bias
             targets = [_augmented(m, kernel, index, n_in, has_bias) for m in models]
             start = _augmented(flat, kernel, index, n_in, has_bias)
