@@ -1021,6 +1021,26 @@ def test_fisher_matches_per_example_gradient_loops(name, variant, key):
     assert rel_err(got["fisher"], to_dict(want)) <= 1e-5
 
 
+def test_a_causal_lm_s_fisher_variant_must_be_named(key):
+    """The default call (Grams and Fisher) on a causal LM: its exact Fisher, a backward pass
+    per token and vocabulary entry, ran for a Llama-sized model for days; now refused, saying
+    what to pass. Named, each variant runs; the Grams alone need none."""
+    base = CONFIGS["llama-k2g2d6-l2-seq"]
+    config = dataclasses.replace(base, task="causal_lm", tie_word_embeddings=True)
+    c = compiled(config)
+    params = c.init(key, 0.3)
+    ids, mask = inputs(config, key, batch=2)
+    batch = [{"input_ids": ids, "attention_mask": mask}]
+    with pytest.raises(ValueError, match=r"per token and vocabulary entry .* fisher='sampled'"):
+        merge.statistics(c.model, params, batch)
+    assert "fisher" not in merge.statistics(c.model, params, batch, ("gram",))
+    exact = merge.statistics(c.model, params, batch, ("fisher",), fisher="exact")
+    sampled = merge.statistics(
+        c.model, params, batch, ("fisher",), fisher="sampled", samples=2, key=key
+    )
+    assert float(exact["examples"]) == float(sampled["examples"]) == 2
+
+
 def test_sampled_fisher_is_the_exact_one_in_expectation(key):
     config = CONFIGS["vit-h1d8-l1-nobias"]
     c = compiled(config)

@@ -63,7 +63,7 @@ def statistics(
     kinds: Sequence[str] | str = KINDS,
     *,
     include_padding: bool = False,
-    fisher: str = "exact",
+    fisher: str | None = None,
     samples: int = 1,
     key: jax.Array | None = None,
     progress: bool = False,
@@ -97,7 +97,10 @@ def statistics(
         example, or per token for token classification and causal language models; for the
         latter the label at position t is the token the logits of position t predict, i.e.
         ``input_ids`` shifted left, not ``input_ids`` as transformers' models take them).
-        The exact and sampled Fishers read every real token (attention mask), labels or not;
+        None (the default): ``"exact"``, except for a causal language model, whose exact
+        Fisher takes a backward pass per token and vocabulary entry (32k x 128 per example of
+        a Llama-sized model): there it must be named (``"sampled"`` is what ``rotjax merge``
+        takes). The exact and sampled Fishers read every real token (attention mask), labels or not;
         the empirical one the labelled ones (not `rotjax.data.IGNORE_LABEL`). The mean is over
         the examples that count: those with a real token (and a label, for the empirical
         Fisher), so a batch's filler examples (all mask 0) change nothing.
@@ -112,7 +115,8 @@ def statistics(
       ``"fisher"``/``"examples"``).
 
     Raises:
-      ValueError: unknown kinds or Fisher variant, no batches (an empty batch is skipped),
+      ValueError: unknown kinds or Fisher variant (none named for a causal LM's Fisher), no
+        batches (an empty batch is skipped),
         missing labels or key, labels of another shape than the model's outputs or outside
         its classes for the empirical Fisher (the others do not read them; batch and shapes
         named), no example that counts (no token that counts, for the Grams), a Fisher of a
@@ -123,6 +127,16 @@ def statistics(
     if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):
         got = f"unknown statistics kinds {unknown}" if kinds else "no statistics kinds"
         raise ValueError(f"{got}; choose from {list(KINDS)}")
+    config = getattr(model, "config", None)
+    if fisher is None and "fisher" in kinds and getattr(config, "task", "") == "causal_lm":
+        vocab = getattr(config, "vocab_size", "V")
+        raise ValueError(
+            "the exact Fisher of a causal language model takes one backward pass per token "
+            f"and vocabulary entry ({vocab} a token here): name the variant, "
+            "fisher='sampled' with a key (one pass per draw), fisher='empirical' with labels, "
+            "or fisher='exact' to insist; or compute kinds=('gram',) only"
+        )
+    fisher = "exact" if fisher is None else fisher
     if fisher not in FISHERS:
         raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
     if "fisher" in kinds and fisher == "sampled":
