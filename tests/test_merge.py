@@ -2292,23 +2292,24 @@ def test_functions_driven_from_python_refuse_traced_params_by_name(key):
 
 def test_interpolate_is_the_weighted_sum_in_one_program(key):
     """``(1 - λ) A + λ B`` leaf by leaf in A's dtypes; λ is traced, so every point reuses one
-    program, `average`'s (weights 1 - λ and λ). float32 arithmetic of the same two products
-    and sum (divided by their weights' sum, 1): equal to the last bit; at λ = 1/2 the average
-    of the two to the last bit (halves summed, or the sum halved: exact scalings)."""
+    program. float32 arithmetic of the same two products and sum: equal to the last bit, also
+    far outside [0, 1] (`average`'s program with weights 1 - λ and λ divides by their sum,
+    which float32 rounds off 1 beyond 2^24); at λ = 1/2 the average of the two to the last
+    bit (halves summed, or the sum halved: exact scalings)."""
     ka, kb = jax.random.split(key)
     a = {"w": jax.random.normal(ka, (3, 4)), "b": {"h": jnp.ones(2, jnp.bfloat16)}}
     b = {"w": jax.random.normal(kb, (3, 4)), "b": {"h": jnp.zeros(2, jnp.bfloat16)}}
-    from rotjax.merge import _methods
+    from rotjax.merge import _curve
 
     mid, avg = merge.interpolate(a, b, 0.5), merge.average([a, b])
     jax.tree.map(np.testing.assert_array_equal, mid, avg)
-    programs = _methods._average_leaves._cache_size()
-    for lam in (0.0, 0.3, 1.0):
+    programs = _curve._mix._cache_size()
+    for lam in (0.0, 0.3, 1.0, -5e-4, 2.0**25 + 2):
         got = merge.interpolate(a, b, lam)
         np.testing.assert_array_equal(got["w"], (1 - np.float32(lam)) * a["w"] + lam * b["w"])
         assert got["b"]["h"].dtype == jnp.bfloat16
         np.testing.assert_allclose(np.float32(got["b"]["h"]), 1 - lam, rtol=1e-2)
-    assert _methods._average_leaves._cache_size() - programs <= 1  # three points: one program
+    assert _curve._mix._cache_size() - programs <= 1  # the points: one program
     with pytest.raises(ValueError, match=r"has other params than"):
         merge.interpolate(a, {"w": b["w"]}, 0.5)
     # λ NaN made every param NaN; λ of shape (1,) turned a scalar leaf into shape (1,)
@@ -2469,6 +2470,7 @@ _OwnConfig.rotjax_family = Family(
     token_mask=lambda inputs: None,
     input_names=("input_ids",),
     model_types=(),
+    pre_norm=False,  # (may be given, as before it followed from stream_spec)
 )
 
 

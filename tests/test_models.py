@@ -37,6 +37,9 @@ def test_family_record_describes_its_model(name, key):
     jax.tree.map(np.testing.assert_array_equal, again, out)
     assert rotjax.models.family_of_model_type(config.model_type) is f
     assert f.pre_norm == (f.name in ("vit", "llama"))
+    # pre_norm follows from stream_spec; given otherwise, refused (two fields to keep in step)
+    with pytest.raises(ValueError, match=rf"Family '{f.name}': pre_norm={not f.pre_norm} but"):
+        dataclasses.replace(f, pre_norm=not f.pre_norm)
 
 
 @pytest.mark.parametrize(

@@ -301,6 +301,9 @@ def test_a_started_stream_rotation_keeps_the_descent_monotone(key):
     assert "residual" not in {stage for stage, _ in res.diagnostics.history}
     with pytest.raises(ValueError, match=r"solve has 'residual' but init fixes the stream rot"):
         match.align(spec, canon, b, solve=("rotation", "scale", "ffn", "residual"), init=q)
+    listed = {vit.STREAM: np.asarray(q[vit.STREAM]).tolist()}  # nested lists: an array too
+    with pytest.raises(ValueError, match=r"solve has 'residual' but init fixes the stream rot"):
+        match.align(spec, canon, b, solve=("rotation", "scale", "ffn", "residual"), init=listed)
     bad = {vit.STREAM: q[vit.STREAM] * 1.1}
     with pytest.raises(ValueError, match=r"transform\['stream'\] is not orthogonal"):
         match.align(spec, canon, b, init=bad)

@@ -637,8 +637,10 @@ def test_checkpoints_follow_the_documented_policy(seed, tmp_path):
 
 def test_train_records_say_how_many_steps_they_average(seed, tmp_path):
     """Every log_every steps, the last at the end; a run resumed from step 3 logs its first
-    window (step 4) over the one step it ran there, and says so."""
-    run_bert(seed, 3, workdir=tmp_path, log_every=2)
+    window (step 4) over the one step it ran there, and says so. Numpy ints are options as
+    Python ones are (the run trained, then failed writing its records: JSON has no int64)."""
+    held_out = text_data(BERT, seed + 1, BATCH)  # (its final record's step was the int64)
+    run_bert(seed, np.int64(3), workdir=tmp_path, log_every=np.int64(2), eval_data=held_out)
     run_bert(seed, 6, workdir=tmp_path, log_every=2)
     records = [json.loads(line) for line in (tmp_path / train.METRICS_FILE).open()]
     got = [(r["step"], r["steps"]) for r in records if r["split"] == "train"]

@@ -265,7 +265,9 @@ def _wordnet_dataset(
     """Builds (or loads from the cache) one WordNet dataset."""
     classes = tuple(classes)
     check_options(classes, max_length=max_length, max_per_class=max_per_class, limit=limit)
-    max_length = int(max_length)  # (a numpy int, taken: a Python one for the cache's JSON key)
+    # (numpy ints, taken: Python ones for the cache's JSON key)
+    max_length = int(max_length)
+    max_per_class, limit = (None if v is None else int(v) for v in (max_per_class, limit))
     poses = sorted({c.split(".")[0] for c in classes})
     sources = [pos_file(wordnet_dir, pos) for pos in poses]
     missing = [p for p in sources if not p.is_file()]

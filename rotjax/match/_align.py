@@ -258,7 +258,8 @@ def align_many(
     flats = checked_params(spec, named)
     if anchor is None:  # (on the models scaled as `align` solves them: no overflow)
         scaled, _ = _rescaled(*flats)
-        anchor = int(np.argmin(_distances_to_mean(scaled)))
+        anchor = np.argmin(_distances_to_mean(scaled))
+    anchor = int(anchor)  # (a numpy int given: returned as the int promised)
     moved = [(f"params_list[{i}]", f) for i, f in enumerate(flats) if i != anchor]
     _check_stream_form(spec, opts, moved)
     return anchor, [

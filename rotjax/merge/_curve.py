@@ -10,8 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from rotjax.merge._methods import _average_leaves, checked_models, scalar
-from rotjax.tree import traced
+from rotjax.merge._methods import checked_models, scalar
+from rotjax.tree import averaged, traced, wide
 
 HIGHER_IS_BETTER = ("accuracy", "macro_f1", "f1")
 
@@ -33,10 +33,23 @@ def interpolate(params_a: Any, params_b: Any, lam: float) -> Any:
     real = not concrete or np.issubdtype(np.asarray(lam).dtype, np.number)
     if not real or np.ndim(lam) != 0 or np.iscomplexobj(lam) or (concrete and not np.isfinite(lam)):
         raise ValueError(f"interpolate: lam must be a finite real scalar, got {lam!r}")
-    # `average`'s program with weights (1 - λ, λ), λ traced (float64 with x64): one program
-    # per architecture serves every point, and λ = 1/2 is `average([A, B])` itself
-    lam = scalar(lam)
-    return jax.tree.unflatten(treedef, _average_leaves(jnp.stack([1.0 - lam, lam]), leaves))
+    # λ traced (in float64 with x64): one program per architecture serves every point
+    return jax.tree.unflatten(treedef, _mix(*leaves, scalar(lam)))
+
+
+# One compiled program for the whole tree: leaf by leaf, every leaf's two multiplies and add
+# would compile and dispatch on their own (a cached demo loaded ~100 such programs). Not
+# `average`'s program with weights (1 - λ, λ): it divides by their sum, which float32 rounds
+# away from 1 for λ beyond 2^24 (the line extrapolated to half its value, or Inf). At λ = 1/2
+# the two agree to the last bit (halves summed, or the sum halved: exact scalings).
+@jax.jit
+def _mix(la, lb, lam):
+    def mix(a, b):
+        if not averaged(a):  # equal in every model (`checked_models`)
+            return a
+        return ((1.0 - lam) * wide(a) + lam * wide(b)).astype(jnp.asarray(a).dtype)
+
+    return [mix(a, b) for a, b in zip(la, lb, strict=True)]
 
 
 def barrier(lambdas: Sequence[float], values: Sequence[float], *, higher_is_better=False) -> float:

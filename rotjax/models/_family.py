@@ -36,8 +36,11 @@ class Family:
         (the attention mask), for statistics that must skip padding.
       input_names: Hugging Face names of the positional inputs, in order.
       model_types: the Hugging Face ``model_type`` values the family covers.
-      stream_spec: ``config -> rotjax.symmetry.StreamSpec`` of pre-norm families (`pre_norm`;
-        None for post-norm ones): what `rotjax.symmetry.canonicalize` needs, after which
+      pre_norm: whether every read of the residual stream goes through a norm (pre-LN blocks
+        and a final norm), which is what residual-stream rotations need: the families with a
+        ``stream_spec``, which sets it (given, it must agree).
+      stream_spec: ``config -> rotjax.symmetry.StreamSpec`` of pre-norm families (None for
+        post-norm ones): what `rotjax.symmetry.canonicalize` needs, after which
         ``symmetry_spec(config, stream_rotation=True)`` holds a rotation of the stream.
       training_fields: config fields that shape neither the params nor the function at
         inference (dropout rates, the init scale, the params layout): two models that differ
@@ -60,16 +63,19 @@ class Family:
     token_mask: Callable[[tuple[Any, ...]], Any]
     input_names: tuple[str, ...]
     model_types: tuple[str, ...]
+    pre_norm: bool | None = None
     stream_spec: Callable[[Any], Any] | None = None
     training_fields: tuple[str, ...] = ()
     inert: tuple[str, ...] = ()
 
-    @property
-    def pre_norm(self) -> bool:
-        """Whether every read of the residual stream goes through a norm (pre-LN blocks and a
-        final norm), which is what residual-stream rotations need: the families with a
-        ``stream_spec``."""
-        return self.stream_spec is not None
+    def __post_init__(self) -> None:
+        has_stream = self.stream_spec is not None
+        if self.pre_norm is not None and self.pre_norm != has_stream:
+            raise ValueError(
+                f"Family {self.name!r}: pre_norm={self.pre_norm} but stream_spec is "
+                f"{'set' if has_stream else 'None'}: pre-norm families are those with one"
+            )
+        object.__setattr__(self, "pre_norm", has_stream)  # (frozen: set once, here)
 
     def param_shapes(self, config: Any, inputs: tuple | None = None) -> Any:
         """The params structure of ``Model(config)`` as ``jax.ShapeDtypeStruct`` leaves (traced

@@ -172,7 +172,7 @@ def moved_streams(spec: Spec, elements: Mapping[str, Any]) -> list[str]:
             for n, x in elements.items()
             if spec.groups[n].role == "stream_rotation"
             and not traced(x)
-            and not bool(jnp.all(x == identity_element(spec.groups[n])))
+            and not bool(jnp.all(jnp.asarray(x) == identity_element(spec.groups[n])))
         ]
 
 

@@ -482,6 +482,12 @@ def fit(
     ):
         if not ((value is None and none) or (is_int(value) and value >= least)):
             raise ValueError(f"{name} must be {none}an int >= {least}, got {value!r}")
+    # numpy ints, taken: Python ones for the records (JSON wrote no np.int64: the run trained,
+    # then failed writing its final evaluation)
+    seed, log_every, num_steps = int(seed), int(log_every), int(num_steps)
+    eval_every, checkpoint_every, keep_checkpoints = (
+        None if v is None else int(v) for v in (eval_every, checkpoint_every, keep_checkpoints)
+    )
     if eval_every is not None and eval_data is None:  # (it was ignored, silently)
         raise ValueError("eval_every needs eval_data to evaluate")
     _data.check_labels(train_data["labels"], "train_data labels", steps.num_classes)
