@@ -57,3 +57,21 @@ def test_every_option_check_takes_and_refuses_the_same():
             check_options(("noun.animal",), max_length=8, max_per_class=None, limit=bad)
     with pytest.raises(ValueError, match=r"memory must be an integer >= 0 \(bytes\)"):
         check_memory(np.array(3.0))
+
+
+def test_one_label_check_for_training_statistics_and_the_command_line():
+    """`rotjax.data.check_labels`: integer classes in [0, n) or IGNORE_LABEL; all ignored is
+    refused unless ``all_ignored_ok`` (one batch of many may have none)."""
+    from rotjax.data import IGNORE_LABEL, check_labels
+
+    check_labels(np.array([0, 2, IGNORE_LABEL]), "y", 3)
+    check_labels(np.array([7]), "y")  # no class count: any class id >= 0
+    for bad, msg in (
+        (np.array([0.0, 1.0]), r"y: labels must be integer class ids, got dtype float64"),
+        (np.array([True]), r"y: labels must be integer class ids, got dtype bool"),
+        (np.array([0, 3, -1]), r"y: 2 label\(s\) outside the classes \[0, 3\) .* \[-1, 3\]"),
+        (np.full(2, IGNORE_LABEL), r"y: every label is IGNORE_LABEL"),
+    ):
+        with pytest.raises(ValueError, match=msg):
+            check_labels(bad, "y", 3)
+    check_labels(np.full(2, IGNORE_LABEL), "y", 3, all_ignored_ok=True)

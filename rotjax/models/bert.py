@@ -314,14 +314,18 @@ def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array, jax.
     return ids, jnp.ones((batch_size, tokens), jnp.int32)
 
 
+batch_inputs = _layers.text_inputs  # (shared with DeBERTa)
+token_mask = _layers.token_mask  # (shared with every text family)
+
+
 FAMILY = Family(
     name="bert",
     Config=Config,
     Model=Model,
     symmetry_spec=symmetry_spec,
     example_inputs=example_inputs,
-    batch_inputs=_layers.text_inputs,
-    token_mask=_layers.token_mask,
+    batch_inputs=batch_inputs,
+    token_mask=token_mask,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
     model_types=("bert", "roberta"),
     training_fields=(

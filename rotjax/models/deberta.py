@@ -505,13 +505,16 @@ def example_inputs(config: Config, batch_size: int = 1) -> tuple[jax.Array, jax.
     return ids, jnp.ones((batch_size, tokens), jnp.int32)
 
 
+batch_inputs = _layers.text_inputs  # (shared with BERT)
+
+
 FAMILY = Family(
     name="deberta",
     Config=Config,
     Model=Model,
     symmetry_spec=symmetry_spec,
     example_inputs=example_inputs,
-    batch_inputs=_layers.text_inputs,
+    batch_inputs=batch_inputs,
     token_mask=_layers.token_mask,
     input_names=("input_ids", "attention_mask", "token_type_ids"),
     model_types=("deberta-v2",),
