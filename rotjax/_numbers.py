@@ -9,13 +9,24 @@ from typing import Any
 import numpy as np
 
 
-def is_int(x: Any) -> bool:
+def is_int(x: Any, *, arrays: bool = False) -> bool:
     """Whether ``x`` is a Python or numpy integer (of any size), never a bool (True is no
-    count). Arrays, 0-d ones included, are not: options are stored, compared and written to
-    JSON as numbers (callers that store one take ``int(x)``)."""
-    return isinstance(x, int | np.integer) and not isinstance(x, bool)
+    count); with ``arrays``, also a known 0-d integer array, numpy's or JAX's (an element of
+    ``jnp.arange(n)``), for checks that then store ``int(x)``: an array kept as an option
+    reaches JSON records, dict keys and comparisons with 2**32, which it fails."""
+    return is_number(x, "iu", arrays=arrays)
 
 
-def is_number(x: Any, kinds: str = "iu") -> bool:
-    """`is_int`, or with ``kinds="iuf"`` a real number: a Python or numpy int or float."""
-    return is_int(x) or ("f" in kinds and isinstance(x, float | np.floating))
+def is_number(x: Any, kinds: str = "iu", *, arrays: bool = False) -> bool:
+    """`is_int`, or with ``kinds="iuf"`` a real number: a Python or numpy int or float (with
+    ``arrays``, or a known 0-d array of one)."""
+    if isinstance(x, bool | np.bool_):
+        return False
+    if isinstance(x, int | np.integer) or ("f" in kinds and isinstance(x, float | np.floating)):
+        return True
+    if not arrays:
+        return False
+    try:  # (a tracer, under jax.jit, is no known value; a ragged list no array)
+        return np.ndim(x) == 0 and np.asarray(x).dtype.kind in kinds
+    except Exception:
+        return False

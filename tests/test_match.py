@@ -367,12 +367,13 @@ def test_align_many_picks_the_central_model(key):
     start = sym.sample(c.spec, jax.random.fold_in(key, 5))
     _, started = match.align_many(c.spec, noisy, anchor=1, init=start, max_sweeps=1)
     assert rel_err(started[1].params, noisy[1]) == 0.0
-    # A numpy index is returned as the int promised (it came back as given); arrays are no
-    # index, as for every integer option
-    got = match.align_many(c.spec, noisy, anchor=np.int64(1), max_sweeps=1)[0]
-    assert got == 1 and type(got) is int
+    # An index as align takes its integer options (numpy's, a 0-d array: they were refused),
+    # returned as the int promised
+    for anchor in (np.int64(1), np.array(1), jnp.asarray(1)):
+        got = match.align_many(c.spec, noisy, anchor=anchor, max_sweeps=1)[0]
+        assert got == 1 and type(got) is int
     with pytest.raises(ValueError, match=r"anchor must be an integer index or None"):
-        match.align_many(c.spec, noisy, anchor=np.array(1))
+        match.align_many(c.spec, noisy, anchor=np.array([1]))
 
     # Scrambled copies of one model all come back onto the chosen anchor.
     copies = [c.apply(base, sym.sample(c.spec, jax.random.fold_in(key, 10 + i))) for i in range(3)]

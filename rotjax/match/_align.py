@@ -96,7 +96,7 @@ class Options:
             raise ValueError(f"solve: unknown blocks {unknown}; choose from {list(BLOCKS)}")
         if self.layers is not None:
             layers = (self.layers,) if np.ndim(self.layers) == 0 else tuple(self.layers)
-            if not all(is_number(i) for i in layers):
+            if not all(is_int(i, arrays=True) for i in layers):
                 raise ValueError(f"layers must be integers, got {list(layers)}")
             object.__setattr__(self, "layers", tuple(int(i) for i in layers))
         if self.solver not in SOLVERS:
@@ -105,11 +105,13 @@ class Options:
             raise ValueError(
                 f"residual_init must be one of {RESIDUAL_INITS}, got {self.residual_init!r}"
             )
-        if self.max_sweeps is not None and (not is_number(self.max_sweeps) or self.max_sweeps < 1):
+        if self.max_sweeps is not None and (
+            not is_int(self.max_sweeps, arrays=True) or self.max_sweeps < 1
+        ):
             raise ValueError(f"max_sweeps must be None or an int >= 1, got {self.max_sweeps!r}")
         if self.max_sweeps is not None:
             object.__setattr__(self, "max_sweeps", int(self.max_sweeps))
-        real = is_number(self.tol, kinds="iuf")
+        real = is_number(self.tol, kinds="iuf", arrays=True)
         if not (real and np.isfinite(self.tol) and self.tol >= 0):
             raise ValueError(f"tol must be finite and >= 0, got {self.tol!r}")
         object.__setattr__(self, "tol", float(self.tol))
@@ -246,7 +248,7 @@ def align_many(
     check_sequence(params_list)  # (a generator: "object of type 'generator' has no len()")
     if len(params_list) < 1:
         raise ValueError("align_many needs at least one model")
-    if anchor is not None and not is_int(anchor):
+    if anchor is not None and not is_int(anchor, arrays=True):
         raise ValueError(f"anchor must be an integer index or None, got {anchor!r}")
     if anchor is not None and not 0 <= anchor < len(params_list):
         raise ValueError(f"anchor={anchor} is out of range for {len(params_list)} models")

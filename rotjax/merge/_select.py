@@ -81,8 +81,9 @@ def align_by_activations(
     ``(step, loss)`` pairs, step 0 the candidate). The alignment's transform is complete and
     its diagnostics are those of its last `align` call.
     """
-    if not (is_int(max_sweeps) and max_sweeps >= 0):
+    if not (is_int(max_sweeps, arrays=True) and max_sweeps >= 0):
         raise ValueError(f"max_sweeps must be an int >= 0, got {max_sweeps!r}")
+    max_sweeps = int(max_sweeps)  # (as align's Options takes it)
     if not isinstance(weights_start, bool | match.Alignment):
         raise TypeError(f"weights_start must be a bool or an Alignment, got {weights_start!r}")
     solve = _check_descent(steps, learning_rate, solve=solve, key=key, solver=solver)
