@@ -872,18 +872,20 @@ def test_save_errors_leave_nothing(seed, tmp_path, monkeypatch):
 def test_vit_image_processor_reproduces_image_pixels(seed, tmp_path):
     """`hf.vit_image_processor` written with a ViT makes transformers' image processor feed
     it what `vit.image_pixels` fed it in training (a stock processor resizes to 224 with
-    three channels' statistics)."""
+    three channels' statistics), with the default and with other statistics."""
     config = CONFIGS["vit-h3d4-l2"]
-    processor = {"preprocessor_config.json": rotjax.hf.vit_image_processor(config)}
-    rotjax.hf.save(tmp_path / "m", config, random_params(config, seed), extra_files=processor)
     from transformers import AutoImageProcessor
 
-    processor = AutoImageProcessor.from_pretrained(tmp_path / "m", use_fast=False)
     shape = (3, config.image_size, config.image_size, config.num_channels)
     images = np.random.default_rng(seed).integers(0, 256, shape, dtype=np.uint8)
-    got = processor(list(images), return_tensors="np", input_data_format="channels_last")
-    want = np.asarray(vit.image_pixels(images)).transpose(0, 3, 1, 2)
-    np.testing.assert_allclose(got["pixel_values"], want, rtol=0, atol=1e-6)
+    for i, stats in enumerate(({}, {"mean": 0.286, "std": 0.353})):
+        processor = {"preprocessor_config.json": rotjax.hf.vit_image_processor(config, **stats)}
+        params = random_params(config, seed)
+        rotjax.hf.save(tmp_path / f"m{i}", config, params, extra_files=processor)
+        processor = AutoImageProcessor.from_pretrained(tmp_path / f"m{i}", use_fast=False)
+        got = processor(list(images), return_tensors="np", input_data_format="channels_last")
+        want = np.asarray(vit.image_pixels(images, **stats)).transpose(0, 3, 1, 2)
+        np.testing.assert_allclose(got["pixel_values"], want, rtol=0, atol=1e-6)
 
 
 def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
@@ -900,6 +902,16 @@ def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
     for path in set(new) & set(old):
         np.testing.assert_array_equal(new[path], old[path], err_msg=path)
     sym.validate(family(config).symmetry_spec(config), tuned)
+    # scan_layers as for load: the same params, stacked (the same key: the same head)
+    stacked_config, stacked = rotjax.hf.load_for_task(
+        tmp_path / "enc",
+        task="token_classification",
+        num_labels=5,
+        key=jax.random.key(seed),
+        scan_layers=True,
+    )
+    assert stacked_config == dataclasses.replace(config, scan_layers=True)
+    assert_trees_equal(rotjax.models.unstack_layers(stacked), tuned)
     # A fine-tune's head for another number of classes is drawn anew (it raised: "pretrained
     # shape (5,), model (3,)"); the same number keeps it.
     rotjax.hf.save(tmp_path / "tuned", config, tuned)

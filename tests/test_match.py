@@ -530,6 +530,10 @@ def test_polar_newton_schulz_and_svd_fallback_match_scipy(d, seed):
     np.testing.assert_allclose(np.einsum("nik,nik->n", r, m), s.sum(-1), rtol=1e-5, atol=1e-6)
     rv = jax.vmap(match.polar)(jnp.asarray(m, jnp.float32))  # batched cond/while under vmap
     np.testing.assert_allclose(rv, r, atol=1e-5)
+    # Fewer Newton-Schulz steps leave more matrices to the SVD, never a worse answer
+    for steps in (0, 2):
+        few = np.asarray(match.polar(jnp.asarray(m[:4], jnp.float32), max_steps=steps))
+        np.testing.assert_allclose(few, want[:4], atol=1e-5)
     # float64 (x64): orthogonal and scipy's to float64 rounding (it stopped at float32's, 1e-8)
     with jax.enable_x64(True):
         r64 = np.asarray(jax.jit(match.polar)(jnp.asarray(m[:3], jnp.float64)))

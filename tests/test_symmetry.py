@@ -609,3 +609,26 @@ def test_group_laws_on_random_attention_shapes(heads, head_dim, layers, seed):
     assert rel_err(sym.apply(spec, moved, sym.invert(spec, g)), params) <= TOL
     twice = sym.apply(spec, moved, h)
     assert rel_err(sym.apply(spec, params, sym.compose(spec, g, h)), twice) <= TOL
+
+
+def test_element_tolerance_and_stacked_embeddings(key):
+    """Two public options nothing else exercises: `check_elements`' ``atol`` (a rotation 1e-3
+    off orthogonal is refused at the default 1e-4 and taken at 1e-2; scales must be positive
+    at any tolerance), and `embedding`'s ``batch`` (a stack of tables, each permuted on its
+    feature axis, the last)."""
+    spec = sym.Spec.combine(
+        sym.group("r", sym.Group("orth", 1, 5)), sym.group("s", sym.Group("scale", 3))
+    )
+    r = jax.random.orthogonal(key, 5)[None] * (1 + 1e-3)
+    with pytest.raises(ValueError, match=r"transform\['r'\] is not orthogonal"):
+        sym.check_elements(spec, {"r": r})
+    sym.check_elements(spec, {"r": r}, atol=1e-2)
+    with pytest.raises(ValueError, match=r"transform\['s'\] is not finite and positive"):
+        sym.check_elements(spec, {"s": jnp.array([1.0, 0.0, 2.0])}, atol=10.0)
+    stacked = sym.Spec.combine(sym.permutation("g", 4), sym.embedding("e", 3, 4, "g", batch=(2,)))
+    x = jax.random.normal(key, (2, 3, 4))
+    perm = jnp.array([2, 0, 3, 1])
+    moved = sym.apply(stacked, {"e": {"embedding": x}}, {"g": perm})
+    np.testing.assert_array_equal(moved["e"]["embedding"], x[..., perm])
+    with pytest.raises(ValueError, match=r"e/embedding  params \(3, 4\) vs spec \(2, 3, 4\)"):
+        sym.validate(stacked, {"e": {"embedding": x[0]}})
