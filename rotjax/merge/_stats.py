@@ -100,10 +100,10 @@ def statistics(
         None (the default): ``"exact"``, except for a causal language model, whose exact
         Fisher takes a backward pass per token and vocabulary entry (32k x 128 per example of
         a Llama-sized model): there it must be named (``"sampled"`` is what ``rotjax merge``
-        takes). The exact and sampled Fishers read every real token (attention mask), labels or not;
-        the empirical one the labelled ones (not `rotjax.data.IGNORE_LABEL`). The mean is over
-        the examples that count: those with a real token (and a label, for the empirical
-        Fisher), so a batch's filler examples (all mask 0) change nothing.
+        takes). The exact and sampled Fishers read every real token (attention mask),
+        labels or not; the empirical one the labelled ones (not `rotjax.data.IGNORE_LABEL`).
+        The mean is over the examples that count: those with a real token (and a label, for
+        the empirical Fisher), so a batch's filler examples (all mask 0) change nothing.
       samples: draws per example for ``fisher="sampled"``.
       key: for ``fisher="sampled"``.
       progress: show a progress bar (tqdm, on stderr).
@@ -116,12 +116,12 @@ def statistics(
 
     Raises:
       ValueError: unknown kinds or Fisher variant (none named for a causal LM's Fisher), no
-        batches (an empty batch is skipped),
-        missing labels or key, labels of another shape than the model's outputs or outside
-        its classes for the empirical Fisher (the others do not read them; batch and shapes
-        named), no example that counts (no token that counts, for the Grams), a Fisher of a
-        model without a classification head of 2 or more classes, or statistics with NaN or
-        Inf (paths named: NaN or Inf in the batches, or inputs whose squares overflow).
+        batches (an empty batch is skipped), missing labels or key, labels of another shape
+        than the model's outputs or outside its classes for the empirical Fisher (the others
+        do not read them; batch and shapes named), no example that counts (no token that
+        counts, for the Grams), a Fisher of a model without a classification head of 2 or
+        more classes, or statistics with NaN or Inf (paths named: NaN or Inf in the batches,
+        or inputs whose squares overflow).
     """
     kinds = (kinds,) if isinstance(kinds, str) else tuple(kinds)  # "fisher": not its letters
     if not kinds or (unknown := sorted(set(kinds) - set(KINDS))):

@@ -26,6 +26,7 @@ from rotjax import symmetry as sym
 from rotjax.models import _layers
 from rotjax.models._family import Family
 from rotjax.symmetry import Action
+from rotjax.tree import traced
 
 Encoded = _layers.Encoded
 
@@ -292,8 +293,8 @@ def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Arr
             f"images of dtype {dtype}: give uint8 images in [0, 255] or floats in [0, 1] "
             "(the range of other integers is not known)"
         )
-    if np.issubdtype(dtype, np.floating) and not isinstance(images, jax.core.Tracer):
-        x = jnp.asarray(images)  # (on its device: no copy to the host)
+    x = jnp.asarray(images)  # (once: numpy images are copied to the device here)
+    if np.issubdtype(dtype, np.floating) and not traced(x):  # (read on its device)
         low, high = (float(f(x)) for f in (jnp.min, jnp.max)) if x.size else (0.0, 0.0)
         if not np.isfinite(low + high):
             raise ValueError("images hold NaN or Inf")
@@ -302,7 +303,6 @@ def image_pixels(images: Any, *, mean: float = 0.5, std: float = 0.5) -> jax.Arr
                 f"images are floats in [{low:g}, {high:g}]: give floats in [0, 1] (np.clip "
                 "those a resize took slightly beyond) or uint8 in [0, 255]"
             )
-    x = jnp.asarray(images)
     scaled = x.astype(jnp.float32)
     if x.dtype == jnp.uint8:
         scaled = scaled / 255.0
