@@ -59,6 +59,9 @@ def test_canonical_form_preserves_the_function(name, scan, key):
     half = jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)  # centred, then rounded
     assert sym.is_canonical(stream, sym.canonicalize(stream, half))
     assert not sym.is_canonical(stream, half)
+    # read while a jit traces, the params closed over (its writers' check failed there)
+    for p, want in ((canon, True), (params, False), (sym.canonicalize(stream, half), True)):
+        assert jax.jit(lambda p=p: jnp.asarray(sym.is_canonical(stream, p)))() == want
     frozen = sym.canonicalize(stream, flax.core.freeze(params))  # the caller's containers kept
     assert isinstance(frozen, flax.core.FrozenDict) and rel_err(frozen.unfreeze(), canon) == 0
 

@@ -183,7 +183,8 @@ def is_canonical(stream: StreamSpec, params: Any, *, atol: float | None = None) 
     apply` and `rotjax.match.align` take them) and (LayerNorm) every writer is mean-free, to
     ``atol`` relative to the writer's largest magnitude (default: 1e-5, or the writer's
     dtype's epsilon if larger: a bfloat16 writer, centred then rounded, keeps a mean of its
-    rounding, ~1e-4 relative)."""
+    rounding, ~1e-4 relative). Read at trace time under `jax.jit`, as `norm_at`: the params
+    must be known there (closed over), not traced."""
     flat = to_dict(params)
     for norm in stream.norms:
         bias = flat.get(f"{norm.path}/bias")
@@ -193,10 +194,11 @@ def is_canonical(stream: StreamSpec, params: Any, *, atol: float | None = None) 
             return False
     if stream.centred:
         for path, axis in stream.writers:
-            x = wide(flat[path])  # float64 checked in float64
-            scale = jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
             eps = float(jnp.finfo(jnp.asarray(flat[path]).dtype).eps)
             tol = atol if atol is not None else max(1e-5, eps)
-            if float(jnp.max(jnp.abs(jnp.mean(x, axis=axis)))) > tol * float(scale):
-                return False
+            with jax.ensure_compile_time_eval():  # (under a jit, a traced mean has no float)
+                x = wide(flat[path])  # float64 checked in float64
+                scale = jnp.maximum(jnp.max(jnp.abs(x)), 1e-30)
+                if float(jnp.max(jnp.abs(jnp.mean(x, axis=axis)))) > tol * float(scale):
+                    return False
     return True
