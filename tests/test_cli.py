@@ -94,6 +94,20 @@ def test_align_recovers_a_planted_transform_and_keeps_metadata(checkpoints, caps
     for f in ("modules.json", "1_Pooling/config.json", "vocab.txt"):
         assert (out / f).read_bytes() == (tmp / "b" / f).read_bytes(), f
     assert not (out / "onnx").exists()  # weights of the unaligned model: not copied
+    # --solve all: every block this model has (as `merge --align all`), those it lacks noted;
+    # paper: the default. Either alone: with other blocks it is no block's name.
+    out = tmp / "all"
+    argv = ["align", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--quiet"]
+    assert cli.main([*argv, "--solve", "all"]) == 0
+    assert rel_err(hf.load(out)[1], a) <= 1e-5
+    solved = ["rotation", "scale", "ffn", "heads", "residual"]
+    assert json.loads((out / "alignment.json").read_text())["solve"] == solved
+    note = "--solve all: rotation,scale,ffn,heads,residual (no query_heads,stream)"
+    assert note in capsys.readouterr().err
+    assert cli.main([*argv[:4], str(tmp / "paper"), *argv[5:], "--solve", "paper"]) == 0
+    solve = json.loads((tmp / "paper" / "alignment.json").read_text())["solve"]
+    assert solve == list(match.PAPER)
+    _fails([*argv, "--solve", "all,heads"], capsys, "unknown blocks ['all']")
 
 
 def test_align_of_the_stream_says_it_aligns_canonical_forms(tmp_path, key, capsys):
@@ -109,6 +123,13 @@ def test_align_of_the_stream_says_it_aligns_canonical_forms(tmp_path, key, capsy
     assert "the distances are to the anchor's canonical form" in capsys.readouterr().err
     canon = sym.canonicalize(family(config).stream_spec(config), a)
     assert rel_err(hf.load(out)[1], canon) <= 1e-6
+    # Merged with the anchor as stored (no stream alignment): noted; --align all: not needed.
+    note = "model 1 (merged): aligned to the anchor's canonical form (its alignment.json)"
+    merge_argv = ["merge", str(tmp_path / "a"), str(out), "--quiet", "--out"]
+    for align, noted in (("none", True), ("paper", True), ("all", False)):
+        target = tmp_path / f"merged-{align}"
+        assert cli.main([*merge_argv, str(target), "--align", align]) == 0
+        assert (note in capsys.readouterr().err) == noted, align
 
 
 def test_written_files_follow_the_umask(checkpoints):
@@ -166,7 +187,8 @@ def test_merge_aligns_from_activations(checkpoints, capsys):
     # B is A moved by a symmetry element: no step beats the exact alignment (the merge
     # predicts as A, the least cross-entropy to A's predictions), which is kept
     assert rel_err(hf.load(out)[1], a) <= 1e-5
-    assert "merged 2 models (average, aligned: activations)" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "merged 2 models (average, descent steps: 3, aligned: activations)" in out_text
     report = json.loads((out / "merge.json").read_text())
     (chosen,) = report["alignment"]
     assert chosen["prediction_loss"] and chosen["start"] in ("activations", "weights")
@@ -234,6 +256,7 @@ def test_merge_with_circuits(method, checkpoints, key, capsys):
     out = tmp / f"circuits-{method}"
     argv = ["merge", str(tmp / "a"), str(tmp / "b"), "--out", str(out), "--method", method]
     assert cli.main([*argv, "--align", "all", "--circuits", "--quiet"]) == 0
+    assert f"merged 2 models ({method}, circuits, aligned: all)" in capsys.readouterr().out
     c = compiled(CONFIG)
     merged = hf.load(out)[1]
     x = inputs(CONFIG, key)
@@ -280,6 +303,7 @@ def test_merge_with_refit(checkpoints, key, capsys):
         assert rel_err(c.forward(merged, x), c.forward(a, x)) <= 1e-2
         report = json.loads((out / "merge.json").read_text())
         assert report["options"]["refit"] is True and report["options"]["ridge"] == 1e-4
+        assert "merged 2 models (average, refit, aligned: all)" in capsys.readouterr().out
 
 
 # Per family: the config, and lines that `rotjax inspect` must print for it.
@@ -505,6 +529,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     np.savez(tmp / "label9.npz", input_ids=ids, labels=np.array([0, 9]))
     np.savez(tmp / "label_float.npz", input_ids=ids, labels=np.array([0.0, 0.5]))
     np.savez(tmp / "label_none.npz", input_ids=ids, labels=np.array([-100, -100]))
+    np.savez(tmp / "label_missing.npz", input_ids=ids)
     long = np.ones((2, CONFIG.max_position_embeddings + 1), np.int32)
     np.savez(tmp / "long.npz", input_ids=long)
     fisher = [*base, "--method", "fisher", "--fisher", "empirical", "--data"]
@@ -522,6 +547,7 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
         ("label_float.npz", "labels must be integers of shape (2,)"),
         # (the empirical Fisher of no example: 0 everywhere, the plain average, silently)
         ("label_none.npz", "every label is -100 (ignored)"),
+        ("label_missing.npz", "missing ['labels'] (--fisher empirical reads them)"),
     ]:
         method = fisher if name.startswith("label") else [*base, "--method", "regmean", "--data"]
         err = _fails([*method, str(tmp / name)], capsys, f"--data {tmp / name}: {message}")
@@ -585,12 +611,20 @@ def test_merge_bad_inputs(checkpoints, capsys, tmp_path):
     _fails(
         ["align", A, str(tmp / "vit"), "--out", str(out), "--quiet"], capsys, "different families"
     )
+    # A run of experiments.train given for its checkpoint (run/hf): the error says where it is.
+    run = tmp / "run"
+    shutil.copytree(tmp / "vit", run / "hf")
+    (run / "config.json").write_text('{"name": "vit-fashion_mnist-s0", "model": "vit"}')
+    hint = f"({run / 'hf'} holds a checkpoint: give that)"
+    _fails(["merge", str(run), str(tmp / "vit"), "--out", str(out), "--quiet"], capsys, hint)
     # Raw pixels: integers are refused; floats far outside a normalised range merge, noted.
     vit = ["merge", str(tmp / "vit"), str(tmp / "vit"), "--quiet", "--method", "regmean"]
     size = (2, VIT.num_channels, VIT.image_size, VIT.image_size)
     raw = np.random.default_rng(0).integers(0, 256, size)
     np.savez(tmp / "raw.npz", pixel_values=raw.astype(np.uint8))
     _fails([*vit, "--out", str(out), "--data", str(tmp / "raw.npz")], capsys, "raw pixels?")
+    np.savez(tmp / "nhwc.npz", pixel_values=np.zeros((2, *size[2:], size[1]), np.float32))
+    _fails([*vit, "--out", str(out), "--data", str(tmp / "nhwc.npz")], capsys, "channels last?")
     np.savez(tmp / "huge.npz", pixel_values=np.full(size, 1e39))  # float64: inf in float32
     _fails([*vit, "--out", str(out), "--data", str(tmp / "huge.npz")], capsys, "overflow float32")
     # Finite pixels whose squares overflow: the Grams' file named (internal names before).

@@ -440,13 +440,14 @@ def test_bad_inputs_raise_before_any_work(key):
     half["pooler"]["kernel"] = half["pooler"]["kernel"].astype(jnp.bfloat16)
     with pytest.raises(ValueError, match="pooler/kernel: anchor_params float32 vs params bfloat16"):
         match.align(c.spec, a, half)
-    with pytest.raises(ValueError, match="unknown blocks"):
-        match.align(c.spec, a, a, solve=("rotations",))
+    with pytest.raises(ValueError, match=r"unknown blocks \['all'\]; .* match\.ALL"):
+        match.align(c.spec, a, a, solve="all")
     # A post-norm BERT has no stream rotation: solving only it would solve nothing. A block
     # among others that the spec lacks is skipped (ALL names every block).
     with pytest.raises(ValueError, match=r"solve=\['stream'\]: the spec has no groups"):
         match.align(c.spec, a, a, solve="stream")
-    assert match.align(c.spec, a, a, solve=("stream", "ffn")).diagnostics.distance_after < 1e-6
+    d = match.align(c.spec, a, a, solve=("stream", "ffn")).diagnostics
+    assert d.distance_after < 1e-6 and d.skipped == ("stream",)
     with pytest.raises(TypeError, match=r"unknown options \['solv'\]"):
         match.align_many(c.spec, [a, a], solv=("rotation",))
     with pytest.raises(ValueError, match=r"(?s)non-finite.*params_list\[1\]: classifier/bias"):

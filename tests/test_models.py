@@ -180,6 +180,8 @@ def test_models_check_their_inputs(key):
         c.model.apply({"params": params}, raw)
     with pytest.raises(ValueError, match=r"NHWC \(batch, 8, 8, 3\).*got shape \(2, 6, 6, 3\)"):
         c.model.apply({"params": params}, jnp.zeros((2, 6, 6, 3)))
+    with pytest.raises(ValueError, match=r"got shape \(2, 3, 8, 8\): channels first\?"):
+        c.model.apply({"params": params}, jnp.zeros((2, 3, 8, 8)))  # Hugging Face's layout
     b = CONFIGS["bert-h3d4-l2"]  # 16 positions
     c = compiled(b)
     params = c.init(key, 0.3)

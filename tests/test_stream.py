@@ -203,6 +203,49 @@ def test_post_norm_and_bare_encoders_have_no_stream_rotation():
         vit.symmetry_spec(encoder, stream_rotation=True)
 
 
+def test_prepare_gives_the_stream_rotation_where_the_family_has_it(key):
+    """`match.prepare` is what the command line aligns with: a pre-norm model's spec with the
+    stream rotation and the models in canonical form (the same functions); a post-norm model's,
+    or one without a canonical form, the plain spec, the params as given and a note. `align`
+    names the blocks of ``solve`` its spec has no group for (ALL on the plain ViT spec
+    silently left the stream where it was)."""
+    config, c, params, canon = canonical_vit("vit-h3d4-l2", False, key)
+    other = c.init(jax.random.fold_in(key, 1), 0.3)
+    prep = match.prepare(config, [params, other])
+    assert any(g.role == "stream_rotation" for g in prep.spec.groups.values())
+    assert prep.notes == [
+        "models in canonical form (norms folded, stream centred) to rotate the stream"
+    ]
+    stream = vit.stream_spec(config)
+    x = inputs(config, key)
+    for p, q in zip(prep.params, (params, other), strict=True):
+        assert sym.is_canonical(stream, p) and rel_err(c.forward(p, x), c.forward(q, x)) <= TOL
+    assert not sym.is_canonical(stream, params)  # (not changed)
+    res = match.align(prep.spec, *prep.params, solve=match.ALL, key=key)
+    assert res.diagnostics.skipped == ("query_heads",)  # (a ViT has no grouped-query heads)
+    assert "stream" in {stage for stage, _ in res.diagnostics.history}
+    assert rel_err(c.forward(res.params, x), c.forward(other, x)) <= TOL
+    plain = match.align(vit.symmetry_spec(config), params, other, solve=match.ALL, key=key)
+    assert plain.diagnostics.skipped == ("query_heads", "stream")
+    assert res.diagnostics.distance_after < plain.diagnostics.distance_after
+    assert match.prepare(config, [params], stream=False) == (
+        vit.symmetry_spec(config),
+        [params],
+        [],
+    )
+    bert_config = CONFIGS["bert-h3d4-l2"]
+    b = compiled(bert_config).init(key, 0.3)
+    spec, got, notes = match.prepare(bert_config, [b])
+    assert spec == bert.symmetry_spec(bert_config) and got[0] is b
+    assert notes == ["no stream rotation: bert is post-norm (its norms sit on the stream)"]
+    nobias = CONFIGS["vit-h1d8-l1-nobias"]  # β of its first norm cannot fold: no canonical form
+    nb = compiled(nobias).init(key, 0.3)
+    spec, got, notes = match.prepare(nobias, [nb])
+    assert spec == vit.symmetry_spec(nobias) and got[0] is nb
+    assert len(notes) == 1 and notes[0].startswith("no stream rotation: ") and "no bias" in notes[0]
+    assert match.align(spec, nb, nb, solve=match.PAPER).diagnostics.skipped == ()
+
+
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])
 def test_align_recovers_a_planted_element_with_a_stream_rotation(scan, key):
     config, c, _, canon = canonical_vit("vit-h3d4-l2", scan, key)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import collections
+import dataclasses
 import re
 import time
 
@@ -20,7 +21,6 @@ from rotjax.cli._common import (
     report_json,
     save,
     show_notes,
-    symmetry_for,
 )
 
 EPILOG = """\
@@ -37,6 +37,7 @@ groups (--solve):
             centred; the written model is that form, a standard checkpoint, aligned to the
             anchor's canonical form: compare or merge it with that form, not with ANCHOR_DIR's
             stored weights; `rotjax merge --align all` does both)
+  all       every block the model has (those it lacks are noted); paper: rotation,scale,ffn
 The default, rotation,scale,ffn, is the paper's method. The aligned model computes exactly
 what MODEL_DIR computes; only its weights move closer to ANCHOR_DIR's. (A bare encoder's
 hidden states are its output: residual and stream give them in ANCHOR_DIR's basis, the same
@@ -57,7 +58,7 @@ def add_arguments(a, *, blocks, positive_int, layer_list, seed) -> None:
         "--solve",
         type=blocks,
         default=match.PAPER,
-        help=f"comma-separated blocks (default {','.join(match.PAPER)})",
+        help=f"comma-separated blocks, or all (default paper: {','.join(match.PAPER)})",
     )
     a.add_argument("--layers", type=layer_list, help="comma-separated layer indices (all)")
     a.add_argument(
@@ -80,10 +81,12 @@ def _layer_of(path: str) -> str:
 
 def run(args) -> int:
     out = checked_out_dir(args.out, [args.anchor, args.model])
-    if args.residual_init is not None and not {"residual", "stream"} & set(args.solve):
+    named = {("all",): match.ALL, ("paper",): match.PAPER}
+    solve = named.get(args.solve, args.solve)
+    if args.residual_init is not None and not {"residual", "stream"} & set(solve):
         raise CLIError("--residual-init applies only when --solve includes residual or stream")
     options = match.Options(
-        solve=args.solve,
+        solve=solve,
         layers=args.layers,
         solver=args.solver,
         residual_init=args.residual_init or match.Options.residual_init,
@@ -96,8 +99,15 @@ def run(args) -> int:
         (config, config_b), (a, b), notes = load_models(
             [("anchor", args.anchor), ("model", args.model)], copied=1
         )
-        spec, (a, b), more = symmetry_for(config, [a, b], "stream" in options.solve)
+        spec, (a, b), more = match.prepare(config, [a, b], stream="stream" in options.solve)
         notes += more
+        if args.solve == ("all",):  # every block the model has a group for
+            has = tuple(n for n in match.ALL if spec.select(roles=match.BLOCKS[n]))
+            lacks = [n for n in match.ALL if n not in has]
+            notes.append(
+                f"--solve all: {','.join(has)}" + (f" (no {','.join(lacks)})" * bool(lacks))
+            )
+            options = dataclasses.replace(options, solve=has)
         if more and more[0].startswith("models in canonical form"):
             notes.append(
                 "the distances are to the anchor's canonical form, and the written model is "

@@ -143,7 +143,13 @@ def load_models(
                 if i == copied:
                     check_source(directory)
             except (ValueError, OSError, TypeError) as e:
-                raise CLIError(f"{label} ({directory}): {reason(e)}") from None
+                inner = Path(directory) / "hf"  # (a run of experiments.train: its checkpoint)
+                hint = (
+                    f" ({inner} holds a checkpoint: give that)"
+                    if (inner / "config.json").is_file()
+                    else ""
+                )
+                raise CLIError(f"{label} ({directory}): {reason(e)}{hint}") from None
         noted = (hf.DroppedHeadWarning, hf.NotCopiedWarning)
         notes += [f"{label}: {w.message}" for w in caught if issubclass(w.category, noted)]
         # The tensors' own dtypes: config.json's "dtype" may be missing or wrong (a bfloat16
@@ -289,25 +295,3 @@ def progress(total: int, desc: str, quiet: bool):
     import tqdm
 
     return tqdm.tqdm(total=total, desc=desc, file=sys.stderr, disable=quiet, leave=False)
-
-
-def symmetry_for(config: Any, params: list[Any], stream: bool) -> tuple[Any, list[Any], list[str]]:
-    """``(spec, params, notes)`` to align with: with ``stream`` and a pre-norm family, every
-    model in canonical form (`rotjax.symmetry.canonicalize`, the same function) and the spec
-    with the stream rotation; otherwise the plain spec and the params unchanged."""
-    fam = family(config)
-    if stream and fam.pre_norm:
-        from rotjax import symmetry as sym
-
-        try:
-            stream_spec = fam.stream_spec(config)
-            canon = [sym.canonicalize(stream_spec, p) for p in params]
-        except ValueError as e:
-            return fam.symmetry_spec(config), params, [f"no stream rotation: {e}"]
-        centred = ", stream centred" if stream_spec.centred else ""
-        note = f"models in canonical form (norms folded{centred}) to rotate the stream"
-        return fam.symmetry_spec(config, stream_rotation=True), canon, [note]
-    if stream and not fam.pre_norm:
-        why = f"no stream rotation: {fam.name} is post-norm (its norms sit on the stream)"
-        return fam.symmetry_spec(config), params, [why]
-    return fam.symmetry_spec(config), params, []

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import math
 
+from rotjax import match
 from rotjax import symmetry as sym
-from rotjax.cli._common import load_models, symmetry_for
+from rotjax.cli._common import load_models
 from rotjax.tree import flatten
 
 
@@ -35,7 +36,7 @@ def run(args) -> int:
     (config,), (params,), notes = load_models([("checkpoint", args.dir)], writes=False)
     # With the stream rotation where the family has one (`align --solve stream`'s group, which
     # was not listed), else the reason it has none
-    spec, _, stream = symmetry_for(config, [params], stream=True)
+    spec, _, stream = match.prepare(config, [params], stream=True)
     paths, leaves, _ = flatten(params)
     print(f"{args.dir}: {config.model_type} ({config.task or 'encoder'})")
     for note in notes:

@@ -60,12 +60,16 @@ def _layer_list(text: str) -> tuple[int, ...]:
 
 def blocks(text: str) -> tuple[str, ...]:
     """``"rotation,scale"`` -> ``("rotation", "scale")``: an argparse ``type`` for lists of
-    `rotjax.match.BLOCKS` (``ArgumentTypeError`` naming the unknown ones)."""
+    `rotjax.match.BLOCKS` (``ArgumentTypeError`` naming the unknown ones), or ``"all"`` /
+    ``"paper"`` alone (kept as such: `rotjax align` resolves them)."""
+    if text.strip() in ("all", "paper"):
+        return (text.strip(),)
     names = tuple(s.strip() for s in text.split(",") if s.strip())
     unknown = [n for n in names if n not in match.BLOCKS]
     if unknown or not names:
         raise argparse.ArgumentTypeError(
-            f"unknown blocks {unknown or [text]}; choose from {','.join(match.BLOCKS)}"
+            f"unknown blocks {unknown or [text]}; choose from {','.join(match.BLOCKS)} "
+            "(or all, or paper, alone)"
         )
     return names
 

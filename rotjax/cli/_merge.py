@@ -3,6 +3,7 @@ them, write the result as a checkpoint (the anchor's metadata kept) and ``merge.
 
 from __future__ import annotations
 
+import json
 import time
 import zipfile
 import zlib
@@ -25,7 +26,6 @@ from rotjax.cli._common import (
     report_json,
     save,
     show_notes,
-    symmetry_for,
 )
 from rotjax.data import IGNORE_LABEL, check_labels
 from rotjax.merge._methods import MAX_RIDGE
@@ -271,7 +271,8 @@ def read_data(
     required += ("labels",) if need_labels else ()
     missing = [k for k in required if k not in arrays]
     if missing:
-        raise CLIError(f"--data {path}: missing {missing}; it holds {names}")
+        why = " (--fisher empirical reads them)" if "labels" in missing else ""
+        raise CLIError(f"--data {path}: missing {missing}{why}; it holds {names}")
     n = len(arrays[required[0]])
     if n == 0:
         raise CLIError(f"--data {path}: {required[0]} has no rows")
@@ -294,10 +295,13 @@ def read_data(
         out[k] = x[:max_examples]
     if fam.name == "vit":
         want = (config.num_channels, config.image_size, config.image_size)
-        if out["pixel_values"].ndim != 4 or out["pixel_values"].shape[1:] != want:
+        got = out["pixel_values"].shape
+        if len(got) != 4 or got[1:] != want:
+            last = len(got) == 4 and got[1:] == want[1:] + want[:1]  # (rotjax's loaders' layout)
             raise CLIError(
                 f"--data {path}: pixel_values must be (N, {', '.join(map(str, want))}) "
-                f"(N, C, H, W), got {out['pixel_values'].shape}"
+                f"(N, C, H, W), got {got}"
+                + (": channels last? np.transpose(x, (0, 3, 1, 2))" if last else "")
             )
         pixels = out["pixel_values"]
         if not np.issubdtype(pixels.dtype, np.floating):
@@ -436,6 +440,30 @@ def _together(datas: list[dict], pad_token_id: int | None = None) -> dict[str, n
     return data.concat(datas)
 
 
+def _canonical_notes(config, labels, models, anchor) -> list[str]:
+    """Models that `rotjax align --solve ...,stream` wrote (their alignment.json): aligned to
+    the anchor's canonical form, not to its stored weights, which a merge without the stream
+    alignment mixes them with."""
+    fam = family(config)
+    try:  # (a bare ViT encoder has no canonical form: nothing to note)
+        if not fam.pre_norm or sym.is_canonical(fam.stream_spec(config), anchor):
+            return []
+    except ValueError:
+        return []
+    out = []
+    for label, directory in list(zip(labels, models, strict=True))[1:]:
+        try:
+            report = json.loads((Path(directory) / "alignment.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(report, dict) and "stream" in (report.get("solve") or ()):
+            out.append(
+                f"{label}: aligned to the anchor's canonical form (its alignment.json), merged "
+                "here with the anchor's stored weights: --align all merges both in that form"
+            )
+    return out
+
+
 def run(args) -> int:
     opts = _options(args)
     out = checked_out_dir(args.out, [*args.models, *([args.base] if args.base else [])])
@@ -453,9 +481,11 @@ def run(args) -> int:
     config = configs[0]
     model = family(config).Model(config)
     # The base (last) goes into the same form as the models, so task vectors stay meaningful.
-    spec, params, more = symmetry_for(config, params, args.align in ("all", "activations"))
+    spec, params, more = match.prepare(config, params, stream=args.align in ("all", "activations"))
     base = params.pop() if args.base else None
     notes += more
+    if args.align in ("none", "paper"):
+        notes += _canonical_notes(config, labels, args.models, params[0])
     # The Fisher and the activation alignment's choice read softmax predictions: every
     # model's head must be one (config.json's problem_type may say it is not).
     kinds = {_hf_config(m).get("problem_type") for m in args.models}
@@ -637,8 +667,11 @@ def run(args) -> int:
     )
     saving = time.perf_counter() - tic
     show_notes(notes)
+    steps = [f"descent steps: {args.descent_steps}"] if args.descent_steps else []
+    steps += [s for s, on in (("circuits", args.circuits), ("refit", args.refit)) if on]
     print(
-        f"merged {len(params)} models ({args.method}, aligned: {args.align}) in "
+        f"merged {len(params)} models ({', '.join([args.method, *steps])}, aligned: "
+        f"{args.align}) in "
         f"{sum(timings.values()) + saving:.1f}s (saving {saving:.1f}s); wrote {out}"
     )
     return 0

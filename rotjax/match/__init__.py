@@ -3,7 +3,8 @@
 Files, one job each: ``_align`` (the public API and the coordinate-descent driver), ``_checks``
 (input checks), ``_objective`` (the objective and what every stage shares), ``_attention``
 (heads, rotations, scales), ``_permutations`` (FFN units, residual stream), ``_solvers`` (the
-closed-form block solvers), ``_cpu`` (an XLA:CPU memory workaround).
+closed-form block solvers), ``_cpu`` (an XLA:CPU memory workaround), ``_prepare`` (the spec
+and params to align with).
 """
 
 from rotjax.match._align import (
@@ -18,6 +19,7 @@ from rotjax.match._align import (
     align_many,
 )
 from rotjax.match._permutations import permutation_scores
+from rotjax.match._prepare import Prepared, prepare
 from rotjax.match._solvers import (
     SOLVERS,
     assign,
@@ -37,6 +39,7 @@ __all__ = [
     "Alignment",
     "Diagnostics",
     "Options",
+    "Prepared",
     "align",
     "align_many",
     "assign",
@@ -44,6 +47,7 @@ __all__ = [
     "pair_procrustes",
     "permutation_scores",
     "polar",
+    "prepare",
     "procrustes",
     "scale_objective",
 ]

@@ -93,7 +93,10 @@ class Options:
         solve = tuple(str(s).strip() for s in solve)
         object.__setattr__(self, "solve", solve)
         if unknown := sorted(set(solve) - set(BLOCKS)):
-            raise ValueError(f"solve: unknown blocks {unknown}; choose from {list(BLOCKS)}")
+            raise ValueError(
+                f"solve: unknown blocks {unknown}; choose from {list(BLOCKS)} (all of them: "
+                "match.ALL, the paper's: match.PAPER)"
+            )
         if self.layers is not None:
             layers = (self.layers,) if np.ndim(self.layers) == 0 else tuple(self.layers)
             if not all(is_int(i, arrays=True) for i in layers):
@@ -144,6 +147,9 @@ class Diagnostics(NamedTuple):
     history: list[tuple[str, float]]  # (stage, distance over all params after it), in order
     sweeps: int
     seconds: dict[str, float]  # wall time per stage kind (+ "objective", "apply", "total")
+    # blocks of ``solve`` the spec has no group for, not solved (e.g. "stream" without the
+    # stream rotation's group: `prepare`; "query_heads" without grouped-query attention)
+    skipped: tuple[str, ...] = ()
 
 
 class Alignment(NamedTuple):
@@ -173,14 +179,17 @@ def align(
     """Align ``params`` (model B) to ``anchor_params`` (model A) over the groups in ``solve``.
 
     Args:
-      spec: the models' symmetry spec (e.g. ``rotjax.models.family(config).symmetry_spec``).
+      spec: the models' symmetry spec (``rotjax.models.family(config).symmetry_spec(config)``,
+        or `prepare`'s, which has the stream rotation of pre-norm models in canonical form).
       anchor_params: A's params; not changed.
       params: B's params; not changed.
       solve: blocks to solve, from ``"rotation"``, ``"scale"``, ``"ffn"`` (FFN units and the
         pooler's / head's units), ``"heads"``, ``"query_heads"`` (grouped-query attention:
         the query heads inside each key-value group), ``"residual"`` and ``"stream"`` (or one
         such name); the others stay at the identity (or at ``init``). The default is the
-        paper's method.
+        paper's method, `ALL` every block. A block the spec has no group for is skipped and
+        named in ``diagnostics.skipped`` (`ALL` on BERT: ``"query_heads"`` and ``"stream"``;
+        ``"stream"`` on a ViT or LLaMA unless the spec and both models come from `prepare`).
       layers: solve per-layer groups of these layers only (the paper's layer-subset study);
         None for all. Each must be a layer of the model; none (``[]``) solves the global
         groups only (refused when ``solve`` holds no global group and there is no ``init``:
@@ -554,5 +563,6 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         history=history,
         sweeps=sweeps,
         seconds=seconds,
+        skipped=tuple(b for b in options.solve if not spec.select(roles=BLOCKS[b])),
     )
     return Alignment(aligned, t, diag)

@@ -79,7 +79,9 @@ def statistics(
       batches: an iterable of batches, each a tuple of positional ``model.apply`` arguments
         (``(pixel_values,)``, ``(input_ids, attention_mask)``) or a dict of named arrays
         (Hugging Face names, e.g. ``input_ids``, ``attention_mask``, ``pixel_values``, raw
-        ``images``), with ``labels`` for the empirical Fisher.
+        ``images``), with ``labels`` for the empirical Fisher. Images are channels last,
+        ``(N, H, W, C)``, as the model takes them (Hugging Face's ``pixel_values``, and
+        ``rotjax merge --data``'s, are channels first: ``x.transpose(0, 2, 3, 1)``).
       kinds: ``"gram"`` and/or ``"fisher"`` (a sequence, or one name).
       include_padding: count padded tokens in the Grams too (what the original RegMean code
         does); by default only real tokens (attention mask) count. Two differences from that

@@ -130,10 +130,13 @@ class Model(nn.Module):
         c = self.config
         want = (c.image_size, c.image_size, c.num_channels)
         if pixel_values.ndim != 4 or tuple(pixel_values.shape[1:]) != want:
+            # (Hugging Face's pixel_values, and `rotjax merge --data`'s, are channels first)
+            first = pixel_values.ndim == 4 and tuple(pixel_values.shape[1:]) == want[2:] + want[:2]
+            hint = ": channels first? x.transpose(0, 2, 3, 1)" if first else ""
             raise ValueError(
                 f"pixel_values must be NHWC (batch, {want[0]}, {want[1]}, {want[2]}) for this "
                 f"ViT (image_size={c.image_size}, num_channels={c.num_channels}), got shape "
-                f"{tuple(pixel_values.shape)}"
+                f"{tuple(pixel_values.shape)}{hint}"
             )
         if not jnp.issubdtype(pixel_values.dtype, jnp.floating):  # (raw pixels went in as such)
             raise ValueError(
