@@ -244,6 +244,11 @@ def test_prepare_gives_the_stream_rotation_where_the_family_has_it(key):
     assert spec == vit.symmetry_spec(nobias) and got[0] is nb
     assert len(notes) == 1 and notes[0].startswith("no stream rotation: ") and "no bias" in notes[0]
     assert match.align(spec, nb, nb, solve=match.PAPER).diagnostics.skipped == ()
+    bare = dataclasses.replace(config, task=None)  # its spec says it has no canonical form
+    spec, got, notes = match.prepare(bare, [params])
+    assert spec == vit.symmetry_spec(bare) and got[0] is params
+    why = "a bare ViT encoder (task=None) outputs its final LayerNorm: no canonical form"
+    assert notes == [f"no stream rotation: {why}"]
 
 
 @pytest.mark.parametrize("scan", [False, True], ids=["loop", "scan"])

@@ -22,6 +22,7 @@ from rotjax.cli._common import (
     save,
     show_notes,
 )
+from rotjax.match._align import absent_blocks
 
 EPILOG = """\
 groups (--solve):
@@ -102,8 +103,8 @@ def run(args) -> int:
         spec, (a, b), more = match.prepare(config, [a, b], stream="stream" in options.solve)
         notes += more
         if args.solve == ("all",):  # every block the model has a group for
-            has = tuple(n for n in match.ALL if spec.select(roles=match.BLOCKS[n]))
-            lacks = [n for n in match.ALL if n not in has]
+            lacks = absent_blocks(spec, match.ALL)
+            has = tuple(n for n in match.ALL if n not in lacks)
             notes.append(
                 f"--solve all: {','.join(has)}" + (f" (no {','.join(lacks)})" * bool(lacks))
             )
@@ -114,7 +115,7 @@ def run(args) -> int:
                 "aligned to it, not to the anchor's stored weights (compare or merge it with "
                 "rotjax.symmetry.canonicalize(family(config).stream_spec(config), anchor))"
             )
-        if none := [n for n in options.solve if not spec.select(roles=match.BLOCKS[n])]:
+        if none := absent_blocks(spec, options.solve):
             why = "".join(f"; {m}" for m in more if m.startswith("no stream rotation"))
             raise CLIError(
                 f"--solve {','.join(none)}: this {config.model_type} model has no such groups"

@@ -446,9 +446,10 @@ def _canonical_notes(config, labels, models, anchor) -> list[str]:
     alignment mixes them with."""
     fam = family(config)
     try:  # (a bare ViT encoder has no canonical form: nothing to note)
-        if not fam.pre_norm or sym.is_canonical(fam.stream_spec(config), anchor):
-            return []
+        stream_spec = fam.stream_spec(config) if fam.pre_norm else None
     except ValueError:
+        return []
+    if stream_spec is None or sym.is_canonical(stream_spec, anchor):
         return []
     out = []
     for label, directory in list(zip(labels, models, strict=True))[1:]:

@@ -135,6 +135,11 @@ class Options:
         return cls(**options)
 
 
+def absent_blocks(spec: sym.Spec, solve: Iterable[str]) -> tuple[str, ...]:
+    """The blocks of ``solve`` (`BLOCKS` names) that ``spec`` has no group for."""
+    return tuple(b for b in solve if not spec.select(roles=BLOCKS[b]))
+
+
 class Diagnostics(NamedTuple):
     """What `align` did. Distances are squared Frobenius norms ``‖A_p - (g·B)_p‖²``."""
 
@@ -563,6 +568,6 @@ def _align(spec, a_flat, b_flat, params, options, layer_set, t_start):
         history=history,
         sweeps=sweeps,
         seconds=seconds,
-        skipped=tuple(b for b in options.solve if not spec.select(roles=BLOCKS[b])),
+        skipped=absent_blocks(spec, options.solve),
     )
     return Alignment(aligned, t, diag)

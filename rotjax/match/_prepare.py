@@ -49,8 +49,8 @@ def prepare(config: Any, params_list: Sequence[Any], *, stream: bool = True) -> 
     if not fam.pre_norm:
         why = f"no stream rotation: {fam.name} is post-norm (its norms sit on the stream)"
         return Prepared(fam.symmetry_spec(config), params, [why])
-    stream_spec = fam.stream_spec(config)
-    try:
+    try:  # (a model without a canonical form: a bare ViT encoder's spec, or a β no bias takes)
+        stream_spec = fam.stream_spec(config)
         canon = [sym.canonicalize(stream_spec, p) for p in params]
     except ValueError as e:
         return Prepared(fam.symmetry_spec(config), params, [f"no stream rotation: {e}"])
