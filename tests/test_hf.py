@@ -937,6 +937,38 @@ def test_load_for_task_keeps_the_encoder_and_adds_a_head(seed, tmp_path):
     np.testing.assert_array_equal(got["classifier/bias"], 0.0)
 
 
+def test_a_sources_problem_type_is_kept_for_its_own_head_only(seed, tmp_path):
+    # A regression fine-tune (one output, problem_type "regression") given a 3-class head: its
+    # problem_type would make transformers' loss the mean squared error of class ids
+    one = dataclasses.replace(CASES["bert-seq-h3d4"], num_labels=1)
+    rotjax.hf.save(tmp_path / "reg", one, random_params(one, seed))
+    written = json.loads((tmp_path / "reg" / "config.json").read_text())
+    (tmp_path / "reg" / "config.json").write_text(
+        json.dumps({**written, "problem_type": "regression"})
+    )
+    config, params = rotjax.hf.load(tmp_path / "reg")  # its own head: kept
+    rotjax.hf.save(tmp_path / "same", config, params, source=tmp_path / "reg")
+    same = json.loads((tmp_path / "same" / "config.json").read_text())
+    assert same["problem_type"] == "regression"
+    config, params = rotjax.hf.load_for_task(
+        tmp_path / "reg", task="sequence_classification", num_labels=3, key=jax.random.key(seed)
+    )
+    rotjax.hf.save(tmp_path / "three", config, params, source=tmp_path / "reg")
+    three = json.loads((tmp_path / "three" / "config.json").read_text())
+    assert "problem_type" not in three and len(three["id2label"]) == 3
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(tmp_path / "three")
+    ids = torch.tensor([[2, 3, 4]])
+    loss = model(input_ids=ids, labels=torch.tensor([1])).loss  # cross-entropy, as trained
+    want = torch.nn.functional.cross_entropy(model(input_ids=ids).logits, torch.tensor([1]))
+    torch.testing.assert_close(loss, want)
+    # another architecture with as many labels (a token head): not its problem_type either
+    config, params = rotjax.hf.load_for_task(
+        tmp_path / "reg", task="token_classification", num_labels=1, key=jax.random.key(seed)
+    )
+    rotjax.hf.save(tmp_path / "token", config, params, source=tmp_path / "reg")
+    assert "problem_type" not in json.loads((tmp_path / "token" / "config.json").read_text())
+
+
 def test_masked_lm_checkpoints_load_their_encoder(seed, tmp_path):
     """bert-base-uncased names BertForMaskedLM: its encoder is what people fine-tune and merge."""
     encoder = CASES["bert-base-nopooler"]

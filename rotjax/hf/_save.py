@@ -66,11 +66,14 @@ def save(
       params: The model's params, as ``Model(config).init(...)["params"]``. Not modified.
       source: The checkpoint directory the model came from (for a merge: the anchor's). Its
         ``config.json`` fields are all kept (label names, ``problem_type``, ...) except those
-        this model's config sets, and every other file and folder is copied (tokenizer,
-        sentence-transformers' ``modules.json`` and its modules, model card...), except
-        weights (``*.safetensors``, ``*.bin``, ``*.h5``, ``*.msgpack``, ``*.onnx``, ... which
-        would describe other weights) but those of the sentence-transformers modules in
-        their own folders (`module_weights`: a ``2_Dense`` projection after the pooling).
+        this model's config sets (and its head's: its label names unless it names as many
+        classes, its ``problem_type``, transformers' choice of loss, unless it has this
+        model's architecture and number of labels), and every other file and folder is
+        copied (tokenizer, sentence-transformers' ``modules.json`` and its modules, model
+        card...), except weights (``*.safetensors``, ``*.bin``, ``*.h5``, ``*.msgpack``,
+        ``*.onnx``, ... which would describe other weights) but those of the
+        sentence-transformers modules in their own folders (`module_weights`: a ``2_Dense``
+        projection after the pooling).
       tokenizer_from: A directory whose tokenizer and preprocessor files (``tokenizer.json``,
         ``vocab.txt``, ``preprocessor_config.json``, ...) are copied alongside.
       id2label: Label names for ``config.num_labels`` classes (default: the source's, when it
@@ -135,6 +138,12 @@ def save(
     if id2label is None and len(source_config.get("id2label") or {}) == config.num_labels:
         id2label = source_config["id2label"]  # (its keys checked as a given one's)
     source_config.pop("torch_dtype", None)  # the old name of `dtype`, which is rewritten
+    source_labels = len(source_config.get("id2label") or {}) or source_config.get("num_labels", 2)
+    if (source_labels, source_config.get("architectures", [arch.name])) != (
+        config.num_labels,
+        [arch.name],
+    ):  # another head: a regression source's problem_type would make transformers' loss MSE
+        source_config.pop("problem_type", None)
     hf_config = {**source_config, **_hf_config(arch, config, id2label)}
     given = source_config.get("pos_att_type")  # DeBERTa's: kept as the source writes it
     if isinstance(given, str):  # (transformers' legacy "p2c|c2p")

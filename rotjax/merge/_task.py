@@ -254,9 +254,10 @@ def ties(
         may be traced (`task_arithmetic`).
       trim: ``"global"``: the top k of the whole flattened task vector, as in the paper's code
         (the default); ``"tensor"``: the top k of every tensor, as mergekit and most tools do
-        (a scanned model's stacked layers: of every layer's tensor, as unscanned). A sum of
-        exactly 0 takes the majority over the whole task vector either way (mergekit's
-        per-tensor merge elects + there).
+        (a scanned model's stacked layers, which rotjax's models keep under a module named
+        ``layers``: of every layer's tensor, as unscanned; a leaf under ``layers`` of another
+        model counts as such a stack too). A sum of exactly 0 takes the majority over the
+        whole task vector either way (mergekit's per-tensor merge elects + there).
     """
     check_untraced(density=density)
     if not 0.0 < density <= 1.0:
