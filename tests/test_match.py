@@ -462,6 +462,9 @@ def test_bfloat16_is_solved_in_float32_and_returned_in_bfloat16(key):
     # bfloat16 keeps 8 bits of mantissa: the planted copy comes back to ~1e-2.
     assert rel_err(res.params, a16) < 3e-2
     assert res.diagnostics.distance_after < 1e-3 * res.diagnostics.distance_before
+    # what its transform does to B, rounded once as align rounds it (not after each group)
+    again = to_dict(sym.apply(c.spec, b16, res.transform))
+    jax.tree.map(np.testing.assert_array_equal, to_dict(res.params), again)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -506,6 +509,21 @@ def test_pair_procrustes_matches_a_dense_angle_search(d, seed):
     spec = sym.Spec.combine(sym.group("g", sym.Group("orth", 4, d, pairs=True)))
     sym.check_elements(spec, {"g": r[None].reshape(4, d, d)})
     np.testing.assert_array_equal(np.asarray(r[0])[[0, h]][:, [0, h]], np.eye(2))
+
+
+def test_solvers_refuse_matrices_they_do_not_solve():
+    """A 3 x 3 matrix got a 4 x 4 "pair rotation" back, others a broadcasting error."""
+    for solve, shape, what in (
+        (match.pair_procrustes, (3, 3), "even-sized square"),
+        (match.pair_procrustes, (2, 4), "even-sized square"),
+        (match.polar, (3, 4), "square"),
+        (match.procrustes, (2, 3, 4), "square"),
+        (match.assign, (3,), "square"),
+    ):
+        with pytest.raises(
+            ValueError, match=rf"must be {what} matrices .* got shape \({shape[0]},"
+        ):
+            solve(np.zeros(shape, np.float32))
 
 
 @pytest.mark.parametrize("d", [1, 3, 64])

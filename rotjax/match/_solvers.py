@@ -21,6 +21,13 @@ from rotjax import symmetry as sym
 SOLVERS = ("scipy", "optax")
 
 
+def _check_square(name: str, shape: tuple[int, ...], *, even: bool = False) -> None:
+    """ValueError unless ``shape`` is a stack of square matrices (of even size if ``even``)."""
+    if len(shape) < 2 or shape[-1] != shape[-2] or (even and shape[-1] % 2):
+        size = "even-sized square" if even else "square"
+        raise ValueError(f"{name} must be {size} matrices (..., n, n), got shape {shape}")
+
+
 def procrustes(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     """``argmax_{R ∈ O(d)} tr(Rᵀ M)`` for every ``M`` in ``m[..., d, d]``, and the maximum.
 
@@ -43,7 +50,11 @@ def pair_procrustes(m: jax.Array) -> tuple[jax.Array, jax.Array]:
     ``v_i = M[i, i'] - M[i', i]`` (i' = i + d/2), maximised by ``(c_i, s_i) = (u_i, v_i) /
     ‖(u_i, v_i)‖`` (a 2-D polar factor per pair), with maximum ``Σ_i ‖(u_i, v_i)‖``. A pair
     with ``u = v = 0`` takes the identity.
+
+    Raises:
+      ValueError: ``m`` is not a stack of square matrices of even size.
     """
+    _check_square("m", np.shape(m), even=True)
     h = m.shape[-1] // 2
     diag = lambda x: jnp.diagonal(x, axis1=-2, axis2=-1)
     u = diag(m[..., :h, :h]) + diag(m[..., h:, h:])
@@ -81,8 +92,12 @@ def polar(m: jax.Array, *, max_steps: int = 12) -> jax.Array:
     only when some matrix of the batch needs it, and then for a quarter of the batch when at
     most a quarter needs it.
     Either way the result is ``U Vᵀ`` to the rounding of ``m``'s dtype.
+
+    Raises:
+      ValueError: ``m`` is not a stack of square matrices (also for `procrustes`).
     """
     m = jnp.asarray(m)
+    _check_square("m", m.shape)
     if m.size == 0:  # no matrices (or 0 x 0 ones)
         return m
     x, ok = _newton_schulz(m, max_steps)
@@ -249,9 +264,7 @@ def assign(score: np.ndarray | jax.Array, *, solver: str = "scipy") -> jax.Array
         solved as a partial assignment, silently), or another solver.
       TypeError: a traced score with ``"scipy"`` (under `jax.jit`: use ``"optax"``).
     """
-    shape = np.shape(score)
-    if len(shape) < 2 or shape[-1] != shape[-2]:
-        raise ValueError(f"score must be square matrices (..., n, n), got shape {shape}")
+    _check_square("score", np.shape(score))
     if solver == "scipy" and isinstance(score, jax.core.Tracer):
         raise TypeError(
             "score is traced (under jax.jit or jax.vmap): solver='scipy' solves on the host; "
