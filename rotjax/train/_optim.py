@@ -37,6 +37,8 @@ def learning_rate_schedule(
         lr(t) = peak + (end - peak) * s                          "linear"
         lr(t) = peak                                             "constant"
 
+    (``w = T`` leaves no decay: the rate is the peak at step ``T``, ``end`` from ``T + 1``.)
+
     Args:
         peak_value: Learning rate at the end of the warmup.
         total_steps: Step at which the decay reaches ``end_value`` (it stays there after).
