@@ -423,6 +423,19 @@ def test_bad_transform_is_rejected(key):
             sym.compose(spec, el, {})
         with pytest.raises(ValueError, match=message):
             sym.invert(spec, el)
+    # NaN or Inf in a rotation or scale, or a scale of 0 (W_O / a): every param it acts on
+    # came out NaN or Inf, silently. Refused where the values are known, as below.
+    for group in spec.select(roles=["qk_rotation", "vo_scale"], layers=0):
+        one = np.array(sym.identity(spec)[group])
+        for bad, what in ((np.nan, "NaN or Inf"), (np.inf, "NaN or Inf"), (0.0, "a scale of 0")):
+            if what.startswith("a scale") and one.ndim > 1:
+                continue  # (a rotation may hold zeros)
+            el = one.copy()
+            el.flat[0] = bad
+            with pytest.raises(ValueError, match=rf"\['{group}'\] holds {what}"):
+                sym.apply(spec, params, {group: el})
+            with pytest.raises(ValueError, match=rf"\['{group}'\] holds {what}"):
+                match.align(spec, params, params, init={group: el})
     # Integer elements that are no permutation: jnp.take filled an index out of range with
     # NaN, and a repeated index copied a unit, silently. Refused wherever the values are known
     # (apply, compose, invert, align's init); under jit they cannot be read.
@@ -630,6 +643,8 @@ def test_element_tolerance_and_stacked_embeddings(key):
         sym.check_elements(spec, {"r": r})
     sym.check_elements(spec, {"r": r}, atol=1e-2)
     with pytest.raises(ValueError, match=r"transform\['s'\] is not finite and positive"):
+        sym.check_elements(spec, {"s": jnp.array([1.0, -1.0, 2.0])}, atol=10.0)
+    with pytest.raises(ValueError, match=r"transform\['s'\] holds a scale of 0"):
         sym.check_elements(spec, {"s": jnp.array([1.0, 0.0, 2.0])}, atol=10.0)
     stacked = sym.Spec.combine(sym.permutation("g", 4), sym.embedding("e", 3, 4, "g", batch=(2,)))
     x = jax.random.normal(key, (2, 3, 4))

@@ -276,8 +276,9 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform
     """Raise ValueError for an unknown group name, a wrongly shaped element, a complex one,
     a permutation that is not integer, or, where its values are known (not traced under
     `jax.jit`), not a permutation of ``0..n-1`` (`jnp.take` would fill an index out of range
-    with NaN, and a repeated one would copy a unit: another function, silently). Rotations
-    and scales are not checked here (`check_elements` does), as `apply` also serves their
+    with NaN, and a repeated one would copy a unit: another function, silently), a rotation
+    or scale with NaN or Inf, or a scale of 0. Rotations and scales are not checked to be
+    orthogonal or positive here (`check_elements` does), as `apply` also serves their
     relaxations.
 
     Returns:
@@ -316,7 +317,22 @@ def check_transform(spec: Spec, transform: Mapping[str, jax.Array]) -> Transform
             raise ValueError(
                 f"transform[{name!r}] has dtype {dtype}: the {g.kind} group's elements are real"
             )
+        if g.kind in ("orth", "rot", "scale") and not traced(el):
+            _check_finite(name, g, el)
     return {n: jnp.asarray(e) for n, e in transform.items()}
+
+
+def _check_finite(name: str, g: Group, el: Any) -> None:
+    """NaN or Inf in a rotation or scale, or a scale of 0 (the params it divides, as ``W_O /
+    a``, would be Inf): every param it acts on would be NaN or Inf, silently."""
+    x = np.asarray(el)
+    if not np.isfinite(x).all():
+        raise ValueError(f"transform[{name!r}] holds NaN or Inf ({g.kind} group)")
+    if g.kind == "scale" and (x == 0).any():
+        raise ValueError(
+            f"transform[{name!r}] holds a scale of 0: the params it divides would be Inf "
+            "(scale group)"
+        )
 
 
 def _check_permutation(name: str, g: Group, el: Any) -> None:
