@@ -135,14 +135,14 @@ def save(
         name, conv = _mapping.hf_name(arch, p, prefixed=prefixed)
         tensors[name] = np.ascontiguousarray(conv.to_hf(np.asarray(leaf, np.float32)))
     source_config = read_config(Path(source)) if source is not None else {}
-    if id2label is None and len(source_config.get("id2label") or {}) == config.num_labels:
-        id2label = source_config["id2label"]  # (its keys checked as a given one's)
+    names = source_config.get("id2label") or {}
+    if id2label is None and len(names) == config.num_labels:
+        id2label = names  # (its keys checked as a given one's)
     source_config.pop("torch_dtype", None)  # the old name of `dtype`, which is rewritten
-    source_labels = len(source_config.get("id2label") or {}) or source_config.get("num_labels", 2)
-    if (source_labels, source_config.get("architectures", [arch.name])) != (
-        config.num_labels,
-        [arch.name],
-    ):  # another head: a regression source's problem_type would make transformers' loss MSE
+    # Another head: a regression source's problem_type would make transformers' loss the MSE
+    labels = len(names) or source_config.get("num_labels", 2)
+    architectures = source_config.get("architectures", [arch.name])
+    if (labels, architectures) != (config.num_labels, [arch.name]):
         source_config.pop("problem_type", None)
     hf_config = {**source_config, **_hf_config(arch, config, id2label)}
     given = source_config.get("pos_att_type")  # DeBERTa's: kept as the source writes it
